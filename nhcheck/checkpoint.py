@@ -1,0 +1,231 @@
+"""A checkpoint on disk: shards, index, config files, sidecars, and their cross-checks.
+
+Knows nothing about engines. It answers "what tensors are there, where, and in what
+order would a loader see them", and reports index/header disagreements as findings
+(exit 1) while files that cannot be parsed or paths that escape the checkpoint are
+``CheckpointError`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from nhcheck.errors import CheckpointError
+from nhcheck.findings import Finding
+from nhcheck.safetensors_header import ShardHeader, TensorInfo, read_shard
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+QUANT_NAME = "hf_quant_config.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything nhcheck knows about one checkpoint, read from headers and small files only.
+
+    ``shards`` are in loader order (index-listed files sorted by name); ``tensors()``
+    yields in SGLang's stream order: shard by shard, keys sorted as ``safe_open().keys()``
+    returns them.
+    """
+
+    source: str
+    root: str
+    config: dict
+    hf_quant_config: dict | None
+    shards: tuple[ShardHeader, ...]
+    index: dict | None
+    findings: tuple[Finding, ...] = ()
+    sidecars: tuple[str, ...] = ()
+    revision: str | None = None
+    bytes_transferred: int | None = None
+    missing_shards: tuple[str, ...] = field(default=())
+
+    def tensors(self) -> Iterator[TensorInfo]:
+        for shard in self.shards:
+            yield from sorted(shard.tensors)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for s in self.shards for t in s.tensors)
+
+
+def load_json(path: str, what: str) -> object:
+    """Read a small JSON file; any failure is a one-line CheckpointError naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(64_000_000)
+    except FileNotFoundError:
+        raise CheckpointError(path, f"{what} not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, f"{what} is a directory") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(path, f"{what} is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON: {exc}") from None
+
+
+def safe_member(root: str, name: str, what: str) -> str:
+    """Resolve ``name`` inside ``root`` or refuse it, before anything is opened.
+
+    Refuses absolute names, ``..`` components and symlinks whose target lies outside the
+    checkpoint: an index from a stranger must not make us read ``/etc/passwd``.
+    """
+    if not name or "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")):
+        raise CheckpointError(os.path.join(root, INDEX_NAME), f"{what} {name!r} is an absolute or empty path; refused")
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise CheckpointError(os.path.join(root, INDEX_NAME), f"{what} {name!r} escapes the checkpoint directory; refused")
+    path = os.path.join(root, name)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise CheckpointError(path, f"{what} is a symlink leading outside the checkpoint ({real}); refused")
+    return path
+
+
+def read_quant_sidecar(root: str) -> dict | None:
+    path = os.path.join(root, QUANT_NAME)
+    if not os.path.exists(path):
+        return None
+    obj = load_json(path, QUANT_NAME)
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"{QUANT_NAME} is not a JSON object")
+    return obj
+
+
+def read_config(root: str) -> dict:
+    path = os.path.join(root, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(path, "config.json not found; nhcheck needs it to build the runtime manifest")
+    obj = load_json(path, CONFIG_NAME)
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, "config.json is not a JSON object")
+    return obj
+
+
+def parse_index(path: str, obj: object) -> dict:
+    """Validate the shape of ``model.safetensors.index.json``; returns it unchanged."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, "index is not a JSON object")
+    wm = obj.get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(path, "index has no weight_map mapping tensor names to shard files")
+    md = obj.get("metadata")
+    if md is not None and not isinstance(md, dict):
+        raise CheckpointError(path, "index metadata is not an object")
+    return obj
+
+
+def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str], stray: list[str]) -> list[Finding]:
+    """Index ↔ header disagreements, each a finding (the files themselves still parse)."""
+    out: list[Finding] = []
+    for name in missing:
+        out.append(Finding("error", "shard-missing", f"shard {name} is listed in the index but does not exist", shard=name))
+    for name in stray:
+        out.append(Finding("warning", "shard-stray",
+                           f"{name} is not listed in the index; SGLang will not load it", shard=name))
+    where: dict[str, list[str]] = {}
+    for s in shards:
+        for t in s.tensors:
+            where.setdefault(t.name, []).append(s.name)
+    for name, files in where.items():
+        if len(files) > 1:
+            out.append(Finding("error", "tensor-duplicate",
+                               f"tensor is present in {len(files)} shards ({', '.join(files)}); which copy wins depends on load order",
+                               shard=files[0], tensor=name))
+    if index is None:
+        return out
+    wm: dict[str, str] = index["weight_map"]
+    present = {s.name for s in shards}
+    for name, shard in wm.items():
+        files = where.get(name)
+        if shard not in present:
+            continue  # reported once as shard-missing
+        if not files:
+            out.append(Finding("error", "index-tensor-missing",
+                               f"index maps it to {shard} but no shard contains it", shard=shard, tensor=name))
+        elif shard not in files:
+            out.append(Finding("error", "index-wrong-shard",
+                               f"index maps it to {shard} but it is in {files[0]}", shard=files[0], tensor=name))
+    for name, files in where.items():
+        if name not in wm:
+            out.append(Finding("warning", "index-tensor-unlisted",
+                               f"tensor is in {files[0]} but not in the index weight_map", shard=files[0], tensor=name))
+    total = (index.get("metadata") or {}).get("total_size")
+    actual = sum(t.nbytes for s in shards for t in s.tensors)
+    if isinstance(total, int) and not isinstance(total, bool) and total != actual:
+        out.append(Finding("warning", "index-total-size",
+                           f"index metadata.total_size is {total:,} but the shards hold {actual:,} data bytes"))
+    return out
+
+
+def list_sidecars(root: str, skip: set[str]) -> list[str]:
+    """Every other regular file of the checkpoint (config, tokenizer, code, README), relative paths."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") or d == ".")
+        for fn in sorted(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, fn), root)
+            if rel in skip or fn.startswith("."):
+                continue
+            out.append(rel)
+    return out
+
+
+def open_local(source: str, progress=None) -> Checkpoint:
+    """Read a local directory or single ``.safetensors`` file, headers only."""
+    if os.path.isfile(source):
+        if not source.endswith(".safetensors"):
+            raise CheckpointError(source, "not a directory or a .safetensors file")
+        root = os.path.dirname(os.path.abspath(source))
+        shard_names = [os.path.basename(source)]
+        index = None
+    elif os.path.isdir(source):
+        root = os.path.abspath(source)
+        index_path = os.path.join(root, INDEX_NAME)
+        if os.path.exists(index_path):
+            index = parse_index(index_path, load_json(index_path, "index"))
+            shard_names = sorted(set(index["weight_map"].values()))
+        else:
+            index = None
+            shard_names = sorted(
+                fn for fn in os.listdir(root) if fn.endswith(".safetensors")
+            )
+            if not shard_names:
+                raise CheckpointError(root, "no model.safetensors.index.json and no *.safetensors files")
+    else:
+        raise CheckpointError(source, "no such file or directory")
+
+    config = read_config(root)
+    quant = read_quant_sidecar(root)
+    shards: list[ShardHeader] = []
+    missing: list[str] = []
+    for i, name in enumerate(shard_names):
+        path = safe_member(root, name, "shard")
+        if index is not None and not os.path.lexists(path):
+            missing.append(name)
+            continue
+        if progress is not None:
+            progress(i, len(shard_names), name)
+        shards.append(read_shard(path, name))
+    stray: list[str] = []
+    if index is not None:
+        listed = set(shard_names)
+        stray = sorted(fn for fn in os.listdir(root) if fn.endswith(".safetensors") and fn not in listed)
+    findings = cross_check(index, shards, missing, stray)
+    skip = set(shard_names) | {INDEX_NAME}
+    return Checkpoint(
+        source=source, root=root, config=config, hf_quant_config=quant, shards=tuple(shards), index=index,
+        findings=tuple(findings), sidecars=tuple(list_sidecars(root, skip)), missing_shards=tuple(missing),
+    )

@@ -1,0 +1,258 @@
+"""Parse and validate one safetensors shard header without reading tensor data.
+
+We parse the header ourselves (8-byte little-endian length, then JSON) instead of
+using ``safetensors.safe_open`` because prune needs absolute byte offsets, audit must
+never map tensor data, and a hostile file must produce one clean error, not a Rust
+panic or a multi-GB allocation. The checks mirror what the ``safetensors`` library
+enforces at load time, so a header we accept is one the engine can open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
+
+from nhcheck.errors import CheckpointError
+
+#: Upper bound on the JSON header. The Hub client refuses headers above 25 MB;
+#: a Super-120B shard header is ~1 MB. 100 MB leaves room and stops a length
+#: field of 2**63 from becoming an allocation.
+MAX_HEADER_BYTES = 100_000_000
+
+#: Element size in bits of every dtype the safetensors format defines.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+_MAX_JSON_DEPTH = 64
+
+
+class TensorInfo(NamedTuple):
+    """One tensor as its shard header describes it; ``start``/``end`` are absolute file offsets.
+
+    A NamedTuple rather than a dataclass: a Super-size checkpoint has 165k of these and
+    audit must stay near the cost of parsing the headers, so construction cost matters.
+    It is still an immutable fact.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+    shard: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A validated shard header: where the data starts and every tensor in header order."""
+
+    path: str
+    name: str
+    header_len: int
+    data_start: int
+    file_size: int
+    metadata: dict[str, str] | None
+    has_metadata: bool
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} in header")
+            seen.add(key)
+    return out
+
+
+def _depth_ok(raw: bytes) -> bool:
+    """Reject absurd nesting before json recursion does (a nesting bomb is a RecursionError)."""
+    depth = 0
+    limit = _MAX_JSON_DEPTH
+    in_str = False
+    esc = False
+    # Fast path: the legal header nests at most 3 deep; only scan when brackets abound.
+    if raw.count(b"[") + raw.count(b"{") < 4 * limit:
+        return True
+    for b in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:
+                esc = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> ShardHeader:
+    """Validate header JSON ``raw`` (without the 8-byte prefix) of a file of ``file_size`` bytes."""
+    header_len = len(raw)
+    data_start = 8 + header_len
+    if not _depth_ok(raw):
+        raise CheckpointError(path, "header JSON is nested too deeply")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(path, f"header is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise CheckpointError(path, "header JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise CheckpointError(path, f"header is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"header is a JSON {type(obj).__name__}, not an object")
+
+    has_metadata = "__metadata__" in obj
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise CheckpointError(path, "__metadata__ must map strings to strings")
+
+    data_len = file_size - data_start
+    if data_len < 0:
+        raise CheckpointError(path, "file is shorter than its header")
+    tensors = []
+    append = tensors.append
+    bits_of = DTYPE_BITS.get
+    for name, info in obj.items():
+        if not isinstance(info, dict):
+            raise CheckpointError(path, f"tensor {name!r}: entry is not an object")
+        dtype = info.get("dtype")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        bits = bits_of(dtype) if isinstance(dtype, str) else None
+        if bits is None:
+            raise CheckpointError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+        if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
+            raise CheckpointError(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        begin, end = offsets
+        if end > data_len:
+            raise CheckpointError(path, f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_len} data bytes)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbits = numel * bits
+        if nbits % 8 or nbits // 8 != end - begin:
+            raise CheckpointError(
+                path, f"tensor {name!r}: {dtype} {shape} needs {nbits / 8:g} bytes but data_offsets span {end - begin}"
+            )
+        append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, shard))
+
+    # Contiguity: sorted by offset, every tensor must start where the previous ended
+    # (no overlap, no gap) and the last must end at the end of the file (no trailing bytes).
+    pos = data_start
+    for t in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if t.start < pos:
+            raise CheckpointError(path, f"tensor {t.name!r} overlaps the previous tensor (offset {t.start - data_start})")
+        if t.start > pos:
+            raise CheckpointError(path, f"gap of {t.start - pos} bytes before tensor {t.name!r}")
+        pos = t.end
+    if pos != file_size:
+        raise CheckpointError(path, f"{file_size - pos} trailing bytes after the last tensor")
+    return ShardHeader(path, shard, header_len, data_start, file_size, metadata, has_metadata, tuple(tensors))
+
+
+def read_header(fh: BinaryIO, path: str, shard: str, file_size: int) -> ShardHeader:
+    """Read and validate the header of an open shard; reads at most 8 + header bytes."""
+    if file_size < 8:
+        raise CheckpointError(path, f"file is {file_size} bytes, too short for a safetensors header")
+    prefix = fh.read(8)
+    if len(prefix) != 8:
+        raise CheckpointError(path, "file is truncated inside the header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len == 0:
+        raise CheckpointError(path, "header length is 0 (empty or zero-filled file)")
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + header_len > file_size:
+        raise CheckpointError(path, f"header length {header_len} is larger than the file ({file_size} bytes)")
+    raw = fh.read(header_len)
+    if len(raw) != header_len:
+        raise CheckpointError(path, "file is truncated inside the header")
+    return parse_header_bytes(raw, path, shard, file_size)
+
+
+def read_shard(path: str, shard: str | None = None) -> ShardHeader:
+    """Open ``path`` (a regular file) and parse its header."""
+    shard = shard if shard is not None else os.path.basename(path)
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not _is_regular(st.st_mode):
+                raise CheckpointError(path, "not a regular file")
+            return read_header(fh, path, shard, st.st_size)
+    except IsADirectoryError:
+        raise CheckpointError(path, "is a directory, not a safetensors file") from None
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found") from None
+    except PermissionError:
+        raise CheckpointError(path, "permission denied") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)
+
+
+def serialize_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None, has_metadata: bool) -> bytes:
+    """Build a header (8-byte length + JSON padded with spaces to 8 bytes) as safetensors writes it.
+
+    ``tensors`` holds (name, dtype, shape, begin, end) with offsets relative to the data section,
+    in the order the keys should appear.
+    """
+    obj: dict[str, object] = {}
+    if has_metadata:
+        obj["__metadata__"] = metadata
+    for name, dtype, shape, begin, end in tensors:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
