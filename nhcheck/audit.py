@@ -1,0 +1,386 @@
+"""Run checkpoint × manifest × engine replay into an ``AuditReport``: outcomes, coverage, findings, verdict.
+
+Decides; never prints. The report module renders what this module concluded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from nhcheck import collapse
+from nhcheck.checkpoint import Checkpoint
+from nhcheck.engines.sglang import (
+    BY_DESIGN_REASONS, PROFILES, Outcome, PPWindow, SGLangProfile, mtp_preprocess, replay_name,
+    replay_projector, route_wrapped,
+)
+from nhcheck.findings import Finding, severity_rank
+from nhcheck.manifest import Manifest, Param, build_manifest
+from nhcheck.model import NemotronHConfig
+from nhcheck.quant import QuantConfig, _module_path_match
+from nhcheck.safetensors_header import TensorInfo
+
+VERDICTS = ("clean", "orphans", "incomplete", "broken", "crash")
+_PACKED_DTYPES = frozenset({"U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
+_PACKED_PARAM = frozenset({"uint8", "int8", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn_x2"})
+_FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
+_REASON_TEXT = {
+    "not-found": "warned and dropped (default branch: not a parameter)",
+    "kv-drop": "warned and dropped (KV-scale remap found no target)",
+    "expert-orphan": "dropped silently (expert tensor with no target)",
+    "bias": "dropped silently (.bias with no target)",
+    "keyerror": "raises KeyError",
+    "wrapper-ignored": "ignored silently by the wrapper",
+    "wrapper-raise": "raises in the wrapper",
+    "mtp-filter": "skipped by design (MTP tensors in the main model)",
+    "wrapper-mtp": "skipped by design (MTP block, loaded by the draft model)",
+    "pp-range": "skipped by design (outside this PP rank's layers)",
+    "pp-rank": "skipped by design (not on this PP rank)",
+    "routed": "routed by design to a vision/sound tower",
+}
+
+
+class TensorRecord(NamedTuple):
+    """One checkpoint tensor and what the engine does with it; ``param`` is the full runtime name."""
+
+    tensor: TensorInfo
+    outcome: Outcome
+    orphan: bool
+    param: str | None
+    ignored: bool
+
+
+@dataclass(frozen=True)
+class ParamStatus:
+    name: str
+    param: Param
+    status: str  # filled | partial | unfilled | unreachable
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    source: str
+    revision: str | None
+    engine: str
+    config: NemotronHConfig
+    quant: str | None
+    manifest: Manifest
+    checkpoint: Checkpoint
+    records: tuple[TensorRecord, ...]
+    params: tuple[ParamStatus, ...]
+    findings: tuple[Finding, ...]
+    crash: dict | None
+    verdict: str
+    ignored: int = 0
+    other_versions: dict[str, str] = field(default_factory=dict)
+    mtp: bool = False
+
+    def counts(self) -> dict[str, int]:
+        c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
+        for r in self.records:
+            c[r.outcome.outcome] += 1
+            if r.orphan and not r.ignored:
+                c["orphans"] += 1
+            elif r.outcome.outcome != "load" and not r.orphan:
+                c["by_design"] += 1
+        return c
+
+    def summary_line(self) -> str:
+        """One line for comparing engine versions: verdict plus what drives it."""
+        c = self.counts()
+        mism = sum(1 for f in self.findings if f.code == "quant-mismatch")
+        bits = [self.verdict]
+        if self.crash:
+            bits.append(f"raises {self.crash['error']}")
+        if c["orphans"]:
+            bits.append(f"{c['orphans']:,} orphan tensors")
+        if mism:
+            bits.append("quantized bytes into unquantized parameters")
+        return ": ".join(bits[:1]) + (" (" + "; ".join(bits[1:]) + ")" if len(bits) > 1 else "")
+
+    def exit_code(self, fail_on: str = "warning") -> int:
+        if fail_on == "none":
+            return 0
+        gate = severity_rank(fail_on)
+        return 1 if any(severity_rank(f.severity) >= gate for f in self.findings) else 0
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    mtp: bool = False
+    pp: PPWindow | None = None
+    ignore: tuple[str, ...] = ()
+    compare_versions: bool = True
+
+
+# ---------------------------------------------------------------------------
+
+
+def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, profile: SGLangProfile,
+                opts: AuditOptions) -> list[tuple[TensorInfo, Outcome, str | None, bool]]:
+    """(tensor, outcome, full param name, routing-phase?) for every tensor, in stream order."""
+    inner = manifest.inner_names
+    prefix = manifest.lm_prefix
+    E = cfg.max_n_routed_experts if profile.expert_count_from_max else cfg.n_routed_experts
+    pp = opts.pp
+    out = []
+    append = out.append
+    if opts.mtp:
+        for t in ckpt.tensors():
+            o = replay_name(mtp_preprocess(t.name, profile), inner, E, profile, is_mtp=True, pp=pp)
+            append((t, o, o.param, False))
+        return out
+    if cfg.wrapper is None:
+        for t in ckpt.tensors():
+            o = replay_name(t.name, inner, E, profile, pp=pp)
+            append((t, o, o.param, False))
+        return out
+    projector = manifest.projector_names
+    lm_has_mtp = bool(cfg.mtp_pattern)
+    for t in ckpt.tensors():
+        r = route_wrapped(t.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp)
+        if r.target == "lm":
+            o = replay_name(r.inner or "", inner, E, profile, pp=pp)
+            append((t, o, prefix + o.param if o.param else None, False))
+        elif r.target == "projector":
+            o = replay_projector(r.inner or t.name, projector)
+            append((t, o, o.param, True))
+        elif r.target == "tower":
+            append((t, Outcome("routed", reason="routed"), None, True))
+        elif r.target == "raise":
+            append((t, Outcome("raise", message=r.message, reason="wrapper-raise"), None, True))
+        else:
+            reason = "wrapper-mtp" if t.name.startswith("mtp.") else "wrapper-ignored"
+            append((t, Outcome("skip", reason=reason), None, True))
+    return out
+
+
+def _slot_shape(p: Param, shard_id: str | None, expert_id: int | None) -> tuple[int, ...] | None:
+    """Shape a checkpoint tensor must have to land in this slot; None = a scalar slot (any 1-element tensor)."""
+    shape = p.shape
+    if p.loader == "expert":
+        sub = shape[1:]
+        return None if sub in ((), (1,)) else sub
+    if p.loader == "stacked" and p.slots:
+        for sid, off, size in p.slots:
+            if sid == shard_id:
+                if size == 1 and len(shape) == 1 and shape[0] == len(p.slots):
+                    return None
+                return (size,) + shape[1:]
+        return shape
+    if len(shape) <= 1 and p.quant_method and ("scale" in p.name.rsplit(".", 1)[-1]):
+        return None
+    return shape
+
+
+def _check_slot(t: TensorInfo, o: Outcome, p: Param) -> Finding | None:
+    if p.dtype in _PACKED_PARAM or p.dtype in _FLOAT_PARAM:
+        packed_ckpt = t.dtype in _PACKED_DTYPES
+        packed_param = p.dtype in _PACKED_PARAM
+        if packed_ckpt != packed_param:
+            what = ("quantized (%s) bytes into the unquantized %s parameter" % (t.dtype, p.dtype) if packed_ckpt
+                    else "an unquantized %s tensor into the quantized %s parameter" % (t.dtype, p.dtype))
+            return Finding("error", "quant-mismatch", f"loads {what} {p.name}", shard=t.shard, tensor=t.name)
+    if not p.shape and p.dtype == "unknown":
+        return None
+    want = _slot_shape(p, o.shard_id, o.expert_id)
+    if want is None:
+        if t.numel != 1:
+            return Finding("error", "shape-mismatch", f"{list(t.shape)} into a one-element slot of {p.name}",
+                           shard=t.shard, tensor=t.name)
+        return None
+    if tuple(t.shape) != tuple(want):
+        return Finding("error", "shape-mismatch",
+                       f"{t.dtype} {list(t.shape)} but {p.name} expects {list(want)} here", shard=t.shard, tensor=t.name)
+    return None
+
+
+def _coverage(manifest: Manifest, loads: dict[str, set]) -> list[ParamStatus]:
+    out = []
+    for p in manifest.params:
+        got = loads.get(p.name)
+        if not p.reachable:
+            out.append(ParamStatus(p.name, p, "unreachable"))
+            continue
+        if not got:
+            out.append(ParamStatus(p.name, p, "unfilled"))
+            continue
+        missing: list[str] = []
+        if p.loader == "stacked":
+            need = [s[0] for s in p.slots] or ["q", "k", "v"]
+            have = {sid for sid, _ in got}
+            missing = [f"shard {s}" for s in need if s not in have]
+        elif p.loader == "expert" and p.num_experts:
+            have = {eid for _, eid in got}
+            absent = [e for e in range(p.num_experts) if e not in have]
+            if absent:
+                missing = ["expert " + collapse.render_set(absent)]
+        out.append(ParamStatus(p.name, p, "partial" if missing else "filled", tuple(missing)))
+    return out
+
+
+def _module_kind_ok(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last in {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                    "fc1_latent_proj", "fc2_latent_proj", "lm_head", "eh_proj"}
+
+
+def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
+    """The quant recipe against the tensors, in checkpoint names (independent of the engine)."""
+    if qc is None or qc.quant_method != "modelopt" or not qc.quant_algo:
+        return []
+    weights: dict[str, TensorInfo] = {}
+    suffixes: dict[str, set[str]] = {}
+    for t in ckpt.tensors():
+        module, _, suffix = t.name.rpartition(".")
+        suffixes.setdefault(module, set()).add(suffix)
+        if suffix == "weight":
+            weights[module] = t
+    globs = [re.compile(fnmatch.translate(e)) for e in qc.exclude if "*" in e]
+    found: list[tuple[str, str, Finding]] = []
+    for module, w in weights.items():
+        if not _module_kind_ok(module):
+            continue
+        if qc.is_mixed:
+            declared = qc.quantized_layers.get(module)
+        elif any(_module_path_match(e, module) for e in qc.exclude) or any(g.match(module) for g in globs):
+            declared = None
+        else:
+            declared = qc.quant_algo
+        if w.dtype == "U8":
+            actual = "NVFP4"
+        elif w.dtype.startswith("F8"):
+            actual = "FP8"
+        else:
+            actual = None
+        dec_fam = {"NVFP4": "NVFP4", "NVFP4_AWQ": "NVFP4", "W4A16_NVFP4": "NVFP4", "FP8": "FP8",
+                   "FP8_PB_WO": "FP8", "FP8_BLOCK_SCALES": "FP8", "MXFP8": "FP8"}.get(declared or "", declared)
+        if dec_fam != actual:
+            msg = (f"the quant config says {declared or 'unquantized'} but the weight is {w.dtype}"
+                   + (" (quantized)" if actual else ""))
+            found.append(("recipe-mismatch", module, Finding("warning", "recipe-mismatch", msg, w.shard, w.name)))
+    if qc.kv_cache_quant_algo and not any(s.endswith(("k_scale", "v_scale")) for ss in suffixes.values() for s in ss):
+        found.append(("kv", "", Finding("info", "kv-scales-absent",
+                                        f"kv_cache_quant_algo is {qc.kv_cache_quant_algo} but the checkpoint has no "
+                                        "k_scale/v_scale tensors; the engine keeps its default KV scales")))
+    return _grouped(found)
+
+
+def _grouped(found: list[tuple[str, str, Finding]]) -> list[Finding]:
+    """One finding per collapsed family (same code and message shape), naming the first tensor."""
+    out: list[Finding] = []
+    for key, name, count, fs in collapse.group((f.code + "|" + collapse.template(f.message)[0], n or f.message, f)
+                                               for _, n, f in found):
+        f = fs[0]
+        msg = f.message if count == 1 else f"{name} ×{count}: {f.message}"
+        out.append(Finding(f.severity, f.code, msg, f.shard, f.tensor))
+    return out
+
+
+def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, manifest: Manifest,
+              profile: SGLangProfile, opts: AuditOptions = AuditOptions(), *, moe_backend: str | None = None) -> AuditReport:
+    """Replay every tensor, cover every parameter, and turn the result into findings and a verdict."""
+    replayed = _replay_all(ckpt, cfg, manifest, profile, opts)
+    ignore = opts.ignore
+    by_name = manifest.by_name
+    records: list[TensorRecord] = []
+    loads: dict[str, set] = {}
+    slot_findings: list[tuple[str, str, Finding]] = []
+    n_ignored = 0
+    for t, o, param, _ in replayed:
+        ign = bool(ignore) and any(fnmatch.fnmatchcase(t.name, pat) for pat in ignore)
+        n_ignored += ign
+        if o.outcome == "load":
+            orphan = False
+            slot = loads.get(param)
+            if slot is None:
+                slot = loads[param] = set()
+            slot.add((o.shard_id, o.expert_id))
+            p = by_name.get(param)
+            if p is not None and not ign:
+                f = _check_slot(t, o, p)
+                if f is not None:
+                    slot_findings.append((f.code, t.name, f))
+        else:
+            orphan = o.reason not in BY_DESIGN_REASONS
+        records.append(TensorRecord(t, o, orphan, param, ign))
+
+    # Crash point: the first raise in the order the engine meets tensors. A buffering VL wrapper
+    # (≤0.5.12) routes everything first and loads the language model afterwards.
+    crash = None
+    order = replayed
+    if cfg.wrapper is not None and not opts.mtp and not profile.vl_streams:
+        order = [r for r in replayed if r[3]] + [r for r in replayed if not r[3]]
+    for t, o, _, _ in order:
+        if o.outcome == "raise":
+            crash = {"tensor": t.name, "error": o.message, "shard": t.shard}
+            break
+    refusal = next((p for p in manifest.problems if p.startswith("ValueError")), None)
+    if refusal and crash is None:
+        crash = {"tensor": None, "error": refusal, "shard": None}
+
+    statuses = _coverage(manifest, loads)
+    findings: list[Finding] = list(ckpt.findings)
+    for p in manifest.problems:
+        findings.append(Finding("error" if p.startswith("ValueError") else "warning", "quant-config", p))
+    if crash is not None:
+        where = f" at {crash['tensor']} (shard {crash['shard']})" if crash["tensor"] else " while building the model"
+        findings.append(Finding("error", "crash", f"sglang {profile.version} raises {crash['error']}{where}; "
+                                "the server dies during start-up", crash["shard"], crash["tensor"]))
+    orphan_items = []
+    for r in records:
+        if r.orphan and not r.ignored:
+            o = r.outcome
+            sev = "error" if o.outcome == "raise" else "warning"
+            what = _REASON_TEXT.get(o.reason, o.reason)
+            eng = f" as {o.engine_name}" if o.engine_name and o.engine_name != r.tensor.name else ""
+            orphan_items.append((o.reason, r.tensor.name,
+                                 Finding(sev, "orphan", f"{what}{eng}", r.tensor.shard, r.tensor.name)))
+    findings += _grouped(orphan_items)
+    findings += _grouped(slot_findings)
+    missing_items = []
+    for s in statuses:
+        if s.status in ("unfilled", "partial") and not any(fnmatch.fnmatchcase(s.name, pat) for pat in ignore):
+            sev = "info" if s.param.informational else "warning" if s.status == "partial" else "error"
+            if s.status == "unfilled":
+                msg = ("no checkpoint tensor fills it; SGLang keeps its default" if s.param.informational
+                       else "no checkpoint tensor fills it; SGLang leaves it uninitialised and does not say so")
+            else:
+                msg = "only partly filled: missing " + ", ".join(s.missing)
+            missing_items.append(("param", s.name, Finding(sev, f"param-{s.status}", msg, None, s.name)))
+    findings += _grouped(missing_items)
+    findings += _recipe_findings(ckpt, qc)
+
+    verdict = _verdict(findings, crash)
+    others: dict[str, str] = {}
+    if opts.compare_versions and verdict != "clean" and manifest.source == "built":
+        for v, prof in PROFILES.items():
+            if v == profile.version:
+                continue
+            m2 = build_manifest(cfg, qc, prof, moe_backend=moe_backend, mtp=opts.mtp)
+            r2 = run_audit(ckpt, cfg, qc, m2, prof, AuditOptions(opts.mtp, opts.pp, opts.ignore, False),
+                           moe_backend=moe_backend)
+            others[v] = r2.summary_line()
+    return AuditReport(
+        source=ckpt.source, revision=ckpt.revision, engine=f"sglang@{profile.version}", config=cfg,
+        quant=qc.quant_algo if qc else None, manifest=manifest, checkpoint=ckpt, records=tuple(records),
+        params=tuple(statuses), findings=tuple(findings), crash=crash, verdict=verdict, ignored=n_ignored,
+        other_versions=others, mtp=opts.mtp,
+    )
+
+
+def _verdict(findings: list[Finding], crash: dict | None) -> str:
+    codes = {f.code for f in findings if f.severity != "info"}
+    if crash is not None:
+        return "crash"
+    structure = {c for c in codes if c.startswith(("shard-", "index-", "tensor-"))}
+    if structure or codes & {"quant-mismatch", "shape-mismatch"}:
+        return "broken"
+    if codes & {"param-unfilled", "param-partial"}:
+        return "incomplete"
+    if "orphan" in codes:
+        return "orphans"
+    return "clean"

@@ -1,0 +1,352 @@
+"""The runtime parameter manifest: what ``named_parameters()`` holds when SGLang starts loading.
+
+Built from the config and quant recipe for one engine version (spec §8, §15), or read
+from a file: our JSON, or a dump of a live engine's ``named_parameters()`` (a plain list
+of names or ``{name: {shape, dtype}}``). Each entry carries the loader semantics the
+``load`` verb needs: plain copy, a q/k/v row block of ``qkv_proj``, one expert's slice of
+a fused MoE tensor, or ``A = -exp(A_log)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from nhcheck.engines.sglang import SGLangProfile, default_moe_backend
+from nhcheck.errors import CheckpointError
+from nhcheck.model import NemotronHConfig
+from nhcheck.quant import (
+    A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEAR, FP4_MOE, FP8_LINEAR, FP8_MOE, KV_METHOD,
+    UNQUANT, UNQUANT_MOE, QuantConfig, QuantResolveError, QuantResolver, build_resolver,
+)
+
+SCHEMA = "nhcheck.manifest/1"
+_DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One runtime parameter.
+
+    ``loader``: ``default`` (copy; a scalar checkpoint scale broadcasts into a per-partition
+    slot), ``stacked`` (``slots`` give each shard's row block or scale index), ``expert``
+    (dim 0 is the expert; ``shard_ids`` the shards each expert needs), ``mamba_A``.
+    ``reachable`` is false for entries no checkpoint name can map to (swizzled block
+    scales); ``informational`` marks entries SGLang tolerates unfilled (KV scales,
+    A16 input-scale placeholders).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    quant_method: str | None = None
+    loader: str = "default"
+    slots: tuple[tuple[str, int, int], ...] = ()
+    num_experts: int = 0
+    shard_ids: tuple[str, ...] = ()
+    reachable: bool = True
+    informational: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        d: dict[str, object] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                                "quant_method": self.quant_method, "loader": self.loader}
+        if self.slots:
+            d["slots"] = [list(s) for s in self.slots]
+        if self.loader == "expert":
+            d["num_experts"] = self.num_experts
+            d["shard_ids"] = list(self.shard_ids)
+        if not self.reachable:
+            d["reachable"] = False
+        if self.informational:
+            d["informational"] = True
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Param":
+        return cls(
+            name=d["name"], shape=tuple(d.get("shape") or ()), dtype=str(d.get("dtype") or "bfloat16"),
+            quant_method=d.get("quant_method"), loader=d.get("loader", "default"),
+            slots=tuple(tuple(s) for s in d.get("slots", ())), num_experts=int(d.get("num_experts", 0)),
+            shard_ids=tuple(d.get("shard_ids", ())), reachable=bool(d.get("reachable", True)),
+            informational=bool(d.get("informational", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parameters one engine version builds for one config, with the context the replay needs.
+
+    ``lm_prefix`` is ``language_model.`` under an Omni/VL wrapper: parameter names carry it,
+    while the inner ``load_weights`` sees names without it (``inner_names``).
+    """
+
+    params: tuple[Param, ...]
+    engine: str
+    lm_prefix: str = ""
+    quantization: str | None = None
+    moe_backend: str = "auto"
+    mode: str = "main"
+    source: str = "built"
+    problems: tuple[str, ...] = ()
+    by_name: dict[str, Param] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_name.update((p.name, p) for p in self.params)
+
+    @property
+    def inner_names(self) -> frozenset[str]:
+        n = len(self.lm_prefix)
+        return frozenset(p.name[n:] for p in self.params if p.name.startswith(self.lm_prefix))
+
+    @property
+    def projector_names(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.params if p.name.startswith("mlp1."))
+
+    def to_json(self) -> dict[str, object]:
+        return {"schema": SCHEMA, "engine": self.engine, "mode": self.mode, "lm_prefix": self.lm_prefix,
+                "quantization": self.quantization, "moe_backend": self.moe_backend,
+                "params": [p.to_json() for p in self.params]}
+
+
+# ---------------------------------------------------------------------------
+# Builder
+
+
+class _Builder:
+    def __init__(self, cfg: NemotronHConfig, resolver: QuantResolver, profile: SGLangProfile,
+                 moe_backend: str, name_prefix: str, quant_prefix: str) -> None:
+        self.cfg = cfg
+        self.q = resolver
+        self.profile = profile
+        self.moe_backend = moe_backend
+        self.np = name_prefix  # runtime parameter names
+        self.qp = quant_prefix  # module prefixes handed to the quant config
+        self.dtype = _DTYPE_NAMES.get(cfg.dtype, "bfloat16")
+        self.out: list[Param] = []
+
+    def add(self, name: str, shape: tuple[int, ...] | list[int], dtype: str | None = None, **kw: object) -> None:
+        self.out.append(Param(self.np + name, tuple(shape), dtype or self.dtype, **kw))  # type: ignore[arg-type]
+
+    def linear(self, name: str, qprefix: str, outs: tuple[int, ...], inp: int, *, bias: bool = False,
+               lm_head: bool = False, stacked: tuple[str, ...] = ()) -> None:
+        """LIN(x): the parameters of one linear module under the method its prefix resolves to."""
+        method = self.q.linear_method(qprefix, lm_head=lm_head)
+        if lm_head and method == UNQUANT and (self.q.kind is None or not self.profile.lm_head_quantizable):
+            method = "UnquantizedEmbeddingMethod"
+        rows = sum(outs)
+        nparts = len(outs)
+        row_slots = ()
+        idx_slots = ()
+        if stacked:
+            offs = [sum(outs[:i]) for i in range(nparts)]
+            row_slots = tuple((s, o, n) for s, o, n in zip(stacked, offs, outs))
+            idx_slots = tuple((s, i, 1) for i, s in enumerate(stacked))
+        loader = "stacked" if stacked else "default"
+        w = dict(quant_method=method, loader=loader, slots=row_slots)
+        s = dict(quant_method=method, loader=loader, slots=idx_slots)
+        if method in (UNQUANT, "UnquantizedEmbeddingMethod"):
+            self.add(f"{name}.weight", (rows, inp), **w)
+        elif method == FP8_LINEAR:
+            self.add(f"{name}.weight", (rows, inp), "float8_e4m3fn", **w)
+            self.add(f"{name}.weight_scale", (nparts,), "float32", **s)
+            self.add(f"{name}.input_scale", (nparts,), "float32", **s)
+        elif method in (FP4_LINEAR, A16_LINEAR):
+            packed = dict(w)
+            self.add(f"{name}.weight", (rows, inp // 2), "uint8", **packed)
+            if method == FP4_LINEAR:
+                self.add(f"{name}.input_scale", (nparts,), "float32", **s)
+                self.add(f"{name}.weight_scale_2", (nparts,), "float32", **s)
+                self.add(f"{name}.weight_scale", (rows, inp // 16), "float8_e4m3fn", **w)
+                if self.q.linear_algo(qprefix, lm_head=lm_head) == "NVFP4_AWQ":
+                    self.add(f"{name}.pre_quant_scale", (inp,), quant_method=method)
+            else:
+                self.add(f"{name}.weight_scale_2", (nparts,), "float32", **s)
+                self.add(f"{name}.weight_scale", (rows, inp // 16), "float8_e4m3fn", **w)
+                self.add(f"{name}.input_scale", (nparts,), "float32", informational=True, **s)
+        elif method == BLOCK_FP8_LINEAR:
+            self.add(f"{name}.weight", (rows, inp), "float8_e4m3fn", **w)
+            if self.q.linear_algo(qprefix, lm_head=lm_head) == "MXFP8":
+                self.add(f"{name}.weight_scale", (rows, -(-inp // 32)), "uint8", **w)
+            else:
+                self.add(f"{name}.weight_scale_inv", (-(-rows // 128), -(-inp // 128)), "float32", quant_method=method)
+        if bias:
+            self.add(f"{name}.bias", (rows,), **w)
+
+    def experts(self, layer: int, qprefix: str) -> None:
+        c = self.cfg
+        pre = f"model.layers.{layer}.mixer.experts"
+        method = self.q.moe_method(qprefix)
+        E, mi, X = c.n_routed_experts, c.moe_intermediate_size, c.expert_input
+        e13 = dict(quant_method=method, loader="expert", num_experts=E, shard_ids=("w1",))
+        e2 = dict(quant_method=method, loader="expert", num_experts=E, shard_ids=("w2",))
+        if method == UNQUANT_MOE:
+            self.add(f"{pre}.w13_weight", (E, mi, X), **e13)
+            self.add(f"{pre}.w2_weight", (E, X, mi), **e2)
+        elif method == FP8_MOE:
+            self.add(f"{pre}.w13_weight", (E, mi, X), "float8_e4m3fn", **e13)
+            self.add(f"{pre}.w2_weight", (E, X, mi), "float8_e4m3fn", **e2)
+            self.add(f"{pre}.w13_weight_scale", (E, 1), "float32", **e13)
+            self.add(f"{pre}.w2_weight_scale", (E,), "float32", **e2)
+            self.add(f"{pre}.w13_input_scale", (E,), "float32", **e13)
+            self.add(f"{pre}.w2_input_scale", (E,), "float32", **e2)
+        elif method == FP4_MOE:
+            swizzle = self.moe_backend not in self.profile.swizzled_omitted_backends
+            self.add(f"{pre}.w13_weight", (E, mi, X // 2), "uint8", **e13)
+            self.add(f"{pre}.w2_weight", (E, X, mi // 2), "uint8", **e2)
+            self.add(f"{pre}.w13_weight_scale", (E, mi, X // 16), "float8_e4m3fn", **e13)
+            if swizzle:
+                self.add(f"{pre}.w13_blockscale_swizzled", (E, _up(mi, 128), _up(X // 16, 4)), "float8_e4m3fn",
+                         quant_method=method, reachable=False)
+            self.add(f"{pre}.w2_weight_scale", (E, X, mi // 16), "float8_e4m3fn", **e2)
+            if swizzle:
+                self.add(f"{pre}.w2_blockscale_swizzled", (E, _up(X, 128), _up(mi // 16, 4)), "float8_e4m3fn",
+                         quant_method=method, reachable=False)
+            self.add(f"{pre}.w13_weight_scale_2", (E,), "float32", **e13)
+            self.add(f"{pre}.w2_weight_scale_2", (E,), "float32", **e2)
+            self.add(f"{pre}.w13_input_scale", (E, 1), "float32", **e13)
+            self.add(f"{pre}.w2_input_scale", (E,), "float32", **e2)
+        elif method == BLOCK_FP8_MOE:
+            self.add(f"{pre}.w13_weight", (E, mi, X), "float8_e4m3fn", **e13)
+            self.add(f"{pre}.w2_weight", (E, X, mi), "float8_e4m3fn", **e2)
+            self.add(f"{pre}.w13_weight_scale_inv", (E, _up(mi, 128) // 128, _up(X, 128) // 128), "float32", **e13)
+            self.add(f"{pre}.w2_weight_scale_inv", (E, _up(X, 128) // 128, _up(mi, 128) // 128), "float32", **e2)
+
+    def layer(self, i: int, kind: str, *, mtp_first: bool = False, mtp_last: bool = False, mtp: bool = False) -> None:
+        c = self.cfg
+        P = f"model.layers.{i}.mixer"
+        Q = (f"mtp.layers.{i}.mixer" if mtp else self.qp + P)
+        H = c.hidden_size
+        if mtp_first:
+            self.add(f"model.layers.{i}.enorm.weight", (H,))
+            self.add(f"model.layers.{i}.hnorm.weight", (H,))
+            self.linear(f"model.layers.{i}.eh_proj", f"mtp.layers.{i}.eh_proj", (H,), 2 * H)
+        if kind == "M":
+            nh = c.mamba_num_heads
+            self.add(f"{P}.A", (nh,), "float32", loader="mamba_A")
+            self.add(f"{P}.D", (nh,))
+            self.add(f"{P}.dt_bias", (nh,))
+            self.add(f"{P}.conv1d.weight", (c.mamba_conv_dim, 1, c.conv_kernel), quant_method=UNQUANT)
+            if c.use_conv_bias:
+                self.add(f"{P}.conv1d.bias", (c.mamba_conv_dim,), quant_method=UNQUANT)
+            self.linear(f"{P}.in_proj", f"{Q}.in_proj", c.mamba_in_proj_parts, H, bias=c.use_bias)
+            self.linear(f"{P}.out_proj", f"{Q}.out_proj", (H,), c.mamba_inner, bias=c.use_bias)
+            self.add(f"{P}.norm.weight", (c.mamba_inner,))
+        elif kind == "*":
+            self.linear(f"{P}.qkv_proj", f"{Q}.qkv_proj", (c.q_size, c.kv_size, c.kv_size), H, stacked=("q", "k", "v"))
+            self.linear(f"{P}.o_proj", f"{Q}.o_proj", (H,), c.q_size)
+            if self.q.kv_on:
+                self.add(f"{P}.attn.k_scale", (), "float32", quant_method=KV_METHOD, informational=True)
+                self.add(f"{P}.attn.v_scale", (), "float32", quant_method=KV_METHOD, informational=True)
+        elif kind == "-":
+            inter = c.mlp_intermediate(i)
+            self.linear(f"{P}.up_proj", f"{Q}.up_proj", (inter,), H, bias=c.mlp_bias)
+            self.linear(f"{P}.down_proj", f"{Q}.down_proj", (H,), inter, bias=c.mlp_bias)
+        elif kind == "E":
+            E = c.n_routed_experts
+            self.add(f"{P}.gate.weight", (E, H), "float32" if self.profile.router_fp32 else None, quant_method=UNQUANT)
+            self.add(f"{P}.gate.e_score_correction_bias", (E,), "float32", quant_method=UNQUANT)
+            self.experts(i, f"{Q}.experts")
+            if c.n_shared_experts:
+                si = c.shared_intermediate
+                self.linear(f"{P}.shared_experts.up_proj", f"{Q}.shared_experts.up_proj", (si,), H)
+                self.linear(f"{P}.shared_experts.down_proj", f"{Q}.shared_experts.down_proj", (H,), si)
+            if c.moe_latent_size is not None:
+                L = c.moe_latent_size
+                self.linear(f"{P}.fc1_latent_proj", f"{Q}.fc1_latent_proj", (L,), H, bias=c.mlp_bias)
+                self.linear(f"{P}.fc2_latent_proj", f"{Q}.fc2_latent_proj", (H,), L, bias=c.mlp_bias)
+        self.add(f"model.layers.{i}.norm.weight", (H,))
+        if mtp_last:
+            self.add(f"model.layers.{i}.final_layernorm.weight", (H,))
+
+
+def _up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLangProfile, *,
+                   moe_backend: str | None = None, mtp: bool = False) -> Manifest:
+    """The manifest SGLang builds for ``cfg`` (main model, or the MTP draft with ``mtp``)."""
+    outer = "NemotronHForCausalLMMTP" if mtp else (cfg.wrapper or cfg.architecture)
+    resolver = build_resolver(qc, outer, profile, mtp=mtp)
+    problems = list(qc.problems) if qc else []
+    if resolver.refusal:
+        problems.append(resolver.refusal)
+    backend = moe_backend or default_moe_backend(profile, resolver.quantization)
+    wrapped = cfg.wrapper is not None and not mtp
+    prefix = "language_model." if wrapped else ""
+    b = _Builder(cfg, resolver, profile, backend, prefix, prefix)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    try:
+        b.add("model.embed_tokens.weight", (V, H), quant_method="UnquantizedEmbeddingMethod")
+        if mtp:
+            pat = cfg.mtp_pattern
+            for j, kind in enumerate(pat):
+                b.layer(j, kind, mtp_first=j == 0, mtp_last=j == len(pat) - 1, mtp=True)
+        else:
+            for i, kind in enumerate(cfg.pattern):
+                b.layer(i, kind)
+            b.add("model.norm_f.weight", (H,))
+        if not cfg.tie_word_embeddings:
+            b.linear("lm_head", prefix + "lm_head", (V,), H, lm_head=True)
+    except QuantResolveError as exc:
+        problems.append(f"ValueError: {exc}")
+    if wrapped and cfg.vit_hidden_size:
+        vit = cfg.vit_hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
+        b.out.append(Param("mlp1.0.weight", (vit,), b.dtype))
+        b.out.append(Param("mlp1.1.weight", (cfg.projector_hidden_size, vit), b.dtype))
+        b.out.append(Param("mlp1.3.weight", (H, cfg.projector_hidden_size), b.dtype))
+    return Manifest(tuple(b.out), f"sglang@{profile.version}", prefix, resolver.quantization, backend,
+                    "mtp" if mtp else "main", "built", tuple(problems))
+
+
+# ---------------------------------------------------------------------------
+# Reading manifests from files
+
+_EXPERT_PARAM = re.compile(r"\.experts\.(w13|w2)_[A-Za-z0-9_]+$")
+
+
+def _infer_param(name: str, shape: tuple[int, ...], dtype: str) -> Param:
+    """Loader semantics of a foreign (named_parameters dump) entry, from its name and shape."""
+    m = _EXPERT_PARAM.search(name)
+    if m and "blockscale_swizzled" in name:
+        return Param(name, shape, dtype, reachable=False)
+    if m:
+        return Param(name, shape, dtype, loader="expert", num_experts=shape[0] if shape else 0,
+                     shard_ids=("w1",) if m.group(1) == "w13" else ("w2",))
+    if ".qkv_proj." in name:
+        return Param(name, shape, dtype, loader="stacked")
+    if name.endswith(".mixer.A"):
+        return Param(name, shape, dtype, loader="mamba_A")
+    if name.endswith((".attn.k_scale", ".attn.v_scale")):
+        return Param(name, shape, dtype, informational=True)
+    return Param(name, shape, dtype)
+
+
+def load_manifest(path: str, engine: str) -> Manifest:
+    """Read our JSON, or a live engine's ``named_parameters()`` dump (list of names or name → {shape, dtype})."""
+    from nhcheck.checkpoint import load_json
+
+    obj = load_json(path, "manifest")
+    if isinstance(obj, dict) and obj.get("schema") == SCHEMA:
+        try:
+            params = tuple(Param.from_json(p) for p in obj["params"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(path, f"manifest entry is malformed: {exc}") from None
+        return Manifest(params, obj.get("engine") or engine, obj.get("lm_prefix", ""), obj.get("quantization"),
+                        obj.get("moe_backend", "auto"), obj.get("mode", "main"), path)
+    entries: list[tuple[str, tuple[int, ...], str]] = []
+    if isinstance(obj, list) and all(isinstance(n, str) for n in obj):
+        entries = [(n, (), "unknown") for n in obj]
+    elif isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        for k, v in obj.items():
+            v = v if isinstance(v, dict) else {}
+            shape = v.get("shape") or []
+            if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+                raise CheckpointError(path, f"shape of {k!r} is not a list of integers")
+            entries.append((k, tuple(shape), str(v.get("dtype", "unknown")).replace("torch.", "")))
+    else:
+        raise CheckpointError(path, "manifest must be nhcheck JSON, a list of parameter names, or {name: {shape, dtype}}")
+    params = tuple(_infer_param(n, s, d) for n, s, d in entries)
+    prefix = "language_model." if any(p.name.startswith("language_model.model.") for p in params) else ""
+    return Manifest(params, engine, prefix, None, "unknown", "main", path)
