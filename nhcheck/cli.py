@@ -1,0 +1,208 @@
+"""The ``nhcheck`` command: a thin click layer that wires the pipeline modules together.
+
+Policy lives here and only here: report on stdout (or ``-o``), progress and the summary
+line on stderr, exit 0 clean / 1 findings at or above the gate / 2 could not run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+import click
+
+from nhcheck import __version__
+from nhcheck.errors import NhcheckError
+
+FORMATS = ("table", "json", "markdown")
+GATES = ("error", "warning", "info", "none")
+
+
+def _stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None,
+                   highlight=False)
+
+
+def _progress(quiet: bool) -> Callable[[int, int, str], None] | None:
+    """Per-shard progress on stderr, only when stderr is a terminal and not --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    console = _stderr_console()
+
+    def tick(i: int, n: int, name: str) -> None:
+        console.print(f"[dim]reading header {i + 1}/{n}: {name}[/]", end="\r")
+
+    return tick
+
+
+def _write_out(text: str, output: str | None) -> None:
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _engine_option(f):
+    return click.option("--engine", default="sglang@0.5.23", show_default=True,
+                        help="Engine version to replay: sglang@0.5.11 (before PR #24434), sglang@0.5.12, sglang@0.5.23.")(f)
+
+
+def _source_options(f):
+    f = click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only).")(f)
+    f = click.option("--moe-backend", default=None,
+                     help="MoE runner backend (decides the NVFP4 swizzled block-scale parameters); default as SGLang picks on Blackwell at TP 1.")(f)
+    f = click.option("--mtp", is_flag=True, help="Replay the MTP draft model (NemotronHForCausalLMMTP) instead of the main model.")(f)
+    return _engine_option(f)
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        """Turn every anticipated failure into one line on stderr and exit 2, never a traceback."""
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("nhcheck: aborted", err=True)
+            sys.exit(130)
+        except NhcheckError as exc:
+            click.echo(f"nhcheck: error: {_oneline(exc)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("nhcheck: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(1)
+        except Exception as exc:  # a bug in nhcheck, still one line unless asked
+            if os.environ.get("NHCHECK_DEBUG"):
+                raise
+            click.echo(f"nhcheck: internal error: {type(exc).__name__}: {_oneline(exc)} "
+                       "(set NHCHECK_DEBUG=1 for a traceback)", err=True)
+            sys.exit(2)
+
+
+def _oneline(exc: BaseException) -> str:
+    from nhcheck.report import safe
+
+    return safe(str(exc).replace("\n", " "))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nhcheck")
+def cli() -> None:
+    """Check a Nemotron-H checkpoint against the inference engine's loader before you start a server.
+
+    \b
+    Shell completion (bash): eval "$(_NHCHECK_COMPLETE=bash_source nhcheck)"
+    (zsh: zsh_source, fish: fish_source).
+    """
+
+
+@cli.command()
+@click.argument("source")
+@_source_options
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the report here instead of stdout.")
+@click.option("--manifest", "manifest_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use this runtime manifest (nhcheck JSON, or a live engine's named_parameters() dump).")
+@click.option("--ignore", multiple=True, metavar="PATTERN", help="Glob of tensor/parameter names to ignore (repeatable).")
+@click.option("--fail-on", type=click.Choice(GATES), default="warning", show_default=True,
+              help="Lowest finding severity that makes the exit code 1.")
+@click.option("--show-loaded", is_flag=True, help="List the tensors that load too, not only the problems.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
+def audit(source, engine, revision, moe_backend, mtp, fmt, output, manifest_file, ignore, fail_on, show_loaded, quiet):
+    """Replay the engine's loader over SOURCE's shard headers and report both directions.
+
+    SOURCE is a checkpoint directory, a .safetensors file or a Hub repo id. No tensor
+    data is read.
+
+    \b
+    Examples:
+      nhcheck audit examples/omni-nvfp4-24137 --engine sglang@0.5.11
+      nhcheck audit ./ckpt --format json -o audit.json
+      nhcheck audit nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --format markdown
+    """
+    from nhcheck import pipeline, report
+    from nhcheck.audit import AuditOptions
+    from nhcheck.sources import open_source
+
+    t0 = time.perf_counter()
+    ckpt = open_source(source, revision, _progress(quiet))
+    inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp)
+    rep = pipeline.audit(inputs, AuditOptions(mtp=mtp, ignore=tuple(ignore)))
+    if fmt == "json":
+        _write_out(report.render_json(rep), output)
+    elif fmt == "markdown":
+        _write_out(report.render_markdown(rep, show_loaded=show_loaded), output)
+    else:
+        from rich.console import Console
+
+        if output:
+            with open(output, "w", encoding="utf-8") as fh:
+                report.render_table(rep, Console(file=fh, width=160, no_color=True), show_loaded=show_loaded)
+        else:
+            report.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False),
+                                show_loaded=show_loaded)
+    if not quiet:
+        _stderr_console().print(report.summary_line(rep, time.perf_counter() - t0), highlight=False, markup=False)
+    sys.exit(rep.exit_code(fail_on))
+
+
+@cli.command()
+@click.argument("source")
+@_source_options
+@click.option("--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@click.option("-q", "--quiet", is_flag=True)
+def manifest(source, engine, revision, moe_backend, mtp, fmt, output, quiet):
+    """Print the runtime parameters the engine builds for SOURCE's config and quant config.
+
+    \b
+    Examples:
+      nhcheck manifest examples/nano3-nvfp4
+      nhcheck manifest examples/omni-nvfp4-24137 --engine sglang@0.5.11 --format json -o m.json
+    """
+    import json
+
+    from nhcheck import pipeline
+    from nhcheck.sources import open_source
+
+    ckpt = open_source(source, revision, _progress(quiet))
+    m = pipeline.prepare(ckpt, engine, moe_backend=moe_backend, mtp=mtp).manifest
+    if fmt == "json":
+        _write_out(json.dumps(m.to_json(), indent=1) + "\n", output)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from nhcheck.report import safe
+
+    t = Table(title=f"{m.engine} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}; "
+                    f"moe backend {m.moe_backend})", title_justify="left")
+    for col in ("name", "shape", "dtype", "quant method", "loader"):
+        t.add_column(col, overflow="fold")
+    for p in m.params:
+        loader = p.loader + ("" if p.reachable else " (unreachable)")
+        t.add_row(safe(p.name), str(list(p.shape)), p.dtype, p.quant_method or "", loader)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            Console(file=fh, width=200, no_color=True).print(t)
+    else:
+        Console(highlight=False).print(t)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Render an ``AuditReport`` as a table (rich), JSON (``nhcheck.audit/1``) or markdown.
+
+Renders what audit concluded; decides nothing. Names come from strangers' files, so
+every name is escaped (control characters as ``\\xNN``, rich markup neutralised).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from nhcheck import __version__, collapse
+
+if TYPE_CHECKING:
+    from nhcheck.audit import AuditReport
+
+SCHEMA = "nhcheck.audit/1"
+_OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
+_WHY = {
+    "keyerror": "KeyError: the mapped parameter does not exist (expert branch, before PR #24434)",
+    "expert-orphan": "no log line: expert tensor whose mapped parameter does not exist (PR #24434 skip)",
+    "not-found": "'Parameter … not found in params_dict' warning, then dropped",
+    "kv-drop": "KV-scale remap found no target: warned, not loaded",
+    "bias": "no log line: .bias with no target",
+    "mtp-filter": "by design: MTP tensors are loaded by the draft model",
+    "wrapper-mtp": "by design: top-level MTP block, ignored by the wrapper, loaded by the draft model",
+    "wrapper-ignored": "no log line: the wrapper routes this name nowhere",
+    "wrapper-raise": "the wrapper raises on this name",
+    "pp-range": "by design: layer outside this pipeline rank",
+    "pp-rank": "by design: not on this pipeline rank",
+    "routed": "by design: vision/sound tower or projector loads it",
+    "load": "loaded",
+}
+
+
+def safe(text: object) -> str:
+    """Printable, markup-free text: control and non-printable characters become escapes."""
+    s = str(text)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else ("\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c)) for c in s)
+    return s
+
+
+# ---------------------------------------------------------------------------
+# JSON
+
+
+def to_json(report: "AuditReport") -> dict:
+    c = report.counts()
+    ck = report.checkpoint
+    params_unfilled = sum(1 for s in report.params if s.status == "unfilled" and not s.param.informational)
+    structure = sum(1 for f in ck.findings if f.severity == "error")
+    tensors = []
+    append = tensors.append
+    for r in report.records:
+        t, o = r.tensor, r.outcome
+        append({"name": t.name, "shard": t.shard, "dtype": t.dtype, "shape": list(t.shape), "outcome": o.outcome,
+                "orphan": r.orphan, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id,
+                "engine_name": o.engine_name or (o.param if o.outcome == "load" else None) or t.name,
+                "message": o.message, "reason": o.reason, "ignored": r.ignored})
+    return {
+        "schema": SCHEMA,
+        "nhcheck_version": __version__,
+        "source": report.source,
+        "revision": report.revision,
+        "engine": {"name": "sglang", "version": report.engine.split("@", 1)[1], "moe_backend": report.manifest.moe_backend,
+                   "mode": "mtp" if report.mtp else "main"},
+        "model": {"architecture": report.config.wrapper or report.config.architecture, "pattern": report.config.pattern,
+                  "quant": report.quant},
+        "summary": {
+            "shards": len(ck.shards), "tensors": len(report.records), "bytes": ck.data_bytes,
+            "load": c["load"], "warn": c["warn"], "skip": c["skip"], "raise": c["raise"], "routed": c["routed"],
+            "orphans": c["orphans"], "by_design": c["by_design"], "ignored": report.ignored,
+            "params": len(report.params), "params_unfilled": params_unfilled,
+            "params_partial": sum(1 for s in report.params if s.status == "partial"),
+            "structure_errors": structure, "verdict": report.verdict,
+            "bytes_transferred": ck.bytes_transferred,
+        },
+        "crash": ({"tensor": report.crash["tensor"], "error": report.crash["error"]} if report.crash else None),
+        "other_versions": {f"sglang@{v}": s for v, s in report.other_versions.items()},
+        "tensors": tensors,
+        "params": [{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,
+                    "missing": list(s.missing)} for s in report.params],
+        "findings": [f.to_json() for f in report.findings],
+    }
+
+
+def render_json(report: "AuditReport") -> str:
+    return json.dumps(to_json(report), indent=None, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Shared grouping for table and markdown
+
+
+def _tensor_groups(report: "AuditReport", include_loads: bool):
+    items = []
+    for r in report.records:
+        o = r.outcome
+        if o.outcome == "load" and not include_loads:
+            continue
+        key = (_OUTCOME_ORDER[o.outcome], o.outcome, o.reason, r.orphan, r.ignored)
+        items.append((key, r.tensor.name, r))
+    groups = collapse.group(items)
+    groups.sort(key=lambda g: g[0][0])
+    rows = []
+    for key, name, count, recs in groups:
+        _, outcome, reason, orphan, ignored = key
+        first = recs[0]
+        targets = collapse.group([(0, r.param or r.outcome.engine_name or "", None) for r in recs])
+        target = "; ".join(t[1] for t in targets[:2]) + (" …" if len(targets) > 2 else "")
+        status = "ignored" if ignored else ("orphan" if orphan else ("by design" if outcome != "load" else "ok"))
+        rows.append((outcome, name, count, target, _WHY.get(reason, reason), status, first.tensor.shard))
+    return rows
+
+
+def _param_groups(report: "AuditReport"):
+    items = [((s.status, s.param.informational, s.missing), s.name, s) for s in report.params
+             if s.status in ("unfilled", "partial")]
+    return collapse.group(items)
+
+
+def verdict_text(report: "AuditReport") -> str:
+    v = report.verdict
+    ver = report.engine.split("@", 1)[1]
+    c = report.counts()
+    if v == "crash" and report.crash:
+        where = f" at {report.crash['tensor']} (shard {report.crash['shard']})" if report.crash["tensor"] else ""
+        return f"sglang {ver} raises {report.crash['error']}{where}: the server dies during start-up."
+    if v == "broken":
+        n = sum(1 for f in report.findings if f.code in ("quant-mismatch", "shape-mismatch"))
+        s = sum(1 for f in report.checkpoint.findings if f.severity == "error")
+        parts = []
+        if n:
+            parts.append(f"{n} tensor famil{'y' if n == 1 else 'ies'} would load with the wrong shape or quantization")
+        if s:
+            parts.append(f"{s} structural problem{'s' if s != 1 else ''} in the files")
+        return f"sglang {ver} would not load this correctly: " + "; ".join(parts) + "."
+    if v == "incomplete":
+        n = sum(1 for s in report.params if s.status in ("unfilled", "partial") and not s.param.informational)
+        return f"sglang {ver} loads without error but leaves {n} runtime parameter(s) unfilled or partial: silent garbage."
+    if v == "orphans":
+        return f"sglang {ver} loads it, dropping {c['orphans']:,} checkpoint tensor(s) (warned or silent)."
+    return f"sglang {ver} loads every tensor and fills every reachable parameter."
+
+
+# ---------------------------------------------------------------------------
+# Table (rich)
+
+
+def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    cfg = report.config
+    c = report.counts()
+    e = lambda s: escape(safe(s))  # noqa: E731
+    arch = cfg.wrapper or cfg.architecture
+    console.print(f"[bold]nhcheck audit[/] {e(report.source)}"
+                  + (f" @ {e(report.revision)}" if report.revision else "")
+                  + f" · {report.engine} · {e(arch)} ({e(report.quant or 'unquantized')})"
+                  + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards)} shard(s)")
+    colour = {"clean": "green", "orphans": "yellow", "incomplete": "yellow", "broken": "red", "crash": "red"}[report.verdict]
+    console.print(f"[bold {colour}]{report.verdict.upper()}[/] {e(verdict_text(report))}")
+    for v, line in report.other_versions.items():
+        console.print(f"  sglang@{v}: {e(line)}")
+
+    rows = _tensor_groups(report, show_loaded)
+    if rows:
+        t = Table(title="Checkpoint tensors the engine does not load" if not show_loaded else "Checkpoint tensors",
+                  show_lines=False, title_justify="left")
+        for col in ("outcome", "tensors", "count", "engine target / name", "why", "status"):
+            t.add_column(col, overflow="fold")
+        for outcome, name, count, target, why, status, _shard in rows:
+            style = {"raise": "red", "warn": "yellow", "skip": "yellow" if status == "orphan" else "dim"}.get(outcome, "")
+            t.add_row(f"[{style}]{outcome}[/]" if style else outcome, e(name), f"×{count:,}", e(target), e(why), status)
+        console.print(t)
+    if not show_loaded:
+        console.print(f"{c['load']:,} tensors load into runtime parameters (use --show-loaded to list them).")
+
+    pg = _param_groups(report)
+    if pg:
+        t = Table(title="Runtime parameters no checkpoint tensor fills", title_justify="left")
+        for col in ("status", "parameters", "count", "note"):
+            t.add_column(col, overflow="fold")
+        for (status, info, missing), name, count, _ in pg:
+            note = ("SGLang keeps its default; informational" if info else
+                    "missing " + ", ".join(missing) if missing else "left uninitialised, silently")
+            t.add_row(status, e(name), f"×{count:,}", e(note))
+        console.print(t)
+
+    shown = [f for f in report.findings if f.code not in ("orphan", "param-unfilled", "param-partial")]
+    if shown:
+        t = Table(title="Findings", title_justify="left")
+        for col in ("severity", "code", "message", "where"):
+            t.add_column(col, overflow="fold")
+        for f in shown:
+            where = f.tensor or f.shard or ""
+            style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
+            t.add_row(f"[{style}]{f.severity}[/]", f.code, e(f.message), e(where))
+        console.print(t)
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+
+
+def _md(s: object) -> str:
+    return safe(s).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_markdown(report: "AuditReport", *, show_loaded: bool = False) -> str:
+    cfg = report.config
+    c = report.counts()
+    out = [f"### nhcheck audit: `{_md(report.source)}` on {report.engine}", "",
+           f"**{report.verdict.upper()}**: {_md(verdict_text(report))}", ""]
+    for v, line in report.other_versions.items():
+        out.append(f"- sglang@{v}: {_md(line)}")
+    if report.other_versions:
+        out.append("")
+    out.append(f"{_md(cfg.wrapper or cfg.architecture)} · {_md(report.quant or 'unquantized')} · "
+               f"{len(report.records):,} tensors in {len(report.checkpoint.shards)} shards · "
+               f"load {c['load']:,} · warn {c['warn']:,} · skip {c['skip']:,} · raise {c['raise']:,} · "
+               f"routed {c['routed']:,} · orphans {c['orphans']:,}")
+    rows = _tensor_groups(report, show_loaded)
+    if rows:
+        out += ["", "| outcome | tensors | count | engine target / name | why | status |", "|---|---|---|---|---|---|"]
+        for outcome, name, count, target, why, status, _ in rows:
+            out.append(f"| {outcome} | `{_md(name)}` | {count:,} | `{_md(target)}` | {_md(why)} | {status} |")
+    pg = _param_groups(report)
+    if pg:
+        out += ["", "| parameter status | parameters | count | missing |", "|---|---|---|---|"]
+        for (status, info, missing), name, count, _ in pg:
+            out.append(f"| {status}{' (info)' if info else ''} | `{_md(name)}` | {count:,} | {_md(', '.join(missing))} |")
+    shown = [f for f in report.findings if f.code not in ("orphan", "param-unfilled", "param-partial")]
+    if shown:
+        out += ["", "| severity | code | message |", "|---|---|---|"]
+        for f in shown:
+            out.append(f"| {f.severity} | {f.code} | {_md(f.message)} |")
+    return "\n".join(out) + "\n"
+
+
+def summary_line(report: "AuditReport", seconds: float) -> str:
+    c = report.counts()
+    unfilled = sum(1 for s in report.params if s.status == "unfilled" and not s.param.informational)
+    partial = sum(1 for s in report.params if s.status == "partial")
+    xfer = report.checkpoint.bytes_transferred
+    extra = f", {xfer:,} bytes transferred" if xfer is not None else ""
+    ign = f", {report.ignored} ignored" if report.ignored else ""
+    return (f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards)} shards ({seconds:.2f} s{extra}): "
+            f"verdict {report.verdict}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
+            f"{unfilled} params unfilled, {partial} partial{ign}.")
