@@ -13,13 +13,13 @@ from typing import NamedTuple
 from nhcheck import collapse
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.engines.sglang import (
-    BY_DESIGN_REASONS, PROFILES, Outcome, PPWindow, SGLangProfile, mtp_preprocess, replay_name,
+    BY_DESIGN_REASONS, PROFILES, Outcome, PPWindow, SGLangProfile, make_replayer, mtp_preprocess,
     replay_projector, route_wrapped,
 )
 from nhcheck.findings import Finding, severity_rank
 from nhcheck.manifest import Manifest, Param, build_manifest
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import QuantConfig, _module_path_match
+from nhcheck.quant import QuantConfig
 from nhcheck.safetensors_header import TensorInfo
 
 VERDICTS = ("clean", "orphans", "incomplete", "broken", "crash")
@@ -129,13 +129,15 @@ def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, prof
     out = []
     append = out.append
     if opts.mtp:
+        replay = make_replayer(inner, E, profile, is_mtp=True, pp=pp)
         for t in ckpt.tensors():
-            o = replay_name(mtp_preprocess(t.name, profile), inner, E, profile, is_mtp=True, pp=pp)
+            o = replay(mtp_preprocess(t.name, profile))
             append((t, o, o.param, False))
         return out
+    replay = make_replayer(inner, E, profile, pp=pp)
     if cfg.wrapper is None:
         for t in ckpt.tensors():
-            o = replay_name(t.name, inner, E, profile, pp=pp)
+            o = replay(t.name)
             append((t, o, o.param, False))
         return out
     projector = manifest.projector_names
@@ -143,7 +145,7 @@ def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, prof
     for t in ckpt.tensors():
         r = route_wrapped(t.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp)
         if r.target == "lm":
-            o = replay_name(r.inner or "", inner, E, profile, pp=pp)
+            o = replay(r.inner or "")
             append((t, o, prefix + o.param if o.param else None, False))
         elif r.target == "projector":
             o = replay_projector(r.inner or t.name, projector)
@@ -158,7 +160,7 @@ def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, prof
     return out
 
 
-def _slot_shape(p: Param, shard_id: str | None, expert_id: int | None) -> tuple[int, ...] | None:
+def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
     """Shape a checkpoint tensor must have to land in this slot; None = a scalar slot (any 1-element tensor)."""
     shape = p.shape
     if p.loader == "expert":
@@ -176,25 +178,24 @@ def _slot_shape(p: Param, shard_id: str | None, expert_id: int | None) -> tuple[
     return shape
 
 
-def _check_slot(t: TensorInfo, o: Outcome, p: Param) -> Finding | None:
+def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: Param) -> tuple[str, str] | None:
+    """(code, message) when a tensor of ``dtype``/``shape`` cannot land in this slot of ``p``."""
     if p.dtype in _PACKED_PARAM or p.dtype in _FLOAT_PARAM:
-        packed_ckpt = t.dtype in _PACKED_DTYPES
-        packed_param = p.dtype in _PACKED_PARAM
-        if packed_ckpt != packed_param:
-            what = ("quantized (%s) bytes into the unquantized %s parameter" % (t.dtype, p.dtype) if packed_ckpt
-                    else "an unquantized %s tensor into the quantized %s parameter" % (t.dtype, p.dtype))
-            return Finding("error", "quant-mismatch", f"loads {what} {p.name}", shard=t.shard, tensor=t.name)
+        packed_ckpt = dtype in _PACKED_DTYPES
+        if packed_ckpt != (p.dtype in _PACKED_PARAM):
+            what = (f"quantized ({dtype}) bytes into the unquantized {p.dtype} parameter" if packed_ckpt
+                    else f"an unquantized {dtype} tensor into the quantized {p.dtype} parameter")
+            return "quant-mismatch", f"loads {what} {p.name}"
     if not p.shape and p.dtype == "unknown":
         return None
-    want = _slot_shape(p, o.shard_id, o.expert_id)
+    want = _slot_shape(p, shard_id)
     if want is None:
-        if t.numel != 1:
-            return Finding("error", "shape-mismatch", f"{list(t.shape)} into a one-element slot of {p.name}",
-                           shard=t.shard, tensor=t.name)
-        return None
-    if tuple(t.shape) != tuple(want):
-        return Finding("error", "shape-mismatch",
-                       f"{t.dtype} {list(t.shape)} but {p.name} expects {list(want)} here", shard=t.shard, tensor=t.name)
+        n = 1
+        for d in shape:
+            n *= d
+        return None if n == 1 else ("shape-mismatch", f"{list(shape)} into a one-element slot of {p.name}")
+    if shape != tuple(want):
+        return "shape-mismatch", f"{dtype} {list(shape)} but {p.name} expects {list(want)} here"
     return None
 
 
@@ -222,10 +223,21 @@ def _coverage(manifest: Manifest, loads: dict[str, set]) -> list[ParamStatus]:
     return out
 
 
-def _module_kind_ok(module: str) -> bool:
-    last = module.rsplit(".", 1)[-1]
-    return last in {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
-                    "fc1_latent_proj", "fc2_latent_proj", "lm_head", "eh_proj"}
+_QUANTISABLE = frozenset({"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                          "fc1_latent_proj", "fc2_latent_proj", "lm_head", "eh_proj"})
+_FAMILY = {"NVFP4": "NVFP4", "NVFP4_AWQ": "NVFP4", "W4A16_NVFP4": "NVFP4", "FP8": "FP8",
+           "FP8_PB_WO": "FP8", "FP8_BLOCK_SCALES": "FP8", "MXFP8": "FP8"}
+
+
+def _exporter_excluded(entries: tuple[str, ...]):
+    """Matcher for exclude entries as the exporter wrote them: whole dotted components, or globs."""
+    plain = [e.rstrip(".") for e in entries if "*" not in e]
+    globs = [e for e in entries if "*" in e]
+    parts = []
+    if plain:
+        parts.append("(?:^|.*\\.)(?:" + "|".join(re.escape(e) for e in plain) + ")(?:\\..*)?")
+    parts += [fnmatch.translate(g)[:-2] for g in globs]  # drop the trailing \Z; fullmatch anchors it
+    return re.compile("|".join(f"(?:{p})" for p in parts)).fullmatch if parts else (lambda _m: None)
 
 
 def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
@@ -233,36 +245,29 @@ def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
     if qc is None or qc.quant_method != "modelopt" or not qc.quant_algo:
         return []
     weights: dict[str, TensorInfo] = {}
-    suffixes: dict[str, set[str]] = {}
-    for t in ckpt.tensors():
-        module, _, suffix = t.name.rpartition(".")
-        suffixes.setdefault(module, set()).add(suffix)
-        if suffix == "weight":
-            weights[module] = t
-    globs = [re.compile(fnmatch.translate(e)) for e in qc.exclude if "*" in e]
+    has_kv = False
+    for shard in ckpt.shards:
+        for t in shard.tensors:
+            n = t.name
+            if n.endswith(".weight"):
+                weights[n[:-7]] = t
+            elif n.endswith(("k_scale", "v_scale")):
+                has_kv = True
+    excluded = _exporter_excluded(qc.exclude)
     found: list[tuple[str, str, Finding]] = []
     for module, w in weights.items():
-        if not _module_kind_ok(module):
+        if module.rpartition(".")[2] not in _QUANTISABLE:
             continue
         if qc.is_mixed:
             declared = qc.quantized_layers.get(module)
-        elif any(_module_path_match(e, module) for e in qc.exclude) or any(g.match(module) for g in globs):
-            declared = None
         else:
-            declared = qc.quant_algo
-        if w.dtype == "U8":
-            actual = "NVFP4"
-        elif w.dtype.startswith("F8"):
-            actual = "FP8"
-        else:
-            actual = None
-        dec_fam = {"NVFP4": "NVFP4", "NVFP4_AWQ": "NVFP4", "W4A16_NVFP4": "NVFP4", "FP8": "FP8",
-                   "FP8_PB_WO": "FP8", "FP8_BLOCK_SCALES": "FP8", "MXFP8": "FP8"}.get(declared or "", declared)
-        if dec_fam != actual:
+            declared = None if excluded(module) else qc.quant_algo
+        actual = "NVFP4" if w.dtype == "U8" else "FP8" if w.dtype.startswith("F8") else None
+        if _FAMILY.get(declared or "", declared) != actual:
             msg = (f"the quant config says {declared or 'unquantized'} but the weight is {w.dtype}"
                    + (" (quantized)" if actual else ""))
             found.append(("recipe-mismatch", module, Finding("warning", "recipe-mismatch", msg, w.shard, w.name)))
-    if qc.kv_cache_quant_algo and not any(s.endswith(("k_scale", "v_scale")) for ss in suffixes.values() for s in ss):
+    if qc.kv_cache_quant_algo and not has_kv:
         found.append(("kv", "", Finding("info", "kv-scales-absent",
                                         f"kv_cache_quant_algo is {qc.kv_cache_quant_algo} but the checkpoint has no "
                                         "k_scale/v_scale tensors; the engine keeps its default KV scales")))
@@ -289,6 +294,7 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
     records: list[TensorRecord] = []
     loads: dict[str, set] = {}
     slot_findings: list[tuple[str, str, Finding]] = []
+    checked: dict[tuple, tuple[str, str] | None] = {}
     n_ignored = 0
     for t, o, param, _ in replayed:
         ign = bool(ignore) and any(fnmatch.fnmatchcase(t.name, pat) for pat in ignore)
@@ -301,9 +307,12 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
             slot.add((o.shard_id, o.expert_id))
             p = by_name.get(param)
             if p is not None and not ign:
-                f = _check_slot(t, o, p)
-                if f is not None:
-                    slot_findings.append((f.code, t.name, f))
+                key = (param, o.shard_id, t.dtype, t.shape)
+                problem = checked.get(key, False)
+                if problem is False:
+                    problem = checked[key] = _slot_problem(t.dtype, t.shape, o.shard_id, p)
+                if problem is not None:
+                    slot_findings.append((problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name)))
         else:
             orphan = o.reason not in BY_DESIGN_REASONS
         records.append(TensorRecord(t, o, orphan, param, ign))

@@ -135,35 +135,38 @@ def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str
     for name in stray:
         out.append(Finding("warning", "shard-stray",
                            f"{name} is not listed in the index; SGLang will not load it", shard=name))
-    where: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
+    dups: dict[str, list[str]] = {}
     for s in shards:
         for t in s.tensors:
-            where.setdefault(t.name, []).append(s.name)
-    for name, files in where.items():
-        if len(files) > 1:
-            out.append(Finding("error", "tensor-duplicate",
-                               f"tensor is present in {len(files)} shards ({', '.join(files)}); which copy wins depends on load order",
-                               shard=files[0], tensor=name))
+            prev = first.setdefault(t.name, s.name)
+            if prev != s.name:
+                dups.setdefault(t.name, [prev]).append(s.name)
+    for name, files in dups.items():
+        out.append(Finding("error", "tensor-duplicate",
+                           f"tensor is present in {len(files)} shards ({', '.join(files)}); which copy wins depends on load order",
+                           shard=files[0], tensor=name))
     if index is None:
         return out
     wm: dict[str, str] = index["weight_map"]
     present = {s.name for s in shards}
-    for name, shard in wm.items():
-        files = where.get(name)
-        if shard not in present:
-            continue  # reported once as shard-missing
-        if not files:
-            out.append(Finding("error", "index-tensor-missing",
-                               f"index maps it to {shard} but no shard contains it", shard=shard, tensor=name))
-        elif shard not in files:
-            out.append(Finding("error", "index-wrong-shard",
-                               f"index maps it to {shard} but it is in {files[0]}", shard=files[0], tensor=name))
-    for name, files in where.items():
-        if name not in wm:
-            out.append(Finding("warning", "index-tensor-unlisted",
-                               f"tensor is in {files[0]} but not in the index weight_map", shard=files[0], tensor=name))
+    if wm != first:  # the common case is exact agreement: one dict comparison
+        for name, shard in wm.items():
+            where = first.get(name)
+            if shard not in present or where == shard or (where is not None and shard in dups.get(name, ())):
+                continue  # a missing shard is reported once as shard-missing
+            if where is None:
+                out.append(Finding("error", "index-tensor-missing",
+                                   f"index maps it to {shard} but no shard contains it", shard=shard, tensor=name))
+            else:
+                out.append(Finding("error", "index-wrong-shard",
+                                   f"index maps it to {shard} but it is in {where}", shard=where, tensor=name))
+        for name, where in first.items():
+            if name not in wm:
+                out.append(Finding("warning", "index-tensor-unlisted",
+                                   f"tensor is in {where} but not in the index weight_map", shard=where, tensor=name))
     total = (index.get("metadata") or {}).get("total_size")
-    actual = sum(t.nbytes for s in shards for t in s.tensors)
+    actual = sum(s.data_bytes for s in shards)  # headers are validated to cover their data exactly
     if isinstance(total, int) and not isinstance(total, bool) and total != actual:
         out.append(Finding("warning", "index-total-size",
                            f"index metadata.total_size is {total:,} but the shards hold {actual:,} data bytes"))

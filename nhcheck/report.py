@@ -45,19 +45,22 @@ def safe(text: object) -> str:
 # JSON
 
 
-def to_json(report: "AuditReport") -> dict:
+def _summary(report: "AuditReport") -> dict:
     c = report.counts()
     ck = report.checkpoint
-    params_unfilled = sum(1 for s in report.params if s.status == "unfilled" and not s.param.informational)
-    structure = sum(1 for f in ck.findings if f.severity == "error")
-    tensors = []
-    append = tensors.append
-    for r in report.records:
-        t, o = r.tensor, r.outcome
-        append({"name": t.name, "shard": t.shard, "dtype": t.dtype, "shape": list(t.shape), "outcome": o.outcome,
-                "orphan": r.orphan, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id,
-                "engine_name": o.engine_name or (o.param if o.outcome == "load" else None) or t.name,
-                "message": o.message, "reason": o.reason, "ignored": r.ignored})
+    return {
+        "shards": len(ck.shards), "tensors": len(report.records), "bytes": ck.data_bytes,
+        "load": c["load"], "warn": c["warn"], "skip": c["skip"], "raise": c["raise"], "routed": c["routed"],
+        "orphans": c["orphans"], "by_design": c["by_design"], "ignored": report.ignored,
+        "params": len(report.params),
+        "params_unfilled": sum(1 for s in report.params if s.status == "unfilled" and not s.param.informational),
+        "params_partial": sum(1 for s in report.params if s.status == "partial"),
+        "structure_errors": sum(1 for f in ck.findings if f.severity == "error"), "verdict": report.verdict,
+        "bytes_transferred": ck.bytes_transferred,
+    }
+
+
+def _head(report: "AuditReport") -> dict:
     return {
         "schema": SCHEMA,
         "nhcheck_version": __version__,
@@ -67,26 +70,71 @@ def to_json(report: "AuditReport") -> dict:
                    "mode": "mtp" if report.mtp else "main"},
         "model": {"architecture": report.config.wrapper or report.config.architecture, "pattern": report.config.pattern,
                   "quant": report.quant},
-        "summary": {
-            "shards": len(ck.shards), "tensors": len(report.records), "bytes": ck.data_bytes,
-            "load": c["load"], "warn": c["warn"], "skip": c["skip"], "raise": c["raise"], "routed": c["routed"],
-            "orphans": c["orphans"], "by_design": c["by_design"], "ignored": report.ignored,
-            "params": len(report.params), "params_unfilled": params_unfilled,
-            "params_partial": sum(1 for s in report.params if s.status == "partial"),
-            "structure_errors": structure, "verdict": report.verdict,
-            "bytes_transferred": ck.bytes_transferred,
-        },
+        "summary": _summary(report),
         "crash": ({"tensor": report.crash["tensor"], "error": report.crash["error"]} if report.crash else None),
         "other_versions": {f"sglang@{v}": s for v, s in report.other_versions.items()},
-        "tensors": tensors,
-        "params": [{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,
-                    "missing": list(s.missing)} for s in report.params],
-        "findings": [f.to_json() for f in report.findings],
     }
 
 
+def _tensor_json(r) -> dict:
+    t, o = r.tensor, r.outcome
+    return {"name": t.name, "shard": t.shard, "dtype": t.dtype, "shape": list(t.shape), "outcome": o.outcome,
+            "orphan": r.orphan, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id,
+            "engine_name": o.engine_name or (o.param if o.outcome == "load" else None) or t.name,
+            "message": o.message, "reason": o.reason, "ignored": r.ignored}
+
+
+def to_json(report: "AuditReport") -> dict:
+    """The ``nhcheck.audit/1`` document as Python objects (tests and library users)."""
+    doc = _head(report)
+    doc["tensors"] = [_tensor_json(r) for r in report.records]
+    doc["params"] = [{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,
+                      "missing": list(s.missing)} for s in report.params]
+    doc["findings"] = [f.to_json() for f in report.findings]
+    return doc
+
+
 def render_json(report: "AuditReport") -> str:
-    return json.dumps(to_json(report), indent=None, separators=(",", ":"), ensure_ascii=False) + "\n"
+    """Serialise ``to_json(report)`` without building 165k dicts first.
+
+    Equal to ``json.dumps(to_json(report), separators=(",", ":"), ensure_ascii=False)``
+    (a test checks it); the tensor list is formatted directly with memoised encodings of
+    the strings that repeat (shards, dtypes, shapes, parameter names), because on a
+    Super-size checkpoint generic encoding costs more than parsing every header.
+    """
+    enc = json.encoder.encode_basestring  # type: ignore[attr-defined]
+    dumps = json.dumps
+    memo: dict[object, str] = {}
+
+    def m(v: object) -> str:
+        r = memo.get(v)
+        if r is None:
+            r = memo[v] = "null" if v is None else enc(v) if isinstance(v, str) else dumps(v)
+        return r
+
+    head = _head(report)
+    parts = [dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1], ',"tensors":[']
+    fmt = ('{"name":%s,"shard":%s,"dtype":%s,"shape":[%s],"outcome":"%s","orphan":%s,"param":%s,'
+           '"shard_id":%s,"expert_id":%s,"engine_name":%s,"message":%s,"reason":%s,"ignored":%s}')
+    shapes: dict[tuple, str] = {}
+    rows = []
+    append = rows.append
+    for t, o, orphan, param, ignored in report.records:
+        sh = shapes.get(t.shape)
+        if sh is None:
+            sh = shapes[t.shape] = ",".join(map(str, t.shape))
+        eng = o.engine_name or (o.param if o.outcome == "load" else None)
+        append(fmt % (enc(t.name), m(t.shard), m(t.dtype), sh, o.outcome, "true" if orphan else "false", m(param),
+                      m(o.shard_id), "null" if o.expert_id is None else o.expert_id,
+                      m(eng) if eng else enc(t.name), m(o.message), m(o.reason), "true" if ignored else "false"))
+    parts.append(",".join(rows))
+    parts.append('],"params":')
+    parts.append(dumps([{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,
+                         "missing": list(s.missing)} for s in report.params], separators=(",", ":"), ensure_ascii=False))
+    parts.append(',"findings":')
+    parts.append(dumps([f.to_json() for f in report.findings], separators=(",", ":"), ensure_ascii=False))
+    parts.append("}\n")
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------

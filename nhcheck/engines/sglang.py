@@ -244,6 +244,34 @@ def replay_name(
     return Outcome("warn", engine_name=n, message=f"Parameter {n} not found in params_dict", reason="not-found")
 
 
+_ONE_EXPERT = re.compile(r"experts\.(0|[1-9][0-9]*)\.")
+
+
+def make_replayer(params: frozenset[str] | set[str], num_experts: int, profile: SGLangProfile, *,
+                  is_mtp: bool = False, pp: PPWindow | None = None):
+    """``replay_name`` with the expert index factored out: one replay per layer × projection × suffix.
+
+    For a name with exactly one ``experts.{e}.`` and e < E every step of the replay is
+    independent of e except the reported expert id, so Super's 163k expert tensors cost
+    ~2k replays. Anything else (no expert, e ≥ E, several indices) is replayed as is.
+    """
+    cache: dict[str, Outcome] = {}
+
+    def replay(name: str) -> Outcome:
+        if "experts." in name:
+            hits = _ONE_EXPERT.findall(name)
+            if len(hits) == 1 and int(hits[0]) < num_experts:
+                e = int(hits[0])
+                key = name.replace(f"experts.{e}.", "experts.#.")
+                o = cache.get(key)
+                if o is None:
+                    o = cache[key] = replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
+                return o if o.expert_id is None or o.expert_id == e else Outcome(o[0], o[1], o[2], e, o[4], o[5], o[6])
+        return replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
+
+    return replay
+
+
 # ---------------------------------------------------------------------------
 # Omni / VL wrapper routing (§11) and the MTP wrapper's pre-processing (§10)
 
