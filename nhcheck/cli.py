@@ -6,6 +6,7 @@ line on stderr, exit 0 clean / 1 findings at or above the gate / 2 could not run
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -201,7 +202,28 @@ def manifest(source, engine, revision, moe_backend, mtp, fmt, output, quiet):
 
 
 def main() -> None:
-    cli()
+    """Console-script entry point.
+
+    An audit of a 165k-tensor checkpoint builds about a million small acyclic objects;
+    the cyclic GC's repeated passes over them cost a third of the run, and freeing them
+    at exit another tenth. The process is short-lived, so the collector is off and,
+    once output is flushed, the interpreter exits without the teardown (except after
+    torch was loaded, whose CUDA state deserves an orderly shutdown).
+    """
+    gc.disable()
+    code: object = 0
+    try:
+        cli()
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" in sys.modules:
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":
