@@ -143,13 +143,20 @@ def render_json(report: "AuditReport") -> str:
 
 def _tensor_groups(report: "AuditReport", include_loads: bool):
     items = []
+    by_design: dict[tuple, list] = {}
     for r in report.records:
         o = r.outcome
         if o.outcome == "load" and not include_loads:
             continue
         key = (_OUTCOME_ORDER[o.outcome], o.outcome, o.reason, r.orphan, r.ignored)
-        items.append((key, r.tensor.name, r))
+        if o.outcome != "load" and not r.orphan and not include_loads:
+            by_design.setdefault(key, []).append(r)  # one row per reason: towers and MTP blocks are long
+        else:
+            items.append((key, r.tensor.name, r))
     groups = collapse.group(items)
+    for key, recs in by_design.items():
+        heads = sorted({r.tensor.name.split(".", 1)[0] + ".*" for r in recs})
+        groups.append((key, ", ".join(heads[:4]) + (", …" if len(heads) > 4 else ""), len(recs), recs))
     groups.sort(key=lambda g: g[0][0])
     rows = []
     for key, name, count, recs in groups:
