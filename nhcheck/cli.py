@@ -152,7 +152,8 @@ def audit(source, engine, revision, moe_backend, mtp, fmt, output, manifest_file
                 report.render_table(rep, Console(file=fh, width=160, no_color=True), show_loaded=show_loaded)
         else:
             report.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False,
-                                             width=None if sys.stdout.isatty() else 160), show_loaded=show_loaded)
+                                             width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160),
+                                show_loaded=show_loaded)
     if not quiet:
         _stderr_console().print(report.summary_line(rep, time.perf_counter() - t0), highlight=False, markup=False)
     sys.exit(rep.exit_code(fail_on))

@@ -17,18 +17,18 @@ if TYPE_CHECKING:
 SCHEMA = "nhcheck.audit/1"
 _OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
 _WHY = {
-    "keyerror": "KeyError: the mapped parameter does not exist (expert branch, before PR #24434)",
-    "expert-orphan": "no log line: expert tensor whose mapped parameter does not exist (PR #24434 skip)",
-    "not-found": "'Parameter … not found in params_dict' warning, then dropped",
-    "kv-drop": "KV-scale remap found no target: warned, not loaded",
-    "bias": "no log line: .bias with no target",
-    "mtp-filter": "by design: MTP tensors are loaded by the draft model",
-    "wrapper-mtp": "by design: top-level MTP block, ignored by the wrapper, loaded by the draft model",
-    "wrapper-ignored": "no log line: the wrapper routes this name nowhere",
-    "wrapper-raise": "the wrapper raises on this name",
+    "keyerror": "KeyError: no such parameter (before PR #24434)",
+    "expert-orphan": "dropped silently: no such expert parameter",
+    "not-found": "warned 'not found in params_dict', dropped",
+    "kv-drop": "KV-scale remap found no target: warned, dropped",
+    "bias": "dropped silently: .bias with no target",
+    "mtp-filter": "by design: MTP block (the draft model loads it)",
+    "wrapper-mtp": "by design: MTP block (the draft model loads it)",
+    "wrapper-ignored": "dropped silently: the wrapper routes it nowhere",
+    "wrapper-raise": "the wrapper raises on it",
     "pp-range": "by design: layer outside this pipeline rank",
     "pp-rank": "by design: not on this pipeline rank",
-    "routed": "by design: vision/sound tower or projector loads it",
+    "routed": "by design: a tower or the projector loads it",
     "load": "loaded",
 }
 
@@ -164,8 +164,8 @@ def _tensor_groups(report: "AuditReport", include_loads: bool):
         first = recs[0]
         targets = collapse.group([(0, r.param or r.outcome.engine_name or "", None) for r in recs])
         target = "; ".join(t[1] for t in targets[:2]) + (" …" if len(targets) > 2 else "")
-        status = "ignored" if ignored else ("orphan" if orphan else ("by design" if outcome != "load" else "ok"))
-        rows.append((outcome, name, count, target, _WHY.get(reason, reason), status, first.tensor.shard))
+        why = ("ignored: " if ignored else "") + _WHY.get(reason, reason)
+        rows.append((outcome, name, count, target, why, first.tensor.shard))
     return rows
 
 
@@ -224,11 +224,11 @@ def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -
     if rows:
         t = Table(title="Checkpoint tensors the engine does not load" if not show_loaded else "Checkpoint tensors",
                   show_lines=False, title_justify="left")
-        for col in ("outcome", "tensors", "count", "engine target / name", "why", "status"):
+        for col in ("outcome", "checkpoint tensors", "count", "engine name", "why"):
             t.add_column(col, overflow="fold")
-        for outcome, name, count, target, why, status, _shard in rows:
-            style = {"raise": "red", "warn": "yellow", "skip": "yellow" if status == "orphan" else "dim"}.get(outcome, "")
-            t.add_row(f"[{style}]{outcome}[/]" if style else outcome, e(name), f"×{count:,}", e(target), e(why), status)
+        for outcome, name, count, target, why, _shard in rows:
+            style = {"raise": "red", "warn": "yellow", "skip": "dim" if why.startswith("by design") else "yellow"}.get(outcome, "")
+            t.add_row(f"[{style}]{outcome}[/]" if style else outcome, e(name), f"×{count:,}", e(target), e(why))
         console.print(t)
     if not show_loaded:
         console.print(f"{c['load']:,} tensors load into runtime parameters (use --show-loaded to list them).")
@@ -279,9 +279,9 @@ def render_markdown(report: "AuditReport", *, show_loaded: bool = False) -> str:
                f"routed {c['routed']:,} · orphans {c['orphans']:,}")
     rows = _tensor_groups(report, show_loaded)
     if rows:
-        out += ["", "| outcome | tensors | count | engine target / name | why | status |", "|---|---|---|---|---|---|"]
-        for outcome, name, count, target, why, status, _ in rows:
-            out.append(f"| {outcome} | `{_md(name)}` | {count:,} | `{_md(target)}` | {_md(why)} | {status} |")
+        out += ["", "| outcome | checkpoint tensors | count | engine name | why |", "|---|---|---|---|---|"]
+        for outcome, name, count, target, why, _ in rows:
+            out.append(f"| {outcome} | `{_md(name)}` | {count:,} | `{_md(target)}` | {_md(why)} |")
     pg = _param_groups(report)
     if pg:
         out += ["", "| parameter status | parameters | count | missing |", "|---|---|---|---|"]
