@@ -897,6 +897,35 @@ def _tiny_nano3_nvfp4_experts_excluded(out_dir: str) -> None:
     write_checkpoint(out_dir, tensors, c, q, shards=4, extra_files=_sidecars(c, 4096))
 
 
+_LEFTOVER_EXPERT_WEIGHT = re.compile(r"backbone\.layers\.(\d+)\.mixer\.experts\.\d+\.(up|down)_proj\.weight")
+
+
+def nano3_leftover_expert_scale_tensors(layers: Iterable[int] = EXPERTS_EXCLUDED_LAYERS) -> list[Tensor]:
+    """PR #24434 case: the experts of ``layers`` exported unquantized (BF16 weights, excluded in the
+    quant config) but still carrying their NVFP4 ``weight_scale`` / ``weight_scale_2`` / ``input_scale``.
+
+    SGLang builds those experts unquantized, so the scales have no target: 0.5.11 raises KeyError
+    at the first one, 0.5.12+ drops them silently. Everything else is the NVFP4 Nano-3 layout.
+    """
+    layers = set(layers)
+    c = nano3_tiny_config(quantized=True)
+    out: list[Tensor] = []
+    for t in nemotron_h_tensors(c, nano3_tiny_quant(layers)):
+        out.append(t)
+        m = _LEFTOVER_EXPERT_WEIGHT.fullmatch(t[0])
+        if m and int(m.group(1)) in layers:
+            n_out, n_in = t[2]
+            out += _linear_tensors(t[0][: -len(".weight")], "NVFP4", n_out, n_in)[1:]
+    return out
+
+
+def _tiny_nano3_24434(out_dir: str) -> None:
+    c = nano3_tiny_config(quantized=True)
+    q = nano3_tiny_quant(EXPERTS_EXCLUDED_LAYERS)
+    write_checkpoint(out_dir, nano3_leftover_expert_scale_tensors(), c, q, shards=4,
+                     extra_files=_sidecars(c, 4096))
+
+
 def omni_tiny_tensors() -> list[Tensor]:
     c = omni_tiny_config()
     q = omni_quant_config(c["llm_config"])
@@ -922,6 +951,7 @@ def tiny_examples() -> dict[str, Callable[[str], None]]:
         "nano3-bf16": _tiny_nano3_bf16,
         "nano3-nvfp4": _tiny_nano3_nvfp4,
         "nano3-nvfp4-experts-excluded": _tiny_nano3_nvfp4_experts_excluded,
+        "nano3-24434-leftover-expert-scales": _tiny_nano3_24434,
         "omni-nvfp4-24137": _tiny_omni,
         "h8b-dense": _tiny_h8b,
     }
