@@ -112,6 +112,12 @@ def render_json(report: "AuditReport") -> str:
             r = memo[v] = "null" if v is None else enc(v) if isinstance(v, str) else dumps(v)
         return r
 
+    # Prefill the strings every record repeats so the loop mostly does dict subscriptions.
+    for v in {None, *(sh.name for sh in report.checkpoint.shards), *(s.name for s in report.params),
+              *report.manifest.inner_names, "q", "k", "v", "w1", "w2", "w3", *_WHY, "keyerror", "not-found"}:
+        m(v)
+    for t in {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}:
+        m(t)
     head = _head(report)
     parts = [dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1], ',"tensors":[']
     fmt = ('{"name":%s,"shard":%s,"dtype":%s,"shape":[%s],"outcome":"%s","orphan":%s,"param":%s,'
@@ -119,14 +125,16 @@ def render_json(report: "AuditReport") -> str:
     shapes: dict[tuple, str] = {}
     rows = []
     append = rows.append
+    get = memo.get
     for t, o, orphan, param, ignored in report.records:
         sh = shapes.get(t.shape)
         if sh is None:
             sh = shapes[t.shape] = ",".join(map(str, t.shape))
         eng = o.engine_name or (o.param if o.outcome == "load" else None)
-        append(fmt % (enc(t.name), m(t.shard), m(t.dtype), sh, o.outcome, "true" if orphan else "false", m(param),
-                      m(o.shard_id), "null" if o.expert_id is None else o.expert_id,
-                      m(eng) if eng else enc(t.name), m(o.message), m(o.reason), "true" if ignored else "false"))
+        append(fmt % (enc(t.name), get(t.shard) or m(t.shard), get(t.dtype) or m(t.dtype), sh, o.outcome,
+                      "true" if orphan else "false", get(param) or m(param), get(o.shard_id) or m(o.shard_id),
+                      "null" if o.expert_id is None else o.expert_id, (get(eng) or m(eng)) if eng else enc(t.name),
+                      get(o.message) or m(o.message), get(o.reason) or m(o.reason), "true" if ignored else "false"))
     parts.append(",".join(rows))
     parts.append('],"params":')
     parts.append(dumps([{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,

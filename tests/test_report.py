@@ -1,0 +1,65 @@
+"""Rendering: JSON equals the generic encoding, collapsing, escaping, markdown, verdict text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nhcheck import collapse, report
+from nhcheck.pipeline import audit_path
+
+CONF = Path(__file__).parent / "conformance"
+
+
+@pytest.mark.parametrize("case", ["omni_nvfp4_mixed", "nano3_nvfp4_experts_excluded", "h8b_dense"])
+@pytest.mark.parametrize("engine", ["sglang@0.5.11", "sglang@0.5.23"])
+def test_fast_json_equals_generic_encoding(case, engine):
+    r = audit_path(str(CONF / case / "checkpoint"), engine)
+    fast = report.render_json(r)
+    assert fast == json.dumps(report.to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
+    doc = json.loads(fast)
+    assert doc["schema"] == "nhcheck.audit/1"
+    assert len(doc["tensors"]) == doc["summary"]["tensors"] == len(r.records)
+    assert len(doc["params"]) == doc["summary"]["params"]
+
+
+def test_collapse_templates():
+    names = [f"model.layers.{i}.mixer.experts.{e}.down_proj.input_scale" for i in (1, 3, 5, 7, 51) for e in range(128)]
+    [(key, text, count, _)] = collapse.group((0, n, n) for n in names)
+    assert text == "model.layers.{1,3,…,51}.mixer.experts.{0…127}.down_proj.input_scale"
+    assert count == 640
+    assert collapse.render_set([4]) == "4"
+    assert collapse.render_set([1, 2, 3]) == "{1…3}"
+    assert collapse.render_set([1, 5, 9]) == "{1,5,9}"
+    # braces in real names survive and do not look like slots
+    [(_, text, _, _)] = collapse.group([(0, "a.{x}.1.b", None)])
+    assert text == "a.{x}.1.b"
+
+
+def test_names_are_escaped():
+    assert report.safe("a\x1b[31mb") == "a\\x1b[31mb"
+    assert report.safe("ok.name") == "ok.name"
+    assert "\\|" in report._md("a|b")
+
+
+def test_markdown_and_verdict_text():
+    r = audit_path(str(CONF / "omni_nvfp4_mixed" / "checkpoint"), "sglang@0.5.11")
+    md = report.render_markdown(r)
+    assert md.startswith("### nhcheck audit")
+    assert "| raise | `language_model.backbone.layers.{1,3,…,51}.mixer.experts.{0…11}.down_proj.input_scale` | 276 |" in md
+    assert "**CRASH**" in md and "sglang@0.5.23: clean" in md
+    assert "KeyError: 'model.layers.1.mixer.experts.w2_input_scale'" in report.verdict_text(r)
+
+
+def test_table_renders_without_markup_injection(tmp_path):
+    from rich.console import Console
+
+    r = audit_path(str(CONF / "omni_nvfp4_mixed" / "checkpoint"), "sglang@0.5.12")
+    out = tmp_path / "t.txt"
+    with open(out, "w") as fh:
+        report.render_table(r, Console(file=fh, width=200, no_color=True))
+    text = out.read_text()
+    assert "BROKEN" in text and "quant-mismatch" in text
+    assert "dropped silently: no such expert parameter" in text
