@@ -172,7 +172,9 @@ def _tensor_groups(report: "AuditReport", include_loads: bool):
         first = recs[0]
         targets = collapse.group([(0, r.param or r.outcome.engine_name or "", None) for r in recs])
         target = "; ".join(t[1] for t in targets[:2]) + (" …" if len(targets) > 2 else "")
-        why = ("ignored: " if ignored else "") + _WHY.get(reason, reason)
+        why = ("ignored: " if ignored else "") + (
+            "by design: main-model tensor, not part of the MTP draft" if reason == "mtp-filter" and report.mtp
+            else _WHY.get(reason, reason))
         rows.append((outcome, name, count, target, why, first.tensor.shard))
     return rows
 
