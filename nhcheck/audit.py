@@ -385,7 +385,7 @@ def _verdict(findings: list[Finding], crash: dict | None) -> str:
     codes = {f.code for f in findings if f.severity != "info"}
     if crash is not None:
         return "crash"
-    structure = {c for c in codes if c.startswith(("shard-", "index-", "tensor-"))}
+    structure = any(f.severity == "error" and f.code.startswith(("shard-", "index-", "tensor-")) for f in findings)
     if structure or codes & {"quant-mismatch", "shape-mismatch"}:
         return "broken"
     if codes & {"param-unfilled", "param-partial"}:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint, open_local
@@ -44,4 +44,5 @@ def audit(inputs: Inputs, opts: AuditOptions = AuditOptions()) -> AuditReport:
 def audit_path(path: str, engine: str | None = None, **kw) -> AuditReport:
     """Convenience for tests and scripts: open a local checkpoint and audit it."""
     opts = kw.pop("opts", AuditOptions())
+    opts = replace(opts, mtp=kw.get("mtp", opts.mtp))
     return audit(prepare(open_local(path), engine, **kw), opts)

@@ -1,0 +1,221 @@
+"""Audit-level behaviour: verdicts, findings, coverage, cross-checks, version comparison, MTP mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from nhcheck.audit import AuditOptions
+from nhcheck.checkpoint import open_local
+from nhcheck.pipeline import audit, audit_path, prepare
+
+ROOT = Path(__file__).parent.parent
+CONF = Path(__file__).parent / "conformance"
+EX = ROOT / "examples"
+
+
+def _codes(report) -> set[str]:
+    return {f.code for f in report.findings}
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_omni_on_three_versions():
+    """The #24137 story: crash on 0.5.11, packed bytes into bf16 on 0.5.12, clean on 0.5.23."""
+    path = str(EX / "omni-nvfp4-24137")
+    r11 = audit_path(path, "sglang@0.5.11", opts=AuditOptions())
+    assert r11.verdict == "crash"
+    assert r11.crash["tensor"] == "language_model.backbone.layers.1.mixer.experts.0.down_proj.input_scale"
+    assert r11.other_versions["0.5.23"] == "clean"
+    assert r11.other_versions["0.5.12"].startswith("broken")
+    r12 = audit_path(path, "sglang@0.5.12")
+    assert r12.verdict == "broken" and "quant-mismatch" in _codes(r12)
+    assert r12.counts()["raise"] == 0 and r12.counts()["orphans"] == 1862
+    r23 = audit_path(path, "sglang@0.5.23")
+    assert r23.verdict == "clean" and r23.exit_code() == 0
+    assert r11.exit_code() == 1 and r11.exit_code("none") == 0
+
+
+def test_pr_24434_example_crashes_then_drops_silently():
+    path = str(EX / "nano3-24434-leftover-expert-scales")
+    r11 = audit_path(path, "sglang@0.5.11")
+    assert r11.verdict == "crash" and "KeyError" in r11.crash["error"]
+    r12 = audit_path(path, "sglang@0.5.12")
+    assert r12.verdict == "orphans"
+    assert {r.outcome.reason for r in r12.records if r.orphan} == {"expert-orphan"}
+    assert "quant-mismatch" not in _codes(r12)
+
+
+def test_head_dim_default_shape_mismatch():
+    """The tiny dense conformance config names attention_head_dim 16 but no head_dim: SGLang builds 128."""
+    r = audit_path(str(CONF / "h8b_dense" / "checkpoint"), "sglang@0.5.23")
+    assert r.verdict == "broken"
+    msgs = [f.message for f in r.findings if f.code == "shape-mismatch"]
+    assert any("qkv_proj.weight expects [512, 64]" in m for m in msgs)
+    assert audit_path(str(EX / "h8b-dense"), "sglang@0.5.23").verdict == "clean"
+
+
+def test_missing_expert_tensor_makes_partial_param(tmp_path):
+    ck = _copy(EX / "nano3-bf16", tmp_path)
+    idx = json.loads((ck / "model.safetensors.index.json").read_text())
+    victim = "backbone.layers.1.mixer.experts.7.up_proj.weight"
+    shard = ck / idx["weight_map"][victim]
+    _drop_tensor(shard, victim)
+    del idx["weight_map"][victim]
+    (ck / "model.safetensors.index.json").write_text(json.dumps(idx))
+    r = audit_path(str(ck), "sglang@0.5.23")
+    st = {s.name: s for s in r.params}["model.layers.1.mixer.experts.w13_weight"]
+    assert (st.status, st.missing) == ("partial", ("expert 7",))
+    assert r.verdict == "incomplete"
+
+
+def _drop_tensor(path: Path, name: str) -> None:
+    """Rewrite a shard without one tensor (test helper; prune does this for real)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    hdr = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    meta = hdr.pop("__metadata__", None)
+    out, chunks, pos = {}, [], 0
+    for k, v in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        if k == name:
+            continue
+        b, e = v["data_offsets"]
+        chunks.append(data[b:e])
+        out[k] = {**v, "data_offsets": [pos, pos + e - b]}
+        pos += e - b
+    if meta is not None:
+        out = {"__metadata__": meta, **out}
+    h = json.dumps(out).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(chunks))
+
+
+def test_index_cross_check_findings(tmp_path):
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    idx_path = ck / "model.safetensors.index.json"
+    idx = json.loads(idx_path.read_text())
+    name = next(iter(idx["weight_map"]))
+    idx["weight_map"][name] = "model-00004-of-00004.safetensors" if idx["weight_map"][name] != "model-00004-of-00004.safetensors" else "model-00001-of-00004.safetensors"
+    idx["weight_map"]["backbone.ghost.weight"] = "model-00001-of-00004.safetensors"
+    idx["metadata"]["total_size"] += 1
+    idx_path.write_text(json.dumps(idx))
+    shutil.copy(ck / "model-00001-of-00004.safetensors", ck / "stray.safetensors")
+    c = open_local(str(ck))
+    codes = {f.code for f in c.findings}
+    assert {"index-wrong-shard", "index-tensor-missing", "index-total-size", "shard-stray"} <= codes
+    r = audit(prepare(c, "sglang@0.5.23"))
+    assert r.verdict == "broken" and r.exit_code() == 1
+
+
+def test_missing_shard_and_duplicate_tensor(tmp_path):
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    (ck / "model-00004-of-00004.safetensors").unlink()
+    c = open_local(str(ck))
+    assert "shard-missing" in {f.code for f in c.findings}
+    r = audit(prepare(c, "sglang@0.5.23"))
+    assert r.verdict == "broken"
+    assert any(s.status == "unfilled" for s in r.params if not s.param.informational)
+
+
+def test_no_index_globs_shards(tmp_path):
+    ck = _copy(EX / "nano3-bf16", tmp_path)
+    (ck / "model.safetensors.index.json").unlink()
+    r = audit_path(str(ck), "sglang@0.5.23")
+    assert r.verdict == "clean" and len(r.checkpoint.shards) == 3
+
+
+def test_single_file_source():
+    r = audit_path(str(EX / "nano3-bf16" / "model-00001-of-00003.safetensors"), "sglang@0.5.23")
+    assert len(r.checkpoint.shards) == 1 and r.verdict == "incomplete"
+
+
+def test_ignore_patterns_count_and_silence():
+    path = str(EX / "omni-nvfp4-24137")
+    r = audit_path(path, "sglang@0.5.12",
+                   opts=AuditOptions(ignore=("*.experts.*_scale*", "*.in_proj.*_scale", "*.out_proj.*_scale",
+                                             "*.shared_experts.*_scale*"), compare_versions=False))
+    assert r.ignored == 1862
+    assert r.counts()["orphans"] == 0
+    assert "orphan" not in _codes(r)
+
+
+def test_recipe_mismatch_and_kv_info(tmp_path):
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    q = json.loads((ck / "hf_quant_config.json").read_text())
+    q["quantization"]["exclude_modules"].remove("backbone.layers.4.mixer.in_proj")
+    (ck / "hf_quant_config.json").write_text(json.dumps(q))
+    r = audit_path(str(ck), "sglang@0.5.23")
+    recipe = [f for f in r.findings if f.code == "recipe-mismatch"]
+    assert recipe and "NVFP4" in recipe[0].message and recipe[0].tensor == "backbone.layers.4.mixer.in_proj.weight"
+    # the engine now builds layer 4's in_proj in NVFP4 while the checkpoint holds BF16: an error, not just a recipe note
+    assert "quant-mismatch" in _codes(r)
+    assert "kv-scales-absent" in _codes(r)
+
+
+def test_unknown_quant_algo_is_reported_and_audit_continues(tmp_path):
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    q = json.loads((ck / "hf_quant_config.json").read_text())
+    q["quantization"]["quant_algo"] = "INT4_AWQ"
+    (ck / "hf_quant_config.json").write_text(json.dumps(q))
+    r = audit_path(str(ck), "sglang@0.5.23")
+    assert r.verdict == "crash" and r.crash["tensor"] is None
+    assert "only supports" in r.crash["error"]
+    assert len(r.records) == 2803  # every tensor still replayed (against an unquantised build)
+
+
+def test_w4a16_refused_before_0_5_23(tmp_path):
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    q = json.loads((ck / "hf_quant_config.json").read_text())
+    q["quantization"]["quant_algo"] = "W4A16_NVFP4"
+    (ck / "hf_quant_config.json").write_text(json.dumps(q))
+    assert audit_path(str(ck), "sglang@0.5.11").verdict == "crash"
+    assert audit_path(str(ck), "sglang@0.5.23").crash is None
+
+
+def test_mtp_mode_on_omni_and_whitelist_history():
+    path = str(EX / "omni-nvfp4-24137")
+    r23 = audit_path(path, "sglang@0.5.23", mtp=True)
+    assert r23.verdict == "clean" and r23.mtp
+    r11 = audit_path(path, "sglang@0.5.11", mtp=True)
+    # ≤0.5.12 drops the shared embedding and head in MTP mode (#21138): the draft is left unfilled.
+    unfilled = {s.name for s in r11.params if s.status == "unfilled" and not s.param.informational}
+    assert "model.embed_tokens.weight" in unfilled and r11.verdict == "incomplete"
+
+
+def test_manifest_file_from_live_dump(tmp_path):
+    """--manifest with a named_parameters() dump gives the same outcomes as the built manifest."""
+    path = str(CONF / "nano3_nvfp4_experts_excluded" / "checkpoint")
+    built = audit_path(path, "sglang@0.5.11")
+    dump = {p.name: {"shape": list(p.shape), "dtype": f"torch.{p.dtype}"} for p in built.manifest.params}
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps(dump))
+    r = audit_path(path, "sglang@0.5.11", manifest_file=str(f))
+    assert [(x.outcome.outcome, x.param) for x in r.records] == [(x.outcome.outcome, x.param) for x in built.records]
+    assert r.crash == built.crash
+
+
+def test_audit_is_header_only_and_torch_free(tmp_path):
+    """audit never imports torch and never reads tensor data (a shard with garbage data still audits)."""
+    import subprocess
+    import sys
+
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    shard = ck / "model-00002-of-00004.safetensors"
+    raw = bytearray(shard.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    raw[8 + n:] = b"\xff" * (len(raw) - 8 - n)
+    shard.write_bytes(bytes(raw))
+    code = ("import sys; from nhcheck.pipeline import audit_path; "
+            f"r = audit_path({str(ck)!r}, 'sglang@0.5.23'); "
+            "assert r.verdict == 'clean', r.verdict; assert 'torch' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
