@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
@@ -28,8 +30,13 @@ DTYPE_BITS: dict[str, int] = {
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32,
     "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
 }
+
+#: A ``\uD800``–``\uDFFF`` escape: the only way a lone surrogate (not Unicode; serde_json,
+#: hence safetensors, refuses it) gets past UTF-8 decoding into a parsed string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
 
 class TensorInfo(NamedTuple):
     """One tensor as its shard header describes it; ``start``/``end`` are absolute file offsets.
@@ -87,6 +94,11 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
+def _no_constant(name: str) -> float:
+    """``NaN``/``Infinity`` are Python extensions to JSON; safetensors refuses them."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _note_float(seen: list[str]):
     def hook(text: str) -> float:
         seen.append(text)
@@ -141,7 +153,7 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
     try:
         # No legal header holds a float; the hook costs nothing when there are none and
         # lets the fast path below trust that every number it meets is an int.
-        obj = json.loads(text, parse_float=_note_float(floats))
+        obj = json.loads(text, parse_float=_note_float(floats), parse_constant=_no_constant)
         # Duplicate keys: json keeps the last silently, safetensors refuses them. Each
         # entry names these three keys once, so counting them is an exact cheap test in
         # the normal case; on any disagreement re-parse slowly to find the duplicate.
@@ -155,6 +167,11 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
         raise CheckpointError(path, f"header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"header is a JSON {type(obj).__name__}, not an object")
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(path, "header holds a lone UTF-16 surrogate escape (not Unicode; safetensors refuses it)") from None
 
     has_metadata = "__metadata__" in obj
     metadata = obj.pop("__metadata__", None)
@@ -179,10 +196,10 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
         try:
             key = (info["dtype"], tuple(info["shape"]))
             begin, end = info["data_offsets"]
+            nbytes = sizes.get(key) if fast else None  # TypeError: an unhashable dtype or shape element
         except (TypeError, KeyError, ValueError):
             _strict_entry(path, name, info, data_len)
             raise AssertionError("unreachable")  # pragma: no cover - _strict_entry raised
-        nbytes = sizes.get(key) if fast else None
         if nbytes is None:
             nbytes = sizes[key] = _strict_entry(path, name, info, data_len)
         if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_len or end - begin != nbytes:
@@ -228,15 +245,33 @@ def read_header(fh: BinaryIO, path: str, shard: str, file_size: int) -> ShardHea
     return parse_header_bytes(raw, path, shard, file_size)
 
 
+def open_regular(path: str, what: str = "a safetensors file") -> int:
+    """Open ``path`` read-only as a file descriptor, refusing anything but a regular file.
+
+    ``O_NONBLOCK`` because a FIFO named ``x.safetensors`` would otherwise block the open
+    forever waiting for a writer; the type is checked on the open descriptor, so a file
+    swapped after a ``stat`` cannot slip through.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(path, f"is a directory, not {what}")
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(path, f"not a regular file (a device, FIFO or socket), not {what}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_shard(path: str, shard: str | None = None) -> ShardHeader:
     """Open ``path`` (a regular file) and parse its header."""
     shard = shard if shard is not None else os.path.basename(path)
     try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not _is_regular(st.st_mode):
-                raise CheckpointError(path, "not a regular file")
-            return read_header(fh, path, shard, st.st_size)
+        fd = open_regular(path)
+        with os.fdopen(fd, "rb") as fh:
+            return read_header(fh, path, shard, os.fstat(fd).st_size)
     except IsADirectoryError:
         raise CheckpointError(path, "is a directory, not a safetensors file") from None
     except FileNotFoundError:
@@ -245,12 +280,6 @@ def read_shard(path: str, shard: str | None = None) -> ShardHeader:
         raise CheckpointError(path, "permission denied") from None
     except OSError as exc:
         raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 def serialize_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None, has_metadata: bool) -> bytes:
