@@ -125,7 +125,9 @@ def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, prof
     inner = manifest.inner_names
     prefix = manifest.lm_prefix
     E = cfg.max_n_routed_experts if profile.expert_count_from_max else cfg.n_routed_experts
-    pp = opts.pp
+    # NemotronHModel always has start/end layers (PP=1: 0 and the layer count), so a layer
+    # index past the model is dropped by the range check even without pipeline parallelism.
+    pp = opts.pp or PPWindow(0, cfg.num_layers)
     out = []
     append = out.append
     if opts.mtp:
@@ -314,7 +316,7 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
                 if problem is not None:
                     slot_findings.append((problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name)))
         else:
-            orphan = o.reason not in BY_DESIGN_REASONS
+            orphan = o.reason not in BY_DESIGN_REASONS or (o.reason == "pp-range" and _beyond_model(t.name, cfg))
         records.append(TensorRecord(t, o, orphan, param, ign))
 
     # Crash point: the first raise in the order the engine meets tensors. A buffering VL wrapper
@@ -369,7 +371,7 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
         for v, prof in PROFILES.items():
             if v == profile.version:
                 continue
-            m2 = build_manifest(cfg, qc, prof, moe_backend=moe_backend, mtp=opts.mtp)
+            m2 = build_manifest(cfg, qc, prof, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
             r2 = run_audit(ckpt, cfg, qc, m2, prof, AuditOptions(opts.mtp, opts.pp, opts.ignore, False),
                            moe_backend=moe_backend)
             others[v] = r2.summary_line()
@@ -379,6 +381,15 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
         params=tuple(statuses), findings=tuple(findings), crash=crash, verdict=verdict, ignored=n_ignored,
         other_versions=others, mtp=opts.mtp,
     )
+
+
+def _beyond_model(name: str, cfg: NemotronHConfig) -> bool:
+    """A pp-range skip is by design for another rank's layers, an orphan for a layer the model lacks."""
+    m = _LAYER.search(name)
+    return m is not None and int(m.group(1)) >= cfg.num_layers
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def _verdict(findings: list[Finding], crash: dict | None) -> str:

@@ -59,7 +59,21 @@ def _source_options(f):
     f = click.option("--moe-backend", default=None,
                      help="MoE runner backend (decides the NVFP4 swizzled block-scale parameters); default as SGLang picks on Blackwell at TP 1.")(f)
     f = click.option("--mtp", is_flag=True, help="Replay the MTP draft model (NemotronHForCausalLMMTP) instead of the main model.")(f)
+    f = click.option("--pp", "pp", default=None, metavar="RANK/SIZE", callback=_parse_pp,
+                     help="Audit one pipeline-parallel rank, e.g. 0/4 (layers split as SGLang's get_pp_indices does).")(f)
     return _engine_option(f)
+
+
+def _parse_pp(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        rank, size = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected RANK/SIZE, e.g. 0/4") from None
+    if size < 1 or not 0 <= rank < size:
+        raise click.BadParameter(f"rank must be in 0..SIZE-1, got {value}")
+    return rank, size
 
 
 class _Group(click.Group):
@@ -120,7 +134,7 @@ def cli() -> None:
               help="Lowest finding severity that makes the exit code 1.")
 @click.option("--show-loaded", is_flag=True, help="List the tensors that load too, not only the problems.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
-def audit(source, engine, revision, moe_backend, mtp, fmt, output, manifest_file, ignore, fail_on, show_loaded, quiet):
+def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_file, ignore, fail_on, show_loaded, quiet):
     """Replay the engine's loader over SOURCE's shard headers and report both directions.
 
     SOURCE is a checkpoint directory, a .safetensors file or a Hub repo id. No tensor
@@ -138,7 +152,7 @@ def audit(source, engine, revision, moe_backend, mtp, fmt, output, manifest_file
 
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, _progress(quiet))
-    inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp)
+    inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
     rep = pipeline.audit(inputs, AuditOptions(mtp=mtp, ignore=tuple(ignore)))
     if fmt == "json":
         _write_out(report.render_json(rep), output)
@@ -165,7 +179,7 @@ def audit(source, engine, revision, moe_backend, mtp, fmt, output, manifest_file
 @click.option("--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @click.option("-q", "--quiet", is_flag=True)
-def manifest(source, engine, revision, moe_backend, mtp, fmt, output, quiet):
+def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet):
     """Print the runtime parameters the engine builds for SOURCE's config and quant config.
 
     \b
@@ -179,7 +193,7 @@ def manifest(source, engine, revision, moe_backend, mtp, fmt, output, quiet):
     from nhcheck.sources import open_source
 
     ckpt = open_source(source, revision, _progress(quiet))
-    m = pipeline.prepare(ckpt, engine, moe_backend=moe_backend, mtp=mtp).manifest
+    m = pipeline.prepare(ckpt, engine, moe_backend=moe_backend, mtp=mtp, pp=pp).manifest
     if fmt == "json":
         _write_out(json.dumps(m.to_json(), indent=1) + "\n", output)
         return
@@ -200,6 +214,92 @@ def manifest(source, engine, revision, moe_backend, mtp, fmt, output, quiet):
             Console(file=fh, width=200, no_color=True).print(t)
     else:
         Console(highlight=False).print(t)
+
+
+def _byte_progress(quiet: bool):
+    """A rich byte progress bar on stderr for prune (one bar per phase), or None when not a terminal."""
+    from contextlib import nullcontext
+
+    if quiet or not sys.stderr.isatty():
+        return nullcontext(None)
+    from contextlib import contextmanager
+
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    @contextmanager
+    def bar():
+        tasks: dict[str, int] = {}
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=_stderr_console(), transient=True) as p:
+            def advance(phase: str, n: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = p.add_task(phase, total=total)
+                p.advance(tasks[phase], n)
+
+            yield advance
+
+    return bar()
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for the fixed checkpoint; never the input, inside it, or containing it.")
+@_engine_option
+@click.option("--dry-run", is_flag=True, help="Print the plan (groups, counts, bytes saved per shard); write nothing.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out, replacing its checkpoint files.")
+@click.option("--link", is_flag=True, help="Hard-link shards with nothing to drop instead of copying them.")
+@click.option("--no-verify", is_flag=True, help="Skip the re-audit of the output and the byte comparison with the source.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
+def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, quiet):
+    """Write a copy of SOURCE without the tensors the engine would not load anyway, and say why each is safe.
+
+    Drops only what cannot change the loaded model (scales of modules the engine builds
+    unquantized, tensors of modules it does not have); never load-bearing scales. Refuses
+    (exit 1) on a quantization mismatch, naming the engine version that loads SOURCE as is.
+    Kept tensors are copied byte for byte; the output is re-audited (exit 1 if not clean).
+
+    \b
+    Examples:
+      nhcheck prune examples/nano3-24434-leftover-expert-scales --out fixed/ --engine sglang@0.5.11
+      nhcheck prune ./ckpt --out ./ckpt-pruned --dry-run
+    """
+    from rich.console import Console
+
+    from nhcheck import pipeline
+    from nhcheck import prune as pruning
+    from nhcheck.checkpoint import open_local
+    from nhcheck.errors import UsageError
+
+    if not os.path.isdir(source):
+        raise UsageError(f"{source}: prune needs a local checkpoint directory (download a Hub repo first)")
+    t0 = time.perf_counter()
+    pruning.check_output(source, out_dir, overwrite)
+    rep = pipeline.audit(pipeline.prepare(open_local(source, _progress(quiet)), engine))
+    plan = pruning.plan_prune(rep)
+    pruning.render_plan(plan, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False,
+                                      width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160))
+    sys.stdout.flush()
+    if plan.refusal is not None:
+        click.echo("nhcheck: prune refused: " + plan.refusal, err=True)
+        sys.exit(1)
+    err = _stderr_console(quiet)
+    if dry_run:
+        err.print("dry run: nothing written", highlight=False, markup=False)
+        sys.exit(0)
+    with _byte_progress(quiet) as progress:
+        result = pruning.execute(plan, out_dir, overwrite=overwrite, link=link, verify=not no_verify,
+                                 progress=progress)
+    v = result.verification
+    check = ("not verified (--no-verify)" if v is None else
+             f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes compared with the source")
+    err.print(f"Wrote {result.out_dir}: dropped {len(plan.drops):,} tensor(s), {plan.bytes_saved:,} bytes, in "
+              f"{time.perf_counter() - t0:.1f} s; {check}.", highlight=False, markup=False)
+    if v is not None and not v.ok:
+        for problem in v.problems:
+            click.echo(f"nhcheck: verification failed: {problem}", err=True)
+        sys.exit(1)
 
 
 def main() -> None:

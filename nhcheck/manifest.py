@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from nhcheck.engines.sglang import SGLangProfile, default_moe_backend
+from nhcheck.engines.sglang import PPWindow, SGLangProfile, default_moe_backend
 from nhcheck.errors import CheckpointError
 from nhcheck.model import NemotronHConfig
 from nhcheck.quant import (
@@ -265,8 +265,13 @@ def _up(x: int, m: int) -> int:
 
 
 def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLangProfile, *,
-                   moe_backend: str | None = None, mtp: bool = False) -> Manifest:
-    """The manifest SGLang builds for ``cfg`` (main model, or the MTP draft with ``mtp``)."""
+                   moe_backend: str | None = None, mtp: bool = False, pp: PPWindow | None = None) -> Manifest:
+    """The manifest SGLang builds for ``cfg`` (main model, or the MTP draft with ``mtp``).
+
+    ``pp`` is one pipeline rank: layers outside its window are ``PPMissingLayer`` (no
+    parameters), ``embed_tokens`` lives on the first rank, ``norm_f``/``lm_head`` on the last.
+    """
+    pp = pp or PPWindow(0, cfg.num_layers)
     outer = "NemotronHForCausalLMMTP" if mtp else (cfg.wrapper or cfg.architecture)
     resolver = build_resolver(qc, outer, profile, mtp=mtp)
     problems = list(qc.problems) if qc else []
@@ -277,17 +282,22 @@ def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLang
     prefix = "language_model." if wrapped else ""
     b = _Builder(cfg, resolver, profile, backend, prefix, prefix)
     H, V = cfg.hidden_size, cfg.vocab_size
+    single_rank = pp.first_rank and pp.last_rank
     try:
-        b.add("model.embed_tokens.weight", (V, H), quant_method="UnquantizedEmbeddingMethod")
+        if mtp or pp.first_rank:
+            b.add("model.embed_tokens.weight", (V, H), quant_method="UnquantizedEmbeddingMethod")
         if mtp:
             pat = cfg.mtp_pattern
             for j, kind in enumerate(pat):
                 b.layer(j, kind, mtp_first=j == 0, mtp_last=j == len(pat) - 1, mtp=True)
         else:
             for i, kind in enumerate(cfg.pattern):
-                b.layer(i, kind)
-            b.add("model.norm_f.weight", (H,))
-        if not cfg.tie_word_embeddings:
+                if pp.start <= i < pp.end:
+                    b.layer(i, kind)
+            if pp.last_rank:
+                b.add("model.norm_f.weight", (H,))
+        # Tied with PP=1, lm_head *is* embed_tokens and named_parameters() de-duplicates it.
+        if (mtp or pp.last_rank) and not (cfg.tie_word_embeddings and single_rank):
             b.linear("lm_head", prefix + "lm_head", (V,), H, lm_head=True)
     except QuantResolveError as exc:
         problems.append(f"ValueError: {exc}")

@@ -219,3 +219,39 @@ def test_audit_is_header_only_and_torch_free(tmp_path):
             "assert r.verdict == 'clean', r.verdict; assert 'torch' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_pipeline_rank_audit():
+    """One PP rank: its layers load, the rest is skipped by design, embed/head on the end ranks only."""
+    path = str(EX / "nano3-nvfp4")
+    mid = audit_path(path, "sglang@0.5.23", pp=(1, 4))
+    assert mid.verdict == "clean"
+    names = {p.name for p in mid.manifest.params}
+    assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
+    assert "model.layers.13.norm.weight" in names and "model.layers.12.norm.weight" not in names
+    reasons = {r.outcome.reason for r in mid.records if r.outcome.outcome == "skip"}
+    assert reasons == {"pp-range", "pp-rank"}
+    assert not any(r.orphan for r in mid.records)
+    last = audit_path(path, "sglang@0.5.23", pp=(3, 4))
+    assert {"model.norm_f.weight", "lm_head.weight"} <= {p.name for p in last.manifest.params}
+
+
+def test_layer_beyond_the_model_is_an_orphan(tmp_path):
+    ck = _copy(EX / "nano3-bf16", tmp_path)
+    idx = json.loads((ck / "model.safetensors.index.json").read_text())
+    shard = ck / "model-00003-of-00003.safetensors"
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    hdr = json.loads(raw[8:8 + n])
+    end = max(v["data_offsets"][1] for k, v in hdr.items() if k != "__metadata__")
+    hdr["backbone.layers.60.norm.weight"] = {"dtype": "BF16", "shape": [64], "data_offsets": [end, end + 128]}
+    h = json.dumps(hdr).encode()
+    h += b" " * (-len(h) % 8)
+    shard.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:] + b"\0" * 128)
+    idx["weight_map"]["backbone.layers.60.norm.weight"] = shard.name
+    idx["metadata"]["total_size"] += 128
+    (ck / "model.safetensors.index.json").write_text(json.dumps(idx))
+    r = audit_path(str(ck), "sglang@0.5.23")
+    rec = next(x for x in r.records if x.tensor.name == "backbone.layers.60.norm.weight")
+    assert (rec.outcome.reason, rec.orphan) == ("pp-range", True)
+    assert r.verdict == "orphans"

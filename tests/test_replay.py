@@ -311,3 +311,17 @@ def test_expert_count_from_max_on_newest_only(tmp_path):
         rep = run_audit(ck, cfg, None, m, prof, AuditOptions(compare_versions=False))
         r = next(r for r in rep.records if r.tensor.name == "backbone.layers.1.mixer.experts.9.up_proj.weight")
         assert (r.outcome.outcome == "warn") is expect_warn
+
+
+@pytest.mark.parametrize("layers,size,expected", [
+    (52, 1, [(0, 52)]),
+    (52, 4, [(0, 13), (13, 26), (26, 39), (39, 52)]),
+    (10, 4, [(0, 2), (2, 4), (4, 7), (7, 10)]),  # the last 10 % 4 ranks get one extra layer
+])
+def test_pp_window_matches_get_pp_indices(layers, size, expected):
+    from nhcheck.engines.sglang import pp_window
+
+    got = [pp_window(layers, r, size) for r in range(size)]
+    assert [(w.start, w.end) for w in got] == expected
+    assert got[0].first_rank and got[-1].last_rank
+    assert not (size > 1 and (got[0].last_rank or got[-1].first_rank))

@@ -143,6 +143,20 @@ class PPWindow:
     last_rank: bool = True
 
 
+def pp_window(num_layers: int, rank: int, size: int) -> PPWindow:
+    """``get_pp_indices`` (``distributed/utils.py``): even split, the last ``num_layers % size`` ranks get one more."""
+    if size < 1 or not 0 <= rank < size:
+        raise UsageError(f"pipeline rank {rank} is outside 0..{size - 1}")
+    base, extra = divmod(num_layers, size)
+    if rank >= size - extra:
+        start = rank * (base + 1) - (size - extra)
+        end = start + base + 1
+    else:
+        start = rank * base
+        end = start + base
+    return PPWindow(start, end, rank == 0, rank == size - 1)
+
+
 def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None, str | None]:
     """``maybe_remap_kv_scale_name`` (§3): (new name, None) or (None, warning) when dropped."""
     if name.endswith(".kv_scale"):
