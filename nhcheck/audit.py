@@ -13,7 +13,7 @@ from typing import NamedTuple
 from nhcheck import collapse
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.engines.sglang import (
-    BY_DESIGN_REASONS, PROFILES, Outcome, PPWindow, SGLangProfile, make_replayer, mtp_preprocess,
+    BY_DESIGN_REASONS, PROFILES, REASON_TEXT, Outcome, PPWindow, SGLangProfile, make_replayer, mtp_preprocess,
     replay_projector, route_wrapped,
 )
 from nhcheck.findings import Finding, severity_rank
@@ -26,20 +26,6 @@ VERDICTS = ("clean", "orphans", "incomplete", "broken", "crash")
 _PACKED_DTYPES = frozenset({"U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
 _PACKED_PARAM = frozenset({"uint8", "int8", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn_x2"})
 _FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
-_REASON_TEXT = {
-    "not-found": "warned and dropped (default branch: not a parameter)",
-    "kv-drop": "warned and dropped (KV-scale remap found no target)",
-    "expert-orphan": "dropped silently (expert tensor with no target)",
-    "bias": "dropped silently (.bias with no target)",
-    "keyerror": "raises KeyError",
-    "wrapper-ignored": "ignored silently by the wrapper",
-    "wrapper-raise": "raises in the wrapper",
-    "mtp-filter": "skipped by design (MTP tensors in the main model)",
-    "wrapper-mtp": "skipped by design (MTP block, loaded by the draft model)",
-    "pp-range": "skipped by design (outside this PP rank's layers)",
-    "pp-rank": "skipped by design (not on this PP rank)",
-    "routed": "routed by design to a vision/sound tower",
-}
 
 
 class TensorRecord(NamedTuple):
@@ -346,7 +332,7 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
         if r.orphan and not r.ignored:
             o = r.outcome
             sev = "error" if o.outcome == "raise" else "warning"
-            what = _REASON_TEXT.get(o.reason, o.reason)
+            what = REASON_TEXT.get(o.reason, o.reason)
             eng = f" as {o.engine_name}" if o.engine_name and o.engine_name != r.tensor.name else ""
             orphan_items.append((o.reason, r.tensor.name,
                                  Finding(sev, "orphan", f"{what}{eng}", r.tensor.shard, r.tensor.name)))

@@ -10,27 +10,13 @@ import json
 from typing import TYPE_CHECKING
 
 from nhcheck import __version__, collapse
+from nhcheck.engines.sglang import REASON_TEXT
 
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport
 
 SCHEMA = "nhcheck.audit/1"
 _OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
-_WHY = {
-    "keyerror": "KeyError: no such parameter (before PR #24434)",
-    "expert-orphan": "dropped silently: no such expert parameter",
-    "not-found": "warned 'not found in params_dict', dropped",
-    "kv-drop": "KV-scale remap found no target: warned, dropped",
-    "bias": "dropped silently: .bias with no target",
-    "mtp-filter": "by design: MTP block (the draft model loads it)",
-    "wrapper-mtp": "by design: MTP block (the draft model loads it)",
-    "wrapper-ignored": "dropped silently: the wrapper routes it nowhere",
-    "wrapper-raise": "the wrapper raises on it",
-    "pp-range": "by design: layer outside this pipeline rank",
-    "pp-rank": "by design: not on this pipeline rank",
-    "routed": "by design: a tower or the projector loads it",
-    "load": "loaded",
-}
 
 
 def safe(text: object) -> str:
@@ -114,7 +100,7 @@ def render_json(report: "AuditReport") -> str:
 
     # Prefill the strings every record repeats so the loop mostly does dict subscriptions.
     for v in {None, *(sh.name for sh in report.checkpoint.shards), *(s.name for s in report.params),
-              *report.manifest.inner_names, "q", "k", "v", "w1", "w2", "w3", *_WHY, "keyerror", "not-found"}:
+              *report.manifest.inner_names, "q", "k", "v", "w1", "w2", "w3", *REASON_TEXT, "keyerror", "not-found"}:
         m(v)
     for t in {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}:
         m(t)
@@ -174,7 +160,7 @@ def _tensor_groups(report: "AuditReport", include_loads: bool):
         target = "; ".join(t[1] for t in targets[:2]) + (" …" if len(targets) > 2 else "")
         why = ("ignored: " if ignored else "") + (
             "by design: main-model tensor, not part of the MTP draft" if reason == "mtp-filter" and report.mtp
-            else _WHY.get(reason, reason))
+            else REASON_TEXT.get(reason, reason))
         rows.append((outcome, name, count, target, why, first.tensor.shard))
     return rows
 

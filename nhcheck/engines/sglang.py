@@ -120,6 +120,23 @@ class Outcome(NamedTuple):
 #: Reasons that are intended behaviour, not orphans.
 BY_DESIGN_REASONS = frozenset({"mtp-filter", "pp-range", "pp-rank", "routed", "wrapper-mtp"})
 
+#: What each replay branch does, in words (findings and report rows share them).
+REASON_TEXT = {
+    "keyerror": "KeyError: no such parameter (before PR #24434)",
+    "expert-orphan": "dropped silently: no such expert parameter",
+    "not-found": "warned 'not found in params_dict', dropped",
+    "kv-drop": "KV-scale remap found no target: warned, dropped",
+    "bias": "dropped silently: .bias with no target",
+    "mtp-filter": "by design: MTP block (the draft model loads it)",
+    "wrapper-mtp": "by design: MTP block (the draft model loads it)",
+    "wrapper-ignored": "dropped silently: the wrapper routes it nowhere",
+    "wrapper-raise": "the wrapper raises on it",
+    "pp-range": "by design: layer outside this pipeline rank",
+    "pp-rank": "by design: not on this pipeline rank",
+    "routed": "by design: a tower or the projector loads it",
+    "load": "loaded",
+}
+
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
 _SUBSTR = (("A_log", "A"), ("embeddings", "embed_tokens"), ("k_proj.k_scale", "attn.k_scale"),
            ("v_proj.v_scale", "attn.v_scale"))
