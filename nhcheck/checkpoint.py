@@ -15,7 +15,7 @@ from typing import Iterator
 
 from nhcheck.errors import CheckpointError
 from nhcheck.findings import Finding
-from nhcheck.safetensors_header import ShardHeader, TensorInfo, read_shard
+from nhcheck.safetensors_header import ShardHeader, TensorInfo, open_regular, read_shard
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -59,7 +59,7 @@ class Checkpoint:
 def load_json(path: str, what: str) -> object:
     """Read a small JSON file; any failure is a one-line CheckpointError naming the file."""
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(open_regular(path), "rb") as fh:
             raw = fh.read(64_000_000)
     except FileNotFoundError:
         raise CheckpointError(path, f"{what} not found") from None
@@ -68,18 +68,40 @@ def load_json(path: str, what: str) -> object:
     except OSError as exc:
         raise CheckpointError(path, f"cannot read {what}: {exc.strerror or exc}") from None
     try:
-        return json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"))
+        # A ``\udcff`` escape decodes to a lone surrogate, which no output encoding accepts:
+        # refuse it here rather than crash later while printing a name.
+        if b"\\u" in raw:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return obj
     except RecursionError:
         raise CheckpointError(path, f"{what} is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise CheckpointError(path, f"{what} holds a lone UTF-16 surrogate escape (not Unicode)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(path, f"{what} is not valid JSON: {exc}") from None
+
+
+def display_name(name: str) -> str:
+    """A file name as text that can be printed and JSON-encoded.
+
+    ``os.listdir`` hands back undecodable bytes as lone surrogates; those become ``\\xff``
+    escapes here. The real name is kept wherever a file must be opened.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def safe_member(root: str, name: str, what: str) -> str:
     """Resolve ``name`` inside ``root`` or refuse it, before anything is opened.
 
     Refuses absolute names, ``..`` components and symlinks whose target lies outside the
-    checkpoint: an index from a stranger must not make us read ``/etc/passwd``.
+    checkpoint: an index from a stranger must not make us read ``/etc/passwd``. The one
+    outside place allowed is the Hugging Face cache's ``blobs/`` next to a snapshot
+    directory, which is where every file of a cached snapshot links to.
     """
     if not name or "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")):
         raise CheckpointError(os.path.join(root, INDEX_NAME), f"{what} {name!r} is an absolute or empty path; refused")
@@ -87,18 +109,27 @@ def safe_member(root: str, name: str, what: str) -> str:
     if ".." in parts:
         raise CheckpointError(os.path.join(root, INDEX_NAME), f"{what} {name!r} escapes the checkpoint directory; refused")
     path = os.path.join(root, name)
-    real_root = os.path.realpath(root)
     real = os.path.realpath(path)
-    if real != real_root and not real.startswith(real_root + os.sep):
+    if not any(real.startswith(inside + os.sep) for inside in _inside(root)):
         raise CheckpointError(path, f"{what} is a symlink leading outside the checkpoint ({real}); refused")
     return path
 
 
+def _inside(root: str) -> tuple[str, ...]:
+    """Directories a checkpoint member may resolve into: the root, and a cache snapshot's blobs."""
+    real_root = os.path.realpath(root)
+    snapshots = os.path.dirname(real_root)
+    repo = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith("models--"):
+        return (real_root, os.path.join(repo, "blobs"))
+    return (real_root,)
+
+
 def read_quant_sidecar(root: str) -> dict | None:
     path = os.path.join(root, QUANT_NAME)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    obj = load_json(path, QUANT_NAME)
+    obj = load_json(safe_member(root, QUANT_NAME, QUANT_NAME), QUANT_NAME)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"{QUANT_NAME} is not a JSON object")
     return obj
@@ -108,7 +139,7 @@ def read_config(root: str) -> dict:
     path = os.path.join(root, CONFIG_NAME)
     if not os.path.exists(path):
         raise CheckpointError(path, "config.json not found; nhcheck needs it to build the runtime manifest")
-    obj = load_json(path, CONFIG_NAME)
+    obj = load_json(safe_member(root, CONFIG_NAME, CONFIG_NAME), CONFIG_NAME)
     if not isinstance(obj, dict):
         raise CheckpointError(path, "config.json is not a JSON object")
     return obj
@@ -197,8 +228,8 @@ def open_local(source: str, progress=None) -> Checkpoint:
     elif os.path.isdir(source):
         root = os.path.abspath(source)
         index_path = os.path.join(root, INDEX_NAME)
-        if os.path.exists(index_path):
-            index = parse_index(index_path, load_json(index_path, "index"))
+        if os.path.lexists(index_path):
+            index = parse_index(index_path, load_json(safe_member(root, INDEX_NAME, "index"), "index"))
             shard_names = sorted(set(index["weight_map"].values()))
         else:
             index = None
@@ -216,6 +247,8 @@ def open_local(source: str, progress=None) -> Checkpoint:
     missing: list[str] = []
     for i, name in enumerate(shard_names):
         path = safe_member(root, name, "shard")
+        if display_name(name) != name:
+            raise CheckpointError(display_name(path), "shard file name is not valid UTF-8; SGLang cannot open it")
         if index is not None and not os.path.lexists(path):
             missing.append(name)
             continue
@@ -225,7 +258,7 @@ def open_local(source: str, progress=None) -> Checkpoint:
     stray: list[str] = []
     if index is not None:
         listed = set(shard_names)
-        stray = sorted(fn for fn in os.listdir(root) if fn.endswith(".safetensors") and fn not in listed)
+        stray = sorted(display_name(fn) for fn in os.listdir(root) if fn.endswith(".safetensors") and fn not in listed)
     findings = cross_check(index, shards, missing, stray)
     skip = set(shard_names) | {INDEX_NAME}
     return Checkpoint(

@@ -15,6 +15,10 @@ CAUSAL_LM = "NemotronHForCausalLM"
 PUZZLE_LM = "NemotronHPuzzleForCausalLM"
 VL_WRAPPERS = ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Omni_Reasoning_V3")
 LAYER_CHARS = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+#: Sanity bounds for a stranger's config: far above any real model (Nemotron-H has at most
+#: 88 layers and 512 experts) and low enough that per-layer and per-expert work stays cheap.
+MAX_LAYERS = 4096
+MAX_EXPERTS = 16384
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _pattern(cfg: dict, path: str, pattern_key: str = "hybrid_override_pattern")
     pat = cfg.get(pattern_key)
     if pat is None and pattern_key == "hybrid_override_pattern" and isinstance(cfg.get("layers_block_type"), list):
         kinds = cfg["layers_block_type"]
-        bad = [k for k in kinds if k not in LAYER_CHARS]
+        bad = [k for k in kinds if not isinstance(k, str) or k not in LAYER_CHARS]
         if bad:
             raise CheckpointError(path, f"layers_block_type has unknown kind {bad[0]!r}")
         pat = "".join(LAYER_CHARS[k] for k in kinds)
@@ -107,6 +111,8 @@ def _pattern(cfg: dict, path: str, pattern_key: str = "hybrid_override_pattern")
         return ""
     if not isinstance(pat, str) or any(c not in "M*-E" for c in pat):
         raise CheckpointError(path, f"{pattern_key} must use only the characters M * - E, got {pat!r}")
+    if len(pat) > MAX_LAYERS:
+        raise CheckpointError(path, f"{pattern_key} has {len(pat)} layers; more than {MAX_LAYERS} is not a real model")
     return pat
 
 
@@ -140,15 +146,24 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
     if not pattern:
         raise CheckpointError(path, "no hybrid_override_pattern or layers_block_type: cannot tell the layer kinds")
     n_layers = config.get("num_hidden_layers")
-    if n_layers is not None and n_layers != len(pattern):
-        raise CheckpointError(path, f"hybrid_override_pattern has {len(pattern)} layers but num_hidden_layers is {n_layers}")
+    if n_layers is not None and (type(n_layers) is not int or n_layers != len(pattern)):
+        raise CheckpointError(path, f"hybrid_override_pattern has {len(pattern)} layers but num_hidden_layers is {n_layers!r}")
     inter = config.get("intermediate_size", 0)
     inter_t = tuple(inter) if isinstance(inter, list) else (inter,)
     if not all(type(i) is int and i >= 0 for i in inter_t):
         raise CheckpointError(path, f"intermediate_size must be an integer or a list of integers, got {inter!r}")
     conv_bias = config.get("use_conv_bias", config.get("mamba_conv_bias", True))
     n_routed = _int(config, "n_routed_experts", path, 0) if "E" in pattern else (config.get("n_routed_experts") or 0)
+    max_routed = _int(config, "max_n_routed_experts", path, 0) or n_routed
+    if type(n_routed) is not int or max(n_routed, max_routed) > MAX_EXPERTS:
+        raise CheckpointError(path, f"n_routed_experts {n_routed!r} / max_n_routed_experts {max_routed!r}: "
+                                    f"must be integers up to {MAX_EXPERTS}")
     latent = config.get("moe_latent_size")
+    if latent is not None and (type(latent) is not int or latent < 0):
+        raise CheckpointError(path, f"config field 'moe_latent_size' must be null or a non-negative integer, got {latent!r}")
+    ratio = outer.get("downsample_ratio", 0.5) if wrapper else 0.5
+    if type(ratio) not in (int, float) or not 0 < ratio <= 1:
+        raise CheckpointError(path, f"downsample_ratio must be a number in (0, 1], got {ratio!r}")
     dtype = config.get("torch_dtype") or config.get("dtype") or outer.get("torch_dtype") or "bfloat16"
     return NemotronHConfig(
         architecture=arch or CAUSAL_LM,
@@ -170,16 +185,16 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         head_dim=_int(config, "head_dim", path, 128),
         intermediate_size=inter_t,
         n_routed_experts=n_routed,
-        max_n_routed_experts=config.get("max_n_routed_experts") or n_routed,
+        max_n_routed_experts=max_routed,
         moe_intermediate_size=_int(config, "moe_intermediate_size", path, 0),
         moe_shared_expert_intermediate_size=_int(config, "moe_shared_expert_intermediate_size", path, 0),
         n_shared_experts=_int(config, "n_shared_experts", path, 0),
-        moe_latent_size=latent if type(latent) is int and latent > 0 else None,
+        moe_latent_size=latent or None,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         mtp_pattern=_pattern(config, path, "mtp_hybrid_override_pattern"),
         num_nextn_predict_layers=_int(config, "num_nextn_predict_layers", path, 0),
         vit_hidden_size=_int(outer, "vit_hidden_size", path, 0) if wrapper else 0,
         projector_hidden_size=_int(outer, "projector_hidden_size", path, 0) if wrapper else 0,
-        downsample_ratio=float(outer.get("downsample_ratio", 0.5)) if wrapper else 0.5,
+        downsample_ratio=float(ratio),
         has_sound=bool(wrapper and isinstance(outer.get("sound_config"), dict)),
     )

@@ -245,7 +245,7 @@ def read_header(fh: BinaryIO, path: str, shard: str, file_size: int) -> ShardHea
     return parse_header_bytes(raw, path, shard, file_size)
 
 
-def open_regular(path: str, what: str = "a safetensors file") -> int:
+def open_regular(path: str) -> int:
     """Open ``path`` read-only as a file descriptor, refusing anything but a regular file.
 
     ``O_NONBLOCK`` because a FIFO named ``x.safetensors`` would otherwise block the open
@@ -256,9 +256,9 @@ def open_regular(path: str, what: str = "a safetensors file") -> int:
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise CheckpointError(path, f"is a directory, not {what}")
+            raise CheckpointError(path, "is a directory, not a regular file")
         if not stat.S_ISREG(mode):
-            raise CheckpointError(path, f"not a regular file (a device, FIFO or socket), not {what}")
+            raise CheckpointError(path, "is a device, FIFO or socket, not a regular file")
     except BaseException:
         os.close(fd)
         raise
