@@ -1,0 +1,995 @@
+"""``nhcheck load``: prove on real hardware that a checkpoint fills the runtime parameters.
+
+The audit says, from headers, what the engine does with every tensor. This module does it:
+allocate every runtime parameter of the manifest on the device with the engine's layout
+(fused ``qkv_proj``, fused expert tensors, per-expert scale slots, Mamba ``A``), poison the
+memory, stream the shard bytes in the engine's order and apply the audit's decisions with the
+loader's semantics (q/k/v row block, one expert's slice, a scalar scale into its slot or
+broadcast over the partitions, ``A = -exp(A_log)``). Where the chosen engine raises, stop
+there. Then check the memory itself: coverage of every parameter, poison left behind, and a
+read-back sample of every write compared with the bytes in the file (a misplaced slice shows
+up there, not in any bookkeeping).
+
+Two readers share one plan. ``fast`` (default) reads coalesced byte ranges with a thread pool
+of ``os.preadv`` into a bounded ring of (pinned, on CUDA) host buffers and places them with
+asynchronous copies on one stream; ``safetensors`` is the plain reference: ``safe_open`` one
+shard at a time, one ``get_tensor`` per tensor in stream order.
+
+torch is imported inside functions only: nothing ``audit`` imports may pay for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from nhcheck import __version__, collapse
+from nhcheck.audit import AuditOptions, AuditReport, TensorRecord, _grouped
+from nhcheck.checkpoint import Checkpoint, open_local
+from nhcheck.engines.sglang import get_profile, route_wrapped
+from nhcheck.errors import CheckpointError, UsageError
+from nhcheck.findings import Finding
+from nhcheck.manifest import Param
+from nhcheck.safetensors_header import TensorInfo
+
+SCHEMA = "nhcheck.load/1"
+READERS = ("fast", "safetensors")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+#: safetensors dtype → torch dtype name (F4/F6 have none: such a tensor cannot be copied).
+TORCH_DTYPE = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8", "I8": "int8",
+    "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+}
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1, "int16": 2,
+            "int32": 4, "int64": 8, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1,
+            "float8_e5m2": 1, "float8_e8m0fnu": 1}
+_FLOAT = frozenset({"bfloat16", "float16", "float32", "float64"})
+_BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+#: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
+_POISON_RUN = 16
+#: Bytes between two needed tensors that are read through rather than starting a new read.
+_GAP = 1 << 20
+
+_PINNED: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load. Sizes are bytes; ``threads`` 0 means min(16, CPU count)."""
+
+    device: str = "cuda"
+    dtype: str = "auto"
+    reader: str = "fast"
+    threads: int = 0
+    chunk_bytes: int = 16 << 20
+    pinned_bytes: int = 256 << 20
+    samples: int = 4
+
+
+class Op(NamedTuple):
+    """One checkpoint tensor placed into one slot of one runtime parameter.
+
+    ``start``/``count``: the slot as a range of the flattened parameter (every slot the engine
+    fills is a contiguous range: dim 0 is the q/k/v row block or the expert). ``kind``:
+    ``copy`` (same dtype, bytes), ``cast`` (float to float), ``broadcast`` (one scalar into every
+    partition), ``mamba_A`` (``-exp(float(x))``).
+    """
+
+    index: int
+    tensor: TensorInfo
+    path: str
+    param: str
+    kind: str
+    src: str
+    start: int
+    count: int
+    slot: str
+
+
+class _Mismatch(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the load will do, decided from the audit before any byte moves."""
+
+    ops: tuple[Op, ...]
+    params: tuple[Param, ...]
+    findings: tuple[Finding, ...]
+    crash: dict | None
+    unreachable: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ParamLoad:
+    """One runtime parameter after the load: which of its elements were written, and what memory says."""
+
+    param: Param
+    status: str  # filled | partial | unfilled | unreachable
+    written: int
+    missing: tuple[str, ...] = ()
+    double_writes: int = 0
+    poisoned: int = 0
+    mismatches: int = 0
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.param.shape)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    audit: AuditReport
+    device: str
+    device_name: str
+    reader: str
+    tensors_loaded: int
+    bytes_loaded: int
+    bytes_read: int
+    seconds: float
+    timings: dict[str, float]
+    peak_device_bytes: int | None
+    params: tuple[ParamLoad, ...]
+    findings: tuple[Finding, ...]
+    crash: dict | None
+    verdict: str
+    samples_checked: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_loaded / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "clean" else 1
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The report, and the loaded parameters (views with the engine's shapes) for callers that want them."""
+
+    report: LoadReport
+    tensors: dict[str, Any] = field(repr=False)
+
+
+# ---------------------------------------------------------------------------
+# Planning (no torch)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _is_scale(name: str) -> bool:
+    return "scale" in name.rsplit(".", 1)[-1]
+
+
+def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Param, ...], tuple[str, ...]]:
+    """The parameters to allocate (reachable ones, in the runtime dtype) and the unreachable names.
+
+    ``dtype`` overrides the model dtype as SGLang's ``--dtype`` does: parameters built in the
+    config's dtype change, explicit float32 ones (scales, ``A``, router bias) and quantized
+    storage do not.
+    """
+    model = report.config.dtype if report.config.dtype in _FLOAT else "bfloat16"
+    out, unreachable = [], []
+    for p in report.manifest.params:
+        if not p.reachable:
+            unreachable.append(p.name)
+            continue
+        if p.dtype not in ITEMSIZE or (not p.shape and p.dtype == "unknown"):
+            raise UsageError(f"the manifest gives no usable dtype/shape for {p.name} ({p.dtype} {list(p.shape)}); "
+                             "load needs a manifest with shapes and dtypes (nhcheck JSON or a {name: {shape, dtype}} dump)")
+        if (dtype != "auto" and p.dtype == model and p.loader != "mamba_A" and not _is_scale(p.name)
+                and not p.name.endswith("e_score_correction_bias")):
+            p = Param(p.name, p.shape, dtype, p.quant_method, p.loader, p.slots, p.num_experts, p.shard_ids,
+                      p.reachable, p.informational)
+        out.append(p)
+    return tuple(out), tuple(unreachable)
+
+
+def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None) -> tuple[int, int, str, bool]:
+    """(first element, element count, slot label, broadcast?) of the slot a tensor of ``shape`` fills in ``p``.
+
+    Mirrors the loaders: FusedMoE puts expert e at ``[e]`` (a scalar scale into a one-element
+    slot); the stacked loader puts the q/k/v row block at its offset (a scalar scale at its
+    index); the default loader copies the whole tensor, fills a one-element parameter from
+    any one-element tensor, and broadcasts a scalar scale over a per-partition scale vector.
+    """
+    n = _numel(shape)
+    pshape = p.shape
+    if p.loader == "expert":
+        experts = pshape[0] if pshape else 0
+        if expert_id is None or not 0 <= expert_id < experts:
+            raise _Mismatch("shape-mismatch", f"expert {expert_id} outside {p.name} ({experts} experts)")
+        sub = pshape[1:]
+        per = _numel(sub)
+        if sub in ((), (1,)):
+            if n != 1:
+                raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element slot [{expert_id}] of {p.name}")
+        elif tuple(shape) != sub:
+            raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} expects {list(sub)} per expert")
+        return expert_id * per, per, f"expert {expert_id}", False
+    if p.loader == "stacked":
+        if not p.slots:
+            raise _Mismatch("no-layout", f"the manifest gives no q/k/v layout for {p.name}")
+        slot = next((s for s in p.slots if s[0] == shard_id), None)
+        if slot is None:
+            raise _Mismatch("shape-mismatch", f"{p.name} has no shard {shard_id!r}")
+        sid, off, size = slot
+        if size == 1 and len(pshape) == 1 and pshape[0] == len(p.slots):
+            if n != 1:
+                raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element slot {sid} of {p.name}")
+            return off, 1, f"shard {sid}", False
+        want = (size,) + tuple(pshape[1:])
+        if tuple(shape) != want:
+            raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} expects {list(want)} for shard {sid}")
+        row = _numel(pshape[1:])
+        return off * row, size * row, f"shard {sid}", False
+    numel = _numel(pshape)
+    if tuple(shape) == tuple(pshape) or (n == 1 and numel == 1):
+        return 0, numel, "whole", False
+    if n == 1 and len(pshape) == 1 and p.loader == "default" and _is_scale(p.name):
+        return 0, numel, "every partition", True
+    raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} is {list(pshape)}")
+
+
+def _kind(p: Param, t: TensorInfo) -> str:
+    """How the bytes of ``t`` may enter ``p``; a quantization or dtype mismatch is refused, not copied.
+
+    Checked before the shape: packed NVFP4 bytes meeting a bf16 parameter also differ in
+    shape, but the quantization is the cause worth naming.
+    """
+    src = TORCH_DTYPE.get(t.dtype)
+    dst = p.dtype
+    if src is None:
+        raise _Mismatch("dtype-mismatch", f"{t.dtype} has no torch dtype; cannot be placed in the {dst} parameter {p.name}")
+    if (src in _FLOAT) != (dst in _FLOAT):
+        what = (f"quantized ({t.dtype}) bytes into the unquantized {dst} parameter" if dst in _FLOAT
+                else f"an unquantized {t.dtype} tensor into the quantized {dst} parameter")
+        raise _Mismatch("quant-mismatch", f"would load {what} {p.name}; not copied")
+    if p.loader == "mamba_A":
+        return "mamba_A"
+    if src != dst and src not in _FLOAT:
+        raise _Mismatch("dtype-mismatch", f"{t.dtype} into the {dst} parameter {p.name}; not copied")
+    return "copy" if src == dst else "cast"
+
+
+def stream_order(report: AuditReport) -> list[TensorRecord]:
+    """The records in the order the engine meets them (a buffering VL wrapper routes everything first)."""
+    cfg = report.config
+    recs = list(report.records)
+    profile = get_profile(report.engine)
+    if cfg.wrapper is None or report.mtp or profile.vl_streams:
+        return recs
+    lm_mtp = bool(cfg.mtp_pattern)
+    is_lm = [route_wrapped(r.tensor.name, cfg.wrapper, profile, cfg.has_sound, lm_mtp).target == "lm" for r in recs]
+    return [r for r, lm in zip(recs, is_lm) if not lm] + [r for r, lm in zip(recs, is_lm) if lm]
+
+
+def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
+    """Every copy the load makes, in stream order, up to the tensor where the engine raises."""
+    params, unreachable = runtime_params(report, dtype)
+    by_name = {p.name: p for p in params}
+    paths = {s.name: s.path for s in report.checkpoint.shards}
+    ops: list[Op] = []
+    refused: list[tuple[str, str, Finding]] = []
+    crash = None
+    if report.crash is not None and report.crash["tensor"] is None:
+        crash = dict(report.crash)
+    for i, r in enumerate(stream_order(report) if crash is None else ()):
+        o = r.outcome
+        if o.outcome == "raise":
+            crash = {"tensor": r.tensor.name, "error": o.message, "shard": r.tensor.shard, "index": i}
+            break
+        if o.outcome != "load":
+            continue
+        t = r.tensor
+        p = by_name.get(r.param or "")
+        if p is None:
+            continue  # an unreachable parameter: nothing the engine keeps
+        try:
+            kind = _kind(p, t)
+            start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id)
+        except _Mismatch as exc:
+            refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
+            continue
+        ops.append(Op(i, t, paths[t.shard], p.name, "broadcast" if bcast else kind, TORCH_DTYPE[t.dtype],
+                      start, count, slot))
+    return Plan(tuple(ops), params, tuple(_grouped(refused)), crash, tuple(unreachable))
+
+
+# ---------------------------------------------------------------------------
+# Device memory
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def resolve_device(spec: str):
+    """``cpu``, ``cuda`` or ``cuda:N`` → a torch device; a missing GPU is a usage error (exit 2)."""
+    torch = _torch()
+    spec = spec.strip()
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available (torch {torch.__version__}); "
+                             "use --device cpu to check the placement logic without a GPU")
+        index = int(spec[5:]) if ":" in spec else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    raise UsageError(f"--device {spec!r}: expected cpu, cuda or cuda:N")
+
+
+class Arenas:
+    """One allocation per dtype, poisoned with 0xFF bytes (NaN in every float format, 255 in uint8).
+
+    Each parameter is a contiguous view with the engine's shape, so placement is the engine's;
+    poisoning and the poison scan are one kernel per dtype instead of one per parameter.
+    Parameters the engine initialises itself (KV scales at -1, A16 input-scale placeholders at
+    1, spec §5.1 quirk 9) get that value instead of poison.
+    """
+
+    def __init__(self, params: tuple[Param, ...], device, torch) -> None:
+        self.torch = torch
+        self.params = {p.name: p for p in params}
+        self.where: dict[str, tuple[str, int]] = {}
+        totals: dict[str, int] = {}
+        for p in params:
+            off = totals.get(p.dtype, 0)
+            self.where[p.name] = (p.dtype, off)
+            totals[p.dtype] = off + _numel(p.shape)
+        self.raw = {d: torch.empty(n * ITEMSIZE[d], dtype=torch.uint8, device=device).fill_(0xFF)
+                    for d, n in totals.items()}
+        self.typed = {d: b.view(getattr(torch, d)) for d, b in self.raw.items()}
+        for p in params:
+            if p.informational:
+                self.flat(p.name).fill_(-1.0 if p.name.endswith(("k_scale", "v_scale")) else 1.0)
+
+    def flat(self, name: str):
+        dtype, off = self.where[name]
+        return self.typed[dtype][off:off + _numel(self.params[name].shape)]
+
+    def tensors(self) -> dict[str, Any]:
+        return {n: self.flat(n).view(p.shape) for n, p in self.params.items()}
+
+    def poisoned(self) -> dict[str, int]:
+        """Elements still holding the poison pattern, per parameter (one scan per dtype first)."""
+        torch = self.torch
+        out: dict[str, int] = {}
+        for dtype, raw in self.raw.items():
+            if self._count(dtype, raw) == 0:
+                continue
+            for name, (d, _) in self.where.items():
+                if d == dtype:
+                    flat = self.flat(name)
+                    n = self._count(dtype, flat.view(torch.uint8) if flat.numel() else flat)
+                    if n:
+                        out[name] = n
+        return out
+
+    def _count(self, dtype: str, raw) -> int:
+        torch = self.torch
+        if raw.numel() == 0:
+            return 0
+        if dtype in _FLOAT or dtype.startswith("float8"):
+            bits = raw.view(getattr(torch, _BITS[ITEMSIZE[dtype]]))
+            return int((bits == -1).sum())
+        hit = raw == 0xFF
+        pad = -hit.numel() % _POISON_RUN
+        if pad:
+            hit = torch.cat([hit, hit.new_zeros(pad)])
+        return int(hit.view(-1, _POISON_RUN).all(dim=1).sum()) * _POISON_RUN
+
+
+def _write(arenas: Arenas, op: Op, x, elem: int = 0) -> None:
+    """Apply one op (or elements [elem, elem + len(x)) of it) from the typed source ``x``."""
+    flat = arenas.flat(op.param)
+    if op.kind == "broadcast":
+        flat[op.start:op.start + op.count].copy_(x.reshape(1).expand(op.count))
+        return
+    dst = flat[op.start + elem:op.start + elem + x.numel()]
+    dst.copy_(x.reshape(-1))
+    if op.kind == "mamba_A":
+        dst.exp_().neg_()
+
+
+# ---------------------------------------------------------------------------
+# Readers
+
+
+class Piece(NamedTuple):
+    """The part of one op that lies in one chunk: ``n`` source elements at byte ``off`` of the chunk."""
+
+    op: Op
+    off: int
+    elem: int
+    n: int
+
+
+class Chunk(NamedTuple):
+    path: str
+    start: int
+    end: int
+    pieces: tuple[Piece, ...]
+
+
+def plan_chunks(ops: tuple[Op, ...], chunk_bytes: int) -> list[Chunk]:
+    """Coalesce the ops' source byte ranges into reads of at most ``chunk_bytes``.
+
+    Shards in loader order, ranges by file offset. Small gaps (orphans, routed tensors) are read
+    through; a tensor longer than a chunk is split at an element boundary (every op is
+    elementwise, so any split is exact).
+    """
+    chunks: list[Chunk] = []
+    order = {}
+    for op in ops:
+        order.setdefault(op.path, len(order))
+    for path in order:
+        mine = sorted((op for op in ops if op.path == path), key=lambda o: o.tensor.start)
+        start = end = -1
+        pieces: list[Piece] = []
+        for op in mine:
+            es = ITEMSIZE[op.src]
+            pos = op.tensor.start
+            stop = pos + (es if op.kind == "broadcast" else op.count * es)
+            done = 0
+            while pos < stop:
+                if pieces and (pos - end > _GAP or start + chunk_bytes - pos < es):
+                    chunks.append(Chunk(path, start, end, tuple(pieces)))
+                    pieces = []
+                if not pieces:
+                    start = pos
+                take = min(stop - pos, (start + chunk_bytes - pos) // es * es)
+                pieces.append(Piece(op, pos - start, done, take // es))
+                pos += take
+                done += take // es
+                end = pos
+        if pieces:
+            chunks.append(Chunk(path, start, end, tuple(pieces)))
+    return chunks
+
+
+def _buffer(t, offset: int, size: int) -> memoryview:
+    """A writable memoryview over ``size`` bytes of a CPU tensor (for ``os.preadv``), without numpy."""
+    return memoryview((ctypes.c_char * size).from_address(t.data_ptr() + offset)).cast("B")
+
+
+def _read(fd: int, path: str, view: memoryview, offset: int, size: int, wait) -> None:
+    if wait is not None:
+        wait.synchronize()  # the slot's previous host-to-device copy must be done before we overwrite it
+    got = 0
+    while got < size:
+        try:
+            n = os.preadv(fd, [view[got:size]], offset + got)
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
+        if n == 0:
+            raise CheckpointError(path, f"file ends at byte {offset + got}, inside tensor data its header declares")
+        got += n
+
+
+def _host_ring(torch, size: int, pinned: bool):
+    """Ring storage; the pinned one is kept for the next load (pinning costs more than the reads)."""
+    if not pinned:
+        return torch.empty(size, dtype=torch.uint8)
+    ring = _PINNED.get("ring")
+    if ring is None or ring.numel() < size:
+        _PINNED.pop("ring", None)
+        ring = _PINNED["ring"] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    return ring
+
+
+def _apply(pieces: tuple[Piece, ...], src, arenas: Arenas) -> None:
+    """Place one chunk: same-dtype pieces as one batched byte copy, the rest through ``_write``."""
+    torch = arenas.torch
+    dsts, srcs = [], []
+    for pc in pieces:
+        op = pc.op
+        es = ITEMSIZE[op.src]
+        if op.kind == "copy":
+            dtype, base = arenas.where[op.param]
+            b0 = (base + op.start + pc.elem) * es
+            dsts.append(arenas.raw[dtype][b0:b0 + pc.n * es])
+            srcs.append(src[pc.off:pc.off + pc.n * es])
+            continue
+        x = src[pc.off:pc.off + pc.n * es]
+        if pc.off % es:
+            x = x.clone()  # a dtype view needs an aligned start
+        _write(arenas, op, x.view(getattr(torch, op.src)), pc.elem)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+
+
+def _run_fast(ops: tuple[Op, ...], arenas: Arenas, device, opts: LoadOptions) -> int:
+    """Thread-pool reads into a ring of host buffers, each placed as soon as its read lands; returns bytes read."""
+    torch = arenas.torch
+    chunks = plan_chunks(ops, opts.chunk_bytes)
+    if not chunks:
+        return 0
+    cuda = device.type == "cuda"
+    slot = -(-max(c.end - c.start for c in chunks) // 64) * 64
+    nslots = max(1, min(len(chunks), opts.pinned_bytes // slot))
+    ring = _host_ring(torch, nslots * slot, cuda)
+    views = [_buffer(ring, i * slot, slot) for i in range(nslots)]
+    threads = opts.threads or min(16, os.cpu_count() or 4)
+    fds: dict[str, int] = {}
+    stream = torch.cuda.Stream(device) if cuda else None
+    stage = torch.empty(slot, dtype=torch.uint8, device=device) if cuda else None
+    events = [torch.cuda.Event() for _ in range(nslots)] if cuda else []
+    pending = {}
+    try:
+        for c in chunks:
+            if c.path not in fds:
+                try:
+                    fds[c.path] = os.open(c.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            def submit(k: int) -> None:
+                c = chunks[k]
+                s = k % nslots
+                wait = events[s] if cuda and k >= nslots else None
+                pending[k] = pool.submit(_read, fds[c.path], c.path, views[s], c.start, c.end - c.start, wait)
+
+            for k in range(min(nslots, len(chunks))):
+                submit(k)
+            if cuda:
+                stream.wait_stream(torch.cuda.current_stream(device))  # the poison fill comes first
+            ctx = torch.cuda.stream(stream) if cuda else _nullcontext()
+            with ctx:
+                for k, c in enumerate(chunks):
+                    pending.pop(k).result()
+                    s = k % nslots
+                    size = c.end - c.start
+                    host = ring[s * slot:s * slot + size]
+                    if cuda:
+                        stage[:size].copy_(host, non_blocking=True)
+                        events[s].record(stream)
+                        _apply(c.pieces, stage, arenas)
+                    else:
+                        _apply(c.pieces, host, arenas)
+                    if k + nslots < len(chunks):
+                        submit(k + nslots)
+            if cuda:
+                stream.synchronize()
+    finally:
+        for fut in pending.values():
+            fut.cancel()
+        for fd in fds.values():
+            os.close(fd)
+    return sum(c.end - c.start for c in chunks)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _run_safetensors(ops: tuple[Op, ...], arenas: Arenas, device) -> int:
+    """The reference reader: ``safe_open`` one shard at a time, one tensor at a time, in stream order."""
+    from safetensors import safe_open
+
+    i = 0
+    total = 0
+    dev = str(device)
+    while i < len(ops):
+        path = ops[i].path
+        j = i
+        while j < len(ops) and ops[j].path == path:
+            j += 1
+        with safe_open(path, framework="pt", device=dev) as f:
+            for op in ops[i:j]:
+                x = f.get_tensor(op.tensor.name)
+                _write(arenas, op, x)
+                total += op.tensor.nbytes
+        i = j
+    if device.type == "cuda":
+        arenas.torch.cuda.synchronize(device)
+    return total
+
+
+# ---------------------------------------------------------------------------
+# Checks: coverage, read-back, poison
+
+
+def _coverage(params: tuple[Param, ...], ops: tuple[Op, ...]) -> tuple[dict[str, tuple], set[int]]:
+    """Per parameter: (written elements, missing slots, double writes); plus the ops a later op overwrote."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for op in ops:
+        spans.setdefault(op.param, []).append((op.start, op.start + op.count, op.index))
+    out: dict[str, tuple] = {}
+    overwritten: set[int] = set()
+    for p in params:
+        numel = _numel(p.shape)
+        mine = sorted(spans.get(p.name, ()))
+        merged: list[list[int]] = []
+        doubles = 0
+        reach, reach_op = -1, -1
+        for s, e, idx in mine:
+            if s < reach:
+                doubles += 1
+                overwritten.add(min(idx, reach_op))
+            if e > reach:
+                reach, reach_op = e, idx
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        written = sum(e - s for s, e in merged)
+        missing = () if written >= numel else _missing(p, merged)
+        out[p.name] = (written, missing, doubles)
+    return out, overwritten
+
+
+def _missing(p: Param, merged: list[list[int]]) -> tuple[str, ...]:
+    def covered(a: int, b: int) -> bool:
+        return any(s <= a and b <= e for s, e in merged)
+
+    if not merged:
+        return ("all",)
+    if p.loader == "expert" and p.shape:
+        per = _numel(p.shape[1:])
+        absent = [e for e in range(p.shape[0]) if not covered(e * per, (e + 1) * per)]
+        return ("expert " + collapse.render_set(absent),) if absent else ()
+    if p.loader == "stacked" and p.slots:
+        row = 1 if p.slots[0][2] == 1 and len(p.shape) == 1 else _numel(p.shape[1:])
+        return tuple(f"shard {sid}" for sid, off, size in p.slots if not covered(off * row, (off + size) * row))
+    gaps, pos = [], 0
+    for s, e in merged:
+        if s > pos:
+            gaps.append(f"elements {pos}..{s - 1}")
+        pos = max(pos, e)
+    if pos < _numel(p.shape):
+        gaps.append(f"elements {pos}..{_numel(p.shape) - 1}")
+    return tuple(gaps)
+
+
+def verify(ops: tuple[Op, ...], arenas: Arenas, samples: int, skip: set[int]) -> tuple[int, dict[str, int]]:
+    """Read back ``3 × samples`` elements of every write (start, end, a seeded middle) and compare with the file.
+
+    The expected values come from the shard files through an independent memory map, not from
+    the buffers the reader used, so a wrong read and a misplaced write both show. Returns
+    (elements checked, mismatching elements per parameter).
+    """
+    import mmap
+
+    torch = arenas.torch
+    groups: dict[tuple[str, str, str, str], list[Op]] = {}
+    for op in ops:
+        if op.index not in skip:
+            groups.setdefault((op.path, op.src, arenas.where[op.param][0], op.kind), []).append(op)
+    checked = 0
+    bad: dict[str, int] = {}
+    maps: dict[str, tuple] = {}
+    try:
+        for (path, src, dst, kind), group in groups.items():
+            if path not in maps:
+                with open(path, "rb") as fh:
+                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+            data = maps[path][1]
+            pos0 = torch.tensor([arenas.where[o.param][1] + o.start for o in group], dtype=torch.int64)
+            count = torch.tensor([o.count for o in group], dtype=torch.int64)
+            src0 = torch.tensor([o.tensor.start for o in group], dtype=torch.int64)
+            seed = torch.tensor([o.index for o in group], dtype=torch.int64)
+            w = torch.arange(samples, dtype=torch.int64)
+            last = (count - 1).unsqueeze(1)
+            mid = ((seed * 2654435761) % 4093 * count // 4093).unsqueeze(1)
+            rel = torch.cat([torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0),
+                             torch.minimum(mid + w, last)], dim=1)
+            es = ITEMSIZE[src]
+            src_rel = torch.zeros_like(rel) if kind == "broadcast" else rel
+            idx = (src0.unsqueeze(1) + src_rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
+            x = data[idx.reshape(-1)].view(getattr(torch, src))
+            want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst))
+            # Gather bytes, not elements: indexing kernels do not cover every float8 dtype.
+            de = ITEMSIZE[dst]
+            pos = (pos0.unsqueeze(1) + rel).reshape(-1)
+            raw = arenas.raw[dst]
+            got = raw[((pos * de).unsqueeze(1) + torch.arange(de)).reshape(-1).to(raw.device)].cpu()
+            if kind == "mamba_A":
+                ok = torch.isclose(got.view(torch.float32), want, rtol=1e-5, atol=0.0)
+            else:
+                ok = (got.view(-1, de) == want.reshape(-1).view(torch.uint8).view(-1, de)).all(dim=1)
+            checked += ok.numel()
+            per_op = (~ok).view(len(group), -1).sum(dim=1).tolist()
+            for o, n in zip(group, per_op):
+                if n:
+                    bad[o.param] = bad.get(o.param, 0) + n
+    finally:
+        for mm, view in maps.values():
+            del view
+            mm.close()
+    return checked, bad
+
+
+# ---------------------------------------------------------------------------
+# The whole load
+
+
+def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptions = LoadOptions(), *,
+                    manifest_file: str | None = None, moe_backend: str | None = None, mtp: bool = False,
+                    pp: tuple[int, int] | None = None, t0: float | None = None) -> LoadResult:
+    """Audit, plan, allocate, load, check. ``pp`` is (rank, size) of one pipeline rank; ``t0`` lets a
+    caller count the header reading in the wall time."""
+    from nhcheck import pipeline
+
+    t0 = time.perf_counter() if t0 is None else t0
+    if opts.reader not in READERS:
+        raise UsageError(f"--reader {opts.reader!r}: expected one of {', '.join(READERS)}")
+    if opts.dtype not in DTYPES:
+        raise UsageError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
+    torch = _torch()
+    device = resolve_device(opts.device)
+    inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
+    audit = pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
+    plan = plan_load(audit, opts.dtype)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t_plan = time.perf_counter()
+    arenas = Arenas(plan.params, device, torch)
+    t_alloc = time.perf_counter()
+    if opts.reader == "fast":
+        read = _run_fast(plan.ops, arenas, device, opts)
+    else:
+        read = _run_safetensors(plan.ops, arenas, device)
+    t_data = time.perf_counter()
+    cov, overwritten = _coverage(plan.params, plan.ops)
+    checked, bad = verify(plan.ops, arenas, max(1, opts.samples), overwritten)
+    poison = arenas.poisoned() if plan.crash is None else {}
+    t_end = time.perf_counter()
+    loaded = sum(op.tensor.nbytes for op in plan.ops)
+    crash = None
+    if plan.crash is not None:
+        crash = {"tensor": plan.crash["tensor"], "error": plan.crash["error"], "shard": plan.crash["shard"],
+                 "tensors_loaded": len(plan.ops), "bytes_loaded": loaded, "seconds": round(t_data - t0, 6)}
+    params = tuple(_param_load(p, cov[p.name], poison.get(p.name, 0), bad.get(p.name, 0)) for p in plan.params)
+    findings = _findings(audit, plan, params, crash)
+    report = LoadReport(
+        audit=audit, device=str(device),
+        device_name=torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine() or "cpu"),
+        reader=opts.reader, tensors_loaded=len(plan.ops), bytes_loaded=loaded, bytes_read=read,
+        seconds=t_end - t0,
+        timings={"plan": t_plan - t0, "allocate": t_alloc - t_plan, "transfer": t_data - t_alloc, "check": t_end - t_data},
+        peak_device_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+        params=params, findings=tuple(findings), crash=crash, verdict=_verdict(findings, crash), samples_checked=checked,
+    )
+    return LoadResult(report, arenas.tensors())
+
+
+def load_path(path: str, engine: str | None = None, opts: LoadOptions = LoadOptions(), **kw: Any) -> LoadResult:
+    """Open a local checkpoint and load it; the wall time includes reading the headers."""
+    t0 = time.perf_counter()
+    return load_checkpoint(open_local(path), engine, opts, t0=t0, **kw)
+
+
+def open_for_load(source: str, revision: str | None = None, progress=None) -> Checkpoint:
+    """A local checkpoint, or a Hub repo downloaded to the local cache: loading needs the bytes, not just headers."""
+    from nhcheck.sources import looks_like_repo_id
+
+    if os.path.exists(source):
+        if revision:
+            raise CheckpointError(source, "--revision applies to Hub repo ids, not local paths")
+        return open_local(source, progress)
+    if not looks_like_repo_id(source):
+        raise CheckpointError(source, "no such file or directory, and not a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(source, revision=revision, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
+        raise CheckpointError(source, f"cannot download from the Hub: {type(exc).__name__}: {exc}") from None
+    ckpt = open_local(root, progress)
+    return Checkpoint(source, ckpt.root, ckpt.config, ckpt.hf_quant_config, ckpt.shards, ckpt.index, ckpt.findings,
+                      ckpt.sidecars, revision, ckpt.bytes_transferred, ckpt.missing_shards)
+
+
+def _param_load(p: Param, cov: tuple, poisoned: int, mismatches: int) -> ParamLoad:
+    written, missing, doubles = cov
+    status = "filled" if written >= _numel(p.shape) else "partial" if written else "unfilled"
+    return ParamLoad(p, status, written, missing, doubles, poisoned, mismatches)
+
+
+def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], crash: dict | None) -> list[Finding]:
+    out: list[Finding] = [f for f in audit.checkpoint.findings]
+    if crash is not None:
+        where = f" at {crash['tensor']} (shard {crash['shard']})" if crash["tensor"] else " while building the model"
+        out.append(Finding("error", "crash", f"{audit.engine.replace('@', ' ')} raises {crash['error']}{where} after "
+                           f"{crash['tensors_loaded']:,} tensors, {crash['bytes_loaded']:,} bytes, "
+                           f"{crash['seconds']:.2f} s; the load stops here", crash["shard"], crash["tensor"]))
+    out += plan.findings
+    items: list[tuple[str, str, Finding]] = []
+    for s in params:
+        p = s.param
+        if s.mismatches:
+            items.append(("readback", p.name, Finding("error", "readback-mismatch",
+                                                      "read back differs from the checkpoint bytes (misplaced or wrong data)",
+                                                      None, p.name)))
+        if s.double_writes:
+            items.append(("double", p.name, Finding("error", "double-write",
+                                                    "written more than once; the last tensor in stream order wins",
+                                                    None, p.name)))
+        if crash is not None:
+            continue
+        if s.status == "filled" and s.poisoned:
+            items.append(("poison", p.name, Finding("error", "poison-left",
+                                                    "every slot was written, yet poison is left in memory", None, p.name)))
+        elif s.status != "filled":
+            if p.informational:
+                items.append(("info", p.name, Finding("info", f"param-{s.status}",
+                                                      "no checkpoint tensor fills it; the engine keeps its default",
+                                                      None, p.name)))
+            else:
+                what = ("never written: still holds the poison" if s.status == "unfilled"
+                        else "only partly written: missing " + ", ".join(s.missing))
+                items.append((s.status, p.name, Finding("error", f"param-{s.status}", what, None, p.name)))
+    return out + _grouped(items)
+
+
+def _verdict(findings: list[Finding], crash: dict | None) -> str:
+    if crash is not None:
+        return "crash"
+    codes = {f.code for f in findings if f.severity == "error"}
+    if codes - {"param-unfilled", "param-partial"}:
+        return "broken"
+    return "incomplete" if codes else "clean"
+
+
+# ---------------------------------------------------------------------------
+# Rendering (same formats as audit)
+
+
+def to_json(r: LoadReport) -> dict:
+    a = r.audit
+    count = {s: sum(1 for p in r.params if p.status == s) for s in ("filled", "partial", "unfilled")}
+    return {
+        "schema": SCHEMA, "nhcheck_version": __version__, "source": a.source, "revision": a.revision,
+        "engine": {"name": "sglang", "version": a.engine.split("@", 1)[1], "moe_backend": a.manifest.moe_backend,
+                   "mode": "mtp" if a.mtp else "main"},
+        "model": {"architecture": a.config.wrapper or a.config.architecture, "pattern": a.config.pattern, "quant": a.quant},
+        "device": {"name": r.device, "description": r.device_name, "reader": r.reader},
+        "summary": {
+            "verdict": r.verdict, "tensors": len(a.records), "tensors_loaded": r.tensors_loaded,
+            "bytes_loaded": r.bytes_loaded, "bytes_read": r.bytes_read, "seconds": round(r.seconds, 6),
+            "gb_per_s": round(r.gb_per_s, 3), "peak_device_bytes": r.peak_device_bytes,
+            "timings": {k: round(v, 6) for k, v in r.timings.items()},
+            "params": len(r.params) + len(_unreachable(r)), "params_filled": count["filled"],
+            "params_partial": count["partial"], "params_unfilled": count["unfilled"],
+            "params_unreachable": len(_unreachable(r)),
+            "double_writes": sum(p.double_writes for p in r.params),
+            "poisoned_elements": sum(p.poisoned for p in r.params),
+            "samples_checked": r.samples_checked, "sample_mismatches": sum(p.mismatches for p in r.params),
+            "orphans": a.counts()["orphans"],
+        },
+        "crash": r.crash,
+        "params": [{"name": p.param.name, "dtype": p.param.dtype, "shape": list(p.param.shape), "status": p.status,
+                    "elements": p.numel, "written": p.written, "missing": list(p.missing),
+                    "double_writes": p.double_writes, "poisoned": p.poisoned, "mismatches": p.mismatches,
+                    "informational": p.param.informational} for p in r.params],
+        "findings": [f.to_json() for f in r.findings],
+    }
+
+
+def _unreachable(r: LoadReport) -> list[str]:
+    return [p.name for p in r.audit.manifest.params if not p.reachable]
+
+
+def render_json(r: LoadReport) -> str:
+    import json
+
+    return json.dumps(to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _gb(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def headline(r: LoadReport) -> str:
+    a = r.audit
+    if r.crash is not None:
+        c = r.crash
+        where = f" at {c['tensor']} (shard {c['shard']})" if c["tensor"] else " while building the model"
+        return (f"{a.engine} raises {c['error']}{where}, after {c['tensors_loaded']:,} tensors, "
+                f"{_gb(c['bytes_loaded'])} in {c['seconds']:.2f} s: the server dies here.")
+    bad = [f for f in r.findings if f.severity == "error"]
+    if r.verdict == "clean":
+        return f"{a.engine} fills every reachable parameter; every element written once, read back equal to the file."
+    return f"{a.engine}: {len(bad)} problem famil{'y' if len(bad) == 1 else 'ies'} in the loaded parameters."
+
+
+def stats_line(r: LoadReport) -> str:
+    peak = f", peak device memory {_gb(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
+    return (f"{r.tensors_loaded:,} tensors, {_gb(r.bytes_loaded)} loaded ({_gb(r.bytes_read)} read) into "
+            f"{len(r.params):,} parameters on {r.device} ({r.device_name}) with the {r.reader} reader in "
+            f"{r.seconds:.3f} s ({r.gb_per_s:.2f} GB/s){peak}; {r.samples_checked:,} elements read back.")
+
+
+def _problem_groups(r: LoadReport):
+    items = [((p.status, p.param.informational, p.missing), p.param.name, p) for p in r.params
+             if p.status != "filled" and r.crash is None]
+    return collapse.group(items)
+
+
+def render_table(r: LoadReport, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from nhcheck.report import safe
+
+    e = lambda s: escape(safe(s))  # noqa: E731
+    a = r.audit
+    console.print(f"[bold]nhcheck load[/] {e(a.source)} · {a.engine} · {e(a.config.wrapper or a.config.architecture)} "
+                  f"({e(a.quant or 'unquantized')}) · {len(a.records):,} tensors in {len(a.checkpoint.shards)} shard(s)")
+    colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
+    console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(headline(r))}")
+    console.print(e(stats_line(r)))
+    groups = _problem_groups(r)
+    if groups:
+        t = Table(title="Runtime parameters not fully written", title_justify="left")
+        for col in ("status", "parameters", "count", "note"):
+            t.add_column(col, overflow="fold")
+        for (status, info, missing), name, n, _ in groups:
+            note = "engine keeps its default; informational" if info else (
+                "missing " + ", ".join(missing) if status == "partial" else "left poisoned")
+            t.add_row(status, e(name), f"×{n:,}", e(note))
+        console.print(t)
+    shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
+    if shown:
+        t = Table(title="Findings", title_justify="left")
+        for col in ("severity", "code", "message", "where"):
+            t.add_column(col, overflow="fold")
+        for f in shown:
+            style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
+            t.add_row(f"[{style}]{f.severity}[/]", f.code, e(f.message), e(f.tensor or f.shard or ""))
+        console.print(t)
+
+
+def render_markdown(r: LoadReport) -> str:
+    from nhcheck.report import _md
+
+    a = r.audit
+    out = [f"### nhcheck load: `{_md(a.source)}` on {a.engine}, {_md(r.device)} ({_md(r.device_name)})", "",
+           f"**{r.verdict.upper()}**: {_md(headline(r))}", "", _md(stats_line(r))]
+    groups = _problem_groups(r)
+    if groups:
+        out += ["", "| status | parameters | count | missing |", "|---|---|---|---|"]
+        for (status, info, missing), name, n, _ in groups:
+            out.append(f"| {status}{' (info)' if info else ''} | `{_md(name)}` | {n:,} | {_md(', '.join(missing))} |")
+    shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
+    if shown:
+        out += ["", "| severity | code | message | where |", "|---|---|---|---|"]
+        for f in shown:
+            out.append(f"| {f.severity} | {f.code} | {_md(f.message)} | `{_md(f.tensor or f.shard or '')}` |")
+    return "\n".join(out) + "\n"
+
+
+def summary_line(r: LoadReport) -> str:
+    bad = sum(1 for f in r.findings if f.severity == "error")
+    return (f"Loaded {r.tensors_loaded:,} tensors ({_gb(r.bytes_loaded)}) on {r.device} in {r.seconds:.2f} s "
+            f"({r.gb_per_s:.2f} GB/s): verdict {r.verdict}; {bad} error finding(s).")
