@@ -133,17 +133,21 @@ def cli() -> None:
 @click.option("--fail-on", type=click.Choice(GATES), default="warning", show_default=True,
               help="Lowest finding severity that makes the exit code 1.")
 @click.option("--show-loaded", is_flag=True, help="List the tensors that load too, not only the problems.")
+@click.option("--values", is_flag=True,
+              help="Also read the scale tensors (only those) and flag zero, negative or non-finite scales.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
-def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_file, ignore, fail_on, show_loaded, quiet):
+def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_file, ignore, fail_on, show_loaded, values,
+          quiet):
     """Replay the engine's loader over SOURCE's shard headers and report both directions.
 
     SOURCE is a checkpoint directory, a .safetensors file or a Hub repo id. No tensor
-    data is read.
+    data is read, except the scale tensors with --values.
 
     \b
     Examples:
       nhcheck audit examples/omni-nvfp4-24137 --engine sglang@0.5.11
       nhcheck audit ./ckpt --format json -o audit.json
+      nhcheck audit ./ckpt --values
       nhcheck audit nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --format markdown
     """
     from nhcheck import pipeline, report
@@ -154,6 +158,10 @@ def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_
     ckpt = open_source(source, revision, _progress(quiet))
     inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
     rep = pipeline.audit(inputs, AuditOptions(mtp=mtp, ignore=tuple(ignore)))
+    if values:
+        from nhcheck import values as scale_values
+
+        rep = scale_values.with_values(rep, scale_values.scan(rep))
     if fmt == "json":
         _write_out(report.render_json(rep), output)
     elif fmt == "markdown":

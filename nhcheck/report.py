@@ -186,6 +186,9 @@ def verdict_text(report: "AuditReport") -> str:
             parts.append(f"{n} tensor famil{'y' if n == 1 else 'ies'} would load with the wrong shape or quantization")
         if s:
             parts.append(f"{s} structural problem{'s' if s != 1 else ''} in the files")
+        b = sum(1 for f in report.findings if f.code == "bad-scale")
+        if b:
+            parts.append(f"{b} module famil{'y' if b == 1 else 'ies'} with zero, negative or non-finite scales")
         return f"sglang {ver} would not load this correctly: " + "; ".join(parts) + "."
     if v == "incomplete":
         n = sum(1 for s in report.params if s.status in ("unfilled", "partial") and not s.param.informational)
