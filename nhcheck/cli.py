@@ -135,9 +135,11 @@ def cli() -> None:
 @click.option("--show-loaded", is_flag=True, help="List the tensors that load too, not only the problems.")
 @click.option("--values", is_flag=True,
               help="Also read the scale tensors (only those) and flag zero, negative or non-finite scales.")
+@click.option("--tp", "tp_sizes", default=None, metavar="SIZES",
+              help="Also check the engine's tensor-parallel sharding at these TP sizes (e.g. 2,4,8): tp-indivisible findings.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
 def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_file, ignore, fail_on, show_loaded, values,
-          quiet):
+          tp_sizes, quiet):
     """Replay the engine's loader over SOURCE's shard headers and report both directions.
 
     SOURCE is a checkpoint directory, a .safetensors file or a Hub repo id. No tensor
@@ -148,12 +150,15 @@ def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_
       nhcheck audit examples/omni-nvfp4-24137 --engine sglang@0.5.11
       nhcheck audit ./ckpt --format json -o audit.json
       nhcheck audit ./ckpt --values
+      nhcheck audit ./ckpt --tp 2,4,8
       nhcheck audit nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --format markdown
     """
     from nhcheck import pipeline, report
+    from nhcheck import tp as tensor_parallel
     from nhcheck.audit import AuditOptions
     from nhcheck.sources import open_source
 
+    sizes = tensor_parallel.parse_tp_sizes(tp_sizes) if tp_sizes is not None else ()
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, _progress(quiet))
     inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
@@ -162,6 +167,8 @@ def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_
         from nhcheck import values as scale_values
 
         rep = scale_values.with_values(rep, scale_values.scan(rep))
+    if sizes:
+        rep = tensor_parallel.with_findings(rep, sizes)
     if fmt == "json":
         _write_out(report.render_json(rep), output)
     elif fmt == "markdown":

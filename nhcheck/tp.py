@@ -1,0 +1,524 @@
+"""Tensor parallelism as SGLang 0.5.23 shards Nemotron-H: which TP sizes can load each parameter,
+and which slice of it each rank holds.
+
+Many load failures only appear at TP > 1, and some are silent (the engine starts, ranks ≥ 1
+hold the wrong bytes). This module answers both questions from the manifest and config alone,
+no torch: ``audit --tp`` turns the problems into findings, and ``load --tp`` takes each rank's
+partition from the same ``Sharding``, so the static verdict and the real load cannot disagree.
+
+Every rule below was read in the released sglang 0.5.23 source (file paths under
+``python/sglang/srt/``; line numbers drift, the functions named do not):
+
+``attn-heads``
+    ``NemotronHAttention.__init__`` (models/nemotron_h.py) asserts ``num_attention_heads % tp == 0``;
+    ``QKVParallelLinear.__init__`` (layers/linear.py) ``divide()``\\ s the q heads again.
+``attn-kv-heads``
+    Same constructor: with ``num_key_value_heads >= tp`` it asserts ``kv % tp == 0`` (KV heads are
+    partitioned); below that it asserts ``tp % kv == 0`` and every KV head is replicated on
+    ``tp / kv`` ranks (``num_kv_head_replicas``; rank r loads head ``r // replicas`` in
+    ``QKVParallelLinear.weight_loader``).
+``mamba-heads``
+    ``MambaMixer2.__init__`` (layers/attention/mamba/mamba.py) asserts ``mamba_num_heads % tp == 0``
+    (A, D, dt_bias and the head rows of ``in_proj`` are split by head).
+``mamba-groups``
+    Same constructor asserts ``n_groups % tp == 0 or n_groups == 1``. With ``n_groups == 1`` and
+    ``tp`` not dividing it, ``extra_groups_for_head_shards`` replicates the single B/C group onto
+    every rank (``mamba_v2_sharded_weight_loader`` with ``duplicate_groups``).
+``mamba-groups-quant``
+    Same constructor asserts ``n_groups % tp == 0`` when the model has a quant config and
+    ``tp > 1`` (the group-replicating loader is not wired for quantized ``in_proj``). The quant
+    config is the model's, so an excluded ``in_proj`` does not help.
+``linear-divide``
+    ``ColumnParallelLinear._initialize_partition``, ``MergedColumnParallelLinear.__init__`` and
+    ``RowParallelLinear.__init__`` (layers/linear.py) divide the sharded size (each merged part for
+    ``in_proj``/``conv1d``) by ``tp`` with an asserting ``divide()``; ``Mixer2RMSNormGated``
+    asserts the same for the gated norm.
+``nvfp4-linear-k``
+    ``ModelOptFp4LinearMethod.create_weights`` and ``ModelOptNvFp4A16LinearMethod.create_weights``
+    (layers/quantization/modelopt_quant.py) raise ``ValueError`` when a row-parallel layer's
+    ``input_size_per_partition % 16 != 0``: each rank's K must hold whole 16-element NVFP4 blocks.
+``moe-intermediate``
+    ``FusedMoE.__init__`` (layers/moe/fused_moe_triton/layer.py) asserts
+    ``moe_intermediate_size % moe_tp_size == 0``; with the default ``--ep-size 1`` ``moe_tp_size``
+    is the TP size.
+``nvfp4-moe-pair``
+    ``ModelOptNvFp4FusedMoEMethod.create_weights`` sizes ``w2_weight`` ``isp // 2`` bytes and
+    ``FusedMoE._load_w2`` narrows the checkpoint by ``shape // tp``: with an odd per-rank
+    intermediate size a byte's two FP4 values straddle two ranks (silently wrong weights).
+``nvfp4-moe-block``
+    Same method sizes ``w2_weight_scale`` ``isp // 16``: with ``isp % 16 != 0`` a 16-element
+    block straddles two ranks and every rank ≥ 1 applies its neighbour's scales (silent).
+``moe-padded-window``
+    Under ``flashinfer_trtllm``/``flashinfer_trtllm_routed`` the per-rank intermediate size is
+    padded to a multiple of 128 (``FusedMoE.__init__``, ``ModelOptNvFp4FusedMoEMethod.create_weights``)
+    and ``FusedMoE._load_w13``/``_load_w2`` (``use_padded_loading``) start rank r's checkpoint
+    window at ``r × padded size``: with ``isp % 128 != 0`` ranks ≥ 1 read the wrong rows (silent).
+``fp8-block-linear``
+    ``Fp8LinearMethod.validate_block_quant_shapes`` (layers/quantization/fp8.py) raises when a
+    row-parallel ``input_size_per_partition % block_k`` or a column/merged output partition
+    ``% block_n`` is not 0 (block FP8 128×128, MXFP8 1×32).
+``fp8-block-moe``
+    ``Fp8MoEMethod.create_weights`` (layers/quantization/fp8.py) raises when
+    ``isp % block_n`` or, at ``tp > 1``, ``isp % block_k`` is not 0.
+``vocab-padding`` (info, never a failure)
+    ``VocabParallelEmbedding.__init__`` (layers/vocab_parallel_embedding.py) pads the vocabulary
+    to a multiple of 64, or of ``64 × tp`` when that is not divisible by ``tp``; each rank holds
+    ``padded / tp`` rows, the checkpoint rows ``[r × padded/tp, …) ∩ [0, vocab)``, the rest zero.
+
+Replicated (every rank holds the whole tensor): norms, the router ``gate`` and its correction
+bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``), per-tensor and per-partition scales,
+row-parallel biases, KV-cache scales, the vision projector ``mlp1``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nhcheck import collapse
+from nhcheck.errors import UsageError
+from nhcheck.findings import Finding
+from nhcheck.manifest import Manifest, Param
+from nhcheck.model import NemotronHConfig
+from nhcheck.quant import A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEAR, FP4_MOE
+
+CODE = "tp-indivisible"
+PAD_CODE = "tp-padding"
+VOCAB_PAD = 64  # DEFAULT_VOCAB_PADDING_SIZE
+NVFP4_BLOCK = 16
+TRTLLM_ALIGN = 128
+PADDED_WINDOW_BACKENDS = frozenset({"flashinfer_trtllm", "flashinfer_trtllm_routed"})
+MAX_TP = 1024
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One sharding requirement of the engine, where it lives, and what breaks when it is not met."""
+
+    id: str
+    where: str
+    file: str
+    effect: str
+
+
+RULES = {r.id: r for r in (
+    Rule("attn-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", "AssertionError at start-up"),
+    Rule("attn-kv-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", "AssertionError at start-up"),
+    Rule("mamba-heads", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
+    Rule("mamba-groups", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
+    Rule("mamba-groups-quant", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
+    Rule("linear-divide", "ColumnParallelLinear/RowParallelLinear divide()", "layers/linear.py",
+         "AssertionError at start-up"),
+    Rule("nvfp4-linear-k", "ModelOptFp4LinearMethod.create_weights", "layers/quantization/modelopt_quant.py",
+         "ValueError at start-up"),
+    Rule("moe-intermediate", "FusedMoE.__init__", "layers/moe/fused_moe_triton/layer.py", "AssertionError at start-up"),
+    Rule("nvfp4-moe-pair", "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
+         "layers/quantization/modelopt_quant.py", "loads, but FP4 pairs straddle ranks: wrong weights"),
+    Rule("nvfp4-moe-block", "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
+         "layers/quantization/modelopt_quant.py", "loads, but block scales straddle ranks: wrong weights"),
+    Rule("moe-padded-window", "FusedMoE._load_w13/_load_w2 (use_padded_loading)", "layers/moe/fused_moe_triton/layer.py",
+         "loads, but ranks ≥ 1 read the wrong rows: wrong weights"),
+    Rule("fp8-block-linear", "Fp8LinearMethod.validate_block_quant_shapes", "layers/quantization/fp8.py",
+         "ValueError at start-up"),
+    Rule("fp8-block-moe", "Fp8MoEMethod.create_weights", "layers/quantization/fp8.py", "ValueError at start-up"),
+    Rule("vocab-padding", "VocabParallelEmbedding.__init__", "layers/vocab_parallel_embedding.py",
+         "zero rows pad the partition"),
+)}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One logical block of a parameter along its sharded dim (a q/k/v block, an ``in_proj`` part).
+
+    ``size`` is its extent in the TP-1 (checkpoint) layout. ``pieces`` is how many distinct
+    slices it is cut into: the TP size, fewer when heads or groups are replicated (rank r takes
+    slice ``r × pieces // tp``), 1 when every rank holds it whole. ``padded`` is the extent the
+    engine pads to before cutting (vocabulary); 0 when it does not pad.
+    """
+
+    size: int
+    pieces: int
+    padded: int = 0
+
+    @property
+    def step(self) -> int:
+        return (self.padded or self.size) // self.pieces
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How one runtime parameter is cut for one TP size; ``dim`` None means replicated."""
+
+    tp: int
+    dim: int | None = None
+    parts: tuple[Part, ...] = ()
+
+    def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.dim is None:
+            return shape
+        return shape[:self.dim] + (sum(p.step for p in self.parts),) + shape[self.dim + 1:]
+
+    def windows(self, rank: int) -> tuple[tuple[int, int, int], ...]:
+        """``(source start, length, local start)`` along ``dim`` for ``rank``; zero-length windows left out.
+
+        Local positions not covered by a window are padding the engine zero-fills.
+        """
+        if self.dim is None:
+            return ()
+        out = []
+        src = dst = 0
+        for p in self.parts:
+            k = rank * p.pieces // self.tp
+            start = k * p.step
+            n = max(0, min(p.step, p.size - start))
+            if n:
+                out.append((src + start, n, dst))
+            src += p.size
+            dst += p.step
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Problem:
+    rule: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """One parameter at one TP size: its sharding, or the reasons the engine cannot (or wrongly) shard it."""
+
+    param: Param
+    sharding: Sharding | None
+    problems: tuple[Problem, ...] = ()
+    module: str = ""
+
+
+def parse_tp_sizes(text: str) -> tuple[int, ...]:
+    """``"2,4,8"`` → (2, 4, 8); anything else is a usage error."""
+    sizes: list[int] = []
+    for tok in str(text).split(","):
+        tok = tok.strip()
+        if not tok.isdigit() or not 1 <= int(tok) <= MAX_TP:
+            raise UsageError(f"--tp takes TP sizes between 1 and {MAX_TP} separated by commas (e.g. 2,4,8), got {text!r}")
+        if int(tok) not in sizes:
+            sizes.append(int(tok))
+    return tuple(sizes)
+
+
+# ---------------------------------------------------------------------------
+# Module geometry
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A linear module: ``style`` column (output parts split) or row (input split)."""
+
+    style: str
+    outs: tuple[tuple[int, int], ...]  # (rows, pieces) per merged part, for column style
+    inp: int
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LINEAR_SUFFIX = re.compile(r"^(.*)\.(weight|weight_scale|weight_scale_inv|weight_scale_2|input_scale|bias|pre_quant_scale)$")
+
+
+class _Planner:
+    def __init__(self, manifest: Manifest, cfg: NemotronHConfig, tp: int) -> None:
+        self.m = manifest
+        self.cfg = cfg
+        self.tp = tp
+        self.pattern = cfg.mtp_pattern if manifest.mode == "mtp" else cfg.pattern
+        self.quantized = manifest.quantization is not None
+        self.module_problems: dict[str, tuple[Problem, ...]] = {}
+
+    # -- module-level rules (a failing constructor takes every parameter of the module with it)
+
+    def _attn(self) -> list[Problem]:
+        c, tp = self.cfg, self.tp
+        out = []
+        if c.num_attention_heads % tp:
+            out.append(Problem("attn-heads", f"num_attention_heads {c.num_attention_heads} is not divisible by {tp}"))
+        kv = c.num_key_value_heads
+        if kv >= tp and kv % tp:
+            out.append(Problem("attn-kv-heads", f"num_key_value_heads {kv} is not divisible by {tp}"))
+        elif 0 < kv < tp and tp % kv:
+            out.append(Problem("attn-kv-heads", f"{tp} is not a multiple of num_key_value_heads {kv} "
+                                                "(KV heads can only be replicated a whole number of times)"))
+        return out
+
+    def _mamba(self) -> list[Problem]:
+        c, tp = self.cfg, self.tp
+        out = []
+        if c.mamba_num_heads % tp:
+            out.append(Problem("mamba-heads", f"mamba_num_heads {c.mamba_num_heads} is not divisible by {tp}"))
+        if c.n_groups % tp and c.n_groups != 1:
+            out.append(Problem("mamba-groups", f"n_groups {c.n_groups} is neither divisible by {tp} nor 1"))
+        elif c.n_groups % tp and self.quantized:
+            out.append(Problem("mamba-groups-quant", f"n_groups {c.n_groups} is not divisible by {tp} and the model is "
+                                                     f"quantized ({self.m.quantization})"))
+        return out
+
+    def _divide(self, size: int, what: str) -> list[Problem]:
+        return [Problem("linear-divide", f"{what} {size} is not divisible by {self.tp}")] if size % self.tp else []
+
+    def _moe(self) -> list[Problem]:
+        mi = self.cfg.moe_intermediate_size
+        if mi % self.tp:
+            return [Problem("moe-intermediate", f"moe_intermediate_size {mi} is not divisible by {self.tp}")]
+        return []
+
+    # -- per-module quant rules
+
+    def _linear_quant(self, lin: _Linear, method: str | None, algo_mx: bool) -> list[Problem]:
+        tp = self.tp
+        out = []
+        if lin.style == "row":
+            k = lin.inp // tp
+            if method in (FP4_LINEAR, A16_LINEAR) and k % NVFP4_BLOCK:
+                out.append(Problem("nvfp4-linear-k", f"input_size_per_partition {lin.inp}/{tp} = {k} is not a multiple "
+                                                     f"of the NVFP4 block ({NVFP4_BLOCK})"))
+            if method == BLOCK_FP8_LINEAR and tp > 1:
+                bk = 32 if algo_mx else 128
+                if k % bk:
+                    out.append(Problem("fp8-block-linear", f"input_size_per_partition {lin.inp}/{tp} = {k} is not "
+                                                           f"divisible by block_k {bk}"))
+        elif method == BLOCK_FP8_LINEAR and not algo_mx and (tp > 1 or len(lin.outs) > 1):
+            for rows, pieces in lin.outs:
+                n = rows // pieces if pieces else rows
+                if n % 128:
+                    out.append(Problem("fp8-block-linear", f"output partition {n} is not divisible by block_n 128"))
+                    break
+        return out
+
+    def _expert_quant(self, method: str | None) -> list[Problem]:
+        tp, mi = self.tp, self.cfg.moe_intermediate_size
+        isp = mi // tp
+        out = []
+        if method == FP4_MOE and tp > 1:
+            if isp % 2:
+                out.append(Problem("nvfp4-moe-pair", f"intermediate_size_per_partition {mi}/{tp} = {isp} is odd"))
+            elif isp % NVFP4_BLOCK:
+                out.append(Problem("nvfp4-moe-block", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not a "
+                                                      f"multiple of the NVFP4 block ({NVFP4_BLOCK})"))
+        if method == BLOCK_FP8_MOE and isp % 128:
+            out.append(Problem("fp8-block-moe", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not "
+                                                    "divisible by the 128×128 block"))
+        if tp > 1 and self.m.moe_backend in PADDED_WINDOW_BACKENDS and isp % TRTLLM_ALIGN:
+            out.append(Problem("moe-padded-window", f"intermediate_size_per_partition {mi}/{tp} = {isp} is padded to "
+                                                    f"{-(-isp // TRTLLM_ALIGN) * TRTLLM_ALIGN} (moe backend "
+                                                    f"{self.m.moe_backend}); rank r reads from r × the padded size"))
+        return out
+
+    # -- geometry of each module
+
+    def _linear_of(self, kind: str, mod: str, layer: int) -> _Linear | None:
+        c, tp = self.cfg, self.tp
+        if mod == "eh_proj":
+            return _Linear("column", ((c.hidden_size, tp),), 2 * c.hidden_size)
+        if kind == "M" and mod == "mixer.in_proj":
+            g = 1 if (c.n_groups == 1 and c.n_groups % tp) else tp
+            z, x, b, cc, dt = c.mamba_in_proj_parts
+            return _Linear("column", ((z, tp), (x, tp), (b, g), (cc, g), (dt, tp)), c.hidden_size)
+        if kind == "M" and mod == "mixer.out_proj":
+            return _Linear("row", (), c.mamba_inner)
+        if kind == "*" and mod == "mixer.qkv_proj":
+            kvp = tp if c.num_key_value_heads >= tp else c.num_key_value_heads
+            return _Linear("column", ((c.q_size, tp), (c.kv_size, kvp), (c.kv_size, kvp)), c.hidden_size)
+        if kind == "*" and mod == "mixer.o_proj":
+            return _Linear("row", (), c.q_size)
+        if kind == "-" and mod == "mixer.up_proj":
+            return _Linear("column", ((c.mlp_intermediate(layer), tp),), c.hidden_size)
+        if kind == "-" and mod == "mixer.down_proj":
+            return _Linear("row", (), c.mlp_intermediate(layer))
+        if kind == "E" and mod == "mixer.shared_experts.up_proj":
+            return _Linear("column", ((c.shared_intermediate, tp),), c.hidden_size)
+        if kind == "E" and mod == "mixer.shared_experts.down_proj":
+            return _Linear("row", (), c.shared_intermediate)
+        return None
+
+    def _module_rules(self, kind: str, mod: str, lin: _Linear | None) -> list[Problem]:
+        if kind == "M" and mod.startswith("mixer.") and mod != "mixer":
+            return self._mamba()
+        if kind == "*" and mod in ("mixer.qkv_proj", "mixer.o_proj"):
+            return self._attn()
+        if kind == "E" and mod == "mixer.experts":
+            return self._moe()
+        if lin is not None:
+            size = lin.inp if lin.style == "row" else sum(r for r, _ in lin.outs)
+            return self._divide(size, "output size" if lin.style == "column" else "input size")
+        return []
+
+    # -- one parameter
+
+    def shard(self, p: Param) -> ParamShard:
+        lp = self.m.lm_prefix
+        if not p.name.startswith(lp):  # the wrapper's vision projector: plain replicated layers
+            return ParamShard(p, Sharding(self.tp))
+        inner = p.name[len(lp):]
+        if inner.startswith(("model.embed_tokens.", "lm_head.")):
+            return self._vocab(p, inner)
+        m = _LAYER.match(inner)
+        if m and int(m.group(1)) < len(self.pattern):
+            return self._layer_param(p, int(m.group(1)), self.pattern[int(m.group(1))], m.group(2))
+        return ParamShard(p, Sharding(self.tp))
+
+    def _vocab(self, p: Param, inner: str) -> ParamShard:
+        """Rows of the weight (and of an NVFP4 block scale) are cut by vocabulary; scalar scales stay whole."""
+        module = self.m.lm_prefix + ("lm_head" if inner.startswith("lm_head.") else "model.embed_tokens")
+        if len(p.shape) < 2:
+            return ParamShard(p, Sharding(self.tp), module=module)
+        pad = VOCAB_PAD
+        if _round_up(self.cfg.vocab_size, pad) % self.tp:
+            pad *= self.tp
+        padded = _round_up(p.shape[0], pad)
+        return ParamShard(p, Sharding(self.tp, 0, (Part(p.shape[0], self.tp, padded),)), module=module)
+
+    def _layer_param(self, p: Param, layer: int, kind: str, rest: str) -> ParamShard:
+        c, tp = self.cfg, self.tp
+        prefix = f"{self.m.lm_prefix}model.layers.{layer}."
+        if rest.startswith("mixer.experts."):
+            module = prefix + "mixer.experts"
+            probs = self._cached(module, lambda: self._moe() + self._expert_quant(p.quant_method))
+            sh = None
+            if len(p.shape) == 3 and p.reachable:
+                dim = 1 if rest.startswith("mixer.experts.w13_") else 2
+                sh = Sharding(tp, dim, (Part(p.shape[dim], tp),))
+            elif p.reachable:
+                sh = Sharding(tp)
+            return self._result(p, sh, probs, module)
+        if kind == "M" and rest in ("mixer.A", "mixer.D", "mixer.dt_bias", "mixer.norm.weight"):
+            module = prefix + "mixer"
+            probs = self._cached(module, self._mamba)
+            return self._result(p, Sharding(tp, 0, (Part(p.shape[0], tp),)) if p.shape else Sharding(tp), probs, module)
+        if kind == "M" and rest.startswith("mixer.conv1d."):
+            module = prefix + "mixer"
+            probs = self._cached(module, self._mamba)
+            g = 1 if (c.n_groups == 1 and c.n_groups % tp) else tp
+            gs = c.n_groups * c.ssm_state_size
+            parts = _scaled(((c.mamba_inner, tp), (gs, g), (gs, g)), p.shape[0] if p.shape else 0)
+            return self._result(p, Sharding(tp, 0, parts) if parts else None, probs, module)
+        lm = _LINEAR_SUFFIX.match(rest)
+        if lm is None:
+            return ParamShard(p, Sharding(tp), module=prefix + rest)
+        mod, suffix = lm.group(1), lm.group(2)
+        lin = self._linear_of(kind, mod, layer)
+        if lin is None:
+            return ParamShard(p, Sharding(tp), module=prefix + mod)
+        module = prefix + mod
+        mamba_module = prefix + "mixer" if kind == "M" else module
+        base = self._cached(mamba_module, lambda: self._module_rules(kind, mod, lin))
+        quant = self._cached(module + "#quant", lambda: self._linear_quant(lin, p.quant_method, _is_mx(self.m, module)))
+        return self._result(p, _linear_sharding(lin, suffix, p, tp), base + quant,
+                            mamba_module if kind == "M" else module)
+
+    def _cached(self, key: str, fn) -> tuple[Problem, ...]:
+        got = self.module_problems.get(key)
+        if got is None:
+            got = self.module_problems[key] = tuple(fn())
+        return got
+
+    def _result(self, p: Param, sh: Sharding | None, probs: tuple[Problem, ...], module: str) -> ParamShard:
+        if probs or sh is None:
+            return ParamShard(p, None, probs, module)
+        return ParamShard(p, sh, (), module)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _is_mx(m: Manifest, module: str) -> bool:
+    """MXFP8 blocks (1×32) carry a uint8 ``weight_scale``; block FP8 (128×128) a ``weight_scale_inv``."""
+    p = m.by_name.get(module + ".weight_scale")
+    return p is not None and p.dtype == "uint8"
+
+
+def _scaled(outs: tuple[tuple[int, int], ...], extent: int) -> tuple[Part, ...] | None:
+    """Parts in the parameter's own units along the sharded dim (rows, packed bytes or scale blocks)."""
+    total = sum(r for r, _ in outs)
+    if not total or not extent:
+        return None
+    if extent == total:
+        return tuple(Part(r, k) for r, k in outs)
+    if any(r * extent % total for r, _ in outs):
+        return None
+    return tuple(Part(r * extent // total, k) for r, k in outs)
+
+
+def _linear_sharding(lin: _Linear, suffix: str, p: Param, tp: int) -> Sharding | None:
+    """``ColumnParallelLinear``/``MergedColumnParallelLinear``/``QKVParallelLinear`` cut dim 0 per part;
+    ``RowParallelLinear`` cuts the input dim (dim 1) and keeps its bias whole; per-tensor and
+    per-partition scales (``weight_scale_2``, ``input_scale``, 1-D FP8 ``weight_scale``) stay whole.
+    """
+    shape = p.shape
+    if suffix in ("weight_scale_2", "input_scale") or (suffix == "weight_scale" and len(shape) < 2):
+        return Sharding(tp)
+    if lin.style == "row":
+        if suffix == "bias":
+            return Sharding(tp)
+        if suffix == "pre_quant_scale":
+            return Sharding(tp, 0, (Part(shape[0], tp),)) if shape else None
+        return Sharding(tp, 1, (Part(shape[1], tp),)) if len(shape) >= 2 else None
+    if suffix == "pre_quant_scale":
+        return Sharding(tp)
+    parts = _scaled(lin.outs, shape[0] if shape else 0)
+    return Sharding(tp, 0, parts) if parts else None
+
+
+def plan(manifest: Manifest, cfg: NemotronHConfig, tp: int) -> tuple[ParamShard, ...]:
+    """Every parameter of ``manifest`` at TP size ``tp``, in manifest order."""
+    planner = _Planner(manifest, cfg, tp)
+    return tuple(planner.shard(p) for p in manifest.params)
+
+
+# ---------------------------------------------------------------------------
+# Findings
+
+
+def check(manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...]) -> list[Finding]:
+    """``tp-indivisible`` findings (errors) for every TP size and rule that fails, grouped per module family;
+    ``tp-padding`` notes (info) where the TP size changes the vocabulary padding.
+    """
+    out: list[Finding] = []
+    for tp in sizes:
+        shards = plan(manifest, cfg, tp)
+        items = []
+        for s in shards:
+            for prob in s.problems:
+                suffix = s.param.name[len(s.module) + 1:] if s.param.name.startswith(s.module + ".") else s.param.name
+                items.append(((prob.rule, prob.detail), s.module, (suffix, s.param.name)))
+        for (rule_id, detail), modules, count, members in collapse.group(items):
+            rule = RULES[rule_id]
+            suffixes = list(dict.fromkeys(sfx for sfx, _ in members))
+            shown = ", ".join(suffixes[:8]) + (", …" if len(suffixes) > 8 else "")
+            where = f"{modules}: {shown}" + (f" ({count} parameters)" if count > 1 else "")
+            out.append(Finding("error", CODE, f"--tp {tp}: {where} — {detail}; {rule.effect} "
+                                              f"[sglang {rule.where}, {rule.file}]", None, modules))
+        out.extend(_padding_notes(manifest, cfg, tp, shards))
+    return out
+
+
+def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...]) -> list[Finding]:
+    V = cfg.vocab_size
+    if tp == 1 or _round_up(V, VOCAB_PAD) % tp == 0:
+        return []
+    rule = RULES["vocab-padding"]
+    padded = _round_up(V, VOCAB_PAD * tp)
+    names = [s.param.name for s in shards if s.sharding is not None and s.sharding.dim == 0
+             and s.sharding.parts and s.sharding.parts[0].padded]
+    if not names:
+        return []
+    per = padded // tp
+    last = (V - 1) // per
+    msg = (f"--tp {tp}: {', '.join(names)} — vocab_size {V} pads to {padded} (a multiple of {VOCAB_PAD}×{tp}, since "
+           f"{_round_up(V, VOCAB_PAD)} is not divisible by {tp}); each rank holds {per} rows, rank {last} the last "
+           f"real one, {padded - V} rows are zeros [sglang {rule.where}, {rule.file}]")
+    return [Finding("info", PAD_CODE, msg, None, names[0])]
+
+
+def with_findings(report, sizes: tuple[int, ...]):
+    """The audit report with the TP findings appended (rendered by every format; the exit gate counts them)."""
+    from dataclasses import replace
+
+    return replace(report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)))
