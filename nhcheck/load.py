@@ -338,6 +338,17 @@ def resolve_device(spec: str):
     raise UsageError(f"--device {spec!r}: expected cpu, cuda or cuda:N")
 
 
+def layout(params: tuple[Param, ...]) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
+    """Where each parameter lives: (dtype arena, first element); and each arena's element count."""
+    where: dict[str, tuple[str, int]] = {}
+    totals: dict[str, int] = {}
+    for p in params:
+        off = totals.get(p.dtype, 0)
+        where[p.name] = (p.dtype, off)
+        totals[p.dtype] = off + _numel(p.shape)
+    return where, totals
+
+
 class Arenas:
     """One allocation per dtype, poisoned with 0xFF bytes (NaN in every float format, 255 in uint8).
 
@@ -350,12 +361,7 @@ class Arenas:
     def __init__(self, params: tuple[Param, ...], device, torch) -> None:
         self.torch = torch
         self.params = {p.name: p for p in params}
-        self.where: dict[str, tuple[str, int]] = {}
-        totals: dict[str, int] = {}
-        for p in params:
-            off = totals.get(p.dtype, 0)
-            self.where[p.name] = (p.dtype, off)
-            totals[p.dtype] = off + _numel(p.shape)
+        self.where, totals = layout(params)
         self.raw = {d: torch.empty(n * ITEMSIZE[d], dtype=torch.uint8, device=device).fill_(0xFF)
                     for d, n in totals.items()}
         self.typed = {d: b.view(getattr(torch, d)) for d, b in self.raw.items()}
@@ -386,17 +392,21 @@ class Arenas:
         return out
 
     def _count(self, dtype: str, raw) -> int:
+        """Poisoned elements in the bytes ``raw``: all-ones floats, or 16-byte runs of 0xFF in integer storage."""
         torch = self.torch
         if raw.numel() == 0:
             return 0
         if dtype in _FLOAT or dtype.startswith("float8"):
-            bits = raw.view(getattr(torch, _BITS[ITEMSIZE[dtype]]))
-            return int((bits == -1).sum())
-        hit = raw == 0xFF
-        pad = -hit.numel() % _POISON_RUN
-        if pad:
-            hit = torch.cat([hit, hit.new_zeros(pad)])
-        return int(hit.view(-1, _POISON_RUN).all(dim=1).sum()) * _POISON_RUN
+            return int(torch.count_nonzero(raw.view(getattr(torch, _BITS[ITEMSIZE[dtype]])) == -1))
+        head = -raw.data_ptr() % 8
+        n = (raw.numel() - head) // _POISON_RUN * _POISON_RUN
+        if n <= 0:
+            return 0
+        words = raw[head:head + n].view(torch.int64).view(-1, _POISON_RUN // 8)
+        hit = words[:, 0] == -1
+        for j in range(1, _POISON_RUN // 8):
+            hit &= words[:, j] == -1
+        return int(torch.count_nonzero(hit)) * _POISON_RUN
 
 
 def _write(arenas: Arenas, op: Op, x, elem: int = 0) -> None:
@@ -533,7 +543,8 @@ def _run_fast(ops: tuple[Op, ...], arenas: Arenas, device, opts: LoadOptions) ->
     fds: dict[str, int] = {}
     stream = torch.cuda.Stream(device) if cuda else None
     stage = torch.empty(slot, dtype=torch.uint8, device=device) if cuda else None
-    events = [torch.cuda.Event() for _ in range(nslots)] if cuda else []
+    # blocking: a reader waiting for its slot sleeps instead of spinning on a core other readers need
+    events = [torch.cuda.Event(blocking=True) for _ in range(nslots)] if cuda else []
     pending = {}
     try:
         for c in chunks:
@@ -665,22 +676,31 @@ def _missing(p: Param, merged: list[list[int]]) -> tuple[str, ...]:
     return tuple(gaps)
 
 
-def verify(ops: tuple[Op, ...], arenas: Arenas, samples: int, skip: set[int]) -> tuple[int, dict[str, int]]:
-    """Read back ``3 × samples`` elements of every write (start, end, a seeded middle) and compare with the file.
+class Expected(NamedTuple):
+    """Read-back samples of one group of writes: where to look in the arena, and what must be there."""
 
-    The expected values come from the shard files through an independent memory map, not from
-    the buffers the reader used, so a wrong read and a misplaced write both show. Returns
-    (elements checked, mismatching elements per parameter).
+    dtype: str  # the parameters' (arena's) dtype
+    approx: bool  # mamba_A: exp may differ in the last bit between devices
+    ops: tuple[Op, ...]
+    index: Any  # byte positions in the arena, int64, ``len(ops) × k × itemsize``
+    want: Any  # the expected bytes (uint8), or float32 values when ``approx``
+
+
+def expected_samples(ops: tuple[Op, ...], where: dict[str, tuple[str, int]], samples: int, skip: set[int]) -> list[Expected]:
+    """Pick ``3 × samples`` elements of every write (start, end, a seeded middle) and read what they must hold.
+
+    The expected values come from the shard files through a memory map of their own, not from
+    the buffers the reader used, so a wrong read and a misplaced write both show. Host only:
+    it runs while the transfer is in flight.
     """
     import mmap
 
-    torch = arenas.torch
+    torch = _torch()
     groups: dict[tuple[str, str, str, str], list[Op]] = {}
     for op in ops:
         if op.index not in skip:
-            groups.setdefault((op.path, op.src, arenas.where[op.param][0], op.kind), []).append(op)
-    checked = 0
-    bad: dict[str, int] = {}
+            groups.setdefault((op.path, op.src, where[op.param][0], op.kind), []).append(op)
+    out: list[Expected] = []
     maps: dict[str, tuple] = {}
     try:
         for (path, src, dst, kind), group in groups.items():
@@ -689,7 +709,7 @@ def verify(ops: tuple[Op, ...], arenas: Arenas, samples: int, skip: set[int]) ->
                     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
                 maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
             data = maps[path][1]
-            pos0 = torch.tensor([arenas.where[o.param][1] + o.start for o in group], dtype=torch.int64)
+            pos0 = torch.tensor([where[o.param][1] + o.start for o in group], dtype=torch.int64)
             count = torch.tensor([o.count for o in group], dtype=torch.int64)
             src0 = torch.tensor([o.tensor.start for o in group], dtype=torch.int64)
             seed = torch.tensor([o.index for o in group], dtype=torch.int64)
@@ -698,29 +718,40 @@ def verify(ops: tuple[Op, ...], arenas: Arenas, samples: int, skip: set[int]) ->
             mid = ((seed * 2654435761) % 4093 * count // 4093).unsqueeze(1)
             rel = torch.cat([torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0),
                              torch.minimum(mid + w, last)], dim=1)
-            es = ITEMSIZE[src]
+            es, de = ITEMSIZE[src], ITEMSIZE[dst]
             src_rel = torch.zeros_like(rel) if kind == "broadcast" else rel
             idx = (src0.unsqueeze(1) + src_rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
             x = data[idx.reshape(-1)].view(getattr(torch, src))
-            want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst))
-            # Gather bytes, not elements: indexing kernels do not cover every float8 dtype.
-            de = ITEMSIZE[dst]
-            pos = (pos0.unsqueeze(1) + rel).reshape(-1)
-            raw = arenas.raw[dst]
-            got = raw[((pos * de).unsqueeze(1) + torch.arange(de)).reshape(-1).to(raw.device)].cpu()
-            if kind == "mamba_A":
-                ok = torch.isclose(got.view(torch.float32), want, rtol=1e-5, atol=0.0)
-            else:
-                ok = (got.view(-1, de) == want.reshape(-1).view(torch.uint8).view(-1, de)).all(dim=1)
-            checked += ok.numel()
-            per_op = (~ok).view(len(group), -1).sum(dim=1).tolist()
-            for o, n in zip(group, per_op):
-                if n:
-                    bad[o.param] = bad.get(o.param, 0) + n
+            # Compare bytes, not elements: indexing kernels do not cover every float8 dtype.
+            want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(torch.uint8)
+            index = (((pos0.unsqueeze(1) + rel) * de).unsqueeze(2) + torch.arange(de)).reshape(-1)
+            out.append(Expected(dst, kind == "mamba_A", tuple(group), index, want))
     finally:
         for mm, view in maps.values():
             del view
             mm.close()
+    return out
+
+
+def compare(expected: list[Expected], arenas: Arenas) -> tuple[int, dict[str, int]]:
+    """Gather every sample from the device (one gather per dtype) and compare: (elements checked, mismatches per parameter)."""
+    torch = arenas.torch
+    checked = 0
+    bad: dict[str, int] = {}
+    for dtype in {e.dtype for e in expected}:
+        mine = [e for e in expected if e.dtype == dtype]
+        raw = arenas.raw[dtype]
+        got = raw[torch.cat([e.index for e in mine]).to(raw.device)].cpu().split([e.index.numel() for e in mine])
+        de = ITEMSIZE[dtype]
+        for e, g in zip(mine, got):
+            if e.approx:
+                ok = torch.isclose(g.view(torch.float32), e.want, rtol=1e-5, atol=0.0)
+            else:
+                ok = (g.view(-1, de) == e.want.view(-1, de)).all(dim=1)
+            checked += ok.numel()
+            for o, n in zip(e.ops, (~ok).view(len(e.ops), -1).sum(dim=1).tolist()):
+                if n:
+                    bad[o.param] = bad.get(o.param, 0) + n
     return checked, bad
 
 
@@ -735,7 +766,8 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
     caller count the header reading in the wall time."""
     from nhcheck import pipeline
 
-    t0 = time.perf_counter() if t0 is None else t0
+    t_start = time.perf_counter()
+    t0 = t_start if t0 is None else t0
     if opts.reader not in READERS:
         raise UsageError(f"--reader {opts.reader!r}: expected one of {', '.join(READERS)}")
     if opts.dtype not in DTYPES:
@@ -744,21 +776,25 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
     device = resolve_device(opts.device)
     inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
     audit = pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
+    t_audit = time.perf_counter()
     plan = plan_load(audit, opts.dtype)
+    cov, overwritten = _coverage(plan.params, plan.ops)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t_plan = time.perf_counter()
-    arenas = Arenas(plan.params, device, torch)
-    t_alloc = time.perf_counter()
-    if opts.reader == "fast":
-        read = _run_fast(plan.ops, arenas, device, opts)
-    else:
-        read = _run_safetensors(plan.ops, arenas, device)
-    t_data = time.perf_counter()
-    cov, overwritten = _coverage(plan.params, plan.ops)
-    checked, bad = verify(plan.ops, arenas, max(1, opts.samples), overwritten)
+    with ThreadPoolExecutor(max_workers=1) as side:
+        # the file side of the read-back check needs only the plan: do it while the bytes move
+        expected = side.submit(expected_samples, plan.ops, layout(plan.params)[0], max(1, opts.samples), overwritten)
+        t_plan = time.perf_counter()
+        arenas = Arenas(plan.params, device, torch)
+        t_alloc = time.perf_counter()
+        if opts.reader == "fast":
+            read = _run_fast(plan.ops, arenas, device, opts)
+        else:
+            read = _run_safetensors(plan.ops, arenas, device)
+        t_data = time.perf_counter()
+        checked, bad = compare(expected.result(), arenas)
     poison = arenas.poisoned() if plan.crash is None else {}
     t_end = time.perf_counter()
     loaded = sum(op.tensor.nbytes for op in plan.ops)
@@ -773,7 +809,8 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
         device_name=torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine() or "cpu"),
         reader=opts.reader, tensors_loaded=len(plan.ops), bytes_loaded=loaded, bytes_read=read,
         seconds=t_end - t0,
-        timings={"plan": t_plan - t0, "allocate": t_alloc - t_plan, "transfer": t_data - t_alloc, "check": t_end - t_data},
+        timings={"headers": t_start - t0, "audit": t_audit - t_start, "plan": t_plan - t_audit,
+                 "allocate": t_alloc - t_plan, "transfer": t_data - t_alloc, "check": t_end - t_data},
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         params=params, findings=tuple(findings), crash=crash, verdict=_verdict(findings, crash), samples_checked=checked,
     )

@@ -1,0 +1,461 @@
+"""``nhcheck load``: the checkpoint really lands in the engine's runtime parameters.
+
+CPU tests run in the normal suite (``--device cpu``: same planner, same readers, plain host
+memory). Tests marked ``cuda`` need a GPU and skip without one; they run on the device
+machine (see bench/README or the issue's report).
+
+The placement is checked against an oracle written here from the checkpoint names alone
+(q/k/v rows stacked in order, expert e at index e, scalar scales broadcast or slotted,
+``A = -exp(A_log)``), so a wrong planner cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from nhcheck import load as loading
+from nhcheck import prune
+from nhcheck.checkpoint import open_local
+from nhcheck.cli import cli
+from nhcheck.errors import UsageError
+from nhcheck.load import LoadOptions, load_path
+from nhcheck.pipeline import audit_path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+CONFORMANCE = REPO / "tests" / "conformance"
+sys.path.insert(0, str(EXAMPLES))
+import generate  # noqa: E402
+
+CPU = LoadOptions(device="cpu")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.numel() == b.numel() and torch.equal(_bytes(a), _bytes(b))
+
+
+def poison_everywhere(t: torch.Tensor) -> bool:
+    return bool((_bytes(t) == 0xFF).all())
+
+
+def sources(root: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def oracle(root: Path, loaded: dict[str, torch.Tensor], lm_prefix: str = "") -> set[str]:
+    """Check every language-model/projector tensor of ``root`` against where the engine must put it.
+
+    Written from the checkpoint names, independent of nhcheck's planner; expert tensors whose
+    target the engine did not build are skipped (orphans). Returns the runtime parameters it
+    verified, so a caller can demand that every allocated parameter was among them.
+    """
+    checked: set[str] = set()
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, x in sources(root).items():
+        if "mtp" in name or name.startswith(("vision_model.", "sound_")):
+            continue
+        if lm_prefix and name.startswith(lm_prefix):
+            name = name[len(lm_prefix):]
+        n = name.replace("backbone", "model", 1).replace("embeddings", "embed_tokens")
+        n = n.replace("k_proj.k_scale", "attn.k_scale").replace("v_proj.v_scale", "attn.v_scale")
+        if not n.startswith("mlp1."):
+            n = lm_prefix + n
+        if n.endswith(".A_log"):
+            p = n[: -len("_log")]
+            assert torch.allclose(loaded[p], -torch.exp(x.float()), rtol=1e-6), p
+            checked.add(p)
+            continue
+        m = re.fullmatch(r"(.*)\.experts\.(\d+)\.(up|down)_proj\.(\w+)", n)
+        if m:
+            base, e, proj, suffix = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            p = f"{base}.experts.{'w13' if proj == 'up' else 'w2'}_{suffix}"
+            if p not in loaded:
+                continue  # an orphan the engine drops (0.5.12+)
+            slot = loaded[p][e]
+            assert same(slot.reshape(-1), x.reshape(-1).to(slot.dtype)), f"{name} → {p}[{e}]"
+            checked.add(p)
+            continue
+        m = re.fullmatch(r"(.*)\.([qkv])_proj\.(\w+)", n)
+        if m:
+            qkv.setdefault(f"{m.group(1)}.qkv_proj.{m.group(3)}", {})[m.group(2)] = x
+            continue
+        p = loaded[n]
+        if p.numel() == x.numel():
+            assert same(p.reshape(-1), x.reshape(-1).to(p.dtype)), n
+        else:
+            assert x.numel() == 1 and p.dim() == 1, n  # a scalar scale over every partition
+            assert same(p, x.reshape(1).to(p.dtype).expand(p.numel()).contiguous()), n
+        checked.add(n)
+    for p, parts in qkv.items():
+        want = torch.cat([parts[s].reshape(-1 if parts[s].dim() == 0 else parts[s].shape[0], *parts[s].shape[1:])
+                          for s in "qkv"])
+        assert same(loaded[p], want.to(loaded[p].dtype)), p
+        checked.add(p)
+    return checked
+
+
+def assert_all_checked(result, checked: set[str]) -> None:
+    defaults = {p.param.name for p in result.report.params if p.param.informational and p.status == "unfilled"}
+    assert set(result.tensors) - defaults == checked
+
+
+def write(tmp_path: Path, tensors, config, quant=None, shards=2) -> Path:
+    out = tmp_path / "ckpt"
+    generate.write_checkpoint(str(out), tensors, config, quant, shards=shards)
+    return out
+
+
+def nano3_bf16(tmp_path: Path, edit=lambda ts: ts) -> Path:
+    c = generate.nano3_tiny_config()
+    return write(tmp_path, edit(generate.nemotron_h_tensors(c, None)), c)
+
+
+# ---------------------------------------------------------------------------
+# The placement is the engine's
+
+
+@pytest.mark.parametrize("example, engine", [("nano3-nvfp4", "0.5.23"), ("nano3-bf16", "0.5.11"), ("h8b-dense", "0.5.23"),
+                                             ("nano3-24434-leftover-expert-scales", "0.5.23")])
+def test_every_parameter_holds_its_checkpoint_tensor(example, engine):
+    res = load_path(str(EXAMPLES / example), f"sglang@{engine}", CPU)
+    assert res.report.verdict == "clean" and res.report.exit_code() == 0
+    assert_all_checked(res, oracle(EXAMPLES / example, res.tensors))
+    kv = [p for p in res.report.params if p.param.informational]
+    assert all(p.status == "unfilled" and bool((res.tensors[p.param.name] == -1).all()) for p in kv)
+
+
+def test_quantized_attention_fills_stacked_scale_slots_and_kv_scales(tmp_path):
+    c = generate.nano3_tiny_config(quantized=True)
+    q = generate.nano3_tiny_quant()
+    q["quantization"]["exclude_modules"] = [e for e in q["quantization"]["exclude_modules"]
+                                            if not re.search(r"\.(q|k|v|o)_proj$", e)]
+    root = write(tmp_path, generate.nemotron_h_tensors(c, q, kv_scales=True), c, q, shards=3)
+    res = load_path(str(root), "sglang@0.5.23", CPU)
+    assert res.report.verdict == "clean"
+    qkv = res.report.audit.manifest.by_name["model.layers.5.mixer.qkv_proj.input_scale"]
+    assert qkv.shape == (3,) and qkv.loader == "stacked"
+    checked = oracle(root, res.tensors)
+    assert {"model.layers.5.mixer.qkv_proj.weight_scale_2", "model.layers.5.mixer.attn.k_scale"} <= checked
+    assert_all_checked(res, checked)
+
+
+def test_omni_fp8_mamba_nvfp4_experts_and_projector_on_0_5_23():
+    res = load_path(str(EXAMPLES / "omni-nvfp4-24137"), "sglang@0.5.23", CPU)
+    assert res.report.verdict == "clean" and res.report.exit_code() == 0
+    checked = oracle(EXAMPLES / "omni-nvfp4-24137", res.tensors, "language_model.")
+    assert "language_model.model.layers.0.mixer.in_proj.weight_scale" in checked  # FP8 scalar over 5 partitions
+    assert "mlp1.1.weight" in checked
+    assert_all_checked(res, checked)
+
+
+@pytest.mark.parametrize("example, engine", [("nano3-nvfp4", "0.5.23"), ("nano3-bf16", "0.5.23"),
+                                             ("omni-nvfp4-24137", "0.5.23"), ("omni-nvfp4-24137", "0.5.12")])
+def test_readers_agree_byte_for_byte(example, engine):
+    """Reference safe_open reader vs the fast reader cut into 1000-byte reads (every op split, odd offsets)."""
+    ref = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cpu", reader="safetensors"))
+    fast = load_path(str(EXAMPLES / example), f"sglang@{engine}",
+                     LoadOptions(device="cpu", chunk_bytes=1000, pinned_bytes=4000, threads=3))
+    assert ref.report.verdict == fast.report.verdict
+    assert set(ref.tensors) == set(fast.tensors)
+    assert all(same(ref.tensors[n], fast.tensors[n]) for n in ref.tensors)
+    assert len(loading.plan_chunks(loading.plan_load(fast.report.audit).ops, 1000)) > 500
+
+
+def test_chunks_split_on_element_boundaries_and_cover_each_op_once():
+    plan = loading.plan_load(audit_path(str(EXAMPLES / "nano3-bf16"), "sglang@0.5.23"))
+    chunks = loading.plan_chunks(plan.ops, 1000)
+    got: dict[int, int] = {}
+    for c in chunks:
+        assert 0 < c.end - c.start <= 1000
+        for pc in c.pieces:
+            es = loading.ITEMSIZE[pc.op.src]
+            assert pc.off % 1 == 0 and pc.off + pc.n * es <= c.end - c.start
+            assert pc.op.tensor.start + pc.elem * es == c.start + pc.off
+            got[pc.op.index] = got.get(pc.op.index, 0) + pc.n
+    assert got == {op.index: (1 if op.kind == "broadcast" else op.count) for op in plan.ops}
+
+
+def test_dtype_override_casts_model_dtype_parameters_only():
+    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", dtype="float32"))
+    assert res.report.verdict == "clean"
+    t = res.tensors
+    assert t["model.embed_tokens.weight"].dtype == torch.float32
+    assert t["model.layers.1.mixer.experts.w13_weight"].dtype == torch.uint8
+    assert t["model.layers.0.mixer.in_proj.input_scale"].dtype == torch.float32
+    src = sources(EXAMPLES / "nano3-nvfp4")
+    assert torch.equal(t["model.embed_tokens.weight"], src["backbone.embeddings.weight"].float())
+
+
+# ---------------------------------------------------------------------------
+# Before and after: PR #24434 and issue #24137
+
+
+@pytest.fixture(scope="module")
+def pruned_24434(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pruned") / "ckpt"
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / "nano3-24434-leftover-expert-scales"), "sglang@0.5.11"))
+    assert plan.refusal is None and len(plan.drops) == 144
+    prune.execute(plan, str(out))
+    return out
+
+
+@pytest.mark.parametrize("reader", loading.READERS)
+def test_24434_original_raises_where_audit_says_and_pruned_loads_clean(pruned_24434, reader):
+    original = EXAMPLES / "nano3-24434-leftover-expert-scales"
+    opts = LoadOptions(device="cpu", reader=reader)
+    audit = audit_path(str(original), "sglang@0.5.11")
+    before = load_path(str(original), "sglang@0.5.11", opts).report
+    assert before.verdict == "crash" and before.exit_code() == 1
+    assert before.crash["tensor"] == audit.crash["tensor"] == "backbone.layers.1.mixer.experts.0.down_proj.input_scale"
+    assert before.crash["error"] == audit.crash["error"] == "KeyError: 'model.layers.1.mixer.experts.w2_input_scale'"
+    # how far it got: every tensor before the crash in stream order, nothing after
+    stream = [r.tensor.name for r in audit.records]
+    upto = stream.index(audit.crash["tensor"])
+    assert before.crash["tensors_loaded"] == sum(1 for r in audit.records[:upto] if r.outcome.outcome == "load") > 0
+    assert before.crash["bytes_loaded"] > 0 and before.crash["seconds"] > 0
+    for engine in ("0.5.11", "0.5.12", "0.5.23"):
+        after = load_path(str(pruned_24434), f"sglang@{engine}", opts)
+        assert after.report.verdict == "clean" and after.report.exit_code() == 0, engine
+    assert_all_checked(after, oracle(pruned_24434, after.tensors))
+
+
+def test_24137_raises_on_0_5_11_at_the_tensor_sglang_names():
+    expected = json.loads((CONFORMANCE / "omni_nvfp4_mixed" / "expected-sglang-0.5.11.json").read_text())["crash"]
+    for opts in (CPU, LoadOptions(device="cpu", reader="safetensors")):
+        r = load_path(str(EXAMPLES / "omni-nvfp4-24137"), "sglang@0.5.11", opts).report
+        assert r.verdict == "crash"
+        assert (r.crash["tensor"], r.crash["error"]) == (expected["tensor"], expected["error"])
+        # the 0.5.11 wrapper buffers: the projector loads before any language-model tensor
+        assert 0 < r.crash["tensors_loaded"] < 20
+
+
+def test_24137_on_0_5_12_reports_packed_bytes_into_bf16_and_copies_nothing():
+    res = load_path(str(EXAMPLES / "omni-nvfp4-24137"), "sglang@0.5.12", CPU)
+    r = res.report
+    assert r.verdict == "broken" and r.exit_code() == 1 and r.crash is None
+    mism = [f for f in r.findings if f.code == "quant-mismatch"]
+    assert any("experts" in f.message and "(U8)" in f.message and "bfloat16" in f.message for f in mism)
+    w13 = "language_model.model.layers.1.mixer.experts.w13_weight"
+    assert res.tensors[w13].dtype == torch.bfloat16 and poison_everywhere(res.tensors[w13])
+    status = {p.param.name: p.status for p in r.params}
+    assert status[w13] == "unfilled"
+    assert {f.code for f in r.findings} >= {"quant-mismatch", "param-unfilled"}
+
+
+# ---------------------------------------------------------------------------
+# What the checks catch
+
+
+def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
+    """The executor puts expert 0's bytes into slot 1 and expert 1's into slot 0 of one parameter:
+    coverage and bookkeeping are complete, only the memory shows it."""
+    apply = loading._apply
+    target = "model.layers.1.mixer.experts.w2_weight"
+
+    def misplace(pieces, src, arenas):
+        out = []
+        for pc in pieces:
+            op = pc.op
+            if op.param == target and op.slot in ("expert 0", "expert 1"):
+                op = op._replace(start=op.count if op.slot == "expert 0" else 0)
+            out.append(pc._replace(op=op))
+        apply(tuple(out), src, arenas)
+
+    monkeypatch.setattr(loading, "_apply", misplace)
+    r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
+    bad = {p.param.name: p for p in r.params if p.mismatches}
+    assert set(bad) == {target} and bad[target].status == "filled" and not bad[target].double_writes
+    assert not bad[target].poisoned
+    assert r.verdict == "broken" and [f.tensor for f in r.findings if f.code == "readback-mismatch"] == [target]
+
+
+def test_missing_q_block_and_missing_expert_are_partial(tmp_path):
+    gone = {"backbone.layers.5.mixer.k_proj.weight", "backbone.layers.3.mixer.experts.7.up_proj.weight"}
+    root = nano3_bf16(tmp_path, lambda ts: [t for t in ts if t[0] not in gone])
+    res = load_path(str(root), "sglang@0.5.23", CPU)
+    r = res.report
+    partial = {p.param.name: p for p in r.params if p.status == "partial"}
+    assert set(partial) == {"model.layers.5.mixer.qkv_proj.weight", "model.layers.3.mixer.experts.w13_weight"}
+    assert partial["model.layers.5.mixer.qkv_proj.weight"].missing == ("shard k",)
+    assert partial["model.layers.3.mixer.experts.w13_weight"].missing == ("expert 7",)
+    qkv = res.tensors["model.layers.5.mixer.qkv_proj.weight"]
+    q_rows = 64  # tiny geometry: 4 heads × 16
+    assert poison_everywhere(qkv[q_rows:q_rows + 32]) and not (_bytes(qkv[:q_rows]) == 0xFF).all()
+    assert poison_everywhere(res.tensors["model.layers.3.mixer.experts.w13_weight"][7])
+    assert r.verdict == "incomplete" and r.exit_code() == 1
+
+
+def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
+    """The loader claims a write that never reached memory: coverage says filled, the memory says poison."""
+    apply = loading._apply
+    target = "model.layers.0.mixer.in_proj.weight"
+    monkeypatch.setattr(loading, "_apply", lambda pieces, src, arenas: apply(
+        tuple(pc for pc in pieces if pc.op.param != target), src, arenas))
+    r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
+    p = next(p for p in r.params if p.param.name == target)
+    assert p.status == "filled" and p.poisoned > 0 and p.mismatches > 0
+    codes = {f.code for f in r.findings if f.tensor == target}
+    assert codes == {"poison-left", "readback-mismatch"} and r.verdict == "broken"
+
+
+def test_unfilled_parameter_stays_poisoned_and_fails(tmp_path):
+    root = nano3_bf16(tmp_path, lambda ts: [t for t in ts if t[0] != "backbone.layers.0.mixer.D"])
+    res = load_path(str(root), "sglang@0.5.23", CPU)
+    assert poison_everywhere(res.tensors["model.layers.0.mixer.D"])
+    assert [(f.code, f.tensor) for f in res.report.findings if f.severity == "error"] == [
+        ("param-unfilled", "model.layers.0.mixer.D")]
+
+
+def test_double_write_is_reported(tmp_path):
+    """``model.…`` names pass the replay unchanged, so this checkpoint writes ``D`` twice."""
+    root = nano3_bf16(tmp_path, lambda ts: ts + [("model.layers.0.mixer.D", "BF16", [8])])
+    r = load_path(str(root), "sglang@0.5.23", CPU).report
+    assert [(f.code, f.tensor) for f in r.findings if f.severity == "error"] == [("double-write", "model.layers.0.mixer.D")]
+    assert r.verdict == "broken"
+
+
+def test_shape_mismatch_is_refused_not_copied(tmp_path):
+    def edit(ts):
+        return [(n, d, [s[0], s[1] // 2] if n == "backbone.layers.0.mixer.out_proj.weight" else s) for n, d, s in ts]
+
+    res = load_path(str(nano3_bf16(tmp_path, edit)), "sglang@0.5.23", CPU)
+    f = next(f for f in res.report.findings if f.code == "shape-mismatch")
+    assert f.tensor == "backbone.layers.0.mixer.out_proj.weight"
+    assert poison_everywhere(res.tensors["model.layers.0.mixer.out_proj.weight"])
+
+
+def test_names_only_manifest_is_a_usage_error(tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["model.embed_tokens.weight"]))
+    with pytest.raises(UsageError, match="shapes and dtypes"):
+        loading.load_checkpoint(open_local(str(EXAMPLES / "h8b-dense")), None, CPU, manifest_file=str(names))
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def invoke(*args: str):
+    return CliRunner(env={"COLUMNS": "300"}).invoke(cli, [str(a) for a in args])
+
+
+def test_cli_json_report():
+    res = invoke("load", EXAMPLES / "nano3-nvfp4", "--device", "cpu", "--format", "json", "-q")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    s = d["summary"]
+    assert d["schema"] == "nhcheck.load/1" and s["verdict"] == "clean" and d["device"]["name"] == "cpu"
+    assert s["tensors_loaded"] == s["tensors"] == 2803 and s["bytes_loaded"] == 2028032
+    assert s["params_partial"] == 0 and s["params_unfilled"] == 12 and s["params_unreachable"] == 0
+    assert s["poisoned_elements"] == 0 and s["sample_mismatches"] == 0 and s["samples_checked"] > 2803 * 4
+    assert s["seconds"] > 0 and s["gb_per_s"] > 0 and s["peak_device_bytes"] is None
+
+
+def test_cli_crash_table_and_markdown():
+    src = EXAMPLES / "nano3-24434-leftover-expert-scales"
+    res = invoke("load", src, "--device", "cpu", "--engine", "sglang@0.5.11", "-q")
+    assert res.exit_code == 1
+    assert "CRASH" in res.stdout and "KeyError: 'model.layers.1.mixer.experts.w2_input_scale'" in res.stdout
+    md = invoke("load", src, "--device", "cpu", "--engine", "sglang@0.5.11", "--format", "markdown", "-q")
+    assert md.exit_code == 1 and md.stdout.startswith("### nhcheck load:") and "| error | crash |" in md.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_cli_missing_cuda_is_exit_2_one_line():
+    res = invoke("load", EXAMPLES / "h8b-dense", "--device", "cuda")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.startswith("nhcheck: error: --device cuda: CUDA is not available") and res.stderr.count("\n") == 1
+
+
+def test_cli_bad_device_is_exit_2():
+    res = invoke("load", EXAMPLES / "h8b-dense", "--device", "tpu")
+    assert res.exit_code == 2 and "expected cpu, cuda or cuda:N" in res.stderr
+
+
+def test_repo_id_is_downloaded_then_loaded(monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    def fake(repo_id, revision=None, allow_patterns=None):
+        seen.update(repo=repo_id, revision=revision, patterns=allow_patterns)
+        return str(EXAMPLES / "h8b-dense")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    ckpt = loading.open_for_load("nvidia/Nemotron-H-8B-Base-8K", "main")
+    assert ckpt.source == "nvidia/Nemotron-H-8B-Base-8K" and ckpt.revision == "main"
+    assert seen == {"repo": "nvidia/Nemotron-H-8B-Base-8K", "revision": "main",
+                    "patterns": ["*.safetensors", "*.json"]}
+    assert loading.load_checkpoint(ckpt, None, CPU).report.verdict == "clean"
+
+
+def test_audit_and_cli_import_no_torch():
+    code = ("import sys, nhcheck.cli, nhcheck.audit, nhcheck.pipeline, nhcheck.load; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU (run on the device machine: pytest -m cuda tests/test_load.py)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("example, engine", [("nano3-nvfp4", "0.5.23"), ("nano3-bf16", "0.5.11"),
+                                             ("omni-nvfp4-24137", "0.5.23"), ("omni-nvfp4-24137", "0.5.12"),
+                                             ("nano3-24434-leftover-expert-scales", "0.5.23")])
+@pytest.mark.parametrize("opts", [LoadOptions(device="cuda"), LoadOptions(device="cuda", reader="safetensors"),
+                                  LoadOptions(device="cuda:0", chunk_bytes=1000, pinned_bytes=4000, threads=4)],
+                         ids=["fast", "safetensors", "ring-reuse"])
+def test_cuda_matches_cpu_reference(example, engine, opts):
+    ref = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cpu", reader="safetensors"))
+    got = load_path(str(EXAMPLES / example), f"sglang@{engine}", opts)
+    r = got.report
+    assert r.device.startswith("cuda") and r.device_name and r.peak_device_bytes > 0
+    assert r.verdict == ref.report.verdict
+    assert all(t.is_cuda for t in got.tensors.values())
+    assert all(same(ref.tensors[n], got.tensors[n]) for n in ref.tensors)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_oracle_and_crash_points(pruned_24434):
+    res = load_path(str(EXAMPLES / "omni-nvfp4-24137"), "sglang@0.5.23", LoadOptions(device="cuda"))
+    assert res.report.verdict == "clean"
+    assert_all_checked(res, oracle(EXAMPLES / "omni-nvfp4-24137",
+                                   {n: t.cpu() for n, t in res.tensors.items()}, "language_model."))
+    for example, engine in (("omni-nvfp4-24137", "0.5.11"), ("nano3-24434-leftover-expert-scales", "0.5.11")):
+        audit = audit_path(str(EXAMPLES / example), f"sglang@{engine}")
+        r = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cuda")).report
+        assert r.verdict == "crash" and r.crash["tensor"] == audit.crash["tensor"]
+        assert r.crash["error"] == audit.crash["error"]
+    assert load_path(str(pruned_24434), "sglang@0.5.11", LoadOptions(device="cuda")).report.verdict == "clean"
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_lost_write_caught(monkeypatch):
+    apply = loading._apply
+    target = "model.layers.1.mixer.experts.w13_weight"
+    monkeypatch.setattr(loading, "_apply", lambda pieces, src, arenas: apply(
+        tuple(pc for pc in pieces if not (pc.op.param == target and pc.op.slot == "expert 4")), src, arenas))
+    r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cuda")).report
+    p = next(p for p in r.params if p.param.name == target)
+    assert p.status == "filled" and p.poisoned > 0 and p.mismatches > 0 and r.verdict == "broken"
