@@ -99,6 +99,18 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _colons_expected(obj: dict) -> int:
+    """Colons in the text of a duplicate-free header with three fields per entry and no colon in a name."""
+    n = len(obj)
+    md = obj.get("__metadata__")
+    if "__metadata__" not in obj:
+        return 4 * n
+    extra = 0
+    if isinstance(md, dict):
+        extra = len(md) + sum(str(k).count(":") + str(v).count(":") for k, v in md.items())
+    return 4 * (n - 1) + 1 + extra
+
+
 def _note_float(seen: list[str]):
     def hook(text: str) -> float:
         seen.append(text)
@@ -154,13 +166,14 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
         # No legal header holds a float; the hook costs nothing when there are none and
         # lets the fast path below trust that every number it meets is an int.
         obj = json.loads(text, parse_float=_note_float(floats), parse_constant=_no_constant)
-        # Duplicate keys: json keeps the last silently, safetensors refuses them. Each
-        # entry names these three keys once, so counting them is an exact cheap test in
-        # the normal case; on any disagreement re-parse slowly to find the duplicate.
-        if isinstance(obj, dict):
-            n = len(obj) - ("__metadata__" in obj)
-            if not (raw.count(b'"data_offsets"') == raw.count(b'"dtype"') == raw.count(b'"shape"') == n):
-                json.loads(text, object_pairs_hook=_no_duplicates)
+        # Duplicate keys: json keeps the last silently, so which bytes a name means would be
+        # an accident (safetensors keeps one copy of a repeated name, refuses a repeated
+        # field). Every key in the text has its own colon, and a header we accept has at
+        # least 4 keys per entry (its name and three fields): so when the text holds exactly
+        # that many colons nothing is shadowed. Any other count (an extra field, a colon in
+        # a name, a duplicate) re-parses slowly to find the duplicate, if there is one.
+        if isinstance(obj, dict) and raw.count(b":") != _colons_expected(obj):
+            json.loads(text, object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise CheckpointError(path, "header JSON is nested too deeply") from None
     except ValueError as exc:

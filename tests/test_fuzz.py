@@ -65,7 +65,8 @@ def layout(tensors) -> tuple[dict, int]:
     return header, off
 
 
-PERTURB = ("none", "field", "offset", "shape", "dtype", "metadata", "dup-key", "text", "size", "drop-field")
+PERTURB = ("none", "field", "offset", "shape", "dtype", "metadata", "dup-key", "shadow-key", "text", "size",
+           "drop-field")
 
 
 @st.composite
@@ -95,6 +96,10 @@ def headers(draw):
     if kind == "dup-key" and keys:
         k = draw(st.sampled_from(keys))
         raw = raw[:-1] + b"," + json.dumps({k: header[k]})[1:-1].encode() + b"}"
+    elif kind == "shadow-key" and keys:
+        # an earlier, different value under the same name: json keeps the later one silently
+        k = draw(st.sampled_from(keys))
+        raw = b"{" + json.dumps({k: draw(json_value)})[1:-1].encode() + b"," + raw[1:]
     elif kind == "text" and raw:
         pos = draw(st.integers(0, len(raw)))
         junk = draw(st.sampled_from([b"", b"NaN", b"Infinity", b"\\ud800", b'"', b"{", b"]", b"\xff", b"\x00",
@@ -175,6 +180,10 @@ def test_whole_files_only_raise_checkpoint_error(blob):
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":"04"}}',
     b'{"a":{"dtype":"F32","shape":{"0":1},"data_offsets":[0,4]}}',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":{"0":0,"1":4}}}',
+    b'{"a":{},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":5,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"doffsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"__metadata__":{},"__metadata__":{"f":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
 ])
 def test_found_by_fuzzing(raw):
     """Inputs the fuzzers found (or that sit next to them): each is a clean refusal."""
