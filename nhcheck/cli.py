@@ -333,9 +333,12 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, quiet):
               help="Host staging memory of the fast reader (pinned on CUDA).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the report here instead of stdout.")
+@click.option("--tp", "tp_size", type=click.IntRange(1, 1024), default=None, metavar="N",
+              help="Tensor parallel: N ranks (torch.distributed, NCCL on cuda, gloo on cpu; started for you unless "
+                   "already under torchrun), each loading only its partition through safetensors slices.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
 def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, dtype, reader, threads, pinned_mb, fmt,
-         output, quiet):
+         output, tp_size, quiet):
     """Load SOURCE into the engine's runtime parameters on a real device and check every element.
 
     Allocates every parameter the engine builds (fused qkv_proj, fused experts, scale slots),
@@ -353,6 +356,11 @@ def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, 
 
     t0 = time.perf_counter()
     ckpt = loading.open_for_load(source, revision, _progress(quiet))
+    if tp_size is not None:
+        from nhcheck import load_tp
+
+        _render_tp(load_tp.run(load_tp.Job(ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp,
+                                           manifest_file, threads)), fmt, output, quiet)
     opts = loading.LoadOptions(device=device, dtype=dtype, reader=reader, threads=threads,
                                pinned_bytes=pinned_mb << 20)
     rep = loading.load_checkpoint(ckpt, engine, opts, manifest_file=manifest_file, moe_backend=moe_backend,
@@ -372,6 +380,30 @@ def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, 
     if not quiet:
         _stderr_console().print(loading.summary_line(rep), highlight=False, markup=False)
     sys.exit(rep.exit_code())
+
+
+def _render_tp(rep, fmt: str, output: str | None, quiet: bool) -> None:
+    """Rank 0 (or the launching process) reports a tensor-parallel load; other torchrun ranks stay silent."""
+    from nhcheck import load_tp
+
+    if rep is None:
+        sys.exit(0)
+    if fmt == "json":
+        _write_out(load_tp.render_json(rep), output)
+    elif fmt == "markdown":
+        _write_out(load_tp.render_markdown(rep), output)
+    else:
+        from rich.console import Console
+
+        if output:
+            with open(output, "w", encoding="utf-8") as fh:
+                load_tp.render_table(rep, Console(file=fh, width=160, no_color=True))
+        else:
+            load_tp.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False))
+    if not quiet:
+        _stderr_console().print(load_tp.summary_line(rep), highlight=False, markup=False)
+    sys.exit(rep.exit_code())
+
 
 def main() -> None:
     """Console-script entry point.

@@ -158,10 +158,13 @@ class Sharding:
             return shape
         return shape[:self.dim] + (sum(p.step for p in self.parts),) + shape[self.dim + 1:]
 
-    def windows(self, rank: int) -> tuple[tuple[int, int, int], ...]:
-        """``(source start, length, local start)`` along ``dim`` for ``rank``; zero-length windows left out.
+    def windows(self, rank: int) -> tuple[tuple[int, int, int, int], ...]:
+        """``(source start, length, local start, owner)`` along ``dim`` for ``rank``; empty windows left out.
 
-        Local positions not covered by a window are padding the engine zero-fills.
+        ``owner`` is the lowest rank holding the same slice (replicated KV heads and groups are
+        held by several): counting only owned elements, the ranks' counts add up to the
+        parameter's size exactly. Local positions outside every window are padding the engine
+        zero-fills.
         """
         if self.dim is None:
             return ()
@@ -172,7 +175,7 @@ class Sharding:
             start = k * p.step
             n = max(0, min(p.step, p.size - start))
             if n:
-                out.append((src + start, n, dst))
+                out.append((src + start, n, dst, -(-k * self.tp // p.pieces)))
             src += p.size
             dst += p.step
         return tuple(out)

@@ -1,0 +1,597 @@
+"""``nhcheck load --tp N``: every rank of a torch.distributed group loads only its tensor-parallel partition.
+
+The single-device loader decides what the engine does with every checkpoint tensor
+(``nhcheck.load.plan_load``: the audit's outcomes, the loader semantics, where the engine
+raises). This module cuts each of those copies with the engine's sharding (``nhcheck.tp``, the
+rules ``audit --tp`` checks), so a rank allocates only its partition of every parameter, reads
+only the slice rows/columns it needs (safetensors ``get_slice``: byte ranges of the
+memory-mapped shard) and applies the copy there with the same semantics (cast, scalar
+broadcast, ``A = -exp(A_log)``). The ranks then agree on coverage with all-reduces: every
+element of every parameter is written by exactly one owning rank (the lowest rank that holds
+its slice), no poison is left on any rank, and read-backs match the file.
+
+torch.distributed is the process fabric (NCCL on CUDA, gloo on CPU). Outside ``torchrun`` the
+command starts its ranks through torch's elastic launcher, the one ``torchrun`` runs.
+torch is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+from nhcheck import __version__
+from nhcheck import tp as tensor_parallel
+from nhcheck.errors import CheckpointError, UsageError
+from nhcheck.findings import Finding
+from nhcheck.load import ITEMSIZE, Arenas, Plan, plan_load
+from nhcheck.manifest import Param
+
+SCHEMA = "nhcheck.load-tp/1"
+#: NVLink multicast off: a program using it can take a shared host's GPUs out of service.
+_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class Copy(NamedTuple):
+    """One TP-1 load op cut to one rank: a box of the checkpoint tensor into a box of the local parameter.
+
+    ``owned`` counts the parameter elements this rank is the owner of (coverage); ``nbytes`` is
+    what the slice reads.
+    """
+
+    op: int
+    path: str
+    tensor: str
+    t_start: int
+    t_shape: tuple[int, ...]
+    src: str
+    param: str
+    kind: str
+    src_box: tuple[tuple[int, int], ...]
+    dst_box: tuple[tuple[int, int], ...]
+    owned: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank needs to rebuild the same plan (picklable: it crosses the process spawn)."""
+
+    root: str
+    source: str
+    tp: int
+    device: str
+    engine: str | None = None
+    dtype: str = "auto"
+    moe_backend: str | None = None
+    mtp: bool = False
+    pp: tuple[int, int] | None = None
+    manifest_file: str | None = None
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class RankStats:
+    rank: int
+    device: str
+    copies: int
+    bytes_read: int
+    bytes_allocated: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ParamCoverage:
+    name: str
+    elements: int
+    covered: int
+    poisoned: int
+    mismatches: int
+    informational: bool
+
+    @property
+    def status(self) -> str:
+        if self.covered == self.elements:
+            return "filled"
+        return "over" if self.covered > self.elements else "partial" if self.covered else "unfilled"
+
+
+@dataclass(frozen=True)
+class TPLoadReport:
+    source: str
+    engine: str
+    tp: int
+    backend: str
+    device_name: str
+    ranks: tuple[RankStats, ...]
+    wall_seconds: float
+    params: tuple[ParamCoverage, ...]
+    findings: tuple[Finding, ...]
+    verdict: str
+    crash: dict | None
+    samples_checked: int
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.ranks)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.wall_seconds / 1e9 if self.wall_seconds > 0 else 0.0
+
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "clean" else 1
+
+
+# ---------------------------------------------------------------------------
+# Cutting the plan (no torch)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _full_box(shape: tuple[int, ...], start: int, count: int) -> tuple[tuple[int, int], ...]:
+    """The box of the TP-1 parameter an op fills: the whole of it, or a run of dim-0 rows (a q/k/v block, an expert)."""
+    if not shape:
+        return ()
+    if start == 0 and count == _numel(shape):
+        return tuple((0, d) for d in shape)
+    row = _numel(shape[1:])
+    return ((start // row, (start + count) // row),) + tuple((0, d) for d in shape[1:])
+
+
+def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: int) -> list[Copy]:
+    """Every op of ``plan`` cut to what ``rank`` holds, in stream order."""
+    full = {p.name: p for p in plan.params}
+    out: list[Copy] = []
+    for op in plan.ops:
+        p = full[op.param]
+        sh = shards[p.name]
+        t = op.tensor
+        tshape = tuple(t.shape)
+        es = ITEMSIZE[op.src]
+        box = _full_box(p.shape, 0, _numel(p.shape)) if op.kind == "broadcast" else _full_box(p.shape, op.start, op.count)
+        whole = tuple((0, d) for d in tshape)
+        if sh.dim is None:
+            n = _numel(tuple(b - a for a, b in box))
+            out.append(Copy(op.index, op.path, t.name, t.start, tshape, op.src, p.name, op.kind, whole, box,
+                            n if rank == 0 else 0, t.nbytes))
+            continue
+        d = sh.dim
+        lead = len(box) - len(tshape)
+        for s, n, dst, owner in sh.windows(rank):
+            lo, hi = max(s, box[d][0]), min(s + n, box[d][1])
+            if lo >= hi:
+                continue
+            dbox = box[:d] + ((dst + lo - s, dst + hi - s),) + box[d + 1:]
+            sbox = tuple((lo - box[d][0], hi - box[d][0]) if i + lead == d else (0, tshape[i]) for i in range(len(tshape)))
+            size = _numel(tuple(b - a for a, b in dbox))
+            out.append(Copy(op.index, op.path, t.name, t.start, tshape, op.src, p.name, op.kind, sbox, dbox,
+                            size if rank == owner else 0, _numel(tuple(b - a for a, b in sbox)) * es))
+    return out
+
+
+def _padding(p: Param, sh: tensor_parallel.Sharding, rank: int) -> list[tuple[tuple[int, int], ...]]:
+    """Boxes of the local partition no window fills (vocabulary padding): the engine zero-fills them."""
+    if sh.dim is None:
+        return []
+    local = sh.local_shape(p.shape)
+    d = sh.dim
+    covered = sorted((dst, dst + n) for _, n, dst, _ in sh.windows(rank))
+    gaps, pos = [], 0
+    for a, b in covered:
+        if a > pos:
+            gaps.append((pos, a))
+        pos = max(pos, b)
+    if pos < local[d]:
+        gaps.append((pos, local[d]))
+    return [tuple((0, x) for x in local[:d]) + (g,) + tuple((0, x) for x in local[d + 1:]) for g in gaps]
+
+
+# ---------------------------------------------------------------------------
+# Static refusal and the launcher
+
+
+def static_findings(inputs, tp: int) -> list[Finding]:
+    return tensor_parallel.check(inputs.manifest, inputs.config, (tp,))
+
+
+def _refused(source: str, engine: str, tp: int, findings: list[Finding]) -> TPLoadReport:
+    return TPLoadReport(source, engine, tp, "", "", (), 0.0, (), tuple(findings), "refused", None, 0)
+
+
+def run(job: Job, quiet: bool = False) -> TPLoadReport:
+    """Check the sharding statically, then load on ``job.tp`` ranks (under torchrun: this process is one of them)."""
+    from nhcheck import pipeline
+    from nhcheck.checkpoint import open_local
+
+    if job.tp < 1:
+        raise UsageError("--tp must be at least 1")
+    if job.device not in ("cuda", "cpu"):
+        raise UsageError(f"--device {job.device!r} with --tp: use cuda (rank r takes cuda:r of its node) or cpu")
+    inputs = pipeline.prepare(open_local(job.root), job.engine, manifest_file=job.manifest_file,
+                              moe_backend=job.moe_backend, mtp=job.mtp, pp=job.pp)
+    errors = [f for f in static_findings(inputs, job.tp) if f.severity == "error"]
+    if errors:
+        return _refused(job.source, inputs.manifest.engine, job.tp, errors)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != job.tp:
+            raise UsageError(f"--tp {job.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
+        return _rank_main(job)
+    for k, v in _SAFE_ENV.items():
+        os.environ.setdefault(k, v)
+    if job.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
+        if torch.cuda.device_count() < job.tp:
+            raise UsageError(f"--tp {job.tp} needs {job.tp} GPUs; {torch.cuda.device_count()} visible")
+    return launch(job)
+
+
+def launch(job: Job) -> TPLoadReport:
+    """Start ``job.tp`` ranks with torch's elastic launcher (torchrun's engine) on this node; rank 0's report."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=job.tp, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        results = elastic_launch(cfg, _rank_entry)(job)
+    except ChildFailedError as exc:
+        first = next(iter(exc.failures.values()), None)
+        why = first.message if first is not None and isinstance(first.message, str) else str(exc).splitlines()[0]
+        raise CheckpointError(job.source, f"a tensor-parallel rank failed: {why}") from None
+    got = results.get(0)
+    if isinstance(got, dict) and "error" in got:
+        raise CheckpointError(job.source, got["error"])
+    return got
+
+
+def _rank_entry(job: Job):
+    """Launcher entry point: a rank's anticipated failures come back as a value (one line), not a traceback."""
+    from nhcheck.errors import NhcheckError
+
+    try:
+        return _rank_main(job)
+    except NhcheckError as exc:
+        return {"error": str(exc)}
+
+
+# ---------------------------------------------------------------------------
+# One rank
+
+
+def _rank_main(job: Job) -> TPLoadReport | None:
+    import torch
+    import torch.distributed as dist
+
+    from nhcheck import pipeline
+    from nhcheck.audit import AuditOptions
+    from nhcheck.checkpoint import open_local
+
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = job.device == "cuda"
+    if cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    try:
+        inputs = pipeline.prepare(open_local(job.root), job.engine, manifest_file=job.manifest_file,
+                                  moe_backend=job.moe_backend, mtp=job.mtp, pp=job.pp)
+        audit = pipeline.audit(inputs, AuditOptions(mtp=job.mtp, compare_versions=False))
+        plan = plan_load(audit, job.dtype)
+        shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp)}
+        copies = rank_copies(plan, shards, rank)
+        local_params = tuple(replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
+        arenas = Arenas(local_params, device, torch)
+        for p in plan.params:
+            for box in _padding(p, shards[p.name], rank):
+                _view(arenas, p.name, box).zero_()
+        if cuda:
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        read = _transfer(copies, arenas, device, job.threads)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        checked, bad = _verify(copies, arenas)
+        poison = arenas.poisoned() if plan.crash is None else {}
+        names = [p.name for p in plan.params]
+        owned = {}
+        for c in copies:
+            owned[c.param] = owned.get(c.param, 0) + c.owned
+        counters = torch.tensor([[owned.get(n, 0), poison.get(n, 0), bad.get(n, 0)] for n in names] or [[0, 0, 0]],
+                                dtype=torch.int64, device=device)
+        dist.all_reduce(counters)
+        stats = torch.zeros((job.tp, 5), dtype=torch.float64, device=device)
+        allocated = sum(_numel(p.shape) * ITEMSIZE[p.dtype] for p in local_params)
+        stats[rank] = torch.tensor([len(copies), read, allocated, seconds, checked], dtype=torch.float64)
+        dist.all_reduce(stats)
+        wall = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+        if rank != 0:
+            return None
+        rows = stats.cpu().tolist()
+        dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        ranks = tuple(RankStats(r, f"cuda:{r}" if cuda else "cpu", int(x[0]), int(x[1]), int(x[2]), x[3])
+                      for r, x in enumerate(rows))
+        cov = counters.cpu().tolist()
+        params = tuple(ParamCoverage(p.name, _numel(p.shape), c[0], c[1], c[2], p.informational)
+                       for p, c in zip(plan.params, cov))
+        crash = dict(plan.crash) if plan.crash is not None else None
+        findings = _findings(audit, plan, params, crash)
+        return TPLoadReport(job.source, audit.engine, job.tp, backend, dev_name, ranks, float(wall.item()), params,
+                            tuple(findings), _verdict(findings, crash), crash, int(sum(x[4] for x in rows)))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _view(arenas: Arenas, name: str, box):
+    p = arenas.params[name]
+    v = arenas.flat(name).view(p.shape)
+    return v[tuple(slice(a, b) for a, b in box)] if box else v
+
+
+def _transfer(copies: list[Copy], arenas: Arenas, device, threads: int) -> int:
+    """Read each slice with safetensors and place it; threads (one shard handle and CUDA stream
+    each) overlap page-ins, casts and host-to-device copies. Returns the bytes the slices read."""
+    import torch
+    from safetensors import safe_open
+
+    cuda = device.type == "cuda"
+
+    def run(mine: list[Copy]) -> int:
+        handles: dict[str, Any] = {}
+        total = 0
+        for c in mine:
+            f = handles.get(c.path)
+            if f is None:
+                f = handles[c.path] = safe_open(c.path, framework="pt", device="cpu")
+            whole = all(a == 0 and b == d for (a, b), d in zip(c.src_box, c.t_shape))
+            x = f.get_tensor(c.tensor) if whole else f.get_slice(c.tensor)[tuple(slice(a, b) for a, b in c.src_box)]
+            dst = _view(arenas, c.param, c.dst_box)
+            if c.kind == "broadcast":
+                dst.copy_(x.reshape(1).expand(dst.shape))
+            else:
+                dst.copy_(x.reshape(dst.shape))
+                if c.kind == "mamba_A":
+                    dst.exp_().neg_()
+            total += c.nbytes
+        return total
+
+    workers = max(1, min(threads or min(16, os.cpu_count() or 4), len(copies)))
+    if workers == 1:
+        return run(copies)
+
+    def chunk(k: int) -> int:
+        if not cuda:
+            return run(copies[k::workers])
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            n = run(copies[k::workers])
+        stream.synchronize()
+        return n
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return sum(pool.map(chunk, range(workers)))
+
+
+def _verify(copies: list[Copy], arenas: Arenas) -> tuple[int, dict[str, int]]:
+    """Compare the first and last element of every placed slice with the file bytes (read with ``os.pread``).
+
+    A slice cut at the wrong offset, a wrong rank window or a misplaced local box differs at a
+    corner; the expected values come from the file, not from the reader. One gather per dtype.
+    """
+    import torch
+
+    fds: dict[str, int] = {}
+    want: dict[str, list] = {}  # dst dtype -> [(param, arena element, expected tensor, mamba_A?)]
+    try:
+        for c in copies:
+            if c.path not in fds:
+                fds[c.path] = os.open(c.path, os.O_RDONLY)
+            es = ITEMSIZE[c.src]
+            p = arenas.params[c.param]
+            dtype, base = arenas.where[c.param]
+            n_src = _numel([b - a for a, b in c.src_box])
+            n_dst = _numel([b - a for a, b in c.dst_box])
+            corners = [(0, 0)] if c.kind == "broadcast" else [(0, 0), (n_src - 1, n_dst - 1)]
+            for s_idx, d_idx in corners:
+                raw = os.pread(fds[c.path], es, c.t_start + _flat_index(c.t_shape, c.src_box, s_idx) * es)
+                x = torch.frombuffer(bytearray(raw), dtype=getattr(torch, c.src))
+                pos = base + _flat_index(p.shape, c.dst_box, d_idx)
+                want.setdefault(dtype, []).append((c.param, pos, x, c.kind == "mamba_A"))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    bad: dict[str, int] = {}
+    checked = 0
+    for dtype, rows in want.items():
+        de = ITEMSIZE[dtype]
+        tdt = getattr(torch, dtype)
+        pos = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        raw = arenas.raw[dtype]
+        got = raw[((pos * de).unsqueeze(1) + torch.arange(de)).reshape(-1).to(raw.device)].cpu().view(tdt)
+        for (name, _, x, is_a), g in zip(rows, got):
+            if is_a:
+                ok = bool(torch.isclose(g.float(), -torch.exp(x.float()), rtol=1e-5, atol=0.0).all())
+            else:
+                ok = bool((g.reshape(1).view(torch.uint8) == x.to(tdt).reshape(1).view(torch.uint8)).all())
+            checked += 1
+            if not ok:
+                bad[name] = bad.get(name, 0) + 1
+    return checked, bad
+
+
+def _flat_index(shape: tuple[int, ...], box: tuple[tuple[int, int], ...], k: int) -> int:
+    """Row-major index in ``shape`` of the k-th element (row-major) of ``box``."""
+    if not shape:
+        return 0
+    idx, rest = [], k
+    for a, b in reversed(box):
+        n = b - a
+        idx.append(a + rest % n)
+        rest //= n
+    idx.reverse()
+    flat = 0
+    for i, d in zip(idx, shape):
+        flat = flat * d + i
+    return flat
+
+
+def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: dict | None) -> list[Finding]:
+    out: list[Finding] = list(audit.checkpoint.findings) + list(plan.findings)
+    if crash is not None:
+        out.append(Finding("error", "crash", f"{audit.engine.replace('@', ' ')} raises {crash['error']} at "
+                                             f"{crash['tensor']}; the load stops here", crash.get("shard"), crash["tensor"]))
+    items = []
+    for p in params:
+        if p.mismatches:
+            items.append(("readback", p.name, Finding("error", "readback-mismatch",
+                                                      "a placed slice differs from the checkpoint bytes", None, p.name)))
+        if crash is not None:
+            continue
+        if p.status == "over":
+            items.append(("over", p.name, Finding("error", "double-write", "the ranks' owned elements add up to more "
+                                                  "than the parameter: a slice is written twice", None, p.name)))
+        elif p.status != "filled":
+            sev = "info" if p.informational else "error"
+            items.append((p.status + sev, p.name, Finding(sev, f"param-{p.status}", "the ranks together leave "
+                                                          f"{p.elements - p.covered:,} of {p.elements:,} elements unwritten",
+                                                          None, p.name)))
+        elif p.poisoned:
+            items.append(("poison", p.name, Finding("error", "poison-left", "covered, yet poison is left in a rank's "
+                                                    "partition", None, p.name)))
+    from nhcheck.audit import _grouped
+
+    return out + _grouped(items)
+
+
+def _verdict(findings: list[Finding], crash: dict | None) -> str:
+    if crash is not None:
+        return "crash"
+    codes = {f.code for f in findings if f.severity == "error"}
+    if codes - {"param-unfilled", "param-partial"}:
+        return "broken"
+    return "incomplete" if codes else "clean"
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+
+def to_json(r: TPLoadReport) -> dict:
+    return {
+        "schema": SCHEMA, "nhcheck_version": __version__, "source": r.source, "engine": r.engine, "tp": r.tp,
+        "backend": r.backend, "device": r.device_name,
+        "summary": {"verdict": r.verdict, "bytes_read": r.bytes_read, "wall_seconds": round(r.wall_seconds, 6),
+                    "gb_per_s": round(r.gb_per_s, 3), "params": len(r.params),
+                    "params_filled": sum(1 for p in r.params if p.status == "filled"),
+                    "samples_checked": r.samples_checked},
+        "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes_read": s.bytes_read,
+                   "bytes_allocated": s.bytes_allocated, "seconds": round(s.seconds, 6),
+                   "gb_per_s": round(s.gb_per_s, 3)} for s in r.ranks],
+        "crash": r.crash,
+        "params": [{"name": p.name, "elements": p.elements, "covered": p.covered, "status": p.status,
+                    "poisoned": p.poisoned, "mismatches": p.mismatches, "informational": p.informational}
+                   for p in r.params],
+        "findings": [f.to_json() for f in r.findings],
+    }
+
+
+def render_json(r: TPLoadReport) -> str:
+    import json
+
+    return json.dumps(to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _gb(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def headline(r: TPLoadReport) -> str:
+    if r.verdict == "refused":
+        return (f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
+                "nothing was loaded.")
+    if r.verdict == "clean":
+        return (f"{r.tp} rank(s) together fill every reachable parameter exactly once; no poison left, "
+                "read-backs equal the file.")
+    return f"{r.engine} at TP {r.tp}: {sum(1 for f in r.findings if f.severity == 'error')} problem famil(ies)."
+
+
+def rank_lines(r: TPLoadReport) -> list[str]:
+    lines = [f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_read)} read into {_gb(s.bytes_allocated)} "
+             f"of partitions in {s.seconds:.3f} s ({s.gb_per_s:.2f} GB/s)" for s in r.ranks]
+    if r.ranks:
+        lines.append(f"aggregate: {_gb(r.bytes_read)} in {r.wall_seconds:.3f} s wall ({r.gb_per_s:.2f} GB/s) over "
+                     f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back")
+    return lines
+
+
+def render_table(r: TPLoadReport, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from nhcheck.report import safe
+
+    e = lambda s: escape(safe(s))  # noqa: E731
+    console.print(f"[bold]nhcheck load --tp {r.tp}[/] {e(r.source)} · {r.engine}")
+    colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
+    console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(headline(r))}")
+    for line in rank_lines(r):
+        console.print(e(line))
+    if r.findings:
+        t = Table(title="Findings", title_justify="left")
+        for col in ("severity", "code", "message", "where"):
+            t.add_column(col, overflow="fold")
+        for f in r.findings:
+            style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
+            t.add_row(f"[{style}]{f.severity}[/]", f.code, e(f.message), e(f.tensor or f.shard or ""))
+        console.print(t)
+
+
+def render_markdown(r: TPLoadReport) -> str:
+    from nhcheck.report import _md
+
+    out = [f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}", "",
+           f"**{r.verdict.upper()}**: {_md(headline(r))}", ""]
+    out += [f"- {_md(line)}" for line in rank_lines(r)]
+    if r.findings:
+        out += ["", "| severity | code | message | where |", "|---|---|---|---|"]
+        for f in r.findings:
+            out.append(f"| {f.severity} | {f.code} | {_md(f.message)} | `{_md(f.tensor or f.shard or '')}` |")
+    return "\n".join(out) + "\n"
+
+
+def summary_line(r: TPLoadReport) -> str:
+    bad = sum(1 for f in r.findings if f.severity == "error")
+    return (f"Loaded {_gb(r.bytes_read)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({r.gb_per_s:.2f} GB/s aggregate): "
+            f"verdict {r.verdict}; {bad} error finding(s).")
