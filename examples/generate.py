@@ -900,15 +900,17 @@ def _tiny_nano3_nvfp4_experts_excluded(out_dir: str) -> None:
 _LEFTOVER_EXPERT_WEIGHT = re.compile(r"backbone\.layers\.(\d+)\.mixer\.experts\.\d+\.(up|down)_proj\.weight")
 
 
-def nano3_leftover_expert_scale_tensors(layers: Iterable[int] = EXPERTS_EXCLUDED_LAYERS) -> list[Tensor]:
+def nano3_leftover_expert_scale_tensors(layers: Iterable[int] = EXPERTS_EXCLUDED_LAYERS,
+                                        config: dict | None = None) -> list[Tensor]:
     """PR #24434 case: the experts of ``layers`` exported unquantized (BF16 weights, excluded in the
     quant config) but still carrying their NVFP4 ``weight_scale`` / ``weight_scale_2`` / ``input_scale``.
 
     SGLang builds those experts unquantized, so the scales have no target: 0.5.11 raises KeyError
-    at the first one, 0.5.12+ drops them silently. Everything else is the NVFP4 Nano-3 layout.
+    at the first one, 0.5.12+ drops them silently. Everything else is the NVFP4 Nano-3 layout
+    (of ``config``, default the tiny one; ``bench/prune.py`` passes larger dimensions).
     """
     layers = set(layers)
-    c = nano3_tiny_config(quantized=True)
+    c = config or nano3_tiny_config(quantized=True)
     out: list[Tensor] = []
     for t in nemotron_h_tensors(c, nano3_tiny_quant(layers)):
         out.append(t)

@@ -291,8 +291,7 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, quiet):
         raise UsageError(f"{source}: prune needs a local checkpoint directory (download a Hub repo first)")
     t0 = time.perf_counter()
     pruning.check_output(source, out_dir, overwrite)
-    rep = pipeline.audit(pipeline.prepare(open_local(source, _progress(quiet)), engine))
-    plan = pruning.plan_prune(rep)
+    plan = pruning.plan_checkpoint(pipeline.prepare(open_local(source, _progress(quiet)), engine))
     pruning.render_plan(plan, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False,
                                       width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160))
     sys.stdout.flush()

@@ -35,7 +35,7 @@ RECEIPT_SCHEMA = "nhcheck.prune/1"
 TMP_PREFIX = ".nhcheck-prune-"
 TMP_SUFFIX = ".tmp"
 #: Copy and read-back granularity: two buffers of this size are all the memory prune holds.
-CHUNK = 8 << 20
+CHUNK = 4 << 20
 
 SCALE_SUFFIXES = ("input_scale", "weight_scale", "weight_scale_2", "k_scale", "v_scale", "kv_scale",
                   "pre_quant_scale")
@@ -191,12 +191,16 @@ def _groups(items: list[tuple[TensorInfo, str, str]]) -> tuple[DropGroup, ...]:
     return tuple(out)
 
 
+def _finding_text(f) -> str:
+    """A finding with its tensor named once (grouped findings already start with the collapsed name)."""
+    return f.message if _GROUPED.match(f.message) else f"{f.tensor}: {f.message}"
+
+
 def _mismatch_refusal(report: AuditReport, clean: tuple[str, ...]) -> str:
     found = [f for f in report.findings if f.code == "quant-mismatch"]
     first = found[0]
     ver = report.engine.split("@", 1)[1]
-    what = first.message if _GROUPED.match(first.message) else f"{first.tensor}: {first.message}"
-    lines = [f"quantization mismatch on {report.engine}: {what}"
+    lines = [f"quantization mismatch on {report.engine}: {_finding_text(first)}"
              + (f" (and {len(found) - 1} more tensor famil{'y' if len(found) == 2 else 'ies'})" if len(found) > 1 else ""),
              f"Stripping scales would hide a model that sglang {ver} cannot load correctly; prune refuses."]
     if clean:
@@ -224,7 +228,7 @@ def plan_prune(report: AuditReport) -> PrunePlan:
         return PrunePlan(report, (), (), shards, _mismatch_refusal(report, clean), (), clean)
     shape = next((f for f in report.findings if f.code == "shape-mismatch"), None)
     if shape is not None:
-        return PrunePlan(report, (), (), shards, f"shape mismatch on {report.engine}: {shape.tensor}: {shape.message}; "
+        return PrunePlan(report, (), (), shards, f"shape mismatch on {report.engine}: {_finding_text(shape)}; "
                          "dropping tensors cannot fix it", (), clean)
     if report.crash is not None and report.crash["tensor"] is None:
         return PrunePlan(report, (), (), shards, f"sglang {version} fails while building the model "
@@ -258,6 +262,17 @@ def plan_prune(report: AuditReport) -> PrunePlan:
                    "output would not load cleanly either:\n" + "\n".join(f"  {g.name} ×{g.count}: {g.reason}"
                                                                          for g in unsafe_groups))
     return PrunePlan(report, tuple(drops), groups, shards, refusal, unsafe_groups, clean)
+
+
+def plan_checkpoint(inputs) -> PrunePlan:
+    """Audit ``inputs`` (``pipeline.Inputs``) and plan; the other engine versions are audited only
+    when the plan refuses for a quantization mismatch, to name the one that loads it as is."""
+    from nhcheck import pipeline
+
+    plan = plan_prune(pipeline.audit(inputs, AuditOptions(compare_versions=False)))
+    if plan.refusal is not None and any(f.code == "quant-mismatch" for f in plan.report.findings):
+        plan = plan_prune(pipeline.audit(inputs, AuditOptions()))
+    return plan
 
 
 def render_plan(plan: PrunePlan, console) -> None:
@@ -460,81 +475,128 @@ class _Run:
         self.tmps.clear()
 
 
-class _Checker:
-    """Background thread that reads back each written chunk, compares it with its source, hashes it.
+class _Worker:
+    """One background thread running submitted jobs in order.
 
-    Hashing (~1.3 GB/s for sha256) is the slowest step; on its own thread it overlaps the kernel
-    copy of the next chunk and the fsync of the previous shard. Memory: two fixed buffers.
-    Finishing a shard (fsync, source re-check, rename) also happens here, in order.
+    Errors go to a list shared by all workers of a run: after the first, every worker skips
+    its remaining jobs and the main thread re-raises it at its next submit or at ``join``.
     """
 
-    def __init__(self, run: _Run, compare: bool, progress: Progress | None, total: int) -> None:
-        self.run = run
-        self.compare = compare
-        self.progress = progress
-        self.total = total
-        self.compared = 0
-        self.error: BaseException | None = None
-        self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.out_buf = bytearray(CHUNK)
-        self.src_buf = bytearray(CHUNK) if compare else None
-        self.thread = threading.Thread(target=self._loop, name="nhcheck-prune-check", daemon=True)
+    def __init__(self, name: str, errors: list[BaseException], maxsize: int = 8) -> None:
+        self.errors = errors
+        self.q: queue.Queue = queue.Queue(maxsize)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, job: Callable[[], None]) -> None:
-        if self.error is not None:
-            raise self.error
+        if self.errors:
+            raise self.errors[0]
         self.q.put(job)
 
-    def close(self) -> None:
+    def join(self) -> None:
         self.q.put(None)
         self.thread.join()
-        if self.error is not None:
-            raise self.error
 
     def abort(self) -> None:
-        self.error = self.error or NhcheckError("aborted")
         while True:
             try:
                 self.q.get_nowait()
             except queue.Empty:
                 break
-        self.q.put(None)
-        self.thread.join()
+        self.join()
 
     def _loop(self) -> None:
         while True:
             job = self.q.get()
             if job is None:
                 return
-            if self.error is not None:
+            if self.errors:
                 continue
             try:
                 job()
-            except BaseException as exc:  # re-raised in the main thread
-                self.error = exc
+            except BaseException as exc:  # re-raised by the main thread
+                self.errors.append(exc)
 
-    def check(self, f: _OutFile, dst_off: int, src_off: int | None, n: int, compare: bool = True) -> None:
+
+class _Reader:
+    """Read-back state of one checker thread: two fixed buffers, all the memory prune holds."""
+
+    def __init__(self, compare: bool) -> None:
+        self.out_buf = bytearray(CHUNK)
+        self.src_buf = bytearray(CHUNK) if compare else bytearray()
+        self.compared = 0
+
+
+class _Pipeline:
+    """Copy on the main thread; read back, compare and hash on checker threads; fsync and rename on a committer.
+
+    sha256 (~1.3 GB/s) is the slowest step, so each shard goes to one of ``n`` checker threads
+    (round robin; a shard's hash is sequential) while the main thread's kernel copy runs ahead;
+    the fsync of a finished shard waits on the disk off the checkers' path.
+    """
+
+    def __init__(self, run: _Run, compare: bool, progress: Progress | None, total: int, n: int) -> None:
+        self.run = run
+        self.compare = compare
+        self.progress = progress
+        self.total = total
+        self.errors: list[BaseException] = []
+        self.checkers = [(_Worker(f"nhcheck-prune-check-{i}", self.errors), _Reader(compare)) for i in range(n)]
+        self.committer = _Worker("nhcheck-prune-commit", self.errors, maxsize=0)
+        self.turn = 0
+
+    @property
+    def compared(self) -> int:
+        return sum(r.compared for _, r in self.checkers)
+
+    def next_checker(self) -> tuple[_Worker, _Reader]:
+        c = self.checkers[self.turn % len(self.checkers)]
+        self.turn += 1
+        return c
+
+    def check(self, c: tuple[_Worker, _Reader], f: _OutFile, dst_off: int, src_off: int | None, n: int,
+              compare: bool = True) -> None:
+        worker, reader = c
+        worker.submit(lambda: self._check(reader, f, dst_off, src_off, n, compare))
+
+    def done(self, c: tuple[_Worker, _Reader], f: _OutFile) -> None:
+        c[0].submit(lambda: self.committer.submit(lambda: self._finish(f)))
+
+    def close(self) -> None:
+        for worker, _ in self.checkers:
+            worker.join()
+        self.committer.join()
+        if self.errors:
+            raise self.errors[0]
+
+    def abort(self) -> None:
+        self.errors.append(NhcheckError("aborted"))
+        for worker, _ in self.checkers:
+            worker.abort()
+        self.committer.abort()
+
+    def _check(self, r: _Reader, f: _OutFile, dst_off: int, src_off: int | None, n: int, compare: bool) -> None:
         """Hash output bytes [dst_off, dst_off+n); compare them with the header (``src_off`` None) or the source.
 
         Compares whole bytearrays (memcmp, ~13 GB/s), not memoryviews (element-wise, ~1 GB/s).
         """
+        compare = compare and self.compare
         while n > 0:
             k = min(n, CHUNK)
-            out = memoryview(self.out_buf)[:k]
+            out = memoryview(r.out_buf)[:k]
             if os.preadv(f.read_fd, [out], dst_off) != k:
                 raise CheckpointError(f.tmp, "output is shorter than what was written")
-            if self.compare and compare:
+            if compare:
                 if src_off is None:
                     same = out.tobytes() == f.header[dst_off:dst_off + k]
                 else:
-                    if os.preadv(f.src_fd, [memoryview(self.src_buf)[:k]], src_off) != k:
+                    if os.preadv(f.src_fd, [memoryview(r.src_buf)[:k]], src_off) != k:
                         raise CheckpointError(f.src_path, "changed size during the run (it ended early); "
                                               "prune stopped, temporary files removed")
-                    same = self.out_buf == self.src_buf if k == CHUNK else self.out_buf[:k] == self.src_buf[:k]
+                    same = r.out_buf == r.src_buf if k == CHUNK else r.out_buf[:k] == r.src_buf[:k]
                 if not same:
                     raise CheckpointError(f.final, f"output bytes at offset {dst_off} differ from the source")
-                self.compared += k
+                r.compared += k
             f.sha.update(out)
             if self.progress is not None:
                 self.progress("verify", k, self.total)
@@ -543,7 +605,7 @@ class _Checker:
                 src_off += k
             n -= k
 
-    def finish(self, f: _OutFile) -> None:
+    def _finish(self, f: _OutFile) -> None:
         os.fsync(f.write_fd)
         if _stat_key(f.src_path) != f.src_stat:
             raise CheckpointError(f.src_path, "changed during the run (size or modification time); "
@@ -649,10 +711,10 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
     total = sum(sizes.values())
 
     run = _Run(out_dir)
-    checker: _Checker | None = None
+    pipe: _Pipeline | None = None
     try:
         _prepare_out(out_dir, overwrite, finals)
-        checker = _Checker(run, verify, progress, total)
+        pipe = _Pipeline(run, verify, progress, total, n=max(1, min(2, os.cpu_count() or 1)))
         copier = _Copier()
         outs: list[tuple[ShardHeader, _OutFile | None]] = []
         dropped_rows = []
@@ -669,18 +731,22 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
                 outs.append((shard, None))
                 continue
             final = os.path.join(out_dir, shard.name)
-            f = _write_shard(run, checker, copier, shard, src_fd, final, layouts.get(shard.name), link,
+            f = _write_shard(run, pipe, copier, shard, src_fd, final, layouts.get(shard.name), link,
                              stats[shard.name], progress, total)
             outs.append((shard, f))
-        checker.close()
+        pipe.close()
         for rel, src in sidecars:
             run.source = src
             _copy_sidecar(run, copier, src, os.path.join(out_dir, rel))
         if ckpt.index is not None:
-            _write_json(run, os.path.join(out_dir, INDEX_NAME), _new_index(ckpt.index, dropped, plan), indent=2)
+            index = _new_index(ckpt.index, dropped, plan)
+            if index == ckpt.index:  # nothing to change: keep the file byte for byte
+                _copy_sidecar(run, copier, os.path.join(ckpt.root, INDEX_NAME), os.path.join(out_dir, INDEX_NAME))
+            else:
+                _write_json(run, os.path.join(out_dir, INDEX_NAME), index, indent=2)
         for d in run.dirs:
             _fsync_dir(d)
-        verification = _verify(plan, out_dir, checker.compared) if verify else None
+        verification = _verify(plan, out_dir, pipe.compared) if verify else None
         reasons = {d.tensor.name: (d.outcome, d.reason) for d in plan.drops}
         for row in dropped_rows:
             row["outcome"], row["reason"] = reasons[row["name"]]
@@ -694,12 +760,12 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
     except OSError as exc:
         raise _io_error(exc, run) from None
     finally:
-        if checker is not None and checker.thread.is_alive():
-            checker.abort()
+        if pipe is not None and not all(not w.thread.is_alive() for w, _ in pipe.checkers):
+            pipe.abort()
         run.cleanup()
 
 
-def _write_shard(run: _Run, checker: _Checker, copier: _Copier, shard: ShardHeader, src_fd: int, final: str,
+def _write_shard(run: _Run, pipe: _Pipeline, copier: _Copier, shard: ShardHeader, src_fd: int, final: str,
                  layout: tuple[bytes, list[tuple[int, int, int]], int] | None, link: bool,
                  src_stat: tuple[int, int], progress: Progress | None, total: int) -> _OutFile:
     tmp = run.tmp_for(final)
@@ -713,13 +779,11 @@ def _write_shard(run: _Run, checker: _Checker, copier: _Copier, shard: ShardHead
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
-    if linked:
-        write_fd = run.open(tmp, os.O_RDONLY)
-    else:
-        write_fd = run.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    write_fd = run.open(tmp, os.O_RDONLY if linked else os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     f = _OutFile(final, tmp, shard.path, src_stat, write_fd, run.open(tmp, os.O_RDONLY), src_fd)
+    c = pipe.next_checker()
     if linked:
-        checker.submit(lambda: checker.check(f, 0, 0, shard.file_size, compare=False))
+        pipe.check(c, f, 0, 0, shard.file_size, compare=False)
     elif layout is None:
         pos = 0
         while pos < shard.file_size:
@@ -727,7 +791,7 @@ def _write_shard(run: _Run, checker: _Checker, copier: _Copier, shard: ShardHead
             copier.copy(src_fd, write_fd, pos, pos, n)
             if progress is not None:
                 progress("copy", n, total)
-            checker.submit(lambda p=pos, n=n: checker.check(f, p, p, n))
+            pipe.check(c, f, pos, pos, n)
             pos += n
     else:
         header, ranges, _ = layout
@@ -735,18 +799,18 @@ def _write_shard(run: _Run, checker: _Checker, copier: _Copier, shard: ShardHead
         done = 0
         while done < len(header):
             done += os.pwrite(write_fd, header[done:], done)
-        checker.submit(lambda: checker.check(f, 0, None, len(header)))
+        pipe.check(c, f, 0, None, len(header))
         for src_off, dst_off, n in ranges:
             while n > 0:
                 k = min(CHUNK, n)
                 copier.copy(src_fd, write_fd, src_off, dst_off, k)
                 if progress is not None:
                     progress("copy", k, total)
-                checker.submit(lambda s=src_off, d=dst_off, k=k: checker.check(f, d, s, k))
+                pipe.check(c, f, dst_off, src_off, k)
                 src_off += k
                 dst_off += k
                 n -= k
-    checker.submit(lambda: checker.finish(f))
+    pipe.done(c, f)
     return f
 
 

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Benchmark ``nhcheck prune`` against ``cp -r`` of the same checkpoint, and its peak RSS.
+
+Builds a multi-GiB synthetic Nemotron-H NVFP4 checkpoint with the PR #24434 defect (the
+experts of two MoE layers exported as BF16 but still carrying their NVFP4 scales), so
+prune rewrites the shards that hold them and copies the rest whole. Then, alternating in
+the same run, times ``cp -r``, ``cp -r`` followed by ``sync`` (prune fsyncs what it writes;
+cp does not), ``nhcheck prune`` (default: verified) and ``nhcheck prune --no-verify``;
+peak RSS of each child comes from GNU ``time`` (else ``wait4``). Outputs are deleted and synced between
+runs so one run's writeback does not bill the next.
+
+    python bench/prune.py                 # ~2 GiB, 4 shards, 3 repetitions
+    python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
+
+Targets: prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+import generate  # noqa: E402
+
+from nhcheck.safetensors_header import read_shard  # noqa: E402
+
+ENGINE = "sglang@0.5.11"
+
+
+def build(out: Path, gib: float, shards: int) -> int:
+    """Write the synthetic checkpoint (real random-looking data, not holes); returns its data bytes."""
+    c = generate.nano3_tiny_config(quantized=True)
+    c.update(hidden_size=1024, n_routed_experts=32)
+    target = gib * 2**30
+    mi = 256
+    for _ in range(8):  # expert bytes dominate and scale linearly with the intermediate size
+        c["moe_intermediate_size"] = mi
+        tensors = generate.nano3_leftover_expert_scale_tensors(config=c)
+        total = sum(generate.tensor_nbytes(d, s) for _, d, s in tensors)
+        mi = max(64, int(mi * target / total) // 64 * 64)
+    q = generate.nano3_tiny_quant(generate.EXPERTS_EXCLUDED_LAYERS)
+    generate.write_checkpoint(str(out), tensors, c, q, shards=shards, sparse=True,
+                              extra_files={"tokenizer_config.json": "{}\n", "generation_config.json": "{}\n"})
+    block = os.urandom(16 << 20)
+    for p in sorted(out.glob("*.safetensors")):
+        h = read_shard(str(p))
+        with open(p, "r+b") as f:
+            f.seek(h.data_start)
+            left = h.file_size - h.data_start
+            while left:
+                n = f.write(block[: min(left, len(block))])
+                left -= n
+    os.sync()
+    return total
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process.
+
+    Peak RSS comes from GNU time when present: ``wait4`` on a child forked from this
+    interpreter also counts the pages it inherited before exec.
+    """
+    gnu_time = os.path.exists("/usr/bin/time")
+    full = ["/usr/bin/time", "-f", "%M"] + cmd if gnu_time else cmd
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err.strip()}")
+    peak_kb = int(err.strip().splitlines()[-1]) if gnu_time else usage.ru_maxrss
+    return wall, peak_kb * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
+    ap.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each command (default 3)")
+    ap.add_argument("--dir", default=None, help="work directory (default: a new one under the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="nhcheck-bench-", dir=args.dir))
+    try:
+        free = shutil.disk_usage(work).free
+        need = int(args.gib * 2**30 * 3.2)
+        if free < need:
+            print(f"not enough free disk in {work}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed "
+                  "(source + two outputs); use --gib or --dir", file=sys.stderr)
+            return 2
+        src = work / "src"
+        t0 = time.perf_counter()
+        data = build(src, args.gib, args.shards)
+        print(f"built {data / 2**30:.2f} GiB in {args.shards} shard(s) at {src} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr)
+        prune = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q", "--out"]
+        commands = {
+            "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
+            "cp -r && sync": lambda out: ["sh", "-c", f'cp -r "{src}" "{out}" && sync'],
+            "nhcheck prune": lambda out: prune + [str(out)],
+            "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
+        }
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        rss: dict[str, list[int]] = {k: [] for k in commands}
+        for _ in range(args.reps):
+            for name, make in commands.items():
+                out = work / "out"
+                wall, peak = timed(make(out))
+                times[name].append(wall)
+                rss[name].append(peak)
+                shutil.rmtree(out)
+                os.sync()
+        base = statistics.median(times["cp -r"])
+        rows = []
+        for name in commands:
+            med = statistics.median(times[name])
+            rows.append({"command": name, "median_s": round(med, 3), "runs_s": [round(t, 3) for t in times[name]],
+                         "ratio_vs_cp": round(med / base, 2), "peak_rss_mb": round(max(rss[name]) / 1e6, 1)})
+        print(f"{'command':28} {'median s':>9} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
+        for r in rows:
+            print(f"{r['command']:28} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
+                  + ", ".join(f"{t:.2f}" for t in r["runs_s"]))
+        print(json.dumps({"gib": round(data / 2**30, 3), "shards": args.shards, "reps": args.reps, "rows": rows}))
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""``nhcheck prune``: the plan (what is safe to drop, and why), the writer (lossless, atomic,
+streaming), the refusals, and the failure modes (killed run, full disk, unwritable output,
+a source that changes under us).
+
+Every test works on a copy of an example under tmp_path, so "the input is untouched" is
+measured on files nothing else shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nhcheck import prune
+from nhcheck.cli import cli
+from nhcheck.errors import NhcheckError
+from nhcheck.pipeline import audit_path
+from nhcheck.safetensors_header import read_shard, serialize_header
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+CASE = "nano3-24434-leftover-expert-scales"
+LEFTOVER = re.compile(r"backbone\.layers\.(1|49)\.mixer\.experts\.\d+\.(up|down)_proj\.(input_scale|weight_scale|weight_scale_2)")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def copy_example(name: str, dest: Path) -> Path:
+    shutil.copytree(EXAMPLES / name, dest)
+    return dest
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def hashes(d: Path) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in tree(d).items()}
+
+
+def invoke(*args: str):
+    return CliRunner(env={"COLUMNS": "400"}).invoke(cli, [str(a) for a in args])
+
+
+def tensor_bytes(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    h = read_shard(str(path))
+    raw = path.read_bytes()
+    return {t.name: (t.dtype, t.shape, raw[t.start:t.end]) for t in h.tensors}
+
+
+def temp_files(d: Path) -> list[str]:
+    return [str(p) for p in d.rglob(prune.TMP_PREFIX + "*")]
+
+
+def run_nhcheck(args: list[str], *, wrapper: str = "", env: dict | None = None, preexec=None, prefix: list[str] = ()):
+    """Run the CLI in a subprocess; ``wrapper`` is Python run first (fault injection)."""
+    code = wrapper + "\nimport sys\nfrom nhcheck.cli import cli\nsys.argv[0] = 'nhcheck'\ncli()\n"
+    return subprocess.run([*prefix, sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, preexec_fn=preexec, cwd=REPO, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 24434 example and its pruned output for sglang@0.5.11, written once."""
+    base = tmp_path_factory.mktemp("ref")
+    src = copy_example(CASE, base / "src")
+    before = hashes(src)
+    res = invoke("prune", src, "--out", base / "out", "--engine", "sglang@0.5.11")
+    assert res.exit_code == 0, res.stderr
+    assert hashes(src) == before, "prune modified its input"
+    return src, base / "out", tree(base / "out")
+
+
+def assert_no_partial(out: Path, ref: dict[str, bytes]) -> None:
+    """Every final-named file in ``out`` is complete; the index and receipt only after what they describe."""
+    got = tree(out) if out.exists() else {}
+    final = {k: v for k, v in got.items() if not os.path.basename(k).startswith(prune.TMP_PREFIX)}
+    for name, data in final.items():
+        assert data == ref[name], f"{name} is final-named but not complete"
+    if "model.safetensors.index.json" in final:
+        assert {k for k in ref if k not in (prune.RECEIPT_NAME,)} <= set(final), "index written before its shards"
+    if prune.RECEIPT_NAME in final:
+        assert set(final) == set(ref)
+
+
+# ---------------------------------------------------------------------------
+# plan
+
+
+@pytest.mark.parametrize("engine,outcome", [("sglang@0.5.11", "raise"), ("sglang@0.5.12", "skip"),
+                                            ("sglang@0.5.23", "skip")])
+def test_plan_drops_only_the_leftover_expert_scales(engine, outcome):
+    rep = audit_path(str(EXAMPLES / CASE), engine)
+    plan = prune.plan_prune(rep)
+    assert plan.refusal is None
+    assert len(plan.drops) == 144 and all(LEFTOVER.fullmatch(d.tensor.name) for d in plan.drops)
+    assert {d.outcome for d in plan.drops} == {outcome}
+    assert [g.count for g in plan.groups] == [24] * 6
+    for g in plan.groups:
+        assert g.name.startswith("backbone.layers.{1,49}.mixer.experts.{0…11}.")
+        assert "loads unquantized into model.layers.{1,49}.mixer.experts.w" in g.reason and "(bfloat16)" in g.reason
+    loaded = {r.tensor.name for r in rep.records if r.outcome.outcome == "load"}
+    assert not loaded & plan.dropped_names
+    assert [s.action for s in plan.shards] == ["rewrite", "copy", "copy", "rewrite"]
+    assert plan.bytes_saved == sum(d.tensor.nbytes for d in plan.drops) == sum(g.nbytes for g in plan.groups)
+
+
+def test_plan_never_drops_load_bearing_scales(tmp_path):
+    """An orphan scale of a module the runtime keeps quantized makes prune refuse, not drop."""
+    sys.path.insert(0, str(EXAMPLES))
+    import generate
+
+    c = generate.nano3_tiny_config(quantized=True)
+    q = generate.nano3_tiny_quant()
+    tensors = generate.nemotron_h_tensors(c, q)
+    module = next(n[: -len(".weight")] for n, d, _ in tensors if d == "U8" and ".experts." not in n)
+    generate.write_checkpoint(str(tmp_path / "ck"), tensors + [(module + ".pre_quant_scale", "BF16", [64])], c, q)
+    plan = prune.plan_prune(audit_path(str(tmp_path / "ck"), "sglang@0.5.23"))
+    assert not plan.drops
+    assert plan.refusal and "keeps the module quantized" in plan.refusal and module in plan.refusal
+
+
+def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    import generate
+
+    c = generate.nano3_tiny_config()
+    extra = [("backbone.layers.0.mixer.gate_proj.weight", "BF16", [8, 64]),
+             ("backbone.layers.60.mixer.in_proj.weight", "BF16", [8, 64])]
+    generate.write_checkpoint(str(tmp_path / "ck"), generate.nemotron_h_tensors(c, None) + extra, c, None)
+    plan = prune.plan_prune(audit_path(str(tmp_path / "ck"), "sglang@0.5.23"))
+    assert plan.refusal is None
+    assert sorted(d.tensor.name for d in plan.drops) == sorted(n for n, _, _ in extra)
+    res = invoke("prune", tmp_path / "ck", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.stderr
+    assert audit_path(str(tmp_path / "out"), "sglang@0.5.23").verdict == "clean"
+
+
+def test_refuses_quant_mismatch_and_names_the_version_that_loads_it(tmp_path):
+    src = copy_example("omni-nvfp4-24137", tmp_path / "omni")
+    before = hashes(src)
+    res = invoke("prune", src, "--out", tmp_path / "out", "--engine", "sglang@0.5.11")
+    assert res.exit_code == 1
+    assert "prune refused: quantization mismatch on sglang@0.5.11" in res.stderr
+    assert "Loads as is (audit clean): sglang@0.5.23." in res.stderr
+    assert not (tmp_path / "out").exists()
+    assert hashes(src) == before
+
+
+def test_refuses_u8_experts_built_unquantized(tmp_path):
+    """The conformance-style experts-excluded case: U8 expert weights into bf16 parameters everywhere."""
+    res = invoke("prune", EXAMPLES / "nano3-nvfp4-experts-excluded", "--out", tmp_path / "out")
+    assert res.exit_code == 1
+    assert "quantized (U8) bytes into the unquantized bfloat16 parameter" in res.stderr
+    assert "No sglang version in nhcheck's table loads it as is" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# the written output
+
+
+def test_pruned_output_is_clean_on_every_version_and_lossless(reference):
+    src, out, _ = reference
+    for v in ("0.5.11", "0.5.12", "0.5.23"):
+        rep = audit_path(str(out), f"sglang@{v}")
+        assert rep.verdict == "clean" and rep.counts()["orphans"] == 0 and rep.crash is None, v
+    src_idx = json.loads((src / "model.safetensors.index.json").read_text())
+    out_idx = json.loads((out / "model.safetensors.index.json").read_text())
+    dropped = {n for n in src_idx["weight_map"] if LEFTOVER.fullmatch(n)}
+    assert len(dropped) == 144
+    assert list(out_idx["weight_map"].items()) == [(k, v) for k, v in src_idx["weight_map"].items() if k not in dropped]
+    kept = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        h = read_shard(str(shard))
+        assert h.header_len % 8 == 0 and h.metadata == {"format": "pt"}
+        s = read_shard(str(src / shard.name))
+        assert [t.name for t in h.tensors] == [t.name for t in s.tensors if t.name not in dropped]
+        a, b = tensor_bytes(src / shard.name), tensor_bytes(shard)
+        for name, value in b.items():
+            assert value == a[name], name
+        kept.update(b)
+    assert out_idx["metadata"]["total_size"] == sum(len(v[2]) for v in kept.values())
+    for name in ("config.json", "hf_quant_config.json", "tokenizer_config.json", "generation_config.json",
+                 "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_output_opens_with_safetensors(reference):
+    np = pytest.importorskip("numpy")
+    from safetensors import safe_open
+
+    src, out, _ = reference
+    with safe_open(str(out / "model-00001-of-00004.safetensors"), "np") as f:
+        assert f.metadata() == {"format": "pt"}
+        name = "backbone.layers.1.mixer.experts.0.up_proj.weight"
+        assert name in f.keys()
+        got = f.get_tensor("backbone.layers.1.mixer.gate.e_score_correction_bias")
+    with safe_open(str(src / "model-00001-of-00004.safetensors"), "np") as f:
+        assert np.array_equal(got, f.get_tensor("backbone.layers.1.mixer.gate.e_score_correction_bias"))
+
+
+def test_receipt_hashes(reference):
+    src, out, _ = reference
+    r = json.loads((out / prune.RECEIPT_NAME).read_text())
+    assert r["schema"] == "nhcheck.prune/1" and r["engine"] == "sglang@0.5.11"
+    assert r["verification"]["ok"] and r["verification"]["verdict"] == "clean"
+    assert len(r["dropped"]) == 144
+    src_tensors = {}
+    for shard in src.glob("*.safetensors"):
+        src_tensors.update({k: (v, shard.name) for k, v in tensor_bytes(shard).items()})
+    for d in r["dropped"]:
+        (dtype, shape, data), shard = src_tensors[d["name"]]
+        assert (d["shard"], d["dtype"], tuple(d["shape"])) == (shard, dtype, shape)
+        assert d["sha256"] == hashlib.sha256(data).hexdigest()
+        assert d["outcome"] == "raise" and "KeyError" in d["reason"] and "unquantized" in d["reason"]
+    assert [s["name"] for s in r["shards"]] == sorted(p.name for p in out.glob("*.safetensors"))
+    for s in r["shards"]:
+        assert s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest()
+    assert [s["action"] for s in r["shards"]] == ["rewrite", "copy", "copy", "rewrite"]
+    assert r["verification"]["bytes_compared"] == sum((out / s["name"]).stat().st_size for s in r["shards"])
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    res = invoke("prune", EXAMPLES / CASE, "--out", tmp_path / "out", "--engine", "sglang@0.5.23", "--dry-run")
+    assert res.exit_code == 0, res.stderr
+    assert not (tmp_path / "out").exists()
+    assert "backbone.layers.{1,49}.mixer.experts.{0…11}.down_proj.input_scale" in res.stdout
+    assert "×24" in res.stdout and "3,264" in res.stdout and "144 tensor(s) dropped, 6,528 bytes saved." in res.stdout
+    assert "dry run: nothing written" in res.stderr
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_refuses_to_write_in_place(tmp_path, where):
+    src = copy_example(CASE, tmp_path / "a" / "ckpt")
+    before = hashes(tmp_path / "a")
+    out = {"same": src, "inside": src / "fixed", "parent": tmp_path / "a"}[where]
+    res = invoke("prune", src, "--out", out, "--overwrite")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("nhcheck: error: --out") and res.stderr.count("\n") == 1
+    assert hashes(tmp_path / "a") == before
+
+
+def test_non_empty_output_needs_overwrite(tmp_path, reference):
+    _, _, ref = reference
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    (out / f"{prune.TMP_PREFIX}123-x{prune.TMP_SUFFIX}").write_bytes(b"leftover")
+    res = invoke("prune", EXAMPLES / CASE, "--out", out, "--engine", "sglang@0.5.11")
+    assert res.exit_code == 2 and "not empty; pass --overwrite" in res.stderr
+    res = invoke("prune", EXAMPLES / CASE, "--out", out, "--engine", "sglang@0.5.11", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    got = tree(out)
+    assert got.pop("notes.txt") == b"mine"
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == \
+        {k: v for k, v in ref.items() if k != prune.RECEIPT_NAME}
+
+
+def test_clean_checkpoint_is_copied_or_linked(tmp_path):
+    src = copy_example("nano3-nvfp4", tmp_path / "src")
+    res = invoke("prune", src, "--out", tmp_path / "copy")
+    assert res.exit_code == 0, res.stderr
+    got = tree(tmp_path / "copy")
+    receipt = json.loads(got.pop(prune.RECEIPT_NAME))
+    assert got == tree(src) and receipt["dropped"] == []
+    res = invoke("prune", src, "--out", tmp_path / "link", "--link")
+    assert res.exit_code == 0, res.stderr
+    receipt = json.loads((tmp_path / "link" / prune.RECEIPT_NAME).read_text())
+    assert {s["action"] for s in receipt["shards"]} == {"link"}
+    for s in receipt["shards"]:
+        assert os.path.samefile(tmp_path / "link" / s["name"], src / s["name"])
+        assert s["sha256"] == hashlib.sha256((src / s["name"]).read_bytes()).hexdigest()
+    assert not os.path.samefile(tmp_path / "link" / "config.json", src / "config.json")
+
+
+def test_metadata_null_and_header_order_preserved(tmp_path):
+    src = copy_example(CASE, tmp_path / "src")
+    shard = src / "model-00001-of-00004.safetensors"
+    h = read_shard(str(shard))
+    data = shard.read_bytes()[h.data_start:]
+    entries = [(t.name, t.dtype, t.shape, t.start - h.data_start, t.end - h.data_start) for t in reversed(h.tensors)]
+    shard.write_bytes(serialize_header(entries, None, True) + data)
+    res = invoke("prune", src, "--out", tmp_path / "out", "--engine", "sglang@0.5.23")
+    assert res.exit_code == 0, res.stderr
+    raw = (tmp_path / "out" / shard.name).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    keys = list(header)
+    assert keys[0] == "__metadata__" and header["__metadata__"] is None
+    assert keys[1:] == [t.name for t in reversed(h.tensors) if not LEFTOVER.fullmatch(t.name)]
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_symlinked_sidecars(tmp_path):
+    src = copy_example(CASE, tmp_path / "src")
+    (src / "extra").mkdir()
+    os.replace(src / "tokenizer_config.json", src / "extra" / "tok.json")
+    os.symlink("extra/tok.json", src / "tokenizer_config.json")
+    res = invoke("prune", src, "--out", tmp_path / "out", "--engine", "sglang@0.5.23")
+    assert res.exit_code == 0, res.stderr
+    out = tmp_path / "out" / "tokenizer_config.json"
+    assert not out.is_symlink() and out.read_bytes() == (src / "extra" / "tok.json").read_bytes()
+    assert (tmp_path / "out" / "extra" / "tok.json").read_bytes() == out.read_bytes()
+    (tmp_path / "secret.txt").write_text("outside")
+    os.symlink(tmp_path / "secret.txt", src / "README.md")
+    res = invoke("prune", src, "--out", tmp_path / "out2", "--engine", "sglang@0.5.23")
+    assert res.exit_code == 2 and "symlink leading outside the checkpoint" in res.stderr
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+def test_no_verify_still_hashes(tmp_path):
+    res = invoke("prune", EXAMPLES / CASE, "--out", tmp_path / "out", "--no-verify", "--engine", "sglang@0.5.23")
+    assert res.exit_code == 0, res.stderr
+    r = json.loads((tmp_path / "out" / prune.RECEIPT_NAME).read_text())
+    assert r["verification"] is None and all(len(s["sha256"]) == 64 for s in r["shards"])
+    assert "not verified" in res.stderr
+
+
+def test_verification_catches_a_lost_parameter(tmp_path):
+    rep = audit_path(str(EXAMPLES / CASE), "sglang@0.5.23")
+    plan = prune.plan_prune(rep)
+    victim = next(r.tensor for r in rep.records
+                  if r.outcome.outcome == "load" and r.tensor.shard == "model-00001-of-00004.safetensors")
+    bad = dataclasses.replace(plan, drops=plan.drops + (prune.Drop(victim, "load", "test"),))
+    result = prune.execute(bad, str(tmp_path / "out"))
+    assert not result.verification.ok
+    assert any("unfilled after pruning (was filled)" in p for p in result.verification.problems)
+    assert result.receipt["verification"]["ok"] is False
+
+
+def test_progress_reports_bytes(tmp_path):
+    seen: dict[str, list[int]] = {}
+
+    def progress(phase, n, total):
+        seen.setdefault(phase, [0, total])[0] += n
+
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.23"))
+    prune.execute(plan, str(tmp_path / "out"), progress=progress)
+    written = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    header_bytes = sum(read_shard(str(p)).data_start for p in (tmp_path / "out").glob("model-0000[14]*"))
+    assert seen["verify"] == [written, written]
+    assert seen["copy"] == [written - header_bytes, written]
+
+
+@pytest.mark.parametrize("fallback", ["sendfile", "buffered"])
+def test_copy_fallbacks(tmp_path, monkeypatch, reference, fallback):
+    _, _, ref = reference
+
+    def no_cfr(*a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def no_sendfile(*a, **k):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "copy_file_range", no_cfr)
+    if fallback == "buffered":
+        monkeypatch.setattr(os, "sendfile", no_sendfile)
+    src = copy_example(CASE, tmp_path / "src")
+    plan = prune.plan_prune(audit_path(str(src), "sglang@0.5.11"))
+    result = prune.execute(plan, str(tmp_path / "out"))
+    assert result.verification.ok
+    got = tree(tmp_path / "out")
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == \
+        {k: v for k, v in ref.items() if k != prune.RECEIPT_NAME}
+
+
+# ---------------------------------------------------------------------------
+# failures: killed, disk full, unwritable, source changing
+
+
+KILLER = r"""
+import os, signal
+budget = int(os.environ.get("KILL_AFTER_BYTES", "-1"))
+at_rename = int(os.environ.get("KILL_AT_RENAME", "0"))
+_cfr, _replace = os.copy_file_range, os.replace
+renames = 0
+def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+    global budget
+    if budget >= 0:
+        if count >= budget:
+            if budget:
+                _cfr(src, dst, budget, offset_src, offset_dst)
+            os.kill(os.getpid(), signal.SIGKILL)
+        budget -= count
+    return _cfr(src, dst, count, offset_src, offset_dst)
+def replace(a, b, **kw):
+    global renames
+    renames += 1
+    if renames == at_rename:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(a, b, **kw)
+os.copy_file_range, os.replace = copy_file_range, replace
+"""
+
+
+@pytest.mark.parametrize("env", [{"KILL_AFTER_BYTES": "0"}, {"KILL_AFTER_BYTES": "300000"},
+                                 {"KILL_AFTER_BYTES": "1300000"}, {"KILL_AFTER_BYTES": "2200000"},
+                                 {"KILL_AT_RENAME": "1"}, {"KILL_AT_RENAME": "4"}, {"KILL_AT_RENAME": "9"},
+                                 {"KILL_AT_RENAME": "10"}], ids=lambda e: "-".join(e.items().__iter__().__next__()))
+def test_killed_run_leaves_no_partial_file_and_rerun_completes(tmp_path, reference, env):
+    src, _, ref = reference
+    out = tmp_path / "out"
+    r = run_nhcheck(["prune", src, "--out", out, "--engine", "sglang@0.5.11"], wrapper=KILLER, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert_no_partial(out, ref)
+    res = invoke("prune", src, "--out", out, "--engine", "sglang@0.5.11", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    assert tree(out) == ref
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_file_size_limit_is_one_clean_line(tmp_path, reference):
+    src, _, ref = reference
+    out = tmp_path / "out"
+    r = run_nhcheck(["prune", src, "--out", out, "--engine", "sglang@0.5.11"], preexec=_limit_file_size)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "file too large" in r.stderr and "temporary files removed" in r.stderr
+    assert not temp_files(out)
+    assert_no_partial(out, ref)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tiny tmpfs (needs root with CAP_SYS_ADMIN; skipped elsewhere)."""
+    mounted = []
+
+    def mount(path: Path, options: str) -> Path:
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for p in mounted:
+        subprocess.run(["umount", str(p)], capture_output=True)
+
+
+def test_disk_full_is_one_clean_line(tmp_path, reference, tmpfs):
+    src, _, ref = reference
+    disk = tmpfs(tmp_path / "disk", "size=1m")
+    res = invoke("prune", src, "--out", disk / "out", "--engine", "sglang@0.5.11")
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and "no space left on device" in res.stderr
+    assert not temp_files(disk)
+    assert_no_partial(disk / "out", ref)
+
+
+def test_read_only_output_is_one_clean_line(tmp_path, tmpfs):
+    ro = tmpfs(tmp_path / "ro", "ro,size=1m")
+    res = invoke("prune", EXAMPLES / CASE, "--out", ro / "out", "--engine", "sglang@0.5.11")
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and "read-only file system" in res.stderr
+
+
+def test_permission_denied_is_one_clean_line(tmp_path):
+    """chmod does not bind root; as root, drop CAP_DAC_OVERRIDE with capsh so it does."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        capsh = shutil.which("capsh")
+        if capsh is None:
+            pytest.skip("running as root and capsh is not available to drop CAP_DAC_OVERRIDE")
+        prefix = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if prefix:
+            code = "\nimport sys\nfrom nhcheck.cli import cli\nsys.argv[0] = 'nhcheck'\ncli()\n"
+            r = subprocess.run([*prefix, "-c", " ".join(map(_sh, [sys.executable, "-c", code, "prune", EXAMPLES / CASE,
+                                                                  "--out", locked / "out"]))],
+                               capture_output=True, text=True, cwd=REPO, timeout=120)
+        else:
+            r = run_nhcheck(["prune", EXAMPLES / CASE, "--out", locked / "out"])
+    finally:
+        locked.chmod(0o755)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "permission denied" in r.stderr.lower()
+    assert not any(locked.iterdir())
+
+
+def _sh(arg: object) -> str:
+    return "'" + str(arg).replace("'", "'\\''") + "'"
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+def test_source_changing_size_mid_run(tmp_path, monkeypatch, change):
+    src = copy_example(CASE, tmp_path / "src")
+    plan = prune.plan_prune(audit_path(str(src), "sglang@0.5.11"))
+    last = src / "model-00004-of-00004.safetensors"
+    real = os.copy_file_range
+    calls = []
+
+    def copy_file_range(s, d, n, so=None, do=None):
+        if not calls:
+            with open(last, "r+b") as f:
+                if change == "grows":
+                    f.seek(0, 2)
+                    f.write(b"\0" * 64)
+                else:
+                    f.truncate(last.stat().st_size // 2)
+        calls.append(n)
+        return real(s, d, n, so, do)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    with pytest.raises(NhcheckError, match="changed") as info:
+        prune.execute(plan, str(tmp_path / "out"))
+    assert "model-00004-of-00004.safetensors" in str(info.value)
+    assert not temp_files(tmp_path / "out")
+    assert not (tmp_path / "out" / last.name).exists()
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
