@@ -29,8 +29,8 @@ from nhcheck.safetensors_header import ShardHeader, TensorInfo, open_regular
 SCALAR_LEAVES = frozenset({"weight_scale_2", "input_scale", "k_scale", "v_scale", "kv_scale"})
 FLOAT_DTYPES = frozenset({"F32", "BF16", "F16", "F64"})
 #: Float8 e4m3fn: no infinities; 0x7F/0xFF are NaN; 0x00/0x80 are +0/-0.
-E4M3_NAN = (0x7F, 0xFF)
-E4M3_ZERO = (0x00, 0x80)
+E4M3_NAN = (b"\x7f", b"\xff")
+E4M3_ZEROS = b"\x00\x80"
 #: Read in pieces so a large block-scale tensor never sits in memory whole.
 CHUNK = 1 << 24
 #: A "scale" bigger than this is not one (the largest real block-scale tensor, Super's
@@ -111,9 +111,21 @@ def judge_floats(values: Iterable[float]) -> str | None:
     return None
 
 
-def e4m3_counts(data: bytes) -> tuple[int, int]:
-    """(NaN bytes, zero bytes) of float8_e4m3fn data: byte counts, no decoding needed."""
-    return data.count(E4M3_NAN[0]) + data.count(E4M3_NAN[1]), data.count(E4M3_ZERO[0]) + data.count(E4M3_ZERO[1])
+def e4m3_has_nan(data: bytes) -> bool:
+    """Any NaN byte in float8_e4m3fn data (``in`` is a memchr: no decoding, no counting)."""
+    return E4M3_NAN[0] in data or E4M3_NAN[1] in data
+
+
+def e4m3_all_zero(data: bytes) -> bool:
+    """Every byte of float8_e4m3fn data is +0 or -0.
+
+    Real block scales fail the first test at their first byte; all-zero data (a sparse
+    hole, a zeroed export) is confirmed by a memcmp against zeros, and only a mix of
+    +0 and -0 takes the slower strip.
+    """
+    if not data or data[:1] not in (b"\x00", b"\x80"):
+        return False
+    return data == bytes(len(data)) or not data.lstrip(E4M3_ZEROS)
 
 
 def describe(t: TensorInfo, kind: str, problem: str) -> str:
@@ -162,15 +174,13 @@ def _judge(fd: int, shard: ShardHeader, c: ScaleCheck) -> str | None:
     t = c.tensor
     if c.kind == "float":
         return judge_floats(decode_floats(t.dtype, _pread_exact(fd, shard.path, t.start, t.nbytes)))
-    nan = zero = 0
+    all_zero = t.nbytes > 0
     for pos in range(t.start, t.end, CHUNK):
         chunk = _pread_exact(fd, shard.path, pos, min(CHUNK, t.end - pos))
-        n, z = e4m3_counts(chunk)
-        nan += n
-        zero += z
-        if nan:
+        if e4m3_has_nan(chunk):
             return "nonfinite"
-    return "zero" if zero == t.nbytes and t.nbytes else None
+        all_zero = all_zero and e4m3_all_zero(chunk)
+    return "zero" if all_zero else None
 
 
 def scan(report: AuditReport) -> ValueScan:
@@ -208,6 +218,12 @@ def _scan_shard(shard: ShardHeader, checks: list[ScaleCheck], bad: list[tuple[Te
     try:
         if os.fstat(fd).st_size != shard.file_size:
             raise CheckpointError(shard.path, "file size changed since its header was read")
+        if hasattr(os, "posix_fadvise"):
+            # Scales are scattered between the weights; announcing every range up front lets
+            # the kernel read them ahead in parallel (a third off a cold read of Nano-3's 1.9 GB).
+            for c in checks:
+                if c.tensor.nbytes <= MAX_SCALE_BYTES:
+                    os.posix_fadvise(fd, c.tensor.start, c.tensor.nbytes, os.POSIX_FADV_WILLNEED)
         for c in checks:
             t = c.tensor
             if t.nbytes > MAX_SCALE_BYTES:

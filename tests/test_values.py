@@ -86,8 +86,13 @@ def test_judge_floats_reports_the_worst_problem(vals, problem):
     assert values.judge_floats(vals) == problem
 
 
-def test_e4m3_counts_nan_and_zero_bytes_without_decoding():
-    assert values.e4m3_counts(bytes([0x00, 0x80, 0x38, 0x7F, 0xFF, 0x7E])) == (2, 2)
+@pytest.mark.parametrize("data,nan,zero", [
+    (bytes([0x38, 0x30, 0x40]), False, False), (bytes([0x00, 0x38]), False, False), (bytes(5), False, True),
+    (bytes([0x80, 0x00, 0x80]), False, True), (bytes([0x00, 0x7F]), True, False), (bytes([0xFF]), True, False),
+    (bytes([0x7E, 0xFE]), False, False), (b"", False, False),
+])
+def test_e4m3_nan_and_all_zero_from_bytes_alone(data, nan, zero):
+    assert values.e4m3_has_nan(data) is nan and values.e4m3_all_zero(data) is zero
 
 
 @pytest.mark.parametrize("name,dtype,kind", [
