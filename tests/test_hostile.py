@@ -31,6 +31,7 @@ VERB_ARGS = {
     "audit-table": ["audit", "{ckpt}", "-q"],
     "audit-json": ["audit", "{ckpt}", "-q", "--format", "json", "-o", "{work}/report.json"],
     "audit-markdown": ["audit", "{ckpt}", "-q", "--format", "markdown"],
+    "audit-values": ["audit", "{ckpt}", "-q", "--values", "--format", "json"],
     "manifest": ["manifest", "{ckpt}", "-q"],
     "prune-dry-run": ["prune", "{ckpt}", "--out", "{work}/out", "--dry-run", "-q"],
     "prune": ["prune", "{ckpt}", "--out", "{work}/out", "-q"],
