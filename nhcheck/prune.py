@@ -47,7 +47,7 @@ _STRUCTURE = ("shard-", "index-", "tensor-")
 _GROUPED = re.compile(r"^\S+ ×[\d,]+: ")  # audit's grouped findings start "name ×count: "
 _STATUS_RANK = {"unfilled": 0, "partial": 1, "filled": 2, "unreachable": 2}
 
-#: ``progress(phase, advance, total)``: phase is ``copy`` or ``verify``; bytes.
+#: ``progress(phase, advance, total)``: phase is ``copy``, then ``verify`` (or ``hash`` without verification); bytes.
 Progress = Callable[[str, int, int], None]
 
 
@@ -599,14 +599,17 @@ class _Pipeline:
                 r.compared += k
             f.sha.update(out)
             if self.progress is not None:
-                self.progress("verify", k, self.total)
+                self.progress("verify" if self.compare else "hash", k, self.total)
             dst_off += k
             if src_off is not None:
                 src_off += k
             n -= k
 
     def _finish(self, f: _OutFile) -> None:
-        os.fsync(f.write_fd)
+        try:
+            os.fsync(f.write_fd)
+        except OSError as exc:  # name the file: the main thread has moved on to another one
+            raise OSError(exc.errno, exc.strerror, f.final) from None
         if _stat_key(f.src_path) != f.src_stat:
             raise CheckpointError(f.src_path, "changed during the run (size or modification time); "
                                   "prune stopped, temporary files removed")
@@ -799,6 +802,8 @@ def _write_shard(run: _Run, pipe: _Pipeline, copier: _Copier, shard: ShardHeader
         done = 0
         while done < len(header):
             done += os.pwrite(write_fd, header[done:], done)
+        if progress is not None:
+            progress("copy", len(header), total)
         pipe.check(c, f, 0, None, len(header))
         for src_off, dst_off, n in ranges:
             while n > 0:

@@ -356,9 +356,7 @@ def test_progress_reports_bytes(tmp_path):
     plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.23"))
     prune.execute(plan, str(tmp_path / "out"), progress=progress)
     written = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
-    header_bytes = sum(read_shard(str(p)).data_start for p in (tmp_path / "out").glob("model-0000[14]*"))
-    assert seen["verify"] == [written, written]
-    assert seen["copy"] == [written - header_bytes, written]
+    assert seen == {"copy": [written, written], "verify": [written, written]}
 
 
 @pytest.mark.parametrize("fallback", ["sendfile", "buffered"])
