@@ -329,6 +329,15 @@ def _weight_map(value: str) -> Callable[[Path], None]:
     return build
 
 
+def _index(fn: Callable[[dict], object]) -> Callable[[Path], None]:
+    """Edit the index in place with ``fn`` (whatever it returns is ignored)."""
+    def build(c: Path) -> None:
+        index = json.loads((c / INDEX).read_text())
+        fn(index)
+        (c / INDEX).write_text(json.dumps(index, indent=1))
+    return build
+
+
 def _symlink_escape(c: Path) -> None:
     sentinel = make_sentinel(c.parent)
     (c / S2).unlink()
@@ -457,6 +466,12 @@ CASES: tuple[Case, ...] = (
     Case("shard-missing", _missing_shard, "findings", codes=("shard-missing", "param-unfilled")),
     Case("tensor-in-wrong-shard", _wrong_shard, "findings", codes=("index-wrong-shard",)),
     Case("same-name-two-shards", _dup_across_shards, "findings", codes=("tensor-duplicate",)),
+    Case("index-lists-ghost", _index(lambda ix: ix["weight_map"].update({"backbone.ghost.weight": S1})), "findings",
+         codes=("index-tensor-missing",)),
+    Case("index-omits-tensor", _index(lambda ix: ix["weight_map"].pop(VICTIM)), "findings",
+         codes=("index-tensor-unlisted",)),
+    Case("index-total-size", _index(lambda ix: ix["metadata"].update(total_size=1)), "findings",
+         codes=("index-total-size",)),
     Case("stray-shard", _stray_shard, "findings", codes=("shard-stray",)),
     Case("symlink-inside", _symlink_inside, "clean"),
     Case("hf-cache-snapshot", _hf_cache, "clean"),
