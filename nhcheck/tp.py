@@ -189,7 +189,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class ParamShard:
-    """One parameter at one TP size: its sharding, or the reasons the engine cannot (or wrongly) shard it."""
+    """One parameter at one TP size: its sharding, or the reasons the engine cannot (or wrongly) shard it.
+
+    ``sharding`` is None with problems (the engine fails or loads it wrongly) and for the
+    unreachable swizzled block scales (nothing in the checkpoint fills them; not allocated).
+    """
 
     param: Param
     sharding: Sharding | None
