@@ -266,8 +266,9 @@ def _byte_progress(quiet: bool):
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty --out, replacing its checkpoint files.")
 @click.option("--link", is_flag=True, help="Hard-link shards with nothing to drop instead of copying them.")
 @click.option("--no-verify", is_flag=True, help="Skip the re-audit of the output and the byte comparison with the source.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only; downloaded to the cache first).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
-def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, quiet):
+def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision, quiet):
     """Write a copy of SOURCE without the tensors the engine would not load anyway, and say why each is safe.
 
     Drops only what cannot change the loaded model (scales of modules the engine builds
@@ -279,6 +280,7 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, quiet):
     Examples:
       nhcheck prune examples/nano3-24434-leftover-expert-scales --out fixed/ --engine sglang@0.5.11
       nhcheck prune ./ckpt --out ./ckpt-pruned --dry-run
+      nhcheck prune nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --out ./nano-pruned --dry-run
     """
     from rich.console import Console
 
@@ -286,9 +288,11 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, quiet):
     from nhcheck import prune as pruning
     from nhcheck.checkpoint import open_local
     from nhcheck.errors import UsageError
+    from nhcheck.sources import open_for_data
 
+    source = open_for_data(source, revision, progress=not quiet and sys.stderr.isatty())
     if not os.path.isdir(source):
-        raise UsageError(f"{source}: prune needs a local checkpoint directory (download a Hub repo first)")
+        raise UsageError(f"{source}: prune needs a checkpoint directory, not a single file")
     t0 = time.perf_counter()
     pruning.check_output(source, out_dir, overwrite)
     plan = pruning.plan_checkpoint(pipeline.prepare(open_local(source, _progress(quiet)), engine))

@@ -833,13 +833,9 @@ def open_for_load(source: str, revision: str | None = None, progress=None) -> Ch
         return open_local(source, progress)
     if not looks_like_repo_id(source):
         raise CheckpointError(source, "no such file or directory, and not a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from nhcheck.hub import materialize
 
-    try:
-        root = snapshot_download(source, revision=revision, allow_patterns=["*.safetensors", "*.json"])
-    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
-        raise CheckpointError(source, f"cannot download from the Hub: {type(exc).__name__}: {exc}") from None
-    ckpt = open_local(root, progress)
+    ckpt = open_local(materialize(source, revision, progress=progress is not None), progress)
     return Checkpoint(source, ckpt.root, ckpt.config, ckpt.hf_quant_config, ckpt.shards, ckpt.index, ckpt.findings,
                       ckpt.sidecars, revision, ckpt.bytes_transferred, ckpt.missing_shards)
 

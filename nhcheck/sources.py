@@ -29,3 +29,21 @@ def open_source(source: str, revision: str | None = None, progress: Progress | N
 
         return open_hub(source, revision, progress)
     raise CheckpointError(source, "no such file or directory, and not a Hub repo id (owner/name)")
+
+
+def open_for_data(source: str, revision: str | None = None, progress: bool = True) -> str:
+    """A local path for commands that read tensor bytes (prune, load): Hub repo ids are downloaded first.
+
+    Local paths come back unchanged; a repo id is fetched into the normal Hugging Face cache
+    (only the files those commands need, with huggingface_hub's progress bars unless
+    ``progress`` is false) and its snapshot directory returned.
+    """
+    if os.path.exists(source):
+        if revision:
+            raise CheckpointError(source, "--revision applies to Hub repo ids, not local paths")
+        return source
+    if looks_like_repo_id(source):
+        from nhcheck.hub import materialize
+
+        return materialize(source, revision, progress)
+    raise CheckpointError(source, "no such file or directory, and not a Hub repo id (owner/name)")
