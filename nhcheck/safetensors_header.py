@@ -99,6 +99,12 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _no_negative_zero(token: str) -> int:
+    if token == "-0":
+        raise ValueError("-0 is not an integer to safetensors (it reads a float)")
+    return int(token)
+
+
 def _colons_expected(obj: dict) -> int:
     """Colons in the text of a duplicate-free header with three fields per entry and no colon in a name."""
     n = len(obj)
@@ -174,6 +180,10 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
         # a name, a duplicate) re-parses slowly to find the duplicate, if there is one.
         if isinstance(obj, dict) and raw.count(b":") != _colons_expected(obj):
             json.loads(text, object_pairs_hook=_no_duplicates)
+        # ``-0`` is the int 0 to Python but the float -0.0 to serde_json, which safetensors
+        # then refuses as an offset or a dimension; a name holding "-0" only costs a re-parse.
+        if b"-0" in raw:
+            json.loads(text, parse_int=_no_negative_zero)
     except RecursionError:
         raise CheckpointError(path, "header JSON is nested too deeply") from None
     except ValueError as exc:

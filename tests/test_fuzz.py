@@ -103,7 +103,7 @@ def headers(draw):
     elif kind == "text" and raw:
         pos = draw(st.integers(0, len(raw)))
         junk = draw(st.sampled_from([b"", b"NaN", b"Infinity", b"\\ud800", b'"', b"{", b"]", b"\xff", b"\x00",
-                                     b"true", b"1e999", b"-0", b"[" * 3000]))
+                                     b"true", b"1e999", b"-0", b"-", b"[" * 3000]))
         cut = draw(st.integers(0, 4))
         raw = raw[:pos] + junk + raw[pos + cut:]
     elif kind == "size":
@@ -184,6 +184,8 @@ def test_whole_files_only_raise_checkpoint_error(blob):
     b'{"a":5,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     b'{"a":{"doffsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     b'{"__metadata__":{},"__metadata__":{"f":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1,-0],"data_offsets":[0,0]}}',
 ])
 def test_found_by_fuzzing(raw):
     """Inputs the fuzzers found (or that sit next to them): each is a clean refusal."""
