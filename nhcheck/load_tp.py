@@ -4,8 +4,8 @@ The single-device loader decides what the engine does with every checkpoint tens
 (``nhcheck.load.plan_load``: the audit's outcomes, the loader semantics, where the engine
 raises). This module cuts each of those copies with the engine's sharding (``nhcheck.tp``, the
 rules ``audit --tp`` checks), so a rank allocates only its partition of every parameter, reads
-only the slice rows/columns it needs (safetensors ``get_slice``: byte ranges of the
-memory-mapped shard) and applies the copy there with the same semantics (cast, scalar
+only the slice rows/columns it needs (one ``os.preadv`` per contiguous slice, a gather from
+the memory-mapped shard for column slices) and applies the copy there with the same semantics (cast, scalar
 broadcast, ``A = -exp(A_log)``). The ranks then agree on coverage with all-reduces: every
 element of every parameter is written by exactly one owning rank (the lowest rank that holds
 its slice), no poison is left on any rank, and read-backs match the file.
@@ -310,14 +310,18 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         for p in plan.params:
             for box in _padding(p, shards[p.name], rank):
                 _view(arenas, p.name, box).zero_()
+        reader = _Reader(copies, arenas, device, job.threads)
         if cuda:
             torch.cuda.synchronize(device)
         dist.barrier()
         t0 = time.perf_counter()
-        read = _transfer(copies, arenas, device, job.threads)
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
+        try:
+            read = reader.run()
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+        finally:
+            reader.close()
         checked, bad = _verify(copies, arenas)
         poison = arenas.poisoned() if plan.crash is None else {}
         names = [p.name for p in plan.params]
@@ -357,48 +361,154 @@ def _view(arenas: Arenas, name: str, box):
     return v[tuple(slice(a, b) for a, b in box)] if box else v
 
 
-def _transfer(copies: list[Copy], arenas: Arenas, device, threads: int) -> int:
-    """Read each slice with safetensors and place it; threads (one shard handle and CUDA stream
-    each) overlap page-ins, casts and host-to-device copies. Returns the bytes the slices read."""
-    import torch
-    from safetensors import safe_open
+def _contiguous(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
+    """Whether a box of a row-major tensor is one byte range: dims of extent 1, then one partial dim, then full dims."""
+    dims = [(b - a, d) for (a, b), d in zip(box, shape)]
+    i = 0
+    while i < len(dims) and dims[i][0] == 1:
+        i += 1
+    return all(n == d for n, d in dims[i + 1:])
 
-    cuda = device.type == "cuda"
 
-    def run(mine: list[Copy]) -> int:
-        handles: dict[str, Any] = {}
+def _split_dim(box: tuple[tuple[int, int], ...]) -> int | None:
+    """The first source dim with more than one index: pieces of a large slice are runs along it."""
+    return next((i for i, (a, b) in enumerate(box) if b - a > 1), None)
+
+
+class _Piece(NamedTuple):
+    """A copy, or a run of rows of it along its first source dim, small enough for one staging slot."""
+
+    copy: Copy
+    src_box: tuple[tuple[int, int], ...]
+    dst_box: tuple[tuple[int, int], ...]
+    nbytes: int
+
+
+def _pieces(copies: list[Copy], limit: int) -> list[_Piece]:
+    out = []
+    for c in copies:
+        sd = _split_dim(c.src_box)
+        if c.nbytes <= limit or c.kind == "broadcast" or sd is None:
+            out.append(_Piece(c, c.src_box, c.dst_box, c.nbytes))
+            continue
+        lead = len(c.dst_box) - len(c.src_box)
+        (a, b), (da, _) = c.src_box[sd], c.dst_box[sd + lead]
+        row = c.nbytes // (b - a)
+        step = max(1, limit // row)
+        for r in range(a, b, step):
+            e = min(b, r + step)
+            out.append(_Piece(c, c.src_box[:sd] + ((r, e),) + c.src_box[sd + 1:],
+                              c.dst_box[:sd + lead] + ((da + r - a, da + e - a),) + c.dst_box[sd + lead + 1:],
+                              row * (e - r)))
+    return out
+
+
+class _Reader:
+    """Reads each slice and places it; staging memory, streams and file maps are set up before the clock starts.
+
+    A slice that is one byte range of the file (rows of a column-parallel weight, an expert,
+    a vocabulary window) is read with ``os.preadv`` into a pinned staging slot; a column slice
+    (row-parallel weights) is gathered from the memory-mapped shard, which pages in only what
+    it touches. Each thread owns two slots and a CUDA stream: the host-to-device copy, the cast
+    and the placement of one slot run while the other slot is read.
+    """
+
+    def __init__(self, copies: list[Copy], arenas: Arenas, device, threads: int, stage_bytes: int = 32 << 20) -> None:
+        import mmap
+
+        import torch
+
+        self.torch = torch
+        self.arenas = arenas
+        self.device = device
+        self.cuda = device.type == "cuda"
+        rows = [c.nbytes // (c.src_box[sd][1] - c.src_box[sd][0]) for c in copies
+                if (sd := _split_dim(c.src_box)) is not None]
+        pieces = _pieces(copies, max([stage_bytes] + rows))
+        self.files: dict[str, tuple[int, Any]] = {}
+        for c in copies:
+            if c.path not in self.files:
+                try:
+                    fd = os.open(c.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                self.files[c.path] = (fd, torch.frombuffer(mm, dtype=torch.uint8))
+        workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(pieces)))
+        self.lanes = []
+        for k in range(workers):
+            mine = pieces[k::workers]
+            slot = -(-max((p.nbytes for p in mine), default=64) // 64) * 64
+            host = torch.empty(2 * slot, dtype=torch.uint8, pin_memory=self.cuda)
+            stage = torch.empty(2 * slot, dtype=torch.uint8, device=device) if self.cuda else None
+            stream = torch.cuda.Stream(device) if self.cuda else None
+            events = [torch.cuda.Event(), torch.cuda.Event()] if self.cuda else []
+            self.lanes.append((mine, slot, host, stage, stream, events))
+
+    def run(self) -> int:
+        """Returns the bytes the slices hold (what was read)."""
+        if len(self.lanes) == 1:
+            return self._lane(*self.lanes[0])
+        with ThreadPoolExecutor(max_workers=len(self.lanes)) as pool:
+            return sum(pool.map(lambda lane: self._lane(*lane), self.lanes))
+
+    def _lane(self, mine: list[_Piece], slot: int, host, stage, stream, events) -> int:
+        from nhcheck.load import _buffer
+
+        torch = self.torch
         total = 0
-        for c in mine:
-            f = handles.get(c.path)
-            if f is None:
-                f = handles[c.path] = safe_open(c.path, framework="pt", device="cpu")
-            whole = all(a == 0 and b == d for (a, b), d in zip(c.src_box, c.t_shape))
-            x = f.get_tensor(c.tensor) if whole else f.get_slice(c.tensor)[tuple(slice(a, b) for a, b in c.src_box)]
-            dst = _view(arenas, c.param, c.dst_box)
-            if c.kind == "broadcast":
-                dst.copy_(x.reshape(1).expand(dst.shape))
+        for i, pc in enumerate(mine):
+            c = pc.copy
+            s = i % 2
+            if self.cuda and i >= 2:
+                events[s].synchronize()  # the slot's previous host-to-device copy has landed
+            fd, whole = self.files[c.path]
+            es = ITEMSIZE[c.src]
+            shape = tuple(b - a for a, b in pc.src_box)
+            buf = host[s * slot:s * slot + pc.nbytes]
+            if _contiguous(pc.src_box, c.t_shape):
+                off = c.t_start + _flat_index(c.t_shape, pc.src_box, 0) * es
+                view, got = _buffer(host, s * slot, pc.nbytes), 0
+                while got < pc.nbytes:
+                    n = os.preadv(fd, [view[got:]], off + got)
+                    if n == 0:
+                        raise CheckpointError(c.path, f"file ends at byte {off + got}, inside tensor data")
+                    got += n
             else:
-                dst.copy_(x.reshape(dst.shape))
-                if c.kind == "mamba_A":
-                    dst.exp_().neg_()
-            total += c.nbytes
+                raw = whole[c.t_start:c.t_start + _numel(c.t_shape) * es].view(c.t_shape[:-1] + (c.t_shape[-1] * es,))
+                a, b = pc.src_box[-1]
+                src = raw[tuple(slice(x, y) for x, y in pc.src_box[:-1]) + (slice(a * es, b * es),)]
+                buf.view(src.shape).copy_(src)
+            if self.cuda:
+                with torch.cuda.stream(stream):
+                    dev = stage[s * slot:s * slot + pc.nbytes]
+                    dev.copy_(buf, non_blocking=True)
+                    _place(self.arenas, c, pc.dst_box, dev.view(getattr(torch, c.src)).view(shape))
+                    events[s].record(stream)
+            else:
+                _place(self.arenas, c, pc.dst_box, buf.view(getattr(torch, c.src)).view(shape))
+            total += pc.nbytes
+        if self.cuda:
+            stream.synchronize()
         return total
 
-    workers = max(1, min(threads or min(16, os.cpu_count() or 4), len(copies)))
-    if workers == 1:
-        return run(copies)
+    def close(self) -> None:
+        fds = [fd for fd, _ in self.files.values()]
+        self.files.clear()  # each map closes once the last tensor viewing it is gone
+        self.lanes.clear()
+        for fd in fds:
+            os.close(fd)
 
-    def chunk(k: int) -> int:
-        if not cuda:
-            return run(copies[k::workers])
-        stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(stream):
-            n = run(copies[k::workers])
-        stream.synchronize()
-        return n
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return sum(pool.map(chunk, range(workers)))
+def _place(arenas: Arenas, c: Copy, dst_box, x) -> None:
+    """The loader semantics on one slice: copy or cast, a scalar over every partition, ``A = -exp(A_log)``."""
+    dst = _view(arenas, c.param, dst_box)
+    if c.kind == "broadcast":
+        dst.copy_(x.reshape(1).expand(dst.shape))
+        return
+    dst.copy_(x.reshape(dst.shape))
+    if c.kind == "mamba_A":
+        dst.exp_().neg_()
 
 
 def _verify(copies: list[Copy], arenas: Arenas) -> tuple[int, dict[str, int]]:

@@ -194,6 +194,14 @@ def _write_unique(out: Path, config: dict, quant: dict | None) -> Path:
     return out
 
 
+def _read(copies, arenas, stage_bytes: int = 32 << 20) -> int:
+    reader = load_tp._Reader(copies, arenas, torch.device("cpu"), 2, stage_bytes)
+    try:
+        return reader.run()
+    finally:
+        reader.close()
+
+
 def _bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().reshape(-1).view(torch.uint8)
 
@@ -215,7 +223,8 @@ def _simulate(path: Path, tp: int, backend: str = "flashinfer_cutlass") -> None:
         for p in plan.params:
             for box in load_tp._padding(p, shards[p.name], rank):
                 load_tp._view(arenas, p.name, box).zero_()
-        load_tp._transfer(copies, arenas, torch.device("cpu"), 1)
+        # slots of 256 bytes: large slices go in pieces, two slots alternate, two threads share the work
+        _read(copies, arenas, stage_bytes=256)
         checked, bad = load_tp._verify(copies, arenas)
         assert checked and not bad
         assert not [n for n in arenas.poisoned() if not full[n].informational]
@@ -273,7 +282,7 @@ def test_readback_catches_a_wrong_window(tmp_path):
     copies[k] = c._replace(src_box=((0, n),) + c.src_box[1:])
     local = tuple(replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
     arenas = Arenas(local, torch.device("cpu"), torch)
-    load_tp._transfer(copies, arenas, torch.device("cpu"), 2)
+    _read(copies, arenas)
     copies[k] = c  # verify against where the bytes should have come from
     _, bad = load_tp._verify(copies, arenas)
     assert bad == {c.param: 2}
