@@ -217,9 +217,12 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
     append = tensors.append
     for name, info in obj.items():
         try:
-            key = (info["dtype"], tuple(info["shape"]))
+            shape = info["shape"]
+            key = (info["dtype"], tuple(shape))
             begin, end = info["data_offsets"]
-            nbytes = sizes.get(key) if fast else None  # TypeError: an unhashable dtype or shape element
+            # A cached key vouches only for a list shape: tuple("") and tuple({}) are () too.
+            # TypeError here: an unhashable dtype or shape element.
+            nbytes = sizes.get(key) if fast and type(shape) is list else None
         except (TypeError, KeyError, ValueError):
             _strict_entry(path, name, info, data_len)
             raise AssertionError("unreachable")  # pragma: no cover - _strict_entry raised

@@ -85,7 +85,8 @@ def headers(draw):
         i = draw(st.integers(0, 1))
         victim["data_offsets"][i] += draw(st.integers(-16, 16))
     elif kind == "shape" and victim is not None:
-        victim["shape"] = draw(st.lists(st.one_of(st.integers(-3, 2**64), st.floats(0, 4), st.booleans()), max_size=3))
+        victim["shape"] = draw(st.lists(st.one_of(st.integers(-3, 2**64), st.floats(0, 4), st.booleans()), max_size=3)
+                               | st.sampled_from([{}, "", None, {"0": 1}, "12"]))
     elif kind == "dtype" and victim is not None:
         victim["dtype"] = draw(st.one_of(st.sampled_from(sorted(DTYPE_BITS)), st.text(max_size=6)))
     elif kind == "metadata":
@@ -191,6 +192,15 @@ def test_found_by_fuzzing(raw):
     """Inputs the fuzzers found (or that sit next to them): each is a clean refusal."""
     with pytest.raises(CheckpointError):
         parse_header_bytes(raw, "/ckpt/x.safetensors", "x.safetensors", 8 + len(raw) + 4)
+
+
+@pytest.mark.parametrize("shape", [b"{}", b'""', b"null", b'{"0":1}'])
+def test_a_shape_that_is_not_a_list_is_refused_even_after_a_valid_scalar(shape):
+    """The per-(dtype, shape) cache once accepted ``tuple({}) == ()`` as a scalar (found by a long hypothesis run)."""
+    raw = (b'{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},'
+           b'"b":{"dtype":"F32","shape":' + shape + b',"data_offsets":[4,8]}}')
+    with pytest.raises(CheckpointError, match="'b': shape must be a list"):
+        parse_header_bytes(raw, "/x", "x", 8 + len(raw) + 8)
 
 
 def test_paired_surrogate_escape_is_a_valid_name():
