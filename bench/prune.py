@@ -5,9 +5,10 @@ Builds a multi-GiB synthetic Nemotron-H NVFP4 checkpoint with the PR #24434 defe
 experts of two MoE layers exported as BF16 but still carrying their NVFP4 scales), so
 prune rewrites the shards that hold them and copies the rest whole. Then, alternating in
 the same run, times ``cp -r``, ``cp -r`` followed by ``sync`` (prune fsyncs what it writes;
-cp does not), ``nhcheck prune`` (default: verified) and ``nhcheck prune --no-verify``;
-peak RSS of each child comes from GNU ``time`` (else ``wait4``). Outputs are deleted and synced between
-runs so one run's writeback does not bill the next.
+cp does not), sha256 of the shards with hashlib (the receipt hashes every output byte, so
+this is a floor for prune), ``nhcheck prune`` (default: verified) and ``nhcheck prune --no-verify``.
+Peak RSS of each child comes from GNU ``time`` (else ``wait4``). Outputs are deleted and
+synced between runs so one run's writeback does not bill the next.
 
     python bench/prune.py                 # ~2 GiB, 4 shards, 3 repetitions
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.shards < 1 or args.gib <= 0:
+        ap.error("--reps and --shards must be at least 1, --gib positive")
 
     work = Path(tempfile.mkdtemp(prefix="nhcheck-bench-", dir=args.dir))
     try:
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
             "cp -r && sync": lambda out: ["sh", "-c", f'cp -r "{src}" "{out}" && sync'],
+            "sha256 of the shards (hashlib)": lambda out: [
+                sys.executable, "-c", "import hashlib, os, sys; os.mkdir(sys.argv[1]); "
+                "[hashlib.file_digest(open(p, 'rb'), 'sha256') for p in sys.argv[2:]]",
+                str(out), *map(str, sorted(src.glob("*.safetensors")))],
             "nhcheck prune": lambda out: prune + [str(out)],
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
@@ -130,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(times[name])
             rows.append({"command": name, "median_s": round(med, 3), "runs_s": [round(t, 3) for t in times[name]],
                          "ratio_vs_cp": round(med / base, 2), "peak_rss_mb": round(max(rss[name]) / 1e6, 1)})
-        print(f"{'command':28} {'median s':>9} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
+        print(f"{'command':32} {'median s':>9} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
         for r in rows:
-            print(f"{r['command']:28} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
+            print(f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
                   + ", ".join(f"{t:.2f}" for t in r["runs_s"]))
         print(json.dumps({"gib": round(data / 2**30, 3), "shards": args.shards, "reps": args.reps, "rows": rows}))
         return 0

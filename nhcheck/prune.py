@@ -763,7 +763,7 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
     except OSError as exc:
         raise _io_error(exc, run) from None
     finally:
-        if pipe is not None and not all(not w.thread.is_alive() for w, _ in pipe.checkers):
+        if pipe is not None:  # after an error: stop the threads before their temporary files go
             pipe.abort()
         run.cleanup()
 

@@ -151,6 +151,35 @@ def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path):
     assert audit_path(str(tmp_path / "out"), "sglang@0.5.23").verdict == "clean"
 
 
+def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    import generate
+
+    c = generate.nano3_tiny_config()
+    base = generate.nemotron_h_tensors(c, None)
+    total = sum(generate.tensor_nbytes(d, s) for _, d, s in base)
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    generate.write_checkpoint(str(ck), base + [("backbone.layers.60.mixer.in_proj.weight", "BF16", [total // 128, 64])],
+                              c, None, shards=2, extra_files={"modeling_nemotron_h.py": "# code\n", "README.md": "hi\n"})
+    (ck / "modeling_nemotron_h.py").chmod(0o755)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    index["producer"] = {"name": "someone else's key"}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert [s.action for s in prune.plan_prune(audit_path(str(ck), "sglang@0.5.23")).shards] == ["copy", "omit"]
+    res = invoke("prune", ck, "--out", out)
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00002.safetensors"]
+    new = json.loads((out / "model.safetensors.index.json").read_text())
+    assert new["producer"] == index["producer"] and set(new["weight_map"].values()) == {"model-00001-of-00002.safetensors"}
+    assert new["metadata"]["total_size"] == total
+    for name in ("modeling_nemotron_h.py", "README.md", "config.json"):
+        assert (out / name).read_bytes() == (ck / name).read_bytes()
+    assert (out / "modeling_nemotron_h.py").stat().st_mode & 0o777 == 0o755
+    shards = json.loads((out / prune.RECEIPT_NAME).read_text())["shards"]
+    assert shards[1] == {"name": "model-00002-of-00002.safetensors", "action": "omit", "tensors": 0, "dropped": 1,
+                         "bytes": 0, "sha256": None}
+
+
 def test_refuses_quant_mismatch_and_names_the_version_that_loads_it(tmp_path):
     src = copy_example("omni-nvfp4-24137", tmp_path / "omni")
     before = hashes(src)
