@@ -132,8 +132,11 @@ def materialize(repo_id: str, revision: str | None = None, progress: bool = True
 def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one line with a hint (exit 2)."""
     from huggingface_hub import constants
+    from huggingface_hub import errors
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    IncompleteSnapshotError = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 1.x only
 
     at = f"@{revision}" if revision else ""
     try:
@@ -146,8 +149,13 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     except RevisionNotFoundError:
         raise NhcheckError(f"{repo_id}: revision {revision or 'main'!r} not found; check the revision "
                            "(a branch, tag or commit of the repo)") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise NhcheckError(f"{repo_id}{at}: not available offline: {_first_line(exc)}") from None
+    except IncompleteSnapshotError as exc:
+        raise NhcheckError(f"{repo_id}{at}: {_first_line(exc)}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
+               else f"the Hub at {constants.ENDPOINT} cannot be reached")
+        raise NhcheckError(f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+                           f"run once with network access, or `hf download {repo_id}`") from None
     except EntryNotFoundError as exc:
         raise NhcheckError(f"{repo_id}{at}: file not found in the repo: {_first_line(exc)}") from None
     except HfHubHTTPError as exc:

@@ -277,12 +277,13 @@ def test_partially_cached_repo_audits_what_is_there_and_names_the_rest(env):
     assert not [f for f in doc["findings"] if f["code"] == "shard-missing"]
 
 
-@pytest.mark.parametrize("cached", ["nothing", "config only"])
-def test_offline_uncached_repo_is_exit_2(env, cached):
+@pytest.mark.parametrize("verb, cached", [("audit", "nothing"), ("audit", "config only"), ("prune", "nothing")])
+def test_offline_uncached_repo_is_exit_2(env, verb, cached):
     if cached == "config only":
         cache_snapshot(Path(env["HF_HUB_CACHE"]), "acme/nano3", NANO, SHA,
                        skip=tuple(p.name for p in NANO.iterdir() if p.name != "config.json"))
-    p = nhcheck({**env, "HF_HUB_OFFLINE": "1"}, "audit", "acme/nano3")
+    extra = ["--out", str(Path(env["HF_HOME"]) / "out")] if verb == "prune" else []
+    p = nhcheck({**env, "HF_HUB_OFFLINE": "1"}, verb, "acme/nano3", *extra)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "local Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0], p.stderr
