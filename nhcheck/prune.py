@@ -151,7 +151,8 @@ class _Classifier:
         if reason == "pp-range":  # an orphan pp-range skip is a layer index past the model
             return True, f"{act}; safe: the model has no such layer, so nothing can read it"
         if reason not in _LM_REASONS:
-            return False, f"the engine handles it outside the language-model loader ({reason}); nhcheck cannot say what it is for"
+            return False, (f"the engine handles it outside the language-model loader ({reason}); "
+                           "nhcheck cannot say what it is for")
         if self.manifest.lm_prefix and not t.name.startswith("language_model"):
             return False, "the wrapper routes it outside the language model; nhcheck cannot say what it is for"
         suffix = t.name.rpartition(".")[2]
@@ -159,7 +160,8 @@ class _Classifier:
             if reason == "kv-drop" and not self.kv_quantized:
                 return True, (f"{act}; safe: the runtime KV cache is not quantized (no attn.k_scale/attn.v_scale "
                               "parameters), so no KV-cache scale is ever read")
-            return False, "KV-cache scale the engine drops although the runtime keeps KV-cache scales: its name is wrong, not its presence"
+            return False, ("KV-cache scale the engine drops although the runtime keeps KV-cache scales: "
+                           "its name is wrong, not its presence")
         engine_name = outcome.engine_name or ""
         module = self.manifest.lm_prefix + engine_name.rpartition(".")[0]
         if engine_name and module not in self.runtime_modules():
@@ -169,7 +171,7 @@ class _Classifier:
         wname = t.name[: -len(suffix)] + "weight"
         w = self.weights.get(wname)
         if w is None:
-            return False, f"its module has no {wname.rpartition('.')[2]} tensor in the checkpoint to tell whether it is quantized"
+            return False, "its module has no weight in the checkpoint to tell whether it is quantized"
         if w.outcome.outcome != "load" or w.param is None:
             return False, f"its module's weight {wname} does not load either"
         p = self.manifest.by_name.get(w.param)
@@ -178,7 +180,8 @@ class _Classifier:
         if p.dtype not in _FLOAT_PARAM or w.tensor.dtype not in _FLOAT_CKPT:
             return False, (f"load-bearing: the runtime keeps the module quantized ({p.name} is {p.dtype}), "
                            "never dropped")
-        return True, f"{act}; safe: its module's weight loads unquantized into {p.name} ({p.dtype}), which takes no {suffix}"
+        return True, (f"{act}; safe: its module's weight loads unquantized into {p.name} ({p.dtype}), "
+                      f"which takes no {suffix}")
 
 
 def _groups(items: list[tuple[TensorInfo, str, str]]) -> tuple[DropGroup, ...]:

@@ -33,7 +33,8 @@ from nhcheck.safetensors_header import read_shard, serialize_header
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CASE = "nano3-24434-leftover-expert-scales"
-LEFTOVER = re.compile(r"backbone\.layers\.(1|49)\.mixer\.experts\.\d+\.(up|down)_proj\.(input_scale|weight_scale|weight_scale_2)")
+LEFTOVER = re.compile(r"backbone\.layers\.(1|49)\.mixer\.experts\.\d+\.(up|down)_proj\."
+                      r"(input_scale|weight_scale|weight_scale_2)")
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +443,7 @@ os.copy_file_range, os.replace = copy_file_range, replace
 @pytest.mark.parametrize("env", [{"KILL_AFTER_BYTES": "0"}, {"KILL_AFTER_BYTES": "300000"},
                                  {"KILL_AFTER_BYTES": "1300000"}, {"KILL_AFTER_BYTES": "2200000"},
                                  {"KILL_AT_RENAME": "1"}, {"KILL_AT_RENAME": "4"}, {"KILL_AT_RENAME": "9"},
-                                 {"KILL_AT_RENAME": "10"}], ids=lambda e: "-".join(e.items().__iter__().__next__()))
+                                 {"KILL_AT_RENAME": "10"}], ids=lambda e: "-".join(next(iter(e.items()))))
 def test_killed_run_leaves_no_partial_file_and_rerun_completes(tmp_path, reference, env):
     src, _, ref = reference
     out = tmp_path / "out"
