@@ -358,16 +358,16 @@ def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, 
     from nhcheck import load as loading
 
     t0 = time.perf_counter()
-    ckpt = loading.open_for_load(source, revision, _progress(quiet))
     if tp_size is not None:
         from nhcheck import load_tp
 
+        ckpt = loading.open_for_load(source, revision, _progress(quiet))
         _render_tp(load_tp.run(load_tp.Job(ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp,
                                            manifest_file, threads)), fmt, output, quiet)
     opts = loading.LoadOptions(device=device, dtype=dtype, reader=reader, threads=threads,
                                pinned_bytes=pinned_mb << 20)
-    rep = loading.load_checkpoint(ckpt, engine, opts, manifest_file=manifest_file, moe_backend=moe_backend,
-                                  mtp=mtp, pp=pp, t0=t0).report
+    rep = loading.load_source(source, revision, engine, opts, progress=_progress(quiet), t0=t0,
+                              manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp).report
     if fmt == "json":
         _write_out(loading.render_json(rep), output)
     elif fmt == "markdown":

@@ -23,10 +23,12 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from nhcheck import __version__, collapse
 from nhcheck.audit import AuditOptions, AuditReport, TensorRecord, _grouped
@@ -62,7 +64,11 @@ _PINNED: dict[str, Any] = {}
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load. Sizes are bytes; ``threads`` 0 means min(16, CPU count)."""
+    """How to load. Sizes are bytes; ``threads`` 0 means min(16, CPU count).
+
+    ``chunk_bytes``: one read; ``pinned_bytes``: the host ring those reads land in;
+    ``landing_bytes``: device memory for shards read but not yet placed (at least one shard).
+    """
 
     device: str = "cuda"
     dtype: str = "auto"
@@ -71,6 +77,7 @@ class LoadOptions:
     chunk_bytes: int = 16 << 20
     pinned_bytes: int = 256 << 20
     samples: int = 4
+    landing_bytes: int = 4 << 30
 
 
 class Op(NamedTuple):
@@ -409,13 +416,13 @@ class Arenas:
         return int(torch.count_nonzero(hit)) * _POISON_RUN
 
 
-def _write(arenas: Arenas, op: Op, x, elem: int = 0) -> None:
-    """Apply one op (or elements [elem, elem + len(x)) of it) from the typed source ``x``."""
+def _write(arenas: Arenas, op: Op, x) -> None:
+    """Apply one op from its typed source tensor ``x``."""
     flat = arenas.flat(op.param)
     if op.kind == "broadcast":
         flat[op.start:op.start + op.count].copy_(x.reshape(1).expand(op.count))
         return
-    dst = flat[op.start + elem:op.start + elem + x.numel()]
+    dst = flat[op.start:op.start + op.count]
     dst.copy_(x.reshape(-1))
     if op.kind == "mamba_A":
         dst.exp_().neg_()
@@ -426,55 +433,71 @@ def _write(arenas: Arenas, op: Op, x, elem: int = 0) -> None:
 
 
 class Piece(NamedTuple):
-    """The part of one op that lies in one chunk: ``n`` source elements at byte ``off`` of the chunk."""
+    """One op's source bytes inside a buffer holding its shard's data section, at byte ``off``."""
 
     op: Op
     off: int
-    elem: int
-    n: int
 
 
-class Chunk(NamedTuple):
+class Span(NamedTuple):
+    """What the transfer needs of a shard: its file and where its data section starts and ends."""
+
     path: str
+    data_start: int
+    file_size: int
+
+
+class Read(NamedTuple):
+    """Bytes [start, end) of the transfer's shard number ``shard``."""
+
+    shard: int
     start: int
     end: int
-    pieces: tuple[Piece, ...]
 
 
-def plan_chunks(ops: tuple[Op, ...], chunk_bytes: int) -> list[Chunk]:
-    """Coalesce the ops' source byte ranges into reads of at most ``chunk_bytes``.
+def plan_reads(spans: list, piece_bytes: int) -> list[Read]:
+    """Every shard's data section in pieces of ``piece_bytes``, shards in loader order."""
+    return [Read(i, off, min(off + piece_bytes, s.file_size))
+            for i, s in enumerate(spans) for off in range(s.data_start, s.file_size, piece_bytes)]
 
-    Shards in loader order, ranges by file offset. Small gaps (orphans, routed tensors) are read
-    through; a tensor longer than a chunk is split at an element boundary (every op is
-    elementwise, so any split is exact).
+
+def spans_of(shards) -> list[Span]:
+    return [Span(s.path, s.data_start, s.file_size) for s in shards]
+
+
+def quick_spans(path: str) -> list[Span] | None:
+    """The ``*.safetensors`` files of a local checkpoint and their data offsets from the 8-byte length
+    prefixes alone: enough to start reading while the headers are parsed.
+
+    A guess that ``open_local`` confirms (same files, same offsets) before anything read is used;
+    None whenever anything is unusual, and the reads then start after the headers.
     """
-    chunks: list[Chunk] = []
-    order = {}
-    for op in ops:
-        order.setdefault(op.path, len(order))
-    for path in order:
-        mine = sorted((op for op in ops if op.path == path), key=lambda o: o.tensor.start)
-        start = end = -1
-        pieces: list[Piece] = []
-        for op in mine:
-            es = ITEMSIZE[op.src]
-            pos = op.tensor.start
-            stop = pos + (es if op.kind == "broadcast" else op.count * es)
-            done = 0
-            while pos < stop:
-                if pieces and (pos - end > _GAP or start + chunk_bytes - pos < es):
-                    chunks.append(Chunk(path, start, end, tuple(pieces)))
-                    pieces = []
-                if not pieces:
-                    start = pos
-                take = min(stop - pos, (start + chunk_bytes - pos) // es * es)
-                pieces.append(Piece(op, pos - start, done, take // es))
-                pos += take
-                done += take // es
-                end = pos
-        if pieces:
-            chunks.append(Chunk(path, start, end, tuple(pieces)))
-    return chunks
+    import stat
+
+    from nhcheck.checkpoint import safe_member
+
+    try:
+        if os.path.isdir(path):
+            root = os.path.abspath(path)
+            names = sorted(n for n in os.listdir(root) if n.endswith(".safetensors"))
+        elif path.endswith(".safetensors"):
+            root, names = os.path.dirname(os.path.abspath(path)), [os.path.basename(path)]
+        else:
+            return None
+        out = []
+        for name in names:
+            p = safe_member(root, name, "shard")
+            st = os.stat(p)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < 8:
+                return None
+            with open(p, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+            if 8 + n > st.st_size:
+                return None
+            out.append(Span(p, 8 + n, st.st_size))
+        return out or None
+    except (OSError, CheckpointError):
+        return None
 
 
 def _buffer(t, offset: int, size: int) -> memoryview:
@@ -507,94 +530,236 @@ def _host_ring(torch, size: int, pinned: bool):
     return ring
 
 
-def _apply(pieces: tuple[Piece, ...], src, arenas: Arenas) -> None:
-    """Place one chunk: same-dtype pieces as one batched byte copy, the rest through ``_write``."""
+def _apply(pieces: list[Piece], src, arenas: Arenas) -> None:
+    """Place one shard's ops from ``src``: same-dtype ones as one batched byte copy, the rest through ``_write``."""
     torch = arenas.torch
     dsts, srcs = [], []
     for pc in pieces:
         op = pc.op
         es = ITEMSIZE[op.src]
+        n = (1 if op.kind == "broadcast" else op.count) * es
         if op.kind == "copy":
             dtype, base = arenas.where[op.param]
-            b0 = (base + op.start + pc.elem) * es
-            dsts.append(arenas.raw[dtype][b0:b0 + pc.n * es])
-            srcs.append(src[pc.off:pc.off + pc.n * es])
+            b0 = (base + op.start) * es
+            dsts.append(arenas.raw[dtype][b0:b0 + n])
+            srcs.append(src[pc.off:pc.off + n])
             continue
-        x = src[pc.off:pc.off + pc.n * es]
+        x = src[pc.off:pc.off + n]
         if pc.off % es:
             x = x.clone()  # a dtype view needs an aligned start
-        _write(arenas, op, x.view(getattr(torch, op.src)), pc.elem)
+        _write(arenas, op, x.view(getattr(torch, op.src)))
     if dsts:
         torch._foreach_copy_(dsts, srcs)
 
 
-def _run_fast(ops: tuple[Op, ...], arenas: Arenas, device, opts: LoadOptions) -> int:
-    """Thread-pool reads into a ring of host buffers, each placed as soon as its read lands; returns bytes read."""
-    torch = arenas.torch
-    chunks = plan_chunks(ops, opts.chunk_bytes)
-    if not chunks:
-        return 0
-    cuda = device.type == "cuda"
-    slot = -(-max(c.end - c.start for c in chunks) // 64) * 64
-    nslots = max(1, min(len(chunks), opts.pinned_bytes // slot))
-    ring = _host_ring(torch, nslots * slot, cuda)
-    views = [_buffer(ring, i * slot, slot) for i in range(nslots)]
-    threads = opts.threads or min(16, os.cpu_count() or 4)
-    fds: dict[str, int] = {}
-    stream = torch.cuda.Stream(device) if cuda else None
-    stage = torch.empty(slot, dtype=torch.uint8, device=device) if cuda else None
-    # blocking: a reader waiting for its slot sleeps instead of spinning on a core other readers need
-    events = [torch.cuda.Event(blocking=True) for _ in range(nslots)] if cuda else []
-    pending = {}
-    try:
-        for c in chunks:
-            if c.path not in fds:
-                try:
-                    fds[c.path] = os.open(c.path, os.O_RDONLY)
-                except OSError as exc:
-                    raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            def submit(k: int) -> None:
-                c = chunks[k]
-                s = k % nslots
-                wait = events[s] if cuda and k >= nslots else None
-                pending[k] = pool.submit(_read, fds[c.path], c.path, views[s], c.start, c.end - c.start, wait)
+class Transfer:
+    """Shard bytes on their way to the device, started before the plan exists and placed once it does.
 
-            for k in range(min(nslots, len(chunks))):
-                submit(k)
-            if cuda:
-                stream.wait_stream(torch.cuda.current_stream(device))  # the poison fill comes first
-            ctx = torch.cuda.stream(stream) if cuda else _nullcontext()
-            with ctx:
-                for k, c in enumerate(chunks):
-                    pending.pop(k).result()
-                    s = k % nslots
-                    size = c.end - c.start
-                    host = ring[s * slot:s * slot + size]
-                    if cuda:
-                        stage[:size].copy_(host, non_blocking=True)
-                        events[s].record(stream)
-                        _apply(c.pieces, stage, arenas)
-                    else:
-                        _apply(c.pieces, host, arenas)
-                    if k + nslots < len(chunks):
-                        submit(k + nslots)
-            if cuda:
-                stream.synchronize()
-    finally:
-        for fut in pending.values():
-            fut.cancel()
-        for fd in fds.values():
-            os.close(fd)
-    return sum(c.end - c.start for c in chunks)
+    Reading begins with the load, while the main thread parses headers, audits and plans:
+    reader threads claim pieces in order, ``os.preadv`` each into a free slot of a bounded ring
+    of host buffers (pinned on CUDA) and copy it asynchronously into its shard's landing buffer
+    on the device. No dispatcher sits between the threads: each piece costs its reader one
+    or two brief holds of the interpreter, which the auditing main thread hands over every
+    ``sys.getswitchinterval()``. ``place`` takes the plan, scatters each shard as soon as all its
+    needed pieces have landed (one batched copy, shards in loader order as the engine applies
+    them) and frees the landing buffer. Landing memory is bounded by ``landing_bytes`` (at
+    least the largest shard); readers past it wait for ``place``. Once the plan is known,
+    pieces no op needs are not read. One load at a time per process: the pinned ring is shared.
+    """
 
+    def __init__(self, spans: list[Span], device, opts: LoadOptions, torch) -> None:
+        import queue
+        import threading
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
+        self.torch = torch
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.spans = list(spans)
+        self.closed = False
+        self.workers: list = []
+        self.fds: dict[int, int] = {}
+        self.baseline = 0
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+        self.reads = plan_reads(self.spans, opts.chunk_bytes)
+        self.of_shard: list[list[int]] = [[] for _ in self.spans]
+        for j, r in enumerate(self.reads):
+            self.of_shard[r.shard].append(j)
+        self.slot = -(-max((r.end - r.start for r in self.reads), default=64) // 64) * 64
+        self.nslots = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
+        self.ring = _host_ring(torch, self.nslots * self.slot, self.cuda)
+        self.views = [_buffer(self.ring, i * self.slot, self.slot) for i in range(self.nslots)]
+        self.free: Any = queue.SimpleQueue()
+        for i in range(self.nslots):
+            self.free.put(i)
+        self.slot_used = [False] * self.nslots
+        self.budget = max([opts.landing_bytes] + [s.file_size - s.data_start for s in self.spans])
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        # blocking: a reader waiting for its slot sleeps instead of spinning on a core other readers need
+        self.events = [torch.cuda.Event(blocking=True) for _ in range(self.nslots)] if self.cuda else []
+        self.lock = threading.Condition()
+        self.next = 0  # everything below is guarded by the lock
+        self.claimed = [False] * len(self.reads)
+        self.done = [False] * len(self.reads)
+        self.needed: list[bool] | None = None
+        self.landing: dict[int, Any] = {}
+        self.used = 0
+        self.stop = False
+        self.error: BaseException | None = None
+        self.bytes_read = 0
+        try:
+            for i, s in enumerate(self.spans):
+                self.fds[i] = os.open(s.path, os.O_RDONLY)
+        except OSError as exc:
+            path = self.spans[len(self.fds)].path
+            self.close()
+            raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
+        threads = min(opts.threads or min(16, os.cpu_count() or 4), len(self.reads))
+        self.workers = [threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True)
+                        for i in range(threads)]
+        for w in self.workers:
+            w.start()
+
+    def __enter__(self) -> "Transfer":
+        return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stream_ctx(self):
+        from contextlib import nullcontext
+
+        return self.torch.cuda.stream(self.stream) if self.cuda else nullcontext()
+
+    # -- reader threads
+
+    def _claim(self) -> int | None:
+        while self.next < len(self.reads):
+            j = self.next
+            self.next += 1
+            if self.needed is None or self.needed[j]:
+                self.claimed[j] = True
+                return j
         return None
+
+    def _landing(self, i: int):
+        buf = self.landing.get(i)
+        if buf is None:
+            size = self.spans[i].file_size - self.spans[i].data_start
+            while self.used + size > self.budget and not self.stop and self.error is None:
+                self.lock.wait()
+            if self.stop or self.error is not None:
+                return None
+            buf = self.landing[i] = self.torch.empty(size, dtype=self.torch.uint8, device=self.device)
+            self.used += size
+        return buf
+
+    def _work(self) -> None:
+        try:
+            with self._stream_ctx():
+                while True:
+                    with self.lock:
+                        if self.stop or self.error is not None:
+                            return
+                        j = self._claim()
+                        if j is None:
+                            return
+                        r = self.reads[j]
+                        dst = self._landing(r.shard)
+                        if dst is None:
+                            return
+                    span = self.spans[r.shard]
+                    n = r.end - r.start
+                    s = self.free.get()
+                    try:
+                        _read(self.fds[r.shard], span.path, self.views[s], r.start, n,
+                              self.events[s] if self.cuda and self.slot_used[s] else None)
+                        self.slot_used[s] = True
+                        dst[r.start - span.data_start:r.end - span.data_start].copy_(
+                            self.ring[s * self.slot:s * self.slot + n], non_blocking=self.cuda)
+                        if self.cuda:
+                            self.events[s].record(self.stream)
+                    finally:
+                        self.free.put(s)
+                    with self.lock:
+                        self.done[j] = True
+                        self.bytes_read += n
+                        self.lock.notify_all()
+        except BaseException as exc:  # handed to the main thread by place()
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+                self.lock.notify_all()
+
+    # -- the main thread
+
+    def _complete(self, i: int) -> bool:
+        return all(self.done[j] or not (self.claimed[j] or self.needed[j]) for j in self.of_shard[i])
+
+    def place(self, ops: tuple[Op, ...], arenas: Arenas) -> int:
+        """Hand over the plan; returns the bytes read once every op is in place on the device."""
+        index = {s.path: i for i, s in enumerate(self.spans)}
+        pieces: dict[int, list[Piece]] = {}
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for op in ops:
+            i = index[op.path]
+            start = op.tensor.start
+            pieces.setdefault(i, []).append(Piece(op, start - self.spans[i].data_start))
+            ranges.setdefault(i, []).append((start, start + ITEMSIZE[op.src] * (1 if op.kind == "broadcast" else op.count)))
+        needed = [False] * len(self.reads)
+        for i, rs in ranges.items():
+            rs.sort()
+            k = 0
+            for j in self.of_shard[i]:
+                r = self.reads[j]
+                while k < len(rs) and rs[k][1] <= r.start:
+                    k += 1
+                needed[j] = k < len(rs) and rs[k][0] < r.end
+        if self.cuda:
+            self.stream.wait_stream(self.torch.cuda.current_stream(self.device))  # the poison fill comes first
+        with self.lock:
+            self.needed = needed
+            self.lock.notify_all()
+        with self._stream_ctx():
+            for i in range(len(self.spans)):
+                with self.lock:
+                    while self.error is None and not self._complete(i):
+                        self.lock.wait()
+                    if self.error is not None:
+                        raise self.error
+                    buf = self.landing.get(i)
+                if buf is not None and i in pieces:
+                    _apply(pieces[i], buf, arenas)
+                with self.lock:
+                    if i in self.landing:
+                        self.used -= self.landing.pop(i).numel()
+                        self.lock.notify_all()
+        for w in self.workers:
+            w.join()
+        if self.error is not None:
+            raise self.error
+        if self.cuda:
+            self.stream.synchronize()
+        return self.bytes_read
+
+    def close(self) -> None:
+        """Stop the readers (after an error elsewhere) and let go of the files; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.workers:
+            with self.lock:
+                self.stop = True
+                self.lock.notify_all()
+            for w in self.workers:
+                w.join()
+        if self.cuda and self.stream is not None:
+            self.stream.synchronize()  # the ring is reused by the next load: no copy may still read it
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def _run_safetensors(ops: tuple[Op, ...], arenas: Arenas, device) -> int:
@@ -759,38 +924,62 @@ def compare(expected: list[Expected], arenas: Arenas) -> tuple[int, dict[str, in
 # The whole load
 
 
-def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptions = LoadOptions(), *,
-                    manifest_file: str | None = None, moe_backend: str | None = None, mtp: bool = False,
-                    pp: tuple[int, int] | None = None, t0: float | None = None) -> LoadResult:
-    """Audit, plan, allocate, load, check. ``pp`` is (rank, size) of one pipeline rank; ``t0`` lets a
-    caller count the header reading in the wall time."""
-    from nhcheck import pipeline
-
-    t_start = time.perf_counter()
-    t0 = t_start if t0 is None else t0
+def _check_options(opts: LoadOptions) -> None:
     if opts.reader not in READERS:
         raise UsageError(f"--reader {opts.reader!r}: expected one of {', '.join(READERS)}")
     if opts.dtype not in DTYPES:
         raise UsageError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
-    torch = _torch()
-    device = resolve_device(opts.device)
-    inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-    audit = pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
-    t_audit = time.perf_counter()
-    plan = plan_load(audit, opts.dtype)
-    cov, overwritten = _coverage(plan.params, plan.ops)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    with ThreadPoolExecutor(max_workers=1) as side:
+
+
+@contextmanager
+def _prompt_handover() -> Iterator[None]:
+    """Reader threads need the interpreter for microseconds per piece while the main thread parses
+    and audits; the default 5 ms switch interval would make each of them wait that long."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptions = LoadOptions(), *,
+                    manifest_file: str | None = None, moe_backend: str | None = None, mtp: bool = False,
+                    pp: tuple[int, int] | None = None, t0: float | None = None,
+                    transfer: Transfer | None = None) -> LoadResult:
+    """Audit, plan, allocate, load, check.
+
+    ``pp`` is (rank, size) of one pipeline rank; ``t0`` lets a caller count the header reading
+    in the wall time; ``transfer``, already reading ``ckpt``'s shards, is taken over (and closed).
+    """
+    from nhcheck import pipeline
+
+    t_start = time.perf_counter()
+    t0 = t_start if t0 is None else t0
+    with ExitStack() as stack:
+        if transfer is not None:
+            stack.enter_context(transfer)
+        _check_options(opts)
+        torch = _torch()
+        device = resolve_device(opts.device)
+        cuda = device.type == "cuda"
+        stack.enter_context(_prompt_handover())
+        if transfer is None and opts.reader == "fast":
+            transfer = stack.enter_context(Transfer(spans_of(ckpt.shards), device, opts, torch))
+        baseline = transfer.baseline if transfer is not None else _baseline(torch, device)
+        inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
+        audit = pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
+        t_audit = time.perf_counter()
+        plan = plan_load(audit, opts.dtype)
+        cov, overwritten = _coverage(plan.params, plan.ops)
+        side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         # the file side of the read-back check needs only the plan: do it while the bytes move
         expected = side.submit(expected_samples, plan.ops, layout(plan.params)[0], max(1, opts.samples), overwritten)
         t_plan = time.perf_counter()
         arenas = Arenas(plan.params, device, torch)
         t_alloc = time.perf_counter()
-        if opts.reader == "fast":
-            read = _run_fast(plan.ops, arenas, device, opts)
+        if transfer is not None:
+            read = transfer.place(plan.ops, arenas)
         else:
             read = _run_safetensors(plan.ops, arenas, device)
         t_data = time.perf_counter()
@@ -811,16 +1000,47 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
         seconds=t_end - t0,
         timings={"headers": t_start - t0, "audit": t_audit - t_start, "plan": t_plan - t_audit,
                  "allocate": t_alloc - t_plan, "transfer": t_data - t_alloc, "check": t_end - t_data},
-        peak_device_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+        peak_device_bytes=torch.cuda.max_memory_allocated(device) - baseline if cuda else None,
         params=params, findings=tuple(findings), crash=crash, verdict=_verdict(findings, crash), samples_checked=checked,
     )
     return LoadResult(report, arenas.tensors())
 
 
-def load_path(path: str, engine: str | None = None, opts: LoadOptions = LoadOptions(), **kw: Any) -> LoadResult:
-    """Open a local checkpoint and load it; the wall time includes reading the headers."""
-    t0 = time.perf_counter()
-    return load_checkpoint(open_local(path), engine, opts, t0=t0, **kw)
+def _baseline(torch, device) -> int:
+    """Start counting peak device memory from here; returns what is already allocated."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def load_path(path: str, engine: str | None = None, opts: LoadOptions = LoadOptions(), *, progress=None,
+              t0: float | None = None, **kw: Any) -> LoadResult:
+    """Load a local checkpoint, the reads starting while its headers are parsed; the wall time counts both."""
+    t0 = time.perf_counter() if t0 is None else t0
+    _check_options(opts)
+    spans = quick_spans(path) if opts.reader == "fast" else None
+    with _prompt_handover():
+        transfer = Transfer(spans, resolve_device(opts.device), opts, _torch()) if spans else None
+        try:
+            ckpt = open_local(path, progress)
+        except BaseException:
+            if transfer is not None:
+                transfer.close()
+            raise
+        if transfer is not None and spans_of(ckpt.shards) != transfer.spans:
+            transfer.close()  # the guess missed (an index that lists other files): start over from the headers
+            transfer = None
+        return load_checkpoint(ckpt, engine, opts, t0=t0, transfer=transfer, **kw)
+
+
+def load_source(source: str, revision: str | None = None, engine: str | None = None,
+                opts: LoadOptions = LoadOptions(), *, progress=None, t0: float | None = None, **kw: Any) -> LoadResult:
+    """What the CLI loads: a local path (reads start at once), or a Hub repo downloaded to the cache first."""
+    if os.path.exists(source) and not revision:
+        return load_path(source, engine, opts, progress=progress, t0=t0, **kw)
+    return load_checkpoint(open_for_load(source, revision, progress), engine, opts, t0=t0, **kw)
 
 
 def open_for_load(source: str, revision: str | None = None, progress=None) -> Checkpoint:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,28 +169,46 @@ def test_omni_fp8_mamba_nvfp4_experts_and_projector_on_0_5_23():
 @pytest.mark.parametrize("example, engine", [("nano3-nvfp4", "0.5.23"), ("nano3-bf16", "0.5.23"),
                                              ("omni-nvfp4-24137", "0.5.23"), ("omni-nvfp4-24137", "0.5.12")])
 def test_readers_agree_byte_for_byte(example, engine):
-    """Reference safe_open reader vs the fast reader cut into 1000-byte reads (every op split, odd offsets)."""
+    """Reference safe_open reader vs the fast reader cut into 1000-byte reads through a 4-slot ring."""
     ref = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cpu", reader="safetensors"))
     fast = load_path(str(EXAMPLES / example), f"sglang@{engine}",
                      LoadOptions(device="cpu", chunk_bytes=1000, pinned_bytes=4000, threads=3))
     assert ref.report.verdict == fast.report.verdict
     assert set(ref.tensors) == set(fast.tensors)
     assert all(same(ref.tensors[n], fast.tensors[n]) for n in ref.tensors)
-    assert len(loading.plan_chunks(loading.plan_load(fast.report.audit).ops, 1000)) > 500
+    assert fast.report.bytes_read <= sum(s.file_size - s.data_start for s in open_local(str(EXAMPLES / example)).shards)
 
 
-def test_chunks_split_on_element_boundaries_and_cover_each_op_once():
-    plan = loading.plan_load(audit_path(str(EXAMPLES / "nano3-bf16"), "sglang@0.5.23"))
-    chunks = loading.plan_chunks(plan.ops, 1000)
-    got: dict[int, int] = {}
-    for c in chunks:
-        assert 0 < c.end - c.start <= 1000
-        for pc in c.pieces:
-            es = loading.ITEMSIZE[pc.op.src]
-            assert pc.off % 1 == 0 and pc.off + pc.n * es <= c.end - c.start
-            assert pc.op.tensor.start + pc.elem * es == c.start + pc.off
-            got[pc.op.index] = got.get(pc.op.index, 0) + pc.n
-    assert got == {op.index: (1 if op.kind == "broadcast" else op.count) for op in plan.ops}
+def test_reads_cover_every_data_section_in_pieces():
+    shards = open_local(str(EXAMPLES / "nano3-bf16")).shards
+    reads = loading.plan_reads(list(shards), 1000)
+    for i, s in enumerate(shards):
+        mine = [r for r in reads if r.shard == i]
+        assert mine[0].start == s.data_start and mine[-1].end == s.file_size
+        assert all(a.end == b.start for a, b in zip(mine, mine[1:])) and all(r.end - r.start <= 1000 for r in mine)
+
+
+@pytest.mark.parametrize("example", ["nano3-bf16", "omni-nvfp4-24137", "h8b-dense"])
+def test_reads_start_from_the_length_prefixes_alone(example):
+    assert loading.quick_spans(str(EXAMPLES / example)) == loading.spans_of(open_local(str(EXAMPLES / example)).shards)
+
+
+def test_early_reads_of_a_stray_shard_are_dropped_and_the_load_starts_over(tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLES / "nano3-bf16", root)
+    shutil.copy(root / "model-00001-of-00003.safetensors", root / "stray.safetensors")  # not in the index
+    started = []
+    real = loading.Transfer
+
+    def spy(spans, *a):
+        started.append([Path(s.path).name for s in spans])
+        return real(spans, *a)
+
+    monkeypatch.setattr(loading, "Transfer", spy)
+    res = load_path(str(root), "sglang@0.5.23", CPU)
+    assert started[0][-1] == "stray.safetensors" and "stray.safetensors" not in started[1]
+    assert res.report.verdict == "clean"
+    assert any(f.code == "shard-stray" for f in res.report.findings)
 
 
 def test_dtype_override_casts_model_dtype_parameters_only():
@@ -401,8 +420,8 @@ def test_repo_id_is_downloaded_then_loaded(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     ckpt = loading.open_for_load("nvidia/Nemotron-H-8B-Base-8K", "main")
     assert ckpt.source == "nvidia/Nemotron-H-8B-Base-8K" and ckpt.revision == "main"
-    assert seen == {"repo": "nvidia/Nemotron-H-8B-Base-8K", "revision": "main",
-                    "patterns": ["*.safetensors", "*.json"]}
+    assert seen["repo"] == "nvidia/Nemotron-H-8B-Base-8K" and seen["revision"] == "main"
+    assert "*.safetensors" in seen["patterns"]
     assert loading.load_checkpoint(ckpt, None, CPU).report.verdict == "clean"
 
 
@@ -431,7 +450,11 @@ def test_cuda_matches_cpu_reference(example, engine, opts):
     assert r.device.startswith("cuda") and r.device_name and r.peak_device_bytes > 0
     assert r.verdict == ref.report.verdict
     assert all(t.is_cuda for t in got.tensors.values())
-    assert all(same(ref.tensors[n], got.tensors[n]) for n in ref.tensors)
+    for n, t in ref.tensors.items():
+        if n.endswith(".mixer.A"):  # -exp() on the GPU may differ from the CPU's in the last bit
+            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
+        else:
+            assert same(t, got.tensors[n]), n
 
 
 @pytest.mark.cuda
