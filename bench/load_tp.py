@@ -11,8 +11,8 @@ rank at TP 8 would split an NVFP4 block; ``audit --tp 8`` says so). The MoE back
 misplaces rank windows at this width: see ``nhcheck.tp``).
 
 With a warm page cache, each repetition runs every TP size through the same code path
-(``nhcheck.load_tp.run``: torch's elastic launcher, one process per GPU, NCCL), then the
-single-process loader (``nhcheck.load``, fast reader) for reference. Reported per TP size:
+(``nhcheck.load_tp.run``: torch's elastic launcher, one process per GPU, NCCL), and with
+``--reference`` the single-process loader (``nhcheck.load``, fast reader). Reported per TP size:
 each rank's slice bytes, seconds and GB/s over its transfer; the aggregate (all ranks' bytes
 over the slowest rank's transfer, the ranks starting together after a barrier); the wall time
 of the whole command including process start; and the coverage verdict.
@@ -64,9 +64,10 @@ def run_tp(root: Path, tp: int, device: str, threads: int) -> dict:
     if rep.verdict != "clean":
         raise SystemExit(f"load --tp {tp} is not clean: {rep.verdict}: {[f.message for f in rep.findings[:3]]}")
     return {"tp": tp, "verdict": rep.verdict, "command_seconds": wall, "transfer_seconds": rep.wall_seconds,
-            "bytes": rep.bytes_read, "gb_per_s": rep.gb_per_s, "samples_checked": rep.samples_checked,
+            "bytes": rep.bytes_loaded, "bytes_read": rep.bytes_read, "gb_per_s": rep.gb_per_s, "samples_checked": rep.samples_checked,
             "params": len(rep.params), "params_filled": sum(1 for p in rep.params if p.status == "filled"),
-            "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes": s.bytes_read,
+            "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes": s.bytes_loaded,
+                       "bytes_read": s.bytes_read,
                        "allocated": s.bytes_allocated, "seconds": s.seconds, "gb_per_s": s.gb_per_s}
                       for s in rep.ranks]}
 
@@ -80,6 +81,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=0, help="Reader threads per rank (0: min(16, CPU count)).")
+    ap.add_argument("--reference", action="store_true",
+                    help="Also time the single-process loader (nhcheck.load, fast reader) in each repetition.")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -105,10 +108,12 @@ def main() -> int:
         for tp in sizes:
             r = run_tp(args.dir, tp, args.device, args.threads)
             runs[tp].append(r)
-            ranks = "  ".join(f"r{x['rank']} {x['bytes'] / 1e9:.2f} GB {x['seconds']:.2f} s {x['gb_per_s']:.2f} GB/s"
-                              for x in r["ranks"])
+            ranks = "  ".join(f"r{x['rank']} {x['bytes'] / 1e9:.2f} GB ({x['bytes_read'] / 1e9:.2f} GB read) "
+                              f"{x['seconds']:.2f} s {x['gb_per_s']:.2f} GB/s" for x in r["ranks"])
             print(f"rep {rep + 1} tp {tp}: aggregate {r['bytes'] / 1e9:.2f} GB in {r['transfer_seconds']:.3f} s = "
                   f"{r['gb_per_s']:.2f} GB/s (command {r['command_seconds']:.1f} s) | {ranks}", flush=True)
+        if not args.reference:
+            continue
         t = time.perf_counter()
         res = load_path(str(args.dir), ENGINE, LoadOptions(device=args.device), moe_backend=BACKEND)
         single.append(time.perf_counter() - t)
@@ -129,8 +134,9 @@ def main() -> int:
         base = agg if tp == 1 or base is None else base
         summary[tp] = {"aggregate_gb_per_s": agg, "transfer_seconds": sec, "per_rank_gb_per_s": per}
         print(f"{tp:>3} {agg:15.2f} {sec:11.3f} {' '.join(f'{x:.2f}' for x in per):>24} {agg / base:7.2f}x")
-    print(f"single-process nhcheck load (fast reader, end to end incl. audit and checks): "
-          f"{loaded / statistics.median(single) / 1e9:.2f} GB/s")
+    if single:
+        print(f"single-process nhcheck load (fast reader, end to end incl. audit and checks): "
+              f"{loaded / statistics.median(single) / 1e9:.2f} GB/s")
     if args.out:
         args.out.write_text(json.dumps({"card": card, "gpus": gpus, "cpus": os.cpu_count(), "torch": torch.__version__,
                                         "bytes": data, "runs": runs, "summary": summary,

@@ -32,8 +32,6 @@ from nhcheck.load import ITEMSIZE, Arenas, Plan, plan_load
 from nhcheck.manifest import Param
 
 SCHEMA = "nhcheck.load-tp/1"
-#: Linux 5.14+: map a range's pages in one call instead of one fault per page (column slices).
-_MADV_POPULATE_READ = 22
 #: NVLink multicast off: a program using it can take a shared host's GPUs out of service.
 _SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -78,16 +76,19 @@ class Job:
 
 @dataclass(frozen=True)
 class RankStats:
+    """One rank's load: ``bytes_loaded`` the slice bytes placed, ``bytes_read`` what the reads spanned."""
+
     rank: int
     device: str
     copies: int
+    bytes_loaded: int
     bytes_read: int
     bytes_allocated: int
     seconds: float
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return self.bytes_loaded / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,17 @@ class TPLoadReport:
     samples_checked: int
 
     @property
+    def bytes_loaded(self) -> int:
+        return sum(r.bytes_loaded for r in self.ranks)
+
+    @property
     def bytes_read(self) -> int:
         return sum(r.bytes_read for r in self.ranks)
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes_read / self.wall_seconds / 1e9 if self.wall_seconds > 0 else 0.0
+        """All ranks' placed bytes over the slowest rank's transfer (they start together after a barrier)."""
+        return self.bytes_loaded / self.wall_seconds / 1e9 if self.wall_seconds > 0 else 0.0
 
     def exit_code(self) -> int:
         return 0 if self.verdict == "clean" else 1
@@ -319,7 +325,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         dist.barrier()
         t0 = time.perf_counter()
         try:
-            read = reader.run()
+            placed, read = reader.run()
             if cuda:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -334,9 +340,9 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         counters = torch.tensor([[owned.get(n, 0), poison.get(n, 0), bad.get(n, 0)] for n in names] or [[0, 0, 0]],
                                 dtype=torch.int64, device=device)
         dist.all_reduce(counters)
-        stats = torch.zeros((job.tp, 5), dtype=torch.float64, device=device)
+        stats = torch.zeros((job.tp, 6), dtype=torch.float64, device=device)
         allocated = sum(_numel(p.shape) * ITEMSIZE[p.dtype] for p in local_params)
-        stats[rank] = torch.tensor([len(copies), read, allocated, seconds, checked], dtype=torch.float64)
+        stats[rank] = torch.tensor([len(copies), placed, read, allocated, seconds, checked], dtype=torch.float64)
         dist.all_reduce(stats)
         wall = torch.tensor([seconds], dtype=torch.float64, device=device)
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)
@@ -344,7 +350,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
             return None
         rows = stats.cpu().tolist()
         dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-        ranks = tuple(RankStats(r, f"cuda:{r}" if cuda else "cpu", int(x[0]), int(x[1]), int(x[2]), x[3])
+        ranks = tuple(RankStats(r, f"cuda:{r}" if cuda else "cpu", int(x[0]), int(x[1]), int(x[2]), int(x[3]), x[4])
                       for r, x in enumerate(rows))
         cov = counters.cpu().tolist()
         params = tuple(ParamCoverage(p.name, _numel(p.shape), c[0], c[1], c[2], p.informational)
@@ -352,7 +358,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         crash = dict(plan.crash) if plan.crash is not None else None
         findings = _findings(audit, plan, params, crash)
         return TPLoadReport(job.source, audit.engine, job.tp, backend, dev_name, ranks, float(wall.item()), params,
-                            tuple(findings), _verdict(findings, crash), crash, int(sum(x[4] for x in rows)))
+                            tuple(findings), _verdict(findings, crash), crash, int(sum(x[5] for x in rows)))
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -379,136 +385,145 @@ def _split_dim(box: tuple[tuple[int, int], ...]) -> int | None:
 
 
 class _Piece(NamedTuple):
-    """A copy, or a run of rows of it along its first source dim, small enough for one staging slot."""
+    """A copy, or a run of rows of it along its first source dim, and the one byte range of the file it reads.
+
+    ``lo``/``span``: the file bytes from the slice's first element to its last. For a column
+    slice (row-parallel weights) that includes the other ranks' columns between its rows: one
+    read instead of one per row, the gaps skipped when the bytes are placed.
+    """
 
     copy: Copy
     src_box: tuple[tuple[int, int], ...]
     dst_box: tuple[tuple[int, int], ...]
     nbytes: int
+    lo: int
+    span: int
+
+
+def _piece(c: Copy, src_box, dst_box) -> _Piece:
+    es = ITEMSIZE[c.src]
+    n = _numel([b - a for a, b in src_box])
+    first = _flat_index(c.t_shape, src_box, 0)
+    last = _flat_index(c.t_shape, src_box, n - 1)
+    return _Piece(c, src_box, dst_box, n * es, c.t_start + first * es, (last - first + 1) * es)
 
 
 def _pieces(copies: list[Copy], limit: int) -> list[_Piece]:
     out = []
     for c in copies:
+        whole = _piece(c, c.src_box, c.dst_box)
         sd = _split_dim(c.src_box)
-        if c.nbytes <= limit or c.kind == "broadcast" or sd is None:
-            out.append(_Piece(c, c.src_box, c.dst_box, c.nbytes))
+        if whole.span <= limit or c.kind == "broadcast" or sd is None:
+            out.append(whole)
             continue
         lead = len(c.dst_box) - len(c.src_box)
         (a, b), (da, _) = c.src_box[sd], c.dst_box[sd + lead]
-        row = c.nbytes // (b - a)
-        step = max(1, limit // row)
+        step = max(1, limit * (b - a) // whole.span)
         for r in range(a, b, step):
             e = min(b, r + step)
-            out.append(_Piece(c, c.src_box[:sd] + ((r, e),) + c.src_box[sd + 1:],
-                              c.dst_box[:sd + lead] + ((da + r - a, da + e - a),) + c.dst_box[sd + lead + 1:],
-                              row * (e - r)))
+            out.append(_piece(c, c.src_box[:sd] + ((r, e),) + c.src_box[sd + 1:],
+                              c.dst_box[:sd + lead] + ((da + r - a, da + e - a),) + c.dst_box[sd + lead + 1:]))
     return out
 
 
-class _Reader:
-    """Reads each slice and places it; staging memory, streams and file maps are set up before the clock starts.
+def _strided(buf, c: Copy, src_box, torch):
+    """The slice inside the bytes read from its first to its last element, as a typed strided view."""
+    dtype = getattr(torch, c.src)
+    shape = tuple(b - a for a, b in src_box)
+    if _contiguous(src_box, c.t_shape):
+        return buf.view(dtype).view(shape)
+    strides, acc = [], 1
+    for d in reversed(c.t_shape):
+        strides.append(acc)
+        acc *= d
+    return buf.view(dtype).as_strided(shape, tuple(reversed(strides)))
 
-    A slice that is one byte range of the file (rows of a column-parallel weight, an expert,
-    a vocabulary window) is read with ``os.preadv`` into a pinned staging slot; a column slice
-    (row-parallel weights) is gathered from the memory-mapped shard, which pages in only what
-    it touches. Each thread owns two slots and a CUDA stream: the host-to-device copy, the cast
-    and the placement of one slot run while the other slot is read.
+
+class _Reader:
+    """Reads each slice and places it; staging memory and streams are set up before the clock starts.
+
+    Every piece is one ``os.preadv`` of one byte range into a pinned staging slot: a dim-0
+    slice (rows of a column-parallel weight, an expert, a vocabulary window) reads exactly its
+    bytes; a column slice reads from its first to its last element and skips the other ranks'
+    columns when placing. Each thread owns two slots and a CUDA stream: the host-to-device copy,
+    the cast and the placement of one slot run while the other slot is read.
     """
 
     def __init__(self, copies: list[Copy], arenas: Arenas, device, threads: int, stage_bytes: int = 32 << 20) -> None:
-        import mmap
-
         import torch
 
         self.torch = torch
         self.arenas = arenas
-        self.device = device
         self.cuda = device.type == "cuda"
-        rows = [c.nbytes // (c.src_box[sd][1] - c.src_box[sd][0]) for c in copies
-                if (sd := _split_dim(c.src_box)) is not None]
-        pieces = _pieces(copies, max([stage_bytes] + rows))
-        self.files: dict[str, tuple[int, Any, Any]] = {}
+        rows = []
         for c in copies:
-            if c.path not in self.files:
+            sd = _split_dim(c.src_box)
+            if sd is not None:
+                p = _piece(c, c.src_box, c.dst_box)
+                rows.append(-(-p.span // (c.src_box[sd][1] - c.src_box[sd][0])))
+        pieces = _pieces(copies, max([stage_bytes] + rows))
+        self.fds: dict[str, int] = {}
+        for c in copies:
+            if c.path not in self.fds:
                 try:
-                    fd = os.open(c.path, os.O_RDONLY)
+                    self.fds[c.path] = os.open(c.path, os.O_RDONLY)
                 except OSError as exc:
                     raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
-                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                self.files[c.path] = (fd, mm, torch.frombuffer(mm, dtype=torch.uint8))
-        self.populate = True
         workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(pieces)))
         self.lanes = []
         for k in range(workers):
             mine = pieces[k::workers]
-            slot = -(-max((p.nbytes for p in mine), default=64) // 64) * 64
+            slot = -(-max((p.span for p in mine), default=64) // 64) * 64
             host = torch.empty(2 * slot, dtype=torch.uint8, pin_memory=self.cuda)
             stage = torch.empty(2 * slot, dtype=torch.uint8, device=device) if self.cuda else None
             stream = torch.cuda.Stream(device) if self.cuda else None
             events = [torch.cuda.Event(), torch.cuda.Event()] if self.cuda else []
             self.lanes.append((mine, slot, host, stage, stream, events))
 
-    def run(self) -> int:
-        """Returns the bytes the slices hold (what was read)."""
+    def run(self) -> tuple[int, int]:
+        """(bytes placed, bytes read)."""
         if len(self.lanes) == 1:
             return self._lane(*self.lanes[0])
         with ThreadPoolExecutor(max_workers=len(self.lanes)) as pool:
-            return sum(pool.map(lambda lane: self._lane(*lane), self.lanes))
+            got = list(pool.map(lambda lane: self._lane(*lane), self.lanes))
+        return sum(g[0] for g in got), sum(g[1] for g in got)
 
-    def _lane(self, mine: list[_Piece], slot: int, host, stage, stream, events) -> int:
+    def _lane(self, mine: list[_Piece], slot: int, host, stage, stream, events) -> tuple[int, int]:
         from nhcheck.load import _buffer
 
         torch = self.torch
-        total = 0
+        placed = read = 0
         for i, pc in enumerate(mine):
             c = pc.copy
             s = i % 2
             if self.cuda and i >= 2:
                 events[s].synchronize()  # the slot's previous host-to-device copy has landed
-            fd, mm, whole = self.files[c.path]
-            es = ITEMSIZE[c.src]
-            shape = tuple(b - a for a, b in pc.src_box)
-            buf = host[s * slot:s * slot + pc.nbytes]
-            if _contiguous(pc.src_box, c.t_shape):
-                off = c.t_start + _flat_index(c.t_shape, pc.src_box, 0) * es
-                view, got = _buffer(host, s * slot, pc.nbytes), 0
-                while got < pc.nbytes:
-                    n = os.preadv(fd, [view[got:]], off + got)
-                    if n == 0:
-                        raise CheckpointError(c.path, f"file ends at byte {off + got}, inside tensor data")
-                    got += n
-            else:
-                if self.populate:
-                    lo = c.t_start + _flat_index(c.t_shape, pc.src_box, 0) * es
-                    hi = c.t_start + (_flat_index(c.t_shape, pc.src_box, pc.nbytes // es - 1) + 1) * es
-                    try:
-                        mm.madvise(_MADV_POPULATE_READ, lo & ~4095, hi - (lo & ~4095))
-                    except (OSError, ValueError):
-                        self.populate = False  # older kernel: fall back to faulting pages in
-                raw = whole[c.t_start:c.t_start + _numel(c.t_shape) * es].view(c.t_shape[:-1] + (c.t_shape[-1] * es,))
-                a, b = pc.src_box[-1]
-                src = raw[tuple(slice(x, y) for x, y in pc.src_box[:-1]) + (slice(a * es, b * es),)]
-                buf.view(src.shape).copy_(src)
+            view, got = _buffer(host, s * slot, pc.span), 0
+            while got < pc.span:
+                n = os.preadv(self.fds[c.path], [view[got:]], pc.lo + got)
+                if n == 0:
+                    raise CheckpointError(c.path, f"file ends at byte {pc.lo + got}, inside tensor data")
+                got += n
+            buf = host[s * slot:s * slot + pc.span]
             if self.cuda:
                 with torch.cuda.stream(stream):
-                    dev = stage[s * slot:s * slot + pc.nbytes]
+                    dev = stage[s * slot:s * slot + pc.span]
                     dev.copy_(buf, non_blocking=True)
-                    _place(self.arenas, c, pc.dst_box, dev.view(getattr(torch, c.src)).view(shape))
+                    _place(self.arenas, c, pc.dst_box, _strided(dev, c, pc.src_box, torch))
                     events[s].record(stream)
             else:
-                _place(self.arenas, c, pc.dst_box, buf.view(getattr(torch, c.src)).view(shape))
-            total += pc.nbytes
+                _place(self.arenas, c, pc.dst_box, _strided(buf, c, pc.src_box, torch))
+            placed += pc.nbytes
+            read += pc.span
         if self.cuda:
             stream.synchronize()
-        return total
+        return placed, read
 
     def close(self) -> None:
-        fds = [fd for fd, _, _ in self.files.values()]
-        self.files.clear()  # each map closes once the last tensor viewing it is gone
-        self.lanes.clear()
-        for fd in fds:
+        for fd in self.fds.values():
             os.close(fd)
+        self.fds.clear()
+        self.lanes.clear()
 
 
 def _place(arenas: Arenas, c: Copy, dst_box, x) -> None:
@@ -630,11 +645,13 @@ def to_json(r: TPLoadReport) -> dict:
     return {
         "schema": SCHEMA, "nhcheck_version": __version__, "source": r.source, "engine": r.engine, "tp": r.tp,
         "backend": r.backend, "device": r.device_name,
-        "summary": {"verdict": r.verdict, "bytes_read": r.bytes_read, "wall_seconds": round(r.wall_seconds, 6),
+        "summary": {"verdict": r.verdict, "bytes_loaded": r.bytes_loaded, "bytes_read": r.bytes_read,
+                    "wall_seconds": round(r.wall_seconds, 6),
                     "gb_per_s": round(r.gb_per_s, 3), "params": len(r.params),
                     "params_filled": sum(1 for p in r.params if p.status == "filled"),
                     "samples_checked": r.samples_checked},
-        "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes_read": s.bytes_read,
+        "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes_loaded": s.bytes_loaded,
+                   "bytes_read": s.bytes_read,
                    "bytes_allocated": s.bytes_allocated, "seconds": round(s.seconds, 6),
                    "gb_per_s": round(s.gb_per_s, 3)} for s in r.ranks],
         "crash": r.crash,
@@ -669,10 +686,11 @@ def headline(r: TPLoadReport) -> str:
 
 
 def rank_lines(r: TPLoadReport) -> list[str]:
-    lines = [f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_read)} read into {_gb(s.bytes_allocated)} "
-             f"of partitions in {s.seconds:.3f} s ({s.gb_per_s:.2f} GB/s)" for s in r.ranks]
+    lines = [f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
+             f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
+             f"({s.gb_per_s:.2f} GB/s)" for s in r.ranks]
     if r.ranks:
-        lines.append(f"aggregate: {_gb(r.bytes_read)} in {r.wall_seconds:.3f} s wall ({r.gb_per_s:.2f} GB/s) over "
+        lines.append(f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({r.gb_per_s:.2f} GB/s) over "
                      f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back")
     return lines
 
@@ -714,5 +732,5 @@ def render_markdown(r: TPLoadReport) -> str:
 
 def summary_line(r: TPLoadReport) -> str:
     bad = sum(1 for f in r.findings if f.severity == "error")
-    return (f"Loaded {_gb(r.bytes_read)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({r.gb_per_s:.2f} GB/s aggregate): "
+    return (f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({r.gb_per_s:.2f} GB/s aggregate): "
             f"verdict {r.verdict}; {bad} error finding(s).")
