@@ -56,8 +56,8 @@ _FLOAT = frozenset({"bfloat16", "float16", "float32", "float64"})
 _BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 #: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
 _POISON_RUN = 16
-#: Bytes between two needed tensors that are read through rather than starting a new read.
-_GAP = 1 << 20
+#: Elements per slice of the poison scan (bounds its temporaries).
+_SCAN = 1 << 26
 
 _PINNED: dict[str, Any] = {}
 
@@ -165,7 +165,11 @@ class LoadResult:
     """The report, and the loaded parameters (views with the engine's shapes) for callers that want them."""
 
     report: LoadReport
-    tensors: dict[str, Any] = field(repr=False)
+    arenas: "Arenas" = field(repr=False)
+
+    @property
+    def tensors(self) -> dict[str, Any]:
+        return self.arenas.tensors()
 
 
 # ---------------------------------------------------------------------------
@@ -387,33 +391,38 @@ class Arenas:
         """Elements still holding the poison pattern, per parameter (one scan per dtype first)."""
         torch = self.torch
         out: dict[str, int] = {}
-        for dtype, raw in self.raw.items():
-            if self._count(dtype, raw) == 0:
+        totals = [self._count(dtype, raw) for dtype, raw in self.raw.items()]
+        for (dtype, raw), total in zip(self.raw.items(), torch.stack(totals).tolist() if totals else ()):
+            if total == 0:
                 continue
             for name, (d, _) in self.where.items():
                 if d == dtype:
                     flat = self.flat(name)
-                    n = self._count(dtype, flat.view(torch.uint8) if flat.numel() else flat)
+                    n = int(self._count(dtype, flat.view(torch.uint8))) if flat.numel() else 0
                     if n:
                         out[name] = n
         return out
 
-    def _count(self, dtype: str, raw) -> int:
-        """Poisoned elements in the bytes ``raw``: all-ones floats, or 16-byte runs of 0xFF in integer storage."""
+    def _count(self, dtype: str, raw):
+        """Poisoned elements in the bytes ``raw`` (a 0-d tensor on the device, no host sync): all-ones
+        floats, or 16-byte runs of 0xFF in integer storage. Scanned in slices so the temporaries stay small."""
         torch = self.torch
-        if raw.numel() == 0:
-            return 0
+        total = torch.zeros((), dtype=torch.int64, device=raw.device)
         if dtype in _FLOAT or dtype.startswith("float8"):
-            return int(torch.count_nonzero(raw.view(getattr(torch, _BITS[ITEMSIZE[dtype]])) == -1))
+            words = raw.view(getattr(torch, _BITS[ITEMSIZE[dtype]]))
+            for i in range(0, words.numel(), _SCAN):
+                total += (words[i:i + _SCAN] == -1).sum()
+            return total
         head = -raw.data_ptr() % 8
-        n = (raw.numel() - head) // _POISON_RUN * _POISON_RUN
-        if n <= 0:
-            return 0
+        n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
         words = raw[head:head + n].view(torch.int64).view(-1, _POISON_RUN // 8)
-        hit = words[:, 0] == -1
-        for j in range(1, _POISON_RUN // 8):
-            hit &= words[:, j] == -1
-        return int(torch.count_nonzero(hit)) * _POISON_RUN
+        for i in range(0, words.shape[0], _SCAN):
+            part = words[i:i + _SCAN]
+            hit = part[:, 0] == -1
+            for j in range(1, _POISON_RUN // 8):
+                hit &= part[:, j] == -1
+            total += hit.sum() * _POISON_RUN
+        return total
 
 
 def _write(arenas: Arenas, op: Op, x) -> None:
@@ -954,6 +963,19 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
     """
     from nhcheck import pipeline
 
+    def decide() -> AuditReport:
+        inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
+        return pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
+
+    return _load(ckpt, decide, opts, t0, transfer)
+
+
+def load_audited(audit: AuditReport, opts: LoadOptions = LoadOptions()) -> LoadResult:
+    """Load with decisions already made (an ``AuditReport`` of this process): the load proper, from the first byte."""
+    return _load(audit.checkpoint, lambda: audit, opts, None, None)
+
+
+def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfer: Transfer | None) -> LoadResult:
     t_start = time.perf_counter()
     t0 = t_start if t0 is None else t0
     with ExitStack() as stack:
@@ -967,8 +989,7 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
         if transfer is None and opts.reader == "fast":
             transfer = stack.enter_context(Transfer(spans_of(ckpt.shards), device, opts, torch))
         baseline = transfer.baseline if transfer is not None else _baseline(torch, device)
-        inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-        audit = pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
+        audit = decide()
         t_audit = time.perf_counter()
         plan = plan_load(audit, opts.dtype)
         cov, overwritten = _coverage(plan.params, plan.ops)
@@ -985,7 +1006,6 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
         t_data = time.perf_counter()
         checked, bad = compare(expected.result(), arenas)
     poison = arenas.poisoned() if plan.crash is None else {}
-    t_end = time.perf_counter()
     loaded = sum(op.tensor.nbytes for op in plan.ops)
     crash = None
     if plan.crash is not None:
@@ -993,6 +1013,8 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
                  "tensors_loaded": len(plan.ops), "bytes_loaded": loaded, "seconds": round(t_data - t0, 6)}
     params = tuple(_param_load(p, cov[p.name], poison.get(p.name, 0), bad.get(p.name, 0)) for p in plan.params)
     findings = _findings(audit, plan, params, crash)
+    peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else None
+    t_end = time.perf_counter()
     report = LoadReport(
         audit=audit, device=str(device),
         device_name=torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine() or "cpu"),
@@ -1000,10 +1022,10 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
         seconds=t_end - t0,
         timings={"headers": t_start - t0, "audit": t_audit - t_start, "plan": t_plan - t_audit,
                  "allocate": t_alloc - t_plan, "transfer": t_data - t_alloc, "check": t_end - t_data},
-        peak_device_bytes=torch.cuda.max_memory_allocated(device) - baseline if cuda else None,
-        params=params, findings=tuple(findings), crash=crash, verdict=_verdict(findings, crash), samples_checked=checked,
+        peak_device_bytes=peak, params=params, findings=tuple(findings), crash=crash,
+        verdict=_verdict(findings, crash), samples_checked=checked,
     )
-    return LoadResult(report, arenas.tensors())
+    return LoadResult(report, arenas)
 
 
 def _baseline(torch, device) -> int:

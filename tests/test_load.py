@@ -211,6 +211,15 @@ def test_early_reads_of_a_stray_shard_are_dropped_and_the_load_starts_over(tmp_p
     assert any(f.code == "shard-stray" for f in res.report.findings)
 
 
+def test_load_with_decisions_already_made_equals_the_full_load():
+    audit = audit_path(str(EXAMPLES / "omni-nvfp4-24137"), "sglang@0.5.23")
+    given = loading.load_audited(audit, CPU)
+    full = load_path(str(EXAMPLES / "omni-nvfp4-24137"), "sglang@0.5.23", CPU)
+    assert given.report.verdict == full.report.verdict == "clean"
+    assert given.report.audit is audit and given.report.timings["audit"] < full.report.timings["audit"]
+    assert all(same(full.tensors[n], t) for n, t in given.tensors.items())
+
+
 def test_dtype_override_casts_model_dtype_parameters_only():
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", dtype="float32"))
     assert res.report.verdict == "clean"
