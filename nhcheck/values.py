@@ -186,11 +186,12 @@ def _judge(fd: int, shard: ShardHeader, c: ScaleCheck) -> str | None:
 def scan(report: AuditReport) -> ValueScan:
     """Read every loaded scale tensor of the audited checkpoint and judge its values."""
     ckpt = report.checkpoint
-    if ckpt.bytes_transferred is not None:
-        raise UsageError("--values reads scale bytes from the shard files; download the checkpoint "
-                         "(hf download REPO --local-dir DIR) and audit the directory")
     checks = checks_for(report)
     shards = {s.name: s for s in ckpt.shards}
+    if ckpt.bytes_transferred is not None and not all(os.path.isfile(s.path) for s in shards.values()):
+        # headers fetched from the Hub by range request: the tensor bytes are not on this machine
+        raise UsageError("--values reads scale bytes from the shard files; download the checkpoint "
+                         f"(hf download {ckpt.source}) and audit it again")
     bad: list[tuple[TensorInfo, str]] = []
     notes: list[Finding] = []
     n_bytes = 0
