@@ -439,18 +439,50 @@ def _strided(buf, c: Copy, src_box, torch):
     return buf.view(dtype).as_strided(shape, tuple(reversed(strides)))
 
 
-class _Reader:
-    """Reads each slice and places it; staging memory and streams are set up before the clock starts.
+class _Chunk(NamedTuple):
+    """One read: pieces of one shard whose byte ranges follow each other, placed from one staging slot."""
 
-    Every piece is one ``os.preadv`` of one byte range into a pinned staging slot: a dim-0
-    slice (rows of a column-parallel weight, an expert, a vocabulary window) reads exactly its
-    bytes; a column slice reads from its first to its last element and skips the other ranks'
-    columns when placing. Each thread owns two slots and a CUDA stream: the host-to-device copy,
-    the cast and the placement of one slot run while the other slot is read.
+    path: str
+    lo: int
+    span: int
+    pieces: tuple[_Piece, ...]
+
+
+def _chunks(pieces: list[_Piece], limit: int) -> list[_Chunk]:
+    """Pieces in file order, merged while they touch and the read stays within ``limit`` bytes.
+
+    Ranks read disjoint rows, so pieces touch at TP 1 (whole tensors back to back) and inside
+    one tensor's windows; a gap ends the read: nothing outside the slices is read for it.
+    """
+    out: list[_Chunk] = []
+    cur: list[_Piece] = []
+    for pc in sorted(pieces, key=lambda p: (p.copy.path, p.lo)):
+        if cur and (pc.copy.path != cur[0].copy.path or pc.lo != cur[-1].lo + cur[-1].span
+                    or pc.lo + pc.span - cur[0].lo > limit):
+            out.append(_Chunk(cur[0].copy.path, cur[0].lo, cur[-1].lo + cur[-1].span - cur[0].lo, tuple(cur)))
+            cur = []
+        cur.append(pc)
+    if cur:
+        out.append(_Chunk(cur[0].copy.path, cur[0].lo, cur[-1].lo + cur[-1].span - cur[0].lo, tuple(cur)))
+    return out
+
+
+class _Reader:
+    """Reads the slices and places them; staging memory, streams and every view are set up before the clock.
+
+    Pieces are read in file order, one ``os.preadv`` per run of touching byte ranges, into a
+    pinned staging slot. A dim-0 slice (rows of a column-parallel weight, an expert, a vocabulary
+    window) reads exactly its bytes; a column slice reads from its first to its last element and
+    skips the other ranks' columns when placed. Placement is one batched copy per read (casts
+    included); scalar broadcasts, ``A = -exp(A_log)`` and byte-misaligned slices go one by one.
+    Each thread owns two slots and a CUDA stream, so one slot is read while the other's
+    host-to-device copy and placement run; the hot loop creates no tensors.
     """
 
     def __init__(self, copies: list[Copy], arenas: Arenas, device, threads: int, stage_bytes: int = 32 << 20) -> None:
         import torch
+
+        from nhcheck.load import _buffer
 
         self.torch = torch
         self.arenas = arenas
@@ -459,9 +491,9 @@ class _Reader:
         for c in copies:
             sd = _split_dim(c.src_box)
             if sd is not None:
-                p = _piece(c, c.src_box, c.dst_box)
-                rows.append(-(-p.span // (c.src_box[sd][1] - c.src_box[sd][0])))
-        pieces = _pieces(copies, max([stage_bytes] + rows))
+                rows.append(-(-_piece(c, c.src_box, c.dst_box).span // (c.src_box[sd][1] - c.src_box[sd][0])))
+        limit = max([stage_bytes] + rows)
+        chunks = _chunks(_pieces(copies, limit), limit)
         self.fds: dict[str, int] = {}
         for c in copies:
             if c.path not in self.fds:
@@ -469,16 +501,38 @@ class _Reader:
                     self.fds[c.path] = os.open(c.path, os.O_RDONLY)
                 except OSError as exc:
                     raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
-        workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(pieces)))
+        workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(chunks)))
         self.lanes = []
         for k in range(workers):
-            mine = pieces[k::workers]
-            slot = -(-max((p.span for p in mine), default=64) // 64) * 64
+            mine = chunks[k::workers]
+            slot = -(-max((ch.span for ch in mine), default=64) // 64) * 64
             host = torch.empty(2 * slot, dtype=torch.uint8, pin_memory=self.cuda)
-            stage = torch.empty(2 * slot, dtype=torch.uint8, device=device) if self.cuda else None
+            stage = torch.empty(2 * slot, dtype=torch.uint8, device=device) if self.cuda else host
             stream = torch.cuda.Stream(device) if self.cuda else None
             events = [torch.cuda.Event(), torch.cuda.Event()] if self.cuda else []
-            self.lanes.append((mine, slot, host, stage, stream, events))
+            steps = []
+            for i, ch in enumerate(mine):
+                s = (i % 2) * slot
+                dsts, srcs, special = [], [], []
+                for pc in ch.pieces:
+                    off = s + pc.lo - ch.lo
+                    raw = stage[off:off + pc.span]
+                    dst = _view(arenas, pc.copy.param, pc.dst_box)
+                    if off % ITEMSIZE[pc.copy.src]:
+                        special.append((pc, raw, dst))  # a typed view needs an aligned start: clone first
+                    elif pc.copy.kind in ("copy", "cast"):
+                        try:  # a view, never a copy: the slot holds no data yet
+                            src = _strided(raw, pc.copy, pc.src_box, torch).view(dst.shape)
+                        except RuntimeError:
+                            special.append((pc, raw, dst))
+                            continue
+                        dsts.append(dst)
+                        srcs.append(src)
+                    else:
+                        special.append((pc, raw, dst))
+                steps.append((ch, _buffer(host, s, ch.span), host[s:s + ch.span], stage[s:s + ch.span], i % 2,
+                              dsts, srcs, special, sum(p.nbytes for p in ch.pieces)))
+            self.lanes.append((steps, stream, events))
 
     def run(self) -> tuple[int, int]:
         """(bytes placed, bytes read)."""
@@ -488,36 +542,36 @@ class _Reader:
             got = list(pool.map(lambda lane: self._lane(*lane), self.lanes))
         return sum(g[0] for g in got), sum(g[1] for g in got)
 
-    def _lane(self, mine: list[_Piece], slot: int, host, stage, stream, events) -> tuple[int, int]:
-        from nhcheck.load import _buffer
-
+    def _lane(self, steps: list, stream, events) -> tuple[int, int]:
         torch = self.torch
         placed = read = 0
-        for i, pc in enumerate(mine):
-            c = pc.copy
-            s = i % 2
+        for i, (ch, view, host, dev, s, dsts, srcs, special, nbytes) in enumerate(steps):
             if self.cuda and i >= 2:
                 events[s].synchronize()  # the slot's previous host-to-device copy has landed
-            view, got = _buffer(host, s * slot, pc.span), 0
-            while got < pc.span:
-                n = os.preadv(self.fds[c.path], [view[got:]], pc.lo + got)
+            fd, got = self.fds[ch.path], 0
+            while got < ch.span:
+                n = os.preadv(fd, [view[got:]], ch.lo + got)
                 if n == 0:
-                    raise CheckpointError(c.path, f"file ends at byte {pc.lo + got}, inside tensor data")
+                    raise CheckpointError(ch.path, f"file ends at byte {ch.lo + got}, inside tensor data")
                 got += n
-            buf = host[s * slot:s * slot + pc.span]
             if self.cuda:
                 with torch.cuda.stream(stream):
-                    dev = stage[s * slot:s * slot + pc.span]
-                    dev.copy_(buf, non_blocking=True)
-                    _place(self.arenas, c, pc.dst_box, _strided(dev, c, pc.src_box, torch))
+                    dev.copy_(host, non_blocking=True)
+                    self._place_all(dsts, srcs, special)
                     events[s].record(stream)
             else:
-                _place(self.arenas, c, pc.dst_box, _strided(buf, c, pc.src_box, torch))
-            placed += pc.nbytes
-            read += pc.span
+                self._place_all(dsts, srcs, special)
+            placed += nbytes
+            read += ch.span
         if self.cuda:
             stream.synchronize()
         return placed, read
+
+    def _place_all(self, dsts, srcs, special) -> None:
+        if dsts:
+            self.torch._foreach_copy_(dsts, srcs)
+        for pc, raw, dst in special:
+            _place(pc.copy, dst, _strided(raw.clone(), pc.copy, pc.src_box, self.torch))
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -526,9 +580,8 @@ class _Reader:
         self.lanes.clear()
 
 
-def _place(arenas: Arenas, c: Copy, dst_box, x) -> None:
+def _place(c: Copy, dst, x) -> None:
     """The loader semantics on one slice: copy or cast, a scalar over every partition, ``A = -exp(A_log)``."""
-    dst = _view(arenas, c.param, dst_box)
     if c.kind == "broadcast":
         dst.copy_(x.reshape(1).expand(dst.shape))
         return
