@@ -59,7 +59,10 @@ _POISON_RUN = 16
 #: Elements per slice of the poison scan (bounds its temporaries).
 _SCAN = 1 << 26
 
-_PINNED: dict[str, Any] = {}
+#: Kept across loads: the pinned ring (pinning costs more than the reads) and one stream per device
+#: (the caching allocator reuses memory only on the stream that freed it).
+_CACHE: dict[Any, Any] = {}
+_PENDING = object()  # a landing buffer being allocated
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class LoadOptions:
     reader: str = "fast"
     threads: int = 0
     chunk_bytes: int = 16 << 20
-    pinned_bytes: int = 256 << 20
+    pinned_bytes: int = 512 << 20
     samples: int = 4
     landing_bytes: int = 4 << 30
 
@@ -529,36 +532,51 @@ def _read(fd: int, path: str, view: memoryview, offset: int, size: int, wait) ->
 
 
 def _host_ring(torch, size: int, pinned: bool):
-    """Ring storage; the pinned one is kept for the next load (pinning costs more than the reads)."""
+    """Ring storage; the pinned one is kept for the next load."""
     if not pinned:
         return torch.empty(size, dtype=torch.uint8)
-    ring = _PINNED.get("ring")
+    ring = _CACHE.get("ring")
     if ring is None or ring.numel() < size:
-        _PINNED.pop("ring", None)
-        ring = _PINNED["ring"] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        _CACHE.pop("ring", None)
+        ring = _CACHE["ring"] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     return ring
+
+
+def _segments(t, spans: list[tuple[int, int]]) -> list:
+    """Views of the 1-D ``t`` for (start, length) spans in ascending order, made in one call when they
+    do not overlap (per-view slicing costs microseconds each, and a shard has thousands)."""
+    bounds = [b for start, n in spans for b in (start, start + n)]
+    if any(a > b for a, b in zip(bounds, bounds[1:])):
+        return [t[start:start + n] for start, n in spans]  # overlapping writes (a double write)
+    return list(t.tensor_split(bounds)[1::2])
 
 
 def _apply(pieces: list[Piece], src, arenas: Arenas) -> None:
     """Place one shard's ops from ``src``: same-dtype ones as one batched byte copy, the rest through ``_write``."""
     torch = arenas.torch
-    dsts, srcs = [], []
+    copies = []  # (source offset, bytes, arena dtype, arena offset)
     for pc in pieces:
         op = pc.op
         es = ITEMSIZE[op.src]
-        n = (1 if op.kind == "broadcast" else op.count) * es
         if op.kind == "copy":
-            dtype, base = arenas.where[op.param]
-            b0 = (base + op.start) * es
-            dsts.append(arenas.raw[dtype][b0:b0 + n])
-            srcs.append(src[pc.off:pc.off + n])
+            if op.count:
+                dtype, base = arenas.where[op.param]
+                copies.append((pc.off, op.count * es, dtype, (base + op.start) * es))
             continue
-        x = src[pc.off:pc.off + n]
+        x = src[pc.off:pc.off + (1 if op.kind == "broadcast" else op.count) * es]
         if pc.off % es:
             x = x.clone()  # a dtype view needs an aligned start
         _write(arenas, op, x.view(getattr(torch, op.src)))
-    if dsts:
-        torch._foreach_copy_(dsts, srcs)
+    if not copies:
+        return
+    copies.sort()
+    srcs = _segments(src, [(c[0], c[1]) for c in copies])
+    dsts: list = [None] * len(copies)
+    for dtype in {c[2] for c in copies}:
+        order = sorted((c[3], i) for i, c in enumerate(copies) if c[2] == dtype)
+        for (_, i), view in zip(order, _segments(arenas.raw[dtype], [(copies[i][3], copies[i][1]) for _, i in order])):
+            dsts[i] = view
+    torch._foreach_copy_(dsts, srcs)
 
 
 class Transfer:
@@ -605,7 +623,7 @@ class Transfer:
             self.free.put(i)
         self.slot_used = [False] * self.nslots
         self.budget = max([opts.landing_bytes] + [s.file_size - s.data_start for s in self.spans])
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = _CACHE.setdefault(("stream", str(device)), torch.cuda.Stream(device)) if self.cuda else None
         # blocking: a reader waiting for its slot sleeps instead of spinning on a core other readers need
         self.events = [torch.cuda.Event(blocking=True) for _ in range(self.nslots)] if self.cuda else []
         self.lock = threading.Condition()
@@ -653,17 +671,22 @@ class Transfer:
                 return j
         return None
 
-    def _landing(self, i: int):
-        buf = self.landing.get(i)
-        if buf is None:
-            size = self.spans[i].file_size - self.spans[i].data_start
-            while self.used + size > self.budget and not self.stop and self.error is None:
+    def _landing(self, i: int) -> tuple[Any, bool]:
+        """(shard i's landing buffer, False), or (its size, True): the caller allocates it outside the
+        lock (a large cudaMalloc must not stall the other readers) and publishes it; (None, False) on stop."""
+        while not self.stop and self.error is None:
+            buf = self.landing.get(i)
+            if buf is _PENDING or (buf is None and self.used + self.spans[i].file_size - self.spans[i].data_start
+                                   > self.budget):
                 self.lock.wait()
-            if self.stop or self.error is not None:
-                return None
-            buf = self.landing[i] = self.torch.empty(size, dtype=self.torch.uint8, device=self.device)
-            self.used += size
-        return buf
+            elif buf is not None:
+                return buf, False
+            else:
+                size = self.spans[i].file_size - self.spans[i].data_start
+                self.landing[i] = _PENDING
+                self.used += size
+                return size, True
+        return None, False
 
     def _work(self) -> None:
         try:
@@ -676,9 +699,14 @@ class Transfer:
                         if j is None:
                             return
                         r = self.reads[j]
-                        dst = self._landing(r.shard)
+                        dst, mine = self._landing(r.shard)
                         if dst is None:
                             return
+                    if mine:
+                        dst = self.torch.empty(dst, dtype=self.torch.uint8, device=self.device)
+                        with self.lock:
+                            self.landing[r.shard] = dst
+                            self.lock.notify_all()
                     span = self.spans[r.shard]
                     n = r.end - r.start
                     s = self.free.get()

@@ -169,10 +169,11 @@ def test_omni_fp8_mamba_nvfp4_experts_and_projector_on_0_5_23():
 @pytest.mark.parametrize("example, engine", [("nano3-nvfp4", "0.5.23"), ("nano3-bf16", "0.5.23"),
                                              ("omni-nvfp4-24137", "0.5.23"), ("omni-nvfp4-24137", "0.5.12")])
 def test_readers_agree_byte_for_byte(example, engine):
-    """Reference safe_open reader vs the fast reader cut into 1000-byte reads through a 4-slot ring."""
+    """Reference safe_open reader vs the fast reader cut into 1000-byte reads through a 4-slot ring,
+    one shard on the device at a time (readers wait for the plan to free landing memory)."""
     ref = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cpu", reader="safetensors"))
     fast = load_path(str(EXAMPLES / example), f"sglang@{engine}",
-                     LoadOptions(device="cpu", chunk_bytes=1000, pinned_bytes=4000, threads=3))
+                     LoadOptions(device="cpu", chunk_bytes=1000, pinned_bytes=4000, threads=3, landing_bytes=1))
     assert ref.report.verdict == fast.report.verdict
     assert set(ref.tensors) == set(fast.tensors)
     assert all(same(ref.tensors[n], fast.tensors[n]) for n in ref.tensors)
@@ -450,7 +451,8 @@ def test_audit_and_cli_import_no_torch():
                                              ("omni-nvfp4-24137", "0.5.23"), ("omni-nvfp4-24137", "0.5.12"),
                                              ("nano3-24434-leftover-expert-scales", "0.5.23")])
 @pytest.mark.parametrize("opts", [LoadOptions(device="cuda"), LoadOptions(device="cuda", reader="safetensors"),
-                                  LoadOptions(device="cuda:0", chunk_bytes=1000, pinned_bytes=4000, threads=4)],
+                                  LoadOptions(device="cuda:0", chunk_bytes=1000, pinned_bytes=4000, threads=4,
+                                              landing_bytes=1)],
                          ids=["fast", "safetensors", "ring-reuse"])
 def test_cuda_matches_cpu_reference(example, engine, opts):
     ref = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cpu", reader="safetensors"))
