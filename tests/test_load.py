@@ -1,8 +1,8 @@
 """``nhcheck load``: the checkpoint really lands in the engine's runtime parameters.
 
 CPU tests run in the normal suite (``--device cpu``: same planner, same readers, plain host
-memory). Tests marked ``cuda`` need a GPU and skip without one; they run on the device
-machine (see bench/README or the issue's report).
+memory). Tests marked ``cuda`` need a GPU and skip without one; run them on a GPU machine with
+``pytest -m cuda tests/test_load.py``.
 
 The placement is checked against an oracle written here from the checkpoint names alone
 (q/k/v rows stacked in order, expert e at index e, scalar scales broadcast or slotted,
