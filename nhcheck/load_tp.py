@@ -439,44 +439,68 @@ def _strided(buf, c: Copy, src_box, torch):
     return buf.view(dtype).as_strided(shape, tuple(reversed(strides)))
 
 
-class _Chunk(NamedTuple):
-    """One read: pieces of one shard whose byte ranges follow each other, placed from one staging slot."""
+class _Read(NamedTuple):
+    """One ``os.preadv``: a run of touching byte ranges of one shard, and where it lands in the staging slot."""
 
     path: str
     lo: int
     span: int
+    at: int
     pieces: tuple[_Piece, ...]
 
 
-def _chunks(pieces: list[_Piece], limit: int) -> list[_Chunk]:
-    """Pieces in file order, merged while they touch and the read stays within ``limit`` bytes.
+class _Batch(NamedTuple):
+    """What one staging slot carries: several reads, then one host-to-device copy and one batched placement.
 
-    Ranks read disjoint rows, so pieces touch at TP 1 (whole tensors back to back) and inside
-    one tensor's windows; a gap ends the read: nothing outside the slices is read for it.
+    Ranks read disjoint windows, so at TP > 1 a rank's byte ranges rarely touch: one read (and
+    one copy and one placement) per window made thousands of steps whose Python work held the
+    GIL and serialised the reader threads. A batch fills the slot with many reads instead.
     """
-    out: list[_Chunk] = []
-    cur: list[_Piece] = []
+
+    reads: tuple[_Read, ...]
+    used: int
+
+
+def _batches(pieces: list[_Piece], limit: int) -> list[_Batch]:
+    """Pieces in file order, merged into reads while they touch, the reads packed into slots of ``limit`` bytes.
+
+    Nothing outside the slices is read: a gap between byte ranges ends a read, not a batch.
+    Each read starts 64-byte aligned in the slot so typed views of its bytes stay aligned.
+    """
+    runs: list[list[_Piece]] = []
     for pc in sorted(pieces, key=lambda p: (p.copy.path, p.lo)):
-        if cur and (pc.copy.path != cur[0].copy.path or pc.lo != cur[-1].lo + cur[-1].span
-                    or pc.lo + pc.span - cur[0].lo > limit):
-            out.append(_Chunk(cur[0].copy.path, cur[0].lo, cur[-1].lo + cur[-1].span - cur[0].lo, tuple(cur)))
-            cur = []
-        cur.append(pc)
-    if cur:
-        out.append(_Chunk(cur[0].copy.path, cur[0].lo, cur[-1].lo + cur[-1].span - cur[0].lo, tuple(cur)))
+        cur = runs[-1] if runs else None
+        if cur and pc.copy.path == cur[0].copy.path and pc.lo == cur[-1].lo + cur[-1].span \
+                and pc.lo + pc.span - cur[0].lo <= limit:
+            cur.append(pc)
+        else:
+            runs.append([pc])
+    out: list[_Batch] = []
+    reads: list[_Read] = []
+    used = 0
+    for run in runs:
+        span = run[-1].lo + run[-1].span - run[0].lo
+        if reads and used + span > limit:
+            out.append(_Batch(tuple(reads), used))
+            reads, used = [], 0
+        reads.append(_Read(run[0].copy.path, run[0].lo, span, used, tuple(run)))
+        used = -(-(used + span) // 64) * 64
+    if reads:
+        out.append(_Batch(tuple(reads), used))
     return out
 
 
 class _Reader:
     """Reads the slices and places them; staging memory, streams and every view are set up before the clock.
 
-    Pieces are read in file order, one ``os.preadv`` per run of touching byte ranges, into a
-    pinned staging slot. A dim-0 slice (rows of a column-parallel weight, an expert, a vocabulary
-    window) reads exactly its bytes; a column slice reads from its first to its last element and
-    skips the other ranks' columns when placed. Placement is one batched copy per read (casts
-    included); scalar broadcasts, ``A = -exp(A_log)`` and byte-misaligned slices go one by one.
-    Each thread owns two slots and a CUDA stream, so one slot is read while the other's
-    host-to-device copy and placement run; the hot loop creates no tensors.
+    Pieces are read in file order, one ``os.preadv`` per run of touching byte ranges, packed
+    into a pinned staging slot. A dim-0 slice (rows of a column-parallel weight, an expert, a
+    vocabulary window) reads exactly its bytes; a column slice reads from its first to its last
+    element and skips the other ranks' columns when placed. Each filled slot goes to the device
+    in one copy and is placed with one batched copy (casts included); scalar broadcasts,
+    ``A = -exp(A_log)`` and byte-misaligned slices go one by one. Each thread owns two slots and
+    a CUDA stream, so one slot is read while the other's host-to-device copy and placement run;
+    the hot loop creates no tensors.
     """
 
     def __init__(self, copies: list[Copy], arenas: Arenas, device, threads: int, stage_bytes: int = 32 << 20) -> None:
@@ -486,6 +510,7 @@ class _Reader:
 
         self.torch = torch
         self.arenas = arenas
+        self.device = device
         self.cuda = device.type == "cuda"
         rows = []
         for c in copies:
@@ -493,7 +518,7 @@ class _Reader:
             if sd is not None:
                 rows.append(-(-_piece(c, c.src_box, c.dst_box).span // (c.src_box[sd][1] - c.src_box[sd][0])))
         limit = max([stage_bytes] + rows)
-        chunks = _chunks(_pieces(copies, limit), limit)
+        batches = _batches(_pieces(copies, limit), limit)
         self.fds: dict[str, int] = {}
         for c in copies:
             if c.path not in self.fds:
@@ -501,37 +526,39 @@ class _Reader:
                     self.fds[c.path] = os.open(c.path, os.O_RDONLY)
                 except OSError as exc:
                     raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
-        workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(chunks)))
+        workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(batches)))
         self.lanes = []
         for k in range(workers):
-            mine = chunks[k::workers]
-            slot = -(-max((ch.span for ch in mine), default=64) // 64) * 64
+            mine = batches[k::workers]
+            slot = -(-max((b.used for b in mine), default=64) // 64) * 64
             host = torch.empty(2 * slot, dtype=torch.uint8, pin_memory=self.cuda)
             stage = torch.empty(2 * slot, dtype=torch.uint8, device=device) if self.cuda else host
             stream = torch.cuda.Stream(device) if self.cuda else None
             events = [torch.cuda.Event(), torch.cuda.Event()] if self.cuda else []
             steps = []
-            for i, ch in enumerate(mine):
+            for i, batch in enumerate(mine):
                 s = (i % 2) * slot
-                dsts, srcs, special = [], [], []
-                for pc in ch.pieces:
-                    off = s + pc.lo - ch.lo
-                    raw = stage[off:off + pc.span]
-                    dst = _view(arenas, pc.copy.param, pc.dst_box)
-                    if off % ITEMSIZE[pc.copy.src]:
-                        special.append((pc, raw, dst))  # a typed view needs an aligned start: clone first
-                    elif pc.copy.kind in ("copy", "cast"):
-                        try:  # a view, never a copy: the slot holds no data yet
-                            src = _strided(raw, pc.copy, pc.src_box, torch).view(dst.shape)
-                        except RuntimeError:
+                dsts, srcs, special, reads = [], [], [], []
+                for rd in batch.reads:
+                    reads.append((self.fds[rd.path], rd.path, _buffer(host, s + rd.at, rd.span), rd.lo, rd.span))
+                    for pc in rd.pieces:
+                        off = s + rd.at + pc.lo - rd.lo
+                        raw = stage[off:off + pc.span]
+                        dst = _view(arenas, pc.copy.param, pc.dst_box)
+                        if off % ITEMSIZE[pc.copy.src]:
+                            special.append((pc, raw, dst))  # a typed view needs an aligned start: clone first
+                        elif pc.copy.kind in ("copy", "cast"):
+                            try:  # a view, never a copy: the slot holds no data yet
+                                src = _strided(raw, pc.copy, pc.src_box, torch).view(dst.shape)
+                            except RuntimeError:
+                                special.append((pc, raw, dst))
+                                continue
+                            dsts.append(dst)
+                            srcs.append(src)
+                        else:
                             special.append((pc, raw, dst))
-                            continue
-                        dsts.append(dst)
-                        srcs.append(src)
-                    else:
-                        special.append((pc, raw, dst))
-                steps.append((ch, _buffer(host, s, ch.span), host[s:s + ch.span], stage[s:s + ch.span], i % 2,
-                              dsts, srcs, special, sum(p.nbytes for p in ch.pieces)))
+                steps.append((tuple(reads), host[s:s + batch.used], stage[s:s + batch.used], i % 2, dsts, srcs,
+                              special, sum(pc.nbytes for rd in batch.reads for pc in rd.pieces)))
             self.lanes.append((steps, stream, events))
 
     def run(self) -> tuple[int, int]:
@@ -544,16 +571,22 @@ class _Reader:
 
     def _lane(self, steps: list, stream, events) -> tuple[int, int]:
         torch = self.torch
+        if self.cuda:
+            # The current device is per thread and a new thread starts on cuda:0: without this, every
+            # rank but 0 made a context on cuda:0 and switched devices on each step.
+            torch.cuda.set_device(self.device)
         placed = read = 0
-        for i, (ch, view, host, dev, s, dsts, srcs, special, nbytes) in enumerate(steps):
+        for i, (reads, host, dev, s, dsts, srcs, special, nbytes) in enumerate(steps):
             if self.cuda and i >= 2:
                 events[s].synchronize()  # the slot's previous host-to-device copy has landed
-            fd, got = self.fds[ch.path], 0
-            while got < ch.span:
-                n = os.preadv(fd, [view[got:]], ch.lo + got)
-                if n == 0:
-                    raise CheckpointError(ch.path, f"file ends at byte {ch.lo + got}, inside tensor data")
-                got += n
+            for fd, path, view, lo, span in reads:
+                got = 0
+                while got < span:
+                    n = os.preadv(fd, [view[got:]], lo + got)
+                    if n == 0:
+                        raise CheckpointError(path, f"file ends at byte {lo + got}, inside tensor data")
+                    got += n
+                read += span
             if self.cuda:
                 with torch.cuda.stream(stream):
                     dev.copy_(host, non_blocking=True)
@@ -562,7 +595,6 @@ class _Reader:
             else:
                 self._place_all(dsts, srcs, special)
             placed += nbytes
-            read += ch.span
         if self.cuda:
             stream.synchronize()
         return placed, read
