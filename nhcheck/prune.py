@@ -894,6 +894,15 @@ def _verify(plan: PrunePlan, out_dir: str, compared: int) -> Verification:
     return Verification(tuple(problems), after.verdict, compared)
 
 
+def _json_path(rel: str) -> str:
+    """A file name for JSON: names that are not UTF-8 (``surrogateescape`` from the OS) keep their bytes as ``\\xNN``."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def _receipt(plan: PrunePlan, outs: list[tuple[ShardHeader, _OutFile | None]], dropped_rows: list[dict],
              sidecars: list[tuple[str, str]], verification: Verification | None, link: bool) -> dict:
     shards = []
@@ -913,7 +922,7 @@ def _receipt(plan: PrunePlan, outs: list[tuple[ShardHeader, _OutFile | None]], d
         "audit_verdict": plan.report.verdict,
         "dropped": dropped_rows,
         "shards": shards,
-        "files": [rel for rel, _ in sidecars],
+        "files": [_json_path(rel) for rel, _ in sidecars],
         "verification": None if verification is None else {
             "ok": verification.ok, "verdict": verification.verdict, "bytes_compared": verification.bytes_compared,
             "problems": list(verification.problems)},

@@ -41,9 +41,7 @@ VERBS = [v for v, args in VERB_ARGS.items() if args[0] in cli.commands]
 #: Files each verb may leave in its working directory (beyond ``out/`` for prune).
 MAY_WRITE = {"audit-json": {"report.json"}}
 #: Known bugs of other verbs, reported to their owners; strict, so a fix shows up as XPASS.
-KNOWN = {
-    ("non-utf8-stray-file", "prune"): "prune's receipt JSON cannot encode a non-UTF-8 sidecar file name",
-}
+KNOWN: dict[tuple[str, str], str] = {}  # (case, verb) -> why it still fails: strict xfail until fixed
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,17 @@ def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path):
                          "bytes": 0, "sha256": None}
 
 
+def test_non_utf8_file_name_is_copied_and_named_in_the_receipt(tmp_path):
+    """A sidecar whose name is not UTF-8 is copied under the same bytes; the receipt keeps them as \\xNN."""
+    ck, out = copy_example(CASE, tmp_path / "ck"), tmp_path / "out"
+    odd = os.fsdecode(b"notes-\xff.txt")
+    (ck / odd).write_bytes(b"odd\n")
+    res = invoke("prune", ck, "--out", out)
+    assert res.exit_code == 0, res.stderr
+    assert (out / odd).read_bytes() == b"odd\n"
+    assert "notes-\\xff.txt" in json.loads((out / prune.RECEIPT_NAME).read_text(encoding="utf-8"))["files"]
+
+
 def test_refuses_quant_mismatch_and_names_the_version_that_loads_it(tmp_path):
     src = copy_example("omni-nvfp4-24137", tmp_path / "omni")
     before = hashes(src)
