@@ -1213,6 +1213,11 @@ def _gb(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _rate(gb_per_s: float) -> str:
+    """A throughput in the unit that shows it: a tiny example loads at MB/s, not "0.00 GB/s"."""
+    return f"{gb_per_s:.2f} GB/s" if gb_per_s >= 1 else f"{gb_per_s * 1e3:.2f} MB/s"
+
+
 def headline(r: LoadReport) -> str:
     a = r.audit
     if r.crash is not None:
@@ -1230,7 +1235,7 @@ def stats_line(r: LoadReport) -> str:
     peak = f", peak device memory {_gb(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
     return (f"{r.tensors_loaded:,} tensors, {_gb(r.bytes_loaded)} loaded ({_gb(r.bytes_read)} read) into "
             f"{len(r.params):,} parameters on {r.device} ({r.device_name}) with the {r.reader} reader in "
-            f"{r.seconds:.3f} s ({r.gb_per_s:.2f} GB/s){peak}; {r.samples_checked:,} elements read back.")
+            f"{r.seconds:.3f} s ({_rate(r.gb_per_s)}){peak}; {r.samples_checked:,} elements read back.")
 
 
 def _problem_groups(r: LoadReport):
@@ -1295,4 +1300,4 @@ def render_markdown(r: LoadReport) -> str:
 def summary_line(r: LoadReport) -> str:
     bad = sum(1 for f in r.findings if f.severity == "error")
     return (f"Loaded {r.tensors_loaded:,} tensors ({_gb(r.bytes_loaded)}) on {r.device} in {r.seconds:.2f} s "
-            f"({r.gb_per_s:.2f} GB/s): verdict {r.verdict}; {bad} error finding(s).")
+            f"({_rate(r.gb_per_s)}): verdict {r.verdict}; {bad} error finding(s).")

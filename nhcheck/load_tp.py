@@ -28,7 +28,7 @@ from nhcheck import __version__
 from nhcheck import tp as tensor_parallel
 from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.findings import Finding
-from nhcheck.load import ITEMSIZE, Arenas, Plan, plan_load
+from nhcheck.load import ITEMSIZE, Arenas, Plan, _gb, _rate, plan_load
 from nhcheck.manifest import Param
 
 SCHEMA = "nhcheck.load-tp/1"
@@ -753,13 +753,6 @@ def render_json(r: TPLoadReport) -> str:
     return json.dumps(to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def _gb(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def headline(r: TPLoadReport) -> str:
     if r.verdict == "refused":
         return (f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
@@ -773,9 +766,9 @@ def headline(r: TPLoadReport) -> str:
 def rank_lines(r: TPLoadReport) -> list[str]:
     lines = [f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
              f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
-             f"({s.gb_per_s:.2f} GB/s)" for s in r.ranks]
+             f"({_rate(s.gb_per_s)})" for s in r.ranks]
     if r.ranks:
-        lines.append(f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({r.gb_per_s:.2f} GB/s) over "
+        lines.append(f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({_rate(r.gb_per_s)}) over "
                      f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back")
     return lines
 
@@ -817,5 +810,5 @@ def render_markdown(r: TPLoadReport) -> str:
 
 def summary_line(r: TPLoadReport) -> str:
     bad = sum(1 for f in r.findings if f.severity == "error")
-    return (f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({r.gb_per_s:.2f} GB/s aggregate): "
+    return (f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
             f"verdict {r.verdict}; {bad} error finding(s).")
