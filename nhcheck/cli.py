@@ -362,49 +362,33 @@ def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, 
         from nhcheck import load_tp
 
         ckpt = loading.open_for_load(source, revision, _progress(quiet))
-        _render_tp(load_tp.run(load_tp.Job(ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp,
-                                           manifest_file, threads)), fmt, output, quiet)
+        _render_load(load_tp, load_tp.run(load_tp.Job(ckpt.root, source, tp_size, device, engine, dtype, moe_backend,
+                                                      mtp, pp, manifest_file, threads)), fmt, output, quiet)
     opts = loading.LoadOptions(device=device, dtype=dtype, reader=reader, threads=threads,
                                pinned_bytes=pinned_mb << 20)
     rep = loading.load_source(source, revision, engine, opts, progress=_progress(quiet), t0=t0,
                               manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp).report
-    if fmt == "json":
-        _write_out(loading.render_json(rep), output)
-    elif fmt == "markdown":
-        _write_out(loading.render_markdown(rep), output)
-    else:
-        from rich.console import Console
-
-        if output:
-            with open(output, "w", encoding="utf-8") as fh:
-                loading.render_table(rep, Console(file=fh, width=160, no_color=True))
-        else:
-            loading.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False))
-    if not quiet:
-        _stderr_console().print(loading.summary_line(rep), highlight=False, markup=False)
-    sys.exit(rep.exit_code())
+    _render_load(loading, rep, fmt, output, quiet)
 
 
-def _render_tp(rep, fmt: str, output: str | None, quiet: bool) -> None:
-    """Rank 0 (or the launching process) reports a tensor-parallel load; other torchrun ranks stay silent."""
-    from nhcheck import load_tp
-
+def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None:
+    """Report a load (``module``: nhcheck.load, or nhcheck.load_tp whose non-zero torchrun ranks pass None) and exit."""
     if rep is None:
         sys.exit(0)
     if fmt == "json":
-        _write_out(load_tp.render_json(rep), output)
+        _write_out(module.render_json(rep), output)
     elif fmt == "markdown":
-        _write_out(load_tp.render_markdown(rep), output)
+        _write_out(module.render_markdown(rep), output)
     else:
         from rich.console import Console
 
         if output:
             with open(output, "w", encoding="utf-8") as fh:
-                load_tp.render_table(rep, Console(file=fh, width=160, no_color=True))
+                module.render_table(rep, Console(file=fh, width=160, no_color=True))
         else:
-            load_tp.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False))
+            module.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False))
     if not quiet:
-        _stderr_console().print(load_tp.summary_line(rep), highlight=False, markup=False)
+        _stderr_console().print(module.summary_line(rep), highlight=False, markup=False)
     sys.exit(rep.exit_code())
 
 

@@ -1248,7 +1248,7 @@ def render_table(r: LoadReport, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from nhcheck.report import safe
+    from nhcheck.report import param_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     a = r.audit
@@ -1259,14 +1259,9 @@ def render_table(r: LoadReport, console) -> None:
     console.print(e(stats_line(r)))
     groups = _problem_groups(r)
     if groups:
-        t = Table(title="Runtime parameters not fully written", title_justify="left")
-        for col in ("status", "parameters", "count", "note"):
-            t.add_column(col, overflow="fold")
-        for (status, info, missing), name, n, _ in groups:
-            note = "engine keeps its default; informational" if info else (
-                "missing " + ", ".join(missing) if status == "partial" else "left poisoned")
-            t.add_row(status, e(name), f"×{n:,}", e(note))
-        console.print(t)
+        console.print(param_table("Runtime parameters not fully written", groups, lambda status, info, missing: (
+            "engine keeps its default; informational" if info else
+            "missing " + ", ".join(missing) if status == "partial" else "left poisoned")))
     shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
     if shown:
         t = Table(title="Findings", title_justify="left")

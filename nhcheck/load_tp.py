@@ -28,7 +28,7 @@ from nhcheck import __version__
 from nhcheck import tp as tensor_parallel
 from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.findings import Finding
-from nhcheck.load import ITEMSIZE, Arenas, Plan, _gb, _rate, plan_load
+from nhcheck.load import ITEMSIZE, Arenas, Plan, _gb, _rate, _verdict, plan_load
 from nhcheck.manifest import Param
 
 SCHEMA = "nhcheck.load-tp/1"
@@ -711,15 +711,6 @@ def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: dict 
     from nhcheck.audit import _grouped
 
     return out + _grouped(items)
-
-
-def _verdict(findings: list[Finding], crash: dict | None) -> str:
-    if crash is not None:
-        return "crash"
-    codes = {f.code for f in findings if f.severity == "error"}
-    if codes - {"param-unfilled", "param-partial"}:
-        return "broken"
-    return "incomplete" if codes else "clean"
 
 
 # ---------------------------------------------------------------------------

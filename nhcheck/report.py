@@ -234,14 +234,9 @@ def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -
 
     pg = _param_groups(report)
     if pg:
-        t = Table(title="Runtime parameters no checkpoint tensor fills", title_justify="left")
-        for col in ("status", "parameters", "count", "note"):
-            t.add_column(col, overflow="fold")
-        for (status, info, missing), name, count, _ in pg:
-            note = ("SGLang keeps its default; informational" if info else
-                    "missing " + ", ".join(missing) if missing else "left uninitialised, silently")
-            t.add_row(status, e(name), f"×{count:,}", e(note))
-        console.print(t)
+        console.print(param_table("Runtime parameters no checkpoint tensor fills", pg, lambda status, info, missing: (
+            "SGLang keeps its default; informational" if info else
+            "missing " + ", ".join(missing) if missing else "left uninitialised, silently")))
 
     shown = [f for f in report.findings if f.code not in ("orphan", "param-unfilled", "param-partial")]
     if shown:
@@ -257,6 +252,20 @@ def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -
 
 # ---------------------------------------------------------------------------
 # Markdown
+
+
+def param_table(title: str, groups, note):
+    """One row per collapsed group of runtime parameters: ``groups`` as ``_param_groups`` makes them,
+    ``note(status, informational, missing)`` the last column (audit and load word it differently)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("status", "parameters", "count", "note"):
+        t.add_column(col, overflow="fold")
+    for (status, info, missing), name, count, _ in groups:
+        t.add_row(status, escape(safe(name)), f"×{count:,}", escape(safe(note(status, info, missing))))
+    return t
 
 
 def _md(s: object) -> str:
