@@ -1246,9 +1246,8 @@ def _problem_groups(r: LoadReport):
 
 def render_table(r: LoadReport, console) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    from nhcheck.report import param_table, safe
+    from nhcheck.report import findings_table, param_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     a = r.audit
@@ -1264,17 +1263,11 @@ def render_table(r: LoadReport, console) -> None:
             "missing " + ", ".join(missing) if status == "partial" else "left poisoned")))
     shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
     if shown:
-        t = Table(title="Findings", title_justify="left")
-        for col in ("severity", "code", "message", "where"):
-            t.add_column(col, overflow="fold")
-        for f in shown:
-            style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
-            t.add_row(f"[{style}]{f.severity}[/]", f.code, e(f.message), e(f.tensor or f.shard or ""))
-        console.print(t)
+        console.print(findings_table(shown))
 
 
 def render_markdown(r: LoadReport) -> str:
-    from nhcheck.report import _md
+    from nhcheck.report import _md, findings_markdown
 
     a = r.audit
     out = [f"### nhcheck load: `{_md(a.source)}` on {a.engine}, {_md(r.device)} ({_md(r.device_name)})", "",
@@ -1286,9 +1279,7 @@ def render_markdown(r: LoadReport) -> str:
             out.append(f"| {status}{' (info)' if info else ''} | `{_md(name)}` | {n:,} | {_md(', '.join(missing))} |")
     shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
     if shown:
-        out += ["", "| severity | code | message | where |", "|---|---|---|---|"]
-        for f in shown:
-            out.append(f"| {f.severity} | {f.code} | {_md(f.message)} | `{_md(f.tensor or f.shard or '')}` |")
+        out += findings_markdown(shown)
     return "\n".join(out) + "\n"
 
 

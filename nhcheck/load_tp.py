@@ -22,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from nhcheck import __version__
 from nhcheck import tp as tensor_parallel
@@ -766,9 +766,8 @@ def rank_lines(r: TPLoadReport) -> list[str]:
 
 def render_table(r: TPLoadReport, console) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    from nhcheck.report import safe
+    from nhcheck.report import findings_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     console.print(f"[bold]nhcheck load --tp {r.tp}[/] {e(r.source)} · {r.engine}")
@@ -777,25 +776,17 @@ def render_table(r: TPLoadReport, console) -> None:
     for line in rank_lines(r):
         console.print(e(line))
     if r.findings:
-        t = Table(title="Findings", title_justify="left")
-        for col in ("severity", "code", "message", "where"):
-            t.add_column(col, overflow="fold")
-        for f in r.findings:
-            style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
-            t.add_row(f"[{style}]{f.severity}[/]", f.code, e(f.message), e(f.tensor or f.shard or ""))
-        console.print(t)
+        console.print(findings_table(r.findings))
 
 
 def render_markdown(r: TPLoadReport) -> str:
-    from nhcheck.report import _md
+    from nhcheck.report import _md, findings_markdown
 
     out = [f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}", "",
            f"**{r.verdict.upper()}**: {_md(headline(r))}", ""]
     out += [f"- {_md(line)}" for line in rank_lines(r)]
     if r.findings:
-        out += ["", "| severity | code | message | where |", "|---|---|---|---|"]
-        for f in r.findings:
-            out.append(f"| {f.severity} | {f.code} | {_md(f.message)} | `{_md(f.tensor or f.shard or '')}` |")
+        out += findings_markdown(r.findings)
     return "\n".join(out) + "\n"
 
 

@@ -9,7 +9,6 @@ a fused MoE tensor, or ``A = -exp(A_log)``.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 

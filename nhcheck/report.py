@@ -240,18 +240,33 @@ def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -
 
     shown = [f for f in report.findings if f.code not in ("orphan", "param-unfilled", "param-partial")]
     if shown:
-        t = Table(title="Findings", title_justify="left")
-        for col in ("severity", "code", "message", "where"):
-            t.add_column(col, overflow="fold")
-        for f in shown:
-            where = f.tensor or f.shard or ""
-            style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
-            t.add_row(f"[{style}]{f.severity}[/]", f.code, e(f.message), e(where))
-        console.print(t)
+        console.print(findings_table(shown))
 
 
 # ---------------------------------------------------------------------------
 # Markdown
+
+
+def findings_table(findings):
+    """The findings as a rich table: severity (coloured), code, message, where (tensor or shard)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title="Findings", title_justify="left")
+    for col in ("severity", "code", "message", "where"):
+        t.add_column(col, overflow="fold")
+    for f in findings:
+        style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
+        t.add_row(f"[{style}]{f.severity}[/]", f.code, escape(safe(f.message)), escape(safe(f.tensor or f.shard or "")))
+    return t
+
+
+def findings_markdown(findings) -> list[str]:
+    """The findings as markdown table lines (a leading blank line), for the load reports."""
+    out = ["", "| severity | code | message | where |", "|---|---|---|---|"]
+    for f in findings:
+        out.append(f"| {f.severity} | {f.code} | {_md(f.message)} | `{_md(f.tensor or f.shard or '')}` |")
+    return out
 
 
 def param_table(title: str, groups, note):
