@@ -63,6 +63,16 @@ class AuditReport:
     ignored: int = 0
     other_versions: dict[str, str] = field(default_factory=dict)
     mtp: bool = False
+    tp_sizes: tuple[int, ...] = ()  # the TP sizes checked statically (``audit --tp``); their findings are in findings
+
+    def tp_errors(self) -> dict[int, int]:
+        """Per checked TP size, how many ``tp-indivisible`` finding groups stop it (0: it shards cleanly)."""
+        out = {tp: 0 for tp in self.tp_sizes}
+        for f in self.findings:
+            if f.code == "tp-indivisible":
+                tp = int(f.message.split(":", 1)[0].removeprefix("--tp "))
+                out[tp] = out.get(tp, 0) + 1
+        return out
 
     def counts(self) -> dict[str, int]:
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}

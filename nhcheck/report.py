@@ -43,7 +43,16 @@ def _summary(report: "AuditReport") -> dict:
         "params_partial": sum(1 for s in report.params if s.status == "partial"),
         "structure_errors": sum(1 for f in ck.findings if f.severity == "error"), "verdict": report.verdict,
         "bytes_transferred": ck.bytes_transferred,
+        **({"tp_errors": {str(k): v for k, v in report.tp_errors().items()}} if report.tp_sizes else {}),
     }
+
+
+def tp_text(report: "AuditReport") -> str | None:
+    """``TP 2: ok · TP 8: 3 errors`` for the sizes ``--tp`` checked (the errors are findings); None without ``--tp``."""
+    if not report.tp_sizes:
+        return None
+    return " · ".join(f"TP {tp}: " + (f"{n} error{'s' if n > 1 else ''}" if n else "ok")
+                      for tp, n in report.tp_errors().items())
 
 
 def _head(report: "AuditReport") -> dict:
@@ -218,6 +227,8 @@ def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -
     console.print(f"[bold {colour}]{report.verdict.upper()}[/] {e(verdict_text(report))}")
     for v, line in report.other_versions.items():
         console.print(f"  sglang@{v}: {e(line)}")
+    if report.tp_sizes:
+        console.print(f"  tensor parallel (static): {e(tp_text(report))}")
 
     rows = _tensor_groups(report, show_loaded)
     if rows:
@@ -294,7 +305,9 @@ def render_markdown(report: "AuditReport", *, show_loaded: bool = False) -> str:
            f"**{report.verdict.upper()}**: {_md(verdict_text(report))}", ""]
     for v, line in report.other_versions.items():
         out.append(f"- sglang@{v}: {_md(line)}")
-    if report.other_versions:
+    if report.tp_sizes:
+        out.append(f"- tensor parallel (static): {_md(tp_text(report))}")
+    if report.other_versions or report.tp_sizes:
         out.append("")
     out.append(f"{_md(cfg.wrapper or cfg.architecture)} · {_md(report.quant or 'unquantized')} · "
                f"{len(report.records):,} tensors in {len(report.checkpoint.shards)} shards · "
@@ -327,4 +340,4 @@ def summary_line(report: "AuditReport", seconds: float) -> str:
     ign = f", {report.ignored} ignored" if report.ignored else ""
     return (f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards)} shards ({seconds:.2f} s{extra}): "
             f"verdict {report.verdict}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
-            f"{unfilled} params unfilled, {partial} partial{ign}.")
+            f"{unfilled} params unfilled, {partial} partial{ign}" + (f"; {tp_text(report)}." if report.tp_sizes else "."))

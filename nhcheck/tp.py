@@ -528,4 +528,5 @@ def with_findings(report, sizes: tuple[int, ...]):
     """The audit report with the TP findings appended (rendered by every format; the exit gate counts them)."""
     from dataclasses import replace
 
-    return replace(report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)))
+    return replace(report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)),
+                   tp_sizes=tuple(sizes))

@@ -158,9 +158,14 @@ def test_audit_cli_reports_tp_findings_in_every_format(tmp_path):
     assert all("NemotronHAttention.__init__" in f["message"] and "models/nemotron_h.py" in f["message"] for f in kv)
     assert {f["tensor"] for f in kv} == {"model.layers.{7,18,29,40}.mixer.qkv_proj", "model.layers.{7,18,29,40}.mixer.o_proj"}
     assert any(f["message"].startswith("--tp 4:") for f in found)
+    doc = json.loads(r.output)
+    per_size = {tp: sum(f["message"].startswith(f"--tp {tp}:") for f in found) for tp in (2, 4)}
+    assert doc["summary"]["tp_errors"] == {"2": per_size[2], "4": per_size[4]} and per_size[2] >= 2
     for fmt in ("table", "markdown"):
-        r = CliRunner().invoke(cli, ["audit", str(tmp_path), "--tp", "2", "--format", fmt, "-q"])
+        r = CliRunner().invoke(cli, ["audit", str(tmp_path), "--tp", "1,2", "--format", fmt, "-q"])
         assert r.exit_code == 1 and "tp-indivisible" in r.output
+        assert f"tensor parallel (static): TP 1: ok · TP 2: {per_size[2]} errors" in r.output
+    assert "tp_errors" not in json.loads(CliRunner().invoke(cli, ["audit", str(tmp_path), "--format", "json", "-q"]).output)["summary"]
     assert CliRunner().invoke(cli, ["audit", str(tmp_path), "--tp", "2", "--fail-on", "none", "-q"]).exit_code == 0
     assert CliRunner().invoke(cli, ["audit", str(tmp_path), "--tp", "3", "-q", "--format", "json"]).exit_code == 1
     r = CliRunner().invoke(cli, ["audit", str(tmp_path), "--tp", "2,x"])
