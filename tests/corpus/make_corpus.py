@@ -553,8 +553,11 @@ def main(argv: list[str]) -> int:
         for c in CASES:
             print(f"{c.name:28} {c.outcome:9} {c.says or ','.join(c.codes)}")
         return 0
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("Usage::")[1].strip(), file=sys.stderr)
+        return 0 if argv else 2
+    if argv[0].startswith("-"):
+        print(f"unknown option {argv[0]} (see --help)", file=sys.stderr)
         return 2
     out = Path(argv[0])
     names = argv[1:] or [c.name for c in CASES]
