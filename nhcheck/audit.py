@@ -19,7 +19,7 @@ from nhcheck.engines.sglang import (
 from nhcheck.findings import Finding, severity_rank
 from nhcheck.manifest import Manifest, Param, build_manifest
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import QuantConfig
+from nhcheck.quant import A16_LINEAR, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
 
 VERDICTS = ("clean", "orphans", "incomplete", "broken", "crash")
@@ -139,7 +139,9 @@ def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, prof
             append((t, o, o.param, False))
         return out
     projector = manifest.projector_names
-    lm_has_mtp = bool(cfg.mtp_pattern)
+    # NemotronH_Omni_Reasoning_V3 builds its vision_final_layernorm when
+    # ``llm_config.num_nextn_predict_layers > 0`` (VL@0.5.23), whatever the MTP pattern says.
+    lm_has_mtp = cfg.num_nextn_predict_layers > 0
     for t in ckpt.tensors():
         r = route_wrapped(t.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp)
         if r.target == "lm":
@@ -325,8 +327,14 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
         if o.outcome == "raise":
             crash = {"tensor": t.name, "error": o.message, "shard": t.shard}
             break
+    if crash is None and opts.mtp and profile.mtp_standalone_head_check:
+        error = _standalone_mtp_head_error(ckpt, manifest, profile)
+        if error:
+            crash = {"tensor": None, "error": error, "shard": None}
+    # A quant config SGLang refuses (parse time) or a module it cannot build fails before
+    # load_weights sees the first tensor: that error, not a tensor's, ends the start-up.
     refusal = next((p for p in manifest.problems if p.startswith("ValueError")), None)
-    if refusal and crash is None:
+    if refusal:
         crash = {"tensor": None, "error": refusal, "shard": None}
 
     statuses = _coverage(manifest, loads)
@@ -377,6 +385,33 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
         params=tuple(statuses), findings=tuple(findings), crash=crash, verdict=verdict, ignored=n_ignored,
         other_versions=others, mtp=opts.mtp,
     )
+
+
+def _standalone_mtp_head_error(ckpt: Checkpoint, manifest: Manifest, profile: SGLangProfile) -> str | None:
+    """``NemotronHForCausalLMMTP.load_weights`` on 0.5.23 (§10; MTPF@0.5.23:381–414), after the stream.
+
+    On names with one leading ``language_model.`` removed: a checkpoint with ``mtp.layers.*``,
+    no ``backbone.layers.*``/``model.layers.*`` and at least one ``lm_head.*`` is a standalone
+    MTP checkpoint, and it must supply every ``lm_head`` parameter (plus ``lm_head.weight``);
+    ``lm_head.input_scale`` is exempt under NVFP4-A16. Otherwise the load raises ValueError.
+    """
+    has_mtp = has_target = False
+    head: set[str] = set()
+    for t in ckpt.tensors():
+        n = mtp_preprocess(t.name, profile)
+        has_mtp = has_mtp or n.startswith("mtp.layers.")
+        has_target = has_target or n.startswith(("backbone.layers.", "model.layers."))
+        if n.startswith("lm_head."):
+            head.add(n)
+    if not (has_mtp and not has_target and head):
+        return None
+    expected = {p.name for p in manifest.params if p.name.startswith("lm_head.")}
+    if any(p.name == "lm_head.input_scale" and p.quant_method == A16_LINEAR for p in manifest.params):
+        expected.discard("lm_head.input_scale")
+    missing = (expected | {"lm_head.weight"}) - head
+    if missing:
+        return f"ValueError: Incomplete standalone MTP lm_head: missing {sorted(missing)}"
+    return None
 
 
 def _beyond_model(name: str, cfg: NemotronHConfig) -> bool:

@@ -49,6 +49,8 @@ class SGLangProfile:
     swizzled_omitted_backends: frozenset[str]
     #: Router ``gate.weight`` dtype the release builds (0.5.11/0.5.12 float32, 0.5.23 model dtype).
     router_fp32: bool
+    #: 0.5.23: the MTP wrapper checks a standalone MTP checkpoint's ``lm_head`` for completeness (§10).
+    mtp_standalone_head_check: bool = False
 
 
 _OLD_ALGOS = frozenset({"FP8", "NVFP4"})
@@ -62,7 +64,7 @@ PROFILES: dict[str, SGLangProfile] = {
                             False, False, frozenset(), True),
     "0.5.23": SGLangProfile("0.5.23", False, True, True, True, True, True, True, _NEW_ALGOS, _NEW_MIXED,
                             True, True, frozenset({"flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_megamoe"}),
-                            False),
+                            False, True),
 }
 NEWEST = "0.5.23"
 MOE_BACKENDS = ("auto", "triton", "flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_cutlass",
@@ -265,7 +267,8 @@ def replay_name(
                 if mapped in params:
                     return Outcome("load", mapped, shard, e)
                 if profile.expert_missing_is_keyerror:
-                    return Outcome("raise", engine_name=mapped, message=f"KeyError: '{mapped}'", reason="keyerror")
+                    # Python prints a KeyError as the repr of its key.
+                    return Outcome("raise", engine_name=mapped, message=f"KeyError: {mapped!r}", reason="keyerror")
             return Outcome("skip", engine_name=n.replace(hits[0][2], hits[0][3]), reason="expert-orphan")
     # 8. default branch.
     if n.endswith(".bias") and n not in params:
@@ -276,28 +279,41 @@ def replay_name(
 
 
 _ONE_EXPERT = re.compile(r"experts\.(0|[1-9][0-9]*)\.")
+_ANY_EXPERT_INDEX = re.compile(r"experts\.[0-9]+\.")
+_EXPERT_BRANCH = frozenset({"expert-orphan", "keyerror"})
+_UNCACHED = Outcome("uncached")
 
 
 def make_replayer(params: frozenset[str] | set[str], num_experts: int, profile: SGLangProfile, *,
                   is_mtp: bool = False, pp: PPWindow | None = None):
     """``replay_name`` with the expert index factored out: one replay per layer × projection × suffix.
 
-    For a name with exactly one ``experts.{e}.`` and e < E every step of the replay is
-    independent of e except the reported expert id, so Super's 163k expert tensors cost
-    ~2k replays. Anything else (no expert, e ≥ E, several indices) is replayed as is.
+    For a name with exactly one ``experts.{e}.`` (e < E), and runtime names that carry no
+    expert index (a built manifest never does), every membership test of the replay is
+    false for a name still holding ``experts.{e}.``; so the outcome of the expert branch
+    (§14 step 7: load, orphan, KeyError) is the same for every e except the reported
+    expert id, and Super's 163k expert tensors cost ~2k replays. Any other outcome names
+    the tensor (warning text, engine name) and is replayed per name; so is everything
+    when a supplied manifest has per-expert names (the index then decides steps 4–6).
     """
-    cache: dict[str, Outcome] = {}
+    cache: dict[tuple[str, str], Outcome] = {}
+    direct = any(_ANY_EXPERT_INDEX.search(p) for p in params if "experts." in p)
 
     def replay(name: str) -> Outcome:
-        if "experts." in name:
-            hits = _ONE_EXPERT.findall(name)
-            if len(hits) == 1 and int(hits[0]) < num_experts:
-                e = int(hits[0])
-                key = name.replace(f"experts.{e}.", "experts.#.")
+        if not direct and "experts." in name:
+            hits = list(_ONE_EXPERT.finditer(name))
+            if len(hits) == 1 and int(hits[0].group(1)) < num_experts:
+                m = hits[0]
+                e = int(m.group(1))
+                key = (name[:m.start()], name[m.end():])
                 o = cache.get(key)
                 if o is None:
-                    o = cache[key] = replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
-                return o if o.expert_id is None or o.expert_id == e else Outcome(o[0], o[1], o[2], e, o[4], o[5], o[6])
+                    o = replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
+                    expert_branch = o.expert_id is not None or o.reason in _EXPERT_BRANCH
+                    cache[key] = o if expert_branch else _UNCACHED
+                    return o
+                if o is not _UNCACHED:
+                    return o if o.expert_id is None or o.expert_id == e else o._replace(expert_id=e)
         return replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
 
     return replay
@@ -338,18 +354,30 @@ def route_wrapped(name: str, wrapper: str, profile: SGLangProfile, has_sound: bo
     if name.startswith("sound"):
         return Route("tower") if has_sound else Route("ignored")
     if v3:
-        if name.startswith("vision_projector.vision_final_layernorm.") and lm_has_mtp:
-            return Route("tower")
-        return Route("raise", message=f"ValueError: Unexpected Nemotron-H Omni weight: {name}")
+        # ``_load_extra_weight`` (VL@0.5.23:461–472): only the final LayerNorm of the vision
+        # projector, which exists only when the LM has MTP (``num_nextn_predict_layers > 0``),
+        # and only its ``weight``/``bias``; each refusal has its own message.
+        prefix = "vision_projector.vision_final_layernorm."
+        if not name.startswith(prefix):
+            return Route("raise", message=f"ValueError: Unexpected Nemotron-H Omni weight: {name}")
+        if not lm_has_mtp or name[len(prefix):] not in ("weight", "bias"):
+            return Route("raise", message=f"ValueError: Unexpected vision projector weight: {name}")
+        return Route("tower")
     return Route("ignored")
 
 
 def replay_projector(name: str, projector_params: frozenset[str] | set[str]) -> Outcome:
-    """``mlp1`` names: direct lookup of the name minus its first component; a miss is a KeyError."""
-    if name in projector_params:
-        return Outcome("load", name)
-    rest = name.split(".", 1)[1] if "." in name else name
-    return Outcome("raise", engine_name=name, message=f"KeyError: '{rest}'", reason="keyerror")
+    """Names starting with ``mlp1`` (§11): ``adapter_dict[<name minus its first component>]``.
+
+    The wrapper looks up ``".".join(name.split(".")[1:])`` among ``mlp1``'s own parameters,
+    whatever the first component is (``mlp1_x.1.weight`` lands in ``mlp1.1.weight``); a miss
+    is a KeyError naming that trimmed key.
+    """
+    rest = name.split(".", 1)[1] if "." in name else ""
+    param = "mlp1." + rest
+    if param in projector_params:
+        return Outcome("load", param)
+    return Outcome("raise", engine_name=name, message=f"KeyError: {rest!r}", reason="keyerror")
 
 
 def mtp_preprocess(name: str, profile: SGLangProfile) -> str:
