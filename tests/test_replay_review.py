@@ -390,3 +390,25 @@ def test_standalone_check_exempts_the_a16_input_scale_placeholder():
     r = _audit(ck, V23, mtp=True)
     assert r.crash["error"] == ("ValueError: Incomplete standalone MTP lm_head: missing "
                                 "['lm_head.weight_scale', 'lm_head.weight_scale_2']")
+
+
+# ---------------------------------------------------------------------------
+# §2.1 / §5 steps 1–3: remaps replace every occurrence; the prefix rule only at the start
+
+
+def test_substring_rules_replace_every_occurrence_in_order():
+    m = frozenset({"model.layers.0.mixer.A.A", "model.embed_tokens.embed_tokens"})
+    assert replay_name("backbone.layers.0.mixer.A_log.A_log", m, 4, V23).param == "model.layers.0.mixer.A.A"
+    assert replay_name("backbone.embeddings.embeddings", m, 4, V23, pp=PPWindow(0, 4)).param == \
+        "model.embed_tokens.embed_tokens"
+
+
+def test_prefix_rule_applies_only_at_the_start():
+    o = replay_name("x.backbone.layers.0.norm.weight", frozenset({"x.model.layers.0.norm.weight"}), 4, V23)
+    assert (o.outcome, o.engine_name) == ("warn", "x.backbone.layers.0.norm.weight")
+
+
+def test_mtp_mode_rewrites_every_mtp_layers_occurrence():
+    m = frozenset({"model.layers.0.model.layers.1.w"})
+    o = replay_name("mtp.layers.0.mtp.layers.1.w", m, 4, V11, is_mtp=True)
+    assert (o.outcome, o.param) == ("load", "model.layers.0.model.layers.1.w")
