@@ -85,7 +85,7 @@ class NemotronHConfig:
 
     @property
     def expert_input(self) -> int:
-        return self.moe_latent_size or self.hidden_size
+        return self.moe_latent_size if self.moe_latent_size is not None else self.hidden_size
 
     @property
     def shared_intermediate(self) -> int:
@@ -99,14 +99,34 @@ class NemotronHConfig:
         return self.intermediate_size[ordinal]
 
 
+def _kinds_to_pattern(kinds: object, path: str, key: str) -> str:
+    if not isinstance(kinds, list):
+        raise CheckpointError(path, f"{key} must be a list of layer kinds, got {kinds!r}")
+    bad = [k for k in kinds if not isinstance(k, str) or k not in LAYER_CHARS]
+    if bad:
+        raise CheckpointError(path, f"{key} has unknown kind {bad[0]!r}")
+    return "".join(LAYER_CHARS[k] for k in kinds)
+
+
 def _pattern(cfg: dict, path: str, pattern_key: str = "hybrid_override_pattern") -> str:
-    pat = cfg.get(pattern_key)
-    if pat is None and pattern_key == "hybrid_override_pattern" and isinstance(cfg.get("layers_block_type"), list):
-        kinds = cfg["layers_block_type"]
-        bad = [k for k in kinds if not isinstance(k, str) or k not in LAYER_CHARS]
-        if bad:
-            raise CheckpointError(path, f"layers_block_type has unknown kind {bad[0]!r}")
-        pat = "".join(LAYER_CHARS[k] for k in kinds)
+    """The layer pattern as SGLang's ``NemotronHConfig`` resolves it (``CFG`` ``_resolve_*layers_block_type``).
+
+    Main model: an explicit ``layers_block_type`` list wins over ``hybrid_override_pattern``.
+    MTP: ``mtp_hybrid_override_pattern`` is used unless ``mtp_layers_block_type`` is given and differs
+    from the class default ``["attention", "moe"]``; without either field the result is "" here (the
+    caller supplies the class default ``*E`` where a draft model is built).
+    """
+    if pattern_key == "hybrid_override_pattern":
+        kinds = cfg.get("layers_block_type")
+        pat = _kinds_to_pattern(kinds, path, "layers_block_type") if kinds is not None else cfg.get(pattern_key)
+    else:
+        kinds = cfg.get("mtp_layers_block_type")
+        if kinds is not None and kinds != ["attention", "moe"]:
+            pat = _kinds_to_pattern(kinds, path, "mtp_layers_block_type")
+        elif cfg.get(pattern_key) is not None:
+            pat = cfg.get(pattern_key)
+        else:
+            pat = _kinds_to_pattern(kinds, path, "mtp_layers_block_type") if kinds is not None else None
     if pat is None:
         return ""
     if not isinstance(pat, str) or any(c not in "M*-E" for c in pat):
@@ -188,8 +208,11 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         max_n_routed_experts=max_routed,
         moe_intermediate_size=_int(config, "moe_intermediate_size", path, 0),
         moe_shared_expert_intermediate_size=_int(config, "moe_shared_expert_intermediate_size", path, 0),
-        n_shared_experts=_int(config, "n_shared_experts", path, 0),
-        moe_latent_size=latent or None,
+        # CFG: n_shared_experts defaults to 1 when the key is absent (an explicit null means none).
+        n_shared_experts=(_int(config, "n_shared_experts", path, 1) if config.get("n_shared_experts") is not None
+                          else (0 if "n_shared_experts" in config else 1)),
+        # NH NemotronHMoE: use_latent_moe = moe_latent_size is not None (0 would still build the projections).
+        moe_latent_size=latent,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         mtp_pattern=_pattern(config, path, "mtp_hybrid_override_pattern"),
         num_nextn_predict_layers=_int(config, "num_nextn_predict_layers", path, 0),
