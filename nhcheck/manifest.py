@@ -166,7 +166,10 @@ class _Builder:
         elif method == BLOCK_FP8_LINEAR:
             self.add(f"{name}.weight", (rows, inp), "float8_e4m3fn", **w)
             if self.q.linear_algo(qprefix, lm_head=lm_head) == "MXFP8":
-                self.add(f"{name}.weight_scale", (rows, -(-inp // 32)), "uint8", **w)
+                # Fp8LinearMethod: block_quant = use_mxfp8 or weight_block_size, so MXFP8 (block [1, 32])
+                # registers the block scale ``weight_scale_inv`` (uint8 ue8m0), not ``weight_scale``
+                # (F8@0.5.23 create_weights, 667–689).
+                self.add(f"{name}.weight_scale_inv", (rows, -(-inp // 32)), "uint8", **w)
             else:
                 self.add(f"{name}.weight_scale_inv", (-(-rows // 128), -(-inp // 128)), "float32", quant_method=method)
         if bias:
@@ -208,8 +211,13 @@ class _Builder:
         elif method == BLOCK_FP8_MOE:
             self.add(f"{pre}.w13_weight", (E, mi, X), "float8_e4m3fn", **e13)
             self.add(f"{pre}.w2_weight", (E, X, mi), "float8_e4m3fn", **e2)
-            self.add(f"{pre}.w13_weight_scale_inv", (E, _up(mi, 128) // 128, _up(X, 128) // 128), "float32", **e13)
-            self.add(f"{pre}.w2_weight_scale_inv", (E, _up(X, 128) // 128, _up(mi, 128) // 128), "float32", **e2)
+            if self.q.moe_algo(qprefix) == "MXFP8":
+                # Fp8MoEMethod with use_mxfp8: block [1, 32], uint8 ``*_weight_scale_inv`` (F8@0.5.23:1720–1746).
+                self.add(f"{pre}.w13_weight_scale_inv", (E, mi, -(-X // 32)), "uint8", **e13)
+                self.add(f"{pre}.w2_weight_scale_inv", (E, X, -(-mi // 32)), "uint8", **e2)
+            else:
+                self.add(f"{pre}.w13_weight_scale_inv", (E, _up(mi, 128) // 128, _up(X, 128) // 128), "float32", **e13)
+                self.add(f"{pre}.w2_weight_scale_inv", (E, _up(X, 128) // 128, _up(mi, 128) // 128), "float32", **e2)
 
     def layer(self, i: int, kind: str, *, mtp_first: bool = False, mtp_last: bool = False, mtp: bool = False) -> None:
         c = self.cfg
@@ -286,7 +294,8 @@ def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLang
         if mtp or pp.first_rank:
             b.add("model.embed_tokens.weight", (V, H), quant_method="UnquantizedEmbeddingMethod")
         if mtp:
-            pat = cfg.mtp_pattern
+            # CFG: mtp_layers_block_type defaults to ["attention", "moe"] when the config names none.
+            pat = cfg.mtp_pattern or "*E"
             for j, kind in enumerate(pat):
                 b.layer(j, kind, mtp_first=j == 0, mtp_last=j == len(pat) - 1, mtp=True)
         else:

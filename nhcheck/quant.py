@@ -55,6 +55,12 @@ class QuantConfig:
     quantized_layers: dict[str, str] = field(default_factory=dict)
     group_size: int | None = None
     problems: tuple[str, ...] = ()
+    #: The raw sections as the engine sees them (None when absent), so that ``build_resolver`` can
+    #: re-read them the way each SGLang release does (key names, KV derivation and the mixed-precision
+    #: fallback differ between releases): config.json ``quantization_config`` and the whole
+    #: hf_quant_config.json object. Left None by hand-built configs, which are then taken as given.
+    flat: dict | None = field(default=None, compare=False, repr=False)
+    hf_file: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_mixed(self) -> bool:
@@ -74,9 +80,12 @@ def _layers_map(raw: object) -> dict[str, str]:
 def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
     """Pick the recipe the way SGLang does (§9.1); None for an unquantised checkpoint."""
     qc = config.get("quantization_config")
+    raw_file = hf_quant if isinstance(hf_quant, dict) else None
     if isinstance(qc, dict) and qc:
-        method = str(qc.get("quant_method", "")).lower()
-        if method != "modelopt":
+        # ``ModelConfig._parse_quant_hf_config``: a quantization_config *without* ``quant_method`` is
+        # treated as ModelOpt, like ``quant_method: modelopt`` (0.5.11, 0.5.12 and 0.5.23).
+        method = str(qc.get("quant_method", "modelopt")).lower()
+        if not method.startswith("modelopt"):  # modelopt_fp8/_fp4/_mixed are ModelOpt too (override_quantization_method)
             return QuantConfig("config.json", method or "unknown", qc.get("quant_algo"), None, None, (),
                                problems=(f"quantization_config.quant_method {method!r} is not ModelOpt; "
                                          "nhcheck replays ModelOpt checkpoints only and treats this one as unquantised",))
@@ -94,7 +103,8 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
                 kv_algo = nested.get("kv_cache_quant_algo")
         exclude = qc.get("ignore", qc.get("exclude_modules", [])) or []
         return QuantConfig("config.json", "modelopt", str(algo).upper() if algo else None, kv_algo, kv_scheme,
-                           tuple(e for e in exclude if isinstance(e, str)), layers, qc.get("group_size"))
+                           tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
+                           layers, qc.get("group_size"), flat=qc, hf_file=raw_file)
     if isinstance(hf_quant, dict):
         q = hf_quant.get("quantization")
         if not isinstance(q, dict):
@@ -104,22 +114,44 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
         exclude = q.get("exclude_modules", q.get("ignore", [])) or []
         return QuantConfig("hf_quant_config.json", "modelopt", str(algo).upper() if algo else None,
                            q.get("kv_cache_quant_algo"), q.get("kv_cache_scheme") if isinstance(q.get("kv_cache_scheme"), dict) else None,
-                           tuple(e for e in exclude if isinstance(e, str)), _layers_map(q.get("quantized_layers")),
-                           q.get("group_size"))
+                           tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
+                           _layers_map(q.get("quantized_layers")), q.get("group_size"), hf_file=raw_file)
     return None
 
 
-def _module_path_match(entry: str, prefix: str) -> bool:
-    """``_module_path_match``: the entry is a contiguous run of whole dotted components of prefix."""
-    entry = entry.rstrip(".")
+def _module_path_match(entry: str, prefix: str, strip_dots: bool = True) -> bool:
+    """``_module_path_match``: the entry is a contiguous run of whole dotted components of prefix.
+
+    Trailing dots are stripped only from 0.5.23 on (``QU@0.5.23:48–59``); the 0.5.11/0.5.12 function
+    compares the entry as written, so ``model.layers.4.`` matches nothing there.
+    """
+    if strip_dots:
+        entry = entry.rstrip(".")
     return prefix == entry or prefix.startswith(entry + ".") or ("." + entry + ".") in ("." + prefix + ".")
 
 
+def _glob_regex(pattern: str) -> str:
+    """``is_layer_excluded``'s conversion (``MQ@0.5.23:308–313``, ``MQ@0.5.11:369``): ``.`` → ``\\.``, then
+    ``*`` → ``.*``; every other character is left as regex syntax (``?``, ``[0-9]``, ``+``…), not escaped."""
+    return pattern.replace(".", r"\.").replace("*", ".*")
+
+
 def _globs_to_regex(patterns: list[str]) -> re.Pattern[str] | None:
-    """All exclude globs as one alternation (``.`` literal, ``*`` any run), for ``fullmatch``."""
+    """All exclude globs as one alternation, for ``fullmatch``."""
     if not patterns:
         return None
-    return re.compile("|".join("(?:" + "".join(".*" if c == "*" else re.escape(c) for c in p) + ")" for p in patterns))
+    parts = []
+    for p in patterns:
+        rx = _glob_regex(p)
+        try:
+            re.compile(rx)
+        except re.error:
+            rx = re.escape(p).replace(r"\*", ".*")  # SGLang itself would fail on it; match it literally
+        parts.append("(?:" + rx + ")")
+    try:
+        return re.compile("|".join(parts))
+    except re.error:  # e.g. back-references, whose numbers shift inside one alternation
+        return re.compile("|".join("(?:" + re.escape(p).replace(r"\*", ".*") + ")" for p in patterns))
 
 
 def _first_under(layers: dict[str, str]) -> dict[str, str]:
@@ -161,15 +193,16 @@ class QuantResolver:
 
     def is_layer_skipped(self, prefix: str) -> bool:
         last = prefix.rsplit(".", 1)[-1]
+        strip = _is_newest(self.profile)
         shards = self.packed.get(last) or _FUSED_FALLBACK.get(last)
         if shards:
-            votes = {any(_module_path_match(e, prefix.replace(last, s)) for e in self.exclude) for s in shards}
+            votes = {any(_module_path_match(e, prefix.replace(last, s), strip) for e in self.exclude) for s in shards}
             if len(votes) > 1:
                 raise QuantResolveError(f"Detected some but not all shards of {prefix} are quantized. "
                                         "All shards of fused layers to have the same precision.")
             skipped = votes.pop()
         else:
-            skipped = any(_module_path_match(e, prefix) for e in self.exclude)
+            skipped = any(_module_path_match(e, prefix, strip) for e in self.exclude)
             if "gate_up_proj" in prefix:
                 base = prefix.replace("gate_up_proj", "")
                 if base + "gate_proj" in self.exclude and base + "up_proj" in self.exclude:
@@ -248,6 +281,12 @@ class QuantResolver:
             return None
         return self.resolve_algo(prefix) if self.kind == "mixed" else self.algo
 
+    def moe_algo(self, prefix: str) -> str | None:
+        """The algorithm behind ``moe_method`` (None when unquantised)."""
+        if self.moe_method(prefix) == UNQUANT_MOE:
+            return None
+        return self.resolve_algo(prefix) if self.kind == "mixed" else self.algo
+
     def moe_method(self, prefix: str) -> str:
         if self.kind is None or self.is_layer_excluded(prefix):
             return UNQUANT_MOE
@@ -274,6 +313,110 @@ def _kv_on(kind: str | None, qc: QuantConfig) -> bool:
     return False
 
 
+
+def _is_newest(profile: SGLangProfile) -> bool:
+    """0.5.23 and later (the releases after 0.5.12 that changed how quant configs are read)."""
+    try:
+        return tuple(int(x) for x in profile.version.split(".")[:3]) >= (0, 5, 23)
+    except ValueError:
+        return True
+
+
+def _group_size_found(cfg: dict) -> bool:
+    """``ModelOptFp4Config.common_group_size``: top level, ``quantization`` block, or ``config_groups``."""
+    sizes = [cfg.get("group_size")]
+    q = cfg.get("quantization")
+    if isinstance(q, dict):
+        sizes.append(q.get("group_size"))
+    groups = cfg.get("config_groups")
+    for g in (groups.values() if isinstance(groups, dict) else ()):
+        if isinstance(g, dict):
+            sizes.append(g.get("group_size"))
+            sizes += [sub.get("group_size") for sub in g.values() if isinstance(sub, dict)]
+    return any(type(v) is int for v in sizes)
+
+
+@dataclass(frozen=True)
+class _EngineView:
+    source: str
+    exclude: tuple[str, ...]
+    layers: dict[str, str]
+    kv_on: bool
+    refusal: str | None = None
+
+
+def _str_list(v: object) -> tuple[str, ...]:
+    return tuple(e for e in v if isinstance(e, str)) if isinstance(v, list) else ()
+
+
+def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineView | None:
+    """Re-read the raw sections the way this release's ``get_quant_config`` and ``from_config`` do.
+
+    None for hand-built configs (no raw sections): their fields are taken as given.
+    - Which dict: config.json ``quantization_config`` when present. 0.5.23 only: a ``modelopt_mixed``
+      copy lacking ``quantized_layers``, or lacking both ``kv_cache_quant_algo`` and ``kv_cache_scheme``,
+      is replaced by the whole hf_quant_config.json (``WU@0.5.23`` get_quant_config); ≤0.5.12 has no
+      such fallback (``WU@0.5.11:193–205``).
+    - Exclude key (flat form): ModelOptFp8Config reads ``ignore`` only; ModelOptFp4Config ``ignore``
+      (0.5.23: then ``modules_to_not_convert``, ``exclude_modules``); mixed ``ignore`` (0.5.23: then
+      ``exclude_modules``). Nested form: ``exclude_modules`` only, for every class.
+    - KV (§9.6): FP4 always truthy ("auto"). FP8 flat: a ``kv_cache_scheme`` dict decides (float/8 →
+      FP8, else none); without one, 0.5.23 reads ``kv_cache_quant_algo``, 0.5.11 nothing. Mixed flat: any
+      ``kv_cache_scheme`` dict is truthy (FP8/NVFP4/"auto"); without one, 0.5.23 reads
+      ``kv_cache_quant_algo``, 0.5.11 nothing. Nested: ``kv_cache_quant_algo``.
+    """
+    if qc.flat is None and qc.hf_file is None:
+        return None
+    new = _is_newest(profile)
+    flat = qc.flat if isinstance(qc.flat, dict) and qc.flat else None
+    if flat is not None and kind == "mixed" and new and (
+            "quantized_layers" not in flat or ("kv_cache_quant_algo" not in flat and "kv_cache_scheme" not in flat)):
+        if qc.hf_file is None:
+            return _EngineView("hf_quant_config.json", (), {}, False,
+                               "ValueError: Cannot find the config file for modelopt_mixed")
+        flat = None
+    if flat is not None:
+        section, nested, source = flat, False, "config.json"
+    else:
+        f = qc.hf_file or {}
+        nested = isinstance(f.get("quantization"), dict)
+        section, source = (f["quantization"] if nested else f), "hf_quant_config.json"
+    refusal = None
+    if nested:
+        exclude_raw = section.get("exclude_modules", [] if kind == "fp4" else None)
+        kv_on = kind == "fp4" or bool(section.get("kv_cache_quant_algo"))
+    else:
+        if kind == "fp8":
+            exclude_raw = section.get("ignore")
+        elif kind == "fp4":
+            exclude_raw = (section.get("ignore", section.get("modules_to_not_convert", section.get("exclude_modules", [])))
+                           if new else section.get("ignore", []))
+        else:
+            exclude_raw = section.get("ignore", section.get("exclude_modules")) if new else section.get("ignore")
+        scheme = section.get("kv_cache_scheme")
+        if kind == "fp4":
+            kv_on = True
+        elif isinstance(scheme, dict):
+            kv_on = kind == "mixed" or (scheme.get("type") == "float" and scheme.get("num_bits") == 8)
+        else:
+            kv_on = new and bool(section.get("kv_cache_quant_algo"))
+    if kind == "fp4":
+        # ModelOptFp4Config.from_config: "NVFP4 quantization requires group_size and exclude_modules".
+        # 0.5.23 defaults the flat group_size to 16 for NVFP4 algorithms; 0.5.11 does not.
+        if nested:
+            group_ok = _group_size_found(qc.hf_file or {})
+        else:
+            groups = section.get("config_groups")
+            first = next(iter(groups.values()), {}) if isinstance(groups, dict) and groups else {}
+            weights = first.get("weights", {}) if isinstance(first, dict) else {}
+            group_ok = (section.get("group_size") is not None or (isinstance(weights, dict) and weights.get("group_size") is not None)
+                        or new)
+        if not group_ok or exclude_raw is None:
+            refusal = ("ValueError: NVFP4 quantization requires group_size and exclude_modules specified in the "
+                       "quantization config")
+    layers = _layers_map(section.get("quantized_layers")) if kind == "mixed" else {}
+    return _EngineView(source, _str_list(exclude_raw), layers, kv_on, refusal)
+
 def _map_prefix(name: str, rules: tuple[tuple[str, str], ...]) -> str:
     for old, new in rules:
         if name.startswith(old):
@@ -289,7 +432,7 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
     refusal = None
     if algo == "MIXED_PRECISION":
         kind = "mixed"
-        if not qc.quantized_layers:
+        if not qc.quantized_layers and qc.flat is None and qc.hf_file is None:
             refusal = "ValueError: MIXED_PRECISION quantization requires a non-empty quantized_layers map"
     elif algo == "FP8" and "FP8" in profile.modelopt_algos:
         kind = "fp8"
@@ -301,10 +444,20 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
                    + ", ".join(sorted(profile.modelopt_algos | {"MIXED_PRECISION"})) + f" (got {algo})")
     if kind is None or refusal:
         return QuantResolver(None, algo, (), None, {}, {}, {}, False, profile, refusal)
+    view = _engine_view(qc, kind, profile)
+    if view is not None:
+        if view.refusal:
+            return QuantResolver(None, algo, (), None, {}, {}, {}, False, profile, view.refusal)
+        if kind == "mixed" and not view.layers:
+            return QuantResolver(None, algo, (), None, {}, {}, {}, False, profile,
+                                 "ValueError: MIXED_PRECISION quantization requires a non-empty quantized_layers map")
+        source, exclude, base_layers, kv_on = view.source, list(view.exclude), view.layers, view.kv_on
+    else:
+        source, exclude, base_layers, kv_on = qc.source, list(qc.exclude), dict(qc.quantized_layers), _kv_on(kind, qc)
 
     is_causal = outer_class not in ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Omni_Reasoning_V3")
-    exclude = list(qc.exclude)
-    if qc.source == "hf_quant_config.json" and is_causal:
+    if source == "hf_quant_config.json" and is_causal:
+        # get_quant_config: replace_prefix(entry, remap_prefix) on the file's exclude list (no dot needed).
         exclude = ["model" + e[len("backbone"):] if e.startswith("backbone") else e for e in exclude]
     rules: tuple[tuple[str, str], ...] | None
     if is_causal:
@@ -315,7 +468,7 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
         rules = (("language_model.backbone.", "language_model.model."),)
     else:
         rules = None
-    layers = dict(qc.quantized_layers)
+    layers = dict(base_layers)
     if rules is not None:
         mapped: dict[str, None] = {}
         for e in exclude:
@@ -329,5 +482,5 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
     packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj")} if outer_class in (CAUSAL_LM, "NemotronHPuzzleForCausalLM", "NemotronH_Omni_Reasoning_V3", "NemotronHForCausalLMMTP") else {}
     return QuantResolver(
         kind=kind, algo=algo, exclude=tuple(exclude), exclude_glob=_globs_to_regex(exclude),
-        layers=layers, first_under=_first_under(layers) if kind == "mixed" else {}, packed=packed, kv_on=_kv_on(kind, qc), profile=profile,
+        layers=layers, first_under=_first_under(layers) if kind == "mixed" else {}, packed=packed, kv_on=kv_on, profile=profile,
     )
