@@ -194,7 +194,10 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         dtype=str(dtype),
         mamba_num_heads=_int(config, "mamba_num_heads", path, 0),
         mamba_head_dim=_int(config, "mamba_head_dim", path, 0),
-        n_groups=_int(config, "n_groups", path, 1),
+        # SGLang's NemotronHConfig has no n_groups field: the HF key becomes a stray attribute and
+        # NemotronHMambaDecoderLayer builds MambaMixer2 with mamba_n_groups (default 8), so the runtime
+        # in_proj/conv1d/norm shapes follow mamba_n_groups even when a config.json says n_groups.
+        n_groups=_int(config, "mamba_n_groups", path, 8),
         ssm_state_size=_int(config, "ssm_state_size", path, 0),
         conv_kernel=_int(config, "conv_kernel", path, 4),
         use_conv_bias=bool(conv_bias),

@@ -347,3 +347,17 @@ def test_hand_built_quant_configs_unchanged(profile):
     qc = QuantConfig("hf_quant_config.json", "modelopt", "FP8", "FP8", None, ("backbone.layers.0.mixer.in_proj",))
     r = build_resolver(qc, CAUSAL, profile)
     assert r.kv_on and r.linear_method("model.layers.0.mixer.in_proj") == UNQUANT
+
+
+# -- Mamba groups: MambaMixer2(n_groups=config.mamba_n_groups), CFG default 8 -----------------------------
+
+
+@pytest.mark.parametrize("extra, groups", [({}, 8), ({"n_groups": 4}, 8), ({"n_groups": 4, "mamba_n_groups": 4}, 4)])
+def test_mamba_shapes_follow_mamba_n_groups_not_n_groups(extra, groups):
+    cfg = _cfg(**extra)
+    if "n_groups" not in extra:
+        cfg.pop("n_groups")
+    params = {p.name: p for p in _manifest(cfg).params}
+    inner, ds, heads = 8 * 16, 16, 8
+    assert params["model.layers.0.mixer.in_proj.weight"].shape == (2 * inner + 2 * groups * ds + heads, 64)
+    assert params["model.layers.0.mixer.conv1d.weight"].shape[0] == inner + 2 * groups * ds

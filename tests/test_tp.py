@@ -96,11 +96,11 @@ def test_attention_heads_and_kv_heads():
 
 def test_mamba_heads_and_groups():
     assert set(_rules(_h8b(mamba_num_heads=6), 4)) == {"mamba-heads"}
-    got = _rules(_h8b(n_groups=3), 2)
+    got = _rules(_h8b(n_groups=3, mamba_n_groups=3), 2)
     assert set(got) == {"mamba-groups"}
     assert "model.layers.0.mixer.A" in got["mamba-groups"] and "model.layers.0.mixer.out_proj.weight" in got["mamba-groups"]
-    assert _rules(_h8b(n_groups=1), 4) == {}  # one group, unquantized: replicated onto every rank
-    got = _rules(_nano(True, n_groups=1), 2, NANO_Q)  # same with a quant config: asserted against
+    assert _rules(_h8b(n_groups=1, mamba_n_groups=1), 4) == {}  # one group, unquantized: replicated onto every rank
+    got = _rules(_nano(True, n_groups=1, mamba_n_groups=1), 2, NANO_Q)  # same with a quant config: asserted against
     assert set(got) == {"mamba-groups-quant"}
     assert "model.layers.0.mixer.conv1d.weight" in got["mamba-groups-quant"]
 
@@ -135,7 +135,7 @@ def test_real_nano3_nvfp4_geometry():
 
 
 def test_vocab_padding_is_a_note_and_a_sharding():
-    m, cfg = _manifest(_h8b(mamba_num_heads=6, n_groups=6, num_attention_heads=6, num_key_value_heads=3,
+    m, cfg = _manifest(_h8b(mamba_num_heads=6, n_groups=6, mamba_n_groups=6, num_attention_heads=6, num_key_value_heads=3,
                             intermediate_size=99, vocab_size=250), backend=None)
     shards = {s.param.name: s.sharding for s in tensor_parallel.plan(m, cfg, 3)}
     emb = shards["model.embed_tokens.weight"]
@@ -266,7 +266,7 @@ def test_rank_cuts_reassemble_into_the_single_device_load(tmp_path, case, tp):
     elif case == "nano3-nvfp4":
         path = _write_unique(tmp_path, _nano(True), NANO_Q)
     else:
-        path = _write_unique(tmp_path, _h8b(n_groups=1, vocab_size=250), None)
+        path = _write_unique(tmp_path, _h8b(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
     _simulate(path, tp)
 
 
@@ -314,7 +314,7 @@ def test_two_gloo_ranks_agree_on_exact_coverage(tmp_path):
 
 
 def test_load_cli_tp_json_and_refusal(tmp_path):
-    good = _write_unique(tmp_path / "good", _h8b(n_groups=1, vocab_size=250), None)
+    good = _write_unique(tmp_path / "good", _h8b(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
     r = subprocess.run([sys.executable, "-m", "nhcheck", "load", str(good), "--device", "cpu", "--tp", "2",
                         "--format", "json", "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
