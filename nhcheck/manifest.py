@@ -304,8 +304,9 @@ def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLang
                     b.layer(i, kind)
             if pp.last_rank:
                 b.add("model.norm_f.weight", (H,))
-        # Tied with PP=1, lm_head *is* embed_tokens and named_parameters() de-duplicates it.
-        if (mtp or pp.last_rank) and not (cfg.tie_word_embeddings and single_rank):
+        # Tied with PP=1, lm_head *is* embed_tokens and named_parameters() de-duplicates it. The MTP
+        # draft always builds its own ParallelLMHead (MTPF __init__); tying happens after loading.
+        if mtp or (pp.last_rank and not (cfg.tie_word_embeddings and single_rank)):
             b.linear("lm_head", prefix + "lm_head", (V,), H, lm_head=True)
     except QuantResolveError as exc:
         problems.append(f"ValueError: {exc}")

@@ -361,3 +361,11 @@ def test_mamba_shapes_follow_mamba_n_groups_not_n_groups(extra, groups):
     inner, ds, heads = 8 * 16, 16, 8
     assert params["model.layers.0.mixer.in_proj.weight"].shape == (2 * inner + 2 * groups * ds + heads, 64)
     assert params["model.layers.0.mixer.conv1d.weight"].shape[0] == inner + 2 * groups * ds
+
+
+@pytest.mark.parametrize("profile", [V11, V23])
+def test_mtp_draft_builds_its_own_lm_head_even_when_tied(profile):
+    # MTPF: self.lm_head = ParallelLMHead(...) unconditionally; the main model drops it when tied (PP=1).
+    cfg = _cfg(tie_word_embeddings=True, mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1)
+    assert "lm_head.weight" in _names(cfg, profile=profile, mtp=True)
+    assert "lm_head.weight" not in _names(cfg, profile=profile)
