@@ -21,7 +21,9 @@ the ratios to (a) and (b); writes every run to ``--out`` as JSON.
 
 Measured 2026-11-28 on one NVIDIA H200 (16 host cores, torch 2.11, 3.12 GB, 3,539 tensors,
 7 runs, medians): (a) 4.23 GB/s, (b) 29.7 GB/s, (c) 13.2 GB/s = 3.1x (a), 0.44x (b),
-(d) 17.3 GB/s = 4.1x (a), 0.58x (b). Peak device memory of (c): 6.2 GB (parameters plus the
+(d) 17.3 GB/s = 4.1x (a), 0.58x (b). A later run (5 reps): (a) 4.56, (b) 29.8, (c) 15.2 GB/s =
+3.34x (a), 0.51x (b); (d) 18.3 GB/s = 4.0x (a), 0.61x (b); phases of (c): headers 0.065 s, audit 0.059 s
+(the reads run under both), plan 0.010, allocate 0.003, transfer tail 0.037, checks 0.030. Peak device memory of (c): 6.2 GB (parameters plus the
 shards' landing buffers). Left between (d) and (b): the reader threads share the interpreter
 with the main thread's Python (plan, placement, checks), and (c) adds header parsing and the
 audit, which the ceiling does not do.
