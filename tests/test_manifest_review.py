@@ -14,18 +14,10 @@ from nhcheck.quant import (
     FP4_LINEAR, FP4_MOE, FP8_LINEAR, FP8_MOE, UNQUANT, UNQUANT_MOE, QuantConfig, build_resolver, parse_quant,
 )
 
+from test_quant_manifest import _cfg  # the same tiny config
+
 V11, V12, V23 = (get_profile(f"sglang@{v}") for v in ("0.5.11", "0.5.12", "0.5.23"))
 CAUSAL = "NemotronHForCausalLM"
-
-
-def _cfg(pattern="ME*-", **kw) -> dict:
-    cfg = {"model_type": "nemotron_h", "architectures": [CAUSAL], "hybrid_override_pattern": pattern,
-           "num_hidden_layers": len(pattern), "hidden_size": 64, "vocab_size": 256, "mamba_num_heads": 8,
-           "mamba_head_dim": 16, "n_groups": 8, "ssm_state_size": 16, "conv_kernel": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "n_routed_experts": 4,
-           "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 64, "n_shared_experts": 1}
-    cfg.update(kw)
-    return cfg
 
 
 def _nested(algo="NVFP4", **q) -> dict:
