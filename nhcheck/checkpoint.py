@@ -48,10 +48,6 @@ class Checkpoint:
             yield from sorted(shard.tensors)
 
     @property
-    def tensor_count(self) -> int:
-        return sum(len(s.tensors) for s in self.shards)
-
-    @property
     def data_bytes(self) -> int:
         return sum(t.nbytes for s in self.shards for t in s.tensors)
 

@@ -15,6 +15,7 @@ from typing import Callable
 import click
 
 from nhcheck import __version__
+from nhcheck.engines.sglang import MOE_BACKENDS
 from nhcheck.errors import NhcheckError
 
 FORMATS = ("table", "json", "markdown")
@@ -54,10 +55,16 @@ def _engine_option(f):
                         help="Engine version to replay: sglang@0.5.11 (before PR #24434), sglang@0.5.12, sglang@0.5.23.")(f)
 
 
+def _auto_is_default(ctx, param, value):
+    """``--moe-backend auto`` is SGLang's own default: let the manifest builder pick as SGLang does."""
+    return None if value == "auto" else value
+
+
 def _source_options(f):
     f = click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only).")(f)
-    f = click.option("--moe-backend", default=None,
-                     help="MoE runner backend (decides the NVFP4 swizzled block-scale parameters); default as SGLang picks on Blackwell at TP 1.")(f)
+    f = click.option("--moe-backend", default=None, type=click.Choice(MOE_BACKENDS), callback=_auto_is_default,
+                     help="MoE runner backend (decides the NVFP4 swizzled block-scale parameters); default (auto): "
+                          "as SGLang picks on Blackwell at TP 1.")(f)
     f = click.option("--mtp", is_flag=True, help="Replay the MTP draft model (NemotronHForCausalLMMTP) instead of the main model.")(f)
     f = click.option("--pp", "pp", default=None, metavar="RANK/SIZE", callback=_parse_pp,
                      help="Audit one pipeline-parallel rank, e.g. 0/4 (layers split as SGLang's get_pp_indices does).")(f)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from nhcheck.errors import CheckpointError
 
 CAUSAL_LM = "NemotronHForCausalLM"
-PUZZLE_LM = "NemotronHPuzzleForCausalLM"
 VL_WRAPPERS = ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Omni_Reasoning_V3")
 LAYER_CHARS = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
 #: Sanity bounds for a stranger's config: far above any real model (Nemotron-H has at most
@@ -160,6 +159,9 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
             raise CheckpointError(path, f"{wrapper} config has no llm_config object")
         config = llm
     mt = config.get("model_type")
+    if mt == "nemotron_h_puzzle":
+        raise CheckpointError(path, "model_type 'nemotron_h_puzzle' (per-layer block_configs) is not supported yet; "
+                                    "nhcheck audits plain Nemotron-H checkpoints")
     if mt != "nemotron_h":
         raise CheckpointError(path, f"model_type is {mt!r}, not 'nemotron_h'; nhcheck audits Nemotron-H checkpoints only")
     pattern = _pattern(config, path)

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from nhcheck import __version__
+from nhcheck.audit import VERDICTS
 from nhcheck.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,6 @@ PARAM_KEYS = {"name", "dtype", "shape", "status", "missing"}
 FINDING_KEYS = {"severity", "code", "message", "shard", "tensor"}
 OUTCOMES = {"load", "warn", "skip", "raise", "routed"}
 STATUSES = {"filled", "partial", "unfilled", "unreachable"}
-VERDICTS = {"clean", "orphans", "crash", "incomplete", "broken"}
 SEVERITIES = {"error", "warning", "info"}
 
 
@@ -210,3 +210,21 @@ def test_usage_errors_exit_2_without_traceback(args):
     res = run(*args)
     assert res.exit_code == 2
     assert "Error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_moe_backend_is_checked_and_auto_is_sglangs_default():
+    bad = run("audit", NANO, "--moe-backend", "bogus", "-q")
+    assert bad.exit_code == 2 and "'bogus' is not one of" in bad.output
+    auto = json.loads(run("audit", NANO, "--moe-backend", "auto", "-q", "--format", "json").stdout)["engine"]
+    default = json.loads(run("audit", NANO, "-q", "--format", "json").stdout)["engine"]
+    assert auto == default and auto["moe_backend"] == "flashinfer_trtllm"
+    assert json.loads(run("audit", NANO, "--moe-backend", "marlin", "-q", "--format", "json").stdout)["engine"]["moe_backend"] == "marlin"
+
+
+def test_puzzle_configs_are_refused_in_one_line(tmp_path):
+    shutil.copytree(NANO, tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["model_type"] = "nemotron_h_puzzle"
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    res = run("audit", tmp_path / "ck")
+    assert res.exit_code == 2 and "nemotron_h_puzzle" in res.stderr and res.stderr.count("\n") == 1
