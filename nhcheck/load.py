@@ -37,6 +37,7 @@ from nhcheck.engines.sglang import get_profile, route_wrapped
 from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.findings import Finding
 from nhcheck.manifest import Param
+from nhcheck.quant import A16_LINEAR, FP8_LINEAR
 from nhcheck.safetensors_header import TensorInfo
 
 SCHEMA = "nhcheck.load/1"
@@ -214,13 +215,15 @@ def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Para
     return tuple(out), tuple(unreachable)
 
 
-def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None) -> tuple[int, int, str, bool]:
+def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None,
+           every_slot: bool = True) -> tuple[int, int, str, bool]:
     """(first element, element count, slot label, broadcast?) of the slot a tensor of ``shape`` fills in ``p``.
 
     Mirrors the loaders: FusedMoE puts expert e at ``[e]`` (a scalar scale into a one-element
     slot); the stacked loader puts the q/k/v row block at its offset (a scalar scale at its
     index); the default loader copies the whole tensor, fills a one-element parameter from
-    any one-element tensor, and broadcasts a scalar scale over a per-partition scale vector.
+    any one-element tensor, and puts a scalar scale into a per-partition scale vector: over
+    every partition with ``every_slot``, else into slot 0 only (see ``_every_slot``).
     """
     n = _numel(shape)
     pshape = p.shape
@@ -256,6 +259,8 @@ def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: in
     if tuple(shape) == tuple(pshape) or (n == 1 and numel == 1):
         return 0, numel, "whole", False
     if n == 1 and len(pshape) == 1 and p.loader == "default" and _is_scale(p.name):
+        if not every_slot:
+            return 0, 1, "slot 0", False
         return 0, numel, "every partition", True
     raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} is {list(pshape)}")
 
@@ -293,10 +298,23 @@ def stream_order(report: AuditReport) -> list[TensorRecord]:
     return [r for r, lm in zip(recs, is_lm) if not lm] + [r for r, lm in zip(recs, is_lm) if lm]
 
 
+def _every_slot(p: Param, profile) -> bool:
+    """Whether a scalar scale loaded with no shard id fills every slot of ``p``'s per-partition vector.
+
+    Only a ``MergedColumnParallelLinear`` fused in the checkpoint (Mamba ``in_proj``) gets here.
+    0.5.23 ``MergedColumnParallelLinear.weight_loader_v2`` fills every logical slot; ≤0.5.12's
+    calls ``load_merged_column_weight(shard_id=0)``: slot 0 only. ``ModelOptNvFp4A16LinearMethod``
+    is not in ``WEIGHT_LOADER_V2_SUPPORTED``, so it takes the v1 ``MergedColumnParallelLinear.weight_loader``,
+    whose ``adjust_scalar_to_fused_array(param, w, 0)`` also writes slot 0 only.
+    """
+    return profile.merged_scalar_every_slot and p.quant_method != A16_LINEAR
+
+
 def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     """Every copy the load makes, in stream order, up to the tensor where the engine raises."""
     params, unreachable = runtime_params(report, dtype)
     by_name = {p.name: p for p in params}
+    profile = get_profile(report.engine)
     paths = {s.name: s.path for s in report.checkpoint.shards}
     ops: list[Op] = []
     refused: list[tuple[str, str, Finding]] = []
@@ -316,7 +334,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
             continue  # an unreachable parameter: nothing the engine keeps
         try:
             kind = _kind(p, t)
-            start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id)
+            start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id, _every_slot(p, profile))
         except _Mismatch as exc:
             refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
             continue
@@ -1141,7 +1159,12 @@ def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], cra
             items.append(("poison", p.name, Finding("error", "poison-left",
                                                     "every slot was written, yet poison is left in memory", None, p.name)))
         elif s.status != "filled":
-            if p.informational:
+            if s.status == "partial" and _sentinel_slots(p, s.written):
+                items.append(("sentinel", p.name, Finding(
+                    "info", "param-partial", "slot 0 holds the checkpoint's scalar; the other slots keep the engine's "
+                    "finfo(float32).min sentinel, which requantize_with_max_scale reads as fused in the checkpoint",
+                    None, p.name)))
+            elif p.informational:
                 items.append(("info", p.name, Finding("info", f"param-{s.status}",
                                                       "no checkpoint tensor fills it; the engine keeps its default",
                                                       None, p.name)))
@@ -1150,6 +1173,18 @@ def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], cra
                         else "only partly written: missing " + ", ".join(s.missing))
                 items.append((s.status, p.name, Finding("error", f"param-{s.status}", what, None, p.name)))
     return out + _grouped(items)
+
+
+def _sentinel_slots(p: Param, written: int) -> bool:
+    """A fused-in-checkpoint FP8 per-tensor scale with only slot 0 written (≤0.5.12, see ``_every_slot``).
+
+    ``ModelOptFp8LinearMethod.create_weights`` fills ``weight_scale``/``input_scale`` with
+    ``finfo(float32).min``; ``requantize_with_max_scale`` takes the last slot still at that value
+    to mean "fused in the checkpoint, one scale" and ``input_scale.max()`` ignores it: by design.
+    (NVFP4 ``input_scale``/``weight_scale_2`` are ``torch.empty``: their unwritten slots stay errors.)
+    """
+    return (p.quant_method == FP8_LINEAR and p.loader == "default" and len(p.shape) == 1 and written == 1
+            and p.name.rsplit(".", 1)[-1] in ("weight_scale", "input_scale"))
 
 
 def _verdict(findings: list[Finding], crash: dict | None) -> str:

@@ -261,7 +261,15 @@ def test_24434_original_raises_where_audit_says_and_pruned_loads_clean(pruned_24
     assert before.crash["bytes_loaded"] > 0 and before.crash["seconds"] > 0
     for engine in ("0.5.11", "0.5.12", "0.5.23"):
         after = load_path(str(pruned_24434), f"sglang@{engine}", opts)
-        assert after.report.verdict == "clean" and after.report.exit_code() == 0, engine
+        if engine == "0.5.23":
+            assert after.report.verdict == "clean" and after.report.exit_code() == 0, engine
+            continue
+        # ≤0.5.12 MergedColumnParallelLinear.weight_loader_v2 puts the fused in_proj's scalar NVFP4 scales
+        # into slot 0 only (tests/test_load_review.py): those, and nothing else, stay partly written
+        errors = [f for f in after.report.findings if f.severity == "error"]
+        assert after.report.verdict == "incomplete" and errors and {f.code for f in errors} == {"param-partial"}, engine
+        partial = {p.param.name for p in after.report.params if p.status != "filled" and not p.param.informational}
+        assert partial and all(re.search(r"\.mixer\.in_proj\.(input_scale|weight_scale_2)$", n) for n in partial)
     assert_all_checked(after, oracle(pruned_24434, after.tensors))
 
 
@@ -480,7 +488,9 @@ def test_cuda_oracle_and_crash_points(pruned_24434):
         r = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cuda")).report
         assert r.verdict == "crash" and r.crash["tensor"] == audit.crash["tensor"]
         assert r.crash["error"] == audit.crash["error"]
-    assert load_path(str(pruned_24434), "sglang@0.5.11", LoadOptions(device="cuda")).report.verdict == "clean"
+    assert load_path(str(pruned_24434), "sglang@0.5.23", LoadOptions(device="cuda")).report.verdict == "clean"
+    # ≤0.5.12: the fused in_proj's scalar NVFP4 scales fill slot 0 only (tests/test_load_review.py)
+    assert load_path(str(pruned_24434), "sglang@0.5.11", LoadOptions(device="cuda")).report.verdict == "incomplete"
 
 
 @pytest.mark.cuda

@@ -51,6 +51,10 @@ class SGLangProfile:
     router_fp32: bool
     #: 0.5.23: the MTP wrapper checks a standalone MTP checkpoint's ``lm_head`` for completeness (§10).
     mtp_standalone_head_check: bool = False
+    #: 0.5.23: a scalar per-tensor scale loaded with no shard id into a fused ``MergedColumnParallelLinear``
+    #: (Mamba ``in_proj``, weight fused in the checkpoint) fills every logical slot
+    #: (``MergedColumnParallelLinear.weight_loader_v2``); ≤0.5.12 loads it into slot 0 only.
+    merged_scalar_every_slot: bool = False
 
 
 _OLD_ALGOS = frozenset({"FP8", "NVFP4"})
@@ -64,7 +68,7 @@ PROFILES: dict[str, SGLangProfile] = {
                             False, False, frozenset(), True),
     "0.5.23": SGLangProfile("0.5.23", False, True, True, True, True, True, True, _NEW_ALGOS, _NEW_MIXED,
                             True, True, frozenset({"flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_megamoe"}),
-                            False, True),
+                            False, True, merged_scalar_every_slot=True),
 }
 NEWEST = "0.5.23"
 MOE_BACKENDS = ("auto", "triton", "flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_cutlass",
