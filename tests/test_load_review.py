@@ -123,3 +123,48 @@ def test_w4a16_in_proj_weight_scale_2_fills_only_slot_0_on_0_5_23(tmp_path):
     # the non-fused linears (RowParallelLinear out_proj) still take the scalar into their one slot
     out = res.tensors["model.layers.0.mixer.out_proj.weight_scale_2"]
     assert out.shape == (1,) and not poison_everywhere(out)
+
+
+# ---------------------------------------------------------------------------
+# One-element scales of rank > 1. FusedMoE's _load_single_value / _load_per_tensor_weight_scale
+# assign ``param[e] = w`` (any one-element tensor broadcasts), and default_weight_loader fills a
+# one-element parameter from any one-element tensor; but the linear loaders only reshape a 0-d
+# scale to (1,) and then assert equal shapes (ColumnParallelLinear/RowParallelLinear/
+# ReplicatedLinear.weight_loader(_v2), PerTensorScaleParameter._load_into_shard_id asserts
+# ``loaded_weight.shape[0] == 1`` and compares ``loaded_weight[0]`` with the 0-d slot).
+
+
+def _reshape_scales(tensors, names, shape):
+    return [(n, d, list(shape) if n in names else s) for n, d, s in tensors]
+
+
+def test_rank_2_one_element_linear_scale_is_refused_not_copied(tmp_path):
+    c = generate.nano3_tiny_config(quantized=True)
+    q = _quant("FP8")
+    q["quantization"]["exclude_modules"] = [e for e in q["quantization"]["exclude_modules"]
+                                            if not e.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    bad = {"backbone.layers.0.mixer.out_proj.weight_scale",  # RowParallelLinear: (1,) slot
+           "backbone.layers.5.mixer.k_proj.input_scale"}  # QKVParallelLinear: slot k of (3,)
+    tensors = generate.nemotron_h_tensors(c, q)
+    assert bad <= {n for n, _, _ in tensors}
+    root = write(tmp_path, _reshape_scales(tensors, bad, (1, 1)), c, q)
+    r = load_path(str(root), "sglang@0.5.23", CPU).report
+    refused = [f for f in r.findings if f.code == "shape-mismatch"]
+    assert refused and all(f.tensor in bad and f.severity == "error" for f in refused)
+    assert r.verdict == "broken"
+    by = {p.param.name: p for p in r.params}
+    assert by["model.layers.0.mixer.out_proj.weight_scale"].status == "unfilled"
+    assert by["model.layers.5.mixer.qkv_proj.input_scale"].missing == ("shard k",)
+
+
+def test_rank_2_one_element_expert_scale_still_lands_in_its_slot(tmp_path):
+    c = generate.nano3_tiny_config(quantized=True)
+    q = _quant("FP8")
+    tensors = generate.nemotron_h_tensors(c, q)
+    name = "backbone.layers.1.mixer.experts.0.down_proj.input_scale"
+    assert name in {n for n, _, _ in tensors}
+    root = write(tmp_path, _reshape_scales(tensors, {name}, (1, 1)), c, q)
+    res = load_path(str(root), "sglang@0.5.23", CPU)
+    assert not [f for f in res.report.findings if f.code == "shape-mismatch"]
+    got = res.tensors["model.layers.1.mixer.experts.w2_input_scale"][0]
+    assert torch.equal(got.reshape(1), _file_scalar(root, name).reshape(1))
