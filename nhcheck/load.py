@@ -1175,11 +1175,30 @@ def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], cra
                 items.append(("info", p.name, Finding("info", f"param-{s.status}",
                                                       "no checkpoint tensor fills it; the engine keeps its default",
                                                       None, p.name)))
+            elif s.status == "partial" and _slot0_only(p, s.written):
+                items.append(("slot0", p.name, Finding(
+                    "error", SLOT0, f"{audit.engine.replace('@', ' ')} writes the checkpoint's one scalar into "
+                    f"slot 0 only ({', '.join(s.missing)} keep torch.empty memory) and process_weights_after_loading "
+                    "takes the max over every slot, so leftover memory can become the scale; " + (
+                        "W4A16 takes MergedColumnParallelLinear's v1 weight_loader on every version"
+                        if p.quant_method == A16_LINEAR else
+                        "sglang 0.5.23 fills every slot (MergedColumnParallelLinear.weight_loader_v2)"), None, p.name)))
             else:
                 what = ("never written: still holds the poison" if s.status == "unfilled"
                         else "only partly written: missing " + ", ".join(s.missing))
                 items.append((s.status, p.name, Finding("error", f"param-{s.status}", what, None, p.name)))
     return out + _grouped(items)
+
+
+#: A partly written NVFP4 scale vector, with the engine's reason (shown with the findings, unlike param-partial).
+SLOT0 = "scale-slot0-only"
+
+
+def _slot0_only(p: Param, written: int) -> bool:
+    """An NVFP4 per-partition scale of a module fused in the checkpoint (Mamba ``in_proj``) with only slot 0
+    written: what ≤0.5.12 (and W4A16 on every version) leaves behind, see ``_every_slot``."""
+    return (p.quant_method in (FP4_LINEAR, A16_LINEAR) and p.loader == "default" and len(p.shape) == 1
+            and written == 1 and p.name.rsplit(".", 1)[-1] in ("weight_scale_2", "input_scale"))
 
 
 def _sentinel_slots(p: Param, written: int) -> bool:
@@ -1198,7 +1217,7 @@ def _verdict(findings: list[Finding], crash: dict | None) -> str:
     if crash is not None:
         return "crash"
     codes = {f.code for f in findings if f.severity == "error"}
-    if codes - {"param-unfilled", "param-partial"}:
+    if codes - {"param-unfilled", "param-partial", SLOT0}:
         return "broken"
     return "incomplete" if codes else "clean"
 

@@ -267,7 +267,8 @@ def test_24434_original_raises_where_audit_says_and_pruned_loads_clean(pruned_24
         # ≤0.5.12 MergedColumnParallelLinear.weight_loader_v2 puts the fused in_proj's scalar NVFP4 scales
         # into slot 0 only (tests/test_load_review.py): those, and nothing else, stay partly written
         errors = [f for f in after.report.findings if f.severity == "error"]
-        assert after.report.verdict == "incomplete" and errors and {f.code for f in errors} == {"param-partial"}, engine
+        assert after.report.verdict == "incomplete" and errors and {f.code for f in errors} == {"scale-slot0-only"}, engine
+        assert all("slot 0 only" in f.message and "0.5.23 fills every slot" in f.message for f in errors)
         partial = {p.param.name for p in after.report.params if p.status != "filled" and not p.param.informational}
         assert partial and all(re.search(r"\.mixer\.in_proj\.(input_scale|weight_scale_2)$", n) for n in partial)
     assert_all_checked(after, oracle(pruned_24434, after.tensors))

@@ -68,8 +68,8 @@ def test_nvfp4_in_proj_scalar_scales_fill_only_slot_0_before_0_5_23(engine):
         assert poison_everywhere(got[1:]), name
         p = next(p for p in r.params if p.param.name == name)
         assert p.status == "partial" and p.written == 1 and p.missing == ("elements 1..4",)
-    partial = [f for f in r.findings if f.code == "param-partial"]
-    assert partial and all(f.severity == "error" for f in partial)
+    partial = [f for f in r.findings if f.code == "scale-slot0-only"]
+    assert partial and all(f.severity == "error" and f"sglang {engine} writes" in f.message for f in partial)
     assert r.verdict == "incomplete"
 
 
@@ -120,6 +120,8 @@ def test_w4a16_in_proj_weight_scale_2_fills_only_slot_0_on_0_5_23(tmp_path):
     p = next(p for p in res.report.params if p.param.name == name)
     assert p.status == "partial" and p.missing == ("elements 1..4",)
     assert res.report.verdict == "incomplete"
+    slot0 = [f for f in res.report.findings if f.code == "scale-slot0-only"]
+    assert slot0 and all("v1 weight_loader on every version" in f.message for f in slot0)
     # the non-fused linears (RowParallelLinear out_proj) still take the scalar into their one slot
     out = res.tensors["model.layers.0.mixer.out_proj.weight_scale_2"]
     assert out.shape == (1,) and not poison_everywhere(out)
