@@ -28,6 +28,12 @@ Every rule below was read in the released sglang 0.5.23 source (file paths under
     Same constructor asserts ``n_groups % tp == 0`` when the model has a quant config and
     ``tp > 1`` (the group-replicating loader is not wired for quantized ``in_proj``). The quant
     config is the model's, so an excluded ``in_proj`` does not help.
+``mamba-groups-bias``
+    With ``n_groups == 1`` and ``tp > 1`` the same constructor builds ``in_proj`` as a plain
+    ``ColumnParallelLinear`` sized with the replicated groups and swaps in
+    ``mamba_v2_sharded_weight_loader`` for ``in_proj.weight`` and ``conv1d.weight``/``bias`` only:
+    ``in_proj.bias`` (``use_bias``) keeps ``ColumnParallelLinear.weight_loader``, whose last rank
+    narrows past the end of the checkpoint tensor (RuntimeError while loading).
 ``linear-divide``
     ``ColumnParallelLinear._initialize_partition``, ``MergedColumnParallelLinear.__init__`` and
     ``RowParallelLinear.__init__`` (layers/linear.py) divide the sharded size (each merged part for
@@ -37,11 +43,19 @@ Every rule below was read in the released sglang 0.5.23 source (file paths under
     ``ModelOptFp4LinearMethod.create_weights`` and ``ModelOptNvFp4A16LinearMethod.create_weights``
     (layers/quantization/modelopt_quant.py) raise ``ValueError`` when a row-parallel layer's
     ``input_size_per_partition % 16 != 0``: each rank's K must hold whole 16-element NVFP4 blocks.
+``nvfp4-awq-column``
+    ``ModelOptFp4LinearMethod.create_weights`` (NVFP4_AWQ, 0.5.23 only) registers ``pre_quant_scale``
+    as a ``ModelWeightParameter`` with ``output_dim=0`` and ``input_size_per_partition`` rows. On a
+    ``ColumnParallelLinear`` (``up_proj``, ``shared_experts.up_proj``, ``eh_proj``) that is the whole
+    input, and ``ColumnParallelLinear.weight_loader_v2`` → ``load_column_parallel_weight``
+    (layers/parameter.py) narrows the checkpoint from ``tp_rank ×`` that size: ranks ≥ 1 read past
+    its end. On a ``RowParallelLinear`` it is cut by ``input_dim=0`` like the weight's columns.
 ``moe-intermediate``
     ``FusedMoE.__init__`` (layers/moe/fused_moe_triton/layer.py) asserts
     ``moe_intermediate_size % moe_tp_size == 0``; with the default ``--ep-size 1`` ``moe_tp_size``
     is the TP size.
 ``nvfp4-moe-pair``
+    (Not under ``flashinfer_trtllm``: there the size below is the padded one, see ``moe-padded-window``.)
     ``ModelOptNvFp4FusedMoEMethod.create_weights`` sizes ``w2_weight`` ``isp // 2`` bytes and
     ``FusedMoE._load_w2`` narrows the checkpoint by ``shape // tp``: with an odd per-rank
     intermediate size a byte's two FP4 values straddle two ranks (silently wrong weights).
@@ -56,14 +70,20 @@ Every rule below was read in the released sglang 0.5.23 source (file paths under
 ``fp8-block-linear``
     ``Fp8LinearMethod.validate_block_quant_shapes`` (layers/quantization/fp8.py) raises when a
     row-parallel ``input_size_per_partition % block_k`` or a column/merged output partition
-    ``% block_n`` is not 0 (block FP8 128×128, MXFP8 1×32).
+    ``% block_n`` is not 0 (block FP8 128×128, MXFP8 ``[1, 32]``: block_n 1, block_k 32). MXFP8 is
+    told apart by its uint8 ``weight_scale_inv`` (float32 for 128×128 blocks).
 ``fp8-block-moe``
-    ``Fp8MoEMethod.create_weights`` (layers/quantization/fp8.py) raises when
-    ``isp % block_n`` or, at ``tp > 1``, ``isp % block_k`` is not 0.
+    ``Fp8MoEMethod.create_fp8_moe_weight_`` (layers/quantization/fp8.py) raises when
+    ``isp % block_n`` or, at ``tp > 1``, ``isp % block_k`` is not 0 (MXFP8: 1 and 32). Under
+    ``flashinfer_trtllm`` ``FusedMoE.__init__`` has already rounded ``isp`` up to 128, so the check
+    sees the padded size (and never fails for 128×128 blocks).
 ``vocab-padding`` (info, never a failure)
     ``VocabParallelEmbedding.__init__`` (layers/vocab_parallel_embedding.py) pads the vocabulary
     to a multiple of 64, or of ``64 × tp`` when that is not divisible by ``tp``; each rank holds
     ``padded / tp`` rows, the checkpoint rows ``[r × padded/tp, …) ∩ [0, vocab)``, the rest zero.
+
+Layers are matched to the pattern the engine builds: the MTP draft without an MTP pattern in its
+config builds the class default ``["attention", "moe"]`` (configs/nemotron_h.py).
 
 Replicated (every rank holds the whole tensor): norms, the router ``gate`` and its correction
 bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``), per-tensor and per-partition scales,
@@ -107,10 +127,14 @@ RULES = {r.id: r for r in (
     Rule("mamba-heads", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
     Rule("mamba-groups", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
     Rule("mamba-groups-quant", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
+    Rule("mamba-groups-bias", "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
+         "layers/attention/mamba/mamba.py", "RuntimeError at load (narrow past the end)"),
     Rule("linear-divide", "ColumnParallelLinear/RowParallelLinear divide()", "layers/linear.py",
          "AssertionError at start-up"),
     Rule("nvfp4-linear-k", "ModelOptFp4LinearMethod.create_weights", "layers/quantization/modelopt_quant.py",
          "ValueError at start-up"),
+    Rule("nvfp4-awq-column", "ModelOptFp4LinearMethod.create_weights + _ColumnvLLMParameter.load_column_parallel_weight",
+         "layers/quantization/modelopt_quant.py", "RuntimeError at load on ranks ≥ 1 (narrow past the end)"),
     Rule("moe-intermediate", "FusedMoE.__init__", "layers/moe/fused_moe_triton/layer.py", "AssertionError at start-up"),
     Rule("nvfp4-moe-pair", "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
          "layers/quantization/modelopt_quant.py", "loads, but FP4 pairs straddle ranks: wrong weights"),
@@ -235,7 +259,9 @@ class _Planner:
         self.m = manifest
         self.cfg = cfg
         self.tp = tp
-        self.pattern = cfg.mtp_pattern if manifest.mode == "mtp" else cfg.pattern
+        # The MTP draft without mtp_layers_block_type / mtp_hybrid_override_pattern builds the class
+        # default ["attention", "moe"] (configs/nemotron_h.py; the manifest's "*E"): shard those layers.
+        self.pattern = (cfg.mtp_pattern or "*E") if manifest.mode == "mtp" else cfg.pattern
         self.quantized = manifest.quantization is not None
         self.module_problems: dict[str, tuple[Problem, ...]] = {}
 
@@ -277,9 +303,17 @@ class _Planner:
 
     # -- per-module quant rules
 
-    def _linear_quant(self, lin: _Linear, method: str | None, algo_mx: bool) -> list[Problem]:
+    def _linear_quant(self, lin: _Linear, method: str | None, algo_mx: bool, module: str = "") -> list[Problem]:
         tp = self.tp
         out = []
+        if (tp > 1 and lin.style == "column" and len(lin.outs) == 1 and method == FP4_LINEAR
+                and module + ".pre_quant_scale" in self.m.by_name):
+            # ModelOptFp4LinearMethod.create_weights (NVFP4_AWQ): pre_quant_scale is a ModelWeightParameter
+            # (output_dim=0) of input_size_per_partition rows — the whole input on a ColumnParallelLinear —
+            # and ColumnParallelLinear.weight_loader_v2 → load_column_parallel_weight (layers/parameter.py)
+            # narrows the checkpoint from tp_rank × that size: ranks ≥ 1 read past its end.
+            out.append(Problem("nvfp4-awq-column", f"NVFP4_AWQ pre_quant_scale ({lin.inp} values) is cut like an "
+                                                   f"output column: rank r ≥ 1 narrows from r × {lin.inp}"))
         if lin.style == "row":
             k = lin.inp // tp
             if method in (FP4_LINEAR, A16_LINEAR) and k % NVFP4_BLOCK:
@@ -298,20 +332,32 @@ class _Planner:
                     break
         return out
 
-    def _expert_quant(self, method: str | None) -> list[Problem]:
+    def _expert_quant(self, method: str | None, module: str = "") -> list[Problem]:
         tp, mi = self.tp, self.cfg.moe_intermediate_size
         isp = mi // tp
+        padded = self.m.moe_backend in PADDED_WINDOW_BACKENDS
+        # FusedMoE.__init__ (every method but NVFP4) and ModelOptNvFp4FusedMoEMethod.create_weights round the
+        # per-rank size up to 128 under flashinfer_trtllm before the weights are sized: the quant checks below
+        # see that size (the padded window is its own rule).
+        sized = _round_up(isp, TRTLLM_ALIGN) if padded else isp
         out = []
         if method == FP4_MOE and tp > 1:
-            if isp % 2:
+            if sized % 2:
                 out.append(Problem("nvfp4-moe-pair", f"intermediate_size_per_partition {mi}/{tp} = {isp} is odd"))
-            elif isp % NVFP4_BLOCK:
+            elif sized % NVFP4_BLOCK:
                 out.append(Problem("nvfp4-moe-block", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not a "
                                                       f"multiple of the NVFP4 block ({NVFP4_BLOCK})"))
-        if method == BLOCK_FP8_MOE and isp % 128:
-            out.append(Problem("fp8-block-moe", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not "
-                                                    "divisible by the 128×128 block"))
-        if tp > 1 and self.m.moe_backend in PADDED_WINDOW_BACKENDS and isp % TRTLLM_ALIGN:
+        if method == BLOCK_FP8_MOE:
+            # Fp8MoEMethod.create_fp8_moe_weight_: isp % block_n always, isp % block_k when moe_tp_size > 1;
+            # MXFP8 (uint8 *_weight_scale_inv) has weight_block_size [1, 32], block FP8 [128, 128].
+            scale = self.m.by_name.get(module + ".w13_weight_scale_inv")
+            bn, bk = (1, 32) if scale is not None and scale.dtype == "uint8" else (128, 128)
+            for b, what in ((bn, "block_n"), (bk if tp > 1 else 1, "block_k")):
+                if sized % b:
+                    out.append(Problem("fp8-block-moe", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not "
+                                                        f"divisible by {what} {b}"))
+                    break
+        if tp > 1 and padded and isp % TRTLLM_ALIGN:
             out.append(Problem("moe-padded-window", f"intermediate_size_per_partition {mi}/{tp} = {isp} is padded to "
                                                     f"{-(-isp // TRTLLM_ALIGN) * TRTLLM_ALIGN} (moe backend "
                                                     f"{self.m.moe_backend}); rank r reads from r × the padded size"))
@@ -386,7 +432,7 @@ class _Planner:
         prefix = f"{self.m.lm_prefix}model.layers.{layer}."
         if rest.startswith("mixer.experts."):
             module = prefix + "mixer.experts"
-            probs = self._cached(module, lambda: self._moe() + self._expert_quant(p.quant_method))
+            probs = self._cached(module, lambda: self._moe() + self._expert_quant(p.quant_method, module))
             sh = None
             if len(p.shape) == 3 and p.reachable:
                 dim = 1 if rest.startswith("mixer.experts.w13_") else 2
@@ -415,7 +461,15 @@ class _Planner:
         module = prefix + mod
         mamba_module = prefix + "mixer" if kind == "M" else module
         base = self._cached(mamba_module, lambda: self._module_rules(kind, mod, lin))
-        quant = self._cached(module + "#quant", lambda: self._linear_quant(lin, p.quant_method, _is_mx(self.m, module)))
+        quant = self._cached(module + "#quant",
+                             lambda: self._linear_quant(lin, p.quant_method, _is_mx(self.m, module), module))
+        if (suffix == "bias" and kind == "M" and mod == "mixer.in_proj" and tp > 1
+                and c.n_groups == 1 and c.n_groups % tp):
+            # MambaMixer2.__init__ (n_groups == 1, tp > 1): in_proj is a plain ColumnParallelLinear sized with
+            # the replicated groups, and only in_proj.weight / conv1d get mamba_v2_sharded_weight_loader; the
+            # bias keeps ColumnParallelLinear.weight_loader, whose last rank narrows past the checkpoint's end.
+            quant = quant + (Problem("mamba-groups-bias", f"n_groups 1 is replicated onto {tp} ranks but in_proj.bias "
+                                                          "is loaded without the group-replicating loader"),)
         return self._result(p, _linear_sharding(lin, suffix, p, tp), base + quant,
                             mamba_module if kind == "M" else module)
 
@@ -436,9 +490,11 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _is_mx(m: Manifest, module: str) -> bool:
-    """MXFP8 blocks (1×32) carry a uint8 ``weight_scale``; block FP8 (128×128) a ``weight_scale_inv``."""
-    p = m.by_name.get(module + ".weight_scale")
-    return p is not None and p.dtype == "uint8"
+    """MXFP8 blocks (1×32) carry a uint8 (ue8m0) ``weight_scale_inv``, block FP8 (128×128) a float32 one
+    (``Fp8LinearMethod.create_weights``: ``block_quant = use_mxfp8 or weight_block_size``); a foreign
+    manifest may name the uint8 scale ``weight_scale``."""
+    return any(p is not None and p.dtype == "uint8"
+               for p in (m.by_name.get(module + ".weight_scale_inv"), m.by_name.get(module + ".weight_scale")))
 
 
 def _scaled(outs: tuple[tuple[int, int], ...], extent: int) -> tuple[Part, ...] | None:
