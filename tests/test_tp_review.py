@@ -121,9 +121,9 @@ def test_mtp_draft_without_a_pattern_uses_the_default_attention_moe_layers():
     assert shards["model.layers.1.mixer.experts.w13_weight"].dim == 1
 
 
-def test_one_group_rank_cuts_reassemble_at_tp_3_with_vocab_padding(tmp_path):
+def test_one_group_rank_cuts_reassemble_at_tp_4_with_vocab_padding(tmp_path):
     """mamba_v2_sharded_weight_loader with duplicate_groups (every rank takes group 0), QKV replication
-    (tp % kv: 2 KV heads do not divide 4 → replicas), vocab padded to 64 × tp: rebuilt exactly."""
+    (one KV head held by all 4 ranks), vocab padded to 64 × tp: rebuilt exactly."""
     c = _h8b(n_groups=1, mamba_n_groups=1, vocab_size=250, num_attention_heads=4, num_key_value_heads=1)
     _simulate(_write_unique(tmp_path, c, None), 4)
 
