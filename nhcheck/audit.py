@@ -19,7 +19,7 @@ from nhcheck.engines.sglang import (
 from nhcheck.findings import Finding, severity_rank
 from nhcheck.manifest import Manifest, Param, build_manifest
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import A16_LINEAR, QuantConfig
+from nhcheck.quant import A16_LINEAR, LINEAR_METHODS, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
 
 VERDICTS = ("clean", "orphans", "incomplete", "broken", "crash")
@@ -193,6 +193,9 @@ def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: P
         n = 1
         for d in shape:
             n *= d
+        if n == 1 and len(shape) > 1 and p.loader != "expert" and p.quant_method in LINEAR_METHODS:
+            return "shape-mismatch", (f"{list(shape)} into the one-element scale slot of {p.name}: the linear loader "
+                                      "reshapes only a 0-d scale and asserts equal shapes")
         return None if n == 1 else ("shape-mismatch", f"{list(shape)} into a one-element slot of {p.name}")
     if shape != tuple(want):
         return "shape-mismatch", f"{dtype} {list(shape)} but {p.name} expects {list(want)} here"

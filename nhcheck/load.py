@@ -37,7 +37,7 @@ from nhcheck.engines.sglang import get_profile, route_wrapped
 from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.findings import Finding
 from nhcheck.manifest import Param
-from nhcheck.quant import A16_LINEAR, BLOCK_FP8_LINEAR, FP4_LINEAR, FP8_LINEAR
+from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS
 from nhcheck.safetensors_header import TensorInfo
 
 SCHEMA = "nhcheck.load/1"
@@ -54,10 +54,6 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1,
             "int32": 4, "int64": 8, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1,
             "float8_e5m2": 1, "float8_e8m0fnu": 1}
 _FLOAT = frozenset({"bfloat16", "float16", "float32", "float64"})
-#: Linear quant methods: their scales are loaded by the linear layers' loaders, which accept a one-element
-#: scale only as 0-d or (1,) (ReplicatedLinear/ColumnParallelLinear/RowParallelLinear.weight_loader reshape a
-#: 0-d tensor and assert equal shapes; the v2 path's BasevLLMParameter._assert_and_load does the same).
-_LINEAR_METHODS = frozenset({FP8_LINEAR, FP4_LINEAR, A16_LINEAR, BLOCK_FP8_LINEAR})
 _BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 #: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
 _POISON_RUN = 16
@@ -260,7 +256,7 @@ def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: in
         row = _numel(pshape[1:])
         return off * row, size * row, f"shard {sid}", False
     numel = _numel(pshape)
-    if n == 1 and len(shape) > 1 and p.quant_method in _LINEAR_METHODS and _is_scale(p.name):
+    if n == 1 and len(shape) > 1 and p.quant_method in LINEAR_METHODS and _is_scale(p.name):
         raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element scale {p.name}: the linear loader "
                         "reshapes only a 0-d scale and asserts equal shapes")
     if tuple(shape) == tuple(pshape) or (n == 1 and numel == 1):

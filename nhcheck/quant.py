@@ -20,6 +20,11 @@ FP8_LINEAR = "ModelOptFp8LinearMethod"
 FP4_LINEAR = "ModelOptFp4LinearMethod"
 A16_LINEAR = "ModelOptNvFp4A16LinearMethod"
 BLOCK_FP8_LINEAR = "Fp8LinearMethod"
+#: Quantized linear methods: their scales go through the linear layers' loaders, which accept a one-element
+#: scale only as 0-d or (1,) (Replicated/Column/RowParallelLinear.weight_loader reshape a 0-d tensor and
+#: assert equal shapes; the v2 path's BasevLLMParameter._assert_and_load and
+#: PerTensorScaleParameter._load_into_shard_id do the same). FusedMoE's expert scales broadcast instead.
+LINEAR_METHODS = frozenset({FP8_LINEAR, FP4_LINEAR, A16_LINEAR, BLOCK_FP8_LINEAR})
 UNQUANT_MOE = "UnquantizedFusedMoEMethod"
 FP8_MOE = "ModelOptFp8MoEMethod"
 FP4_MOE = "ModelOptNvFp4FusedMoEMethod"

@@ -170,3 +170,21 @@ def test_rank_2_one_element_expert_scale_still_lands_in_its_slot(tmp_path):
     assert not [f for f in res.report.findings if f.code == "shape-mismatch"]
     got = res.tensors["model.layers.1.mixer.experts.w2_input_scale"][0]
     assert torch.equal(got.reshape(1), _file_scalar(root, name).reshape(1))
+
+
+def test_audit_flags_the_rank_2_linear_scale_from_headers_alone(tmp_path):
+    """The header replay agrees with the load: the same [1, 1] linear scales are shape mismatches, the expert one is not."""
+    from nhcheck.pipeline import audit_path
+
+    c = generate.nano3_tiny_config(quantized=True)
+    q = _quant("FP8")
+    q["quantization"]["exclude_modules"] = [e for e in q["quantization"]["exclude_modules"]
+                                            if not e.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    bad = {"backbone.layers.0.mixer.out_proj.weight_scale", "backbone.layers.5.mixer.k_proj.input_scale"}
+    expert = "backbone.layers.1.mixer.experts.0.down_proj.input_scale"
+    tensors = _reshape_scales(generate.nemotron_h_tensors(c, q), bad | {expert}, (1, 1))
+    rep = audit_path(str(write(tmp_path, tensors, c, q)), "sglang@0.5.23")
+    flagged = [f for f in rep.findings if f.code == "shape-mismatch"]
+    text = " ".join(f.message + " " + (f.tensor or "") for f in flagged)
+    assert flagged and "reshapes only a 0-d scale" in text and rep.verdict == "broken"
+    assert "out_proj" in text and "k_proj" in text and "experts" not in text
