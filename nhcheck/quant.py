@@ -198,7 +198,7 @@ class QuantResolver:
 
     def is_layer_skipped(self, prefix: str) -> bool:
         last = prefix.rsplit(".", 1)[-1]
-        strip = _is_newest(self.profile)
+        strip = self.profile.exclude_strips_dots
         shards = self.packed.get(last) or _FUSED_FALLBACK.get(last)
         if shards:
             votes = {any(_module_path_match(e, prefix.replace(last, s), strip) for e in self.exclude) for s in shards}
@@ -318,15 +318,6 @@ def _kv_on(kind: str | None, qc: QuantConfig) -> bool:
     return False
 
 
-
-def _is_newest(profile: SGLangProfile) -> bool:
-    """0.5.23 and later (the releases after 0.5.12 that changed how quant configs are read)."""
-    try:
-        return tuple(int(x) for x in profile.version.split(".")[:3]) >= (0, 5, 23)
-    except ValueError:
-        return True
-
-
 def _group_size_found(cfg: dict) -> bool:
     """``ModelOptFp4Config.common_group_size``: top level, ``quantization`` block, or ``config_groups``."""
     sizes = [cfg.get("group_size")]
@@ -343,6 +334,9 @@ def _group_size_found(cfg: dict) -> bool:
 
 @dataclass(frozen=True)
 class _EngineView:
+    """The quant recipe as one release's config classes read it: which file, exclude list, layer map, KV scales,
+    or the ValueError with which it refuses the config."""
+
     source: str
     exclude: tuple[str, ...]
     layers: dict[str, str]
@@ -372,7 +366,7 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
     """
     if qc.flat is None and qc.hf_file is None:
         return None
-    new = _is_newest(profile)
+    new = profile.quant_config_v2
     flat = qc.flat if isinstance(qc.flat, dict) and qc.flat else None
     if flat is not None and kind == "mixed" and new and (
             "quantized_layers" not in flat or ("kv_cache_quant_algo" not in flat and "kv_cache_scheme" not in flat)):
@@ -421,6 +415,7 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
                        "quantization config")
     layers = _layers_map(section.get("quantized_layers")) if kind == "mixed" else {}
     return _EngineView(source, _str_list(exclude_raw), layers, kv_on, refusal)
+
 
 def _map_prefix(name: str, rules: tuple[tuple[str, str], ...]) -> str:
     for old, new in rules:

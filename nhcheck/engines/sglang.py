@@ -55,6 +55,12 @@ class SGLangProfile:
     #: (Mamba ``in_proj``, weight fused in the checkpoint) fills every logical slot
     #: (``MergedColumnParallelLinear.weight_loader_v2``); ≤0.5.12 loads it into slot 0 only.
     merged_scalar_every_slot: bool = False
+    #: 0.5.23: ``_module_path_match`` strips trailing dots from exclude entries (≤0.5.12 compares them as written).
+    exclude_strips_dots: bool = False
+    #: 0.5.23: ``get_quant_config`` / ``from_config`` read quant configs the newer way: the modelopt_mixed
+    #: fallback to hf_quant_config.json, more exclude keys, ``kv_cache_quant_algo`` in the flat form and a
+    #: default NVFP4 group size (see ``nhcheck.quant._engine_view``).
+    quant_config_v2: bool = False
 
 
 _OLD_ALGOS = frozenset({"FP8", "NVFP4"})
@@ -68,7 +74,8 @@ PROFILES: dict[str, SGLangProfile] = {
                             False, False, frozenset(), True),
     "0.5.23": SGLangProfile("0.5.23", False, True, True, True, True, True, True, _NEW_ALGOS, _NEW_MIXED,
                             True, True, frozenset({"flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_megamoe"}),
-                            False, True, merged_scalar_every_slot=True),
+                            False, True, merged_scalar_every_slot=True, exclude_strips_dots=True,
+                            quant_config_v2=True),
 }
 NEWEST = "0.5.23"
 MOE_BACKENDS = ("auto", "triton", "flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_cutlass",
