@@ -295,6 +295,7 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
     ignore = opts.ignore
     by_name = manifest.by_name
     records: list[TensorRecord] = []
+    append_record, new_record = records.append, tuple.__new__
     loads: dict[str, set] = {}
     slot_findings: list[tuple[str, str, Finding]] = []
     checked: dict[tuple, tuple[str, str] | None] = {}
@@ -318,7 +319,7 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
                     slot_findings.append((problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name)))
         else:
             orphan = o.reason not in BY_DESIGN_REASONS or (o.reason == "pp-range" and _beyond_model(t.name, cfg))
-        records.append(TensorRecord(t, o, orphan, param, ign))
+        append_record(new_record(TensorRecord, (t, o, orphan, param, ign)))  # tuple.__new__: no per-field call
 
     # Crash point: the first raise in the order the engine meets tensors. A buffering VL wrapper
     # (≤0.5.12) routes everything first and loads the language model afterwards.

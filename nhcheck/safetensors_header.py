@@ -214,7 +214,7 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
     fast = not floats and b"true" not in raw and b"false" not in raw
     sizes: dict[tuple[str, tuple], int] = {}
     tensors = []
-    append = tensors.append
+    append, new = tensors.append, tuple.__new__  # no per-field __new__ call for 165k entries
     for name, info in obj.items():
         try:
             shape = info["shape"]
@@ -230,21 +230,31 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
             nbytes = sizes[key] = _strict_entry(path, name, info, data_len)
         if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_len or end - begin != nbytes:
             _strict_entry(path, name, info, data_len)
-        append(TensorInfo(name, key[0], key[1], data_start + begin, data_start + end, shard))
+        append(new(TensorInfo, (name, key[0], key[1], data_start + begin, data_start + end, shard)))
 
     # Contiguity: sorted by offset, every tensor must start where the previous ended
     # (no overlap, no gap) and the last must end at the end of the file (no trailing bytes).
     pos = data_start
-    ordered = tensors if all(a.end <= b.start for a, b in zip(tensors, tensors[1:])) else sorted(tensors, key=_span)
-    for t in ordered:
+    for t in tensors:  # header order is file order in practice: one pass, no sort
+        if t[3] != pos:
+            pos = _contiguous_end(path, tensors, data_start)
+            break
+        pos = t[4]
+    if pos != file_size:
+        raise CheckpointError(path, f"{file_size - pos} trailing bytes after the last tensor")
+    return ShardHeader(path, shard, header_len, data_start, file_size, metadata, has_metadata, tuple(tensors))
+
+
+def _contiguous_end(path: str, tensors: list[TensorInfo], data_start: int) -> int:
+    """Sorted by offset, every tensor must start where the previous ended (no overlap, no gap); the end of the last."""
+    pos = data_start
+    for t in sorted(tensors, key=_span):
         if t.start < pos:
             raise CheckpointError(path, f"tensor {t.name!r} overlaps the previous tensor (offset {t.start - data_start})")
         if t.start > pos:
             raise CheckpointError(path, f"gap of {t.start - pos} bytes before tensor {t.name!r}")
         pos = t.end
-    if pos != file_size:
-        raise CheckpointError(path, f"{file_size - pos} trailing bytes after the last tensor")
-    return ShardHeader(path, shard, header_len, data_start, file_size, metadata, has_metadata, tuple(tensors))
+    return pos
 
 
 def _span(t: TensorInfo) -> tuple[int, int]:
