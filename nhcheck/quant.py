@@ -272,35 +272,34 @@ class QuantResolver:
             return UNQUANT
         if self.is_layer_skipped(prefix) or self.is_layer_excluded(prefix):
             return UNQUANT
-        if self.kind == "mixed":
-            algo = self.resolve_algo(prefix)
-            if algo is None or algo not in self.profile.mixed_algos:
-                return UNQUANT
-            return _ALGO_METHODS[algo][0]
-        return _ALGO_METHODS[self.algo or ""][0]
-
-    def linear_algo(self, prefix: str, *, lm_head: bool = False) -> str | None:
-        """The algorithm behind ``linear_method`` (None when unquantised); needed for NVFP4_AWQ extras."""
-        method = self.linear_method(prefix, lm_head=lm_head)
-        if method == UNQUANT:
-            return None
-        return self.resolve_algo(prefix) if self.kind == "mixed" else self.algo
-
-    def moe_algo(self, prefix: str) -> str | None:
-        """The algorithm behind ``moe_method`` (None when unquantised)."""
-        if self.moe_method(prefix) == UNQUANT_MOE:
-            return None
-        return self.resolve_algo(prefix) if self.kind == "mixed" else self.algo
+        return self._method(prefix, 0, UNQUANT)
 
     def moe_method(self, prefix: str) -> str:
         if self.kind is None or self.is_layer_excluded(prefix):
             return UNQUANT_MOE
+        return self._method(prefix, 1, UNQUANT_MOE)
+
+    def _method(self, prefix: str, which: int, unquantised: str) -> str:
+        """The release's method for the module's algorithm (``which``: 0 linear, 1 MoE) once exclusion is passed."""
         if self.kind == "mixed":
             algo = self.resolve_algo(prefix)
             if algo is None or algo not in self.profile.mixed_algos:
-                return UNQUANT_MOE
-            return _ALGO_METHODS[algo][1]
-        return _ALGO_METHODS[self.algo or ""][1]
+                return unquantised
+            return _ALGO_METHODS[algo][which]
+        return _ALGO_METHODS[self.algo or ""][which]
+
+    def linear_algo(self, prefix: str, *, lm_head: bool = False) -> str | None:
+        """The algorithm behind ``linear_method`` (None when unquantised); needed for NVFP4_AWQ extras."""
+        return self._algo(prefix, self.linear_method(prefix, lm_head=lm_head) == UNQUANT)
+
+    def moe_algo(self, prefix: str) -> str | None:
+        """The algorithm behind ``moe_method`` (None when unquantised)."""
+        return self._algo(prefix, self.moe_method(prefix) == UNQUANT_MOE)
+
+    def _algo(self, prefix: str, unquantised: bool) -> str | None:
+        if unquantised:
+            return None
+        return self.resolve_algo(prefix) if self.kind == "mixed" else self.algo
 
 
 def _kv_on(kind: str | None, qc: QuantConfig) -> bool:
