@@ -139,9 +139,9 @@ def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, prof
             append((t, o, o.param, False))
         return out
     projector = manifest.projector_names
-    # NemotronH_Omni_Reasoning_V3 builds its vision_final_layernorm when
-    # ``llm_config.num_nextn_predict_layers > 0`` (VL@0.5.23), whatever the MTP pattern says.
-    lm_has_mtp = cfg.num_nextn_predict_layers > 0
+    # NemotronH_Omni_Reasoning_V3 builds its vision_final_layernorm when the LM has MTP
+    # (``llm_config.num_nextn_predict_layers > 0``, VL@0.5.23), whatever the MTP pattern says.
+    lm_has_mtp = cfg.has_mtp
     for t in ckpt.tensors():
         r = route_wrapped(t.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp)
         if r.target == "lm":

@@ -296,8 +296,8 @@ def stream_order(report: AuditReport) -> list[TensorRecord]:
     profile = get_profile(report.engine)
     if cfg.wrapper is None or report.mtp or profile.vl_streams:
         return recs
-    lm_mtp = bool(cfg.mtp_pattern)
-    is_lm = [route_wrapped(r.tensor.name, cfg.wrapper, profile, cfg.has_sound, lm_mtp).target == "lm" for r in recs]
+    lm_has_mtp = cfg.has_mtp
+    is_lm = [route_wrapped(r.tensor.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp).target == "lm" for r in recs]
     return [r for r, lm in zip(recs, is_lm) if not lm] + [r for r, lm in zip(recs, is_lm) if lm]
 
 

@@ -294,8 +294,7 @@ def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLang
         if mtp or pp.first_rank:
             b.add("model.embed_tokens.weight", (V, H), quant_method="UnquantizedEmbeddingMethod")
         if mtp:
-            # CFG: mtp_layers_block_type defaults to ["attention", "moe"] when the config names none.
-            pat = cfg.mtp_pattern or "*E"
+            pat = cfg.draft_pattern
             for j, kind in enumerate(pat):
                 b.layer(j, kind, mtp_first=j == 0, mtp_last=j == len(pat) - 1, mtp=True)
         else:

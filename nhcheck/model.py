@@ -83,6 +83,16 @@ class NemotronHConfig:
         return self.num_key_value_heads * self.head_dim
 
     @property
+    def draft_pattern(self) -> str:
+        """The MTP draft's layers: the config's MTP pattern, else the class default ["attention", "moe"] (CFG)."""
+        return self.mtp_pattern or "*E"
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the language model has an MTP block (``num_nextn_predict_layers > 0``, as the VL wrapper asks)."""
+        return self.num_nextn_predict_layers > 0
+
+    @property
     def expert_input(self) -> int:
         return self.moe_latent_size if self.moe_latent_size is not None else self.hidden_size
 

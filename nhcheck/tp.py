@@ -259,9 +259,7 @@ class _Planner:
         self.m = manifest
         self.cfg = cfg
         self.tp = tp
-        # The MTP draft without mtp_layers_block_type / mtp_hybrid_override_pattern builds the class
-        # default ["attention", "moe"] (configs/nemotron_h.py; the manifest's "*E"): shard those layers.
-        self.pattern = (cfg.mtp_pattern or "*E") if manifest.mode == "mtp" else cfg.pattern
+        self.pattern = cfg.draft_pattern if manifest.mode == "mtp" else cfg.pattern
         self.quantized = manifest.quantization is not None
         self.module_problems: dict[str, tuple[Problem, ...]] = {}
 

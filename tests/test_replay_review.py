@@ -348,15 +348,19 @@ def test_standalone_detection_sees_names_after_the_language_model_strip():
     assert r.crash is not None and "Incomplete standalone MTP lm_head" in r.crash["error"]
 
 
-def test_standalone_check_lists_quantised_head_parameters(tmp_path):
-    """0.5.23 gives ``lm_head`` a ModelOpt method (§6.1): its scales are expected too, sorted."""
+@pytest.mark.parametrize("algo,missing", [
+    # 0.5.23 gives ``lm_head`` a ModelOpt method (§6.1): its scales are expected too, sorted.
+    ("NVFP4", "['lm_head.input_scale', 'lm_head.weight_scale', 'lm_head.weight_scale_2']"),
+    # Under W4A16_NVFP4 ``lm_head.input_scale`` is a placeholder the check does not demand.
+    ("W4A16_NVFP4", "['lm_head.weight_scale', 'lm_head.weight_scale_2']"),
+])
+def test_standalone_check_lists_quantised_head_parameters(algo, missing):
     ck = _ckpt(_mtp_config(), [MTP_LAYERS + ["lm_head.weight"]],
                {"producer": {"name": "modelopt"},
-                "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16,
                                  "exclude_modules": ["mtp*"]}})
     r = _audit(ck, V23, mtp=True)
-    assert r.crash["error"] == ("ValueError: Incomplete standalone MTP lm_head: missing "
-                                "['lm_head.input_scale', 'lm_head.weight_scale', 'lm_head.weight_scale_2']")
+    assert r.crash["error"] == f"ValueError: Incomplete standalone MTP lm_head: missing {missing}"
 
 
 def test_mtp_language_model_strip_is_one_prefix_only():
@@ -379,17 +383,6 @@ def test_refused_quant_config_is_the_crash_even_when_tensors_would_raise():
     assert r.crash["error"].startswith("ValueError: ModelOpt currently only supports")
     # the tensor outcome is still reported as if loaded on its own
     assert _record(r, "backbone.layers.1.mixer.experts.0.down_proj.input_scale").outcome.outcome == "raise"
-
-
-def test_standalone_check_exempts_the_a16_input_scale_placeholder():
-    """Under W4A16_NVFP4 (0.5.23) ``lm_head.input_scale`` is a placeholder the check does not demand."""
-    ck = _ckpt(_mtp_config(), [MTP_LAYERS + ["lm_head.weight"]],
-               {"producer": {"name": "modelopt"},
-                "quantization": {"quant_algo": "W4A16_NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
-                                 "exclude_modules": ["mtp*"]}})
-    r = _audit(ck, V23, mtp=True)
-    assert r.crash["error"] == ("ValueError: Incomplete standalone MTP lm_head: missing "
-                                "['lm_head.weight_scale', 'lm_head.weight_scale_2']")
 
 
 # ---------------------------------------------------------------------------
