@@ -78,7 +78,9 @@ def main() -> None:
             d = os.path.join(work, name)
             if not os.path.isdir(d):
                 totals = layouts[name](d)
-                print(f"{name}: generated {totals['tensors']:,} tensors, {totals['bytes']:,} bytes (sparse), {totals['shards']} shards")
+                print(
+                    f"{name}: generated {totals['tensors']:,} tensors, {totals['bytes']:,} bytes (sparse), {totals['shards']} shards"
+                )
             bare_cmd = [sys.executable, "-c", BARE, d]
             nh_cmd = [sys.executable, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json, "-q"]
             table_cmd = [sys.executable, "-m", "nhcheck", "audit", d, "-q"]
@@ -91,10 +93,14 @@ def main() -> None:
                 table.append(_wall(table_cmd))
                 floor.append(_wall(floor_cmd))
             b, n, tb, fl = (statistics.median(x) for x in (bare, nh, table, floor))
-            print(f"{name}: baseline (parse headers only) median {b:.3f} s  min {min(bare):.3f} s | "
-                  f"nhcheck audit --format json median {n:.3f} s  min {min(nh):.3f} s | ratio {n / b:.2f}x (target <= 1.5x)")
-            print(f"{name}: nhcheck audit (table) median {tb:.3f} s, ratio {tb / b:.2f}x; "
-                  f"interpreter+import floor (nhcheck --version) {fl:.3f} s")
+            print(
+                f"{name}: baseline (parse headers only) median {b:.3f} s  min {min(bare):.3f} s | "
+                f"nhcheck audit --format json median {n:.3f} s  min {min(nh):.3f} s | ratio {n / b:.2f}x (target <= 1.5x)"
+            )
+            print(
+                f"{name}: nhcheck audit (table) median {tb:.3f} s, ratio {tb / b:.2f}x; "
+                f"interpreter+import floor (nhcheck --version) {fl:.3f} s"
+            )
 
         from nhcheck.checkpoint import open_local
         from nhcheck.engines.sglang import get_profile, make_replayer
@@ -109,8 +115,10 @@ def main() -> None:
         t = time.perf_counter()
         _literal_expert_scan(names, 512)
         literal = time.perf_counter() - t
-        print(f"expert mapping on {len(names):,} Super names (E=512): literal scan {literal:.3f} s, "
-              f"nhcheck indexed replay {indexed:.3f} s, ratio {literal / indexed:.0f}x")
+        print(
+            f"expert mapping on {len(names):,} Super names (E=512): literal scan {literal:.3f} s, "
+            f"nhcheck indexed replay {indexed:.3f} s, ratio {literal / indexed:.0f}x"
+        )
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -120,8 +120,10 @@ class Ceiling:
                 got += os.preadv(fds[i], [view[got:]], off + got)
 
         with ThreadPoolExecutor(self.threads) as pool:
-            futs = [[pool.submit(read, i, off, min(PIECE, n - off)) for off in range(0, n, PIECE)]
-                    for i, n in enumerate(self.sizes)]
+            futs = [
+                [pool.submit(read, i, off, min(PIECE, n - off)) for off in range(0, n, PIECE)]
+                for i, n in enumerate(self.sizes)
+            ]
             for i, fs in enumerate(futs):
                 for f in fs:
                     f.result()
@@ -144,9 +146,15 @@ def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]
     r = res.report
     if r.verdict != "clean":
         raise SystemExit(f"nhcheck load is not clean on the bench checkpoint: {r.verdict}: {r.findings[:3]}")
-    info = {"seconds": dt, "bytes_loaded": r.bytes_loaded, "bytes_read": r.bytes_read, "timings": r.timings,
-            "peak_device_bytes": r.peak_device_bytes, "samples_checked": r.samples_checked,
-            "tensors_loaded": r.tensors_loaded}
+    info = {
+        "seconds": dt,
+        "bytes_loaded": r.bytes_loaded,
+        "bytes_read": r.bytes_read,
+        "timings": r.timings,
+        "peak_device_bytes": r.peak_device_bytes,
+        "samples_checked": r.samples_checked,
+        "tensors_loaded": r.tensors_loaded,
+    }
     del res
     return dt, info
 
@@ -171,8 +179,11 @@ def main() -> int:
     data = sum(f.stat().st_size for f in files)
     warm_cache(files)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({card}); {os.cpu_count()} CPU cores; torch {torch.__version__}; "
-          f"{len(files)} shards, {data / 1e9:.2f} GB", flush=True)
+    print(
+        f"device {device} ({card}); {os.cpu_count()} CPU cores; torch {torch.__version__}; "
+        f"{len(files)} shards, {data / 1e9:.2f} GB",
+        flush=True,
+    )
 
     base = LoadOptions(device=str(device), threads=args.threads)
     ceiling = Ceiling(files, device, args.threads)
@@ -195,15 +206,18 @@ def main() -> int:
         runs["nhcheck"].append(dt)
         infos.append(info)
         runs["nhcheck_decided"].append(run_nhcheck(args.dir, base, decided)[0])
-        print(f"rep {rep + 1}: " + "  ".join(f"{k} {data / v[-1] / 1e9:6.2f} GB/s" for k, v in runs.items()), flush=True)
+        print(
+            f"rep {rep + 1}: " + "  ".join(f"{k} {data / v[-1] / 1e9:6.2f} GB/s" for k, v in runs.items()), flush=True
+        )
 
     sweep = {}
     if args.sweep:
         for threads in (8, args.threads):
             for chunk_mb in (8, 16, 32):
                 for pinned_mb in (512,):
-                    o = LoadOptions(device=str(device), threads=threads, chunk_bytes=chunk_mb << 20,
-                                    pinned_bytes=pinned_mb << 20)
+                    o = LoadOptions(
+                        device=str(device), threads=threads, chunk_bytes=chunk_mb << 20, pinned_bytes=pinned_mb << 20
+                    )
                     run_nhcheck(args.dir, o)
                     times = [run_nhcheck(args.dir, o)[0] for _ in range(3)]
                     key = f"threads={threads} chunk={chunk_mb}MB pinned={pinned_mb}MB"
@@ -217,18 +231,38 @@ def main() -> int:
     print(f"{'reader':<16} {'median s':>9} {'GB/s':>7}   per run GB/s")
     for k, v in runs.items():
         print(f"{k:<16} {med[k]:9.3f} {gbs[k]:7.2f}   " + " ".join(f"{data / x / 1e9:.2f}" for x in v))
-    print("nhcheck phases (median s; the reads run from the start, under headers, audit and plan): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in timing.items()))
-    print(f"nhcheck peak device memory {infos[-1]['peak_device_bytes']}, read {infos[-1]['bytes_read']:,} bytes, "
-          f"loaded {infos[-1]['bytes_loaded']:,} in {infos[-1]['tensors_loaded']:,} tensors, "
-          f"{infos[-1]['samples_checked']:,} elements read back")
+    print(
+        "nhcheck phases (median s; the reads run from the start, under headers, audit and plan): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in timing.items())
+    )
+    print(
+        f"nhcheck peak device memory {infos[-1]['peak_device_bytes']}, read {infos[-1]['bytes_read']:,} bytes, "
+        f"loaded {infos[-1]['bytes_loaded']:,} in {infos[-1]['tensors_loaded']:,} tensors, "
+        f"{infos[-1]['samples_checked']:,} elements read back"
+    )
     for k in ("nhcheck", "nhcheck_decided"):
-        print(f"ratio {k}/safetensors = {gbs[k] / gbs['safetensors']:.2f}x (target >= 3); "
-              f"{k}/ceiling = {gbs[k] / gbs['ceiling']:.2f}x (target >= 0.7)")
+        print(
+            f"ratio {k}/safetensors = {gbs[k] / gbs['safetensors']:.2f}x (target >= 3); "
+            f"{k}/ceiling = {gbs[k] / gbs['ceiling']:.2f}x (target >= 0.7)"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"device": str(device), "card": card, "cpus": os.cpu_count(),
-                                        "torch": torch.__version__, "bytes": data, "runs": runs, "median_s": med,
-                                        "gb_per_s": gbs, "nhcheck": infos, "sweep": sweep}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "card": card,
+                    "cpus": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "bytes": data,
+                    "runs": runs,
+                    "median_s": med,
+                    "gb_per_s": gbs,
+                    "nhcheck": infos,
+                    "sweep": sweep,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -72,13 +72,31 @@ def run_tp(root: Path, tp: int, device: str, threads: int) -> dict:
     wall = time.perf_counter() - t
     if rep.verdict != "clean":
         raise SystemExit(f"load --tp {tp} is not clean: {rep.verdict}: {[f.message for f in rep.findings[:3]]}")
-    return {"tp": tp, "verdict": rep.verdict, "command_seconds": wall, "transfer_seconds": rep.wall_seconds,
-            "bytes": rep.bytes_loaded, "bytes_read": rep.bytes_read, "gb_per_s": rep.gb_per_s, "samples_checked": rep.samples_checked,
-            "params": len(rep.params), "params_filled": sum(1 for p in rep.params if p.status == "filled"),
-            "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes": s.bytes_loaded,
-                       "bytes_read": s.bytes_read,
-                       "allocated": s.bytes_allocated, "seconds": s.seconds, "gb_per_s": s.gb_per_s}
-                      for s in rep.ranks]}
+    return {
+        "tp": tp,
+        "verdict": rep.verdict,
+        "command_seconds": wall,
+        "transfer_seconds": rep.wall_seconds,
+        "bytes": rep.bytes_loaded,
+        "bytes_read": rep.bytes_read,
+        "gb_per_s": rep.gb_per_s,
+        "samples_checked": rep.samples_checked,
+        "params": len(rep.params),
+        "params_filled": sum(1 for p in rep.params if p.status == "filled"),
+        "ranks": [
+            {
+                "rank": s.rank,
+                "device": s.device,
+                "copies": s.copies,
+                "bytes": s.bytes_loaded,
+                "bytes_read": s.bytes_read,
+                "allocated": s.bytes_allocated,
+                "seconds": s.seconds,
+                "gb_per_s": s.gb_per_s,
+            }
+            for s in rep.ranks
+        ],
+    }
 
 
 def main() -> int:
@@ -90,8 +108,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=0, help="Reader threads per rank (0: min(16, CPU count)).")
-    ap.add_argument("--reference", action="store_true",
-                    help="Also time the single-process loader (nhcheck.load, fast reader) in each repetition.")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="Also time the single-process loader (nhcheck.load, fast reader) in each repetition.",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -107,8 +128,11 @@ def main() -> int:
 
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    print(f"{card} x{gpus}; {os.cpu_count()} CPU cores; torch {torch.__version__}; "
-          f"{len(files)} shards, {data / 1e9:.2f} GB", flush=True)
+    print(
+        f"{card} x{gpus}; {os.cpu_count()} CPU cores; torch {torch.__version__}; "
+        f"{len(files)} shards, {data / 1e9:.2f} GB",
+        flush=True,
+    )
 
     runs: dict[int, list[dict]] = {tp: [] for tp in sizes}
     single: list[float] = []
@@ -117,10 +141,16 @@ def main() -> int:
         for tp in sizes:
             r = run_tp(args.dir, tp, args.device, args.threads)
             runs[tp].append(r)
-            ranks = "  ".join(f"r{x['rank']} {x['bytes'] / 1e9:.2f} GB ({x['bytes_read'] / 1e9:.2f} GB read) "
-                              f"{x['seconds']:.2f} s {x['gb_per_s']:.2f} GB/s" for x in r["ranks"])
-            print(f"rep {rep + 1} tp {tp}: aggregate {r['bytes'] / 1e9:.2f} GB in {r['transfer_seconds']:.3f} s = "
-                  f"{r['gb_per_s']:.2f} GB/s (command {r['command_seconds']:.1f} s) | {ranks}", flush=True)
+            ranks = "  ".join(
+                f"r{x['rank']} {x['bytes'] / 1e9:.2f} GB ({x['bytes_read'] / 1e9:.2f} GB read) "
+                f"{x['seconds']:.2f} s {x['gb_per_s']:.2f} GB/s"
+                for x in r["ranks"]
+            )
+            print(
+                f"rep {rep + 1} tp {tp}: aggregate {r['bytes'] / 1e9:.2f} GB in {r['transfer_seconds']:.3f} s = "
+                f"{r['gb_per_s']:.2f} GB/s (command {r['command_seconds']:.1f} s) | {ranks}",
+                flush=True,
+            )
         if not args.reference:
             continue
         t = time.perf_counter()
@@ -129,8 +159,10 @@ def main() -> int:
         loaded = res.report.bytes_loaded
         assert res.report.verdict == "clean", res.report.verdict
         del res
-        print(f"rep {rep + 1} single-process nhcheck load (fast reader): {loaded / single[-1] / 1e9:.2f} GB/s "
-              f"end to end", flush=True)
+        print(
+            f"rep {rep + 1} single-process nhcheck load (fast reader): {loaded / single[-1] / 1e9:.2f} GB/s end to end",
+            flush=True,
+        )
 
     print()
     print(f"{'tp':>3} {'aggregate GB/s':>15} {'transfer s':>11} {'per-rank GB/s (median)':>24} {'vs tp 1':>8}")
@@ -144,12 +176,27 @@ def main() -> int:
         summary[tp] = {"aggregate_gb_per_s": agg, "transfer_seconds": sec, "per_rank_gb_per_s": per}
         print(f"{tp:>3} {agg:15.2f} {sec:11.3f} {' '.join(f'{x:.2f}' for x in per):>24} {agg / base:7.2f}x")
     if single:
-        print(f"single-process nhcheck load (fast reader, end to end incl. audit and checks): "
-              f"{loaded / statistics.median(single) / 1e9:.2f} GB/s")
+        print(
+            f"single-process nhcheck load (fast reader, end to end incl. audit and checks): "
+            f"{loaded / statistics.median(single) / 1e9:.2f} GB/s"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"card": card, "gpus": gpus, "cpus": os.cpu_count(), "torch": torch.__version__,
-                                        "bytes": data, "runs": runs, "summary": summary,
-                                        "single_process_seconds": single, "single_process_bytes": loaded}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "card": card,
+                    "gpus": gpus,
+                    "cpus": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "bytes": data,
+                    "runs": runs,
+                    "summary": summary,
+                    "single_process_seconds": single,
+                    "single_process_bytes": loaded,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -51,8 +51,15 @@ def build(out: Path, gib: float, shards: int) -> int:
         total = sum(generate.tensor_nbytes(d, s) for _, d, s in tensors)
         mi = max(64, int(mi * target / total) // 64 * 64)
     q = generate.nano3_tiny_quant(generate.EXPERTS_EXCLUDED_LAYERS)
-    generate.write_checkpoint(str(out), tensors, c, q, shards=shards, sparse=True,
-                              extra_files={"tokenizer_config.json": "{}\n", "generation_config.json": "{}\n"})
+    generate.write_checkpoint(
+        str(out),
+        tensors,
+        c,
+        q,
+        shards=shards,
+        sparse=True,
+        extra_files={"tokenizer_config.json": "{}\n", "generation_config.json": "{}\n"},
+    )
     block = os.urandom(16 << 20)
     for p in sorted(out.glob("*.safetensors")):
         h = read_shard(str(p))
@@ -102,22 +109,31 @@ def main(argv: list[str] | None = None) -> int:
         free = shutil.disk_usage(work).free
         need = int(args.gib * 2**30 * 3.2)
         if free < need:
-            print(f"not enough free disk in {work}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed "
-                  "(source + two outputs); use --gib or --dir", file=sys.stderr)
+            print(
+                f"not enough free disk in {work}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed "
+                "(source + two outputs); use --gib or --dir",
+                file=sys.stderr,
+            )
             return 2
         src = work / "src"
         t0 = time.perf_counter()
         data = build(src, args.gib, args.shards)
-        print(f"built {data / 2**30:.2f} GiB in {args.shards} shard(s) at {src} ({time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr)
+        print(
+            f"built {data / 2**30:.2f} GiB in {args.shards} shard(s) at {src} ({time.perf_counter() - t0:.1f} s)",
+            file=sys.stderr,
+        )
         prune = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q", "--out"]
         commands = {
             "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
             "cp -r && sync": lambda out: ["sh", "-c", f'cp -r "{src}" "{out}" && sync'],
             "sha256 of the shards (hashlib)": lambda out: [
-                sys.executable, "-c", "import hashlib, os, sys; os.mkdir(sys.argv[1]); "
+                sys.executable,
+                "-c",
+                "import hashlib, os, sys; os.mkdir(sys.argv[1]); "
                 "[hashlib.file_digest(open(p, 'rb'), 'sha256') for p in sys.argv[2:]]",
-                str(out), *map(str, sorted(src.glob("*.safetensors")))],
+                str(out),
+                *map(str, sorted(src.glob("*.safetensors"))),
+            ],
             "nhcheck prune": lambda out: prune + [str(out)],
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
@@ -135,12 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name in commands:
             med = statistics.median(times[name])
-            rows.append({"command": name, "median_s": round(med, 3), "runs_s": [round(t, 3) for t in times[name]],
-                         "ratio_vs_cp": round(med / base, 2), "peak_rss_mb": round(max(rss[name]) / 1e6, 1)})
+            rows.append(
+                {
+                    "command": name,
+                    "median_s": round(med, 3),
+                    "runs_s": [round(t, 3) for t in times[name]],
+                    "ratio_vs_cp": round(med / base, 2),
+                    "peak_rss_mb": round(max(rss[name]) / 1e6, 1),
+                }
+            )
         print(f"{'command':32} {'median s':>9} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
         for r in rows:
-            print(f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
-                  + ", ".join(f"{t:.2f}" for t in r["runs_s"]))
+            print(
+                f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
+                + ", ".join(f"{t:.2f}" for t in r["runs_s"])
+            )
         print(json.dumps({"gib": round(data / 2**30, 3), "shards": args.shards, "reps": args.reps, "rows": rows}))
         return 0
     finally:

@@ -103,14 +103,18 @@ def main() -> int:
     out = os.path.join(work, "report.json")
     try:
         totals = generate.full_layouts()["nano3-nvfp4"](d)
-        print(f"Nano-3 NVFP4 full layout: {totals['tensors']:,} tensors, {totals['bytes'] / 1e9:.1f} GB in "
-              f"{totals['shards']} sparse shards")
+        print(
+            f"Nano-3 NVFP4 full layout: {totals['tensors']:,} tensors, {totals['bytes'] / 1e9:.1f} GB in "
+            f"{totals['shards']} sparse shards"
+        )
         rep = audit_path(d)
         t = time.perf_counter()
         scan = values.scan(rep)
-        print(f"--values reads {scan.tensors_read:,} scale tensors, {scan.bytes_read / 1e9:.2f} GB "
-              f"({scan.bytes_read / totals['bytes']:.1%} of the data); in-process scan {time.perf_counter() - t:.2f} s; "
-              f"sparse = all zero: {len(scan.findings)} bad-scale module families")
+        print(
+            f"--values reads {scan.tensors_read:,} scale tensors, {scan.bytes_read / 1e9:.2f} GB "
+            f"({scan.bytes_read / totals['bytes']:.1%} of the data); in-process scan {time.perf_counter() - t:.2f} s; "
+            f"sparse = all zero: {len(scan.findings)} bad-scale module families"
+        )
         _compare("sparse", d, out, args.reps, cold=False)
         t = time.perf_counter()
         n, nbytes = _fill_scales(d)

@@ -21,6 +21,7 @@ CLI::
     python examples/generate.py full NAME OUT_DIR         # writes a sparse full-size layout, prints totals
     python examples/generate.py list                      # example and layout names
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,10 +54,21 @@ FIXTURES = HERE / "fixtures"
 Tensor = tuple  # (name: str, dtype: str, shape: list[int])
 
 DTYPE_SIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 _KIND_CHARS = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
@@ -79,6 +91,7 @@ def census(tensors: Iterable[Tensor]) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------------------------
+
 
 def _bf16_table() -> bytes:
     # high byte of a BF16 value: keep the sign, force exponent 120..127 -> |x| in [2^-7, 2)
@@ -194,9 +207,17 @@ def _header_bytes(entries: list[tuple[str, str, list[int], int, int]]) -> bytes:
     return raw
 
 
-def write_checkpoint(out_dir: str, tensors: list[tuple[str, str, list[int]]], config: dict,
-                     quant: dict | None = None, *, shards: int = 1, sparse: bool = False,
-                     extra_files: dict[str, str] | None = None, seed: int = 0) -> None:
+def write_checkpoint(
+    out_dir: str,
+    tensors: list[tuple[str, str, list[int]]],
+    config: dict,
+    quant: dict | None = None,
+    *,
+    shards: int = 1,
+    sparse: bool = False,
+    extra_files: dict[str, str] | None = None,
+    seed: int = 0,
+) -> None:
     """Write a sharded safetensors checkpoint.
 
     tensors: (name, dtype, shape) in state-dict order; split greedily (contiguously, in that order)
@@ -268,6 +289,7 @@ def _write_text(path: str, text: str) -> None:
 # Tensor lists
 # --------------------------------------------------------------------------------------------
 
+
 def layer_pattern(config: dict) -> str:
     """Layer kinds as a pattern string (M mamba, * attention, - mlp, E moe)."""
     pat = config.get("hybrid_override_pattern")
@@ -335,15 +357,19 @@ def _linear_tensors(module: str, fmt: str, n_out: int, n_in: int, group_size: in
     if fmt == "BF16":
         return [(f"{module}.weight", "BF16", [n_out, n_in])]
     if fmt == "FP8":
-        return [(f"{module}.weight", "F8_E4M3", [n_out, n_in]),
-                (f"{module}.weight_scale", "F32", []),
-                (f"{module}.input_scale", "F32", [])]
+        return [
+            (f"{module}.weight", "F8_E4M3", [n_out, n_in]),
+            (f"{module}.weight_scale", "F32", []),
+            (f"{module}.input_scale", "F32", []),
+        ]
     if fmt in ("NVFP4", "W4A16_NVFP4"):
         if n_in % group_size or n_in % 2:
             raise ValueError(f"{module}: in features {n_in} not divisible by group size {group_size}")
-        out = [(f"{module}.weight", "U8", [n_out, n_in // 2]),
-               (f"{module}.weight_scale", "F8_E4M3", [n_out, n_in // group_size]),
-               (f"{module}.weight_scale_2", "F32", [])]
+        out = [
+            (f"{module}.weight", "U8", [n_out, n_in // 2]),
+            (f"{module}.weight_scale", "F8_E4M3", [n_out, n_in // group_size]),
+            (f"{module}.weight_scale_2", "F32", []),
+        ]
         if fmt == "NVFP4":  # W4A16: weight-only, no activation scale (INFERRED, spec §4.6)
             out.append((f"{module}.input_scale", "F32", []))
         return out
@@ -374,13 +400,17 @@ class _Geometry:
         self.X = self.L or self.H
 
 
-def _mixer_tensors(kind: str, base: str, g: _Geometry, lin: Callable[[str, int, int], list],
-                   router_dtype: str, kv_scales: bool) -> list[Tensor]:
+def _mixer_tensors(
+    kind: str, base: str, g: _Geometry, lin: Callable[[str, int, int], list], router_dtype: str, kv_scales: bool
+) -> list[Tensor]:
     """Tensors of one layer's mixer; base = '<prefix>.layers.<i>.mixer'."""
     out: list[Tensor] = []
     if kind == "M":
-        out += [(f"{base}.A_log", "BF16", [g.nh]), (f"{base}.D", "BF16", [g.nh]),
-                (f"{base}.conv1d.weight", "BF16", [g.conv, 1, g.K])]
+        out += [
+            (f"{base}.A_log", "BF16", [g.nh]),
+            (f"{base}.D", "BF16", [g.nh]),
+            (f"{base}.conv1d.weight", "BF16", [g.conv, 1, g.K]),
+        ]
         if g.conv_bias:
             out.append((f"{base}.conv1d.bias", "BF16", [g.conv]))
         out.append((f"{base}.dt_bias", "BF16", [g.nh]))
@@ -400,8 +430,10 @@ def _mixer_tensors(kind: str, base: str, g: _Geometry, lin: Callable[[str, int, 
         out += lin(f"{base}.up_proj", g.I, g.H)
         out += lin(f"{base}.down_proj", g.H, g.I)
     elif kind == "E":
-        out += [(f"{base}.gate.weight", router_dtype, [g.Em, g.H]),
-                (f"{base}.gate.e_score_correction_bias", "F32", [g.Em])]
+        out += [
+            (f"{base}.gate.weight", router_dtype, [g.Em, g.H]),
+            (f"{base}.gate.e_score_correction_bias", "F32", [g.Em]),
+        ]
         for e in range(g.Em):
             out += lin(f"{base}.experts.{e}.up_proj", g.mi, g.X)
             out += lin(f"{base}.experts.{e}.down_proj", g.X, g.mi)
@@ -416,10 +448,18 @@ def _mixer_tensors(kind: str, base: str, g: _Geometry, lin: Callable[[str, int, 
     return out
 
 
-def nemotron_h_tensors(config: dict, quant: dict | None, *, prefix: str = "backbone",
-                       lm_head: str | None = "lm_head.weight", kv_scales: bool = False,
-                       mtp: bool = False, router_dtype: str = "F32", mtp_prefix: str = "mtp",
-                       mtp_quantized: bool = False) -> list[tuple[str, str, list[int]]]:
+def nemotron_h_tensors(
+    config: dict,
+    quant: dict | None,
+    *,
+    prefix: str = "backbone",
+    lm_head: str | None = "lm_head.weight",
+    kv_scales: bool = False,
+    mtp: bool = False,
+    router_dtype: str = "F32",
+    mtp_prefix: str = "mtp",
+    mtp_quantized: bool = False,
+) -> list[tuple[str, str, list[int]]]:
     """Text-backbone tensor list (state-dict order) for any NemotronH config.
 
     Layer kinds from ``hybrid_override_pattern`` (or ``layers_block_type``). Per linear module the
@@ -447,6 +487,7 @@ def nemotron_h_tensors(config: dict, quant: dict | None, *, prefix: str = "backb
         def lin(module: str, n_out: int, n_in: int) -> list[Tensor]:
             fmt, gs = p.format_of(module)
             return _linear_tensors(module, fmt, n_out, n_in, gs)
+
         return lin
 
     lin = make_lin(plan)
@@ -481,8 +522,12 @@ def _linear_modules(tensors: Iterable[Tensor]) -> list[str]:
     """Module names (state-dict order) of the linears of a BF16 tensor list."""
     mods = []
     for name, _d, shape in tensors:
-        if name.endswith(".weight") and len(shape) == 2 and not name.endswith(
-                (".embeddings.weight", ".gate.weight")) and ".norm" not in name:
+        if (
+            name.endswith(".weight")
+            and len(shape) == 2
+            and not name.endswith((".embeddings.weight", ".gate.weight"))
+            and ".norm" not in name
+        ):
             mods.append(name[: -len(".weight")])
     return mods
 
@@ -491,8 +536,10 @@ def _linear_modules(tensors: Iterable[Tensor]) -> list[str]:
 # Quant configs
 # --------------------------------------------------------------------------------------------
 
-def omni_quant_config(llm_config: dict, *, prefix: str = "language_model.backbone",
-                      producer_version: str = "0.43.0") -> dict:
+
+def omni_quant_config(
+    llm_config: dict, *, prefix: str = "language_model.backbone", producer_version: str = "0.43.0"
+) -> dict:
     """MIXED_PRECISION hf_quant_config of the Nemotron 3 Nano Omni NVFP4 (sglang #24137 shape):
     FP8 Mamba in_proj/out_proj except the Mamba layer right before each attention layer, NVFP4
     (group 16) for every routed and shared expert up/down; keys ``language_model.backbone...``."""
@@ -517,8 +564,14 @@ def omni_quant_config(llm_config: dict, *, prefix: str = "language_model.backbon
             "quant_algo": "MIXED_PRECISION",
             "kv_cache_quant_algo": "FP8",
             "quantized_layers": layers,
-            "exclude_modules": ["language_model.lm_head", "mtp*", "vision_model*", "mlp1*",
-                                "sound_encoder*", "sound_projection*"],
+            "exclude_modules": [
+                "language_model.lm_head",
+                "mtp*",
+                "vision_model*",
+                "mlp1*",
+                "sound_encoder*",
+                "sound_projection*",
+            ],
         },
     }
 
@@ -555,146 +608,156 @@ def super_quant_config(config: dict, layer_lists: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 TINY_DIMS = {
-    "head_dim": 16, "hidden_size": 64, "intermediate_size": 32, "mamba_head_dim": 16,
-    "mamba_num_heads": 8, "max_position_embeddings": 4096, "moe_intermediate_size": 32,
-    "moe_shared_expert_intermediate_size": 64, "n_routed_experts": 12, "num_attention_heads": 4,
-    "num_experts_per_tok": 2, "num_key_value_heads": 2, "ssm_state_size": 16, "vocab_size": 256,
+    "head_dim": 16,
+    "hidden_size": 64,
+    "intermediate_size": 32,
+    "mamba_head_dim": 16,
+    "mamba_num_heads": 8,
+    "max_position_embeddings": 4096,
+    "moe_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 64,
+    "n_routed_experts": 12,
+    "num_attention_heads": 4,
+    "num_experts_per_tok": 2,
+    "num_key_value_heads": 2,
+    "ssm_state_size": 16,
+    "vocab_size": 256,
 }
 
 # Omni towers / projector (names, dtypes, shapes copied from the conformance checkpoint
 # omni_nvfp4_mixed: tiny RADIO ViT (2 blocks, width 32), projector mlp1, Parakeet encoder
 # (2 layers, width 32) and sound projection). State-dict order.
 OMNI_TOWER_TENSORS: list[Tensor] = [
-    ('vision_model.radio_model.input_conditioner.norm_mean', 'F32', [3, 1, 1]),
-    ('vision_model.radio_model.input_conditioner.norm_std', 'F32', [3, 1, 1]),
-    ('vision_model.radio_model.model.patch_generator.cls_token.token', 'BF16', [10, 32]),
-    ('vision_model.radio_model.model.patch_generator.embedder.weight', 'BF16', [32, 768]),
-    ('vision_model.radio_model.model.patch_generator.video_embedder.weight', 'BF16', [32, 1536]),
-    ('vision_model.radio_model.model.patch_generator.pos_embed', 'BF16', [1, 64, 32]),
-    ('vision_model.radio_model.model.blocks.0.norm1.weight', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.0.norm1.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.0.attn.qkv.weight', 'BF16', [96, 32]),
-    ('vision_model.radio_model.model.blocks.0.attn.qkv.bias', 'BF16', [96]),
-    ('vision_model.radio_model.model.blocks.0.attn.proj.weight', 'BF16', [32, 32]),
-    ('vision_model.radio_model.model.blocks.0.attn.proj.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.0.norm2.weight', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.0.norm2.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.0.mlp.fc1.weight', 'BF16', [128, 32]),
-    ('vision_model.radio_model.model.blocks.0.mlp.fc1.bias', 'BF16', [128]),
-    ('vision_model.radio_model.model.blocks.0.mlp.fc2.weight', 'BF16', [32, 128]),
-    ('vision_model.radio_model.model.blocks.0.mlp.fc2.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.1.norm1.weight', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.1.norm1.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.1.attn.qkv.weight', 'BF16', [96, 32]),
-    ('vision_model.radio_model.model.blocks.1.attn.qkv.bias', 'BF16', [96]),
-    ('vision_model.radio_model.model.blocks.1.attn.proj.weight', 'BF16', [32, 32]),
-    ('vision_model.radio_model.model.blocks.1.attn.proj.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.1.norm2.weight', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.1.norm2.bias', 'BF16', [32]),
-    ('vision_model.radio_model.model.blocks.1.mlp.fc1.weight', 'BF16', [128, 32]),
-    ('vision_model.radio_model.model.blocks.1.mlp.fc1.bias', 'BF16', [128]),
-    ('vision_model.radio_model.model.blocks.1.mlp.fc2.weight', 'BF16', [32, 128]),
-    ('vision_model.radio_model.model.blocks.1.mlp.fc2.bias', 'BF16', [32]),
-    ('mlp1.0.weight', 'BF16', [128]),
-    ('mlp1.1.weight', 'BF16', [64, 128]),
-    ('mlp1.3.weight', 'BF16', [64, 64]),
-    ('sound_encoder.encoder.subsampling.layers.0.weight', 'BF16', [8, 1, 3, 3]),
-    ('sound_encoder.encoder.subsampling.layers.0.bias', 'BF16', [8]),
-    ('sound_encoder.encoder.subsampling.layers.2.weight', 'BF16', [8, 1, 3, 3]),
-    ('sound_encoder.encoder.subsampling.layers.2.bias', 'BF16', [8]),
-    ('sound_encoder.encoder.subsampling.layers.3.weight', 'BF16', [8, 8, 1, 1]),
-    ('sound_encoder.encoder.subsampling.layers.3.bias', 'BF16', [8]),
-    ('sound_encoder.encoder.subsampling.layers.5.weight', 'BF16', [8, 1, 3, 3]),
-    ('sound_encoder.encoder.subsampling.layers.5.bias', 'BF16', [8]),
-    ('sound_encoder.encoder.subsampling.layers.6.weight', 'BF16', [8, 8, 1, 1]),
-    ('sound_encoder.encoder.subsampling.layers.6.bias', 'BF16', [8]),
-    ('sound_encoder.encoder.subsampling.linear.weight', 'BF16', [32, 16]),
-    ('sound_encoder.encoder.subsampling.linear.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.feed_forward1.linear1.weight', 'BF16', [64, 32]),
-    ('sound_encoder.encoder.layers.0.feed_forward1.linear1.bias', 'BF16', [64]),
-    ('sound_encoder.encoder.layers.0.feed_forward1.linear2.weight', 'BF16', [32, 64]),
-    ('sound_encoder.encoder.layers.0.feed_forward1.linear2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.self_attn.bias_u', 'BF16', [2, 16]),
-    ('sound_encoder.encoder.layers.0.self_attn.bias_v', 'BF16', [2, 16]),
-    ('sound_encoder.encoder.layers.0.self_attn.q_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.0.self_attn.q_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.self_attn.k_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.0.self_attn.k_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.self_attn.v_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.0.self_attn.v_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.self_attn.o_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.0.self_attn.o_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.self_attn.relative_k_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.0.conv.pointwise_conv1.weight', 'BF16', [64, 32, 1]),
-    ('sound_encoder.encoder.layers.0.conv.pointwise_conv1.bias', 'BF16', [64]),
-    ('sound_encoder.encoder.layers.0.conv.depthwise_conv.weight', 'BF16', [32, 1, 9]),
-    ('sound_encoder.encoder.layers.0.conv.depthwise_conv.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.conv.norm.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.conv.norm.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.conv.norm.running_mean', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.conv.norm.running_var', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.conv.norm.num_batches_tracked', 'I64', []),
-    ('sound_encoder.encoder.layers.0.conv.pointwise_conv2.weight', 'BF16', [32, 32, 1]),
-    ('sound_encoder.encoder.layers.0.conv.pointwise_conv2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.feed_forward2.linear1.weight', 'BF16', [64, 32]),
-    ('sound_encoder.encoder.layers.0.feed_forward2.linear1.bias', 'BF16', [64]),
-    ('sound_encoder.encoder.layers.0.feed_forward2.linear2.weight', 'BF16', [32, 64]),
-    ('sound_encoder.encoder.layers.0.feed_forward2.linear2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_feed_forward1.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_feed_forward1.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_self_att.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_self_att.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_conv.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_conv.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_feed_forward2.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_feed_forward2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_out.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.0.norm_out.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.feed_forward1.linear1.weight', 'BF16', [64, 32]),
-    ('sound_encoder.encoder.layers.1.feed_forward1.linear1.bias', 'BF16', [64]),
-    ('sound_encoder.encoder.layers.1.feed_forward1.linear2.weight', 'BF16', [32, 64]),
-    ('sound_encoder.encoder.layers.1.feed_forward1.linear2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.self_attn.bias_u', 'BF16', [2, 16]),
-    ('sound_encoder.encoder.layers.1.self_attn.bias_v', 'BF16', [2, 16]),
-    ('sound_encoder.encoder.layers.1.self_attn.q_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.1.self_attn.q_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.self_attn.k_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.1.self_attn.k_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.self_attn.v_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.1.self_attn.v_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.self_attn.o_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.1.self_attn.o_proj.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.self_attn.relative_k_proj.weight', 'BF16', [32, 32]),
-    ('sound_encoder.encoder.layers.1.conv.pointwise_conv1.weight', 'BF16', [64, 32, 1]),
-    ('sound_encoder.encoder.layers.1.conv.pointwise_conv1.bias', 'BF16', [64]),
-    ('sound_encoder.encoder.layers.1.conv.depthwise_conv.weight', 'BF16', [32, 1, 9]),
-    ('sound_encoder.encoder.layers.1.conv.depthwise_conv.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.conv.norm.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.conv.norm.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.conv.norm.running_mean', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.conv.norm.running_var', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.conv.norm.num_batches_tracked', 'I64', []),
-    ('sound_encoder.encoder.layers.1.conv.pointwise_conv2.weight', 'BF16', [32, 32, 1]),
-    ('sound_encoder.encoder.layers.1.conv.pointwise_conv2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.feed_forward2.linear1.weight', 'BF16', [64, 32]),
-    ('sound_encoder.encoder.layers.1.feed_forward2.linear1.bias', 'BF16', [64]),
-    ('sound_encoder.encoder.layers.1.feed_forward2.linear2.weight', 'BF16', [32, 64]),
-    ('sound_encoder.encoder.layers.1.feed_forward2.linear2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_feed_forward1.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_feed_forward1.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_self_att.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_self_att.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_conv.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_conv.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_feed_forward2.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_feed_forward2.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_out.weight', 'BF16', [32]),
-    ('sound_encoder.encoder.layers.1.norm_out.bias', 'BF16', [32]),
-    ('sound_encoder.encoder.feature_extractor.featurizer.fb', 'F32', [1, 16, 17]),
-    ('sound_encoder.encoder.feature_extractor.featurizer.window', 'F32', [32]),
-    ('sound_projection.norm.weight', 'BF16', [32]),
-    ('sound_projection.linear1.weight', 'BF16', [64, 32]),
-    ('sound_projection.linear2.weight', 'BF16', [64, 64]),
+    ("vision_model.radio_model.input_conditioner.norm_mean", "F32", [3, 1, 1]),
+    ("vision_model.radio_model.input_conditioner.norm_std", "F32", [3, 1, 1]),
+    ("vision_model.radio_model.model.patch_generator.cls_token.token", "BF16", [10, 32]),
+    ("vision_model.radio_model.model.patch_generator.embedder.weight", "BF16", [32, 768]),
+    ("vision_model.radio_model.model.patch_generator.video_embedder.weight", "BF16", [32, 1536]),
+    ("vision_model.radio_model.model.patch_generator.pos_embed", "BF16", [1, 64, 32]),
+    ("vision_model.radio_model.model.blocks.0.norm1.weight", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.0.norm1.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.0.attn.qkv.weight", "BF16", [96, 32]),
+    ("vision_model.radio_model.model.blocks.0.attn.qkv.bias", "BF16", [96]),
+    ("vision_model.radio_model.model.blocks.0.attn.proj.weight", "BF16", [32, 32]),
+    ("vision_model.radio_model.model.blocks.0.attn.proj.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.0.norm2.weight", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.0.norm2.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.0.mlp.fc1.weight", "BF16", [128, 32]),
+    ("vision_model.radio_model.model.blocks.0.mlp.fc1.bias", "BF16", [128]),
+    ("vision_model.radio_model.model.blocks.0.mlp.fc2.weight", "BF16", [32, 128]),
+    ("vision_model.radio_model.model.blocks.0.mlp.fc2.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.1.norm1.weight", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.1.norm1.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.1.attn.qkv.weight", "BF16", [96, 32]),
+    ("vision_model.radio_model.model.blocks.1.attn.qkv.bias", "BF16", [96]),
+    ("vision_model.radio_model.model.blocks.1.attn.proj.weight", "BF16", [32, 32]),
+    ("vision_model.radio_model.model.blocks.1.attn.proj.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.1.norm2.weight", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.1.norm2.bias", "BF16", [32]),
+    ("vision_model.radio_model.model.blocks.1.mlp.fc1.weight", "BF16", [128, 32]),
+    ("vision_model.radio_model.model.blocks.1.mlp.fc1.bias", "BF16", [128]),
+    ("vision_model.radio_model.model.blocks.1.mlp.fc2.weight", "BF16", [32, 128]),
+    ("vision_model.radio_model.model.blocks.1.mlp.fc2.bias", "BF16", [32]),
+    ("mlp1.0.weight", "BF16", [128]),
+    ("mlp1.1.weight", "BF16", [64, 128]),
+    ("mlp1.3.weight", "BF16", [64, 64]),
+    ("sound_encoder.encoder.subsampling.layers.0.weight", "BF16", [8, 1, 3, 3]),
+    ("sound_encoder.encoder.subsampling.layers.0.bias", "BF16", [8]),
+    ("sound_encoder.encoder.subsampling.layers.2.weight", "BF16", [8, 1, 3, 3]),
+    ("sound_encoder.encoder.subsampling.layers.2.bias", "BF16", [8]),
+    ("sound_encoder.encoder.subsampling.layers.3.weight", "BF16", [8, 8, 1, 1]),
+    ("sound_encoder.encoder.subsampling.layers.3.bias", "BF16", [8]),
+    ("sound_encoder.encoder.subsampling.layers.5.weight", "BF16", [8, 1, 3, 3]),
+    ("sound_encoder.encoder.subsampling.layers.5.bias", "BF16", [8]),
+    ("sound_encoder.encoder.subsampling.layers.6.weight", "BF16", [8, 8, 1, 1]),
+    ("sound_encoder.encoder.subsampling.layers.6.bias", "BF16", [8]),
+    ("sound_encoder.encoder.subsampling.linear.weight", "BF16", [32, 16]),
+    ("sound_encoder.encoder.subsampling.linear.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.feed_forward1.linear1.weight", "BF16", [64, 32]),
+    ("sound_encoder.encoder.layers.0.feed_forward1.linear1.bias", "BF16", [64]),
+    ("sound_encoder.encoder.layers.0.feed_forward1.linear2.weight", "BF16", [32, 64]),
+    ("sound_encoder.encoder.layers.0.feed_forward1.linear2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.self_attn.bias_u", "BF16", [2, 16]),
+    ("sound_encoder.encoder.layers.0.self_attn.bias_v", "BF16", [2, 16]),
+    ("sound_encoder.encoder.layers.0.self_attn.q_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.0.self_attn.q_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.self_attn.k_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.0.self_attn.k_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.self_attn.v_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.0.self_attn.v_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.self_attn.o_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.0.self_attn.o_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.self_attn.relative_k_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.0.conv.pointwise_conv1.weight", "BF16", [64, 32, 1]),
+    ("sound_encoder.encoder.layers.0.conv.pointwise_conv1.bias", "BF16", [64]),
+    ("sound_encoder.encoder.layers.0.conv.depthwise_conv.weight", "BF16", [32, 1, 9]),
+    ("sound_encoder.encoder.layers.0.conv.depthwise_conv.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.conv.norm.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.conv.norm.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.conv.norm.running_mean", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.conv.norm.running_var", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.conv.norm.num_batches_tracked", "I64", []),
+    ("sound_encoder.encoder.layers.0.conv.pointwise_conv2.weight", "BF16", [32, 32, 1]),
+    ("sound_encoder.encoder.layers.0.conv.pointwise_conv2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.feed_forward2.linear1.weight", "BF16", [64, 32]),
+    ("sound_encoder.encoder.layers.0.feed_forward2.linear1.bias", "BF16", [64]),
+    ("sound_encoder.encoder.layers.0.feed_forward2.linear2.weight", "BF16", [32, 64]),
+    ("sound_encoder.encoder.layers.0.feed_forward2.linear2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_feed_forward1.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_feed_forward1.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_self_att.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_self_att.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_conv.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_conv.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_feed_forward2.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_feed_forward2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_out.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.0.norm_out.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.feed_forward1.linear1.weight", "BF16", [64, 32]),
+    ("sound_encoder.encoder.layers.1.feed_forward1.linear1.bias", "BF16", [64]),
+    ("sound_encoder.encoder.layers.1.feed_forward1.linear2.weight", "BF16", [32, 64]),
+    ("sound_encoder.encoder.layers.1.feed_forward1.linear2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.self_attn.bias_u", "BF16", [2, 16]),
+    ("sound_encoder.encoder.layers.1.self_attn.bias_v", "BF16", [2, 16]),
+    ("sound_encoder.encoder.layers.1.self_attn.q_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.1.self_attn.q_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.self_attn.k_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.1.self_attn.k_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.self_attn.v_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.1.self_attn.v_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.self_attn.o_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.1.self_attn.o_proj.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.self_attn.relative_k_proj.weight", "BF16", [32, 32]),
+    ("sound_encoder.encoder.layers.1.conv.pointwise_conv1.weight", "BF16", [64, 32, 1]),
+    ("sound_encoder.encoder.layers.1.conv.pointwise_conv1.bias", "BF16", [64]),
+    ("sound_encoder.encoder.layers.1.conv.depthwise_conv.weight", "BF16", [32, 1, 9]),
+    ("sound_encoder.encoder.layers.1.conv.depthwise_conv.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.conv.norm.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.conv.norm.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.conv.norm.running_mean", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.conv.norm.running_var", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.conv.norm.num_batches_tracked", "I64", []),
+    ("sound_encoder.encoder.layers.1.conv.pointwise_conv2.weight", "BF16", [32, 32, 1]),
+    ("sound_encoder.encoder.layers.1.conv.pointwise_conv2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.feed_forward2.linear1.weight", "BF16", [64, 32]),
+    ("sound_encoder.encoder.layers.1.feed_forward2.linear1.bias", "BF16", [64]),
+    ("sound_encoder.encoder.layers.1.feed_forward2.linear2.weight", "BF16", [32, 64]),
+    ("sound_encoder.encoder.layers.1.feed_forward2.linear2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_feed_forward1.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_feed_forward1.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_self_att.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_self_att.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_conv.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_conv.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_feed_forward2.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_feed_forward2.bias", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_out.weight", "BF16", [32]),
+    ("sound_encoder.encoder.layers.1.norm_out.bias", "BF16", [32]),
+    ("sound_encoder.encoder.feature_extractor.featurizer.fb", "F32", [1, 16, 17]),
+    ("sound_encoder.encoder.feature_extractor.featurizer.window", "F32", [32]),
+    ("sound_projection.norm.weight", "BF16", [32]),
+    ("sound_projection.linear1.weight", "BF16", [64, 32]),
+    ("sound_projection.linear2.weight", "BF16", [64, 64]),
 ]
 
 
@@ -872,14 +935,15 @@ def _sidecars(config: dict, max_len: int) -> dict[str, str]:
         "pad_token_id": llm.get("pad_token_id", 0),
         "transformers_version": llm.get("transformers_version", "4.55.4"),
     }
-    return {"tokenizer_config.json": json.dumps(tok, indent=2) + "\n",
-            "generation_config.json": json.dumps(gen, indent=2) + "\n"}
+    return {
+        "tokenizer_config.json": json.dumps(tok, indent=2) + "\n",
+        "generation_config.json": json.dumps(gen, indent=2) + "\n",
+    }
 
 
 def _tiny_nano3_bf16(out_dir: str) -> None:
     c = nano3_tiny_config()
-    write_checkpoint(out_dir, nemotron_h_tensors(c, None), c, None, shards=3,
-                     extra_files=_sidecars(c, 4096))
+    write_checkpoint(out_dir, nemotron_h_tensors(c, None), c, None, shards=3, extra_files=_sidecars(c, 4096))
 
 
 def _tiny_nano3_nvfp4(out_dir: str) -> None:
@@ -900,8 +964,9 @@ def _tiny_nano3_nvfp4_experts_excluded(out_dir: str) -> None:
 _LEFTOVER_EXPERT_WEIGHT = re.compile(r"backbone\.layers\.(\d+)\.mixer\.experts\.\d+\.(up|down)_proj\.weight")
 
 
-def nano3_leftover_expert_scale_tensors(layers: Iterable[int] = EXPERTS_EXCLUDED_LAYERS,
-                                        config: dict | None = None) -> list[Tensor]:
+def nano3_leftover_expert_scale_tensors(
+    layers: Iterable[int] = EXPERTS_EXCLUDED_LAYERS, config: dict | None = None
+) -> list[Tensor]:
     """PR #24434 case: the experts of ``layers`` exported unquantized (BF16 weights, excluded in the
     quant config) but still carrying their NVFP4 ``weight_scale`` / ``weight_scale_2`` / ``input_scale``.
 
@@ -924,15 +989,20 @@ def nano3_leftover_expert_scale_tensors(layers: Iterable[int] = EXPERTS_EXCLUDED
 def _tiny_nano3_24434(out_dir: str) -> None:
     c = nano3_tiny_config(quantized=True)
     q = nano3_tiny_quant(EXPERTS_EXCLUDED_LAYERS)
-    write_checkpoint(out_dir, nano3_leftover_expert_scale_tensors(), c, q, shards=4,
-                     extra_files=_sidecars(c, 4096))
+    write_checkpoint(out_dir, nano3_leftover_expert_scale_tensors(), c, q, shards=4, extra_files=_sidecars(c, 4096))
 
 
 def omni_tiny_tensors() -> list[Tensor]:
     c = omni_tiny_config()
     q = omni_quant_config(c["llm_config"])
-    lm = nemotron_h_tensors(c["llm_config"], q, prefix="language_model.backbone",
-                            lm_head="language_model.lm_head.weight", mtp=True, mtp_prefix="mtp")
+    lm = nemotron_h_tensors(
+        c["llm_config"],
+        q,
+        prefix="language_model.backbone",
+        lm_head="language_model.lm_head.weight",
+        mtp=True,
+        mtp_prefix="mtp",
+    )
     return lm + [(n, d, list(s)) for n, d, s in OMNI_TOWER_TENSORS]
 
 
@@ -963,9 +1033,14 @@ def tiny_examples() -> dict[str, Callable[[str], None]]:
 # Full-size sparse layouts
 # --------------------------------------------------------------------------------------------
 
+
 def _totals(tensors: list[Tensor], shards: int) -> dict:
-    return {"tensors": len(tensors), "bytes": sum(tensor_nbytes(d, s) for _n, d, s in tensors),
-            "census": census(tensors), "shards": shards}
+    return {
+        "tensors": len(tensors),
+        "bytes": sum(tensor_nbytes(d, s) for _n, d, s in tensors),
+        "census": census(tensors),
+        "shards": shards,
+    }
 
 
 def full_nano3_nvfp4_tensors() -> tuple[dict, dict, list[Tensor]]:
@@ -978,6 +1053,34 @@ def full_super_nvfp4_tensors() -> tuple[dict, dict, list[Tensor]]:
     c = _load_json(FIXTURES / "super-nvfp4" / "config.without-quantization_config.json")
     lists = _load_json(FIXTURES / "super-nvfp4" / "quantization.layer-lists.json")
     q = super_quant_config(c, lists)
+    # The release's config.json carries the recipe too, as a flat ModelOpt quantization_config (5.7 MB):
+    # engines that read only config.json (SGLang's Nemotron-H server-args override from 0.5.18) need it.
+    layers = q["quantization"]["quantized_layers"]
+    groups = {
+        "group_0": {"targets": sorted(k for k, v in layers.items() if v["quant_algo"] == "FP8"), "num_bits": 8},
+        "group_1": {"targets": sorted(k for k, v in layers.items() if v["quant_algo"] == "NVFP4"), "num_bits": 4},
+    }
+    c = dict(
+        c,
+        quantization_config={
+            "config_groups": {
+                name: {
+                    "input_activations": {"dynamic": False, "num_bits": g["num_bits"], "type": "float"}
+                    | ({"group_size": 16} if g["num_bits"] == 4 else {}),
+                    "weights": {"dynamic": False, "num_bits": g["num_bits"], "type": "float"}
+                    | ({"group_size": 16} if g["num_bits"] == 4 else {}),
+                    "targets": g["targets"],
+                }
+                for name, g in groups.items()
+            },
+            "quantized_layers": layers,
+            "ignore": [],
+            "quant_algo": "MIXED_PRECISION",
+            "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"},
+            "producer": q["producer"],
+            "quant_method": "modelopt",
+        },
+    )
     return c, q, nemotron_h_tensors(c, q, router_dtype="BF16", kv_scales=True, mtp=True)
 
 
@@ -991,6 +1094,7 @@ def _full(builder: Callable[[], tuple], shards: int) -> Callable[[str], dict]:
         c, q, tensors = builder()
         write_checkpoint(out_dir, tensors, c, q, shards=shards, sparse=True)
         return _totals(tensors, shards)
+
     return run
 
 
@@ -1008,11 +1112,10 @@ def full_layouts() -> dict[str, Callable[[str], dict]]:
 # CLI
 # --------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: generate.py tiny OUT_DIR [NAME ...]\n"
-             "       generate.py full NAME OUT_DIR\n"
-             "       generate.py list")
+    usage = "usage: generate.py tiny OUT_DIR [NAME ...]\n       generate.py full NAME OUT_DIR\n       generate.py list"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

@@ -28,15 +28,32 @@ REPO = Path(__file__).resolve().parents[1]
 def run_hypothesis(examples: int) -> int:
     """tests/test_fuzz.py with ``examples`` per property and a fresh random seed; sums the counts."""
     env = dict(os.environ, NHCHECK_FUZZ_EXAMPLES=str(examples), NHCHECK_FUZZ_RANDOM="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
-                           str(REPO / "tests" / "test_fuzz.py"), "--hypothesis-show-statistics"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:warnings",
+            str(REPO / "tests" / "test_fuzz.py"),
+            "--hypothesis-show-statistics",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     passing = sum(int(n) for n in re.findall(r"- (\d+) passing examples", proc.stdout))
     failing = sum(int(n) for n in re.findall(r", (\d+) failing examples", proc.stdout))
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout[-6000:])
-    print(f"hypothesis: {passing:,} generated inputs passed, {failing:,} failed "
-          f"({examples:,} per property); pytest exit {proc.returncode}")
+    print(
+        f"hypothesis: {passing:,} generated inputs passed, {failing:,} failed "
+        f"({examples:,} per property); pytest exit {proc.returncode}"
+    )
     return proc.returncode
 
 
@@ -49,8 +66,12 @@ def write_seeds() -> str:
     out = tempfile.mkdtemp(prefix="nhcheck-fuzz-")
     layouts = [
         [("a.weight", "BF16", (2, 2), 0, 8)],
-        [("m.weight", "U8", (4, 2), 0, 8), ("m.weight_scale", "F8_E4M3", (4, 1), 8, 12),
-         ("m.weight_scale_2", "F32", (), 12, 16), ("m.input_scale", "F32", (), 16, 20)],
+        [
+            ("m.weight", "U8", (4, 2), 0, 8),
+            ("m.weight_scale", "F8_E4M3", (4, 1), 8, 12),
+            ("m.weight_scale_2", "F32", (), 12, 16),
+            ("m.input_scale", "F32", (), 16, 20),
+        ],
         [("x", "F4", (4,), 0, 2), ("y", "I64", (0,), 2, 2), ("z", "BOOL", (2,), 2, 4)],
     ]
     for i, tensors in enumerate(layouts):

@@ -7,25 +7,26 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
 
-from nhcheck import collapse
+from nhcheck import collapse, slots
 from nhcheck.checkpoint import Checkpoint
-from nhcheck.engines.sglang import (
-    BY_DESIGN_REASONS, PROFILES, REASON_TEXT, Outcome, PPWindow, SGLangProfile, make_replayer, mtp_preprocess,
-    replay_projector, route_wrapped,
-)
-from nhcheck.findings import Finding, severity_rank
-from nhcheck.manifest import Manifest, Param, build_manifest
+from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, PPWindow
+from nhcheck.errors import UsageError
+from nhcheck.findings import Finding, Severity, Verdict, severity_rank, verdict_of
+from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import A16_LINEAR, LINEAR_METHODS, QuantConfig
+from nhcheck.quant import LINEAR_METHODS, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
 
-VERDICTS = ("clean", "orphans", "incomplete", "broken", "crash")
 _PACKED_DTYPES = frozenset({"U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
 _PACKED_PARAM = frozenset({"uint8", "int8", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn_x2"})
 _FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
+
+
+#: How far the checkpoint fills one runtime parameter.
+ParamState = Literal["filled", "partial", "unfilled", "unreachable"]
 
 
 class TensorRecord(NamedTuple):
@@ -42,7 +43,7 @@ class TensorRecord(NamedTuple):
 class ParamStatus:
     name: str
     param: Param
-    status: str  # filled | partial | unfilled | unreachable
+    status: ParamState
     missing: tuple[str, ...] = ()
 
 
@@ -50,7 +51,7 @@ class ParamStatus:
 class AuditReport:
     source: str
     revision: str | None
-    engine: str
+    engine: EngineId
     config: NemotronHConfig
     quant: str | None
     manifest: Manifest
@@ -58,10 +59,10 @@ class AuditReport:
     records: tuple[TensorRecord, ...]
     params: tuple[ParamStatus, ...]
     findings: tuple[Finding, ...]
-    crash: dict | None
-    verdict: str
+    crash: Crash | None
+    verdict: Verdict
     ignored: int = 0
-    other_versions: dict[str, str] = field(default_factory=dict)
+    other_versions: dict[EngineId, str] = field(default_factory=dict)
     mtp: bool = False
     tp_sizes: tuple[int, ...] = ()  # the TP sizes checked statically (``audit --tp``); their findings are in findings
 
@@ -88,9 +89,9 @@ class AuditReport:
         """One line for comparing engine versions: verdict plus what drives it."""
         c = self.counts()
         mism = sum(1 for f in self.findings if f.code == "quant-mismatch")
-        bits = [self.verdict]
+        bits: list[str] = [self.verdict]
         if self.crash:
-            bits.append(f"raises {self.crash['error']}")
+            bits.append(f"raises {self.crash.error}")
         if c["orphans"]:
             bits.append(f"{c['orphans']:,} orphan tensors")
         if mism:
@@ -115,40 +116,26 @@ class AuditOptions:
 # ---------------------------------------------------------------------------
 
 
-def _replay_all(ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, profile: SGLangProfile,
-                opts: AuditOptions) -> list[tuple[TensorInfo, Outcome, str | None, bool]]:
-    """(tensor, outcome, full param name, routing-phase?) for every tensor, in stream order."""
-    inner = manifest.inner_names
-    prefix = manifest.lm_prefix
-    E = cfg.max_n_routed_experts if profile.expert_count_from_max else cfg.n_routed_experts
-    # NemotronHModel always has start/end layers (PP=1: 0 and the layer count), so a layer
-    # index past the model is dropped by the range check even without pipeline parallelism.
-    pp = opts.pp or PPWindow(0, cfg.num_layers)
-    out = []
+def _replay_all(
+    ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, engine: Engine, opts: AuditOptions
+) -> list[tuple[TensorInfo, Outcome, str | None, bool]]:
+    """(tensor, outcome, full param name, routing-phase?) for every tensor, in checkpoint order."""
+    replay = engine.replayer(manifest, cfg, mtp=opts.mtp, pp=opts.pp)
+    out: list[tuple[TensorInfo, Outcome, str | None, bool]] = []
     append = out.append
-    if opts.mtp:
-        replay = make_replayer(inner, E, profile, is_mtp=True, pp=pp)
-        for t in ckpt.tensors():
-            o = replay(mtp_preprocess(t.name, profile))
-            append((t, o, o.param, False))
-        return out
-    replay = make_replayer(inner, E, profile, pp=pp)
-    if cfg.wrapper is None:
+    if opts.mtp or cfg.wrapper is None:
         for t in ckpt.tensors():
             o = replay(t.name)
             append((t, o, o.param, False))
         return out
-    projector = manifest.projector_names
-    # NemotronH_Omni_Reasoning_V3 builds its vision_final_layernorm when the LM has MTP
-    # (``llm_config.num_nextn_predict_layers > 0``, VL@0.5.23), whatever the MTP pattern says.
-    lm_has_mtp = cfg.has_mtp
+    prefix = manifest.lm_prefix
     for t in ckpt.tensors():
-        r = route_wrapped(t.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp)
+        r = engine.route(t.name, cfg)
         if r.target == "lm":
             o = replay(r.inner or "")
             append((t, o, prefix + o.param if o.param else None, False))
         elif r.target == "projector":
-            o = replay_projector(r.inner or t.name, projector)
+            o = engine.replay_projector(r.inner or t.name, manifest)
             append((t, o, o.param, True))
         elif r.target == "tower":
             append((t, Outcome("routed", reason="routed"), None, True))
@@ -167,7 +154,7 @@ def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
         sub = shape[1:]
         return None if sub in ((), (1,)) else sub
     if p.loader == "stacked" and p.slots:
-        for sid, off, size in p.slots:
+        for sid, _off, size in p.slots:
             if sid == shard_id:
                 if size == 1 and len(shape) == 1 and shape[0] == len(p.slots):
                     return None
@@ -183,8 +170,11 @@ def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: P
     if p.dtype in _PACKED_PARAM or p.dtype in _FLOAT_PARAM:
         packed_ckpt = dtype in _PACKED_DTYPES
         if packed_ckpt != (p.dtype in _PACKED_PARAM):
-            what = (f"quantized ({dtype}) bytes into the unquantized {p.dtype} parameter" if packed_ckpt
-                    else f"an unquantized {dtype} tensor into the quantized {p.dtype} parameter")
+            what = (
+                f"quantized ({dtype}) bytes into the unquantized {p.dtype} parameter"
+                if packed_ckpt
+                else f"an unquantized {dtype} tensor into the quantized {p.dtype} parameter"
+            )
             return "quant-mismatch", f"loads {what} {p.name}"
     if not p.shape and p.dtype == "unknown":
         return None
@@ -194,8 +184,10 @@ def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: P
         for d in shape:
             n *= d
         if n == 1 and len(shape) > 1 and p.loader != "expert" and p.quant_method in LINEAR_METHODS:
-            return "shape-mismatch", (f"{list(shape)} into the one-element scale slot of {p.name}: the linear loader "
-                                      "reshapes only a 0-d scale and asserts equal shapes")
+            return "shape-mismatch", (
+                f"{list(shape)} into the one-element scale slot of {p.name}: the linear loader "
+                "reshapes only a 0-d scale and asserts equal shapes"
+            )
         return None if n == 1 else ("shape-mismatch", f"{list(shape)} into a one-element slot of {p.name}")
     if shape != tuple(want):
         return "shape-mismatch", f"{dtype} {list(shape)} but {p.name} expects {list(want)} here"
@@ -226,10 +218,31 @@ def _coverage(manifest: Manifest, loads: dict[str, set]) -> list[ParamStatus]:
     return out
 
 
-_QUANTISABLE = frozenset({"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
-                          "fc1_latent_proj", "fc2_latent_proj", "lm_head", "eh_proj"})
-_FAMILY = {"NVFP4": "NVFP4", "NVFP4_AWQ": "NVFP4", "W4A16_NVFP4": "NVFP4", "FP8": "FP8",
-           "FP8_PB_WO": "FP8", "FP8_BLOCK_SCALES": "FP8", "MXFP8": "FP8"}
+_QUANTISABLE = frozenset(
+    {
+        "in_proj",
+        "out_proj",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+        "fc1_latent_proj",
+        "fc2_latent_proj",
+        "lm_head",
+        "eh_proj",
+    }
+)
+_FAMILY = {
+    "NVFP4": "NVFP4",
+    "NVFP4_AWQ": "NVFP4",
+    "W4A16_NVFP4": "NVFP4",
+    "FP8": "FP8",
+    "FP8_PB_WO": "FP8",
+    "FP8_BLOCK_SCALES": "FP8",
+    "MXFP8": "FP8",
+}
 
 
 def _exporter_excluded(entries: tuple[str, ...]):
@@ -267,43 +280,87 @@ def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
             declared = None if excluded(module) else qc.quant_algo
         actual = "NVFP4" if w.dtype == "U8" else "FP8" if w.dtype.startswith("F8") else None
         if _FAMILY.get(declared or "", declared) != actual:
-            msg = (f"the quant config says {declared or 'unquantized'} but the weight is {w.dtype}"
-                   + (" (quantized)" if actual else ""))
+            msg = f"the quant config says {declared or 'unquantized'} but the weight is {w.dtype}" + (
+                " (quantized)" if actual else ""
+            )
             found.append(("recipe-mismatch", module, Finding("warning", "recipe-mismatch", msg, w.shard, w.name)))
     if qc.kv_cache_quant_algo and not has_kv:
-        found.append(("kv", "", Finding("info", "kv-scales-absent",
-                                        f"kv_cache_quant_algo is {qc.kv_cache_quant_algo} but the checkpoint has no "
-                                        "k_scale/v_scale tensors; the engine keeps its default KV scales")))
+        found.append(
+            (
+                "kv",
+                "",
+                Finding(
+                    "info",
+                    "kv-scales-absent",
+                    f"kv_cache_quant_algo is {qc.kv_cache_quant_algo} but the checkpoint has no "
+                    "k_scale/v_scale tensors; the engine keeps its default KV scales",
+                ),
+            )
+        )
     return _grouped(found)
 
 
 def _grouped(found: list[tuple[str, str, Finding]]) -> list[Finding]:
     """One finding per collapsed family (same code and message shape), naming the first tensor."""
     out: list[Finding] = []
-    for key, name, count, fs in collapse.group((f.code + "|" + collapse.template(f.message)[0], n or f.message, f)
-                                               for _, n, f in found):
+    for _key, name, count, fs in collapse.group(
+        (f.code + "|" + collapse.template(f.message)[0], n or f.message, f) for _, n, f in found
+    ):
         f = fs[0]
         msg = f.message if count == 1 else f"{name} ×{count}: {f.message}"
         out.append(Finding(f.severity, f.code, msg, f.shard, f.tensor))
     return out
 
 
-def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, manifest: Manifest,
-              profile: SGLangProfile, opts: AuditOptions = AuditOptions(), *, moe_backend: str | None = None) -> AuditReport:
+def check_mtp_draft(ckpt: Checkpoint, cfg: NemotronHConfig) -> None:
+    """``--mtp`` on a checkpoint without an MTP draft is a usage error (exit 2), not an incomplete draft.
+
+    No draft means: the config declares no MTP layers (``num_nextn_predict_layers`` 0 and no MTP
+    pattern) and no checkpoint tensor belongs to an MTP block (``mtp.*``, or ``*.mtp.*`` in a wrapper).
+    A config that declares a draft whose tensors are absent is a real finding and is audited.
+    """
+    if cfg.has_mtp or cfg.mtp_pattern:
+        return
+    if any(t.name.startswith("mtp.") or ".mtp." in t.name for t in ckpt.tensors()):
+        return
+    raise UsageError(
+        f"{ckpt.source} has no MTP draft (config.json declares no num_nextn_predict_layers and no "
+        "checkpoint tensor is mtp.*): run without --mtp"
+    )
+
+
+def run_audit(
+    ckpt: Checkpoint,
+    cfg: NemotronHConfig,
+    qc: QuantConfig | None,
+    manifest: Manifest,
+    engine: Engine,
+    opts: AuditOptions | None = None,
+    *,
+    moe_backend: str | None = None,
+) -> AuditReport:
     """Replay every tensor, cover every parameter, and turn the result into findings and a verdict."""
-    replayed = _replay_all(ckpt, cfg, manifest, profile, opts)
+    opts = opts or AuditOptions()
+    if opts.mtp:
+        check_mtp_draft(ckpt, cfg)
+    replayed = _replay_all(ckpt, cfg, manifest, engine, opts)
     ignore = opts.ignore
     by_name = manifest.by_name
     records: list[TensorRecord] = []
     append_record, new_record = records.append, tuple.__new__
     loads: dict[str, set] = {}
     slot_findings: list[tuple[str, str, Finding]] = []
+    slot0: dict[str, Param] = {}  # per-partition scale vectors a scalar fills in slot 0 only (``nhcheck.slots``)
     checked: dict[tuple, tuple[str, str] | None] = {}
+    unchecked: tuple[str, str] = ("", "")  # a sentinel: one dict lookup per tensor on the hot path
     n_ignored = 0
+    refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
+    # A start-up refusal builds no model: its per-tensor outcomes would all be orphans, noise beside the crash.
+    built = not (refusal and not manifest.params)
     for t, o, param, _ in replayed:
         ign = bool(ignore) and any(fnmatch.fnmatchcase(t.name, pat) for pat in ignore)
         n_ignored += ign
-        if o.outcome == "load":
+        if o.outcome == "load" and param is not None:  # a load always names its parameter
             orphan = False
             slot = loads.get(param)
             if slot is None:
@@ -312,52 +369,78 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
             p = by_name.get(param)
             if p is not None and not ign:
                 key = (param, o.shard_id, t.dtype, t.shape)
-                problem = checked.get(key, False)
-                if problem is False:
+                problem = checked.get(key, unchecked)
+                if problem is unchecked:
                     problem = checked[key] = _slot_problem(t.dtype, t.shape, o.shard_id, p)
+                    if slots.scalar_into_vector(p, t.shape) and not engine.scalar_fills_every_slot(p.quant_method):
+                        slot0[param] = p
                 if problem is not None:
-                    slot_findings.append((problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name)))
+                    slot_findings.append(
+                        (problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name))
+                    )
         else:
-            orphan = o.reason not in BY_DESIGN_REASONS or (o.reason == "pp-range" and _beyond_model(t.name, cfg))
+            orphan = built and (
+                not engine.by_design(o.reason) or (o.reason == "pp-range" and _beyond_model(t.name, cfg))
+            )
         append_record(new_record(TensorRecord, (t, o, orphan, param, ign)))  # tuple.__new__: no per-field call
 
-    # Crash point: the first raise in the order the engine meets tensors. A buffering VL wrapper
-    # (≤0.5.12) routes everything first and loads the language model afterwards.
-    crash = None
+    # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
+    # routes everything first and loads the language model afterwards).
+    crash: Crash | None = None
     order = replayed
-    if cfg.wrapper is not None and not opts.mtp and not profile.vl_streams:
+    if engine.routes_before_lm(cfg, mtp=opts.mtp):
         order = [r for r in replayed if r[3]] + [r for r in replayed if not r[3]]
     for t, o, _, _ in order:
         if o.outcome == "raise":
-            crash = {"tensor": t.name, "error": o.message, "shard": t.shard}
+            crash = Crash(o.message or "", t.name, t.shard)
             break
-    if crash is None and opts.mtp and profile.mtp_standalone_head_check:
-        error = _standalone_mtp_head_error(ckpt, manifest, profile)
+    if crash is None:
+        error = engine.startup_error((t.name for t, _, _, _ in replayed), manifest, mtp=opts.mtp)
         if error:
-            crash = {"tensor": None, "error": error, "shard": None}
-    # A quant config SGLang refuses (parse time) or a module it cannot build fails before
+            crash = Crash(error)
+    # A quant config the engine refuses (parse time) or a module it cannot build fails before
     # load_weights sees the first tensor: that error, not a tensor's, ends the start-up.
-    refusal = next((p for p in manifest.problems if p.startswith("ValueError")), None)
     if refusal:
-        crash = {"tensor": None, "error": refusal, "shard": None}
+        crash = Crash(refusal)
 
     statuses = _coverage(manifest, loads)
     findings: list[Finding] = list(ckpt.findings)
-    for p in manifest.problems:
-        findings.append(Finding("error" if p.startswith("ValueError") else "warning", "quant-config", p))
+    if engine.id.assumption:
+        findings.append(Finding("info", "engine-assumed", engine.id.assumption))
+    if moe_backend is None and manifest.source == "built" and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern):
+        findings.append(
+            Finding(
+                "info",
+                "moe-backend-assumed",
+                f"MoE runner backend {manifest.moe_backend}: what {engine.id.label} picks for this checkpoint on a "
+                "Blackwell GPU at TP 1 (it depends on the GPU); it decides the NVFP4 swizzled block scales and the "
+                "padded TP windows — pass --moe-backend to check another",
+            )
+        )
+    for problem_text in manifest.problems:
+        findings.append(
+            Finding("error" if problem_text.startswith(_REFUSALS) else "warning", "quant-config", problem_text)
+        )
     if crash is not None:
-        where = f" at {crash['tensor']} (shard {crash['shard']})" if crash["tensor"] else " while building the model"
-        findings.append(Finding("error", "crash", f"sglang {profile.version} raises {crash['error']}{where}; "
-                                "the server dies during start-up", crash["shard"], crash["tensor"]))
+        findings.append(
+            Finding(
+                "error",
+                "crash",
+                f"{engine.id.label} raises {crash.error}{crash.where}; the server dies during start-up",
+                crash.shard,
+                crash.tensor,
+            )
+        )
     orphan_items = []
     for r in records:
         if r.orphan and not r.ignored:
             o = r.outcome
-            sev = "error" if o.outcome == "raise" else "warning"
-            what = REASON_TEXT.get(o.reason, o.reason)
+            sev: Severity = "error" if o.outcome == "raise" else "warning"
+            what = engine.reason_text(o.reason)
             eng = f" as {o.engine_name}" if o.engine_name and o.engine_name != r.tensor.name else ""
-            orphan_items.append((o.reason, r.tensor.name,
-                                 Finding(sev, "orphan", f"{what}{eng}", r.tensor.shard, r.tensor.name)))
+            orphan_items.append(
+                (o.reason, r.tensor.name, Finding(sev, "orphan", f"{what}{eng}", r.tensor.shard, r.tensor.name))
+            )
     findings += _grouped(orphan_items)
     findings += _grouped(slot_findings)
     missing_items = []
@@ -365,57 +448,60 @@ def run_audit(ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, ma
         if s.status in ("unfilled", "partial") and not any(fnmatch.fnmatchcase(s.name, pat) for pat in ignore):
             sev = "info" if s.param.informational else "warning" if s.status == "partial" else "error"
             if s.status == "unfilled":
-                msg = ("no checkpoint tensor fills it; SGLang keeps its default" if s.param.informational
-                       else "no checkpoint tensor fills it; SGLang leaves it uninitialised and does not say so")
+                msg = (
+                    "no checkpoint tensor fills it; SGLang keeps its default"
+                    if s.param.informational
+                    else "no checkpoint tensor fills it; SGLang leaves it uninitialised and does not say so"
+                )
             else:
                 msg = "only partly filled: missing " + ", ".join(s.missing)
             missing_items.append(("param", s.name, Finding(sev, f"param-{s.status}", msg, None, s.name)))
     findings += _grouped(missing_items)
+    findings += _grouped(_slot0_findings(engine, slot0, statuses))
     findings += _recipe_findings(ckpt, qc)
 
-    verdict = _verdict(findings, crash)
-    others: dict[str, str] = {}
+    verdict = verdict_of(findings, crash is not None)
+    others: dict[EngineId, str] = {}
     if opts.compare_versions and verdict != "clean" and manifest.source == "built":
-        for v, prof in PROFILES.items():
-            if v == profile.version:
-                continue
-            m2 = build_manifest(cfg, qc, prof, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
-            r2 = run_audit(ckpt, cfg, qc, m2, prof, AuditOptions(opts.mtp, opts.pp, opts.ignore, False),
-                           moe_backend=moe_backend)
-            others[v] = r2.summary_line()
+        for other in engine.others():
+            m2 = other.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
+            r2 = run_audit(ckpt, cfg, qc, m2, other, replace(opts, compare_versions=False), moe_backend=moe_backend)
+            others[other.id] = r2.summary_line()
     return AuditReport(
-        source=ckpt.source, revision=ckpt.revision, engine=f"sglang@{profile.version}", config=cfg,
-        quant=qc.quant_algo if qc else None, manifest=manifest, checkpoint=ckpt, records=tuple(records),
-        params=tuple(statuses), findings=tuple(findings), crash=crash, verdict=verdict, ignored=n_ignored,
-        other_versions=others, mtp=opts.mtp,
+        source=ckpt.source,
+        revision=ckpt.revision,
+        engine=engine.id,
+        config=cfg,
+        quant=qc.quant_algo if qc else None,
+        manifest=manifest,
+        checkpoint=ckpt,
+        records=tuple(records),
+        params=tuple(statuses),
+        findings=tuple(findings),
+        crash=crash,
+        verdict=verdict,
+        ignored=n_ignored,
+        other_versions=others,
+        mtp=opts.mtp,
     )
 
 
-def _standalone_mtp_head_error(ckpt: Checkpoint, manifest: Manifest, profile: SGLangProfile) -> str | None:
-    """``NemotronHForCausalLMMTP.load_weights`` on 0.5.23 (§10; MTPF@0.5.23:381–414), after the stream.
+#: Manifest problems that are errors the engine raises while starting (no weight loads).
+_REFUSALS = ("ValueError", "AttributeError")
 
-    On names with one leading ``language_model.`` removed: a checkpoint with ``mtp.layers.*``,
-    no ``backbone.layers.*``/``model.layers.*`` and at least one ``lm_head.*`` is a standalone
-    MTP checkpoint, and it must supply every ``lm_head`` parameter (plus ``lm_head.weight``);
-    ``lm_head.input_scale`` is exempt under NVFP4-A16. Otherwise the load raises ValueError.
-    """
-    has_mtp = has_target = False
-    head: set[str] = set()
-    for t in ckpt.tensors():
-        n = mtp_preprocess(t.name, profile)
-        has_mtp = has_mtp or n.startswith("mtp.layers.")
-        has_target = has_target or n.startswith(("backbone.layers.", "model.layers."))
-        if n.startswith("lm_head."):
-            head.add(n)
-    if not (has_mtp and not has_target and head):
-        return None
-    expected = {p.name for p in manifest.params if p.name.startswith("lm_head.")}
-    if any(p.name == "lm_head.input_scale" and p.quant_method == A16_LINEAR for p in manifest.params):
-        expected.discard("lm_head.input_scale")
-    missing = (expected | {"lm_head.weight"}) - head
-    if missing:
-        return f"ValueError: Incomplete standalone MTP lm_head: missing {sorted(missing)}"
-    return None
+
+def _slot0_findings(engine: Engine, slot0: dict[str, Param], statuses: list[ParamStatus]) -> list:
+    """The same findings ``load`` reports for a scalar written into slot 0 of a scale vector, from the headers."""
+    filled = {s.name for s in statuses if s.status == "filled"}
+    out = []
+    for name, p in slot0.items():
+        kind = slots.unwritten_kind(p, 1) if name in filled else None
+        if kind == "empty":
+            msg = slots.empty_message(engine.id.label, p, slots.missing_text(p))
+            out.append(("slot0", name, Finding("error", slots.SLOT0, msg, None, name)))
+        elif kind == "sentinel":
+            out.append(("sentinel", name, Finding("info", "param-partial", slots.SENTINEL_MESSAGE, None, name)))
+    return out
 
 
 def _beyond_model(name: str, cfg: NemotronHConfig) -> bool:
@@ -425,17 +511,3 @@ def _beyond_model(name: str, cfg: NemotronHConfig) -> bool:
 
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def _verdict(findings: list[Finding], crash: dict | None) -> str:
-    codes = {f.code for f in findings if f.severity != "info"}
-    if crash is not None:
-        return "crash"
-    structure = any(f.severity == "error" and f.code.startswith(("shard-", "index-", "tensor-")) for f in findings)
-    if structure or codes & {"quant-mismatch", "shape-mismatch"}:
-        return "broken"
-    if codes & {"param-unfilled", "param-partial"}:
-        return "incomplete"
-    if "orphan" in codes:
-        return "orphans"
-    return "clean"

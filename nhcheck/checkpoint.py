@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from nhcheck.errors import CheckpointError
 from nhcheck.findings import Finding
@@ -103,7 +103,9 @@ def safe_member(root: str, name: str, what: str) -> str:
         raise CheckpointError(os.path.join(root, INDEX_NAME), f"{what} {name!r} is an absolute or empty path; refused")
     parts = name.replace("\\", "/").split("/")
     if ".." in parts:
-        raise CheckpointError(os.path.join(root, INDEX_NAME), f"{what} {name!r} escapes the checkpoint directory; refused")
+        raise CheckpointError(
+            os.path.join(root, INDEX_NAME), f"{what} {name!r} escapes the checkpoint directory; refused"
+        )
     path = os.path.join(root, name)
     real = os.path.realpath(path)
     if not any(real.startswith(inside + os.sep) for inside in _inside(root)):
@@ -158,10 +160,13 @@ def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str
     """Index ↔ header disagreements, each a finding (the files themselves still parse)."""
     out: list[Finding] = []
     for name in missing:
-        out.append(Finding("error", "shard-missing", f"shard {name} is listed in the index but does not exist", shard=name))
+        out.append(
+            Finding("error", "shard-missing", f"shard {name} is listed in the index but does not exist", shard=name)
+        )
     for name in stray:
-        out.append(Finding("warning", "shard-stray",
-                           f"{name} is not listed in the index; SGLang will not load it", shard=name))
+        out.append(
+            Finding("warning", "shard-stray", f"{name} is not listed in the index; SGLang will not load it", shard=name)
+        )
     first: dict[str, str] = {}
     dups: dict[str, list[str]] = {}
     for s in shards:
@@ -170,9 +175,15 @@ def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str
             if prev != s.name:
                 dups.setdefault(t.name, [prev]).append(s.name)
     for name, files in dups.items():
-        out.append(Finding("error", "tensor-duplicate",
-                           f"tensor is present in {len(files)} shards ({', '.join(files)}); which copy wins depends on load order",
-                           shard=files[0], tensor=name))
+        out.append(
+            Finding(
+                "error",
+                "tensor-duplicate",
+                f"tensor is present in {len(files)} shards ({', '.join(files)}); which copy wins depends on load order",
+                shard=files[0],
+                tensor=name,
+            )
+        )
     if index is None:
         return out
     wm: dict[str, str] = index["weight_map"]
@@ -183,20 +194,46 @@ def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str
             if shard not in present or where == shard or (where is not None and shard in dups.get(name, ())):
                 continue  # a missing shard is reported once as shard-missing
             if where is None:
-                out.append(Finding("error", "index-tensor-missing",
-                                   f"index maps it to {shard} but no shard contains it", shard=shard, tensor=name))
+                out.append(
+                    Finding(
+                        "error",
+                        "index-tensor-missing",
+                        f"index maps it to {shard} but no shard contains it",
+                        shard=shard,
+                        tensor=name,
+                    )
+                )
             else:
-                out.append(Finding("error", "index-wrong-shard",
-                                   f"index maps it to {shard} but it is in {where}", shard=where, tensor=name))
+                out.append(
+                    Finding(
+                        "error",
+                        "index-wrong-shard",
+                        f"index maps it to {shard} but it is in {where}",
+                        shard=where,
+                        tensor=name,
+                    )
+                )
         for name, where in first.items():
             if name not in wm:
-                out.append(Finding("warning", "index-tensor-unlisted",
-                                   f"tensor is in {where} but not in the index weight_map", shard=where, tensor=name))
+                out.append(
+                    Finding(
+                        "warning",
+                        "index-tensor-unlisted",
+                        f"tensor is in {where} but not in the index weight_map",
+                        shard=where,
+                        tensor=name,
+                    )
+                )
     total = (index.get("metadata") or {}).get("total_size")
     actual = sum(s.data_bytes for s in shards)  # headers are validated to cover their data exactly
     if isinstance(total, int) and not isinstance(total, bool) and total != actual:
-        out.append(Finding("warning", "index-total-size",
-                           f"index metadata.total_size is {total:,} but the shards hold {actual:,} data bytes"))
+        out.append(
+            Finding(
+                "warning",
+                "index-total-size",
+                f"index metadata.total_size is {total:,} but the shards hold {actual:,} data bytes",
+            )
+        )
     return out
 
 
@@ -213,8 +250,12 @@ def list_sidecars(root: str, skip: set[str]) -> list[str]:
     return out
 
 
-def open_local(source: str, progress=None) -> Checkpoint:
-    """Read a local directory or single ``.safetensors`` file, headers only."""
+def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> Checkpoint:
+    """Read a local directory or single ``.safetensors`` file, headers only.
+
+    ``configs_only_ok``: a directory with ``config.json`` (and a quant config) but no shards and no
+    index opens as a checkpoint without tensors, for ``manifest``, which builds from the configs.
+    """
     if os.path.isfile(source):
         if not source.endswith(".safetensors"):
             raise CheckpointError(source, "not a directory or a .safetensors file")
@@ -229,10 +270,8 @@ def open_local(source: str, progress=None) -> Checkpoint:
             shard_names = sorted(set(index["weight_map"].values()))
         else:
             index = None
-            shard_names = sorted(
-                fn for fn in os.listdir(root) if fn.endswith(".safetensors")
-            )
-            if not shard_names:
+            shard_names = sorted(fn for fn in os.listdir(root) if fn.endswith(".safetensors"))
+            if not shard_names and not (configs_only_ok and os.path.exists(os.path.join(root, CONFIG_NAME))):
                 raise CheckpointError(root, "no model.safetensors.index.json and no *.safetensors files")
     else:
         raise CheckpointError(source, "no such file or directory")
@@ -258,6 +297,13 @@ def open_local(source: str, progress=None) -> Checkpoint:
     findings = cross_check(index, shards, missing, stray)
     skip = set(shard_names) | {INDEX_NAME}
     return Checkpoint(
-        source=source, root=root, config=config, hf_quant_config=quant, shards=tuple(shards), index=index,
-        findings=tuple(findings), sidecars=tuple(list_sidecars(root, skip)), missing_shards=tuple(missing),
+        source=source,
+        root=root,
+        config=config,
+        hf_quant_config=quant,
+        shards=tuple(shards),
+        index=index,
+        findings=tuple(findings),
+        sidecars=tuple(list_sidecars(root, skip)),
+        missing_shards=tuple(missing),
     )

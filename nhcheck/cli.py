@@ -10,11 +10,11 @@ import gc
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import click
 
-from nhcheck import __version__
+from nhcheck import __version__, engines
 from nhcheck.engines.sglang import MOE_BACKENDS
 from nhcheck.errors import NhcheckError
 
@@ -25,8 +25,7 @@ GATES = ("error", "warning", "info", "none")
 def _stderr_console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None,
-                   highlight=False)
+    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
 
 
 def _progress(quiet: bool) -> Callable[[int, int, str], None] | None:
@@ -41,18 +40,95 @@ def _progress(quiet: bool) -> Callable[[int, int, str], None] | None:
     return tick
 
 
+def _summary(text: str, quiet: bool = False) -> None:
+    """The one-line summary on stderr: one line whatever the width (no soft wrap in CI logs or ``2>file``)."""
+    _stderr_console(quiet).print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _stdout_console():
+    """The report console: rich tables in a terminal; piped, plain rows (``report.print_table``), no wrapping."""
+    from rich.console import Console
+
+    console = Console(
+        no_color=bool(os.environ.get("NO_COLOR")) or None,
+        highlight=False,
+        width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
+    )
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
+
+
+def _file_console(fh, width: int):
+    """The report console for ``-o FILE``: a file is not a terminal, so tables are plain rows."""
+    from rich.console import Console
+
+    return Console(file=fh, width=width, no_color=True, soft_wrap=True)
+
+
+def _report_options(f):
+    """``-f/--format`` and ``-o/--output`` (checked before any work), shared by every verb that writes a report."""
+    f = click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False),
+        default=None,
+        callback=_check_output,
+        help="Write the report here instead of stdout.",
+    )(f)
+    return click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)(f)
+
+
+def _open_output(output: str):
+    try:
+        return open(output, "w", encoding="utf-8")
+    except OSError as exc:
+        raise NhcheckError(f"-o {output}: cannot write the report: {exc.strerror or exc}") from None
+
+
 def _write_out(text: str, output: str | None) -> None:
     if output:
-        with open(output, "w", encoding="utf-8") as fh:
+        with _open_output(output) as fh:
             fh.write(text)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
 
 
+def _check_output(ctx, param, value):
+    """``-o FILE`` is checked before any work: a bad path is a usage error (exit 2), not a failure at the end."""
+    if value is None:
+        return None
+    from nhcheck.errors import UsageError
+
+    path = os.path.abspath(value)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise UsageError(f"-o {value}: is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise UsageError(f"-o {value}: directory {parent} does not exist")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"-o {value}: file is not writable")
+    if not os.path.exists(path) and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {value}: directory {parent} is not writable")
+    return value
+
+
+def _parse_engine(ctx, param, value):
+    """The engine is parsed once, here: everything below the CLI receives an ``EngineId``."""
+    return engines.parse(value)
+
+
 def _engine_option(f):
-    return click.option("--engine", default="sglang@0.5.23", show_default=True,
-                        help="Engine version to replay: sglang@0.5.11 (before PR #24434), sglang@0.5.12, sglang@0.5.23.")(f)
+    return click.option(
+        "--engine",
+        default="sglang",
+        show_default=True,
+        callback=_parse_engine,
+        help="Engine release to replay: "
+        + ", ".join(engines.spans(list(engines.known())))
+        + " (sglang@0.5.11 is the last before PR #24434); bare sglang: the installed release, else the newest.",
+    )(f)
 
 
 def _auto_is_default(ctx, param, value):
@@ -62,12 +138,25 @@ def _auto_is_default(ctx, param, value):
 
 def _source_options(f):
     f = click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only).")(f)
-    f = click.option("--moe-backend", default=None, type=click.Choice(MOE_BACKENDS), callback=_auto_is_default,
-                     help="MoE runner backend (decides the NVFP4 swizzled block-scale parameters); default (auto): "
-                          "as SGLang picks on Blackwell at TP 1.")(f)
-    f = click.option("--mtp", is_flag=True, help="Replay the MTP draft model (NemotronHForCausalLMMTP) instead of the main model.")(f)
-    f = click.option("--pp", "pp", default=None, metavar="RANK/SIZE", callback=_parse_pp,
-                     help="Audit one pipeline-parallel rank, e.g. 0/4 (layers split as SGLang's get_pp_indices does).")(f)
+    f = click.option(
+        "--moe-backend",
+        default=None,
+        type=click.Choice(MOE_BACKENDS),
+        callback=_auto_is_default,
+        help="MoE runner backend (decides the NVFP4 swizzled block-scale parameters); default (auto): "
+        "as SGLang picks on Blackwell at TP 1.",
+    )(f)
+    f = click.option(
+        "--mtp", is_flag=True, help="Replay the MTP draft model (NemotronHForCausalLMMTP) instead of the main model."
+    )(f)
+    f = click.option(
+        "--pp",
+        "pp",
+        default=None,
+        metavar="RANK/SIZE",
+        callback=_parse_pp,
+        help="Audit one pipeline-parallel rank, e.g. 0/4 (layers split as SGLang's get_pp_indices does).",
+    )(f)
     return _engine_option(f)
 
 
@@ -84,10 +173,10 @@ def _parse_pp(ctx, param, value):
 
 
 class _Group(click.Group):
-    def main(self, *args, **kwargs):  # type: ignore[override]
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Turn every anticipated failure into one line on stderr and exit 2, never a traceback."""
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
@@ -107,9 +196,22 @@ class _Group(click.Group):
         except Exception as exc:  # a bug in nhcheck, still one line unless asked
             if os.environ.get("NHCHECK_DEBUG"):
                 raise
-            click.echo(f"nhcheck: internal error: {type(exc).__name__}: {_oneline(exc)} "
-                       "(set NHCHECK_DEBUG=1 for a traceback)", err=True)
+            click.echo(
+                f"nhcheck: internal error: {type(exc).__name__}: {_oneline(exc)} (set NHCHECK_DEBUG=1 for a traceback)",
+                err=True,
+            )
             sys.exit(2)
+
+    def format_commands(self, ctx, formatter):
+        """Each command's first sentence in full (click's default cuts it at about 45 characters)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def _oneline(exc: BaseException) -> str:
@@ -119,7 +221,7 @@ def _oneline(exc: BaseException) -> str:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="nhcheck")
+@click.version_option(__version__, "-V", "--version", prog_name="nhcheck")
 def cli() -> None:
     """Check a Nemotron-H checkpoint against the inference engine's loader before you start a server.
 
@@ -132,21 +234,55 @@ def cli() -> None:
 @cli.command()
 @click.argument("source")
 @_source_options
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the report here instead of stdout.")
-@click.option("--manifest", "manifest_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Use this runtime manifest (nhcheck JSON, or a live engine's named_parameters() dump).")
-@click.option("--ignore", multiple=True, metavar="PATTERN", help="Glob of tensor/parameter names to ignore (repeatable).")
-@click.option("--fail-on", type=click.Choice(GATES), default="warning", show_default=True,
-              help="Lowest finding severity that makes the exit code 1.")
+@_report_options
+@click.option(
+    "--manifest",
+    "manifest_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Use this runtime manifest (nhcheck JSON, or a live engine's named_parameters() dump).",
+)
+@click.option(
+    "--ignore", multiple=True, metavar="PATTERN", help="Glob of tensor/parameter names to ignore (repeatable)."
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(GATES),
+    default="warning",
+    show_default=True,
+    help="Lowest finding severity that makes the exit code 1.",
+)
 @click.option("--show-loaded", is_flag=True, help="List the tensors that load too, not only the problems.")
-@click.option("--values", is_flag=True,
-              help="Also read the scale tensors (only those) and flag zero, negative or non-finite scales.")
-@click.option("--tp", "tp_sizes", default=None, metavar="SIZES",
-              help="Also check the engine's tensor-parallel sharding at these TP sizes (e.g. 2,4,8): tp-indivisible findings.")
+@click.option(
+    "--values",
+    is_flag=True,
+    help="Also read the scale tensors (only those) and flag zero, negative or non-finite scales.",
+)
+@click.option(
+    "--tp",
+    "tp_sizes",
+    default=None,
+    metavar="SIZES",
+    help="Also check the engine's tensor-parallel sharding at these TP sizes (e.g. 2,4,8): tp-indivisible findings.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
-def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_file, ignore, fail_on, show_loaded, values,
-          tp_sizes, quiet):
+def audit(
+    source,
+    engine,
+    revision,
+    moe_backend,
+    mtp,
+    pp,
+    fmt,
+    output,
+    manifest_file,
+    ignore,
+    fail_on,
+    show_loaded,
+    values,
+    tp_sizes,
+    quiet,
+):
     """Replay the engine's loader over SOURCE's shard headers and report both directions.
 
     SOURCE is a checkpoint directory, a .safetensors file or a Hub repo id. No tensor
@@ -169,7 +305,7 @@ def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, _progress(quiet))
     inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-    rep = pipeline.audit(inputs, AuditOptions(mtp=mtp, ignore=tuple(ignore)))
+    rep = pipeline.audit(inputs, AuditOptions(ignore=tuple(ignore)))
     if values:
         from nhcheck import values as scale_values
 
@@ -180,29 +316,73 @@ def audit(source, engine, revision, moe_backend, mtp, pp, fmt, output, manifest_
         _write_out(report.render_json(rep), output)
     elif fmt == "markdown":
         _write_out(report.render_markdown(rep, show_loaded=show_loaded), output)
+    elif output:
+        with _open_output(output) as fh:
+            report.render_table(rep, _file_console(fh, 160), show_loaded=show_loaded)
     else:
-        from rich.console import Console
-
-        if output:
-            with open(output, "w", encoding="utf-8") as fh:
-                report.render_table(rep, Console(file=fh, width=160, no_color=True), show_loaded=show_loaded)
-        else:
-            report.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False,
-                                             width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160),
-                                show_loaded=show_loaded)
+        report.render_table(rep, _stdout_console(), show_loaded=show_loaded)
     if not quiet:
-        _stderr_console().print(report.summary_line(rep, time.perf_counter() - t0), highlight=False, markup=False)
+        _summary(report.summary_line(rep, time.perf_counter() - t0))
     sys.exit(rep.exit_code(fail_on))
 
 
 @cli.command()
 @click.argument("source")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only).")
+@click.option(
+    "--moe-backend",
+    default=None,
+    type=click.Choice(MOE_BACKENDS),
+    callback=_auto_is_default,
+    help="MoE runner backend; default (auto): as each release picks on Blackwell at TP 1.",
+)
+@click.option("--mtp", is_flag=True, help="The MTP draft model instead of the main model.")
+@_report_options
+def matrix(source, revision, moe_backend, mtp, fmt, output):
+    """Audit SOURCE against every release nhcheck answers for, headers read once: one row per range.
+
+    Exit 0 when some release of every engine loads it clean, 1 otherwise.
+
+    \b
+    Examples:
+      nhcheck matrix examples/omni-nvfp4-24137
+      nhcheck matrix ./ckpt --format markdown -o compat.md
+    """
+    from nhcheck import matrix as compat
+    from nhcheck import report
+    from nhcheck.sources import open_source
+
+    m = compat.build(open_source(source, revision, None), moe_backend=moe_backend, mtp=mtp)
+    if fmt == "json":
+        _write_out(report.matrix_json(m), output)
+    elif fmt == "markdown":
+        _write_out(report.matrix_markdown(m), output)
+    elif output:
+        with _open_output(output) as fh:
+            report.matrix_table(m, _file_console(fh, 200))
+    else:
+        report.matrix_table(m, _stdout_console())
+    sys.exit(m.exit_code())
+
+
+@cli.command()
+@click.argument("source")
 @_source_options
-@click.option("--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-f", "--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    callback=_check_output,
+    help="Write the manifest here instead of stdout.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet):
     """Print the runtime parameters the engine builds for SOURCE's config and quant config.
+
+    SOURCE may be a directory holding only config.json (and hf_quant_config.json): no
+    shard is needed.
 
     \b
     Examples:
@@ -212,30 +392,40 @@ def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet)
     import json
 
     from nhcheck import pipeline
+    from nhcheck.audit import check_mtp_draft
+    from nhcheck.checkpoint import open_local
     from nhcheck.sources import open_source
 
-    ckpt = open_source(source, revision, _progress(quiet))
-    m = pipeline.prepare(ckpt, engine, moe_backend=moe_backend, mtp=mtp, pp=pp).manifest
+    if os.path.isdir(source) and not revision:
+        ckpt = open_local(source, _progress(quiet), configs_only_ok=True)
+    else:
+        ckpt = open_source(source, revision, _progress(quiet))
+    inputs = pipeline.prepare(ckpt, engine, moe_backend=moe_backend, mtp=mtp, pp=pp)
+    if mtp:
+        check_mtp_draft(ckpt, inputs.config)
+    m = inputs.manifest
     if fmt == "json":
         _write_out(json.dumps(m.to_json(), indent=1) + "\n", output)
         return
-    from rich.console import Console
     from rich.table import Table
 
-    from nhcheck.report import safe
+    from nhcheck.report import print_table, safe
 
-    t = Table(title=f"{m.engine} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}; "
-                    f"moe backend {m.moe_backend})", title_justify="left")
+    t = Table(
+        title=f"{m.engine} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}; "
+        f"moe backend {m.moe_backend})",
+        title_justify="left",
+    )
     for col in ("name", "shape", "dtype", "quant method", "loader"):
         t.add_column(col, overflow="fold")
     for p in m.params:
         loader = p.loader + ("" if p.reachable else " (unreachable)")
         t.add_row(safe(p.name), str(list(p.shape)), p.dtype, p.quant_method or "", loader)
     if output:
-        with open(output, "w", encoding="utf-8") as fh:
-            Console(file=fh, width=200, no_color=True).print(t)
+        with _open_output(output) as fh:
+            print_table(_file_console(fh, 200), t)
     else:
-        Console(highlight=False).print(t)
+        print_table(_stdout_console(), t)
 
 
 def _byte_progress(quiet: bool):
@@ -246,14 +436,29 @@ def _byte_progress(quiet: bool):
         return nullcontext(None)
     from contextlib import contextmanager
 
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     @contextmanager
     def bar():
-        tasks: dict[str, int] = {}
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), console=_stderr_console(), transient=True) as p:
+        tasks: dict[str, TaskID] = {}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=_stderr_console(),
+            transient=True,
+        ) as p:
+
             def advance(phase: str, n: int, total: int) -> None:
                 if phase not in tasks:
                     tasks[phase] = p.add_task(phase, total=total)
@@ -266,14 +471,23 @@ def _byte_progress(quiet: bool):
 
 @cli.command()
 @click.argument("source")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for the fixed checkpoint; never the input, inside it, or containing it.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the fixed checkpoint; never the input, inside it, or containing it.",
+)
 @_engine_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (groups, counts, bytes saved per shard); write nothing.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty --out, replacing its checkpoint files.")
 @click.option("--link", is_flag=True, help="Hard-link shards with nothing to drop instead of copying them.")
-@click.option("--no-verify", is_flag=True, help="Skip the re-audit of the output and the byte comparison with the source.")
-@click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only; downloaded to the cache first).")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the re-audit of the output and the byte comparison with the source."
+)
+@click.option(
+    "--revision", default=None, help="Hub branch, tag or commit (repo ids only; downloaded to the cache first)."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
 def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision, quiet):
     """Write a copy of SOURCE without the tensors the engine would not load anyway, and say why each is safe.
@@ -289,8 +503,6 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision
       nhcheck prune ./ckpt --out ./ckpt-pruned --dry-run
       nhcheck prune nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --out ./nano-pruned --dry-run
     """
-    from rich.console import Console
-
     from nhcheck import pipeline
     from nhcheck import prune as pruning
     from nhcheck.checkpoint import open_local
@@ -303,52 +515,95 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision
     t0 = time.perf_counter()
     pruning.check_output(source, out_dir, overwrite)
     plan = pruning.plan_checkpoint(pipeline.prepare(open_local(source, _progress(quiet)), engine))
-    pruning.render_plan(plan, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False,
-                                      width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160))
+    pruning.render_plan(plan, _stdout_console())
     sys.stdout.flush()
     if plan.refusal is not None:
         click.echo("nhcheck: prune refused: " + plan.refusal, err=True)
         sys.exit(1)
-    err = _stderr_console(quiet)
     if dry_run:
-        err.print("dry run: nothing written", highlight=False, markup=False)
+        _summary("dry run: nothing written", quiet)
         sys.exit(0)
     with _byte_progress(quiet) as progress:
-        result = pruning.execute(plan, out_dir, overwrite=overwrite, link=link, verify=not no_verify,
-                                 progress=progress)
+        result = pruning.execute(plan, out_dir, overwrite=overwrite, link=link, verify=not no_verify, progress=progress)
     v = result.verification
-    check = ("not verified (--no-verify)" if v is None else
-             f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes compared with the source")
-    err.print(f"Wrote {result.out_dir}: dropped {len(plan.drops):,} tensor(s), {plan.bytes_saved:,} bytes, in "
-              f"{time.perf_counter() - t0:.1f} s; {check}.", highlight=False, markup=False)
+    check = (
+        "not verified (--no-verify)"
+        if v is None
+        else f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes compared with the source"
+    )
+    _summary(
+        f"Wrote {result.out_dir}: dropped {len(plan.drops):,} tensor(s), {plan.bytes_saved:,} bytes, in "
+        f"{time.perf_counter() - t0:.1f} s; {check}.",
+        quiet,
+    )
     if v is not None and not v.ok:
         for problem in v.problems:
             click.echo(f"nhcheck: verification failed: {problem}", err=True)
         sys.exit(1)
 
 
-
 @cli.command()
 @click.argument("source")
 @_source_options
 @click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
-@click.option("--manifest", "manifest_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Use this runtime manifest (nhcheck JSON, or a {name: {shape, dtype}} dump of a live engine).")
-@click.option("--dtype", type=click.Choice(("auto", "bfloat16", "float16", "float32")), default="auto",
-              show_default=True, help="Model dtype, as the engine's --dtype (quantized storage and fp32 scales keep theirs).")
-@click.option("--reader", type=click.Choice(("fast", "safetensors")), default="fast", show_default=True,
-              help="fast: parallel byte-range reads into pinned buffers; safetensors: safe_open, tensor by tensor (reference).")
+@click.option(
+    "--manifest",
+    "manifest_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Use this runtime manifest (nhcheck JSON, or a {name: {shape, dtype}} dump of a live engine).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(("auto", "bfloat16", "float16", "float32")),
+    default="auto",
+    show_default=True,
+    help="Model dtype, as the engine's --dtype (quantized storage and fp32 scales keep theirs).",
+)
+@click.option(
+    "--reader",
+    type=click.Choice(("fast", "safetensors")),
+    default="fast",
+    show_default=True,
+    help="fast: parallel byte-range reads into pinned buffers; safetensors: safe_open, tensor by tensor (reference).",
+)
 @click.option("--threads", type=click.IntRange(0, 256), default=0, help="Reader threads (0: min(16, CPU count)).")
-@click.option("--pinned-mb", type=click.IntRange(16, 65536), default=256, show_default=True,
-              help="Host staging memory of the fast reader (pinned on CUDA).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the report here instead of stdout.")
-@click.option("--tp", "tp_size", type=click.IntRange(1, 1024), default=None, metavar="N",
-              help="Tensor parallel: N ranks (torch.distributed, NCCL on cuda, gloo on cpu; started for you unless "
-                   "already under torchrun), each loading only its partition through safetensors slices.")
+@click.option(
+    "--pinned-mb",
+    type=click.IntRange(16, 65536),
+    default=256,
+    show_default=True,
+    help="Host staging memory of the fast reader (pinned on CUDA).",
+)
+@_report_options
+@click.option(
+    "--tp",
+    "tp_size",
+    type=click.IntRange(1, 1024),
+    default=None,
+    metavar="N",
+    help="Tensor parallel: N ranks (torch.distributed, NCCL on cuda, gloo on cpu; started for you unless "
+    "already under torchrun), each loading only its partition through safetensors slices.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
-def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, dtype, reader, threads, pinned_mb, fmt,
-         output, tp_size, quiet):
+def load(
+    source,
+    engine,
+    revision,
+    moe_backend,
+    mtp,
+    pp,
+    device,
+    manifest_file,
+    dtype,
+    reader,
+    threads,
+    pinned_mb,
+    fmt,
+    output,
+    tp_size,
+    quiet,
+):
     """Load SOURCE into the engine's runtime parameters on a real device and check every element.
 
     Allocates every parameter the engine builds (fused qkv_proj, fused experts, scale slots),
@@ -362,6 +617,7 @@ def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, 
       nhcheck load examples/nano3-24434-leftover-expert-scales --engine sglang@0.5.11 --device cuda
       nhcheck load ./ckpt --device cpu --format json -o load.json
     """
+    _require_load_extra()
     from nhcheck import load as loading
 
     t0 = time.perf_counter()
@@ -369,13 +625,42 @@ def load(source, engine, revision, moe_backend, mtp, pp, device, manifest_file, 
         from nhcheck import load_tp
 
         ckpt = loading.open_for_load(source, revision, _progress(quiet))
-        _render_load(load_tp, load_tp.run(load_tp.Job(ckpt.root, source, tp_size, device, engine, dtype, moe_backend,
-                                                      mtp, pp, manifest_file, threads)), fmt, output, quiet)
-    opts = loading.LoadOptions(device=device, dtype=dtype, reader=reader, threads=threads,
-                               pinned_bytes=pinned_mb << 20)
-    rep = loading.load_source(source, revision, engine, opts, progress=_progress(quiet), t0=t0,
-                              manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp).report
+        _render_load(
+            load_tp,
+            load_tp.run(
+                load_tp.Job(
+                    ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp, manifest_file, threads
+                )
+            ),
+            fmt,
+            output,
+            quiet,
+        )
+    opts = loading.LoadOptions(device=device, dtype=dtype, reader=reader, threads=threads, pinned_bytes=pinned_mb << 20)
+    rep = loading.load_source(
+        source,
+        revision,
+        engine,
+        opts,
+        progress=_progress(quiet),
+        t0=t0,
+        manifest_file=manifest_file,
+        moe_backend=moe_backend,
+        mtp=mtp,
+        pp=pp,
+    ).report
     _render_load(loading, rep, fmt, output, quiet)
+
+
+def _require_load_extra() -> None:
+    """``load`` is the one verb that needs torch; the base install (audit, manifest, prune) does not ship it."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NhcheckError(
+            f"load needs {', '.join(missing)}, which the base install leaves out: pip install 'nhcheck[load]'"
+        )
 
 
 def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None:
@@ -386,16 +671,13 @@ def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None
         _write_out(module.render_json(rep), output)
     elif fmt == "markdown":
         _write_out(module.render_markdown(rep), output)
+    elif output:
+        with _open_output(output) as fh:
+            module.render_table(rep, _file_console(fh, 160))
     else:
-        from rich.console import Console
-
-        if output:
-            with open(output, "w", encoding="utf-8") as fh:
-                module.render_table(rep, Console(file=fh, width=160, no_color=True))
-        else:
-            module.render_table(rep, Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False))
+        module.render_table(rep, _stdout_console())
     if not quiet:
-        _stderr_console().print(module.summary_line(rep), highlight=False, markup=False)
+        _summary(module.summary_line(rep))
     sys.exit(rep.exit_code())
 
 
@@ -409,7 +691,7 @@ def main() -> None:
     torch was loaded, whose CUDA state deserves an orderly shutdown).
     """
     gc.disable()
-    code: object = 0
+    code: str | int | None = 0
     try:
         cli()
     except SystemExit as exc:

@@ -8,11 +8,13 @@ only in those slots share a template. Used by audit (grouped findings) and repor
 from __future__ import annotations
 
 import re
-from typing import Hashable, Iterable, TypeVar
+from collections.abc import Hashable, Iterable
+from typing import TypeVar
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 def template(name: str) -> tuple[str, tuple[int, ...]]:
@@ -32,33 +34,33 @@ def render_set(values: Iterable[int]) -> str:
     if len(vals) == 1:
         return str(vals[0])
     if vals[-1] - vals[0] + 1 == len(vals):
-        return "{%d…%d}" % (vals[0], vals[-1])
+        return f"{{{vals[0]}…{vals[-1]}}}"
     if len(vals) <= 4:
         return "{" + ",".join(map(str, vals)) + "}"
-    return "{%d,%d,…,%d}" % (vals[0], vals[1], vals[-1])
+    return f"{{{vals[0]},{vals[1]},…,{vals[-1]}}}"
 
 
 def render(tmpl: str, slots: list[set[int]]) -> str:
     parts = tmpl.split("\x00")
     out = [parts[0]]
-    for values, part in zip(slots, parts[1:]):
+    for values, part in zip(slots, parts[1:], strict=True):
         out.append(render_set(values))
         out.append(part)
     return "".join(out).replace("{{", "{").replace("}}", "}")
 
 
-def group(items: Iterable[tuple[Hashable, str, T]]) -> list[tuple[Hashable, str, int, list[T]]]:
+def group(items: Iterable[tuple[K, str, T]]) -> list[tuple[K, str, int, list[T]]]:
     """Group ``(key, name, item)`` by (key, template of name); returns (key, collapsed name, count, items).
 
     Groups keep first-seen order so the report follows stream order.
     """
-    groups: dict[tuple[Hashable, str], tuple[list[set[int]], list[T]]] = {}
+    groups: dict[tuple[K, str], tuple[list[set[int]], list[T]]] = {}
     for key, name, item in items:
         tmpl, nums = template(name)
         g = groups.get((key, tmpl))
         if g is None:
             g = groups[(key, tmpl)] = ([set() for _ in nums], [])
-        for s, n in zip(g[0], nums):
+        for s, n in zip(g[0], nums, strict=True):
             s.add(n)
         g[1].append(item)
     return [(key, render(tmpl, slots), len(its), its) for (key, tmpl), (slots, its) in groups.items()]

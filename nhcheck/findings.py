@@ -1,10 +1,22 @@
-"""Findings: the facts an audit reports, shared by every pipeline stage."""
+"""Findings and the verdict they add up to: the facts every pipeline stage reports, in one vocabulary."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
-SEVERITIES = ("info", "warning", "error")
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
+#: Most severe last; the headline of an audit, a load or a TP load.
+Verdict = Literal["clean", "orphans", "incomplete", "broken", "crash"]
+VERDICTS: tuple[Verdict, ...] = ("clean", "orphans", "incomplete", "broken", "crash")
+
+#: Parameters the checkpoint leaves (partly) unwritten: silent garbage.
+INCOMPLETE_CODES = frozenset({"param-unfilled", "param-partial", "scale-slot0-only"})
+#: Errors that do not by themselves make the files broken: a crash and orphans have verdicts of
+#: their own, a refused quant config is a crash, and the TP and value checks report at their own gates.
+_NOT_BROKEN = INCOMPLETE_CODES | {"orphan", "crash", "quant-config", "tp-indivisible", "bad-scale"}
 
 
 @dataclass(frozen=True)
@@ -15,16 +27,38 @@ class Finding:
     ``--ignore`` and JSON consumers match on; ``message`` is for people.
     """
 
-    severity: str
+    severity: Severity
     code: str
     message: str
     shard: str | None = None
     tensor: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"severity": self.severity, "code": self.code, "message": self.message,
-                "shard": self.shard, "tensor": self.tensor}
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+            "shard": self.shard,
+            "tensor": self.tensor,
+        }
 
 
 def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
+
+
+def verdict_of(findings: Iterable[Finding], crashed: bool) -> Verdict:
+    """The one verdict rule shared by audit, load and the TP load: the most severe class present."""
+    if crashed:
+        return "crash"
+    codes: set[str] = set()
+    for f in findings:
+        if f.severity == "error" and f.code not in _NOT_BROKEN:
+            return "broken"
+        if f.severity != "info":
+            codes.add(f.code)
+    if codes & INCOMPLETE_CODES:
+        return "incomplete"
+    if "orphan" in codes:
+        return "orphans"
+    return "clean"

@@ -22,14 +22,24 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, Iterator
 from urllib.parse import quote
 
-from nhcheck.checkpoint import (CONFIG_NAME, INDEX_NAME, QUANT_NAME, Checkpoint, cross_check, load_json, open_local,
-                                parse_index, read_config, read_quant_sidecar)
+from nhcheck.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    QUANT_NAME,
+    Checkpoint,
+    cross_check,
+    load_json,
+    open_local,
+    parse_index,
+    read_config,
+    read_quant_sidecar,
+)
 from nhcheck.errors import CheckpointError, NhcheckError
 from nhcheck.findings import Finding
 from nhcheck.safetensors_header import ShardHeader, read_header, read_shard
@@ -38,8 +48,18 @@ Progress = Callable[[int, int, str], None]
 
 #: What prune and load need from a repo: the weights, the files that describe them, and the
 #: sidecars a served model keeps (tokenizer, generation config, remote code, model card).
-DATA_PATTERNS = ["*.safetensors", INDEX_NAME, CONFIG_NAME, QUANT_NAME, "tokenizer*", "special_tokens_map.json",
-                 "generation_config.json", "chat_template*", "*.py", "README.md"]
+DATA_PATTERNS = [
+    "*.safetensors",
+    INDEX_NAME,
+    CONFIG_NAME,
+    QUANT_NAME,
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template*",
+    "*.py",
+    "README.md",
+]
 
 #: Bytes per header entry beyond its name: ``"…":{"dtype":"BF16","shape":[2688,1856],"data_offsets":[…,…]},``
 #: with ten-digit offsets; plus a fixed allowance for ``__metadata__`` and padding.
@@ -76,8 +96,9 @@ def open_hub(repo_id: str, revision: str | None = None, progress: Progress | Non
         try:
             sha, files = _repo_files(repo_id, revision, meter)
         except _transport_errors() as exc:
-            return open_cached(repo_id, revision, progress,
-                               f"the Hub at {constants.ENDPOINT} cannot be reached ({type(exc).__name__})")
+            return open_cached(
+                repo_id, revision, progress, f"the Hub at {constants.ENDPOINT} cannot be reached ({type(exc).__name__})"
+            )
         return _open_remote(repo_id, revision, sha, files, meter, progress)
 
 
@@ -88,22 +109,34 @@ def open_cached(repo_id: str, revision: str | None, progress: Progress | None, r
     at = f"@{revision}" if revision else ""
     path = try_to_load_from_cache(repo_id, CONFIG_NAME, revision=revision)
     if not isinstance(path, str):
-        raise NhcheckError(f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                           f"{reason}; run once with network access, or `hf download {repo_id}`")
+        raise NhcheckError(
+            f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"{reason}; run once with network access, or `hf download {repo_id}`"
+        )
     root = os.path.dirname(path)
     if not os.path.exists(os.path.join(root, INDEX_NAME)) and not any(
-            fn.endswith(".safetensors") for fn in os.listdir(root)):
-        raise NhcheckError(f"{repo_id}{at}: no shard headers in the local Hugging Face cache ({root}) and {reason}; "
-                           f"run once with network access, or `hf download {repo_id}`")
+        fn.endswith(".safetensors") for fn in os.listdir(root)
+    ):
+        raise NhcheckError(
+            f"{repo_id}{at}: no shard headers in the local Hugging Face cache ({root}) and {reason}; "
+            f"run once with network access, or `hf download {repo_id}`"
+        )
     ckpt = open_local(root, progress)
     if not ckpt.shards:
-        raise NhcheckError(f"{repo_id}{at}: none of its {len(ckpt.missing_shards)} shards is in the local Hugging Face "
-                           f"cache ({root}) and {reason}; run once with network access, or `hf download {repo_id}`")
+        raise NhcheckError(
+            f"{repo_id}{at}: none of its {len(ckpt.missing_shards)} shards is in the local Hugging Face "
+            f"cache ({root}) and {reason}; run once with network access, or `hf download {repo_id}`"
+        )
     findings = tuple(
-        Finding("warning", "shard-not-cached",
-                f"shard {f.shard} is listed in the index but not in the local Hugging Face cache ({reason}); "
-                "its tensors are not audited", shard=f.shard)
-        if f.code == "shard-missing" else f
+        Finding(
+            "warning",
+            "shard-not-cached",
+            f"shard {f.shard} is listed in the index but not in the local Hugging Face cache ({reason}); "
+            "its tensors are not audited",
+            shard=f.shard,
+        )
+        if f.code == "shard-missing"
+        else f
         for f in ckpt.findings
     )
     return replace(ckpt, source=repo_id, revision=os.path.basename(root), bytes_transferred=0, findings=findings)
@@ -131,10 +164,16 @@ def materialize(repo_id: str, revision: str | None = None, progress: bool = True
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one line with a hint (exit 2)."""
-    from huggingface_hub import constants
-    from huggingface_hub import errors
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub import constants, errors
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     IncompleteSnapshotError = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 1.x only
 
@@ -144,26 +183,36 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     except GatedRepoError:
         raise NhcheckError(f"{repo_id}: gated repo; request access on its Hub page, then {_LOGIN_HINT}") from None
     except RepositoryNotFoundError:
-        raise NhcheckError(f"{repo_id}: repository not found on {constants.ENDPOINT} "
-                           f"(check the id; if it is private or gated, {_LOGIN_HINT})") from None
+        raise NhcheckError(
+            f"{repo_id}: repository not found on {constants.ENDPOINT} "
+            f"(check the id; if it is private or gated, {_LOGIN_HINT})"
+        ) from None
     except RevisionNotFoundError:
-        raise NhcheckError(f"{repo_id}: revision {revision or 'main'!r} not found; check the revision "
-                           "(a branch, tag or commit of the repo)") from None
+        raise NhcheckError(
+            f"{repo_id}: revision {revision or 'main'!r} not found; check the revision "
+            "(a branch, tag or commit of the repo)"
+        ) from None
     except IncompleteSnapshotError as exc:
         raise NhcheckError(f"{repo_id}{at}: {_first_line(exc)}") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
-               else f"the Hub at {constants.ENDPOINT} cannot be reached")
-        raise NhcheckError(f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-                           f"run once with network access, or `hf download {repo_id}`") from None
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if constants.is_offline_mode()
+            else f"the Hub at {constants.ENDPOINT} cannot be reached"
+        )
+        raise NhcheckError(
+            f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+            f"run once with network access, or `hf download {repo_id}`"
+        ) from None
     except EntryNotFoundError as exc:
         raise NhcheckError(f"{repo_id}{at}: file not found in the repo: {_first_line(exc)}") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise NhcheckError(f"{repo_id}{at}: the Hub answered HTTP {status}: {_first_line(exc)}") from None
     except _transport_errors() as exc:
-        raise NhcheckError(f"{repo_id}{at}: lost the connection to {constants.ENDPOINT}: "
-                           f"{type(exc).__name__}: {_first_line(exc)}") from None
+        raise NhcheckError(
+            f"{repo_id}{at}: lost the connection to {constants.ENDPOINT}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -187,8 +236,9 @@ def _repo_files(repo_id: str, revision: str | None, meter: _Meter) -> tuple[str,
     url = f"{constants.ENDPOINT}/api/models/{repo_id}"
     if revision:
         url += f"/revision/{quote(revision, safe='')}"
-    r = get_session().get(url, headers=build_hf_headers(), params={"blobs": True},
-                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    r = get_session().get(
+        url, headers=build_hf_headers(), params={"blobs": True}, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+    )
     meter.add(r.num_bytes_downloaded)
     hf_raise_for_status(r)
     try:
@@ -196,23 +246,33 @@ def _repo_files(repo_id: str, revision: str | None, meter: _Meter) -> tuple[str,
         sha = info["sha"]
         files = {s["rfilename"]: s.get("size") for s in info["siblings"]}
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise NhcheckError(f"{repo_id}: {constants.ENDPOINT} gave an unexpected model-info answer "
-                           "(is HF_ENDPOINT a Hugging Face Hub?)") from None
-    if not isinstance(sha, str) or not _COMMIT.match(sha) or not all(
-            isinstance(k, str) and (v is None or type(v) is int) for k, v in files.items()):
-        raise NhcheckError(f"{repo_id}: {constants.ENDPOINT} gave an unexpected model-info answer "
-                           "(is HF_ENDPOINT a Hugging Face Hub?)")
+        raise NhcheckError(
+            f"{repo_id}: {constants.ENDPOINT} gave an unexpected model-info answer (is HF_ENDPOINT a Hugging Face Hub?)"
+        ) from None
+    if (
+        not isinstance(sha, str)
+        or not _COMMIT.match(sha)
+        or not all(isinstance(k, str) and (v is None or type(v) is int) for k, v in files.items())
+    ):
+        raise NhcheckError(
+            f"{repo_id}: {constants.ENDPOINT} gave an unexpected model-info answer (is HF_ENDPOINT a Hugging Face Hub?)"
+        )
     return sha, files
 
 
-def _open_remote(repo_id: str, revision: str | None, sha: str, files: dict[str, int | None], meter: _Meter,
-                 progress: Progress | None) -> Checkpoint:
+def _open_remote(
+    repo_id: str, revision: str | None, sha: str, files: dict[str, int | None], meter: _Meter, progress: Progress | None
+) -> Checkpoint:
     top_shards = sorted(n for n in files if "/" not in n and n.endswith(".safetensors"))
     if not top_shards and INDEX_NAME not in files:
-        others = sorted({os.path.splitext(n)[1] for n in files if n.endswith((".bin", ".pt", ".pth", ".gguf", ".ckpt"))})
+        others = sorted(
+            {os.path.splitext(n)[1] for n in files if n.endswith((".bin", ".pt", ".pth", ".gguf", ".ckpt"))}
+        )
         what = f"{', '.join(others)} only" if others else "no weight files"
-        raise NhcheckError(f"{repo_id}: this repo has no safetensors weights ({what}); nhcheck reads safetensors "
-                           "shard headers (look for a safetensors variant of the model)")
+        raise NhcheckError(
+            f"{repo_id}: this repo has no safetensors weights ({what}); nhcheck reads safetensors "
+            "shard headers (look for a safetensors variant of the model)"
+        )
     where = f"{repo_id}@{sha[:12]}"
     if CONFIG_NAME not in files:
         raise CheckpointError(f"{where}/{CONFIG_NAME}", "not found; nhcheck needs it to build the runtime manifest")
@@ -235,9 +295,17 @@ def _open_remote(repo_id: str, revision: str | None, sha: str, files: dict[str, 
     skip = set(shard_names) | {INDEX_NAME}
     sidecars = sorted(n for n in files if n not in skip and not any(p.startswith(".") for p in n.split("/")))
     return Checkpoint(
-        source=repo_id, root=root, config=config, hf_quant_config=quant, shards=tuple(shards), index=index,
-        findings=tuple(cross_check(index, shards, missing, stray)), sidecars=tuple(sidecars), revision=sha,
-        bytes_transferred=meter.total, missing_shards=tuple(missing),
+        source=repo_id,
+        root=root,
+        config=config,
+        hf_quant_config=quant,
+        shards=tuple(shards),
+        index=index,
+        findings=tuple(cross_check(index, shards, missing, stray)),
+        sidecars=tuple(sidecars),
+        revision=sha,
+        bytes_transferred=meter.total,
+        missing_shards=tuple(missing),
     )
 
 
@@ -255,8 +323,10 @@ def _small_file_fetcher(repo_id: str, revision: str | None, sha: str, meter: _Me
         cached = try_to_load_from_cache(repo_id, name, revision=sha)
         path = hf_hub_download(repo_id, name, revision=revision, tqdm_class=Silent)
         if os.path.basename(os.path.dirname(path)) != sha:
-            raise NhcheckError(f"{repo_id}: revision {revision or 'main'!r} moved to a new commit during the run; "
-                               "run again (or pass --revision COMMIT)")
+            raise NhcheckError(
+                f"{repo_id}: revision {revision or 'main'!r} moved to a new commit during the run; "
+                "run again (or pass --revision COMMIT)"
+            )
         if not isinstance(cached, str):
             meter.add(os.path.getsize(path))
         return path
@@ -275,8 +345,15 @@ def _first_ranges(index: dict | None, shards: list[str]) -> dict[str, int]:
     return est
 
 
-def _fetch_headers(repo_id: str, sha: str, names: list[str], files: dict[str, int | None], first: dict[str, int],
-                   meter: _Meter, progress: Progress | None) -> list[ShardHeader]:
+def _fetch_headers(
+    repo_id: str,
+    sha: str,
+    names: list[str],
+    files: dict[str, int | None],
+    first: dict[str, int],
+    meter: _Meter,
+    progress: Progress | None,
+) -> list[ShardHeader]:
     """Every shard header, in loader order: read from the cache when the shard is there, else fetched in parallel."""
     from huggingface_hub import hf_hub_url, try_to_load_from_cache
 
@@ -289,8 +366,12 @@ def _fetch_headers(repo_id: str, sha: str, names: list[str], files: dict[str, in
         else:
             remote.append(n)
     with ThreadPoolExecutor(max_workers=max(1, min(_WORKERS, len(remote)))) as pool:
-        jobs = {pool.submit(_fetch_header, hf_hub_url(repo_id, n, revision=sha), n, first.get(n, _FIRST_RANGE),
-                            files[n], meter): n for n in remote}
+        jobs = {
+            pool.submit(
+                _fetch_header, hf_hub_url(repo_id, n, revision=sha), n, first.get(n, _FIRST_RANGE), files[n], meter
+            ): n
+            for n in remote
+        }
         try:
             for done, job in enumerate(as_completed(jobs)):
                 out[jobs[job]] = job.result()
@@ -325,7 +406,7 @@ class _RangeReader:
         if end > len(self._buf):
             more, _ = _get_range(self._url, len(self._buf), end - 1, self._meter)
             self._buf += more
-        out = self._buf[self._pos:end]
+        out = self._buf[self._pos : end]
         self._pos += len(out)
         return out
 
@@ -353,8 +434,11 @@ def _get_range(url: str, start: int, end: int, meter: _Meter) -> tuple[bytes, in
         if r.status_code == 206:
             m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != start:
-                raise CheckpointError(url, f"asked for bytes {start}-{end}, the server answered Content-Range "
-                                           f"{r.headers.get('Content-Range')!r}")
+                raise CheckpointError(
+                    url,
+                    f"asked for bytes {start}-{end}, the server answered Content-Range "
+                    f"{r.headers.get('Content-Range')!r}",
+                )
             total = int(m.group(3)) if m.group(3) != "*" else None
             skip = 0
         else:

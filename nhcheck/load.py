@@ -25,19 +25,20 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
-from nhcheck import __version__, collapse
+from nhcheck import __version__, collapse, engines, slots
 from nhcheck.audit import AuditOptions, AuditReport, TensorRecord, _grouped
 from nhcheck.checkpoint import Checkpoint, open_local
-from nhcheck.engines.sglang import get_profile, route_wrapped
+from nhcheck.engines.base import Crash
 from nhcheck.errors import CheckpointError, UsageError
-from nhcheck.findings import Finding
+from nhcheck.findings import Finding, Verdict, verdict_of
 from nhcheck.manifest import Param
-from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS
+from nhcheck.quant import LINEAR_METHODS
 from nhcheck.safetensors_header import TensorInfo
 
 SCHEMA = "nhcheck.load/1"
@@ -46,13 +47,41 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 #: safetensors dtype → torch dtype name (F4/F6 have none: such a tensor cannot be copied).
 TORCH_DTYPE = {
-    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8", "I8": "int8",
-    "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
 }
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1, "int16": 2,
-            "int32": 4, "int64": 8, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1,
-            "float8_e5m2": 1, "float8_e8m0fnu": 1}
+ITEMSIZE = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e8m0fnu": 1,
+}
 _FLOAT = frozenset({"bfloat16", "float16", "float32", "float64"})
 _BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 #: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
@@ -87,20 +116,21 @@ class LoadOptions:
 class Op(NamedTuple):
     """One checkpoint tensor placed into one slot of one runtime parameter.
 
-    ``start``/``count``: the slot as a range of the flattened parameter (every slot the engine
-    fills is a contiguous range: dim 0 is the q/k/v row block or the expert). ``kind``:
+    ``idx``: the tensor's position in the audit. ``start``/``n``: the slot as a range of the
+    flattened parameter (every slot the engine fills is a contiguous range: dim 0 is the q/k/v
+    row block or the expert). ``kind``:
     ``copy`` (same dtype, bytes), ``cast`` (float to float), ``broadcast`` (one scalar into every
     partition), ``mamba_A`` (``-exp(float(x))``).
     """
 
-    index: int
+    idx: int
     tensor: TensorInfo
     path: str
     param: str
     kind: str
     src: str
     start: int
-    count: int
+    n: int
     slot: str
 
 
@@ -117,7 +147,7 @@ class Plan:
     ops: tuple[Op, ...]
     params: tuple[Param, ...]
     findings: tuple[Finding, ...]
-    crash: dict | None
+    crash: Crash | None
     unreachable: tuple[str, ...]
 
 
@@ -152,8 +182,8 @@ class LoadReport:
     peak_device_bytes: int | None
     params: tuple[ParamLoad, ...]
     findings: tuple[Finding, ...]
-    crash: dict | None
-    verdict: str
+    crash: Crash | None
+    verdict: Verdict
     samples_checked: int
 
     @property
@@ -169,7 +199,7 @@ class LoadResult:
     """The report, and the loaded parameters (views with the engine's shapes) for callers that want them."""
 
     report: LoadReport
-    arenas: "Arenas" = field(repr=False)
+    arenas: Arenas = field(repr=False)
 
     @property
     def tensors(self) -> dict[str, Any]:
@@ -187,10 +217,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _is_scale(name: str) -> bool:
-    return "scale" in name.rsplit(".", 1)[-1]
-
-
 def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Param, ...], tuple[str, ...]]:
     """The parameters to allocate (reachable ones, in the runtime dtype) and the unreachable names.
 
@@ -205,25 +231,43 @@ def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Para
             unreachable.append(p.name)
             continue
         if p.dtype not in ITEMSIZE or (not p.shape and p.dtype == "unknown"):
-            raise UsageError(f"the manifest gives no usable dtype/shape for {p.name} ({p.dtype} {list(p.shape)}); "
-                             "load needs a manifest with shapes and dtypes (nhcheck JSON or a {name: {shape, dtype}} dump)")
-        if (dtype != "auto" and p.dtype == model and p.loader != "mamba_A" and not _is_scale(p.name)
-                and not p.name.endswith("e_score_correction_bias")):
-            p = Param(p.name, p.shape, dtype, p.quant_method, p.loader, p.slots, p.num_experts, p.shard_ids,
-                      p.reachable, p.informational)
+            raise UsageError(
+                f"the manifest gives no usable dtype/shape for {p.name} ({p.dtype} {list(p.shape)}); "
+                "load needs a manifest with shapes and dtypes (nhcheck JSON or a {name: {shape, dtype}} dump)"
+            )
+        if (
+            dtype != "auto"
+            and p.dtype == model
+            and p.loader != "mamba_A"
+            and not slots.is_scale(p.name)
+            and not p.name.endswith("e_score_correction_bias")
+        ):
+            p = Param(
+                p.name,
+                p.shape,
+                dtype,
+                p.quant_method,
+                p.loader,
+                p.slots,
+                p.num_experts,
+                p.shard_ids,
+                p.reachable,
+                p.informational,
+            )
         out.append(p)
     return tuple(out), tuple(unreachable)
 
 
-def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None,
-           every_slot: bool = True) -> tuple[int, int, str, bool]:
+def _place(
+    p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None, every_slot: bool = True
+) -> tuple[int, int, str, bool]:
     """(first element, element count, slot label, broadcast?) of the slot a tensor of ``shape`` fills in ``p``.
 
     Mirrors the loaders: FusedMoE puts expert e at ``[e]`` (a scalar scale into a one-element
     slot); the stacked loader puts the q/k/v row block at its offset (a scalar scale at its
     index); the default loader copies the whole tensor, fills a one-element parameter from
     any one-element tensor, and puts a scalar scale into a per-partition scale vector: over
-    every partition with ``every_slot``, else into slot 0 only (see ``_every_slot``).
+    every partition with ``every_slot``, else into slot 0 only (``Engine.scalar_fills_every_slot``).
     """
     n = _numel(shape)
     pshape = p.shape
@@ -256,12 +300,15 @@ def _place(p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: in
         row = _numel(pshape[1:])
         return off * row, size * row, f"shard {sid}", False
     numel = _numel(pshape)
-    if n == 1 and len(shape) > 1 and p.quant_method in LINEAR_METHODS and _is_scale(p.name):
-        raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element scale {p.name}: the linear loader "
-                        "reshapes only a 0-d scale and asserts equal shapes")
+    if n == 1 and len(shape) > 1 and p.quant_method in LINEAR_METHODS and slots.is_scale(p.name):
+        raise _Mismatch(
+            "shape-mismatch",
+            f"{list(shape)} into the one-element scale {p.name}: the linear loader "
+            "reshapes only a 0-d scale and asserts equal shapes",
+        )
     if tuple(shape) == tuple(pshape) or (n == 1 and numel == 1):
         return 0, numel, "whole", False
-    if n == 1 and len(pshape) == 1 and p.loader == "default" and _is_scale(p.name):
+    if slots.scalar_into_vector(p, shape):
         if not every_slot:
             return 0, 1, "slot 0", False
         return 0, numel, "every partition", True
@@ -277,10 +324,15 @@ def _kind(p: Param, t: TensorInfo) -> str:
     src = TORCH_DTYPE.get(t.dtype)
     dst = p.dtype
     if src is None:
-        raise _Mismatch("dtype-mismatch", f"{t.dtype} has no torch dtype; cannot be placed in the {dst} parameter {p.name}")
+        raise _Mismatch(
+            "dtype-mismatch", f"{t.dtype} has no torch dtype; cannot be placed in the {dst} parameter {p.name}"
+        )
     if (src in _FLOAT) != (dst in _FLOAT):
-        what = (f"quantized ({t.dtype}) bytes into the unquantized {dst} parameter" if dst in _FLOAT
-                else f"an unquantized {t.dtype} tensor into the quantized {dst} parameter")
+        what = (
+            f"quantized ({t.dtype}) bytes into the unquantized {dst} parameter"
+            if dst in _FLOAT
+            else f"an unquantized {t.dtype} tensor into the quantized {dst} parameter"
+        )
         raise _Mismatch("quant-mismatch", f"would load {what} {p.name}; not copied")
     if p.loader == "mamba_A":
         return "mamba_A"
@@ -291,43 +343,31 @@ def _kind(p: Param, t: TensorInfo) -> str:
 
 def stream_order(report: AuditReport) -> list[TensorRecord]:
     """The records in the order the engine meets them (a buffering VL wrapper routes everything first)."""
-    cfg = report.config
     recs = list(report.records)
-    profile = get_profile(report.engine)
-    if cfg.wrapper is None or report.mtp or profile.vl_streams:
+    engine = engines.get(report.engine)
+    if not engine.routes_before_lm(report.config, mtp=report.mtp):
         return recs
-    lm_has_mtp = cfg.has_mtp
-    is_lm = [route_wrapped(r.tensor.name, cfg.wrapper, profile, cfg.has_sound, lm_has_mtp).target == "lm" for r in recs]
-    return [r for r, lm in zip(recs, is_lm) if not lm] + [r for r, lm in zip(recs, is_lm) if lm]
-
-
-def _every_slot(p: Param, profile) -> bool:
-    """Whether a scalar scale loaded with no shard id fills every slot of ``p``'s per-partition vector.
-
-    Only a ``MergedColumnParallelLinear`` fused in the checkpoint (Mamba ``in_proj``) gets here.
-    0.5.23 ``MergedColumnParallelLinear.weight_loader_v2`` fills every logical slot; ≤0.5.12's
-    calls ``load_merged_column_weight(shard_id=0)``: slot 0 only. ``ModelOptNvFp4A16LinearMethod``
-    is not in ``WEIGHT_LOADER_V2_SUPPORTED``, so it takes the v1 ``MergedColumnParallelLinear.weight_loader``,
-    whose ``adjust_scalar_to_fused_array(param, w, 0)`` also writes slot 0 only.
-    """
-    return profile.merged_scalar_every_slot and p.quant_method != A16_LINEAR
+    is_lm = [engine.route(r.tensor.name, report.config).target == "lm" for r in recs]
+    return [r for r, lm in zip(recs, is_lm, strict=True) if not lm] + [
+        r for r, lm in zip(recs, is_lm, strict=True) if lm
+    ]
 
 
 def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     """Every copy the load makes, in stream order, up to the tensor where the engine raises."""
     params, unreachable = runtime_params(report, dtype)
     by_name = {p.name: p for p in params}
-    profile = get_profile(report.engine)
+    engine = engines.get(report.engine)
     paths = {s.name: s.path for s in report.checkpoint.shards}
     ops: list[Op] = []
     refused: list[tuple[str, str, Finding]] = []
-    crash = None
-    if report.crash is not None and report.crash["tensor"] is None:
-        crash = dict(report.crash)
+    crash: Crash | None = None
+    if report.crash is not None and report.crash.tensor is None:
+        crash = report.crash
     for i, r in enumerate(stream_order(report) if crash is None else ()):
         o = r.outcome
         if o.outcome == "raise":
-            crash = {"tensor": r.tensor.name, "error": o.message, "shard": r.tensor.shard, "index": i}
+            crash = Crash(o.message or "", r.tensor.name, r.tensor.shard, index=i)
             break
         if o.outcome != "load":
             continue
@@ -337,12 +377,15 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
             continue  # an unreachable parameter: nothing the engine keeps
         try:
             kind = _kind(p, t)
-            start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id, _every_slot(p, profile))
+            start, count, slot, bcast = _place(
+                p, t.shape, o.shard_id, o.expert_id, engine.scalar_fills_every_slot(p.quant_method)
+            )
         except _Mismatch as exc:
             refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
             continue
-        ops.append(Op(i, t, paths[t.shard], p.name, "broadcast" if bcast else kind, TORCH_DTYPE[t.dtype],
-                      start, count, slot))
+        ops.append(
+            Op(i, t, paths[t.shard], p.name, "broadcast" if bcast else kind, TORCH_DTYPE[t.dtype], start, count, slot)
+        )
     return Plan(tuple(ops), params, tuple(_grouped(refused)), crash, tuple(unreachable))
 
 
@@ -364,8 +407,10 @@ def resolve_device(spec: str):
         return torch.device("cpu")
     if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: CUDA is not available (torch {torch.__version__}); "
-                             "use --device cpu to check the placement logic without a GPU")
+            raise UsageError(
+                f"--device {spec}: CUDA is not available (torch {torch.__version__}); "
+                "use --device cpu to check the placement logic without a GPU"
+            )
         index = int(spec[5:]) if ":" in spec else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
@@ -397,8 +442,9 @@ class Arenas:
         self.torch = torch
         self.params = {p.name: p for p in params}
         self.where, totals = layout(params)
-        self.raw = {d: torch.empty(n * ITEMSIZE[d], dtype=torch.uint8, device=device).fill_(0xFF)
-                    for d, n in totals.items()}
+        self.raw = {
+            d: torch.empty(n * ITEMSIZE[d], dtype=torch.uint8, device=device).fill_(0xFF) for d, n in totals.items()
+        }
         self.typed = {d: b.view(getattr(torch, d)) for d, b in self.raw.items()}
         for p in params:
             if p.informational:
@@ -406,7 +452,7 @@ class Arenas:
 
     def flat(self, name: str):
         dtype, off = self.where[name]
-        return self.typed[dtype][off:off + _numel(self.params[name].shape)]
+        return self.typed[dtype][off : off + _numel(self.params[name].shape)]
 
     def tensors(self) -> dict[str, Any]:
         return {n: self.flat(n).view(p.shape) for n, p in self.params.items()}
@@ -416,7 +462,7 @@ class Arenas:
         torch = self.torch
         out: dict[str, int] = {}
         totals = [self._count(dtype, raw) for dtype, raw in self.raw.items()]
-        for (dtype, raw), total in zip(self.raw.items(), torch.stack(totals).tolist() if totals else ()):
+        for (dtype, _raw), total in zip(self.raw.items(), torch.stack(totals).tolist() if totals else (), strict=True):
             if total == 0:
                 continue
             for name, (d, _) in self.where.items():
@@ -435,13 +481,13 @@ class Arenas:
         if dtype in _FLOAT or dtype.startswith("float8"):
             words = raw.view(getattr(torch, _BITS[ITEMSIZE[dtype]]))
             for i in range(0, words.numel(), _SCAN):
-                total += (words[i:i + _SCAN] == -1).sum()
+                total += (words[i : i + _SCAN] == -1).sum()
             return total
         head = -raw.data_ptr() % 8
         n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
-        words = raw[head:head + n].view(torch.int64).view(-1, _POISON_RUN // 8)
+        words = raw[head : head + n].view(torch.int64).view(-1, _POISON_RUN // 8)
         for i in range(0, words.shape[0], _SCAN):
-            part = words[i:i + _SCAN]
+            part = words[i : i + _SCAN]
             hit = part[:, 0] == -1
             for j in range(1, _POISON_RUN // 8):
                 hit &= part[:, j] == -1
@@ -453,9 +499,9 @@ def _write(arenas: Arenas, op: Op, x) -> None:
     """Apply one op from its typed source tensor ``x``."""
     flat = arenas.flat(op.param)
     if op.kind == "broadcast":
-        flat[op.start:op.start + op.count].copy_(x.reshape(1).expand(op.count))
+        flat[op.start : op.start + op.n].copy_(x.reshape(1).expand(op.n))
         return
-    dst = flat[op.start:op.start + op.count]
+    dst = flat[op.start : op.start + op.n]
     dst.copy_(x.reshape(-1))
     if op.kind == "mamba_A":
         dst.exp_().neg_()
@@ -490,8 +536,11 @@ class Read(NamedTuple):
 
 def plan_reads(spans: list, piece_bytes: int) -> list[Read]:
     """Every shard's data section in pieces of ``piece_bytes``, shards in loader order."""
-    return [Read(i, off, min(off + piece_bytes, s.file_size))
-            for i, s in enumerate(spans) for off in range(s.data_start, s.file_size, piece_bytes)]
+    return [
+        Read(i, off, min(off + piece_bytes, s.file_size))
+        for i, s in enumerate(spans)
+        for off in range(s.data_start, s.file_size, piece_bytes)
+    ]
 
 
 def spans_of(shards) -> list[Span]:
@@ -567,8 +616,8 @@ def _segments(t, spans: list[tuple[int, int]]) -> list:
     """Views of the 1-D ``t`` for (start, length) spans in ascending order, made in one call when they
     do not overlap (per-view slicing costs microseconds each, and a shard has thousands)."""
     bounds = [b for start, n in spans for b in (start, start + n)]
-    if any(a > b for a, b in zip(bounds, bounds[1:])):
-        return [t[start:start + n] for start, n in spans]  # overlapping writes (a double write)
+    if any(a > b for a, b in zip(bounds, bounds[1:], strict=False)):
+        return [t[start : start + n] for start, n in spans]  # overlapping writes (a double write)
     return list(t.tensor_split(bounds)[1::2])
 
 
@@ -580,11 +629,11 @@ def _apply(pieces: list[Piece], src, arenas: Arenas) -> None:
         op = pc.op
         es = ITEMSIZE[op.src]
         if op.kind == "copy":
-            if op.count:
+            if op.n:
                 dtype, base = arenas.where[op.param]
-                copies.append((pc.off, op.count * es, dtype, (base + op.start) * es))
+                copies.append((pc.off, op.n * es, dtype, (base + op.start) * es))
             continue
-        x = src[pc.off:pc.off + (1 if op.kind == "broadcast" else op.count) * es]
+        x = src[pc.off : pc.off + (1 if op.kind == "broadcast" else op.n) * es]
         if pc.off % es:
             x = x.clone()  # a dtype view needs an aligned start
         _write(arenas, op, x.view(getattr(torch, op.src)))
@@ -595,7 +644,9 @@ def _apply(pieces: list[Piece], src, arenas: Arenas) -> None:
     dsts: list = [None] * len(copies)
     for dtype in {c[2] for c in copies}:
         order = sorted((c[3], i) for i, c in enumerate(copies) if c[2] == dtype)
-        for (_, i), view in zip(order, _segments(arenas.raw[dtype], [(copies[i][3], copies[i][1]) for _, i in order])):
+        for (_, i), view in zip(
+            order, _segments(arenas.raw[dtype], [(copies[i][3], copies[i][1]) for _, i in order]), strict=True
+        ):
             dsts[i] = view
     torch._foreach_copy_(dsts, srcs)
 
@@ -665,12 +716,13 @@ class Transfer:
             self.close()
             raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
         threads = min(opts.threads or min(16, os.cpu_count() or 4), len(self.reads))
-        self.workers = [threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True)
-                        for i in range(threads)]
+        self.workers = [
+            threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True) for i in range(threads)
+        ]
         for w in self.workers:
             w.start()
 
-    def __enter__(self) -> "Transfer":
+    def __enter__(self) -> Transfer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -683,11 +735,15 @@ class Transfer:
 
     # -- reader threads
 
+    def _wanted(self, j: int) -> bool:
+        """Whether read ``j`` holds bytes some op needs (every read, until ``place`` says which)."""
+        return self.needed is None or self.needed[j]
+
     def _claim(self) -> int | None:
         while self.next < len(self.reads):
             j = self.next
             self.next += 1
-            if self.needed is None or self.needed[j]:
+            if self._wanted(j):
                 self.claimed[j] = True
                 return j
         return None
@@ -697,8 +753,9 @@ class Transfer:
         lock (a large cudaMalloc must not stall the other readers) and publishes it; (None, False) on stop."""
         while not self.stop and self.error is None:
             buf = self.landing.get(i)
-            if buf is _PENDING or (buf is None and self.used + self.spans[i].file_size - self.spans[i].data_start
-                                   > self.budget):
+            if buf is _PENDING or (
+                buf is None and self.used + self.spans[i].file_size - self.spans[i].data_start > self.budget
+            ):
                 self.lock.wait()
             elif buf is not None:
                 return buf, False
@@ -732,11 +789,18 @@ class Transfer:
                     n = r.end - r.start
                     s = self.free.get()
                     try:
-                        _read(self.fds[r.shard], span.path, self.views[s], r.start, n,
-                              self.events[s] if self.cuda and self.slot_used[s] else None)
+                        _read(
+                            self.fds[r.shard],
+                            span.path,
+                            self.views[s],
+                            r.start,
+                            n,
+                            self.events[s] if self.cuda and self.slot_used[s] else None,
+                        )
                         self.slot_used[s] = True
-                        dst[r.start - span.data_start:r.end - span.data_start].copy_(
-                            self.ring[s * self.slot:s * self.slot + n], non_blocking=self.cuda)
+                        dst[r.start - span.data_start : r.end - span.data_start].copy_(
+                            self.ring[s * self.slot : s * self.slot + n], non_blocking=self.cuda
+                        )
                         if self.cuda:
                             self.events[s].record(self.stream)
                     finally:
@@ -754,7 +818,7 @@ class Transfer:
     # -- the main thread
 
     def _complete(self, i: int) -> bool:
-        return all(self.done[j] or not (self.claimed[j] or self.needed[j]) for j in self.of_shard[i])
+        return all(self.done[j] or not (self.claimed[j] or self._wanted(j)) for j in self.of_shard[i])
 
     def place(self, ops: tuple[Op, ...], arenas: Arenas) -> int:
         """Hand over the plan; returns the bytes read once every op is in place on the device."""
@@ -765,7 +829,7 @@ class Transfer:
             i = index[op.path]
             start = op.tensor.start
             pieces.setdefault(i, []).append(Piece(op, start - self.spans[i].data_start))
-            ranges.setdefault(i, []).append((start, start + ITEMSIZE[op.src] * (1 if op.kind == "broadcast" else op.count)))
+            ranges.setdefault(i, []).append((start, start + ITEMSIZE[op.src] * (1 if op.kind == "broadcast" else op.n)))
         needed = [False] * len(self.reads)
         for i, rs in ranges.items():
             rs.sort()
@@ -775,7 +839,7 @@ class Transfer:
                 while k < len(rs) and rs[k][1] <= r.start:
                     k += 1
                 needed[j] = k < len(rs) and rs[k][0] < r.end
-        if self.cuda:
+        if self.stream is not None:  # set exactly when the device is CUDA
             self.stream.wait_stream(self.torch.cuda.current_stream(self.device))  # the poison fill comes first
         with self.lock:
             self.needed = needed
@@ -798,7 +862,7 @@ class Transfer:
             w.join()
         if self.error is not None:
             raise self.error
-        if self.cuda:
+        if self.stream is not None:
             self.stream.synchronize()
         return self.bytes_read
 
@@ -851,7 +915,7 @@ def _coverage(params: tuple[Param, ...], ops: tuple[Op, ...]) -> tuple[dict[str,
     """Per parameter: (written elements, missing slots, double writes); plus the ops a later op overwrote."""
     spans: dict[str, list[tuple[int, int, int]]] = {}
     for op in ops:
-        spans.setdefault(op.param, []).append((op.start, op.start + op.count, op.index))
+        spans.setdefault(op.param, []).append((op.start, op.start + op.n, op.idx))
     out: dict[str, tuple] = {}
     overwritten: set[int] = set()
     for p in params:
@@ -909,7 +973,9 @@ class Expected(NamedTuple):
     want: Any  # the expected bytes (uint8), or float32 values when ``approx``
 
 
-def expected_samples(ops: tuple[Op, ...], where: dict[str, tuple[str, int]], samples: int, skip: set[int]) -> list[Expected]:
+def expected_samples(
+    ops: tuple[Op, ...], where: dict[str, tuple[str, int]], samples: int, skip: set[int]
+) -> list[Expected]:
     """Pick ``3 × samples`` elements of every write (start, end, a seeded middle) and read what they must hold.
 
     The expected values come from the shard files through a memory map of their own, not from
@@ -921,7 +987,7 @@ def expected_samples(ops: tuple[Op, ...], where: dict[str, tuple[str, int]], sam
     torch = _torch()
     groups: dict[tuple[str, str, str, str], list[Op]] = {}
     for op in ops:
-        if op.index not in skip:
+        if op.idx not in skip:
             groups.setdefault((op.path, op.src, where[op.param][0], op.kind), []).append(op)
     out: list[Expected] = []
     maps: dict[str, tuple] = {}
@@ -933,14 +999,15 @@ def expected_samples(ops: tuple[Op, ...], where: dict[str, tuple[str, int]], sam
                 maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
             data = maps[path][1]
             pos0 = torch.tensor([where[o.param][1] + o.start for o in group], dtype=torch.int64)
-            count = torch.tensor([o.count for o in group], dtype=torch.int64)
+            count = torch.tensor([o.n for o in group], dtype=torch.int64)
             src0 = torch.tensor([o.tensor.start for o in group], dtype=torch.int64)
-            seed = torch.tensor([o.index for o in group], dtype=torch.int64)
+            seed = torch.tensor([o.idx for o in group], dtype=torch.int64)
             w = torch.arange(samples, dtype=torch.int64)
             last = (count - 1).unsqueeze(1)
             mid = ((seed * 2654435761) % 4093 * count // 4093).unsqueeze(1)
-            rel = torch.cat([torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0),
-                             torch.minimum(mid + w, last)], dim=1)
+            rel = torch.cat(
+                [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
+            )
             es, de = ITEMSIZE[src], ITEMSIZE[dst]
             src_rel = torch.zeros_like(rel) if kind == "broadcast" else rel
             idx = (src0.unsqueeze(1) + src_rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
@@ -957,7 +1024,10 @@ def expected_samples(ops: tuple[Op, ...], where: dict[str, tuple[str, int]], sam
 
 
 def compare(expected: list[Expected], arenas: Arenas) -> tuple[int, dict[str, int]]:
-    """Gather every sample from the device (one gather per dtype) and compare: (elements checked, mismatches per parameter)."""
+    """Gather every sample from the device (one gather per dtype) and compare.
+
+    Returns (elements checked, mismatches per parameter).
+    """
     torch = arenas.torch
     checked = 0
     bad: dict[str, int] = {}
@@ -966,13 +1036,13 @@ def compare(expected: list[Expected], arenas: Arenas) -> tuple[int, dict[str, in
         raw = arenas.raw[dtype]
         got = raw[torch.cat([e.index for e in mine]).to(raw.device)].cpu().split([e.index.numel() for e in mine])
         de = ITEMSIZE[dtype]
-        for e, g in zip(mine, got):
+        for e, g in zip(mine, got, strict=True):
             if e.approx:
                 ok = torch.isclose(g.view(torch.float32), e.want, rtol=1e-5, atol=0.0)
             else:
                 ok = (g.view(-1, de) == e.want.view(-1, de)).all(dim=1)
             checked += ok.numel()
-            for o, n in zip(e.ops, (~ok).view(len(e.ops), -1).sum(dim=1).tolist()):
+            for o, n in zip(e.ops, (~ok).view(len(e.ops), -1).sum(dim=1).tolist(), strict=True):
                 if n:
                     bad[o.param] = bad.get(o.param, 0) + n
     return checked, bad
@@ -1001,10 +1071,18 @@ def _prompt_handover() -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
-def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptions = LoadOptions(), *,
-                    manifest_file: str | None = None, moe_backend: str | None = None, mtp: bool = False,
-                    pp: tuple[int, int] | None = None, t0: float | None = None,
-                    transfer: Transfer | None = None) -> LoadResult:
+def load_checkpoint(
+    ckpt: Checkpoint,
+    engine: str | None = None,
+    opts: LoadOptions = LoadOptions(),
+    *,
+    manifest_file: str | None = None,
+    moe_backend: str | None = None,
+    mtp: bool = False,
+    pp: tuple[int, int] | None = None,
+    t0: float | None = None,
+    transfer: Transfer | None = None,
+) -> LoadResult:
     """Audit, plan, allocate, load, check.
 
     ``pp`` is (rank, size) of one pipeline rank; ``t0`` lets a caller count the header reading
@@ -1014,7 +1092,7 @@ def load_checkpoint(ckpt: Checkpoint, engine: str | None = None, opts: LoadOptio
 
     def decide() -> AuditReport:
         inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-        return pipeline.audit(inputs, AuditOptions(mtp=mtp, compare_versions=False))
+        return pipeline.audit(inputs, AuditOptions(compare_versions=False))
 
     return _load(ckpt, decide, opts, t0, transfer)
 
@@ -1058,21 +1136,38 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
     loaded = sum(op.tensor.nbytes for op in plan.ops)
     crash = None
     if plan.crash is not None:
-        crash = {"tensor": plan.crash["tensor"], "error": plan.crash["error"], "shard": plan.crash["shard"],
-                 "tensors_loaded": len(plan.ops), "bytes_loaded": loaded, "seconds": round(t_data - t0, 6)}
+        crash = replace(
+            plan.crash, index=None, tensors_loaded=len(plan.ops), bytes_loaded=loaded, seconds=round(t_data - t0, 6)
+        )
     params = tuple(_param_load(p, cov[p.name], poison.get(p.name, 0), bad.get(p.name, 0)) for p in plan.params)
     findings = _findings(audit, plan, params, crash)
     peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else None
     t_end = time.perf_counter()
     report = LoadReport(
-        audit=audit, device=str(device),
-        device_name=torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine() or "cpu"),
-        reader=opts.reader, tensors_loaded=len(plan.ops), bytes_loaded=loaded, bytes_read=read,
+        audit=audit,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device)
+        if cuda
+        else (platform.processor() or platform.machine() or "cpu"),
+        reader=opts.reader,
+        tensors_loaded=len(plan.ops),
+        bytes_loaded=loaded,
+        bytes_read=read,
         seconds=t_end - t0,
-        timings={"headers": t_start - t0, "audit": t_audit - t_start, "plan": t_plan - t_audit,
-                 "allocate": t_alloc - t_plan, "transfer": t_data - t_alloc, "check": t_end - t_data},
-        peak_device_bytes=peak, params=params, findings=tuple(findings), crash=crash,
-        verdict=_verdict(findings, crash), samples_checked=checked,
+        timings={
+            "headers": t_start - t0,
+            "audit": t_audit - t_start,
+            "plan": t_plan - t_audit,
+            "allocate": t_alloc - t_plan,
+            "transfer": t_data - t_alloc,
+            "check": t_end - t_data,
+        },
+        peak_device_bytes=peak,
+        params=params,
+        findings=tuple(findings),
+        crash=crash,
+        verdict=verdict_of(findings, crash is not None),
+        samples_checked=checked,
     )
     return LoadResult(report, arenas)
 
@@ -1086,8 +1181,15 @@ def _baseline(torch, device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
-def load_path(path: str, engine: str | None = None, opts: LoadOptions = LoadOptions(), *, progress=None,
-              t0: float | None = None, **kw: Any) -> LoadResult:
+def load_path(
+    path: str,
+    engine: str | None = None,
+    opts: LoadOptions = LoadOptions(),
+    *,
+    progress=None,
+    t0: float | None = None,
+    **kw: Any,
+) -> LoadResult:
     """Load a local checkpoint, the reads starting while its headers are parsed; the wall time counts both."""
     t0 = time.perf_counter() if t0 is None else t0
     _check_options(opts)
@@ -1106,8 +1208,16 @@ def load_path(path: str, engine: str | None = None, opts: LoadOptions = LoadOpti
         return load_checkpoint(ckpt, engine, opts, t0=t0, transfer=transfer, **kw)
 
 
-def load_source(source: str, revision: str | None = None, engine: str | None = None,
-                opts: LoadOptions = LoadOptions(), *, progress=None, t0: float | None = None, **kw: Any) -> LoadResult:
+def load_source(
+    source: str,
+    revision: str | None = None,
+    engine: str | None = None,
+    opts: LoadOptions = LoadOptions(),
+    *,
+    progress=None,
+    t0: float | None = None,
+    **kw: Any,
+) -> LoadResult:
     """What the CLI loads: a local path (reads start at once), or a Hub repo downloaded to the cache first."""
     if os.path.exists(source) and not revision:
         return load_path(source, engine, opts, progress=progress, t0=t0, **kw)
@@ -1127,8 +1237,19 @@ def open_for_load(source: str, revision: str | None = None, progress=None) -> Ch
     from nhcheck.hub import materialize
 
     ckpt = open_local(materialize(source, revision, progress=progress is not None), progress)
-    return Checkpoint(source, ckpt.root, ckpt.config, ckpt.hf_quant_config, ckpt.shards, ckpt.index, ckpt.findings,
-                      ckpt.sidecars, revision, ckpt.bytes_transferred, ckpt.missing_shards)
+    return Checkpoint(
+        source,
+        ckpt.root,
+        ckpt.config,
+        ckpt.hf_quant_config,
+        ckpt.shards,
+        ckpt.index,
+        ckpt.findings,
+        ckpt.sidecars,
+        revision,
+        ckpt.bytes_transferred,
+        ckpt.missing_shards,
+    )
 
 
 def _param_load(p: Param, cov: tuple, poisoned: int, mismatches: int) -> ParamLoad:
@@ -1137,85 +1258,109 @@ def _param_load(p: Param, cov: tuple, poisoned: int, mismatches: int) -> ParamLo
     return ParamLoad(p, status, written, missing, doubles, poisoned, mismatches)
 
 
-def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], crash: dict | None) -> list[Finding]:
+def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], crash: Crash | None) -> list[Finding]:
     out: list[Finding] = [f for f in audit.checkpoint.findings]
     if crash is not None:
-        where = f" at {crash['tensor']} (shard {crash['shard']})" if crash["tensor"] else " while building the model"
-        out.append(Finding("error", "crash", f"{audit.engine.replace('@', ' ')} raises {crash['error']}{where} after "
-                           f"{crash['tensors_loaded']:,} tensors, {crash['bytes_loaded']:,} bytes, "
-                           f"{crash['seconds']:.2f} s; the load stops here", crash["shard"], crash["tensor"]))
+        out.append(
+            Finding(
+                "error",
+                "crash",
+                f"{audit.engine.label} raises {crash.error}{crash.where} after "
+                f"{crash.tensors_loaded or 0:,} tensors, {crash.bytes_loaded or 0:,} bytes, "
+                f"{crash.seconds or 0:.2f} s; the load stops here",
+                crash.shard,
+                crash.tensor,
+            )
+        )
     out += plan.findings
     items: list[tuple[str, str, Finding]] = []
     for s in params:
         p = s.param
         if s.mismatches:
-            items.append(("readback", p.name, Finding("error", "readback-mismatch",
-                                                      "read back differs from the checkpoint bytes (misplaced or wrong data)",
-                                                      None, p.name)))
+            items.append(
+                (
+                    "readback",
+                    p.name,
+                    Finding(
+                        "error",
+                        "readback-mismatch",
+                        "read back differs from the checkpoint bytes (misplaced or wrong data)",
+                        None,
+                        p.name,
+                    ),
+                )
+            )
         if s.double_writes:
-            items.append(("double", p.name, Finding("error", "double-write",
-                                                    "written more than once; the last tensor in stream order wins",
-                                                    None, p.name)))
+            items.append(
+                (
+                    "double",
+                    p.name,
+                    Finding(
+                        "error",
+                        "double-write",
+                        "written more than once; the last tensor in stream order wins",
+                        None,
+                        p.name,
+                    ),
+                )
+            )
         if crash is not None:
             continue
         if s.status == "filled" and s.poisoned:
-            items.append(("poison", p.name, Finding("error", "poison-left",
-                                                    "every slot was written, yet poison is left in memory", None, p.name)))
+            items.append(
+                (
+                    "poison",
+                    p.name,
+                    Finding(
+                        "error", "poison-left", "every slot was written, yet poison is left in memory", None, p.name
+                    ),
+                )
+            )
         elif s.status != "filled":
-            if s.status == "partial" and _sentinel_slots(p, s.written):
-                items.append(("sentinel", p.name, Finding(
-                    "info", "param-partial", "slot 0 holds the checkpoint's scalar; the other slots keep the engine's "
-                    "finfo(float32).min sentinel, which requantize_with_max_scale reads as fused in the checkpoint",
-                    None, p.name)))
+            if s.status == "partial" and slots.unwritten_kind(p, s.written) == "sentinel":
+                items.append(
+                    (
+                        "sentinel",
+                        p.name,
+                        Finding("info", "param-partial", slots.SENTINEL_MESSAGE, None, p.name),
+                    )
+                )
             elif p.informational:
-                items.append(("info", p.name, Finding("info", f"param-{s.status}",
-                                                      "no checkpoint tensor fills it; the engine keeps its default",
-                                                      None, p.name)))
-            elif s.status == "partial" and _slot0_only(p, s.written):
-                items.append(("slot0", p.name, Finding(
-                    "error", SLOT0, f"{audit.engine.replace('@', ' ')} writes the checkpoint's one scalar into "
-                    f"slot 0 only ({', '.join(s.missing)} keep torch.empty memory) and process_weights_after_loading "
-                    "takes the max over every slot, so leftover memory can become the scale; " + (
-                        "W4A16 takes MergedColumnParallelLinear's v1 weight_loader on every version"
-                        if p.quant_method == A16_LINEAR else
-                        "sglang 0.5.23 fills every slot (MergedColumnParallelLinear.weight_loader_v2)"), None, p.name)))
+                items.append(
+                    (
+                        "info",
+                        p.name,
+                        Finding(
+                            "info",
+                            f"param-{s.status}",
+                            "no checkpoint tensor fills it; the engine keeps its default",
+                            None,
+                            p.name,
+                        ),
+                    )
+                )
+            elif s.status == "partial" and slots.unwritten_kind(p, s.written) == "empty":
+                items.append(
+                    (
+                        "slot0",
+                        p.name,
+                        Finding(
+                            "error",
+                            slots.SLOT0,
+                            slots.empty_message(audit.engine.label, p, ", ".join(s.missing)),
+                            None,
+                            p.name,
+                        ),
+                    )
+                )
             else:
-                what = ("never written: still holds the poison" if s.status == "unfilled"
-                        else "only partly written: missing " + ", ".join(s.missing))
+                what = (
+                    "never written: still holds the poison"
+                    if s.status == "unfilled"
+                    else "only partly written: missing " + ", ".join(s.missing)
+                )
                 items.append((s.status, p.name, Finding("error", f"param-{s.status}", what, None, p.name)))
     return out + _grouped(items)
-
-
-#: A partly written NVFP4 scale vector, with the engine's reason (shown with the findings, unlike param-partial).
-SLOT0 = "scale-slot0-only"
-
-
-def _slot0_only(p: Param, written: int) -> bool:
-    """An NVFP4 per-partition scale of a module fused in the checkpoint (Mamba ``in_proj``) with only slot 0
-    written: what ≤0.5.12 (and W4A16 on every version) leaves behind, see ``_every_slot``."""
-    return (p.quant_method in (FP4_LINEAR, A16_LINEAR) and p.loader == "default" and len(p.shape) == 1
-            and written == 1 and p.name.rsplit(".", 1)[-1] in ("weight_scale_2", "input_scale"))
-
-
-def _sentinel_slots(p: Param, written: int) -> bool:
-    """A fused-in-checkpoint FP8 per-tensor scale with only slot 0 written (≤0.5.12, see ``_every_slot``).
-
-    ``ModelOptFp8LinearMethod.create_weights`` fills ``weight_scale``/``input_scale`` with
-    ``finfo(float32).min``; ``requantize_with_max_scale`` takes the last slot still at that value
-    to mean "fused in the checkpoint, one scale" and ``input_scale.max()`` ignores it: by design.
-    (NVFP4 ``input_scale``/``weight_scale_2`` are ``torch.empty``: their unwritten slots stay errors.)
-    """
-    return (p.quant_method == FP8_LINEAR and p.loader == "default" and len(p.shape) == 1 and written == 1
-            and p.name.rsplit(".", 1)[-1] in ("weight_scale", "input_scale"))
-
-
-def _verdict(findings: list[Finding], crash: dict | None) -> str:
-    if crash is not None:
-        return "crash"
-    codes = {f.code for f in findings if f.severity == "error"}
-    if codes - {"param-unfilled", "param-partial", SLOT0}:
-        return "broken"
-    return "incomplete" if codes else "clean"
 
 
 # ---------------------------------------------------------------------------
@@ -1226,29 +1371,60 @@ def to_json(r: LoadReport) -> dict:
     a = r.audit
     count = {s: sum(1 for p in r.params if p.status == s) for s in ("filled", "partial", "unfilled")}
     return {
-        "schema": SCHEMA, "nhcheck_version": __version__, "source": a.source, "revision": a.revision,
-        "engine": {"name": "sglang", "version": a.engine.split("@", 1)[1], "moe_backend": a.manifest.moe_backend,
-                   "mode": "mtp" if a.mtp else "main"},
-        "model": {"architecture": a.config.wrapper or a.config.architecture, "pattern": a.config.pattern, "quant": a.quant},
+        "schema": SCHEMA,
+        "nhcheck_version": __version__,
+        "source": a.source,
+        "revision": a.revision,
+        "engine": {
+            "name": a.engine.name,
+            "version": a.engine.version,
+            "moe_backend": a.manifest.moe_backend,
+            "mode": "mtp" if a.mtp else "main",
+        },
+        "model": {
+            "architecture": a.config.wrapper or a.config.architecture,
+            "pattern": a.config.pattern,
+            "quant": a.quant,
+        },
         "device": {"name": r.device, "description": r.device_name, "reader": r.reader},
         "summary": {
-            "verdict": r.verdict, "tensors": len(a.records), "tensors_loaded": r.tensors_loaded,
-            "bytes_loaded": r.bytes_loaded, "bytes_read": r.bytes_read, "seconds": round(r.seconds, 6),
-            "gb_per_s": round(r.gb_per_s, 3), "peak_device_bytes": r.peak_device_bytes,
+            "verdict": r.verdict,
+            "tensors": len(a.records),
+            "tensors_loaded": r.tensors_loaded,
+            "bytes_loaded": r.bytes_loaded,
+            "bytes_read": r.bytes_read,
+            "seconds": round(r.seconds, 6),
+            "gb_per_s": round(r.gb_per_s, 3),
+            "peak_device_bytes": r.peak_device_bytes,
             "timings": {k: round(v, 6) for k, v in r.timings.items()},
-            "params": len(r.params) + len(_unreachable(r)), "params_filled": count["filled"],
-            "params_partial": count["partial"], "params_unfilled": count["unfilled"],
+            "params": len(r.params) + len(_unreachable(r)),
+            "params_filled": count["filled"],
+            "params_partial": count["partial"],
+            "params_unfilled": count["unfilled"],
             "params_unreachable": len(_unreachable(r)),
             "double_writes": sum(p.double_writes for p in r.params),
             "poisoned_elements": sum(p.poisoned for p in r.params),
-            "samples_checked": r.samples_checked, "sample_mismatches": sum(p.mismatches for p in r.params),
+            "samples_checked": r.samples_checked,
+            "sample_mismatches": sum(p.mismatches for p in r.params),
             "orphans": a.counts()["orphans"],
         },
-        "crash": r.crash,
-        "params": [{"name": p.param.name, "dtype": p.param.dtype, "shape": list(p.param.shape), "status": p.status,
-                    "elements": p.numel, "written": p.written, "missing": list(p.missing),
-                    "double_writes": p.double_writes, "poisoned": p.poisoned, "mismatches": p.mismatches,
-                    "informational": p.param.informational} for p in r.params],
+        "crash": r.crash.as_dict() if r.crash else None,
+        "params": [
+            {
+                "name": p.param.name,
+                "dtype": p.param.dtype,
+                "shape": list(p.param.shape),
+                "status": p.status,
+                "elements": p.numel,
+                "written": p.written,
+                "missing": list(p.missing),
+                "double_writes": p.double_writes,
+                "poisoned": p.poisoned,
+                "mismatches": p.mismatches,
+                "informational": p.param.informational,
+            }
+            for p in r.params
+        ],
         "findings": [f.to_json() for f in r.findings],
     }
 
@@ -1279,9 +1455,10 @@ def headline(r: LoadReport) -> str:
     a = r.audit
     if r.crash is not None:
         c = r.crash
-        where = f" at {c['tensor']} (shard {c['shard']})" if c["tensor"] else " while building the model"
-        return (f"{a.engine} raises {c['error']}{where}, after {c['tensors_loaded']:,} tensors, "
-                f"{_gb(c['bytes_loaded'])} in {c['seconds']:.2f} s: the server dies here.")
+        return (
+            f"{a.engine} raises {c.error}{c.where}, after {c.tensors_loaded or 0:,} tensors, "
+            f"{_gb(c.bytes_loaded or 0)} in {c.seconds or 0:.2f} s: the server dies here."
+        )
     bad = [f for f in r.findings if f.severity == "error"]
     if r.verdict == "clean":
         return f"{a.engine} fills every reachable parameter; every element written once, read back equal to the file."
@@ -1290,45 +1467,68 @@ def headline(r: LoadReport) -> str:
 
 def stats_line(r: LoadReport) -> str:
     peak = f", peak device memory {_gb(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
-    return (f"{r.tensors_loaded:,} tensors, {_gb(r.bytes_loaded)} loaded ({_gb(r.bytes_read)} read) into "
-            f"{len(r.params):,} parameters on {r.device} ({r.device_name}) with the {r.reader} reader in "
-            f"{r.seconds:.3f} s ({_rate(r.gb_per_s)}){peak}; {r.samples_checked:,} elements read back.")
+    return (
+        f"{r.tensors_loaded:,} tensors, {_gb(r.bytes_loaded)} loaded ({_gb(r.bytes_read)} read) into "
+        f"{len(r.params):,} parameters on {r.device} ({r.device_name}) with the {r.reader} reader in "
+        f"{r.seconds:.3f} s ({_rate(r.gb_per_s)}){peak}; {r.samples_checked:,} elements read back."
+    )
 
 
 def _problem_groups(r: LoadReport):
-    items = [((p.status, p.param.informational, p.missing), p.param.name, p) for p in r.params
-             if p.status != "filled" and r.crash is None]
+    items = [
+        ((p.status, p.param.informational, p.missing), p.param.name, p)
+        for p in r.params
+        if p.status != "filled" and r.crash is None
+    ]
     return collapse.group(items)
 
 
 def render_table(r: LoadReport, console) -> None:
     from rich.markup import escape
 
-    from nhcheck.report import findings_table, param_table, safe
+    from nhcheck.report import findings_table, param_table, print_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     a = r.audit
-    console.print(f"[bold]nhcheck load[/] {e(a.source)} · {a.engine} · {e(a.config.wrapper or a.config.architecture)} "
-                  f"({e(a.quant or 'unquantized')}) · {len(a.records):,} tensors in {len(a.checkpoint.shards)} shard(s)")
+    console.print(
+        f"[bold]nhcheck load[/] {e(a.source)} · {a.engine} · {e(a.config.wrapper or a.config.architecture)} "
+        f"({e(a.quant or 'unquantized')}) · {len(a.records):,} tensors in {len(a.checkpoint.shards)} shard(s)"
+    )
     colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
     console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(headline(r))}")
     console.print(e(stats_line(r)))
     groups = _problem_groups(r)
     if groups:
-        console.print(param_table("Runtime parameters not fully written", groups, lambda status, info, missing: (
-            "engine keeps its default; informational" if info else
-            "missing " + ", ".join(missing) if status == "partial" else "left poisoned")))
+        print_table(
+            console,
+            param_table(
+                "Runtime parameters not fully written",
+                groups,
+                lambda status, info, missing: (
+                    "engine keeps its default; informational"
+                    if info
+                    else "missing " + ", ".join(missing)
+                    if status == "partial"
+                    else "left poisoned"
+                ),
+            ),
+        )
     shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
     if shown:
-        console.print(findings_table(shown))
+        print_table(console, findings_table(shown))
 
 
 def render_markdown(r: LoadReport) -> str:
     from nhcheck.report import _md, findings_markdown
 
     a = r.audit
-    out = [f"### nhcheck load: `{_md(a.source)}` on {a.engine}, {_md(r.device)} ({_md(r.device_name)})", "",
-           f"**{r.verdict.upper()}**: {_md(headline(r))}", "", _md(stats_line(r))]
+    out = [
+        f"### nhcheck load: `{_md(a.source)}` on {a.engine}, {_md(r.device)} ({_md(r.device_name)})",
+        "",
+        f"**{r.verdict.upper()}**: {_md(headline(r))}",
+        "",
+        _md(stats_line(r)),
+    ]
     groups = _problem_groups(r)
     if groups:
         out += ["", "| status | parameters | count | missing |", "|---|---|---|---|"]
@@ -1342,5 +1542,7 @@ def render_markdown(r: LoadReport) -> str:
 
 def summary_line(r: LoadReport) -> str:
     bad = sum(1 for f in r.findings if f.severity == "error")
-    return (f"Loaded {r.tensors_loaded:,} tensors ({_gb(r.bytes_loaded)}) on {r.device} in {r.seconds:.2f} s "
-            f"({_rate(r.gb_per_s)}): verdict {r.verdict}; {bad} error finding(s).")
+    return (
+        f"Loaded {r.tensors_loaded:,} tensors ({_gb(r.bytes_loaded)}) on {r.device} in {r.seconds:.2f} s "
+        f"({_rate(r.gb_per_s)}): verdict {r.verdict}; {bad} error finding(s)."
+    )

@@ -22,13 +22,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from nhcheck import __version__
 from nhcheck import tp as tensor_parallel
+from nhcheck.engines.base import Crash, EngineId
 from nhcheck.errors import CheckpointError, UsageError
-from nhcheck.findings import Finding
-from nhcheck.load import ITEMSIZE, Arenas, Plan, _gb, _rate, _verdict, plan_load
+from nhcheck.findings import Finding, Severity, Verdict, verdict_of
+from nhcheck.load import ITEMSIZE, Arenas, Plan, _gb, _rate, plan_load
 from nhcheck.manifest import Param
 
 SCHEMA = "nhcheck.load-tp/1"
@@ -65,7 +66,7 @@ class Job:
     source: str
     tp: int
     device: str
-    engine: str | None = None
+    engine: EngineId | None = None
     dtype: str = "auto"
     moe_backend: str | None = None
     mtp: bool = False
@@ -118,8 +119,8 @@ class TPLoadReport:
     wall_seconds: float
     params: tuple[ParamCoverage, ...]
     findings: tuple[Finding, ...]
-    verdict: str
-    crash: dict | None
+    verdict: Verdict | Literal["refused"]
+    crash: Crash | None
     samples_checked: int
 
     @property
@@ -170,12 +171,26 @@ def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: i
         t = op.tensor
         tshape = tuple(t.shape)
         es = ITEMSIZE[op.src]
-        box = _full_box(p.shape, 0, _numel(p.shape)) if op.kind == "broadcast" else _full_box(p.shape, op.start, op.count)
+        box = _full_box(p.shape, 0, _numel(p.shape)) if op.kind == "broadcast" else _full_box(p.shape, op.start, op.n)
         whole = tuple((0, d) for d in tshape)
         if sh.dim is None:
             n = _numel(tuple(b - a for a, b in box))
-            out.append(Copy(op.index, op.path, t.name, t.start, tshape, op.src, p.name, op.kind, whole, box,
-                            n if rank == 0 else 0, t.nbytes))
+            out.append(
+                Copy(
+                    op.idx,
+                    op.path,
+                    t.name,
+                    t.start,
+                    tshape,
+                    op.src,
+                    p.name,
+                    op.kind,
+                    whole,
+                    box,
+                    n if rank == 0 else 0,
+                    t.nbytes,
+                )
+            )
             continue
         d = sh.dim
         lead = len(box) - len(tshape)
@@ -183,11 +198,27 @@ def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: i
             lo, hi = max(s, box[d][0]), min(s + n, box[d][1])
             if lo >= hi:
                 continue
-            dbox = box[:d] + ((dst + lo - s, dst + hi - s),) + box[d + 1:]
-            sbox = tuple((lo - box[d][0], hi - box[d][0]) if i + lead == d else (0, tshape[i]) for i in range(len(tshape)))
+            dbox = box[:d] + ((dst + lo - s, dst + hi - s),) + box[d + 1 :]
+            sbox = tuple(
+                (lo - box[d][0], hi - box[d][0]) if i + lead == d else (0, tshape[i]) for i in range(len(tshape))
+            )
             size = _numel(tuple(b - a for a, b in dbox))
-            out.append(Copy(op.index, op.path, t.name, t.start, tshape, op.src, p.name, op.kind, sbox, dbox,
-                            size if rank == owner else 0, _numel(tuple(b - a for a, b in sbox)) * es))
+            out.append(
+                Copy(
+                    op.idx,
+                    op.path,
+                    t.name,
+                    t.start,
+                    tshape,
+                    op.src,
+                    p.name,
+                    op.kind,
+                    sbox,
+                    dbox,
+                    size if rank == owner else 0,
+                    _numel(tuple(b - a for a, b in sbox)) * es,
+                )
+            )
     return out
 
 
@@ -205,7 +236,7 @@ def _padding(p: Param, sh: tensor_parallel.Sharding, rank: int) -> list[tuple[tu
         pos = max(pos, b)
     if pos < local[d]:
         gaps.append((pos, local[d]))
-    return [tuple((0, x) for x in local[:d]) + (g,) + tuple((0, x) for x in local[d + 1:]) for g in gaps]
+    return [tuple((0, x) for x in local[:d]) + (g,) + tuple((0, x) for x in local[d + 1 :]) for g in gaps]
 
 
 # ---------------------------------------------------------------------------
@@ -220,8 +251,11 @@ def _refused(source: str, engine: str, tp: int, findings: list[Finding]) -> TPLo
     return TPLoadReport(source, engine, tp, "", "", (), 0.0, (), tuple(findings), "refused", None, 0)
 
 
-def run(job: Job, quiet: bool = False) -> TPLoadReport:
-    """Check the sharding statically, then load on ``job.tp`` ranks (under torchrun: this process is one of them)."""
+def run(job: Job, quiet: bool = False) -> TPLoadReport | None:
+    """Check the sharding statically, then load on ``job.tp`` ranks (under torchrun: this process is one of them).
+
+    Returns rank 0's report; None in a torchrun process of another rank (rank 0 reports).
+    """
     from nhcheck import pipeline
     from nhcheck.checkpoint import open_local
 
@@ -229,8 +263,14 @@ def run(job: Job, quiet: bool = False) -> TPLoadReport:
         raise UsageError("--tp must be at least 1")
     if job.device not in ("cuda", "cpu"):
         raise UsageError(f"--device {job.device!r} with --tp: use cuda (rank r takes cuda:r of its node) or cpu")
-    inputs = pipeline.prepare(open_local(job.root), job.engine, manifest_file=job.manifest_file,
-                              moe_backend=job.moe_backend, mtp=job.mtp, pp=job.pp)
+    inputs = pipeline.prepare(
+        open_local(job.root),
+        job.engine,
+        manifest_file=job.manifest_file,
+        moe_backend=job.moe_backend,
+        mtp=job.mtp,
+        pp=job.pp,
+    )
     errors = [f for f in static_findings(inputs, job.tp) if f.severity == "error"]
     if errors:
         return _refused(job.source, inputs.manifest.engine, job.tp, errors)
@@ -258,8 +298,16 @@ def launch(job: Job) -> TPLoadReport:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=job.tp, run_id=str(uuid.uuid4()),
-                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    cfg = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=job.tp,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
     try:
         results = elastic_launch(cfg, _rank_entry)(job)
     except ChildFailedError as exc:
@@ -308,11 +356,23 @@ def _rank_main(job: Job) -> TPLoadReport | None:
     if own_group:
         dist.init_process_group(backend, device_id=device if cuda else None)
     try:
-        inputs = pipeline.prepare(open_local(job.root), job.engine, manifest_file=job.manifest_file,
-                                  moe_backend=job.moe_backend, mtp=job.mtp, pp=job.pp)
-        audit = pipeline.audit(inputs, AuditOptions(mtp=job.mtp, compare_versions=False))
+        inputs = pipeline.prepare(
+            open_local(job.root),
+            job.engine,
+            manifest_file=job.manifest_file,
+            moe_backend=job.moe_backend,
+            mtp=job.mtp,
+            pp=job.pp,
+        )
+        audit = pipeline.audit(inputs, AuditOptions(compare_versions=False))
         plan = plan_load(audit, job.dtype)
-        shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp)}
+        sharded = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp)}
+        shards: dict[str, tensor_parallel.Sharding] = {}
+        for p in plan.params:
+            sh = sharded.get(p.name)
+            if sh is None:  # the static check refuses these; a parameter it let through is still not loadable
+                raise CheckpointError(job.source, f"{p.name}: the engine cannot shard this parameter at --tp {job.tp}")
+            shards[p.name] = sh
         copies = rank_copies(plan, shards, rank)
         local_params = tuple(replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
         arenas = Arenas(local_params, device, torch)
@@ -334,11 +394,14 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         checked, bad = _verify(copies, arenas)
         poison = arenas.poisoned() if plan.crash is None else {}
         names = [p.name for p in plan.params]
-        owned = {}
+        owned: dict[str, int] = {}
         for c in copies:
             owned[c.param] = owned.get(c.param, 0) + c.owned
-        counters = torch.tensor([[owned.get(n, 0), poison.get(n, 0), bad.get(n, 0)] for n in names] or [[0, 0, 0]],
-                                dtype=torch.int64, device=device)
+        counters = torch.tensor(
+            [[owned.get(n, 0), poison.get(n, 0), bad.get(n, 0)] for n in names] or [[0, 0, 0]],
+            dtype=torch.int64,
+            device=device,
+        )
         dist.all_reduce(counters)
         stats = torch.zeros((job.tp, 6), dtype=torch.float64, device=device)
         allocated = sum(_numel(p.shape) * ITEMSIZE[p.dtype] for p in local_params)
@@ -350,15 +413,31 @@ def _rank_main(job: Job) -> TPLoadReport | None:
             return None
         rows = stats.cpu().tolist()
         dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-        ranks = tuple(RankStats(r, f"cuda:{r}" if cuda else "cpu", int(x[0]), int(x[1]), int(x[2]), int(x[3]), x[4])
-                      for r, x in enumerate(rows))
+        ranks = tuple(
+            RankStats(r, f"cuda:{r}" if cuda else "cpu", int(x[0]), int(x[1]), int(x[2]), int(x[3]), x[4])
+            for r, x in enumerate(rows)
+        )
         cov = counters.cpu().tolist()
-        params = tuple(ParamCoverage(p.name, _numel(p.shape), c[0], c[1], c[2], p.informational)
-                       for p, c in zip(plan.params, cov))
-        crash = dict(plan.crash) if plan.crash is not None else None
+        params = tuple(
+            ParamCoverage(p.name, _numel(p.shape), c[0], c[1], c[2], p.informational)
+            for p, c in zip(plan.params, cov, strict=True)
+        )
+        crash = plan.crash
         findings = _findings(audit, plan, params, crash)
-        return TPLoadReport(job.source, audit.engine, job.tp, backend, dev_name, ranks, float(wall.item()), params,
-                            tuple(findings), _verdict(findings, crash), crash, int(sum(x[5] for x in rows)))
+        return TPLoadReport(
+            job.source,
+            str(audit.engine),
+            job.tp,
+            backend,
+            dev_name,
+            ranks,
+            float(wall.item()),
+            params,
+            tuple(findings),
+            verdict_of(findings, crash is not None),
+            crash,
+            int(sum(x[5] for x in rows)),
+        )
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -372,11 +451,11 @@ def _view(arenas: Arenas, name: str, box):
 
 def _contiguous(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
     """Whether a box of a row-major tensor is one byte range: dims of extent 1, then one partial dim, then full dims."""
-    dims = [(b - a, d) for (a, b), d in zip(box, shape)]
+    dims = [(b - a, d) for (a, b), d in zip(box, shape, strict=True)]
     i = 0
     while i < len(dims) and dims[i][0] == 1:
         i += 1
-    return all(n == d for n, d in dims[i + 1:])
+    return all(n == d for n, d in dims[i + 1 :])
 
 
 def _split_dim(box: tuple[tuple[int, int], ...]) -> int | None:
@@ -421,8 +500,13 @@ def _pieces(copies: list[Copy], limit: int) -> list[_Piece]:
         step = max(1, limit * (b - a) // whole.span)
         for r in range(a, b, step):
             e = min(b, r + step)
-            out.append(_piece(c, c.src_box[:sd] + ((r, e),) + c.src_box[sd + 1:],
-                              c.dst_box[:sd + lead] + ((da + r - a, da + e - a),) + c.dst_box[sd + lead + 1:]))
+            out.append(
+                _piece(
+                    c,
+                    c.src_box[:sd] + ((r, e),) + c.src_box[sd + 1 :],
+                    c.dst_box[: sd + lead] + ((da + r - a, da + e - a),) + c.dst_box[sd + lead + 1 :],
+                )
+            )
     return out
 
 
@@ -470,8 +554,12 @@ def _batches(pieces: list[_Piece], limit: int) -> list[_Batch]:
     runs: list[list[_Piece]] = []
     for pc in sorted(pieces, key=lambda p: (p.copy.path, p.lo)):
         cur = runs[-1] if runs else None
-        if cur and pc.copy.path == cur[0].copy.path and pc.lo == cur[-1].lo + cur[-1].span \
-                and pc.lo + pc.span - cur[0].lo <= limit:
+        if (
+            cur
+            and pc.copy.path == cur[0].copy.path
+            and pc.lo == cur[-1].lo + cur[-1].span
+            and pc.lo + pc.span - cur[0].lo <= limit
+        ):
             cur.append(pc)
         else:
             runs.append([pc])
@@ -543,7 +631,7 @@ class _Reader:
                     reads.append((self.fds[rd.path], rd.path, _buffer(host, s + rd.at, rd.span), rd.lo, rd.span))
                     for pc in rd.pieces:
                         off = s + rd.at + pc.lo - rd.lo
-                        raw = stage[off:off + pc.span]
+                        raw = stage[off : off + pc.span]
                         dst = _view(arenas, pc.copy.param, pc.dst_box)
                         if off % ITEMSIZE[pc.copy.src]:
                             special.append((pc, raw, dst))  # a typed view needs an aligned start: clone first
@@ -557,8 +645,18 @@ class _Reader:
                             srcs.append(src)
                         else:
                             special.append((pc, raw, dst))
-                steps.append((tuple(reads), host[s:s + batch.used], stage[s:s + batch.used], i % 2, dsts, srcs,
-                              special, sum(pc.nbytes for rd in batch.reads for pc in rd.pieces)))
+                steps.append(
+                    (
+                        tuple(reads),
+                        host[s : s + batch.used],
+                        stage[s : s + batch.used],
+                        i % 2,
+                        dsts,
+                        srcs,
+                        special,
+                        sum(pc.nbytes for rd in batch.reads for pc in rd.pieces),
+                    )
+                )
             self.lanes.append((steps, stream, events))
 
     def run(self) -> tuple[int, int]:
@@ -655,10 +753,10 @@ def _verify(copies: list[Copy], arenas: Arenas) -> tuple[int, dict[str, int]]:
     for dtype, rows in want.items():
         de = ITEMSIZE[dtype]
         tdt = getattr(torch, dtype)
-        pos = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        positions = torch.tensor([r[1] for r in rows], dtype=torch.int64)
         raw = arenas.raw[dtype]
-        got = raw[((pos * de).unsqueeze(1) + torch.arange(de)).reshape(-1).to(raw.device)].cpu().view(tdt)
-        for (name, _, x, is_a), g in zip(rows, got):
+        got = raw[((positions * de).unsqueeze(1) + torch.arange(de)).reshape(-1).to(raw.device)].cpu().view(tdt)
+        for (name, _, x, is_a), g in zip(rows, got, strict=True):
             if is_a:
                 ok = bool(torch.isclose(g.float(), -torch.exp(x.float()), rtol=1e-5, atol=0.0).all())
             else:
@@ -680,34 +778,74 @@ def _flat_index(shape: tuple[int, ...], box: tuple[tuple[int, int], ...], k: int
         rest //= n
     idx.reverse()
     flat = 0
-    for i, d in zip(idx, shape):
+    for i, d in zip(idx, shape, strict=True):
         flat = flat * d + i
     return flat
 
 
-def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: dict | None) -> list[Finding]:
+def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: Crash | None) -> list[Finding]:
     out: list[Finding] = list(audit.checkpoint.findings) + list(plan.findings)
     if crash is not None:
-        out.append(Finding("error", "crash", f"{audit.engine.replace('@', ' ')} raises {crash['error']} at "
-                                             f"{crash['tensor']}; the load stops here", crash.get("shard"), crash["tensor"]))
+        out.append(
+            Finding(
+                "error",
+                "crash",
+                f"{audit.engine.label} raises {crash.error} at {crash.tensor}; the load stops here",
+                crash.shard,
+                crash.tensor,
+            )
+        )
     items = []
     for p in params:
         if p.mismatches:
-            items.append(("readback", p.name, Finding("error", "readback-mismatch",
-                                                      "a placed slice differs from the checkpoint bytes", None, p.name)))
+            items.append(
+                (
+                    "readback",
+                    p.name,
+                    Finding(
+                        "error", "readback-mismatch", "a placed slice differs from the checkpoint bytes", None, p.name
+                    ),
+                )
+            )
         if crash is not None:
             continue
         if p.status == "over":
-            items.append(("over", p.name, Finding("error", "double-write", "the ranks' owned elements add up to more "
-                                                  "than the parameter: a slice is written twice", None, p.name)))
+            items.append(
+                (
+                    "over",
+                    p.name,
+                    Finding(
+                        "error",
+                        "double-write",
+                        "the ranks' owned elements add up to more than the parameter: a slice is written twice",
+                        None,
+                        p.name,
+                    ),
+                )
+            )
         elif p.status != "filled":
-            sev = "info" if p.informational else "error"
-            items.append((p.status + sev, p.name, Finding(sev, f"param-{p.status}", "the ranks together leave "
-                                                          f"{p.elements - p.covered:,} of {p.elements:,} elements unwritten",
-                                                          None, p.name)))
+            sev: Severity = "info" if p.informational else "error"
+            items.append(
+                (
+                    p.status + sev,
+                    p.name,
+                    Finding(
+                        sev,
+                        f"param-{p.status}",
+                        f"the ranks together leave {p.elements - p.covered:,} of {p.elements:,} elements unwritten",
+                        None,
+                        p.name,
+                    ),
+                )
+            )
         elif p.poisoned:
-            items.append(("poison", p.name, Finding("error", "poison-left", "covered, yet poison is left in a rank's "
-                                                    "partition", None, p.name)))
+            items.append(
+                (
+                    "poison",
+                    p.name,
+                    Finding("error", "poison-left", "covered, yet poison is left in a rank's partition", None, p.name),
+                )
+            )
     from nhcheck.audit import _grouped
 
     return out + _grouped(items)
@@ -719,21 +857,49 @@ def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: dict 
 
 def to_json(r: TPLoadReport) -> dict:
     return {
-        "schema": SCHEMA, "nhcheck_version": __version__, "source": r.source, "engine": r.engine, "tp": r.tp,
-        "backend": r.backend, "device": r.device_name,
-        "summary": {"verdict": r.verdict, "bytes_loaded": r.bytes_loaded, "bytes_read": r.bytes_read,
-                    "wall_seconds": round(r.wall_seconds, 6),
-                    "gb_per_s": round(r.gb_per_s, 3), "params": len(r.params),
-                    "params_filled": sum(1 for p in r.params if p.status == "filled"),
-                    "samples_checked": r.samples_checked},
-        "ranks": [{"rank": s.rank, "device": s.device, "copies": s.copies, "bytes_loaded": s.bytes_loaded,
-                   "bytes_read": s.bytes_read,
-                   "bytes_allocated": s.bytes_allocated, "seconds": round(s.seconds, 6),
-                   "gb_per_s": round(s.gb_per_s, 3)} for s in r.ranks],
-        "crash": r.crash,
-        "params": [{"name": p.name, "elements": p.elements, "covered": p.covered, "status": p.status,
-                    "poisoned": p.poisoned, "mismatches": p.mismatches, "informational": p.informational}
-                   for p in r.params],
+        "schema": SCHEMA,
+        "nhcheck_version": __version__,
+        "source": r.source,
+        "engine": r.engine,
+        "tp": r.tp,
+        "backend": r.backend,
+        "device": r.device_name,
+        "summary": {
+            "verdict": r.verdict,
+            "bytes_loaded": r.bytes_loaded,
+            "bytes_read": r.bytes_read,
+            "wall_seconds": round(r.wall_seconds, 6),
+            "gb_per_s": round(r.gb_per_s, 3),
+            "params": len(r.params),
+            "params_filled": sum(1 for p in r.params if p.status == "filled"),
+            "samples_checked": r.samples_checked,
+        },
+        "ranks": [
+            {
+                "rank": s.rank,
+                "device": s.device,
+                "copies": s.copies,
+                "bytes_loaded": s.bytes_loaded,
+                "bytes_read": s.bytes_read,
+                "bytes_allocated": s.bytes_allocated,
+                "seconds": round(s.seconds, 6),
+                "gb_per_s": round(s.gb_per_s, 3),
+            }
+            for s in r.ranks
+        ],
+        "crash": r.crash.as_dict() if r.crash else None,
+        "params": [
+            {
+                "name": p.name,
+                "elements": p.elements,
+                "covered": p.covered,
+                "status": p.status,
+                "poisoned": p.poisoned,
+                "mismatches": p.mismatches,
+                "informational": p.informational,
+            }
+            for p in r.params
+        ],
         "findings": [f.to_json() for f in r.findings],
     }
 
@@ -746,28 +912,37 @@ def render_json(r: TPLoadReport) -> str:
 
 def headline(r: TPLoadReport) -> str:
     if r.verdict == "refused":
-        return (f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
-                "nothing was loaded.")
+        return (
+            f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
+            "nothing was loaded."
+        )
     if r.verdict == "clean":
-        return (f"{r.tp} rank(s) together fill every reachable parameter exactly once; no poison left, "
-                "read-backs equal the file.")
+        return (
+            f"{r.tp} rank(s) together fill every reachable parameter exactly once; no poison left, "
+            "read-backs equal the file."
+        )
     return f"{r.engine} at TP {r.tp}: {sum(1 for f in r.findings if f.severity == 'error')} problem famil(ies)."
 
 
 def rank_lines(r: TPLoadReport) -> list[str]:
-    lines = [f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
-             f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
-             f"({_rate(s.gb_per_s)})" for s in r.ranks]
+    lines = [
+        f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
+        f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
+        f"({_rate(s.gb_per_s)})"
+        for s in r.ranks
+    ]
     if r.ranks:
-        lines.append(f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({_rate(r.gb_per_s)}) over "
-                     f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back")
+        lines.append(
+            f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({_rate(r.gb_per_s)}) over "
+            f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back"
+        )
     return lines
 
 
 def render_table(r: TPLoadReport, console) -> None:
     from rich.markup import escape
 
-    from nhcheck.report import findings_table, safe
+    from nhcheck.report import findings_table, print_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     console.print(f"[bold]nhcheck load --tp {r.tp}[/] {e(r.source)} · {r.engine}")
@@ -776,14 +951,18 @@ def render_table(r: TPLoadReport, console) -> None:
     for line in rank_lines(r):
         console.print(e(line))
     if r.findings:
-        console.print(findings_table(r.findings))
+        print_table(console, findings_table(r.findings))
 
 
 def render_markdown(r: TPLoadReport) -> str:
     from nhcheck.report import _md, findings_markdown
 
-    out = [f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}", "",
-           f"**{r.verdict.upper()}**: {_md(headline(r))}", ""]
+    out = [
+        f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}",
+        "",
+        f"**{r.verdict.upper()}**: {_md(headline(r))}",
+        "",
+    ]
     out += [f"- {_md(line)}" for line in rank_lines(r)]
     if r.findings:
         out += findings_markdown(r.findings)
@@ -792,5 +971,7 @@ def render_markdown(r: TPLoadReport) -> str:
 
 def summary_line(r: TPLoadReport) -> str:
     bad = sum(1 for f in r.findings if f.severity == "error")
-    return (f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
-            f"verdict {r.verdict}; {bad} error finding(s).")
+    return (
+        f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
+        f"verdict {r.verdict}; {bad} error finding(s)."
+    )

@@ -11,13 +11,27 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TypedDict
 
-from nhcheck.engines.sglang import PPWindow, SGLangProfile, default_moe_backend
-from nhcheck.errors import CheckpointError
+from nhcheck.engines.base import PPWindow
+from nhcheck.engines.sglang import SGLangProfile, default_moe_backend
+from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.model import NemotronHConfig
 from nhcheck.quant import (
-    A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEAR, FP4_MOE, FP8_LINEAR, FP8_MOE, KV_METHOD,
-    UNQUANT, UNQUANT_MOE, QuantConfig, QuantResolveError, QuantResolver, build_resolver,
+    A16_LINEAR,
+    BLOCK_FP8_LINEAR,
+    BLOCK_FP8_MOE,
+    FP4_LINEAR,
+    FP4_MOE,
+    FP8_LINEAR,
+    FP8_MOE,
+    KV_METHOD,
+    UNQUANT,
+    UNQUANT_MOE,
+    QuantConfig,
+    QuantResolveError,
+    QuantResolver,
+    build_resolver,
 )
 
 SCHEMA = "nhcheck.manifest/1"
@@ -48,8 +62,13 @@ class Param:
     informational: bool = False
 
     def to_json(self) -> dict[str, object]:
-        d: dict[str, object] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                                "quant_method": self.quant_method, "loader": self.loader}
+        d: dict[str, object] = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "quant_method": self.quant_method,
+            "loader": self.loader,
+        }
         if self.slots:
             d["slots"] = [list(s) for s in self.slots]
         if self.loader == "expert":
@@ -62,12 +81,17 @@ class Param:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Param":
+    def from_json(cls, d: dict) -> Param:
         return cls(
-            name=d["name"], shape=tuple(d.get("shape") or ()), dtype=str(d.get("dtype") or "bfloat16"),
-            quant_method=d.get("quant_method"), loader=d.get("loader", "default"),
-            slots=tuple(tuple(s) for s in d.get("slots", ())), num_experts=int(d.get("num_experts", 0)),
-            shard_ids=tuple(d.get("shard_ids", ())), reachable=bool(d.get("reachable", True)),
+            name=d["name"],
+            shape=tuple(d.get("shape") or ()),
+            dtype=str(d.get("dtype") or "bfloat16"),
+            quant_method=d.get("quant_method"),
+            loader=d.get("loader", "default"),
+            slots=tuple(tuple(s) for s in d.get("slots", ())),
+            num_experts=int(d.get("num_experts", 0)),
+            shard_ids=tuple(d.get("shard_ids", ())),
+            reachable=bool(d.get("reachable", True)),
             informational=bool(d.get("informational", False)),
         )
 
@@ -103,18 +127,48 @@ class Manifest:
         return frozenset(p.name for p in self.params if p.name.startswith("mlp1."))
 
     def to_json(self) -> dict[str, object]:
-        return {"schema": SCHEMA, "engine": self.engine, "mode": self.mode, "lm_prefix": self.lm_prefix,
-                "quantization": self.quantization, "moe_backend": self.moe_backend,
-                "params": [p.to_json() for p in self.params]}
+        return {
+            "schema": SCHEMA,
+            "engine": self.engine,
+            "mode": self.mode,
+            "lm_prefix": self.lm_prefix,
+            "quantization": self.quantization,
+            "moe_backend": self.moe_backend,
+            "params": [p.to_json() for p in self.params],
+        }
 
 
 # ---------------------------------------------------------------------------
 # Builder
 
 
+class _LinearAttrs(TypedDict):
+    """The ``Param`` fields shared by a linear module's weight-shaped (or scale-shaped) entries."""
+
+    quant_method: str | None
+    loader: str
+    slots: tuple[tuple[str, int, int], ...]
+
+
+class _ExpertAttrs(TypedDict):
+    """The ``Param`` fields shared by the entries of one fused expert weight (w13 or w2)."""
+
+    quant_method: str | None
+    loader: str
+    num_experts: int
+    shard_ids: tuple[str, ...]
+
+
 class _Builder:
-    def __init__(self, cfg: NemotronHConfig, resolver: QuantResolver, profile: SGLangProfile,
-                 moe_backend: str, name_prefix: str, quant_prefix: str) -> None:
+    def __init__(
+        self,
+        cfg: NemotronHConfig,
+        resolver: QuantResolver,
+        profile: SGLangProfile,
+        moe_backend: str,
+        name_prefix: str,
+        quant_prefix: str,
+    ) -> None:
         self.cfg = cfg
         self.q = resolver
         self.profile = profile
@@ -124,26 +178,62 @@ class _Builder:
         self.dtype = _DTYPE_NAMES.get(cfg.dtype, "bfloat16")
         self.out: list[Param] = []
 
-    def add(self, name: str, shape: tuple[int, ...] | list[int], dtype: str | None = None, **kw: object) -> None:
-        self.out.append(Param(self.np + name, tuple(shape), dtype or self.dtype, **kw))  # type: ignore[arg-type]
+    def add(
+        self,
+        name: str,
+        shape: tuple[int, ...] | list[int],
+        dtype: str | None = None,
+        *,
+        quant_method: str | None = None,
+        loader: str = "default",
+        slots: tuple[tuple[str, int, int], ...] = (),
+        num_experts: int = 0,
+        shard_ids: tuple[str, ...] = (),
+        reachable: bool = True,
+        informational: bool = False,
+    ) -> None:
+        """Append one parameter (``name`` under the runtime prefix; ``dtype`` None: the model dtype)."""
+        self.out.append(
+            Param(
+                self.np + name,
+                tuple(shape),
+                dtype or self.dtype,
+                quant_method=quant_method,
+                loader=loader,
+                slots=slots,
+                num_experts=num_experts,
+                shard_ids=shard_ids,
+                reachable=reachable,
+                informational=informational,
+            )
+        )
 
-    def linear(self, name: str, qprefix: str, outs: tuple[int, ...], inp: int, *, bias: bool = False,
-               lm_head: bool = False, stacked: tuple[str, ...] = ()) -> None:
+    def linear(
+        self,
+        name: str,
+        qprefix: str,
+        outs: tuple[int, ...],
+        inp: int,
+        *,
+        bias: bool = False,
+        lm_head: bool = False,
+        stacked: tuple[str, ...] = (),
+    ) -> None:
         """LIN(x): the parameters of one linear module under the method its prefix resolves to."""
         method = self.q.linear_method(qprefix, lm_head=lm_head)
         if lm_head and method == UNQUANT and (self.q.kind is None or not self.profile.lm_head_quantizable):
             method = "UnquantizedEmbeddingMethod"
         rows = sum(outs)
         nparts = len(outs)
-        row_slots = ()
-        idx_slots = ()
+        row_slots: tuple[tuple[str, int, int], ...] = ()
+        idx_slots: tuple[tuple[str, int, int], ...] = ()
         if stacked:
             offs = [sum(outs[:i]) for i in range(nparts)]
-            row_slots = tuple((s, o, n) for s, o, n in zip(stacked, offs, outs))
+            row_slots = tuple((s, o, n) for s, o, n in zip(stacked, offs, outs, strict=True))
             idx_slots = tuple((s, i, 1) for i, s in enumerate(stacked))
         loader = "stacked" if stacked else "default"
-        w = dict(quant_method=method, loader=loader, slots=row_slots)
-        s = dict(quant_method=method, loader=loader, slots=idx_slots)
+        w = _LinearAttrs(quant_method=method, loader=loader, slots=row_slots)
+        s = _LinearAttrs(quant_method=method, loader=loader, slots=idx_slots)
         if method in (UNQUANT, "UnquantizedEmbeddingMethod"):
             self.add(f"{name}.weight", (rows, inp), **w)
         elif method == FP8_LINEAR:
@@ -151,8 +241,7 @@ class _Builder:
             self.add(f"{name}.weight_scale", (nparts,), "float32", **s)
             self.add(f"{name}.input_scale", (nparts,), "float32", **s)
         elif method in (FP4_LINEAR, A16_LINEAR):
-            packed = dict(w)
-            self.add(f"{name}.weight", (rows, inp // 2), "uint8", **packed)
+            self.add(f"{name}.weight", (rows, inp // 2), "uint8", **w)
             if method == FP4_LINEAR:
                 self.add(f"{name}.input_scale", (nparts,), "float32", **s)
                 self.add(f"{name}.weight_scale_2", (nparts,), "float32", **s)
@@ -180,8 +269,8 @@ class _Builder:
         pre = f"model.layers.{layer}.mixer.experts"
         method = self.q.moe_method(qprefix)
         E, mi, X = c.n_routed_experts, c.moe_intermediate_size, c.expert_input
-        e13 = dict(quant_method=method, loader="expert", num_experts=E, shard_ids=("w1",))
-        e2 = dict(quant_method=method, loader="expert", num_experts=E, shard_ids=("w2",))
+        e13 = _ExpertAttrs(quant_method=method, loader="expert", num_experts=E, shard_ids=("w1",))
+        e2 = _ExpertAttrs(quant_method=method, loader="expert", num_experts=E, shard_ids=("w2",))
         if method == UNQUANT_MOE:
             self.add(f"{pre}.w13_weight", (E, mi, X), **e13)
             self.add(f"{pre}.w2_weight", (E, X, mi), **e2)
@@ -198,12 +287,22 @@ class _Builder:
             self.add(f"{pre}.w2_weight", (E, X, mi // 2), "uint8", **e2)
             self.add(f"{pre}.w13_weight_scale", (E, mi, X // 16), "float8_e4m3fn", **e13)
             if swizzle:
-                self.add(f"{pre}.w13_blockscale_swizzled", (E, _up(mi, 128), _up(X // 16, 4)), "float8_e4m3fn",
-                         quant_method=method, reachable=False)
+                self.add(
+                    f"{pre}.w13_blockscale_swizzled",
+                    (E, _up(mi, 128), _up(X // 16, 4)),
+                    "float8_e4m3fn",
+                    quant_method=method,
+                    reachable=False,
+                )
             self.add(f"{pre}.w2_weight_scale", (E, X, mi // 16), "float8_e4m3fn", **e2)
             if swizzle:
-                self.add(f"{pre}.w2_blockscale_swizzled", (E, _up(X, 128), _up(mi // 16, 4)), "float8_e4m3fn",
-                         quant_method=method, reachable=False)
+                self.add(
+                    f"{pre}.w2_blockscale_swizzled",
+                    (E, _up(X, 128), _up(mi // 16, 4)),
+                    "float8_e4m3fn",
+                    quant_method=method,
+                    reachable=False,
+                )
             self.add(f"{pre}.w13_weight_scale_2", (E,), "float32", **e13)
             self.add(f"{pre}.w2_weight_scale_2", (E,), "float32", **e2)
             self.add(f"{pre}.w13_input_scale", (E, 1), "float32", **e13)
@@ -222,7 +321,7 @@ class _Builder:
     def layer(self, i: int, kind: str, *, mtp_first: bool = False, mtp_last: bool = False, mtp: bool = False) -> None:
         c = self.cfg
         P = f"model.layers.{i}.mixer"
-        Q = (f"mtp.layers.{i}.mixer" if mtp else self.qp + P)
+        Q = f"mtp.layers.{i}.mixer" if mtp else self.qp + P
         H = c.hidden_size
         if mtp_first:
             self.add(f"model.layers.{i}.enorm.weight", (H,))
@@ -271,21 +370,34 @@ def _up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLangProfile, *,
-                   moe_backend: str | None = None, mtp: bool = False, pp: PPWindow | None = None) -> Manifest:
+def build_manifest(
+    cfg: NemotronHConfig,
+    qc: QuantConfig | None,
+    profile: SGLangProfile,
+    *,
+    moe_backend: str | None = None,
+    mtp: bool = False,
+    pp: PPWindow | None = None,
+    release: str | None = None,
+) -> Manifest:
     """The manifest SGLang builds for ``cfg`` (main model, or the MTP draft with ``mtp``).
+
+    ``release`` names the SGLang release in the manifest (default: the row's own).
 
     ``pp`` is one pipeline rank: layers outside its window are ``PPMissingLayer`` (no
     parameters), ``embed_tokens`` lives on the first rank, ``norm_f``/``lm_head`` on the last.
     """
     pp = pp or PPWindow(0, cfg.num_layers)
     outer = "NemotronHForCausalLMMTP" if mtp else (cfg.wrapper or cfg.architecture)
+    startup = _startup_refusal(cfg, qc, profile, mtp, release or profile.version)
+    if startup is not None:
+        return Manifest((), f"sglang@{release or profile.version}", problems=(startup,))
     resolver = build_resolver(qc, outer, profile, mtp=mtp)
     problems = list(qc.problems) if qc else []
     if resolver.refusal:
         problems.append(resolver.refusal)
-    backend = moe_backend or default_moe_backend(profile, resolver.quantization)
     wrapped = cfg.wrapper is not None and not mtp
+    backend = moe_backend or default_moe_backend(profile, resolver.quantization, wrapped)
     prefix = "language_model." if wrapped else ""
     b = _Builder(cfg, resolver, profile, backend, prefix, prefix)
     H, V = cfg.hidden_size, cfg.vocab_size
@@ -314,8 +426,16 @@ def build_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLang
         b.out.append(Param("mlp1.0.weight", (vit,), b.dtype))
         b.out.append(Param("mlp1.1.weight", (cfg.projector_hidden_size, vit), b.dtype))
         b.out.append(Param("mlp1.3.weight", (H, cfg.projector_hidden_size), b.dtype))
-    return Manifest(tuple(b.out), f"sglang@{profile.version}", prefix, resolver.quantization, backend,
-                    "mtp" if mtp else "main", "built", tuple(problems))
+    return Manifest(
+        tuple(b.out),
+        f"sglang@{release or profile.version}",
+        prefix,
+        resolver.quantization,
+        backend,
+        "mtp" if mtp else "main",
+        "built",
+        tuple(problems),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -330,8 +450,14 @@ def _infer_param(name: str, shape: tuple[int, ...], dtype: str) -> Param:
     if m and "blockscale_swizzled" in name:
         return Param(name, shape, dtype, reachable=False)
     if m:
-        return Param(name, shape, dtype, loader="expert", num_experts=shape[0] if shape else 0,
-                     shard_ids=("w1",) if m.group(1) == "w13" else ("w2",))
+        return Param(
+            name,
+            shape,
+            dtype,
+            loader="expert",
+            num_experts=shape[0] if shape else 0,
+            shard_ids=("w1",) if m.group(1) == "w13" else ("w2",),
+        )
     if ".qkv_proj." in name:
         return Param(name, shape, dtype, loader="stacked")
     if name.endswith(".mixer.A"):
@@ -339,6 +465,43 @@ def _infer_param(name: str, shape: tuple[int, ...], dtype: str) -> Param:
     if name.endswith((".attn.k_scale", ".attn.v_scale")):
         return Param(name, shape, dtype, informational=True)
     return Param(name, shape, dtype)
+
+
+def _startup_refusal(
+    cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLangProfile, mtp: bool, release: str
+) -> str | None:
+    """The error SGLang's start-up raises before any weight loads, for what the loader-level model cannot see.
+
+    - ``override_reads_quantization_config``: the Nemotron-H server-args override reads
+      ``hf_config.quantization_config`` for a text model's MIXED_PRECISION recipe; a recipe only in
+      hf_quant_config.json has none there (AttributeError).
+    - ``mixed_without_fp4_is_w4afp8``: a MIXED recipe with no NVFP4 / W4A16_NVFP4 layer resolves to
+      ``w4afp8``, whose block-FP8 linears (128×128) check every merged layer's output partitions at
+      build time (``Fp8LinearMethod.validate_block_quant_shapes``): the first that is not a multiple of
+      128, in build order, raises. nhcheck does not model the w4afp8 manifest itself, so a recipe that
+      would pass that check is a usage error rather than a guess.
+    """
+    if qc is None or qc.quant_algo != "MIXED_PRECISION":
+        return None
+    # The override is keyed on the checkpoint's architecture, which the MTP draft shares.
+    if profile.override_reads_quantization_config and cfg.wrapper is None and qc.flat is None:
+        return "AttributeError: 'NemotronHConfig' object has no attribute 'quantization_config'"
+    if profile.mixed_without_fp4_is_w4afp8 and not ({"NVFP4", "W4A16_NVFP4"} & set(qc.quantized_layers.values())):
+        for kind in cfg.draft_pattern if mtp else cfg.pattern:
+            parts = cfg.mamba_in_proj_parts if kind == "M" else (cfg.q_size, cfg.kv_size, cfg.kv_size)
+            if kind not in "M*":
+                continue
+            bad = next((n for n in parts if n % 128), None)
+            if bad is not None:
+                return (
+                    f"ValueError: Weight output_partition_size = {bad} is not divisible by weight quantization "
+                    "block_n = 128."
+                )
+        raise UsageError(
+            f"sglang {release} resolves this MIXED_PRECISION recipe (no NVFP4 or W4A16_NVFP4 layer) to "
+            "w4afp8, whose manifest nhcheck does not model yet"
+        )
+    return None
 
 
 def load_manifest(path: str, engine: str) -> Manifest:
@@ -351,8 +514,15 @@ def load_manifest(path: str, engine: str) -> Manifest:
             params = tuple(Param.from_json(p) for p in obj["params"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(path, f"manifest entry is malformed: {exc}") from None
-        return Manifest(params, obj.get("engine") or engine, obj.get("lm_prefix", ""), obj.get("quantization"),
-                        obj.get("moe_backend", "auto"), obj.get("mode", "main"), path)
+        return Manifest(
+            params,
+            obj.get("engine") or engine,
+            obj.get("lm_prefix", ""),
+            obj.get("quantization"),
+            obj.get("moe_backend", "auto"),
+            obj.get("mode", "main"),
+            path,
+        )
     entries: list[tuple[str, tuple[int, ...], str]] = []
     if isinstance(obj, list) and all(isinstance(n, str) for n in obj):
         entries = [(n, (), "unknown") for n in obj]
@@ -364,7 +534,9 @@ def load_manifest(path: str, engine: str) -> Manifest:
                 raise CheckpointError(path, f"shape of {k!r} is not a list of integers")
             entries.append((k, tuple(shape), str(v.get("dtype", "unknown")).replace("torch.", "")))
     else:
-        raise CheckpointError(path, "manifest must be nhcheck JSON, a list of parameter names, or {name: {shape, dtype}}")
+        raise CheckpointError(
+            path, "manifest must be nhcheck JSON, a list of parameter names, or {name: {shape, dtype}}"
+        )
     params = tuple(_infer_param(n, s, d) for n, s, d in entries)
     prefix = "language_model." if any(p.name.startswith("language_model.model.") for p in params) else ""
     return Manifest(params, engine, prefix, None, "unknown", "main", path)

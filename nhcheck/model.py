@@ -170,16 +170,23 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         config = llm
     mt = config.get("model_type")
     if mt == "nemotron_h_puzzle":
-        raise CheckpointError(path, "model_type 'nemotron_h_puzzle' (per-layer block_configs) is not supported yet; "
-                                    "nhcheck audits plain Nemotron-H checkpoints")
+        raise CheckpointError(
+            path,
+            "model_type 'nemotron_h_puzzle' (per-layer block_configs) is not supported yet; "
+            "nhcheck audits plain Nemotron-H checkpoints",
+        )
     if mt != "nemotron_h":
-        raise CheckpointError(path, f"model_type is {mt!r}, not 'nemotron_h'; nhcheck audits Nemotron-H checkpoints only")
+        raise CheckpointError(
+            path, f"model_type is {mt!r}, not 'nemotron_h'; nhcheck audits Nemotron-H checkpoints only"
+        )
     pattern = _pattern(config, path)
     if not pattern:
         raise CheckpointError(path, "no hybrid_override_pattern or layers_block_type: cannot tell the layer kinds")
     n_layers = config.get("num_hidden_layers")
     if n_layers is not None and (type(n_layers) is not int or n_layers != len(pattern)):
-        raise CheckpointError(path, f"hybrid_override_pattern has {len(pattern)} layers but num_hidden_layers is {n_layers!r}")
+        raise CheckpointError(
+            path, f"hybrid_override_pattern has {len(pattern)} layers but num_hidden_layers is {n_layers!r}"
+        )
     inter = config.get("intermediate_size", 0)
     inter_t = tuple(inter) if isinstance(inter, list) else (inter,)
     if not all(type(i) is int and i >= 0 for i in inter_t):
@@ -188,11 +195,16 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
     n_routed = _int(config, "n_routed_experts", path, 0) if "E" in pattern else (config.get("n_routed_experts") or 0)
     max_routed = _int(config, "max_n_routed_experts", path, 0) or n_routed
     if type(n_routed) is not int or max(n_routed, max_routed) > MAX_EXPERTS:
-        raise CheckpointError(path, f"n_routed_experts {n_routed!r} / max_n_routed_experts {max_routed!r}: "
-                                    f"must be integers up to {MAX_EXPERTS}")
+        raise CheckpointError(
+            path,
+            f"n_routed_experts {n_routed!r} / max_n_routed_experts {max_routed!r}: "
+            f"must be integers up to {MAX_EXPERTS}",
+        )
     latent = config.get("moe_latent_size")
     if latent is not None and (type(latent) is not int or latent < 0):
-        raise CheckpointError(path, f"config field 'moe_latent_size' must be null or a non-negative integer, got {latent!r}")
+        raise CheckpointError(
+            path, f"config field 'moe_latent_size' must be null or a non-negative integer, got {latent!r}"
+        )
     ratio = outer.get("downsample_ratio", 0.5) if wrapper else 0.5
     if type(ratio) not in (int, float) or not 0 < ratio <= 1:
         raise CheckpointError(path, f"downsample_ratio must be a number in (0, 1], got {ratio!r}")
@@ -224,8 +236,11 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         moe_intermediate_size=_int(config, "moe_intermediate_size", path, 0),
         moe_shared_expert_intermediate_size=_int(config, "moe_shared_expert_intermediate_size", path, 0),
         # CFG: n_shared_experts defaults to 1 when the key is absent (an explicit null means none).
-        n_shared_experts=(_int(config, "n_shared_experts", path, 1) if config.get("n_shared_experts") is not None
-                          else (0 if "n_shared_experts" in config else 1)),
+        n_shared_experts=(
+            _int(config, "n_shared_experts", path, 1)
+            if config.get("n_shared_experts") is not None
+            else (0 if "n_shared_experts" in config else 1)
+        ),
         # NH NemotronHMoE: use_latent_moe = moe_latent_size is not None (0 would still build the projections).
         moe_latent_size=latent,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

@@ -1,7 +1,7 @@
 """Prune: turn an audit into a fixed copy of the checkpoint that the chosen engine loads cleanly.
 
 Two halves. ``plan_prune`` decides, from the audit alone, which tensors are safe to drop and
-says why for each (DESIGN.md, "Prune safety rule"): only tensors the engine would not load
+says why for each (the README's prune rule): only tensors the engine would not load
 anyway, and only when their absence cannot change the loaded model. Anything it cannot prove
 safe, and any quantization mismatch, makes the plan a refusal: stripping scales would hide a
 model that does not load correctly. ``execute`` writes the plan: per shard a new header and
@@ -20,12 +20,14 @@ import queue
 import re
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
-from nhcheck import __version__, collapse
+from nhcheck import __version__, collapse, engines
 from nhcheck.audit import AuditOptions, AuditReport
 from nhcheck.checkpoint import INDEX_NAME, open_local, safe_member
+from nhcheck.engines.base import EngineId
 from nhcheck.errors import CheckpointError, NhcheckError, UsageError
 from nhcheck.safetensors_header import ShardHeader, TensorInfo, serialize_header
 
@@ -37,8 +39,7 @@ TMP_SUFFIX = ".tmp"
 #: Copy and read-back granularity: two buffers of this size are all the memory prune holds.
 CHUNK = 4 << 20
 
-SCALE_SUFFIXES = ("input_scale", "weight_scale", "weight_scale_2", "k_scale", "v_scale", "kv_scale",
-                  "pre_quant_scale")
+SCALE_SUFFIXES = ("input_scale", "weight_scale", "weight_scale_2", "k_scale", "v_scale", "kv_scale", "pre_quant_scale")
 _KV_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
 _FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
 _FLOAT_CKPT = frozenset({"BF16", "F16", "F32", "F64"})
@@ -99,7 +100,7 @@ class PrunePlan:
     loads_as_is: tuple[str, ...] = ()
 
     @property
-    def engine(self) -> str:
+    def engine(self) -> EngineId:
         return self.report.engine
 
     @property
@@ -111,12 +112,12 @@ class PrunePlan:
         return frozenset(d.tensor.name for d in self.drops)
 
 
-def _action(outcome: str, message: str | None, version: str) -> str:
+def _action(outcome: str, message: str | None, engine: EngineId) -> str:
     if outcome == "raise":
-        return f"sglang {version} raises {message or 'on it'}"
+        return f"{engine.label} raises {message or 'on it'}"
     if outcome == "warn":
-        return f"sglang {version} warns and drops it"
-    return f"sglang {version} drops it silently"
+        return f"{engine.label} warns and drops it"
+    return f"{engine.label} drops it silently"
 
 
 class _Classifier:
@@ -145,23 +146,28 @@ class _Classifier:
             self._modules = frozenset(mods)
         return self._modules
 
-    def classify(self, t: TensorInfo, outcome, version: str) -> tuple[bool, str]:
+    def classify(self, t: TensorInfo, outcome, engine: EngineId) -> tuple[bool, str]:
         reason = outcome.reason
-        act = _action(outcome.outcome, outcome.message, version)
+        act = _action(outcome.outcome, outcome.message, engine)
         if reason == "pp-range":  # an orphan pp-range skip is a layer index past the model
             return True, f"{act}; safe: the model has no such layer, so nothing can read it"
         if reason not in _LM_REASONS:
-            return False, (f"the engine handles it outside the language-model loader ({reason}); "
-                           "nhcheck cannot say what it is for")
+            return False, (
+                f"the engine handles it outside the language-model loader ({reason}); nhcheck cannot say what it is for"
+            )
         if self.manifest.lm_prefix and not t.name.startswith("language_model"):
             return False, "the wrapper routes it outside the language model; nhcheck cannot say what it is for"
         suffix = t.name.rpartition(".")[2]
         if suffix in _KV_SUFFIXES:
             if reason == "kv-drop" and not self.kv_quantized:
-                return True, (f"{act}; safe: the runtime KV cache is not quantized (no attn.k_scale/attn.v_scale "
-                              "parameters), so no KV-cache scale is ever read")
-            return False, ("KV-cache scale the engine drops although the runtime keeps KV-cache scales: "
-                           "its name is wrong, not its presence")
+                return True, (
+                    f"{act}; safe: the runtime KV cache is not quantized (no attn.k_scale/attn.v_scale "
+                    "parameters), so no KV-cache scale is ever read"
+                )
+            return False, (
+                "KV-cache scale the engine drops although the runtime keeps KV-cache scales: "
+                "its name is wrong, not its presence"
+            )
         engine_name = outcome.engine_name or ""
         module = self.manifest.lm_prefix + engine_name.rpartition(".")[0]
         if engine_name and module not in self.runtime_modules():
@@ -178,17 +184,20 @@ class _Classifier:
         if p is None:
             return False, f"its module's weight loads into {w.param}, which nhcheck's manifest does not describe"
         if p.dtype not in _FLOAT_PARAM or w.tensor.dtype not in _FLOAT_CKPT:
-            return False, (f"load-bearing: the runtime keeps the module quantized ({p.name} is {p.dtype}), "
-                           "never dropped")
-        return True, (f"{act}; safe: its module's weight loads unquantized into {p.name} ({p.dtype}), "
-                      f"which takes no {suffix}")
+            return False, (
+                f"load-bearing: the runtime keeps the module quantized ({p.name} is {p.dtype}), never dropped"
+            )
+        return True, (
+            f"{act}; safe: its module's weight loads unquantized into {p.name} ({p.dtype}), which takes no {suffix}"
+        )
 
 
 def _groups(items: list[tuple[TensorInfo, str, str]]) -> tuple[DropGroup, ...]:
     """Collapse (tensor, outcome, reason) by outcome, reason shape and name shape."""
     out = []
     for (outcome, _), name, count, members in collapse.group(
-            ((o, collapse.template(r)[0]), t.name, (t, r)) for t, o, r in items):
+        ((o, collapse.template(r)[0]), t.name, (t, r)) for t, o, r in items
+    ):
         reason = collapse.group((0, r, None) for _, r in members)[0][1]
         out.append(DropGroup(name, count, sum(t.nbytes for t, _ in members), outcome, reason))
     return tuple(out)
@@ -202,15 +211,19 @@ def _finding_text(f) -> str:
 def _mismatch_refusal(report: AuditReport, clean: tuple[str, ...]) -> str:
     found = [f for f in report.findings if f.code == "quant-mismatch"]
     first = found[0]
-    ver = report.engine.split("@", 1)[1]
-    lines = [f"quantization mismatch on {report.engine}: {_finding_text(first)}"
-             + (f" (and {len(found) - 1} more tensor famil{'y' if len(found) == 2 else 'ies'})" if len(found) > 1 else ""),
-             f"Stripping scales would hide a model that sglang {ver} cannot load correctly; prune refuses."]
+    lines = [
+        f"quantization mismatch on {report.engine}: {_finding_text(first)}"
+        + (f" (and {len(found) - 1} more tensor famil{'y' if len(found) == 2 else 'ies'})" if len(found) > 1 else ""),
+        f"Stripping scales would hide a model that {report.engine.label} cannot load correctly; prune refuses.",
+    ]
     if clean:
         lines.append("Loads as is (audit clean): " + ", ".join(clean) + ".")
     elif report.other_versions:
-        lines.append("No sglang version in nhcheck's table loads it as is: "
-                     + "; ".join(f"sglang@{v}: {s}" for v, s in report.other_versions.items()) + ".")
+        lines.append(
+            f"No {report.engine.name} version in nhcheck's table loads it as is: "
+            + "; ".join(f"{v}: {s}" for v, s in report.other_versions.items())
+            + "."
+        )
     else:
         lines.append("Audit it with the other --engine versions to find one that loads it as is.")
     return "\n".join(lines)
@@ -219,23 +232,51 @@ def _mismatch_refusal(report: AuditReport, clean: tuple[str, ...]) -> str:
 def plan_prune(report: AuditReport) -> PrunePlan:
     """Decide what to drop and why, or why prune must refuse (the CLI exits 1 on a refusal)."""
     ckpt = report.checkpoint
-    version = report.engine.split("@", 1)[1]
-    clean = tuple(f"sglang@{v}" for v, s in report.other_versions.items() if s.startswith("clean"))
+    engine = report.engine
+    clean = tuple(engines.spans([v for v, s in report.other_versions.items() if s.startswith("clean")]))
     shards = tuple(ShardPlan(s.name, len(s.tensors), 0, 0, "copy") for s in ckpt.shards)
     structure = [f for f in ckpt.findings if f.severity == "error" and f.code.startswith(_STRUCTURE)]
     if structure:
         f = structure[0]
-        return PrunePlan(report, (), (), shards, "the checkpoint's files disagree (" + f.code + ": "
-                         + (f.tensor or f.shard or "") + ": " + f.message + "); fix the index or shards first", (), clean)
+        return PrunePlan(
+            report,
+            (),
+            (),
+            shards,
+            "the checkpoint's files disagree ("
+            + f.code
+            + ": "
+            + (f.tensor or f.shard or "")
+            + ": "
+            + f.message
+            + "); fix the index or shards first",
+            (),
+            clean,
+        )
     if any(f.code == "quant-mismatch" for f in report.findings):
         return PrunePlan(report, (), (), shards, _mismatch_refusal(report, clean), (), clean)
     shape = next((f for f in report.findings if f.code == "shape-mismatch"), None)
     if shape is not None:
-        return PrunePlan(report, (), (), shards, f"shape mismatch on {report.engine}: {_finding_text(shape)}; "
-                         "dropping tensors cannot fix it", (), clean)
-    if report.crash is not None and report.crash["tensor"] is None:
-        return PrunePlan(report, (), (), shards, f"sglang {version} fails while building the model "
-                         f"({report.crash['error']}); dropping tensors cannot fix the quant config", (), clean)
+        return PrunePlan(
+            report,
+            (),
+            (),
+            shards,
+            f"shape mismatch on {report.engine}: {_finding_text(shape)}; dropping tensors cannot fix it",
+            (),
+            clean,
+        )
+    if report.crash is not None and report.crash.tensor is None:
+        return PrunePlan(
+            report,
+            (),
+            (),
+            shards,
+            f"{engine.label} fails while building the model "
+            f"({report.crash.error}); dropping tensors cannot fix the quant config",
+            (),
+            clean,
+        )
 
     classifier = _Classifier(report)
     drops: list[Drop] = []
@@ -244,7 +285,7 @@ def plan_prune(report: AuditReport) -> PrunePlan:
         o = r.outcome
         if o.outcome in ("load", "routed") or not r.orphan:
             continue
-        ok, why = classifier.classify(r.tensor, o, version)
+        ok, why = classifier.classify(r.tensor, o, engine)
         if ok:
             drops.append(Drop(r.tensor, o.outcome, why))
         else:
@@ -254,16 +295,23 @@ def plan_prune(report: AuditReport) -> PrunePlan:
     for d in drops:
         per_shard.setdefault(d.tensor.shard, []).append(d)
     shards = tuple(
-        ShardPlan(s.name, len(s.tensors), len(per_shard.get(s.name, ())),
-                  sum(d.tensor.nbytes for d in per_shard.get(s.name, ())),
-                  "copy" if not per_shard.get(s.name) else "omit" if len(per_shard[s.name]) == len(s.tensors) else "rewrite")
-        for s in ckpt.shards)
+        ShardPlan(
+            s.name,
+            len(s.tensors),
+            len(per_shard.get(s.name, ())),
+            sum(d.tensor.nbytes for d in per_shard.get(s.name, ())),
+            "copy" if not per_shard.get(s.name) else "omit" if len(per_shard[s.name]) == len(s.tensors) else "rewrite",
+        )
+        for s in ckpt.shards
+    )
     refusal = None
     unsafe_groups = _groups(unsafe)
     if unsafe_groups:
-        refusal = (f"{len(unsafe):,} tensor(s) sglang {version} does not load cannot be proven safe to drop, so the "
-                   "output would not load cleanly either:\n" + "\n".join(f"  {g.name} ×{g.count}: {g.reason}"
-                                                                         for g in unsafe_groups))
+        refusal = (
+            f"{len(unsafe):,} tensor(s) {engine.label} does not load cannot be proven safe to drop, so the "
+            "output would not load cleanly either:\n"
+            + "\n".join(f"  {g.name} ×{g.count}: {g.reason}" for g in unsafe_groups)
+        )
     return PrunePlan(report, tuple(drops), groups, shards, refusal, unsafe_groups, clean)
 
 
@@ -283,19 +331,21 @@ def render_plan(plan: PrunePlan, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from nhcheck.report import safe
+    from nhcheck.report import print_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     rep = plan.report
-    console.print(f"[bold]nhcheck prune[/] {e(rep.source)} · {rep.engine} · audit verdict {rep.verdict} · "
-                  f"{len(rep.records):,} tensors in {len(plan.shards)} shard(s)")
+    console.print(
+        f"[bold]nhcheck prune[/] {e(rep.source)} · {rep.engine} · audit verdict {rep.verdict} · "
+        f"{len(rep.records):,} tensors in {len(plan.shards)} shard(s)"
+    )
     if plan.groups:
         t = Table(title="Tensors to drop", title_justify="left")
         for col in ("outcome", "checkpoint tensors", "count", "bytes", "why it is safe"):
             t.add_column(col, overflow="fold")
         for g in plan.groups:
             t.add_row(g.outcome, e(g.name), f"×{g.count:,}", f"{g.nbytes:,}", e(g.reason))
-        console.print(t)
+        print_table(console, t)
     elif plan.refusal is None:
         console.print("Nothing to drop: the output is a byte-identical copy.")
     if plan.refusal is None:
@@ -304,7 +354,7 @@ def render_plan(plan: PrunePlan, console) -> None:
             t.add_column(col, overflow="fold")
         for s in plan.shards:
             t.add_row(e(s.name), f"{s.tensors:,}", f"{s.dropped:,}", f"{s.bytes_saved:,}", s.action)
-        console.print(t)
+        print_table(console, t)
         console.print(f"{len(plan.drops):,} tensor(s) dropped, {plan.bytes_saved:,} bytes saved.")
 
 
@@ -317,8 +367,10 @@ def check_output(source_root: str, out_dir: str, overwrite: bool) -> None:
     src = os.path.realpath(source_root)
     out = os.path.realpath(out_dir)
     if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
-        raise UsageError(f"--out {out_dir} is {'the input' if out == src else 'inside the input'} {source_root}; "
-                         "prune never writes in place")
+        raise UsageError(
+            f"--out {out_dir} is {'the input' if out == src else 'inside the input'} {source_root}; "
+            "prune never writes in place"
+        )
     if src.startswith(out.rstrip(os.sep) + os.sep):
         raise UsageError(f"--out {out_dir} contains the input {source_root}; choose a directory outside it")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
@@ -414,6 +466,14 @@ class _Copier:
             n -= k
 
 
+class _Hasher(Protocol):
+    """A running digest (``hashlib.sha256()``)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
 @dataclass
 class _OutFile:
     """One output shard in flight: where it goes, what it must contain, its running hash."""
@@ -425,7 +485,7 @@ class _OutFile:
     write_fd: int
     read_fd: int = -1
     src_fd: int = -1
-    sha: object = field(default_factory=hashlib.sha256)
+    sha: _Hasher = field(default_factory=hashlib.sha256)
     header: bytes = b""
     digest: str = ""
 
@@ -557,8 +617,9 @@ class _Pipeline:
         self.turn += 1
         return c
 
-    def check(self, c: tuple[_Worker, _Reader], f: _OutFile, dst_off: int, src_off: int | None, n: int,
-              compare: bool = True) -> None:
+    def check(
+        self, c: tuple[_Worker, _Reader], f: _OutFile, dst_off: int, src_off: int | None, n: int, compare: bool = True
+    ) -> None:
         worker, reader = c
         worker.submit(lambda: self._check(reader, f, dst_off, src_off, n, compare))
 
@@ -591,11 +652,13 @@ class _Pipeline:
                 raise CheckpointError(f.tmp, "output is shorter than what was written")
             if compare:
                 if src_off is None:
-                    same = out.tobytes() == f.header[dst_off:dst_off + k]
+                    same = out.tobytes() == f.header[dst_off : dst_off + k]
                 else:
                     if os.preadv(f.src_fd, [memoryview(r.src_buf)[:k]], src_off) != k:
-                        raise CheckpointError(f.src_path, "changed size during the run (it ended early); "
-                                              "prune stopped, temporary files removed")
+                        raise CheckpointError(
+                            f.src_path,
+                            "changed size during the run (it ended early); prune stopped, temporary files removed",
+                        )
                     same = r.out_buf == r.src_buf if k == CHUNK else r.out_buf[:k] == r.src_buf[:k]
                 if not same:
                     raise CheckpointError(f.final, f"output bytes at offset {dst_off} differ from the source")
@@ -614,8 +677,9 @@ class _Pipeline:
         except OSError as exc:  # name the file: the main thread has moved on to another one
             raise OSError(exc.errno, exc.strerror, f.final) from None
         if _stat_key(f.src_path) != f.src_stat:
-            raise CheckpointError(f.src_path, "changed during the run (size or modification time); "
-                                  "prune stopped, temporary files removed")
+            raise CheckpointError(
+                f.src_path, "changed during the run (size or modification time); prune stopped, temporary files removed"
+            )
         f.digest = f.sha.hexdigest()
         for fd in (f.write_fd, f.read_fd, f.src_fd):
             self.run.close(fd)
@@ -640,8 +704,9 @@ def _layout(shard: ShardHeader, dropped: frozenset[str]) -> tuple[bytes, list[tu
         elif t.nbytes:
             ranges.append([t.start, pos, t.nbytes])
         pos += t.nbytes
-    header = serialize_header([(t.name, t.dtype, t.shape, *offsets[t.name]) for t in kept],
-                              shard.metadata, shard.has_metadata)
+    header = serialize_header(
+        [(t.name, t.dtype, t.shape, *offsets[t.name]) for t in kept], shard.metadata, shard.has_metadata
+    )
     return header, [(s, len(header) + d, n) for s, d, n in ranges], pos
 
 
@@ -686,12 +751,21 @@ def _fsync_dir(path: str) -> None:
 
 def _io_error(exc: OSError, run: _Run) -> NhcheckError:
     text = _ERRNO_TEXT.get(exc.errno or 0, exc.strerror or str(exc))
-    return CheckpointError(exc.filename or run.current,
-                           f"{text}; prune stopped, temporary files removed, nothing final-named left half-written")
+    return CheckpointError(
+        exc.filename or run.current,
+        f"{text}; prune stopped, temporary files removed, nothing final-named left half-written",
+    )
 
 
-def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: bool = False, verify: bool = True,
-            progress: Progress | None = None) -> PruneResult:
+def execute(
+    plan: PrunePlan,
+    out_dir: str,
+    *,
+    overwrite: bool = False,
+    link: bool = False,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> PruneResult:
     """Write the pruned checkpoint into ``out_dir``; raise ``NhcheckError`` (exit 2) on any I/O failure."""
     if plan.refusal is not None:
         raise UsageError("prune refused: " + plan.refusal.splitlines()[0])
@@ -705,12 +779,17 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
     for s in ckpt.shards:
         stats[s.name] = _stat_key(s.path)
         if stats[s.name][0] != s.file_size:
-            raise CheckpointError(s.path, f"changed size since it was audited ({s.file_size} → {stats[s.name][0]} bytes)")
+            raise CheckpointError(
+                s.path, f"changed size since it was audited ({s.file_size} → {stats[s.name][0]} bytes)"
+            )
     dropped = plan.dropped_names
     actions = {sp.name: sp.action for sp in plan.shards}
     layouts = {s.name: _layout(s, dropped) for s in ckpt.shards if actions[s.name] == "rewrite"}
-    sizes = {s.name: (len(layouts[s.name][0]) + layouts[s.name][2] if s.name in layouts else s.file_size)
-             for s in ckpt.shards if actions[s.name] != "omit"}
+    sizes = {
+        s.name: (len(layouts[s.name][0]) + layouts[s.name][2] if s.name in layouts else s.file_size)
+        for s in ckpt.shards
+        if actions[s.name] != "omit"
+    }
     finals = {os.path.join(out_dir, n) for n in sizes} | {os.path.join(out_dir, rel) for rel, _ in sidecars}
     if ckpt.index is not None:
         finals.add(os.path.join(out_dir, INDEX_NAME))
@@ -723,22 +802,43 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
         pipe = _Pipeline(run, verify, progress, total, n=max(1, min(2, os.cpu_count() or 1)))
         copier = _Copier()
         outs: list[tuple[ShardHeader, _OutFile | None]] = []
-        dropped_rows = []
+        reasons = {d.tensor.name: (d.outcome, d.reason) for d in plan.drops}
+        dropped_rows: list[dict[str, object]] = []
         for shard in ckpt.shards:
             action = actions[shard.name]
             run.source = shard.path
             src_fd = run.open(shard.path, os.O_RDONLY)
             for t in shard.tensors:
                 if t.name in dropped:
-                    dropped_rows.append({"name": t.name, "shard": shard.name, "dtype": t.dtype, "shape": list(t.shape),
-                                         "sha256": _sha256_range(src_fd, t.start, t.nbytes)})
+                    dropped_rows.append(
+                        {
+                            "name": t.name,
+                            "shard": shard.name,
+                            "dtype": t.dtype,
+                            "shape": list(t.shape),
+                            "sha256": _sha256_range(src_fd, t.start, t.nbytes),
+                            "outcome": reasons[t.name][0],
+                            "reason": reasons[t.name][1],
+                        }
+                    )
             if action == "omit":
                 run.close(src_fd)
                 outs.append((shard, None))
                 continue
             final = os.path.join(out_dir, shard.name)
-            f = _write_shard(run, pipe, copier, shard, src_fd, final, layouts.get(shard.name), link,
-                             stats[shard.name], progress, total)
+            f = _write_shard(
+                run,
+                pipe,
+                copier,
+                shard,
+                src_fd,
+                final,
+                layouts.get(shard.name),
+                link,
+                stats[shard.name],
+                progress,
+                total,
+            )
             outs.append((shard, f))
         pipe.close()
         for rel, src in sidecars:
@@ -753,16 +853,14 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
         for d in run.dirs:
             _fsync_dir(d)
         verification = _verify(plan, out_dir, pipe.compared) if verify else None
-        reasons = {d.tensor.name: (d.outcome, d.reason) for d in plan.drops}
-        for row in dropped_rows:
-            row["outcome"], row["reason"] = reasons[row["name"]]
         receipt = _receipt(plan, outs, dropped_rows, sidecars, verification, link)
         _write_json(run, os.path.join(out_dir, RECEIPT_NAME), receipt, indent=1)
         _fsync_dir(out_dir)
         return PruneResult(out_dir, receipt, verification)
     except _Shrunk:
-        raise CheckpointError(run.source, "changed size during the run (it ended early); prune stopped, "
-                              "temporary files removed") from None
+        raise CheckpointError(
+            run.source, "changed size during the run (it ended early); prune stopped, temporary files removed"
+        ) from None
     except OSError as exc:
         raise _io_error(exc, run) from None
     finally:
@@ -771,9 +869,19 @@ def execute(plan: PrunePlan, out_dir: str, *, overwrite: bool = False, link: boo
         run.cleanup()
 
 
-def _write_shard(run: _Run, pipe: _Pipeline, copier: _Copier, shard: ShardHeader, src_fd: int, final: str,
-                 layout: tuple[bytes, list[tuple[int, int, int]], int] | None, link: bool,
-                 src_stat: tuple[int, int], progress: Progress | None, total: int) -> _OutFile:
+def _write_shard(
+    run: _Run,
+    pipe: _Pipeline,
+    copier: _Copier,
+    shard: ShardHeader,
+    src_fd: int,
+    final: str,
+    layout: tuple[bytes, list[tuple[int, int, int]], int] | None,
+    link: bool,
+    src_stat: tuple[int, int],
+    progress: Progress | None,
+    total: int,
+) -> _OutFile:
     tmp = run.tmp_for(final)
     if os.path.lexists(tmp):
         os.unlink(tmp)
@@ -855,7 +963,9 @@ def _new_index(index: dict, dropped: frozenset[str], plan: PrunePlan) -> dict:
     out = dict(index)
     out["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
     meta = dict(index.get("metadata") or {})
-    meta["total_size"] = sum(t.nbytes for s in plan.report.checkpoint.shards for t in s.tensors if t.name not in dropped)
+    meta["total_size"] = sum(
+        t.nbytes for s in plan.report.checkpoint.shards for t in s.tensors if t.name not in dropped
+    )
     out["metadata"] = meta
     return out
 
@@ -866,11 +976,13 @@ def _verify(plan: PrunePlan, out_dir: str, compared: int) -> Verification:
 
     before = plan.report
     ckpt = open_local(out_dir)
-    after = pipeline.audit(pipeline.prepare(ckpt, before.engine, moe_backend=before.manifest.moe_backend),
-                           AuditOptions(compare_versions=False))
+    after = pipeline.audit(
+        pipeline.prepare(ckpt, before.engine, moe_backend=before.manifest.moe_backend),
+        AuditOptions(compare_versions=False),
+    )
     problems: list[str] = []
     if after.crash is not None:
-        problems.append(f"{after.engine} still raises {after.crash['error']} at {after.crash['tensor']}")
+        problems.append(f"{after.engine} still raises {after.crash.error} at {after.crash.tensor}")
     orphans = after.counts()["orphans"]
     if orphans:
         problems.append(f"{orphans:,} orphan tensor(s) remain on {after.engine}")
@@ -880,14 +992,19 @@ def _verify(plan: PrunePlan, out_dir: str, compared: int) -> Verification:
         if b is None:
             continue
         worse = _STATUS_RANK[s.status] < _STATUS_RANK[b.status] or (
-            s.status == b.status == "partial" and not set(s.missing) <= set(b.missing))
+            s.status == b.status == "partial" and not set(s.missing) <= set(b.missing)
+        )
         if worse:
             problems.append(f"{s.name} is {s.status} after pruning (was {b.status})")
     for f in ckpt.findings:
         if f.severity == "error":
             problems.append(f"output {f.code}: {f.tensor or f.shard or ''} {f.message}")
-    expected = [(t.name, t.dtype, t.shape) for s in before.checkpoint.shards for t in s.tensors
-                if t.name not in plan.dropped_names]
+    expected = [
+        (t.name, t.dtype, t.shape)
+        for s in before.checkpoint.shards
+        for t in s.tensors
+        if t.name not in plan.dropped_names
+    ]
     got = [(t.name, t.dtype, t.shape) for s in ckpt.shards for t in s.tensors]
     if got != expected:
         problems.append("the output's tensors are not the source's minus the dropped ones")
@@ -895,7 +1012,10 @@ def _verify(plan: PrunePlan, out_dir: str, compared: int) -> Verification:
 
 
 def _json_path(rel: str) -> str:
-    """A file name for JSON: names that are not UTF-8 (``surrogateescape`` from the OS) keep their bytes as ``\\xNN``."""
+    """A file name for JSON.
+
+    Names that are not UTF-8 (``surrogateescape`` from the OS) keep their bytes as ``\\xNN``.
+    """
     try:
         rel.encode("utf-8")
         return rel
@@ -903,27 +1023,46 @@ def _json_path(rel: str) -> str:
         return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def _receipt(plan: PrunePlan, outs: list[tuple[ShardHeader, _OutFile | None]], dropped_rows: list[dict],
-             sidecars: list[tuple[str, str]], verification: Verification | None, link: bool) -> dict:
+def _receipt(
+    plan: PrunePlan,
+    outs: list[tuple[ShardHeader, _OutFile | None]],
+    dropped_rows: list[dict[str, object]],
+    sidecars: list[tuple[str, str]],
+    verification: Verification | None,
+    link: bool,
+) -> dict:
     shards = []
     plans = {sp.name: sp for sp in plan.shards}
     for shard, f in outs:
         sp = plans[shard.name]
         action = sp.action if not (link and sp.action == "copy") else "link"
-        shards.append({"name": shard.name, "action": action, "tensors": sp.tensors - sp.dropped, "dropped": sp.dropped,
-                       "bytes": os.path.getsize(f.final) if f else 0, "sha256": f.digest if f else None})
+        shards.append(
+            {
+                "name": shard.name,
+                "action": action,
+                "tensors": sp.tensors - sp.dropped,
+                "dropped": sp.dropped,
+                "bytes": os.path.getsize(f.final) if f else 0,
+                "sha256": f.digest if f else None,
+            }
+        )
     return {
         "schema": RECEIPT_SCHEMA,
         "nhcheck_version": __version__,
         "source": plan.report.source,
         "source_root": plan.report.checkpoint.root,
-        "engine": plan.engine,
+        "engine": str(plan.engine),
         "moe_backend": plan.report.manifest.moe_backend,
         "audit_verdict": plan.report.verdict,
         "dropped": dropped_rows,
         "shards": shards,
         "files": [_json_path(rel) for rel, _ in sidecars],
-        "verification": None if verification is None else {
-            "ok": verification.ok, "verdict": verification.verdict, "bytes_compared": verification.bytes_compared,
-            "problems": list(verification.problems)},
+        "verification": None
+        if verification is None
+        else {
+            "ok": verification.ok,
+            "verdict": verification.verdict,
+            "bytes_compared": verification.bytes_compared,
+            "problems": list(verification.problems),
+        },
     }

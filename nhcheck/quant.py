@@ -9,6 +9,7 @@ boundaries, ``is_layer_excluded`` with globs) and MIXED_PRECISION resolution.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nhcheck.engines.sglang import SGLangProfile
@@ -90,10 +91,21 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
         # ``ModelConfig._parse_quant_hf_config``: a quantization_config *without* ``quant_method`` is
         # treated as ModelOpt, like ``quant_method: modelopt`` (0.5.11, 0.5.12 and 0.5.23).
         method = str(qc.get("quant_method", "modelopt")).lower()
-        if not method.startswith("modelopt"):  # modelopt_fp8/_fp4/_mixed are ModelOpt too (override_quantization_method)
-            return QuantConfig("config.json", method or "unknown", qc.get("quant_algo"), None, None, (),
-                               problems=(f"quantization_config.quant_method {method!r} is not ModelOpt; "
-                                         "nhcheck replays ModelOpt checkpoints only and treats this one as unquantised",))
+        if not method.startswith(
+            "modelopt"
+        ):  # modelopt_fp8/_fp4/_mixed are ModelOpt too (override_quantization_method)
+            return QuantConfig(
+                "config.json",
+                method or "unknown",
+                qc.get("quant_algo"),
+                None,
+                None,
+                (),
+                problems=(
+                    f"quantization_config.quant_method {method!r} is not ModelOpt; "
+                    "nhcheck replays ModelOpt checkpoints only and treats this one as unquantised",
+                ),
+            )
         nested = (hf_quant or {}).get("quantization") if isinstance(hf_quant, dict) else None
         nested = nested if isinstance(nested, dict) else {}
         algo = qc.get("quant_algo")
@@ -107,20 +119,43 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
             if kv_algo is None and kv_scheme is None:
                 kv_algo = nested.get("kv_cache_quant_algo")
         exclude = qc.get("ignore", qc.get("exclude_modules", [])) or []
-        return QuantConfig("config.json", "modelopt", str(algo).upper() if algo else None, kv_algo, kv_scheme,
-                           tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
-                           layers, qc.get("group_size"), flat=qc, hf_file=raw_file)
+        return QuantConfig(
+            "config.json",
+            "modelopt",
+            str(algo).upper() if algo else None,
+            kv_algo,
+            kv_scheme,
+            tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
+            layers,
+            qc.get("group_size"),
+            flat=qc,
+            hf_file=raw_file,
+        )
     if isinstance(hf_quant, dict):
         q = hf_quant.get("quantization")
         if not isinstance(q, dict):
-            return QuantConfig("hf_quant_config.json", "modelopt", None, None, None, (),
-                               problems=("hf_quant_config.json has no 'quantization' object",))
+            return QuantConfig(
+                "hf_quant_config.json",
+                "modelopt",
+                None,
+                None,
+                None,
+                (),
+                problems=("hf_quant_config.json has no 'quantization' object",),
+            )
         algo = q.get("quant_algo")
         exclude = q.get("exclude_modules", q.get("ignore", [])) or []
-        return QuantConfig("hf_quant_config.json", "modelopt", str(algo).upper() if algo else None,
-                           q.get("kv_cache_quant_algo"), q.get("kv_cache_scheme") if isinstance(q.get("kv_cache_scheme"), dict) else None,
-                           tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
-                           _layers_map(q.get("quantized_layers")), q.get("group_size"), hf_file=raw_file)
+        return QuantConfig(
+            "hf_quant_config.json",
+            "modelopt",
+            str(algo).upper() if algo else None,
+            q.get("kv_cache_quant_algo"),
+            q.get("kv_cache_scheme") if isinstance(q.get("kv_cache_scheme"), dict) else None,
+            tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
+            _layers_map(q.get("quantized_layers")),
+            q.get("group_size"),
+            hf_file=raw_file,
+        )
     return None
 
 
@@ -185,7 +220,7 @@ class QuantResolver:
     #: dotted prefix → algorithm of the first key (in map order) below it; replaces a scan of
     #: 41,100 keys per module on Super-size recipes.
     first_under: dict[str, str]
-    packed: dict[str, tuple[str, ...]]
+    packed: Mapping[str, tuple[str, ...]]
     kv_on: bool
     profile: SGLangProfile
     refusal: str | None = None
@@ -203,8 +238,10 @@ class QuantResolver:
         if shards:
             votes = {any(_module_path_match(e, prefix.replace(last, s), strip) for e in self.exclude) for s in shards}
             if len(votes) > 1:
-                raise QuantResolveError(f"Detected some but not all shards of {prefix} are quantized. "
-                                        "All shards of fused layers to have the same precision.")
+                raise QuantResolveError(
+                    f"Detected some but not all shards of {prefix} are quantized. "
+                    "All shards of fused layers to have the same precision."
+                )
             skipped = votes.pop()
         else:
             skipped = any(_module_path_match(e, prefix, strip) for e in self.exclude)
@@ -219,7 +256,7 @@ class QuantResolver:
     def is_layer_excluded(self, prefix: str) -> bool:
         cands = [prefix]
         if prefix.startswith("language_model."):
-            cands.append(prefix[len("language_model."):])
+            cands.append(prefix[len("language_model.") :])
         rx = self.exclude_glob
         if rx is None:
             return False
@@ -234,12 +271,14 @@ class QuantResolver:
         if prefix.endswith(".lm_head"):
             out.append("lm_head")
         if prefix.startswith("language_model.model."):
-            out.append("model.language_model." + prefix[len("language_model.model."):])
+            out.append("model.language_model." + prefix[len("language_model.model.") :])
         elif prefix.startswith("model.language_model."):
-            rest = prefix[len("model.language_model."):]
-            out += ["language_model.model." + rest, "model." + rest]
-        elif prefix.startswith("model."):
-            out.append("model.language_model." + prefix[len("model."):])
+            rest = prefix[len("model.language_model.") :]
+            out.append("language_model.model." + rest)
+            if self.profile.mixed_candidate_model_prefix:
+                out.append("model." + rest)
+        elif prefix.startswith("model.") and self.profile.mixed_candidate_model_prefix:
+            out.append("model.language_model." + prefix[len("model.") :])
         return out
 
     def resolve_algo(self, prefix: str) -> str | None:
@@ -283,7 +322,7 @@ class QuantResolver:
         """The release's method for the module's algorithm (``which``: 0 linear, 1 MoE) once exclusion is passed."""
         if self.kind == "mixed":
             algo = self.resolve_algo(prefix)
-            if algo is None or algo not in self.profile.mixed_algos:
+            if algo is None or algo not in (self.profile.mixed_moe_algos if which else self.profile.mixed_algos):
                 return unquantised
             return _ALGO_METHODS[algo][which]
         return _ALGO_METHODS[self.algo or ""][which]
@@ -324,7 +363,7 @@ def _group_size_found(cfg: dict) -> bool:
     if isinstance(q, dict):
         sizes.append(q.get("group_size"))
     groups = cfg.get("config_groups")
-    for g in (groups.values() if isinstance(groups, dict) else ()):
+    for g in groups.values() if isinstance(groups, dict) else ():
         if isinstance(g, dict):
             sizes.append(g.get("group_size"))
             sizes += [sub.get("group_size") for sub in g.values() if isinstance(sub, dict)]
@@ -351,27 +390,31 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
     """Re-read the raw sections the way this release's ``get_quant_config`` and ``from_config`` do.
 
     None for hand-built configs (no raw sections): their fields are taken as given.
-    - Which dict: config.json ``quantization_config`` when present. 0.5.23 only: a ``modelopt_mixed``
-      copy lacking ``quantized_layers``, or lacking both ``kv_cache_quant_algo`` and ``kv_cache_scheme``,
-      is replaced by the whole hf_quant_config.json (``WU@0.5.23`` get_quant_config); ≤0.5.12 has no
-      such fallback (``WU@0.5.11:193–205``).
+    - Which dict: config.json ``quantization_config`` when present. With ``quant_mixed_fallback``: a
+      ``modelopt_mixed`` copy lacking ``quantized_layers``, or lacking both ``kv_cache_quant_algo`` and
+      ``kv_cache_scheme``, is replaced by the whole hf_quant_config.json (``WU@0.5.23`` get_quant_config);
+      before, no such fallback (``WU@0.5.11:193–205``).
     - Exclude key (flat form): ModelOptFp8Config reads ``ignore`` only; ModelOptFp4Config ``ignore``
-      (0.5.23: then ``modules_to_not_convert``, ``exclude_modules``); mixed ``ignore`` (0.5.23: then
-      ``exclude_modules``). Nested form: ``exclude_modules`` only, for every class.
+      (``quant_fp4_exclude_keys``: then ``modules_to_not_convert``, ``exclude_modules``); mixed ``ignore``
+      (``quant_mixed_exclude_modules``: then ``exclude_modules``). Nested form: ``exclude_modules`` only.
     - KV (§9.6): FP4 always truthy ("auto"). FP8 flat: a ``kv_cache_scheme`` dict decides (float/8 →
-      FP8, else none); without one, 0.5.23 reads ``kv_cache_quant_algo``, 0.5.11 nothing. Mixed flat: any
-      ``kv_cache_scheme`` dict is truthy (FP8/NVFP4/"auto"); without one, 0.5.23 reads
-      ``kv_cache_quant_algo``, 0.5.11 nothing. Nested: ``kv_cache_quant_algo``.
+      FP8, else none); without one, ``quant_mixed_fallback`` releases read ``kv_cache_quant_algo``, earlier
+      ones nothing. Mixed flat: any ``kv_cache_scheme`` dict is truthy (FP8/NVFP4/"auto"); without one, as
+      FP8. Nested: ``kv_cache_quant_algo``.
     """
     if qc.flat is None and qc.hf_file is None:
         return None
-    new = profile.quant_config_v2
     flat = qc.flat if isinstance(qc.flat, dict) and qc.flat else None
-    if flat is not None and kind == "mixed" and new and (
-            "quantized_layers" not in flat or ("kv_cache_quant_algo" not in flat and "kv_cache_scheme" not in flat)):
+    if (
+        flat is not None
+        and kind == "mixed"
+        and profile.quant_mixed_fallback
+        and ("quantized_layers" not in flat or ("kv_cache_quant_algo" not in flat and "kv_cache_scheme" not in flat))
+    ):
         if qc.hf_file is None:
-            return _EngineView("hf_quant_config.json", (), {}, False,
-                               "ValueError: Cannot find the config file for modelopt_mixed")
+            return _EngineView(
+                "hf_quant_config.json", (), {}, False, "ValueError: Cannot find the config file for modelopt_mixed"
+            )
         flat = None
     if flat is not None:
         section, nested, source = flat, False, "config.json"
@@ -387,31 +430,43 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
         if kind == "fp8":
             exclude_raw = section.get("ignore")
         elif kind == "fp4":
-            exclude_raw = (section.get("ignore", section.get("modules_to_not_convert", section.get("exclude_modules", [])))
-                           if new else section.get("ignore", []))
+            exclude_raw = (
+                section.get("ignore", section.get("modules_to_not_convert", section.get("exclude_modules", [])))
+                if profile.quant_fp4_exclude_keys
+                else section.get("ignore", [])
+            )
         else:
-            exclude_raw = section.get("ignore", section.get("exclude_modules")) if new else section.get("ignore")
+            exclude_raw = (
+                section.get("ignore", section.get("exclude_modules"))
+                if profile.quant_mixed_exclude_modules
+                else section.get("ignore")
+            )
         scheme = section.get("kv_cache_scheme")
         if kind == "fp4":
             kv_on = True
         elif isinstance(scheme, dict):
             kv_on = kind == "mixed" or (scheme.get("type") == "float" and scheme.get("num_bits") == 8)
         else:
-            kv_on = new and bool(section.get("kv_cache_quant_algo"))
+            kv_on = profile.quant_mixed_fallback and bool(section.get("kv_cache_quant_algo"))
     if kind == "fp4":
         # ModelOptFp4Config.from_config: "NVFP4 quantization requires group_size and exclude_modules".
-        # 0.5.23 defaults the flat group_size to 16 for NVFP4 algorithms; 0.5.11 does not.
+        # From quant_mixed_exclude_modules on (0.5.17) the flat group_size defaults to 16 for NVFP4 algorithms.
         if nested:
             group_ok = _group_size_found(qc.hf_file or {})
         else:
             groups = section.get("config_groups")
-            first = next(iter(groups.values()), {}) if isinstance(groups, dict) and groups else {}
+            first: object = next(iter(groups.values()), {}) if isinstance(groups, dict) and groups else {}
             weights = first.get("weights", {}) if isinstance(first, dict) else {}
-            group_ok = (section.get("group_size") is not None or (isinstance(weights, dict) and weights.get("group_size") is not None)
-                        or new)
+            group_ok = (
+                section.get("group_size") is not None
+                or (isinstance(weights, dict) and weights.get("group_size") is not None)
+                or profile.quant_mixed_exclude_modules
+            )
         if not group_ok or exclude_raw is None:
-            refusal = ("ValueError: NVFP4 quantization requires group_size and exclude_modules specified in the "
-                       "quantization config")
+            refusal = (
+                "ValueError: NVFP4 quantization requires group_size and exclude_modules specified in the "
+                "quantization config"
+            )
     layers = _layers_map(section.get("quantized_layers")) if kind == "mixed" else {}
     return _EngineView(source, _str_list(exclude_raw), layers, kv_on, refusal)
 
@@ -419,11 +474,13 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
 def _map_prefix(name: str, rules: tuple[tuple[str, str], ...]) -> str:
     for old, new in rules:
         if name.startswith(old):
-            name = new + name[len(old):]
+            name = new + name[len(old) :]
     return name
 
 
-def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProfile, *, mtp: bool = False) -> QuantResolver:
+def build_resolver(
+    qc: QuantConfig | None, outer_class: str, profile: SGLangProfile, *, mtp: bool = False
+) -> QuantResolver:
     """Normalise the recipe with the outermost class's ``remap_prefix``, mapper and packed mapping (§9.2)."""
     if qc is None or qc.quant_method != "modelopt" or qc.quant_algo is None:
         return QuantResolver(None, None, (), None, {}, {}, {}, False, profile)
@@ -439,8 +496,11 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
         kind = "fp4"
     else:
         kind = None
-        refusal = ("ValueError: ModelOpt currently only supports: "
-                   + ", ".join(sorted(profile.modelopt_algos | {"MIXED_PRECISION"})) + f" (got {algo})")
+        refusal = (
+            "ValueError: ModelOpt currently only supports: "
+            + ", ".join(sorted(profile.modelopt_algos | {"MIXED_PRECISION"}))
+            + f" (got {algo})"
+        )
     if kind is None or refusal:
         return QuantResolver(None, algo, (), None, {}, {}, {}, False, profile, refusal)
     view = _engine_view(qc, kind, profile)
@@ -448,16 +508,30 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
         if view.refusal:
             return QuantResolver(None, algo, (), None, {}, {}, {}, False, profile, view.refusal)
         if kind == "mixed" and not view.layers:
-            return QuantResolver(None, algo, (), None, {}, {}, {}, False, profile,
-                                 "ValueError: MIXED_PRECISION quantization requires a non-empty quantized_layers map")
+            return QuantResolver(
+                None,
+                algo,
+                (),
+                None,
+                {},
+                {},
+                {},
+                False,
+                profile,
+                "ValueError: MIXED_PRECISION quantization requires a non-empty quantized_layers map",
+            )
         source, exclude, base_layers, kv_on = view.source, list(view.exclude), view.layers, view.kv_on
     else:
         source, exclude, base_layers, kv_on = qc.source, list(qc.exclude), dict(qc.quantized_layers), _kv_on(kind, qc)
 
-    is_causal = outer_class not in ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Omni_Reasoning_V3")
+    is_causal = outer_class not in (
+        "NemotronH_Nano_VL_V2",
+        "NemotronH_Nano_Omni_Reasoning_V3",
+        "NemotronH_Omni_Reasoning_V3",
+    )
     if source == "hf_quant_config.json" and is_causal:
         # get_quant_config: replace_prefix(entry, remap_prefix) on the file's exclude list (no dot needed).
-        exclude = ["model" + e[len("backbone"):] if e.startswith("backbone") else e for e in exclude]
+        exclude = ["model" + e[len("backbone") :] if e.startswith("backbone") else e for e in exclude]
     rules: tuple[tuple[str, str], ...] | None
     if is_causal:
         rules = (("backbone.", "model."),)
@@ -474,12 +548,24 @@ def build_resolver(qc: QuantConfig | None, outer_class: str, profile: SGLangProf
             m = _map_prefix(e, rules)
             mapped[m] = None
             if m.startswith("language_model."):
-                mapped[m[len("language_model."):]] = None
+                mapped[m[len("language_model.") :]] = None
         exclude = list(mapped)
         if kind == "mixed":
             layers = {_map_prefix(k, rules): v for k, v in layers.items()}
-    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj")} if outer_class in (CAUSAL_LM, "NemotronHPuzzleForCausalLM", "NemotronH_Omni_Reasoning_V3", "NemotronHForCausalLMMTP") else {}
+    packed = (
+        {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+        if outer_class
+        in (CAUSAL_LM, "NemotronHPuzzleForCausalLM", "NemotronH_Omni_Reasoning_V3", "NemotronHForCausalLMMTP")
+        else {}
+    )
     return QuantResolver(
-        kind=kind, algo=algo, exclude=tuple(exclude), exclude_glob=_globs_to_regex(exclude),
-        layers=layers, first_under=_first_under(layers) if kind == "mixed" else {}, packed=packed, kv_on=kv_on, profile=profile,
+        kind=kind,
+        algo=algo,
+        exclude=tuple(exclude),
+        exclude_glob=_globs_to_regex(exclude),
+        layers=layers,
+        first_under=_first_under(layers) if kind == "mixed" else {},
+        packed=packed,
+        kv_on=kv_on,
+        profile=profile,
     )

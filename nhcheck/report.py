@@ -9,87 +9,204 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from nhcheck import __version__, collapse
-from nhcheck.engines.sglang import REASON_TEXT
+from nhcheck import __version__, collapse, engines
 
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport
 
 SCHEMA = "nhcheck.audit/1"
 _OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+#: The reported status of an informational parameter no tensor fills: the engine keeps its default, by design.
+DEFAULT_STATUS = "default"
 
 
 def safe(text: object) -> str:
     """Printable, markup-free text: control and non-printable characters become escapes."""
     s = str(text)
     if not s.isprintable():
-        s = "".join(c if c.isprintable() else ("\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c)) for c in s)
+        s = "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in s)
     return s
+
+
+def print_table(console, table) -> None:
+    """A rich table in a terminal; elsewhere (pipes, files) plain rows, one per line, space-aligned.
+
+    Plain rows never split a tensor or parameter name across lines, so ``| grep`` sees whole
+    rows whatever the width; empty cells are ``-`` so every row has every column.
+    """
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.text import Text
+
+    def plain(cell: object) -> str:
+        if isinstance(cell, Text):
+            text = cell.plain
+        elif isinstance(cell, str):
+            text = Text.from_markup(cell, emoji=False).plain
+        else:
+            text = str(cell)
+        return text.replace("\n", " ") or "-"
+
+    cols = table.columns
+    body = zip(*(c.cells for c in cols), strict=True)
+    rows = [[plain(c.header) for c in cols]] + [[plain(cell) for cell in row] for row in body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    if table.title:
+        console.out(plain(table.title), highlight=False)
+    for r in rows:
+        console.out("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), highlight=False)
+
+
+def by_severity(findings) -> list:
+    """Findings most severe first (errors, warnings, info), otherwise in the order they were found."""
+    return sorted(findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
+
+
+def param_status(s) -> str:
+    """The status a report shows for a ``ParamStatus``: ``default`` for an informational parameter no
+    tensor fills (the engine keeps its default), so ``params_unfilled`` counts exactly the ``unfilled`` rows."""
+    return DEFAULT_STATUS if s.status == "unfilled" and s.param.informational else s.status
+
+
+def param_counts(report: AuditReport) -> dict[str, int]:
+    """Runtime parameters per reported status (``param_status``)."""
+    out = {"filled": 0, "partial": 0, "unfilled": 0, DEFAULT_STATUS: 0, "unreachable": 0}
+    for s in report.params:
+        st = param_status(s)
+        out[st] = out.get(st, 0) + 1
+    return out
+
+
+def tp_verdict(report: AuditReport) -> str | None:
+    """``ok`` when every ``--tp`` size shards cleanly, ``cannot-shard`` when one does not; None without ``--tp``."""
+    if not report.tp_sizes:
+        return None
+    return "cannot-shard" if any(report.tp_errors().values()) else "ok"
+
+
+def tp_headline(report: AuditReport) -> str:
+    """What follows the verdict word with ``--tp``: `` at TP 1; TP 4, 8: cannot shard`` (empty without it)."""
+    if not report.tp_sizes:
+        return ""
+    errors = report.tp_errors()
+    bad = [str(tp) for tp, n in errors.items() if n]
+    ok = [str(tp) for tp, n in errors.items() if not n and tp != 1]
+    parts = []
+    if ok:
+        parts.append(f"TP {', '.join(ok)}: ok")
+    if bad:
+        parts.append(f"TP {', '.join(bad)}: cannot shard")
+    return " at TP 1" + "".join("; " + p for p in parts)
 
 
 # ---------------------------------------------------------------------------
 # JSON
 
 
-def _summary(report: "AuditReport") -> dict:
+def _summary(report: AuditReport) -> dict:
     c = report.counts()
+    pc = param_counts(report)
     ck = report.checkpoint
     return {
-        "shards": len(ck.shards), "tensors": len(report.records), "bytes": ck.data_bytes,
-        "load": c["load"], "warn": c["warn"], "skip": c["skip"], "raise": c["raise"], "routed": c["routed"],
-        "orphans": c["orphans"], "by_design": c["by_design"], "ignored": report.ignored,
+        "shards": len(ck.shards),
+        "tensors": len(report.records),
+        "bytes": ck.data_bytes,
+        "load": c["load"],
+        "warn": c["warn"],
+        "skip": c["skip"],
+        "raise": c["raise"],
+        "routed": c["routed"],
+        "orphans": c["orphans"],
+        "by_design": c["by_design"],
+        "ignored": report.ignored,
         "params": len(report.params),
-        "params_unfilled": sum(1 for s in report.params if s.status == "unfilled" and not s.param.informational),
-        "params_partial": sum(1 for s in report.params if s.status == "partial"),
-        "structure_errors": sum(1 for f in ck.findings if f.severity == "error"), "verdict": report.verdict,
+        "params_unfilled": pc["unfilled"],
+        "params_partial": pc["partial"],
+        "params_default": pc[DEFAULT_STATUS],
+        "structure_errors": sum(1 for f in ck.findings if f.severity == "error"),
+        "verdict": report.verdict,
         "bytes_transferred": ck.bytes_transferred,
-        **({"tp_errors": {str(k): v for k, v in report.tp_errors().items()}} if report.tp_sizes else {}),
+        **(
+            {"tp_errors": {str(k): v for k, v in report.tp_errors().items()}, "tp_verdict": tp_verdict(report)}
+            if report.tp_sizes
+            else {}
+        ),
     }
 
 
-def tp_text(report: "AuditReport") -> str | None:
+def tp_text(report: AuditReport) -> str | None:
     """``TP 2: ok · TP 8: 3 errors`` for the sizes ``--tp`` checked (the errors are findings); None without ``--tp``."""
     if not report.tp_sizes:
         return None
-    return " · ".join(f"TP {tp}: " + (f"{n} error{'s' if n > 1 else ''}" if n else "ok")
-                      for tp, n in report.tp_errors().items())
+    return " · ".join(
+        f"TP {tp}: " + (f"{n} error{'s' if n > 1 else ''}" if n else "ok") for tp, n in report.tp_errors().items()
+    )
 
 
-def _head(report: "AuditReport") -> dict:
+def _head(report: AuditReport) -> dict:
     return {
         "schema": SCHEMA,
         "nhcheck_version": __version__,
         "source": report.source,
         "revision": report.revision,
-        "engine": {"name": "sglang", "version": report.engine.split("@", 1)[1], "moe_backend": report.manifest.moe_backend,
-                   "mode": "mtp" if report.mtp else "main"},
-        "model": {"architecture": report.config.wrapper or report.config.architecture, "pattern": report.config.pattern,
-                  "quant": report.quant},
+        "engine": {
+            "name": report.engine.name,
+            "version": report.engine.version,
+            "installed": report.engine.installed,
+            "moe_backend": report.manifest.moe_backend,
+            "mode": "mtp" if report.mtp else "main",
+        },
+        "model": {
+            "architecture": report.config.wrapper or report.config.architecture,
+            "pattern": report.config.pattern,
+            "quant": report.quant,
+        },
         "summary": _summary(report),
-        "crash": ({"tensor": report.crash["tensor"], "error": report.crash["error"]} if report.crash else None),
-        "other_versions": {f"sglang@{v}": s for v, s in report.other_versions.items()},
+        "crash": ({"tensor": report.crash.tensor, "error": report.crash.error} if report.crash else None),
+        "other_versions": {str(v): s for v, s in report.other_versions.items()},
     }
 
 
 def _tensor_json(r) -> dict:
     t, o = r.tensor, r.outcome
-    return {"name": t.name, "shard": t.shard, "dtype": t.dtype, "shape": list(t.shape), "outcome": o.outcome,
-            "orphan": r.orphan, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id,
-            "engine_name": o.engine_name or (o.param if o.outcome == "load" else None) or t.name,
-            "message": o.message, "reason": o.reason, "ignored": r.ignored}
+    return {
+        "name": t.name,
+        "shard": t.shard,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "outcome": o.outcome,
+        "orphan": r.orphan,
+        "param": r.param,
+        "shard_id": o.shard_id,
+        "expert_id": o.expert_id,
+        "engine_name": o.engine_name or (o.param if o.outcome == "load" else None) or t.name,
+        "message": o.message,
+        "reason": o.reason,
+        "ignored": r.ignored,
+    }
 
 
-def to_json(report: "AuditReport") -> dict:
+def to_json(report: AuditReport) -> dict:
     """The ``nhcheck.audit/1`` document as Python objects (tests and library users)."""
     doc = _head(report)
     doc["tensors"] = [_tensor_json(r) for r in report.records]
-    doc["params"] = [{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,
-                      "missing": list(s.missing)} for s in report.params]
+    doc["params"] = [
+        {
+            "name": s.name,
+            "dtype": s.param.dtype,
+            "shape": list(s.param.shape),
+            "status": param_status(s),
+            "missing": list(s.missing),
+        }
+        for s in report.params
+    ]
     doc["findings"] = [f.to_json() for f in report.findings]
     return doc
 
 
-def render_json(report: "AuditReport") -> str:
+def render_json(report: AuditReport) -> str:
     """Serialise ``to_json(report)`` without building 165k dicts first.
 
     Equal to ``json.dumps(to_json(report), separators=(",", ":"), ensure_ascii=False)``
@@ -97,7 +214,7 @@ def render_json(report: "AuditReport") -> str:
     the strings that repeat (shards, dtypes, shapes, parameter names), because on a
     Super-size checkpoint generic encoding costs more than parsing every header.
     """
-    enc = json.encoder.encode_basestring  # type: ignore[attr-defined]
+    enc = json.encoder.encode_basestring
     dumps = json.dumps
     memo: dict[object, str] = {}
 
@@ -108,17 +225,32 @@ def render_json(report: "AuditReport") -> str:
         return r
 
     # Prefill the strings every record repeats so the loop mostly does dict subscriptions.
-    for v in {None, *(sh.name for sh in report.checkpoint.shards), *(s.name for s in report.params),
-              *report.manifest.inner_names, "q", "k", "v", "w1", "w2", "w3", *REASON_TEXT, "keyerror", "not-found"}:
+    for v in {
+        None,
+        *(sh.name for sh in report.checkpoint.shards),
+        *(s.name for s in report.params),
+        *report.manifest.inner_names,
+        "q",
+        "k",
+        "v",
+        "w1",
+        "w2",
+        "w3",
+        "load",
+        "keyerror",
+        "not-found",
+    }:
         m(v)
-    for t in {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}:
-        m(t)
+    for dt in {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}:
+        m(dt)
     head = _head(report)
     parts = [dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1], ',"tensors":[']
-    fmt = ('{"name":%s,"shard":%s,"dtype":%s,"shape":[%s],"outcome":"%s","orphan":%s,"param":%s,'
-           '"shard_id":%s,"expert_id":%s,"engine_name":%s,"message":%s,"reason":%s,"ignored":%s}')
+    fmt = (
+        '{"name":%s,"shard":%s,"dtype":%s,"shape":[%s],"outcome":"%s","orphan":%s,"param":%s,'
+        '"shard_id":%s,"expert_id":%s,"engine_name":%s,"message":%s,"reason":%s,"ignored":%s}'
+    )
     shapes: dict[tuple, str] = {}
-    rows = []
+    rows: list[str] = []
     append = rows.append
     get = memo.get
     for t, o, orphan, param, ignored in report.records:
@@ -126,14 +258,42 @@ def render_json(report: "AuditReport") -> str:
         if sh is None:
             sh = shapes[t.shape] = ",".join(map(str, t.shape))
         eng = o.engine_name or (o.param if o.outcome == "load" else None)
-        append(fmt % (enc(t.name), get(t.shard) or m(t.shard), get(t.dtype) or m(t.dtype), sh, o.outcome,
-                      "true" if orphan else "false", get(param) or m(param), get(o.shard_id) or m(o.shard_id),
-                      "null" if o.expert_id is None else o.expert_id, (get(eng) or m(eng)) if eng else enc(t.name),
-                      get(o.message) or m(o.message), get(o.reason) or m(o.reason), "true" if ignored else "false"))
+        append(
+            fmt
+            % (
+                enc(t.name),
+                get(t.shard) or m(t.shard),
+                get(t.dtype) or m(t.dtype),
+                sh,
+                o.outcome,
+                "true" if orphan else "false",
+                get(param) or m(param),
+                get(o.shard_id) or m(o.shard_id),
+                "null" if o.expert_id is None else o.expert_id,
+                (get(eng) or m(eng)) if eng else enc(t.name),
+                get(o.message) or m(o.message),
+                get(o.reason) or m(o.reason),
+                "true" if ignored else "false",
+            )
+        )
     parts.append(",".join(rows))
     parts.append('],"params":')
-    parts.append(dumps([{"name": s.name, "dtype": s.param.dtype, "shape": list(s.param.shape), "status": s.status,
-                         "missing": list(s.missing)} for s in report.params], separators=(",", ":"), ensure_ascii=False))
+    parts.append(
+        dumps(
+            [
+                {
+                    "name": s.name,
+                    "dtype": s.param.dtype,
+                    "shape": list(s.param.shape),
+                    "status": param_status(s),
+                    "missing": list(s.missing),
+                }
+                for s in report.params
+            ],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+    )
     parts.append(',"findings":')
     parts.append(dumps([f.to_json() for f in report.findings], separators=(",", ":"), ensure_ascii=False))
     parts.append("}\n")
@@ -144,7 +304,7 @@ def render_json(report: "AuditReport") -> str:
 # Shared grouping for table and markdown
 
 
-def _tensor_groups(report: "AuditReport", include_loads: bool):
+def _tensor_groups(report: AuditReport, include_loads: bool):
     items = []
     by_design: dict[tuple, list] = {}
     for r in report.records:
@@ -161,6 +321,7 @@ def _tensor_groups(report: "AuditReport", include_loads: bool):
         heads = sorted({r.tensor.name.split(".", 1)[0] + ".*" for r in recs})
         groups.append((key, ", ".join(heads[:4]) + (", …" if len(heads) > 4 else ""), len(recs), recs))
     groups.sort(key=lambda g: g[0][0])
+    engine = engines.get(report.engine)
     rows = []
     for key, name, count, recs in groups:
         _, outcome, reason, orphan, ignored = key
@@ -168,25 +329,46 @@ def _tensor_groups(report: "AuditReport", include_loads: bool):
         targets = collapse.group([(0, r.param or r.outcome.engine_name or "", None) for r in recs])
         target = "; ".join(t[1] for t in targets[:2]) + (" …" if len(targets) > 2 else "")
         why = ("ignored: " if ignored else "") + (
-            "by design: main-model tensor, not part of the MTP draft" if reason == "mtp-filter" and report.mtp
-            else REASON_TEXT.get(reason, reason))
+            "by design: main-model tensor, not part of the MTP draft"
+            if reason == "mtp-filter" and report.mtp
+            else engine.reason_text(reason)
+        )
         rows.append((outcome, name, count, target, why, first.tensor.shard))
     return rows
 
 
-def _param_groups(report: "AuditReport"):
-    items = [((s.status, s.param.informational, s.missing), s.name, s) for s in report.params
-             if s.status in ("unfilled", "partial")]
+def _param_groups(report: AuditReport):
+    items = [
+        ((param_status(s), s.param.informational, s.missing), s.name, s)
+        for s in report.params
+        if s.status in ("unfilled", "partial")
+    ]
     return collapse.group(items)
 
 
-def verdict_text(report: "AuditReport") -> str:
+def version_ranges(report: AuditReport) -> list[tuple[str, str]]:
+    """The other releases' summaries, consecutive releases with the same summary as one range."""
+    out: list[tuple[str, str]] = []
+    keys = list(report.other_versions)
+    i = 0
+    while i < len(keys):
+        j = i
+        line = report.other_versions[keys[i]]
+        while j + 1 < len(keys) and report.other_versions[keys[j + 1]] == line:
+            j += 1
+        out += [(span, line) for span in engines.spans(keys[i : j + 1])]
+        i = j + 1
+    return out
+
+
+def verdict_text(report: AuditReport) -> str:
     v = report.verdict
-    ver = report.engine.split("@", 1)[1]
+    ver = report.engine.label
     c = report.counts()
     if v == "crash" and report.crash:
-        where = f" at {report.crash['tensor']} (shard {report.crash['shard']})" if report.crash["tensor"] else ""
-        return f"sglang {ver} raises {report.crash['error']}{where}: the server dies during start-up."
+        crash = report.crash
+        where = f" at {crash.tensor} (shard {crash.shard})" if crash.tensor else ""
+        return f"{ver} raises {crash.error}{where}: the server dies during start-up."
     if v == "broken":
         n = sum(1 for f in report.findings if f.code in ("quant-mismatch", "shape-mismatch"))
         s = sum(1 for f in report.checkpoint.findings if f.severity == "error")
@@ -198,20 +380,20 @@ def verdict_text(report: "AuditReport") -> str:
         b = sum(1 for f in report.findings if f.code == "bad-scale")
         if b:
             parts.append(f"{b} module famil{'y' if b == 1 else 'ies'} with zero, negative or non-finite scales")
-        return f"sglang {ver} would not load this correctly: " + "; ".join(parts) + "."
+        return f"{ver} would not load this correctly: " + "; ".join(parts) + "."
     if v == "incomplete":
         n = sum(1 for s in report.params if s.status in ("unfilled", "partial") and not s.param.informational)
-        return f"sglang {ver} loads without error but leaves {n} runtime parameter(s) unfilled or partial: silent garbage."
+        return f"{ver} loads without error but leaves {n} runtime parameter(s) unfilled or partial: silent garbage."
     if v == "orphans":
-        return f"sglang {ver} loads it, dropping {c['orphans']:,} checkpoint tensor(s) (warned or silent)."
-    return f"sglang {ver} loads every tensor and fills every reachable parameter."
+        return f"{ver} loads it, dropping {c['orphans']:,} checkpoint tensor(s) (warned or silent)."
+    return f"{ver} loads every tensor and fills every reachable parameter."
 
 
 # ---------------------------------------------------------------------------
 # Table (rich)
 
 
-def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -> None:
+def render_table(report: AuditReport, console, *, show_loaded: bool = False) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -219,39 +401,65 @@ def render_table(report: "AuditReport", console, *, show_loaded: bool = False) -
     c = report.counts()
     e = lambda s: escape(safe(s))  # noqa: E731
     arch = cfg.wrapper or cfg.architecture
-    console.print(f"[bold]nhcheck audit[/] {e(report.source)}"
-                  + (f" @ {e(report.revision)}" if report.revision else "")
-                  + f" · {report.engine} · {e(arch)} ({e(report.quant or 'unquantized')})"
-                  + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards)} shard(s)")
-    colour = {"clean": "green", "orphans": "yellow", "incomplete": "yellow", "broken": "red", "crash": "red"}[report.verdict]
-    console.print(f"[bold {colour}]{report.verdict.upper()}[/] {e(verdict_text(report))}")
-    for v, line in report.other_versions.items():
-        console.print(f"  sglang@{v}: {e(line)}")
+    console.print(
+        f"[bold]nhcheck audit[/] {e(report.source)}"
+        + (f" @ {e(report.revision)}" if report.revision else "")
+        + f" · {e(report.engine.described)} · {e(arch)} ({e(report.quant or 'unquantized')})"
+        + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards)} shard(s)"
+    )
+    colour = {"clean": "green", "orphans": "yellow", "incomplete": "yellow", "broken": "red", "crash": "red"}[
+        report.verdict
+    ]
+    tp_bad = tp_verdict(report) == "cannot-shard"
+    console.print(
+        f"[bold {colour}]{report.verdict.upper()}[/]"
+        + (f"[bold red]{e(tp_headline(report))}[/]" if tp_bad else e(tp_headline(report)))
+        + (" — " if report.tp_sizes else " ")
+        + e(verdict_text(report))
+    )
+    for label, line in version_ranges(report):
+        console.print(f"  {label}: {e(line)}")
     if report.tp_sizes:
         console.print(f"  tensor parallel (static): {e(tp_text(report))}")
 
     rows = _tensor_groups(report, show_loaded)
     if rows:
-        t = Table(title="Checkpoint tensors the engine does not load" if not show_loaded else "Checkpoint tensors",
-                  show_lines=False, title_justify="left")
+        t = Table(
+            title="Checkpoint tensors the engine does not load" if not show_loaded else "Checkpoint tensors",
+            show_lines=False,
+            title_justify="left",
+        )
         for col in ("outcome", "checkpoint tensors", "count", "engine name", "why"):
             t.add_column(col, overflow="fold")
         for outcome, name, count, target, why, _shard in rows:
-            style = {"raise": "red", "warn": "yellow", "skip": "dim" if why.startswith("by design") else "yellow"}.get(outcome, "")
+            style = {"raise": "red", "warn": "yellow", "skip": "dim" if why.startswith("by design") else "yellow"}.get(
+                outcome, ""
+            )
             t.add_row(f"[{style}]{outcome}[/]" if style else outcome, e(name), f"×{count:,}", e(target), e(why))
-        console.print(t)
+        print_table(console, t)
     if not show_loaded:
         console.print(f"{c['load']:,} tensors load into runtime parameters (use --show-loaded to list them).")
 
     pg = _param_groups(report)
     if pg:
-        console.print(param_table("Runtime parameters no checkpoint tensor fills", pg, lambda status, info, missing: (
-            "SGLang keeps its default; informational" if info else
-            "missing " + ", ".join(missing) if missing else "left uninitialised, silently")))
+        print_table(
+            console,
+            param_table(
+                "Runtime parameters no checkpoint tensor fills",
+                pg,
+                lambda status, info, missing: (
+                    "SGLang keeps its default; informational"
+                    if info
+                    else "missing " + ", ".join(missing)
+                    if missing
+                    else "left uninitialised, silently"
+                ),
+            ),
+        )
 
     shown = [f for f in report.findings if f.code not in ("orphan", "param-unfilled", "param-partial")]
     if shown:
-        console.print(findings_table(shown))
+        print_table(console, findings_table(shown))
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +474,7 @@ def findings_table(findings):
     t = Table(title="Findings", title_justify="left")
     for col in ("severity", "code", "message", "where"):
         t.add_column(col, overflow="fold")
-    for f in findings:
+    for f in by_severity(findings):
         style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
         t.add_row(f"[{style}]{f.severity}[/]", f.code, escape(safe(f.message)), escape(safe(f.tensor or f.shard or "")))
     return t
@@ -275,7 +483,7 @@ def findings_table(findings):
 def findings_markdown(findings) -> list[str]:
     """The findings as markdown table lines (a leading blank line), for the load reports."""
     out = ["", "| severity | code | message | where |", "|---|---|---|---|"]
-    for f in findings:
+    for f in by_severity(findings):
         out.append(f"| {f.severity} | {f.code} | {_md(f.message)} | `{_md(f.tensor or f.shard or '')}` |")
     return out
 
@@ -298,21 +506,27 @@ def _md(s: object) -> str:
     return safe(s).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def render_markdown(report: "AuditReport", *, show_loaded: bool = False) -> str:
+def render_markdown(report: AuditReport, *, show_loaded: bool = False) -> str:
     cfg = report.config
     c = report.counts()
-    out = [f"### nhcheck audit: `{_md(report.source)}` on {report.engine}", "",
-           f"**{report.verdict.upper()}**: {_md(verdict_text(report))}", ""]
-    for v, line in report.other_versions.items():
-        out.append(f"- sglang@{v}: {_md(line)}")
+    out = [
+        f"### nhcheck audit: `{_md(report.source)}` on {report.engine}",
+        "",
+        f"**{report.verdict.upper()}{_md(tp_headline(report))}**: {_md(verdict_text(report))}",
+        "",
+    ]
+    for label, line in version_ranges(report):
+        out.append(f"- {label}: {_md(line)}")
     if report.tp_sizes:
         out.append(f"- tensor parallel (static): {_md(tp_text(report))}")
     if report.other_versions or report.tp_sizes:
         out.append("")
-    out.append(f"{_md(cfg.wrapper or cfg.architecture)} · {_md(report.quant or 'unquantized')} · "
-               f"{len(report.records):,} tensors in {len(report.checkpoint.shards)} shards · "
-               f"load {c['load']:,} · warn {c['warn']:,} · skip {c['skip']:,} · raise {c['raise']:,} · "
-               f"routed {c['routed']:,} · orphans {c['orphans']:,}")
+    out.append(
+        f"{_md(cfg.wrapper or cfg.architecture)} · {_md(report.quant or 'unquantized')} · "
+        f"{len(report.records):,} tensors in {len(report.checkpoint.shards)} shards · "
+        f"load {c['load']:,} · warn {c['warn']:,} · skip {c['skip']:,} · raise {c['raise']:,} · "
+        f"routed {c['routed']:,} · orphans {c['orphans']:,}"
+    )
     rows = _tensor_groups(report, show_loaded)
     if rows:
         out += ["", "| outcome | checkpoint tensors | count | engine name | why |", "|---|---|---|---|---|"]
@@ -322,22 +536,86 @@ def render_markdown(report: "AuditReport", *, show_loaded: bool = False) -> str:
     if pg:
         out += ["", "| parameter status | parameters | count | missing |", "|---|---|---|---|"]
         for (status, info, missing), name, count, _ in pg:
-            out.append(f"| {status}{' (info)' if info else ''} | `{_md(name)}` | {count:,} | {_md(', '.join(missing))} |")
+            out.append(
+                f"| {status}{' (info)' if info else ''} | `{_md(name)}` | {count:,} | {_md(', '.join(missing))} |"
+            )
     shown = [f for f in report.findings if f.code not in ("orphan", "param-unfilled", "param-partial")]
     if shown:
         out += ["", "| severity | code | message |", "|---|---|---|"]
-        for f in shown:
+        for f in by_severity(shown):
             out.append(f"| {f.severity} | {f.code} | {_md(f.message)} |")
     return "\n".join(out) + "\n"
 
 
-def summary_line(report: "AuditReport", seconds: float) -> str:
+def summary_line(report: AuditReport, seconds: float) -> str:
     c = report.counts()
-    unfilled = sum(1 for s in report.params if s.status == "unfilled" and not s.param.informational)
-    partial = sum(1 for s in report.params if s.status == "partial")
+    pc = param_counts(report)
+    unfilled, partial, default = pc["unfilled"], pc["partial"], pc[DEFAULT_STATUS]
     xfer = report.checkpoint.bytes_transferred
     extra = f", {xfer:,} bytes transferred" if xfer is not None else ""
     ign = f", {report.ignored} ignored" if report.ignored else ""
-    return (f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards)} shards ({seconds:.2f} s{extra}): "
-            f"verdict {report.verdict}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
-            f"{unfilled} params unfilled, {partial} partial{ign}" + (f"; {tp_text(report)}." if report.tp_sizes else "."))
+    return (
+        f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards)} shards ({seconds:.2f} s{extra}): "
+        f"verdict {report.verdict}{tp_headline(report)}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
+        f"{unfilled:,} params unfilled, {partial:,} partial"
+        + (f", {default:,} at the engine default (informational)" if default else "")
+        + ign
+        + (f"; {tp_text(report)}." if report.tp_sizes else ".")
+    )
+
+
+# ---------------------------------------------------------------------------
+# The compatibility matrix (``nhcheck matrix``)
+
+MATRIX_SCHEMA = "nhcheck.matrix/1"
+_MATRIX_COLUMNS = ("releases", "verdict", "orphans", "raise", "unfilled", "partial", "first crash")
+
+
+def _matrix_cells(row) -> tuple[str, ...]:
+    crash = f"{row.crash.error}{row.crash.where}" if row.crash else ""
+    return (
+        row.span,
+        row.verdict,
+        f"{row.orphans:,}",
+        f"{row.raises:,}",
+        f"{row.unfilled:,}",
+        f"{row.partial:,}",
+        crash,
+    )
+
+
+def matrix_json(m) -> str:
+    rows = [
+        {
+            "engine": r.engine,
+            "releases": list(r.releases),
+            "verdict": r.verdict,
+            "orphans": r.orphans,
+            "raise": r.raises,
+            "unfilled": r.unfilled,
+            "partial": r.partial,
+            "crash": r.crash.as_dict() if r.crash else None,
+        }
+        for r in m.rows
+    ]
+    doc = {"schema": MATRIX_SCHEMA, "nhcheck_version": __version__, "source": m.source, "headline": m.headline()}
+    return json.dumps(doc | {"rows": rows}, indent=1, ensure_ascii=False) + "\n"
+
+
+def matrix_markdown(m) -> str:
+    out = [f"### nhcheck matrix: `{_md(m.source)}`", "", _md(m.headline()), ""]
+    out.append("| " + " | ".join(_MATRIX_COLUMNS) + " |")
+    out.append("|" + "---|" * len(_MATRIX_COLUMNS))
+    out += ["| " + " | ".join(_md(c) for c in _matrix_cells(r)) + " |" for r in m.rows]
+    return "\n".join(out) + "\n"
+
+
+def matrix_table(m, console) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]nhcheck matrix[/] {safe(m.source)}")
+    console.print(safe(m.headline()), markup=False)
+    t = Table(*_MATRIX_COLUMNS)
+    for r in m.rows:
+        t.add_row(*(safe(c) for c in _matrix_cells(r)))
+    print_table(console, t)

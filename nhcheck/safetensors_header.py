@@ -15,7 +15,7 @@ import re
 import stat
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple, Protocol
 
 from nhcheck.errors import CheckpointError
 
@@ -26,11 +26,28 @@ MAX_HEADER_BYTES = 100_000_000
 
 #: Element size in bits of every dtype the safetensors format defines.
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
 }
 
 #: A ``\uD800``–``\uDFFF`` escape: the only way a lone surrogate (not Unicode; serde_json,
@@ -144,10 +161,14 @@ def _strict_entry(path: str, name: str, info: object, data_len: int) -> int:
         or type(offsets[1]) is not int
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        raise CheckpointError(
+            path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}"
+        )
     begin, end = offsets
     if end > data_len:
-        raise CheckpointError(path, f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_len} data bytes)")
+        raise CheckpointError(
+            path, f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_len} data bytes)"
+        )
     numel = 1
     for d in shape:
         numel *= d
@@ -194,7 +215,9 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise CheckpointError(path, "header holds a lone UTF-16 surrogate escape (not Unicode; safetensors refuses it)") from None
+            raise CheckpointError(
+                path, "header holds a lone UTF-16 surrogate escape (not Unicode; safetensors refuses it)"
+            ) from None
 
     has_metadata = "__metadata__" in obj
     metadata = obj.pop("__metadata__", None)
@@ -213,7 +236,7 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
     # text has no true/false token; otherwise every entry takes the strict check.
     fast = not floats and b"true" not in raw and b"false" not in raw
     sizes: dict[tuple[str, tuple], int] = {}
-    tensors = []
+    tensors: list[TensorInfo] = []
     append, new = tensors.append, tuple.__new__  # no per-field __new__ call for 165k entries
     for name, info in obj.items():
         try:
@@ -223,9 +246,9 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
             # A cached key vouches only for a list shape: tuple("") and tuple({}) are () too.
             # TypeError here: an unhashable dtype or shape element.
             nbytes = sizes.get(key) if fast and type(shape) is list else None
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError) as err:
             _strict_entry(path, name, info, data_len)
-            raise AssertionError("unreachable")  # pragma: no cover - _strict_entry raised
+            raise AssertionError("unreachable") from err  # pragma: no cover - _strict_entry raised
         if nbytes is None:
             nbytes = sizes[key] = _strict_entry(path, name, info, data_len)
         if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_len or end - begin != nbytes:
@@ -250,7 +273,9 @@ def _contiguous_end(path: str, tensors: list[TensorInfo], data_start: int) -> in
     pos = data_start
     for t in sorted(tensors, key=_span):
         if t.start < pos:
-            raise CheckpointError(path, f"tensor {t.name!r} overlaps the previous tensor (offset {t.start - data_start})")
+            raise CheckpointError(
+                path, f"tensor {t.name!r} overlaps the previous tensor (offset {t.start - data_start})"
+            )
         if t.start > pos:
             raise CheckpointError(path, f"gap of {t.start - pos} bytes before tensor {t.name!r}")
         pos = t.end
@@ -261,7 +286,13 @@ def _span(t: TensorInfo) -> tuple[int, int]:
     return (t.start, t.end)
 
 
-def read_header(fh: BinaryIO, path: str, shard: str, file_size: int) -> ShardHeader:
+class Readable(Protocol):
+    """What ``read_header`` needs of its source: sequential reads (an open binary file, or a remote range reader)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+def read_header(fh: Readable, path: str, shard: str, file_size: int) -> ShardHeader:
     """Read and validate the header of an open shard; reads at most 8 + header bytes."""
     if file_size < 8:
         raise CheckpointError(path, f"file is {file_size} bytes, too short for a safetensors header")
@@ -318,7 +349,9 @@ def read_shard(path: str, shard: str | None = None) -> ShardHeader:
         raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
 
 
-def serialize_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None, has_metadata: bool) -> bytes:
+def serialize_header(
+    tensors: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None, has_metadata: bool
+) -> bytes:
     """Build a header (8-byte length + JSON padded with spaces to 8 bytes) as safetensors writes it.
 
     ``tensors`` holds (name, dtype, shape, begin, end) with offsets relative to the data section,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from nhcheck.checkpoint import Checkpoint, open_local
 from nhcheck.errors import CheckpointError

@@ -62,11 +62,15 @@ Every rule below was read in the released sglang 0.5.23 source (file paths under
 ``nvfp4-moe-block``
     Same method sizes ``w2_weight_scale`` ``isp // 16``: with ``isp % 16 != 0`` a 16-element
     block straddles two ranks and every rank ≥ 1 applies its neighbour's scales (silent).
-``moe-padded-window``
+``moe-padded-window`` (info, never a failure)
     Under ``flashinfer_trtllm``/``flashinfer_trtllm_routed`` the per-rank intermediate size is
-    padded to a multiple of 128 (``FusedMoE.__init__``, ``ModelOptNvFp4FusedMoEMethod.create_weights``)
-    and ``FusedMoE._load_w13``/``_load_w2`` (``use_padded_loading``) start rank r's checkpoint
-    window at ``r × padded size``: with ``isp % 128 != 0`` ranks ≥ 1 read the wrong rows (silent).
+    padded to P, a multiple of 128 (``FusedMoE.__init__``; NVFP4 in
+    ``ModelOptNvFp4FusedMoEMethod.create_weights``). ``FusedMoE._load_w13``/``_load_w2`` take
+    ``shard_size = expert_data.shape[dim]`` (the padded size) and start rank r at ``r × P``, and
+    ``narrow_padded_param_and_loaded_weight`` reads ``min(P, I − r × P)`` rows and zeroes the rest —
+    in every tensor of the expert alike (w13 rows and their block-scale rows, w2 columns, packed
+    bytes and block-scale columns). So rank r holds intermediates ``[r·P, min((r+1)·P, I))``: an uneven
+    but exact partition of [0, I), like the vocabulary's (run on gloo ranks: tests/golden/tp/).
 ``fp8-block-linear``
     ``Fp8LinearMethod.validate_block_quant_shapes`` (layers/quantization/fp8.py) raises when a
     row-parallel ``input_size_per_partition % block_k`` or a column/merged output partition
@@ -121,33 +125,82 @@ class Rule:
     effect: str
 
 
-RULES = {r.id: r for r in (
-    Rule("attn-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", "AssertionError at start-up"),
-    Rule("attn-kv-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", "AssertionError at start-up"),
-    Rule("mamba-heads", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
-    Rule("mamba-groups", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
-    Rule("mamba-groups-quant", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
-    Rule("mamba-groups-bias", "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
-         "layers/attention/mamba/mamba.py", "RuntimeError at load (narrow past the end)"),
-    Rule("linear-divide", "ColumnParallelLinear/RowParallelLinear divide()", "layers/linear.py",
-         "AssertionError at start-up"),
-    Rule("nvfp4-linear-k", "ModelOptFp4LinearMethod.create_weights", "layers/quantization/modelopt_quant.py",
-         "ValueError at start-up"),
-    Rule("nvfp4-awq-column", "ModelOptFp4LinearMethod.create_weights + _ColumnvLLMParameter.load_column_parallel_weight",
-         "layers/quantization/modelopt_quant.py", "RuntimeError at load on ranks ≥ 1 (narrow past the end)"),
-    Rule("moe-intermediate", "FusedMoE.__init__", "layers/moe/fused_moe_triton/layer.py", "AssertionError at start-up"),
-    Rule("nvfp4-moe-pair", "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
-         "layers/quantization/modelopt_quant.py", "loads, but FP4 pairs straddle ranks: wrong weights"),
-    Rule("nvfp4-moe-block", "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
-         "layers/quantization/modelopt_quant.py", "loads, but block scales straddle ranks: wrong weights"),
-    Rule("moe-padded-window", "FusedMoE._load_w13/_load_w2 (use_padded_loading)", "layers/moe/fused_moe_triton/layer.py",
-         "loads, but ranks ≥ 1 read the wrong rows: wrong weights"),
-    Rule("fp8-block-linear", "Fp8LinearMethod.validate_block_quant_shapes", "layers/quantization/fp8.py",
-         "ValueError at start-up"),
-    Rule("fp8-block-moe", "Fp8MoEMethod.create_weights", "layers/quantization/fp8.py", "ValueError at start-up"),
-    Rule("vocab-padding", "VocabParallelEmbedding.__init__", "layers/vocab_parallel_embedding.py",
-         "zero rows pad the partition"),
-)}
+RULES = {
+    r.id: r
+    for r in (
+        Rule("attn-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", "AssertionError at start-up"),
+        Rule("attn-kv-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", "AssertionError at start-up"),
+        Rule("mamba-heads", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
+        Rule("mamba-groups", "MambaMixer2.__init__", "layers/attention/mamba/mamba.py", "AssertionError at start-up"),
+        Rule(
+            "mamba-groups-quant",
+            "MambaMixer2.__init__",
+            "layers/attention/mamba/mamba.py",
+            "AssertionError at start-up",
+        ),
+        Rule(
+            "mamba-groups-bias",
+            "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
+            "layers/attention/mamba/mamba.py",
+            "RuntimeError at load (narrow past the end)",
+        ),
+        Rule(
+            "linear-divide",
+            "ColumnParallelLinear/RowParallelLinear divide()",
+            "layers/linear.py",
+            "AssertionError at start-up",
+        ),
+        Rule(
+            "nvfp4-linear-k",
+            "ModelOptFp4LinearMethod.create_weights",
+            "layers/quantization/modelopt_quant.py",
+            "ValueError at start-up",
+        ),
+        Rule(
+            "nvfp4-awq-column",
+            "ModelOptFp4LinearMethod.create_weights + _ColumnvLLMParameter.load_column_parallel_weight",
+            "layers/quantization/modelopt_quant.py",
+            "RuntimeError at load on ranks ≥ 1 (narrow past the end)",
+        ),
+        Rule(
+            "moe-intermediate",
+            "FusedMoE.__init__",
+            "layers/moe/fused_moe_triton/layer.py",
+            "AssertionError at start-up",
+        ),
+        Rule(
+            "nvfp4-moe-pair",
+            "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
+            "layers/quantization/modelopt_quant.py",
+            "loads, but FP4 pairs straddle ranks: wrong weights",
+        ),
+        Rule(
+            "nvfp4-moe-block",
+            "ModelOptNvFp4FusedMoEMethod.create_weights + FusedMoE._load_w2",
+            "layers/quantization/modelopt_quant.py",
+            "loads, but block scales straddle ranks: wrong weights",
+        ),
+        Rule(
+            "moe-padded-window",
+            "FusedMoE._load_w13/_load_w2 (narrow_padded_param_and_loaded_weight)",
+            "layers/moe/fused_moe_triton/layer.py",
+            "zero rows pad each rank's partition",
+        ),
+        Rule(
+            "fp8-block-linear",
+            "Fp8LinearMethod.validate_block_quant_shapes",
+            "layers/quantization/fp8.py",
+            "ValueError at start-up",
+        ),
+        Rule("fp8-block-moe", "Fp8MoEMethod.create_weights", "layers/quantization/fp8.py", "ValueError at start-up"),
+        Rule(
+            "vocab-padding",
+            "VocabParallelEmbedding.__init__",
+            "layers/vocab_parallel_embedding.py",
+            "zero rows pad the partition",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -180,7 +233,7 @@ class Sharding:
     def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.dim is None:
             return shape
-        return shape[:self.dim] + (sum(p.step for p in self.parts),) + shape[self.dim + 1:]
+        return shape[: self.dim] + (sum(p.step for p in self.parts),) + shape[self.dim + 1 :]
 
     def windows(self, rank: int) -> tuple[tuple[int, int, int, int], ...]:
         """``(source start, length, local start, owner)`` along ``dim`` for ``rank``; empty windows left out.
@@ -231,7 +284,9 @@ def parse_tp_sizes(text: str) -> tuple[int, ...]:
     for tok in str(text).split(","):
         tok = tok.strip()
         if not tok.isdigit() or not 1 <= int(tok) <= MAX_TP:
-            raise UsageError(f"--tp takes TP sizes between 1 and {MAX_TP} separated by commas (e.g. 2,4,8), got {text!r}")
+            raise UsageError(
+                f"--tp takes TP sizes between 1 and {MAX_TP} separated by commas (e.g. 2,4,8), got {text!r}"
+            )
         if int(tok) not in sizes:
             sizes.append(int(tok))
     return tuple(sizes)
@@ -251,7 +306,9 @@ class _Linear:
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LINEAR_SUFFIX = re.compile(r"^(.*)\.(weight|weight_scale|weight_scale_inv|weight_scale_2|input_scale|bias|pre_quant_scale)$")
+_LINEAR_SUFFIX = re.compile(
+    r"^(.*)\.(weight|weight_scale|weight_scale_inv|weight_scale_2|input_scale|bias|pre_quant_scale)$"
+)
 
 
 class _Planner:
@@ -274,8 +331,13 @@ class _Planner:
         if kv >= tp and kv % tp:
             out.append(Problem("attn-kv-heads", f"num_key_value_heads {kv} is not divisible by {tp}"))
         elif 0 < kv < tp and tp % kv:
-            out.append(Problem("attn-kv-heads", f"{tp} is not a multiple of num_key_value_heads {kv} "
-                                                "(KV heads can only be replicated a whole number of times)"))
+            out.append(
+                Problem(
+                    "attn-kv-heads",
+                    f"{tp} is not a multiple of num_key_value_heads {kv} "
+                    "(KV heads can only be replicated a whole number of times)",
+                )
+            )
         return out
 
     def _mamba(self) -> list[Problem]:
@@ -286,8 +348,13 @@ class _Planner:
         if c.n_groups % tp and c.n_groups != 1:
             out.append(Problem("mamba-groups", f"n_groups {c.n_groups} is neither divisible by {tp} nor 1"))
         elif c.n_groups % tp and self.quantized:
-            out.append(Problem("mamba-groups-quant", f"n_groups {c.n_groups} is not divisible by {tp} and the model is "
-                                                     f"quantized ({self.m.quantization})"))
+            out.append(
+                Problem(
+                    "mamba-groups-quant",
+                    f"n_groups {c.n_groups} is not divisible by {tp} and the model is "
+                    f"quantized ({self.m.quantization})",
+                )
+            )
         return out
 
     def _divide(self, size: int, what: str) -> list[Problem]:
@@ -304,24 +371,43 @@ class _Planner:
     def _linear_quant(self, lin: _Linear, method: str | None, algo_mx: bool, module: str = "") -> list[Problem]:
         tp = self.tp
         out = []
-        if (tp > 1 and lin.style == "column" and len(lin.outs) == 1 and method == FP4_LINEAR
-                and module + ".pre_quant_scale" in self.m.by_name):
+        if (
+            tp > 1
+            and lin.style == "column"
+            and len(lin.outs) == 1
+            and method == FP4_LINEAR
+            and module + ".pre_quant_scale" in self.m.by_name
+        ):
             # ModelOptFp4LinearMethod.create_weights (NVFP4_AWQ): pre_quant_scale is a ModelWeightParameter
             # (output_dim=0) of input_size_per_partition rows — the whole input on a ColumnParallelLinear —
             # and ColumnParallelLinear.weight_loader_v2 → load_column_parallel_weight (layers/parameter.py)
             # narrows the checkpoint from tp_rank × that size: ranks ≥ 1 read past its end.
-            out.append(Problem("nvfp4-awq-column", f"NVFP4_AWQ pre_quant_scale ({lin.inp} values) is cut like an "
-                                                   f"output column: rank r ≥ 1 narrows from r × {lin.inp}"))
+            out.append(
+                Problem(
+                    "nvfp4-awq-column",
+                    f"NVFP4_AWQ pre_quant_scale ({lin.inp} values) is cut like an "
+                    f"output column: rank r ≥ 1 narrows from r × {lin.inp}",
+                )
+            )
         if lin.style == "row":
             k = lin.inp // tp
             if method in (FP4_LINEAR, A16_LINEAR) and k % NVFP4_BLOCK:
-                out.append(Problem("nvfp4-linear-k", f"input_size_per_partition {lin.inp}/{tp} = {k} is not a multiple "
-                                                     f"of the NVFP4 block ({NVFP4_BLOCK})"))
+                out.append(
+                    Problem(
+                        "nvfp4-linear-k",
+                        f"input_size_per_partition {lin.inp}/{tp} = {k} is not a multiple "
+                        f"of the NVFP4 block ({NVFP4_BLOCK})",
+                    )
+                )
             if method == BLOCK_FP8_LINEAR and tp > 1:
                 bk = 32 if algo_mx else 128
                 if k % bk:
-                    out.append(Problem("fp8-block-linear", f"input_size_per_partition {lin.inp}/{tp} = {k} is not "
-                                                           f"divisible by block_k {bk}"))
+                    out.append(
+                        Problem(
+                            "fp8-block-linear",
+                            f"input_size_per_partition {lin.inp}/{tp} = {k} is not divisible by block_k {bk}",
+                        )
+                    )
         elif method == BLOCK_FP8_LINEAR and not algo_mx and (tp > 1 or len(lin.outs) > 1):
             for rows, pieces in lin.outs:
                 n = rows // pieces if pieces else rows
@@ -343,8 +429,13 @@ class _Planner:
             if sized % 2:
                 out.append(Problem("nvfp4-moe-pair", f"intermediate_size_per_partition {mi}/{tp} = {isp} is odd"))
             elif sized % NVFP4_BLOCK:
-                out.append(Problem("nvfp4-moe-block", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not a "
-                                                      f"multiple of the NVFP4 block ({NVFP4_BLOCK})"))
+                out.append(
+                    Problem(
+                        "nvfp4-moe-block",
+                        f"intermediate_size_per_partition {mi}/{tp} = {isp} is not a "
+                        f"multiple of the NVFP4 block ({NVFP4_BLOCK})",
+                    )
+                )
         if method == BLOCK_FP8_MOE:
             # Fp8MoEMethod.create_fp8_moe_weight_: isp % block_n always, isp % block_k when moe_tp_size > 1;
             # MXFP8 (uint8 *_weight_scale_inv) has weight_block_size [1, 32], block FP8 [128, 128].
@@ -352,13 +443,13 @@ class _Planner:
             bn, bk = (1, 32) if scale is not None and scale.dtype == "uint8" else (128, 128)
             for b, what in ((bn, "block_n"), (bk if tp > 1 else 1, "block_k")):
                 if sized % b:
-                    out.append(Problem("fp8-block-moe", f"intermediate_size_per_partition {mi}/{tp} = {isp} is not "
-                                                        f"divisible by {what} {b}"))
+                    out.append(
+                        Problem(
+                            "fp8-block-moe",
+                            f"intermediate_size_per_partition {mi}/{tp} = {isp} is not divisible by {what} {b}",
+                        )
+                    )
                     break
-        if tp > 1 and padded and isp % TRTLLM_ALIGN:
-            out.append(Problem("moe-padded-window", f"intermediate_size_per_partition {mi}/{tp} = {isp} is padded to "
-                                                    f"{-(-isp // TRTLLM_ALIGN) * TRTLLM_ALIGN} (moe backend "
-                                                    f"{self.m.moe_backend}); rank r reads from r × the padded size"))
         return out
 
     # -- geometry of each module
@@ -406,7 +497,7 @@ class _Planner:
         lp = self.m.lm_prefix
         if not p.name.startswith(lp):  # the wrapper's vision projector: plain replicated layers
             return ParamShard(p, Sharding(self.tp))
-        inner = p.name[len(lp):]
+        inner = p.name[len(lp) :]
         if inner.startswith(("model.embed_tokens.", "lm_head.")):
             return self._vocab(p, inner)
         m = _LAYER.match(inner)
@@ -434,7 +525,7 @@ class _Planner:
             sh = None
             if len(p.shape) == 3 and p.reachable:
                 dim = 1 if rest.startswith("mixer.experts.w13_") else 2
-                sh = Sharding(tp, dim, (Part(p.shape[dim], tp),))
+                sh = Sharding(tp, dim, (self._expert_part(p.shape[dim]),))
             elif p.reachable:
                 sh = Sharding(tp)
             return self._result(p, sh, probs, module)
@@ -459,17 +550,42 @@ class _Planner:
         module = prefix + mod
         mamba_module = prefix + "mixer" if kind == "M" else module
         base = self._cached(mamba_module, lambda: self._module_rules(kind, mod, lin))
-        quant = self._cached(module + "#quant",
-                             lambda: self._linear_quant(lin, p.quant_method, _is_mx(self.m, module), module))
-        if (suffix == "bias" and kind == "M" and mod == "mixer.in_proj" and tp > 1
-                and c.n_groups == 1 and c.n_groups % tp):
+        quant = self._cached(
+            module + "#quant", lambda: self._linear_quant(lin, p.quant_method, _is_mx(self.m, module), module)
+        )
+        if (
+            suffix == "bias"
+            and kind == "M"
+            and mod == "mixer.in_proj"
+            and tp > 1
+            and c.n_groups == 1
+            and c.n_groups % tp
+        ):
             # MambaMixer2.__init__ (n_groups == 1, tp > 1): in_proj is a plain ColumnParallelLinear sized with
             # the replicated groups, and only in_proj.weight / conv1d get mamba_v2_sharded_weight_loader; the
             # bias keeps ColumnParallelLinear.weight_loader, whose last rank narrows past the checkpoint's end.
-            quant = quant + (Problem("mamba-groups-bias", f"n_groups 1 is replicated onto {tp} ranks but in_proj.bias "
-                                                          "is loaded without the group-replicating loader"),)
-        return self._result(p, _linear_sharding(lin, suffix, p, tp), base + quant,
-                            mamba_module if kind == "M" else module)
+            quant = quant + (
+                Problem(
+                    "mamba-groups-bias",
+                    f"n_groups 1 is replicated onto {tp} ranks but in_proj.bias "
+                    "is loaded without the group-replicating loader",
+                ),
+            )
+        return self._result(
+            p, _linear_sharding(lin, suffix, p, tp), base + quant, mamba_module if kind == "M" else module
+        )
+
+    def _expert_part(self, extent: int) -> Part:
+        """An expert tensor's intermediate dim (rows, packed bytes or scale blocks: ``extent`` per ``I``).
+
+        Under a padding backend rank r's window starts at r × P (P = the per-rank size rounded up
+        to 128, in the same units) and the partition holds P, zero-filled past I (``moe-padded-window``).
+        """
+        mi = self.cfg.moe_intermediate_size
+        if self.tp == 1 or self.m.moe_backend not in PADDED_WINDOW_BACKENDS or not mi or extent * TRTLLM_ALIGN % mi:
+            return Part(extent, self.tp)
+        per_rank = _round_up(mi // self.tp, TRTLLM_ALIGN) * extent // mi
+        return Part(extent, self.tp, per_rank * self.tp)
 
     def _cached(self, key: str, fn) -> tuple[Problem, ...]:
         got = self.module_problems.get(key)
@@ -491,8 +607,10 @@ def _is_mx(m: Manifest, module: str) -> bool:
     """MXFP8 blocks (1×32) carry a uint8 (ue8m0) ``weight_scale_inv``, block FP8 (128×128) a float32 one
     (``Fp8LinearMethod.create_weights``: ``block_quant = use_mxfp8 or weight_block_size``); a foreign
     manifest may name the uint8 scale ``weight_scale``."""
-    return any(p is not None and p.dtype == "uint8"
-               for p in (m.by_name.get(module + ".weight_scale_inv"), m.by_name.get(module + ".weight_scale")))
+    return any(
+        p is not None and p.dtype == "uint8"
+        for p in (m.by_name.get(module + ".weight_scale_inv"), m.by_name.get(module + ".weight_scale"))
+    )
 
 
 def _scaled(outs: tuple[tuple[int, int], ...], extent: int) -> tuple[Part, ...] | None:
@@ -547,17 +665,57 @@ def check(manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...]) -> l
         items = []
         for s in shards:
             for prob in s.problems:
-                suffix = s.param.name[len(s.module) + 1:] if s.param.name.startswith(s.module + ".") else s.param.name
+                suffix = s.param.name[len(s.module) + 1 :] if s.param.name.startswith(s.module + ".") else s.param.name
                 items.append(((prob.rule, prob.detail), s.module, (suffix, s.param.name)))
         for (rule_id, detail), modules, count, members in collapse.group(items):
             rule = RULES[rule_id]
             suffixes = list(dict.fromkeys(sfx for sfx, _ in members))
             shown = ", ".join(suffixes[:8]) + (", …" if len(suffixes) > 8 else "")
             where = f"{modules}: {shown}" + (f" ({count} parameters)" if count > 1 else "")
-            out.append(Finding("error", CODE, f"--tp {tp}: {where} — {detail}; {rule.effect} "
-                                              f"[sglang {rule.where}, {rule.file}]", None, modules))
+            out.append(
+                Finding(
+                    "error",
+                    CODE,
+                    f"--tp {tp}: {where} — {detail}; {rule.effect} [sglang {rule.where}, {rule.file}]",
+                    None,
+                    modules,
+                )
+            )
         out.extend(_padding_notes(manifest, cfg, tp, shards))
+        out.extend(_moe_padding_notes(manifest, cfg, tp, shards))
     return out
+
+
+def _moe_padding_notes(
+    manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...]
+) -> list[Finding]:
+    """An info note where the padded MoE windows leave zero rows on some rank (``moe-padded-window``)."""
+    inter = cfg.moe_intermediate_size
+    if tp == 1 or manifest.moe_backend not in PADDED_WINDOW_BACKENDS or not inter or inter % tp:
+        return []
+    P = _round_up(inter // tp, TRTLLM_ALIGN)
+    if P * tp == inter:
+        return []
+    modules = [
+        s.module
+        for s in shards
+        if s.sharding is not None and s.sharding.parts and s.sharding.parts[0].padded and ".experts" in s.module
+    ]
+    if not modules:
+        return []
+    rule = RULES["moe-padded-window"]
+    holds = "; ".join(
+        f"rank {r} [{min(r * P, inter)}, {min((r + 1) * P, inter)})"
+        + (f" + {P - max(0, min(P, inter - r * P))} zero rows" if P * (r + 1) > inter else "")
+        for r in range(tp)
+    )
+    msg = (
+        f"--tp {tp}: {collapse.group([(0, m, None) for m in dict.fromkeys(modules)])[0][1]} — "
+        f"intermediate_size {inter}/{tp} = {inter // tp} is padded to {P} per rank "
+        f"(moe backend {manifest.moe_backend}): "
+        f"{holds}; the windows tile [0, {inter}) exactly [sglang {rule.where}, {rule.file}]"
+    )
+    return [Finding("info", PAD_CODE, msg, None, modules[0])]
 
 
 def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...]) -> list[Finding]:
@@ -566,15 +724,20 @@ def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tu
         return []
     rule = RULES["vocab-padding"]
     padded = _round_up(V, VOCAB_PAD * tp)
-    names = [s.param.name for s in shards if s.sharding is not None and s.sharding.dim == 0
-             and s.sharding.parts and s.sharding.parts[0].padded]
+    names = [
+        s.param.name
+        for s in shards
+        if s.sharding is not None and s.sharding.dim == 0 and s.sharding.parts and s.sharding.parts[0].padded
+    ]
     if not names:
         return []
     per = padded // tp
     last = (V - 1) // per
-    msg = (f"--tp {tp}: {', '.join(names)} — vocab_size {V} pads to {padded} (a multiple of {VOCAB_PAD}×{tp}, since "
-           f"{_round_up(V, VOCAB_PAD)} is not divisible by {tp}); each rank holds {per} rows, rank {last} the last "
-           f"real one, {padded - V} rows are zeros [sglang {rule.where}, {rule.file}]")
+    msg = (
+        f"--tp {tp}: {', '.join(names)} — vocab_size {V} pads to {padded} (a multiple of {VOCAB_PAD}×{tp}, since "
+        f"{_round_up(V, VOCAB_PAD)} is not divisible by {tp}); each rank holds {per} rows, rank {last} the last "
+        f"real one, {padded - V} rows are zeros [sglang {rule.where}, {rule.file}]"
+    )
     return [Finding("info", PAD_CODE, msg, None, names[0])]
 
 
@@ -582,5 +745,6 @@ def with_findings(report, sizes: tuple[int, ...]):
     """The audit report with the TP findings appended (rendered by every format; the exit gate counts them)."""
     from dataclasses import replace
 
-    return replace(report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)),
-                   tp_sizes=tuple(sizes))
+    return replace(
+        report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)), tp_sizes=tuple(sizes)
+    )

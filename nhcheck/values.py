@@ -17,7 +17,8 @@ import os
 import struct
 import sys
 from array import array
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from nhcheck import collapse
 from nhcheck.audit import AuditReport
@@ -135,8 +136,12 @@ def describe(t: TensorInfo, kind: str, problem: str) -> str:
         return f"{leaf} " + {"nonfinite": "FP8 blocks include NaN", "zero": "FP8 blocks are all zero"}[problem]
     if t.numel == 1:
         return f"{leaf} " + {"nonfinite": "is NaN or infinite", "zero": "is zero", "negative": "is negative"}[problem]
-    return f"{leaf} " + {"nonfinite": "has NaN or infinite values", "zero": "has zero values",
-                         "negative": "has negative values"}[problem]
+    return (
+        f"{leaf} "
+        + {"nonfinite": "has NaN or infinite values", "zero": "has zero values", "negative": "has negative values"}[
+            problem
+        ]
+    )
 
 
 def module_findings(bad: list[tuple[TensorInfo, str]]) -> list[Finding]:
@@ -166,7 +171,9 @@ def module_findings(bad: list[tuple[TensorInfo, str]]) -> list[Finding]:
 def _pread_exact(fd: int, path: str, start: int, n: int) -> bytes:
     data = os.pread(fd, n, start)
     if len(data) != n:
-        raise CheckpointError(path, f"file ended while reading bytes {start}..{start + n} (changed since its header was read?)")
+        raise CheckpointError(
+            path, f"file ended while reading bytes {start}..{start + n} (changed since its header was read?)"
+        )
     return data
 
 
@@ -190,8 +197,10 @@ def scan(report: AuditReport) -> ValueScan:
     shards = {s.name: s for s in ckpt.shards}
     if ckpt.bytes_transferred is not None and not all(os.path.isfile(s.path) for s in shards.values()):
         # headers fetched from the Hub by range request: the tensor bytes are not on this machine
-        raise UsageError("--values reads scale bytes from the shard files; download the checkpoint "
-                         f"(hf download {ckpt.source}) and audit it again")
+        raise UsageError(
+            "--values reads scale bytes from the shard files; download the checkpoint "
+            f"(hf download {ckpt.source}) and audit it again"
+        )
     bad: list[tuple[TensorInfo, str]] = []
     notes: list[Finding] = []
     n_bytes = 0
@@ -207,8 +216,9 @@ def scan(report: AuditReport) -> ValueScan:
     return ValueScan(tuple(module_findings(bad) + notes), len(checks), n_bytes)
 
 
-def _scan_shard(shard: ShardHeader, checks: list[ScaleCheck], bad: list[tuple[TensorInfo, str]],
-                notes: list[Finding]) -> int:
+def _scan_shard(
+    shard: ShardHeader, checks: list[ScaleCheck], bad: list[tuple[TensorInfo, str]], notes: list[Finding]
+) -> int:
     try:
         fd = open_regular(shard.path)
     except FileNotFoundError:
@@ -228,8 +238,15 @@ def _scan_shard(shard: ShardHeader, checks: list[ScaleCheck], bad: list[tuple[Te
         for c in checks:
             t = c.tensor
             if t.nbytes > MAX_SCALE_BYTES:
-                notes.append(Finding("info", "scale-unchecked",
-                                     f"{t.nbytes:,} bytes is too large for a scale tensor; not read", t.shard, t.name))
+                notes.append(
+                    Finding(
+                        "info",
+                        "scale-unchecked",
+                        f"{t.nbytes:,} bytes is too large for a scale tensor; not read",
+                        t.shard,
+                        t.name,
+                    )
+                )
                 continue
             problem = _judge(fd, shard, c)
             n_bytes += t.nbytes

@@ -76,8 +76,11 @@ class FakeHub:
         shas = {ref: commit_sha(repo_id, ref) for ref in refs}
         repo = Repo(shas, trees, gated)
         for sha, d in trees.items():
-            repo.files[sha] = {os.path.relpath(os.path.join(dp, fn), d): os.path.join(dp, fn)
-                               for dp, _, fns in os.walk(d) for fn in fns}
+            repo.files[sha] = {
+                os.path.relpath(os.path.join(dp, fn), d): os.path.join(dp, fn)
+                for dp, _, fns in os.walk(d)
+                for fn in fns
+            }
         self.repos[repo_id] = repo
         return shas
 
@@ -129,8 +132,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._error(path, 404, "RepoNotFound", "Repository not found", body)
                 return None, None
             if file_access and repo.gated and not self.headers.get("Authorization"):
-                self._error(path, 401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access "
-                            "to it and be authenticated to access it. Please log in.", body)
+                self._error(
+                    path,
+                    401,
+                    "GatedRepo",
+                    f"Access to model {repo_id} is restricted. You must have access "
+                    "to it and be authenticated to access it. Please log in.",
+                    body,
+                )
                 return None, None
             sha = repo.resolve(rev)
             if sha is None:
@@ -143,18 +152,30 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if repo is None:
                 return
             blobs = "blobs=true" in (urlsplit(self.path).query or "").lower()
-            siblings = [{"rfilename": rel, **({"size": os.path.getsize(p), "blobId": commit_sha(p)} if blobs else {})}
-                        for rel, p in sorted(repo.files[sha].items())]
-            info = {"_id": commit_sha(repo_id), "id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                    "gated": "manual" if repo.gated else False, "disabled": False, "siblings": siblings}
+            siblings = [
+                {"rfilename": rel, **({"size": os.path.getsize(p), "blobId": commit_sha(p)} if blobs else {})}
+                for rel, p in sorted(repo.files[sha].items())
+            ]
+            info = {
+                "_id": commit_sha(repo_id),
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": sha,
+                "private": False,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "siblings": siblings,
+            }
             self._send(path, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
 
         def _tree(self, path: str, repo_id: str, rev: str, body: bool) -> None:
             repo, sha = self._repo(path, repo_id, rev, body, file_access=True)
             if repo is None:
                 return
-            tree = [{"type": "file", "oid": commit_sha(p), "size": os.path.getsize(p), "path": rel}
-                    for rel, p in sorted(repo.files[sha].items())]
+            tree = [
+                {"type": "file", "oid": commit_sha(p), "size": os.path.getsize(p), "path": rel}
+                for rel, p in sorted(repo.files[sha].items())
+            ]
             self._send(path, 200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body)
 
         def _resolve(self, path: str, repo_id: str, rev: str, name: str, body: bool) -> None:
@@ -163,12 +184,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             local = repo.files[sha].get(name)
             if local is None:
-                self._error(path, 404, "EntryNotFound", f"{name} does not exist on \"{rev}\"", body,
-                            {"X-Repo-Commit": sha})
+                self._error(
+                    path, 404, "EntryNotFound", f'{name} does not exist on "{rev}"', body, {"X-Repo-Commit": sha}
+                )
                 return
             size = os.path.getsize(local)
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{commit_sha(sha, name, str(size))}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
+            headers = {
+                "X-Repo-Commit": sha,
+                "ETag": f'"{commit_sha(sha, name, str(size))}"',
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
             start, end, status = 0, size - 1, 200
             rng = self.headers.get("Range") if hub.honour_range else None
             if rng:
@@ -184,11 +210,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._send_file(path, status, local, start, end - start + 1, headers, body)
 
         # -- responses ---------------------------------------------------------------------------
-        def _error(self, path: str, status: int, code: str, message: str, body: bool,
-                   extra: dict[str, str] | None = None) -> None:
+        def _error(
+            self, path: str, status: int, code: str, message: str, body: bool, extra: dict[str, str] | None = None
+        ) -> None:
             payload = json.dumps({"error": message}).encode()
-            self._send(path, status, payload, {"Content-Type": "application/json", "X-Error-Code": code,
-                                               "X-Error-Message": message, **(extra or {})}, body)
+            self._send(
+                path,
+                status,
+                payload,
+                {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(extra or {})},
+                body,
+            )
 
         def _send(self, path: str, status: int, payload: bytes, headers: dict[str, str], body: bool) -> None:
             self.send_response(status)
@@ -200,8 +232,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(payload)
             hub._count(self.command, path, self.headers.get("Range"), len(payload) if body else 0)
 
-        def _send_file(self, path: str, status: int, local: str, start: int, length: int, headers: dict[str, str],
-                       body: bool) -> None:
+        def _send_file(
+            self, path: str, status: int, local: str, start: int, length: int, headers: dict[str, str], body: bool
+        ) -> None:
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)

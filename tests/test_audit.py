@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nhcheck.audit import AuditOptions
 from nhcheck.checkpoint import open_local
+from nhcheck.engines.base import EngineId
 from nhcheck.pipeline import audit, audit_path, prepare
 
 ROOT = Path(__file__).parent.parent
@@ -32,9 +33,9 @@ def test_omni_on_three_versions():
     path = str(EX / "omni-nvfp4-24137")
     r11 = audit_path(path, "sglang@0.5.11", opts=AuditOptions())
     assert r11.verdict == "crash"
-    assert r11.crash["tensor"] == "language_model.backbone.layers.1.mixer.experts.0.down_proj.input_scale"
-    assert r11.other_versions["0.5.23"] == "clean"
-    assert r11.other_versions["0.5.12"].startswith("broken")
+    assert r11.crash.tensor == "language_model.backbone.layers.1.mixer.experts.0.down_proj.input_scale"
+    assert r11.other_versions[EngineId("sglang", "0.5.23")] == "clean"
+    assert r11.other_versions[EngineId("sglang", "0.5.12")].startswith("broken")
     r12 = audit_path(path, "sglang@0.5.12")
     assert r12.verdict == "broken" and "quant-mismatch" in _codes(r12)
     assert r12.counts()["raise"] == 0 and r12.counts()["orphans"] == 1862
@@ -46,11 +47,13 @@ def test_omni_on_three_versions():
 def test_pr_24434_example_crashes_then_drops_silently():
     path = str(EX / "nano3-24434-leftover-expert-scales")
     r11 = audit_path(path, "sglang@0.5.11")
-    assert r11.verdict == "crash" and "KeyError" in r11.crash["error"]
+    assert r11.verdict == "crash" and "KeyError" in r11.crash.error
     r12 = audit_path(path, "sglang@0.5.12")
-    assert r12.verdict == "orphans"
+    # the orphans are dropped silently; the in_proj scales still land in slot 0 only (before 0.5.16), as load says
+    assert r12.verdict == "incomplete" and "scale-slot0-only" in _codes(r12)
     assert {r.outcome.reason for r in r12.records if r.orphan} == {"expert-orphan"}
     assert "quant-mismatch" not in _codes(r12)
+    assert audit_path(path, "sglang@0.5.16").verdict == "orphans"
 
 
 def test_head_dim_default_shape_mismatch():
@@ -80,8 +83,8 @@ def _drop_tensor(path: Path, name: str) -> None:
     """Rewrite a shard without one tensor (test helper; prune does this for real)."""
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    hdr = json.loads(raw[8:8 + n])
-    data = raw[8 + n:]
+    hdr = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
     meta = hdr.pop("__metadata__", None)
     out, chunks, pos = {}, [], 0
     for k, v in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -103,7 +106,11 @@ def test_index_cross_check_findings(tmp_path):
     idx_path = ck / "model.safetensors.index.json"
     idx = json.loads(idx_path.read_text())
     name = next(iter(idx["weight_map"]))
-    idx["weight_map"][name] = "model-00004-of-00004.safetensors" if idx["weight_map"][name] != "model-00004-of-00004.safetensors" else "model-00001-of-00004.safetensors"
+    idx["weight_map"][name] = (
+        "model-00004-of-00004.safetensors"
+        if idx["weight_map"][name] != "model-00004-of-00004.safetensors"
+        else "model-00001-of-00004.safetensors"
+    )
     idx["weight_map"]["backbone.ghost.weight"] = "model-00001-of-00004.safetensors"
     idx["metadata"]["total_size"] += 1
     idx_path.write_text(json.dumps(idx))
@@ -139,9 +146,14 @@ def test_single_file_source():
 
 def test_ignore_patterns_count_and_silence():
     path = str(EX / "omni-nvfp4-24137")
-    r = audit_path(path, "sglang@0.5.12",
-                   opts=AuditOptions(ignore=("*.experts.*_scale*", "*.in_proj.*_scale", "*.out_proj.*_scale",
-                                             "*.shared_experts.*_scale*"), compare_versions=False))
+    r = audit_path(
+        path,
+        "sglang@0.5.12",
+        opts=AuditOptions(
+            ignore=("*.experts.*_scale*", "*.in_proj.*_scale", "*.out_proj.*_scale", "*.shared_experts.*_scale*"),
+            compare_versions=False,
+        ),
+    )
     assert r.ignored == 1862
     assert r.counts()["orphans"] == 0
     assert "orphan" not in _codes(r)
@@ -166,8 +178,8 @@ def test_unknown_quant_algo_is_reported_and_audit_continues(tmp_path):
     q["quantization"]["quant_algo"] = "INT4_AWQ"
     (ck / "hf_quant_config.json").write_text(json.dumps(q))
     r = audit_path(str(ck), "sglang@0.5.23")
-    assert r.verdict == "crash" and r.crash["tensor"] is None
-    assert "only supports" in r.crash["error"]
+    assert r.verdict == "crash" and r.crash.tensor is None
+    assert "only supports" in r.crash.error
     assert len(r.records) == 2803  # every tensor still replayed (against an unquantised build)
 
 
@@ -211,11 +223,13 @@ def test_audit_is_header_only_and_torch_free(tmp_path):
     shard = ck / "model-00002-of-00004.safetensors"
     raw = bytearray(shard.read_bytes())
     n = struct.unpack("<Q", raw[:8])[0]
-    raw[8 + n:] = b"\xff" * (len(raw) - 8 - n)
+    raw[8 + n :] = b"\xff" * (len(raw) - 8 - n)
     shard.write_bytes(bytes(raw))
-    code = ("import sys; from nhcheck.pipeline import audit_path; "
-            f"r = audit_path({str(ck)!r}, 'sglang@0.5.23'); "
-            "assert r.verdict == 'clean', r.verdict; assert 'torch' not in sys.modules; print('ok')")
+    code = (
+        "import sys; from nhcheck.pipeline import audit_path; "
+        f"r = audit_path({str(ck)!r}, 'sglang@0.5.23'); "
+        "assert r.verdict == 'clean', r.verdict; assert 'torch' not in sys.modules; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
 
@@ -241,12 +255,12 @@ def test_layer_beyond_the_model_is_an_orphan(tmp_path):
     shard = ck / "model-00003-of-00003.safetensors"
     raw = shard.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    hdr = json.loads(raw[8:8 + n])
+    hdr = json.loads(raw[8 : 8 + n])
     end = max(v["data_offsets"][1] for k, v in hdr.items() if k != "__metadata__")
     hdr["backbone.layers.60.norm.weight"] = {"dtype": "BF16", "shape": [64], "data_offsets": [end, end + 128]}
     h = json.dumps(hdr).encode()
     h += b" " * (-len(h) % 8)
-    shard.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:] + b"\0" * 128)
+    shard.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :] + b"\0" * 128)
     idx["weight_map"]["backbone.layers.60.norm.weight"] = shard.name
     idx["metadata"]["total_size"] += 128
     (ck / "model.safetensors.index.json").write_text(json.dumps(idx))

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from nhcheck import __version__
-from nhcheck.audit import VERDICTS
+from nhcheck.findings import VERDICTS
 from nhcheck.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,18 +24,55 @@ NANO = CONF / "nano3_nvfp4" / "checkpoint"
 LEFTOVER = ROOT / "examples" / "nano3-24434-leftover-expert-scales"
 
 # The stable keys of `audit --format json` (schema nhcheck.audit/1), as the design fixes them.
-TOP_KEYS = {"schema", "nhcheck_version", "source", "revision", "engine", "model", "summary", "crash", "tensors",
-            "params", "findings"}
+TOP_KEYS = {
+    "schema",
+    "nhcheck_version",
+    "source",
+    "revision",
+    "engine",
+    "model",
+    "summary",
+    "crash",
+    "tensors",
+    "params",
+    "findings",
+}
 ENGINE_KEYS = {"name", "version"}
 MODEL_KEYS = {"architecture", "pattern", "quant"}
-SUMMARY_KEYS = {"shards", "tensors", "bytes", "load", "warn", "skip", "raise", "routed", "orphans", "by_design",
-                "params", "params_unfilled", "params_partial", "structure_errors", "verdict"}
-TENSOR_KEYS = {"name", "shard", "dtype", "shape", "outcome", "orphan", "param", "shard_id", "expert_id",
-               "engine_name", "message"}
+SUMMARY_KEYS = {
+    "shards",
+    "tensors",
+    "bytes",
+    "load",
+    "warn",
+    "skip",
+    "raise",
+    "routed",
+    "orphans",
+    "by_design",
+    "params",
+    "params_unfilled",
+    "params_partial",
+    "structure_errors",
+    "verdict",
+}
+TENSOR_KEYS = {
+    "name",
+    "shard",
+    "dtype",
+    "shape",
+    "outcome",
+    "orphan",
+    "param",
+    "shard_id",
+    "expert_id",
+    "engine_name",
+    "message",
+}
 PARAM_KEYS = {"name", "dtype", "shape", "status", "missing"}
 FINDING_KEYS = {"severity", "code", "message", "shard", "tensor"}
 OUTCOMES = {"load", "warn", "skip", "raise", "routed"}
-STATUSES = {"filled", "partial", "unfilled", "unreachable"}
+STATUSES = {"filled", "partial", "unfilled", "default", "unreachable"}  # default: issue 16, item 3
 SEVERITIES = {"error", "warning", "info"}
 
 
@@ -49,8 +86,9 @@ def run_process(*args: object, env: dict | None = None) -> subprocess.CompletedP
     exe = shutil.which("nhcheck")
     if exe is None:
         pytest.skip("the nhcheck console script is not installed (pip install -e .)")
-    return subprocess.run([exe, *map(str, args)], env={**base, **(env or {})}, capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [exe, *map(str, args)], env={**base, **(env or {})}, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_version():
@@ -80,7 +118,12 @@ def test_ignore_is_repeatable_and_counted():
     """The #24434 example on 0.5.23: 144 leftover expert scales in layers 1 and 49, all orphans."""
     base = run("audit", LEFTOVER, "--format", "json", "-q")
     assert base.exit_code == 1 and json.loads(base.stdout)["summary"]["orphans"] == 144
-    args = ["--ignore", "backbone.layers.1.mixer.experts.*_scale*", "--ignore", "backbone.layers.49.mixer.experts.*_scale*"]
+    args = [
+        "--ignore",
+        "backbone.layers.1.mixer.experts.*_scale*",
+        "--ignore",
+        "backbone.layers.49.mixer.experts.*_scale*",
+    ]
     res = run("audit", LEFTOVER, "--format", "json", "-q", *args)
     summary = json.loads(res.stdout)["summary"]
     assert (res.exit_code, summary["ignored"], summary["orphans"]) == (0, 144, 0)
@@ -88,11 +131,15 @@ def test_ignore_is_repeatable_and_counted():
     assert res.stderr.strip().endswith("144 ignored.")
 
 
-@pytest.mark.parametrize("path, engine, codes", [
-    (OMNI, "sglang@0.5.11", {"error": 1, "warning": 1, "info": 1, "none": 0}),     # crash: errors
-    (LEFTOVER, "sglang@0.5.23", {"error": 0, "warning": 1, "info": 1, "none": 0}),  # orphans: warnings
-    (NANO, "sglang@0.5.23", {"error": 0, "warning": 0, "info": 1, "none": 0}),      # clean: info notes only
-], ids=["omni-crash", "leftover-orphans", "nano3-clean"])
+@pytest.mark.parametrize(
+    "path, engine, codes",
+    [
+        (OMNI, "sglang@0.5.11", {"error": 1, "warning": 1, "info": 1, "none": 0}),  # crash: errors
+        (LEFTOVER, "sglang@0.5.23", {"error": 0, "warning": 1, "info": 1, "none": 0}),  # orphans: warnings
+        (NANO, "sglang@0.5.23", {"error": 0, "warning": 0, "info": 1, "none": 0}),  # clean: info notes only
+    ],
+    ids=["omni-crash", "leftover-orphans", "nano3-clean"],
+)
 def test_fail_on_gates(path, engine, codes):
     for gate, code in codes.items():
         res = run("audit", path, "--engine", engine, "--fail-on", gate, "-q", "--format", "json")
@@ -175,8 +222,7 @@ def broken(tmp_path) -> dict[str, Path]:
     (no_config / "config.json").unlink()
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    return {"bad-shard": shard, "no-config": no_config, "not-safetensors": text,
-            "missing": tmp_path / "does-not-exist"}
+    return {"bad-shard": shard, "no-config": no_config, "not-safetensors": text, "missing": tmp_path / "does-not-exist"}
 
 
 @pytest.mark.parametrize("verb", ["audit", "manifest", "prune", "load"])
@@ -193,19 +239,23 @@ def test_bad_input_is_one_line_exit_2(broken, tmp_path, verb, case):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ["audit", NANO, "--engine", "sglang@9.9.9"],
-    ["audit", NANO, "--revision", "main"],
-    ["audit", "no-such-dir/../x"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["audit", NANO, "--engine", "sglang@0.4.0"],
+        ["audit", NANO, "--revision", "main"],
+        ["audit", "no-such-dir/../x"],
+    ],
+)
 def test_bad_options_are_one_line_exit_2(args):
     res = run(*args)
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("nhcheck: error: "), res.stderr
 
 
-@pytest.mark.parametrize("args", [["audit", NANO, "--fail-on", "sometimes"], ["audit", NANO, "--pp", "4/2"],
-                                  ["audit"], ["frobnicate"]])
+@pytest.mark.parametrize(
+    "args", [["audit", NANO, "--fail-on", "sometimes"], ["audit", NANO, "--pp", "4/2"], ["audit"], ["frobnicate"]]
+)
 def test_usage_errors_exit_2_without_traceback(args):
     res = run(*args)
     assert res.exit_code == 2
@@ -218,7 +268,12 @@ def test_moe_backend_is_checked_and_auto_is_sglangs_default():
     auto = json.loads(run("audit", NANO, "--moe-backend", "auto", "-q", "--format", "json").stdout)["engine"]
     default = json.loads(run("audit", NANO, "-q", "--format", "json").stdout)["engine"]
     assert auto == default and auto["moe_backend"] == "flashinfer_trtllm"
-    assert json.loads(run("audit", NANO, "--moe-backend", "marlin", "-q", "--format", "json").stdout)["engine"]["moe_backend"] == "marlin"
+    assert (
+        json.loads(run("audit", NANO, "--moe-backend", "marlin", "-q", "--format", "json").stdout)["engine"][
+            "moe_backend"
+        ]
+        == "marlin"
+    )
 
 
 def test_puzzle_configs_are_refused_in_one_line(tmp_path):

@@ -29,16 +29,25 @@ except ImportError:  # pragma: no cover - safetensors is a dependency, but keep 
     _st_deserialize = None
 
 EXAMPLES = int(os.environ.get("NHCHECK_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("NHCHECK_FUZZ_RANDOM") is None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("NHCHECK_FUZZ_RANDOM") is None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
 
 #: Dtypes whose element size makes any shape byte-aligned (sub-byte ones need care the fuzz does not model).
 WHOLE_BYTE = sorted(d for d, b in DTYPE_BITS.items() if b % 8 == 0)
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                      st.text(max_size=8))
-json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-                          max_leaves=12)
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=24).filter(lambda s: s != "__metadata__")
 
 
@@ -65,8 +74,19 @@ def layout(tensors) -> tuple[dict, int]:
     return header, off
 
 
-PERTURB = ("none", "field", "offset", "shape", "dtype", "metadata", "dup-key", "shadow-key", "text", "size",
-           "drop-field")
+PERTURB = (
+    "none",
+    "field",
+    "offset",
+    "shape",
+    "dtype",
+    "metadata",
+    "dup-key",
+    "shadow-key",
+    "text",
+    "size",
+    "drop-field",
+)
 
 
 @st.composite
@@ -85,8 +105,10 @@ def headers(draw):
         i = draw(st.integers(0, 1))
         victim["data_offsets"][i] += draw(st.integers(-16, 16))
     elif kind == "shape" and victim is not None:
-        victim["shape"] = draw(st.lists(st.one_of(st.integers(-3, 2**64), st.floats(0, 4), st.booleans()), max_size=3)
-                               | st.sampled_from([{}, "", None, {"0": 1}, "12"]))
+        victim["shape"] = draw(
+            st.lists(st.one_of(st.integers(-3, 2**64), st.floats(0, 4), st.booleans()), max_size=3)
+            | st.sampled_from([{}, "", None, {"0": 1}, "12"])
+        )
     elif kind == "dtype" and victim is not None:
         victim["dtype"] = draw(st.one_of(st.sampled_from(sorted(DTYPE_BITS)), st.text(max_size=6)))
     elif kind == "metadata":
@@ -103,10 +125,28 @@ def headers(draw):
         raw = b"{" + json.dumps({k: draw(json_value)})[1:-1].encode() + b"," + raw[1:]
     elif kind == "text" and raw:
         pos = draw(st.integers(0, len(raw)))
-        junk = draw(st.sampled_from([b"", b"NaN", b"Infinity", b"\\ud800", b'"', b"{", b"]", b"\xff", b"\x00",
-                                     b"true", b"1e999", b"-0", b"-", b"[" * 3000]))
+        junk = draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"NaN",
+                    b"Infinity",
+                    b"\\ud800",
+                    b'"',
+                    b"{",
+                    b"]",
+                    b"\xff",
+                    b"\x00",
+                    b"true",
+                    b"1e999",
+                    b"-0",
+                    b"-",
+                    b"[" * 3000,
+                ]
+            )
+        )
         cut = draw(st.integers(0, 4))
-        raw = raw[:pos] + junk + raw[pos + cut:]
+        raw = raw[:pos] + junk + raw[pos + cut :]
     elif kind == "size":
         size += draw(st.integers(-8, 8))
     raw += b" " * draw(st.integers(0, 7))
@@ -167,27 +207,30 @@ def test_whole_files_only_raise_checkpoint_error(blob):
         pass
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"a":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":{"x":1},"shape":[1],"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}',
-    b'{"a\\udcff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k":"\\ud800"}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0.0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[false,4]}}',
-    b'{"a":{"dtype":"F32","shape":"1","data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":"04"}}',
-    b'{"a":{"dtype":"F32","shape":{"0":1},"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":{"0":0,"1":4}}}',
-    b'{"a":{},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-    b'{"a":5,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-    b'{"a":{"doffsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-    b'{"__metadata__":{},"__metadata__":{"f":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}',
-    b'{"a":{"dtype":"F32","shape":[1,-0],"data_offsets":[0,0]}}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":{"x":1},"shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}',
+        b'{"a\\udcff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k":"\\ud800"}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0.0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[false,4]}}',
+        b'{"a":{"dtype":"F32","shape":"1","data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":"04"}}',
+        b'{"a":{"dtype":"F32","shape":{"0":1},"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":{"0":0,"1":4}}}',
+        b'{"a":{},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":5,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"doffsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"__metadata__":{},"__metadata__":{"f":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1,-0],"data_offsets":[0,0]}}',
+    ],
+)
 def test_found_by_fuzzing(raw):
     """Inputs the fuzzers found (or that sit next to them): each is a clean refusal."""
     with pytest.raises(CheckpointError):
@@ -197,8 +240,10 @@ def test_found_by_fuzzing(raw):
 @pytest.mark.parametrize("shape", [b"{}", b'""', b"null", b'{"0":1}'])
 def test_a_shape_that_is_not_a_list_is_refused_even_after_a_valid_scalar(shape):
     """The per-(dtype, shape) cache once accepted ``tuple({}) == ()`` as a scalar (found by a long hypothesis run)."""
-    raw = (b'{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},'
-           b'"b":{"dtype":"F32","shape":' + shape + b',"data_offsets":[4,8]}}')
+    raw = (
+        b'{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},'
+        b'"b":{"dtype":"F32","shape":' + shape + b',"data_offsets":[4,8]}}'
+    )
     with pytest.raises(CheckpointError, match="'b': shape must be a list"):
         parse_header_bytes(raw, "/x", "x", 8 + len(raw) + 8)
 
@@ -206,4 +251,4 @@ def test_a_shape_that_is_not_a_list_is_refused_even_after_a_valid_scalar(shape):
 def test_paired_surrogate_escape_is_a_valid_name():
     raw = b'{"\\ud83d\\ude00":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     h = parse_header_bytes(raw, "/x", "x", 8 + len(raw) + 4)
-    assert h.tensors[0].name == "\U0001F600"
+    assert h.tensors[0].name == "\U0001f600"

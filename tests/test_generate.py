@@ -7,6 +7,7 @@
 (4) the tiny examples have exactly the tensors (name, dtype, shape) of the matching conformance
     checkpoint under tests/conformance/<case>/checkpoint/ (and the same index / configs).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,6 +42,7 @@ except ImportError:  # pragma: no cover
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
 
 def read_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
@@ -96,12 +98,19 @@ def check_layout(d: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 FULL_EXPECTED = {
-    "nano3-nvfp4": {"tensors": 24_147, "bytes": 19_339_781_632, "shards": 4,
-                    "census": {"U8": 5_968, "F8_E4M3": 5_968, "F32": 11_982, "BF16": 229}},
-    "super-nvfp4": {"tensors": 165_860, "bytes": 80_297_329_824, "shards": 17,
-                    "census": {"U8": 40_961, "F8_E4M3": 41_100, "F32": 82_257, "BF16": 1_542}},
-    "nano3-bf16": {"tensors": 6_243, "bytes": 63_171_713_408, "shards": 13,
-                   "census": {"BF16": 6_197, "F32": 46}},
+    "nano3-nvfp4": {
+        "tensors": 24_147,
+        "bytes": 19_339_781_632,
+        "shards": 4,
+        "census": {"U8": 5_968, "F8_E4M3": 5_968, "F32": 11_982, "BF16": 229},
+    },
+    "super-nvfp4": {
+        "tensors": 165_860,
+        "bytes": 80_297_329_824,
+        "shards": 17,
+        "census": {"U8": 40_961, "F8_E4M3": 41_100, "F32": 82_257, "BF16": 1_542},
+    },
+    "nano3-bf16": {"tensors": 6_243, "bytes": 63_171_713_408, "shards": 13, "census": {"BF16": 6_197, "F32": 46}},
 }
 
 
@@ -144,24 +153,66 @@ def test_super_quant_config(tmp_path):
 
 
 def test_full_cli(tmp_path):
-    r = subprocess.run([sys.executable, str(EXAMPLES / "generate.py"), "full", "nano3-nvfp4", str(tmp_path / "n")],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / "generate.py"), "full", "nano3-nvfp4", str(tmp_path / "n")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(r.stdout) == FULL_EXPECTED["nano3-nvfp4"]
 
 
 # Derived totals of spec §3.1 / §9 (formula rows; no fixture needed).
-_DENSE_BASE = dict(attention_head_dim=128, conv_kernel=4, expand=2, mamba_head_dim=64, n_groups=8,
-                   vocab_size=131072, use_conv_bias=True)
+_DENSE_BASE = dict(
+    attention_head_dim=128,
+    conv_kernel=4,
+    expand=2,
+    mamba_head_dim=64,
+    n_groups=8,
+    vocab_size=131072,
+    use_conv_bias=True,
+)
 DERIVED = {
-    "4B": (dict(hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", hidden_size=3072,
-                intermediate_size=12288, mamba_num_heads=112, ssm_state_size=128, num_attention_heads=32,
-                num_key_value_heads=8), 311, 8_978_446_080),
-    "8B": (dict(hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", hidden_size=4096,
-                intermediate_size=21504, mamba_num_heads=128, ssm_state_size=128, num_attention_heads=32,
-                num_key_value_heads=8), 311, 16_201_705_472),
-    "9Bv2": (dict(hybrid_override_pattern="M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
-                  hidden_size=4480, intermediate_size=15680, mamba_num_heads=128, mamba_head_dim=80,
-                  ssm_state_size=128, num_attention_heads=40, num_key_value_heads=8), 341, 17_776_454_656),
+    "4B": (
+        dict(
+            hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+            hidden_size=3072,
+            intermediate_size=12288,
+            mamba_num_heads=112,
+            ssm_state_size=128,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+        ),
+        311,
+        8_978_446_080,
+    ),
+    "8B": (
+        dict(
+            hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+            hidden_size=4096,
+            intermediate_size=21504,
+            mamba_num_heads=128,
+            ssm_state_size=128,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+        ),
+        311,
+        16_201_705_472,
+    ),
+    "9Bv2": (
+        dict(
+            hybrid_override_pattern="M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-",
+            hidden_size=4480,
+            intermediate_size=15680,
+            mamba_num_heads=128,
+            mamba_head_dim=80,
+            ssm_state_size=128,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+        ),
+        341,
+        17_776_454_656,
+    ),
 }
 
 
@@ -206,7 +257,7 @@ def _check_values(path: Path) -> None:
     """Scale sanity of the generated data (numpy only)."""
     hlen, h = read_header(path)
     h.pop("__metadata__")
-    blob = path.read_bytes()[8 + hlen:]
+    blob = path.read_bytes()[8 + hlen :]
     for name, v in h.items():
         b, e = v["data_offsets"]
         raw = blob[b:e]
@@ -259,6 +310,7 @@ def test_tiny_roundtrip(name, tmp_path):
 # (3) committed examples are reproducible
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", TINY)
 def test_committed_examples_match_regeneration(name, tmp_path):
     committed = EXAMPLES / name
@@ -272,8 +324,11 @@ def test_committed_examples_match_regeneration(name, tmp_path):
 
 
 def test_tiny_cli(tmp_path):
-    subprocess.run([sys.executable, str(EXAMPLES / "generate.py"), "tiny", str(tmp_path), "h8b-dense"],
-                   capture_output=True, check=True)
+    subprocess.run(
+        [sys.executable, str(EXAMPLES / "generate.py"), "tiny", str(tmp_path), "h8b-dense"],
+        capture_output=True,
+        check=True,
+    )
     fresh = tmp_path / "h8b-dense"
     for f in (EXAMPLES / "h8b-dense").iterdir():
         assert (fresh / f.name).read_bytes() == f.read_bytes()
@@ -305,8 +360,9 @@ def test_tiny_matches_conformance(name):
     # and the whole set is compared, attention included.
     assert a == b, (sorted(a - b)[:5], sorted(b - a)[:5])
     # Same greedy shard rule: the index (weight_map order and shard of every tensor) is identical.
-    assert json.loads((mine / "model.safetensors.index.json").read_text()) == \
-        json.loads((ref / "model.safetensors.index.json").read_text())
+    assert json.loads((mine / "model.safetensors.index.json").read_text()) == json.loads(
+        (ref / "model.safetensors.index.json").read_text()
+    )
     cfg_mine = json.loads((mine / "config.json").read_text())
     cfg_ref = json.loads((ref / "config.json").read_text())
     if name == "h8b-dense":
@@ -342,9 +398,12 @@ def test_quant_plan_formats():
     assert "backbone.layers.2.mixer.in_proj.weight_scale_2" not in d
     assert d["backbone.layers.0.mixer.in_proj.weight"] == ("BF16", [520, 64])  # wildcard exclude
     assert d["lm_head.weight"] == ("BF16", [256, 64])
-    w4a16 = {"quant_algo": "MIXED_PRECISION",
-             "quantized_layers": {"backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "W4A16_NVFP4",
-                                                                                "group_size": 16}}}
+    w4a16 = {
+        "quant_algo": "MIXED_PRECISION",
+        "quantized_layers": {
+            "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "W4A16_NVFP4", "group_size": 16}
+        },
+    }
     d = {n: (dt, s) for n, dt, s in generate.nemotron_h_tensors(cfg, w4a16, kv_scales=True)}
     assert d["backbone.layers.1.mixer.experts.0.up_proj.weight"] == ("U8", [32, 32])
     assert "backbone.layers.1.mixer.experts.0.up_proj.input_scale" not in d
@@ -358,8 +417,15 @@ def test_single_shard_and_sparse(tmp_path):
     assert (tmp_path / "x" / "model-00001-of-00001.safetensors").exists()
     assert check_layout(tmp_path / "x")["bytes"] == 64 + 4 + 15
     assert not (tmp_path / "x" / "hf_quant_config.json").exists()
-    generate.write_checkpoint(str(tmp_path / "y"), tensors, {}, {"producer": {}}, shards=3, sparse=True,
-                              extra_files={"tokenizer_config.json": "{}"})
+    generate.write_checkpoint(
+        str(tmp_path / "y"),
+        tensors,
+        {},
+        {"producer": {}},
+        shards=3,
+        sparse=True,
+        extra_files={"tokenizer_config.json": "{}"},
+    )
     assert check_layout(tmp_path / "y")["shards"] == 3
     assert (tmp_path / "y" / "tokenizer_config.json").read_text() == "{}"
     with pytest.raises(ValueError):

@@ -37,8 +37,11 @@ FULL_REPO = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4"
 def full_nano(tmp_path_factory) -> Path:
     """The full-size Nano-3 NVFP4 layout (real header, 19 GB of sparse data) from examples/generate.py."""
     out = tmp_path_factory.mktemp("full") / "nano3-nvfp4"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), "full", "nano3-nvfp4", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "generate.py"), "full", "nano3-nvfp4", str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -49,8 +52,9 @@ def hub(tmp_path_factory, full_nano):
     (bin_only / "pytorch_model.bin").write_bytes(b"\0" * 4096)
     with FakeHub() as h:
         h.shas = {
-            "nvidia/nano3-nvfp4": h.add_repo("nvidia/nano3-nvfp4", {"main": str(NANO), "excluded": str(NANO_EXCLUDED),
-                                                                         "leftover": str(LEFTOVER)}),
+            "nvidia/nano3-nvfp4": h.add_repo(
+                "nvidia/nano3-nvfp4", {"main": str(NANO), "excluded": str(NANO_EXCLUDED), "leftover": str(LEFTOVER)}
+            ),
             "nvidia/omni-nvfp4": h.add_repo("nvidia/omni-nvfp4", {"main": str(OMNI)}),
             "nvidia/gated-h8b": h.add_repo("nvidia/gated-h8b", {"main": str(H8B)}, gated=True),
             "nvidia/bin-only": h.add_repo("nvidia/bin-only", {"main": str(bin_only)}),
@@ -64,14 +68,21 @@ def env(hub, tmp_path):
     """A clean huggingface_hub environment: the fake Hub, an empty cache, no token, no user config."""
     hub.reset()
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-    e.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf-home"),
-             HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1", COLUMNS="200")
+    e.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_CACHE=str(tmp_path / "cache"),
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_COLOR="1",
+        COLUMNS="200",
+    )
     return e
 
 
 def nhcheck(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nhcheck", *args], env=env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nhcheck", *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 _LOCAL: dict[tuple, tuple[int, dict]] = {}
@@ -126,11 +137,14 @@ def assert_headers_only(hub: FakeHub, repo: str, d: Path, slack: float) -> None:
 # Online: same result as the directory, headers only
 
 
-@pytest.mark.parametrize("repo, path, engine", [
-    ("nvidia/omni-nvfp4", OMNI, "sglang@0.5.11"),
-    ("nvidia/omni-nvfp4", OMNI, "sglang@0.5.23"),
-    ("nvidia/nano3-nvfp4", NANO, "sglang@0.5.23"),
-])
+@pytest.mark.parametrize(
+    "repo, path, engine",
+    [
+        ("nvidia/omni-nvfp4", OMNI, "sglang@0.5.11"),
+        ("nvidia/omni-nvfp4", OMNI, "sglang@0.5.23"),
+        ("nvidia/nano3-nvfp4", NANO, "sglang@0.5.23"),
+    ],
+)
 def test_hub_audit_equals_local_audit_headers_only(hub, env, repo, path, engine):
     code, doc, err = hub_audit(env, repo, "--engine", engine)
     want_code, want = local_audit(path, "--engine", engine)
@@ -177,8 +191,15 @@ def test_gated_repo_with_token_from_hf_config(hub, env):
 
 def test_manifest_on_repo_id_equals_local(env):
     p = nhcheck(env, "manifest", "nvidia/omni-nvfp4", "--format", "json", "--engine", "sglang@0.5.11")
-    q = nhcheck({k: v for k, v in env.items() if k != "HF_ENDPOINT"}, "manifest", str(OMNI), "--format", "json",
-                "--engine", "sglang@0.5.11")
+    q = nhcheck(
+        {k: v for k, v in env.items() if k != "HF_ENDPOINT"},
+        "manifest",
+        str(OMNI),
+        "--format",
+        "json",
+        "--engine",
+        "sglang@0.5.11",
+    )
     assert p.returncode == q.returncode == 0, p.stderr
     assert json.loads(p.stdout) == json.loads(q.stdout)
 
@@ -200,13 +221,19 @@ def test_server_ignoring_range_is_not_read_to_the_end(hub, env, full_nano):
 # Errors: one line, exit 2, a hint
 
 
-@pytest.mark.parametrize("args, extra, expected", [
-    (["nvidia/no-such-model"], {}, ["repository not found", "HF_TOKEN", "hf auth login"]),
-    (["nvidia/gated-h8b"], {}, ["gated repo", "HF_TOKEN", "hf auth login"]),
-    (["nvidia/omni-nvfp4", "--revision", "no-such-branch"], {}, ["revision 'no-such-branch' not found",
-                                                                "check the revision"]),
-    (["nvidia/bin-only"], {}, ["no safetensors weights (.bin only)"]),
-])
+@pytest.mark.parametrize(
+    "args, extra, expected",
+    [
+        (["nvidia/no-such-model"], {}, ["repository not found", "HF_TOKEN", "hf auth login"]),
+        (["nvidia/gated-h8b"], {}, ["gated repo", "HF_TOKEN", "hf auth login"]),
+        (
+            ["nvidia/omni-nvfp4", "--revision", "no-such-branch"],
+            {},
+            ["revision 'no-such-branch' not found", "check the revision"],
+        ),
+        (["nvidia/bin-only"], {}, ["no safetensors weights (.bin only)"]),
+    ],
+)
 def test_hub_errors_are_one_line_exit_2(env, args, extra, expected):
     p = nhcheck({**env, **extra}, "audit", *args)
     assert p.returncode == 2, p.stderr
@@ -273,15 +300,22 @@ def test_partially_cached_repo_audits_what_is_there_and_names_the_rest(env):
     assert doc["summary"]["shards"] == 3
     assert {t["shard"] for t in doc["tensors"]} == set(header_sizes(NANO)) - {missing}
     [f] = [f for f in doc["findings"] if f["code"] == "shard-not-cached"]
-    assert f["severity"] == "warning" and f["shard"] == missing and "not in the local Hugging Face cache" in f["message"]
+    assert (
+        f["severity"] == "warning" and f["shard"] == missing and "not in the local Hugging Face cache" in f["message"]
+    )
     assert not [f for f in doc["findings"] if f["code"] == "shard-missing"]
 
 
 @pytest.mark.parametrize("verb, cached", [("audit", "nothing"), ("audit", "config only"), ("prune", "nothing")])
 def test_offline_uncached_repo_is_exit_2(env, verb, cached):
     if cached == "config only":
-        cache_snapshot(Path(env["HF_HUB_CACHE"]), "acme/nano3", NANO, SHA,
-                       skip=tuple(p.name for p in NANO.iterdir() if p.name != "config.json"))
+        cache_snapshot(
+            Path(env["HF_HUB_CACHE"]),
+            "acme/nano3",
+            NANO,
+            SHA,
+            skip=tuple(p.name for p in NANO.iterdir() if p.name != "config.json"),
+        )
     extra = ["--out", str(Path(env["HF_HOME"]) / "out")] if verb == "prune" else []
     p = nhcheck({**env, "HF_HUB_OFFLINE": "1"}, verb, "acme/nano3", *extra)
     assert p.returncode == 2
@@ -306,8 +340,18 @@ def test_audit_after_download_reads_cached_shards_locally(hub, env):
 def test_prune_on_repo_id_downloads_then_prunes(hub, env, tmp_path):
     """The PR #24434 example on a branch: downloaded with snapshot_download, pruned as the directory is."""
     out, ref = tmp_path / "pruned", tmp_path / "pruned-local"
-    p = nhcheck(env, "prune", "nvidia/nano3-nvfp4", "--revision", "leftover", "--out", str(out),
-                "--engine", "sglang@0.5.11", "-q")
+    p = nhcheck(
+        env,
+        "prune",
+        "nvidia/nano3-nvfp4",
+        "--revision",
+        "leftover",
+        "--out",
+        str(out),
+        "--engine",
+        "sglang@0.5.11",
+        "-q",
+    )
     q = nhcheck(env, "prune", str(LEFTOVER), "--out", str(ref), "--engine", "sglang@0.5.11", "-q")
     assert p.returncode == q.returncode == 0, (p.stderr, q.stderr)
     assert "144 tensor(s) dropped" in p.stdout

@@ -143,10 +143,13 @@ def _reshape_scales(tensors, names, shape):
 def test_rank_2_one_element_linear_scale_is_refused_not_copied(tmp_path):
     c = generate.nano3_tiny_config(quantized=True)
     q = _quant("FP8")
-    q["quantization"]["exclude_modules"] = [e for e in q["quantization"]["exclude_modules"]
-                                            if not e.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
-    bad = {"backbone.layers.0.mixer.out_proj.weight_scale",  # RowParallelLinear: (1,) slot
-           "backbone.layers.5.mixer.k_proj.input_scale"}  # QKVParallelLinear: slot k of (3,)
+    q["quantization"]["exclude_modules"] = [
+        e for e in q["quantization"]["exclude_modules"] if not e.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+    ]
+    bad = {
+        "backbone.layers.0.mixer.out_proj.weight_scale",  # RowParallelLinear: (1,) slot
+        "backbone.layers.5.mixer.k_proj.input_scale",
+    }  # QKVParallelLinear: slot k of (3,)
     tensors = generate.nemotron_h_tensors(c, q)
     assert bad <= {n for n, _, _ in tensors}
     root = write(tmp_path, _reshape_scales(tensors, bad, (1, 1)), c, q)
@@ -178,8 +181,9 @@ def test_audit_flags_the_rank_2_linear_scale_from_headers_alone(tmp_path):
 
     c = generate.nano3_tiny_config(quantized=True)
     q = _quant("FP8")
-    q["quantization"]["exclude_modules"] = [e for e in q["quantization"]["exclude_modules"]
-                                            if not e.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    q["quantization"]["exclude_modules"] = [
+        e for e in q["quantization"]["exclude_modules"] if not e.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+    ]
     bad = {"backbone.layers.0.mixer.out_proj.weight_scale", "backbone.layers.5.mixer.k_proj.input_scale"}
     expert = "backbone.layers.1.mixer.experts.0.down_proj.input_scale"
     tensors = _reshape_scales(generate.nemotron_h_tensors(c, q), bad | {expert}, (1, 1))

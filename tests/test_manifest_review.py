@@ -11,7 +11,15 @@ from nhcheck.engines.sglang import PPWindow, get_profile
 from nhcheck.manifest import build_manifest
 from nhcheck.model import parse_config
 from nhcheck.quant import (
-    FP4_LINEAR, FP4_MOE, FP8_LINEAR, FP8_MOE, UNQUANT, UNQUANT_MOE, QuantConfig, build_resolver, parse_quant,
+    FP4_LINEAR,
+    FP4_MOE,
+    FP8_LINEAR,
+    FP8_MOE,
+    UNQUANT,
+    UNQUANT_MOE,
+    QuantConfig,
+    build_resolver,
+    parse_quant,
 )
 
 from test_quant_manifest import _cfg  # the same tiny config
@@ -25,6 +33,11 @@ def _nested(algo="NVFP4", **q) -> dict:
     if "NVFP4" in algo and "group_size" not in section:
         section["group_size"] = 16
     return {"producer": {"name": "modelopt", "version": "0.29.0"}, "quantization": section}
+
+
+def _released(config: dict, hf: dict) -> dict:
+    """The config.json of a MIXED release: the recipe in quantization_config too (SGLang >= 0.5.18 reads it)."""
+    return dict(config, quantization_config={"quant_method": "modelopt", **hf["quantization"]})
 
 
 def _flat_cfg(qc: dict, **kw) -> dict:
@@ -59,8 +72,11 @@ def test_trailing_dot_entry_is_stripped_only_on_newest():
 
 
 def test_component_match_not_substring_and_backbone_or_model_prefix():
-    qc = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["model.layers.0.mixer.in_proj",
-                                                                      "backbone.layers.2.mixer.o_proj"]}
+    qc = {
+        "quant_method": "modelopt",
+        "quant_algo": "FP8",
+        "ignore": ["model.layers.0.mixer.in_proj", "backbone.layers.2.mixer.o_proj"],
+    }
     for prof in (V11, V23):
         r = _resolver(_flat_cfg(qc), None, prof)
         assert r.linear_method("model.layers.0.mixer.in_proj") == UNQUANT  # runtime-style entry
@@ -118,8 +134,12 @@ def test_flat_exclude_key_depends_on_config_class():
     for prof in (V11, V23):
         assert _resolver(_flat_cfg(qc), None, prof).linear_method("model.layers.0.mixer.in_proj") == FP8_LINEAR
     # ModelOptFp4Config: 0.5.23 falls back to modules_to_not_convert / exclude_modules, 0.5.11 reads "ignore" only
-    qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-          "modules_to_not_convert": ["backbone.layers.0.mixer.in_proj"]}
+    qc = {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+        "modules_to_not_convert": ["backbone.layers.0.mixer.in_proj"],
+    }
     assert _resolver(_flat_cfg(qc), None, V23).linear_method("model.layers.0.mixer.in_proj") == UNQUANT
     assert _resolver(_flat_cfg(qc), None, V11).linear_method("model.layers.0.mixer.in_proj") == FP4_LINEAR
     # nested hf_quant_config.json: only "exclude_modules" is read, never "ignore"
@@ -150,9 +170,20 @@ def test_flat_fp8_kv_cache():
 
 
 def test_nvfp4_kv_defaults_to_auto_in_every_layout():
-    for cfg, hf in ((_cfg(), _nested("NVFP4", kv_cache_quant_algo=None)),
-                    (_flat_cfg({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                                "kv_cache_scheme": {"type": "int", "num_bits": 8}}), None)):
+    for cfg, hf in (
+        (_cfg(), _nested("NVFP4", kv_cache_quant_algo=None)),
+        (
+            _flat_cfg(
+                {
+                    "quant_method": "modelopt",
+                    "quant_algo": "NVFP4",
+                    "group_size": 16,
+                    "kv_cache_scheme": {"type": "int", "num_bits": 8},
+                }
+            ),
+            None,
+        ),
+    ):
         for prof in (V11, V23):
             assert _resolver(cfg, hf, prof).kv_on
 
@@ -170,11 +201,17 @@ def test_flat_mixed_kv_cache():
 
 
 def test_mixed_falls_back_to_the_whole_file_only_on_newest():
-    layers = {"backbone.layers.0.mixer.in_proj": {"quant_algo": "FP8"},
-              "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16}}
+    layers = {
+        "backbone.layers.0.mixer.in_proj": {"quant_algo": "FP8"},
+        "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16},
+    }
     flat = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "quantized_layers": layers}  # no KV keys
-    hf = _nested("MIXED_PRECISION", kv_cache_quant_algo="FP8", quantized_layers=layers,
-                 exclude_modules=["backbone.layers.0.mixer.in_proj"])
+    hf = _nested(
+        "MIXED_PRECISION",
+        kv_cache_quant_algo="FP8",
+        quantized_layers=layers,
+        exclude_modules=["backbone.layers.0.mixer.in_proj"],
+    )
     cfg = _flat_cfg(flat)
     new = _resolver(cfg, hf, V23)  # the whole hf_quant_config.json: its KV algo and its exclude list
     assert new.kv_on and new.linear_method("model.layers.0.mixer.in_proj") == UNQUANT
@@ -182,8 +219,13 @@ def test_mixed_falls_back_to_the_whole_file_only_on_newest():
         r = _resolver(cfg, hf, old)
         assert not r.kv_on and r.linear_method("model.layers.0.mixer.in_proj") == FP8_LINEAR
     # quantized_layers missing from config.json: ≤0.5.12 refuses, 0.5.23 reads the file
-    no_layers = _flat_cfg({"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
-                           "kv_cache_scheme": {"type": "float", "num_bits": 8}})
+    no_layers = _flat_cfg(
+        {
+            "quant_method": "modelopt",
+            "quant_algo": "MIXED_PRECISION",
+            "kv_cache_scheme": {"type": "float", "num_bits": 8},
+        }
+    )
     assert _resolver(no_layers, hf, V11).refusal.startswith("ValueError: MIXED_PRECISION")
     assert _resolver(no_layers, hf, V23).moe_method("model.layers.1.mixer.experts") == FP4_MOE
     # 0.5.23 with nothing to fall back to
@@ -197,8 +239,14 @@ def test_nvfp4_group_size_is_required():
     flat = _flat_cfg({"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": []})
     assert _resolver(flat, None, V11).refusal.startswith("ValueError: NVFP4 quantization requires group_size")
     assert _resolver(flat, None, V23).refusal is None
-    groups = _flat_cfg({"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": [],
-                        "config_groups": {"group_0": {"weights": {"group_size": 16}}}})
+    groups = _flat_cfg(
+        {
+            "quant_method": "modelopt",
+            "quant_algo": "NVFP4",
+            "ignore": [],
+            "config_groups": {"group_0": {"weights": {"group_size": 16}}},
+        }
+    )
     assert _resolver(groups, None, V11).refusal is None
     nested = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4"}}
     for prof in (V11, V23):
@@ -210,11 +258,15 @@ def test_nvfp4_group_size_is_required():
 
 def test_mxfp8_registers_block_scale_inv():
     # Fp8LinearMethod / Fp8MoEMethod: use_mxfp8 implies block_quant, so the scale is weight_scale_inv (uint8).
-    layers = {"backbone.layers.0.mixer.in_proj": {"quant_algo": "MXFP8"},
-              "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "MXFP8"},
-              "backbone.layers.1.mixer.shared_experts.up_proj": {"quant_algo": "FP8_PB_WO"}}
+    layers = {
+        "backbone.layers.0.mixer.in_proj": {"quant_algo": "MXFP8"},
+        "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "MXFP8"},
+        "backbone.layers.1.mixer.shared_experts.up_proj": {"quant_algo": "FP8_PB_WO"},
+        # an NVFP4 layer keeps the recipe modelopt_mixed: without one SGLang >= 0.5.15 resolves it to w4afp8
+        "lm_head": {"quant_algo": "NVFP4", "group_size": 16},
+    }
     hf = _nested("MIXED_PRECISION", quantized_layers=layers)
-    m = _manifest(_cfg(), hf, V23)
+    m = _manifest(_released(_cfg(), hf), hf, V23)
     n = {p.name for p in m.params}
     assert "model.layers.0.mixer.in_proj.weight_scale_inv" in n
     assert "model.layers.0.mixer.in_proj.weight_scale" not in n
@@ -237,18 +289,28 @@ def test_lm_head_quantised_only_on_newest_when_not_excluded():
 
 
 def test_conv1d_and_router_never_quantised_even_if_keyed():
-    layers = {"backbone.layers.0.mixer.conv1d": {"quant_algo": "FP8"},
-              "backbone.layers.1.mixer.gate": {"quant_algo": "FP8"},
-              "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16}}
-    n = _names(_cfg(), _nested("MIXED_PRECISION", quantized_layers=layers))
-    assert {x for x in n if ".conv1d." in x} == {"model.layers.0.mixer.conv1d.weight", "model.layers.0.mixer.conv1d.bias"}
-    assert {x for x in n if ".gate." in x} == {"model.layers.1.mixer.gate.weight",
-                                               "model.layers.1.mixer.gate.e_score_correction_bias"}
+    layers = {
+        "backbone.layers.0.mixer.conv1d": {"quant_algo": "FP8"},
+        "backbone.layers.1.mixer.gate": {"quant_algo": "FP8"},
+        "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16},
+    }
+    hf = _nested("MIXED_PRECISION", quantized_layers=layers)
+    n = _names(_released(_cfg(), hf), hf)
+    assert {x for x in n if ".conv1d." in x} == {
+        "model.layers.0.mixer.conv1d.weight",
+        "model.layers.0.mixer.conv1d.bias",
+    }
+    assert {x for x in n if ".gate." in x} == {
+        "model.layers.1.mixer.gate.weight",
+        "model.layers.1.mixer.gate.e_score_correction_bias",
+    }
 
 
 def test_mixed_layers_missing_from_map_are_unquantised_and_first_key_rule():
-    layers = {"backbone.layers.1.mixer.experts.3.down_proj": {"quant_algo": "FP8"},
-              "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16}}
+    layers = {
+        "backbone.layers.1.mixer.experts.3.down_proj": {"quant_algo": "FP8"},
+        "backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16},
+    }
     r = _resolver(_cfg(), _nested("MIXED_PRECISION", quantized_layers=layers), V23)
     assert r.moe_method("model.layers.1.mixer.experts") == FP8_MOE  # first key in map order
     assert r.linear_method("model.layers.1.mixer.shared_experts.up_proj") == UNQUANT
@@ -263,7 +325,7 @@ def test_mtp_quant_names_map_language_model_mtp_on_newest():
     layers = {"language_model.mtp.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16}}
     cfg = _cfg("ME", mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1)
     hf = _nested("MIXED_PRECISION", quantized_layers=layers, kv_cache_quant_algo="FP8")
-    new = _manifest(cfg, hf, V23, mtp=True)
+    new = _manifest(_released(cfg, hf), hf, V23, mtp=True)
     assert new.by_name["model.layers.1.mixer.experts.w13_weight"].quant_method == FP4_MOE
     old = _manifest(cfg, hf, V11, mtp=True)
     assert old.by_name["model.layers.1.mixer.experts.w13_weight"].quant_method == UNQUANT_MOE
@@ -271,20 +333,30 @@ def test_mtp_quant_names_map_language_model_mtp_on_newest():
 
 
 def test_mtp_pattern_from_layers_block_type_and_class_default():
-    cfg = _cfg("ME", mtp_layers_block_type=["moe", "attention"], num_nextn_predict_layers=1,
-               mtp_hybrid_override_pattern="*E")
+    cfg = _cfg(
+        "ME", mtp_layers_block_type=["moe", "attention"], num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E"
+    )
     assert parse_config(cfg).mtp_pattern == "E*"  # non-default list wins over the legacy pattern
     cfg = _cfg("ME", mtp_layers_block_type=["attention", "moe"], mtp_hybrid_override_pattern="E")
     assert parse_config(cfg).mtp_pattern == "E"  # default-valued list yields to the pattern
     n = _names(_cfg("ME", num_nextn_predict_layers=1), None, V23, mtp=True)  # class default *E
-    assert {"model.layers.0.mixer.qkv_proj.weight", "model.layers.1.mixer.experts.w13_weight",
-            "model.layers.1.final_layernorm.weight", "model.layers.0.eh_proj.weight"} <= n
+    assert {
+        "model.layers.0.mixer.qkv_proj.weight",
+        "model.layers.1.mixer.experts.w13_weight",
+        "model.layers.1.final_layernorm.weight",
+        "model.layers.0.eh_proj.weight",
+    } <= n
 
 
 def test_vl_wrapper_prefixes_and_projector():
     llm = {k: v for k, v in _cfg().items() if k != "architectures"}
-    outer = {"architectures": ["NemotronH_Nano_Omni_Reasoning_V3"], "llm_config": llm,
-             "vit_hidden_size": 32, "projector_hidden_size": 48, "downsample_ratio": 0.5}
+    outer = {
+        "architectures": ["NemotronH_Nano_Omni_Reasoning_V3"],
+        "llm_config": llm,
+        "vit_hidden_size": 32,
+        "projector_hidden_size": 48,
+        "downsample_ratio": 0.5,
+    }
     layers = {"language_model.backbone.layers.1.mixer.experts.0.up_proj": {"quant_algo": "NVFP4", "group_size": 16}}
     hf = _nested("MIXED_PRECISION", quantized_layers=layers, kv_cache_quant_algo="FP8")
     new = _manifest(outer, hf, V23)
@@ -325,8 +397,7 @@ def test_layers_block_type_wins_over_pattern():
 
 
 def test_latent_and_mamba_dims():
-    m = build_manifest(parse_config(_cfg(moe_latent_size=16, mamba_num_heads=4, mamba_head_dim=8, expand=8)),
-                       None, V23)
+    m = build_manifest(parse_config(_cfg(moe_latent_size=16, mamba_num_heads=4, mamba_head_dim=8, expand=8)), None, V23)
     assert m.by_name["model.layers.1.mixer.fc1_latent_proj.weight"].shape == (16, 64)
     assert m.by_name["model.layers.1.mixer.experts.w2_weight"].shape == (4, 16, 32)
     assert m.by_name["model.layers.0.mixer.out_proj.weight"].shape == (64, 32)

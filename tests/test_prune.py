@@ -33,8 +33,10 @@ from nhcheck.safetensors_header import read_shard, serialize_header
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CASE = "nano3-24434-leftover-expert-scales"
-LEFTOVER = re.compile(r"backbone\.layers\.(1|49)\.mixer\.experts\.\d+\.(up|down)_proj\."
-                      r"(input_scale|weight_scale|weight_scale_2)")
+LEFTOVER = re.compile(
+    r"backbone\.layers\.(1|49)\.mixer\.experts\.\d+\.(up|down)_proj\."
+    r"(input_scale|weight_scale|weight_scale_2)"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def invoke(*args: str):
 def tensor_bytes(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     h = read_shard(str(path))
     raw = path.read_bytes()
-    return {t.name: (t.dtype, t.shape, raw[t.start:t.end]) for t in h.tensors}
+    return {t.name: (t.dtype, t.shape, raw[t.start : t.end]) for t in h.tensors}
 
 
 def temp_files(d: Path) -> list[str]:
@@ -71,8 +73,15 @@ def temp_files(d: Path) -> list[str]:
 def run_nhcheck(args: list[str], *, wrapper: str = "", env: dict | None = None, preexec=None, prefix: list[str] = ()):
     """Run the CLI in a subprocess; ``wrapper`` is Python run first (fault injection)."""
     code = wrapper + "\nimport sys\nfrom nhcheck.cli import cli\nsys.argv[0] = 'nhcheck'\ncli()\n"
-    return subprocess.run([*prefix, sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, preexec_fn=preexec, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +112,9 @@ def assert_no_partial(out: Path, ref: dict[str, bytes]) -> None:
 # plan
 
 
-@pytest.mark.parametrize("engine,outcome", [("sglang@0.5.11", "raise"), ("sglang@0.5.12", "skip"),
-                                            ("sglang@0.5.23", "skip")])
+@pytest.mark.parametrize(
+    "engine,outcome", [("sglang@0.5.11", "raise"), ("sglang@0.5.12", "skip"), ("sglang@0.5.23", "skip")]
+)
 def test_plan_drops_only_the_leftover_expert_scales(engine, outcome):
     rep = audit_path(str(EXAMPLES / CASE), engine)
     plan = prune.plan_prune(rep)
@@ -141,8 +151,10 @@ def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path):
     import generate
 
     c = generate.nano3_tiny_config()
-    extra = [("backbone.layers.0.mixer.gate_proj.weight", "BF16", [8, 64]),
-             ("backbone.layers.60.mixer.in_proj.weight", "BF16", [8, 64])]
+    extra = [
+        ("backbone.layers.0.mixer.gate_proj.weight", "BF16", [8, 64]),
+        ("backbone.layers.60.mixer.in_proj.weight", "BF16", [8, 64]),
+    ]
     generate.write_checkpoint(str(tmp_path / "ck"), generate.nemotron_h_tensors(c, None) + extra, c, None)
     plan = prune.plan_prune(audit_path(str(tmp_path / "ck"), "sglang@0.5.23"))
     assert plan.refusal is None
@@ -160,8 +172,14 @@ def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path):
     base = generate.nemotron_h_tensors(c, None)
     total = sum(generate.tensor_nbytes(d, s) for _, d, s in base)
     ck, out = tmp_path / "ck", tmp_path / "out"
-    generate.write_checkpoint(str(ck), base + [("backbone.layers.60.mixer.in_proj.weight", "BF16", [total // 128, 64])],
-                              c, None, shards=2, extra_files={"modeling_nemotron_h.py": "# code\n", "README.md": "hi\n"})
+    generate.write_checkpoint(
+        str(ck),
+        base + [("backbone.layers.60.mixer.in_proj.weight", "BF16", [total // 128, 64])],
+        c,
+        None,
+        shards=2,
+        extra_files={"modeling_nemotron_h.py": "# code\n", "README.md": "hi\n"},
+    )
     (ck / "modeling_nemotron_h.py").chmod(0o755)
     index = json.loads((ck / "model.safetensors.index.json").read_text())
     index["producer"] = {"name": "someone else's key"}
@@ -171,14 +189,22 @@ def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path):
     assert res.exit_code == 0, res.stderr
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00002.safetensors"]
     new = json.loads((out / "model.safetensors.index.json").read_text())
-    assert new["producer"] == index["producer"] and set(new["weight_map"].values()) == {"model-00001-of-00002.safetensors"}
+    assert new["producer"] == index["producer"] and set(new["weight_map"].values()) == {
+        "model-00001-of-00002.safetensors"
+    }
     assert new["metadata"]["total_size"] == total
     for name in ("modeling_nemotron_h.py", "README.md", "config.json"):
         assert (out / name).read_bytes() == (ck / name).read_bytes()
     assert (out / "modeling_nemotron_h.py").stat().st_mode & 0o777 == 0o755
     shards = json.loads((out / prune.RECEIPT_NAME).read_text())["shards"]
-    assert shards[1] == {"name": "model-00002-of-00002.safetensors", "action": "omit", "tensors": 0, "dropped": 1,
-                         "bytes": 0, "sha256": None}
+    assert shards[1] == {
+        "name": "model-00002-of-00002.safetensors",
+        "action": "omit",
+        "tensors": 0,
+        "dropped": 1,
+        "bytes": 0,
+        "sha256": None,
+    }
 
 
 def test_non_utf8_file_name_is_copied_and_named_in_the_receipt(tmp_path):
@@ -198,7 +224,7 @@ def test_refuses_quant_mismatch_and_names_the_version_that_loads_it(tmp_path):
     res = invoke("prune", src, "--out", tmp_path / "out", "--engine", "sglang@0.5.11")
     assert res.exit_code == 1
     assert "prune refused: quantization mismatch on sglang@0.5.11" in res.stderr
-    assert "Loads as is (audit clean): sglang@0.5.23." in res.stderr
+    assert "Loads as is (audit clean): sglang@0.5.13 … 0.5.23." in res.stderr
     assert not (tmp_path / "out").exists()
     assert hashes(src) == before
 
@@ -218,9 +244,12 @@ def test_refuses_u8_experts_built_unquantized(tmp_path):
 
 def test_pruned_output_is_clean_on_every_version_and_lossless(reference):
     src, out, _ = reference
-    for v in ("0.5.11", "0.5.12", "0.5.23"):
+    for v in ("0.5.11", "0.5.12", "0.5.16", "0.5.23"):
         rep = audit_path(str(out), f"sglang@{v}")
-        assert rep.verdict == "clean" and rep.counts()["orphans"] == 0 and rep.crash is None, v
+        assert rep.counts()["orphans"] == 0 and rep.crash is None, v
+        # what no prune can fix: before 0.5.16 the fused in_proj scales land in slot 0 only (nhcheck.slots)
+        slot0 = {f.code for f in rep.findings if f.severity != "info"} == {"scale-slot0-only"}
+        assert (rep.verdict, slot0) == (("incomplete", True) if v < "0.5.16" else ("clean", False)), v
     src_idx = json.loads((src / "model.safetensors.index.json").read_text())
     out_idx = json.loads((out / "model.safetensors.index.json").read_text())
     dropped = {n for n in src_idx["weight_map"] if LEFTOVER.fullmatch(n)}
@@ -237,8 +266,14 @@ def test_pruned_output_is_clean_on_every_version_and_lossless(reference):
             assert value == a[name], name
         kept.update(b)
     assert out_idx["metadata"]["total_size"] == sum(len(v[2]) for v in kept.values())
-    for name in ("config.json", "hf_quant_config.json", "tokenizer_config.json", "generation_config.json",
-                 "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"):
+    for name in (
+        "config.json",
+        "hf_quant_config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model-00002-of-00004.safetensors",
+        "model-00003-of-00004.safetensors",
+    ):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
 
 
@@ -260,7 +295,7 @@ def test_receipt_hashes(reference):
     src, out, _ = reference
     r = json.loads((out / prune.RECEIPT_NAME).read_text())
     assert r["schema"] == "nhcheck.prune/1" and r["engine"] == "sglang@0.5.11"
-    assert r["verification"]["ok"] and r["verification"]["verdict"] == "clean"
+    assert r["verification"]["ok"] and r["verification"]["verdict"] == "incomplete"  # slot 0 only on 0.5.11
     assert len(r["dropped"]) == 144
     src_tensors = {}
     for shard in src.glob("*.safetensors"):
@@ -310,8 +345,9 @@ def test_non_empty_output_needs_overwrite(tmp_path, reference):
     assert res.exit_code == 0, res.stderr
     got = tree(out)
     assert got.pop("notes.txt") == b"mine"
-    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == \
-        {k: v for k, v in ref.items() if k != prune.RECEIPT_NAME}
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == {
+        k: v for k, v in ref.items() if k != prune.RECEIPT_NAME
+    }
 
 
 def test_clean_checkpoint_is_copied_or_linked(tmp_path):
@@ -335,7 +371,7 @@ def test_metadata_null_and_header_order_preserved(tmp_path):
     src = copy_example(CASE, tmp_path / "src")
     shard = src / "model-00001-of-00004.safetensors"
     h = read_shard(str(shard))
-    data = shard.read_bytes()[h.data_start:]
+    data = shard.read_bytes()[h.data_start :]
     entries = [(t.name, t.dtype, t.shape, t.start - h.data_start, t.end - h.data_start) for t in reversed(h.tensors)]
     shard.write_bytes(serialize_header(entries, None, True) + data)
     res = invoke("prune", src, "--out", tmp_path / "out", "--engine", "sglang@0.5.23")
@@ -343,7 +379,7 @@ def test_metadata_null_and_header_order_preserved(tmp_path):
     raw = (tmp_path / "out" / shard.name).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     keys = list(header)
     assert keys[0] == "__metadata__" and header["__metadata__"] is None
     assert keys[1:] == [t.name for t in reversed(h.tensors) if not LEFTOVER.fullmatch(t.name)]
@@ -379,8 +415,11 @@ def test_no_verify_still_hashes(tmp_path):
 def test_verification_catches_a_lost_parameter(tmp_path):
     rep = audit_path(str(EXAMPLES / CASE), "sglang@0.5.23")
     plan = prune.plan_prune(rep)
-    victim = next(r.tensor for r in rep.records
-                  if r.outcome.outcome == "load" and r.tensor.shard == "model-00001-of-00004.safetensors")
+    victim = next(
+        r.tensor
+        for r in rep.records
+        if r.outcome.outcome == "load" and r.tensor.shard == "model-00001-of-00004.safetensors"
+    )
     bad = dataclasses.replace(plan, drops=plan.drops + (prune.Drop(victim, "load", "test"),))
     result = prune.execute(bad, str(tmp_path / "out"))
     assert not result.verification.ok
@@ -418,8 +457,9 @@ def test_copy_fallbacks(tmp_path, monkeypatch, reference, fallback):
     result = prune.execute(plan, str(tmp_path / "out"))
     assert result.verification.ok
     got = tree(tmp_path / "out")
-    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == \
-        {k: v for k, v in ref.items() if k != prune.RECEIPT_NAME}
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == {
+        k: v for k, v in ref.items() if k != prune.RECEIPT_NAME
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -451,10 +491,20 @@ os.copy_file_range, os.replace = copy_file_range, replace
 """
 
 
-@pytest.mark.parametrize("env", [{"KILL_AFTER_BYTES": "0"}, {"KILL_AFTER_BYTES": "300000"},
-                                 {"KILL_AFTER_BYTES": "1300000"}, {"KILL_AFTER_BYTES": "2200000"},
-                                 {"KILL_AT_RENAME": "1"}, {"KILL_AT_RENAME": "4"}, {"KILL_AT_RENAME": "9"},
-                                 {"KILL_AT_RENAME": "10"}], ids=lambda e: "-".join(next(iter(e.items()))))
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"KILL_AFTER_BYTES": "0"},
+        {"KILL_AFTER_BYTES": "300000"},
+        {"KILL_AFTER_BYTES": "1300000"},
+        {"KILL_AFTER_BYTES": "2200000"},
+        {"KILL_AT_RENAME": "1"},
+        {"KILL_AT_RENAME": "4"},
+        {"KILL_AT_RENAME": "9"},
+        {"KILL_AT_RENAME": "10"},
+    ],
+    ids=lambda e: "-".join(next(iter(e.items()))),
+)
 def test_killed_run_leaves_no_partial_file_and_rerun_completes(tmp_path, reference, env):
     src, _, ref = reference
     out = tmp_path / "out"
@@ -530,9 +580,17 @@ def test_permission_denied_is_one_clean_line(tmp_path):
     try:
         if prefix:
             code = "\nimport sys\nfrom nhcheck.cli import cli\nsys.argv[0] = 'nhcheck'\ncli()\n"
-            r = subprocess.run([*prefix, "-c", " ".join(map(_sh, [sys.executable, "-c", code, "prune", EXAMPLES / CASE,
-                                                                  "--out", locked / "out"]))],
-                               capture_output=True, text=True, cwd=REPO, timeout=120)
+            r = subprocess.run(
+                [
+                    *prefix,
+                    "-c",
+                    " ".join(map(_sh, [sys.executable, "-c", code, "prune", EXAMPLES / CASE, "--out", locked / "out"])),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=120,
+            )
         else:
             r = run_nhcheck(["prune", EXAMPLES / CASE, "--out", locked / "out"])
     finally:

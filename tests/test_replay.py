@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nhcheck.engines.sglang import PPWindow, get_profile, mtp_preprocess, replay_name, route_wrapped
+from nhcheck.engines.base import EngineId
+from nhcheck.engines.sglang import PPWindow, SGLangEngine, get_profile, mtp_preprocess, replay_name, route_wrapped
 from nhcheck.errors import UsageError
 
 V11, V12, V23 = (get_profile(f"sglang@{v}") for v in ("0.5.11", "0.5.12", "0.5.23"))
@@ -22,8 +23,17 @@ def _manifest_13_1(kv: bool = True) -> set[str]:
     p |= {f"{m}.A", f"{m}.D", f"{m}.dt_bias", f"{m}.conv1d.weight", f"{m}.conv1d.bias", f"{m}.norm.weight"}
     p |= _fp4(f"{m}.in_proj") | _fp4(f"{m}.out_proj")
     e = "model.layers.1.mixer"
-    p |= {f"{e}.gate.weight", f"{e}.gate.e_score_correction_bias", f"{e}.fc1_latent_proj.weight", f"{e}.fc2_latent_proj.weight"}
-    p |= {f"{e}.experts.{w}_{s}" for w in ("w13", "w2") for s in ("weight", "weight_scale", "weight_scale_2", "input_scale", "blockscale_swizzled")}
+    p |= {
+        f"{e}.gate.weight",
+        f"{e}.gate.e_score_correction_bias",
+        f"{e}.fc1_latent_proj.weight",
+        f"{e}.fc2_latent_proj.weight",
+    }
+    p |= {
+        f"{e}.experts.{w}_{s}"
+        for w in ("w13", "w2")
+        for s in ("weight", "weight_scale", "weight_scale_2", "input_scale", "blockscale_swizzled")
+    }
     p |= _fp4(f"{e}.shared_experts.up_proj") | _fp4(f"{e}.shared_experts.down_proj")
     a = "model.layers.2.mixer"
     p |= {f"{a}.qkv_proj.weight", f"{a}.o_proj.weight"}
@@ -43,19 +53,79 @@ VECTORS_13_1 = [
     ("backbone.norm_f.weight", "load", "model.norm_f.weight", None, None),
     ("lm_head.weight", "load", "lm_head.weight", None, None),
     ("backbone.layers.0.mixer.A_log", "load", "model.layers.0.mixer.A", None, None),
-    ("backbone.layers.0.mixer.in_proj.weight_scale_2", "load", "model.layers.0.mixer.in_proj.weight_scale_2", None, None),
+    (
+        "backbone.layers.0.mixer.in_proj.weight_scale_2",
+        "load",
+        "model.layers.0.mixer.in_proj.weight_scale_2",
+        None,
+        None,
+    ),
     ("backbone.layers.0.mixer.conv1d.bias", "load", "model.layers.0.mixer.conv1d.bias", None, None),
-    ("backbone.layers.1.mixer.gate.e_score_correction_bias", "load", "model.layers.1.mixer.gate.e_score_correction_bias", None, None),
+    (
+        "backbone.layers.1.mixer.gate.e_score_correction_bias",
+        "load",
+        "model.layers.1.mixer.gate.e_score_correction_bias",
+        None,
+        None,
+    ),
     ("backbone.layers.1.mixer.experts.3.up_proj.weight", "load", "model.layers.1.mixer.experts.w13_weight", "w1", 3),
-    ("backbone.layers.1.mixer.experts.3.up_proj.weight_scale", "load", "model.layers.1.mixer.experts.w13_weight_scale", "w1", 3),
-    ("backbone.layers.1.mixer.experts.3.up_proj.weight_scale_2", "load", "model.layers.1.mixer.experts.w13_weight_scale_2", "w1", 3),
-    ("backbone.layers.1.mixer.experts.3.up_proj.input_scale", "load", "model.layers.1.mixer.experts.w13_input_scale", "w1", 3),
+    (
+        "backbone.layers.1.mixer.experts.3.up_proj.weight_scale",
+        "load",
+        "model.layers.1.mixer.experts.w13_weight_scale",
+        "w1",
+        3,
+    ),
+    (
+        "backbone.layers.1.mixer.experts.3.up_proj.weight_scale_2",
+        "load",
+        "model.layers.1.mixer.experts.w13_weight_scale_2",
+        "w1",
+        3,
+    ),
+    (
+        "backbone.layers.1.mixer.experts.3.up_proj.input_scale",
+        "load",
+        "model.layers.1.mixer.experts.w13_input_scale",
+        "w1",
+        3,
+    ),
     ("backbone.layers.1.mixer.experts.3.down_proj.weight", "load", "model.layers.1.mixer.experts.w2_weight", "w2", 3),
-    ("backbone.layers.1.mixer.experts.3.down_proj.input_scale", "load", "model.layers.1.mixer.experts.w2_input_scale", "w2", 3),
-    ("backbone.layers.1.mixer.experts.4.down_proj.weight", "warn", "model.layers.1.mixer.experts.4.down_proj.weight", None, None),
-    ("backbone.layers.1.mixer.shared_experts.down_proj.weight_scale_2", "load", "model.layers.1.mixer.shared_experts.down_proj.weight_scale_2", None, None),
-    ("backbone.layers.1.mixer.fc1_latent_proj.weight", "load", "model.layers.1.mixer.fc1_latent_proj.weight", None, None),
-    ("backbone.layers.1.mixer.fc1_latent_proj.input_scale", "warn", "model.layers.1.mixer.fc1_latent_proj.input_scale", None, None),
+    (
+        "backbone.layers.1.mixer.experts.3.down_proj.input_scale",
+        "load",
+        "model.layers.1.mixer.experts.w2_input_scale",
+        "w2",
+        3,
+    ),
+    (
+        "backbone.layers.1.mixer.experts.4.down_proj.weight",
+        "warn",
+        "model.layers.1.mixer.experts.4.down_proj.weight",
+        None,
+        None,
+    ),
+    (
+        "backbone.layers.1.mixer.shared_experts.down_proj.weight_scale_2",
+        "load",
+        "model.layers.1.mixer.shared_experts.down_proj.weight_scale_2",
+        None,
+        None,
+    ),
+    (
+        "backbone.layers.1.mixer.fc1_latent_proj.weight",
+        "load",
+        "model.layers.1.mixer.fc1_latent_proj.weight",
+        None,
+        None,
+    ),
+    (
+        "backbone.layers.1.mixer.fc1_latent_proj.input_scale",
+        "warn",
+        "model.layers.1.mixer.fc1_latent_proj.input_scale",
+        None,
+        None,
+    ),
     ("backbone.layers.2.mixer.q_proj.weight", "load", "model.layers.2.mixer.qkv_proj.weight", "q", None),
     ("backbone.layers.2.mixer.k_proj.weight", "load", "model.layers.2.mixer.qkv_proj.weight", "k", None),
     ("backbone.layers.2.mixer.v_proj.weight", "load", "model.layers.2.mixer.qkv_proj.weight", "v", None),
@@ -68,7 +138,13 @@ VECTORS_13_1 = [
     ("backbone.layers.3.mixer.down_proj.input_scale", "warn", "model.layers.3.mixer.down_proj.input_scale", None, None),
     ("backbone.layers.4.norm.weight", "skip", None, None, None),
     ("mtp.layers.0.enorm.weight", "skip", None, None, None),
-    ("language_model.backbone.layers.0.norm.weight", "warn", "language_model.backbone.layers.0.norm.weight", None, None),
+    (
+        "language_model.backbone.layers.0.norm.weight",
+        "warn",
+        "language_model.backbone.layers.0.norm.weight",
+        None,
+        None,
+    ),
 ]
 
 
@@ -129,7 +205,9 @@ def test_quark_output_scale_continues_to_default_branch():
 
 
 # §13.2: experts unquantised at runtime, checkpoint NVFP4.
-M_UNQ = frozenset(n for n in M if not n.startswith("model.layers.1.mixer.experts.") or n.endswith(("w13_weight", "w2_weight")))
+M_UNQ = frozenset(
+    n for n in M if not n.startswith("model.layers.1.mixer.experts.") or n.endswith(("w13_weight", "w2_weight"))
+)
 
 
 def test_pr_24434_unit_cases():
@@ -142,7 +220,12 @@ def test_pr_24434_unit_cases():
         assert (o.outcome, o.reason) == ("skip", "expert-orphan")
     for prof in ALL:
         o = replay_name("backbone.layers.1.mixer.experts.0.down_proj.weight", M_UNQ, 4, prof)
-        assert (o.outcome, o.param, o.shard_id, o.expert_id) == ("load", "model.layers.1.mixer.experts.w2_weight", "w2", 0)
+        assert (o.outcome, o.param, o.shard_id, o.expert_id) == (
+            "load",
+            "model.layers.1.mixer.experts.w2_weight",
+            "w2",
+            0,
+        )
 
 
 @pytest.mark.parametrize("suffix", ["weight_scale", "weight_scale_2", "input_scale"])
@@ -206,25 +289,47 @@ def test_no_rotary_skip():
 
 
 # §13.3 MTP mode
-M_MTP = frozenset({
-    "model.embed_tokens.weight", "lm_head.weight", "model.layers.0.enorm.weight", "model.layers.0.hnorm.weight",
-    "model.layers.0.eh_proj.weight", "model.layers.0.mixer.qkv_proj.weight", "model.layers.1.mixer.experts.w13_weight",
-    "model.layers.1.final_layernorm.weight",
-})
+M_MTP = frozenset(
+    {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.enorm.weight",
+        "model.layers.0.hnorm.weight",
+        "model.layers.0.eh_proj.weight",
+        "model.layers.0.mixer.qkv_proj.weight",
+        "model.layers.1.mixer.experts.w13_weight",
+        "model.layers.1.final_layernorm.weight",
+    }
+)
 
 
-@pytest.mark.parametrize("name,new,old", [
-    ("backbone.embeddings.weight", "model.embed_tokens.weight", None),
-    ("lm_head.weight", "lm_head.weight", None),
-    ("backbone.layers.0.mixer.in_proj.weight", None, None),
-    ("backbone.norm_f.weight", None, None),
-    ("mtp.layers.0.enorm.weight", "model.layers.0.enorm.weight", "model.layers.0.enorm.weight"),
-    ("mtp.layers.0.hnorm.weight", "model.layers.0.hnorm.weight", "model.layers.0.hnorm.weight"),
-    ("mtp.layers.0.eh_proj.weight", "model.layers.0.eh_proj.weight", "model.layers.0.eh_proj.weight"),
-    ("mtp.layers.0.mixer.q_proj.weight", "model.layers.0.mixer.qkv_proj.weight", "model.layers.0.mixer.qkv_proj.weight"),
-    ("mtp.layers.1.mixer.experts.3.up_proj.weight", "model.layers.1.mixer.experts.w13_weight", "model.layers.1.mixer.experts.w13_weight"),
-    ("mtp.layers.1.final_layernorm.weight", "model.layers.1.final_layernorm.weight", "model.layers.1.final_layernorm.weight"),
-])
+@pytest.mark.parametrize(
+    "name,new,old",
+    [
+        ("backbone.embeddings.weight", "model.embed_tokens.weight", None),
+        ("lm_head.weight", "lm_head.weight", None),
+        ("backbone.layers.0.mixer.in_proj.weight", None, None),
+        ("backbone.norm_f.weight", None, None),
+        ("mtp.layers.0.enorm.weight", "model.layers.0.enorm.weight", "model.layers.0.enorm.weight"),
+        ("mtp.layers.0.hnorm.weight", "model.layers.0.hnorm.weight", "model.layers.0.hnorm.weight"),
+        ("mtp.layers.0.eh_proj.weight", "model.layers.0.eh_proj.weight", "model.layers.0.eh_proj.weight"),
+        (
+            "mtp.layers.0.mixer.q_proj.weight",
+            "model.layers.0.mixer.qkv_proj.weight",
+            "model.layers.0.mixer.qkv_proj.weight",
+        ),
+        (
+            "mtp.layers.1.mixer.experts.3.up_proj.weight",
+            "model.layers.1.mixer.experts.w13_weight",
+            "model.layers.1.mixer.experts.w13_weight",
+        ),
+        (
+            "mtp.layers.1.final_layernorm.weight",
+            "model.layers.1.final_layernorm.weight",
+            "model.layers.1.final_layernorm.weight",
+        ),
+    ],
+)
 def test_vectors_13_3_mtp(name, new, old):
     for prof, want in ((V23, new), (V11, old), (V12, old)):
         o = replay_name(mtp_preprocess(name, prof), M_MTP, 4, prof, is_mtp=True, pp=PPWindow(0, 2))
@@ -243,21 +348,25 @@ def test_mtp_language_model_prefix():
 
 
 def test_mtp_mode_has_no_layer_range_check():
-    o = replay_name("mtp.layers.7.enorm.weight", frozenset({"model.layers.7.enorm.weight"}), 4, V23,
-                    is_mtp=True, pp=PPWindow(0, 2))
+    o = replay_name(
+        "mtp.layers.7.enorm.weight", frozenset({"model.layers.7.enorm.weight"}), 4, V23, is_mtp=True, pp=PPWindow(0, 2)
+    )
     assert o.outcome == "load"
 
 
 # §13.4 wrapper routing
-@pytest.mark.parametrize("name,target_old,target_new_v3", [
-    ("language_model.backbone.layers.0.mixer.in_proj.weight", "lm", "lm"),
-    ("language_model.lm_head.weight", "lm", "lm"),
-    ("mtp.layers.0.enorm.weight", "ignored", "raise"),
-    ("mlp1.1.weight", "projector", "projector"),
-    ("vision_projector.mlp1.linear1.weight", "ignored", "projector"),
-    ("vision_model.radio_model.model.blocks.0.attn.qkv.weight", "tower", "tower"),
-    ("sound_encoder.encoder.layers.0.norm_out.weight", "tower", "tower"),
-])
+@pytest.mark.parametrize(
+    "name,target_old,target_new_v3",
+    [
+        ("language_model.backbone.layers.0.mixer.in_proj.weight", "lm", "lm"),
+        ("language_model.lm_head.weight", "lm", "lm"),
+        ("mtp.layers.0.enorm.weight", "ignored", "raise"),
+        ("mlp1.1.weight", "projector", "projector"),
+        ("vision_projector.mlp1.linear1.weight", "ignored", "projector"),
+        ("vision_model.radio_model.model.blocks.0.attn.qkv.weight", "tower", "tower"),
+        ("sound_encoder.encoder.layers.0.norm_out.weight", "tower", "tower"),
+    ],
+)
 def test_wrapper_routing(name, target_old, target_new_v3):
     assert route_wrapped(name, "NemotronH_Nano_Omni_Reasoning_V3", V11, True, False).target == target_old
     assert route_wrapped(name, "NemotronH_Nano_Omni_Reasoning_V3", V23, True, False).target == target_old
@@ -282,8 +391,9 @@ def test_engine_spec_parsing():
     assert get_profile(None).version == "0.5.23"
     assert get_profile("sglang").version == "0.5.23"
     assert get_profile("sglang@latest").version == "0.5.23"
-    with pytest.raises(UsageError, match="version table"):
-        get_profile("sglang@0.5.15")
+    assert get_profile("sglang@0.5.15").version == "0.5.15"
+    with pytest.raises(UsageError, match="not modelled yet"):
+        get_profile("sglang@0.5.9")
     with pytest.raises(UsageError, match="unknown engine"):
         get_profile("vllm@0.11")
 
@@ -308,16 +418,21 @@ def test_expert_count_from_max_on_newest_only(tmp_path):
     cfg = parse_config(ck.config)
     for prof, expect_warn in ((V11, False), (V23, True)):
         m = build_manifest(cfg, None, prof)
-        rep = run_audit(ck, cfg, None, m, prof, AuditOptions(compare_versions=False))
+        rep = run_audit(
+            ck, cfg, None, m, SGLangEngine(EngineId("sglang", prof.version), prof), AuditOptions(compare_versions=False)
+        )
         r = next(r for r in rep.records if r.tensor.name == "backbone.layers.1.mixer.experts.9.up_proj.weight")
         assert (r.outcome.outcome == "warn") is expect_warn
 
 
-@pytest.mark.parametrize("layers,size,expected", [
-    (52, 1, [(0, 52)]),
-    (52, 4, [(0, 13), (13, 26), (26, 39), (39, 52)]),
-    (10, 4, [(0, 2), (2, 4), (4, 7), (7, 10)]),  # the last 10 % 4 ranks get one extra layer
-])
+@pytest.mark.parametrize(
+    "layers,size,expected",
+    [
+        (52, 1, [(0, 52)]),
+        (52, 4, [(0, 13), (13, 26), (26, 39), (39, 52)]),
+        (10, 4, [(0, 2), (2, 4), (4, 7), (7, 10)]),  # the last 10 % 4 ranks get one extra layer
+    ],
+)
 def test_pp_window_matches_get_pp_indices(layers, size, expected):
     from nhcheck.engines.sglang import pp_window
 

@@ -14,8 +14,16 @@ import pytest
 
 from nhcheck.audit import AuditOptions, run_audit
 from nhcheck.checkpoint import Checkpoint
+from nhcheck.engines.base import Crash, EngineId
 from nhcheck.engines.sglang import (
-    PPWindow, get_profile, make_replayer, mtp_preprocess, replay_name, replay_projector, route_wrapped,
+    PPWindow,
+    SGLangEngine,
+    get_profile,
+    make_replayer,
+    mtp_preprocess,
+    replay_name,
+    replay_projector,
+    route_wrapped,
 )
 from nhcheck.manifest import build_manifest
 from nhcheck.model import parse_config
@@ -49,7 +57,14 @@ def _audit(ck: Checkpoint, profile, **opts):
     qc = parse_quant(ck.config, ck.hf_quant_config)
     mtp = opts.get("mtp", False)
     m = build_manifest(cfg, qc, profile, mtp=mtp)
-    return run_audit(ck, cfg, qc, m, profile, AuditOptions(compare_versions=False, **opts))
+    return run_audit(
+        ck,
+        cfg,
+        qc,
+        m,
+        SGLangEngine(EngineId("sglang", profile.version), profile),
+        AuditOptions(compare_versions=False, **opts),
+    )
 
 
 def _conf_config(case: str) -> dict:
@@ -69,9 +84,11 @@ def test_replayer_keeps_each_expert_index_in_warnings(profile):
     """A per-expert tensor the mapping does not take (gate_proj: §5.1 q4) warns under its own name."""
     replay = make_replayer(M_EXP, 4, profile)
     for e in (0, 2, 3, 1):
-        for name in (f"backbone.layers.1.mixer.experts.{e}.gate_proj.weight",
-                     f"backbone.layers.1.mixer.experts.{e}.up_proj",  # no trailing dot: no tuple matches
-                     f"backbone.layers.1.mixer.experts.{e}.k_scale"):
+        for name in (
+            f"backbone.layers.1.mixer.experts.{e}.gate_proj.weight",
+            f"backbone.layers.1.mixer.experts.{e}.up_proj",  # no trailing dot: no tuple matches
+            f"backbone.layers.1.mixer.experts.{e}.k_scale",
+        ):
             assert replay(name) == replay_name(name, M_EXP, 4, profile), name
     o = replay("backbone.layers.1.mixer.experts.3.gate_proj.weight")
     assert o.engine_name == f"{E1}.3.gate_proj.weight"
@@ -86,8 +103,12 @@ def test_replayer_with_per_expert_runtime_names_is_not_memoised():
         for e in order:
             name = f"backbone.layers.1.mixer.experts.{e}.up_proj.k_scale"
             assert replay(name) == replay_name(name, params, 4, V23)
-    assert replay_name("backbone.layers.1.mixer.experts.0.up_proj.k_scale", params, 4, V23)[:4] == \
-        ("load", f"{E1}.w13_attn.k_scale", "w1", 0)
+    assert replay_name("backbone.layers.1.mixer.experts.0.up_proj.k_scale", params, 4, V23)[:4] == (
+        "load",
+        f"{E1}.w13_attn.k_scale",
+        "w1",
+        0,
+    )
     assert replay_name("backbone.layers.1.mixer.experts.1.up_proj.k_scale", params, 4, V23).reason == "kv-drop"
 
 
@@ -144,24 +165,28 @@ def test_expert_bias_is_an_expert_orphan_not_a_bias_skip(profile):
 def test_keyerror_message_is_python_repr():
     """``KeyError: <repr(key)>`` as Python prints it, also for a name with a quote."""
     o = replay_name("backbone.layers.1.mixer.experts.0.up_proj.it's", M_EXP, 4, V11)
-    assert o.message == "KeyError: \"model.layers.1.mixer.experts.w13_it's\""
+    assert o.message == 'KeyError: "model.layers.1.mixer.experts.w13_it\'s"'
 
 
 # ---------------------------------------------------------------------------
 # §3 KV-scale remap on every kind of layer
 
 
-M_KV = frozenset({"model.layers.2.mixer.qkv_proj.weight", "model.layers.2.mixer.attn.k_scale",
-                  "model.layers.2.mixer.attn.v_scale"})
+M_KV = frozenset(
+    {"model.layers.2.mixer.qkv_proj.weight", "model.layers.2.mixer.attn.k_scale", "model.layers.2.mixer.attn.v_scale"}
+)
 
 
-@pytest.mark.parametrize("name,candidate,suffix", [
-    ("backbone.layers.0.mixer.in_proj.k_scale", "model.layers.0.mixer.in_proj.attn.k_scale", ".k_scale"),
-    ("backbone.layers.3.mixer.down_proj.v_scale", "model.layers.3.mixer.down_proj.attn.v_scale", ".v_scale"),
-    ("backbone.layers.2.self_attn.k_proj.k_scale", "model.layers.2.self_attn.attn.attn.k_scale", ".k_scale"),
-    ("backbone.layers.2.mixer.o_proj.k_scale", "model.layers.2.mixer.o_proj.attn.k_scale", ".k_scale"),
-    ("backbone.layers.2.mixer.v_proj.k_scale", "model.layers.2.mixer.v_proj.attn.k_scale", ".k_scale"),
-])
+@pytest.mark.parametrize(
+    "name,candidate,suffix",
+    [
+        ("backbone.layers.0.mixer.in_proj.k_scale", "model.layers.0.mixer.in_proj.attn.k_scale", ".k_scale"),
+        ("backbone.layers.3.mixer.down_proj.v_scale", "model.layers.3.mixer.down_proj.attn.v_scale", ".v_scale"),
+        ("backbone.layers.2.self_attn.k_proj.k_scale", "model.layers.2.self_attn.attn.attn.k_scale", ".k_scale"),
+        ("backbone.layers.2.mixer.o_proj.k_scale", "model.layers.2.mixer.o_proj.attn.k_scale", ".k_scale"),
+        ("backbone.layers.2.mixer.v_proj.k_scale", "model.layers.2.mixer.v_proj.attn.k_scale", ".k_scale"),
+    ],
+)
 def test_kv_scale_on_other_modules_is_dropped_with_its_candidate(name, candidate, suffix):
     for prof in ALL:
         o = replay_name(name, M_KV, 4, prof)
@@ -172,21 +197,28 @@ def test_kv_scale_on_other_modules_is_dropped_with_its_candidate(name, candidate
 
 def test_self_attn_k_scale_loads_when_its_attn_parameter_exists():
     m = frozenset({"model.layers.2.self_attn.attn.k_scale"})
-    assert replay_name("backbone.layers.2.self_attn.k_proj.k_scale", m, 4, V23).param == \
-        "model.layers.2.self_attn.attn.k_scale"
+    assert (
+        replay_name("backbone.layers.2.self_attn.k_proj.k_scale", m, 4, V23).param
+        == "model.layers.2.self_attn.attn.k_scale"
+    )
 
 
 def test_kv_scale_deprecated_on_a_mamba_layer():
     o = replay_name("backbone.layers.0.mixer.in_proj.kv_scale", M_KV, 4, V11)
     assert (o.outcome, o.reason) == ("warn", "kv-drop")
-    assert o.message == ("Found kv_scale in the checkpoint (e.g. model.layers.0.mixer.in_proj.kv_scale), but not "
-                         "found the expected name in the model (e.g. model.layers.0.mixer.in_proj.attn.k_scale). "
-                         "kv_scale is not loaded.")
+    assert o.message == (
+        "Found kv_scale in the checkpoint (e.g. model.layers.0.mixer.in_proj.kv_scale), but not "
+        "found the expected name in the model (e.g. model.layers.0.mixer.in_proj.attn.k_scale). "
+        "kv_scale is not loaded."
+    )
 
 
 def test_scale_that_is_already_a_parameter_skips_the_kv_remap():
     m = frozenset({"model.layers.0.mixer.in_proj.k_scale"})
-    assert replay_name("backbone.layers.0.mixer.in_proj.k_scale", m, 4, V23).param == "model.layers.0.mixer.in_proj.k_scale"
+    assert (
+        replay_name("backbone.layers.0.mixer.in_proj.k_scale", m, 4, V23).param
+        == "model.layers.0.mixer.in_proj.k_scale"
+    )
 
 
 def test_kv_remap_runs_before_the_layer_range_check():
@@ -202,8 +234,9 @@ def test_kv_remap_runs_before_the_layer_range_check():
 def test_pp_rank_skips_apply_in_mtp_mode():
     """§5 step 6 runs in both modes; the range check (step 5) only in the main model."""
     not_first = PPWindow(0, 1, first_rank=False, last_rank=True)
-    o = replay_name("backbone.embeddings.weight", frozenset({"model.embed_tokens.weight"}), 4, V23,
-                    is_mtp=True, pp=not_first)
+    o = replay_name(
+        "backbone.embeddings.weight", frozenset({"model.embed_tokens.weight"}), 4, V23, is_mtp=True, pp=not_first
+    )
     assert (o.outcome, o.reason) == ("skip", "pp-rank")
 
 
@@ -237,7 +270,9 @@ def test_omni_v3_final_layernorm_without_mtp_raises_its_own_message():
     r = route_wrapped(name, "NemotronH_Omni_Reasoning_V3", V23, True, False)
     assert (r.target, r.message) == ("raise", f"ValueError: Unexpected vision projector weight: {name}")
     for ok in ("weight", "bias"):
-        r = route_wrapped(f"vision_projector.vision_final_layernorm.{ok}", "NemotronH_Omni_Reasoning_V3", V23, True, True)
+        r = route_wrapped(
+            f"vision_projector.vision_final_layernorm.{ok}", "NemotronH_Omni_Reasoning_V3", V23, True, True
+        )
         assert r.target == "tower"
     bad = "vision_projector.vision_final_layernorm.running_mean"
     r = route_wrapped(bad, "NemotronH_Omni_Reasoning_V3", V23, True, True)
@@ -269,7 +304,7 @@ def test_omni_v3_final_layernorm_exists_iff_num_nextn_predict_layers(nextn, patt
         assert rec.outcome.outcome == "routed" and r.crash is None
     else:
         assert rec.outcome.outcome == "raise"
-        assert r.crash["tensor"] == name
+        assert r.crash.tensor == name
 
 
 def test_buffering_wrapper_meets_projector_errors_before_language_model_errors():
@@ -280,22 +315,25 @@ def test_buffering_wrapper_meets_projector_errors_before_language_model_errors()
     # Without the quant config the MoE is unquantised: the expert scale is an orphan (KeyError on 0.5.11).
     for prof in (V11, V12):
         r = _audit(ck, prof)
-        assert r.crash["tensor"] == "mlp1.2.weight" and r.crash["error"] == "KeyError: '2.weight'"
+        assert r.crash.tensor == "mlp1.2.weight" and r.crash.error == "KeyError: '2.weight'"
     r = _audit(ck, V23)  # streams: the language-model tensor comes first, but 0.5.23 only skips it
-    assert r.crash["tensor"] == "mlp1.2.weight"
+    assert r.crash.tensor == "mlp1.2.weight"
     assert _record(r, lm_bad).outcome.reason == "expert-orphan"
     r = _audit(_ckpt(cfg, [[lm_bad], ["mlp1.2.weight"]]), V11)
-    assert r.crash["tensor"] == "mlp1.2.weight"
+    assert r.crash.tensor == "mlp1.2.weight"
 
 
 def test_streaming_v3_wrapper_raises_in_stream_order():
     cfg = _omni_v3_config(1, "*E")
     ck = _ckpt(cfg, [["mlp1.2.weight"], ["mtp.layers.0.enorm.weight"]])
-    assert _audit(ck, V23).crash["tensor"] == "mlp1.2.weight"
+    assert _audit(ck, V23).crash.tensor == "mlp1.2.weight"
     ck = _ckpt(cfg, [["mtp.layers.0.enorm.weight"], ["mlp1.2.weight"]])
     r = _audit(ck, V23)
-    assert r.crash == {"tensor": "mtp.layers.0.enorm.weight", "shard": "model-00001-of-00002.safetensors",
-                       "error": "ValueError: Unexpected Nemotron-H Omni weight: mtp.layers.0.enorm.weight"}
+    assert r.crash == Crash(
+        "ValueError: Unexpected Nemotron-H Omni weight: mtp.layers.0.enorm.weight",
+        "mtp.layers.0.enorm.weight",
+        "model-00001-of-00002.safetensors",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -309,16 +347,20 @@ def _mtp_config() -> dict:
     return cfg
 
 
-MTP_LAYERS = ["mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
-              "mtp.layers.0.norm.weight", "mtp.layers.0.mixer.q_proj.weight"]
+MTP_LAYERS = [
+    "mtp.layers.0.enorm.weight",
+    "mtp.layers.0.hnorm.weight",
+    "mtp.layers.0.eh_proj.weight",
+    "mtp.layers.0.norm.weight",
+    "mtp.layers.0.mixer.q_proj.weight",
+]
 
 
 def test_standalone_mtp_checkpoint_with_incomplete_head_raises_on_0_5_23():
     """§10: ``mtp.layers.*``, no target layers, some ``lm_head.*`` → the head must be complete."""
     ck = _ckpt(_mtp_config(), [MTP_LAYERS + ["lm_head.weight_scale"]])
     r = _audit(ck, V23, mtp=True)
-    assert r.crash == {"tensor": None, "shard": None,
-                       "error": "ValueError: Incomplete standalone MTP lm_head: missing ['lm_head.weight']"}
+    assert r.crash == Crash("ValueError: Incomplete standalone MTP lm_head: missing ['lm_head.weight']")
     assert r.verdict == "crash"
     # ≤0.5.12 has no such check (and drops lm_head in MTP mode anyway).
     assert _audit(ck, V11, mtp=True).crash is None
@@ -331,10 +373,13 @@ def test_standalone_mtp_checkpoint_with_complete_head_loads():
     assert _record(r, "lm_head.weight").outcome.param == "lm_head.weight"
 
 
-@pytest.mark.parametrize("extra", [
-    ["backbone.layers.0.norm.weight"],               # target layers present: not standalone
-    [],                                              # no lm_head.* at all: not standalone
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["backbone.layers.0.norm.weight"],  # target layers present: not standalone
+        [],  # no lm_head.* at all: not standalone
+    ],
+)
 def test_mtp_head_check_needs_a_standalone_checkpoint(extra):
     names = MTP_LAYERS + extra + (["lm_head.weight_scale"] if extra else [])
     ck = _ckpt(_mtp_config(), [names])
@@ -345,22 +390,34 @@ def test_standalone_detection_sees_names_after_the_language_model_strip():
     names = ["language_model." + n for n in MTP_LAYERS] + ["language_model.lm_head.weight_scale"]
     ck = _ckpt(_mtp_config(), [names])
     r = _audit(ck, V23, mtp=True)
-    assert r.crash is not None and "Incomplete standalone MTP lm_head" in r.crash["error"]
+    assert r.crash is not None and "Incomplete standalone MTP lm_head" in r.crash.error
 
 
-@pytest.mark.parametrize("algo,missing", [
-    # 0.5.23 gives ``lm_head`` a ModelOpt method (§6.1): its scales are expected too, sorted.
-    ("NVFP4", "['lm_head.input_scale', 'lm_head.weight_scale', 'lm_head.weight_scale_2']"),
-    # Under W4A16_NVFP4 ``lm_head.input_scale`` is a placeholder the check does not demand.
-    ("W4A16_NVFP4", "['lm_head.weight_scale', 'lm_head.weight_scale_2']"),
-])
+@pytest.mark.parametrize(
+    "algo,missing",
+    [
+        # 0.5.23 gives ``lm_head`` a ModelOpt method (§6.1): its scales are expected too, sorted.
+        ("NVFP4", "['lm_head.input_scale', 'lm_head.weight_scale', 'lm_head.weight_scale_2']"),
+        # Under W4A16_NVFP4 ``lm_head.input_scale`` is a placeholder the check does not demand.
+        ("W4A16_NVFP4", "['lm_head.weight_scale', 'lm_head.weight_scale_2']"),
+    ],
+)
 def test_standalone_check_lists_quantised_head_parameters(algo, missing):
-    ck = _ckpt(_mtp_config(), [MTP_LAYERS + ["lm_head.weight"]],
-               {"producer": {"name": "modelopt"},
-                "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16,
-                                 "exclude_modules": ["mtp*"]}})
+    ck = _ckpt(
+        _mtp_config(),
+        [MTP_LAYERS + ["lm_head.weight"]],
+        {
+            "producer": {"name": "modelopt"},
+            "quantization": {
+                "quant_algo": algo,
+                "kv_cache_quant_algo": None,
+                "group_size": 16,
+                "exclude_modules": ["mtp*"],
+            },
+        },
+    )
     r = _audit(ck, V23, mtp=True)
-    assert r.crash["error"] == f"ValueError: Incomplete standalone MTP lm_head: missing {missing}"
+    assert r.crash.error == f"ValueError: Incomplete standalone MTP lm_head: missing {missing}"
 
 
 def test_mtp_language_model_strip_is_one_prefix_only():
@@ -374,13 +431,19 @@ def test_mtp_language_model_strip_is_one_prefix_only():
 
 def test_refused_quant_config_is_the_crash_even_when_tensors_would_raise():
     cfg = _conf_config("nano3_bf16")
-    q = {"producer": {"name": "modelopt"},
-         "quantization": {"quant_algo": "NVFP4_AWQ", "kv_cache_quant_algo": None, "group_size": 16,
-                          "exclude_modules": []}}
+    q = {
+        "producer": {"name": "modelopt"},
+        "quantization": {
+            "quant_algo": "NVFP4_AWQ",
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "exclude_modules": [],
+        },
+    }
     ck = _ckpt(cfg, [["backbone.layers.1.mixer.experts.0.down_proj.input_scale", "backbone.norm_f.weight"]], q)
     r = _audit(ck, V11)
-    assert r.crash["tensor"] is None
-    assert r.crash["error"].startswith("ValueError: ModelOpt currently only supports")
+    assert r.crash.tensor is None
+    assert r.crash.error.startswith("ValueError: ModelOpt currently only supports")
     # the tensor outcome is still reported as if loaded on its own
     assert _record(r, "backbone.layers.1.mixer.experts.0.down_proj.input_scale").outcome.outcome == "raise"
 
@@ -392,8 +455,10 @@ def test_refused_quant_config_is_the_crash_even_when_tensors_would_raise():
 def test_substring_rules_replace_every_occurrence_in_order():
     m = frozenset({"model.layers.0.mixer.A.A", "model.embed_tokens.embed_tokens"})
     assert replay_name("backbone.layers.0.mixer.A_log.A_log", m, 4, V23).param == "model.layers.0.mixer.A.A"
-    assert replay_name("backbone.embeddings.embeddings", m, 4, V23, pp=PPWindow(0, 4)).param == \
-        "model.embed_tokens.embed_tokens"
+    assert (
+        replay_name("backbone.embeddings.embeddings", m, 4, V23, pp=PPWindow(0, 4)).param
+        == "model.embed_tokens.embed_tokens"
+    )
 
 
 def test_prefix_rule_applies_only_at_the_start():

@@ -48,8 +48,10 @@ def test_markdown_and_verdict_text():
     r = audit_path(str(CONF / "omni_nvfp4_mixed" / "checkpoint"), "sglang@0.5.11")
     md = report.render_markdown(r)
     assert md.startswith("### nhcheck audit")
-    assert "| raise | `language_model.backbone.layers.{1,3,…,51}.mixer.experts.{0…11}.down_proj.input_scale` | 276 |" in md
-    assert "**CRASH**" in md and "sglang@0.5.23: clean" in md
+    assert (
+        "| raise | `language_model.backbone.layers.{1,3,…,51}.mixer.experts.{0…11}.down_proj.input_scale` | 276 |" in md
+    )
+    assert "**CRASH**" in md and "- sglang@0.5.13 … 0.5.23: clean" in md
     assert "KeyError: 'model.layers.1.mixer.experts.w2_input_scale'" in report.verdict_text(r)
 
 

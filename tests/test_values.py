@@ -78,29 +78,55 @@ def test_decode_bf16_is_the_top_half_of_f32():
     assert list(values.decode_floats("BF16", raw)) == list(vals)
 
 
-@pytest.mark.parametrize("vals,problem", [
-    ((1.0, 2.0), None), ((math.nan,), "nonfinite"), ((1.0, math.inf), "nonfinite"), ((0.0,), "zero"),
-    ((-0.0, 1.0), "zero"), ((-1.0,), "negative"), ((math.nan, 0.0, -1.0), "nonfinite"), ((0.0, -1.0), "zero"),
-])
+@pytest.mark.parametrize(
+    "vals,problem",
+    [
+        ((1.0, 2.0), None),
+        ((math.nan,), "nonfinite"),
+        ((1.0, math.inf), "nonfinite"),
+        ((0.0,), "zero"),
+        ((-0.0, 1.0), "zero"),
+        ((-1.0,), "negative"),
+        ((math.nan, 0.0, -1.0), "nonfinite"),
+        ((0.0, -1.0), "zero"),
+    ],
+)
 def test_judge_floats_reports_the_worst_problem(vals, problem):
     assert values.judge_floats(vals) == problem
 
 
-@pytest.mark.parametrize("data,nan,zero", [
-    (bytes([0x38, 0x30, 0x40]), False, False), (bytes([0x00, 0x38]), False, False), (bytes(5), False, True),
-    (bytes([0x80, 0x00, 0x80]), False, True), (bytes([0x00, 0x7F]), True, False), (bytes([0xFF]), True, False),
-    (bytes([0x7E, 0xFE]), False, False), (b"", False, False),
-])
+@pytest.mark.parametrize(
+    "data,nan,zero",
+    [
+        (bytes([0x38, 0x30, 0x40]), False, False),
+        (bytes([0x00, 0x38]), False, False),
+        (bytes(5), False, True),
+        (bytes([0x80, 0x00, 0x80]), False, True),
+        (bytes([0x00, 0x7F]), True, False),
+        (bytes([0xFF]), True, False),
+        (bytes([0x7E, 0xFE]), False, False),
+        (b"", False, False),
+    ],
+)
 def test_e4m3_nan_and_all_zero_from_bytes_alone(data, nan, zero):
     assert values.e4m3_has_nan(data) is nan and values.e4m3_all_zero(data) is zero
 
 
-@pytest.mark.parametrize("name,dtype,kind", [
-    ("m.weight_scale_2", "F32", "float"), ("m.input_scale", "BF16", "float"), ("m.k_scale", "F32", "float"),
-    ("m.kv_scale", "F16", "float"), ("m.weight_scale", "F8_E4M3", "e4m3"), ("m.weight_scale", "F32", "float"),
-    ("m.weight", "F8_E4M3", None), ("m.weight_scale", "U8", None), ("m.pre_quant_scale", "BF16", None),
-    ("m.input_scale", "F8_E4M3", None),
-])
+@pytest.mark.parametrize(
+    "name,dtype,kind",
+    [
+        ("m.weight_scale_2", "F32", "float"),
+        ("m.input_scale", "BF16", "float"),
+        ("m.k_scale", "F32", "float"),
+        ("m.kv_scale", "F16", "float"),
+        ("m.weight_scale", "F8_E4M3", "e4m3"),
+        ("m.weight_scale", "F32", "float"),
+        ("m.weight", "F8_E4M3", None),
+        ("m.weight_scale", "U8", None),
+        ("m.pre_quant_scale", "BF16", None),
+        ("m.input_scale", "F8_E4M3", None),
+    ],
+)
 def test_scale_kind_selects_only_scale_tensors(name, dtype, kind):
     assert values.scale_kind(TensorInfo(name, dtype, (), 0, 0, "s")) == kind
 
@@ -139,13 +165,16 @@ def test_garbage_scales_are_found_per_module(ckpt):
     assert code == 1 and rep["summary"]["verdict"] == "broken"
     found = {f["tensor"]: f["message"] for f in bad_scales(rep)}
     assert set(found) == {
-        "backbone.layers.0.mixer.in_proj.weight_scale_2", "backbone.layers.0.mixer.out_proj.input_scale",
-        "backbone.layers.2.mixer.k_proj.k_scale", "backbone.layers.2.mixer.v_proj.v_scale",
+        "backbone.layers.0.mixer.in_proj.weight_scale_2",
+        "backbone.layers.0.mixer.out_proj.input_scale",
+        "backbone.layers.2.mixer.k_proj.k_scale",
+        "backbone.layers.2.mixer.v_proj.v_scale",
         "backbone.layers.3.mixer.experts.2.down_proj.weight_scale",
         "backbone.layers.3.mixer.experts.1.up_proj.weight_scale",
     }
     assert found["backbone.layers.0.mixer.in_proj.weight_scale_2"].startswith(
-        "backbone.layers.0.mixer.in_proj: weight_scale_2 is zero;")
+        "backbone.layers.0.mixer.in_proj: weight_scale_2 is zero;"
+    )
     assert "input_scale is NaN or infinite" in found["backbone.layers.0.mixer.out_proj.input_scale"]
     assert "k_scale is negative" in found["backbone.layers.2.mixer.k_proj.k_scale"]
     assert "v_scale is NaN or infinite" in found["backbone.layers.2.mixer.v_proj.v_scale"]
@@ -160,8 +189,9 @@ def test_a_family_of_modules_collapses_into_one_finding(ckpt):
         poke(ckpt, EXPERT.format(e=e) + ".input_scale", struct.pack("<f", 0.0))
     code, rep = audit_json(ckpt, "--values")
     (f,) = bad_scales(rep)
-    assert f["message"].startswith("backbone.layers.1.mixer.experts.{0…3}.up_proj ×4: input_scale is zero, "
-                                   "weight_scale_2 is zero;")
+    assert f["message"].startswith(
+        "backbone.layers.1.mixer.experts.{0…3}.up_proj ×4: input_scale is zero, weight_scale_2 is zero;"
+    )
     r = CliRunner().invoke(cli, ["audit", str(ckpt), "-q", "--values"], env={"COLUMNS": "300"})
     assert "experts.{0…3}.up_proj ×4" in r.stdout and "BROKEN" in r.stdout
 

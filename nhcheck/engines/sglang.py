@@ -9,125 +9,309 @@ This module must not import torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
+from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
 # Version table
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SGLangProfile:
-    """Behaviour flags of one SGLang release (spec §6.1). Each flag names one upstream change."""
+    """Behaviour flags of one SGLang behaviour epoch, built with keywords. Each flag cites one upstream change.
+
+    A release table row: ``RELEASES`` maps every known release to its row. Nothing compares
+    version strings: what differs between releases is a flag here, so adding a release is one row.
+    """
 
     version: str
-    #: ≤0.5.11: orphan expert tensor → unguarded dict lookup → KeyError (fixed by PR #24434).
+    #: ≤0.5.11: orphan expert tensor → unguarded dict lookup → KeyError (fixed by PR #24434 in 0.5.12).
     expert_missing_is_keyerror: bool
-    #: 0.5.23: expert mapping sized by ``max_n_routed_experts`` (Puzzle-aware).
+    #: The expert mapping is sized by ``max_n_routed_experts`` (Puzzle-aware).
     expert_count_from_max: bool
-    #: 0.5.23: MTP draft keeps ``embed_tokens``/``lm_head`` (PR #30456, bug #21138).
+    #: MTP draft keeps ``embed_tokens``/``lm_head`` (PR #30456, bug #21138).
     mtp_whitelist_embed_head: bool
-    #: 0.5.23: MTP wrapper strips a leading ``language_model.`` and maps ``language_model.mtp.`` quant names.
+    #: MTP wrapper strips a leading ``language_model.`` and maps ``language_model.mtp.`` quant names.
     mtp_strip_language_model: bool
-    #: 0.5.23: VL/Omni wrapper maps ``language_model.backbone.`` → ``language_model.model.`` on quant names (PR #25023).
+    #: VL/Omni wrapper maps ``language_model.backbone.`` → ``language_model.model.`` on quant names (PR #25023).
     vl_quant_mapper: bool
-    #: 0.5.23: VL wrapper streams weights (≤0.5.12 buffers language-model names and loads them after routing).
+    #: VL wrapper streams weights (before: buffers language-model names and loads them after routing).
     vl_streams: bool
-    #: 0.5.23: the ``NemotronH_Omni_Reasoning_V3`` class exists (name rewrites, strict extra-weight check).
+    #: The ``NemotronH_Omni_Reasoning_V3`` class exists (name rewrites, strict extra-weight check).
     omni_v3_class: bool
-    #: ModelOpt non-mixed ``quant_algo`` values the release accepts.
+    #: ModelOpt non-mixed ``quant_algo`` values the release accepts (+NVFP4_AWQ 0.5.17, +W4A16_NVFP4 0.5.19).
     modelopt_algos: frozenset[str]
-    #: MIXED_PRECISION per-layer algorithms the release maps to a method.
+    #: MIXED_PRECISION per-layer algorithms the release maps to a linear method.
     mixed_algos: frozenset[str]
-    #: 0.5.23: ``_resolve_quant_algo`` tries prefix variants (``lm_head``, ``model.language_model.``…).
+    #: … and to a MoE method (0.5.18–0.5.20: FP8_PB_WO is linear-only; the MoE stays unquantised).
+    mixed_moe_algos: frozenset[str]
+    #: ``_resolve_quant_algo`` tries ``lm_head`` and ``language_model.model.``↔``model.language_model.`` (0.5.15).
     mixed_candidate_prefixes: bool
-    #: 0.5.23: ``lm_head`` (ParallelLMHead) can receive a ModelOpt quant method.
+    #: … and ``model.language_model.X``↔``model.X`` (0.5.20, MQ:988).
+    mixed_candidate_model_prefix: bool
+    #: ``lm_head`` (ParallelLMHead) can receive a ModelOpt quant method.
     lm_head_quantizable: bool
     #: MoE backends under which the NVFP4 MoE does not register ``*_blockscale_swizzled``.
     swizzled_omitted_backends: frozenset[str]
-    #: Router ``gate.weight`` dtype the release builds (0.5.11/0.5.12 float32, 0.5.23 model dtype).
+    #: Router ``gate.weight`` is built in float32 (later releases: the model dtype).
     router_fp32: bool
-    #: 0.5.23: the MTP wrapper checks a standalone MTP checkpoint's ``lm_head`` for completeness (§10).
-    mtp_standalone_head_check: bool = False
-    #: 0.5.23: a scalar per-tensor scale loaded with no shard id into a fused ``MergedColumnParallelLinear``
+    #: The MTP wrapper checks a standalone MTP checkpoint's ``lm_head`` for completeness (§10).
+    mtp_standalone_head_check: bool
+    #: A scalar per-tensor scale loaded with no shard id into a fused ``MergedColumnParallelLinear``
     #: (Mamba ``in_proj``, weight fused in the checkpoint) fills every logical slot
-    #: (``MergedColumnParallelLinear.weight_loader_v2``); ≤0.5.12 loads it into slot 0 only.
-    merged_scalar_every_slot: bool = False
-    #: 0.5.23: ``_module_path_match`` strips trailing dots from exclude entries (≤0.5.12 compares them as written).
-    exclude_strips_dots: bool = False
-    #: 0.5.23: ``get_quant_config`` / ``from_config`` read quant configs the newer way: the modelopt_mixed
-    #: fallback to hf_quant_config.json, more exclude keys, ``kv_cache_quant_algo`` in the flat form and a
-    #: default NVFP4 group size (see ``nhcheck.quant._engine_view``).
-    quant_config_v2: bool = False
+    #: (``MergedColumnParallelLinear.weight_loader_v2``); before, slot 0 only.
+    merged_scalar_every_slot: bool
+    #: ``_module_path_match`` strips trailing dots from exclude entries (before: compared as written).
+    exclude_strips_dots: bool
+    #: ``get_quant_config`` falls back from config.json to hf_quant_config.json for an incomplete
+    #: ``modelopt_mixed``, and the FP8 / mixed flat forms read ``kv_cache_quant_algo`` (0.5.15, WU:267, MQ:458).
+    quant_mixed_fallback: bool
+    #: The mixed flat form reads ``ignore`` then ``exclude_modules``; the FP4 flat ``group_size`` defaults
+    #: to 16 for NVFP4 algorithms (0.5.17, MQ:692, MQ:1337).
+    quant_mixed_exclude_modules: bool
+    #: The FP4 flat form reads ``ignore``, then ``modules_to_not_convert``, then ``exclude_modules`` (0.5.23, MQ:1655).
+    quant_fp4_exclude_keys: bool
+    #: MoE runner backend picked for a MoE that is neither NVFP4 nor mixed when the user names none (Blackwell, TP 1).
+    moe_backend_default: str
+    #: The Nemotron-H server-args override reads ``hf_config.quantization_config`` for a text model's
+    #: MIXED_PRECISION recipe: one only in hf_quant_config.json dies with AttributeError (0.5.18, goldens).
+    override_reads_quantization_config: bool
+    #: ``_parse_modelopt_quant_config`` resolves a MIXED recipe with no NVFP4 / W4A16_NVFP4 layer to
+    #: ``w4afp8`` (block-FP8 linears) instead of ``modelopt_mixed`` (MC:1155; goldens from 0.5.16).
+    mixed_without_fp4_is_w4afp8: bool
+    #: The release is the newest nhcheck's table knows (``--engine sglang`` means it).
+    newest: bool = False
 
 
-_OLD_ALGOS = frozenset({"FP8", "NVFP4"})
-_NEW_ALGOS = frozenset({"FP8", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"})
-_NEW_MIXED = frozenset({"FP8", "NVFP4", "FP8_PB_WO", "FP8_BLOCK_SCALES", "MXFP8", "W4A16_NVFP4"})
+_FP8_NVFP4 = frozenset({"FP8", "NVFP4"})
 
+#: B8: 0.5.11, the last release before PR #24434 (an orphan expert tensor raises KeyError).
+_B8 = SGLangProfile(
+    version="0.5.11",
+    expert_missing_is_keyerror=True,
+    expert_count_from_max=False,
+    mtp_whitelist_embed_head=False,
+    mtp_strip_language_model=False,
+    vl_quant_mapper=False,
+    vl_streams=False,
+    omni_v3_class=False,
+    modelopt_algos=_FP8_NVFP4,
+    mixed_algos=_FP8_NVFP4,
+    mixed_moe_algos=_FP8_NVFP4,
+    mixed_candidate_prefixes=False,
+    mixed_candidate_model_prefix=False,
+    lm_head_quantizable=False,
+    swizzled_omitted_backends=frozenset(),
+    router_fp32=True,
+    mtp_standalone_head_check=False,
+    merged_scalar_every_slot=False,
+    exclude_strips_dots=False,
+    quant_mixed_fallback=False,
+    quant_mixed_exclude_modules=False,
+    quant_fp4_exclude_keys=False,
+    moe_backend_default="auto",
+    override_reads_quantization_config=False,
+    mixed_without_fp4_is_w4afp8=False,
+)
+#: B9: 0.5.12 — PR #24434, ``if name_mapped not in params_dict: continue`` in the expert branch (NH:977).
+_B9 = replace(_B8, version="0.5.12", expert_missing_is_keyerror=False)
+#: B10: 0.5.13 — experts sized by ``max_n_routed_experts`` (NH:910), router ``gate`` in the model dtype,
+#: the VL quant-name mapper (VL:56), trailing dots stripped from excludes (QU:53), no swizzled NVFP4 block
+#: scales under the trtllm backends (MQ:1811), and flashinfer_trtllm for unquantized MoEs too.
+_B10 = replace(
+    _B9,
+    version="0.5.13",
+    expert_count_from_max=True,
+    router_fp32=False,
+    vl_quant_mapper=True,
+    exclude_strips_dots=True,
+    swizzled_omitted_backends=frozenset({"flashinfer_trtllm", "flashinfer_trtllm_routed"}),
+    moe_backend_default="flashinfer_trtllm",
+)
+#: B11: 0.5.15 — ``lm_head`` quantisable (MQ:306), mixed W4A16_NVFP4 (MQ:815), the first candidate
+#: prefixes (MQ:780), the mixed hf_quant_config.json fallback and flat ``kv_cache_quant_algo``.
+_B11 = replace(
+    _B10,
+    version="0.5.15",
+    lm_head_quantizable=True,
+    mixed_algos=_B10.mixed_algos | {"W4A16_NVFP4"},
+    mixed_moe_algos=_B10.mixed_moe_algos | {"W4A16_NVFP4"},
+    mixed_candidate_prefixes=True,
+    quant_mixed_fallback=True,
+    mixed_without_fp4_is_w4afp8=True,
+)
+#: B12: 0.5.16 — the MTP draft keeps ``embed_tokens``/``lm_head`` (NH:1136, #21138); a shard-less scalar
+#: scale fills every slot of a fused merged column (LIN:858).
+_B12 = replace(_B11, version="0.5.16", mtp_whitelist_embed_head=True, merged_scalar_every_slot=True)
+#: B13: 0.5.17 — non-mixed NVFP4_AWQ (MQ:1358), mixed MXFP8 (MQ:835/851), mixed flat ``exclude_modules``.
+_B13 = replace(
+    _B12,
+    version="0.5.17",
+    modelopt_algos=_B12.modelopt_algos | {"NVFP4_AWQ"},
+    mixed_algos=_B12.mixed_algos | {"MXFP8"},
+    mixed_moe_algos=_B12.mixed_moe_algos | {"MXFP8"},
+    quant_mixed_exclude_modules=True,
+)
+#: B14: 0.5.18 — mixed FP8_PB_WO for linear layers only (MQ:949).
+#: (The start-up goldens show the override reading ``quantization_config`` from 0.5.18 on: 0.5.17 starts.)
+_B14 = replace(
+    _B13, version="0.5.18", mixed_algos=_B13.mixed_algos | {"FP8_PB_WO"}, override_reads_quantization_config=True
+)
+#: B15: 0.5.19 — non-mixed W4A16_NVFP4 (MQ:1580).
+_B15 = replace(_B14, version="0.5.19", modelopt_algos=_B14.modelopt_algos | {"W4A16_NVFP4"})
+#: B16: 0.5.20 — the MTP wrapper strips ``language_model.`` and checks a standalone head (MTPF:397/426),
+#: the VL wrapper streams (VL:380), ``NemotronH_Omni_Reasoning_V3``, mixed FP8_BLOCK_SCALES for linear and
+#: MoE, the ``model.``↔``model.language_model.`` candidates (MQ:988), no swizzled scales under megamoe.
+_B16 = replace(
+    _B15,
+    version="0.5.20",
+    mtp_strip_language_model=True,
+    mtp_standalone_head_check=True,
+    vl_streams=True,
+    omni_v3_class=True,
+    mixed_algos=_B15.mixed_algos | {"FP8_BLOCK_SCALES"},
+    mixed_moe_algos=_B15.mixed_moe_algos | {"FP8_BLOCK_SCALES"},
+    mixed_candidate_model_prefix=True,
+    swizzled_omitted_backends=_B15.swizzled_omitted_backends | {"flashinfer_megamoe"},
+)
+#: B17: 0.5.21 — mixed FP8_PB_WO for the MoE too (MQ:794).
+_B17 = replace(_B16, version="0.5.21", mixed_moe_algos=_B16.mixed_moe_algos | {"FP8_PB_WO"})
+#: B18: 0.5.23 — the FP4 flat form's ``modules_to_not_convert`` / ``exclude_modules`` keys (MQ:1655).
+_B18 = replace(_B17, version="0.5.23", quant_fp4_exclude_keys=True, newest=True)
+
+#: Every release nhcheck answers for → its behaviour row.
+#: Every release nhcheck answers for → its behaviour row (``oracle/sglang/EPOCHS.md``: release → epoch).
+#: A row's ``version`` is the release its goldens were made with.
 PROFILES: dict[str, SGLangProfile] = {
-    "0.5.11": SGLangProfile("0.5.11", True, False, False, False, False, False, False, _OLD_ALGOS, _OLD_ALGOS,
-                            False, False, frozenset(), True),
-    "0.5.12": SGLangProfile("0.5.12", False, False, False, False, False, False, False, _OLD_ALGOS, _OLD_ALGOS,
-                            False, False, frozenset(), True),
-    "0.5.23": SGLangProfile("0.5.23", False, True, True, True, True, True, True, _NEW_ALGOS, _NEW_MIXED,
-                            True, True, frozenset({"flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_megamoe"}),
-                            False, True, merged_scalar_every_slot=True, exclude_strips_dots=True,
-                            quant_config_v2=True),
+    "0.5.11": _B8,
+    "0.5.12": _B9,
+    "0.5.12.post1": _B9,
+    "0.5.13": _B10,
+    "0.5.13.post1": _B10,
+    "0.5.14": _B10,
+    "0.5.15": _B11,
+    "0.5.15.post1": _B11,
+    "0.5.16": _B12,
+    "0.5.17": _B13,
+    "0.5.18": _B14,
+    "0.5.19": _B15,
+    "0.5.20": _B16,
+    "0.5.21": _B17,
+    "0.5.22": _B17,
+    "0.5.23": _B18,
 }
-NEWEST = "0.5.23"
-MOE_BACKENDS = ("auto", "triton", "flashinfer_trtllm", "flashinfer_trtllm_routed", "flashinfer_cutlass",
-                "flashinfer_megamoe", "cutlass", "cutedsl", "marlin")
+NEWEST = next(v for v, p in PROFILES.items() if p.newest)
+#: The behaviour epochs, oldest first.
+EPOCHS: tuple[SGLangProfile, ...] = tuple(dict.fromkeys(PROFILES.values()))
+MOE_BACKENDS = (
+    "auto",
+    "triton",
+    "flashinfer_trtllm",
+    "flashinfer_trtllm_routed",
+    "flashinfer_cutlass",
+    "flashinfer_megamoe",
+    "cutlass",
+    "cutedsl",
+    "marlin",
+)
 
 
-def get_profile(spec: str | None) -> SGLangProfile:
-    """Parse ``sglang@0.5.11`` (or ``sglang`` for the newest); unknown versions are a usage error."""
+#: Every release on the package index that ships ``sglang/srt/models/nemotron_h.py``, oldest first
+#: (``oracle/sglang/EPOCHS.md``). Those before the table's first row are not modelled yet.
+RELEASES_WITH_NEMOTRON_H = (
+    "0.5.3.post1", "0.5.3.post2", "0.5.3.post3", "0.5.4", "0.5.4.post1", "0.5.4.post2", "0.5.4.post3",
+    "0.5.5", "0.5.5.post1", "0.5.5.post2", "0.5.5.post3", "0.5.6", "0.5.6.post1", "0.5.6.post2", "0.5.7",
+    "0.5.8", "0.5.8.post1", "0.5.9", "0.5.10rc0", "0.5.10", "0.5.10.post1", "0.5.11", "0.5.12",
+    "0.5.12.post1", "0.5.13", "0.5.13.post1", "0.5.14", "0.5.15", "0.5.15.post1", "0.5.16", "0.5.17",
+    "0.5.18", "0.5.19", "0.5.20", "0.5.21", "0.5.22", "0.5.23",
+)  # fmt: skip
+
+
+def release_key(version: str) -> tuple[int, ...]:
+    """Order releases as the index does: ``0.5.10rc0`` < ``0.5.10`` < ``0.5.10.post1`` < ``0.5.11``."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?", version)
+    if m is None:
+        raise UsageError(f"sglang {version!r} is not a release version (e.g. 0.5.23)")
+    base = tuple(int(x) for x in m.group(1).split("."))
+    base += (0,) * (4 - len(base))
+    pre = {"a": -3, "b": -2, "rc": -1}.get(m.group(2) or "", 0)
+    return base + (pre, int(m.group(3) or 0), int(m.group(4) or 0))
+
+
+def installed_release() -> str | None:
+    """The sglang release installed in this environment, read from its metadata (sglang is not imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def get_profile(spec: str | EngineId | None) -> SGLangProfile:
+    """The behaviour row of an SGLang release: an ``EngineId``, or ``sglang@0.5.11`` / ``sglang`` (newest)."""
+    eid = spec if isinstance(spec, EngineId) else parse_engine_id(spec)
+    return PROFILES.get(eid.version) or PROFILES[NEWEST]
+
+
+def parse_engine_id(spec: str | None) -> EngineId:
+    """Parse ``sglang@X``; bare ``sglang`` is the installed release when there is one, else the newest.
+
+    A release newer than the table is answered with the newest row (and says so); one on the index
+    that the table does not model yet, or one that is not a Nemotron-H release, is a usage error.
+    """
     spec = (spec or "sglang").strip()
     name, _, version = spec.partition("@")
     if name != "sglang":
         raise UsageError(f"unknown engine {name!r}; nhcheck replays sglang (e.g. --engine sglang@{NEWEST})")
-    version = version or NEWEST
-    if version == "latest":
+    installed = False
+    if not version:
+        found = installed_release()
+        version, installed = (found, True) if found else (NEWEST, False)
+    elif version == "latest":
         version = NEWEST
-    if version not in PROFILES:
-        raise UsageError(f"sglang {version} is not in nhcheck's version table; choose one of "
-                         + ", ".join(f"sglang@{v}" for v in PROFILES))
-    return PROFILES[version]
+    if version in PROFILES:
+        return EngineId("sglang", version, installed)
+    first, newest = next(iter(PROFILES)), NEWEST
+    key = release_key(version)
+    if key > release_key(newest):
+        return EngineId(
+            "sglang",
+            version,
+            installed,
+            f"sglang {version} is newer than nhcheck's release table (newest {newest}): answered with "
+            f"{newest}'s behaviour; audit with --manifest and a named_parameters() dump of the real engine "
+            "to check the manifest side",
+        )
+    if version in RELEASES_WITH_NEMOTRON_H:
+        raise UsageError(
+            f"sglang {version} ships Nemotron-H, but nhcheck models sglang {first} … {newest} only "
+            f"(releases before {first} are not modelled yet)"
+        )
+    raise UsageError(
+        f"sglang {version} is not a release with Nemotron-H (the first is {RELEASES_WITH_NEMOTRON_H[0]}); "
+        f"nhcheck answers for sglang {first} … {newest}"
+    )
 
 
-def default_moe_backend(profile: SGLangProfile, quantization: str | None) -> str:
+def default_moe_backend(profile: SGLangProfile, quantization: str | None, wrapped: bool = False) -> str:
     """The MoE runner backend SGLang picks on a Blackwell GPU at TP 1, as recorded in the conformance set.
 
-    Only the NVFP4 MoE's swizzled block-scale parameters depend on it.
+    The Nemotron-H server-args override picks it by architecture: a text model's MIXED recipe gets
+    flashinfer_trtllm, the Omni / VL architectures are not registered there and stay on auto. Only the
+    NVFP4 MoE's swizzled block-scale parameters (and the TP windows) depend on it.
     """
     if quantization == "modelopt_mixed":
-        return "auto"
-    if quantization == "modelopt_fp4" or profile.version == NEWEST:
+        return "auto" if wrapped else "flashinfer_trtllm"
+    if quantization == "modelopt_fp4":
         return "flashinfer_trtllm"
-    return "auto"
+    return profile.moe_backend_default
 
 
 # ---------------------------------------------------------------------------
 # Replay of NemotronHForCausalLM.load_weights (§14)
-
-
-class Outcome(NamedTuple):
-    """What the engine does with one checkpoint tensor.
-
-    ``outcome`` is ``load|warn|skip|raise|routed``; ``param`` is the engine's name for
-    the target (inner model for the language model); ``reason`` says which branch fired.
-    NamedTuple for the same reason as ``TensorInfo``: one per tensor, on the hot path.
-    """
-
-    outcome: str
-    param: str | None = None
-    shard_id: str | None = None
-    expert_id: int | None = None
-    engine_name: str | None = None
-    message: str | None = None
-    reason: str = "load"
 
 
 #: Reasons that are intended behaviour, not orphans.
@@ -151,26 +335,28 @@ REASON_TEXT = {
 }
 
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
-_SUBSTR = (("A_log", "A"), ("embeddings", "embed_tokens"), ("k_proj.k_scale", "attn.k_scale"),
-           ("v_proj.v_scale", "attn.v_scale"))
+_SUBSTR = (
+    ("A_log", "A"),
+    ("embeddings", "embed_tokens"),
+    ("k_proj.k_scale", "attn.k_scale"),
+    ("v_proj.v_scale", "attn.v_scale"),
+)
 # FusedMoE.make_expert_params_mapping(gate="up_proj", down="down_proj", up=""): for each e the
 # tuples (w1, "experts.{e}.up_proj."), (w2, "experts.{e}.down_proj."), (w3, "experts.{e}..").
 # The regex finds every such substring; the integer bound and the tuple order are applied after.
 _EXPERT_RE = re.compile(r"experts\.(0|[1-9][0-9]*)\.(up_proj|down_proj|)\.")
-_EXPERT_SHARD = {"up_proj": ("w1", "experts.w13_", 0), "down_proj": ("w2", "experts.w2_", 1), "": ("w3", "experts.w13_", 2)}
+_EXPERT_SHARD = {
+    "up_proj": ("w1", "experts.w13_", 0),
+    "down_proj": ("w2", "experts.w2_", 1),
+    "": ("w3", "experts.w13_", 2),
+}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
-_QUARK = ((".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),
-          (".v_proj.output_scale", ".attn.v_scale"), ("self_attn.prob_output_scale", ".attn.prob_scale"))
-
-
-@dataclass(frozen=True)
-class PPWindow:
-    """Pipeline-parallel view of one rank: layers [start, end), and whether it holds embed / head."""
-
-    start: int
-    end: int
-    first_rank: bool = True
-    last_rank: bool = True
+_QUARK = (
+    (".q_proj.output_scale", ".attn.q_scale"),
+    (".k_proj.output_scale", ".attn.k_scale"),
+    (".v_proj.output_scale", ".attn.v_scale"),
+    ("self_attn.prob_output_scale", ".attn.prob_scale"),
+)
 
 
 def pp_window(num_layers: int, rank: int, size: int) -> PPWindow:
@@ -193,8 +379,10 @@ def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None,
         cand = name.replace(".kv_scale", ".attn.k_scale")
         if cand in params:
             return cand, None
-        return None, (f"Found kv_scale in the checkpoint (e.g. {name}), but not found the expected name in "
-                      f"the model (e.g. {cand}). kv_scale is not loaded.")
+        return None, (
+            f"Found kv_scale in the checkpoint (e.g. {name}), but not found the expected name in "
+            f"the model (e.g. {cand}). kv_scale is not loaded."
+        )
     for suffix in (".k_scale", ".v_scale"):
         if name.endswith(suffix):
             proj = "k_proj" if suffix == ".k_scale" else "v_proj"
@@ -206,8 +394,10 @@ def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None,
                 cand = name.replace(suffix, f".attn{suffix}")
             if cand in params:
                 return cand, None
-            return None, (f"Found {suffix} in the checkpoint (e.g. {name}), but not found the expected name in "
-                          f"the model (e.g. {cand}). {suffix} is not loaded.")
+            return None, (
+                f"Found {suffix} in the checkpoint (e.g. {name}), but not found the expected name in "
+                f"the model (e.g. {cand}). {suffix} is not loaded."
+            )
     for old, new in _QUARK:
         if name.endswith(old):
             return name.replace(old, new), None
@@ -227,7 +417,7 @@ def replay_name(
     n = name
     # 1. prefix remap: a leading "backbone" (no dot needed) becomes "model", first occurrence only.
     if n.startswith("backbone"):
-        n = "model" + n[len("backbone"):]
+        n = "model" + n[len("backbone") :]
     # 2. substring remaps, in order, every occurrence.
     for old, new in _SUBSTR:
         if old in n:
@@ -242,10 +432,10 @@ def replay_name(
         return Outcome("skip", reason="mtp-filter")
     # 4. KV-scale remap, only for names with "scale" that are not parameters.
     if "scale" in n and n not in params:
-        new, warning = _kv_remap(n, params)
-        if new is None:
+        remapped, warning = _kv_remap(n, params)
+        if remapped is None:
             return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
-        n = new
+        n = remapped
     # 5. PP layer range (main model only: the MTP predictor has no start/end layer).
     if not is_mtp and pp is not None:
         m = _LAYER_RE.search(n)
@@ -296,8 +486,14 @@ _EXPERT_BRANCH = frozenset({"expert-orphan", "keyerror"})
 _UNCACHED = Outcome("uncached")
 
 
-def make_replayer(params: frozenset[str] | set[str], num_experts: int, profile: SGLangProfile, *,
-                  is_mtp: bool = False, pp: PPWindow | None = None):
+def make_replayer(
+    params: frozenset[str] | set[str],
+    num_experts: int,
+    profile: SGLangProfile,
+    *,
+    is_mtp: bool = False,
+    pp: PPWindow | None = None,
+):
     """``replay_name`` with the expert index factored out: one replay per layer × projection × suffix.
 
     For a name with exactly one ``experts.{e}.`` (e < E), and runtime names that carry no
@@ -317,7 +513,7 @@ def make_replayer(params: frozenset[str] | set[str], num_experts: int, profile: 
             if len(hits) == 1 and int(hits[0].group(1)) < num_experts:
                 m = hits[0]
                 e = int(m.group(1))
-                key = (name[:m.start()], name[m.end():])
+                key = (name[: m.start()], name[m.end() :])
                 o = cache.get(key)
                 if o is None:
                     o = replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
@@ -326,8 +522,11 @@ def make_replayer(params: frozenset[str] | set[str], num_experts: int, profile: 
                     return o
                 if o is not _UNCACHED:
                     # tuple.__new__ directly: _replace goes through _make, twice the cost on 163k names
-                    return o if o.expert_id is None or o.expert_id == e else _new_outcome(
-                        Outcome, (o[0], o[1], o[2], e, o[4], o[5], o[6]))
+                    return (
+                        o
+                        if o.expert_id is None or o.expert_id == e
+                        else _new_outcome(Outcome, (o[0], o[1], o[2], e, o[4], o[5], o[6]))
+                    )
         return replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
 
     return replay
@@ -336,16 +535,11 @@ def make_replayer(params: frozenset[str] | set[str], num_experts: int, profile: 
 # ---------------------------------------------------------------------------
 # Omni / VL wrapper routing (§11) and the MTP wrapper's pre-processing (§10)
 
-_OMNI_V3_RENAMES = (("vision_projector.mlp1.norm.", "mlp1.0."), ("vision_projector.mlp1.linear1.", "mlp1.1."),
-                    ("vision_projector.mlp1.linear2.", "mlp1.3."))
-
-
-class Route(NamedTuple):
-    """Where a wrapper sends a checkpoint name: to the LM replay (with the inner name) or elsewhere."""
-
-    target: str  # "lm" | "projector" | "tower" | "ignored" | "raise"
-    inner: str | None = None
-    message: str | None = None
+_OMNI_V3_RENAMES = (
+    ("vision_projector.mlp1.norm.", "mlp1.0."),
+    ("vision_projector.mlp1.linear1.", "mlp1.1."),
+    ("vision_projector.mlp1.linear2.", "mlp1.3."),
+)
 
 
 def route_wrapped(name: str, wrapper: str, profile: SGLangProfile, has_sound: bool, lm_has_mtp: bool) -> Route:
@@ -354,11 +548,11 @@ def route_wrapped(name: str, wrapper: str, profile: SGLangProfile, has_sound: bo
     if v3:
         for old, new in _OMNI_V3_RENAMES:
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
                 break
         else:
             if name.startswith("vision_model.") and not name.startswith("vision_model.radio_model."):
-                name = "vision_model.radio_model.hf_model." + name[len("vision_model."):]
+                name = "vision_model.radio_model.hf_model." + name[len("vision_model.") :]
     if name.startswith("language_model"):
         return Route("lm", name.split(".", 1)[1] if "." in name else "")
     if name.startswith("mlp1"):
@@ -374,7 +568,7 @@ def route_wrapped(name: str, wrapper: str, profile: SGLangProfile, has_sound: bo
         prefix = "vision_projector.vision_final_layernorm."
         if not name.startswith(prefix):
             return Route("raise", message=f"ValueError: Unexpected Nemotron-H Omni weight: {name}")
-        if not lm_has_mtp or name[len(prefix):] not in ("weight", "bias"):
+        if not lm_has_mtp or name[len(prefix) :] not in ("weight", "bias"):
             return Route("raise", message=f"ValueError: Unexpected vision projector weight: {name}")
         return Route("tower")
     return Route("ignored")
@@ -397,5 +591,107 @@ def replay_projector(name: str, projector_params: frozenset[str] | set[str]) -> 
 def mtp_preprocess(name: str, profile: SGLangProfile) -> str:
     """``NemotronHForCausalLMMTP.load_weights`` (0.5.23) strips one leading ``language_model.``."""
     if profile.mtp_strip_language_model and name.startswith("language_model."):
-        return name[len("language_model."):]
+        return name[len("language_model.") :]
     return name
+
+
+# ---------------------------------------------------------------------------
+# The Engine interface for one SGLang release
+
+
+@dataclass(frozen=True)
+class SGLangEngine:
+    """SGLang's answers for one release row (``nhcheck.engines.base.Engine``)."""
+
+    id: EngineId
+    profile: SGLangProfile
+
+    def build_manifest(self, cfg, qc, *, moe_backend=None, mtp=False, pp=None):
+        from nhcheck.manifest import build_manifest
+
+        return build_manifest(cfg, qc, self.profile, moe_backend=moe_backend, mtp=mtp, pp=pp, release=self.id.version)
+
+    def replayer(self, manifest, cfg, *, mtp: bool, pp: PPWindow | None):
+        # NemotronHModel always has start/end layers (PP=1: 0 and the layer count), so a layer
+        # index past the model is dropped by the range check even without pipeline parallelism.
+        window = pp or PPWindow(0, cfg.num_layers)
+        experts = cfg.max_n_routed_experts if self.profile.expert_count_from_max else cfg.n_routed_experts
+        replay = make_replayer(manifest.inner_names, experts, self.profile, is_mtp=mtp, pp=window)
+        if not mtp:
+            return replay
+        profile = self.profile
+        return lambda name: replay(mtp_preprocess(name, profile))
+
+    def route(self, name: str, cfg) -> Route:
+        # NemotronH_Omni_Reasoning_V3 builds its vision_final_layernorm when the LM has MTP
+        # (``llm_config.num_nextn_predict_layers > 0``, VL@0.5.23), whatever the MTP pattern says.
+        return route_wrapped(name, cfg.wrapper, self.profile, cfg.has_sound, cfg.has_mtp)
+
+    def replay_projector(self, name: str, manifest) -> Outcome:
+        return replay_projector(name, manifest.projector_names)
+
+    def routes_before_lm(self, cfg, *, mtp: bool) -> bool:
+        """A buffering VL wrapper (before ``vl_streams``) routes every other name before the LM loads."""
+        return cfg.wrapper is not None and not mtp and not self.profile.vl_streams
+
+    def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
+        """Whether a scalar scale loaded with no shard id fills every slot of a fused merged-column parameter.
+
+        Only a ``MergedColumnParallelLinear`` fused in the checkpoint (Mamba ``in_proj``) gets here.
+        ``merged_scalar_every_slot`` releases' ``MergedColumnParallelLinear.weight_loader_v2`` fill every
+        logical slot; earlier ones call ``load_merged_column_weight(shard_id=0)``: slot 0 only.
+        ``ModelOptNvFp4A16LinearMethod`` is not in ``WEIGHT_LOADER_V2_SUPPORTED``, so it takes the v1
+        ``MergedColumnParallelLinear.weight_loader``, whose ``adjust_scalar_to_fused_array(param, w, 0)``
+        also writes slot 0 only.
+        """
+        from nhcheck.quant import A16_LINEAR
+
+        return self.profile.merged_scalar_every_slot and quant_method != A16_LINEAR
+
+    def startup_error(self, names, manifest, *, mtp: bool) -> str | None:
+        """``NemotronHForCausalLMMTP.load_weights`` (§10; MTPF@0.5.23:381–414), after the stream.
+
+        On names with one leading ``language_model.`` removed: a checkpoint with ``mtp.layers.*``,
+        no ``backbone.layers.*``/``model.layers.*`` and at least one ``lm_head.*`` is a standalone
+        MTP checkpoint, and it must supply every ``lm_head`` parameter (plus ``lm_head.weight``);
+        ``lm_head.input_scale`` is exempt under NVFP4-A16. Otherwise the load raises ValueError.
+        """
+        if not (mtp and self.profile.mtp_standalone_head_check):
+            return None
+        from nhcheck.quant import A16_LINEAR
+
+        has_mtp = has_target = False
+        head: set[str] = set()
+        for name in names:
+            n = mtp_preprocess(name, self.profile)
+            has_mtp = has_mtp or n.startswith("mtp.layers.")
+            has_target = has_target or n.startswith(("backbone.layers.", "model.layers."))
+            if n.startswith("lm_head."):
+                head.add(n)
+        if not (has_mtp and not has_target and head):
+            return None
+        expected = {p.name for p in manifest.params if p.name.startswith("lm_head.")}
+        if any(p.name == "lm_head.input_scale" and p.quant_method == A16_LINEAR for p in manifest.params):
+            expected.discard("lm_head.input_scale")
+        missing = (expected | {"lm_head.weight"}) - head
+        if missing:
+            return f"ValueError: Incomplete standalone MTP lm_head: missing {sorted(missing)}"
+        return None
+
+    def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
+        return pp_window(num_layers, rank, size)
+
+    def by_design(self, reason: str) -> bool:
+        return reason in BY_DESIGN_REASONS
+
+    def reason_text(self, reason: str) -> str:
+        return REASON_TEXT.get(reason, reason)
+
+    def others(self) -> tuple[SGLangEngine, ...]:
+        """One engine per other behaviour epoch, named by the epoch's first release."""
+        return tuple(SGLangEngine(EngineId("sglang", p.version), p) for p in EPOCHS if p is not self.profile)
+
+
+def engine(eid: EngineId) -> SGLangEngine:
+    """The engine for a release ``parse_engine_id`` accepted (a release newer than the table: the newest row)."""
+    return SGLangEngine(eid, get_profile(eid))

@@ -1,0 +1,66 @@
+"""Engines nhcheck answers for, behind one interface (``base.Engine``).
+
+``parse`` turns what the user typed (``sglang@0.5.23``, ``sglang``) into an ``EngineId``
+once, at the edge; ``get`` gives the implementation. Adding an engine is one module with a
+release table and an ``Engine`` implementation, one entry in ``_MODULES``, and its golden data.
+"""
+
+from __future__ import annotations
+
+from nhcheck.engines import sglang
+from nhcheck.engines.base import Engine, EngineId
+from nhcheck.errors import UsageError
+
+_MODULES = {"sglang": sglang}
+DEFAULT = "sglang"
+
+
+def parse(spec: str | None) -> EngineId:
+    """``NAME[@VERSION]`` → ``EngineId``; an unknown engine or release is a usage error naming the choices."""
+    text = (spec or DEFAULT).strip()
+    name = text.partition("@")[0]
+    module = _MODULES.get(name)
+    if module is None:
+        raise UsageError(f"unknown engine {name!r}; nhcheck answers for " + ", ".join(sorted(_MODULES)))
+    return module.parse_engine_id(text)
+
+
+def known() -> tuple[EngineId, ...]:
+    """Every engine release nhcheck answers for, engine by engine, oldest first."""
+    return tuple(EngineId(name, v) for name, module in _MODULES.items() for v in module.PROFILES)
+
+
+def epochs() -> list[tuple[str, tuple[str, ...]]]:
+    """(engine, its releases) per behaviour epoch, engine by engine, oldest first."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for name, module in _MODULES.items():
+        groups: dict[int, list[str]] = {}
+        for version, row in module.PROFILES.items():
+            groups.setdefault(id(row), []).append(version)
+        out += [(name, tuple(vs)) for vs in groups.values()]
+    return out
+
+
+def spans(ids: list[EngineId]) -> list[str]:
+    """Epochs (named by a release of each) as ranges of consecutive known releases: ``sglang@0.5.13 … 0.5.23``."""
+    order = {e: i for i, e in enumerate(known())}
+    chosen = set(ids)
+    releases = [EngineId(name, v) for name, vs in epochs() if chosen & {EngineId(name, x) for x in vs} for v in vs]
+    out: list[str] = []
+    run: list[EngineId] = []
+    for eid in sorted(releases, key=lambda e: order.get(e, -1)):
+        if run and order.get(eid, -1) == order.get(run[-1], -2) + 1 and eid.name == run[-1].name:
+            run.append(eid)
+            continue
+        if run:
+            out.append(str(run[0]) + (f" … {run[-1].version}" if len(run) > 1 else ""))
+        run = [eid]
+    if run:
+        out.append(str(run[0]) + (f" … {run[-1].version}" if len(run) > 1 else ""))
+    return out
+
+
+def get(spec: EngineId | str | None) -> Engine:
+    """The implementation for an engine id (or a spec, parsed first)."""
+    eid = spec if isinstance(spec, EngineId) else parse(spec)
+    return _MODULES[eid.name].engine(eid)

@@ -1,0 +1,189 @@
+"""What every engine answers, in engine-neutral types.
+
+The audit, the report, prune and load speak only these types and the ``Engine`` interface;
+an engine module (``nhcheck.engines.sglang``) is one implementation. The shape follows
+pip-audit's ``VulnerabilityService``: a small interface, one module per service, picked once
+at the edge from a parsed ``EngineId``.
+
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from nhcheck.manifest import Manifest
+    from nhcheck.model import NemotronHConfig
+    from nhcheck.quant import QuantConfig
+
+#: What the engine does with one checkpoint tensor.
+OutcomeKind = Literal["load", "warn", "skip", "raise", "routed"]
+#: Where a wrapper (Omni / VL) sends a checkpoint name.
+RouteTarget = Literal["lm", "projector", "tower", "ignored", "raise"]
+
+
+@dataclass(frozen=True, order=True)
+class EngineId:
+    """An engine and one of its releases, parsed once at the edge (``sglang@0.5.23``).
+
+    ``installed``: the release was read from this environment's installed package. ``assumption``:
+    the release is not in nhcheck's table and is answered with a known release's behaviour (said as
+    an ``info`` finding in every report).
+    """
+
+    name: str
+    version: str
+    installed: bool = field(default=False, compare=False)
+    assumption: str | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def described(self) -> str:
+        """For headers: ``sglang@0.5.23``, with ``(installed)`` or the assumption it is answered under."""
+        notes = (["installed"] if self.installed else []) + ([self.assumption.split(";")[0]] if self.assumption else [])
+        return str(self) + (f" ({'; '.join(notes)})" if notes else "")
+
+    @property
+    def label(self) -> str:
+        """For sentences: ``sglang 0.5.23``."""
+        return f"{self.name} {self.version}"
+
+
+class Outcome(NamedTuple):
+    """What the engine does with one checkpoint tensor.
+
+    ``outcome`` is an ``OutcomeKind``; ``param`` is the engine's name for the target (inner
+    model for the language model); ``reason`` says which branch fired. A NamedTuple, not a
+    dataclass: one is made per tensor on the hot path (165k on Super).
+    """
+
+    outcome: OutcomeKind | Literal["uncached"]
+    param: str | None = None
+    shard_id: str | None = None
+    expert_id: int | None = None
+    engine_name: str | None = None
+    message: str | None = None
+    reason: str = "load"
+
+
+class Route(NamedTuple):
+    """Where a wrapper sends a checkpoint name: to the LM replay (with the inner name) or elsewhere."""
+
+    target: RouteTarget
+    inner: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class PPWindow:
+    """Pipeline-parallel view of one rank: layers [start, end), and whether it holds embed / head."""
+
+    start: int
+    end: int
+    first_rank: bool = True
+    last_rank: bool = True
+
+
+@dataclass(frozen=True)
+class Crash:
+    """The error that ends the engine's start-up: at a tensor, or while building the model (tensor None).
+
+    ``index`` is the tensor's place in the engine's stream; a load adds how far it got before it.
+    """
+
+    error: str
+    tensor: str | None = None
+    shard: str | None = None
+    index: int | None = None
+    tensors_loaded: int | None = None
+    bytes_loaded: int | None = None
+    seconds: float | None = None
+
+    @property
+    def where(self) -> str:
+        """`` at TENSOR (shard SHARD)``, or `` while building the model``."""
+        return f" at {self.tensor} (shard {self.shard})" if self.tensor else " while building the model"
+
+    def as_dict(self) -> dict[str, object]:
+        """For JSON: the tensor, error and shard, then whichever of the other fields are known."""
+        out: dict[str, object] = {"tensor": self.tensor, "error": self.error, "shard": self.shard}
+        for key in ("index", "tensors_loaded", "bytes_loaded", "seconds"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+#: One checkpoint name → what the engine does with it (a replayer bound to one manifest).
+Replayer = Callable[[str], Outcome]
+
+
+class Engine(Protocol):
+    """What nhcheck needs to know of an inference engine release to answer for it.
+
+    Every answer is backed by golden data made with the engine's own code (``oracle/``,
+    committed under ``tests/conformance/``).
+    """
+
+    id: EngineId
+
+    def build_manifest(
+        self,
+        cfg: NemotronHConfig,
+        qc: QuantConfig | None,
+        *,
+        moe_backend: str | None = None,
+        mtp: bool = False,
+        pp: PPWindow | None = None,
+    ) -> Manifest:
+        """The runtime parameters the engine builds for this config and quant config."""
+        ...
+
+    def replayer(self, manifest: Manifest, cfg: NemotronHConfig, *, mtp: bool, pp: PPWindow | None) -> Replayer:
+        """Replay one language-model checkpoint name through the engine's ``load_weights``."""
+        ...
+
+    def route(self, name: str, cfg: NemotronHConfig) -> Route:
+        """Where the Omni / VL wrapper sends a checkpoint name (only for wrapped configs)."""
+        ...
+
+    def replay_projector(self, name: str, manifest: Manifest) -> Outcome:
+        """A name the wrapper hands to its projector."""
+        ...
+
+    def preprocess_mtp(self, name: str) -> str:
+        """The MTP draft's rewrite of a checkpoint name before its ``load_weights``."""
+        ...
+
+    def routes_before_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
+        """Stream order: whether the wrapper routes every non-LM name before any LM tensor loads (buffering)."""
+        ...
+
+    def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
+        """Loader semantics: whether a scalar scale with no shard id fills every slot of a fused parameter."""
+        ...
+
+    def startup_error(self, names: Iterable[str], manifest: Manifest, *, mtp: bool) -> str | None:
+        """An error the engine raises around ``load_weights`` (after the stream), from the names alone."""
+        ...
+
+    def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
+        """The layers and embed / head ownership of one pipeline rank."""
+        ...
+
+    def by_design(self, reason: str) -> bool:
+        """Whether a replay reason is intended behaviour (a draft's or another rank's tensor), not an orphan."""
+        ...
+
+    def reason_text(self, reason: str) -> str:
+        """What a replay reason means, in words, for findings and report rows."""
+        ...
+
+    def others(self) -> tuple[Engine, ...]:
+        """The engine's other known releases, for the report's cross-version summary."""
+        ...

@@ -1,0 +1,84 @@
+"""Which SGLang release the user means, and what nhcheck answers for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nhcheck import engines
+from nhcheck.engines.sglang import EPOCHS, NEWEST, PROFILES, RELEASES_WITH_NEMOTRON_H, parse_engine_id, release_key
+from nhcheck.errors import UsageError
+from nhcheck.pipeline import audit_path
+
+EX = Path(__file__).parent.parent / "examples"
+
+
+def test_release_order_follows_the_index():
+    ordered = sorted(RELEASES_WITH_NEMOTRON_H, key=release_key)
+    assert ordered == list(RELEASES_WITH_NEMOTRON_H)
+    assert release_key("0.5.10rc0") < release_key("0.5.10") < release_key("0.5.10.post1") < release_key("0.5.11")
+
+
+def test_every_modelled_release_has_a_row_and_rows_are_epochs():
+    first = list(RELEASES_WITH_NEMOTRON_H).index("0.5.11")
+    assert list(PROFILES) == list(RELEASES_WITH_NEMOTRON_H[first:])
+    assert PROFILES["0.5.12.post1"] is PROFILES["0.5.12"] and PROFILES["0.5.22"] is PROFILES["0.5.21"]
+    assert len(EPOCHS) == 11 and [p for p in EPOCHS if p.newest] == [PROFILES[NEWEST]]
+    for version in PROFILES:
+        assert parse_engine_id(f"sglang@{version}") == engines.EngineId("sglang", version)
+
+
+@pytest.mark.parametrize("version", [v for v in RELEASES_WITH_NEMOTRON_H if release_key(v) < release_key("0.5.11")])
+def test_releases_not_modelled_yet_are_a_usage_error_naming_the_range(version):
+    with pytest.raises(UsageError, match=r"ships Nemotron-H, but nhcheck models sglang 0\.5\.11 … 0\.5\.23"):
+        parse_engine_id(f"sglang@{version}")
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "0.5.2", "0.5.11.post7"])
+def test_unknown_older_releases_are_a_usage_error(version):
+    with pytest.raises(UsageError, match="is not a release with Nemotron-H"):
+        parse_engine_id(f"sglang@{version}")
+
+
+def test_not_a_version_is_a_usage_error():
+    with pytest.raises(UsageError, match="is not a release version"):
+        parse_engine_id("sglang@newest-please")
+
+
+def test_a_newer_release_is_answered_as_the_newest_and_says_so():
+    eid = parse_engine_id("sglang@0.6.0")
+    assert eid.version == "0.6.0" and eid.assumption and "answered with 0.5.23" in eid.assumption
+    newer = audit_path(str(EX / "nano3-bf16"), "sglang@0.6.0")
+    newest = audit_path(str(EX / "nano3-bf16"), f"sglang@{NEWEST}")
+    assert [r.outcome for r in newer.records] == [r.outcome for r in newest.records]
+    assert [f for f in newer.findings if f.code == "engine-assumed"][0].severity == "info"
+    assert not [f for f in newest.findings if f.code == "engine-assumed"]
+
+
+def test_bare_engine_means_the_installed_release(tmp_path, monkeypatch):
+    assert parse_engine_id("sglang") == engines.EngineId("sglang", NEWEST)  # no sglang here
+    dist = tmp_path / "sglang-0.5.18.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.18\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eid = parse_engine_id(None)
+    assert (eid.version, eid.installed) == ("0.5.18", True)
+    assert "(installed)" in eid.described
+    assert parse_engine_id("sglang@0.5.23").installed is False
+
+
+def test_cli_default_engine_is_the_installed_release(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from nhcheck.cli import cli
+
+    dist = tmp_path / "sglang-0.5.18.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.18\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = CliRunner().invoke(cli, ["audit", str(EX / "nano3-bf16"), "-f", "json", "-q"])
+    engine = json.loads(r.output)["engine"]
+    assert (engine["version"], engine["installed"]) == ("0.5.18", True)

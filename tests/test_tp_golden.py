@@ -1,0 +1,152 @@
+"""nhcheck's TP rules against the rank maps SGLang's real loaders produced (tests/golden/tp/).
+
+The maps were recorded by ``oracle/sglang_tp`` (SGLang's own ``init_distributed_environment`` /
+``initialize_model_parallel`` on gloo ranks, the real modules and weight loaders, tensors whose
+values encode their source coordinates): for every parameter and rank, which checkpoint elements
+landed where and which positions were zero-filled. Here, for every TP size and release:
+
+- where ``nhcheck.tp.plan`` gives a sharding, the local shape and every rank's contents it implies
+  (its windows over the TP-1 layout, zero elsewhere) equal what SGLang put there, element by element;
+- where nhcheck says a module cannot be sharded or loads wrong weights, SGLang refused to build it or
+  placed at least one of its parameters as something other than a partition of the checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nhcheck import tp as tensor_parallel
+from nhcheck.engines.sglang import PROFILES
+from nhcheck.manifest import build_manifest
+from nhcheck.model import parse_config
+from nhcheck.quant import parse_quant
+
+ROOT = Path(__file__).parent.parent
+GOLDEN = Path(__file__).parent / "golden" / "tp"
+sys.path.insert(0, str(ROOT / "oracle" / "sglang_tp"))
+import ckpt  # noqa: E402  (the checkpoint descriptions the oracle ran: configs, quant configs)
+
+ZERO, UNTOUCHED, UNSET = -1, -2, -3
+CASES = sorted(
+    (d.name, f.name)
+    for d in GOLDEN.iterdir()
+    if d.is_dir()
+    for f in d.glob("*-tp*.json")
+    if not f.name.endswith("-tp1.json")
+)
+
+
+class _Keys:
+    """One integer per checkpoint element: source tensor id << 40 | its flattened coordinates."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def expand(self, boxes: list[dict], shape: tuple[int, ...]) -> np.ndarray:
+        arr = np.full(shape or (1,), UNSET, dtype=np.int64)
+        for b in boxes:
+            sl = tuple(slice(a, z) for a, z in b["dst"])
+            if "fill" in b:
+                arr[sl] = ZERO if b["fill"] == "zero" else UNTOUCHED
+                continue
+            nd, lens = len(b["dst"]), [z - a for a, z in b["dst"]]
+            dims = b.get("map") or list(range(nd))
+            flat = np.zeros([1] * nd, dtype=np.int64)
+            for sd, start in enumerate(b["at"]):
+                c = np.full([1] * nd, start, dtype=np.int64)
+                for di, m in enumerate(dims):
+                    if m == sd:
+                        shp = [1] * nd
+                        shp[di] = lens[di]
+                        c = c + np.arange(lens[di]).reshape(shp)
+                flat = flat * 4096 + c
+            arr[sl] = (self.ids.setdefault(b["src"], len(self.ids)) << 40) + np.broadcast_to(flat, lens)
+        return arr.reshape(shape) if shape else arr
+
+
+def _claim(tp1: np.ndarray, sharding, local: tuple[int, ...], rank: int) -> np.ndarray:
+    """What nhcheck says rank ``rank`` holds: its windows over the TP-1 layout, zero elsewhere."""
+    if sharding.dim is None:
+        return tp1.copy()
+    out = np.full(local, ZERO, dtype=np.int64)
+    d = sharding.dim
+    for start, n, dst, _owner in sharding.windows(rank):
+        src = [slice(None)] * tp1.ndim
+        to = [slice(None)] * tp1.ndim
+        src[d], to[d] = slice(start, start + n), slice(dst, dst + n)
+        out[tuple(to)] = tp1[tuple(src)]
+    return out
+
+
+@cache
+def _plan(release: str, name: str):
+    doc = json.loads((GOLDEN / release / name).read_text())
+    doc1 = json.loads((GOLDEN / release / re.sub(r"-tp\d+\.json$", "-tp1.json", name)).read_text())
+    case = doc["case"]
+    c = ckpt.config(case["model"])
+    hq = ckpt.hf_quant_config(c, case["quant"])
+    if hq is not None:
+        section = hq["quantization"]
+        c = dict(
+            c, quantization_config=dict(quant_method="modelopt", **section, ignore=section.get("exclude_modules", []))
+        )
+    cfg = parse_config(c)
+    manifest = build_manifest(
+        cfg, parse_quant(c, hq), PROFILES[doc["sglang_version"]], moe_backend=doc1["moe_runner_backend"]
+    )
+    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]))}
+    return doc, doc1, shards
+
+
+def test_goldens_cover_both_releases_and_every_family() -> None:
+    releases = {r for r, _ in CASES}
+    assert {"sglang-0.5.11", "sglang-0.5.23"} <= releases
+    families = set()
+    for release, name in CASES:
+        families |= set(_plan(release, name)[0].get("families", {}))
+    assert {"attn_qkv", "attn_o", "mamba_in_proj", "mamba_conv1d", "moe_experts", "moe_shared", "embed"} <= families
+
+
+@pytest.mark.parametrize(("release", "name"), CASES)
+def test_rank_maps_match_the_engine(release: str, name: str) -> None:
+    doc, doc1, shards = _plan(release, name)
+    if "construct_error" in doc:
+        # SGLang refused to build the model at this TP size: nhcheck must say the size fails.
+        assert any(s.problems for s in shards.values()), doc["construct_error"]
+        return
+    keys = _Keys()
+    tp1_entries = {n: e for fam in doc1["families"].values() for n, e in fam.items()}
+    lossy_modules: set[str] = set()
+    flagged_modules: set[str] = set()
+    for params in doc["families"].values():
+        for pname, e in params.items():
+            s = shards[pname]
+            e1 = tp1_entries[pname]
+            tp1 = keys.expand(e1["ranks"]["0"], tuple(e1["shape"]))
+            ranks = {
+                int(r): keys.expand(boxes, tuple(e.get("shape_per_rank", {}).get(r, e["shape"])))
+                for r, boxes in e["ranks"].items()
+            }
+            if s.sharding is None:
+                if s.problems:
+                    flagged_modules.add(s.module)
+                    placed = np.concatenate([g.reshape(-1) for g in ranks.values()])
+                    real, want = placed[placed >= 0], tp1[tp1 >= 0].reshape(-1)
+                    partition = np.isin(want, real).all() and np.isin(real, want).all()
+                    if not partition or (placed == UNTOUCHED).any():
+                        lossy_modules.add(s.module)
+                continue
+            local = s.sharding.local_shape(tuple(e1["shape"]))
+            assert tuple(local) == tuple(e["shape"]), (pname, local, e["shape"])
+            for r, got in ranks.items():
+                want = _claim(tp1, s.sharding, tuple(local), r)
+                assert np.array_equal(got, want), f"{pname} rank {r}: {int((got != want).sum())} elements differ"
+    # Every module nhcheck calls wrong is placed wrongly by SGLang too (never a false alarm).
+    assert flagged_modules <= lossy_modules, sorted(flagged_modules - lossy_modules)
