@@ -79,7 +79,7 @@ def read_shard_raw(path: Path) -> tuple[dict, bytes]:
     """(header dict in file order, data section) of a valid shard."""
     blob = path.read_bytes()
     (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def header_blob(header: dict | bytes) -> bytes:
@@ -111,8 +111,10 @@ def entry(header: dict, name: str = VICTIM) -> dict:
 
 def rename_tensor(ckpt: Path, old: str, new: str) -> None:
     """Rename a tensor in its shard header and in the index (the files stay consistent)."""
+
     def ren(h: dict) -> dict:
         return {(new if k == old else k): v for k, v in h.items()}
+
     edit_header(ckpt, S1, ren)
     edit_json(ckpt / INDEX, lambda ix: ix.update(weight_map=ren(ix["weight_map"])))
 
@@ -162,24 +164,29 @@ def _header_len(value: int) -> Callable[[Path], None]:
         blob = bytearray((c / S1).read_bytes())
         blob[:8] = struct.pack("<Q", value)
         (c / S1).write_bytes(bytes(blob))
+
     return build
 
 
 def _raw_header(raw: bytes) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         write_shard_raw(c / S1, raw, b"")
+
     return build
 
 
 def _victim(**changes) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         edit_header(c, S1, lambda h: entry(h).update(changes))
+
     return build
 
 
 def _bad_name_utf8(c: Path) -> None:
     header, data = read_shard_raw(c / S1)
-    raw = json.dumps(header, separators=(",", ":")).encode().replace(VICTIM.encode(), VICTIM.encode()[:-6] + b"\xff\xfe")
+    raw = (
+        json.dumps(header, separators=(",", ":")).encode().replace(VICTIM.encode(), VICTIM.encode()[:-6] + b"\xff\xfe")
+    )
     write_shard_raw(c / S1, raw, data)
 
 
@@ -199,25 +206,30 @@ def _offsets_past_end(c: Path) -> None:
     def fn(h: dict) -> None:
         _, e = last_data_entry(h)
         e["data_offsets"] = [e["data_offsets"][0] + 8, e["data_offsets"][1] + 8]
+
     edit_header(c, S1, fn)
 
 
 def _overlap(c: Path) -> None:
     """The second tensor in the data section starts 4 bytes early, inside the first."""
+
     def fn(h: dict) -> None:
         _, first = first_data_entry(h)
         end = first["data_offsets"][1]
         second = next(v for k, v in h.items() if k != "__metadata__" and v["data_offsets"][0] == end)
         second["data_offsets"] = [end - 4, second["data_offsets"][1] - 4]
+
     edit_header(c, S1, fn)
 
 
 def _gap(c: Path) -> None:
     """Eight unused bytes before the first tensor."""
+
     def fn(h: dict) -> None:
         for k, v in h.items():
             if k != "__metadata__":
                 v["data_offsets"] = [v["data_offsets"][0] + 8, v["data_offsets"][1] + 8]
+
     edit_header(c, S1, fn, data_fn=lambda d: b"\0" * 8 + d)
 
 
@@ -326,15 +338,18 @@ def _weight_map(value: str) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         make_sentinel(c.parent)
         edit_json(c / INDEX, lambda ix: ix["weight_map"].update({VICTIM: value}))
+
     return build
 
 
 def _index(fn: Callable[[dict], object]) -> Callable[[Path], None]:
     """Edit the index in place with ``fn`` (whatever it returns is ignored)."""
+
     def build(c: Path) -> None:
         index = json.loads((c / INDEX).read_text())
         fn(index)
         (c / INDEX).write_text(json.dumps(index, indent=1))
+
     return build
 
 
@@ -350,6 +365,7 @@ def _member_symlink_escape(name: str) -> Callable[[Path], None]:
         outside.mkdir(exist_ok=True)
         os.rename(c / name, outside / name)
         os.symlink(os.path.relpath(outside / name, c), c / name)
+
     return build
 
 
@@ -357,6 +373,7 @@ def _fifo(name: str) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         (c / name).unlink()
         os.mkfifo(c / name)
+
     return build
 
 
@@ -389,6 +406,7 @@ def _stray_shard(c: Path) -> None:
 def _text(name: str, text: str) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         (c / name).write_text(text)
+
     return build
 
 
@@ -404,18 +422,21 @@ def _no_index_no_shards(c: Path) -> None:
 def _config(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         edit_json(c / "config.json", fn)
+
     return build
 
 
 def _quant(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         edit_json(c / "hf_quant_config.json", fn)
+
     return build
 
 
 def _remove(name: str) -> Callable[[Path], None]:
     def build(c: Path) -> None:
         (c / name).unlink()
+
     return build
 
 
@@ -466,12 +487,24 @@ CASES: tuple[Case, ...] = (
     Case("shard-missing", _missing_shard, "findings", codes=("shard-missing", "param-unfilled")),
     Case("tensor-in-wrong-shard", _wrong_shard, "findings", codes=("index-wrong-shard",)),
     Case("same-name-two-shards", _dup_across_shards, "findings", codes=("tensor-duplicate",)),
-    Case("index-lists-ghost", _index(lambda ix: ix["weight_map"].update({"backbone.ghost.weight": S1})), "findings",
-         codes=("index-tensor-missing",)),
-    Case("index-omits-tensor", _index(lambda ix: ix["weight_map"].pop(VICTIM)), "findings",
-         codes=("index-tensor-unlisted",)),
-    Case("index-total-size", _index(lambda ix: ix["metadata"].update(total_size=1)), "findings",
-         codes=("index-total-size",)),
+    Case(
+        "index-lists-ghost",
+        _index(lambda ix: ix["weight_map"].update({"backbone.ghost.weight": S1})),
+        "findings",
+        codes=("index-tensor-missing",),
+    ),
+    Case(
+        "index-omits-tensor",
+        _index(lambda ix: ix["weight_map"].pop(VICTIM)),
+        "findings",
+        codes=("index-tensor-unlisted",),
+    ),
+    Case(
+        "index-total-size",
+        _index(lambda ix: ix["metadata"].update(total_size=1)),
+        "findings",
+        codes=("index-total-size",),
+    ),
     Case("stray-shard", _stray_shard, "findings", codes=("shard-stray",)),
     Case("symlink-inside", _symlink_inside, "clean"),
     Case("hf-cache-snapshot", _hf_cache, "clean"),
@@ -482,12 +515,22 @@ CASES: tuple[Case, ...] = (
     Case("weight-map-nul", _weight_map("model\x00.safetensors"), "error", INDEX, "absolute or empty"),
     Case("shard-symlink-escape", _symlink_escape, "error", S2, "symlink leading outside"),
     Case("index-symlink-escape", _member_symlink_escape(INDEX), "error", INDEX, "symlink leading outside"),
-    Case("config-symlink-escape", _member_symlink_escape("config.json"), "error", "config.json",
-         "symlink leading outside"),
-    Case("quant-symlink-escape", _member_symlink_escape("hf_quant_config.json"), "error", "hf_quant_config.json",
-         "symlink leading outside"),
+    Case(
+        "config-symlink-escape",
+        _member_symlink_escape("config.json"),
+        "error",
+        "config.json",
+        "symlink leading outside",
+    ),
+    Case(
+        "quant-symlink-escape",
+        _member_symlink_escape("hf_quant_config.json"),
+        "error",
+        "hf_quant_config.json",
+        "symlink leading outside",
+    ),
     Case("index-lone-surrogate", _lone_surrogate_in_index, "error", INDEX, "surrogate"),
-    Case("index-not-json", _text(INDEX, "{\"weight_map\": "), "error", INDEX, "not valid JSON"),
+    Case("index-not-json", _text(INDEX, '{"weight_map": '), "error", INDEX, "not valid JSON"),
     Case("index-not-object", _text(INDEX, "[]"), "error", INDEX, "not a JSON object"),
     Case("index-no-weight-map", _text(INDEX, '{"metadata": {}}'), "error", INDEX, "weight_map"),
     Case("index-weight-map-values", _text(INDEX, '{"weight_map": {"a": 1}}'), "error", INDEX, "weight_map"),
@@ -498,35 +541,96 @@ CASES: tuple[Case, ...] = (
     Case("config-not-json", _text("config.json", "{,}"), "error", "config.json", "not valid JSON"),
     Case("config-fifo", _fifo("config.json"), "error", "config.json", "FIFO"),
     Case("config-not-object", _text("config.json", "42"), "error", "config.json", "not a JSON object"),
-    Case("config-wrong-model-type", _config(lambda c: c.update(model_type="llama")), "error", "config.json",
-         "model_type is 'llama'"),
-    Case("config-pattern-length", _config(lambda c: c.update(num_hidden_layers=52)), "error", "config.json",
-         "num_hidden_layers is 52"),
-    Case("config-pattern-chars", _config(lambda c: c.update(hybrid_override_pattern="MX*E")), "error",
-         "config.json", "hybrid_override_pattern must use"),
+    Case(
+        "config-wrong-model-type",
+        _config(lambda c: c.update(model_type="llama")),
+        "error",
+        "config.json",
+        "model_type is 'llama'",
+    ),
+    Case(
+        "config-pattern-length",
+        _config(lambda c: c.update(num_hidden_layers=52)),
+        "error",
+        "config.json",
+        "num_hidden_layers is 52",
+    ),
+    Case(
+        "config-pattern-chars",
+        _config(lambda c: c.update(hybrid_override_pattern="MX*E")),
+        "error",
+        "config.json",
+        "hybrid_override_pattern must use",
+    ),
     Case("config-bad-field", _config(lambda c: c.update(hidden_size="64")), "error", "config.json", "hidden_size"),
-    Case("config-bad-intermediate", _config(lambda c: c.update(intermediate_size=[1.5])), "error", "config.json",
-         "intermediate_size"),
-    Case("config-bad-experts", _config(lambda c: c.update(max_n_routed_experts="many")), "error", "config.json",
-         "max_n_routed_experts"),
-    Case("config-bad-latent", _config(lambda c: c.update(moe_latent_size=True)), "error", "config.json",
-         "moe_latent_size"),
-    Case("config-experts-huge", _config(lambda c: c.update(n_routed_experts=10**9)), "error", "config.json",
-         "up to 16384"),
-    Case("config-layers-str", _config(lambda c: c.update(num_hidden_layers="4")), "error", "config.json",
-         "num_hidden_layers is '4'"),
-    Case("config-block-type-list", _config(lambda c: c.update(hybrid_override_pattern=None,
-                                                              layers_block_type=[["mamba"], "moe"])),
-         "error", "config.json", "layers_block_type has unknown kind"),
-    Case("config-wrapper-ratio", _config(lambda c: {"architectures": ["NemotronH_Nano_VL_V2"], "llm_config": c,
-                                                   "downsample_ratio": "half"}), "error", "config.json",
-         "downsample_ratio"),
-    Case("quant-config-not-json", _text("hf_quant_config.json", "NVFP4"), "error", "hf_quant_config.json",
-         "not valid JSON"),
-    Case("quant-unknown-algo", _quant(lambda q: q["quantization"].update(quant_algo="NVFP7")), "findings",
-         codes=("quant-config", "crash")),
-    Case("quant-not-modelopt", _config(lambda c: c.update(quantization_config={"quant_method": "gptq"})),
-         "findings", codes=("quant-config",)),
+    Case(
+        "config-bad-intermediate",
+        _config(lambda c: c.update(intermediate_size=[1.5])),
+        "error",
+        "config.json",
+        "intermediate_size",
+    ),
+    Case(
+        "config-bad-experts",
+        _config(lambda c: c.update(max_n_routed_experts="many")),
+        "error",
+        "config.json",
+        "max_n_routed_experts",
+    ),
+    Case(
+        "config-bad-latent",
+        _config(lambda c: c.update(moe_latent_size=True)),
+        "error",
+        "config.json",
+        "moe_latent_size",
+    ),
+    Case(
+        "config-experts-huge",
+        _config(lambda c: c.update(n_routed_experts=10**9)),
+        "error",
+        "config.json",
+        "up to 16384",
+    ),
+    Case(
+        "config-layers-str",
+        _config(lambda c: c.update(num_hidden_layers="4")),
+        "error",
+        "config.json",
+        "num_hidden_layers is '4'",
+    ),
+    Case(
+        "config-block-type-list",
+        _config(lambda c: c.update(hybrid_override_pattern=None, layers_block_type=[["mamba"], "moe"])),
+        "error",
+        "config.json",
+        "layers_block_type has unknown kind",
+    ),
+    Case(
+        "config-wrapper-ratio",
+        _config(lambda c: {"architectures": ["NemotronH_Nano_VL_V2"], "llm_config": c, "downsample_ratio": "half"}),
+        "error",
+        "config.json",
+        "downsample_ratio",
+    ),
+    Case(
+        "quant-config-not-json",
+        _text("hf_quant_config.json", "NVFP4"),
+        "error",
+        "hf_quant_config.json",
+        "not valid JSON",
+    ),
+    Case(
+        "quant-unknown-algo",
+        _quant(lambda q: q["quantization"].update(quant_algo="NVFP7")),
+        "findings",
+        codes=("quant-config", "crash"),
+    ),
+    Case(
+        "quant-not-modelopt",
+        _config(lambda c: c.update(quantization_config={"quant_method": "gptq"})),
+        "findings",
+        codes=("quant-config",),
+    ),
     Case("quant-no-quantization", _quant(lambda q: q.pop("quantization")), "findings", codes=("quant-config",)),
 )
 
