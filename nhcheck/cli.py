@@ -79,6 +79,19 @@ def _report_options(f):
     return click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)(f)
 
 
+def _emit(fmt: str, output: str | None, to_json, to_markdown, to_table) -> None:
+    """One report in the chosen format, to stdout or ``-o`` (only the asked format is built)."""
+    if fmt == "json":
+        _write_out(to_json(), output)
+    elif fmt == "markdown":
+        _write_out(to_markdown(), output)
+    elif output:
+        with _open_output(output) as fh:
+            to_table(_file_console(fh, 160))
+    else:
+        to_table(_stdout_console())
+
+
 def _open_output(output: str):
     try:
         return open(output, "w", encoding="utf-8")
@@ -353,15 +366,13 @@ def matrix(source, revision, moe_backend, mtp, fmt, output):
     from nhcheck.sources import open_source
 
     m = compat.build(open_source(source, revision, None), moe_backend=moe_backend, mtp=mtp)
-    if fmt == "json":
-        _write_out(report.matrix_json(m), output)
-    elif fmt == "markdown":
-        _write_out(report.matrix_markdown(m), output)
-    elif output:
-        with _open_output(output) as fh:
-            report.matrix_table(m, _file_console(fh, 200))
-    else:
-        report.matrix_table(m, _stdout_console())
+    _emit(
+        fmt,
+        output,
+        lambda: report.matrix_json(m),
+        lambda: report.matrix_markdown(m),
+        lambda console: report.matrix_table(m, console),
+    )
     sys.exit(m.exit_code())
 
 
@@ -667,15 +678,13 @@ def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None
     """Report a load (``module``: nhcheck.load, or nhcheck.load_tp whose non-zero torchrun ranks pass None) and exit."""
     if rep is None:
         sys.exit(0)
-    if fmt == "json":
-        _write_out(module.render_json(rep), output)
-    elif fmt == "markdown":
-        _write_out(module.render_markdown(rep), output)
-    elif output:
-        with _open_output(output) as fh:
-            module.render_table(rep, _file_console(fh, 160))
-    else:
-        module.render_table(rep, _stdout_console())
+    _emit(
+        fmt,
+        output,
+        lambda: module.render_json(rep),
+        lambda: module.render_markdown(rep),
+        lambda console: module.render_table(rep, console),
+    )
     if not quiet:
         _summary(module.summary_line(rep))
     sys.exit(rep.exit_code())
