@@ -634,6 +634,20 @@ class SGLangEngine:
         """A buffering VL wrapper (before ``vl_streams``) routes every other name before the LM loads."""
         return cfg.wrapper is not None and not mtp and not self.profile.vl_streams
 
+    def routed_after_lm(self, cfg, *, mtp: bool) -> bool:
+        return False
+
+    def order_shards(self, names: list[str]) -> list[str]:
+        """Index-listed shard files sorted by name (the checkpoint's own order)."""
+        return sorted(names)
+
+    def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """SGLang's loaders do not refuse a tensor by its shape here; ``audit`` reports the mismatch as a finding."""
+        return None
+
+    def slot_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        return None
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """Whether a scalar scale loaded with no shard id fills every slot of a fused merged-column parameter.
 
