@@ -54,6 +54,10 @@ class VLLMProfile:
     #: 0.20.0): packed NVFP4 bytes go into a bigger bf16 slot without an error. 0.16.0 / 0.17.0 narrow the
     #: incoming tensor to the slot and raise (goldens ``nano3_nvfp4_experts_excluded``).
     expert_slot_narrows: bool
+    #: A per-tensor expert scale slot given a multi-element tensor: ``RoutedExperts._load_per_tensor_weight_scale``
+    #: reshapes it to the slot (``shape '[]' is invalid …``, 0.24.0); before, ``FusedMoE`` expands it into the
+    #: slot (``expand(…)``, goldens 0.20.0 – 0.23.0; 0.16.0 / 0.17.0 assumed the same: no golden has such a tensor).
+    expert_scale_reshapes: bool
     #: The MoE router ``gate.weight`` is float32 (0.16.0); bfloat16 from 0.17.0 (goldens).
     router_fp32: bool
     #: A ModelOpt linear fused from several checkpoint tensors (Mamba ``in_proj``) holds one
@@ -88,6 +92,7 @@ _V5 = VLLMProfile(
     cache_scale_mapper=False,
     expert_missing="keyerror",
     expert_slot_narrows=False,
+    expert_scale_reshapes=False,
     router_fp32=True,
     fused_scale_per_shard=False,
     omni_registered=False,
@@ -107,8 +112,8 @@ _V7 = replace(_V6, version="0.20.0", epoch="V7", omni_registered=True, expert_sl
 _V8 = replace(_V7, version="0.22.0", epoch="V8", vl_lm_first=True, kv_method_name="ModelOptKVCacheMethod")
 #: V8 (0.23.0, wording): an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod``.
 _V8b = replace(_V8, version="0.23.0", quantized_lm_head_method="UnquantizedLinearMethod")
-#: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``).
-_V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True)
+#: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
+_V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True)
 #: V9b: 0.25.0 — base cache-scale mapper and ignored unexpected suffixes in ``AutoWeightsLoader``.
 _V9b = replace(_V9, version="0.25.1", epoch="V9b", cache_scale_mapper=True)
 #: V10 (V10a): 0.26.0 — own loop deleted: ``AutoWeightsLoader`` + ``RoutedExperts.load_weights``.
@@ -538,6 +543,18 @@ def natural_key(name: str) -> list[object]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+#: torch's type names in its error messages, by safetensors dtype.
+_TORCH_TYPE = {
+    "F8_E4M3": "Float8_e4m3fn",
+    "F8_E5M2": "Float8_e5m2",
+    "BF16": "BFloat16",
+    "F16": "Half",
+    "F32": "Float",
+    "U8": "Byte",
+    "I8": "Char",
+}
+
+
 def _narrow(dim_size: int, start: int, length: int) -> str | None:
     if start + length > dim_size:
         return f"RuntimeError: start ({start}) + length ({length}) exceeds dimension size ({dim_size})."
@@ -681,9 +698,25 @@ class VLLMEngine:
         """The error the parameter's weight loader raises for a tensor of this shape (TP 1), or None."""
         if param.dtype == "unknown" or not param.shape:
             return None
-        if param.loader == "expert":
-            return expert_load_error(param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows)
+        numel = 1
+        for d in shape:
+            numel *= d
         last = param.name.rsplit(".", 1)[-1]
+        if param.loader == "expert":
+            if param.shape[1:] in ((), (1,)):
+                if numel == 1:
+                    return None
+                if self.profile.expert_scale_reshapes:
+                    return f"RuntimeError: shape '[]' is invalid for input of size {numel}"
+                return (
+                    f"RuntimeError: expand(CPU{_TORCH_TYPE.get(dtype, dtype)}Type{{{list(shape)}}}, size=[]): the number "
+                    f"of sizes provided (0) must be greater or equal to the number of dimensions in the tensor ({len(shape)})"
+                )
+            return expert_load_error(param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows)
+        if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
+            # PerTensorScaleParameter: a one-element tensor fills its slot; anything else fails the loader's
+            # ``assert param_data.shape == loaded_weight.shape``.
+            return None if numel == 1 or tuple(shape) == param.shape else "AssertionError: "
         if last != "weight":
             return None
         module = param.name.rsplit(".", 2)[-2]
