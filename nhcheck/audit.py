@@ -428,7 +428,7 @@ def run_audit(
     findings: list[Finding] = list(ckpt.findings)
     if engine.id.assumption:
         findings.append(Finding("info", "engine-assumed", engine.id.assumption))
-    if moe_backend is None and manifest.source == "built" and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern):
+    if moe_backend is None and manifest.source == "built" and manifest.moe_backend and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern):
         findings.append(
             Finding(
                 "info",
@@ -466,14 +466,15 @@ def run_audit(
     findings += _grouped(slot_findings)
     findings += _grouped(notes)
     missing_items = []
+    engine_label = {"sglang": "SGLang", "vllm": "vLLM"}.get(engine.id.name, engine.id.name)
     for s in statuses:
         if s.status in ("unfilled", "partial") and not any(fnmatch.fnmatchcase(s.name, pat) for pat in ignore):
             sev = "info" if s.param.informational else "warning" if s.status == "partial" else "error"
             if s.status == "unfilled":
                 msg = (
-                    "no checkpoint tensor fills it; SGLang keeps its default"
+                    f"no checkpoint tensor fills it; {engine_label} keeps its default"
                     if s.param.informational
-                    else "no checkpoint tensor fills it; SGLang leaves it uninitialised and does not say so"
+                    else f"no checkpoint tensor fills it; {engine_label} leaves it uninitialised and does not say so"
                 )
             else:
                 msg = "only partly filled: missing " + ", ".join(s.missing)

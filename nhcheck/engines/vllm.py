@@ -267,6 +267,7 @@ REASON_TEXT = {
     "wrapper-raise": "the VL wrapper raises on it",
     "routed": "by design: a tower or the projector loads it",
     "loader": "the parameter's weight loader raises on this tensor's shape",
+    "not-built": "not read: start-up refused the checkpoint before load_weights",
     "load": "loaded",
 }
 BY_DESIGN_REASONS = frozenset({"mtp-filter", "wrapper-mtp", "routed", "pp-range", "pp-rank"})
@@ -656,10 +657,19 @@ class VLLMEngine:
     def build_manifest(self, cfg, qc, *, moe_backend=None, mtp=False, pp=None):
         from nhcheck.engines.vllm_manifest import build_manifest
 
+        if moe_backend not in (None, "auto"):
+            raise UsageError(
+                f"--moe-backend names SGLang's MoE runner backends; vllm {self.id.version}'s backend changes no "
+                "parameter (leave it out)"
+            )
+
         return build_manifest(cfg, qc, self.profile, release=self.id.version, mtp=mtp, pp=pp)
 
     def replayer(self, manifest, cfg, *, mtp: bool, pp: PPWindow | None):
         outer = "NemotronHForCausalLM"
+        if not manifest.params and manifest.problems:
+            # Start-up refused the checkpoint: load_weights never runs, no tensor has an outcome of its own.
+            return lambda name: Outcome("skip", reason="not-built")
         return make_replayer(
             manifest.inner_names,
             cfg.n_routed_experts,
@@ -737,14 +747,33 @@ class VLLMEngine:
         return None
 
     def startup_error(self, names, manifest, *, mtp: bool) -> str | None:
-        """The strict check after the stream (``DefaultModelLoader.load_weights``, unquantized models): every
-        parameter must have been loaded — reported from the coverage, see ``strict_unloaded``."""
-        return None
-
-    def strict_unloaded(self, manifest) -> bool:
-        """Whether parameters no tensor reached make start-up fail ("Following weights were not initialized
-        from checkpoint"): the check runs only for models without a quant config."""
-        return manifest.quantization is None
+        """The strict check after the stream (``DefaultModelLoader.load_weights``, 0.34.0
+        ``model_loader/default_loader.py:560–612``): it runs for models without a quant config, and exempts
+        every parameter of a module whose quant method post-processes its weights (the linear layers, the
+        embedding); what remains — norms, Mamba ``A`` / ``D`` / ``dt_bias``, the projector — must each have
+        received a tensor, else ``ValueError: Following weights were not initialized from checkpoint``.
+        No committed golden reaches this check (every unquantized case loads in full or raises first).
+        """
+        if manifest.quantization is not None or not manifest.params or manifest.source != "built":
+            return None
+        experts = max((p.num_experts for p in manifest.params if p.loader == "expert"), default=0)
+        replay = make_replayer(manifest.inner_names, experts, self.profile, quantized=False, outer="")
+        n = len(manifest.lm_prefix)
+        reached: set[str] = set()
+        for name in names:
+            route = route_wrapped(name, False, True) if n else Route("lm", name)
+            if route.target == "lm":
+                o = replay(route.inner or "")
+                if o.param:
+                    reached.add(manifest.lm_prefix + o.param)
+            elif route.target == "projector":
+                o = replay_projector(route.inner or name, manifest.projector_names)
+                if o.param:
+                    reached.add(o.param)
+        missing = sorted(p.name for p in manifest.params if p.quant_method is None and p.name not in reached)
+        if not missing:
+            return None
+        return f"ValueError: Following weights were not initialized from checkpoint: {{{', '.join(map(repr, missing))}}}"
 
     def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
         from nhcheck.engines.sglang import pp_window

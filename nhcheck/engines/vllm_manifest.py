@@ -276,7 +276,9 @@ def build_manifest(
         b.out.append(Param("mlp1.3.weight", (H, cfg.projector_hidden_size), b.dtype))
         if cfg.has_mtp:
             # Built to match HF checkpoints trained with MTP (``nano_nemotron_vl.py:1020``).
-            b.out.append(Param("vision_final_layernorm.weight", (cfg.vit_hidden_size,), b.dtype))
-            b.out.append(Param("vision_final_layernorm.bias", (cfg.vit_hidden_size,), b.dtype))
+            # Unfilled, it keeps nn.LayerNorm's initial values (weight 1, bias 0): the engine's default.
+            for s in ("weight", "bias"):
+                b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))
     problems = tuple(qc.problems) if qc else ()
-    return Manifest(tuple(b.out), engine, prefix, kind, "auto", "main", "built", problems)
+    # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.
+    return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems)
