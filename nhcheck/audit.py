@@ -372,16 +372,16 @@ def run_audit(
             if p is not None:
                 # Loader semantics the engine applies to this shape (vLLM's narrowing loaders); None for SGLang.
                 lkey = (param, o.shard_id, t.dtype, t.shape)
-                verdict = loader.get(lkey)
-                if verdict is None:
-                    verdict = loader[lkey] = (
+                decided = loader.get(lkey)
+                if decided is None:
+                    decided = loader[lkey] = (
                         engine.load_error(p, o.shard_id, t.dtype, t.shape),
                         engine.slot_note(p, t.dtype, t.shape),
                     )
-                if verdict[0] is not None:  # the parameter's weight loader itself raises on this tensor
-                    o = o._replace(outcome="raise", message=verdict[0], reason="loader")
-                elif verdict[1] is not None and not ign:
-                    notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", verdict[1], t.shard, t.name)))
+                if decided[0] is not None:  # the parameter's weight loader itself raises on this tensor
+                    o = o._replace(outcome="raise", message=decided[0], reason="loader")
+                elif decided[1] is not None and not ign:
+                    notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decided[1], t.shard, t.name)))
             if p is not None and not ign:
                 key = (param, o.shard_id, t.dtype, t.shape)
                 problem = checked.get(key, unchecked)
@@ -428,7 +428,12 @@ def run_audit(
     findings: list[Finding] = list(ckpt.findings)
     if engine.id.assumption:
         findings.append(Finding("info", "engine-assumed", engine.id.assumption))
-    if moe_backend is None and manifest.source == "built" and manifest.moe_backend and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern):
+    if (
+        moe_backend is None
+        and manifest.source == "built"
+        and manifest.moe_backend
+        and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern)
+    ):
         findings.append(
             Finding(
                 "info",

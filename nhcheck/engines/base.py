@@ -181,6 +181,11 @@ class Engine(Protocol):
         """Loader semantics: what goes wrong silently when such a tensor loads (written into part of the slot)."""
         ...
 
+    def tp_unproven(self) -> str | None:
+        """Why nhcheck cannot answer for this engine's tensor-parallel sharding (None: ``tp.py``'s rules are
+        proven for it on gloo ranks)."""
+        ...
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """Loader semantics: whether a scalar scale with no shard id fills every slot of a fused parameter."""
         ...
@@ -195,6 +200,11 @@ class Engine(Protocol):
 
     def by_design(self, reason: str) -> bool:
         """Whether a replay reason is intended behaviour (a draft's or another rank's tensor), not an orphan."""
+        ...
+
+    def no_param_reasons(self) -> frozenset[str]:
+        """Replay reasons meaning "the language-model loader has no parameter for this name" (dropped, warned or
+        raised): the only tensors ``prune`` may consider removing."""
         ...
 
     def reason_text(self, reason: str) -> str:

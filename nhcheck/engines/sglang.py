@@ -648,6 +648,9 @@ class SGLangEngine:
     def slot_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
         return None
 
+    def tp_unproven(self) -> str | None:
+        return None  # tests/golden/tp: rank maps from SGLang's own loaders (oracle/sglang_tp)
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """Whether a scalar scale loaded with no shard id fills every slot of a fused merged-column parameter.
 
@@ -697,6 +700,9 @@ class SGLangEngine:
 
     def by_design(self, reason: str) -> bool:
         return reason in BY_DESIGN_REASONS
+
+    def no_param_reasons(self) -> frozenset[str]:
+        return frozenset({"not-found", "kv-drop", "expert-orphan", "bias", "keyerror"})
 
     def reason_text(self, reason: str) -> str:
         return REASON_TEXT.get(reason, reason)

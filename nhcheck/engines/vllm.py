@@ -76,7 +76,8 @@ class VLLMProfile:
     linear_method_name: str
     #: … the KV-cache method's (``ModelOptKVCacheMethod`` from 0.21.0).
     kv_method_name: str
-    #: … an unexcluded-but-unquantized ``lm_head``'s method under a ModelOpt config (0.23.0: ``UnquantizedLinearMethod``).
+    #: … an unexcluded-but-unquantized ``lm_head``'s method under a ModelOpt config
+    #: (0.23.0: ``UnquantizedLinearMethod``).
     quantized_lm_head_method: str
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
     newest: bool = False
@@ -228,7 +229,8 @@ def parse_engine_id(spec: str | None) -> EngineId:
     if version in PROFILES:
         return EngineId("vllm", version, installed)
     first = next(iter(PROFILES))
-    modelled = f"nhcheck answers for vllm {first} … {NEWEST} except {', '.join(sorted(set(UNPROVEN) - set(RELEASES_WITH_NEMOTRON_H[:15]), key=release_key))}"
+    gaps = sorted(set(UNPROVEN) - set(RELEASES_WITH_NEMOTRON_H[:15]), key=release_key)
+    modelled = f"nhcheck answers for vllm {first} … {NEWEST} except {', '.join(gaps)}"
     if version in UNPROVEN:
         raise UsageError(
             f"vllm {version} ships Nemotron-H but is not yet proven by golden data ({UNPROVEN[version]}); {modelled}"
@@ -397,9 +399,7 @@ def _walk_error(n: str, params: frozenset[str] | set[str], outer: str) -> str:
 def _expert_missing(profile: VLLMProfile, module: str, param_suffix: str, mapped: str, original: str) -> str:
     if profile.expert_missing == "attr-object":
         return f"AttributeError: 'RoutedExperts' object has no attribute '{param_suffix}'"
-    return (
-        f"AttributeError: Layer {module} has no parameter '{param_suffix}' for checkpoint weight '{original}'"
-    )
+    return f"AttributeError: Layer {module} has no parameter '{param_suffix}' for checkpoint weight '{original}'"
 
 
 def _auto(
@@ -459,7 +459,9 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
             return Outcome("load", "model." + name, sid, engine_name="model." + n[len("model.") :])
         return Outcome("raise", engine_name=name, message=f"KeyError: {name!r}", reason="keyerror")
     hits = sorted(
-        (int(m.group(1)), _EXPERT_SHARD[m.group(2)][2], m) for m in _EXPERT_RE.finditer(name) if int(m.group(1)) < num_experts
+        (int(m.group(1)), _EXPERT_SHARD[m.group(2)][2], m)
+        for m in _EXPERT_RE.finditer(name)
+        if int(m.group(1)) < num_experts
     )
     if hits:
         e, _, m = hits[0]
@@ -590,7 +592,7 @@ def expert_load_error(
         return None
     shard_dim = 1 if shard_id == "w2" else 0
     if narrows:
-        dst = tuple(min(s, l) for s, l in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
+        dst = tuple(min(s, n) for s, n in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
         return _broadcast_copy(dst, loaded)
     if shard_dim < len(loaded):
         err = _narrow(loaded[shard_dim], 0, slot[shard_dim])
@@ -602,7 +604,7 @@ def expert_load_error(
 
 def expert_narrowed(slot: tuple[int, ...], loaded: tuple[int, ...]) -> bool:
     """Whether a 0.20.0+ expert load writes only part of the slot (the incoming tensor is smaller)."""
-    return len(slot) >= 2 and len(loaded) == len(slot) and any(l < s for s, l in zip(slot, loaded, strict=True))
+    return len(slot) >= 2 and len(loaded) == len(slot) and any(n < s for s, n in zip(slot, loaded, strict=True))
 
 
 def linear_load_error(
@@ -657,7 +659,7 @@ class VLLMEngine:
     def build_manifest(self, cfg, qc, *, moe_backend=None, mtp=False, pp=None):
         from nhcheck.engines.vllm_manifest import build_manifest
 
-        if moe_backend not in (None, "auto"):
+        if moe_backend not in (None, "", "auto"):
             raise UsageError(
                 f"--moe-backend names SGLang's MoE runner backends; vllm {self.id.version}'s backend changes no "
                 "parameter (leave it out)"
@@ -699,6 +701,12 @@ class VLLMEngine:
         """``safetensors_weights_iterator`` reads the shard files in natural-sort order (0.16.0)."""
         return sorted(names, key=natural_key)
 
+    def tp_unproven(self) -> str | None:
+        return (
+            f"tensor parallelism on vllm {self.id.version} is not checked: nhcheck's TP rules are proven against "
+            "SGLang's loaders only (no vLLM rank maps yet), so no tp-indivisible verdict is given for vLLM"
+        )
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """A scalar scale into a per-shard scale vector: ``PerTensorScaleParameter`` without a shard id fills
         every slot (the v2 loaders broadcast a one-element tensor)."""
@@ -718,9 +726,10 @@ class VLLMEngine:
                     return None
                 if self.profile.expert_scale_reshapes:
                     return f"RuntimeError: shape '[]' is invalid for input of size {numel}"
+                torch_type = _TORCH_TYPE.get(dtype, dtype)
                 return (
-                    f"RuntimeError: expand(CPU{_TORCH_TYPE.get(dtype, dtype)}Type{{{list(shape)}}}, size=[]): the number "
-                    f"of sizes provided (0) must be greater or equal to the number of dimensions in the tensor ({len(shape)})"
+                    f"RuntimeError: expand(CPU{torch_type}Type{{{list(shape)}}}, size=[]): the number of sizes "
+                    f"provided (0) must be greater or equal to the number of dimensions in the tensor ({len(shape)})"
                 )
             return expert_load_error(param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows)
         if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
@@ -773,7 +782,9 @@ class VLLMEngine:
         missing = sorted(p.name for p in manifest.params if p.quant_method is None and p.name not in reached)
         if not missing:
             return None
-        return f"ValueError: Following weights were not initialized from checkpoint: {{{', '.join(map(repr, missing))}}}"
+        return (
+            f"ValueError: Following weights were not initialized from checkpoint: {{{', '.join(map(repr, missing))}}}"
+        )
 
     def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
         from nhcheck.engines.sglang import pp_window
@@ -782,6 +793,12 @@ class VLLMEngine:
 
     def by_design(self, reason: str) -> bool:
         return reason in BY_DESIGN_REASONS
+
+    def no_param_reasons(self) -> frozenset[str]:
+        """Not ``loader``: a tensor whose parameter exists but whose shape the loader refuses is load-bearing."""
+        return frozenset(
+            {"keyerror", "valueerror", "expert-missing", "fused-missing", "expert-orphan", "kv-drop", "ignored"}
+        )
 
     def reason_text(self, reason: str) -> str:
         return REASON_TEXT.get(reason, reason)

@@ -158,7 +158,11 @@ class _Builder:
             self.add(f"{name}.weight_scale", (rows, inp // 16), "float8_e4m3fn", m, loader=loader, slots=slots)
             self.add(f"{name}.input_scale", (nscale,), "float32", m, loader=loader, slots=idx)
         else:
-            m = "ModelOptLinearMethod" if self.profile.linear_method_name == "ModelOptLinearMethod" else "ModelOptFp8LinearMethod"
+            m = (
+                "ModelOptLinearMethod"
+                if self.profile.linear_method_name == "ModelOptLinearMethod"
+                else "ModelOptFp8LinearMethod"
+            )
             self.add(f"{name}.weight", (rows, inp), "float8_e4m3fn", m, loader=loader, slots=slots)
             self.add(f"{name}.weight_scale", (nscale,), "float32", m, loader=loader, slots=idx)
             self.add(f"{name}.input_scale", (nscale,), "float32", m, loader=loader, slots=idx)
@@ -258,8 +262,12 @@ def build_manifest(
     wrapped = cfg.wrapper is not None
     prefix = "language_model." if wrapped else ""
     quant = _Quant(qc, profile, prefix) if qc is not None and qc.quant_method == "modelopt" else None
-    kind = None if quant is None else "modelopt_mixed" if qc and qc.is_mixed else {"FP8": "modelopt_fp8"}.get(
-        quant.algo or "", "modelopt_fp4"
+    kind = (
+        None
+        if quant is None
+        else "modelopt_mixed"
+        if qc and qc.is_mixed
+        else {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
     )
     b = _Builder(cfg, profile, quant, prefix)
     H, V = cfg.hidden_size, cfg.vocab_size
