@@ -352,6 +352,8 @@ def run_audit(
     slot_findings: list[tuple[str, str, Finding]] = []
     slot0: dict[str, Param] = {}  # per-partition scale vectors a scalar fills in slot 0 only (``nhcheck.slots``)
     checked: dict[tuple, tuple[str, str] | None] = {}
+    loader: dict[tuple, tuple[str | None, str | None]] = {}
+    notes: list[tuple[str, str, Finding]] = []
     unchecked: tuple[str, str] = ("", "")  # a sentinel: one dict lookup per tensor on the hot path
     n_ignored = 0
     refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
@@ -367,6 +369,19 @@ def run_audit(
                 slot = loads[param] = set()
             slot.add((o.shard_id, o.expert_id))
             p = by_name.get(param)
+            if p is not None:
+                # Loader semantics the engine applies to this shape (vLLM's narrowing loaders); None for SGLang.
+                lkey = (param, o.shard_id, t.dtype, t.shape)
+                decided = loader.get(lkey)
+                if decided is None:
+                    decided = loader[lkey] = (
+                        engine.load_error(p, o.shard_id, t.dtype, t.shape),
+                        engine.slot_note(p, t.dtype, t.shape),
+                    )
+                if decided[0] is not None:  # the parameter's weight loader itself raises on this tensor
+                    o = o._replace(outcome="raise", message=decided[0], reason="loader")
+                elif decided[1] is not None and not ign:
+                    notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decided[1], t.shard, t.name)))
             if p is not None and not ign:
                 key = (param, o.shard_id, t.dtype, t.shape)
                 problem = checked.get(key, unchecked)
@@ -387,9 +402,15 @@ def run_audit(
     # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
     # routes everything first and loads the language model afterwards).
     crash: Crash | None = None
-    order = replayed
+    order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, replayed, strict=True)]
+    shards = [s.name for s in ckpt.shards]
+    rank = {name: i for i, name in enumerate(engine.order_shards(shards))}
+    if list(rank) != shards:
+        order.sort(key=lambda r: rank.get(r[0].shard, -1))
     if engine.routes_before_lm(cfg, mtp=opts.mtp):
-        order = [r for r in replayed if r[3]] + [r for r in replayed if not r[3]]
+        order = [r for r in order if r[3]] + [r for r in order if not r[3]]
+    elif engine.routed_after_lm(cfg, mtp=opts.mtp):
+        order = [r for r in order if not r[3]] + [r for r in order if r[3]]
     for t, o, _, _ in order:
         if o.outcome == "raise":
             crash = Crash(o.message or "", t.name, t.shard)
@@ -407,7 +428,12 @@ def run_audit(
     findings: list[Finding] = list(ckpt.findings)
     if engine.id.assumption:
         findings.append(Finding("info", "engine-assumed", engine.id.assumption))
-    if moe_backend is None and manifest.source == "built" and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern):
+    if (
+        moe_backend is None
+        and manifest.source == "built"
+        and manifest.moe_backend
+        and "E" in (cfg.draft_pattern if opts.mtp else cfg.pattern)
+    ):
         findings.append(
             Finding(
                 "info",
@@ -443,15 +469,17 @@ def run_audit(
             )
     findings += _grouped(orphan_items)
     findings += _grouped(slot_findings)
+    findings += _grouped(notes)
     missing_items = []
+    engine_label = {"sglang": "SGLang", "vllm": "vLLM"}.get(engine.id.name, engine.id.name)
     for s in statuses:
         if s.status in ("unfilled", "partial") and not any(fnmatch.fnmatchcase(s.name, pat) for pat in ignore):
             sev = "info" if s.param.informational else "warning" if s.status == "partial" else "error"
             if s.status == "unfilled":
                 msg = (
-                    "no checkpoint tensor fills it; SGLang keeps its default"
+                    f"no checkpoint tensor fills it; {engine_label} keeps its default"
                     if s.param.informational
-                    else "no checkpoint tensor fills it; SGLang leaves it uninitialised and does not say so"
+                    else f"no checkpoint tensor fills it; {engine_label} leaves it uninitialised and does not say so"
                 )
             else:
                 msg = "only partly filled: missing " + ", ".join(s.missing)

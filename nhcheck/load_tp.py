@@ -271,6 +271,9 @@ def run(job: Job, quiet: bool = False) -> TPLoadReport | None:
         mtp=job.mtp,
         pp=job.pp,
     )
+    unproven = inputs.engine.tp_unproven()
+    if unproven:
+        raise UsageError(f"load --tp: {unproven}")
     errors = [f for f in static_findings(inputs, job.tp) if f.severity == "error"]
     if errors:
         return _refused(job.source, inputs.manifest.engine, job.tp, errors)

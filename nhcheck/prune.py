@@ -43,7 +43,6 @@ SCALE_SUFFIXES = ("input_scale", "weight_scale", "weight_scale_2", "k_scale", "v
 _KV_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
 _FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
 _FLOAT_CKPT = frozenset({"BF16", "F16", "F32", "F64"})
-_LM_REASONS = frozenset({"not-found", "kv-drop", "expert-orphan", "bias", "keyerror"})
 _STRUCTURE = ("shard-", "index-", "tensor-")
 _GROUPED = re.compile(r"^\S+ ×[\d,]+: ")  # audit's grouped findings start "name ×count: "
 _STATUS_RANK = {"unfilled": 0, "partial": 1, "filled": 2, "unreachable": 2}
@@ -151,7 +150,7 @@ class _Classifier:
         act = _action(outcome.outcome, outcome.message, engine)
         if reason == "pp-range":  # an orphan pp-range skip is a layer index past the model
             return True, f"{act}; safe: the model has no such layer, so nothing can read it"
-        if reason not in _LM_REASONS:
+        if reason not in engines.get(engine).no_param_reasons():
             return False, (
                 f"the engine handles it outside the language-model loader ({reason}); nhcheck cannot say what it is for"
             )

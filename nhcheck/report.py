@@ -448,7 +448,7 @@ def render_table(report: AuditReport, console, *, show_loaded: bool = False) -> 
                 "Runtime parameters no checkpoint tensor fills",
                 pg,
                 lambda status, info, missing: (
-                    "SGLang keeps its default; informational"
+                    f"{report.engine.name} keeps its default; informational"
                     if info
                     else "missing " + ", ".join(missing)
                     if missing

@@ -745,6 +745,11 @@ def with_findings(report, sizes: tuple[int, ...]):
     """The audit report with the TP findings appended (rendered by every format; the exit gate counts them)."""
     from dataclasses import replace
 
+    from nhcheck import engines
+
+    unproven = engines.get(report.engine).tp_unproven()
+    if unproven:
+        return replace(report, findings=report.findings + (Finding("info", "tp-unproven", unproven),))
     return replace(
         report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)), tp_sizes=tuple(sizes)
     )

@@ -7,11 +7,11 @@ release table and an ``Engine`` implementation, one entry in ``_MODULES``, and i
 
 from __future__ import annotations
 
-from nhcheck.engines import sglang
+from nhcheck.engines import sglang, vllm
 from nhcheck.engines.base import Engine, EngineId
 from nhcheck.errors import UsageError
 
-_MODULES = {"sglang": sglang}
+_MODULES = {"sglang": sglang, "vllm": vllm}
 DEFAULT = "sglang"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from nhcheck.manifest import Manifest
+    from nhcheck.manifest import Manifest, Param
     from nhcheck.model import NemotronHConfig
     from nhcheck.quant import QuantConfig
 
@@ -164,6 +164,28 @@ class Engine(Protocol):
         """Stream order: whether the wrapper routes every non-LM name before any LM tensor loads (buffering)."""
         ...
 
+    def routed_after_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
+        """Stream order: whether the wrapper loads the projector and towers only after the whole LM stream."""
+        ...
+
+    def order_shards(self, names: list[str]) -> list[str]:
+        """Stream order: the order in which the engine reads the shard files (names as in the checkpoint)."""
+        ...
+
+    def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """Loader semantics: the error the parameter's weight loader raises for a tensor of this dtype and
+        shape in this slot (the engine then dies at that tensor), or None."""
+        ...
+
+    def slot_note(self, param: Param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """Loader semantics: what goes wrong silently when such a tensor loads (written into part of the slot)."""
+        ...
+
+    def tp_unproven(self) -> str | None:
+        """Why nhcheck cannot answer for this engine's tensor-parallel sharding (None: ``tp.py``'s rules are
+        proven for it on gloo ranks)."""
+        ...
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """Loader semantics: whether a scalar scale with no shard id fills every slot of a fused parameter."""
         ...
@@ -178,6 +200,11 @@ class Engine(Protocol):
 
     def by_design(self, reason: str) -> bool:
         """Whether a replay reason is intended behaviour (a draft's or another rank's tensor), not an orphan."""
+        ...
+
+    def no_param_reasons(self) -> frozenset[str]:
+        """Replay reasons meaning "the language-model loader has no parameter for this name" (dropped, warned or
+        raised): the only tensors ``prune`` may consider removing."""
         ...
 
     def reason_text(self, reason: str) -> str:

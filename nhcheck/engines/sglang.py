@@ -634,6 +634,23 @@ class SGLangEngine:
         """A buffering VL wrapper (before ``vl_streams``) routes every other name before the LM loads."""
         return cfg.wrapper is not None and not mtp and not self.profile.vl_streams
 
+    def routed_after_lm(self, cfg, *, mtp: bool) -> bool:
+        return False
+
+    def order_shards(self, names: list[str]) -> list[str]:
+        """Index-listed shard files sorted by name (the checkpoint's own order)."""
+        return sorted(names)
+
+    def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """SGLang's loaders do not refuse a tensor by its shape here; ``audit`` reports the mismatch as a finding."""
+        return None
+
+    def slot_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        return None
+
+    def tp_unproven(self) -> str | None:
+        return None  # tests/golden/tp: rank maps from SGLang's own loaders (oracle/sglang_tp)
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """Whether a scalar scale loaded with no shard id fills every slot of a fused merged-column parameter.
 
@@ -683,6 +700,9 @@ class SGLangEngine:
 
     def by_design(self, reason: str) -> bool:
         return reason in BY_DESIGN_REASONS
+
+    def no_param_reasons(self) -> frozenset[str]:
+        return frozenset({"not-found", "kv-drop", "expert-orphan", "bias", "keyerror"})
 
     def reason_text(self, reason: str) -> str:
         return REASON_TEXT.get(reason, reason)

@@ -1,0 +1,813 @@
+"""The vLLM NemotronH load path, replayed name by name (``oracle/vllm/EPOCHS.md``).
+
+One algorithm; releases differ only in the flags of ``VLLMProfile``. Two loaders exist in the
+releases nhcheck answers for: up to 0.25.x ``NemotronHModel.load_weights`` (the "own loop": stacked
+q/k/v by substring, an expert mapping, then ``params_dict[name]`` — a ``KeyError`` for any name the
+model lacks) behind ``AutoWeightsLoader``; from 0.26.0 ``AutoWeightsLoader`` alone walks the module
+tree (unknown names raise ``ValueError``, stray ``.bias`` is ignored) and ``RoutedExperts.load_weights``
+maps the experts. Every claim here is checked against the goldens made with each release's own code
+(``tests/conformance/*/expected-vllm-*.json.gz``, ``tests/test_conformance_vllm.py``).
+
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route
+from nhcheck.errors import UsageError
+
+# ---------------------------------------------------------------------------
+# Version table
+
+ExpertMissing = Literal["keyerror", "attr-object", "attr-layer"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMProfile:
+    """Behaviour flags of one vLLM behaviour epoch, built with keywords. Each flag cites one upstream change
+    (``file:line`` of the release that introduced it, ``vllm/`` omitted; EPOCHS.md has the evidence).
+
+    ``version`` is the release whose goldens prove the row; ``epoch`` its name in EPOCHS.md.
+    """
+
+    version: str
+    epoch: str
+    #: ``NemotronHModel.load_weights`` exists (own loop, ``models/nemotron_h.py``); deleted in 0.26.0, where
+    #: ``AutoWeightsLoader`` walks the modules and ``hf_to_vllm_mapper`` gains ``orig_to_new_stacked`` (0.26.0 :717).
+    own_loop: bool
+    #: The experts module is ``RoutedExperts``: parameters ``experts.routed_experts.w13_*`` (0.24.0
+    #: ``layers/fused_moe/routed_experts.py``); before, ``experts.w13_*`` on ``FusedMoE``.
+    routed_experts: bool
+    #: The base ``QuantizationConfig.get_cache_scale_mapper()`` maps k/v/q scale names for every quantized
+    #: model before the loader, and ``AutoWeightsLoader`` ignores unexpected ``.bias`` / scale suffixes
+    #: for the names it routes itself (0.25.0 ``models/utils.py:402``): ``lm_head.bias`` is skipped.
+    cache_scale_mapper: bool
+    #: How a quantized expert tensor without a parameter raises: ``KeyError`` from the own loop's
+    #: ``params_dict``; ``AttributeError: 'RoutedExperts' object has no attribute …`` (0.26.0
+    #: ``routed_experts.py:869``); ``AttributeError: Layer … has no parameter …`` (0.28.0 ``routed_experts.py:907``).
+    expert_missing: ExpertMissing
+    #: ``FusedMoE`` narrows an expert slot to the incoming tensor's size (``_narrow_expert_data_for_padding``,
+    #: 0.20.0): packed NVFP4 bytes go into a bigger bf16 slot without an error. 0.16.0 / 0.17.0 narrow the
+    #: incoming tensor to the slot and raise (goldens ``nano3_nvfp4_experts_excluded``).
+    expert_slot_narrows: bool
+    #: A per-tensor expert scale slot given a multi-element tensor: ``RoutedExperts._load_per_tensor_weight_scale``
+    #: reshapes it to the slot (``shape '[]' is invalid …``, 0.24.0); before, ``FusedMoE`` expands it into the
+    #: slot (``expand(…)``, goldens 0.20.0 – 0.23.0; 0.16.0 / 0.17.0 assumed the same: no golden has such a tensor).
+    expert_scale_reshapes: bool
+    #: The MoE router ``gate.weight`` is float32 (0.16.0); bfloat16 from 0.17.0 (goldens).
+    router_fp32: bool
+    #: A ModelOpt linear fused from several checkpoint tensors (Mamba ``in_proj``) holds one
+    #: ``input_scale`` / ``weight_scale_2`` per shard (0.17.0 goldens; 0.16.0: one).
+    fused_scale_per_shard: bool
+    #: ``NemotronH_Nano_Omni_Reasoning_V3`` / VL V3 architectures are registered (0.20.0 ``models/registry.py:484``).
+    omni_registered: bool
+    #: The VL wrapper streams the language model first and loads ``mlp1`` and the towers after it
+    #: (0.22.0 ``models/nano_nemotron_vl.py:1531``); before, ``mlp1`` loads at its place in the stream.
+    vl_lm_first: bool
+    #: The config normaliser accepts ModelOpt ``MIXED_PRECISION`` in ``hf_quant_config.json``'s export
+    #: form (0.33.0 ``transformers_utils/model_arch_config_convertor.py:267``); before: ``Unknown ModelOpt
+    #: quant algo: MIXED_PRECISION``. The flat config.json form builds ``modelopt_mixed`` throughout.
+    nested_mixed_accepted: bool
+    #: Manifest wording only: the ModelOpt linear method's class name (``ModelOptLinearMethod`` from 0.30.0).
+    linear_method_name: str
+    #: … the KV-cache method's (``ModelOptKVCacheMethod`` from 0.21.0).
+    kv_method_name: str
+    #: … an unexcluded-but-unquantized ``lm_head``'s method under a ModelOpt config
+    #: (0.23.0: ``UnquantizedLinearMethod``).
+    quantized_lm_head_method: str
+    #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
+    newest: bool = False
+
+
+#: V5: 0.16.0 (goldens on the conformance cases). Own loop; ModelOpt FP8 KV scales load
+#: (``weight_utils.py:1158``, 0.14.0); shard files read in natural-sort order (0.16.0).
+_V5 = VLLMProfile(
+    version="0.16.0",
+    epoch="V5",
+    own_loop=True,
+    routed_experts=False,
+    cache_scale_mapper=False,
+    expert_missing="keyerror",
+    expert_slot_narrows=False,
+    expert_scale_reshapes=False,
+    router_fp32=True,
+    fused_scale_per_shard=False,
+    omni_registered=False,
+    vl_lm_first=False,
+    nested_mixed_accepted=False,
+    linear_method_name="ModelOptNvFp4LinearMethod",
+    kv_method_name="ModelOptFp8KVCacheMethod",
+    quantized_lm_head_method="UnquantizedEmbeddingMethod",
+)
+#: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
+#: one scale per fused shard.
+_V6 = replace(_V5, version="0.17.0", epoch="V6", router_fp32=False, fused_scale_per_shard=True)
+#: V7: 0.20.0 — Omni/VL V3 registered; expert slots narrowed to the incoming size (silent garbage for
+#: packed bytes in an unquantized expert).
+_V7 = replace(_V6, version="0.20.0", epoch="V7", omni_registered=True, expert_slot_narrows=True)
+#: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``); KV method renamed (0.21.0).
+_V8 = replace(_V7, version="0.22.0", epoch="V8", vl_lm_first=True, kv_method_name="ModelOptKVCacheMethod")
+#: V8 (0.23.0, wording): an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod``.
+_V8b = replace(_V8, version="0.23.0", quantized_lm_head_method="UnquantizedLinearMethod")
+#: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
+_V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True)
+#: V9b: 0.25.0 — base cache-scale mapper and ignored unexpected suffixes in ``AutoWeightsLoader``.
+_V9b = replace(_V9, version="0.25.1", epoch="V9b", cache_scale_mapper=True)
+#: V10 (V10a): 0.26.0 — own loop deleted: ``AutoWeightsLoader`` + ``RoutedExperts.load_weights``.
+_V10 = replace(_V9b, version="0.26.0", epoch="V10", own_loop=False, expert_missing="attr-object")
+#: V10b: 0.28.0 — the missing-expert-parameter ``AttributeError`` names the layer and the checkpoint weight.
+_V10b = replace(_V10, version="0.28.0", expert_missing="attr-layer")
+#: V10c: 0.30.0 — ModelOpt linear methods unified (``ModelOptLinearMethod``; manifest wording).
+_V10c = replace(_V10b, version="0.30.0", linear_method_name="ModelOptLinearMethod")
+#: V11: 0.33.0 — the normaliser accepts nested ModelOpt MIXED_PRECISION: Omni NVFP4 checkpoints start.
+_V11 = replace(_V10c, version="0.33.0", epoch="V11", nested_mixed_accepted=True, newest=True)
+
+#: Every release nhcheck answers for → its behaviour row; a row's ``version`` is the release its goldens
+#: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
+#: loading-path function, release to release).
+PROFILES: dict[str, VLLMProfile] = {
+    "0.16.0": _V5,
+    "0.17.0": _V6,
+    "0.17.1": _V6,
+    "0.20.0": _V7,
+    "0.20.1": _V7,
+    "0.20.2": _V7,
+    "0.21.0": _V7,
+    "0.22.0": _V8,
+    "0.22.1": _V8,
+    "0.23.0": _V8b,
+    "0.24.0": _V9,
+    "0.25.0": _V9b,
+    "0.25.1": _V9b,
+    "0.26.0": _V10,
+    "0.27.0": _V10,
+    "0.27.1": _V10,
+    "0.28.0": _V10b,
+    "0.29.0": _V10b,
+    "0.30.0": _V10c,
+    "0.31.0": _V10c,
+    "0.32.0": _V10c,
+    "0.33.0": _V11,
+    "0.34.0": _V11,
+}
+NEWEST = "0.34.0"
+#: The behaviour rows, oldest first.
+EPOCHS: tuple[VLLMProfile, ...] = tuple(dict.fromkeys(PROFILES.values()))
+
+#: Every release on the package index that ships ``vllm/model_executor/models/nemotron_h.py``, oldest first
+#: (``oracle/vllm/EPOCHS.md``, read from each release's wheel).
+RELEASES_WITH_NEMOTRON_H = (
+    "0.9.1", "0.9.2", "0.10.0", "0.10.1", "0.10.1.1", "0.10.2", "0.11.0", "0.11.1", "0.11.2", "0.12.0",
+    "0.13.0", "0.14.0", "0.14.1", "0.15.0", "0.15.1", "0.16.0", "0.17.0", "0.17.1", "0.18.0", "0.18.1",
+    "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0", "0.22.0", "0.22.1", "0.23.0", "0.24.0",
+    "0.25.0", "0.25.1", "0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0",
+    "0.33.0", "0.34.0",
+)  # fmt: skip
+
+#: Known releases no golden data proves yet, and why (each is a usage error, never an answer).
+UNPROVEN = {
+    **dict.fromkeys(
+        RELEASES_WITH_NEMOTRON_H[:15],
+        "epochs V1–V5a (0.9.1 – 0.15.1: own loops without the NemotronH k/v-scale remap, glob file order) were "
+        "not run: their pinned torch 2.7 – 2.9.0 CUDA builds were not available to the oracle",
+    ),
+    **dict.fromkeys(
+        ("0.18.0", "0.18.1", "0.19.0", "0.19.1"),
+        "FusedMoE's expert loader changed between 0.17.0 (packed bytes into an unquantized expert raise) and "
+        "0.20.0 (they load, narrowed); 0.18.x / 0.19.x were not run",
+    ),
+}
+
+
+def release_key(version: str) -> tuple[int, ...]:
+    """Order vLLM releases as the index does (``0.10.1`` < ``0.10.1.1`` < ``0.10.2``)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?", version)
+    if m is None:
+        raise UsageError(f"vllm {version!r} is not a release version (e.g. {NEWEST})")
+    base = tuple(int(x) for x in m.group(1).split("."))
+    base += (0,) * (4 - len(base))
+    pre = {"a": -3, "b": -2, "rc": -1}.get(m.group(2) or "", 0)
+    return base + (pre, int(m.group(3) or 0), int(m.group(4) or 0))
+
+
+def installed_release() -> str | None:
+    """The vllm release installed in this environment, from its metadata (vllm is not imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def get_profile(spec: str | EngineId | None) -> VLLMProfile:
+    """The behaviour row of a vLLM release (a release newer than the table: the newest row)."""
+    eid = spec if isinstance(spec, EngineId) else parse_engine_id(spec)
+    return PROFILES.get(eid.version) or PROFILES[NEWEST]
+
+
+def parse_engine_id(spec: str | None) -> EngineId:
+    """Parse ``vllm@X``; bare ``vllm`` is the installed release when there is one, else the newest.
+
+    A release newer than the table is answered with the newest row (and says so); a known release no
+    golden data proves yet, or one without Nemotron-H, is a usage error naming the range nhcheck answers for.
+    """
+    spec = (spec or "vllm").strip()
+    name, _, version = spec.partition("@")
+    if name != "vllm":
+        raise UsageError(f"unknown engine {name!r}; expected vllm (e.g. --engine vllm@{NEWEST})")
+    installed = False
+    if not version:
+        found = installed_release()
+        version, installed = (found, True) if found else (NEWEST, False)
+    elif version == "latest":
+        version = NEWEST
+    if version in PROFILES:
+        return EngineId("vllm", version, installed)
+    first = next(iter(PROFILES))
+    gaps = sorted(set(UNPROVEN) - set(RELEASES_WITH_NEMOTRON_H[:15]), key=release_key)
+    modelled = f"nhcheck answers for vllm {first} … {NEWEST} except {', '.join(gaps)}"
+    if version in UNPROVEN:
+        raise UsageError(
+            f"vllm {version} ships Nemotron-H but is not yet proven by golden data ({UNPROVEN[version]}); {modelled}"
+        )
+    key = release_key(version)
+    if key > release_key(NEWEST):
+        return EngineId(
+            "vllm",
+            version,
+            installed,
+            f"vllm {version} is newer than nhcheck's release table (newest {NEWEST}): answered with "
+            f"{NEWEST}'s behaviour; audit with --manifest and a named_parameters() dump of the real engine "
+            "to check the manifest side",
+        )
+    raise UsageError(
+        f"vllm {version} is not a release with Nemotron-H (the first is {RELEASES_WITH_NEMOTRON_H[0]}); {modelled}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Name mapping: hf_to_vllm_mapper, the cache-scale mapper, the own loop, AutoWeightsLoader
+
+#: What each replay branch does, in words (findings and report rows share them).
+REASON_TEXT = {
+    "keyerror": "KeyError: no such parameter (the own loop's params_dict)",
+    "valueerror": "ValueError: no module or parameter of that name",
+    "expert-missing": "AttributeError: the experts module has no such parameter",
+    "fused-missing": "AttributeError: the fused linear has no such parameter",
+    "expert-orphan": "dropped silently: expert id outside the experts module",
+    "kv-drop": "KV-scale remap found no target: warned, dropped",
+    "ignored": "dropped silently: an unexpected .bias / scale suffix AutoWeightsLoader ignores",
+    "mapper-drop": "dropped silently by hf_to_vllm_mapper (rotary buffers)",
+    "mtp-filter": "by design: MTP block (vLLM loads it only into the MTP draft)",
+    "wrapper-mtp": "by design: MTP block (the VL wrapper does not forward it)",
+    "wrapper-ignored": "dropped silently: the VL wrapper routes it nowhere",
+    "wrapper-raise": "the VL wrapper raises on it",
+    "routed": "by design: a tower or the projector loads it",
+    "loader": "the parameter's weight loader raises on this tensor's shape",
+    "not-built": "not read: start-up refused the checkpoint before load_weights",
+    "load": "loaded",
+}
+BY_DESIGN_REASONS = frozenset({"mtp-filter", "wrapper-mtp", "routed", "pp-range", "pp-rank"})
+
+_CACHE_SCALE_RULES = (
+    (re.compile(r"\.kv_scale$"), ".attn.k_scale"),
+    (re.compile(r"\.mixer\.[kv]_proj\.([kv])_scale$"), r".mixer.attn.\1_scale"),
+    (re.compile(r"(?<!\.attn)\.([qkv])_scale$"), r".attn.\1_scale"),
+)
+_ROTARY = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_STACKED_SUBSTR = ((".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"), (".v_proj", ".qkv_proj", "v"))
+_OWN_STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
+# FusedMoE.make_expert_params_mapping(gate="up_proj", down="down_proj", up=""): per expert e the
+# substrings "experts.{e}.up_proj." (w1 → w13_), "experts.{e}.down_proj." (w2 → w2_), "experts.{e}.." (w3).
+_EXPERT_RE = re.compile(r"experts\.(0|[1-9][0-9]*)\.(up_proj|down_proj|)\.")
+_EXPERT_SHARD = {"up_proj": ("w1", "w13_", 0), "down_proj": ("w2", "w2_", 1), "": ("w3", "w13_", 2)}
+
+
+def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | None, str | None]:
+    """``hf_to_vllm_mapper`` (| the cache-scale mapper | the rotary-buffer mapper): (mapped name or None, shard)."""
+    key = name
+    if quantized and profile.cache_scale_mapper:
+        for rx, new in _CACHE_SCALE_RULES:
+            if rx.search(key):
+                key = rx.sub(new, key)
+    for old, new in (("A_log", "A"), ("embeddings", "embed_tokens")):
+        if old in key:
+            key = key.replace(old, new, 1)
+    for old in _ROTARY:
+        if old in key:
+            return None, None
+    shard = None
+    if not profile.own_loop:
+        for old, new, sid in _STACKED_SUBSTR:
+            if old in key:
+                key = key.replace(old, new, 1)
+                shard = sid
+    if key.startswith("backbone"):
+        key = "model" + key[len("backbone") :]
+    if key.startswith("mtp"):
+        return None, None
+    return key, shard
+
+
+def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None, str | None]:
+    """``maybe_remap_kv_scale_name`` (``model_loader/weight_utils.py``): (name, None) or (None, warning)."""
+    if name in params:
+        return name, None
+    if name.endswith(".kv_scale"):
+        cand = name.replace(".kv_scale", ".attn.k_scale")
+        if cand in params:
+            return cand, None
+        return None, (
+            f"Found kv_scale in the checkpoint (e.g. {name}), but not found the expected name in the model "
+            f"(e.g. {cand}). kv_scale is not loaded."
+        )
+    suffixes = (".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point")
+    if not name.endswith(suffixes):
+        return name, None
+    for rx, new in (
+        (r"\.self_attn\.([kv])_proj\.([kv])_scale$", r".self_attn.attn.\2_scale"),
+        (r"\.mixer\.[kv]_proj\.([kv])_scale$", r".mixer.attn.\1_scale"),
+        (r"\.([qkv])_scale$", r".attn.\1_scale"),
+        (r"\.([qkv])_zero_point$", r".attn.\1_zero_point"),
+    ):
+        if re.search(rx, name):
+            cand = re.sub(rx, new, name)
+            if cand in params:
+                return cand, None
+            kind = name.rsplit(".", 1)[-1]
+            return None, (
+                f"Found {kind} in the checkpoint (e.g. {name}), but not found the expected name in the model "
+                f"(e.g. {cand}). {kind} is not loaded."
+            )
+    return name, None
+
+
+_LINEAR_CLASS = {
+    "in_proj": "MergedColumnParallelLinear",
+    "qkv_proj": "QKVParallelLinear",
+    "out_proj": "RowParallelLinear",
+    "o_proj": "RowParallelLinear",
+    "down_proj": "RowParallelLinear",
+    "up_proj": "ColumnParallelLinear",
+    "fc1_latent_proj": "ReplicatedLinear",
+    "fc2_latent_proj": "ReplicatedLinear",
+    "gate": "ReplicatedLinear",
+    "conv1d": "ColumnParallelLinear",
+    "lm_head": "ParallelLMHead",
+    "embed_tokens": "VocabParallelEmbedding",
+}
+_FUSED = frozenset({"MergedColumnParallelLinear", "QKVParallelLinear"})
+
+
+def _module_class(prefix: str) -> str:
+    last = prefix.rsplit(".", 1)[-1]
+    if last in _LINEAR_CLASS:
+        return _LINEAR_CLASS[last]
+    if last == "model":
+        return "NemotronHModel"
+    if last == "mixer":
+        return "NemotronHMixer"
+    if last.isdigit():
+        return "NemotronHDecoderLayer"
+    return "Module"
+
+
+def _walk_error(n: str, params: frozenset[str] | set[str], outer: str) -> str:
+    """The error ``AutoWeightsLoader._load_module`` raises for a name no module or parameter holds."""
+    parts = n.split(".")
+    base = ""
+    for i in range(len(parts)):
+        cand = ".".join(parts[: i + 1])
+        if not any(p == cand or p.startswith(cand + ".") for p in params):
+            cls = _module_class(base) if base else outer
+            if cls in _FUSED:
+                return f"AttributeError: '{cls}' object has no attribute 'data'"
+            under = sorted(p for p in params if not base or p.startswith(base + "."))
+            return (
+                f"ValueError: There is no module or parameter named {cand!r} in {outer}. The available "
+                f"parameters belonging to {base} ({cls}) are: {{{', '.join(repr(p) for p in under)}}}"
+            )
+        base = cand
+    return f"ValueError: Attempted to load nested weight {n!r} into a single parameter {base!r}"
+
+
+def _expert_missing(profile: VLLMProfile, module: str, param_suffix: str, mapped: str, original: str) -> str:
+    if profile.expert_missing == "attr-object":
+        return f"AttributeError: 'RoutedExperts' object has no attribute '{param_suffix}'"
+    return f"AttributeError: Layer {module} has no parameter '{param_suffix}' for checkpoint weight '{original}'"
+
+
+def _auto(
+    n: str,
+    shard: str | None,
+    original: str,
+    params: frozenset[str] | set[str],
+    num_experts: int,
+    profile: VLLMProfile,
+    ignore_suffixes: tuple[str, ...],
+    outer: str,
+) -> Outcome:
+    """``AutoWeightsLoader._load_module`` (and ``RoutedExperts.load_weights`` below an experts module)."""
+    if n in params:
+        return Outcome("load", n, shard, engine_name=n)
+    m = _EXPERT_RE.search(n) if not profile.own_loop else None
+    if m is not None:
+        module = n[: m.start()] + "experts"
+        e = int(m.group(1))
+        if e >= num_experts:
+            return Outcome("skip", engine_name=n, reason="expert-orphan")
+        sid, pfx, _ = _EXPERT_SHARD[m.group(2)]
+        rest = n[m.end() :]
+        suffix = pfx + rest
+        target = module + (".routed_experts." if profile.routed_experts else ".") + suffix
+        if target in params:
+            return Outcome("load", target, sid, e, engine_name=n)
+        return Outcome(
+            "raise", engine_name=n, message=_expert_missing(profile, module, suffix, target, n), reason="expert-missing"
+        )
+    ignorable = n.endswith(ignore_suffixes) and (not profile.own_loop or profile.cache_scale_mapper)
+    if ignorable and (not profile.own_loop or n.endswith(".bias")):
+        return Outcome("skip", engine_name=n, reason="ignored")
+    err = _walk_error(n, params, outer)
+    reason = "fused-missing" if err.startswith("AttributeError") else "valueerror"
+    return Outcome("raise", engine_name=n, message=err, reason=reason)
+
+
+def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProfile) -> Outcome:
+    """``NemotronHModel.load_weights`` on a name under ``model.``; ``inner`` is its ``params_dict`` (names
+    without ``model.``: ``AutoWeightsLoader`` strips the prefix, and its KeyError quotes the inner name)."""
+    name = n[len("model.") :]
+    if "scale" in name or "zero_point" in name:
+        remapped, warning = _kv_remap(name, inner)
+        if remapped is None:
+            return Outcome("warn", engine_name=name, message=warning, reason="kv-drop")
+        name = remapped
+    if name.startswith("mtp."):
+        return Outcome("skip", reason="mtp-filter")
+    for param_name, weight_name, sid in _OWN_STACKED:
+        if weight_name not in name:
+            continue
+        name = name.replace(weight_name, param_name)
+        if name.endswith(".bias") and name not in inner:
+            continue
+        if name in inner:
+            return Outcome("load", "model." + name, sid, engine_name="model." + n[len("model.") :])
+        return Outcome("raise", engine_name=name, message=f"KeyError: {name!r}", reason="keyerror")
+    hits = sorted(
+        (int(m.group(1)), _EXPERT_SHARD[m.group(2)][2], m)
+        for m in _EXPERT_RE.finditer(name)
+        if int(m.group(1)) < num_experts
+    )
+    if hits:
+        e, _, m = hits[0]
+        sid, pfx, _ = _EXPERT_SHARD[m.group(2)]
+        repl = "experts.routed_experts." + pfx if profile.routed_experts else "experts." + pfx
+        mapped = name.replace(m.group(0), repl)
+        if mapped in inner:
+            return Outcome("load", "model." + mapped, sid, e, engine_name=n)
+        return Outcome("raise", engine_name=mapped, message=f"KeyError: {mapped!r}", reason="keyerror")
+    if name in inner:
+        return Outcome("load", "model." + name, engine_name=n)
+    return Outcome("raise", engine_name=name, message=f"KeyError: {name!r}", reason="keyerror")
+
+
+def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile, *, quantized: bool, outer: str):
+    """``replay_name`` bound to one manifest; the own loop's ``params_dict`` is computed once."""
+    inner = frozenset(p[len("model.") :] for p in params if p.startswith("model."))
+    cache: dict[tuple[str, str], Outcome] = {}
+
+    def replay(name: str) -> Outcome:
+        mapped, shard = map_name(name, profile, quantized)
+        if mapped is None:
+            return Outcome("skip", reason="mtp-filter" if name.startswith("mtp") else "mapper-drop")
+        if mapped.split(".", 1)[0] == "model" and profile.own_loop:
+            return _own_loop(mapped, inner, num_experts, profile)
+        ignore = (".bias",) + ((".k_scale", ".v_scale", ".q_scale") if quantized else ())
+        # One replay per layer × projection × suffix for expert names (165k on Super): the outcome only
+        # differs in the expert id and the names it quotes.
+        m = _EXPERT_RE.search(mapped)
+        if m is not None and not profile.own_loop and int(m.group(1)) < num_experts and mapped not in params:
+            key = (mapped[: m.start()], mapped[m.end() - len(m.group(2)) - 1 :])
+            o = cache.get(key)
+            if o is None or o.outcome != "load":
+                o = _auto(mapped, shard, name, params, num_experts, profile, ignore, outer)
+                cache[key] = o
+                return o
+            return o._replace(expert_id=int(m.group(1)), engine_name=mapped)
+        return _auto(mapped, shard, name, params, num_experts, profile, ignore, outer)
+
+    return replay
+
+
+# ---------------------------------------------------------------------------
+# The VL wrapper (NemotronH_Nano_VL_V2.load_weights)
+
+
+def route_wrapped(name: str, has_sound: bool, vision_norm: bool) -> Route:
+    """Where ``NemotronH_Nano_VL_V2.load_weights`` sends one checkpoint name (0.34.0 ``nano_nemotron_vl.py:1631``)."""
+    if name.startswith("language_model"):
+        return Route("lm", ".".join(name.split(".")[1:]))
+    if name.startswith("mlp1"):
+        return Route("projector", name)
+    if name.startswith("vision_model."):
+        return Route("tower")
+    if name.startswith("sound"):
+        return Route("tower") if has_sound else Route("raise", message="AssertionError: ")
+    prefix = "vision_projector.vision_final_layernorm."
+    if name.startswith(prefix):
+        if not vision_norm or name[len(prefix) :] not in ("weight", "bias"):
+            return Route("raise", message=f"AssertionError: Unexpected vision LayerNorm weight: {name}")
+        return Route("projector", "vision_final_layernorm." + name[len(prefix) :])
+    return Route("ignored")
+
+
+def replay_projector(name: str, projector_params: frozenset[str] | set[str]) -> Outcome:
+    """``adapter_dict[trimmed]`` for ``mlp1*`` names (a miss is a KeyError), ``default_weight_loader`` for the norm."""
+    if name.startswith("vision_final_layernorm."):
+        return Outcome("load", name, engine_name=name)
+    rest = name.split(".", 1)[1] if "." in name else ""
+    param = "mlp1." + rest
+    if param in projector_params:
+        return Outcome("load", param, engine_name=param)
+    return Outcome("raise", engine_name=name, message=f"KeyError: {rest!r}", reason="keyerror")
+
+
+# ---------------------------------------------------------------------------
+# Loader semantics: what a parameter's weight loader does with a tensor of this shape (TP 1)
+
+
+def natural_key(name: str) -> list[object]:
+    """``_natural_sort_key`` (``model_loader/weight_utils.py``, 0.16.0): digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+#: torch's type names in its error messages, by safetensors dtype.
+_TORCH_TYPE = {
+    "F8_E4M3": "Float8_e4m3fn",
+    "F8_E5M2": "Float8_e5m2",
+    "BF16": "BFloat16",
+    "F16": "Half",
+    "F32": "Float",
+    "U8": "Byte",
+    "I8": "Char",
+}
+
+
+def _narrow(dim_size: int, start: int, length: int) -> str | None:
+    if start + length > dim_size:
+        return f"RuntimeError: start ({start}) + length ({length}) exceeds dimension size ({dim_size})."
+    return None
+
+
+def _broadcast_copy(dst: tuple[int, ...], src: tuple[int, ...]) -> str | None:
+    """``dst.copy_(src)``: ``src`` must broadcast to ``dst`` (torch's message names the first bad dimension)."""
+    if len(src) > len(dst):
+        return None if all(d == 1 for d in src[: len(src) - len(dst)]) else "RuntimeError: copy_ broadcast"
+    for i in range(1, len(src) + 1):
+        a, b = dst[-i], src[-i]
+        if b not in (a, 1):
+            return (
+                f"RuntimeError: The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton "
+                f"dimension {len(dst) - i}"
+            )
+    return None
+
+
+def expert_load_error(
+    slot: tuple[int, ...], loaded: tuple[int, ...], shard_id: str | None, narrows: bool
+) -> str | None:
+    """``FusedMoE._load_w13`` / ``_load_w2`` on one expert's slot (``slot`` = the parameter's shape without E).
+
+    ``w2`` shards on dim 1 (input), ``w13`` on dim 0 (output). From 0.20.0 the incoming tensor is taken
+    whole and the slot narrowed to it on both dims (``_narrow_expert_data_for_padding``): a smaller tensor
+    lands in the slot's top-left corner without a word. Before, the incoming tensor is narrowed to the slot
+    along the shard dim, which raises when it is shorter.
+    """
+    if len(slot) < 2 or not loaded:
+        return None
+    shard_dim = 1 if shard_id == "w2" else 0
+    if narrows:
+        dst = tuple(min(s, n) for s, n in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
+        return _broadcast_copy(dst, loaded)
+    if shard_dim < len(loaded):
+        err = _narrow(loaded[shard_dim], 0, slot[shard_dim])
+        if err:
+            return err
+        loaded = loaded[:shard_dim] + (slot[shard_dim],) + loaded[shard_dim + 1 :]
+    return _broadcast_copy(slot, loaded)
+
+
+def expert_narrowed(slot: tuple[int, ...], loaded: tuple[int, ...]) -> bool:
+    """Whether a 0.20.0+ expert load writes only part of the slot (the incoming tensor is smaller)."""
+    return len(slot) >= 2 and len(loaded) == len(slot) and any(n < s for s, n in zip(slot, loaded, strict=True))
+
+
+def linear_load_error(
+    shape: tuple[int, ...],
+    loaded: tuple[int, ...],
+    loader: str,
+    slots: tuple[tuple[str, int, int], ...],
+    shard_id: str | None,
+    parallel_dim: int | None,
+) -> str | None:
+    """The linear layers' weight loaders at TP 1: the incoming tensor is narrowed to the slot along the
+    parallel dimension (``narrow(dim, 0, size)``), then the shapes must be equal (``assert``).
+
+    ``in_proj`` fused on disk (no shard id) goes shard by shard (``MergedColumnParallelLinear.weight_loader``).
+    """
+    if len(shape) < 2 or len(loaded) != len(shape):
+        return None
+    if loader == "stacked" and slots and shard_id is not None:
+        for sid, _off, size in slots:
+            if sid == shard_id:
+                err = _narrow(loaded[0], 0, size)
+                if err:
+                    return err
+                return None if (size,) + shape[1:] == (size,) + loaded[1:] else "AssertionError: "
+        return None
+    if loader == "stacked" and slots:
+        for _sid, off, size in slots:
+            err = _narrow(loaded[0], off, size)
+            if err:
+                return err
+            if shape[1:] != loaded[1:]:
+                return "AssertionError: "
+        return None
+    if parallel_dim is not None:
+        err = _narrow(loaded[parallel_dim], 0, shape[parallel_dim])
+        if err:
+            return err
+    return None if shape == loaded else "AssertionError: "
+
+
+# ---------------------------------------------------------------------------
+# The Engine interface for one vLLM release
+
+
+@dataclass(frozen=True)
+class VLLMEngine:
+    """vLLM's answers for one release row (``nhcheck.engines.base.Engine``)."""
+
+    id: EngineId
+    profile: VLLMProfile
+
+    def build_manifest(self, cfg, qc, *, moe_backend=None, mtp=False, pp=None):
+        from nhcheck.engines.vllm_manifest import build_manifest
+
+        if moe_backend not in (None, "", "auto"):
+            raise UsageError(
+                f"--moe-backend names SGLang's MoE runner backends; vllm {self.id.version}'s backend changes no "
+                "parameter (leave it out)"
+            )
+
+        return build_manifest(cfg, qc, self.profile, release=self.id.version, mtp=mtp, pp=pp)
+
+    def replayer(self, manifest, cfg, *, mtp: bool, pp: PPWindow | None):
+        outer = "NemotronHForCausalLM"
+        if not manifest.params and manifest.problems:
+            # Start-up refused the checkpoint: load_weights never runs, no tensor has an outcome of its own.
+            return lambda name: Outcome("skip", reason="not-built")
+        return make_replayer(
+            manifest.inner_names,
+            cfg.n_routed_experts,
+            self.profile,
+            quantized=manifest.quantization is not None,
+            outer=outer,
+        )
+
+    def route(self, name: str, cfg) -> Route:
+        return route_wrapped(name, cfg.has_sound, cfg.has_mtp)
+
+    def replay_projector(self, name: str, manifest) -> Outcome:
+        return replay_projector(name, manifest.projector_names)
+
+    def preprocess_mtp(self, name: str) -> str:
+        return name
+
+    def routes_before_lm(self, cfg, *, mtp: bool) -> bool:
+        """vLLM's VL wrapper never buffers the language model (it buffers the projector and towers instead)."""
+        return False
+
+    def routed_after_lm(self, cfg, *, mtp: bool) -> bool:
+        """From 0.22.0 the VL wrapper loads ``mlp1`` and the towers after the whole LM stream."""
+        return cfg.wrapper is not None and not mtp and self.profile.vl_lm_first
+
+    def order_shards(self, names: list[str]) -> list[str]:
+        """``safetensors_weights_iterator`` reads the shard files in natural-sort order (0.16.0)."""
+        return sorted(names, key=natural_key)
+
+    def tp_unproven(self) -> str | None:
+        return (
+            f"tensor parallelism on vllm {self.id.version} is not checked: nhcheck's TP rules are proven against "
+            "SGLang's loaders only (no vLLM rank maps yet), so no tp-indivisible verdict is given for vLLM"
+        )
+
+    def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
+        """A scalar scale into a per-shard scale vector: ``PerTensorScaleParameter`` without a shard id fills
+        every slot (the v2 loaders broadcast a one-element tensor)."""
+        return True
+
+    def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """The error the parameter's weight loader raises for a tensor of this shape (TP 1), or None."""
+        if param.dtype == "unknown" or not param.shape:
+            return None
+        numel = 1
+        for d in shape:
+            numel *= d
+        last = param.name.rsplit(".", 1)[-1]
+        if param.loader == "expert":
+            if param.shape[1:] in ((), (1,)):
+                if numel == 1:
+                    return None
+                if self.profile.expert_scale_reshapes:
+                    return f"RuntimeError: shape '[]' is invalid for input of size {numel}"
+                torch_type = _TORCH_TYPE.get(dtype, dtype)
+                return (
+                    f"RuntimeError: expand(CPU{torch_type}Type{{{list(shape)}}}, size=[]): the number of sizes "
+                    f"provided (0) must be greater or equal to the number of dimensions in the tensor ({len(shape)})"
+                )
+            return expert_load_error(param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows)
+        if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
+            # PerTensorScaleParameter: a one-element tensor fills its slot; anything else fails the loader's
+            # ``assert param_data.shape == loaded_weight.shape``.
+            return None if numel == 1 or tuple(shape) == param.shape else "AssertionError: "
+        if last != "weight":
+            return None
+        module = param.name.rsplit(".", 2)[-2]
+        cls = _LINEAR_CLASS.get(module)
+        if cls is None or module in ("embed_tokens", "conv1d"):
+            return None
+        parallel = 1 if cls == "RowParallelLinear" else None if cls == "ReplicatedLinear" else 0
+        return linear_load_error(param.shape, shape, param.loader, param.slots, shard_id, parallel)
+
+    def slot_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """A load that succeeds but fills only part of the slot (0.20.0+ expert narrowing): silent garbage."""
+        if param.loader == "expert" and self.profile.expert_slot_narrows and expert_narrowed(param.shape[1:], shape):
+            return (
+                f"{dtype} {list(shape)} is copied into the top-left corner of the {list(param.shape[1:])} expert slot "
+                f"of {param.name} without an error (FusedMoE narrows the slot to the incoming tensor): the rest "
+                "keeps its initial values"
+            )
+        return None
+
+    def startup_error(self, names, manifest, *, mtp: bool) -> str | None:
+        """The strict check after the stream (``DefaultModelLoader.load_weights``, 0.34.0
+        ``model_loader/default_loader.py:560–612``): it runs for models without a quant config, and exempts
+        every parameter of a module whose quant method post-processes its weights (the linear layers, the
+        embedding); what remains — norms, Mamba ``A`` / ``D`` / ``dt_bias``, the projector — must each have
+        received a tensor, else ``ValueError: Following weights were not initialized from checkpoint``.
+        No committed golden reaches this check (every unquantized case loads in full or raises first).
+        """
+        if manifest.quantization is not None or not manifest.params or manifest.source != "built":
+            return None
+        experts = max((p.num_experts for p in manifest.params if p.loader == "expert"), default=0)
+        replay = make_replayer(manifest.inner_names, experts, self.profile, quantized=False, outer="")
+        n = len(manifest.lm_prefix)
+        reached: set[str] = set()
+        for name in names:
+            route = route_wrapped(name, False, True) if n else Route("lm", name)
+            if route.target == "lm":
+                o = replay(route.inner or "")
+                if o.param:
+                    reached.add(manifest.lm_prefix + o.param)
+            elif route.target == "projector":
+                o = replay_projector(route.inner or name, manifest.projector_names)
+                if o.param:
+                    reached.add(o.param)
+        missing = sorted(p.name for p in manifest.params if p.quant_method is None and p.name not in reached)
+        if not missing:
+            return None
+        return (
+            f"ValueError: Following weights were not initialized from checkpoint: {{{', '.join(map(repr, missing))}}}"
+        )
+
+    def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
+        from nhcheck.engines.sglang import pp_window
+
+        return pp_window(num_layers, rank, size)
+
+    def by_design(self, reason: str) -> bool:
+        return reason in BY_DESIGN_REASONS
+
+    def no_param_reasons(self) -> frozenset[str]:
+        """Not ``loader``: a tensor whose parameter exists but whose shape the loader refuses is load-bearing."""
+        return frozenset(
+            {"keyerror", "valueerror", "expert-missing", "fused-missing", "expert-orphan", "kv-drop", "ignored"}
+        )
+
+    def reason_text(self, reason: str) -> str:
+        return REASON_TEXT.get(reason, reason)
+
+    def others(self) -> tuple[VLLMEngine, ...]:
+        """One engine per other behaviour row, named by the release its goldens were made with."""
+        return tuple(VLLMEngine(EngineId("vllm", p.version), p) for p in EPOCHS if p is not self.profile)
+
+
+def engine(eid: EngineId) -> VLLMEngine:
+    """The engine for a release ``parse_engine_id`` accepted (newer than the table: the newest row)."""
+    return VLLMEngine(eid, get_profile(eid))

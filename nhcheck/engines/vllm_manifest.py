@@ -1,0 +1,292 @@
+"""The runtime parameters vLLM builds for a Nemotron-H config (``named_parameters()`` at load time).
+
+Differs from SGLang's (``nhcheck.manifest``): attention layers get ``q_scale`` / ``prob_scale`` besides
+``k_scale`` / ``v_scale`` under any ModelOpt config; ``head_dim`` comes from transformers'
+``NemotronHConfig`` (default 128; the older ``attention_head_dim`` key is ignored); the experts live
+under ``experts.routed_experts.`` from 0.24.0; ModelOpt exclusion also matches by substring and
+``fnmatch`` (``ModelOptQuantConfigBase.is_layer_excluded``). Checked against every vLLM golden's
+manifest names (``tests/test_conformance_vllm.py``).
+
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from fnmatch import fnmatch
+
+from nhcheck.engines.base import PPWindow
+from nhcheck.engines.vllm import VLLMProfile, map_name
+from nhcheck.errors import UsageError
+from nhcheck.manifest import Manifest, Param
+from nhcheck.model import NemotronHConfig
+from nhcheck.quant import QuantConfig
+
+_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+UNQUANT = "UnquantizedLinearMethod"
+EMBED = "UnquantizedEmbeddingMethod"
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+#: ModelOpt algorithms → (linear kind, MoE method) as vLLM's ModelOpt configs build them.
+_ALGOS = {"NVFP4": ("nvfp4", "ModelOptNvFp4FusedMoE"), "FP8": ("fp8", "ModelOptFp8MoEMethod")}
+
+
+class _Quant:
+    """The ModelOpt config after ``apply_vllm_mapper``: which algorithm each module prefix gets (or None)."""
+
+    def __init__(self, qc: QuantConfig, profile: VLLMProfile, lm_prefix: str) -> None:
+        self.algo = qc.quant_algo
+        self.profile = profile
+        self.lm_prefix = lm_prefix
+        rules: list[str] = []
+        for e in qc.exclude:
+            # ``module_path*`` becomes ``module_path`` and ``module_path.*`` (vllm-project/vllm#28072).
+            rules += [e[:-1], e[:-1] + ".*"] if len(e) >= 2 and e[-1] == "*" and e[-2] != "." else [e]
+        self.exclude = [m for m in (self._map(e) for e in rules) if m is not None]
+        self.layers = {}
+        for k, v in qc.quantized_layers.items():
+            m = self._map(k)
+            if m is not None:
+                self.layers[m] = v
+
+    def _map(self, name: str) -> str | None:
+        mapped, _ = map_name(name, replace(self.profile, own_loop=False), quantized=False)
+        if self.lm_prefix and name.startswith(self.lm_prefix):
+            inner, _ = map_name(name[len(self.lm_prefix) :], replace(self.profile, own_loop=False), quantized=False)
+            return None if inner is None else self.lm_prefix + inner
+        return mapped
+
+    def excluded(self, prefix: str) -> bool:
+        if not self.exclude:
+            return False
+        last = prefix.rsplit(".", 1)[-1]
+        shards = _PACKED.get(last)
+        if shards:
+            base = prefix[: -len(last)]
+            if all(any(_component_match(e, base + s) for e in self.exclude) for s in shards):
+                return True
+        if any(_component_match(e, prefix) for e in self.exclude):
+            return True
+        bare = prefix.removeprefix("language_model.") if prefix.startswith("language_model.") else None
+        for e in self.exclude:
+            if e != prefix and (e in prefix or (bare is not None and e in bare)):
+                return True
+        return any(fnmatch(prefix, e) for e in self.exclude)
+
+    def resolve(self, prefix: str) -> str | None:
+        """``_resolve_quant_algo`` (MIXED_PRECISION): exact key, fused shards, then any key under the prefix."""
+        cands = [prefix]
+        if prefix.endswith(".lm_head"):
+            cands.append("lm_head")
+        for c in cands:
+            if c in self.layers:
+                return self.layers[c].upper()
+        last = prefix.rsplit(".", 1)[-1]
+        if last in _PACKED:
+            base = prefix[: -len(last)]
+            algos = {self.layers[base + s].upper() for s in _PACKED[last] if base + s in self.layers}
+            if len(algos) == 1:
+                return algos.pop()
+        for c in cands:
+            for key, algo in self.layers.items():
+                if key.startswith(c + "."):
+                    return algo.upper()
+        if prefix.endswith(".experts"):
+            parent = prefix.rsplit(".experts", 1)[0] + "."
+            for key, algo in self.layers.items():
+                if key.startswith(parent):
+                    return algo.upper()
+        return None
+
+    def algo_of(self, prefix: str) -> str | None:
+        """The algorithm of one linear / MoE prefix, None when it stays unquantized."""
+        if self.excluded(prefix):
+            return None
+        if self.algo == "MIXED_PRECISION":
+            algo = self.resolve(prefix)
+            return algo if algo in _ALGOS else None
+        return self.algo if self.algo in _ALGOS else None
+
+
+def _component_match(entry: str, prefix: str) -> bool:
+    """``is_layer_skipped``: the entry is a run of whole dotted components of the prefix."""
+    return prefix == entry or prefix.startswith(entry + ".") or ("." + entry + ".") in ("." + prefix + ".")
+
+
+def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
+    """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
+    if cfg.wrapper not in (None, "NemotronH_Nano_VL_V2") and not profile.omni_registered:
+        return f"ValueError: Model architectures [{cfg.wrapper!r}] are not supported for now."
+    if qc is None or qc.quant_method != "modelopt":
+        return None
+    nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None
+    if qc.is_mixed and nested and not profile.nested_mixed_accepted:
+        return "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
+    if qc.quant_algo not in _ALGOS and not qc.is_mixed:
+        return f"ValueError: Unknown ModelOpt quant algo: {qc.quant_algo}"
+    return None
+
+
+class _Builder:
+    def __init__(self, cfg: NemotronHConfig, profile: VLLMProfile, quant: _Quant | None, prefix: str) -> None:
+        self.cfg, self.profile, self.q, self.np = cfg, profile, quant, prefix
+        self.dtype = _DTYPES.get(cfg.dtype, "bfloat16")
+        self.out: list[Param] = []
+
+    def add(self, name: str, shape: tuple[int, ...], dtype: str | None = None, method: str | None = None, **kw) -> None:
+        self.out.append(Param(self.np + name, tuple(shape), dtype or self.dtype, quant_method=method, **kw))
+
+    def linear(self, name: str, outs: tuple[int, ...], inp: int, *, bias: bool = False, stacked: tuple[str, ...] = ()):
+        algo = self.q.algo_of(self.np + name) if self.q else None
+        rows, parts = sum(outs), len(outs)
+        slots: tuple[tuple[str, int, int], ...] = ()
+        idx: tuple[tuple[str, int, int], ...] = ()
+        if stacked:
+            offs = [sum(outs[:i]) for i in range(parts)]
+            slots = tuple(zip(stacked, offs, outs, strict=True))
+            idx = tuple((s, i, 1) for i, s in enumerate(stacked))
+        loader = "stacked" if stacked else "default"
+        nscale = parts if self.profile.fused_scale_per_shard or algo == "FP8" else 1
+        if algo is None:
+            method = UNQUANT
+            if name == "lm_head":
+                method = self.profile.quantized_lm_head_method if self.q else EMBED
+            self.add(f"{name}.weight", (rows, inp), method=method, loader=loader, slots=slots)
+        elif algo == "NVFP4":
+            m = self.profile.linear_method_name
+            self.add(f"{name}.weight", (rows, inp // 2), "uint8", m, loader=loader, slots=slots)
+            self.add(f"{name}.weight_scale_2", (nscale,), "float32", m, loader=loader, slots=idx)
+            self.add(f"{name}.weight_scale", (rows, inp // 16), "float8_e4m3fn", m, loader=loader, slots=slots)
+            self.add(f"{name}.input_scale", (nscale,), "float32", m, loader=loader, slots=idx)
+        else:
+            m = (
+                "ModelOptLinearMethod"
+                if self.profile.linear_method_name == "ModelOptLinearMethod"
+                else "ModelOptFp8LinearMethod"
+            )
+            self.add(f"{name}.weight", (rows, inp), "float8_e4m3fn", m, loader=loader, slots=slots)
+            self.add(f"{name}.weight_scale", (nscale,), "float32", m, loader=loader, slots=idx)
+            self.add(f"{name}.input_scale", (nscale,), "float32", m, loader=loader, slots=idx)
+        if bias:
+            self.add(f"{name}.bias", (rows,), method=UNQUANT if algo is None else None, loader=loader, slots=slots)
+
+    def experts(self, layer: int) -> None:
+        c = self.cfg
+        module = f"model.layers.{layer}.mixer.experts"
+        pre = module + (".routed_experts" if self.profile.routed_experts else "")
+        algo = self.q.algo_of(self.np + module) if self.q else None
+        E, mi, X = c.n_routed_experts, c.moe_intermediate_size, c.expert_input
+        w13 = {"loader": "expert", "num_experts": E, "shard_ids": ("w1",)}
+        w2 = {"loader": "expert", "num_experts": E, "shard_ids": ("w2",)}
+        if algo is None:
+            m = "UnquantizedFusedMoEMethod"
+            self.add(f"{pre}.w13_weight", (E, mi, X), None, m, **w13)
+            self.add(f"{pre}.w2_weight", (E, X, mi), None, m, **w2)
+        elif algo == "NVFP4":
+            m = "ModelOptNvFp4FusedMoE"
+            self.add(f"{pre}.w13_weight", (E, mi, X // 2), "uint8", m, **w13)
+            self.add(f"{pre}.w2_weight", (E, X, mi // 2), "uint8", m, **w2)
+            self.add(f"{pre}.w13_weight_scale", (E, mi, X // 16), "float8_e4m3fn", m, **w13)
+            self.add(f"{pre}.w2_weight_scale", (E, X, mi // 16), "float8_e4m3fn", m, **w2)
+            self.add(f"{pre}.w13_weight_scale_2", (E, 1), "float32", m, **w13)
+            self.add(f"{pre}.w2_weight_scale_2", (E,), "float32", m, **w2)
+            self.add(f"{pre}.w13_input_scale", (E, 1), "float32", m, **w13)
+            self.add(f"{pre}.w2_input_scale", (E,), "float32", m, **w2)
+        else:
+            m = "ModelOptFp8MoEMethod"
+            self.add(f"{pre}.w13_weight", (E, mi, X), "float8_e4m3fn", m, **w13)
+            self.add(f"{pre}.w2_weight", (E, X, mi), "float8_e4m3fn", m, **w2)
+            self.add(f"{pre}.w13_weight_scale", (E, 1), "float32", m, **w13)
+            self.add(f"{pre}.w2_weight_scale", (E,), "float32", m, **w2)
+            self.add(f"{pre}.w13_input_scale", (E,), "float32", m, **w13)
+            self.add(f"{pre}.w2_input_scale", (E,), "float32", m, **w2)
+
+    def layer(self, i: int, kind: str) -> None:
+        c, P, H = self.cfg, f"model.layers.{i}.mixer", self.cfg.hidden_size
+        if kind == "M":
+            nh = c.mamba_num_heads
+            self.add(f"{P}.A", (nh,), "float32", loader="mamba_A")
+            self.add(f"{P}.D", (nh,))
+            self.add(f"{P}.dt_bias", (nh,))
+            self.add(f"{P}.conv1d.weight", (c.mamba_conv_dim, 1, c.conv_kernel), method=UNQUANT)
+            if c.use_conv_bias:
+                self.add(f"{P}.conv1d.bias", (c.mamba_conv_dim,), method=UNQUANT)
+            self.linear(f"{P}.in_proj", c.mamba_in_proj_parts, H, bias=c.use_bias)
+            self.linear(f"{P}.out_proj", (H,), c.mamba_inner, bias=c.use_bias)
+            self.add(f"{P}.norm.weight", (c.mamba_inner,))
+        elif kind == "*":
+            # transformers' NemotronHConfig: head_dim defaults to 128; ``attention_head_dim`` is not read.
+            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            self.linear(f"{P}.qkv_proj", (q, kv, kv), H, stacked=("q", "k", "v"))
+            self.linear(f"{P}.o_proj", (H,), q)
+            if self.q is not None:
+                for s in ("q_scale", "k_scale", "v_scale", "prob_scale"):
+                    self.add(f"{P}.attn.{s}", (), None, self.profile.kv_method_name, informational=True)
+        elif kind == "-":
+            inter = c.mlp_intermediate(i)
+            self.linear(f"{P}.up_proj", (inter,), H, bias=c.mlp_bias)
+            self.linear(f"{P}.down_proj", (H,), inter, bias=c.mlp_bias)
+        elif kind == "E":
+            E = c.n_routed_experts
+            self.add(f"{P}.gate.weight", (E, H), "float32" if self.profile.router_fp32 else None, UNQUANT)
+            self.add(f"{P}.gate.e_score_correction_bias", (E,), "float32", UNQUANT)
+            self.experts(i)
+            if c.n_shared_experts:
+                si = c.shared_intermediate
+                self.linear(f"{P}.shared_experts.up_proj", (si,), H)
+                self.linear(f"{P}.shared_experts.down_proj", (H,), si)
+            if c.moe_latent_size is not None:
+                L = c.moe_latent_size
+                self.linear(f"{P}.fc1_latent_proj", (L,), H, bias=c.mlp_bias)
+                self.linear(f"{P}.fc2_latent_proj", (H,), L, bias=c.mlp_bias)
+        self.add(f"model.layers.{i}.norm.weight", (H,))
+
+
+def build_manifest(
+    cfg: NemotronHConfig,
+    qc: QuantConfig | None,
+    profile: VLLMProfile,
+    *,
+    release: str,
+    mtp: bool = False,
+    pp: PPWindow | None = None,
+) -> Manifest:
+    """The manifest vLLM ``release`` builds for ``cfg`` (main model, tensor parallel 1, one pipeline rank)."""
+    engine = f"vllm@{release}"
+    if mtp:
+        raise UsageError(f"vllm {release}: the MTP draft (nemotron_h_mtp.py) is not modelled; run without --mtp")
+    if pp is not None and not (pp.first_rank and pp.last_rank):
+        raise UsageError(f"vllm {release}: pipeline-parallel ranks are not modelled; run without --pp")
+    refusal = startup_refusal(cfg, qc, profile)
+    if refusal is not None:
+        return Manifest((), engine, problems=(refusal,))
+    wrapped = cfg.wrapper is not None
+    prefix = "language_model." if wrapped else ""
+    quant = _Quant(qc, profile, prefix) if qc is not None and qc.quant_method == "modelopt" else None
+    kind = (
+        None
+        if quant is None
+        else "modelopt_mixed"
+        if qc and qc.is_mixed
+        else {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
+    )
+    b = _Builder(cfg, profile, quant, prefix)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    b.add("model.embed_tokens.weight", (V, H), method=EMBED)
+    for i, k in enumerate(cfg.pattern):
+        b.layer(i, k)
+    b.add("model.norm_f.weight", (H,))
+    if not cfg.tie_word_embeddings:
+        b.linear("lm_head", (V,), H)
+    if wrapped and cfg.vit_hidden_size:
+        vit = cfg.vit_hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
+        b.out.append(Param("mlp1.0.weight", (vit,), b.dtype))
+        b.out.append(Param("mlp1.1.weight", (cfg.projector_hidden_size, vit), b.dtype))
+        b.out.append(Param("mlp1.3.weight", (H, cfg.projector_hidden_size), b.dtype))
+        if cfg.has_mtp:
+            # Built to match HF checkpoints trained with MTP (``nano_nemotron_vl.py:1020``).
+            # Unfilled, it keeps nn.LayerNorm's initial values (weight 1, bias 0): the engine's default.
+            for s in ("weight", "bias"):
+                b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))
+    problems = tuple(qc.problems) if qc else ()
+    # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.
+    return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems)

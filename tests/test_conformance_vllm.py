@@ -1,0 +1,160 @@
+"""100 % agreement with vLLM's own load_weights on the conformance checkpoints and shipped examples.
+
+The expectations (``tests/conformance/**/expected-vllm-<X>.json.gz``) were made by running each vLLM
+release's real code (``oracle/vllm/make_goldens.py``): the model built on the CPU with the real
+shapes, its real ``load_weights`` per tensor and as one stream. Compared for every release in
+nhcheck's table: outcome, parameter, shard id, expert id of every tensor, the raise messages, the
+crash tensor and error, the parameters no tensor reached, partly filled parameters, manifest names.
+
+Two normalisations, both of the oracle's environment rather than of vLLM's loading code:
+- a start-up refusal is recorded as the oracle saw it (wrapped in pydantic's ``ValidationError`` by the
+  engine-args layer, or followed by the list of every registered architecture); nhcheck reports the
+  refusal's own error, which must occur in the recorded text;
+- ``AutoWeightsLoader``'s ``ValueError`` lists the module's parameters as a Python ``set`` (its order is
+  the process's string hashing); nhcheck lists them sorted, and the sets are compared.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+from goldens import read_golden
+
+from nhcheck import engines
+from nhcheck.audit import AuditOptions
+from nhcheck.engines import vllm
+from nhcheck.pipeline import audit_path
+
+HERE = Path(__file__).parent / "conformance"
+EXAMPLES = Path(__file__).parent.parent / "examples"
+TOWERS = ("vision_model.", "sound_encoder.")
+
+
+def _checkpoint(case_dir: Path) -> Path:
+    return EXAMPLES / case_dir.name if case_dir.parent.name == "examples" else case_dir / "checkpoint"
+
+
+def _goldens() -> list[tuple[str, str]]:
+    out = []
+    for f in sorted(HERE.glob("**/expected-vllm-*.json*")):
+        version = f.name.removeprefix("expected-vllm-").removesuffix(".gz").removesuffix(".json")
+        if version in vllm.PROFILES and _checkpoint(f.parent).is_dir():
+            out.append((str(f.parent.relative_to(HERE)), version))
+    return out
+
+
+GOLDENS = _goldens()
+
+
+@functools.cache
+def _load(case: str, version: str):
+    expected = read_golden(HERE / case / f"expected-vllm-{version}.json")
+    report = audit_path(str(_checkpoint(HERE / case)), f"vllm@{version}", opts=AuditOptions(compare_versions=False))
+    return expected, report
+
+
+_SET = re.compile(r"^(ValueError: There is no module or parameter named .* are: )\{(.*)\}$", re.S)
+
+
+def _same_error(got: str | None, want: str) -> bool:
+    """Equal, or the same ``AutoWeightsLoader`` ValueError with the same parameter set in another order."""
+    if got == want:
+        return True
+    a, b = _SET.match(got or ""), _SET.match(want)
+    if a is None or b is None or a.group(1) != b.group(1):
+        return False
+    return set(a.group(2).split(", ")) == set(b.group(2).split(", "))
+
+
+def _refused_at_startup(expected: dict, report) -> bool:
+    crash = expected["crash"]
+    if crash is None or crash["tensor"] is not None or expected["tensors"]:
+        return False
+    assert report.crash is not None and report.crash.tensor is None, report.crash
+    cls, _, msg = report.crash.error.partition(": ")
+    assert msg and msg in crash["error"], (report.crash.error, crash["error"][:300])
+    return True
+
+
+def test_the_table_covers_the_golden_releases():
+    """Every release with committed goldens is in the table, and every row is proven by one of them."""
+    have = {v for _, v in GOLDENS}
+    on_disk = {f.name.split("-")[2].removesuffix(".json.gz") for f in HERE.glob("**/expected-vllm-*.json.gz")}
+    assert on_disk <= set(vllm.PROFILES)
+    assert {p.version for p in vllm.EPOCHS} <= have
+
+
+def test_every_epoch_is_backed_by_goldens_on_every_case():
+    """Each vLLM row has the release's own answers for every conformance case; from 0.20.0 on also for every
+    shipped example and start-up variant (0.16.0 / 0.17.0 ran on the conformance cases only: EPOCHS.md)."""
+    cases = {p.name for p in HERE.iterdir() if (p / "checkpoint").is_dir() and not p.name.startswith("startup_")}
+    every = cases | {p.name for p in HERE.iterdir() if p.name.startswith("startup_")}
+    every |= {f"examples/{p.name}" for p in (HERE / "examples").iterdir() if p.is_dir()}
+    have: dict[str, set[str]] = {}
+    for case, version in GOLDENS:
+        have.setdefault(version, set()).add(case)
+    for row in vllm.EPOCHS:
+        need = cases if row.version in ("0.16.0", "0.17.0") else every
+        assert have.get(row.version, set()) >= need, (row.version, sorted(need - have.get(row.version, set())))
+    for name, releases in engines.epochs():
+        if name == "vllm":
+            assert any(r in have for r in releases), releases
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_tensor_outcomes(case: str, version: str) -> None:
+    expected, report = _load(case, version)
+    if _refused_at_startup(expected, report):
+        return
+    got = {r.tensor.name: r for r in report.records}
+    assert set(got) == set(expected["tensors"])
+    for name, exp in expected["tensors"].items():
+        r = got[name]
+        o = r.outcome
+        actual = {"outcome": o.outcome, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id}
+        assert actual == {k: exp[k] for k in actual}, name
+        if o.outcome == "warn":
+            assert (o.engine_name, o.message) == (exp["engine_name"], exp["message"]), name
+        if o.outcome == "raise":
+            assert _same_error(o.message, exp["message"]), (name, o.message, exp["message"])
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_crash_point(case: str, version: str) -> None:
+    expected, report = _load(case, version)
+    if expected["crash"] is None:
+        assert report.crash is None
+    elif expected["crash"]["tensor"] is None:
+        assert _refused_at_startup(expected, report) or report.crash.tensor is None
+    else:
+        assert report.crash is not None
+        assert report.crash.tensor == expected["crash"]["tensor"]
+        assert _same_error(report.crash.error, expected["crash"]["error"]), report.crash.error
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_params_coverage(case: str, version: str) -> None:
+    expected, report = _load(case, version)
+    if _refused_at_startup(expected, report):
+        return
+    without = sorted(s.name for s in report.params if s.status in ("unfilled", "unreachable"))
+    partial = sorted(s.name for s in report.params if s.status == "partial")
+    assert without == sorted(n for n in expected["params_without_tensor"] if not n.startswith(TOWERS))
+    assert partial == sorted(p["param"] for p in expected["params_partially_filled"])
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_manifest(case: str, version: str) -> None:
+    """Names exactly; dtype, quant method and shape of every parameter."""
+    expected, report = _load(case, version)
+    if _refused_at_startup(expected, report):
+        return
+    exp = {p["name"]: p for p in expected["manifest"]["params"] if not p["name"].startswith(TOWERS)}
+    assert {p.name for p in report.manifest.params} == set(exp)
+    assert report.manifest.quantization == expected["manifest"]["quantization"]
+    for p in report.manifest.params:
+        e = exp[p.name]
+        assert (list(p.shape), p.dtype, p.quant_method) == (e["shape"], e["dtype"], e["quant_method"]), p.name

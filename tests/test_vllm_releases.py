@@ -1,0 +1,90 @@
+"""Which vLLM release the user means, and what nhcheck answers for it (``nhcheck.engines.vllm``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nhcheck import engines
+from nhcheck.engines import vllm
+from nhcheck.errors import UsageError
+from nhcheck.pipeline import audit_path
+
+EX = Path(__file__).parent.parent / "examples"
+
+
+def test_release_list_is_in_index_order_and_the_table_is_a_subset():
+    assert sorted(vllm.RELEASES_WITH_NEMOTRON_H, key=vllm.release_key) == list(vllm.RELEASES_WITH_NEMOTRON_H)
+    assert len(vllm.RELEASES_WITH_NEMOTRON_H) == 42
+    assert set(vllm.PROFILES) | set(vllm.UNPROVEN) == set(vllm.RELEASES_WITH_NEMOTRON_H)
+    assert not set(vllm.PROFILES) & set(vllm.UNPROVEN)
+    assert [p for p in vllm.EPOCHS if p.newest] == [vllm.PROFILES[vllm.NEWEST]]
+    for version in vllm.PROFILES:
+        assert engines.parse(f"vllm@{version}") == engines.EngineId("vllm", version)
+
+
+@pytest.mark.parametrize("version", sorted(vllm.UNPROVEN, key=vllm.release_key))
+def test_known_but_unproven_releases_are_a_one_line_usage_error(version):
+    with pytest.raises(UsageError, match=r"not yet proven by golden data .*answers for vllm 0\.16\.0 … 0\.34\.0") as e:
+        engines.parse(f"vllm@{version}")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("version", ["0.8.5", "0.10.3", "0.33.1rc0"])
+def test_releases_without_nemotron_h_are_a_usage_error(version):
+    with pytest.raises(UsageError, match="is not a release with Nemotron-H"):
+        engines.parse(f"vllm@{version}")
+
+
+def test_a_newer_release_is_answered_as_the_newest_and_says_so():
+    eid = engines.parse("vllm@0.40.0")
+    assert eid.assumption and "answered with 0.34.0" in eid.assumption
+    newer = audit_path(str(EX / "nano3-bf16"), "vllm@0.40.0")
+    newest = audit_path(str(EX / "nano3-bf16"), "vllm@0.34.0")
+    assert [r.outcome for r in newer.records] == [r.outcome for r in newest.records]
+    assert any(f.code == "engine-assumed" and f.severity == "info" for f in newer.findings)
+
+
+def test_24434_checkpoint_crashes_on_vllm_and_not_on_sglang():
+    """The orphan expert scales SGLang >= 0.5.12 skips make every vLLM release raise at start-up."""
+    ex = str(EX / "nano3-24434-leftover-expert-scales")
+    assert audit_path(ex, "sglang@0.5.23").crash is None
+    for version, error in (("0.24.0", "KeyError"), ("0.26.0", "AttributeError: 'RoutedExperts'"),
+                           ("0.34.0", "AttributeError: Layer model.layers.1.mixer.experts")):  # fmt: skip
+        crash = audit_path(ex, f"vllm@{version}").crash
+        assert crash is not None and crash.error.startswith(error) and ".experts." in (crash.tensor or "")
+
+
+def test_packed_expert_bytes_into_a_bf16_slot_load_silently_and_are_reported():
+    """nano3_nvfp4_experts_excluded: 0.17.0's FusedMoE raises on the packed tensor, 0.20.0+ copies it into the
+    slot's corner without a word — nhcheck says so (slot-narrowed)."""
+    case = str(Path(__file__).parent / "conformance" / "nano3_nvfp4_experts_excluded" / "checkpoint")
+    old = audit_path(case, "vllm@0.17.0")
+    new = audit_path(case, "vllm@0.20.0")
+    w = "backbone.layers.1.mixer.experts.0.down_proj.weight"
+    assert {r.tensor.name: r.outcome.outcome for r in old.records}[w] == "raise"
+    assert {r.tensor.name: r.outcome.outcome for r in new.records}[w] == "load"
+    assert not [f for f in old.findings if f.code == "slot-narrowed"]
+    narrowed = [f for f in new.findings if f.code == "slot-narrowed"]
+    assert narrowed and narrowed[0].severity == "error" and "without an error" in narrowed[0].message
+
+
+def test_shards_are_read_in_natural_order(tmp_path):
+    """vLLM sorts shard files naturally (model-2 before model-10); SGLang by name. The first raise follows."""
+    src = Path(__file__).parent / "conformance" / "nano3_nvfp4_experts_excluded" / "checkpoint"
+    dst = tmp_path / "ck"
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    renames = {f: f"model-{n}.safetensors" for f, n in zip(files, (2, 10, 11, 12)[: len(files)], strict=False)}
+    for old, new in renames.items():
+        (dst / old).rename(dst / new)
+    index["weight_map"] = {k: renames[v] for k, v in index["weight_map"].items()}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    first = next(r for r in audit_path(str(dst), "vllm@0.34.0").records if r.outcome.outcome == "raise")
+    crash = audit_path(str(dst), "vllm@0.34.0").crash
+    assert crash is not None and crash.shard == "model-2.safetensors"
+    assert first.tensor.shard == "model-12.safetensors"  # first in name order: where SGLang's order would stop
