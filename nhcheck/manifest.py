@@ -10,6 +10,7 @@ a fused MoE tensor, or ``A = -exp(A_log)``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -442,29 +443,125 @@ def build_manifest(
 # Reading manifests from files
 
 _EXPERT_PARAM = re.compile(r"\.experts\.(w13|w2)_[A-Za-z0-9_]+$")
+_FLOAT8 = frozenset({"float8_e4m3fn", "float8_e5m2"})
 
 
-def _infer_param(name: str, shape: tuple[int, ...], dtype: str) -> Param:
-    """Loader semantics of a foreign (named_parameters dump) entry, from its name and shape."""
-    m = _EXPERT_PARAM.search(name)
-    if m and "blockscale_swizzled" in name:
-        return Param(name, shape, dtype, reachable=False)
-    if m:
-        return Param(
-            name,
-            shape,
-            dtype,
-            loader="expert",
-            num_experts=shape[0] if shape else 0,
-            shard_ids=("w1",) if m.group(1) == "w13" else ("w2",),
-        )
-    if ".qkv_proj." in name:
-        return Param(name, shape, dtype, loader="stacked")
-    if name.endswith(".mixer.A"):
-        return Param(name, shape, dtype, loader="mamba_A")
-    if name.endswith((".attn.k_scale", ".attn.v_scale")):
-        return Param(name, shape, dtype, informational=True)
-    return Param(name, shape, dtype)
+def _linear_method(members: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """The quant method of one linear module of a dump, from its parameters' names and dtypes.
+
+    ModelOpt NVFP4 registers ``weight_scale_2``; block FP8 (and MXFP8) ``weight_scale_inv``; ModelOpt FP8
+    an FP8 weight with ``weight_scale``. A module with a float weight and no scale is unquantized.
+    """
+    weight = members.get("weight")
+    if "weight_scale_2" in members:
+        return FP4_LINEAR
+    if "weight_scale_inv" in members:
+        return BLOCK_FP8_LINEAR
+    if weight is not None and weight[1] in _FLOAT8 and "weight_scale" in members:
+        return FP8_LINEAR
+    if weight is not None and len(weight[0]) == 2 and weight[1] in _DTYPE_NAMES:
+        return UNQUANT
+    return None
+
+
+def _moe_method(members: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """The quant method of one fused-experts module of a dump (the same markers, ``w13_`` prefixed)."""
+    if "w13_weight_scale_2" in members:
+        return FP4_MOE
+    if "w13_weight_scale_inv" in members:
+        return BLOCK_FP8_MOE
+    if members.get("w13_weight", ((), ""))[1] in _FLOAT8:
+        return FP8_MOE
+    return UNQUANT_MOE
+
+
+def _fits_inside(inner: tuple[int, ...], outer: tuple[int, ...]) -> bool:
+    return len(inner) == len(outer) and all(a <= b for a, b in zip(inner, outer, strict=True))
+
+
+def _infer_params(
+    entries: list[tuple[str, tuple[int, ...], str]],
+    cfg: NemotronHConfig | None,
+    reference: Callable[[], Manifest | None] | None,
+) -> tuple[Param, ...]:
+    """Loader semantics of a live engine's ``named_parameters()`` dump, rebuilt from names, shapes and dtypes.
+
+    A dump has no slot layout, yet the engine loads ``q_proj``/``k_proj``/``v_proj`` into row blocks
+    of ``qkv_proj`` and a scalar scale into one element of a per-partition scale vector. The layout
+    is rebuilt as the engine builds it: the quant method of each module from its parameters' names
+    and dtypes (``_linear_method``), the row blocks of ``qkv_proj`` from the config's head sizes when
+    they add up to the dumped rows, per-partition scale vectors as index slots. What names and dtypes
+    cannot tell is taken from ``reference`` (the engine's own manifest for the config) for that
+    parameter name: W4A16 and NVFP4 register the same parameters, and a fused expert tensor padded
+    by the MoE backend is filled in its unpadded leading region.
+    """
+    modules: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    for name, shape, dtype in entries:
+        mod, _, leaf = name.rpartition(".")
+        modules.setdefault(mod, {})[leaf] = (shape, dtype)
+    ref_manifest: list[Manifest | None] = []
+
+    def reference_param(name: str) -> Param | None:
+        if reference is None:
+            return None
+        if not ref_manifest:
+            ref_manifest.append(reference())
+        ref = ref_manifest[0]
+        return ref.by_name.get(name) if ref is not None else None
+
+    out: list[Param] = []
+    for name, shape, dtype in entries:
+        mod, _, leaf = name.rpartition(".")
+        members = modules[mod]
+        if _EXPERT_PARAM.search(name):
+            method = _moe_method(members)
+            if "blockscale_swizzled" in leaf:
+                out.append(Param(name, shape, dtype, quant_method=method, reachable=False))
+                continue
+            ref = reference_param(name)
+            if ref is not None and _fits_inside(ref.shape, shape):
+                # FusedMoE pads the intermediate size to a multiple of 128 under flashinfer_trtllm and
+                # loads each expert's tensor into the leading rows (narrow_padded_param_and_loaded_weight):
+                # the region the checkpoint fills is the unpadded shape of the engine's own layout.
+                shape = ref.shape
+            out.append(
+                Param(
+                    name,
+                    shape,
+                    dtype,
+                    quant_method=method,
+                    loader="expert",
+                    num_experts=shape[0] if shape else 0,
+                    shard_ids=("w1",) if leaf.startswith("w13") else ("w2",),
+                )
+            )
+            continue
+        if name.endswith(".mixer.A"):
+            out.append(Param(name, shape, dtype, loader="mamba_A"))
+            continue
+        if mod.endswith(".attn") and leaf in ("k_scale", "v_scale"):
+            out.append(Param(name, shape, dtype, quant_method=KV_METHOD, informational=True))
+            continue
+        lin = _linear_method(members) if "weight" in members else None
+        ref = reference_param(name) if lin == FP4_LINEAR else None
+        if ref is not None and ref.quant_method == A16_LINEAR:
+            lin = A16_LINEAR
+        informational = lin == A16_LINEAR and leaf == "input_scale"
+        weight_rows = members["weight"][0][0] if members.get("weight", ((),))[0] else None
+        loader = "stacked" if mod.endswith(".qkv_proj") else "default"
+        slots: tuple[tuple[str, int, int], ...] = ()
+        if cfg is not None and loader == "stacked":
+            # q, k, v row blocks as QKVParallelLinear stacks them; Mamba's in_proj is loaded whole (one
+            # checkpoint tensor), only its per-partition scale vectors have slots, which the default
+            # loader's scalar rule covers.
+            ids, rows = ("q", "k", "v"), (cfg.q_size, cfg.kv_size, cfg.kv_size)
+            if len(shape) == 1 and shape[0] == len(ids) and leaf != "bias":
+                slots = tuple((s, i, 1) for i, s in enumerate(ids))  # per-partition scale vector
+            elif shape and shape[0] == sum(rows) == weight_rows and not (dtype == "float32" and len(shape) == 2):
+                offsets = [sum(rows[:i]) for i in range(len(rows))]
+                slots = tuple(zip(ids, offsets, rows, strict=True))
+        out.append(Param(name, shape, dtype, quant_method=lin, loader=loader, slots=slots, informational=informational))
+    return tuple(out)
 
 
 def _startup_refusal(
@@ -504,8 +601,16 @@ def _startup_refusal(
     return None
 
 
-def load_manifest(path: str, engine: str) -> Manifest:
-    """Read our JSON, or a live engine's ``named_parameters()`` dump (list of names or name → {shape, dtype})."""
+def load_manifest(
+    path: str,
+    engine: str,
+    cfg: NemotronHConfig | None = None,
+    reference: Callable[[], Manifest | None] | None = None,
+) -> Manifest:
+    """Read our JSON, or a live engine's ``named_parameters()`` dump (list of names or name → {shape, dtype}).
+
+    A dump's slot layout is rebuilt from its names and shapes and ``cfg`` (``_infer_params``).
+    """
     from nhcheck.checkpoint import load_json
 
     obj = load_json(path, "manifest")
@@ -537,6 +642,10 @@ def load_manifest(path: str, engine: str) -> Manifest:
         raise CheckpointError(
             path, "manifest must be nhcheck JSON, a list of parameter names, or {name: {shape, dtype}}"
         )
-    params = tuple(_infer_param(n, s, d) for n, s, d in entries)
-    prefix = "language_model." if any(p.name.startswith("language_model.model.") for p in params) else ""
+    prefix = "language_model." if any(n.startswith("language_model.model.") for n, _, _ in entries) else ""
+    if prefix:
+        # A wrapper's vision and sound towers load through their own loaders, which nhcheck does not
+        # replay (their checkpoint tensors are ``routed``); the built manifest leaves them out too.
+        entries = [e for e in entries if e[0].startswith((prefix, "mlp1."))]
+    params = _infer_params(entries, cfg, reference)
     return Manifest(params, engine, prefix, None, "unknown", "main", path)

@@ -8,6 +8,7 @@ from nhcheck import engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint, open_local
 from nhcheck.engines.base import Engine, EngineId, PPWindow
+from nhcheck.errors import NhcheckError
 from nhcheck.manifest import Manifest, load_manifest
 from nhcheck.model import NemotronHConfig, parse_config
 from nhcheck.quant import QuantConfig, parse_quant
@@ -46,7 +47,15 @@ def prepare(
     qc = parse_quant(checkpoint.config, checkpoint.hf_quant_config)
     window = impl.pp_window(cfg.num_layers, *pp) if pp else None
     if manifest_file:
-        manifest = load_manifest(manifest_file, str(impl.id))
+
+        def reference() -> Manifest | None:
+            """The engine's own manifest, for what a dump's names and dtypes cannot say (W4A16 vs NVFP4)."""
+            try:
+                return impl.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp, pp=window)
+            except NhcheckError:
+                return None
+
+        manifest = load_manifest(manifest_file, str(impl.id), cfg, reference)
     else:
         manifest = impl.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp, pp=window)
     return Inputs(checkpoint, cfg, qc, impl, manifest, moe_backend, mtp, window)

@@ -781,6 +781,9 @@ def main(argv=None) -> int:
     ap.add_argument("--draft", action="store_true",
                     help="build the speculative draft model SGLang makes from this checkpoint "
                          "(ModelConfig(is_draft_model=True): NemotronHForCausalLMMTP)")
+    ap.add_argument("--live-dump", default=None, metavar="FILE",
+                    help="also write the README's live-engine dump of the same named_parameters(): "
+                         "{name: {shape, dtype}} with dtype as str(p.dtype) (what `audit --manifest` reads)")
     ap.add_argument("--meta-error", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pre-24434", action="store_true",
                     help="build with the old sglang (last release before PR #24434, 0.5.11) "
@@ -822,6 +825,8 @@ def main(argv=None) -> int:
                 cmd.append("--draft")
             if a.quiet:
                 cmd.append("--quiet")
+            if a.live_dump:
+                cmd += ["--live-dump", a.live_dump]
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(subprocess.run(cmd).returncode)
@@ -837,6 +842,13 @@ def main(argv=None) -> int:
     with open(a.out, "w") as f:
         json.dump(man, f, indent=1)
     log(f"{man['num_params']} params -> {a.out}")
+    if a.live_dump:
+        # The README's two lines, {n: {"shape": list(p.shape), "dtype": str(p.dtype)}}, over the same
+        # named_parameters() entries in their order (``dump`` stored str(p.dtype) without "torch.").
+        live = {e["name"]: {"shape": e["shape"], "dtype": "torch." + e["dtype"]} for e in man["params"]}
+        with open(a.live_dump, "w") as f:
+            json.dump(live, f)
+        log(f"live dump ({len(live)} params) -> {a.live_dump}")
     # torch.distributed process group teardown is skipped on purpose: the process exits now.
     os._exit(0)
 
