@@ -42,6 +42,9 @@ class Checkpoint:
     revision: str | None = None
     bytes_transferred: int | None = None
     missing_shards: tuple[str, ...] = field(default=())
+    #: Why ``missing_shards`` were not read (``given alone``, ``not in the local Hugging Face cache``):
+    #: the report leads with it, since every parameter they fill shows as unfilled.
+    missing_why: str = ""
 
     def tensors(self) -> Iterator[TensorInfo]:
         for shard in self.shards:
@@ -250,6 +253,23 @@ def list_sidecars(root: str, skip: set[str]) -> list[str]:
     return out
 
 
+def _index_siblings(root: str, shard: str) -> tuple[str, ...]:
+    """The other shards the index beside a single shard lists (none when there is no usable index)."""
+    index_path = os.path.join(root, INDEX_NAME)
+    if not os.path.isfile(index_path):
+        return ()
+    try:
+        index = parse_index(index_path, load_json(index_path, "index"))
+    except CheckpointError:
+        return ()  # a single file is audited on its own; a broken index beside it is not its problem
+    listed = set(index["weight_map"].values())
+    return tuple(sorted(listed - {shard})) if shard in listed else ()
+
+
+def _names(names: tuple[str, ...] | list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
 def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> Checkpoint:
     """Read a local directory or single ``.safetensors`` file, headers only.
 
@@ -262,7 +282,9 @@ def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> 
         root = os.path.dirname(os.path.abspath(source))
         shard_names = [os.path.basename(source)]
         index = None
+        others = _index_siblings(root, shard_names[0])
     elif os.path.isdir(source):
+        others = ()
         root = os.path.abspath(source)
         index_path = os.path.join(root, INDEX_NAME)
         if os.path.lexists(index_path):
@@ -295,6 +317,19 @@ def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> 
         listed = set(shard_names)
         stray = sorted(display_name(fn) for fn in os.listdir(root) if fn.endswith(".safetensors") and fn not in listed)
     findings = cross_check(index, shards, missing, stray)
+    why = ""
+    if others:
+        missing = list(others)
+        why = f"not given (the index beside {shard_names[0]} lists {len(others) + 1})"
+        findings.append(
+            Finding(
+                "warning",
+                "shards-not-given",
+                f"{shard_names[0]} was given alone but {INDEX_NAME} beside it lists {len(others)} more shard(s) "
+                f"({_names(others)}): their tensors are not audited; audit the directory for the whole checkpoint",
+                shard=shard_names[0],
+            )
+        )
     skip = set(shard_names) | {INDEX_NAME}
     return Checkpoint(
         source=source,
@@ -306,4 +341,5 @@ def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> 
         findings=tuple(findings),
         sidecars=tuple(list_sidecars(root, skip)),
         missing_shards=tuple(missing),
+        missing_why=why,
     )

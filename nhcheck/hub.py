@@ -73,6 +73,12 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _LOGIN_HINT = "set HF_TOKEN or run `hf auth login`"
 
 
+def _headers_hint(revision: str | None) -> str:
+    """What an audit needs from the Hub is the configs and the shard headers, never the weights."""
+    rev = f" --revision {revision}" if revision else ""
+    return f"run it once with network access{rev} (nhcheck then fetches only the configs and the shard headers)"
+
+
 class _Meter:
     """Response body bytes received, summed across the header-fetching threads."""
 
@@ -111,7 +117,7 @@ def open_cached(repo_id: str, revision: str | None, progress: Progress | None, r
     if not isinstance(path, str):
         raise NhcheckError(
             f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-            f"{reason}; run once with network access, or `hf download {repo_id}`"
+            f"{reason}; {_headers_hint(revision)}"
         )
     root = os.path.dirname(path)
     if not os.path.exists(os.path.join(root, INDEX_NAME)) and not any(
@@ -119,13 +125,13 @@ def open_cached(repo_id: str, revision: str | None, progress: Progress | None, r
     ):
         raise NhcheckError(
             f"{repo_id}{at}: no shard headers in the local Hugging Face cache ({root}) and {reason}; "
-            f"run once with network access, or `hf download {repo_id}`"
+            f"{_headers_hint(revision)}"
         )
     ckpt = open_local(root, progress)
     if not ckpt.shards:
         raise NhcheckError(
             f"{repo_id}{at}: none of its {len(ckpt.missing_shards)} shards is in the local Hugging Face "
-            f"cache ({root}) and {reason}; run once with network access, or `hf download {repo_id}`"
+            f"cache ({root}) and {reason}; {_headers_hint(revision)}"
         )
     findings = tuple(
         Finding(
@@ -139,7 +145,14 @@ def open_cached(repo_id: str, revision: str | None, progress: Progress | None, r
         else f
         for f in ckpt.findings
     )
-    return replace(ckpt, source=repo_id, revision=os.path.basename(root), bytes_transferred=0, findings=findings)
+    return replace(
+        ckpt,
+        source=repo_id,
+        revision=os.path.basename(root),
+        bytes_transferred=0,
+        findings=findings,
+        missing_why=f"not in the local Hugging Face cache ({reason})",
+    )
 
 
 def materialize(repo_id: str, revision: str | None = None, progress: bool = True) -> str:
@@ -202,7 +215,7 @@ def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         )
         raise NhcheckError(
             f"{repo_id}{at}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-            f"run once with network access, or `hf download {repo_id}`"
+            f"run once with network access, or `hf download {repo_id}{' --revision ' + revision if revision else ''}`"
         ) from None
     except EntryNotFoundError as exc:
         raise NhcheckError(f"{repo_id}{at}: file not found in the repo: {_first_line(exc)}") from None

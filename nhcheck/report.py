@@ -361,6 +361,17 @@ def version_ranges(report: AuditReport) -> list[tuple[str, str]]:
     return out
 
 
+def partial_input(report: AuditReport) -> str | None:
+    """``only 1 of 4 shards audited (…)``: the cause that comes first when shards were not read."""
+    ck = report.checkpoint
+    if not ck.missing_shards:
+        return None
+    names = ck.missing_shards
+    shown = ", ".join(names[:3]) + (f", … ({len(names)} in all)" if len(names) > 3 else "")
+    total = len(ck.shards) + len(names)
+    return f"only {len(ck.shards)} of {total} shards audited — {shown} {ck.missing_why}"
+
+
 def verdict_text(report: AuditReport) -> str:
     v = report.verdict
     ver = report.engine.label
@@ -383,7 +394,13 @@ def verdict_text(report: AuditReport) -> str:
         return f"{ver} would not load this correctly: " + "; ".join(parts) + "."
     if v == "incomplete":
         n = sum(1 for s in report.params if s.status in ("unfilled", "partial") and not s.param.informational)
-        return f"{ver} loads without error but leaves {n} runtime parameter(s) unfilled or partial: silent garbage."
+        partial = partial_input(report)
+        if partial:
+            return (
+                f"{partial}; {ver} would leave {n:,} runtime parameter(s) unfilled or partial from the shards "
+                "audited, those the missing shards fill among them."
+            )
+        return f"{ver} loads without error but leaves {n:,} runtime parameter(s) unfilled or partial: silent garbage."
     if v == "orphans":
         return f"{ver} loads it, dropping {c['orphans']:,} checkpoint tensor(s) (warned or silent)."
     return f"{ver} loads every tensor and fills every reachable parameter."
@@ -554,9 +571,13 @@ def summary_line(report: AuditReport, seconds: float) -> str:
     xfer = report.checkpoint.bytes_transferred
     extra = f", {xfer:,} bytes transferred" if xfer is not None else ""
     ign = f", {report.ignored} ignored" if report.ignored else ""
+    ck = report.checkpoint
+    shards_note = (
+        f" ({len(ck.shards):,} of {len(ck.shards) + len(ck.missing_shards):,} shards)" if ck.missing_shards else ""
+    )
     return (
         f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards)} shards ({seconds:.2f} s{extra}): "
-        f"verdict {report.verdict}{tp_headline(report)}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
+        f"verdict {report.verdict}{tp_headline(report)}{shards_note}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
         f"{unfilled:,} params unfilled, {partial:,} partial"
         + (f", {default:,} at the engine default (informational)" if default else "")
         + ign

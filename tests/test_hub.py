@@ -304,6 +304,23 @@ def test_partially_cached_repo_audits_what_is_there_and_names_the_rest(env):
         f["severity"] == "warning" and f["shard"] == missing and "not in the local Hugging Face cache" in f["message"]
     )
     assert not [f for f in doc["findings"] if f["code"] == "shard-missing"]
+    # The headline leads with the cause, not with "silent garbage" (issue 16, item 6).
+    table = nhcheck({**env, "HF_HUB_OFFLINE": "1"}, "audit", "acme/nano3")
+    head = table.stdout.splitlines()[1]
+    assert head.startswith(
+        f"INCOMPLETE only 3 of 4 shards audited — {missing} not in the local Hugging Face cache (HF_HUB_OFFLINE"
+    ), head
+    assert "silent garbage" not in table.stdout
+    assert "verdict incomplete (3 of 4 shards)" in table.stderr
+
+
+@pytest.mark.parametrize("revision", [None, "v1.0"])
+def test_offline_hint_asks_for_headers_not_weights_and_keeps_the_revision(env, revision):
+    extra = ["--revision", revision] if revision else []
+    p = nhcheck({**env, "HF_HUB_OFFLINE": "1"}, "audit", "acme/nano3", *extra)
+    line = p.stderr.strip()
+    assert p.returncode == 2 and "hf download" not in line and "only the configs and the shard headers" in line
+    assert ("--revision v1.0" in line) == bool(revision), line
 
 
 @pytest.mark.parametrize("verb, cached", [("audit", "nothing"), ("audit", "config only"), ("prune", "nothing")])

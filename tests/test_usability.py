@@ -136,3 +136,26 @@ def test_top_level_help_does_not_truncate_descriptions():
     flat = " ".join(commands.split())
     assert "Replay the engine's loader over SOURCE's shard headers and report both directions." in flat
     assert "Write a copy of SOURCE without the tensors the engine would not load anyway" in flat
+
+
+# ---------------------------------------------------------------------------
+# 6. a single shard given alone while its index lists more: the headline leads with the cause
+
+
+def test_single_shard_given_alone_leads_with_the_missing_shards():
+    res = run("audit", NANO / "model-00001-of-00004.safetensors")
+    head = res.stdout.splitlines()[1]
+    assert head.startswith("INCOMPLETE only 1 of 4 shards audited — model-00002-of-00004.safetensors, "), head
+    assert "not given (the index beside model-00001-of-00004.safetensors lists 4)" in head
+    assert "silent garbage" not in res.stdout
+    assert "verdict incomplete (1 of 4 shards)" in res.stderr
+    doc = json.loads(run("audit", NANO / "model-00001-of-00004.safetensors", "-f", "json", "-q").stdout)
+    [f] = [f for f in doc["findings"] if f["code"] == "shards-not-given"]
+    assert f["severity"] == "warning" and "3 more shard(s)" in f["message"]
+
+
+def test_a_single_file_without_an_index_beside_it_is_just_that_file(tmp_path):
+    shutil.copy(NANO / "model-00001-of-00004.safetensors", tmp_path / "model.safetensors")
+    shutil.copy(NANO / "config.json", tmp_path / "config.json")
+    doc = json.loads(run("audit", tmp_path / "model.safetensors", "-f", "json", "-q").stdout)
+    assert not [f for f in doc["findings"] if f["code"] == "shards-not-given"]
