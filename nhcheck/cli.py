@@ -132,12 +132,43 @@ def _parse_engine(ctx, param, value):
     return engines.parse(value)
 
 
+def _complete_engine(ctx, param, incomplete: str) -> list[str]:
+    """``--engine`` completes to each engine's bare name and every release nhcheck answers for."""
+    specs = sorted({e.name for e in engines.known()}) + [str(e) for e in engines.known()]
+    return [s for s in specs if s.startswith(incomplete)]
+
+
+def _complete_device(ctx, param, incomplete: str) -> list[str]:
+    """``--device`` completes without importing torch: cpu, cuda and the first eight cuda:N."""
+    return [d for d in ("cpu", "cuda", *(f"cuda:{i}" for i in range(8))) if d.startswith(incomplete)]
+
+
+class _SourceType(click.ParamType):
+    """SOURCE: a directory, a ``.safetensors`` file or a Hub repo id, passed on unchanged (the source
+    modules check it and say what is wrong in one line). The shell completes it as a path, as it would
+    without nhcheck's completion script; a repo id is typed."""
+
+    name = "source"
+
+    def convert(self, value, param, ctx):
+        return value
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="file")]
+
+
+_SOURCE = _SourceType()
+
+
 def _engine_option(f):
     return click.option(
         "--engine",
         default="sglang",
         show_default=True,
         callback=_parse_engine,
+        shell_complete=_complete_engine,
         help="Engine release to replay: "
         + ", ".join(engines.spans(list(engines.known())))
         + " (sglang@0.5.11 is the last before PR #24434); bare sglang: the installed release, else the newest.",
@@ -245,7 +276,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", type=_SOURCE)
 @_source_options
 @_report_options
 @click.option(
@@ -340,7 +371,7 @@ def audit(
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", type=_SOURCE)
 @click.option("--revision", default=None, help="Hub branch, tag or commit (repo ids only).")
 @click.option(
     "--moe-backend",
@@ -377,7 +408,7 @@ def matrix(source, revision, moe_backend, mtp, fmt, output):
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", type=_SOURCE)
 @_source_options
 @click.option("-f", "--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
 @click.option(
@@ -481,7 +512,7 @@ def _byte_progress(quiet: bool):
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", type=_SOURCE)
 @click.option(
     "--out",
     "out_dir",
@@ -554,9 +585,11 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", type=_SOURCE)
 @_source_options
-@click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
+@click.option(
+    "--device", default="cuda", show_default=True, shell_complete=_complete_device, help="cuda, cuda:N or cpu."
+)
 @click.option(
     "--manifest",
     "manifest_file",

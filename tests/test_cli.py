@@ -114,6 +114,26 @@ def test_completion_is_documented_and_works():
     assert p.returncode == 0 and "plain,audit" in p.stdout
 
 
+@pytest.mark.parametrize("verb", ["audit", "manifest", "matrix", "prune", "load"])
+def test_completion_keeps_paths_for_source(verb):
+    """Issue 16 item 11: with nhcheck's completion script on, SOURCE still completes as a path."""
+    from click.shell_completion import BashComplete
+
+    items = BashComplete(cli, {}, "nhcheck", "_NHCHECK_COMPLETE").get_completions([verb], "exa")
+    assert [(i.type, i.value) for i in items] == [("file", "exa")]
+
+
+def test_completion_of_engine_and_device():
+    from click.shell_completion import BashComplete
+
+    comp = BashComplete(cli, {}, "nhcheck", "_NHCHECK_COMPLETE")
+    engines = [i.value for i in comp.get_completions(["audit", "x", "--engine"], "sglang@0.5.2")]
+    assert engines == ["sglang@0.5.20", "sglang@0.5.21", "sglang@0.5.22", "sglang@0.5.23"]
+    assert "sglang" in [i.value for i in comp.get_completions(["prune", "x", "--engine"], "")]
+    devices = [i.value for i in comp.get_completions(["load", "x", "--device"], "c")]
+    assert devices[:3] == ["cpu", "cuda", "cuda:0"]
+
+
 def test_ignore_is_repeatable_and_counted():
     """The #24434 example on 0.5.23: 144 leftover expert scales in layers 1 and 49, all orphans."""
     base = run("audit", LEFTOVER, "--format", "json", "-q")
