@@ -64,15 +64,15 @@ class AuditReport:
     ignored: int = 0
     other_versions: dict[EngineId, str] = field(default_factory=dict)
     mtp: bool = False
+    pp: PPWindow | None = None  # the pipeline rank audited (``--pp``)
     tp_sizes: tuple[int, ...] = ()  # the TP sizes checked statically (``audit --tp``); their findings are in findings
 
     def tp_errors(self) -> dict[int, int]:
         """Per checked TP size, how many ``tp-indivisible`` finding groups stop it (0: it shards cleanly)."""
         out = {tp: 0 for tp in self.tp_sizes}
         for f in self.findings:
-            if f.code == "tp-indivisible":
-                tp = int(f.message.split(":", 1)[0].removeprefix("--tp "))
-                out[tp] = out.get(tp, 0) + 1
+            if f.code == "tp-indivisible" and f.tp is not None:
+                out[f.tp] = out.get(f.tp, 0) + 1
         return out
 
     def counts(self) -> dict[str, int]:
@@ -511,6 +511,7 @@ def run_audit(
         ignored=n_ignored,
         other_versions=others,
         mtp=opts.mtp,
+        pp=opts.pp,
     )
 
 

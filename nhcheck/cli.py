@@ -431,9 +431,7 @@ def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet)
       nhcheck manifest examples/nano3-nvfp4
       nhcheck manifest examples/omni-nvfp4-24137 --engine sglang@0.5.11 --format json -o m.json
     """
-    import json
-
-    from nhcheck import pipeline
+    from nhcheck import pipeline, report
     from nhcheck.audit import check_mtp_draft
     from nhcheck.checkpoint import open_local
     from nhcheck.sources import open_source
@@ -446,28 +444,7 @@ def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet)
     if mtp:
         check_mtp_draft(ckpt, inputs.config)
     m = inputs.manifest
-    if fmt == "json":
-        _write_out(json.dumps(m.to_json(), indent=1) + "\n", output)
-        return
-    from rich.table import Table
-
-    from nhcheck.report import print_table, safe
-
-    t = Table(
-        title=f"{m.engine} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}; "
-        f"moe backend {m.moe_backend})",
-        title_justify="left",
-    )
-    for col in ("name", "shape", "dtype", "quant method", "loader"):
-        t.add_column(col, overflow="fold")
-    for p in m.params:
-        loader = p.loader + ("" if p.reachable else " (unreachable)")
-        t.add_row(safe(p.name), str(list(p.shape)), p.dtype, p.quant_method or "", loader)
-    if output:
-        with _open_output(output) as fh:
-            print_table(_file_console(fh, 200), t)
-    else:
-        print_table(_stdout_console(), t)
+    _emit(fmt, output, lambda: report.manifest_json(m), None, lambda console: report.manifest_table(m, console))
 
 
 def _byte_progress(quiet: bool):

@@ -24,7 +24,8 @@ class Finding:
     """One reportable problem (or note), tied to a shard and/or tensor where it has one.
 
     ``code`` is a stable machine key (``orphan``, ``crash``, ``quant-mismatch``, …) that
-    ``--ignore`` and JSON consumers match on; ``message`` is for people.
+    ``--ignore`` and JSON consumers match on; ``message`` is for people. ``tp`` is the tensor-parallel
+    size a ``--tp`` finding is about (the report counts per size from it, never from the message).
     """
 
     severity: Severity
@@ -32,6 +33,7 @@ class Finding:
     message: str
     shard: str | None = None
     tensor: str | None = None
+    tp: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {

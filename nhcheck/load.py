@@ -1368,6 +1368,8 @@ def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], cra
 
 
 def to_json(r: LoadReport) -> dict:
+    from nhcheck.report import backend_and_rank_json
+
     a = r.audit
     count = {s: sum(1 for p in r.params if p.status == s) for s in ("filled", "partial", "unfilled")}
     return {
@@ -1378,8 +1380,7 @@ def to_json(r: LoadReport) -> dict:
         "engine": {
             "name": a.engine.name,
             "version": a.engine.version,
-            "moe_backend": a.manifest.moe_backend,
-            "mode": "mtp" if a.mtp else "main",
+            **backend_and_rank_json(a),
         },
         "model": {
             "architecture": a.config.wrapper or a.config.architecture,
@@ -1486,12 +1487,12 @@ def _problem_groups(r: LoadReport):
 def render_table(r: LoadReport, console) -> None:
     from rich.markup import escape
 
-    from nhcheck.report import findings_table, param_table, print_table, safe
+    from nhcheck.report import engine_header, findings_table, param_table, print_table, safe
 
     e = lambda s: escape(safe(s))  # noqa: E731
     a = r.audit
     console.print(
-        f"[bold]nhcheck load[/] {e(a.source)} · {a.engine} · {e(a.config.wrapper or a.config.architecture)} "
+        f"[bold]nhcheck load[/] {e(a.source)} · {e(engine_header(a))} · {e(a.config.wrapper or a.config.architecture)} "
         f"({e(a.quant or 'unquantized')}) · {len(a.records):,} tensors in {len(a.checkpoint.shards)} shard(s)"
     )
     colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
@@ -1519,11 +1520,11 @@ def render_table(r: LoadReport, console) -> None:
 
 
 def render_markdown(r: LoadReport) -> str:
-    from nhcheck.report import _md, findings_markdown
+    from nhcheck.report import _md, engine_header, findings_markdown
 
     a = r.audit
     out = [
-        f"### nhcheck load: `{_md(a.source)}` on {a.engine}, {_md(r.device)} ({_md(r.device_name)})",
+        f"### nhcheck load: `{_md(a.source)}` on {_md(engine_header(a))}, {_md(r.device)} ({_md(r.device_name)})",
         "",
         f"**{r.verdict.upper()}**: {_md(headline(r))}",
         "",

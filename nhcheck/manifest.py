@@ -113,6 +113,11 @@ class Manifest:
     mode: str = "main"
     source: str = "built"
     problems: tuple[str, ...] = ()
+    #: ``moe_backend`` is the backend the parameters were built for (SGLang's pick when ``auto`` was
+    #: asked); this is what was asked. Every report shows both, under these two names.
+    moe_backend_requested: str = "auto"
+    #: The pipeline rank the parameters were built for (``--pp``); None: the whole model.
+    pp: PPWindow | None = None
     by_name: dict[str, Param] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +140,8 @@ class Manifest:
             "lm_prefix": self.lm_prefix,
             "quantization": self.quantization,
             "moe_backend": self.moe_backend,
+            "moe_backend_requested": self.moe_backend_requested,
+            "pp": self.pp.to_json() if self.pp else None,
             "params": [p.to_json() for p in self.params],
         }
 
@@ -388,7 +395,7 @@ def build_manifest(
     ``pp`` is one pipeline rank: layers outside its window are ``PPMissingLayer`` (no
     parameters), ``embed_tokens`` lives on the first rank, ``norm_f``/``lm_head`` on the last.
     """
-    pp = pp or PPWindow(0, cfg.num_layers)
+    asked_pp, pp = pp, pp or PPWindow(0, cfg.num_layers)
     outer = "NemotronHForCausalLMMTP" if mtp else (cfg.wrapper or cfg.architecture)
     startup = _startup_refusal(cfg, qc, profile, mtp, release or profile.version)
     if startup is not None:
@@ -436,6 +443,8 @@ def build_manifest(
         "mtp" if mtp else "main",
         "built",
         tuple(problems),
+        moe_backend or "auto",
+        asked_pp,
     )
 
 
@@ -627,6 +636,7 @@ def load_manifest(
             obj.get("moe_backend", "auto"),
             obj.get("mode", "main"),
             path,
+            moe_backend_requested=obj.get("moe_backend_requested", "auto"),
         )
     entries: list[tuple[str, tuple[int, ...], str]] = []
     if isinstance(obj, list) and all(isinstance(n, str) for n in obj):

@@ -1052,6 +1052,7 @@ def _receipt(
         "source_root": plan.report.checkpoint.root,
         "engine": str(plan.engine),
         "moe_backend": plan.report.manifest.moe_backend,
+        "moe_backend_requested": plan.report.manifest.moe_backend_requested,
         "audit_verdict": plan.report.verdict,
         "dropped": dropped_rows,
         "shards": shards,

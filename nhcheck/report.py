@@ -13,6 +13,7 @@ from nhcheck import __version__, collapse, engines
 
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport
+    from nhcheck.manifest import Manifest
 
 SCHEMA = "nhcheck.audit/1"
 _OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
@@ -77,6 +78,22 @@ def param_counts(report: AuditReport) -> dict[str, int]:
         st = param_status(s)
         out[st] = out.get(st, 0) + 1
     return out
+
+
+def backend_and_rank_json(report: AuditReport) -> dict[str, object]:
+    """The ``engine`` keys every report shares: the MoE backend resolved and requested, mode, PP rank."""
+    m = report.manifest
+    return {
+        "moe_backend": m.moe_backend,
+        "moe_backend_requested": m.moe_backend_requested,
+        "mode": "mtp" if report.mtp else "main",
+        "pp": report.pp.to_json() if report.pp else None,
+    }
+
+
+def engine_header(report: AuditReport) -> str:
+    """``sglang@0.5.23 · PP rank 1/4 (layers 13-25)`` for report headers (plain text, not escaped)."""
+    return report.engine.described + (f" · {report.pp.label}" if report.pp else "")
 
 
 def tp_verdict(report: AuditReport) -> str | None:
@@ -155,8 +172,7 @@ def _head(report: AuditReport) -> dict:
             "name": report.engine.name,
             "version": report.engine.version,
             "installed": report.engine.installed,
-            "moe_backend": report.manifest.moe_backend,
-            "mode": "mtp" if report.mtp else "main",
+            **backend_and_rank_json(report),
         },
         "model": {
             "architecture": report.config.wrapper or report.config.architecture,
@@ -421,7 +437,7 @@ def render_table(report: AuditReport, console, *, show_loaded: bool = False) -> 
     console.print(
         f"[bold]nhcheck audit[/] {e(report.source)}"
         + (f" @ {e(report.revision)}" if report.revision else "")
-        + f" · {e(report.engine.described)} · {e(arch)} ({e(report.quant or 'unquantized')})"
+        + f" · {e(engine_header(report))} · {e(arch)} ({e(report.quant or 'unquantized')})"
         + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards)} shard(s)"
     )
     colour = {"clean": "green", "orphans": "yellow", "incomplete": "yellow", "broken": "red", "crash": "red"}[
@@ -527,7 +543,7 @@ def render_markdown(report: AuditReport, *, show_loaded: bool = False) -> str:
     cfg = report.config
     c = report.counts()
     out = [
-        f"### nhcheck audit: `{_md(report.source)}` on {report.engine}",
+        f"### nhcheck audit: `{_md(report.source)}` on {_md(engine_header(report))}",
         "",
         f"**{report.verdict.upper()}{_md(tp_headline(report))}**: {_md(verdict_text(report))}",
         "",
@@ -639,4 +655,30 @@ def matrix_table(m, console) -> None:
     t = Table(*_MATRIX_COLUMNS)
     for r in m.rows:
         t.add_row(*(safe(c) for c in _matrix_cells(r)))
+    print_table(console, t)
+
+
+# ---------------------------------------------------------------------------
+# The runtime manifest (``nhcheck manifest``)
+
+
+def manifest_json(m: Manifest) -> str:
+    return json.dumps(m.to_json(), indent=1) + "\n"
+
+
+def manifest_table(m: Manifest, console) -> None:
+    """One row per runtime parameter; the title names the engine, PP rank, quantization and MoE backend."""
+    from rich.table import Table
+
+    rank = f" · {m.pp.label}" if m.pp else ""
+    t = Table(
+        title=f"{m.engine}{rank} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}; "
+        f"moe backend {m.moe_backend}, requested {m.moe_backend_requested})",
+        title_justify="left",
+    )
+    for col in ("name", "shape", "dtype", "quant method", "loader"):
+        t.add_column(col, overflow="fold")
+    for p in m.params:
+        loader = p.loader + ("" if p.reachable else " (unreachable)")
+        t.add_row(safe(p.name), str(list(p.shape)), p.dtype, p.quant_method or "", loader)
     print_table(console, t)

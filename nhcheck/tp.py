@@ -679,6 +679,7 @@ def check(manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...]) -> l
                     f"--tp {tp}: {where} — {detail}; {rule.effect} [sglang {rule.where}, {rule.file}]",
                     None,
                     modules,
+                    tp=tp,
                 )
             )
         out.extend(_padding_notes(manifest, cfg, tp, shards))
@@ -715,7 +716,7 @@ def _moe_padding_notes(
         f"(moe backend {manifest.moe_backend}): "
         f"{holds}; the windows tile [0, {inter}) exactly [sglang {rule.where}, {rule.file}]"
     )
-    return [Finding("info", PAD_CODE, msg, None, modules[0])]
+    return [Finding("info", PAD_CODE, msg, None, modules[0], tp=tp)]
 
 
 def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...]) -> list[Finding]:
@@ -738,7 +739,7 @@ def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tu
         f"{_round_up(V, VOCAB_PAD)} is not divisible by {tp}); each rank holds {per} rows, rank {last} the last "
         f"real one, {padded - V} rows are zeros [sglang {rule.where}, {rule.file}]"
     )
-    return [Finding("info", PAD_CODE, msg, None, names[0])]
+    return [Finding("info", PAD_CODE, msg, None, names[0], tp=tp)]
 
 
 def with_findings(report, sizes: tuple[int, ...]):

@@ -34,7 +34,10 @@ def run(*args: object):
 
 def _one_error_line(res) -> str:
     lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("nhcheck: error: "), (res.exit_code, res.stderr)
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("nhcheck: error: "), (
+        res.exit_code,
+        res.stderr,
+    )
     assert "Traceback" not in res.stderr + res.stdout and "internal error" not in res.stderr
     return lines[0]
 
@@ -159,3 +162,71 @@ def test_a_single_file_without_an_index_beside_it_is_just_that_file(tmp_path):
     shutil.copy(NANO / "config.json", tmp_path / "config.json")
     doc = json.loads(run("audit", tmp_path / "model.safetensors", "-f", "json", "-q").stdout)
     assert not [f for f in doc["findings"] if f["code"] == "shards-not-given"]
+
+
+# ---------------------------------------------------------------------------
+# 13. the PP rank in every header and JSON ``engine``; the MoE backend requested and resolved, everywhere
+
+
+def test_pp_rank_is_named_in_headers_and_json():
+    table = run("audit", NANO, "--pp", "1/4", "-q").stdout.splitlines()[0]
+    assert " · sglang@0.5.23 · PP rank 1/4 (layers 13-25) · " in table
+    md = run("audit", NANO, "--pp", "1/4", "-q", "-f", "markdown").stdout.splitlines()[0]
+    assert "on sglang@0.5.23 · PP rank 1/4 (layers 13-25)" in md
+    eng = json.loads(run("audit", NANO, "--pp", "1/4", "-q", "-f", "json").stdout)["engine"]
+    assert eng["pp"] == {"rank": 1, "size": 4, "layers": [13, 26]}
+    assert json.loads(run("audit", NANO, "-q", "-f", "json").stdout)["engine"]["pp"] is None
+    man = json.loads(run("manifest", NANO, "--pp", "3/4", "-f", "json").stdout)
+    assert man["pp"] == {"rank": 3, "size": 4, "layers": [39, 52]}
+    assert run("manifest", NANO, "--pp", "3/4").stdout.startswith("sglang@0.5.23 · PP rank 3/4 (layers 39-51) ")
+
+
+def test_load_names_the_pp_rank():
+    pytest.importorskip("torch")
+    res = run("load", NANO, "--pp", "0/2", "--device", "cpu", "-q", "-f", "json")
+    assert json.loads(res.stdout)["engine"]["pp"] == {"rank": 0, "size": 2, "layers": [0, 26]}
+
+
+@pytest.mark.parametrize(
+    ("asked", "resolved"), [(None, "flashinfer_trtllm"), ("flashinfer_cutlass", "flashinfer_cutlass")]
+)
+def test_moe_backend_requested_and_resolved_the_same_way_everywhere(asked, resolved, tmp_path):
+    extra = ["--moe-backend", asked] if asked else []
+    requested = asked or "auto"
+    eng = json.loads(run("audit", NANO, "-q", "-f", "json", *extra).stdout)["engine"]
+    assert (eng["moe_backend"], eng["moe_backend_requested"]) == (resolved, requested)
+    man = json.loads(run("manifest", NANO, "-f", "json", *extra).stdout)
+    assert (man["moe_backend"], man["moe_backend_requested"]) == (resolved, requested)
+    assert f"moe backend {resolved}, requested {requested})" in run("manifest", NANO, *extra).stdout.splitlines()[0]
+
+
+def test_prune_receipt_names_both_backends(tmp_path):
+    out = tmp_path / "out"
+    res = run(
+        "prune",
+        ROOT / "examples" / "nano3-24434-leftover-expert-scales",
+        "--out",
+        out,
+        "--engine",
+        "sglang@0.5.11",
+        "-q",
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "nhcheck-prune.json").read_text())
+    assert (doc["moe_backend"], doc["moe_backend_requested"]) == ("flashinfer_trtllm", "auto")
+
+
+# ---------------------------------------------------------------------------
+# Issue 12: the TP size is a field of the finding, never parsed from its message
+
+
+def test_tp_errors_count_the_structured_tp_size():
+    from dataclasses import replace
+
+    from nhcheck.findings import Finding
+    from nhcheck.pipeline import audit_path
+
+    rep = replace(audit_path(str(NANO)), tp_sizes=(2, 8))
+    worded = Finding("error", "tp-indivisible", "TP eight: experts cannot shard", tp=8)
+    rep = replace(rep, findings=rep.findings + (worded,))
+    assert rep.tp_errors() == {2: 0, 8: 1}

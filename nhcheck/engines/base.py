@@ -81,12 +81,26 @@ class Route(NamedTuple):
 
 @dataclass(frozen=True)
 class PPWindow:
-    """Pipeline-parallel view of one rank: layers [start, end), and whether it holds embed / head."""
+    """Pipeline-parallel view of one rank: layers [start, end), and whether it holds embed / head.
+
+    ``rank`` of ``size`` is the rank asked for (``--pp RANK/SIZE``); reports name it.
+    """
 
     start: int
     end: int
     first_rank: bool = True
     last_rank: bool = True
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def label(self) -> str:
+        """``PP rank 1/4 (layers 13-25)`` for report headers."""
+        layers = f"layer {self.start}" if self.end - self.start == 1 else f"layers {self.start}-{self.end - 1}"
+        return f"PP rank {self.rank}/{self.size} ({layers if self.end > self.start else 'no layers'})"
+
+    def to_json(self) -> dict[str, object]:
+        return {"rank": self.rank, "size": self.size, "layers": [self.start, self.end]}
 
 
 @dataclass(frozen=True)

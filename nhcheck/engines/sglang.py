@@ -370,7 +370,7 @@ def pp_window(num_layers: int, rank: int, size: int) -> PPWindow:
     else:
         start = rank * base
         end = start + base
-    return PPWindow(start, end, rank == 0, rank == size - 1)
+    return PPWindow(start, end, rank == 0, rank == size - 1, rank, size)
 
 
 def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None, str | None]:
