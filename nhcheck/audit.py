@@ -359,8 +359,13 @@ def run_audit(
     refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
     # A start-up refusal builds no model: its per-tensor outcomes would all be orphans, noise beside the crash.
     built = not (refusal and not manifest.params)
+    matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
     for t, o, param, _ in replayed:
-        ign = bool(ignore) and any(fnmatch.fnmatchcase(t.name, pat) for pat in ignore)
+        ign = False
+        if ignore:
+            hit = [pat for pat in ignore if fnmatch.fnmatchcase(t.name, pat)]
+            ign = bool(hit)
+            matched.update(hit)
         n_ignored += ign
         if o.outcome == "load" and param is not None:  # a load always names its parameter
             orphan = False
@@ -473,7 +478,9 @@ def run_audit(
     missing_items = []
     engine_label = {"sglang": "SGLang", "vllm": "vLLM"}.get(engine.id.name, engine.id.name)
     for s in statuses:
-        if s.status in ("unfilled", "partial") and not any(fnmatch.fnmatchcase(s.name, pat) for pat in ignore):
+        hit = [pat for pat in ignore if fnmatch.fnmatchcase(s.name, pat)]
+        matched.update(hit)
+        if s.status in ("unfilled", "partial") and not hit:
             sev = "info" if s.param.informational else "warning" if s.status == "partial" else "error"
             if s.status == "unfilled":
                 msg = (
@@ -487,6 +494,11 @@ def run_audit(
     findings += _grouped(missing_items)
     findings += _grouped(_slot0_findings(engine, slot0, statuses))
     findings += _recipe_findings(ckpt, qc)
+    findings += [
+        Finding("info", "ignore-unmatched", f"--ignore {pat!r} matches no checkpoint tensor and no runtime parameter")
+        for pat in dict.fromkeys(ignore)
+        if pat not in matched
+    ]
 
     verdict = verdict_of(findings, crash is not None)
     others: dict[EngineId, str] = {}

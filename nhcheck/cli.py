@@ -199,7 +199,8 @@ def _source_options(f):
         default=None,
         metavar="RANK/SIZE",
         callback=_parse_pp,
-        help="Audit one pipeline-parallel rank, e.g. 0/4 (layers split as SGLang's get_pp_indices does).",
+        help="One pipeline-parallel rank, e.g. 0/4: its layers as SGLang's get_pp_indices splits them, the "
+        "embedding on the first rank, norm and lm_head on the last.",
     )(f)
     return _engine_option(f)
 
@@ -294,7 +295,9 @@ def cli() -> None:
     type=click.Choice(GATES),
     default="warning",
     show_default=True,
-    help="Lowest finding severity that makes the exit code 1.",
+    help="Lowest finding severity that makes the exit code 1. info fails on notes too, some of which hold for "
+    "most checkpoints on purpose (kv-scales-absent: an FP8 KV cache without k/v scales runs on the engine's "
+    "default scales; moe-backend-assumed): use info to review, warning to gate.",
 )
 @click.option("--show-loaded", is_flag=True, help="List the tensors that load too, not only the problems.")
 @click.option(

@@ -438,7 +438,7 @@ def render_table(report: AuditReport, console, *, show_loaded: bool = False) -> 
         f"[bold]nhcheck audit[/] {e(report.source)}"
         + (f" @ {e(report.revision)}" if report.revision else "")
         + f" · {e(engine_header(report))} · {e(arch)} ({e(report.quant or 'unquantized')})"
-        + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards)} shard(s)"
+        + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards):,} shard(s)"
     )
     colour = {"clean": "green", "orphans": "yellow", "incomplete": "yellow", "broken": "red", "crash": "red"}[
         report.verdict
@@ -556,7 +556,7 @@ def render_markdown(report: AuditReport, *, show_loaded: bool = False) -> str:
         out.append("")
     out.append(
         f"{_md(cfg.wrapper or cfg.architecture)} · {_md(report.quant or 'unquantized')} · "
-        f"{len(report.records):,} tensors in {len(report.checkpoint.shards)} shards · "
+        f"{len(report.records):,} tensors in {len(report.checkpoint.shards):,} shards · "
         f"load {c['load']:,} · warn {c['warn']:,} · skip {c['skip']:,} · raise {c['raise']:,} · "
         f"routed {c['routed']:,} · orphans {c['orphans']:,}"
     )
@@ -586,13 +586,13 @@ def summary_line(report: AuditReport, seconds: float) -> str:
     unfilled, partial, default = pc["unfilled"], pc["partial"], pc[DEFAULT_STATUS]
     xfer = report.checkpoint.bytes_transferred
     extra = f", {xfer:,} bytes transferred" if xfer is not None else ""
-    ign = f", {report.ignored} ignored" if report.ignored else ""
+    ign = f", {report.ignored:,} ignored" if report.ignored else ""
     ck = report.checkpoint
     shards_note = (
         f" ({len(ck.shards):,} of {len(ck.shards) + len(ck.missing_shards):,} shards)" if ck.missing_shards else ""
     )
     return (
-        f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards)} shards ({seconds:.2f} s{extra}): "
+        f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards):,} shards ({seconds:.2f} s{extra}): "
         f"verdict {report.verdict}{tp_headline(report)}{shards_note}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
         f"{unfilled:,} params unfilled, {partial:,} partial"
         + (f", {default:,} at the engine default (informational)" if default else "")

@@ -167,7 +167,9 @@ def _strict_entry(path: str, name: str, info: object, data_len: int) -> int:
     begin, end = offsets
     if end > data_len:
         raise CheckpointError(
-            path, f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_len} data bytes)"
+            path,
+            f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_len} data bytes): "
+            "truncated, incomplete download?",
         )
     numel = 1
     for d in shape:
@@ -229,7 +231,7 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
 
     data_len = file_size - data_start
     if data_len < 0:
-        raise CheckpointError(path, "file is shorter than its header")
+        raise CheckpointError(path, "file is shorter than its header: truncated, incomplete download?")
     # Fast path: shapes repeat (every expert has the same ones), so each distinct
     # (dtype, shape) is validated once. It is exact only when no number can be a bool
     # or a float in disguise (True == 1, 1.0 == 1): no floats were parsed and the
@@ -298,17 +300,20 @@ def read_header(fh: Readable, path: str, shard: str, file_size: int) -> ShardHea
         raise CheckpointError(path, f"file is {file_size} bytes, too short for a safetensors header")
     prefix = fh.read(8)
     if len(prefix) != 8:
-        raise CheckpointError(path, "file is truncated inside the header length")
+        raise CheckpointError(path, "file is truncated inside the header length: incomplete download?")
     (header_len,) = struct.unpack("<Q", prefix)
     if header_len == 0:
         raise CheckpointError(path, "header length is 0 (empty or zero-filled file)")
     if header_len > MAX_HEADER_BYTES:
         raise CheckpointError(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + header_len > file_size:
-        raise CheckpointError(path, f"header length {header_len} is larger than the file ({file_size} bytes)")
+        raise CheckpointError(
+            path,
+            f"header length {header_len} is larger than the file ({file_size} bytes): truncated, incomplete download?",
+        )
     raw = fh.read(header_len)
     if len(raw) != header_len:
-        raise CheckpointError(path, "file is truncated inside the header")
+        raise CheckpointError(path, "file is truncated inside the header: incomplete download?")
     return parse_header_bytes(raw, path, shard, file_size)
 
 

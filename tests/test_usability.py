@@ -230,3 +230,48 @@ def test_tp_errors_count_the_structured_tp_size():
     worded = Finding("error", "tp-indivisible", "TP eight: experts cannot shard", tp=8)
     rep = replace(rep, findings=rep.findings + (worded,))
     assert rep.tp_errors() == {2: 0, 8: 1}
+
+
+# ---------------------------------------------------------------------------
+# Polish: --ignore, separators, help texts, the --fail-on info decision, NHCHECK_DEBUG, truncated shards
+
+
+def test_ignore_that_matches_nothing_says_so():
+    doc = json.loads(run("audit", NANO, "--ignore", "no.such.*", "--ignore", "*.A", "-f", "json", "-q").stdout)
+    unmatched = [f for f in doc["findings"] if f["code"] == "ignore-unmatched"]
+    assert [f["message"] for f in unmatched] == [
+        "--ignore 'no.such.*' matches no checkpoint tensor and no runtime parameter"
+    ]
+    assert unmatched[0]["severity"] == "info"
+
+
+def test_ignored_count_has_separators():
+    res = run("audit", NANO, "--ignore", "*")
+    assert ", 2,803 ignored" in res.stderr
+
+
+@pytest.mark.parametrize("verb", ["manifest", "load"])
+def test_pp_help_does_not_say_audit_under_other_verbs(verb):
+    text = " ".join(run(verb, "--help").stdout.split())
+    assert "--pp RANK/SIZE One pipeline-parallel rank, e.g. 0/4" in text and "Audit one pipeline" not in text
+
+
+def test_fail_on_info_is_documented_as_a_review_gate():
+    text = " ".join(run("audit", "--help").stdout.split()).replace("- ", "-")  # click wraps after hyphens
+    assert "kv-scales-absent" in text and "use info to review, warning to gate" in text
+    # the decision, held: kv-scales-absent stays a note that fails only the info gate
+    assert run("audit", NANO, "-q").exit_code == 0
+    assert run("audit", NANO, "-q", "--fail-on", "info").exit_code == 1
+
+
+def test_nhcheck_debug_is_documented():
+    assert "NHCHECK_DEBUG=1" in (ROOT / "README.md").read_text()
+
+
+def test_truncated_shard_says_incomplete_download(tmp_path):
+    for f in NANO.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    shard = tmp_path / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    line = _one_error_line(run("audit", tmp_path))
+    assert "model-00002-of-00004.safetensors" in line and "incomplete download?" in line
