@@ -275,3 +275,16 @@ def test_truncated_shard_says_incomplete_download(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     line = _one_error_line(run("audit", tmp_path))
     assert "model-00002-of-00004.safetensors" in line and "incomplete download?" in line
+
+
+def test_readme_example_output_is_what_the_tool_prints(monkeypatch):
+    import re
+
+    monkeypatch.chdir(ROOT)  # the header names the source as given
+    readme = (ROOT / "README.md").read_text()
+    cmd = "nhcheck audit examples/omni-nvfp4-24137 --engine sglang@0.5.11"
+    block = readme.split(f"`{cmd}`, piped", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    res = CliRunner().invoke(cli, cmd.split()[1:], env={"COLUMNS": "80", "NHCHECK_DEBUG": None})
+    assert res.exit_code == 1
+    seconds = re.compile(r"\(\d+\.\d+ s\)")
+    assert seconds.sub("(s)", block) == seconds.sub("(s)", res.stdout + res.stderr)
