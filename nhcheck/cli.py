@@ -10,7 +10,6 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import click
 
@@ -20,50 +19,6 @@ from nhcheck.errors import NhcheckError
 
 FORMATS = ("table", "json", "markdown")
 GATES = ("error", "warning", "info", "none")
-
-
-def _stderr_console(quiet: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
-
-
-def _progress(quiet: bool) -> Callable[[int, int, str], None] | None:
-    """Per-shard progress on stderr, only when stderr is a terminal and not --quiet."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    console = _stderr_console()
-
-    def tick(i: int, n: int, name: str) -> None:
-        console.print(f"[dim]reading header {i + 1}/{n}: {name}[/]", end="\r")
-
-    return tick
-
-
-def _summary(text: str, quiet: bool = False) -> None:
-    """The one-line summary on stderr: one line whatever the width (no soft wrap in CI logs or ``2>file``)."""
-    _stderr_console(quiet).print(text, highlight=False, markup=False, soft_wrap=True)
-
-
-def _stdout_console():
-    """The report console: rich tables in a terminal; piped, plain rows (``report.print_table``), no wrapping."""
-    from rich.console import Console
-
-    console = Console(
-        no_color=bool(os.environ.get("NO_COLOR")) or None,
-        highlight=False,
-        width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
-    )
-    if not console.is_terminal:
-        console.soft_wrap = True
-    return console
-
-
-def _file_console(fh, width: int):
-    """The report console for ``-o FILE``: a file is not a terminal, so tables are plain rows."""
-    from rich.console import Console
-
-    return Console(file=fh, width=width, no_color=True, soft_wrap=True)
 
 
 def _report_options(f):
@@ -77,35 +32,6 @@ def _report_options(f):
         help="Write the report here instead of stdout.",
     )(f)
     return click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)(f)
-
-
-def _emit(fmt: str, output: str | None, to_json, to_markdown, to_table) -> None:
-    """One report in the chosen format, to stdout or ``-o`` (only the asked format is built)."""
-    if fmt == "json":
-        _write_out(to_json(), output)
-    elif fmt == "markdown":
-        _write_out(to_markdown(), output)
-    elif output:
-        with _open_output(output) as fh:
-            to_table(_file_console(fh, 160))
-    else:
-        to_table(_stdout_console())
-
-
-def _open_output(output: str):
-    try:
-        return open(output, "w", encoding="utf-8")
-    except OSError as exc:
-        raise NhcheckError(f"-o {output}: cannot write the report: {exc.strerror or exc}") from None
-
-
-def _write_out(text: str, output: str | None) -> None:
-    if output:
-        with _open_output(output) as fh:
-            fh.write(text)
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
 
 
 def _check_output(ctx, param, value):
@@ -346,11 +272,13 @@ def audit(
     from nhcheck import pipeline, report
     from nhcheck import tp as tensor_parallel
     from nhcheck.audit import AuditOptions
+    from nhcheck.report import console
+    from nhcheck.report import format as formats
     from nhcheck.sources import open_source
 
     sizes = tensor_parallel.parse_tp_sizes(tp_sizes) if tp_sizes is not None else ()
     t0 = time.perf_counter()
-    ckpt = open_source(source, revision, _progress(quiet))
+    ckpt = open_source(source, revision, console.progress(quiet))
     inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
     rep = pipeline.audit(inputs, AuditOptions(ignore=tuple(ignore)))
     if values:
@@ -359,17 +287,9 @@ def audit(
         rep = scale_values.with_values(rep, scale_values.scan(rep))
     if sizes:
         rep = tensor_parallel.with_findings(rep, sizes)
-    if fmt == "json":
-        _write_out(report.render_json(rep), output)
-    elif fmt == "markdown":
-        _write_out(report.render_markdown(rep, show_loaded=show_loaded), output)
-    elif output:
-        with _open_output(output) as fh:
-            report.render_table(rep, _file_console(fh, 160), show_loaded=show_loaded)
-    else:
-        report.render_table(rep, _stdout_console(), show_loaded=show_loaded)
+    formats.get(fmt, output).write(report.audit_renderer(show_loaded=show_loaded), rep)
     if not quiet:
-        _summary(report.summary_line(rep, time.perf_counter() - t0))
+        console.summary(report.summary_line(rep, time.perf_counter() - t0))
     sys.exit(rep.exit_code(fail_on))
 
 
@@ -397,23 +317,18 @@ def matrix(source, revision, moe_backend, mtp, fmt, output):
     """
     from nhcheck import matrix as compat
     from nhcheck import report
+    from nhcheck.report import format as formats
     from nhcheck.sources import open_source
 
     m = compat.build(open_source(source, revision, None), moe_backend=moe_backend, mtp=mtp)
-    _emit(
-        fmt,
-        output,
-        lambda: report.matrix_json(m),
-        lambda: report.matrix_markdown(m),
-        lambda console: report.matrix_table(m, console),
-    )
+    formats.get(fmt, output).write(report.MATRIX, m)
     sys.exit(m.exit_code())
 
 
 @cli.command()
 @click.argument("source", type=_SOURCE)
 @_source_options
-@click.option("-f", "--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
     "-o",
     "--output",
@@ -437,58 +352,18 @@ def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet)
     from nhcheck import pipeline, report
     from nhcheck.audit import check_mtp_draft
     from nhcheck.checkpoint import open_local
+    from nhcheck.report import console
+    from nhcheck.report import format as formats
     from nhcheck.sources import open_source
 
     if os.path.isdir(source) and not revision:
-        ckpt = open_local(source, _progress(quiet), configs_only_ok=True)
+        ckpt = open_local(source, console.progress(quiet), configs_only_ok=True)
     else:
-        ckpt = open_source(source, revision, _progress(quiet))
+        ckpt = open_source(source, revision, console.progress(quiet))
     inputs = pipeline.prepare(ckpt, engine, moe_backend=moe_backend, mtp=mtp, pp=pp)
     if mtp:
         check_mtp_draft(ckpt, inputs.config)
-    m = inputs.manifest
-    _emit(fmt, output, lambda: report.manifest_json(m), None, lambda console: report.manifest_table(m, console))
-
-
-def _byte_progress(quiet: bool):
-    """A rich byte progress bar on stderr for prune (one bar per phase), or None when not a terminal."""
-    from contextlib import nullcontext
-
-    if quiet or not sys.stderr.isatty():
-        return nullcontext(None)
-    from contextlib import contextmanager
-
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    @contextmanager
-    def bar():
-        tasks: dict[str, TaskID] = {}
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=_stderr_console(),
-            transient=True,
-        ) as p:
-
-            def advance(phase: str, n: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = p.add_task(phase, total=total)
-                p.advance(tasks[phase], n)
-
-            yield advance
-
-    return bar()
+    formats.get(fmt, output).write(report.MANIFEST, inputs.manifest)
 
 
 @cli.command()
@@ -525,10 +400,11 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision
       nhcheck prune ./ckpt --out ./ckpt-pruned --dry-run
       nhcheck prune nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --out ./nano-pruned --dry-run
     """
-    from nhcheck import pipeline
+    from nhcheck import pipeline, report
     from nhcheck import prune as pruning
     from nhcheck.checkpoint import open_local
     from nhcheck.errors import UsageError
+    from nhcheck.report import console
     from nhcheck.sources import open_for_data
 
     source = open_for_data(source, revision, progress=not quiet and sys.stderr.isatty())
@@ -536,28 +412,19 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision
         raise UsageError(f"{source}: prune needs a checkpoint directory, not a single file")
     t0 = time.perf_counter()
     pruning.check_output(source, out_dir, overwrite)
-    plan = pruning.plan_checkpoint(pipeline.prepare(open_local(source, _progress(quiet)), engine))
-    pruning.render_plan(plan, _stdout_console())
+    plan = pruning.plan_checkpoint(pipeline.prepare(open_local(source, console.progress(quiet)), engine))
+    pruning.render_plan(plan, console.stdout())
     sys.stdout.flush()
     if plan.refusal is not None:
         click.echo("nhcheck: prune refused: " + plan.refusal, err=True)
         sys.exit(1)
     if dry_run:
-        _summary("dry run: nothing written", quiet)
+        console.summary("dry run: nothing written", quiet)
         sys.exit(0)
-    with _byte_progress(quiet) as progress:
+    with console.byte_progress(quiet) as progress:
         result = pruning.execute(plan, out_dir, overwrite=overwrite, link=link, verify=not no_verify, progress=progress)
+    console.summary(report.prune_summary(plan, result, time.perf_counter() - t0), quiet)
     v = result.verification
-    check = (
-        "not verified (--no-verify)"
-        if v is None
-        else f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes compared with the source"
-    )
-    _summary(
-        f"Wrote {result.out_dir}: dropped {len(plan.drops):,} tensor(s), {plan.bytes_saved:,} bytes, in "
-        f"{time.perf_counter() - t0:.1f} s; {check}.",
-        quiet,
-    )
     if v is not None and not v.ok:
         for problem in v.problems:
             click.echo(f"nhcheck: verification failed: {problem}", err=True)
@@ -643,12 +510,13 @@ def load(
     """
     _require_load_extra()
     from nhcheck import load as loading
+    from nhcheck.report import console
 
     t0 = time.perf_counter()
     if tp_size is not None:
         from nhcheck import load_tp
 
-        ckpt = loading.open_for_load(source, revision, _progress(quiet))
+        ckpt = loading.open_for_load(source, revision, console.progress(quiet))
         _render_load(
             load_tp,
             load_tp.run(
@@ -666,7 +534,7 @@ def load(
         revision,
         engine,
         opts,
-        progress=_progress(quiet),
+        progress=console.progress(quiet),
         t0=t0,
         manifest_file=manifest_file,
         moe_backend=moe_backend,
@@ -691,15 +559,12 @@ def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None
     """Report a load (``module``: nhcheck.load, or nhcheck.load_tp whose non-zero torchrun ranks pass None) and exit."""
     if rep is None:
         sys.exit(0)
-    _emit(
-        fmt,
-        output,
-        lambda: module.render_json(rep),
-        lambda: module.render_markdown(rep),
-        lambda console: module.render_table(rep, console),
-    )
+    from nhcheck.report import console
+    from nhcheck.report import format as formats
+
+    formats.get(fmt, output).write(module, rep)
     if not quiet:
-        _summary(module.summary_line(rep))
+        console.summary(module.summary_line(rep))
     sys.exit(rep.exit_code())
 
 

@@ -10,7 +10,8 @@ import pytest
 from nhcheck import collapse, report
 from nhcheck.pipeline import audit_path
 
-CONF = Path(__file__).parent / "conformance"
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "tests" / "conformance"
 
 
 @pytest.mark.parametrize("case", ["omni_nvfp4_mixed", "nano3_nvfp4_experts_excluded", "h8b_dense"])
@@ -65,3 +66,61 @@ def test_table_renders_without_markup_injection(tmp_path):
     text = out.read_text()
     assert "BROKEN" in text and "quant-mismatch" in text
     assert "dropped silently: no such expert parameter" in text
+
+
+# ---------------------------------------------------------------------------
+# One report layer (issue 12): one format object, one console factory, a CLI that only parses and calls
+
+
+def test_the_cli_renders_nothing_itself():
+    import ast
+
+    tree = ast.parse((ROOT / "nhcheck" / "cli.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.split(".")[0] == "rich"}, imported
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not calls & {"Table", "Console", "open"}
+
+
+def test_consoles_come_from_one_factory():
+    """Only nhcheck/report/console.py builds a rich Console."""
+    makers = [p.relative_to(ROOT).as_posix() for p in (ROOT / "nhcheck").rglob("*.py") if "Console(" in p.read_text()]
+    assert makers == ["nhcheck/report/console.py"]
+
+
+@pytest.mark.parametrize("name", ["table", "json", "markdown"])
+def test_format_object_writes_the_asked_format_only(name, tmp_path):
+    from nhcheck.report import format as formats
+
+    calls = []
+
+    class Renderer:
+        def render_json(self, rep):
+            calls.append("json")
+            return '{"r": 1}\n'
+
+        def render_markdown(self, rep):
+            calls.append("markdown")
+            return "# r\n"
+
+        def render_table(self, rep, console):
+            calls.append("table")
+            assert not console.is_terminal
+            console.print("r")
+
+    out = tmp_path / "r.out"
+    formats.get(name, str(out)).write(Renderer(), object())
+    assert calls == [name]
+    assert out.read_text() == {"table": "r\n", "json": '{"r": 1}\n', "markdown": "# r\n"}[name]
+
+
+def test_manifest_renders_in_every_format():
+    from click.testing import CliRunner
+
+    from nhcheck.cli import cli
+
+    ckpt = ROOT / "tests" / "conformance" / "nano3_nvfp4" / "checkpoint"
+    md = CliRunner().invoke(cli, ["manifest", str(ckpt), "-f", "markdown"]).stdout
+    assert md.startswith("### nhcheck manifest: sglang@0.5.23\n")
+    assert "| `model.layers.5.mixer.qkv_proj.weight` | [128, 64] | bfloat16 |" in md

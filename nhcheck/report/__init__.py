@@ -1,13 +1,20 @@
-"""Render an ``AuditReport`` as a table (rich), JSON (``nhcheck.audit/1``) or markdown.
+"""The report layer: every report as a table (rich), JSON or markdown.
 
-Renders what audit concluded; decides nothing. Names come from strangers' files, so
+Renders what the pipeline concluded; decides nothing. Names come from strangers' files, so
 every name is escaped (control characters as ``\\xNN``, rich markup neutralised).
+
+Here: the audit (``nhcheck.audit/1``), the matrix (``nhcheck.matrix/1``) and the manifest
+(``nhcheck.manifest/1``), each with a renderer object (``audit_renderer``, ``MATRIX``, ``MANIFEST``)
+that ``report.format`` writes in the format asked for; ``report.console`` is the one console factory.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from nhcheck import __version__, collapse, engines
 
@@ -592,7 +599,7 @@ def summary_line(report: AuditReport, seconds: float) -> str:
         f" ({len(ck.shards):,} of {len(ck.shards) + len(ck.missing_shards):,} shards)" if ck.missing_shards else ""
     )
     return (
-        f"Scanned {len(report.records):,} tensors in {len(report.checkpoint.shards):,} shards ({seconds:.2f} s{extra}): "
+        f"Scanned {len(report.records):,} tensors in {len(ck.shards):,} shards ({seconds:.2f} s{extra}): "
         f"verdict {report.verdict}{tp_headline(report)}{shards_note}; {c['orphans']:,} orphans, {c['raise']:,} raise, "
         f"{unfilled:,} params unfilled, {partial:,} partial"
         + (f", {default:,} at the engine default (informational)" if default else "")
@@ -666,6 +673,23 @@ def manifest_json(m: Manifest) -> str:
     return json.dumps(m.to_json(), indent=1) + "\n"
 
 
+def manifest_markdown(m: Manifest) -> str:
+    rank = f" · {m.pp.label}" if m.pp else ""
+    out = [
+        f"### nhcheck manifest: {_md(m.engine)}{_md(rank)}",
+        "",
+        f"{m.mode}; quantization {_md(m.quantization or 'none')}; moe backend {_md(m.moe_backend)}, "
+        f"requested {_md(m.moe_backend_requested)}; {len(m.params):,} parameters",
+        "",
+        "| name | shape | dtype | quant method | loader |",
+        "|---|---|---|---|---|",
+    ]
+    for p in m.params:
+        loader = p.loader + ("" if p.reachable else " (unreachable)")
+        out.append(f"| `{_md(p.name)}` | {list(p.shape)} | {p.dtype} | {_md(p.quant_method or '')} | {loader} |")
+    return "\n".join(out) + "\n"
+
+
 def manifest_table(m: Manifest, console) -> None:
     """One row per runtime parameter; the title names the engine, PP rank, quantization and MoE backend."""
     from rich.table import Table
@@ -682,3 +706,47 @@ def manifest_table(m: Manifest, console) -> None:
         loader = p.loader + ("" if p.reachable else " (unreachable)")
         t.add_row(safe(p.name), str(list(p.shape)), p.dtype, p.quant_method or "", loader)
     print_table(console, t)
+
+
+# ---------------------------------------------------------------------------
+# Prune (the plan is rendered by ``prune.render_plan``)
+
+
+def prune_summary(plan, result, seconds: float) -> str:
+    """The one-line summary of a written prune: what was dropped, and how the copy was verified."""
+    v = result.verification
+    check = (
+        "not verified (--no-verify)"
+        if v is None
+        else f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes compared with the source"
+    )
+    return (
+        f"Wrote {result.out_dir}: dropped {len(plan.drops):,} tensor(s), {plan.bytes_saved:,} bytes, in "
+        f"{seconds:.1f} s; {check}."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Renderers: what ``report.format`` writes
+
+
+@dataclass(frozen=True)
+class Functions:
+    """A renderer (``report.format.Renderer``) made of three functions."""
+
+    render_json: Callable[[Any], str]
+    render_markdown: Callable[[Any], str]
+    render_table: Callable[[Any, Any], None]
+
+
+def audit_renderer(*, show_loaded: bool = False) -> Functions:
+    """The audit report; ``show_loaded`` lists the tensors that load too (table and markdown)."""
+    return Functions(
+        render_json,
+        partial(render_markdown, show_loaded=show_loaded),
+        partial(render_table, show_loaded=show_loaded),
+    )
+
+
+MATRIX = Functions(matrix_json, matrix_markdown, matrix_table)
+MANIFEST = Functions(manifest_json, manifest_markdown, manifest_table)

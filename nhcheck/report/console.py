@@ -1,0 +1,107 @@
+"""The one console factory: every rich console nhcheck writes through is made here.
+
+Policy, in one place: the report goes to stdout (rich tables in a terminal; piped, plain rows and no
+wrapping, see ``report.print_table``) or to a file (never a terminal: plain rows, no colour); progress
+and the one-line summary go to stderr, never wrapped, whatever the width. ``NO_COLOR`` turns colour off
+everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+#: The width of a table written to a file or a pipe when ``COLUMNS`` does not say (plain rows ignore it).
+_PIPE_WIDTH = 160
+
+
+def _no_color() -> bool | None:
+    return bool(os.environ.get("NO_COLOR")) or None
+
+
+def stdout() -> Console:
+    """The report console: rich tables in a terminal; piped, plain rows (``report.print_table``), no wrapping."""
+    from rich.console import Console
+
+    console = Console(
+        no_color=_no_color(),
+        highlight=False,
+        width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH,
+    )
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
+
+
+def stderr(quiet: bool = False) -> Console:
+    """Progress and the summary line (``quiet`` silences it)."""
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, no_color=_no_color(), highlight=False)
+
+
+def file(fh: IO[str]) -> Console:
+    """The report console for ``-o FILE``: a file is not a terminal, so tables are plain rows."""
+    from rich.console import Console
+
+    return Console(file=fh, width=_PIPE_WIDTH, no_color=True, soft_wrap=True)
+
+
+def summary(text: str, quiet: bool = False) -> None:
+    """The one-line summary on stderr: one line whatever the width (no soft wrap in CI logs or ``2>file``)."""
+    stderr(quiet).print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def progress(quiet: bool) -> Callable[[int, int, str], None] | None:
+    """Per-shard progress on stderr, only when stderr is a terminal and not ``--quiet``."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    console = stderr()
+
+    def tick(i: int, n: int, name: str) -> None:
+        console.print(f"[dim]reading header {i + 1}/{n}: {name}[/]", end="\r")
+
+    return tick
+
+
+def byte_progress(quiet: bool) -> AbstractContextManager[Callable[[str, int, int], None] | None]:
+    """A byte progress bar on stderr (one bar per phase, e.g. prune's copy and verify), or None off a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    @contextmanager
+    def bar() -> Iterator[Callable[[str, int, int], None]]:
+        tasks: dict[str, TaskID] = {}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=stderr(),
+            transient=True,
+        ) as p:
+
+            def advance(phase: str, n: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = p.add_task(phase, total=total)
+                p.advance(tasks[phase], n)
+
+            yield advance
+
+    return bar()

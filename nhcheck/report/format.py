@@ -1,0 +1,93 @@
+"""The format object: one report, in the format asked for, to stdout or ``-o FILE``.
+
+As pip-audit's ``_format/`` does for its result, every verb hands its report and the renderer for
+that kind of report to one ``Format`` (``get(name, output)``); the format decides which of the
+renderer's three functions runs — only the asked one is built — and where its output goes (a file
+is opened only then, so a report that cannot be rendered leaves no empty file behind).
+
+A renderer is anything with ``render_json(report) -> str``, ``render_markdown(report) -> str`` and
+``render_table(report, console)``: the audit, matrix and manifest renderers of ``nhcheck.report``, and
+the ``load`` / TP-load modules, which render their own reports.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol
+
+from nhcheck.errors import NhcheckError
+from nhcheck.report import console
+
+
+class Renderer(Protocol):
+    """Renders one kind of report in each format."""
+
+    def render_json(self, report: Any, /) -> str: ...
+
+    def render_markdown(self, report: Any, /) -> str: ...
+
+    def render_table(self, report: Any, console: Any, /) -> None: ...
+
+
+class Format(ABC):
+    """Writes one report: table, JSON or markdown, to stdout or to ``output``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, output: str | None = None) -> None:
+        self.output = output
+
+    @abstractmethod
+    def write(self, renderer: Renderer, report: Any) -> None:
+        """Render ``report`` with ``renderer`` in this format and write it out."""
+
+    def _open(self):
+        assert self.output is not None
+        try:
+            return open(self.output, "w", encoding="utf-8")
+        except OSError as exc:
+            raise NhcheckError(f"-o {self.output}: cannot write the report: {exc.strerror or exc}") from None
+
+    def _text(self, text: str) -> None:
+        if self.output:
+            with self._open() as fh:
+                fh.write(text)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
+class JsonFormat(Format):
+    name = "json"
+
+    def write(self, renderer: Renderer, report: Any) -> None:
+        self._text(renderer.render_json(report))
+
+
+class MarkdownFormat(Format):
+    name = "markdown"
+
+    def write(self, renderer: Renderer, report: Any) -> None:
+        self._text(renderer.render_markdown(report))
+
+
+class TableFormat(Format):
+    """Rich tables in a terminal; plain rows piped or in a file (``console``)."""
+
+    name = "table"
+
+    def write(self, renderer: Renderer, report: Any) -> None:
+        if self.output:
+            with self._open() as fh:
+                renderer.render_table(report, console.file(fh))
+        else:
+            renderer.render_table(report, console.stdout())
+
+
+FORMATS: dict[str, type[Format]] = {f.name: f for f in (TableFormat, JsonFormat, MarkdownFormat)}
+
+
+def get(name: str, output: str | None = None) -> Format:
+    """The format called ``name`` (``table``, ``json``, ``markdown``), writing to ``output`` or stdout."""
+    return FORMATS[name](output)
