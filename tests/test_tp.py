@@ -36,9 +36,6 @@ from nhcheck.quant import parse_quant
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import generate  # noqa: E402
 
 
 def _manifest(config: dict, quant: dict | None = None, backend: str | None = "flashinfer_cutlass"):
@@ -57,21 +54,6 @@ def _rules(config: dict, tp: int, quant: dict | None = None, backend: str | None
     return out
 
 
-def _h8b(**over) -> dict:
-    c = generate.h8b_tiny_config()
-    c.update(over)
-    return c
-
-
-def _nano(quantized: bool = False, **over) -> dict:
-    c = generate.nano3_tiny_config(quantized)
-    c.update(over)
-    return c
-
-
-NANO_Q = generate.nano3_tiny_quant()
-
-
 # ---------------------------------------------------------------------------
 # (1) static rules
 
@@ -84,54 +66,56 @@ def test_parse_tp_sizes():
             tensor_parallel.parse_tp_sizes(bad)
 
 
-def test_attention_heads_and_kv_heads():
-    cfg = _h8b(num_attention_heads=6, num_key_value_heads=3)
+def test_attention_heads_and_kv_heads(h8b_cfg):
+    cfg = h8b_cfg(num_attention_heads=6, num_key_value_heads=3)
     got = _rules(cfg, 2)
     assert set(got) == {"attn-kv-heads"}  # 6 q heads split; 3 KV heads do not
     assert got["attn-kv-heads"] == {
         f"model.layers.{i}.mixer.{m}.weight" for i in (7, 18, 29, 40) for m in ("qkv_proj", "o_proj")
     }
-    assert _rules(_h8b(), 4) == {}  # 2 KV heads at TP 4: each replicated on 2 ranks
-    assert set(_rules(_h8b(num_key_value_heads=3, num_attention_heads=12), 4)) == {"attn-kv-heads"}  # 4 % 3
-    assert set(_rules(_h8b(), 8)) == {"attn-heads"}
+    assert _rules(h8b_cfg(), 4) == {}  # 2 KV heads at TP 4: each replicated on 2 ranks
+    assert set(_rules(h8b_cfg(num_key_value_heads=3, num_attention_heads=12), 4)) == {"attn-kv-heads"}  # 4 % 3
+    assert set(_rules(h8b_cfg(), 8)) == {"attn-heads"}
 
 
-def test_mamba_heads_and_groups():
-    assert set(_rules(_h8b(mamba_num_heads=6), 4)) == {"mamba-heads"}
-    got = _rules(_h8b(n_groups=3, mamba_n_groups=3), 2)
+def test_mamba_heads_and_groups(h8b_cfg, nano_cfg, nano_quant):
+    assert set(_rules(h8b_cfg(mamba_num_heads=6), 4)) == {"mamba-heads"}
+    got = _rules(h8b_cfg(n_groups=3, mamba_n_groups=3), 2)
     assert set(got) == {"mamba-groups"}
     assert (
         "model.layers.0.mixer.A" in got["mamba-groups"]
         and "model.layers.0.mixer.out_proj.weight" in got["mamba-groups"]
     )
-    assert _rules(_h8b(n_groups=1, mamba_n_groups=1), 4) == {}  # one group, unquantized: replicated onto every rank
-    got = _rules(_nano(True, n_groups=1, mamba_n_groups=1), 2, NANO_Q)  # same with a quant config: asserted against
+    assert _rules(h8b_cfg(n_groups=1, mamba_n_groups=1), 4) == {}  # one group, unquantized: replicated onto every rank
+    got = _rules(
+        nano_cfg(True, n_groups=1, mamba_n_groups=1), 2, nano_quant
+    )  # same with a quant config: asserted against
     assert set(got) == {"mamba-groups-quant"}
     assert "model.layers.0.mixer.conv1d.weight" in got["mamba-groups-quant"]
 
 
-def test_linear_divide_and_nvfp4_row_blocks():
-    assert set(_rules(_h8b(intermediate_size=100), 8)) == {"linear-divide", "attn-heads"}
-    got = _rules(_nano(True), 8, NANO_Q)
+def test_linear_divide_and_nvfp4_row_blocks(h8b_cfg, nano_cfg, nano_quant):
+    assert set(_rules(h8b_cfg(intermediate_size=100), 8)) == {"linear-divide", "attn-heads"}
+    got = _rules(nano_cfg(True), 8, nano_quant)
     # shared-expert down_proj: 64 / 8 = 8 input columns, half an NVFP4 block
     assert got["nvfp4-linear-k"] == {
         f"model.layers.{i}.mixer.shared_experts.down_proj.{s}"
-        for i, k in enumerate(_nano()["hybrid_override_pattern"])
+        for i, k in enumerate(nano_cfg()["hybrid_override_pattern"])
         if k == "E"
         for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")
     }
-    assert "nvfp4-linear-k" not in _rules(_nano(), 8)  # BF16: no block to keep whole
+    assert "nvfp4-linear-k" not in _rules(nano_cfg(), 8)  # BF16: no block to keep whole
 
 
-def test_moe_intermediate_blocks_pairs_and_padded_windows():
-    assert set(_rules(_nano(), 3)) >= {"moe-intermediate"}
-    assert set(_rules(_nano(True), 4, NANO_Q)) == {"nvfp4-moe-block"}  # 32 / 4 = 8
-    assert set(_rules(_nano(True, moe_intermediate_size=34), 2, NANO_Q)) == {"nvfp4-moe-pair"}  # 17 per rank
-    assert _rules(_nano(True), 2, NANO_Q) == {}
+def test_moe_intermediate_blocks_pairs_and_padded_windows(nano_cfg, nano_quant):
+    assert set(_rules(nano_cfg(), 3)) >= {"moe-intermediate"}
+    assert set(_rules(nano_cfg(True), 4, nano_quant)) == {"nvfp4-moe-block"}  # 32 / 4 = 8
+    assert set(_rules(nano_cfg(True, moe_intermediate_size=34), 2, nano_quant)) == {"nvfp4-moe-pair"}  # 17 per rank
+    assert _rules(nano_cfg(True), 2, nano_quant) == {}
     # flashinfer_trtllm pads 16 to 128 per rank and starts rank 1 at row 128: an uneven but exact
     # partition (rank 0 holds all 32 rows, rank 1 only zeros), BF16 too — no failure (tests/golden/tp/)
-    assert _rules(_nano(), 2, backend="flashinfer_trtllm") == {}
-    assert _rules(_nano(moe_intermediate_size=256), 2, backend="flashinfer_trtllm") == {}
+    assert _rules(nano_cfg(), 2, backend="flashinfer_trtllm") == {}
+    assert _rules(nano_cfg(moe_intermediate_size=256), 2, backend="flashinfer_trtllm") == {}
 
 
 def test_real_nano3_nvfp4_geometry():
@@ -149,9 +133,9 @@ def test_real_nano3_nvfp4_geometry():
     assert not [f for f in tensor_parallel.check(m, cfg, (2, 4, 8)) if f.severity == "error"]
 
 
-def test_vocab_padding_is_a_note_and_a_sharding():
+def test_vocab_padding_is_a_note_and_a_sharding(h8b_cfg):
     m, cfg = _manifest(
-        _h8b(
+        h8b_cfg(
             mamba_num_heads=6,
             n_groups=6,
             mamba_n_groups=6,
@@ -171,9 +155,9 @@ def test_vocab_padding_is_a_note_and_a_sharding():
     assert len(notes) == 1 and notes[0].severity == "info" and "pads to 384" in notes[0].message
 
 
-def test_audit_cli_reports_tp_findings_in_every_format(tmp_path):
+def test_audit_cli_reports_tp_findings_in_every_format(tmp_path, h8b_cfg, generate):
     """3 KV heads at TP 2: a real checkpoint, caught from its headers; the gate decides the exit code."""
-    cfg = _h8b(num_attention_heads=6, num_key_value_heads=3)
+    cfg = h8b_cfg(num_attention_heads=6, num_key_value_heads=3)
     generate.write_checkpoint(str(tmp_path), generate.nemotron_h_tensors(cfg, None), cfg)
     r = CliRunner().invoke(cli, ["audit", str(tmp_path), "--tp", "2,4", "--format", "json", "-q"])
     assert r.exit_code == 1, r.output
@@ -207,7 +191,7 @@ def test_audit_cli_reports_tp_findings_in_every_format(tmp_path):
 # (2) cutting the load plan, every rank in-process
 
 
-def _write_unique(out: Path, config: dict, quant: dict | None) -> Path:
+def _write_unique(generate, out: Path, config: dict, quant: dict | None) -> Path:
     """A checkpoint whose every element differs (the examples tile 1 KiB), so a misplaced slice shows."""
     g = torch.Generator().manual_seed(7)
     data = {}
@@ -301,15 +285,17 @@ def _simulate(path: Path, tp: int, backend: str = "flashinfer_cutlass") -> None:
         ("nano3-nvfp4-i320", 2, "flashinfer_trtllm"),
     ],
 )
-def test_rank_cuts_reassemble_into_the_single_device_load(tmp_path, case, tp, backend):
+def test_rank_cuts_reassemble_into_the_single_device_load(
+    tmp_path, case, tp, backend, h8b_cfg, nano_cfg, nano_quant, generate
+):
     if case == "nano3-bf16":
-        path = _write_unique(tmp_path, _nano(), None)
+        path = _write_unique(generate, tmp_path, nano_cfg(), None)
     elif case == "nano3-nvfp4":
-        path = _write_unique(tmp_path, _nano(True), NANO_Q)
+        path = _write_unique(generate, tmp_path, nano_cfg(True), nano_quant)
     elif case == "nano3-nvfp4-i320":  # 160 per rank pads to 256: rank 0 [0, 256), rank 1 [256, 320) + 192 zeros
-        path = _write_unique(tmp_path, _nano(True, moe_intermediate_size=320), NANO_Q)
+        path = _write_unique(generate, tmp_path, nano_cfg(True, moe_intermediate_size=320), nano_quant)
     else:
-        path = _write_unique(tmp_path, _h8b(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
+        path = _write_unique(generate, tmp_path, h8b_cfg(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
     _simulate(path, tp, backend)
 
 
@@ -317,8 +303,8 @@ def test_omni_wrapper_partitions_reassemble():
     _simulate(EXAMPLES / "omni-nvfp4-24137", 2, backend="flashinfer_cutlass")
 
 
-def test_readback_catches_a_wrong_window(tmp_path):
-    path = _write_unique(tmp_path, _nano(), None)
+def test_readback_catches_a_wrong_window(tmp_path, nano_cfg, generate):
+    path = _write_unique(generate, tmp_path, nano_cfg(), None)
     inputs = pipeline.prepare(open_local(str(path)), None, moe_backend="flashinfer_cutlass")
     plan = plan_load(pipeline.audit(inputs, AuditOptions(compare_versions=False)))
     shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, 2)}
@@ -341,8 +327,8 @@ def test_readback_catches_a_wrong_window(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["flashinfer_cutlass", "flashinfer_trtllm"])
-def test_two_gloo_ranks_agree_on_exact_coverage(tmp_path, backend):
-    path = _write_unique(tmp_path / "nvfp4", _nano(True, moe_intermediate_size=320), NANO_Q)
+def test_two_gloo_ranks_agree_on_exact_coverage(tmp_path, backend, nano_cfg, nano_quant, generate):
+    path = _write_unique(generate, tmp_path / "nvfp4", nano_cfg(True, moe_intermediate_size=320), nano_quant)
     rep = load_tp.run(load_tp.Job(str(path), "nvfp4", 2, "cpu", moe_backend=backend, threads=2))
     assert rep.verdict == "clean", [f.message for f in rep.findings]
     assert rep.backend == "gloo" and [s.rank for s in rep.ranks] == [0, 1]
@@ -360,8 +346,8 @@ def test_two_gloo_ranks_agree_on_exact_coverage(tmp_path, backend):
     assert rep.samples_checked > 0 and rep.wall_seconds > 0
 
 
-def test_load_cli_tp_json_and_refusal(tmp_path):
-    good = _write_unique(tmp_path / "good", _h8b(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
+def test_load_cli_tp_json_and_refusal(tmp_path, h8b_cfg, generate):
+    good = _write_unique(generate, tmp_path / "good", h8b_cfg(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
     r = subprocess.run(
         [sys.executable, "-m", "nhcheck", "load", str(good), "--device", "cpu", "--tp", "2", "--format", "json", "-q"],
         capture_output=True,
@@ -374,7 +360,7 @@ def test_load_cli_tp_json_and_refusal(tmp_path):
     emb = next(p for p in doc["params"] if p["name"] == "model.embed_tokens.weight")
     assert emb["covered"] == emb["elements"] == 250 * 64
     bad = tmp_path / "kv3"
-    cfg = _h8b(num_attention_heads=6, num_key_value_heads=3)
+    cfg = h8b_cfg(num_attention_heads=6, num_key_value_heads=3)
     generate.write_checkpoint(str(bad), generate.nemotron_h_tensors(cfg, None), cfg)
     r = CliRunner().invoke(cli, ["load", str(bad), "--device", "cpu", "--tp", "2", "--format", "json", "-q"])
     assert r.exit_code == 1
@@ -383,3 +369,151 @@ def test_load_cli_tp_json_and_refusal(tmp_path):
     assert {f["code"] for f in doc["findings"]} == {"tp-indivisible"}
     r = CliRunner().invoke(cli, ["load", str(bad), "--device", "cuda:1", "--tp", "2"])
     assert r.exit_code == 2
+
+
+# ---------------------------------------------------------------------------
+# Checked against the released SGLang 0.5.23 (and 0.5.11) source: each test pins one discrepancy found
+# by reading the engine (the function is named in the test), first failing, then fixed in nhcheck/tp.py.
+
+
+def _as_released(config: dict, layers: dict) -> dict:
+    """A MIXED recipe as NVIDIA ships one: in config.json too (SGLang >= 0.5.18's server-args override reads it
+    there), and with an NVFP4 layer (here ``lm_head``, which no TP rule looks at), else SGLang >= 0.5.15
+    resolves the recipe to w4afp8 (tests/conformance/startup_*)."""
+    layers = dict(layers, lm_head={"quant_algo": "NVFP4", "group_size": 16})
+    config["quantization_config"] = {
+        "quant_method": "modelopt",
+        "quant_algo": "MIXED_PRECISION",
+        "quantized_layers": layers,
+    }
+    return {
+        "producer": {"name": "modelopt"},
+        "quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": layers},
+    }
+
+
+def _mx_quant(config: dict) -> dict:
+    """MIXED_PRECISION: MXFP8 (block [1, 32]) on the experts, the shared down_proj and every out_proj."""
+    layers = {}
+    for i, k in enumerate(config["hybrid_override_pattern"]):
+        if k == "E":
+            layers[f"backbone.layers.{i}.mixer.experts.0.up_proj"] = {"quant_algo": "MXFP8"}
+            layers[f"backbone.layers.{i}.mixer.shared_experts.down_proj"] = {"quant_algo": "MXFP8"}
+        elif k == "M":
+            layers[f"backbone.layers.{i}.mixer.out_proj"] = {"quant_algo": "MXFP8"}
+    return _as_released(config, layers)
+
+
+def _block_quant(config: dict) -> dict:
+    """MIXED_PRECISION: 128×128 block FP8 (FP8_PB_WO) on the experts only."""
+    layers = {
+        f"backbone.layers.{i}.mixer.experts.0.up_proj": {"quant_algo": "FP8_PB_WO"}
+        for i, k in enumerate(config["hybrid_override_pattern"])
+        if k == "E"
+    }
+    return _as_released(config, layers)
+
+
+def test_mxfp8_linear_uses_block_k_32(nano_cfg):
+    """Fp8LinearMethod.validate_block_quant_shapes with MXFP8's weight_block_size [1, 32]: a row-parallel
+    input_size_per_partition must be a multiple of 32 (not 128); the manifest's MX scale is the uint8
+    ``weight_scale_inv`` (Fp8LinearMethod.create_weights), so that is what tells MX from 128×128 blocks."""
+    c = nano_cfg(True)
+    q = _mx_quant(c)
+    # out_proj: 128 / 2 = 64, shared down_proj: 64 / 2 = 32, both whole 32-blocks
+    assert "fp8-block-linear" not in _rules(c, 2, q)
+    got = _rules(c, 4, q)  # shared down_proj: 64 / 4 = 16 is not; out_proj 128 / 4 = 32 is
+    assert {n.rsplit(".", 2)[0].split(".mixer.")[1] for n in got["fp8-block-linear"]} == {"shared_experts"}
+
+
+def test_mxfp8_moe_uses_block_n_1_and_block_k_32_only_at_tp_gt_1(nano_cfg):
+    """Fp8MoEMethod.create_fp8_moe_weight_ (layers/quantization/fp8.py): ``isp % block_n`` (1 for MXFP8)
+    always, ``isp % block_k`` (32) only when moe_tp_size > 1."""
+    c = nano_cfg(True, moe_intermediate_size=96)
+    q = _mx_quant(c)
+    assert "fp8-block-moe" not in _rules(c, 1, q)  # 96 % 128 != 0, but MXFP8's block_n is 1
+    assert "fp8-block-moe" not in _rules(c, 3, q)  # 32 per rank
+    assert "fp8-block-moe" in _rules(c, 2, q)  # 48 per rank: not a whole 32-block
+
+
+def test_block_fp8_moe_checks_the_trtllm_padded_size(nano_cfg):
+    """FusedMoE.__init__ rounds intermediate_size_per_partition up to 128 for flashinfer_trtllm before
+    Fp8MoEMethod.create_weights runs (only NVFP4 pads later), so the 128-block check sees the padded size:
+    no ValueError; at TP 1 rank 0's window starts at 0 and the load is right."""
+    c = nano_cfg(True)  # moe_intermediate_size 32
+    q = _block_quant(c)
+    assert set(_rules(c, 1, q, backend="flashinfer_cutlass")) == {"fp8-block-moe"}  # 32 % 128
+    assert _rules(c, 1, q, backend="flashinfer_trtllm") == {}
+    assert _rules(c, 2, q, backend="flashinfer_trtllm") == {}  # padded windows: exact (tests/golden/tp/)
+
+
+def test_nvfp4_moe_under_trtllm_is_a_padded_window_not_a_straddle(nano_cfg, nano_quant):
+    """ModelOptNvFp4FusedMoEMethod.create_weights pads isp to 128 under flashinfer_trtllm before sizing
+    w2 (isp // 2 bytes, isp // 16 scales): nothing straddles, and the padded windows partition the
+    intermediates exactly (tests/golden/tp/)."""
+    c = nano_cfg(True, moe_intermediate_size=34)  # 17 per rank at TP 2
+
+    assert _rules(c, 2, nano_quant, backend="flashinfer_trtllm") == {}
+    assert set(_rules(c, 2, nano_quant, backend="flashinfer_cutlass")) == {"nvfp4-moe-pair"}
+
+
+def test_mamba_in_proj_bias_with_one_group_is_not_replicated(h8b_cfg):
+    """MambaMixer2.__init__ (n_groups == 1, tp > 1) builds in_proj as a plain ColumnParallelLinear and swaps
+    in mamba_v2_sharded_weight_loader for in_proj.weight and conv1d.weight/bias only: in_proj.bias keeps
+    ColumnParallelLinear.weight_loader, whose last rank narrows past the end of the checkpoint tensor
+    (the per-rank size counts the replicated groups) — a RuntimeError at load."""
+    c = h8b_cfg(n_groups=1, mamba_n_groups=1, use_bias=True)
+    got = _rules(c, 2)
+    assert set(got) == {"mamba-groups-bias"}
+    assert "model.layers.0.mixer.in_proj.bias" in got["mamba-groups-bias"]
+    assert _rules(c, 1) == {}
+    assert _rules(h8b_cfg(n_groups=2, mamba_n_groups=2, use_bias=True), 2) == {}  # merged loader: fine
+
+
+def test_nvfp4_awq_pre_quant_scale_on_a_column_parallel_layer(nano_cfg):
+    """ModelOptFp4LinearMethod.create_weights (NVFP4_AWQ) registers pre_quant_scale as a
+    ModelWeightParameter with output_dim=0 and input_size_per_partition rows; on a ColumnParallelLinear
+    that is the whole input, and load_column_parallel_weight (layers/parameter.py) narrows the checkpoint
+    from tp_rank × that size: every rank ≥ 1 reads past the end (RuntimeError). Row-parallel layers cut
+    it by input_dim=0, which is right."""
+    c = nano_cfg(True)
+    q = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4_AWQ", "group_size": 16}}
+    m, cfg = _manifest(c, q)
+    assert any(p.name.endswith("shared_experts.up_proj.pre_quant_scale") for p in m.params)
+    got = _rules(c, 2, q)
+    assert "nvfp4-awq-column" in got
+    names = got["nvfp4-awq-column"]
+    assert any(n.endswith("shared_experts.up_proj.pre_quant_scale") for n in names)
+    assert not any("down_proj" in n or "out_proj" in n or "o_proj" in n for n in names)
+    assert "nvfp4-awq-column" not in _rules(c, 1, q)
+    shards = {s.param.name: s for s in tensor_parallel.plan(m, cfg, 2)}
+    down = next(s for n, s in shards.items() if n.endswith("shared_experts.down_proj.pre_quant_scale"))
+    assert down.sharding is not None and down.sharding.dim == 0  # input_dim=0: cut by rank
+
+
+def test_mtp_draft_without_a_pattern_uses_the_default_attention_moe_layers(nano_cfg):
+    """NemotronHConfig's mtp_layers_block_type defaults to ["attention", "moe"] (the manifest builds "*E");
+    the TP planner must shard those layers too, not treat them as replicated."""
+    c = nano_cfg(num_attention_heads=6, num_key_value_heads=3)
+    cfg = parse_config(c)
+    assert cfg.mtp_pattern == ""
+    m = build_manifest(cfg, None, get_profile("sglang@0.5.23"), moe_backend="flashinfer_cutlass", mtp=True)
+    rules = {pr.rule for s in tensor_parallel.plan(m, cfg, 2) for pr in s.problems}
+    assert "attn-kv-heads" in rules
+    shards = {s.param.name: s.sharding for s in tensor_parallel.plan(m, cfg, 4)}
+    assert shards["model.layers.1.mixer.experts.w13_weight"].dim == 1
+
+
+def test_one_group_rank_cuts_reassemble_at_tp_4_with_vocab_padding(tmp_path, h8b_cfg, generate):
+    """mamba_v2_sharded_weight_loader with duplicate_groups (every rank takes group 0), QKV replication
+    (one KV head held by all 4 ranks), vocab padded to 64 × tp: rebuilt exactly."""
+    c = h8b_cfg(n_groups=1, mamba_n_groups=1, vocab_size=250, num_attention_heads=4, num_key_value_heads=1)
+    _simulate(_write_unique(generate, tmp_path, c, None), 4)
+
+
+def test_every_rule_is_documented_and_reported(h8b_cfg):
+    doc = tensor_parallel.__doc__
+    assert [r for r in tensor_parallel.RULES if f"``{r}``" not in doc] == []
+    m, cfg = _manifest(h8b_cfg(n_groups=1, mamba_n_groups=1, use_bias=True), None)
+    found = [f for f in tensor_parallel.check(m, cfg, (2,)) if f.code == "tp-indivisible"]
+    assert len(found) == 1 and "in_proj.bias" in found[0].message and "MambaMixer2.__init__" in found[0].message
