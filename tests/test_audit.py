@@ -7,7 +7,6 @@ import shutil
 import struct
 from pathlib import Path
 
-
 from nhcheck.audit import AuditOptions
 from nhcheck.checkpoint import open_local
 from nhcheck.engines.base import EngineId

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from nhcheck import __version__
-from nhcheck.findings import VERDICTS
 from nhcheck.cli import cli
+from nhcheck.findings import VERDICTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "tests" / "conformance"

@@ -19,14 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import generate  # examples/generate.py, on the path from conftest.py
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CONFORMANCE = REPO / "tests" / "conformance"
-sys.path.insert(0, str(EXAMPLES))
-
-import generate  # noqa: E402
 
 try:
     import numpy as np

@@ -16,14 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import make_corpus  # tests/corpus, on the path from conftest.py
 import pytest
 from click.testing import CliRunner
 
 from nhcheck.cli import cli
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "corpus"))
-
-import make_corpus  # noqa: E402
 
 CASES = make_corpus.CASES
 #: What each verb is run as; ``{ckpt}``/``{work}`` are filled in. A verb the CLI lacks is skipped.

@@ -43,7 +43,12 @@ def run_process(*args: object) -> subprocess.CompletedProcess:
     """A real process whose stdout and stderr are pipes (as in CI logs or ``2>file``), without COLUMNS."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "NHCHECK_DEBUG")}
     return subprocess.run(
-        [sys.executable, "-m", "nhcheck", *map(str, args)], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-m", "nhcheck", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
 
 
@@ -137,7 +142,9 @@ def test_load_piped_rows_are_plain():
     res = run("load", NANO, "--engine", "sglang@0.5.11", "--device", "cpu")
     _plain(res.stdout)
     rows = res.stdout.splitlines()
-    assert any(line.startswith("partial ") and "model.layers.{0,2,…,50}.mixer.in_proj.input_scale" in line for line in rows)
+    assert any(
+        line.startswith("partial ") and "model.layers.{0,2,…,50}.mixer.in_proj.input_scale" in line for line in rows
+    )
     assert any(line.startswith("error ") and "scale-slot0-only" in line for line in rows)
 
 
@@ -168,7 +175,9 @@ def test_findings_are_listed_errors_first():
     )
     buf = io.StringIO()
     report.render_table(r, Console(file=buf, width=200, no_color=True))
-    order = [c for line in buf.getvalue().splitlines() for c in ("err-one", "warn-one", "note-one", "note-two") if c in line]
+    order = [
+        c for line in buf.getvalue().splitlines() for c in ("err-one", "warn-one", "note-one", "note-two") if c in line
+    ]
     assert order == ["err-one", "warn-one", "note-one", "note-two"]
     md = report.render_markdown(r)
     assert md.index("err-one") < md.index("warn-one") < md.index("note-one") < md.index("note-two")
@@ -177,5 +186,7 @@ def test_findings_are_listed_errors_first():
 @pytest.mark.parametrize("fmt", ["table", "markdown"])
 def test_findings_order_in_the_cli(fmt):
     res = run("audit", LEFTOVER, "--tp", "2,4,8", "--format", fmt, "-q", "--fail-on", "none")
-    sev = [w for line in res.stdout.splitlines() for w in line.strip("| ").split()[:1] if w in ("error", "warning", "info")]
+    sev = [
+        w for line in res.stdout.splitlines() for w in line.strip("| ").split()[:1] if w in ("error", "warning", "info")
+    ]
     assert sev == sorted(sev, key=["error", "warning", "info"].index)

@@ -8,9 +8,9 @@ import math
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
+import make_corpus  # tests/corpus, on the path from conftest.py
 import pytest
 from click.testing import CliRunner
 
@@ -20,10 +20,6 @@ from nhcheck.cli import cli
 from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.pipeline import audit_path
 from nhcheck.safetensors_header import TensorInfo
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "corpus"))
-
-import make_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERT = "backbone.layers.1.mixer.experts.{e}.up_proj"
