@@ -559,12 +559,13 @@ def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None
     """Report a load (``module``: nhcheck.load, or nhcheck.load_tp whose non-zero torchrun ranks pass None) and exit."""
     if rep is None:
         sys.exit(0)
-    from nhcheck.report import console
+    from nhcheck.report import Renderer, console
     from nhcheck.report import format as formats
 
-    formats.get(fmt, output).write(module, rep)
-    if not quiet:
-        console.summary(module.summary_line(rep))
+    renderer = Renderer(module.render_json, module.render_markdown, module.render_table, module.summary_line)
+    formats.get(fmt, output).write(renderer, rep)
+    if not quiet and renderer.summary is not None:
+        console.summary(renderer.summary(rep))
     sys.exit(rep.exit_code())
 
 

@@ -95,22 +95,18 @@ def test_format_object_writes_the_asked_format_only(name, tmp_path):
 
     calls = []
 
-    class Renderer:
-        def render_json(self, rep):
-            calls.append("json")
-            return '{"r": 1}\n'
+    def table(rep, console):
+        calls.append("table")
+        assert not console.is_terminal
+        console.print("r")
 
-        def render_markdown(self, rep):
-            calls.append("markdown")
-            return "# r\n"
-
-        def render_table(self, rep, console):
-            calls.append("table")
-            assert not console.is_terminal
-            console.print("r")
-
+    renderer = report.Renderer(
+        lambda rep: calls.append("json") or '{"r": 1}\n',
+        lambda rep: calls.append("markdown") or "# r\n",
+        table,
+    )
     out = tmp_path / "r.out"
-    formats.get(name, str(out)).write(Renderer(), object())
+    formats.get(name, str(out)).write(renderer, object())
     assert calls == [name]
     assert out.read_text() == {"table": "r\n", "json": '{"r": 1}\n', "markdown": "# r\n"}[name]
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nhcheck import __version__, collapse, engines
 
@@ -730,23 +729,25 @@ def prune_summary(plan, result, seconds: float) -> str:
 # Renderers: what ``report.format`` writes
 
 
-@dataclass(frozen=True)
-class Functions:
-    """A renderer (``report.format.Renderer``) made of three functions."""
+class Renderer(NamedTuple):
+    """One report kind in every output format: JSON text, markdown text, a rich table, and the one-line
+    summary where the kind has one (``report.format`` picks the one asked for)."""
 
-    render_json: Callable[[Any], str]
-    render_markdown: Callable[[Any], str]
-    render_table: Callable[[Any, Any], None]
+    json: Callable[[Any], str]
+    markdown: Callable[[Any], str]
+    table: Callable[[Any, Any], None]
+    summary: Callable[[Any], str] | None = None
 
 
-def audit_renderer(*, show_loaded: bool = False) -> Functions:
-    """The audit report; ``show_loaded`` lists the tensors that load too (table and markdown)."""
-    return Functions(
+def audit_renderer(*, show_loaded: bool = False) -> Renderer:
+    """The audit report; ``show_loaded`` lists the tensors that load too (table and markdown). Its summary
+    line needs the run time, so the CLI calls ``summary_line`` itself."""
+    return Renderer(
         render_json,
         partial(render_markdown, show_loaded=show_loaded),
         partial(render_table, show_loaded=show_loaded),
     )
 
 
-MATRIX = Functions(matrix_json, matrix_markdown, matrix_table)
-MANIFEST = Functions(manifest_json, manifest_markdown, manifest_table)
+MATRIX = Renderer(matrix_json, matrix_markdown, matrix_table)
+MANIFEST = Renderer(manifest_json, manifest_markdown, manifest_table)

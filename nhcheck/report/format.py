@@ -5,29 +5,18 @@ that kind of report to one ``Format`` (``get(name, output)``); the format decide
 renderer's three functions runs — only the asked one is built — and where its output goes (a file
 is opened only then, so a report that cannot be rendered leaves no empty file behind).
 
-A renderer is anything with ``render_json(report) -> str``, ``render_markdown(report) -> str`` and
-``render_table(report, console)``: the audit, matrix and manifest renderers of ``nhcheck.report``, and
-the ``load`` / TP-load modules, which render their own reports.
+A renderer is a ``report.Renderer``: ``json(report) -> str``, ``markdown(report) -> str``,
+``table(report, console)`` (and the one-line summary, which the CLI prints on stderr).
 """
 
 from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from nhcheck.errors import NhcheckError
-from nhcheck.report import console
-
-
-class Renderer(Protocol):
-    """Renders one kind of report in each format."""
-
-    def render_json(self, report: Any, /) -> str: ...
-
-    def render_markdown(self, report: Any, /) -> str: ...
-
-    def render_table(self, report: Any, console: Any, /) -> None: ...
+from nhcheck.report import Renderer, console
 
 
 class Format(ABC):
@@ -62,14 +51,14 @@ class JsonFormat(Format):
     name = "json"
 
     def write(self, renderer: Renderer, report: Any) -> None:
-        self._text(renderer.render_json(report))
+        self._text(renderer.json(report))
 
 
 class MarkdownFormat(Format):
     name = "markdown"
 
     def write(self, renderer: Renderer, report: Any) -> None:
-        self._text(renderer.render_markdown(report))
+        self._text(renderer.markdown(report))
 
 
 class TableFormat(Format):
@@ -80,9 +69,9 @@ class TableFormat(Format):
     def write(self, renderer: Renderer, report: Any) -> None:
         if self.output:
             with self._open() as fh:
-                renderer.render_table(report, console.file(fh))
+                renderer.table(report, console.file(fh))
         else:
-            renderer.render_table(report, console.stdout())
+            renderer.table(report, console.stdout())
 
 
 FORMATS: dict[str, type[Format]] = {f.name: f for f in (TableFormat, JsonFormat, MarkdownFormat)}
