@@ -131,11 +131,8 @@ def test_plan_drops_only_the_leftover_expert_scales(engine, outcome):
     assert plan.bytes_saved == sum(d.tensor.nbytes for d in plan.drops) == sum(g.nbytes for g in plan.groups)
 
 
-def test_plan_never_drops_load_bearing_scales(tmp_path):
+def test_plan_never_drops_load_bearing_scales(tmp_path, generate):
     """An orphan scale of a module the runtime keeps quantized makes prune refuse, not drop."""
-    sys.path.insert(0, str(EXAMPLES))
-    import generate
-
     c = generate.nano3_tiny_config(quantized=True)
     q = generate.nano3_tiny_quant()
     tensors = generate.nemotron_h_tensors(c, q)
@@ -146,10 +143,7 @@ def test_plan_never_drops_load_bearing_scales(tmp_path):
     assert plan.refusal and "keeps the module quantized" in plan.refusal and module in plan.refusal
 
 
-def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
-    import generate
-
+def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path, generate):
     c = generate.nano3_tiny_config()
     extra = [
         ("backbone.layers.0.mixer.gate_proj.weight", "BF16", [8, 64]),
@@ -164,10 +158,7 @@ def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path):
     assert audit_path(str(tmp_path / "out"), "sglang@0.5.23").verdict == "clean"
 
 
-def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
-    import generate
-
+def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path, generate):
     c = generate.nano3_tiny_config()
     base = generate.nemotron_h_tensors(c, None)
     total = sum(generate.tensor_nbytes(d, s) for _, d, s in base)
@@ -384,7 +375,7 @@ def test_metadata_null_and_header_order_preserved(tmp_path):
     assert keys[0] == "__metadata__" and header["__metadata__"] is None
     assert keys[1:] == [t.name for t in reversed(h.tensors) if not LEFTOVER.fullmatch(t.name)]
     spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
-    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
 def test_symlinked_sidecars(tmp_path):
