@@ -16,8 +16,9 @@ import click
 from nhcheck import __version__, engines
 from nhcheck.engines.sglang import MOE_BACKENDS
 from nhcheck.errors import NhcheckError
+from nhcheck.report import format as formats
 
-FORMATS = ("table", "json", "markdown")
+FORMATS = tuple(formats.FORMATS)
 GATES = ("error", "warning", "info", "none")
 
 
@@ -273,7 +274,6 @@ def audit(
     from nhcheck import tp as tensor_parallel
     from nhcheck.audit import AuditOptions
     from nhcheck.report import console
-    from nhcheck.report import format as formats
     from nhcheck.sources import open_source
 
     sizes = tensor_parallel.parse_tp_sizes(tp_sizes) if tp_sizes is not None else ()
@@ -317,7 +317,6 @@ def matrix(source, revision, moe_backend, mtp, fmt, output):
     """
     from nhcheck import matrix as compat
     from nhcheck import report
-    from nhcheck.report import format as formats
     from nhcheck.sources import open_source
 
     m = compat.build(open_source(source, revision, None), moe_backend=moe_backend, mtp=mtp)
@@ -353,7 +352,6 @@ def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet)
     from nhcheck.audit import check_mtp_draft
     from nhcheck.checkpoint import open_local
     from nhcheck.report import console
-    from nhcheck.report import format as formats
     from nhcheck.sources import open_source
 
     if os.path.isdir(source) and not revision:
@@ -560,7 +558,6 @@ def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None
     if rep is None:
         sys.exit(0)
     from nhcheck.report import Renderer, console
-    from nhcheck.report import format as formats
 
     renderer = Renderer(module.render_json, module.render_markdown, module.render_table, module.summary_line)
     formats.get(fmt, output).write(renderer, rep)
