@@ -288,3 +288,9 @@ def test_readme_example_output_is_what_the_tool_prints(monkeypatch):
     assert res.exit_code == 1
     seconds = re.compile(r"\(\d+\.\d+ s\)")
     assert seconds.sub("(s)", block) == seconds.sub("(s)", res.stdout + res.stderr)
+
+
+def test_an_engine_without_moe_backends_reports_neither():
+    eng = json.loads(run("audit", NANO, "--engine", "vllm@0.34.0", "-q", "-f", "json").stdout)["engine"]
+    assert (eng["moe_backend"], eng["moe_backend_requested"]) == ("", "")
+    assert "moe backend" not in run("manifest", NANO, "--engine", "vllm@0.34.0").stdout.splitlines()[0]

@@ -289,4 +289,4 @@ def build_manifest(
                 b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))
     problems = tuple(qc.problems) if qc else ()
     # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.
-    return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems)
+    return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems, moe_backend_requested="")

@@ -672,13 +672,17 @@ def manifest_json(m: Manifest) -> str:
     return json.dumps(m.to_json(), indent=1) + "\n"
 
 
+def _backends(m: Manifest) -> str:
+    """``; moe backend X, requested Y`` where the engine has MoE runner backends (empty otherwise)."""
+    return f"; moe backend {m.moe_backend}, requested {m.moe_backend_requested}" if m.moe_backend else ""
+
+
 def manifest_markdown(m: Manifest) -> str:
     rank = f" · {m.pp.label}" if m.pp else ""
     out = [
         f"### nhcheck manifest: {_md(m.engine)}{_md(rank)}",
         "",
-        f"{m.mode}; quantization {_md(m.quantization or 'none')}; moe backend {_md(m.moe_backend)}, "
-        f"requested {_md(m.moe_backend_requested)}; {len(m.params):,} parameters",
+        f"{m.mode}; quantization {_md(m.quantization or 'none')}{_md(_backends(m))}; {len(m.params):,} parameters",
         "",
         "| name | shape | dtype | quant method | loader |",
         "|---|---|---|---|---|",
@@ -695,8 +699,7 @@ def manifest_table(m: Manifest, console) -> None:
 
     rank = f" · {m.pp.label}" if m.pp else ""
     t = Table(
-        title=f"{m.engine}{rank} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}; "
-        f"moe backend {m.moe_backend}, requested {m.moe_backend_requested})",
+        title=f"{m.engine}{rank} runtime parameters ({m.mode}; quantization {m.quantization or 'none'}{_backends(m)})",
         title_justify="left",
     )
     for col in ("name", "shape", "dtype", "quant method", "loader"):
