@@ -55,7 +55,14 @@ def _check_output(ctx, param, value):
 
 
 def _parse_engine(ctx, param, value):
-    """The engine is parsed once, here: everything below the CLI receives an ``EngineId``."""
+    """The engine is parsed once, here: everything below the CLI receives an ``EngineId``.
+
+    With ``--live`` / ``--cross-check`` (eager options, parsed first) it is the installed release.
+    """
+    if ctx.params.get("live") or ctx.params.get("cross_check"):
+        from nhcheck import live
+
+        return live.installed_engine(value)
     return engines.parse(value)
 
 
@@ -239,6 +246,19 @@ def cli() -> None:
     metavar="SIZES",
     help="Also check the engine's tensor-parallel sharding at these TP sizes (e.g. 2,4,8): tp-indivisible findings.",
 )
+@click.option(
+    "--live",
+    is_flag=True,
+    is_eager=True,
+    help="Answer with the installed SGLang's own code (its start-up and load_weights on meta-device recorder "
+    "parameters) instead of nhcheck's release table; needs sglang and torch in this environment.",
+)
+@click.option(
+    "--cross-check",
+    is_flag=True,
+    is_eager=True,
+    help="Run the table replay and the live replay (as --live) and report every disagreement as an error.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
 def audit(
     source,
@@ -255,6 +275,8 @@ def audit(
     show_loaded,
     values,
     tp_sizes,
+    live,
+    cross_check,
     quiet,
 ):
     """Replay the engine's loader over SOURCE's shard headers and report both directions.
@@ -269,6 +291,8 @@ def audit(
       nhcheck audit ./ckpt --values
       nhcheck audit ./ckpt --tp 2,4,8
       nhcheck audit nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --format markdown
+      nhcheck audit ./ckpt --live          # the installed sglang's own load_weights
+      nhcheck audit ./ckpt --cross-check   # table and live replay must agree
     """
     from nhcheck import pipeline, report
     from nhcheck import tp as tensor_parallel
@@ -279,8 +303,18 @@ def audit(
     sizes = tensor_parallel.parse_tp_sizes(tp_sizes) if tp_sizes is not None else ()
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, console.progress(quiet))
-    inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-    rep = pipeline.audit(inputs, AuditOptions(ignore=tuple(ignore)))
+    if live or cross_check:
+        from nhcheck import live as live_replay
+        from nhcheck.errors import UsageError
+
+        if manifest_file or pp or sizes:
+            raise UsageError("--live and --cross-check replay the installed engine at TP 1: no --manifest, --pp, --tp")
+        rep = live_replay.audit(
+            ckpt, engine, moe_backend=moe_backend, mtp=mtp, ignore=tuple(ignore), cross_check=cross_check
+        )
+    else:
+        inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
+        rep = pipeline.audit(inputs, AuditOptions(ignore=tuple(ignore)))
     if values:
         from nhcheck import values as scale_values
 

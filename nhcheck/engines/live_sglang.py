@@ -302,6 +302,8 @@ def manifest(b: _Build) -> dict:
                 num_experts=n_experts or (p.shape[0] if p.dim() else 0),
                 shard_ids=["w2"] if leaf.startswith("w2_") else ["w1"],
             )
+            if getattr(owner, "use_padded_loading", False):
+                entry["padded"] = True  # the expert loader narrows this (padded) slot to the tensor it gets
         elif "QKVParallelLinear" in classes:
             entry["loader"] = "stacked"
             sizes = [owner.num_heads * owner.head_size] + [
