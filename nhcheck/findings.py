@@ -15,8 +15,9 @@ VERDICTS: tuple[Verdict, ...] = ("clean", "orphans", "incomplete", "broken", "cr
 #: Parameters the checkpoint leaves (partly) unwritten: silent garbage.
 INCOMPLETE_CODES = frozenset({"param-unfilled", "param-partial", "scale-slot0-only"})
 #: Errors that do not by themselves make the files broken: a crash and orphans have verdicts of
-#: their own, a refused quant config is a crash, and the TP and value checks report at their own gates.
-_NOT_BROKEN = INCOMPLETE_CODES | {"orphan", "crash", "quant-config", "tp-indivisible", "bad-scale"}
+#: their own, a refused quant config is a crash, the TP and value checks report at their own gates,
+#: and a cross-check disagreement is about nhcheck's table, not the files.
+_NOT_BROKEN = INCOMPLETE_CODES | {"orphan", "crash", "quant-config", "tp-indivisible", "bad-scale", "cross-check"}
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,9 @@ LIVE = "live"
 class LiveRun:
     """What the installed engine did with one checkpoint (the worker's answer, typed).
 
-    ``padded``: expert parameters whose loader narrows its (padded) slot to the tensor it is given
-    (``FusedMoE.use_padded_loading``), so their shapes are the backend's, not the checkpoint's.
+    ``padded``: parameters of a MoE whose backend pads expert dimensions (its loader narrows each
+    slot to the tensor it is given: ``FusedMoE.use_padded_loading``), so their shapes are the
+    backend's, not the checkpoint's.
     ``refused``: the error the start-up raised before any weight loaded (no manifest then).
     ``crash``: the first error of the whole-checkpoint stream, and the tensor it was loading
     (None: raised after the loop). ``buffers``: the wrapper took every name before the language
@@ -247,7 +248,9 @@ def _table_report(
         manifest = impl.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp)
     except UsageError:  # a recipe the table does not model: the live report stands alone
         return None
-    return run_audit(ckpt, cfg, qc, manifest, impl, AuditOptions(mtp=mtp, compare_versions=False), moe_backend=moe_backend)
+    return run_audit(
+        ckpt, cfg, qc, manifest, impl, AuditOptions(mtp=mtp, compare_versions=False), moe_backend=moe_backend
+    )
 
 
 def audit(
@@ -296,7 +299,7 @@ def audit(
 
 
 def logical_shapes(run: LiveRun, table: Manifest) -> Manifest:
-    """The live manifest with a padded expert parameter's shape replaced by the table's unpadded one.
+    """The live manifest with a padded MoE parameter's shape replaced by the table's unpadded one.
 
     A MoE backend that pads expert dimensions (flashinfer_trtllm) loads each checkpoint tensor into
     the top-left corner of its padded slot; nhcheck checks checkpoint shapes against the unpadded
@@ -317,15 +320,14 @@ def logical_shapes(run: LiveRun, table: Manifest) -> Manifest:
 
 
 def _live_note(run: LiveRun, impl: Engine | None) -> Finding:
-    where = (
-        "its start-up and load_weights, run on meta-device recorder parameters as on a Blackwell GPU at TP 1"
-        + (f" (MoE backend {run.manifest.moe_backend})" if not run.refused else "")
+    where = "its start-up and load_weights, run on meta-device recorder parameters as on a Blackwell GPU at TP 1" + (
+        f" (MoE backend {run.manifest.moe_backend})" if not run.refused else ""
     )
     text = f"answered by the installed sglang {run.version}'s own code: {where}"
     if impl is None:
         text += "; nhcheck's release table has no row for this release"
     elif impl.id.assumption:
-        text += f"; it is newer than nhcheck's release table, so this live replay is what covers it"
+        text += "; it is newer than nhcheck's release table, so this live replay is what covers it"
     return Finding("info", "live", text)
 
 
@@ -339,7 +341,12 @@ def _facts(rep: AuditReport) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
     for r in rep.records:
         o = r.outcome
-        d: dict[str, object] = {"outcome": o.outcome, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id}
+        d: dict[str, object] = {
+            "outcome": o.outcome,
+            "param": r.param,
+            "shard_id": o.shard_id,
+            "expert_id": o.expert_id,
+        }
         if o.outcome == "warn":
             d["engine_name"] = o.engine_name
         if o.outcome == "raise":
@@ -355,8 +362,9 @@ def _refused(rep: AuditReport) -> bool:
 def disagreements(table: AuditReport, live: AuditReport) -> list[Finding]:
     """Every difference between the table replay and the live replay of one checkpoint, as errors.
 
-    Compared: the crash (tensor and error), the verdict (without the cross-check's own findings), and unless either start-up refused the checkpoint: the
-    manifest's names, quantization and MoE backend, each parameter's dtype, quant method and shape
+    Compared: the crash (tensor and error), the verdict (without the cross-check's own findings), and
+    unless either start-up refused the checkpoint: the manifest's names, quantization and MoE
+    backend, each parameter's dtype, quant method and shape
     (padded expert slots as ``logical_shapes`` reads them), each tensor's outcome, parameter, shard id,
     expert id (a warning's logged name, a raise's error), and the parameters no tensor fills or fills
     only partly. Families of names collapse into one finding each.
@@ -389,13 +397,13 @@ def disagreements(table: AuditReport, live: AuditReport) -> list[Finding]:
         for p in table.manifest.params:
             q = live.manifest.by_name.get(p.name)
             if q is not None:
-                for what, t_val, l_val in (
+                for field_name, t_fact, l_fact in (
                     ("dtype", p.dtype, q.dtype),
                     ("quant method", p.quant_method, q.quant_method),
                     ("shape", list(p.shape), list(q.shape)),
                 ):
-                    if t_val != l_val:
-                        differ(what, p.name, t_val, l_val)
+                    if t_fact != l_fact:
+                        differ(field_name, p.name, t_fact, l_fact)
         tf, lf = _facts(table), _facts(live)
         for name in tf.keys() | lf.keys():
             t, lv = tf.get(name), lf.get(name)
@@ -409,7 +417,9 @@ def disagreements(table: AuditReport, live: AuditReport) -> list[Finding]:
             t_set = {s.name for s in table.params if s.status in state}
             l_set = {s.name for s in live.params if s.status in state}
             for n in sorted(t_set ^ l_set):
-                found.append(((label, str(n in t_set), ""), n, f"{label} in the {'table' if n in t_set else 'live'} replay only"))
+                found.append(
+                    ((label, str(n in t_set), ""), n, f"{label} in the {'table' if n in t_set else 'live'} replay only")
+                )
     out = []
     for _key, name, count, msgs in collapse.group(found):
         where = name if count == 1 else f"{name} ×{count}"

@@ -86,9 +86,17 @@ _KV_DROP = re.compile(r"not found the expected name in the model \(e\.g\. (\S+?)
 _SCALE_LEAF = re.compile(r"(?:^|_)scale(?:_\d+)?$|_scale_")
 
 
+def _has(module: str) -> bool:
+    """Whether this SGLang release ships ``module`` (its parent package may be missing too)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _has_modern_context() -> bool:
     """SGLang with ``runtime_context.publish`` and ``override_platform`` (0.5.19 on)."""
-    if importlib.util.find_spec("sglang.srt.runtime_context") is None:
+    if not _has("sglang.srt.runtime_context"):
         return False
     rc = importlib.import_module("sglang.srt.runtime_context")
     return hasattr(rc, "publish") and hasattr(rc, "override_platform")
@@ -186,8 +194,6 @@ _SMALL = 1024
 
 def build(root: str, moe_backend: str, mtp: bool) -> _Build:
     """The real start-up up to the model object, on the meta device."""
-    import torch
-
     shims: list[str] = []
     _state_platform(shims)
     stage = "server_args"
@@ -200,9 +206,7 @@ def build(root: str, moe_backend: str, mtp: bool) -> _Build:
             moe_runner_backend=moe_backend,
             disable_radix_cache=True,  # its Mamba 'extra_buffer' check asserts CUDA; builds no parameter
         )
-        rc = None
-        if importlib.util.find_spec("sglang.srt.runtime_context") is not None:
-            rc = importlib.import_module("sglang.srt.runtime_context")
+        rc = importlib.import_module("sglang.srt.runtime_context") if _has("sglang.srt.runtime_context") else None
         if rc is not None and hasattr(rc, "publish"):
             args: dict[str, Any] = {"role": "scheduler"}
             if "ranks" in inspect.signature(rc.publish).parameters:
@@ -226,7 +230,7 @@ def build(root: str, moe_backend: str, mtp: bool) -> _Build:
         stage = "quant_config"
         loader = importlib.import_module("sglang.srt.model_loader.loader")
         utils = importlib.import_module("sglang.srt.model_loader.utils")
-        if importlib.util.find_spec("sglang.srt.model_executor.model_runner_components.load_model_utils"):
+        if _has("sglang.srt.model_executor.model_runner_components.load_model_utils"):
             lmu = importlib.import_module("sglang.srt.model_executor.model_runner_components.load_model_utils")
             lc = _call(
                 lmu.build_load_config,
@@ -246,7 +250,12 @@ def build(root: str, moe_backend: str, mtp: bool) -> _Build:
         with utils.set_default_torch_dtype(mc.dtype), _meta_unless_small_mode():
             model = loader._initialize_model(mc, lc, qc)
         backend = str(moe.get_moe_runner_backend().value)
+    except ImportError:
+        raise  # this environment lacks a module: not the engine refusing the checkpoint
     except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1].filename
+        if os.path.abspath(where) == os.path.abspath(__file__):
+            raise  # nhcheck's own call into an API this release lacks: a failure of ours, never a verdict
         raise StartupRefused(stage, exc) from exc
     nh = importlib.import_module("sglang.srt.models.nemotron_h")
     lm = next((m for m in model.modules() if isinstance(m, nh.NemotronHForCausalLM)), model)
@@ -294,6 +303,8 @@ def manifest(b: _Build) -> dict:
             "loader": "default",
         }
         classes = _class_names(owner) if owner is not None else set()
+        if "FusedMoE" in classes and getattr(owner, "use_padded_loading", False):
+            entry["padded"] = True  # the backend pads expert dimensions; the loader narrows to the tensor
         if "blockscale_swizzled" in leaf:
             entry["reachable"] = False  # filled from *_weight_scale after loading, by no checkpoint name
         elif "FusedMoE" in classes:
@@ -302,15 +313,13 @@ def manifest(b: _Build) -> dict:
                 num_experts=n_experts or (p.shape[0] if p.dim() else 0),
                 shard_ids=["w2"] if leaf.startswith("w2_") else ["w1"],
             )
-            if getattr(owner, "use_padded_loading", False):
-                entry["padded"] = True  # the expert loader narrows this (padded) slot to the tensor it gets
-        elif "QKVParallelLinear" in classes:
+        elif owner is not None and "QKVParallelLinear" in classes:
             entry["loader"] = "stacked"
             sizes = [owner.num_heads * owner.head_size] + [
                 owner.num_kv_heads * getattr(owner, a, owner.head_size) for a in ("head_size", "v_head_size")
             ]
             if p.dim() and p.shape[0] == sum(sizes):
-                entry["slots"] = [[s, sum(sizes[:i]), n] for i, (s, n) in enumerate(zip("qkv", sizes))]
+                entry["slots"] = [[s, sum(sizes[:i]), n] for i, (s, n) in enumerate(zip("qkv", sizes, strict=True))]
             elif p.dim() == 1 and p.shape[0] == 3:
                 entry["slots"] = [[s, i, 1] for i, s in enumerate("qkv")]
         if qm is not None and "BaseKVCacheMethod" in _class_names(qm):
@@ -361,7 +370,7 @@ def engine_order(root: str, given: list[list]) -> list[tuple[str, str, str, list
     wu = importlib.import_module("sglang.srt.model_loader.weight_utils")
     files = glob.glob(os.path.join(root, "*.safetensors"))
     if not files:
-        return [tuple(t) for t in given]  # type: ignore[misc]
+        return [(str(n), str(f), str(d), list(s)) for n, f, d, s in given]
     files = wu.filter_duplicate_safetensors_files(files, root, "model.safetensors.index.json")
     out = []
     for f in sorted(files):

@@ -282,8 +282,8 @@ def parse_engine_id(spec: str | None) -> EngineId:
             version,
             installed,
             f"sglang {version} is newer than nhcheck's release table (newest {newest}): answered with "
-            f"{newest}'s behaviour; audit with --manifest and a named_parameters() dump of the real engine "
-            "to check the manifest side",
+            f"{newest}'s behaviour; with that release installed, `nhcheck audit --live` answers with its own "
+            "code (--cross-check shows where it differs from this)",
         )
     if version in RELEASES_WITH_NEMOTRON_H:
         raise UsageError(
