@@ -190,6 +190,9 @@ def _meta_unless_small_mode():
 
 
 _SMALL = 1024
+#: Errors that say this process was not set up as the engine's scheduler sets itself up (or that the
+#: host has no CUDA where the release wants it): failures of the live run, never of the checkpoint.
+_SETUP_ERRORS = ("not initialized", "Torch not compiled with CUDA", "context not published")
 
 
 def build(root: str, moe_backend: str, mtp: bool) -> _Build:
@@ -227,6 +230,11 @@ def build(root: str, moe_backend: str, mtp: bool) -> _Build:
             moe.initialize_moe_config()
         ModelConfig = importlib.import_module("sglang.srt.configs.model_config").ModelConfig
         mc = ModelConfig.from_server_args(sa, is_draft_model=mtp)
+        dpa = importlib.import_module("sglang.srt.layers.dp_attention")
+        if not _has_modern_context() and any(getattr(dpa, g, 0) is None for g in ("_ATTN_TP_SIZE", "_ATTN_DP_SIZE")):
+            # what the model runner does after the groups exist; these releases read the attention TP
+            # size while building the Mamba layers
+            _call(dpa.initialize_dp_attention, server_args=sa, model_config=mc)
         stage = "quant_config"
         loader = importlib.import_module("sglang.srt.model_loader.loader")
         utils = importlib.import_module("sglang.srt.model_loader.utils")
@@ -254,8 +262,8 @@ def build(root: str, moe_backend: str, mtp: bool) -> _Build:
         raise  # this environment lacks a module: not the engine refusing the checkpoint
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1].filename
-        if os.path.abspath(where) == os.path.abspath(__file__):
-            raise  # nhcheck's own call into an API this release lacks: a failure of ours, never a verdict
+        if os.path.abspath(where) == os.path.abspath(__file__) or any(m in str(exc) for m in _SETUP_ERRORS):
+            raise  # our set-up of the process, not the engine refusing the checkpoint: never a verdict
         raise StartupRefused(stage, exc) from exc
     nh = importlib.import_module("sglang.srt.models.nemotron_h")
     lm = next((m for m in model.modules() if isinstance(m, nh.NemotronHForCausalLM)), model)
