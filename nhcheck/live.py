@@ -205,6 +205,24 @@ class LiveEngine:
     def routes_before_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
         return self.run.buffers
 
+    def routed_after_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
+        return False
+
+    def order_shards(self, names: list[str]) -> list[str]:
+        return self.explain.order_shards(names) if self.explain else sorted(names)
+
+    def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
+        return None  # default_weight_loader, the SGLang loader that checks sizes, ran in the live replay
+
+    def slot_note(self, param: Param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        return None
+
+    def tp_unproven(self) -> str | None:
+        return "--live replays TP 1 only"
+
+    def no_param_reasons(self) -> frozenset[str]:
+        return self.explain.no_param_reasons() if self.explain else frozenset()
+
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         # the recorders do not run the fused loaders, so this loader semantics is the table's
         return self.explain.scalar_fills_every_slot(quant_method) if self.explain else True
