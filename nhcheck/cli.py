@@ -307,11 +307,9 @@ def audit(
         from nhcheck import live as live_replay
         from nhcheck.errors import UsageError
 
-        if manifest_file or pp or sizes:
-            raise UsageError("--live and --cross-check replay the installed engine at TP 1: no --manifest, --pp, --tp")
-        rep = live_replay.audit(
-            ckpt, engine, moe_backend=moe_backend, mtp=mtp, ignore=tuple(ignore), cross_check=cross_check
-        )
+        if manifest_file or pp or sizes or mtp:
+            raise UsageError("--live and --cross-check replay the main model at TP 1: no --manifest, --pp, --tp, --mtp")
+        rep = live_replay.audit(ckpt, engine, moe_backend=moe_backend, ignore=tuple(ignore), cross_check=cross_check)
     else:
         inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
         rep = pipeline.audit(inputs, AuditOptions(ignore=tuple(ignore)))

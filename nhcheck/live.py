@@ -86,12 +86,12 @@ def installed_engine(requested: str | None) -> EngineId:
     return EngineId("sglang", version, installed=True)
 
 
-def run_worker(ckpt: Checkpoint, *, moe_backend: str | None, mtp: bool) -> LiveRun:
+def run_worker(ckpt: Checkpoint, *, moe_backend: str | None) -> LiveRun:
     """Run the installed engine on this checkpoint in a worker process and read its answer."""
-    return run_workers([ckpt], moe_backend=moe_backend, mtp=mtp)[0]
+    return run_workers([ckpt], moe_backend=moe_backend)[0]
 
 
-def run_workers(ckpts: list[Checkpoint], *, moe_backend: str | None, mtp: bool) -> list[LiveRun]:
+def run_workers(ckpts: list[Checkpoint], *, moe_backend: str | None) -> list[LiveRun]:
     """One worker process (one engine import) for several checkpoints, each replayed in a fresh fork."""
     for ckpt in ckpts:
         if not os.path.isdir(ckpt.root) or ckpt.revision is not None:
@@ -101,12 +101,11 @@ def run_workers(ckpts: list[Checkpoint], *, moe_backend: str | None, mtp: bool) 
         request = {
             "jobs": [{"root": os.path.abspath(c.root), "out": out} for c, out in zip(ckpts, outs, strict=True)],
             "moe_backend": moe_backend or "auto",
-            "mtp": mtp,
         }
         req = os.path.join(tmp, "request.json")
         with open(req, "w") as fh:
             json.dump(request, fh)
-        return [parse_result(r, mtp=mtp) for r in _run(req, outs)]
+        return [parse_result(r) for r in _run(req, outs)]
 
 
 def _run(request: str, outs: list[str]) -> list[dict]:
@@ -130,12 +129,11 @@ def _run(request: str, outs: list[str]) -> list[dict]:
     return results
 
 
-def parse_result(result: dict, *, mtp: bool) -> LiveRun:
+def parse_result(result: dict) -> LiveRun:
     """The worker's JSON → ``LiveRun`` (manifest in nhcheck's records, outcomes per checkpoint name)."""
     version = str(result["sglang"])
-    mode = "mtp" if mtp else "main"
     if result.get("startup"):
-        empty = Manifest((), f"sglang@{version}", "", None, "auto", mode, "live")
+        empty = Manifest((), f"sglang@{version}", "", None, "auto", "main", "live")
         return LiveRun(version, empty, {}, refused=str(result["startup"]["error"]))
     m = result["manifest"]
     manifest = Manifest(
@@ -144,7 +142,7 @@ def parse_result(result: dict, *, mtp: bool) -> LiveRun:
         m["lm_prefix"],
         m["quantization"],
         m["moe_backend"],
-        mode,
+        "main",
         "live",
     )
     outcomes = {
@@ -178,7 +176,7 @@ class LiveEngine:
         return self.run.manifest
 
     def replayer(self, manifest: Manifest, cfg: NemotronHConfig, *, mtp: bool, pp: PPWindow | None) -> Replayer:
-        prefix = manifest.lm_prefix if cfg.wrapper is not None and not mtp else ""
+        prefix = manifest.lm_prefix if cfg.wrapper is not None else ""
 
         def replay(name: str) -> Outcome:
             o = self._outcome(name)
@@ -260,15 +258,13 @@ def _table_engine(version: str) -> Engine | None:
 
 
 def _table_report(
-    ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, impl: Engine, moe_backend: str | None, mtp: bool
+    ckpt: Checkpoint, cfg: NemotronHConfig, qc: QuantConfig | None, impl: Engine, moe_backend: str | None
 ) -> AuditReport | None:
     try:
-        manifest = impl.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp)
+        manifest = impl.build_manifest(cfg, qc, moe_backend=moe_backend)
     except UsageError:  # a recipe the table does not model: the live report stands alone
         return None
-    return run_audit(
-        ckpt, cfg, qc, manifest, impl, AuditOptions(mtp=mtp, compare_versions=False), moe_backend=moe_backend
-    )
+    return run_audit(ckpt, cfg, qc, manifest, impl, AuditOptions(compare_versions=False), moe_backend=moe_backend)
 
 
 def audit(
@@ -276,7 +272,6 @@ def audit(
     eid: EngineId,
     *,
     moe_backend: str | None = None,
-    mtp: bool = False,
     ignore: tuple[str, ...] = (),
     cross_check: bool = False,
     run: LiveRun | None = None,
@@ -290,15 +285,15 @@ def audit(
             f"--cross-check: nhcheck's release table has no row for sglang {eid.version} to check against; "
             "run --live alone"
         )
-    table = _table_report(ckpt, cfg, qc, impl, moe_backend, mtp) if impl else None
+    table = _table_report(ckpt, cfg, qc, impl, moe_backend) if impl else None
     if run is None:
-        run = run_worker(ckpt, moe_backend=moe_backend, mtp=mtp)
+        run = run_worker(ckpt, moe_backend=moe_backend)
     eid = replace(eid, version=run.version)
     if table is not None:
         run = replace(run, manifest=logical_shapes(run, table.manifest))
     outcomes = {r.tensor.name: r.outcome for r in table.records} if table else {}
     engine = LiveEngine(eid, run, impl, outcomes)
-    opts = AuditOptions(mtp=mtp, ignore=ignore, compare_versions=False)
+    opts = AuditOptions(ignore=ignore, compare_versions=False)
     rep = run_audit(ckpt, cfg, qc, run.manifest, engine, opts, moe_backend=moe_backend)
     notes = [_live_note(run, impl)]
     if run.crash and rep.crash and run.crash[0] is not None and rep.crash.tensor != run.crash[0]:
@@ -390,7 +385,7 @@ def disagreements(table: AuditReport, live: AuditReport) -> list[Finding]:
     found: list[tuple[tuple[str, ...], str, str]] = []  # (group key, name, message)
 
     def differ(what: str, name: str, t: object, lv: object) -> None:
-        key = (what, collapse.template(str(t))[0], collapse.template(str(lv))[0])
+        key = (what, _family(t), _family(lv))
         found.append((key, name, f"{what} is {_show(t)} in the table, {_show(lv)} live"))
 
     tc = (table.crash.tensor, table.crash.error) if table.crash else None
@@ -423,7 +418,7 @@ def disagreements(table: AuditReport, live: AuditReport) -> list[Finding]:
                     if t_fact != l_fact:
                         differ(field_name, p.name, t_fact, l_fact)
         tf, lf = _facts(table), _facts(live)
-        for name in tf.keys() | lf.keys():
+        for name in dict.fromkeys([*tf, *lf]):  # checkpoint order
             t, lv = tf.get(name), lf.get(name)
             if t is None or lv is None:
                 found.append((("tensor", "", ""), name, "a tensor only one replay saw"))
@@ -443,6 +438,11 @@ def disagreements(table: AuditReport, live: AuditReport) -> list[Finding]:
         where = name if count == 1 else f"{name} ×{count}"
         out.append(Finding("error", "cross-check", f"{where}: {msgs[0]}"))
     return out
+
+
+def _family(value: object) -> str:
+    """What a differing value has in common with its family's (layer and expert numbers left out)."""
+    return "<int>" if isinstance(value, int) else collapse.template(str(value))[0]
 
 
 def _crash_text(c: tuple[str | None, str] | None) -> str:

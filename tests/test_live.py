@@ -46,7 +46,7 @@ def _table(path: Path, version: str):
 
 def _fixture(release: str, case: str) -> live.LiveRun:
     with gzip.open(FIXTURES / f"sglang-{release}-{case}.json.gz") as fh:
-        return live.parse_result(json.load(fh), mtp=False)
+        return live.parse_result(json.load(fh))
 
 
 # ---------------------------------------------------------------------------- disagreements
@@ -205,7 +205,7 @@ def _cases() -> list[Path]:
 def installed_runs():
     eid = live.installed_engine(None)
     cases = _cases()
-    runs = live.run_workers([open_local(str(c)) for c in cases], moe_backend=None, mtp=False)
+    runs = live.run_workers([open_local(str(c)) for c in cases], moe_backend=None)
     return eid, dict(zip(cases, runs, strict=True))
 
 

@@ -195,7 +195,7 @@ _SMALL = 1024
 _SETUP_ERRORS = ("not initialized", "Torch not compiled with CUDA", "context not published")
 
 
-def build(root: str, moe_backend: str, mtp: bool) -> _Build:
+def build(root: str, moe_backend: str) -> _Build:
     """The real start-up up to the model object, on the meta device."""
     shims: list[str] = []
     _state_platform(shims)
@@ -229,7 +229,7 @@ def build(root: str, moe_backend: str, mtp: bool) -> _Build:
         else:
             moe.initialize_moe_config()
         ModelConfig = importlib.import_module("sglang.srt.configs.model_config").ModelConfig
-        mc = ModelConfig.from_server_args(sa, is_draft_model=mtp)
+        mc = ModelConfig.from_server_args(sa)
         dpa = importlib.import_module("sglang.srt.layers.dp_attention")
         if not _has_modern_context() and any(getattr(dpa, g, 0) is None for g in ("_ATTN_TP_SIZE", "_ATTN_DP_SIZE")):
             # what the model runner does after the groups exist; these releases read the attention TP
@@ -542,12 +542,12 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _one(job: dict, moe_backend: str, mtp: bool) -> dict:
+def _one(job: dict, moe_backend: str) -> dict:
     import sglang
 
     out: dict[str, Any] = {"sglang": sglang.__version__, "startup": None}
     try:
-        b = build(job["root"], moe_backend, mtp)
+        b = build(job["root"], moe_backend)
     except StartupRefused as exc:
         out["startup"] = {"stage": exc.stage, "error": str(exc)}
         return out
@@ -557,12 +557,12 @@ def _one(job: dict, moe_backend: str, mtp: bool) -> dict:
     return out
 
 
-def _child(job: dict, moe_backend: str, mtp: bool) -> None:
+def _child(job: dict, moe_backend: str) -> None:
     """In the forked child: one checkpoint, one result file; never returns."""
     code = 0
     try:
         os.environ["MASTER_PORT"] = _free_port()
-        result = _one(job, moe_backend, mtp)
+        result = _one(job, moe_backend)
         tmp = job["out"] + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh)
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(job, request.get("moe_backend") or "auto", bool(request.get("mtp")))
+            _child(job, request.get("moe_backend") or "auto")
         os.waitpid(pid, 0)
     return 0
 

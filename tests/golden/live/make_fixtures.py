@@ -41,7 +41,6 @@ def main() -> int:
             req = {
                 "jobs": [{"root": os.path.join(REPO, ck), "out": os.path.join(tmp, f"{c}.json")} for c, ck in jobs],
                 "moe_backend": "auto",
-                "mtp": False,
             }
             with open(os.path.join(tmp, "req.json"), "w") as fh:
                 json.dump(req, fh)
