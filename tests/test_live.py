@@ -249,3 +249,14 @@ def test_cli_live_json_is_the_audit_document():
     doc = json.loads(result.output)
     assert doc["schema"] == "nhcheck.audit/1" and doc["engine"]["version"] == sglang.installed_release()
     assert any(f["code"] == "live" for f in doc["findings"]) and result.exit_code in (0, 1)
+
+
+@pytest.mark.sglang
+@pytest.mark.skipif(not HAVE_SGLANG, reason="needs SGLang installed")
+@pytest.mark.parametrize(
+    "extra", [["--mtp"], ["--tp", "2"], ["--pp", "0/2"], ["--engine", "sglang@0.5.3.post1"], ["--engine", "vllm"]]
+)
+def test_cli_live_refuses_what_it_does_not_replay_in_one_line(extra):
+    result = CliRunner().invoke(cli, ["audit", str(EX / "omni-nvfp4-24137"), "--live", *extra])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("nhcheck: error: "), result.output
