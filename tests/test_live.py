@@ -4,8 +4,8 @@ Three layers:
 
 - the disagreement logic (``live.disagreements``) on table reports of releases that really differ;
 - the integration (typed worker answers → ``LiveEngine`` → the same audit report) on answers the
-  live worker gave under real SGLang releases, recorded in ``tests/golden/live/`` (``make_fixtures.py``
-  there): no engine needed;
+  live worker gave under real SGLang releases, recorded in ``tests/golden/live_worker/``
+  (``make_fixtures.py`` there): no engine needed;
 - tests marked ``sglang`` run the installed SGLang itself over every shipped example and conformance
   checkpoint; they skip where SGLang is not importable (run them in a release's environment, see
   README "Checking the installed engine").
@@ -35,7 +35,7 @@ from nhcheck.pipeline import audit_path
 ROOT = Path(__file__).resolve().parent.parent
 EX = ROOT / "examples"
 CONF = ROOT / "tests" / "conformance"
-FIXTURES = Path(__file__).parent / "golden" / "live"
+FIXTURES = Path(__file__).parent / "golden" / "live_worker"
 HAVE_SGLANG = import_util.find_spec("sglang") is not None and import_util.find_spec("torch") is not None
 TOWERS = ("vision_model.", "sound_encoder.")
 

@@ -1,6 +1,6 @@
 """Record what the live worker answered for a few checkpoints, under real SGLang releases.
 
-    python tests/golden/live/make_fixtures.py [--venvs /work/venvs]
+    python tests/golden/live_worker/make_fixtures.py [--venvs /work/venvs]
 
 Runs ``python -m nhcheck.engines.live_sglang`` (the worker behind ``audit --live``) under each
 release's own interpreter (``<venvs>/sgl-<release>/bin/python``) and writes its JSON answer,
