@@ -307,8 +307,7 @@ def _grouped(found: list[tuple[str, str, Finding]]) -> list[Finding]:
         (f.code + "|" + collapse.template(f.message)[0], n or f.message, f) for _, n, f in found
     ):
         f = fs[0]
-        msg = f.message if count == 1 else f"{name} ×{count}: {f.message}"
-        out.append(Finding(f.severity, f.code, msg, f.shard, f.tensor))
+        out.append(f if count == 1 else replace(f, message=f"{name} ×{count}: {f.message}", count=count, family=name))
     return out
 
 

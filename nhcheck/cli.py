@@ -407,22 +407,31 @@ def manifest(source, engine, revision, moe_backend, mtp, pp, fmt, output, quiet)
 )
 @_engine_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (groups, counts, bytes saved per shard); write nothing.")
-@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out, replacing its checkpoint files.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Write into a non-empty --out, replacing what an earlier prune wrote there (refuses other shards).",
+)
 @click.option("--link", is_flag=True, help="Hard-link shards with nothing to drop instead of copying them.")
 @click.option(
-    "--no-verify", is_flag=True, help="Skip the re-audit of the output and the byte comparison with the source."
+    "--copy-anyway", is_flag=True, help="With nothing to drop, still write a verified copy (default: write nothing)."
+)
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the read-back of the written bytes and the re-audit of the output."
 )
 @click.option(
     "--revision", default=None, help="Hub branch, tag or commit (repo ids only; downloaded to the cache first)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
-def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision, quiet):
+def prune(source, out_dir, engine, dry_run, overwrite, link, copy_anyway, no_verify, revision, quiet):
     """Write a copy of SOURCE without the tensors the engine would not load anyway, and say why each is safe.
 
     Drops only what cannot change the loaded model (scales of modules the engine builds
     unquantized, tensors of modules it does not have); never load-bearing scales. Refuses
     (exit 1) on a quantization mismatch, naming the engine version that loads SOURCE as is.
-    Kept tensors are copied byte for byte; the output is re-audited (exit 1 if not clean).
+    With nothing to drop it writes nothing (exit 0) unless --copy-anyway or --link.
+    Kept tensors are copied byte for byte, read back from disk and compared; the output is
+    re-audited (exit 1 if not clean).
 
     \b
     Examples:
@@ -443,13 +452,16 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, no_verify, revision
     t0 = time.perf_counter()
     pruning.check_output(source, out_dir, overwrite)
     plan = pruning.plan_checkpoint(pipeline.prepare(open_local(source, console.progress(quiet)), engine))
-    pruning.render_plan(plan, console.stdout())
+    report.render_prune_plan(plan, console.stdout())
     sys.stdout.flush()
     if plan.refusal is not None:
-        click.echo("nhcheck: prune refused: " + plan.refusal, err=True)
+        click.echo("nhcheck: prune refused: " + plan.refusal.text, err=True)
         sys.exit(1)
     if dry_run:
         console.summary("dry run: nothing written", quiet)
+        sys.exit(0)
+    if plan.nothing_to_drop and not (copy_anyway or link):
+        console.summary(report.prune_nothing_written(plan), quiet)
         sys.exit(0)
     with console.byte_progress(quiet) as progress:
         result = pruning.execute(plan, out_dir, overwrite=overwrite, link=link, verify=not no_verify, progress=progress)

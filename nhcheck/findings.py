@@ -27,6 +27,8 @@ class Finding:
     ``code`` is a stable machine key (``orphan``, ``crash``, ``quant-mismatch``, …) that
     ``--ignore`` and JSON consumers match on; ``message`` is for people. ``tp`` is the tensor-parallel
     size a ``--tp`` finding is about (the report counts per size from it, never from the message).
+    A finding that stands for a family of tensors (``count`` > 1) names the family in ``family``
+    (``layers.{1,49}.…×24``), ``tensor`` its first member, and its message starts with both.
     """
 
     severity: Severity
@@ -35,6 +37,8 @@ class Finding:
     shard: str | None = None
     tensor: str | None = None
     tp: int | None = None
+    count: int = 1
+    family: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return {

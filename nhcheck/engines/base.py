@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 OutcomeKind = Literal["load", "warn", "skip", "raise", "routed"]
 #: Where a wrapper (Omni / VL) sends a checkpoint name.
 RouteTarget = Literal["lm", "projector", "tower", "ignored", "raise"]
+#: What the replay branch that left a tensor unloaded tells prune's safety rule (``Engine.unloaded_kind``):
+#: ``by-name``: the language-model loader found no parameter under the name it made (prune then asks
+#: whether the module exists at runtime and whether it is quantized); ``kv-scale``: the KV-cache scale
+#: remap found no target (safe only where the runtime reads no KV-cache scale); ``past-model``: a
+#: layer index the model does not have (always safe); ``elsewhere``: a branch outside the
+#: language-model loader, whose purpose nhcheck cannot judge (never safe).
+UnloadedKind = Literal["by-name", "kv-scale", "past-model", "elsewhere"]
 
 
 @dataclass(frozen=True, order=True)
@@ -216,13 +223,16 @@ class Engine(Protocol):
         """Whether a replay reason is intended behaviour (a draft's or another rank's tensor), not an orphan."""
         ...
 
-    def no_param_reasons(self) -> frozenset[str]:
-        """Replay reasons meaning "the language-model loader has no parameter for this name" (dropped, warned or
-        raised): the only tensors ``prune`` may consider removing."""
-        ...
-
     def reason_text(self, reason: str) -> str:
         """What a replay reason means, in words, for findings and report rows."""
+        ...
+
+    def unloaded_kind(self, reason: str) -> UnloadedKind:
+        """Prune's safety rule: what the replay branch ``reason`` of an unloaded tensor says about dropping it."""
+        ...
+
+    def reads_kv_scales(self, manifest: Manifest) -> bool:
+        """Prune's safety rule: whether the runtime reads KV-cache scales (a dropped one would then matter)."""
         ...
 
     def others(self) -> tuple[Engine, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route
+from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -332,6 +332,18 @@ REASON_TEXT = {
     "pp-rank": "by design: not on this pipeline rank",
     "routed": "by design: a tower or the projector loads it",
     "load": "loaded",
+}
+
+#: Prune's reading of the replay branches (``Engine.unloaded_kind``): the language-model loader's
+#: own drops by name; a KV-scale remap miss; a layer past the model (the range check drops it even
+#: without pipeline parallelism). Every other branch (wrapper routing, the MTP filter) is "elsewhere".
+_UNLOADED_KIND: dict[str, UnloadedKind] = {
+    "not-found": "by-name",
+    "expert-orphan": "by-name",
+    "bias": "by-name",
+    "keyerror": "by-name",
+    "kv-drop": "kv-scale",
+    "pp-range": "past-model",
 }
 
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
@@ -701,11 +713,15 @@ class SGLangEngine:
     def by_design(self, reason: str) -> bool:
         return reason in BY_DESIGN_REASONS
 
-    def no_param_reasons(self) -> frozenset[str]:
-        return frozenset({"not-found", "kv-drop", "expert-orphan", "bias", "keyerror"})
-
     def reason_text(self, reason: str) -> str:
         return REASON_TEXT.get(reason, reason)
+
+    def unloaded_kind(self, reason: str) -> UnloadedKind:
+        return _UNLOADED_KIND.get(reason, "elsewhere")
+
+    def reads_kv_scales(self, manifest) -> bool:
+        # The attention's KV-cache scales exist as parameters only when the quant config quantizes the KV cache.
+        return any(p.name.endswith((".attn.k_scale", ".attn.v_scale")) for p in manifest.params)
 
     def others(self) -> tuple[SGLangEngine, ...]:
         """One engine per other behaviour epoch, named by the epoch's first release."""

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route
+from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -273,6 +273,19 @@ REASON_TEXT = {
     "load": "loaded",
 }
 BY_DESIGN_REASONS = frozenset({"mtp-filter", "wrapper-mtp", "routed", "pp-range", "pp-rank"})
+#: Prune's reading of the replay branches (``Engine.unloaded_kind``): the loader has no parameter for the
+#: name (dropped, warned or raised); a KV-scale remap miss; a layer past the model. ``loader`` (the
+#: parameter exists, its weight loader refuses the shape) and every other branch are "elsewhere".
+_UNLOADED_KIND: dict[str, UnloadedKind] = {
+    "keyerror": "by-name",
+    "valueerror": "by-name",
+    "expert-missing": "by-name",
+    "fused-missing": "by-name",
+    "expert-orphan": "by-name",
+    "ignored": "by-name",
+    "kv-drop": "kv-scale",
+    "pp-range": "past-model",
+}
 
 _CACHE_SCALE_RULES = (
     (re.compile(r"\.kv_scale$"), ".attn.k_scale"),
@@ -794,11 +807,13 @@ class VLLMEngine:
     def by_design(self, reason: str) -> bool:
         return reason in BY_DESIGN_REASONS
 
-    def no_param_reasons(self) -> frozenset[str]:
-        """Not ``loader``: a tensor whose parameter exists but whose shape the loader refuses is load-bearing."""
-        return frozenset(
-            {"keyerror", "valueerror", "expert-missing", "fused-missing", "expert-orphan", "kv-drop", "ignored"}
-        )
+    def unloaded_kind(self, reason: str) -> UnloadedKind:
+        # Not ``loader``: a tensor whose parameter exists but whose shape the loader refuses is load-bearing.
+        return _UNLOADED_KIND.get(reason, "elsewhere")
+
+    def reads_kv_scales(self, manifest) -> bool:
+        # The attention's q/k/v scales are parameters whenever a ModelOpt quant config builds the attention.
+        return any(p.name.endswith((".attn.k_scale", ".attn.v_scale")) for p in manifest.params)
 
     def reason_text(self, reason: str) -> str:
         return REASON_TEXT.get(reason, reason)

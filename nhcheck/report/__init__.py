@@ -20,6 +20,7 @@ from nhcheck import __version__, collapse, engines
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport
     from nhcheck.manifest import Manifest
+    from nhcheck.prune import PrunePlan, PruneResult
 
 SCHEMA = "nhcheck.audit/1"
 _OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
@@ -711,16 +712,57 @@ def manifest_table(m: Manifest, console) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Prune (the plan is rendered by ``prune.render_plan``)
+# Prune (``nhcheck prune``): the plan, and the one-line outcome
 
 
-def prune_summary(plan, result, seconds: float) -> str:
-    """The one-line summary of a written prune: what was dropped, and how the copy was verified."""
+def render_prune_plan(plan: PrunePlan, console) -> None:
+    """The plan as the audit table shows tensors: collapsed groups, then bytes saved per shard."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    e = lambda s: escape(safe(s))  # noqa: E731
+    rep = plan.report
+    console.print(
+        f"[bold]nhcheck prune[/] {e(rep.source)} · {rep.engine} · audit verdict {rep.verdict} · "
+        f"{len(rep.records):,} tensors in {len(plan.shards)} shard(s)"
+    )
+    if plan.groups:
+        t = Table(title="Tensors to drop", title_justify="left")
+        for col in ("outcome", "checkpoint tensors", "count", "bytes", "why it is safe"):
+            t.add_column(col, overflow="fold")
+        for g in plan.groups:
+            t.add_row(g.outcome, e(g.name), f"×{g.count:,}", f"{g.nbytes:,}", e(g.reason))
+        print_table(console, t)
+    elif plan.refusal is None:
+        console.print(
+            f"Nothing to drop: {rep.engine.label} leaves no tensor unloaded, so pruning cannot change this checkpoint."
+        )
+    if plan.refusal is None and plan.drops:
+        t = Table(title="Shards", title_justify="left")
+        for col in ("shard", "tensors", "dropped", "bytes saved", "action"):
+            t.add_column(col, overflow="fold")
+        for s in plan.shards:
+            t.add_row(e(s.name), f"{s.tensors:,}", f"{s.dropped:,}", f"{s.bytes_saved:,}", s.action)
+        print_table(console, t)
+        console.print(f"{len(plan.drops):,} tensor(s) dropped, {plan.bytes_saved:,} bytes saved.")
+
+
+def prune_nothing_written(plan: PrunePlan) -> str:
+    """The outcome line when there is nothing to drop and no copy was asked for."""
+    return (
+        f"Nothing to drop for {plan.engine}: nothing written "
+        "(--copy-anyway writes a verified copy, --link hard-links the shards)."
+    )
+
+
+def prune_summary(plan: PrunePlan, result: PruneResult, seconds: float) -> str:
+    """The outcome line of a written prune, with what its verification proved."""
     v = result.verification
     check = (
         "not verified (--no-verify)"
         if v is None
-        else f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes compared with the source"
+        else f"re-audit on {plan.engine}: {v.verdict}; {v.bytes_compared:,} bytes read back from disk "
+        "and compared with the source"
     )
     return (
         f"Wrote {result.out_dir}: dropped {len(plan.drops):,} tensor(s), {plan.bytes_saved:,} bytes, in "
