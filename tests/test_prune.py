@@ -140,7 +140,10 @@ def test_plan_never_drops_load_bearing_scales(tmp_path, generate):
     generate.write_checkpoint(str(tmp_path / "ck"), tensors + [(module + ".pre_quant_scale", "BF16", [64])], c, q)
     plan = prune.plan_prune(audit_path(str(tmp_path / "ck"), "sglang@0.5.23"))
     assert not plan.drops
-    assert plan.refusal and "keeps the module quantized" in plan.refusal and module in plan.refusal
+    assert isinstance(plan.refusal, prune.UnsafeOrphans) and [g.name for g in plan.refusal.groups] == [
+        module + ".pre_quant_scale"
+    ]
+    assert "keeps the module quantized" in plan.refusal.text and module in plan.refusal.text
 
 
 def test_plan_drops_tensors_of_modules_absent_at_runtime(tmp_path, generate):
@@ -328,7 +331,6 @@ def test_non_empty_output_needs_overwrite(tmp_path, reference):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
     (out / f"{prune.TMP_PREFIX}123-x{prune.TMP_SUFFIX}").write_bytes(b"leftover")
     res = invoke("prune", EXAMPLES / CASE, "--out", out, "--engine", "sglang@0.5.11")
     assert res.exit_code == 2 and "not empty; pass --overwrite" in res.stderr
@@ -341,9 +343,65 @@ def test_non_empty_output_needs_overwrite(tmp_path, reference):
     }
 
 
-def test_clean_checkpoint_is_copied_or_linked(tmp_path):
+@pytest.mark.parametrize("name", ["model-00009-of-00009.safetensors", "model-00002-of-00004.safetensors"])
+def test_overwrite_refuses_shards_nhcheck_did_not_write(tmp_path, name):
+    """--overwrite never deletes or replaces a *.safetensors it did not write (issue 16 item 8)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"someone else's weights")
+    res = invoke("prune", EXAMPLES / CASE, "--out", out, "--engine", "sglang@0.5.11", "--overwrite")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1
+    assert "no earlier nhcheck prune wrote" in res.stderr and name in res.stderr
+    assert tree(out) == {name: b"someone else's weights"}
+
+
+def test_overwrite_replaces_what_an_earlier_prune_wrote(tmp_path, reference):
+    """Shards an earlier prune wrote (its receipt lists them) are replaced or removed; nothing else is."""
+    _, _, ref = reference
+    sys.path.insert(0, str(EXAMPLES))
+    import generate
+
+    c = generate.nano3_tiny_config()
+    ck = tmp_path / "ck"
+    generate.write_checkpoint(
+        str(ck),
+        generate.nemotron_h_tensors(c, None) + [("backbone.layers.60.mixer.in_proj.weight", "BF16", [8, 64])],
+        c,
+        None,
+        shards=5,
+    )
+    out = tmp_path / "out"
+    assert invoke("prune", ck, "--out", out).exit_code == 0
+    earlier = json.loads((out / prune.RECEIPT_NAME).read_text())["shards"]
+    assert [s["name"] for s in earlier] == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "other.safetensors").write_bytes(b"not at the top level, not replaced")
+    res = invoke("prune", EXAMPLES / CASE, "--out", out, "--engine", "sglang@0.5.11", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    got = tree(out)
+    assert got.pop("notes.txt") == b"mine"
+    assert got.pop("sub/other.safetensors") == b"not at the top level, not replaced"
+    assert "model-00005-of-00005.safetensors" not in got  # the earlier run's, not rewritten: removed
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == {
+        k: v for k, v in ref.items() if k != prune.RECEIPT_NAME
+    }
+
+
+def test_clean_checkpoint_writes_nothing_unless_asked(tmp_path):
+    """Nothing to drop: say so, write nothing (not even --out), exit 0 (issue 16 item 7)."""
     src = copy_example("nano3-nvfp4", tmp_path / "src")
-    res = invoke("prune", src, "--out", tmp_path / "copy")
+    before = hashes(src)
+    res = invoke("prune", src, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.stderr
+    assert "Nothing to drop" in res.stdout and "nothing written" in res.stderr and "--copy-anyway" in res.stderr
+    assert not (tmp_path / "out").exists()
+    assert hashes(src) == before
+
+
+def test_clean_checkpoint_is_copied_or_linked_when_asked(tmp_path):
+    src = copy_example("nano3-nvfp4", tmp_path / "src")
+    res = invoke("prune", src, "--out", tmp_path / "copy", "--copy-anyway")
     assert res.exit_code == 0, res.stderr
     got = tree(tmp_path / "copy")
     receipt = json.loads(got.pop(prune.RECEIPT_NAME))
@@ -461,24 +519,30 @@ KILLER = r"""
 import os, signal
 budget = int(os.environ.get("KILL_AFTER_BYTES", "-1"))
 at_rename = int(os.environ.get("KILL_AT_RENAME", "0"))
-_cfr, _replace = os.copy_file_range, os.replace
+_cfr, _pwrite, _replace = os.copy_file_range, os.pwrite, os.replace
 renames = 0
-def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+def spend(count, write_part):
     global budget
     if budget >= 0:
         if count >= budget:
             if budget:
-                _cfr(src, dst, budget, offset_src, offset_dst)
+                write_part(budget)
             os.kill(os.getpid(), signal.SIGKILL)
         budget -= count
+def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+    spend(count, lambda k: _cfr(src, dst, k, offset_src, offset_dst))
     return _cfr(src, dst, count, offset_src, offset_dst)
+def pwrite(fd, data, offset):
+    n = len(memoryview(data))
+    spend(n, lambda k: _pwrite(fd, memoryview(data)[: k - k % 4096], offset))  # O_DIRECT: whole blocks
+    return _pwrite(fd, data, offset)
 def replace(a, b, **kw):
     global renames
     renames += 1
     if renames == at_rename:
         os.kill(os.getpid(), signal.SIGKILL)
     return _replace(a, b, **kw)
-os.copy_file_range, os.replace = copy_file_range, replace
+os.copy_file_range, os.pwrite, os.replace = copy_file_range, pwrite, replace
 """
 
 
@@ -490,9 +554,10 @@ os.copy_file_range, os.replace = copy_file_range, replace
         {"KILL_AFTER_BYTES": "1300000"},
         {"KILL_AFTER_BYTES": "2200000"},
         {"KILL_AT_RENAME": "1"},
-        {"KILL_AT_RENAME": "4"},
-        {"KILL_AT_RENAME": "9"},
+        {"KILL_AT_RENAME": "2"},
+        {"KILL_AT_RENAME": "5"},
         {"KILL_AT_RENAME": "10"},
+        {"KILL_AT_RENAME": "11"},
     ],
     ids=lambda e: "-".join(next(iter(e.items()))),
 )
@@ -600,10 +665,10 @@ def test_source_changing_size_mid_run(tmp_path, monkeypatch, change):
     src = copy_example(CASE, tmp_path / "src")
     plan = prune.plan_prune(audit_path(str(src), "sglang@0.5.11"))
     last = src / "model-00004-of-00004.safetensors"
-    real = os.copy_file_range
+    real = os.preadv
     calls = []
 
-    def copy_file_range(s, d, n, so=None, do=None):
+    def preadv(fd, buffers, offset, *flags):
         if not calls:
             with open(last, "r+b") as f:
                 if change == "grows":
@@ -611,10 +676,10 @@ def test_source_changing_size_mid_run(tmp_path, monkeypatch, change):
                     f.write(b"\0" * 64)
                 else:
                     f.truncate(last.stat().st_size // 2)
-        calls.append(n)
-        return real(s, d, n, so, do)
+        calls.append(offset)
+        return real(fd, buffers, offset, *flags)
 
-    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    monkeypatch.setattr(os, "preadv", preadv)
     with pytest.raises(NhcheckError, match="changed") as info:
         prune.execute(plan, str(tmp_path / "out"))
     assert "model-00004-of-00004.safetensors" in str(info.value)

@@ -243,8 +243,19 @@ class Streamer:
                 buf[item.n : length] = bytes(length - item.n)
             view = memoryview(buf)[:length]
             done = 0
-            while done < length:
-                done += os.pwrite(out_fd, view[done:], item.start + done)
+            try:
+                while done < length:
+                    done += os.pwrite(out_fd, view[done:], item.start + done)
+            except OSError as exc:
+                if not (job.direct and exc.errno == errno.EINVAL):
+                    raise
+                # The kernel cut the direct write short of a block boundary (a file size limit):
+                # write the window the buffered way, which ends in the real error (EFBIG).
+                if not plain:
+                    plain.append(run.open(job.tmp, os.O_WRONLY))
+                done = 0
+                while done < item.n:
+                    done += os.pwrite(plain[0], view[done : item.n], item.start + done)
             self._report("copy", item.n)
             if prover is not None:
                 with lock:
@@ -264,6 +275,7 @@ class Streamer:
             job.compared += item.n
             self._report("verify", item.n)
 
+        plain: list[int] = []  # a buffered descriptor, opened only if a direct write is refused
         hasher = _Stage(hash_, release, errors)
         prover = _Stage(prove, release, errors) if back_fd >= 0 else None
         writer = _Stage(write, release, errors) if out_fd >= 0 else None
@@ -299,7 +311,7 @@ class Streamer:
                 "changed during the run (size or modification time); prune stopped, temporary files removed",
             )
         job.digest = sha.hexdigest()
-        for fd in (out_fd, back_fd, src_fd):
+        for fd in (out_fd, back_fd, src_fd, *plain):
             if fd >= 0:
                 run.close(fd)
         run.commit(job.tmp, job.final)
