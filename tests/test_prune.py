@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import resource
@@ -686,3 +687,163 @@ def test_source_changing_size_mid_run(tmp_path, monkeypatch, change):
     assert not temp_files(tmp_path / "out")
     assert not (tmp_path / "out" / last.name).exists()
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# the package's seams: refusals pinned word for word, the rule asks the engine, the read-back proves
+
+
+def _refusal_case(tmp_path: Path, kind: str) -> Path:
+    sys.path.insert(0, str(EXAMPLES))
+    import generate
+
+    c = generate.nano3_tiny_config(quantized=True)
+    q = generate.nano3_tiny_quant()
+    t = generate.nemotron_h_tensors(c, q)
+    if kind == "unsafe":
+        module = next(n[: -len(".weight")] for n, dt, _ in t if dt == "U8" and ".experts." not in n)
+        t = t + [(module + ".pre_quant_scale", "BF16", [64]), ("backbone.layers.0.mixer.foo.bar", "BF16", [4])]
+    if kind == "shape":
+        t = [(n, dt, [s[0] * 2, *s[1:]] if n == "backbone.embeddings.weight" else s) for n, dt, s in t]
+    if kind == "crash":
+        q = {"producer": {"name": "modelopt"}}
+        q["quantization"] = {"quant_algo": "MIXED_PRECISION", "quantized_layers": {}}
+    d = tmp_path / kind
+    generate.write_checkpoint(str(d), t, c, q, shards=2)
+    if kind == "structure":
+        p = d / "model.safetensors.index.json"
+        idx = json.loads(p.read_text())
+        idx["weight_map"]["backbone.embeddings.weight"] = "model-00002-of-00002.safetensors"
+        p.write_text(json.dumps(idx))
+    return d
+
+
+#: The CLI's refusal lines as the single-module prune printed them (captured before the package split).
+REFUSALS = {
+    "unsafe": (
+        "nhcheck: prune refused: 1 tensor(s) sglang 0.5.23 does not load cannot be proven safe to drop, so the "
+        "output would not load cleanly either:\n  backbone.layers.0.mixer.in_proj.pre_quant_scale ×1: load-bearing: "
+        "the runtime keeps the module quantized (model.layers.0.mixer.in_proj.weight is uint8), never dropped\n"
+    ),
+    "structure": (
+        "nhcheck: prune refused: the checkpoint's files disagree (index-wrong-shard: backbone.embeddings.weight: "
+        "index maps it to model-00002-of-00002.safetensors but it is in model-00001-of-00002.safetensors); fix the "
+        "index or shards first\n"
+    ),
+    "shape": (
+        "nhcheck: prune refused: shape mismatch on sglang@0.5.23: backbone.embeddings.weight: BF16 [512, 64] but "
+        "model.embed_tokens.weight expects [256, 64] here; dropping tensors cannot fix it\n"
+    ),
+    "crash": (
+        "nhcheck: prune refused: sglang 0.5.23 fails while building the model (AttributeError: 'NemotronHConfig' "
+        "object has no attribute 'quantization_config'); dropping tensors cannot fix the quant config\n"
+    ),
+}
+REFUSAL_TYPES = {
+    "unsafe": prune.UnsafeOrphans,
+    "structure": prune.FilesDisagree,
+    "shape": prune.ShapeMismatch,
+    "crash": prune.BuildFails,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_refusals_are_typed_and_word_for_word(tmp_path, kind):
+    ck = _refusal_case(tmp_path, kind)
+    plan = prune.plan_prune(audit_path(str(ck), "sglang@0.5.23"))
+    assert isinstance(plan.refusal, REFUSAL_TYPES[kind])
+    res = invoke("prune", ck, "--out", tmp_path / "out", "--engine", "sglang@0.5.23")
+    assert res.exit_code == 1 and res.stderr == REFUSALS[kind]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(NhcheckError, match="prune refused: " + re.escape(plan.refusal.text.splitlines()[0])):
+        prune.execute(plan, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("case", ["nano3-24434-leftover-expert-scales", "omni-nvfp4-24137", "nano3-nvfp4"])
+def test_every_tensor_the_engine_raises_on_is_dropped_or_refused(case):
+    """The safety rule's promise, on every behaviour epoch: a plan that writes leaves no tensor the engine raises on."""
+    from nhcheck import engines
+
+    for _, versions in engines.epochs():
+        rep = audit_path(str(EXAMPLES / case), f"sglang@{versions[0]}")
+        plan = prune.plan_prune(rep)
+        raising = {r.tensor.name for r in rep.records if r.outcome.outcome == "raise"}
+        assert plan.refusal is not None or raising <= plan.dropped_names, versions[0]
+
+
+def test_safety_rule_asks_the_engine(monkeypatch):
+    """What a replay branch means comes from ``Engine.unloaded_kind``: an engine that calls every drop
+    "elsewhere" gets a refusal where SGLang's answers give 144 drops."""
+    from nhcheck.engines.sglang import SGLangEngine
+
+    rep = audit_path(str(EXAMPLES / CASE), "sglang@0.5.23")
+    assert len(prune.plan_prune(rep).drops) == 144
+    monkeypatch.setattr(SGLangEngine, "unloaded_kind", lambda self, reason: "elsewhere")
+    plan = prune.plan_prune(rep)
+    assert isinstance(plan.refusal, prune.UnsafeOrphans) and plan.refusal.tensors == 144
+    assert "outside the language-model loader (expert-orphan)" in plan.refusal.text
+
+
+def test_grouped_findings_carry_their_family():
+    """Prune names a finding's tensors from structured fields, not by parsing the audit's message."""
+    rep = audit_path(str(EXAMPLES / "nano3-nvfp4-experts-excluded"), "sglang@0.5.23")
+    f = next(f for f in rep.findings if f.code == "quant-mismatch")
+    assert f.count == 24 and f.family == "backbone.layers.{1,49}.mixer.experts.{0…11}.down_proj.weight"
+    assert f.message.startswith(f"{f.family} ×{f.count}: ")
+    assert f.to_json().keys() == {"severity", "code", "message", "shard", "tensor"}  # JSON schema unchanged
+
+
+def _no_o_direct(monkeypatch):
+    real = os.open
+
+    def open_(path, flags, *a, **k):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_written_bytes_are_read_back_and_proven(tmp_path, monkeypatch, reference, direct):
+    """Same output with and without O_DIRECT; every written byte is compared after it reached the file."""
+    _, _, ref = reference
+    if not direct:
+        _no_o_direct(monkeypatch)
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.11"))
+    result = prune.execute(plan, str(tmp_path / "out"))
+    got = tree(tmp_path / "out")
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == {
+        k: v for k, v in ref.items() if k != prune.RECEIPT_NAME
+    }
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert result.verification.bytes_compared == sum(p.stat().st_size for p in shards)
+    for s in result.receipt["shards"]:
+        assert s["sha256"] == hashlib.sha256((tmp_path / "out" / s["name"]).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_bytes_that_differ_on_disk_are_caught(tmp_path, monkeypatch, direct):
+    """A write that lands different bytes than it was given (a faulty disk or driver) fails the read-back,
+    although the hash, computed from the buffer, never saw the difference."""
+    if not direct:
+        _no_o_direct(monkeypatch)
+    real = os.pwrite
+    state = {"hit": False}
+
+    def pwrite(fd, data, offset):
+        view = memoryview(data)
+        if not state["hit"] and len(view) > 100_000:
+            state["hit"] = True
+            bad = mmap.mmap(-1, len(view))  # page-aligned, as O_DIRECT needs
+            bad[:] = view
+            bad[50_000] ^= 0xFF
+            return real(fd, bad, offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.11"))
+    with pytest.raises(NhcheckError, match="differ from the source"):
+        prune.execute(plan, str(tmp_path / "out"))
+    assert state["hit"]
+    assert not any((tmp_path / "out").rglob("*.safetensors")) and not temp_files(tmp_path / "out")
