@@ -6,11 +6,14 @@ experts of two MoE layers exported as BF16 but still carrying their NVFP4 scales
 prune rewrites the shards that hold them and copies the rest whole. Then, alternating in
 the same run, times ``cp -r``, ``cp -r`` followed by ``sync`` (prune fsyncs what it writes;
 cp does not), sha256 of the shards with hashlib (the receipt hashes every output byte, so
-this is a floor for prune), ``nhcheck prune`` (default: verified) and ``nhcheck prune --no-verify``.
+this is a floor for prune), ``nhcheck prune`` (default: verified: every written byte read back from
+disk and compared) and ``nhcheck prune --no-verify``. Each round runs the commands in a rotated order,
+so no command always follows the same one (on a shared machine the position in a round matters).
 Peak RSS of each child comes from GNU ``time`` (else ``wait4``). Outputs are deleted and
-synced between runs so one run's writeback does not bill the next.
+synced between runs so one run's writeback does not bill the next. The machine (cores, load
+average before and after) is printed with the figures.
 
-    python bench/prune.py                 # ~2 GiB, 4 shards, 3 repetitions
+    python bench/prune.py                 # ~2 GiB, 4 shards, 5 repetitions
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
 
 Targets: prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
     ap.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of each command (default 3)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of each command (default 5)")
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     args = ap.parse_args(argv)
@@ -139,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
-        for _ in range(args.reps):
-            for name, make in commands.items():
+        load_before = os.getloadavg()
+        names = list(commands)
+        for rep in range(args.reps):
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                make = commands[name]
                 out = work / "out"
                 wall, peak = timed(make(out))
                 times[name].append(wall)
@@ -166,7 +172,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
                 + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
-        print(json.dumps({"gib": round(data / 2**30, 3), "shards": args.shards, "reps": args.reps, "rows": rows}))
+        machine = {
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        }
+        print(
+            f"machine: {machine['cpus']} CPUs, load average {machine['loadavg_before'][0]} before, "
+            f"{machine['loadavg_after'][0]} after"
+        )
+        print(
+            json.dumps(
+                {
+                    "gib": round(data / 2**30, 3),
+                    "shards": args.shards,
+                    "reps": args.reps,
+                    "machine": machine,
+                    "rows": rows,
+                }
+            )
+        )
         return 0
     finally:
         if args.keep:
