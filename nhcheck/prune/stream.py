@@ -171,19 +171,16 @@ class Streamer:
 
     def wait(self) -> None:
         """Join every driver; re-raise the first error of any stage."""
-        for _ in self.drivers:
-            self.jobs.put(None)
-        for t in self.drivers:
-            t.join()
+        self._join()
         if self.errors:
             raise self.errors[0]
 
     def abort(self) -> None:
         """Stop after an error elsewhere: drivers finish their current window and exit."""
         self.errors.append(CheckpointError(self.run.out_dir, "aborted"))
-        self.wait_quietly()
+        self._join()
 
-    def wait_quietly(self) -> None:
+    def _join(self) -> None:
         for _ in self.drivers:
             self.jobs.put(None)
         for t in self.drivers:
@@ -302,7 +299,7 @@ class Streamer:
         if self.errors:
             return
         if out_fd >= 0:
-            if job.direct and size % ALIGN:
+            if job.direct:  # the last window was written padded to a whole block (and so was the probe)
                 os.ftruncate(out_fd, size)
             os.fsync(out_fd)
         if stat_key(job.src_path) != job.src_stat:
