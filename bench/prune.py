@@ -76,8 +76,11 @@ def build(out: Path, gib: float, shards: int) -> int:
     return total
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process.
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system, the child and what it waited for) and peak RSS (bytes).
+
+    On a shared machine the wall time swings with the neighbours' disk and CPU load; the CPU time
+    is the steadier measure of the work each command does.
 
     Peak RSS comes from GNU time when present: ``wait4`` on a child forked from this
     interpreter also counts the pages it inherited before exec.
@@ -93,7 +96,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err.strip()}")
     peak_kb = int(err.strip().splitlines()[-1]) if gnu_time else usage.ru_maxrss
-    return wall, peak_kb * 1024
+    return wall, usage.ru_utime + usage.ru_stime, peak_kb * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,18 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         }
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
+        cpu: dict[str, list[float]] = {k: [] for k in commands}
         load_before = os.getloadavg()
         names = list(commands)
         for rep in range(args.reps):
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 make = commands[name]
                 out = work / "out"
-                wall, peak = timed(make(out))
+                wall, used, peak = timed(make(out))
                 times[name].append(wall)
+                cpu[name].append(used)
                 rss[name].append(peak)
                 shutil.rmtree(out)
                 os.sync()
         base = statistics.median(times["cp -r"])
+        base_cpu = statistics.median(cpu["cp -r"])
         rows = []
         for name in commands:
             med = statistics.median(times[name])
@@ -163,14 +169,16 @@ def main(argv: list[str] | None = None) -> int:
                     "median_s": round(med, 3),
                     "runs_s": [round(t, 3) for t in times[name]],
                     "ratio_vs_cp": round(med / base, 2),
+                    "cpu_s": round(statistics.median(cpu[name]), 3),
+                    "cpu_ratio_vs_cp": round(statistics.median(cpu[name]) / base_cpu, 2),
                     "peak_rss_mb": round(max(rss[name]) / 1e6, 1),
                 }
             )
-        print(f"{'command':32} {'median s':>9} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
+        print(f"{'command':32} {'median s':>9} {'× cp -r':>8} {'CPU s':>6} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
         for r in rows:
             print(
-                f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  "
-                + ", ".join(f"{t:.2f}" for t in r["runs_s"])
+                f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['cpu_s']:6.2f} "
+                f"{r['cpu_ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  " + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
         machine = {
             "cpus": os.cpu_count(),

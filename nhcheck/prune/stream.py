@@ -253,6 +253,7 @@ class Streamer:
                 done = 0
                 while done < item.n:
                     done += os.pwrite(plain[0], view[done : item.n], item.start + done)
+            written[0] = max(written[0], item.start + item.n)
             self._report("copy", item.n)
             if prover is not None:
                 with lock:
@@ -260,8 +261,12 @@ class Streamer:
                 prover.put(item)
 
         def prove(item: _Item) -> None:
-            if not job.direct:  # write this window back and drop it from the cache, so the read reaches the disk
-                os.fdatasync(out_fd)
+            end = item.start + item.n
+            if not job.direct:  # the window reaches the disk and leaves the cache before it is read back
+                if end > synced[0]:  # one fdatasync covers every window written before it
+                    mark = written[0]
+                    os.fdatasync(out_fd)
+                    synced[0] = mark
                 os.posix_fadvise(back_fd, item.start, item.n, os.POSIX_FADV_DONTNEED)
             length = -(-item.n // ALIGN) * ALIGN if job.direct else item.n
             got = os.preadv(back_fd, [memoryview(back)[:length]], item.start)
@@ -273,6 +278,7 @@ class Streamer:
             self._report("verify", item.n)
 
         plain: list[int] = []  # a buffered descriptor, opened only if a direct write is refused
+        written, synced = [0], [0]  # buffered: bytes handed to the kernel, bytes known on disk
         hasher = _Stage(hash_, release, errors)
         prover = _Stage(prove, release, errors) if back_fd >= 0 else None
         writer = _Stage(write, release, errors) if out_fd >= 0 else None
