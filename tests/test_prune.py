@@ -764,11 +764,24 @@ def test_every_tensor_the_engine_raises_on_is_dropped_or_refused(case):
     """The safety rule's promise, on every behaviour epoch: a plan that writes leaves no tensor the engine raises on."""
     from nhcheck import engines
 
-    for _, versions in engines.epochs():
-        rep = audit_path(str(EXAMPLES / case), f"sglang@{versions[0]}")
+    for name, versions in engines.epochs():  # every epoch of every engine (SGLang and vLLM)
+        rep = audit_path(str(EXAMPLES / case), f"{name}@{versions[0]}")
         plan = prune.plan_prune(rep)
         raising = {r.tensor.name for r in rep.records if r.outcome.outcome == "raise"}
-        assert plan.refusal is not None or raising <= plan.dropped_names, versions[0]
+        assert plan.refusal is not None or raising <= plan.dropped_names, (name, versions[0])
+
+
+def test_vllm_loader_refusals_are_never_dropped():
+    """vLLM's own answer: a tensor whose parameter exists but whose shape the weight loader refuses
+    (``loader``) is load-bearing; a name with no parameter (``keyerror``) may go."""
+    from nhcheck import engines
+
+    vllm = engines.get("vllm@0.34.0")
+    assert vllm.unloaded_kind("loader") == "elsewhere" and vllm.unloaded_kind("keyerror") == "by-name"
+    assert engines.get("sglang@0.5.23").unloaded_kind("not-found") == "by-name"
+    rep = audit_path(str(EXAMPLES / CASE), "vllm@0.34.0")
+    plan = prune.plan_prune(rep)
+    assert not {r.tensor.name for r in rep.records if r.outcome.reason == "loader"} & plan.dropped_names
 
 
 def test_safety_rule_asks_the_engine(monkeypatch):
