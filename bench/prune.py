@@ -15,6 +15,7 @@ average before and after) is printed with the figures.
 
     python bench/prune.py                 # ~2 GiB, 4 shards, 5 repetitions
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
+    python bench/prune.py --compare ../nhcheck-main   # also time another checkout's prune, same rounds
 
 Targets: prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
 """
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each command (default 5)")
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument(
+        "--compare",
+        metavar="DIR",
+        default=None,
+        help="another nhcheck source tree (e.g. a worktree of main): its prune is timed in the same rounds",
+    )
     args = ap.parse_args(argv)
     if args.reps < 1 or args.shards < 1 or args.gib <= 0:
         ap.error("--reps and --shards must be at least 1, --gib positive")
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         prune = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q", "--out"]
-        commands = {
+        commands: dict[str, Callable[[Path], list[str]]] = {
             "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
             "cp -r && sync": lambda out: ["sh", "-c", f'cp -r "{src}" "{out}" && sync'],
             "sha256 of the shards (hashlib)": lambda out: [
@@ -143,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             "nhcheck prune": lambda out: prune + [str(out)],
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
+        if args.compare:
+            other = str(Path(args.compare).resolve())
+            env_prune = ["env", f"PYTHONPATH={other}"] + prune
+            commands[f"{Path(other).name}: prune"] = lambda out: env_prune + [str(out)]
+            commands[f"{Path(other).name}: prune --no-verify"] = lambda out: env_prune + [str(out), "--no-verify"]
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
         cpu: dict[str, list[float]] = {k: [] for k in commands}
