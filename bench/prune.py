@@ -136,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             f"built {data / 2**30:.2f} GiB in {args.shards} shard(s) at {src} ({time.perf_counter() - t0:.1f} s)",
             file=sys.stderr,
         )
-        prune = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q", "--out"]
+
+        def nhcheck_in(tree: Path) -> list[str]:
+            """``nhcheck prune`` imported from ``tree`` (``-m`` puts the working directory first on sys.path)."""
+            run = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q"]
+            return ["sh", "-c", 'cd "$0" && exec "$@"', str(tree), *run, "--out"]
+
+        prune = nhcheck_in(REPO)
         commands: dict[str, Callable[[Path], list[str]]] = {
             "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
             "cp -r && sync": lambda out: ["sh", "-c", f'cp -r "{src}" "{out}" && sync'],
@@ -152,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
         if args.compare:
-            other = str(Path(args.compare).resolve())
-            env_prune = ["env", f"PYTHONPATH={other}"] + prune
-            commands[f"{Path(other).name}: prune"] = lambda out: env_prune + [str(out)]
-            commands[f"{Path(other).name}: prune --no-verify"] = lambda out: env_prune + [str(out), "--no-verify"]
+            other = Path(args.compare).resolve()
+            theirs = nhcheck_in(other)
+            commands[f"{other.name}: prune"] = lambda out: theirs + [str(out)]
+            commands[f"{other.name}: prune --no-verify"] = lambda out: theirs + [str(out), "--no-verify"]
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
         cpu: dict[str, list[float]] = {k: [] for k in commands}
