@@ -356,12 +356,9 @@ def test_overwrite_refuses_shards_nhcheck_did_not_write(tmp_path, name):
     assert tree(out) == {name: b"someone else's weights"}
 
 
-def test_overwrite_replaces_what_an_earlier_prune_wrote(tmp_path, reference):
+def test_overwrite_replaces_what_an_earlier_prune_wrote(tmp_path, reference, generate):
     """Shards an earlier prune wrote (its receipt lists them) are replaced or removed; nothing else is."""
     _, _, ref = reference
-    sys.path.insert(0, str(EXAMPLES))
-    import generate
-
     c = generate.nano3_tiny_config()
     ck = tmp_path / "ck"
     generate.write_checkpoint(
@@ -693,10 +690,7 @@ def test_source_changing_size_mid_run(tmp_path, monkeypatch, change):
 # the package's seams: refusals pinned word for word, the rule asks the engine, the read-back proves
 
 
-def _refusal_case(tmp_path: Path, kind: str) -> Path:
-    sys.path.insert(0, str(EXAMPLES))
-    import generate
-
+def _refusal_case(tmp_path: Path, kind: str, generate) -> Path:
     c = generate.nano3_tiny_config(quantized=True)
     q = generate.nano3_tiny_quant()
     t = generate.nemotron_h_tensors(c, q)
@@ -748,8 +742,8 @@ REFUSAL_TYPES = {
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSALS))
-def test_refusals_are_typed_and_word_for_word(tmp_path, kind):
-    ck = _refusal_case(tmp_path, kind)
+def test_refusals_are_typed_and_word_for_word(tmp_path, kind, generate):
+    ck = _refusal_case(tmp_path, kind, generate)
     plan = prune.plan_prune(audit_path(str(ck), "sglang@0.5.23"))
     assert isinstance(plan.refusal, REFUSAL_TYPES[kind])
     res = invoke("prune", ck, "--out", tmp_path / "out", "--engine", "sglang@0.5.23")
