@@ -1,8 +1,8 @@
 """Write one output shard and prove what landed on disk, in one pass over the source.
 
 Per window of ``WINDOW`` bytes the source bytes (the new header, then the kept byte ranges) are
-read once into a page-aligned buffer. Three stages then run on it concurrently, each on its own
-thread, while the next window is read:
+read once into a page-aligned buffer. Three stages, each on its own thread, then take it while the
+next windows are read (hash beside write, prove after write):
 
 - **hash**: sha256 of the buffer, in window order (the receipt's digest);
 - **write**: the buffer goes to the temporary file with ``O_DIRECT`` (no page cache, no dirty-page
@@ -33,7 +33,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nhcheck.errors import CheckpointError
 from nhcheck.prune.writer import Run, Shrunk, stat_key
@@ -104,7 +104,7 @@ class ShardJob:
     tmp: str = ""
     digest: str = ""
     compared: int = 0
-    direct: bool = field(default=False)
+    direct: bool = False  # written with O_DIRECT (set when the file is opened)
 
 
 def _same(a: mmap.mmap, b: mmap.mmap, n: int) -> bool:
