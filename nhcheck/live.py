@@ -33,7 +33,7 @@ from nhcheck import collapse, engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.engines import sglang
-from nhcheck.engines.base import Engine, EngineId, Outcome, PPWindow, Replayer, Route
+from nhcheck.engines.base import Engine, EngineId, Outcome, PPWindow, Replayer, Route, UnloadedKind
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, verdict_of
 from nhcheck.manifest import Manifest, Param
@@ -218,8 +218,13 @@ class LiveEngine:
     def tp_unproven(self) -> str | None:
         return "--live replays TP 1 only"
 
-    def no_param_reasons(self) -> frozenset[str]:
-        return self.explain.no_param_reasons() if self.explain else frozenset()
+    def unloaded_kind(self, reason: str) -> UnloadedKind:
+        # a reason the table row names is the row's; a live-only one ("live", "startup") is never safe to drop
+        return self.explain.unloaded_kind(reason) if self.explain else "elsewhere"
+
+    def reads_kv_scales(self, manifest: Manifest) -> bool:
+        # without a table row, assume the runtime reads them: a KV-cache scale is then never dropped
+        return self.explain.reads_kv_scales(manifest) if self.explain else True
 
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         # the recorders do not run the fused loaders, so this loader semantics is the table's
