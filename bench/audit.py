@@ -1,17 +1,24 @@
 """How close is `nhcheck audit` to the cost of just parsing the shard headers?
 
 Builds the full-size Nano-3 NVFP4 (24,147 tensors) and Super-120B NVFP4 (165,860 tensors)
-layouts as sparse files (headers real, data holes: no disk used), then in the same run and
-alternating, several repetitions each:
+layouts as sparse files (headers real, data holes: no disk used), then in the same run,
+round-robin, several repetitions each (whole processes, wall time):
 
   baseline  a bare Python process that reads every shard header and json-parses it;
-  nhcheck   the whole `python -m nhcheck audit DIR --format json -o FILE` process.
+  json      `python -m nhcheck audit DIR --format json -o FILE -q`;
+  table     `python -m nhcheck audit DIR -q` (stdout to a pipe: plain rows);
+  floor     `python -c pass` and `python -m nhcheck --version` (interpreter, and imports).
 
-Prints the median wall times and the ratio (target ≤ 1.5×). Also times the expert-mapping
-replay indexed (what nhcheck does) against SGLang's literal scan over E × 3 tuples per name,
-on a slice of the Super names, to back the "indexed, not O(names × experts)" claim.
+With ``--before REF`` the same two audit commands also run from a copy of git REF's tree
+(``git archive``), so one run gives before/after figures for the same machine and load.
 
-Usage: python bench/audit.py [--reps 5] [--workdir DIR] [--keep]
+Prints, for each, the minimum wall time (the least disturbed repetition) with the median, and the
+minimum CPU time (user + system of the process, which a shared machine disturbs least); every ratio
+against the baseline of the same run (target <= 1.5x); and the load average before and after.
+Also times the expert-mapping replay indexed (what nhcheck does) against SGLang's literal scan
+over E x 3 tuples per name, on a slice of the Super names.
+
+Usage: python bench/audit.py [--reps 7] [--before REF] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -40,13 +47,23 @@ for fn in sorted(os.listdir(d)):
 """
 
 
-def _wall(cmd: list[str]) -> float:
+def _run(cmd: list[str], env: dict[str, str] | None, cwd: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one whole process.
+
+    Run from ``cwd`` (outside any source tree: ``-m`` and ``-c`` put the working directory first on
+    ``sys.path``, which would shadow ``PYTHONPATH``). CPU time is what a shared machine disturbs least:
+    wall time also counts the moments another process held the core.
+    """
     t = time.perf_counter()
-    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
-    if r.returncode not in (0, 1):
-        raise SystemExit(f"{cmd} failed: {r.stderr.decode()[-500:]}")
-    return dt
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{cmd} failed: {err.decode()[-500:]}")
+    return dt, usage.ru_utime + usage.ru_stime
 
 
 def _literal_expert_scan(names: list[str], num_experts: int) -> int:
@@ -61,9 +78,23 @@ def _literal_expert_scan(names: list[str], num_experts: int) -> int:
     return hits
 
 
+def _export(ref: str, dest: str) -> str:
+    """The tree of git ``ref`` unpacked into ``dest`` (only ``nhcheck/`` is needed to run it)."""
+    os.makedirs(dest, exist_ok=True)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "nhcheck"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
+def _env(tree: str) -> dict[str, str]:
+    """Run ``-m nhcheck`` from ``tree``, whatever copy of nhcheck is installed."""
+    return {**os.environ, "PYTHONPATH": tree}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--before", default=None, metavar="REF", help="also time git REF's nhcheck (before/after)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -71,36 +102,57 @@ def main() -> None:
 
     work = args.workdir or tempfile.mkdtemp(prefix="nhcheck-bench-audit-")
     out_json = os.path.join(work, "audit.json")
+    py = sys.executable
     try:
         layouts = generate.full_layouts()
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; workdir {work}")
+        load = os.getloadavg()
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f}")
+        trees = {"": _env(ROOT)}
+        if args.before:
+            trees[f" (before: {args.before})"] = _env(_export(args.before, os.path.join(work, "before")))
         for name in ("nano3-nvfp4", "super-nvfp4"):
             d = os.path.join(work, name)
             if not os.path.isdir(d):
                 totals = layouts[name](d)
                 print(
-                    f"{name}: generated {totals['tensors']:,} tensors, {totals['bytes']:,} bytes (sparse), {totals['shards']} shards"
+                    f"{name}: generated {totals['tensors']:,} tensors, {totals['bytes']:,} bytes (sparse), "
+                    f"{totals['shards']} shards"
                 )
-            bare_cmd = [sys.executable, "-c", BARE, d]
-            nh_cmd = [sys.executable, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json, "-q"]
-            table_cmd = [sys.executable, "-m", "nhcheck", "audit", d, "-q"]
-            floor_cmd = [sys.executable, "-m", "nhcheck", "--version"]
-            _wall(bare_cmd), _wall(nh_cmd)  # warm the page cache and imports
-            bare, nh, table, floor = [], [], [], []
+            cmds: dict[str, tuple[list[str], dict[str, str] | None]] = {
+                "baseline (parse headers only)": ([py, "-c", BARE, d], None),
+                "python -c pass": ([py, "-c", "pass"], None),
+                "nhcheck --version": ([py, "-m", "nhcheck", "--version"], trees[""]),
+            }
+            for label, env in trees.items():
+                cmds["audit --format json" + label] = (
+                    [py, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json, "-q"],
+                    env,
+                )
+                cmds["audit (table)" + label] = ([py, "-m", "nhcheck", "audit", d, "-q"], env)
+            for cmd, env in cmds.values():
+                _run(cmd, env, work)  # warm the page cache and the bytecode caches
+            wall: dict[str, list[float]] = {k: [] for k in cmds}
+            cpu: dict[str, list[float]] = {k: [] for k in cmds}
             for _ in range(args.reps):
-                bare.append(_wall(bare_cmd))
-                nh.append(_wall(nh_cmd))
-                table.append(_wall(table_cmd))
-                floor.append(_wall(floor_cmd))
-            b, n, tb, fl = (statistics.median(x) for x in (bare, nh, table, floor))
-            print(
-                f"{name}: baseline (parse headers only) median {b:.3f} s  min {min(bare):.3f} s | "
-                f"nhcheck audit --format json median {n:.3f} s  min {min(nh):.3f} s | ratio {n / b:.2f}x (target <= 1.5x)"
-            )
-            print(
-                f"{name}: nhcheck audit (table) median {tb:.3f} s, ratio {tb / b:.2f}x; "
-                f"interpreter+import floor (nhcheck --version) {fl:.3f} s"
-            )
+                for k, (cmd, env) in cmds.items():
+                    w, c = _run(cmd, env, work)
+                    wall[k].append(w)
+                    cpu[k].append(c)
+            base_wall, base_cpu = min(wall["baseline (parse headers only)"]), min(cpu["baseline (parse headers only)"])
+            for k in cmds:
+                print(
+                    f"{name}: {k:<42} wall min {min(wall[k]):.3f} s (median {statistics.median(wall[k]):.3f}) "
+                    f"ratio {min(wall[k]) / base_wall:.2f}x | cpu min {min(cpu[k]):.3f} s ratio "
+                    f"{min(cpu[k]) / base_cpu:.2f}x" + ("  (target <= 1.5x)" if k.startswith("audit") else "")
+                )
+            if args.before:
+                for fmt in ("audit --format json", "audit (table)"):
+                    b = fmt + f" (before: {args.before})"
+                    print(
+                        f"{name}: {fmt}: after / before wall {min(wall[fmt]) / min(wall[b]):.2f} "
+                        f"({min(wall[b]):.3f} s -> {min(wall[fmt]):.3f} s), cpu {min(cpu[fmt]) / min(cpu[b]):.2f} "
+                        f"({min(cpu[b]):.3f} s -> {min(cpu[fmt]):.3f} s)"
+                    )
 
         from nhcheck.checkpoint import open_local
         from nhcheck.engines.sglang import get_profile, make_replayer
@@ -119,6 +171,8 @@ def main() -> None:
             f"expert mapping on {len(names):,} Super names (E=512): literal scan {literal:.3f} s, "
             f"nhcheck indexed replay {indexed:.3f} s, ratio {literal / indexed:.0f}x"
         )
+        load = os.getloadavg()
+        print(f"load average at the end {load[0]:.2f} {load[1]:.2f}")
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

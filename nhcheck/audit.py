@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from operator import itemgetter
 from typing import Literal, NamedTuple
 
 from nhcheck import collapse, slots
@@ -76,13 +80,16 @@ class AuditReport:
         return out
 
     def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    @cached_property
+    def _counts(self) -> dict[str, int]:
+        """Tensors per outcome, orphans (not ignored) and by-design non-loads; counted once (165k records)."""
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
-        for r in self.records:
-            c[r.outcome.outcome] += 1
-            if r.orphan and not r.ignored:
-                c["orphans"] += 1
-            elif r.outcome.outcome != "load" and not r.orphan:
-                c["by_design"] += 1
+        for outcome, n in Counter(r[1][0] for r in self.records).items():
+            c[outcome] += n
+        c["orphans"] = sum(1 for r in self.records if r[2] and not r[4])
+        c["by_design"] = sum(1 for r in self.records if not r[2] and r[1][0] != "load")
         return c
 
     def summary_line(self) -> str:
@@ -121,13 +128,10 @@ def _replay_all(
 ) -> list[tuple[TensorInfo, Outcome, str | None, bool]]:
     """(tensor, outcome, full param name, routing-phase?) for every tensor, in checkpoint order."""
     replay = engine.replayer(manifest, cfg, mtp=opts.mtp, pp=opts.pp)
+    if opts.mtp or cfg.wrapper is None:  # a comprehension: the loop of every audit, 165k names on Super
+        return [(t, (o := replay(t[0])), o[1], False) for t in ckpt.tensors()]
     out: list[tuple[TensorInfo, Outcome, str | None, bool]] = []
     append = out.append
-    if opts.mtp or cfg.wrapper is None:
-        for t in ckpt.tensors():
-            o = replay(t.name)
-            append((t, o, o.param, False))
-        return out
     prefix = manifest.lm_prefix
     for t in ckpt.tensors():
         r = engine.route(t.name, cfg)
@@ -194,6 +198,9 @@ def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: P
     return None
 
 
+_SECOND = itemgetter(1)
+
+
 def _coverage(manifest: Manifest, loads: dict[str, set]) -> list[ParamStatus]:
     out = []
     for p in manifest.params:
@@ -210,8 +217,8 @@ def _coverage(manifest: Manifest, loads: dict[str, set]) -> list[ParamStatus]:
             have = {sid for sid, _ in got}
             missing = [f"shard {s}" for s in need if s not in have]
         elif p.loader == "expert" and p.num_experts:
-            have = {eid for _, eid in got}
-            absent = [e for e in range(p.num_experts) if e not in have]
+            have = set(map(_SECOND, got))  # in C: an expert parameter has a slot per expert and shard
+            absent = [] if have.issuperset(range(p.num_experts)) else [e for e in range(p.num_experts) if e not in have]
             if absent:
                 missing = ["expert " + collapse.render_set(absent)]
         out.append(ParamStatus(p.name, p, "partial" if missing else "filled", tuple(missing)))
@@ -245,42 +252,57 @@ _FAMILY = {
 }
 
 
-def _exporter_excluded(entries: tuple[str, ...]):
-    """Matcher for exclude entries as the exporter wrote them: whole dotted components, or globs."""
+def _exporter_excluded(entries: tuple[str, ...]) -> Callable[[str], bool]:
+    """Matcher for exclude entries as the exporter wrote them: whole dotted components, or globs.
+
+    A plain entry matches a module it is a run of whole dotted components of: ``.entry.`` within
+    ``.module.``, one regex search for all of them (a Nano recipe has ~55, asked of 6k modules). The
+    one regex it replaces, ``(?:^|.*\\.)(?:entries)(?:\\..*)?``, says the same of a name without a
+    newline (``.`` does not match one), and still answers for a name with one.
+    """
     plain = [e.rstrip(".") for e in entries if "*" not in e]
-    globs = [e for e in entries if "*" in e]
-    parts = []
-    if plain:
-        parts.append("(?:^|.*\\.)(?:" + "|".join(re.escape(e) for e in plain) + ")(?:\\..*)?")
-    parts += [fnmatch.translate(g)[:-2] for g in globs]  # drop the trailing \Z; fullmatch anchors it
-    return re.compile("|".join(f"(?:{p})" for p in parts)).fullmatch if parts else (lambda _m: None)
+    globs = [fnmatch.translate(e)[:-2] for e in entries if "*" in e]  # no trailing \Z: fullmatch anchors
+    parts = (["(?:^|.*\\.)(?:" + "|".join(re.escape(e) for e in plain) + ")(?:\\..*)?"] if plain else []) + globs
+    if not parts:
+        return lambda _module: False
+    whole = re.compile("|".join(f"(?:{p})" for p in parts)).fullmatch
+    dotted = re.compile("|".join(re.escape("." + e + ".") for e in plain)).search if plain else None
+    globbed = re.compile("|".join(f"(?:{p})" for p in globs)).fullmatch if globs else None
+
+    def excluded(module: str) -> bool:
+        if "\n" in module:
+            return whole(module) is not None
+        return (dotted is not None and dotted("." + module + ".") is not None) or (
+            globbed is not None and globbed(module) is not None
+        )
+
+    return excluded
 
 
 def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
     """The quant recipe against the tensors, in checkpoint names (independent of the engine)."""
     if qc is None or qc.quant_method != "modelopt" or not qc.quant_algo:
         return []
-    weights: dict[str, TensorInfo] = {}
-    has_kv = False
-    for shard in ckpt.shards:
-        for t in shard.tensors:
-            n = t.name
-            if n.endswith(".weight"):
-                weights[n[:-7]] = t
-            elif n.endswith(("k_scale", "v_scale")):
-                has_kv = True
+    # Comprehensions and hoisted lookups: on Super this walks 166k tensors and 41k weights.
+    weights = {t[0][:-7]: t for s in ckpt.shards for t in s.tensors if t[0].endswith(".weight")}
+    has_kv = not qc.kv_cache_quant_algo or any(
+        t[0].endswith(("k_scale", "v_scale")) for s in ckpt.shards for t in s.tensors
+    )
     excluded = _exporter_excluded(qc.exclude)
+    declared_of = qc.quantized_layers.get if qc.is_mixed else None
+    algo, family = qc.quant_algo, _FAMILY.get
     found: list[tuple[str, str, Finding]] = []
     for module, w in weights.items():
         if module.rpartition(".")[2] not in _QUANTISABLE:
             continue
-        if qc.is_mixed:
-            declared = qc.quantized_layers.get(module)
+        if declared_of is not None:
+            declared = declared_of(module)
         else:
-            declared = None if excluded(module) else qc.quant_algo
-        actual = "NVFP4" if w.dtype == "U8" else "FP8" if w.dtype.startswith("F8") else None
-        if _FAMILY.get(declared or "", declared) != actual:
-            msg = f"the quant config says {declared or 'unquantized'} but the weight is {w.dtype}" + (
+            declared = None if excluded(module) else algo
+        dtype = w[1]
+        actual = "NVFP4" if dtype == "U8" else "FP8" if dtype.startswith("F8") else None
+        if family(declared or "", declared) != actual:
+            msg = f"the quant config says {declared or 'unquantized'} but the weight is {dtype}" + (
                 " (quantized)" if actual else ""
             )
             found.append(("recipe-mismatch", module, Finding("warning", "recipe-mismatch", msg, w.shard, w.name)))
@@ -354,40 +376,42 @@ def run_audit(
     loader: dict[tuple, tuple[str | None, str | None]] = {}
     notes: list[tuple[str, str, Finding]] = []
     unchecked: tuple[str, str] = ("", "")  # a sentinel: one dict lookup per tensor on the hot path
-    n_ignored = 0
     refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
     # A start-up refusal builds no model: its per-tensor outcomes would all be orphans, noise beside the crash.
     built = not (refusal and not manifest.params)
     matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
+    raised = False  # whether any tensor raises (the crash point, below)
+    by_design, match = engine.by_design, fnmatch.fnmatchcase
+    # One pass per tensor (165k on Super), positional fields: TensorInfo (name, dtype, shape, start, end,
+    # shard) and Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
     for t, o, param, _ in replayed:
         ign = False
         if ignore:
-            hit = [pat for pat in ignore if fnmatch.fnmatchcase(t.name, pat)]
+            hit = [pat for pat in ignore if match(t[0], pat)]
             ign = bool(hit)
             matched.update(hit)
-        n_ignored += ign
-        if o.outcome == "load" and param is not None:  # a load always names its parameter
+        if param is not None and o[0] == "load":  # a load always names its parameter
             orphan = False
             slot = loads.get(param)
             if slot is None:
                 slot = loads[param] = set()
-            slot.add((o.shard_id, o.expert_id))
+            slot.add((o[2], o[3]))
             p = by_name.get(param)
             if p is not None:
+                key = (param, o[2], t[1], t[2])  # parameter, shard id, dtype, shape: what both checks depend on
                 # Loader semantics the engine applies to this shape (vLLM's narrowing loaders); None for SGLang.
-                lkey = (param, o.shard_id, t.dtype, t.shape)
-                decided = loader.get(lkey)
+                decided = loader.get(key)
                 if decided is None:
-                    decided = loader[lkey] = (
+                    decided = loader[key] = (
                         engine.load_error(p, o.shard_id, t.dtype, t.shape),
                         engine.slot_note(p, t.dtype, t.shape),
                     )
                 if decided[0] is not None:  # the parameter's weight loader itself raises on this tensor
                     o = o._replace(outcome="raise", message=decided[0], reason="loader")
+                    raised = True
                 elif decided[1] is not None and not ign:
                     notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decided[1], t.shard, t.name)))
             if p is not None and not ign:
-                key = (param, o.shard_id, t.dtype, t.shape)
                 problem = checked.get(key, unchecked)
                 if problem is unchecked:
                     problem = checked[key] = _slot_problem(t.dtype, t.shape, o.shard_id, p)
@@ -398,27 +422,28 @@ def run_audit(
                         (problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name))
                     )
         else:
-            orphan = built and (
-                not engine.by_design(o.reason) or (o.reason == "pp-range" and _beyond_model(t.name, cfg))
-            )
+            orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
+            raised = raised or o[0] == "raise"
         append_record(new_record(TensorRecord, (t, o, orphan, param, ign)))  # tuple.__new__: no per-field call
+    n_ignored = sum(r[4] for r in records) if ignore else 0
 
     # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
     # routes everything first and loads the language model afterwards).
     crash: Crash | None = None
-    order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, replayed, strict=True)]
-    shards = [s.name for s in ckpt.shards]
-    rank = {name: i for i, name in enumerate(engine.order_shards(shards))}
-    if list(rank) != shards:
-        order.sort(key=lambda r: rank.get(r[0].shard, -1))
-    if engine.routes_before_lm(cfg, mtp=opts.mtp):
-        order = [r for r in order if r[3]] + [r for r in order if not r[3]]
-    elif engine.routed_after_lm(cfg, mtp=opts.mtp):
-        order = [r for r in order if not r[3]] + [r for r in order if r[3]]
-    for t, o, _, _ in order:
-        if o.outcome == "raise":
-            crash = Crash(o.message or "", t.name, t.shard)
-            break
+    if raised:  # the stream order matters only to find the first raise: 165k tuples otherwise saved
+        order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, replayed, strict=True)]
+        shards = [s.name for s in ckpt.shards]
+        rank = {name: i for i, name in enumerate(engine.order_shards(shards))}
+        if list(rank) != shards:
+            order.sort(key=lambda r: rank.get(r[0].shard, -1))
+        if engine.routes_before_lm(cfg, mtp=opts.mtp):
+            order = [r for r in order if r[3]] + [r for r in order if not r[3]]
+        elif engine.routed_after_lm(cfg, mtp=opts.mtp):
+            order = [r for r in order if not r[3]] + [r for r in order if r[3]]
+        for t, o, _, _ in order:
+            if o.outcome == "raise":
+                crash = Crash(o.message or "", t.name, t.shard)
+                break
     if crash is None:
         error = engine.startup_error((t.name for t, _, _, _ in replayed), manifest, mtp=opts.mtp)
         if error:
@@ -463,7 +488,7 @@ def run_audit(
         )
     orphan_items = []
     for r in records:
-        if r.orphan and not r.ignored:
+        if r[2] and not r[4]:  # orphan, not ignored
             o = r.outcome
             sev: Severity = "error" if o.outcome == "raise" else "warning"
             what = engine.reason_text(o.reason)

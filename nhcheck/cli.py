@@ -295,12 +295,15 @@ def audit(
       nhcheck audit ./ckpt --cross-check   # table and live replay must agree
     """
     from nhcheck import pipeline, report
-    from nhcheck import tp as tensor_parallel
     from nhcheck.audit import AuditOptions
     from nhcheck.report import console
     from nhcheck.sources import open_source
 
-    sizes = tensor_parallel.parse_tp_sizes(tp_sizes) if tp_sizes is not None else ()
+    sizes: tuple[int, ...] = ()
+    if tp_sizes is not None:  # imported only when asked: every module costs start-up time on each run
+        from nhcheck.tp import parse_tp_sizes
+
+        sizes = parse_tp_sizes(tp_sizes)
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, console.progress(quiet))
     if live or cross_check:
@@ -318,6 +321,8 @@ def audit(
 
         rep = scale_values.with_values(rep, scale_values.scan(rep))
     if sizes:
+        from nhcheck import tp as tensor_parallel
+
         rep = tensor_parallel.with_findings(rep, sizes)
     formats.get(fmt, output).write(report.audit_renderer(show_loaded=show_loaded), rep)
     if not quiet:

@@ -15,7 +15,11 @@ import re
 import stat
 import struct
 from dataclasses import dataclass
+from functools import cached_property
+from operator import itemgetter
 from typing import NamedTuple, Protocol
+
+import msgspec
 
 from nhcheck.errors import CheckpointError
 
@@ -99,6 +103,14 @@ class ShardHeader:
     def data_bytes(self) -> int:
         return self.file_size - self.data_start
 
+    @cached_property
+    def by_name(self) -> tuple[TensorInfo, ...]:
+        """The tensors sorted by name, as ``safe_open().keys()`` lists them (the order a loader streams them)."""
+        return tuple(sorted(self.tensors, key=_NAME))
+
+
+_NAME = itemgetter(0)  # TensorInfo.name
+
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out = dict(pairs)
@@ -122,11 +134,9 @@ def _no_negative_zero(token: str) -> int:
     return int(token)
 
 
-def _colons_expected(obj: dict) -> int:
-    """Colons in the text of a duplicate-free header with three fields per entry and no colon in a name."""
-    n = len(obj)
-    md = obj.get("__metadata__")
-    if "__metadata__" not in obj:
+def _colons_expected(n: int, has_metadata: bool, md: object) -> int:
+    """Colons in the text of a duplicate-free header of ``n`` keys, three fields per entry, no colon in a name."""
+    if not has_metadata:
         return 4 * n
     extra = 0
     if isinstance(md, dict):
@@ -182,8 +192,104 @@ def _strict_entry(path: str, name: str, info: object, data_len: int) -> int:
     return end - begin
 
 
+class _Entry(msgspec.Struct, gc=False):
+    """One header entry as msgspec decodes it; a field left at its default was absent (the strict path says so)."""
+
+    dtype: str = ""
+    shape: tuple[int, ...] | None = None
+    data_offsets: tuple[int, int] | None = None
+
+
+class _MetadataOnly(msgspec.Struct):
+    """The ``__metadata__`` of a header, every tensor entry skipped unbuilt."""
+
+    metadata: dict[str, str] | None = msgspec.field(default=None, name="__metadata__")
+
+
+_DECODE_ENTRIES = msgspec.json.Decoder(dict[str, _Entry]).decode
+_DECODE_METADATA = msgspec.json.Decoder(_MetadataOnly).decode
+
+
 def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> ShardHeader:
-    """Validate header JSON ``raw`` (without the 8-byte prefix) of a file of ``file_size`` bytes."""
+    """Validate header JSON ``raw`` (without the 8-byte prefix) of a file of ``file_size`` bytes.
+
+    A well-formed header takes ``parse_header_fast`` (msgspec decodes and type-checks every entry in C);
+    anything it does not vouch for is parsed again by ``parse_header_strict``, which names the problem.
+    """
+    return parse_header_fast(raw, path, shard, file_size) or parse_header_strict(raw, path, shard, file_size)
+
+
+def parse_header_fast(raw: bytes, path: str, shard: str, file_size: int) -> ShardHeader | None:
+    """The header ``parse_header_strict`` would return, or None where it is not sure (then the strict path decides).
+
+    Exact by construction: it accepts only a header that ``parse_header_strict`` accepts the same way. msgspec
+    refuses what JSON refuses (bad UTF-8, NaN, trailing data, a BOM) and types what a legal header holds
+    (a float or a bool is not an int); every check the strict path makes on a legal header is made here, and
+    the cases the strict path re-parses for (a colon count other than the duplicate-free one, ``-0``, a
+    surrogate escape) are handed to it. Only the tensor entries cost Python work, one short step each.
+    """
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    if data_len < 0 or b"-0" in raw or _SURROGATE_ESCAPE.search(raw):
+        return None
+    try:
+        entries = _DECODE_ENTRIES(raw)
+        has_metadata = "__metadata__" in entries
+        metadata = _DECODE_METADATA(raw).metadata if has_metadata else None
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if raw.count(b":") != _colons_expected(len(entries), has_metadata, metadata):
+        return None
+    if has_metadata:
+        del entries["__metadata__"]
+    sizes: dict[tuple[str, tuple[int, ...] | None], int | None] = {}
+    tensors: list[TensorInfo] = []
+    append, new = tensors.append, tuple.__new__
+    pos = 0
+    for name, e in entries.items():
+        offsets = e.data_offsets
+        if offsets is None:
+            return None
+        begin, end = offsets
+        key = (e.dtype, e.shape)
+        nbytes = sizes.get(key, -1)
+        if nbytes == -1:
+            nbytes = sizes[key] = _entry_bytes(e.dtype, e.shape)
+        if begin != pos or nbytes is None or end - begin != nbytes:
+            if nbytes is None or not 0 <= begin <= end <= data_len or end - begin != nbytes:
+                return None
+            pos = -1  # out of header order: the sorted check below decides
+        elif pos != -1:
+            pos = end
+        append(new(TensorInfo, (name, e.dtype, e.shape, data_start + begin, data_start + end, shard)))
+    if pos == -1:
+        pos = data_start
+        for t in sorted(tensors, key=_span):
+            if t[3] != pos:
+                return None
+            pos = t[4]
+        pos -= data_start
+    if pos != data_len:
+        return None
+    return ShardHeader(path, shard, len(raw), data_start, file_size, metadata, has_metadata, tuple(tensors))
+
+
+def _entry_bytes(dtype: str, shape: tuple[int, ...] | None) -> int | None:
+    """Bytes a tensor of ``dtype``/``shape`` holds, or None for an unknown dtype, a bad shape or a part byte."""
+    bits = DTYPE_BITS.get(dtype)
+    if bits is None or shape is None:
+        return None
+    numel = 1
+    for d in shape:
+        if d < 0:
+            return None
+        numel *= d
+    nbits = numel * bits
+    return None if nbits % 8 else nbits // 8
+
+
+def parse_header_strict(raw: bytes, path: str, shard: str, file_size: int) -> ShardHeader:
+    """Validate ``raw`` with the standard library, naming the first problem (each header the fast path declines)."""
     header_len = len(raw)
     data_start = 8 + header_len
     try:
@@ -201,7 +307,9 @@ def parse_header_bytes(raw: bytes, path: str, shard: str, file_size: int) -> Sha
         # least 4 keys per entry (its name and three fields): so when the text holds exactly
         # that many colons nothing is shadowed. Any other count (an extra field, a colon in
         # a name, a duplicate) re-parses slowly to find the duplicate, if there is one.
-        if isinstance(obj, dict) and raw.count(b":") != _colons_expected(obj):
+        if isinstance(obj, dict) and raw.count(b":") != _colons_expected(
+            len(obj), "__metadata__" in obj, obj.get("__metadata__")
+        ):
             json.loads(text, object_pairs_hook=_no_duplicates)
         # ``-0`` is the int 0 to Python but the float -0.0 to serde_json, which safetensors
         # then refuses as an offset or a dimension; a name holding "-0" only costs a re-parse.

@@ -17,11 +17,18 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nhcheck.errors import CheckpointError
-from nhcheck.safetensors_header import DTYPE_BITS, ShardHeader, parse_header_bytes, read_header
+from nhcheck.safetensors_header import (
+    DTYPE_BITS,
+    ShardHeader,
+    parse_header_bytes,
+    parse_header_fast,
+    parse_header_strict,
+    read_header,
+)
 
 try:
     from safetensors import deserialize as _st_deserialize
@@ -207,30 +214,31 @@ def test_whole_files_only_raise_checkpoint_error(blob):
         pass
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b'{"a":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":{"x":1},"shape":[1],"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}',
-        b'{"a\\udcff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k":"\\ud800"}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0.0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[false,4]}}',
-        b'{"a":{"dtype":"F32","shape":"1","data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":"04"}}',
-        b'{"a":{"dtype":"F32","shape":{"0":1},"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":{"0":0,"1":4}}}',
-        b'{"a":{},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-        b'{"a":5,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-        b'{"a":{"doffsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-        b'{"__metadata__":{},"__metadata__":{"f":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}',
-        b'{"a":{"dtype":"F32","shape":[1,-0],"data_offsets":[0,0]}}',
-    ],
-)
+#: Inputs the fuzzers found (or that sit next to them).
+FOUND_BY_FUZZING = [
+    b'{"a":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":{"x":1},"shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}',
+    b'{"a\\udcff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k":"\\ud800"}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0.0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[false,4]}}',
+    b'{"a":{"dtype":"F32","shape":"1","data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":"04"}}',
+    b'{"a":{"dtype":"F32","shape":{"0":1},"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":{"0":0,"1":4}}}',
+    b'{"a":{},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":5,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"doffsets":[0,0]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"__metadata__":{},"__metadata__":{"f":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1,-0],"data_offsets":[0,0]}}',
+]
+
+
+@pytest.mark.parametrize("raw", FOUND_BY_FUZZING)
 def test_found_by_fuzzing(raw):
     """Inputs the fuzzers found (or that sit next to them): each is a clean refusal."""
     with pytest.raises(CheckpointError):
@@ -252,3 +260,45 @@ def test_paired_surrogate_escape_is_a_valid_name():
     raw = b'{"\\ud83d\\ude00":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     h = parse_header_bytes(raw, "/x", "x", 8 + len(raw) + 4)
     assert h.tensors[0].name == "\U0001f600"
+
+
+def check_fast_path(raw: bytes, data_len: int) -> None:
+    """The msgspec fast path returns exactly the strict parser's header, or declines (None) and lets it decide."""
+    args = ("/ckpt/x.safetensors", "x.safetensors", 8 + len(raw) + data_len)
+    fast = parse_header_fast(raw, *args)
+    if fast is None:
+        return
+    assert parse_header_strict(raw, *args) == fast, raw[:300]
+
+
+@FUZZ
+@given(headers())
+def test_fast_path_agrees_with_the_strict_parser_on_structured_headers(case):
+    check_fast_path(*case)
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.integers(0, 64))
+def test_fast_path_agrees_with_the_strict_parser_on_raw_bytes(raw, data_len):
+    check_fast_path(raw, data_len)
+
+
+@FUZZ
+@given(valid_tensors(), st.booleans(), st.booleans())
+@example([("0", "BF16", []), ("00", "BF16", [])], False, True)  # out of header order: names must keep their spans
+def test_fast_path_takes_every_well_formed_header(tensors, metadata, shuffled):
+    """Not a decline in disguise: a header as safetensors writes it (any key order) is parsed by the fast path."""
+    header, size = layout(tensors)
+    entries = list(header.items())[:: -1 if shuffled else 1]
+    raw = json.dumps(({"__metadata__": {"format": "pt"}} if metadata else {}) | dict(entries)).encode()
+    if b"-0" in raw or b":" in b"".join(name.encode() for name, _ in entries) or b"\\ud" in raw.lower():
+        return  # handed to the strict parser on purpose: a "-0" token, a colon in a name, a surrogate escape
+    args = ("/x", "x", 8 + len(raw) + size)
+    fast = parse_header_fast(raw, *args)
+    assert fast is not None, raw[:300]
+    assert fast == parse_header_strict(raw, *args)
+
+
+@pytest.mark.parametrize("raw", FOUND_BY_FUZZING)
+def test_fast_path_declines_what_fuzzing_found(raw):
+    assert parse_header_fast(raw, "/x", "x", 8 + len(raw) + 4) is None

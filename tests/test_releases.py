@@ -82,3 +82,25 @@ def test_cli_default_engine_is_the_installed_release(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["audit", str(EX / "nano3-bf16"), "-f", "json", "-q"])
     engine = json.loads(r.output)["engine"]
     assert (engine["version"], engine["installed"]) == ("0.5.18", True)
+
+
+@pytest.mark.parametrize(
+    "entry", ["sglang-0.5.18.dist-info", "SGLang-0.5.18.dist-info", "sglang.egg-info", "SGLANG-0.5.18-py3.11.egg-info"]
+)
+def test_installed_version_finds_what_importlib_metadata_finds(tmp_path, monkeypatch, entry):
+    """The sys.path pre-scan that spares importing importlib.metadata never answers None where it would not."""
+    from importlib import metadata
+
+    from nhcheck.engines.base import installed_version
+
+    for dist in metadata.distributions():  # every distribution of this environment, as importlib spells it
+        name = dist.metadata["Name"]
+        assert installed_version(name) == metadata.version(name), name
+    assert installed_version("sglang") is None
+    info = tmp_path / entry
+    info.mkdir()
+    (info / ("PKG-INFO" if entry.endswith("egg-info") else "METADATA")).write_text(
+        "Metadata-Version: 2.1\nName: sglang\nVersion: 0.5.18\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_version("sglang") == metadata.version("sglang") == "0.5.18"

@@ -10,8 +10,12 @@ This module must not import torch.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -238,3 +242,40 @@ class Engine(Protocol):
     def others(self) -> tuple[Engine, ...]:
         """The engine's other known releases, for the report's cross-version summary."""
         ...
+
+
+def installed_version(dist: str) -> str | None:
+    """The version of distribution ``dist`` installed in this environment, from its metadata (not imported).
+
+    ``importlib.metadata`` costs as much to import as click (it pulls in email and zipfile) and most runs
+    have no engine installed; so ``sys.path`` is scanned first for anything its path finder could take
+    for ``dist``'s metadata: an entry whose name, with runs of ``-_.`` as ``_`` and in lower case, begins
+    with the normalised ``dist`` (a superset of its ``NAME-*.dist-info`` / ``.egg-info`` / ``.egg``
+    matches). Only a hit, a zip on the path or another distribution finder asks importlib.metadata, so
+    None is its answer too.
+    """
+    target = _normalise(dist)
+    hit = any(f is not PathFinder and hasattr(f, "find_distributions") for f in sys.meta_path)
+    for entry in sys.path:
+        if hit:
+            break
+        try:
+            children = os.listdir(entry or ".")
+        except OSError:
+            hit = os.path.isfile(entry)  # a zip archive: importlib.metadata reads its listing
+            continue
+        hit = _normalise(os.path.basename(entry)).startswith(target) or any(
+            _normalise(child).startswith(target) for child in children
+        )
+    if not hit:
+        return None
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind
+from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind, installed_version
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -242,12 +242,7 @@ def release_key(version: str) -> tuple[int, ...]:
 
 def installed_release() -> str | None:
     """The sglang release installed in this environment, read from its metadata (sglang is not imported)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("sglang")
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version("sglang")
 
 
 def get_profile(spec: str | EngineId | None) -> SGLangProfile:
@@ -519,13 +514,14 @@ def make_replayer(
     cache: dict[tuple[str, str], Outcome] = {}
     direct = any(_ANY_EXPERT_INDEX.search(p) for p in params if "experts." in p)
 
+    split = _ONE_EXPERT.split  # [before, e, after] when the name holds exactly one ``experts.{e}.``
+
     def replay(name: str) -> Outcome:
         if not direct and "experts." in name:
-            hits = list(_ONE_EXPERT.finditer(name))
-            if len(hits) == 1 and int(hits[0].group(1)) < num_experts:
-                m = hits[0]
-                e = int(m.group(1))
-                key = (name[: m.start()], name[m.end() :])
+            parts = split(name)
+            if len(parts) == 3 and int(parts[1]) < num_experts:
+                e = int(parts[1])
+                key = (parts[0], parts[2])
                 o = cache.get(key)
                 if o is None:
                     o = replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)

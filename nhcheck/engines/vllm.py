@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind
+from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind, installed_version
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -196,12 +196,7 @@ def release_key(version: str) -> tuple[int, ...]:
 
 def installed_release() -> str | None:
     """The vllm release installed in this environment, from its metadata (vllm is not imported)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version("vllm")
 
 
 def get_profile(spec: str | EngineId | None) -> VLLMProfile:

@@ -5,12 +5,13 @@ that kind of report to one ``Format`` (``get(name, output)``); the format decide
 renderer's three functions runs — only the asked one is built — and where its output goes (a file
 is opened only then, so a report that cannot be rendered leaves no empty file behind).
 
-A renderer is a ``report.Renderer``: ``json(report) -> str``, ``markdown(report) -> str``,
+A renderer is a ``report.Renderer``: ``json(report) -> str`` (or UTF-8 bytes), ``markdown(report) -> str``,
 ``table(report, console)`` (and the one-line summary, which the CLI prints on stderr).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -31,14 +32,26 @@ class Format(ABC):
     def write(self, renderer: Renderer, report: Any) -> None:
         """Render ``report`` with ``renderer`` in this format and write it out."""
 
-    def _open(self):
+    def _open(self, binary: bool = False):
         assert self.output is not None
         try:
-            return open(self.output, "w", encoding="utf-8")
+            return open(self.output, "wb") if binary else open(self.output, "w", encoding="utf-8")
         except OSError as exc:
             raise NhcheckError(f"-o {self.output}: cannot write the report: {exc.strerror or exc}") from None
 
-    def _text(self, text: str) -> None:
+    def _text(self, text: str | bytes | bytearray) -> None:
+        """Text, or UTF-8 bytes (a 61 MB JSON document), which skip the text layer's re-encoding."""
+        if not isinstance(text, str):
+            if os.linesep != "\n":  # what the text layer would have written
+                text = text.replace(b"\n", os.linesep.encode())
+            if self.output:
+                with self._open(binary=True) as fh:
+                    fh.write(text)
+            else:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(text)
+                sys.stdout.buffer.flush()
+            return
         if self.output:
             with self._open() as fh:
                 fh.write(text)
