@@ -79,6 +79,9 @@ class VLLMProfile:
     #: … an unexcluded-but-unquantized ``lm_head``'s method under a ModelOpt config
     #: (0.23.0: ``UnquantizedLinearMethod``).
     quantized_lm_head_method: str
+    #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters with a dot after
+    #: the prefix (``maybe_prefix``, 0.17.0 ``models/utils.py:315``); 0.16.0 glued them (``lm_headweight``).
+    param_keys_dotted: bool
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
     newest: bool = False
 
@@ -102,10 +105,11 @@ _V5 = VLLMProfile(
     linear_method_name="ModelOptNvFp4LinearMethod",
     kv_method_name="ModelOptFp8KVCacheMethod",
     quantized_lm_head_method="UnquantizedEmbeddingMethod",
+    param_keys_dotted=False,
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
-_V6 = replace(_V5, version="0.17.0", epoch="V6", router_fp32=False, fused_scale_per_shard=True)
+_V6 = replace(_V5, version="0.17.0", epoch="V6", router_fp32=False, fused_scale_per_shard=True, param_keys_dotted=True)
 #: V7: 0.20.0 — Omni/VL V3 registered; expert slots narrowed to the incoming size (silent garbage for
 #: packed bytes in an unquantized expert).
 _V7 = replace(_V6, version="0.20.0", epoch="V7", omni_registered=True, expert_slot_narrows=True)
@@ -330,9 +334,11 @@ def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None,
         cand = name.replace(".kv_scale", ".attn.k_scale")
         if cand in params:
             return cand, None
+        # Two warnings; the first, logged for every kv_scale, is the one a log shows next to the tensor.
         return None, (
-            f"Found kv_scale in the checkpoint (e.g. {name}), but not found the expected name in the model "
-            f"(e.g. {cand}). kv_scale is not loaded."
+            "DEPRECATED. Found kv_scale in the checkpoint. This format is deprecated in favor of separate k_scale "
+            "and v_scale tensors and will be removed in a future release. Functionally, we will remap kv_scale to "
+            "k_scale and duplicate k_scale to v_scale"
         )
     suffixes = (".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point")
     if not name.endswith(suffixes):
@@ -372,36 +378,78 @@ _LINEAR_CLASS = {
 _FUSED = frozenset({"MergedColumnParallelLinear", "QKVParallelLinear"})
 
 
-def _module_class(prefix: str) -> str:
+#: The mixer class of each Nemotron-H layer type, told apart by a parameter only that type has.
+_MIXERS = (
+    (".mixer.A", "MambaMixer2", "NemotronHMambaDecoderLayer"),
+    (".mixer.qkv_proj.", "NemotronHAttention", "NemotronHAttentionDecoderLayer"),
+    (".mixer.gate.", "NemotronHMoE", "NemotronHMoEDecoderLayer"),
+    (".mixer.up_proj.", "NemotronHMLP", "NemotronHMLPDecoderLayer"),
+)
+
+
+def _module_class(prefix: str, params: frozenset[str] | set[str]) -> str:
+    """``module._get_name()`` of the module at ``prefix``, as vLLM's errors quote it."""
     last = prefix.rsplit(".", 1)[-1]
     if last in _LINEAR_CLASS:
         return _LINEAR_CLASS[last]
-    if last == "model":
-        return "NemotronHModel"
-    if last == "mixer":
-        return "NemotronHMixer"
-    if last.isdigit():
-        return "NemotronHDecoderLayer"
+    named = {"model": "NemotronHModel", "layers": "ModuleList", "shared_experts": "NemotronHMLP", "attn": "Attention"}
+    if last in named:
+        return named[last]
+    if last == "mixer" or last.isdigit():
+        layer = prefix.rsplit(".", 1)[0] if last == "mixer" else prefix
+        for marker, mixer, decoder in _MIXERS:
+            if any(p.startswith(layer + marker) for p in params):
+                return mixer if last == "mixer" else decoder
     return "Module"
 
 
-def _walk_error(n: str, params: frozenset[str] | set[str], outer: str) -> str:
-    """The error ``AutoWeightsLoader._load_module`` raises for a name no module or parameter holds."""
+def _walk(n: str, params: frozenset[str] | set[str], outer: str, ignore: tuple[str, ...], dotted: bool) -> Outcome:
+    """``AutoWeightsLoader._load_module`` down the module tree for a name no parameter holds.
+
+    At the first component no module or parameter has, the qualified name so far is ignored when it ends
+    with an ignorable suffix (``_can_ignore_unexpected``), else ``ValueError``. A fused linear
+    (``MergedColumnParallelLinear`` / ``QKVParallelLinear``) has its own ``load_weights``, which takes every
+    name below it: ``bias`` of a bias-less layer is skipped (the attribute is ``None``), a dotted rest fails
+    in ``get_submodule`` (torch's ``… has no attribute `x` ``), any other rest reaches the module's own
+    ``weight_loader`` with the module as the parameter (``… object has no attribute 'data'``).
+    """
     parts = n.split(".")
     base = ""
-    for i in range(len(parts)):
-        cand = ".".join(parts[: i + 1])
-        if not any(p == cand or p.startswith(cand + ".") for p in params):
-            cls = _module_class(base) if base else outer
-            if cls in _FUSED:
-                return f"AttributeError: '{cls}' object has no attribute 'data'"
+    for i, part in enumerate(parts):
+        cls = _module_class(base, params) if base else outer
+        if cls in _FUSED:
+            rest = parts[i:]
+            if len(rest) > 1:
+                return Outcome(
+                    "raise", engine_name=n, message=f"AttributeError: {cls} has no attribute `{rest[0]}`",
+                    reason="fused-missing",
+                )  # fmt: skip
+            if rest == ["bias"]:
+                return Outcome("skip", engine_name=n, reason="ignored")
+            return Outcome(
+                "raise", engine_name=n, message=f"AttributeError: '{cls}' object has no attribute 'data'",
+                reason="fused-missing",
+            )  # fmt: skip
+        cand = f"{base}.{part}" if base else part
+        if cand in params:
+            if n.endswith(ignore):
+                return Outcome("skip", engine_name=n, reason="ignored")
+            message = f"ValueError: Attempted to load nested weight {n!r} into a single parameter {cand!r}"
+            return Outcome("raise", engine_name=n, message=message, reason="valueerror")
+        if not any(p.startswith(cand + ".") for p in params):
+            if cand.endswith(ignore) or (cand + ".").endswith(ignore):
+                return Outcome("skip", engine_name=n, reason="ignored")
             under = sorted(p for p in params if not base or p.startswith(base + "."))
-            return (
+            if not dotted and base:
+                under = [base + p[len(base) + 1 :] for p in under]
+            message = (
                 f"ValueError: There is no module or parameter named {cand!r} in {outer}. The available "
                 f"parameters belonging to {base} ({cls}) are: {{{', '.join(repr(p) for p in under)}}}"
             )
+            return Outcome("raise", engine_name=n, message=message, reason="valueerror")
         base = cand
-    return f"ValueError: Attempted to load nested weight {n!r} into a single parameter {base!r}"
+    message = f"ValueError: There is no module or parameter named {n!r} in {outer}"
+    return Outcome("raise", engine_name=n, message=message, reason="valueerror")
 
 
 def _expert_missing(profile: VLLMProfile, module: str, param_suffix: str, mapped: str, original: str) -> str:
@@ -438,12 +486,9 @@ def _auto(
         return Outcome(
             "raise", engine_name=n, message=_expert_missing(profile, module, suffix, target, n), reason="expert-missing"
         )
-    ignorable = n.endswith(ignore_suffixes) and (not profile.own_loop or profile.cache_scale_mapper)
-    if ignorable and (not profile.own_loop or n.endswith(".bias")):
-        return Outcome("skip", engine_name=n, reason="ignored")
-    err = _walk_error(n, params, outer)
-    reason = "fused-missing" if err.startswith("AttributeError") else "valueerror"
-    return Outcome("raise", engine_name=n, message=err, reason=reason)
+    if profile.own_loop:  # the unexpected-suffix rules came with the cache-scale mapper, .bias only here
+        ignore_suffixes = (".bias",) if profile.cache_scale_mapper else ()
+    return _walk(n, params, outer, ignore_suffixes, profile.param_keys_dotted)
 
 
 def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProfile) -> Outcome:
@@ -453,7 +498,7 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
     if "scale" in name or "zero_point" in name:
         remapped, warning = _kv_remap(name, inner)
         if remapped is None:
-            return Outcome("warn", engine_name=name, message=warning, reason="kv-drop")
+            return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
         name = remapped
     if name.startswith("mtp."):
         return Outcome("skip", reason="mtp-filter")

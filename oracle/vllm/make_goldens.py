@@ -178,8 +178,8 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
     ap.add_argument("--convert-only", action="store_true", help="reuse oracle outputs already in --work")
     ap.add_argument("--probes", default=None,
-                    help="run on the probe checkpoints in this folder (make_probes.py) instead; their "
-                         "goldens go to PROBES/<probe>.expected-vllm-X.json, not into the repository")
+                    help="run on the probe checkpoints PROBES/<probe>/checkpoint (make_probes.py; committed: "
+                         "tests/conformance/probes) instead; goldens go to PROBES/<probe>/expected-vllm-X.json")
     a = ap.parse_args(argv)
     work = a.work or tempfile.mkdtemp(prefix="vllm-goldens-")
     want = set(a.cases.split(",")) if a.cases else None
@@ -187,9 +187,9 @@ def main(argv=None):
     for v in a.versions:
         all_cases = cases()
         if a.probes:
-            all_cases = [("probes/" + p, os.path.join(a.probes, p), os.path.join(a.probes, p + ".goldens"))
+            all_cases = [("probes/" + p, os.path.join(a.probes, p, "checkpoint"), os.path.join(a.probes, p))
                          for p in sorted(os.listdir(a.probes))
-                         if os.path.isfile(os.path.join(a.probes, p, "config.json"))]
+                         if os.path.isfile(os.path.join(a.probes, p, "checkpoint", "config.json"))]
         todo = [(name, ckpt, dest, os.path.join(work, v, name.replace("/", "__")))
                 for name, ckpt, dest in all_cases
                 if not want or name in want or name.split("/")[-1] in want]

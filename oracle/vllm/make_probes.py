@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Probe checkpoints for telling vLLM epochs apart (not conformance cases; written outside the repo).
+"""Probe checkpoints for telling vLLM epochs apart (conformance cases of their own).
 
-    V/bin/python make_probes.py OUT_DIR      # needs torch + safetensors (any oracle venv)
+    V/bin/python make_probes.py [OUT_DIR]   # needs torch + safetensors (any oracle venv, or the dev venv)
 
-Each probe is a conformance checkpoint plus one extra shard (``model-probe.safetensors``, listed in
-the index) holding "trap" tensors whose fate changed between vLLM releases (EPOCHS.md). Run the oracle
-on them per release (``make_goldens.py --probes OUT_DIR``): the per-tensor outcomes of the traps are
-the empirical epoch table. Traps (attention layer A, first MoE layer E1, E = n_routed_experts):
+Writes ``OUT_DIR/<probe>/checkpoint`` (default OUT_DIR: ``tests/conformance/probes``); the goldens are
+made there like any case's (``make_goldens.py X --probes tests/conformance/probes``). The output is
+deterministic: rerunning this script rewrites the committed checkpoints byte for byte.
+
+``probe_nano3_nvfp4`` / ``probe_nano3_bf16``: a conformance checkpoint plus one extra shard
+(``model-probe.safetensors``, listed in the index) holding "trap" tensors whose fate changed between
+vLLM releases (EPOCHS.md). Traps (attention layer A, first MoE layer E1, E = n_routed_experts):
   prefused_qkv      backbone.layers.A.mixer.qkv_proj.weight            (q, k, v already fused)
   expert_id_E       backbone.layers.E1.mixer.experts.E.up_proj.weight    (one past the last expert)
   q_bias / o_bias   backbone.layers.A.mixer.{q,o}_proj.bias
@@ -17,6 +20,18 @@ the empirical epoch table. Traps (attention layer A, first MoE layer E1, E = n_r
   unknown           backbone.layers.0.mixer.not_a_param.weight
   lm_head_bias      lm_head.bias
   rotary_inv_freq   backbone.layers.A.mixer.rotary_emb.inv_freq
+
+``probe_nano3_bf16_missing``: ``nano3_bf16`` without four tensors, for the strict "weights not
+initialized" check vLLM runs after the stream for unquantized models: ``backbone.norm_f.weight``,
+``backbone.layers.1.norm.weight``, ``backbone.layers.0.mixer.D`` (checked) and
+``backbone.layers.0.mixer.in_proj.weight`` (a linear: exempt, its quant method post-processes).
+
+``probe_omni_bf16_order``: an unquantized tiny Nano Omni (``examples/generate.py``'s, no quant config,
+so every release with the Omni architecture starts it) plus two shards read after the others, in this
+order: ``model-probe-a.safetensors`` with ``mlp1.9.weight`` (the projector has no such parameter) and
+``model-probe-b.safetensors`` with ``language_model.backbone.layers.0.mixer.not_a_param.weight``. Which
+of the two raises first is the VL wrapper's routing order (0.20.0 – 0.21.0: ``mlp1`` at its place in the
+stream; from 0.22.0: after the language model).
 """
 import json
 import os
@@ -28,54 +43,108 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONF = os.path.join(os.path.dirname(os.path.dirname(HERE)), "tests", "conformance")
+REPO = os.path.dirname(os.path.dirname(HERE))
+CONF = os.path.join(REPO, "tests", "conformance")
 BASES = {"probe_nano3_nvfp4": "nano3_nvfp4", "probe_nano3_bf16": "nano3_bf16"}
+MISSING = ("backbone.norm_f.weight", "backbone.layers.1.norm.weight", "backbone.layers.0.mixer.D",
+           "backbone.layers.0.mixer.in_proj.weight")
+
+
+def _fresh(out, probe, base):
+    dst = os.path.join(out, probe, "checkpoint")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(os.path.join(CONF, base, "checkpoint"), dst)
+    return dst
+
+
+def _add_shard(dst, fname, tensors):
+    save_file(tensors, os.path.join(dst, fname), metadata={"format": "pt"})
+    path = os.path.join(dst, "model.safetensors.index.json")
+    idx = json.load(open(path))
+    for k in tensors:
+        idx["weight_map"][k] = fname
+    with open(path, "w") as f:
+        json.dump(idx, f, indent=2)
+
+
+def trap_probe(out, probe, base):
+    src = os.path.join(CONF, base, "checkpoint")
+    dst = _fresh(out, probe, base)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    wm = json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"]
+    pat = cfg["hybrid_override_pattern"]
+    a = pat.index("*")
+    e1 = pat.index("E")
+    n_exp = cfg["n_routed_experts"]
+    h = cfg["hidden_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def get(name):
+        with safe_open(os.path.join(src, wm[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    up0 = f"backbone.layers.{e1}.mixer.experts.0.up_proj.weight"
+    traps = {
+        f"backbone.layers.{a}.mixer.qkv_proj.weight": torch.zeros((nq + 2 * nkv) * hd, h, dtype=torch.bfloat16),
+        f"backbone.layers.{e1}.mixer.experts.{n_exp}.up_proj.weight": get(up0).clone(),
+        f"backbone.layers.{a}.mixer.q_proj.bias": torch.zeros(nq * hd, dtype=torch.bfloat16),
+        f"backbone.layers.{a}.mixer.o_proj.bias": torch.zeros(h, dtype=torch.bfloat16),
+        f"backbone.layers.{a}.mixer.k_proj.k_scale": torch.tensor(1.0, dtype=torch.float32),
+        f"backbone.layers.{a}.mixer.v_proj.v_scale": torch.tensor(1.0, dtype=torch.float32),
+        f"backbone.layers.{a}.mixer.kv_scale": torch.tensor(1.0, dtype=torch.float32),
+        f"backbone.layers.{a}.mixer.q_proj.q_scale": torch.tensor(1.0, dtype=torch.float32),
+        "mtp.layers.0.eh_proj.weight": torch.zeros(h, 2 * h, dtype=torch.bfloat16),
+        "backbone.layers.0.mixer.not_a_param.weight": torch.zeros(4, dtype=torch.bfloat16),
+        "lm_head.bias": torch.zeros(cfg["vocab_size"], dtype=torch.bfloat16),
+        f"backbone.layers.{a}.mixer.rotary_emb.inv_freq": torch.zeros(hd // 2, dtype=torch.float32),
+    }
+    _add_shard(dst, "model-probe.safetensors", traps)
+    print(dst, len(traps), "traps")
+
+
+def missing_probe(out, probe="probe_nano3_bf16_missing", base="nano3_bf16"):
+    dst = _fresh(out, probe, base)
+    path = os.path.join(dst, "model.safetensors.index.json")
+    idx = json.load(open(path))
+    for fname in sorted({idx["weight_map"][n] for n in MISSING}):
+        with safe_open(os.path.join(dst, fname), framework="pt") as f:
+            keep = {k: f.get_tensor(k) for k in f.keys() if k not in MISSING}
+            gone = sum(f.get_tensor(k).nbytes for k in f.keys() if k in MISSING)
+        save_file(keep, os.path.join(dst, fname), metadata={"format": "pt"})
+        idx["metadata"]["total_size"] -= gone
+    for n in MISSING:
+        del idx["weight_map"][n]
+    with open(path, "w") as f:
+        json.dump(idx, f, indent=2)
+    print(dst, len(MISSING), "tensors left out")
+
+
+def omni_order_probe(out, probe="probe_omni_bf16_order"):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    import generate as g
+
+    dst = os.path.join(out, probe, "checkpoint")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    c = g.omni_tiny_config()
+    lm = g.nemotron_h_tensors(c["llm_config"], None, prefix="language_model.backbone",
+                              lm_head="language_model.lm_head.weight", mtp=True, mtp_prefix="mtp")
+    towers = [(n, d, list(s)) for n, d, s in g.OMNI_TOWER_TENSORS]
+    g.write_checkpoint(dst, lm + towers, c, None, shards=3)
+    _add_shard(dst, "model-probe-a.safetensors", {"mlp1.9.weight": torch.zeros(64, 64, dtype=torch.bfloat16)})
+    _add_shard(dst, "model-probe-b.safetensors",
+               {"language_model.backbone.layers.0.mixer.not_a_param.weight": torch.zeros(4, dtype=torch.bfloat16)})
+    print(dst, "2 order traps")
 
 
 def main(out):
     for probe, base in BASES.items():
-        src = os.path.join(CONF, base, "checkpoint")
-        dst = os.path.join(out, probe)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-        cfg = json.load(open(os.path.join(src, "config.json")))
-        idx = json.load(open(os.path.join(src, "model.safetensors.index.json")))
-        wm = idx["weight_map"]
-        pat = cfg["hybrid_override_pattern"]
-        a = pat.index("*")
-        e1 = pat.index("E")
-        n_exp = cfg["n_routed_experts"]
-        h = cfg["hidden_size"]
-        hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-        nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-
-        def get(name):
-            with safe_open(os.path.join(src, wm[name]), framework="pt") as f:
-                return f.get_tensor(name)
-
-        up0 = f"backbone.layers.{e1}.mixer.experts.0.up_proj.weight"
-        traps = {
-            f"backbone.layers.{a}.mixer.qkv_proj.weight": torch.zeros((nq + 2 * nkv) * hd, h, dtype=torch.bfloat16),
-            f"backbone.layers.{e1}.mixer.experts.{n_exp}.up_proj.weight": get(up0).clone(),
-            f"backbone.layers.{a}.mixer.q_proj.bias": torch.zeros(nq * hd, dtype=torch.bfloat16),
-            f"backbone.layers.{a}.mixer.o_proj.bias": torch.zeros(h, dtype=torch.bfloat16),
-            f"backbone.layers.{a}.mixer.k_proj.k_scale": torch.tensor(1.0, dtype=torch.float32),
-            f"backbone.layers.{a}.mixer.v_proj.v_scale": torch.tensor(1.0, dtype=torch.float32),
-            f"backbone.layers.{a}.mixer.kv_scale": torch.tensor(1.0, dtype=torch.float32),
-            f"backbone.layers.{a}.mixer.q_proj.q_scale": torch.tensor(1.0, dtype=torch.float32),
-            "mtp.layers.0.eh_proj.weight": torch.zeros(h, 2 * h, dtype=torch.bfloat16),
-            "backbone.layers.0.mixer.not_a_param.weight": torch.zeros(4, dtype=torch.bfloat16),
-            "lm_head.bias": torch.zeros(cfg["vocab_size"], dtype=torch.bfloat16),
-            f"backbone.layers.{a}.mixer.rotary_emb.inv_freq": torch.zeros(hd // 2, dtype=torch.float32),
-        }
-        save_file(traps, os.path.join(dst, "model-probe.safetensors"), metadata={"format": "pt"})
-        for k in traps:
-            wm[k] = "model-probe.safetensors"
-        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-            json.dump(idx, f, indent=2)
-        print(dst, len(traps), "traps")
+        trap_probe(out, probe, base)
+    missing_probe(out)
+    omni_order_probe(out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(CONF, "probes"))
