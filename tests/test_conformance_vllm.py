@@ -1,4 +1,4 @@
-"""100 % agreement with vLLM's own load_weights on the conformance checkpoints and shipped examples.
+"""100 % agreement with vLLM's own load_weights on the conformance checkpoints, shipped examples and probes.
 
 The expectations (``tests/conformance/**/expected-vllm-<X>.json.gz``) were made by running each vLLM
 release's real code (``oracle/vllm/make_goldens.py``): the model built on the CPU with the real
@@ -10,10 +10,10 @@ Two normalisations, both of the oracle's environment rather than of vLLM's loadi
 - a start-up refusal is recorded as the oracle saw it (wrapped in pydantic's ``ValidationError`` by the
   engine-args layer, or followed by the list of every registered architecture); nhcheck reports the
   refusal's own error, which must occur in the recorded text;
-- ``AutoWeightsLoader``'s ``ValueError`` lists the module's parameters as a Python ``set`` (its order is
-  the process's string hashing); nhcheck lists them sorted, and the sets are compared. The oracle keeps the
-  first 500 characters of a per-tensor error (1500 of the stream's): a cut set must be a subset of
-  nhcheck's, whose message must be as long.
+- ``AutoWeightsLoader``'s ``ValueError`` (and the strict "not initialized" check's) lists parameters as a
+  Python ``set`` (its order is the process's string hashing); nhcheck lists them sorted, and the sets are
+  compared. The oracle keeps the first 500 characters of a per-tensor error (1500 of the stream's): a cut
+  set must be a subset of nhcheck's, whose message must be as long.
 """
 
 from __future__ import annotations
@@ -58,12 +58,16 @@ def _load(case: str, version: str):
     return expected, report
 
 
-_SET = re.compile(r"^(ValueError: There is no module or parameter named .* are: )\{(.*?)(\}?)$", re.S)
+_SET = re.compile(
+    r"^(ValueError: There is no module or parameter named .* are: |ValueError: Following weights were not "
+    r"initialized from checkpoint: )\{(.*?)(\}?)$",
+    re.S,
+)
 
 
 def _same_error(got: str | None, want: str) -> bool:
-    """Equal, or the same ``AutoWeightsLoader`` ValueError with the same parameter set in another order
-    (a set the oracle cut short: the items it kept)."""
+    """Equal, or the same ValueError listing the same set of parameters in another order (a set the oracle cut
+    short: the items it kept) — ``AutoWeightsLoader``'s, or the strict "not initialized" check's."""
     if got == want:
         return True
     a, b = _SET.match(got or ""), _SET.match(want)
@@ -140,7 +144,9 @@ def test_crash_point(case: str, version: str) -> None:
     if expected["crash"] is None:
         assert report.crash is None
     elif expected["crash"]["tensor"] is None:
-        assert _refused_at_startup(expected, report) or report.crash.tensor is None
+        if not _refused_at_startup(expected, report):  # the strict check after the stream
+            assert report.crash is not None and report.crash.tensor is None
+            assert _same_error(report.crash.error, expected["crash"]["error"]), report.crash.error
     else:
         assert report.crash is not None
         assert report.crash.tensor == expected["crash"]["tensor"]

@@ -82,6 +82,14 @@ class VLLMProfile:
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters with a dot after
     #: the prefix (``maybe_prefix``, 0.17.0 ``models/utils.py:315``); 0.16.0 glued them (``lm_headweight``).
     param_keys_dotted: bool
+    #: The strict "weights not initialized" check (unquantized models) exempts every parameter of a module
+    #: whose quant method post-processes its weights — linears, embeddings (0.21.0
+    #: ``model_loader/default_loader.py`` ``track_weights_loading``); before, every parameter must be reached.
+    strict_exempts_postprocess: bool
+    #: The VL wrapper builds ``vision_final_layernorm`` for MTP-trained checkpoints and loads
+    #: ``vision_projector.vision_final_layernorm.*`` (0.32.0 ``models/nano_nemotron_vl.py:1005``); before,
+    #: such names are routed nowhere.
+    vision_final_norm: bool
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
     newest: bool = False
 
@@ -106,6 +114,8 @@ _V5 = VLLMProfile(
     kv_method_name="ModelOptFp8KVCacheMethod",
     quantized_lm_head_method="UnquantizedEmbeddingMethod",
     param_keys_dotted=False,
+    strict_exempts_postprocess=False,
+    vision_final_norm=False,
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
@@ -113,8 +123,10 @@ _V6 = replace(_V5, version="0.17.0", epoch="V6", router_fp32=False, fused_scale_
 #: V7: 0.20.0 — Omni/VL V3 registered; expert slots narrowed to the incoming size (silent garbage for
 #: packed bytes in an unquantized expert).
 _V7 = replace(_V6, version="0.20.0", epoch="V7", omni_registered=True, expert_slot_narrows=True)
-#: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``); KV method renamed (0.21.0).
-_V8 = replace(_V7, version="0.22.0", epoch="V8", vl_lm_first=True, kv_method_name="ModelOptKVCacheMethod")
+#: V7b: 0.21.0 — the strict check exempts post-processed modules' parameters; KV method renamed.
+_V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
+#: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
+_V8 = replace(_V7b, version="0.22.0", epoch="V8", vl_lm_first=True)
 #: V8 (0.23.0, wording): an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod``.
 _V8b = replace(_V8, version="0.23.0", quantized_lm_head_method="UnquantizedLinearMethod")
 #: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
@@ -128,7 +140,9 @@ _V10b = replace(_V10, version="0.28.0", expert_missing="attr-layer")
 #: V10c: 0.30.0 — ModelOpt linear methods unified (``ModelOptLinearMethod``; manifest wording).
 _V10c = replace(_V10b, version="0.30.0", linear_method_name="ModelOptLinearMethod")
 #: V11: 0.33.0 — the normaliser accepts nested ModelOpt MIXED_PRECISION: Omni NVFP4 checkpoints start.
-_V11 = replace(_V10c, version="0.33.0", epoch="V11", nested_mixed_accepted=True, newest=True)
+#: V10d: 0.32.0 — the VL wrapper's ``vision_final_layernorm`` (MTP-trained checkpoints).
+_V10d = replace(_V10c, version="0.32.0", vision_final_norm=True)
+_V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True, newest=True)
 
 #: Every release nhcheck answers for → its behaviour row; a row's ``version`` is the release its goldens
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
@@ -140,7 +154,7 @@ PROFILES: dict[str, VLLMProfile] = {
     "0.20.0": _V7,
     "0.20.1": _V7,
     "0.20.2": _V7,
-    "0.21.0": _V7,
+    "0.21.0": _V7b,
     "0.22.0": _V8,
     "0.22.1": _V8,
     "0.23.0": _V8b,
@@ -154,7 +168,7 @@ PROFILES: dict[str, VLLMProfile] = {
     "0.29.0": _V10b,
     "0.30.0": _V10c,
     "0.31.0": _V10c,
-    "0.32.0": _V10c,
+    "0.32.0": _V10d,
     "0.33.0": _V11,
     "0.34.0": _V11,
 }
@@ -229,7 +243,7 @@ def parse_engine_id(spec: str | None) -> EngineId:
         return EngineId("vllm", version, installed)
     first = next(iter(PROFILES))
     gaps = sorted(set(UNPROVEN) - set(RELEASES_WITH_NEMOTRON_H[:15]), key=release_key)
-    modelled = f"nhcheck answers for vllm {first} … {NEWEST} except {', '.join(gaps)}"
+    modelled = f"nhcheck answers for vllm {first} … {NEWEST}" + (f" except {', '.join(gaps)}" if gaps else "")
     if version in UNPROVEN:
         raise UsageError(
             f"vllm {version} ships Nemotron-H but is not yet proven by golden data ({UNPROVEN[version]}); {modelled}"
@@ -561,8 +575,11 @@ def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile
 # The VL wrapper (NemotronH_Nano_VL_V2.load_weights)
 
 
-def route_wrapped(name: str, has_sound: bool, vision_norm: bool) -> Route:
-    """Where ``NemotronH_Nano_VL_V2.load_weights`` sends one checkpoint name (0.34.0 ``nano_nemotron_vl.py:1631``)."""
+def route_wrapped(name: str, has_sound: bool, vision_norm: bool, *, vision_norm_routed: bool = True) -> Route:
+    """Where ``NemotronH_Nano_VL_V2.load_weights`` sends one checkpoint name (0.34.0 ``nano_nemotron_vl.py:1631``).
+
+    ``vision_norm``: the wrapper built ``vision_final_layernorm``; ``vision_norm_routed``: the release routes
+    ``vision_projector.vision_final_layernorm.*`` at all (0.32.0; before, such names go nowhere)."""
     if name.startswith("language_model"):
         return Route("lm", ".".join(name.split(".")[1:]))
     if name.startswith("mlp1"):
@@ -572,7 +589,7 @@ def route_wrapped(name: str, has_sound: bool, vision_norm: bool) -> Route:
     if name.startswith("sound"):
         return Route("tower") if has_sound else Route("raise", message="AssertionError: ")
     prefix = "vision_projector.vision_final_layernorm."
-    if name.startswith(prefix):
+    if vision_norm_routed and name.startswith(prefix):
         if not vision_norm or name[len(prefix) :] not in ("weight", "bias"):
             return Route("raise", message=f"AssertionError: Unexpected vision LayerNorm weight: {name}")
         return Route("projector", "vision_final_layernorm." + name[len(prefix) :])
@@ -734,7 +751,7 @@ class VLLMEngine:
         )
 
     def route(self, name: str, cfg) -> Route:
-        return route_wrapped(name, cfg.has_sound, cfg.has_mtp)
+        return route_wrapped(name, cfg.has_sound, cfg.has_mtp, vision_norm_routed=self.profile.vision_final_norm)
 
     def replay_projector(self, name: str, manifest) -> Outcome:
         return replay_projector(name, manifest.projector_names)
@@ -743,8 +760,10 @@ class VLLMEngine:
         return name
 
     def routes_before_lm(self, cfg, *, mtp: bool) -> bool:
-        """vLLM's VL wrapper never buffers the language model (it buffers the projector and towers instead)."""
-        return False
+        """0.20.0 – 0.21.0: the VL wrapper buffers the language model's tensors, loads ``mlp1`` (and asserts on
+        ``sound*`` without an encoder) as it iterates, and hands the buffer to the LM afterwards (0.20.0
+        ``models/nano_nemotron_vl.py`` ``load_weights``; golden ``probes/probe_omni_bf16_order``)."""
+        return cfg.wrapper is not None and not mtp and not self.profile.vl_lm_first
 
     def routed_after_lm(self, cfg, *, mtp: bool) -> bool:
         """From 0.22.0 the VL wrapper loads ``mlp1`` and the towers after the whole LM stream."""
@@ -812,9 +831,9 @@ class VLLMEngine:
         """The strict check after the stream (``DefaultModelLoader.load_weights``, 0.34.0
         ``model_loader/default_loader.py:560–612``): it runs for models without a quant config, and exempts
         every parameter of a module whose quant method post-processes its weights (the linear layers, the
-        embedding); what remains — norms, Mamba ``A`` / ``D`` / ``dt_bias``, the projector — must each have
-        received a tensor, else ``ValueError: Following weights were not initialized from checkpoint``.
-        No committed golden reaches this check (every unquantized case loads in full or raises first).
+        embedding; from 0.21.0, before every parameter counts); what remains — norms, Mamba ``A`` / ``D`` /
+        ``dt_bias``, the projector — must each have received a tensor, else ``ValueError: Following weights
+        were not initialized from checkpoint`` (golden ``probes/probe_nano3_bf16_missing``).
         """
         if manifest.quantization is not None or not manifest.params or manifest.source != "built":
             return None
@@ -823,7 +842,11 @@ class VLLMEngine:
         n = len(manifest.lm_prefix)
         reached: set[str] = set()
         for name in names:
-            route = route_wrapped(name, False, True) if n else Route("lm", name)
+            route = (
+                route_wrapped(name, False, True, vision_norm_routed=self.profile.vision_final_norm)
+                if n
+                else Route("lm", name)
+            )
             if route.target == "lm":
                 o = replay(route.inner or "")
                 if o.param:
@@ -832,7 +855,10 @@ class VLLMEngine:
                 o = replay_projector(route.inner or name, manifest.projector_names)
                 if o.param:
                     reached.add(o.param)
-        missing = sorted(p.name for p in manifest.params if p.quant_method is None and p.name not in reached)
+        exempt = self.profile.strict_exempts_postprocess
+        missing = sorted(
+            p.name for p in manifest.params if not (exempt and p.quant_method is not None) and p.name not in reached
+        )
         if not missing:
             return None
         return (

@@ -282,8 +282,8 @@ def build_manifest(
         b.out.append(Param("mlp1.0.weight", (vit,), b.dtype))
         b.out.append(Param("mlp1.1.weight", (cfg.projector_hidden_size, vit), b.dtype))
         b.out.append(Param("mlp1.3.weight", (H, cfg.projector_hidden_size), b.dtype))
-        if cfg.has_mtp:
-            # Built to match HF checkpoints trained with MTP (``nano_nemotron_vl.py:1020``).
+        if cfg.has_mtp and profile.vision_final_norm:
+            # Built to match HF checkpoints trained with MTP (0.32.0 ``nano_nemotron_vl.py:1005``).
             # Unfilled, it keeps nn.LayerNorm's initial values (weight 1, bias 0): the engine's default.
             for s in ("weight", "bias"):
                 b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))

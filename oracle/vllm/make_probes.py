@@ -28,10 +28,11 @@ initialized" check vLLM runs after the stream for unquantized models: ``backbone
 
 ``probe_omni_bf16_order``: an unquantized tiny Nano Omni (``examples/generate.py``'s, no quant config,
 so every release with the Omni architecture starts it) plus two shards read after the others, in this
-order: ``model-probe-a.safetensors`` with ``mlp1.9.weight`` (the projector has no such parameter) and
-``model-probe-b.safetensors`` with ``language_model.backbone.layers.0.mixer.not_a_param.weight``. Which
-of the two raises first is the VL wrapper's routing order (0.20.0 – 0.21.0: ``mlp1`` at its place in the
-stream; from 0.22.0: after the language model).
+order: ``model-probe-a.safetensors`` with ``language_model.backbone.layers.0.mixer.not_a_param.weight``
+and ``model-probe-b.safetensors`` with ``mlp1.9.weight`` (the projector has no such parameter). Which of
+the two raises first is the VL wrapper's routing order: 0.20.0 – 0.21.0 buffer the language model and
+load ``mlp1`` as they iterate (the later ``mlp1`` trap raises first); from 0.22.0 the language model
+streams first and ``mlp1`` loads after it (the language-model trap raises first).
 """
 import json
 import os
@@ -133,9 +134,9 @@ def omni_order_probe(out, probe="probe_omni_bf16_order"):
                               lm_head="language_model.lm_head.weight", mtp=True, mtp_prefix="mtp")
     towers = [(n, d, list(s)) for n, d, s in g.OMNI_TOWER_TENSORS]
     g.write_checkpoint(dst, lm + towers, c, None, shards=3)
-    _add_shard(dst, "model-probe-a.safetensors", {"mlp1.9.weight": torch.zeros(64, 64, dtype=torch.bfloat16)})
-    _add_shard(dst, "model-probe-b.safetensors",
+    _add_shard(dst, "model-probe-a.safetensors",
                {"language_model.backbone.layers.0.mixer.not_a_param.weight": torch.zeros(4, dtype=torch.bfloat16)})
+    _add_shard(dst, "model-probe-b.safetensors", {"mlp1.9.weight": torch.zeros(64, 64, dtype=torch.bfloat16)})
     print(dst, "2 order traps")
 
 
