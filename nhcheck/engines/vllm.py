@@ -50,9 +50,10 @@ class VLLMProfile:
     #: ``params_dict``; ``AttributeError: 'RoutedExperts' object has no attribute …`` (0.26.0
     #: ``routed_experts.py:869``); ``AttributeError: Layer … has no parameter …`` (0.28.0 ``routed_experts.py:907``).
     expert_missing: ExpertMissing
-    #: ``FusedMoE`` narrows an expert slot to the incoming tensor's size (``_narrow_expert_data_for_padding``,
-    #: 0.20.0): packed NVFP4 bytes go into a bigger bf16 slot without an error. 0.16.0 / 0.17.0 narrow the
-    #: incoming tensor to the slot and raise (goldens ``nano3_nvfp4_experts_excluded``).
+    #: ``FusedMoE`` narrows an expert slot to the incoming tensor's size (0.19.0 ``FusedMoE._load_w13`` /
+    #: ``_load_w2``; ``_narrow_expert_data_for_padding`` from 0.20.0): packed NVFP4 bytes go into a bigger bf16
+    #: slot without an error. 0.16.0 – 0.18.x narrow the incoming tensor to the slot and raise (goldens
+    #: ``nano3_nvfp4_experts_excluded``).
     expert_slot_narrows: bool
     #: A per-tensor expert scale slot given a multi-element tensor: ``RoutedExperts._load_per_tensor_weight_scale``
     #: reshapes it to the slot (``shape '[]' is invalid …``, 0.24.0); before, ``FusedMoE`` expands it into the
@@ -120,9 +121,11 @@ _V5 = VLLMProfile(
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
 _V6 = replace(_V5, version="0.17.0", epoch="V6", router_fp32=False, fused_scale_per_shard=True, param_keys_dotted=True)
-#: V7: 0.20.0 — Omni/VL V3 registered; expert slots narrowed to the incoming size (silent garbage for
-#: packed bytes in an unquantized expert).
-_V7 = replace(_V6, version="0.20.0", epoch="V7", omni_registered=True, expert_slot_narrows=True)
+#: V6b: 0.19.0 — expert slots narrowed to the incoming size (silent garbage for packed bytes in an
+#: unquantized expert).
+_V6b = replace(_V6, version="0.19.0", expert_slot_narrows=True)
+#: V7: 0.20.0 — Omni/VL V3 registered; the VL wrapper buffers the language model (``mlp1`` loads first).
+_V7 = replace(_V6b, version="0.20.0", epoch="V7", omni_registered=True)
 #: V7b: 0.21.0 — the strict check exempts post-processed modules' parameters; KV method renamed.
 _V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
@@ -151,6 +154,10 @@ PROFILES: dict[str, VLLMProfile] = {
     "0.16.0": _V5,
     "0.17.0": _V6,
     "0.17.1": _V6,
+    "0.18.0": _V6,
+    "0.18.1": _V6,
+    "0.19.0": _V6b,
+    "0.19.1": _V6b,
     "0.20.0": _V7,
     "0.20.1": _V7,
     "0.20.2": _V7,
@@ -192,11 +199,6 @@ UNPROVEN = {
         RELEASES_WITH_NEMOTRON_H[:15],
         "epochs V1–V5a (0.9.1 – 0.15.1: own loops without the NemotronH k/v-scale remap, glob file order) were "
         "not run: their pinned torch 2.7 – 2.9.0 CUDA builds were not available to the oracle",
-    ),
-    **dict.fromkeys(
-        ("0.18.0", "0.18.1", "0.19.0", "0.19.1"),
-        "FusedMoE's expert loader changed between 0.17.0 (packed bytes into an unquantized expert raise) and "
-        "0.20.0 (they load, narrowed); 0.18.x / 0.19.x were not run",
     ),
 }
 
