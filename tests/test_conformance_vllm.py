@@ -99,9 +99,8 @@ def test_the_table_covers_the_golden_releases():
 
 
 def test_every_epoch_is_backed_by_goldens_on_every_case():
-    """Each vLLM row has the release's own answers for every conformance case and probe; from 0.20.0 on also for
-    every shipped example and start-up variant (the CUDA-12 releases 0.16.0, 0.17.0, 0.19.0 ran on the
-    conformance cases and probes only: EPOCHS.md)."""
+    """Each vLLM row has the release's own answers for every conformance case and probe, and for every shipped
+    example and start-up variant (0.19.0 ran on the conformance cases and probes only: EPOCHS.md)."""
     cases = {p.name for p in HERE.iterdir() if (p / "checkpoint").is_dir() and not p.name.startswith("startup_")}
     cases |= {f"probes/{p.name}" for p in (HERE / "probes").iterdir() if (p / "checkpoint").is_dir()}
     every = cases | {p.name for p in HERE.iterdir() if p.name.startswith("startup_")}
@@ -111,7 +110,7 @@ def test_every_epoch_is_backed_by_goldens_on_every_case():
         have.setdefault(version, set()).add(case)
     for row in vllm.EPOCHS:
         # the row's own release; a probe made later may come from another release of the same row
-        need = cases if row.version in ("0.16.0", "0.17.0", "0.19.0") else every
+        need = cases if row.version == "0.19.0" else every
         own = have.get(row.version, set())
         assert own >= {c for c in need if not c.startswith("probes/")}, (row.version, sorted(need - own))
         same_row = set().union(*(have.get(v, set()) for v, p in vllm.PROFILES.items() if p is row))

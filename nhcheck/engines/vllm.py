@@ -73,6 +73,10 @@ class VLLMProfile:
     #: form (0.33.0 ``transformers_utils/model_arch_config_convertor.py:267``); before: ``Unknown ModelOpt
     #: quant algo: MIXED_PRECISION``. The flat config.json form builds ``modelopt_mixed`` throughout.
     nested_mixed_accepted: bool
+    #: A ModelOpt ``MIXED_PRECISION`` recipe in config.json's flat form builds ``modelopt_mixed``
+    #: (``ModelOptMixedPrecisionConfig``, 0.17.0 ``layers/quantization/modelopt.py:1707``); 0.16.0 refuses it
+    #: (``ModelOpt currently only supports: [...]``, goldens ``startup_mixed_cfg_text``).
+    flat_mixed_accepted: bool
     #: Manifest wording only: the ModelOpt linear method's class name (``ModelOptLinearMethod`` from 0.30.0).
     linear_method_name: str
     #: … the KV-cache method's (``ModelOptKVCacheMethod`` from 0.21.0).
@@ -115,12 +119,21 @@ _V5 = VLLMProfile(
     kv_method_name="ModelOptFp8KVCacheMethod",
     quantized_lm_head_method="UnquantizedEmbeddingMethod",
     param_keys_dotted=False,
+    flat_mixed_accepted=False,
     strict_exempts_postprocess=False,
     vision_final_norm=False,
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
-_V6 = replace(_V5, version="0.17.0", epoch="V6", router_fp32=False, fused_scale_per_shard=True, param_keys_dotted=True)
+_V6 = replace(
+    _V5,
+    version="0.17.0",
+    epoch="V6",
+    router_fp32=False,
+    fused_scale_per_shard=True,
+    param_keys_dotted=True,
+    flat_mixed_accepted=True,
+)
 #: V6b: 0.19.0 — expert slots narrowed to the incoming size (silent garbage for packed bytes in an
 #: unquantized expert).
 _V6b = replace(_V6, version="0.19.0", expert_slot_narrows=True)

@@ -121,6 +121,12 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
     nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None
     if qc.is_mixed and nested and not profile.nested_mixed_accepted:
         return "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
+    if qc.is_mixed and not nested and not profile.flat_mixed_accepted:
+        return (
+            "ValueError: ModelOpt currently only supports: ['FP8', 'FP8_PER_CHANNEL_PER_TOKEN', 'FP8_PB_WO', 'NVFP4', "
+            "'MXFP8'] quantizations in vLLM. Please check the `hf_quant_config.json` file for your model's quant "
+            "configuration."
+        )
     if qc.quant_algo not in _ALGOS and not qc.is_mixed:
         return f"ValueError: Unknown ModelOpt quant algo: {qc.quant_algo}"
     return None
