@@ -11,7 +11,7 @@ rank at TP 8 would split an NVFP4 block; ``audit --tp 8`` says so). The MoE back
 misplaces rank windows at this width: see ``nhcheck.tp``).
 
 With a warm page cache, each repetition runs every TP size through the same code path
-(``nhcheck.load_tp.run``: torch's elastic launcher, one process per GPU, NCCL), and with
+(``nhcheck.load.tp.run``: torch's elastic launcher, one process per GPU, NCCL), and with
 ``--reference`` the single-process loader (``nhcheck.load``, fast reader). Reported per TP size:
 each rank's slice bytes, seconds and GB/s over its transfer; the aggregate (all ranks' bytes
 over the slowest rank's transfer, the ranks starting together after a barrier); the wall time
@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import generate  # noqa: E402
 
-from nhcheck import load_tp  # noqa: E402
 from nhcheck.load import LoadOptions, load_path  # noqa: E402
+from nhcheck.load import tp as load_tp  # noqa: E402
 
 ENGINE = "sglang@0.5.23"
 BACKEND = "marlin"

@@ -14,23 +14,17 @@ from functools import cached_property
 from operator import itemgetter
 from typing import Literal, NamedTuple
 
-from nhcheck import collapse, slots
+from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
+from nhcheck.coverage import ParamState
+from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM
 from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, PPWindow
 from nhcheck.errors import UsageError
-from nhcheck.findings import Finding, Severity, Verdict, severity_rank, verdict_of
+from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
 from nhcheck.quant import LINEAR_METHODS, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
-
-_PACKED_DTYPES = frozenset({"U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
-_PACKED_PARAM = frozenset({"uint8", "int8", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn_x2"})
-_FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
-
-
-#: How far the checkpoint fills one runtime parameter.
-ParamState = Literal["filled", "partial", "unfilled", "unreachable"]
 
 
 class TensorRecord(NamedTuple):
@@ -171,9 +165,9 @@ def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
 
 def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: Param) -> tuple[str, str] | None:
     """(code, message) when a tensor of ``dtype``/``shape`` cannot land in this slot of ``p``."""
-    if p.dtype in _PACKED_PARAM or p.dtype in _FLOAT_PARAM:
-        packed_ckpt = dtype in _PACKED_DTYPES
-        if packed_ckpt != (p.dtype in _PACKED_PARAM):
+    if p.dtype in PACKED_PARAM or p.dtype in FLOAT_PARAM:
+        packed_ckpt = dtype in PACKED_CKPT
+        if packed_ckpt != (p.dtype in PACKED_PARAM):
             what = (
                 f"quantized ({dtype}) bytes into the unquantized {p.dtype} parameter"
                 if packed_ckpt
@@ -319,18 +313,7 @@ def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
                 ),
             )
         )
-    return _grouped(found)
-
-
-def _grouped(found: list[tuple[str, str, Finding]]) -> list[Finding]:
-    """One finding per collapsed family (same code and message shape), naming the first tensor."""
-    out: list[Finding] = []
-    for _key, name, count, fs in collapse.group(
-        (f.code + "|" + collapse.template(f.message)[0], n or f.message, f) for _, n, f in found
-    ):
-        f = fs[0]
-        out.append(f if count == 1 else replace(f, message=f"{name} ×{count}: {f.message}", count=count, family=name))
-    return out
+    return grouped(found)
 
 
 def check_mtp_draft(ckpt: Checkpoint, cfg: NemotronHConfig) -> None:
@@ -415,7 +398,10 @@ def run_audit(
                 problem = checked.get(key, unchecked)
                 if problem is unchecked:
                     problem = checked[key] = _slot_problem(t.dtype, t.shape, o.shard_id, p)
-                    if slots.scalar_into_vector(p, t.shape) and not engine.scalar_fills_every_slot(p.quant_method):
+                    if (
+                        slots.scalar_into_vector(p, t.shape)
+                        and not engine.loader_semantics(p.quant_method).scalar_every_slot
+                    ):
                         slot0[param] = p
                 if problem is not None:
                     slot_findings.append(
@@ -496,27 +482,19 @@ def run_audit(
             orphan_items.append(
                 (o.reason, r.tensor.name, Finding(sev, "orphan", f"{what}{eng}", r.tensor.shard, r.tensor.name))
             )
-    findings += _grouped(orphan_items)
-    findings += _grouped(slot_findings)
-    findings += _grouped(notes)
-    missing_items = []
-    engine_label = {"sglang": "SGLang", "vllm": "vLLM"}.get(engine.id.name, engine.id.name)
+    findings += grouped(orphan_items)
+    findings += grouped(slot_findings)
+    findings += grouped(notes)
+    checks = []
     for s in statuses:
         hit = [pat for pat in ignore if fnmatch.fnmatchcase(s.name, pat)]
         matched.update(hit)
         if s.status in ("unfilled", "partial") and not hit:
-            sev = "info" if s.param.informational else "warning" if s.status == "partial" else "error"
-            if s.status == "unfilled":
-                msg = (
-                    f"no checkpoint tensor fills it; {engine_label} keeps its default"
-                    if s.param.informational
-                    else f"no checkpoint tensor fills it; {engine_label} leaves it uninitialised and does not say so"
-                )
-            else:
-                msg = "only partly filled: missing " + ", ".join(s.missing)
-            missing_items.append(("param", s.name, Finding(sev, f"param-{s.status}", msg, None, s.name)))
-    findings += _grouped(missing_items)
-    findings += _grouped(_slot0_findings(engine, slot0, statuses))
+            checks.append(coverage.ParamCheck(s.param, s.status, s.missing))
+    findings += coverage.param_findings(
+        checks, "audit", {"sglang": "SGLang", "vllm": "vLLM"}.get(engine.id.name, engine.id.name)
+    )
+    findings += grouped(_slot0_findings(engine, slot0, statuses))
     findings += _recipe_findings(ckpt, qc)
     findings += [
         Finding("info", "ignore-unmatched", f"--ignore {pat!r} matches no checkpoint tensor and no runtime parameter")

@@ -557,15 +557,17 @@ def load(
     """
     _require_load_extra()
     from nhcheck import load as loading
+    from nhcheck import report
     from nhcheck.report import console
 
     t0 = time.perf_counter()
     if tp_size is not None:
-        from nhcheck import load_tp
+        from nhcheck.load import tp as load_tp
+        from nhcheck.sources import open_source
 
-        ckpt = loading.open_for_load(source, revision, console.progress(quiet))
+        ckpt = open_source(source, revision, console.progress(quiet), data=True)
         _render_load(
-            load_tp,
+            report.TP_LOAD,
             load_tp.run(
                 load_tp.Job(
                     ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp, manifest_file, threads
@@ -588,7 +590,7 @@ def load(
         mtp=mtp,
         pp=pp,
     ).report
-    _render_load(loading, rep, fmt, output, quiet)
+    _render_load(report.LOAD, rep, fmt, output, quiet)
 
 
 def _require_load_extra() -> None:
@@ -602,13 +604,13 @@ def _require_load_extra() -> None:
         )
 
 
-def _render_load(module, rep, fmt: str, output: str | None, quiet: bool) -> None:
-    """Report a load (``module``: nhcheck.load, or nhcheck.load_tp whose non-zero torchrun ranks pass None) and exit."""
+def _render_load(renderer, rep, fmt: str, output: str | None, quiet: bool) -> None:
+    """Report a load (``renderer``: ``report.LOAD``, or ``report.TP_LOAD`` whose non-zero torchrun ranks
+    pass None) and exit."""
     if rep is None:
         sys.exit(0)
-    from nhcheck.report import Renderer, console
+    from nhcheck.report import console
 
-    renderer = Renderer(module.render_json, module.render_markdown, module.render_table, module.summary_line)
     formats.get(fmt, output).write(renderer, rep)
     if not quiet and renderer.summary is not None:
         console.summary(renderer.summary(rep))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+from nhcheck import collapse
 
 Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
@@ -69,3 +71,18 @@ def verdict_of(findings: Iterable[Finding], crashed: bool) -> Verdict:
     if "orphan" in codes:
         return "orphans"
     return "clean"
+
+
+def grouped(found: Iterable[tuple[str, str | None, Finding]]) -> list[Finding]:
+    """One finding per collapsed family (same code and message shape), naming the first tensor.
+
+    ``found``: (kind, name, finding) triples in report order; names that differ only in their
+    layer / expert numbers collapse into one finding that says how many (``name ×N: message``).
+    """
+    out: list[Finding] = []
+    for _key, name, count, fs in collapse.group(
+        (f.code + "|" + collapse.template(f.message)[0], n or f.message, f) for _, n, f in found
+    ):
+        f = fs[0]
+        out.append(f if count == 1 else replace(f, message=f"{name} ×{count}: {f.message}", count=count, family=name))
+    return out

@@ -3,7 +3,7 @@
 One rule for ``audit`` (from the headers) and ``load`` (from the bytes it wrote), so the two reach the
 same verdict. A module fused in the checkpoint (Mamba ``in_proj``: one scalar ``input_scale`` /
 ``weight_scale_2`` for five logical slots) is loaded with no shard id; whether that scalar fills every
-slot or slot 0 only is the engine's loader semantics (``Engine.scalar_fills_every_slot``). What the
+slot or slot 0 only is the engine's loader semantics (``Engine.loader_semantics``). What the
 unwritten slots then hold depends on the quant method: ModelOpt FP8 fills them with the
 ``finfo(float32).min`` sentinel that ``requantize_with_max_scale`` reads as "fused in the checkpoint"
 (by design), NVFP4 / W4A16 leave ``torch.empty`` memory that ``process_weights_after_loading`` takes the

@@ -22,13 +22,14 @@ from typing import NamedTuple
 
 from nhcheck import collapse
 from nhcheck.audit import AuditReport
+from nhcheck.dtypes import FLOAT_CKPT
 from nhcheck.errors import CheckpointError, UsageError
+from nhcheck.fileio import read_exact
 from nhcheck.findings import Finding
 from nhcheck.safetensors_header import ShardHeader, TensorInfo, open_regular
 
 #: Global (per-tensor or per-channel) scales: one float, or a short float vector.
 SCALAR_LEAVES = frozenset({"weight_scale_2", "input_scale", "k_scale", "v_scale", "kv_scale"})
-FLOAT_DTYPES = frozenset({"F32", "BF16", "F16", "F64"})
 #: Float8 e4m3fn: no infinities; 0x7F/0xFF are NaN; 0x00/0x80 are +0/-0.
 E4M3_NAN = (b"\x7f", b"\xff")
 E4M3_ZEROS = b"\x00\x80"
@@ -61,7 +62,7 @@ def scale_kind(t: TensorInfo) -> str | None:
     """``float`` for a global scale, ``e4m3`` for an FP8 block-scale tensor, None for anything else."""
     leaf = t.name.rpartition(".")[2]
     if leaf in SCALAR_LEAVES or leaf == "weight_scale":
-        if t.dtype in FLOAT_DTYPES:
+        if t.dtype in FLOAT_CKPT:
             return "float"  # FP8 checkpoints keep per-tensor weight_scale as F32 too
         if leaf == "weight_scale" and t.dtype == "F8_E4M3":
             return "e4m3"
@@ -169,12 +170,8 @@ def module_findings(bad: list[tuple[TensorInfo, str]]) -> list[Finding]:
 
 
 def _pread_exact(fd: int, path: str, start: int, n: int) -> bytes:
-    data = os.pread(fd, n, start)
-    if len(data) != n:
-        raise CheckpointError(
-            path, f"file ended while reading bytes {start}..{start + n} (changed since its header was read?)"
-        )
-    return data
+    short = f"file ended while reading bytes {start}..{start + n} (changed since its header was read?)"
+    return read_exact(fd, path, start, n, short)
 
 
 def _judge(fd: int, shard: ShardHeader, c: ScaleCheck) -> str | None:

@@ -31,8 +31,9 @@ from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.errors import UsageError
-from nhcheck.load import LoadOptions, load_path
+from nhcheck.load import LoadOptions, load_path, readers, run
 from nhcheck.pipeline import audit_path
+from nhcheck.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -202,7 +203,7 @@ def test_readers_agree_byte_for_byte(example, engine):
 
 def test_reads_cover_every_data_section_in_pieces():
     shards = open_local(str(EXAMPLES / "nano3-bf16")).shards
-    reads = loading.plan_reads(list(shards), 1000)
+    reads = readers.plan_reads(list(shards), 1000)
     for i, s in enumerate(shards):
         mine = [r for r in reads if r.shard == i]
         assert mine[0].start == s.data_start and mine[-1].end == s.file_size
@@ -213,7 +214,7 @@ def test_reads_cover_every_data_section_in_pieces():
 
 @pytest.mark.parametrize("example", ["nano3-bf16", "omni-nvfp4-24137", "h8b-dense"])
 def test_reads_start_from_the_length_prefixes_alone(example):
-    assert loading.quick_spans(str(EXAMPLES / example)) == loading.spans_of(open_local(str(EXAMPLES / example)).shards)
+    assert readers.quick_spans(str(EXAMPLES / example)) == readers.spans_of(open_local(str(EXAMPLES / example)).shards)
 
 
 def test_early_reads_of_a_stray_shard_are_dropped_and_the_load_starts_over(tmp_path, monkeypatch):
@@ -221,13 +222,13 @@ def test_early_reads_of_a_stray_shard_are_dropped_and_the_load_starts_over(tmp_p
     shutil.copytree(EXAMPLES / "nano3-bf16", root)
     shutil.copy(root / "model-00001-of-00003.safetensors", root / "stray.safetensors")  # not in the index
     started = []
-    real = loading.Transfer
+    real = run.Transfer
 
     def spy(spans, *a):
         started.append([Path(s.path).name for s in spans])
         return real(spans, *a)
 
-    monkeypatch.setattr(loading, "Transfer", spy)
+    monkeypatch.setattr(run, "Transfer", spy)
     res = load_path(str(root), "sglang@0.5.23", CPU)
     assert started[0][-1] == "stray.safetensors" and "stray.safetensors" not in started[1]
     assert res.report.verdict == "clean"
@@ -328,7 +329,7 @@ def test_24137_on_0_5_12_reports_packed_bytes_into_bf16_and_copies_nothing():
 def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     """The executor puts expert 0's bytes into slot 1 and expert 1's into slot 0 of one parameter:
     coverage and bookkeeping are complete, only the memory shows it."""
-    apply = loading._apply
+    apply = readers.apply_pieces
     target = "model.layers.1.mixer.experts.w2_weight"
 
     def misplace(pieces, src, arenas):
@@ -340,7 +341,7 @@ def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
             out.append(pc._replace(op=op))
         apply(tuple(out), src, arenas)
 
-    monkeypatch.setattr(loading, "_apply", misplace)
+    monkeypatch.setattr(readers, "apply_pieces", misplace)
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
     bad = {p.param.name: p for p in r.params if p.mismatches}
     assert set(bad) == {target} and bad[target].status == "filled" and not bad[target].double_writes
@@ -366,11 +367,11 @@ def test_missing_q_block_and_missing_expert_are_partial(tmp_path):
 
 def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
     """The loader claims a write that never reached memory: coverage says filled, the memory says poison."""
-    apply = loading._apply
+    apply = readers.apply_pieces
     target = "model.layers.0.mixer.in_proj.weight"
     monkeypatch.setattr(
-        loading,
-        "_apply",
+        readers,
+        "apply_pieces",
         lambda pieces, src, arenas: apply(tuple(pc for pc in pieces if pc.op.param != target), src, arenas),
     )
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
@@ -467,7 +468,7 @@ def test_repo_id_is_downloaded_then_loaded(monkeypatch):
         return str(EXAMPLES / "h8b-dense")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    ckpt = loading.open_for_load("nvidia/Nemotron-H-8B-Base-8K", "main")
+    ckpt = open_source("nvidia/Nemotron-H-8B-Base-8K", "main", data=True)
     assert ckpt.source == "nvidia/Nemotron-H-8B-Base-8K" and ckpt.revision == "main"
     assert seen["repo"] == "nvidia/Nemotron-H-8B-Base-8K" and seen["revision"] == "main"
     assert "*.safetensors" in seen["patterns"]
@@ -542,11 +543,11 @@ def test_cuda_oracle_and_crash_points(pruned_24434):
 @pytest.mark.cuda
 @CUDA
 def test_cuda_lost_write_caught(monkeypatch):
-    apply = loading._apply
+    apply = readers.apply_pieces
     target = "model.layers.1.mixer.experts.w13_weight"
     monkeypatch.setattr(
-        loading,
-        "_apply",
+        readers,
+        "apply_pieces",
         lambda pieces, src, arenas: apply(
             tuple(pc for pc in pieces if not (pc.op.param == target and pc.op.slot == "expert 4")), src, arenas
         ),

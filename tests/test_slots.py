@@ -25,7 +25,7 @@ def test_engine_semantics_match_sglangs_own_loader(release):
     params = {n: e for fam in doc["families"].values() for n, e in fam.items()}
     boxes = params["model.layers.0.mixer.in_proj.input_scale"]["ranks"]["0"]
     written = sum(b["dst"][0][1] - b["dst"][0][0] for b in boxes if "src" in b)
-    every = engines.get(f"sglang@{release}").scalar_fills_every_slot("ModelOptFp4LinearMethod")
+    every = engines.get(f"sglang@{release}").loader_semantics("ModelOptFp4LinearMethod").scalar_every_slot
     assert written == (5 if every else 1)
 
 

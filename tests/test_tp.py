@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from nhcheck import load_tp, pipeline
+from nhcheck import pipeline
 from nhcheck import tp as tensor_parallel
 from nhcheck.audit import AuditOptions
 from nhcheck.checkpoint import open_local
@@ -30,6 +30,7 @@ from nhcheck.cli import cli
 from nhcheck.engines.sglang import get_profile
 from nhcheck.errors import UsageError
 from nhcheck.load import Arenas, LoadOptions, load_path, plan_load
+from nhcheck.load import tp as load_tp
 from nhcheck.manifest import build_manifest
 from nhcheck.model import parse_config
 from nhcheck.quant import parse_quant
@@ -242,7 +243,7 @@ def _simulate(path: Path, tp: int, backend: str = "flashinfer_cutlass") -> None:
         arenas = Arenas(local, torch.device("cpu"), torch)
         for p in plan.params:
             for box in load_tp._padding(p, shards[p.name], rank):
-                load_tp._view(arenas, p.name, box).zero_()
+                arenas.view(p.name, box).zero_()
         # slots of 256 bytes: large slices go in pieces, two slots alternate, two threads share the work
         _read(copies, arenas, stage_bytes=256)
         checked, bad = load_tp._verify(copies, arenas)

@@ -144,6 +144,23 @@ class Crash:
         return out
 
 
+@dataclass(frozen=True)
+class LoaderSemantics:
+    """How the engine's weight loaders write a tensor into a parameter of one quant method: what ``load`` applies.
+
+    The slot itself (a q/k/v row block, one expert, the whole parameter) comes from the audit's
+    outcome; these are the choices the loaders make beyond it.
+
+    ``scalar_every_slot``: a one-element scale loaded with no shard id into a fused per-partition
+    scale vector (Mamba ``in_proj``) is written over every slot; False: into slot 0 only.
+    ``scale_0d_only``: the linear loader takes a one-element scale only as a 0-d (or ``[1]``)
+    tensor and asserts equal shapes, so a ``[1, 1]`` scale is refused instead of broadcast.
+    """
+
+    scalar_every_slot: bool
+    scale_0d_only: bool
+
+
 #: One checkpoint name → what the engine does with it (a replayer bound to one manifest).
 Replayer = Callable[[str], Outcome]
 
@@ -211,8 +228,8 @@ class Engine(Protocol):
         proven for it on gloo ranks)."""
         ...
 
-    def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
-        """Loader semantics: whether a scalar scale with no shard id fills every slot of a fused parameter."""
+    def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
+        """How the loaders write tensors into a parameter built with ``quant_method`` (None: unquantized)."""
         ...
 
     def startup_error(self, names: Iterable[str], manifest: Manifest, *, mtp: bool) -> str | None:

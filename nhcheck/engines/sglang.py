@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind, installed_version
+from nhcheck.engines.base import EngineId, LoaderSemantics, Outcome, PPWindow, Route, UnloadedKind, installed_version
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -658,6 +658,16 @@ class SGLangEngine:
 
     def tp_unproven(self) -> str | None:
         return None  # tests/golden/tp: rank maps from SGLang's own loaders (oracle/sglang_tp)
+
+    def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
+        """The linear loaders of ``LINEAR_METHODS`` take a one-element scale only as 0-d
+        (``PerTensorScaleParameter._load_into_shard_id``; the default loader reshapes only 0-d and asserts
+        shapes); a scalar into a fused scale vector: ``scalar_fills_every_slot``."""
+        from nhcheck.quant import LINEAR_METHODS
+
+        return LoaderSemantics(
+            scalar_every_slot=self.scalar_fills_every_slot(quant_method), scale_0d_only=quant_method in LINEAR_METHODS
+        )
 
     def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
         """Whether a scalar scale loaded with no shard id fills every slot of a fused merged-column parameter.

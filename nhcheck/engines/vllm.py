@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from nhcheck.engines.base import EngineId, Outcome, PPWindow, Route, UnloadedKind, installed_version
+from nhcheck.engines.base import EngineId, LoaderSemantics, Outcome, PPWindow, Route, UnloadedKind, installed_version
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -794,10 +794,11 @@ class VLLMEngine:
             "SGLang's loaders only (no vLLM rank maps yet), so no tp-indivisible verdict is given for vLLM"
         )
 
-    def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
+    def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
         """A scalar scale into a per-shard scale vector: ``PerTensorScaleParameter`` without a shard id fills
-        every slot (the v2 loaders broadcast a one-element tensor)."""
-        return True
+        every slot (the v2 loaders broadcast a one-element tensor). A scale of the wrong rank is not refused
+        here: the loader's own error is ``load_error``'s, and the replay stops the stream there."""
+        return LoaderSemantics(scalar_every_slot=True, scale_0d_only=False)
 
     def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         """The error the parameter's weight loader raises for a tensor of this shape (TP 1), or None."""

@@ -21,10 +21,14 @@ from nhcheck import __version__, collapse, engines
 
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport
+    from nhcheck.load.run import LoadReport
+    from nhcheck.load.tp import TPLoadReport
     from nhcheck.manifest import Manifest
     from nhcheck.prune import PrunePlan, PruneResult
 
 SCHEMA = "nhcheck.audit/1"
+LOAD_SCHEMA = "nhcheck.load/1"
+TP_LOAD_SCHEMA = "nhcheck.load-tp/1"
 _OUTCOME_ORDER = {"raise": 0, "warn": 1, "skip": 2, "routed": 3, "load": 4}
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 #: The reported status of an informational parameter no tensor fills: the engine keeps its default, by design.
@@ -777,3 +781,301 @@ def audit_renderer(*, show_loaded: bool = False) -> Renderer:
 
 MATRIX = Renderer(matrix_json, matrix_markdown, matrix_table)
 MANIFEST = Renderer(manifest_json, manifest_markdown, manifest_table)
+
+
+# ---------------------------------------------------------------------------
+# load (one device) and load --tp
+
+
+def load_to_json(r: LoadReport) -> dict:
+    a = r.audit
+    count = {s: sum(1 for p in r.params if p.status == s) for s in ("filled", "partial", "unfilled")}
+    return {
+        "schema": LOAD_SCHEMA,
+        "nhcheck_version": __version__,
+        "source": a.source,
+        "revision": a.revision,
+        "engine": {
+            "name": a.engine.name,
+            "version": a.engine.version,
+            **backend_and_rank_json(a),
+        },
+        "model": {
+            "architecture": a.config.wrapper or a.config.architecture,
+            "pattern": a.config.pattern,
+            "quant": a.quant,
+        },
+        "device": {"name": r.device, "description": r.device_name, "reader": r.reader},
+        "summary": {
+            "verdict": r.verdict,
+            "tensors": len(a.records),
+            "tensors_loaded": r.tensors_loaded,
+            "bytes_loaded": r.bytes_loaded,
+            "bytes_read": r.bytes_read,
+            "seconds": round(r.seconds, 6),
+            "gb_per_s": round(r.gb_per_s, 3),
+            "peak_device_bytes": r.peak_device_bytes,
+            "timings": {k: round(v, 6) for k, v in r.timings.items()},
+            "params": len(r.params) + len(_unreachable(r)),
+            "params_filled": count["filled"],
+            "params_partial": count["partial"],
+            "params_unfilled": count["unfilled"],
+            "params_unreachable": len(_unreachable(r)),
+            "double_writes": sum(p.double_writes for p in r.params),
+            "poisoned_elements": sum(p.poisoned for p in r.params),
+            "samples_checked": r.samples_checked,
+            "sample_mismatches": sum(p.mismatches for p in r.params),
+            "orphans": a.counts()["orphans"],
+        },
+        "crash": r.crash.as_dict() if r.crash else None,
+        "params": [
+            {
+                "name": p.param.name,
+                "dtype": p.param.dtype,
+                "shape": list(p.param.shape),
+                "status": p.status,
+                "elements": p.numel,
+                "written": p.written,
+                "missing": list(p.missing),
+                "double_writes": p.double_writes,
+                "poisoned": p.poisoned,
+                "mismatches": p.mismatches,
+                "informational": p.param.informational,
+            }
+            for p in r.params
+        ],
+        "findings": [f.to_json() for f in r.findings],
+    }
+
+
+def _unreachable(r: LoadReport) -> list[str]:
+    return [p.name for p in r.audit.manifest.params if not p.reachable]
+
+
+def load_json(r: LoadReport) -> str:
+    return json.dumps(load_to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _gb(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _rate(gb_per_s: float) -> str:
+    """A throughput in the unit that shows it: a tiny example loads at MB/s, not "0.00 GB/s"."""
+    return f"{gb_per_s:.2f} GB/s" if gb_per_s >= 1 else f"{gb_per_s * 1e3:.2f} MB/s"
+
+
+def load_headline(r: LoadReport) -> str:
+    a = r.audit
+    if r.crash is not None:
+        c = r.crash
+        return (
+            f"{a.engine} raises {c.error}{c.where}, after {c.tensors_loaded or 0:,} tensors, "
+            f"{_gb(c.bytes_loaded or 0)} in {c.seconds or 0:.2f} s: the server dies here."
+        )
+    bad = [f for f in r.findings if f.severity == "error"]
+    if r.verdict == "clean":
+        return f"{a.engine} fills every reachable parameter; every element written once, read back equal to the file."
+    return f"{a.engine}: {len(bad)} problem famil{'y' if len(bad) == 1 else 'ies'} in the loaded parameters."
+
+
+def load_stats_line(r: LoadReport) -> str:
+    peak = f", peak device memory {_gb(r.peak_device_bytes)}" if r.peak_device_bytes is not None else ""
+    return (
+        f"{r.tensors_loaded:,} tensors, {_gb(r.bytes_loaded)} loaded ({_gb(r.bytes_read)} read) into "
+        f"{len(r.params):,} parameters on {r.device} ({r.device_name}) with the {r.reader} reader in "
+        f"{r.seconds:.3f} s ({_rate(r.gb_per_s)}){peak}; {r.samples_checked:,} elements read back."
+    )
+
+
+def _load_problem_groups(r: LoadReport):
+    items = [
+        ((p.status, p.param.informational, p.missing), p.param.name, p)
+        for p in r.params
+        if p.status != "filled" and r.crash is None
+    ]
+    return collapse.group(items)
+
+
+def load_table(r: LoadReport, console) -> None:
+    from rich.markup import escape
+
+    e = lambda s: escape(safe(s))  # noqa: E731
+    a = r.audit
+    console.print(
+        f"[bold]nhcheck load[/] {e(a.source)} · {e(engine_header(a))} · {e(a.config.wrapper or a.config.architecture)} "
+        f"({e(a.quant or 'unquantized')}) · {len(a.records):,} tensors in {len(a.checkpoint.shards)} shard(s)"
+    )
+    colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
+    console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(load_headline(r))}")
+    console.print(e(load_stats_line(r)))
+    groups = _load_problem_groups(r)
+    if groups:
+        print_table(
+            console,
+            param_table(
+                "Runtime parameters not fully written",
+                groups,
+                lambda status, info, missing: (
+                    "engine keeps its default; informational"
+                    if info
+                    else "missing " + ", ".join(missing)
+                    if status == "partial"
+                    else "left poisoned"
+                ),
+            ),
+        )
+    shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
+    if shown:
+        print_table(console, findings_table(shown))
+
+
+def load_markdown(r: LoadReport) -> str:
+    a = r.audit
+    out = [
+        f"### nhcheck load: `{_md(a.source)}` on {_md(engine_header(a))}, {_md(r.device)} ({_md(r.device_name)})",
+        "",
+        f"**{r.verdict.upper()}**: {_md(load_headline(r))}",
+        "",
+        _md(load_stats_line(r)),
+    ]
+    groups = _load_problem_groups(r)
+    if groups:
+        out += ["", "| status | parameters | count | missing |", "|---|---|---|---|"]
+        for (status, info, missing), name, n, _ in groups:
+            out.append(f"| {status}{' (info)' if info else ''} | `{_md(name)}` | {n:,} | {_md(', '.join(missing))} |")
+    shown = [f for f in r.findings if f.code not in ("param-unfilled", "param-partial")]
+    if shown:
+        out += findings_markdown(shown)
+    return "\n".join(out) + "\n"
+
+
+def load_summary(r: LoadReport) -> str:
+    bad = sum(1 for f in r.findings if f.severity == "error")
+    return (
+        f"Loaded {r.tensors_loaded:,} tensors ({_gb(r.bytes_loaded)}) on {r.device} in {r.seconds:.2f} s "
+        f"({_rate(r.gb_per_s)}): verdict {r.verdict}; {bad} error finding(s)."
+    )
+
+
+def tp_load_to_json(r: TPLoadReport) -> dict:
+    return {
+        "schema": TP_LOAD_SCHEMA,
+        "nhcheck_version": __version__,
+        "source": r.source,
+        "engine": r.engine,
+        "tp": r.tp,
+        "backend": r.backend,
+        "device": r.device_name,
+        "summary": {
+            "verdict": r.verdict,
+            "bytes_loaded": r.bytes_loaded,
+            "bytes_read": r.bytes_read,
+            "wall_seconds": round(r.wall_seconds, 6),
+            "gb_per_s": round(r.gb_per_s, 3),
+            "params": len(r.params),
+            "params_filled": sum(1 for p in r.params if p.status == "filled"),
+            "samples_checked": r.samples_checked,
+        },
+        "ranks": [
+            {
+                "rank": s.rank,
+                "device": s.device,
+                "copies": s.copies,
+                "bytes_loaded": s.bytes_loaded,
+                "bytes_read": s.bytes_read,
+                "bytes_allocated": s.bytes_allocated,
+                "seconds": round(s.seconds, 6),
+                "gb_per_s": round(s.gb_per_s, 3),
+            }
+            for s in r.ranks
+        ],
+        "crash": r.crash.as_dict() if r.crash else None,
+        "params": [
+            {
+                "name": p.name,
+                "elements": p.elements,
+                "covered": p.covered,
+                "status": p.status,
+                "poisoned": p.poisoned,
+                "mismatches": p.mismatches,
+                "informational": p.informational,
+            }
+            for p in r.params
+        ],
+        "findings": [f.to_json() for f in r.findings],
+    }
+
+
+def tp_load_json(r: TPLoadReport) -> str:
+    return json.dumps(tp_load_to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def tp_load_headline(r: TPLoadReport) -> str:
+    if r.verdict == "refused":
+        return (
+            f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
+            "nothing was loaded."
+        )
+    if r.verdict == "clean":
+        return (
+            f"{r.tp} rank(s) together fill every reachable parameter exactly once; no poison left, "
+            "read-backs equal the file."
+        )
+    return f"{r.engine} at TP {r.tp}: {sum(1 for f in r.findings if f.severity == 'error')} problem famil(ies)."
+
+
+def tp_rank_lines(r: TPLoadReport) -> list[str]:
+    lines = [
+        f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
+        f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
+        f"({_rate(s.gb_per_s)})"
+        for s in r.ranks
+    ]
+    if r.ranks:
+        lines.append(
+            f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({_rate(r.gb_per_s)}) over "
+            f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back"
+        )
+    return lines
+
+
+def tp_load_table(r: TPLoadReport, console) -> None:
+    from rich.markup import escape
+
+    e = lambda s: escape(safe(s))  # noqa: E731
+    console.print(f"[bold]nhcheck load --tp {r.tp}[/] {e(r.source)} · {r.engine}")
+    colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
+    console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(tp_load_headline(r))}")
+    for line in tp_rank_lines(r):
+        console.print(e(line))
+    if r.findings:
+        print_table(console, findings_table(r.findings))
+
+
+def tp_load_markdown(r: TPLoadReport) -> str:
+    out = [
+        f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}",
+        "",
+        f"**{r.verdict.upper()}**: {_md(tp_load_headline(r))}",
+        "",
+    ]
+    out += [f"- {_md(line)}" for line in tp_rank_lines(r)]
+    if r.findings:
+        out += findings_markdown(r.findings)
+    return "\n".join(out) + "\n"
+
+
+def tp_load_summary(r: TPLoadReport) -> str:
+    bad = sum(1 for f in r.findings if f.severity == "error")
+    return (
+        f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
+        f"verdict {r.verdict}; {bad} error finding(s)."
+    )
+
+
+LOAD = Renderer(load_json, load_markdown, load_table, load_summary)
+TP_LOAD = Renderer(tp_load_json, tp_load_markdown, tp_load_table, tp_load_summary)

@@ -24,15 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from nhcheck import __version__
+from nhcheck import coverage as param_coverage
 from nhcheck import tp as tensor_parallel
+from nhcheck.coverage import ParamState
+from nhcheck.dtypes import ITEMSIZE, numel
 from nhcheck.engines.base import Crash, EngineId
 from nhcheck.errors import CheckpointError, UsageError
-from nhcheck.findings import Finding, Severity, Verdict, verdict_of
-from nhcheck.load import ITEMSIZE, Arenas, Plan, _gb, _rate, plan_load
+from nhcheck.fileio import read_into
+from nhcheck.findings import Finding, Verdict, verdict_of
+from nhcheck.load.memory import Arenas, apply
+from nhcheck.load.plan import Plan, plan_load
 from nhcheck.manifest import Param
 
-SCHEMA = "nhcheck.load-tp/1"
 #: NVLink multicast off: a program using it can take a shared host's GPUs out of service.
 _SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -102,7 +105,7 @@ class ParamCoverage:
     informational: bool
 
     @property
-    def status(self) -> str:
+    def status(self) -> ParamState:
         if self.covered == self.elements:
             return "filled"
         return "over" if self.covered > self.elements else "partial" if self.covered else "unfilled"
@@ -144,20 +147,13 @@ class TPLoadReport:
 # Cutting the plan (no torch)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _full_box(shape: tuple[int, ...], start: int, count: int) -> tuple[tuple[int, int], ...]:
     """The box of the TP-1 parameter an op fills: the whole of it, or a run of dim-0 rows (a q/k/v block, an expert)."""
     if not shape:
         return ()
-    if start == 0 and count == _numel(shape):
+    if start == 0 and count == numel(shape):
         return tuple((0, d) for d in shape)
-    row = _numel(shape[1:])
+    row = numel(shape[1:])
     return ((start // row, (start + count) // row),) + tuple((0, d) for d in shape[1:])
 
 
@@ -171,10 +167,10 @@ def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: i
         t = op.tensor
         tshape = tuple(t.shape)
         es = ITEMSIZE[op.src]
-        box = _full_box(p.shape, 0, _numel(p.shape)) if op.kind == "broadcast" else _full_box(p.shape, op.start, op.n)
+        box = _full_box(p.shape, 0, numel(p.shape)) if op.kind == "broadcast" else _full_box(p.shape, op.start, op.n)
         whole = tuple((0, d) for d in tshape)
         if sh.dim is None:
-            n = _numel(tuple(b - a for a, b in box))
+            n = numel(tuple(b - a for a, b in box))
             out.append(
                 Copy(
                     op.idx,
@@ -202,7 +198,7 @@ def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: i
             sbox = tuple(
                 (lo - box[d][0], hi - box[d][0]) if i + lead == d else (0, tshape[i]) for i in range(len(tshape))
             )
-            size = _numel(tuple(b - a for a, b in dbox))
+            size = numel(tuple(b - a for a, b in dbox))
             out.append(
                 Copy(
                     op.idx,
@@ -216,7 +212,7 @@ def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: i
                     sbox,
                     dbox,
                     size if rank == owner else 0,
-                    _numel(tuple(b - a for a, b in sbox)) * es,
+                    numel(tuple(b - a for a, b in sbox)) * es,
                 )
             )
     return out
@@ -381,7 +377,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         arenas = Arenas(local_params, device, torch)
         for p in plan.params:
             for box in _padding(p, shards[p.name], rank):
-                _view(arenas, p.name, box).zero_()
+                arenas.view(p.name, box).zero_()
         reader = _Reader(copies, arenas, device, job.threads)
         if cuda:
             torch.cuda.synchronize(device)
@@ -407,7 +403,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         )
         dist.all_reduce(counters)
         stats = torch.zeros((job.tp, 6), dtype=torch.float64, device=device)
-        allocated = sum(_numel(p.shape) * ITEMSIZE[p.dtype] for p in local_params)
+        allocated = sum(numel(p.shape) * ITEMSIZE[p.dtype] for p in local_params)
         stats[rank] = torch.tensor([len(copies), placed, read, allocated, seconds, checked], dtype=torch.float64)
         dist.all_reduce(stats)
         wall = torch.tensor([seconds], dtype=torch.float64, device=device)
@@ -422,7 +418,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         )
         cov = counters.cpu().tolist()
         params = tuple(
-            ParamCoverage(p.name, _numel(p.shape), c[0], c[1], c[2], p.informational)
+            ParamCoverage(p.name, numel(p.shape), c[0], c[1], c[2], p.informational)
             for p, c in zip(plan.params, cov, strict=True)
         )
         crash = plan.crash
@@ -444,12 +440,6 @@ def _rank_main(job: Job) -> TPLoadReport | None:
     finally:
         if own_group:
             dist.destroy_process_group()
-
-
-def _view(arenas: Arenas, name: str, box):
-    p = arenas.params[name]
-    v = arenas.flat(name).view(p.shape)
-    return v[tuple(slice(a, b) for a, b in box)] if box else v
 
 
 def _contiguous(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
@@ -484,7 +474,7 @@ class _Piece(NamedTuple):
 
 def _piece(c: Copy, src_box, dst_box) -> _Piece:
     es = ITEMSIZE[c.src]
-    n = _numel([b - a for a, b in src_box])
+    n = numel([b - a for a, b in src_box])
     first = _flat_index(c.t_shape, src_box, 0)
     last = _flat_index(c.t_shape, src_box, n - 1)
     return _Piece(c, src_box, dst_box, n * es, c.t_start + first * es, (last - first + 1) * es)
@@ -597,7 +587,7 @@ class _Reader:
     def __init__(self, copies: list[Copy], arenas: Arenas, device, threads: int, stage_bytes: int = 32 << 20) -> None:
         import torch
 
-        from nhcheck.load import _buffer
+        from nhcheck.load.readers import host_view
 
         self.torch = torch
         self.arenas = arenas
@@ -631,11 +621,11 @@ class _Reader:
                 s = (i % 2) * slot
                 dsts, srcs, special, reads = [], [], [], []
                 for rd in batch.reads:
-                    reads.append((self.fds[rd.path], rd.path, _buffer(host, s + rd.at, rd.span), rd.lo, rd.span))
+                    reads.append((self.fds[rd.path], rd.path, host_view(host, s + rd.at, rd.span), rd.lo, rd.span))
                     for pc in rd.pieces:
                         off = s + rd.at + pc.lo - rd.lo
                         raw = stage[off : off + pc.span]
-                        dst = _view(arenas, pc.copy.param, pc.dst_box)
+                        dst = arenas.view(pc.copy.param, pc.dst_box)
                         if off % ITEMSIZE[pc.copy.src]:
                             special.append((pc, raw, dst))  # a typed view needs an aligned start: clone first
                         elif pc.copy.kind in ("copy", "cast"):
@@ -681,12 +671,7 @@ class _Reader:
             if self.cuda and i >= 2:
                 events[s].synchronize()  # the slot's previous host-to-device copy has landed
             for fd, path, view, lo, span in reads:
-                got = 0
-                while got < span:
-                    n = os.preadv(fd, [view[got:]], lo + got)
-                    if n == 0:
-                        raise CheckpointError(path, f"file ends at byte {lo + got}, inside tensor data")
-                    got += n
+                read_into(fd, path, view, lo, "file ends at byte {offset}, inside tensor data")
                 read += span
             if self.cuda:
                 with torch.cuda.stream(stream):
@@ -704,23 +689,13 @@ class _Reader:
         if dsts:
             self.torch._foreach_copy_(dsts, srcs)
         for pc, raw, dst in special:
-            _place(pc.copy, dst, _strided(raw.clone(), pc.copy, pc.src_box, self.torch))
+            apply(pc.copy.kind, dst, _strided(raw.clone(), pc.copy, pc.src_box, self.torch))
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
         self.lanes.clear()
-
-
-def _place(c: Copy, dst, x) -> None:
-    """The loader semantics on one slice: copy or cast, a scalar over every partition, ``A = -exp(A_log)``."""
-    if c.kind == "broadcast":
-        dst.copy_(x.reshape(1).expand(dst.shape))
-        return
-    dst.copy_(x.reshape(dst.shape))
-    if c.kind == "mamba_A":
-        dst.exp_().neg_()
 
 
 def _verify(copies: list[Copy], arenas: Arenas) -> tuple[int, dict[str, int]]:
@@ -740,8 +715,8 @@ def _verify(copies: list[Copy], arenas: Arenas) -> tuple[int, dict[str, int]]:
             es = ITEMSIZE[c.src]
             p = arenas.params[c.param]
             dtype, base = arenas.where[c.param]
-            n_src = _numel([b - a for a, b in c.src_box])
-            n_dst = _numel([b - a for a, b in c.dst_box])
+            n_src = numel([b - a for a, b in c.src_box])
+            n_dst = numel([b - a for a, b in c.dst_box])
             corners = [(0, 0)] if c.kind == "broadcast" else [(0, 0), (n_src - 1, n_dst - 1)]
             for s_idx, d_idx in corners:
                 raw = os.pread(fds[c.path], es, c.t_start + _flat_index(c.t_shape, c.src_box, s_idx) * es)
@@ -798,183 +773,10 @@ def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: Crash
                 crash.tensor,
             )
         )
-    items = []
-    for p in params:
-        if p.mismatches:
-            items.append(
-                (
-                    "readback",
-                    p.name,
-                    Finding(
-                        "error", "readback-mismatch", "a placed slice differs from the checkpoint bytes", None, p.name
-                    ),
-                )
-            )
-        if crash is not None:
-            continue
-        if p.status == "over":
-            items.append(
-                (
-                    "over",
-                    p.name,
-                    Finding(
-                        "error",
-                        "double-write",
-                        "the ranks' owned elements add up to more than the parameter: a slice is written twice",
-                        None,
-                        p.name,
-                    ),
-                )
-            )
-        elif p.status != "filled":
-            sev: Severity = "info" if p.informational else "error"
-            items.append(
-                (
-                    p.status + sev,
-                    p.name,
-                    Finding(
-                        sev,
-                        f"param-{p.status}",
-                        f"the ranks together leave {p.elements - p.covered:,} of {p.elements:,} elements unwritten",
-                        None,
-                        p.name,
-                    ),
-                )
-            )
-        elif p.poisoned:
-            items.append(
-                (
-                    "poison",
-                    p.name,
-                    Finding("error", "poison-left", "covered, yet poison is left in a rank's partition", None, p.name),
-                )
-            )
-    from nhcheck.audit import _grouped
-
-    return out + _grouped(items)
-
-
-# ---------------------------------------------------------------------------
-# Rendering
-
-
-def to_json(r: TPLoadReport) -> dict:
-    return {
-        "schema": SCHEMA,
-        "nhcheck_version": __version__,
-        "source": r.source,
-        "engine": r.engine,
-        "tp": r.tp,
-        "backend": r.backend,
-        "device": r.device_name,
-        "summary": {
-            "verdict": r.verdict,
-            "bytes_loaded": r.bytes_loaded,
-            "bytes_read": r.bytes_read,
-            "wall_seconds": round(r.wall_seconds, 6),
-            "gb_per_s": round(r.gb_per_s, 3),
-            "params": len(r.params),
-            "params_filled": sum(1 for p in r.params if p.status == "filled"),
-            "samples_checked": r.samples_checked,
-        },
-        "ranks": [
-            {
-                "rank": s.rank,
-                "device": s.device,
-                "copies": s.copies,
-                "bytes_loaded": s.bytes_loaded,
-                "bytes_read": s.bytes_read,
-                "bytes_allocated": s.bytes_allocated,
-                "seconds": round(s.seconds, 6),
-                "gb_per_s": round(s.gb_per_s, 3),
-            }
-            for s in r.ranks
-        ],
-        "crash": r.crash.as_dict() if r.crash else None,
-        "params": [
-            {
-                "name": p.name,
-                "elements": p.elements,
-                "covered": p.covered,
-                "status": p.status,
-                "poisoned": p.poisoned,
-                "mismatches": p.mismatches,
-                "informational": p.informational,
-            }
-            for p in r.params
-        ],
-        "findings": [f.to_json() for f in r.findings],
-    }
-
-
-def render_json(r: TPLoadReport) -> str:
-    import json
-
-    return json.dumps(to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
-
-
-def headline(r: TPLoadReport) -> str:
-    if r.verdict == "refused":
-        return (
-            f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
-            "nothing was loaded."
+    checks = (
+        param_coverage.ParamCheck(
+            p, c.status, unwritten=c.elements - c.covered, mismatches=c.mismatches, poisoned=c.poisoned
         )
-    if r.verdict == "clean":
-        return (
-            f"{r.tp} rank(s) together fill every reachable parameter exactly once; no poison left, "
-            "read-backs equal the file."
-        )
-    return f"{r.engine} at TP {r.tp}: {sum(1 for f in r.findings if f.severity == 'error')} problem famil(ies)."
-
-
-def rank_lines(r: TPLoadReport) -> list[str]:
-    lines = [
-        f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
-        f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
-        f"({_rate(s.gb_per_s)})"
-        for s in r.ranks
-    ]
-    if r.ranks:
-        lines.append(
-            f"aggregate: {_gb(r.bytes_loaded)} in {r.wall_seconds:.3f} s wall ({_rate(r.gb_per_s)}) over "
-            f"{r.tp} rank(s), {r.backend} on {r.device_name}; {r.samples_checked:,} slice corners read back"
-        )
-    return lines
-
-
-def render_table(r: TPLoadReport, console) -> None:
-    from rich.markup import escape
-
-    from nhcheck.report import findings_table, print_table, safe
-
-    e = lambda s: escape(safe(s))  # noqa: E731
-    console.print(f"[bold]nhcheck load --tp {r.tp}[/] {e(r.source)} · {r.engine}")
-    colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
-    console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(headline(r))}")
-    for line in rank_lines(r):
-        console.print(e(line))
-    if r.findings:
-        print_table(console, findings_table(r.findings))
-
-
-def render_markdown(r: TPLoadReport) -> str:
-    from nhcheck.report import _md, findings_markdown
-
-    out = [
-        f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}",
-        "",
-        f"**{r.verdict.upper()}**: {_md(headline(r))}",
-        "",
-    ]
-    out += [f"- {_md(line)}" for line in rank_lines(r)]
-    if r.findings:
-        out += findings_markdown(r.findings)
-    return "\n".join(out) + "\n"
-
-
-def summary_line(r: TPLoadReport) -> str:
-    bad = sum(1 for f in r.findings if f.severity == "error")
-    return (
-        f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
-        f"verdict {r.verdict}; {bad} error finding(s)."
+        for p, c in zip(plan.params, params, strict=True)
     )
+    return out + param_coverage.param_findings(checks, "tp", audit.engine.label, crash is not None)

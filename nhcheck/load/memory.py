@@ -1,0 +1,140 @@
+"""Device memory of a load: the runtime parameters, poisoned, and the one rule that writes into them.
+
+Every parameter of the plan lives in one allocation per dtype (an arena), as a contiguous view
+with the engine's shape, filled with a poison pattern before any byte lands; the checks scan
+the arenas for poison left behind. ``apply`` is the loader semantics on one destination view,
+shared by the one-device load and every tensor-parallel rank. torch is imported inside
+functions only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nhcheck.dtypes import FLOAT_PARAM, INT_OF_SIZE, ITEMSIZE, numel
+from nhcheck.errors import UsageError
+from nhcheck.manifest import Param
+
+#: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
+_POISON_RUN = 16
+#: Elements per slice of the poison scan (bounds its temporaries).
+_SCAN = 1 << 26
+
+
+def torch_module():
+    """torch, imported on first use (nothing ``audit`` imports may pay for it)."""
+    import torch
+
+    return torch
+
+
+def resolve_device(spec: str):
+    """``cpu``, ``cuda`` or ``cuda:N`` → a torch device; a missing GPU is a usage error (exit 2)."""
+    torch = torch_module()
+    spec = spec.strip()
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {spec}: CUDA is not available (torch {torch.__version__}); "
+                "use --device cpu to check the placement logic without a GPU"
+            )
+        index = int(spec[5:]) if ":" in spec else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    raise UsageError(f"--device {spec!r}: expected cpu, cuda or cuda:N")
+
+
+def layout(params: tuple[Param, ...]) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
+    """Where each parameter lives: (dtype arena, first element); and each arena's element count."""
+    where: dict[str, tuple[str, int]] = {}
+    totals: dict[str, int] = {}
+    for p in params:
+        off = totals.get(p.dtype, 0)
+        where[p.name] = (p.dtype, off)
+        totals[p.dtype] = off + numel(p.shape)
+    return where, totals
+
+
+class Arenas:
+    """One allocation per dtype, poisoned with 0xFF bytes (NaN in every float format, 255 in uint8).
+
+    Each parameter is a contiguous view with the engine's shape, so placement is the engine's;
+    poisoning and the poison scan are one kernel per dtype instead of one per parameter.
+    Parameters the engine initialises itself (KV scales at -1, A16 input-scale placeholders at
+    1, spec §5.1 quirk 9) get that value instead of poison.
+    """
+
+    def __init__(self, params: tuple[Param, ...], device, torch) -> None:
+        self.torch = torch
+        self.params = {p.name: p for p in params}
+        self.where, totals = layout(params)
+        self.raw = {
+            d: torch.empty(n * ITEMSIZE[d], dtype=torch.uint8, device=device).fill_(0xFF) for d, n in totals.items()
+        }
+        self.typed = {d: b.view(getattr(torch, d)) for d, b in self.raw.items()}
+        for p in params:
+            if p.informational:
+                self.flat(p.name).fill_(-1.0 if p.name.endswith(("k_scale", "v_scale")) else 1.0)
+
+    def flat(self, name: str):
+        dtype, off = self.where[name]
+        return self.typed[dtype][off : off + numel(self.params[name].shape)]
+
+    def view(self, name: str, box: tuple[tuple[int, int], ...] = ()):
+        """Parameter ``name`` with its shape, or the box ``box`` ((start, end) per dim) of it."""
+        v = self.flat(name).view(self.params[name].shape)
+        return v[tuple(slice(a, b) for a, b in box)] if box else v
+
+    def tensors(self) -> dict[str, Any]:
+        return {n: self.flat(n).view(p.shape) for n, p in self.params.items()}
+
+    def poisoned(self) -> dict[str, int]:
+        """Elements still holding the poison pattern, per parameter (one scan per dtype first)."""
+        torch = self.torch
+        out: dict[str, int] = {}
+        totals = [self._count(dtype, raw) for dtype, raw in self.raw.items()]
+        for (dtype, _raw), total in zip(self.raw.items(), torch.stack(totals).tolist() if totals else (), strict=True):
+            if total == 0:
+                continue
+            for name, (d, _) in self.where.items():
+                if d == dtype:
+                    flat = self.flat(name)
+                    n = int(self._count(dtype, flat.view(torch.uint8))) if flat.numel() else 0
+                    if n:
+                        out[name] = n
+        return out
+
+    def _count(self, dtype: str, raw):
+        """Poisoned elements in the bytes ``raw`` (a 0-d tensor on the device, no host sync): all-ones
+        floats, or 16-byte runs of 0xFF in integer storage. Scanned in slices so the temporaries stay small."""
+        torch = self.torch
+        total = torch.zeros((), dtype=torch.int64, device=raw.device)
+        if dtype in FLOAT_PARAM or dtype.startswith("float8"):
+            words = raw.view(getattr(torch, INT_OF_SIZE[ITEMSIZE[dtype]]))
+            for i in range(0, words.numel(), _SCAN):
+                total += (words[i : i + _SCAN] == -1).sum()
+            return total
+        head = -raw.data_ptr() % 8
+        n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
+        words = raw[head : head + n].view(torch.int64).view(-1, _POISON_RUN // 8)
+        for i in range(0, words.shape[0], _SCAN):
+            part = words[i : i + _SCAN]
+            hit = part[:, 0] == -1
+            for j in range(1, _POISON_RUN // 8):
+                hit &= part[:, j] == -1
+            total += hit.sum() * _POISON_RUN
+        return total
+
+
+def apply(kind: str, dst, x) -> None:
+    """Write the typed source ``x`` into the view ``dst`` with the loader semantics of an op's ``kind``:
+    copy or cast, one scalar over every element (``broadcast``), ``A = -exp(A_log)`` (``mamba_A``)."""
+    if kind == "broadcast":
+        dst.copy_(x.reshape(1).expand(dst.shape))
+        return
+    dst.copy_(x.reshape(dst.shape))
+    if kind == "mamba_A":
+        dst.exp_().neg_()

@@ -1,0 +1,236 @@
+"""The load plan: every copy the load makes, decided from the audit before any byte moves (no torch).
+
+For each checkpoint tensor the audit says loads, in the order the engine meets them: which runtime
+parameter, which contiguous range of it (the q/k/v row block, one expert, the whole parameter, a
+scale slot), and how the bytes enter (copy, cast, broadcast, ``A = -exp(A_log)``), with the
+engine's loader semantics (``Engine.loader_semantics``). A tensor whose quantization, dtype or
+shape the parameter cannot take is refused as a finding, not copied; the plan ends at the tensor
+where the engine raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from nhcheck import engines, slots
+from nhcheck.audit import AuditReport, TensorRecord
+from nhcheck.dtypes import FLOAT_PARAM, ITEMSIZE, TORCH_DTYPE, numel
+from nhcheck.engines.base import Crash, LoaderSemantics
+from nhcheck.errors import UsageError
+from nhcheck.findings import Finding, grouped
+from nhcheck.manifest import Param
+from nhcheck.safetensors_header import TensorInfo
+
+#: How an op's bytes enter the parameter (see ``Op``).
+OpKind = Literal["copy", "cast", "broadcast", "mamba_A"]
+
+
+class Op(NamedTuple):
+    """One checkpoint tensor placed into one slot of one runtime parameter.
+
+    ``idx``: the tensor's position in the audit. ``start``/``n``: the slot as a range of the
+    flattened parameter (every slot the engine fills is a contiguous range: dim 0 is the q/k/v
+    row block or the expert). ``kind``:
+    ``copy`` (same dtype, bytes), ``cast`` (float to float), ``broadcast`` (one scalar into every
+    partition), ``mamba_A`` (``-exp(float(x))``).
+    """
+
+    idx: int
+    tensor: TensorInfo
+    path: str
+    param: str
+    kind: OpKind
+    src: str
+    start: int
+    n: int
+    slot: str
+
+
+class _Mismatch(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the load will do, decided from the audit before any byte moves."""
+
+    ops: tuple[Op, ...]
+    params: tuple[Param, ...]
+    findings: tuple[Finding, ...]
+    crash: Crash | None
+    unreachable: tuple[str, ...]
+
+
+def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Param, ...], tuple[str, ...]]:
+    """The parameters to allocate (reachable ones, in the runtime dtype) and the unreachable names.
+
+    ``dtype`` overrides the model dtype as SGLang's ``--dtype`` does: parameters built in the
+    config's dtype change, explicit float32 ones (scales, ``A``, router bias) and quantized
+    storage do not.
+    """
+    model = report.config.dtype if report.config.dtype in FLOAT_PARAM else "bfloat16"
+    out, unreachable = [], []
+    for p in report.manifest.params:
+        if not p.reachable:
+            unreachable.append(p.name)
+            continue
+        if p.dtype not in ITEMSIZE or (not p.shape and p.dtype == "unknown"):
+            raise UsageError(
+                f"the manifest gives no usable dtype/shape for {p.name} ({p.dtype} {list(p.shape)}); "
+                "load needs a manifest with shapes and dtypes (nhcheck JSON or a {name: {shape, dtype}} dump)"
+            )
+        if (
+            dtype != "auto"
+            and p.dtype == model
+            and p.loader != "mamba_A"
+            and not slots.is_scale(p.name)
+            and not p.name.endswith("e_score_correction_bias")
+        ):
+            p = Param(
+                p.name,
+                p.shape,
+                dtype,
+                p.quant_method,
+                p.loader,
+                p.slots,
+                p.num_experts,
+                p.shard_ids,
+                p.reachable,
+                p.informational,
+            )
+        out.append(p)
+    return tuple(out), tuple(unreachable)
+
+
+def _place(
+    p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None, loader: LoaderSemantics
+) -> tuple[int, int, str, bool]:
+    """(first element, element count, slot label, broadcast?) of the slot a tensor of ``shape`` fills in ``p``.
+
+    Mirrors the loaders: FusedMoE puts expert e at ``[e]`` (a scalar scale into a one-element
+    slot); the stacked loader puts the q/k/v row block at its offset (a scalar scale at its
+    index); the default loader copies the whole tensor, fills a one-element parameter from
+    any one-element tensor, and puts a scalar scale into a per-partition scale vector: over
+    every partition or into slot 0 only (``LoaderSemantics.scalar_every_slot``).
+    """
+    n = numel(shape)
+    pshape = p.shape
+    if p.loader == "expert":
+        experts = pshape[0] if pshape else 0
+        if expert_id is None or not 0 <= expert_id < experts:
+            raise _Mismatch("shape-mismatch", f"expert {expert_id} outside {p.name} ({experts} experts)")
+        sub = pshape[1:]
+        per = numel(sub)
+        if sub in ((), (1,)):
+            if n != 1:
+                raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element slot [{expert_id}] of {p.name}")
+        elif tuple(shape) != sub:
+            raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} expects {list(sub)} per expert")
+        return expert_id * per, per, f"expert {expert_id}", False
+    if p.loader == "stacked":
+        if not p.slots:
+            raise _Mismatch("no-layout", f"the manifest gives no q/k/v layout for {p.name}")
+        slot = next((s for s in p.slots if s[0] == shard_id), None)
+        if slot is None:
+            raise _Mismatch("shape-mismatch", f"{p.name} has no shard {shard_id!r}")
+        sid, off, size = slot
+        if size == 1 and len(pshape) == 1 and pshape[0] == len(p.slots):
+            if n != 1 or len(shape) > 1:  # PerTensorScaleParameter._load_into_shard_id: () or (1,) only
+                raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element slot {sid} of {p.name}")
+            return off, 1, f"shard {sid}", False
+        want = (size,) + tuple(pshape[1:])
+        if tuple(shape) != want:
+            raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} expects {list(want)} for shard {sid}")
+        row = numel(pshape[1:])
+        return off * row, size * row, f"shard {sid}", False
+    total = numel(pshape)
+    if n == 1 and len(shape) > 1 and loader.scale_0d_only and slots.is_scale(p.name):
+        raise _Mismatch(
+            "shape-mismatch",
+            f"{list(shape)} into the one-element scale {p.name}: the linear loader "
+            "reshapes only a 0-d scale and asserts equal shapes",
+        )
+    if tuple(shape) == tuple(pshape) or (n == 1 and total == 1):
+        return 0, total, "whole", False
+    if slots.scalar_into_vector(p, shape):
+        if not loader.scalar_every_slot:
+            return 0, 1, "slot 0", False
+        return 0, total, "every partition", True
+    raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} is {list(pshape)}")
+
+
+def _kind(p: Param, t: TensorInfo) -> OpKind:
+    """How the bytes of ``t`` may enter ``p``; a quantization or dtype mismatch is refused, not copied.
+
+    Checked before the shape: packed NVFP4 bytes meeting a bf16 parameter also differ in
+    shape, but the quantization is the cause worth naming.
+    """
+    src = TORCH_DTYPE.get(t.dtype)
+    dst = p.dtype
+    if src is None:
+        raise _Mismatch(
+            "dtype-mismatch", f"{t.dtype} has no torch dtype; cannot be placed in the {dst} parameter {p.name}"
+        )
+    if (src in FLOAT_PARAM) != (dst in FLOAT_PARAM):
+        what = (
+            f"quantized ({t.dtype}) bytes into the unquantized {dst} parameter"
+            if dst in FLOAT_PARAM
+            else f"an unquantized {t.dtype} tensor into the quantized {dst} parameter"
+        )
+        raise _Mismatch("quant-mismatch", f"would load {what} {p.name}; not copied")
+    if p.loader == "mamba_A":
+        return "mamba_A"
+    if src != dst and src not in FLOAT_PARAM:
+        raise _Mismatch("dtype-mismatch", f"{t.dtype} into the {dst} parameter {p.name}; not copied")
+    return "copy" if src == dst else "cast"
+
+
+def stream_order(report: AuditReport) -> list[TensorRecord]:
+    """The records in the order the engine meets them (a buffering VL wrapper routes everything first)."""
+    recs = list(report.records)
+    engine = engines.get(report.engine)
+    if not engine.routes_before_lm(report.config, mtp=report.mtp):
+        return recs
+    is_lm = [engine.route(r.tensor.name, report.config).target == "lm" for r in recs]
+    return [r for r, lm in zip(recs, is_lm, strict=True) if not lm] + [
+        r for r, lm in zip(recs, is_lm, strict=True) if lm
+    ]
+
+
+def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
+    """Every copy the load makes, in stream order, up to the tensor where the engine raises."""
+    params, unreachable = runtime_params(report, dtype)
+    by_name = {p.name: p for p in params}
+    engine = engines.get(report.engine)
+    paths = {s.name: s.path for s in report.checkpoint.shards}
+    ops: list[Op] = []
+    refused: list[tuple[str, str, Finding]] = []
+    crash: Crash | None = None
+    if report.crash is not None and report.crash.tensor is None:
+        crash = report.crash
+    for i, r in enumerate(stream_order(report) if crash is None else ()):
+        o = r.outcome
+        if o.outcome == "raise":
+            crash = Crash(o.message or "", r.tensor.name, r.tensor.shard, index=i)
+            break
+        if o.outcome != "load":
+            continue
+        t = r.tensor
+        p = by_name.get(r.param or "")
+        if p is None:
+            continue  # an unreachable parameter: nothing the engine keeps
+        try:
+            kind = _kind(p, t)
+            start, count, slot, bcast = _place(
+                p, t.shape, o.shard_id, o.expert_id, engine.loader_semantics(p.quant_method)
+            )
+        except _Mismatch as exc:
+            refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
+            continue
+        ops.append(
+            Op(i, t, paths[t.shard], p.name, "broadcast" if bcast else kind, TORCH_DTYPE[t.dtype], start, count, slot)
+        )
+    return Plan(tuple(ops), params, tuple(grouped(refused)), crash, tuple(unreachable))

@@ -1,0 +1,293 @@
+"""The whole load, in order: read from the first moment, audit, plan, allocate and poison, place, check.
+
+``load_path`` starts reading a local checkpoint's shards while their headers are parsed and the
+audit runs (``readers.Transfer``); ``load_checkpoint`` loads an opened checkpoint; ``load_audited``
+takes decisions already made. The report holds what memory says of every parameter and the
+findings built from it (``nhcheck.coverage``); rendering is ``nhcheck.report``'s. torch is
+imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nhcheck import coverage as param_coverage
+from nhcheck import slots
+from nhcheck.audit import AuditOptions, AuditReport
+from nhcheck.checkpoint import Checkpoint, open_local
+from nhcheck.coverage import ParamState
+from nhcheck.dtypes import numel
+from nhcheck.engines.base import Crash
+from nhcheck.findings import Finding, Verdict, verdict_of
+from nhcheck.load.checks import Coverage, compare, coverage, expected_samples
+from nhcheck.load.memory import Arenas, layout, resolve_device, torch_module
+from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
+from nhcheck.load.plan import Plan, plan_load
+from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_of
+from nhcheck.manifest import Param
+
+
+@dataclass(frozen=True)
+class ParamLoad:
+    """One runtime parameter after the load: which of its elements were written, and what memory says."""
+
+    param: Param
+    status: ParamState
+    written: int
+    missing: tuple[str, ...] = ()
+    double_writes: int = 0
+    poisoned: int = 0
+    mismatches: int = 0
+
+    @property
+    def numel(self) -> int:
+        return numel(self.param.shape)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    audit: AuditReport
+    device: str
+    device_name: str
+    reader: str
+    tensors_loaded: int
+    bytes_loaded: int
+    bytes_read: int
+    seconds: float
+    timings: dict[str, float]
+    peak_device_bytes: int | None
+    params: tuple[ParamLoad, ...]
+    findings: tuple[Finding, ...]
+    crash: Crash | None
+    verdict: Verdict
+    samples_checked: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_loaded / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "clean" else 1
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The report, and the loaded parameters (views with the engine's shapes) for callers that want them."""
+
+    report: LoadReport
+    arenas: Arenas = field(repr=False)
+
+    @property
+    def tensors(self) -> dict[str, Any]:
+        return self.arenas.tensors()
+
+
+@contextmanager
+def _prompt_handover() -> Iterator[None]:
+    """Reader threads need the interpreter for microseconds per piece while the main thread parses
+    and audits; the default 5 ms switch interval would make each of them wait that long."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def load_checkpoint(
+    ckpt: Checkpoint,
+    engine: str | None = None,
+    opts: LoadOptions = DEFAULT_OPTIONS,
+    *,
+    manifest_file: str | None = None,
+    moe_backend: str | None = None,
+    mtp: bool = False,
+    pp: tuple[int, int] | None = None,
+    t0: float | None = None,
+    transfer: Transfer | None = None,
+) -> LoadResult:
+    """Audit, plan, allocate, load, check.
+
+    ``pp`` is (rank, size) of one pipeline rank; ``t0`` lets a caller count the header reading
+    in the wall time; ``transfer``, already reading ``ckpt``'s shards, is taken over (and closed).
+    """
+    from nhcheck import pipeline
+
+    def decide() -> AuditReport:
+        inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
+        return pipeline.audit(inputs, AuditOptions(compare_versions=False))
+
+    return _load(ckpt, decide, opts, t0, transfer)
+
+
+def load_audited(audit: AuditReport, opts: LoadOptions = DEFAULT_OPTIONS) -> LoadResult:
+    """Load with decisions already made (an ``AuditReport`` of this process): the load proper, from the first byte."""
+    return _load(audit.checkpoint, lambda: audit, opts, None, None)
+
+
+def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfer: Transfer | None) -> LoadResult:
+    t_start = time.perf_counter()
+    t0 = t_start if t0 is None else t0
+    with ExitStack() as stack:
+        if transfer is not None:
+            stack.enter_context(transfer)
+        check_options(opts)
+        torch = torch_module()
+        device = resolve_device(opts.device)
+        cuda = device.type == "cuda"
+        stack.enter_context(_prompt_handover())
+        if transfer is None and opts.reader == "fast":
+            transfer = stack.enter_context(Transfer(spans_of(ckpt.shards), device, opts, torch))
+        baseline = transfer.baseline if transfer is not None else _baseline(torch, device)
+        audit = decide()
+        t_audit = time.perf_counter()
+        plan = plan_load(audit, opts.dtype)
+        cov, overwritten = coverage(plan.params, plan.ops)
+        side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        # the file side of the read-back check needs only the plan: do it while the bytes move
+        expected = side.submit(expected_samples, plan.ops, layout(plan.params)[0], max(1, opts.samples), overwritten)
+        t_plan = time.perf_counter()
+        arenas = Arenas(plan.params, device, torch)
+        t_alloc = time.perf_counter()
+        if transfer is not None:
+            read = transfer.place(plan.ops, arenas)
+        else:
+            read = run_safetensors(plan.ops, arenas, device)
+        t_data = time.perf_counter()
+        checked, bad = compare(expected.result(), arenas)
+    poison = arenas.poisoned() if plan.crash is None else {}
+    loaded = sum(op.tensor.nbytes for op in plan.ops)
+    crash = None
+    if plan.crash is not None:
+        crash = replace(
+            plan.crash, index=None, tensors_loaded=len(plan.ops), bytes_loaded=loaded, seconds=round(t_data - t0, 6)
+        )
+    params = tuple(_param_load(p, cov[p.name], poison.get(p.name, 0), bad.get(p.name, 0)) for p in plan.params)
+    findings = _findings(audit, plan, params, crash)
+    peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else None
+    t_end = time.perf_counter()
+    report = LoadReport(
+        audit=audit,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device)
+        if cuda
+        else (platform.processor() or platform.machine() or "cpu"),
+        reader=opts.reader,
+        tensors_loaded=len(plan.ops),
+        bytes_loaded=loaded,
+        bytes_read=read,
+        seconds=t_end - t0,
+        timings={
+            "headers": t_start - t0,
+            "audit": t_audit - t_start,
+            "plan": t_plan - t_audit,
+            "allocate": t_alloc - t_plan,
+            "transfer": t_data - t_alloc,
+            "check": t_end - t_data,
+        },
+        peak_device_bytes=peak,
+        params=params,
+        findings=tuple(findings),
+        crash=crash,
+        verdict=verdict_of(findings, crash is not None),
+        samples_checked=checked,
+    )
+    return LoadResult(report, arenas)
+
+
+def _baseline(torch, device) -> int:
+    """Start counting peak device memory from here; returns what is already allocated."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def load_path(
+    path: str,
+    engine: str | None = None,
+    opts: LoadOptions = DEFAULT_OPTIONS,
+    *,
+    progress=None,
+    t0: float | None = None,
+    **kw: Any,
+) -> LoadResult:
+    """Load a local checkpoint, the reads starting while its headers are parsed; the wall time counts both."""
+    t0 = time.perf_counter() if t0 is None else t0
+    check_options(opts)
+    spans = quick_spans(path) if opts.reader == "fast" else None
+    with _prompt_handover():
+        transfer = Transfer(spans, resolve_device(opts.device), opts, torch_module()) if spans else None
+        try:
+            ckpt = open_local(path, progress)
+        except BaseException:
+            if transfer is not None:
+                transfer.close()
+            raise
+        if transfer is not None and spans_of(ckpt.shards) != transfer.spans:
+            transfer.close()  # the guess missed (an index that lists other files): start over from the headers
+            transfer = None
+        return load_checkpoint(ckpt, engine, opts, t0=t0, transfer=transfer, **kw)
+
+
+def load_source(
+    source: str,
+    revision: str | None = None,
+    engine: str | None = None,
+    opts: LoadOptions = DEFAULT_OPTIONS,
+    *,
+    progress=None,
+    t0: float | None = None,
+    **kw: Any,
+) -> LoadResult:
+    """What the CLI loads: a local path (reads start at once), or a Hub repo downloaded to the cache first."""
+    if os.path.exists(source) and not revision:
+        return load_path(source, engine, opts, progress=progress, t0=t0, **kw)
+    from nhcheck.sources import open_source
+
+    return load_checkpoint(open_source(source, revision, progress, data=True), engine, opts, t0=t0, **kw)
+
+
+def _param_load(p: Param, cov: Coverage, poisoned: int, mismatches: int) -> ParamLoad:
+    written, missing, doubles = cov
+    status: ParamState = "filled" if written >= numel(p.shape) else "partial" if written else "unfilled"
+    return ParamLoad(p, status, written, missing, doubles, poisoned, mismatches)
+
+
+def _findings(audit: AuditReport, plan: Plan, params: tuple[ParamLoad, ...], crash: Crash | None) -> list[Finding]:
+    out: list[Finding] = [f for f in audit.checkpoint.findings]
+    if crash is not None:
+        out.append(
+            Finding(
+                "error",
+                "crash",
+                f"{audit.engine.label} raises {crash.error}{crash.where} after "
+                f"{crash.tensors_loaded or 0:,} tensors, {crash.bytes_loaded or 0:,} bytes, "
+                f"{crash.seconds or 0:.2f} s; the load stops here",
+                crash.shard,
+                crash.tensor,
+            )
+        )
+    out += plan.findings
+    checks = (
+        param_coverage.ParamCheck(
+            s.param,
+            s.status,
+            s.missing,
+            mismatches=s.mismatches,
+            double_writes=s.double_writes,
+            poisoned=s.poisoned,
+            slot_kind=slots.unwritten_kind(s.param, s.written) if s.status == "partial" else None,
+        )
+        for s in params
+    )
+    return out + param_coverage.param_findings(checks, "load", audit.engine.label, crash is not None)
