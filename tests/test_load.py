@@ -193,7 +193,7 @@ def test_readers_agree_byte_for_byte(example, engine):
     fast = load_path(
         str(EXAMPLES / example),
         f"sglang@{engine}",
-        LoadOptions(device="cpu", chunk_bytes=1000, pinned_bytes=4000, threads=3, landing_bytes=1),
+        LoadOptions(device="cpu", chunk_bytes=1000, pinned_bytes=4000, threads=3, staging_bytes=1),
     )
     assert ref.report.verdict == fast.report.verdict
     assert set(ref.tensors) == set(fast.tensors)
@@ -504,7 +504,7 @@ def test_audit_and_cli_import_no_torch():
     [
         LoadOptions(device="cuda"),
         LoadOptions(device="cuda", reader="safetensors"),
-        LoadOptions(device="cuda:0", chunk_bytes=1000, pinned_bytes=4000, threads=4, landing_bytes=1),
+        LoadOptions(device="cuda:0", chunk_bytes=1000, pinned_bytes=4000, threads=4, staging_bytes=1),
     ],
     ids=["fast", "safetensors", "ring-reuse"],
 )

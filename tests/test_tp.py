@@ -342,8 +342,8 @@ def test_two_gloo_ranks_agree_on_exact_coverage(tmp_path, backend, nano_cfg, nan
     if backend == "flashinfer_trtllm":
         assert rep.ranks[0].bytes_loaded > rep.ranks[1].bytes_loaded
     assert total <= rep.bytes_loaded < 1.25 * total
-    # column slices read across the other rank's columns, never more than the whole checkpoint per rank
-    assert all(s.bytes_loaded <= s.bytes_read <= total for s in rep.ranks)
+    # each rank reads exactly the bytes it places: column slices are gathered row window by row window
+    assert all(s.bytes_read == s.bytes_loaded for s in rep.ranks)
     assert rep.samples_checked > 0 and rep.wall_seconds > 0
 
 

@@ -15,7 +15,8 @@ class LoadOptions:
     """How to load. Sizes are bytes; ``threads`` 0 means min(16, CPU count).
 
     ``chunk_bytes``: one read; ``pinned_bytes``: the host ring those reads land in;
-    ``landing_bytes``: device memory for shards read but not yet placed (at least one shard).
+    ``staging_bytes``: device memory for pieces read but not yet placed (at least one read): the
+    load needs the parameters plus this on the device, whatever the shard sizes.
     """
 
     device: str = "cuda"
@@ -25,7 +26,7 @@ class LoadOptions:
     chunk_bytes: int = 16 << 20
     pinned_bytes: int = 512 << 20
     samples: int = 4
-    landing_bytes: int = 4 << 30
+    staging_bytes: int = 1 << 30
 
 
 #: The defaults, for signatures (a call in a default argument would be made once anyway).

@@ -1,9 +1,9 @@
 """Readers: the shard bytes on their way into the arenas.
 
-``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a bounded ring of
-(pinned, on CUDA) host buffers and copies them asynchronously into per-shard landing buffers on
-the device, starting before the plan exists; once it does, each shard is placed with one batched
-copy. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
+``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a ring of (pinned,
+on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
+starting before the plan exists; once it does, each staged piece is placed with one batched
+copy and its slot reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
 ``get_tensor`` per tensor in stream order. torch is imported inside functions only.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 from nhcheck.dtypes import ITEMSIZE
@@ -23,14 +24,6 @@ from nhcheck.load.plan import Op
 #: Kept across loads: the pinned ring (pinning costs more than the reads) and one stream per device
 #: (the caching allocator reuses memory only on the stream that freed it).
 _CACHE: dict[Any, Any] = {}
-_PENDING = object()  # a landing buffer being allocated
-
-
-class Piece(NamedTuple):
-    """One op's source bytes inside a buffer holding its shard's data section, at byte ``off``."""
-
-    op: Op
-    off: int
 
 
 class Span(NamedTuple):
@@ -127,19 +120,65 @@ def _segments(t, spans: list[tuple[int, int]]) -> list:
     return list(t.tensor_split(bounds)[1::2])
 
 
+class Piece(NamedTuple):
+    """Bytes [skip, skip + nbytes) of one op's source, at byte ``off`` of a staged read.
+
+    A read is a fixed piece of the file, so a tensor may start in one read and end in another: a
+    ``copy`` op is cut at the boundary (a byte range of the source maps to the same byte range of
+    its slot); any other kind is placed whole, from one read (``skip`` 0) or, when it straddles a
+    boundary, gathered from its reads first (``Transfer.place``).
+    """
+
+    op: Op
+    off: int
+    skip: int = 0
+    nbytes: int = -1
+
+
+def _source_bytes(op: Op) -> int:
+    """Bytes of the file an op reads: the whole tensor, or one element for a broadcast."""
+    return ITEMSIZE[op.src] * (1 if op.kind == "broadcast" else op.n)
+
+
+def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_shard: list[list[int]]):
+    """Each read's pieces (by read index), and the non-copy ops no single read holds whole (whose pieces
+    are parts to gather before the op is applied)."""
+    index = {s.path: i for i, s in enumerate(spans)}
+    out: dict[int, list[Piece]] = {}
+    whole: list[Op] = []
+    for op in ops:
+        i = index[op.path]
+        span = spans[i]
+        a = op.tensor.start
+        b = a + _source_bytes(op)
+        if b <= a:
+            continue
+        first = of_shard[i][0]
+        size = reads[first].end - reads[first].start  # every read of a shard but its last has this size
+        k0, k1 = (a - span.data_start) // size, (b - 1 - span.data_start) // size
+        if k0 != k1 and op.kind != "copy":
+            whole.append(op)  # its parts are gathered from the reads, then applied whole
+        for k in range(k0, k1 + 1):
+            r = reads[first + k]
+            lo, hi = max(a, r.start), min(b, r.end)
+            out.setdefault(first + k, []).append(Piece(op, lo - r.start, lo - a, hi - lo))
+    return out, whole
+
+
 def apply_pieces(pieces: list[Piece], src, arenas: Arenas) -> None:
-    """Place one shard's ops from ``src``: same-dtype ones as one batched byte copy, the rest through ``write_op``."""
+    """Place what one staged read holds: ``copy`` bytes as one batched copy, the rest through ``write_op``."""
     torch = arenas.torch
-    copies = []  # (source offset, bytes, arena dtype, arena offset)
+    copies = []  # (source offset, bytes, arena dtype, arena byte offset)
     for pc in pieces:
         op = pc.op
         es = ITEMSIZE[op.src]
+        n = _source_bytes(op) if pc.nbytes < 0 else pc.nbytes
         if op.kind == "copy":
-            if op.n:
+            if n:
                 dtype, base = arenas.where[op.param]
-                copies.append((pc.off, op.n * es, dtype, (base + op.start) * es))
+                copies.append((pc.off, n, dtype, (base + op.start) * es + pc.skip))
             continue
-        x = src[pc.off : pc.off + (1 if op.kind == "broadcast" else op.n) * es]
+        x = src[pc.off : pc.off + n]
         if pc.off % es:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
@@ -161,15 +200,16 @@ class Transfer:
     """Shard bytes on their way to the device, started before the plan exists and placed once it does.
 
     Reading begins with the load, while the main thread parses headers, audits and plans:
-    reader threads claim pieces in order, ``os.preadv`` each into a free slot of a bounded ring
-    of host buffers (pinned on CUDA) and copy it asynchronously into its shard's landing buffer
-    on the device. No dispatcher sits between the threads: each piece costs its reader one
-    or two brief holds of the interpreter, which the auditing main thread hands over every
-    ``sys.getswitchinterval()``. ``place`` takes the plan, scatters each shard as soon as all its
-    needed pieces have landed (one batched copy, shards in loader order as the engine applies
-    them) and frees the landing buffer. Landing memory is bounded by ``landing_bytes`` (at
-    least the largest shard); readers past it wait for ``place``. Once the plan is known,
-    pieces no op needs are not read. One load at a time per process: the pinned ring is shared.
+    reader threads claim fixed pieces of the files in order, ``os.preadv`` each into a free slot
+    of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
+    staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
+    parameters plus this). ``place`` takes the plan and scatters each staged piece as soon as it
+    lands (one batched device copy per piece, ``apply_pieces``), which frees its staging slot for
+    the next read; the device orders it all with events, the host waits only for a free slot.
+    Before the plan exists, the reads run ahead by the staging area plus the host ring; once it
+    does, pieces no op needs are not read. Each piece costs its reader a few brief holds of the
+    interpreter (the read itself runs outside it). One load at a time per process: the pinned
+    ring is shared.
     """
 
     def __init__(self, spans: list[Span], device, opts: LoadOptions, torch) -> None:
@@ -193,24 +233,34 @@ class Transfer:
         for j, r in enumerate(self.reads):
             self.of_shard[r.shard].append(j)
         self.slot = -(-max((r.end - r.start for r in self.reads), default=64) // 64) * 64
-        self.nslots = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
-        self.ring = _host_ring(torch, self.nslots * self.slot, self.cuda)
-        self.views = [host_view(self.ring, i * self.slot, self.slot) for i in range(self.nslots)]
-        self.free: Any = queue.SimpleQueue()
-        for i in range(self.nslots):
-            self.free.put(i)
-        self.slot_used = [False] * self.nslots
-        self.budget = max([opts.landing_bytes] + [s.file_size - s.data_start for s in self.spans])
-        self.stream = _CACHE.setdefault(("stream", str(device)), torch.cuda.Stream(device)) if self.cuda else None
-        # blocking: a reader waiting for its slot sleeps instead of spinning on a core other readers need
-        self.events = [torch.cuda.Event(blocking=True) for _ in range(self.nslots)] if self.cuda else []
+        # the staging area: at least one slot, at most what the files hold
+        self.nstage = max(1, min(len(self.reads), opts.staging_bytes // self.slot))
+        self.staging = torch.empty(self.nstage * self.slot, dtype=torch.uint8, device=device)
+        self.stage_free: Any = queue.SimpleQueue()
+        for d in range(self.nstage):
+            self.stage_free.put(d)
+        if self.cuda:
+            self.nhost = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
+            self.ring = _host_ring(torch, self.nhost * self.slot, True)
+            self.views = [host_view(self.ring, h * self.slot, self.slot) for h in range(self.nhost)]
+            self.host_free: Any = queue.SimpleQueue()
+            for h in range(self.nhost):
+                self.host_free.put(h)
+            self.host_used = [False] * self.nhost
+            self.stream = _CACHE.setdefault(("stream", str(device)), torch.cuda.Stream(device))
+            self.place_stream = _CACHE.setdefault(("place", str(device)), torch.cuda.Stream(device))
+            # blocking: a reader waiting for its host slot sleeps instead of spinning on a core other readers need
+            self.host_events = [torch.cuda.Event(blocking=True) for _ in range(self.nhost)]
+            self.landed_events = [torch.cuda.Event() for _ in range(self.nstage)]
+            self.freed_events = [torch.cuda.Event() for _ in range(self.nstage)]
+            self.freed_used = [False] * self.nstage
+        else:
+            self.views = [host_view(self.staging, d * self.slot, self.slot) for d in range(self.nstage)]
         self.lock = threading.Condition()
         self.next = 0  # everything below is guarded by the lock
         self.claimed = [False] * len(self.reads)
-        self.done = [False] * len(self.reads)
+        self.landed: dict[int, int] = {}  # read → staging slot, not yet placed
         self.needed: list[bool] | None = None
-        self.landing: dict[int, Any] = {}
-        self.used = 0
         self.stop = False
         self.error: BaseException | None = None
         self.bytes_read = 0
@@ -234,11 +284,6 @@ class Transfer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _stream_ctx(self):
-        from contextlib import nullcontext
-
-        return self.torch.cuda.stream(self.stream) if self.cuda else nullcontext()
-
     # -- reader threads
 
     def _wanted(self, j: int) -> bool:
@@ -246,70 +291,70 @@ class Transfer:
         return self.needed is None or self.needed[j]
 
     def _claim(self) -> int | None:
-        while self.next < len(self.reads):
-            j = self.next
-            self.next += 1
-            if self._wanted(j):
-                self.claimed[j] = True
-                return j
-        return None
+        with self.lock:
+            if self.stop or self.error is not None:
+                return None
+            while self.next < len(self.reads):
+                j = self.next
+                self.next += 1
+                if self._wanted(j):
+                    self.claimed[j] = True
+                    return j
+            return None
 
-    def _landing(self, i: int) -> tuple[Any, bool]:
-        """(shard i's landing buffer, False), or (its size, True): the caller allocates it outside the
-        lock (a large cudaMalloc must not stall the other readers) and publishes it; (None, False) on stop."""
-        while not self.stop and self.error is None:
-            buf = self.landing.get(i)
-            if buf is _PENDING or (
-                buf is None and self.used + self.spans[i].file_size - self.spans[i].data_start > self.budget
-            ):
-                self.lock.wait()
-            elif buf is not None:
-                return buf, False
-            else:
-                size = self.spans[i].file_size - self.spans[i].data_start
-                self.landing[i] = _PENDING
-                self.used += size
-                return size, True
-        return None, False
+    def _get(self, q) -> int | None:
+        """A free slot from ``q``, or None once the transfer stops."""
+        import queue
+
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if self.stop or self.error is not None:
+                    return None
 
     def _work(self) -> None:
         try:
-            with self._stream_ctx():
-                while True:
-                    with self.lock:
-                        if self.stop or self.error is not None:
-                            return
-                        j = self._claim()
-                        if j is None:
-                            return
-                        r = self.reads[j]
-                        dst, mine = self._landing(r.shard)
-                        if dst is None:
-                            return
-                    if mine:
-                        dst = self.torch.empty(dst, dtype=self.torch.uint8, device=self.device)
-                        with self.lock:
-                            self.landing[r.shard] = dst
-                            self.lock.notify_all()
-                    span = self.spans[r.shard]
-                    n = r.end - r.start
-                    s = self.free.get()
+            if self.cuda:
+                self.torch.cuda.set_device(self.device)
+            while True:
+                j = self._claim()
+                if j is None:
+                    return
+                r = self.reads[j]
+                n = r.end - r.start
+                path = self.spans[r.shard].path
+                if not self.cuda:
+                    d = self._get(self.stage_free)
+                    if d is None:
+                        return
+                    read_into(self.fds[r.shard], path, self.views[d][:n], r.start)
+                else:
+                    h = self._get(self.host_free)
+                    if h is None:
+                        return
                     try:
-                        if self.cuda and self.slot_used[s]:
-                            self.events[s].synchronize()  # the slot's previous host-to-device copy is done
-                        read_into(self.fds[r.shard], span.path, self.views[s][:n], r.start)
-                        self.slot_used[s] = True
-                        dst[r.start - span.data_start : r.end - span.data_start].copy_(
-                            self.ring[s * self.slot : s * self.slot + n], non_blocking=self.cuda
-                        )
-                        if self.cuda:
-                            self.events[s].record(self.stream)
+                        if self.host_used[h]:
+                            self.host_events[h].synchronize()  # its previous host-to-device copy is done
+                        read_into(self.fds[r.shard], path, self.views[h][:n], r.start)
+                        d = self._get(self.stage_free)
+                        if d is None:
+                            return
+                        with self.torch.cuda.stream(self.stream):
+                            if self.freed_used[d]:
+                                self.stream.wait_event(self.freed_events[d])  # its last placement is done
+                            self.staging[d * self.slot : d * self.slot + n].copy_(
+                                self.ring[h * self.slot : h * self.slot + n], non_blocking=True
+                            )
+                            self.host_events[h].record(self.stream)
+                            self.landed_events[d].record(self.stream)
+                        self.host_used[h] = True
                     finally:
-                        self.free.put(s)
-                    with self.lock:
-                        self.done[j] = True
-                        self.bytes_read += n
-                        self.lock.notify_all()
+                        self.host_free.put(h)
+                with self.lock:
+                    self.landed[j] = d
+                    self.bytes_read += n
+                    self.lock.notify_all()
         except BaseException as exc:  # handed to the main thread by place()
             with self.lock:
                 if self.error is None:
@@ -318,53 +363,53 @@ class Transfer:
 
     # -- the main thread
 
-    def _complete(self, i: int) -> bool:
-        return all(self.done[j] or not (self.claimed[j] or self._wanted(j)) for j in self.of_shard[i])
-
     def place(self, ops: tuple[Op, ...], arenas: Arenas) -> int:
         """Hand over the plan; returns the bytes read once every op is in place on the device."""
-        index = {s.path: i for i, s in enumerate(self.spans)}
-        pieces: dict[int, list[Piece]] = {}
-        ranges: dict[int, list[tuple[int, int]]] = {}
-        for op in ops:
-            i = index[op.path]
-            start = op.tensor.start
-            pieces.setdefault(i, []).append(Piece(op, start - self.spans[i].data_start))
-            ranges.setdefault(i, []).append((start, start + ITEMSIZE[op.src] * (1 if op.kind == "broadcast" else op.n)))
-        needed = [False] * len(self.reads)
-        for i, rs in ranges.items():
-            rs.sort()
-            k = 0
-            for j in self.of_shard[i]:
-                r = self.reads[j]
-                while k < len(rs) and rs[k][1] <= r.start:
-                    k += 1
-                needed[j] = k < len(rs) and rs[k][0] < r.end
-        if self.stream is not None:  # set exactly when the device is CUDA
-            self.stream.wait_stream(self.torch.cuda.current_stream(self.device))  # the poison fill comes first
+        torch = self.torch
+        pieces, whole = cut_pieces(ops, self.spans, self.reads, self.of_shard)
+        gathered = {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
+        needed = [j in pieces for j in range(len(self.reads))]
+        if self.cuda:  # the poison fill (current stream) comes before any placement
+            self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.lock:
             self.needed = needed
+            todo = {j for j in range(len(self.reads)) if needed[j] or self.claimed[j]}
             self.lock.notify_all()
-        with self._stream_ctx():
-            for i in range(len(self.spans)):
+        ctx = torch.cuda.stream(self.place_stream) if self.cuda else nullcontext()
+        with ctx:
+            while todo:
                 with self.lock:
-                    while self.error is None and not self._complete(i):
+                    while self.error is None and not any(j in self.landed for j in todo):
                         self.lock.wait()
                     if self.error is not None:
                         raise self.error
-                    buf = self.landing.get(i)
-                if buf is not None and i in pieces:
-                    apply_pieces(pieces[i], buf, arenas)
-                with self.lock:
-                    if i in self.landing:
-                        self.used -= self.landing.pop(i).numel()
-                        self.lock.notify_all()
+                    ready = [(j, self.landed.pop(j)) for j in list(todo) if j in self.landed]
+                for j, d in ready:
+                    todo.discard(j)
+                    if j in pieces:
+                        if self.cuda:
+                            self.place_stream.wait_event(self.landed_events[d])
+                        r = self.reads[j]
+                        src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
+                        mine = [pc for pc in pieces[j] if pc.op.idx not in gathered]
+                        if mine:
+                            apply_pieces(mine, src, arenas)
+                        for pc in pieces[j]:
+                            part = gathered.get(pc.op.idx)
+                            if part is not None:
+                                part[pc.skip : pc.skip + pc.nbytes].copy_(src[pc.off : pc.off + pc.nbytes])
+                    if self.cuda:
+                        self.freed_events[d].record(self.place_stream)
+                        self.freed_used[d] = True
+                    self.stage_free.put(d)
+            for op in whole:
+                write_op(arenas, op, gathered[op.idx].view(getattr(torch, op.src)))
         for w in self.workers:
             w.join()
         if self.error is not None:
             raise self.error
-        if self.stream is not None:
-            self.stream.synchronize()
+        if self.cuda:
+            self.place_stream.synchronize()
         return self.bytes_read
 
     def close(self) -> None:
@@ -378,8 +423,9 @@ class Transfer:
                 self.lock.notify_all()
             for w in self.workers:
                 w.join()
-        if self.cuda and self.stream is not None:
+        if self.cuda:
             self.stream.synchronize()  # the ring is reused by the next load: no copy may still read it
+            self.place_stream.synchronize()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()

@@ -457,11 +457,14 @@ def _split_dim(box: tuple[tuple[int, int], ...]) -> int | None:
 
 
 class _Piece(NamedTuple):
-    """A copy, or a run of rows of it along its first source dim, and the one byte range of the file it reads.
+    """A copy, or a run of rows of it along its first source dim, and the file bytes it reads.
 
-    ``lo``/``span``: the file bytes from the slice's first element to its last. For a column
-    slice (row-parallel weights) that includes the other ranks' columns between its rows: one
-    read instead of one per row, the gaps skipped when the bytes are placed.
+    ``lo``: the file byte of the slice's first element. A slice that is one byte range of the
+    file (rows of a column-parallel weight, an expert, a vocabulary window) is read with
+    ``os.preadv``: ``span`` bytes. A column slice (row-parallel weights) is a row window of
+    each row: ``gather`` is set and it is copied out of the memory-mapped shard row window by row
+    window into ``span`` = ``nbytes`` packed bytes, so a rank reads only the bytes it places,
+    never the other ranks' columns between its rows.
     """
 
     copy: Copy
@@ -470,12 +473,15 @@ class _Piece(NamedTuple):
     nbytes: int
     lo: int
     span: int
+    gather: bool = False
 
 
 def _piece(c: Copy, src_box, dst_box) -> _Piece:
     es = ITEMSIZE[c.src]
     n = numel([b - a for a, b in src_box])
     first = _flat_index(c.t_shape, src_box, 0)
+    if c.kind != "broadcast" and not _contiguous(src_box, c.t_shape) and (c.t_start + first * es) % es == 0:
+        return _Piece(c, src_box, dst_box, n * es, c.t_start + first * es, n * es, True)
     last = _flat_index(c.t_shape, src_box, n - 1)
     return _Piece(c, src_box, dst_box, n * es, c.t_start + first * es, (last - first + 1) * es)
 
@@ -503,11 +509,12 @@ def _pieces(copies: list[Copy], limit: int) -> list[_Piece]:
     return out
 
 
-def _strided(buf, c: Copy, src_box, torch):
-    """The slice inside the bytes read from its first to its last element, as a typed strided view."""
+def _strided(buf, c: Copy, src_box, torch, packed: bool = False):
+    """The slice inside the bytes from its first to its last element (``packed``: the slice's bytes
+    alone, row windows gathered), as a typed strided view."""
     dtype = getattr(torch, c.src)
     shape = tuple(b - a for a, b in src_box)
-    if _contiguous(src_box, c.t_shape):
+    if packed or _contiguous(src_box, c.t_shape):
         return buf.view(dtype).view(shape)
     strides, acc = [], 1
     for d in reversed(c.t_shape):
@@ -517,13 +524,15 @@ def _strided(buf, c: Copy, src_box, torch):
 
 
 class _Read(NamedTuple):
-    """One ``os.preadv``: a run of touching byte ranges of one shard, and where it lands in the staging slot."""
+    """One ``os.preadv`` (a run of touching byte ranges of one shard) or one gather (``_Piece.gather``),
+    and where it lands in the staging slot."""
 
     path: str
     lo: int
     span: int
     at: int
     pieces: tuple[_Piece, ...]
+    gather: bool = False
 
 
 class _Batch(NamedTuple):
@@ -549,6 +558,8 @@ def _batches(pieces: list[_Piece], limit: int) -> list[_Batch]:
         cur = runs[-1] if runs else None
         if (
             cur
+            and not pc.gather
+            and not cur[0].gather
             and pc.copy.path == cur[0].copy.path
             and pc.lo == cur[-1].lo + cur[-1].span
             and pc.lo + pc.span - cur[0].lo <= limit
@@ -564,7 +575,7 @@ def _batches(pieces: list[_Piece], limit: int) -> list[_Batch]:
         if reads and used + span > limit:
             out.append(_Batch(tuple(reads), used))
             reads, used = [], 0
-        reads.append(_Read(run[0].copy.path, run[0].lo, span, used, tuple(run)))
+        reads.append(_Read(run[0].copy.path, run[0].lo, span, used, tuple(run), run[0].gather))
         used = -(-(used + span) // 64) * 64
     if reads:
         out.append(_Batch(tuple(reads), used))
@@ -601,6 +612,7 @@ class _Reader:
         limit = max([stage_bytes] + rows)
         batches = _batches(_pieces(copies, limit), limit)
         self.fds: dict[str, int] = {}
+        self.maps: dict[str, tuple] = {}
         for c in copies:
             if c.path not in self.fds:
                 try:
@@ -621,7 +633,19 @@ class _Reader:
                 s = (i % 2) * slot
                 dsts, srcs, special, reads = [], [], [], []
                 for rd in batch.reads:
-                    reads.append((self.fds[rd.path], rd.path, host_view(host, s + rd.at, rd.span), rd.lo, rd.span))
+                    if rd.gather:
+                        (pc,) = rd.pieces
+                        shape = tuple(b - a for a, b in pc.src_box)
+                        dtype = getattr(torch, pc.copy.src)
+                        n = numel(shape)
+                        es = ITEMSIZE[pc.copy.src]
+                        full = (_flat_index(pc.copy.t_shape, pc.src_box, n - 1) + 1) * es - (rd.lo - pc.copy.t_start)
+                        src = _strided(self._file(rd.path)[rd.lo : rd.lo + full], pc.copy, pc.src_box, torch)
+                        packed = host[s + rd.at : s + rd.at + rd.span].view(dtype).view(shape)
+                        reads.append((None, rd.path, (src, packed), rd.lo, rd.span))
+                    else:
+                        view = host_view(host, s + rd.at, rd.span)
+                        reads.append((self.fds[rd.path], rd.path, view, rd.lo, rd.span))
                     for pc in rd.pieces:
                         off = s + rd.at + pc.lo - rd.lo
                         raw = stage[off : off + pc.span]
@@ -630,7 +654,7 @@ class _Reader:
                             special.append((pc, raw, dst))  # a typed view needs an aligned start: clone first
                         elif pc.copy.kind in ("copy", "cast"):
                             try:  # a view, never a copy: the slot holds no data yet
-                                src = _strided(raw, pc.copy, pc.src_box, torch).view(dst.shape)
+                                src = _strided(raw, pc.copy, pc.src_box, torch, pc.gather).view(dst.shape)
                             except RuntimeError:
                                 special.append((pc, raw, dst))
                                 continue
@@ -671,7 +695,11 @@ class _Reader:
             if self.cuda and i >= 2:
                 events[s].synchronize()  # the slot's previous host-to-device copy has landed
             for fd, path, view, lo, span in reads:
-                read_into(fd, path, view, lo, "file ends at byte {offset}, inside tensor data")
+                if fd is None:  # row windows out of the mapped shard: only the bytes this rank places
+                    src, packed = view
+                    packed.copy_(src)
+                else:
+                    read_into(fd, path, view, lo, "file ends at byte {offset}, inside tensor data")
                 read += span
             if self.cuda:
                 with torch.cuda.stream(stream):
@@ -689,13 +717,30 @@ class _Reader:
         if dsts:
             self.torch._foreach_copy_(dsts, srcs)
         for pc, raw, dst in special:
-            apply(pc.copy.kind, dst, _strided(raw.clone(), pc.copy, pc.src_box, self.torch))
+            apply(pc.copy.kind, dst, _strided(raw.clone(), pc.copy, pc.src_box, self.torch, pc.gather))
+
+    def _file(self, path: str):
+        """The shard as a uint8 tensor over a private read-only-in-practice mapping (pages map in as touched)."""
+        import mmap
+
+        got = self.maps.get(path)
+        if got is None:
+            mm = mmap.mmap(self.fds[path], 0, access=mmap.ACCESS_COPY)
+            got = self.maps[path] = (mm, self.torch.frombuffer(mm, dtype=self.torch.uint8))
+        return got[1]
 
     def close(self) -> None:
+        self.lanes.clear()
+        while self.maps:
+            _, (mm, view) = self.maps.popitem()
+            del view
+            try:
+                mm.close()
+            except BufferError:  # a view is still held somewhere: the mapping goes with it
+                pass
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-        self.lanes.clear()
 
 
 def _verify(copies: list[Copy], arenas: Arenas) -> tuple[int, dict[str, int]]:
