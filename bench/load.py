@@ -1,6 +1,6 @@
-"""Benchmark ``nhcheck load`` against plain safetensors and against the I/O ceiling, in one process.
+"""Benchmark ``nhcheck load`` against the loaders people use instead and against the I/O ceiling, in one process.
 
-    python bench/load.py --dir /tmp/nano-like [--reps 5] [--device cuda] [--out results.json]
+    python bench/load.py --dir /tmp/nano-like [--reps 5] [--device cuda] [--cold] [--cap] [--out results.json]
 
 Builds (once) a Nemotron-3-Nano-like NVFP4 checkpoint of about 3 GB with real data: the
 release's config and quant recipe (hybrid ``MEMEM*E…`` 52-layer pattern, NVFP4 experts,
@@ -13,20 +13,18 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
       (allocated before timing), then one asynchronous host-to-device copy per shard;
   (c) ``nhcheck.load.load_path`` end to end: headers, audit, plan, allocation and poisoning,
       transfer, coverage, read-back sample and poison scan;
-  (d) ``nhcheck.load.load_audited``: the same load with the audit made before the clock (the
-      load proper: mapping, placement, coverage and checks, from the first byte).
+  (d) ``nhcheck.load.load_audited``: the same load with the audit made before the clock;
+  (e) fastsafetensors: ``SafeTensorsFileLoader`` (``nogds=True``; and with GDS where libcufile
+      loads), ``copy_files_to_device`` and every tensor taken with ``get_tensor``;
+  (f) Run:ai model streamer: ``SafetensorsStreamer.stream_files`` with every tensor moved to the
+      device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
-GB/s is the checkpoint's data bytes over the wall time, for all of them. Prints a table and
-the ratios to (a) and (b); writes every run to ``--out`` as JSON.
-
-Measured 2026-11-28 on one NVIDIA H200 (16 host cores, torch 2.11, 3.12 GB, 3,539 tensors,
-7 runs, medians): (a) 4.23 GB/s, (b) 29.7 GB/s, (c) 13.2 GB/s = 3.1x (a), 0.44x (b),
-(d) 17.3 GB/s = 4.1x (a), 0.58x (b). A later run (5 reps): (a) 4.56, (b) 29.8, (c) 15.2 GB/s =
-3.34x (a), 0.51x (b); (d) 18.3 GB/s = 4.0x (a), 0.61x (b); phases of (c): headers 0.065 s, audit 0.059 s
-(the reads run under both), plan 0.010, allocate 0.003, transfer tail 0.037, checks 0.030. Peak device memory of (c): 6.2 GB (parameters plus the
-shards' landing buffers). Left between (d) and (b): the reader threads share the interpreter
-with the main thread's Python (plan, placement, checks), and (c) adds header parsing and the
-audit, which the ceiling does not do.
+GB/s is the checkpoint's data bytes over the wall time, for all of them; every ratio is printed.
+``--cold`` adds one run of each after dropping the page cache (``echo 3 > /proc/sys/vm/drop_caches``,
+root only). ``--cap`` loads once more in a process capped with
+``torch.cuda.set_per_process_memory_fraction`` to the parameters plus the staging area (plus a
+fixed 256 MB for the checks' temporaries), with the default 1 GB staging and with 64 MB.
+A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import generate  # noqa: E402
 
+from nhcheck.dtypes import ITEMSIZE  # noqa: E402
 from nhcheck.load import LoadOptions, load_audited, load_path  # noqa: E402
 from nhcheck.pipeline import audit_path  # noqa: E402
 
@@ -138,6 +137,52 @@ class Ceiling:
         return dt
 
 
+def run_fastsafetensors(files: list[Path], device: torch.device, threads: int, gds: bool) -> float:
+    """fastsafetensors' own loader: every file to the device, then every tensor as users take them."""
+    from fastsafetensors import SafeTensorsFileLoader
+
+    t = time.perf_counter()
+    loader = SafeTensorsFileLoader(None, str(device), nogds=not gds, max_threads=threads)
+    try:
+        loader.add_filenames({0: [str(f) for f in files]})
+        fb = loader.copy_files_to_device()
+        out = {k: fb.get_tensor(k) for k in loader.get_keys()}
+        sync(device)
+        dt = time.perf_counter() - t
+        del out
+        fb.close()
+    finally:
+        loader.close()
+    return dt
+
+
+def run_runai(files: list[Path], device: torch.device) -> float:
+    """The Run:ai model streamer: tensors stream from its native readers and go to the device as they arrive."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    t = time.perf_counter()
+    out = {}
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files([str(f) for f in files])
+        for name, tensor in streamer.get_tensors():
+            out[name] = tensor.to(device)
+    sync(device)
+    dt = time.perf_counter() - t
+    del out
+    return dt
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (root); False where the kernel does not let us."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]:
     """End to end from the path; or, given ``audit``, the load proper (decisions made before the clock)."""
     t = time.perf_counter()
@@ -153,10 +198,62 @@ def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]
         "timings": r.timings,
         "peak_device_bytes": r.peak_device_bytes,
         "samples_checked": r.samples_checked,
+        "param_bytes": sum(p.numel * ITEMSIZE[p.param.dtype] for p in r.params),
         "tensors_loaded": r.tensors_loaded,
     }
     del res
     return dt, info
+
+
+def contenders(args, files, device, base, decided, ceiling) -> dict:
+    """Every loader that can run here, as name -> callable returning seconds; the missing ones said once."""
+    out = {
+        "safetensors": lambda: run_safetensors(files, device),
+        "ceiling": ceiling.run,
+        "nhcheck": lambda: run_nhcheck(args.dir, base)[0],
+        "nhcheck_decided": lambda: run_nhcheck(args.dir, base, decided)[0],
+    }
+    for name, fn in (
+        ("fastsafetensors", lambda: run_fastsafetensors(files, device, args.threads, False)),
+        ("fastsafetensors_gds", lambda: run_fastsafetensors(files, device, args.threads, True)),
+        ("runai_streamer", lambda: run_runai(files, device)),
+    ):
+        try:
+            fn()  # warm-up, and the proof it runs here
+            out[name] = fn
+        except Exception as exc:  # noqa: BLE001 - an absent package or GDS is a line in the output, not a crash
+            print(f"{name}: not timed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
+    return out
+
+
+def capped(args, device: torch.device, staging: int) -> dict:
+    """Load in a process whose allocator may hold only the parameters + ``staging`` + 256 MB."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    probe = run_nhcheck(args.dir, LoadOptions(device=str(device), threads=args.threads))[1]
+    params = probe["param_bytes"]
+    gc.collect()
+    torch.cuda.empty_cache()
+    limit = params + staging + (256 << 20)
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    try:
+        opts = LoadOptions(device=str(device), threads=args.threads, staging_bytes=staging)
+        dt, info = run_nhcheck(args.dir, opts)
+        ok = f"loaded clean in {dt:.3f} s"
+    except torch.OutOfMemoryError as exc:
+        info, ok = {"peak_device_bytes": None}, f"out of memory: {str(exc).splitlines()[0][:120]}"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {
+        "staging_bytes": staging,
+        "param_bytes": params,
+        "cap_bytes": limit,
+        "peak_device_bytes": info["peak_device_bytes"],
+        "result": ok,
+    }
 
 
 def main() -> int:
@@ -166,10 +263,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
-    ap.add_argument("--sweep", action="store_true", help="Also time nhcheck with other thread/chunk/pinned settings.")
+    ap.add_argument("--cold", action="store_true", help="Also one run of each after dropping the page cache.")
+    ap.add_argument("--cap", action="store_true", help="Also load under a memory cap of parameters + staging.")
+    ap.add_argument("--sweep", action="store_true", help="Also time nhcheck with other thread/piece settings.")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
+    os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(args.threads))
     device = torch.device(args.device)
     if not shard_files(args.dir):
         t = time.perf_counter()
@@ -191,59 +291,88 @@ def main() -> int:
     run_safetensors(files[:1], device)
     ceiling.run()
     run_nhcheck(args.dir, base)
-
-    # The CLI runs with the cyclic GC off (nhcheck.cli.main); so do all three here.
-    gc.collect()
-    gc.disable()
     decided = audit_path(str(args.dir), ENGINE)
     run_nhcheck(args.dir, base, decided)
-    runs: dict[str, list[float]] = {"safetensors": [], "ceiling": [], "nhcheck": [], "nhcheck_decided": []}
+    loaders = contenders(args, files, device, base, decided, ceiling)
+
+    # The CLI runs with the cyclic GC off (nhcheck.cli.main); so do all of them here.
+    gc.collect()
+    gc.disable()
+    runs: dict[str, list[float]] = {k: [] for k in loaders}
     infos = []
     for rep in range(args.reps):
-        runs["safetensors"].append(run_safetensors(files, device))
-        runs["ceiling"].append(ceiling.run())
-        dt, info = run_nhcheck(args.dir, base)
-        runs["nhcheck"].append(dt)
-        infos.append(info)
-        runs["nhcheck_decided"].append(run_nhcheck(args.dir, base, decided)[0])
+        for name, fn in loaders.items():
+            if name == "nhcheck":
+                dt, info = run_nhcheck(args.dir, base)
+                infos.append(info)
+            else:
+                dt = fn()
+            runs[name].append(dt)
         print(
-            f"rep {rep + 1}: " + "  ".join(f"{k} {data / v[-1] / 1e9:6.2f} GB/s" for k, v in runs.items()), flush=True
+            f"rep {rep + 1}: " + "  ".join(f"{k} {data / v[-1] / 1e9:.2f}" for k, v in runs.items()) + " GB/s",
+            flush=True,
         )
+    gc.enable()
+
+    cold: dict[str, float] = {}
+    if args.cold:
+        for name, fn in loaders.items():
+            if name == "nhcheck_decided":
+                continue  # its audit read the headers before the clock: not a cold start
+            if not drop_page_cache():
+                print("cold: /proc/sys/vm/drop_caches is not writable here; no cold figures", flush=True)
+                break
+            cold[name] = fn()
+        warm_cache(files)
 
     sweep = {}
     if args.sweep:
         for threads in (8, args.threads):
             for chunk_mb in (8, 16, 32):
-                for pinned_mb in (512,):
-                    o = LoadOptions(
-                        device=str(device), threads=threads, chunk_bytes=chunk_mb << 20, pinned_bytes=pinned_mb << 20
-                    )
-                    run_nhcheck(args.dir, o)
-                    times = [run_nhcheck(args.dir, o)[0] for _ in range(3)]
-                    key = f"threads={threads} chunk={chunk_mb}MB pinned={pinned_mb}MB"
-                    sweep[key] = statistics.median(times)
-                    print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
+                o = LoadOptions(device=str(device), threads=threads, chunk_bytes=chunk_mb << 20)
+                run_nhcheck(args.dir, o)
+                key = f"threads={threads} piece={chunk_mb}MB"
+                sweep[key] = statistics.median(run_nhcheck(args.dir, o)[0] for _ in range(3))
+                print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
+
+    caps = [capped(args, device, st) for st in (1 << 30, 64 << 20)] if args.cap and device.type == "cuda" else []
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     gbs = {k: data / v / 1e9 for k, v in med.items()}
     timing = {k: statistics.median(i["timings"][k] for i in infos) for k in infos[0]["timings"]}
     print()
-    print(f"{'reader':<16} {'median s':>9} {'GB/s':>7}   per run GB/s")
+    print(f"{'loader (warm cache)':<22} {'median s':>9} {'GB/s':>7} {'x ceiling':>9}   per run GB/s")
     for k, v in runs.items():
-        print(f"{k:<16} {med[k]:9.3f} {gbs[k]:7.2f}   " + " ".join(f"{data / x / 1e9:.2f}" for x in v))
+        print(
+            f"{k:<22} {med[k]:9.3f} {gbs[k]:7.2f} {gbs[k] / gbs['ceiling']:9.2f}   "
+            + " ".join(f"{data / x / 1e9:.2f}" for x in v)
+        )
     print(
         "nhcheck phases (median s; the reads run from the start, under headers, audit and plan): "
         + ", ".join(f"{k} {v:.3f}" for k, v in timing.items())
     )
+    last = infos[-1]
     print(
-        f"nhcheck peak device memory {infos[-1]['peak_device_bytes']}, read {infos[-1]['bytes_read']:,} bytes, "
-        f"loaded {infos[-1]['bytes_loaded']:,} in {infos[-1]['tensors_loaded']:,} tensors, "
-        f"{infos[-1]['samples_checked']:,} elements read back"
+        f"nhcheck peak device memory {last['peak_device_bytes']} for {last['param_bytes']:,} bytes of parameters "
+        f"(staging {base.staging_bytes:,}), read {last['bytes_read']:,} bytes, loaded {last['bytes_loaded']:,} "
+        f"in {last['tensors_loaded']:,} tensors, {last['samples_checked']:,} elements read back"
     )
     for k in ("nhcheck", "nhcheck_decided"):
+        for other in gbs:
+            if other not in ("nhcheck", "nhcheck_decided"):
+                print(f"ratio {k}/{other} = {gbs[k] / gbs[other]:.2f}x")
+    for k in gbs:
+        if k not in ("nhcheck", "nhcheck_decided", "ceiling"):
+            print(f"ratio {k}/ceiling = {gbs[k] / gbs['ceiling']:.2f}x")
+    if cold:
+        print("cold page cache (dropped before each run: echo 3 > /proc/sys/vm/drop_caches), one run each:")
+        for k, v in cold.items():
+            print(f"  {k:<22} {v:9.3f} s {data / v / 1e9:7.2f} GB/s {cold['ceiling'] / v:5.2f}x cold ceiling")
+    for c in caps:
         print(
-            f"ratio {k}/safetensors = {gbs[k] / gbs['safetensors']:.2f}x (target >= 3); "
-            f"{k}/ceiling = {gbs[k] / gbs['ceiling']:.2f}x (target >= 0.7)"
+            f"capped (set_per_process_memory_fraction): parameters {c['param_bytes']:,} + staging "
+            f"{c['staging_bytes']:,} + 256 MB = cap {c['cap_bytes']:,}: {c['result']}, "
+            f"peak {c['peak_device_bytes']}"
         )
     if args.out:
         args.out.write_text(
@@ -258,6 +387,8 @@ def main() -> int:
                     "median_s": med,
                     "gb_per_s": gbs,
                     "nhcheck": infos,
+                    "cold_s": cold,
+                    "capped": caps,
                     "sweep": sweep,
                 },
                 indent=1,

@@ -513,6 +513,13 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, copy_anyway, no_ver
     show_default=True,
     help="Host staging memory of the fast reader (pinned on CUDA).",
 )
+@click.option(
+    "--staging-mb",
+    type=click.IntRange(16, 1 << 20),
+    default=1024,
+    show_default=True,
+    help="Device memory for bytes read but not yet placed: the load needs the parameters plus this.",
+)
 @_report_options
 @click.option(
     "--tp",
@@ -537,6 +544,7 @@ def load(
     reader,
     threads,
     pinned_mb,
+    staging_mb,
     fmt,
     output,
     tp_size,
@@ -577,7 +585,14 @@ def load(
             output,
             quiet,
         )
-    opts = loading.LoadOptions(device=device, dtype=dtype, reader=reader, threads=threads, pinned_bytes=pinned_mb << 20)
+    opts = loading.LoadOptions(
+        device=device,
+        dtype=dtype,
+        reader=reader,
+        threads=threads,
+        pinned_bytes=pinned_mb << 20,
+        staging_bytes=staging_mb << 20,
+    )
     rep = loading.load_source(
         source,
         revision,

@@ -30,6 +30,7 @@ from nhcheck import load as loading
 from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
+from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import UsageError
 from nhcheck.load import LoadOptions, load_path, readers, run
 from nhcheck.pipeline import audit_path
@@ -735,3 +736,30 @@ def test_audit_flags_the_rank_2_linear_scale_from_headers_alone(tmp_path):
     text = " ".join(f.message + " " + (f.tensor or "") for f in flagged)
     assert flagged and "reshapes only a 0-d scale" in text and rep.verdict == "broken"
     assert "out_proj" in text and "k_proj" in text and "experts" not in text
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_device_memory_is_parameters_plus_staging(tmp_path):
+    """Device memory holds the parameters and the staging area, not the shards: a checkpoint in one
+    shard of ~2 MB loads with 64 kB of staging under a cap that leaves no room for the shard."""
+    root = tmp_path / "one-shard"
+    root.mkdir()
+    src = EXAMPLES / "nano3-nvfp4"
+    ckpt = open_local(str(src))
+    tensors = {}
+    for s in ckpt.shards:
+        tensors.update(load_file(s.path))
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "hf_quant_config.json"):
+        shutil.copy(src / name, root / name)
+    staging = 64 << 10
+    opts = LoadOptions(device="cuda", chunk_bytes=16 << 10, staging_bytes=staging)
+    r = load_path(str(root), "sglang@0.5.23", opts).report
+    params = sum(p.numel * ITEMSIZE[p.param.dtype] for p in r.params)
+    shard = root.joinpath("model.safetensors").stat().st_size
+    assert r.verdict == "clean" and r.bytes_read <= shard
+    # the parameters, the staging slots and the checks' small temporaries: well under one more shard
+    assert params < r.peak_device_bytes <= params + staging + shard // 2
