@@ -22,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from nhcheck import coverage as param_coverage
 from nhcheck import tp as tensor_parallel
@@ -631,7 +631,8 @@ class _Reader:
             steps = []
             for i, batch in enumerate(mine):
                 s = (i % 2) * slot
-                dsts, srcs, special, reads = [], [], [], []
+                dsts, srcs, special = [], [], []
+                reads: list[tuple[int | None, str, Any, int, int]] = []  # fd None: a gather (source, packed)
                 for rd in batch.reads:
                     if rd.gather:
                         (pc,) = rd.pieces
