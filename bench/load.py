@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 import generate  # noqa: E402
 
 from nhcheck.dtypes import ITEMSIZE  # noqa: E402
-from nhcheck.load import LoadOptions, load_audited, load_path  # noqa: E402
+from nhcheck.load import LoadOptions, load_audited, load_path, readers  # noqa: E402
 from nhcheck.pipeline import audit_path  # noqa: E402
 
 ENGINE = "sglang@0.5.23"
@@ -199,6 +199,7 @@ def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]
         "peak_device_bytes": r.peak_device_bytes,
         "samples_checked": r.samples_checked,
         "param_bytes": sum(p.numel * ITEMSIZE[p.param.dtype] for p in r.params),
+        "transfer": dict(readers.STATS),
         "tensors_loaded": r.tensors_loaded,
     }
     del res
@@ -271,6 +272,8 @@ def main() -> int:
 
     os.environ.setdefault("RUNAI_STREAMER_CONCURRENCY", str(args.threads))
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if not shard_files(args.dir):
         t = time.perf_counter()
         build(args.dir, args.shards)
@@ -327,15 +330,21 @@ def main() -> int:
 
     sweep = {}
     if args.sweep:
-        for threads in (8, args.threads):
-            for chunk_mb in (8, 16, 32):
+        for threads in (4, 8, args.threads):
+            for chunk_mb in (16, 32, 64):
                 o = LoadOptions(device=str(device), threads=threads, chunk_bytes=chunk_mb << 20)
                 run_nhcheck(args.dir, o)
                 key = f"threads={threads} piece={chunk_mb}MB"
                 sweep[key] = statistics.median(run_nhcheck(args.dir, o)[0] for _ in range(3))
                 print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
 
-    caps = [capped(args, device, st) for st in (1 << 30, 64 << 20)] if args.cap and device.type == "cuda" else []
+    caps = []
+    if args.cap and device.type == "cuda":
+        for st in (1 << 30, 64 << 20):
+            try:
+                caps.append(capped(args, device, st))
+            except Exception as exc:  # noqa: BLE001 - reported, the figures above still print
+                print(f"capped run with staging {st:,}: {type(exc).__name__}: {exc}", flush=True)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     gbs = {k: data / v / 1e9 for k, v in med.items()}
@@ -350,6 +359,11 @@ def main() -> int:
     print(
         "nhcheck phases (median s; the reads run from the start, under headers, audit and plan): "
         + ", ".join(f"{k} {v:.3f}" for k, v in timing.items())
+    )
+    moves = {k: statistics.median(i["transfer"].get(k, 0.0) for i in infos) for k in infos[-1]["transfer"]}
+    print(
+        "nhcheck transfer (median s; reader sums over threads, then the main thread's placement, then "
+        "moments since the reads began): " + ", ".join(f"{k} {v:.3f}" for k, v in moves.items())
     )
     last = infos[-1]
     print(

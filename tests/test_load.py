@@ -741,25 +741,26 @@ def test_audit_flags_the_rank_2_linear_scale_from_headers_alone(tmp_path):
 @pytest.mark.cuda
 @CUDA
 def test_cuda_device_memory_is_parameters_plus_staging(tmp_path):
-    """Device memory holds the parameters and the staging area, not the shards: a checkpoint in one
-    shard of ~2 MB loads with 64 kB of staging under a cap that leaves no room for the shard."""
+    """Device memory holds the parameters and the staging area, not the shards: the same one-shard
+    checkpoint loads with 64 kB of staging in less device memory than with staging for all of it."""
     root = tmp_path / "one-shard"
     root.mkdir()
     src = EXAMPLES / "nano3-nvfp4"
-    ckpt = open_local(str(src))
     tensors = {}
-    for s in ckpt.shards:
+    for s in open_local(str(src)).shards:
         tensors.update(load_file(s.path))
     from safetensors.torch import save_file
 
     save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
     for name in ("config.json", "hf_quant_config.json"):
         shutil.copy(src / name, root / name)
-    staging = 64 << 10
-    opts = LoadOptions(device="cuda", chunk_bytes=16 << 10, staging_bytes=staging)
-    r = load_path(str(root), "sglang@0.5.23", opts).report
-    params = sum(p.numel * ITEMSIZE[p.param.dtype] for p in r.params)
     shard = root.joinpath("model.safetensors").stat().st_size
-    assert r.verdict == "clean" and r.bytes_read <= shard
-    # the parameters, the staging slots and the checks' small temporaries: well under one more shard
-    assert params < r.peak_device_bytes <= params + staging + shard // 2
+    peaks = {}
+    for staging in (64 << 10, 64 << 20):
+        opts = LoadOptions(device="cuda", chunk_bytes=16 << 10, staging_bytes=staging)
+        r = load_path(str(root), "sglang@0.5.23", opts).report
+        params = sum(p.numel * ITEMSIZE[p.param.dtype] for p in r.params)
+        assert r.verdict == "clean" and r.bytes_read <= shard and r.peak_device_bytes > params
+        peaks[staging] = r.peak_device_bytes
+    # 64 MB of staging is capped at the data (one shard); 64 kB stays 64 kB
+    assert peaks[64 << 10] + shard - 2 * (64 << 10) <= peaks[64 << 20]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -24,6 +25,11 @@ from nhcheck.load.plan import Op
 #: Kept across loads: the pinned ring (pinning costs more than the reads) and one stream per device
 #: (the caching allocator reuses memory only on the stream that freed it).
 _CACHE: dict[Any, Any] = {}
+#: Where the last transfer's time went (seconds summed over reader threads, and the main thread's
+#: placement), for ``bench/load.py``: ``read`` in ``os.preadv``, ``host_wait`` / ``stage_wait`` for a
+#: free host / staging slot, ``issue`` queueing the device copy; ``place_wait`` / ``place`` on the main
+#: thread; ``last_landed`` and ``placed`` since the transfer started.
+STATS: dict[str, float] = {}
 
 
 class Span(NamedTuple):
@@ -264,6 +270,8 @@ class Transfer:
         self.stop = False
         self.error: BaseException | None = None
         self.bytes_read = 0
+        self.started = time.perf_counter()
+        self.stats: dict[str, float] = {}
         try:
             for i, s in enumerate(self.spans):
                 self.fds[i] = os.open(s.path, os.O_RDONLY)
@@ -314,6 +322,8 @@ class Transfer:
                     return None
 
     def _work(self) -> None:
+        clock = time.perf_counter
+        acc = dict.fromkeys(("read", "host_wait", "stage_wait", "issue"), 0.0)
         try:
             if self.cuda:
                 self.torch.cuda.set_device(self.device)
@@ -325,21 +335,29 @@ class Transfer:
                 n = r.end - r.start
                 path = self.spans[r.shard].path
                 if not self.cuda:
+                    t = clock()
                     d = self._get(self.stage_free)
                     if d is None:
                         return
+                    t1 = clock()
                     read_into(self.fds[r.shard], path, self.views[d][:n], r.start)
+                    acc["stage_wait"] += t1 - t
+                    acc["read"] += clock() - t1
                 else:
+                    t = clock()
                     h = self._get(self.host_free)
                     if h is None:
                         return
                     try:
                         if self.host_used[h]:
                             self.host_events[h].synchronize()  # its previous host-to-device copy is done
+                        t1 = clock()
                         read_into(self.fds[r.shard], path, self.views[h][:n], r.start)
+                        t2 = clock()
                         d = self._get(self.stage_free)
                         if d is None:
                             return
+                        t3 = clock()
                         with self.torch.cuda.stream(self.stream):
                             if self.freed_used[d]:
                                 self.stream.wait_event(self.freed_events[d])  # its last placement is done
@@ -349,17 +367,26 @@ class Transfer:
                             self.host_events[h].record(self.stream)
                             self.landed_events[d].record(self.stream)
                         self.host_used[h] = True
+                        acc["host_wait"] += t1 - t
+                        acc["read"] += t2 - t1
+                        acc["stage_wait"] += t3 - t2
+                        acc["issue"] += clock() - t3
                     finally:
                         self.host_free.put(h)
                 with self.lock:
                     self.landed[j] = d
                     self.bytes_read += n
+                    self.stats["last_landed"] = clock() - self.started
                     self.lock.notify_all()
         except BaseException as exc:  # handed to the main thread by place()
             with self.lock:
                 if self.error is None:
                     self.error = exc
                 self.lock.notify_all()
+        finally:
+            with self.lock:
+                for k, v in acc.items():
+                    self.stats[k] = self.stats.get(k, 0.0) + v
 
     # -- the main thread
 
@@ -376,14 +403,20 @@ class Transfer:
             todo = {j for j in range(len(self.reads)) if needed[j] or self.claimed[j]}
             self.lock.notify_all()
         ctx = torch.cuda.stream(self.place_stream) if self.cuda else nullcontext()
+        clock = time.perf_counter
+        waited = placing = 0.0
+        self.stats["plan_at"] = clock() - self.started
         with ctx:
             while todo:
+                t = clock()
                 with self.lock:
                     while self.error is None and not any(j in self.landed for j in todo):
                         self.lock.wait()
                     if self.error is not None:
                         raise self.error
                     ready = [(j, self.landed.pop(j)) for j in list(todo) if j in self.landed]
+                t1 = clock()
+                waited += t1 - t
                 for j, d in ready:
                     todo.discard(j)
                     if j in pieces:
@@ -402,6 +435,7 @@ class Transfer:
                         self.freed_events[d].record(self.place_stream)
                         self.freed_used[d] = True
                     self.stage_free.put(d)
+                placing += clock() - t1
             for op in whole:
                 write_op(arenas, op, gathered[op.idx].view(getattr(torch, op.src)))
         for w in self.workers:
@@ -410,6 +444,9 @@ class Transfer:
             raise self.error
         if self.cuda:
             self.place_stream.synchronize()
+        self.stats.update(place_wait=waited, place=placing, placed=clock() - self.started)
+        STATS.clear()
+        STATS.update(self.stats)
         return self.bytes_read
 
     def close(self) -> None:
