@@ -22,8 +22,11 @@ off), 6.92 GB, 8 shards, 3 repetitions, medians, every run clean: TP 1 21.2 GB/s
 19.0 GB/s aggregate (0.90x TP 1; ranks 11.8 and 9.5 GB/s, each reading 4.75 GB for its
 3.47 GB); TP 4 18.1 GB/s aggregate (0.85x; ranks 4.5-4.8 GB/s, each reading 3.66 GB for its
 1.74 GB). On one host the ranks share the page cache's memory bandwidth, and a row-parallel
-(column) slice reads its rows' whole span, so the aggregate stays near TP 1 instead of
-scaling with the GPU count. Before slots carried several reads (one read, copy and placement
+(column) slice then read its rows' whole span, so the aggregate stayed near TP 1 instead of
+scaling with the GPU count. Since 2026-12-05 a column slice is gathered row window by row window
+from the memory-mapped shard, so each rank reads exactly the bytes it places (``bytes_read ==
+bytes_loaded``, checked on two gloo ranks by ``tests/test_tp.py``); the multi-GPU aggregate has
+not been measured since, as no machine with several GPUs was lent. Before slots carried several reads (one read, copy and placement
 per window: ~3,500 Python steps per rank holding the GIL), TP 2 ran at 0.29x and TP 4 at 0.21x.
 """
 
