@@ -236,8 +236,9 @@ def capped(args, device: torch.device, staging: int) -> dict:
     params = probe["param_bytes"]
     gc.collect()
     torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated(device)  # the CUDA context's own use is outside the allocator
     limit = params + staging + (256 << 20)
-    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    torch.cuda.set_per_process_memory_fraction((held + limit) / total, device)
     try:
         opts = LoadOptions(device=str(device), threads=args.threads, staging_bytes=staging)
         dt, info = run_nhcheck(args.dir, opts)
@@ -330,16 +331,22 @@ def main() -> int:
 
     sweep = {}
     if args.sweep:
-        for threads in (4, 8, args.threads):
-            for chunk_mb in (16, 32, 64):
-                o = LoadOptions(device=str(device), threads=threads, chunk_bytes=chunk_mb << 20)
-                run_nhcheck(args.dir, o)
-                key = f"threads={threads} piece={chunk_mb}MB"
-                sweep[key] = statistics.median(run_nhcheck(args.dir, o)[0] for _ in range(3))
-                print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
+        grid = [(t, c, 512) for t in (8, args.threads) for c in (32, 64, 128)] + [
+            (args.threads, 64, 1024),
+            (args.threads, 64, 2048),
+        ]
+        for threads, chunk_mb, pinned_mb in grid:
+            o = LoadOptions(
+                device=str(device), threads=threads, chunk_bytes=chunk_mb << 20, pinned_bytes=pinned_mb << 20
+            )
+            run_nhcheck(args.dir, o)
+            key = f"threads={threads} piece={chunk_mb}MB pinned={pinned_mb}MB"
+            sweep[key] = statistics.median(run_nhcheck(args.dir, o)[0] for _ in range(3))
+            print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
 
     caps = []
     if args.cap and device.type == "cuda":
+        del ceiling, loaders  # the ceiling's whole-shard device buffers would count against the cap
         for st in (1 << 30, 64 << 20):
             try:
                 caps.append(capped(args, device, st))

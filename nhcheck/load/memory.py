@@ -17,8 +17,9 @@ from nhcheck.manifest import Param
 
 #: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
 _POISON_RUN = 16
-#: Elements per slice of the poison scan (bounds its temporaries).
-_SCAN = 1 << 26
+#: Elements per slice of the poison scan (bounds its temporaries: a bool mask, and the int64 copy the
+#: sum of a mask makes, 9 bytes an element).
+_SCAN = 1 << 23
 
 
 def torch_module():

@@ -23,7 +23,7 @@ class LoadOptions:
     dtype: str = "auto"
     reader: str = "fast"
     threads: int = 0
-    chunk_bytes: int = 16 << 20
+    chunk_bytes: int = 64 << 20
     pinned_bytes: int = 512 << 20
     samples: int = 4
     staging_bytes: int = 1 << 30
