@@ -26,8 +26,9 @@ off), 6.92 GB, 8 shards, 3 repetitions, medians, every run clean: TP 1 21.2 GB/s
 scaling with the GPU count. Since 2026-12-05 a column slice is gathered row window by row window
 from the memory-mapped shard, so each rank reads exactly the bytes it places (``bytes_read ==
 bytes_loaded``, checked on two gloo ranks by ``tests/test_tp.py``); the multi-GPU aggregate has
-not been measured since, as no machine with several GPUs was lent. Before slots carried several reads (one read, copy and placement
-per window: ~3,500 Python steps per rank holding the GIL), TP 2 ran at 0.29x and TP 4 at 0.21x.
+not been measured since, as no machine with several GPUs was lent. Before slots carried several
+reads (one read, copy and placement per window: ~3,500 Python steps per rank holding the GIL),
+TP 2 ran at 0.29x and TP 4 at 0.21x.
 """
 
 from __future__ import annotations
