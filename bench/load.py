@@ -14,8 +14,9 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
   (c) ``nhcheck.load.load_path`` end to end: headers, audit, plan, allocation and poisoning,
       transfer, coverage, read-back sample and poison scan;
   (d) ``nhcheck.load.load_audited``: the same load with the audit made before the clock;
-  (e) fastsafetensors: ``SafeTensorsFileLoader`` (``nogds=True``; and with GDS where libcufile
-      loads), ``copy_files_to_device`` and every tensor taken with ``get_tensor``;
+  (e) fastsafetensors: ``SafeTensorsFileLoader`` (``nogds=True`` with its default O_DIRECT reads,
+      the same through the page cache, and with GDS where libcufile and /dev/nvidia-fs load),
+      ``copy_files_to_device`` and every tensor taken with ``get_tensor``;
   (f) Run:ai model streamer: ``SafetensorsStreamer.stream_files`` with every tensor moved to the
       device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
@@ -137,12 +138,14 @@ class Ceiling:
         return dt
 
 
-def run_fastsafetensors(files: list[Path], device: torch.device, threads: int, gds: bool) -> float:
-    """fastsafetensors' own loader: every file to the device, then every tensor as users take them."""
+def run_fastsafetensors(files: list[Path], device: torch.device, threads: int, gds: bool, cache: bool = False) -> float:
+    """fastsafetensors' own loader: every file to the device, then every tensor as users take them.
+
+    Its default ``disable_cache=True`` reads around the page cache (O_DIRECT); ``cache`` turns that off."""
     from fastsafetensors import SafeTensorsFileLoader
 
     t = time.perf_counter()
-    loader = SafeTensorsFileLoader(None, str(device), nogds=not gds, max_threads=threads)
+    loader = SafeTensorsFileLoader(None, str(device), nogds=not gds, max_threads=threads, disable_cache=not cache)
     try:
         loader.add_filenames({0: [str(f) for f in files]})
         fb = loader.copy_files_to_device()
@@ -216,6 +219,7 @@ def contenders(args, files, device, base, decided, ceiling) -> dict:
     }
     for name, fn in (
         ("fastsafetensors", lambda: run_fastsafetensors(files, device, args.threads, False)),
+        ("fastsafetensors_cached", lambda: run_fastsafetensors(files, device, args.threads, False, True)),
         ("fastsafetensors_gds", lambda: run_fastsafetensors(files, device, args.threads, True)),
         ("runai_streamer", lambda: run_runai(files, device)),
     ):
