@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from operator import itemgetter
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint

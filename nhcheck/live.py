@@ -33,7 +33,7 @@ from nhcheck import collapse, engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.engines import sglang
-from nhcheck.engines.base import Engine, EngineId, Outcome, PPWindow, Replayer, Route, UnloadedKind
+from nhcheck.engines.base import Engine, EngineId, LoaderSemantics, Outcome, PPWindow, Replayer, Route, UnloadedKind
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, verdict_of
 from nhcheck.manifest import Manifest, Param
@@ -226,9 +226,14 @@ class LiveEngine:
         # without a table row, assume the runtime reads them: a KV-cache scale is then never dropped
         return self.explain.reads_kv_scales(manifest) if self.explain else True
 
-    def scalar_fills_every_slot(self, quant_method: str | None) -> bool:
-        # the recorders do not run the fused loaders, so this loader semantics is the table's
-        return self.explain.scalar_fills_every_slot(quant_method) if self.explain else True
+    def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
+        # the recorders do not run the fused loaders, so this loader semantics is the table's (without a
+        # row: every slot, and SGLang's linear loaders take a one-element scale only as 0-d)
+        if self.explain:
+            return self.explain.loader_semantics(quant_method)
+        from nhcheck.quant import LINEAR_METHODS
+
+        return LoaderSemantics(scalar_every_slot=True, scale_0d_only=quant_method in LINEAR_METHODS)
 
     def startup_error(self, names: Iterable[str], manifest: Manifest, *, mtp: bool) -> str | None:
         if self.run.refused:
