@@ -17,13 +17,13 @@ from typing import NamedTuple
 from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.coverage import ParamState
-from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM
+from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM, numel
 from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, PPWindow
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import LINEAR_METHODS, QuantConfig
+from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
 
 
@@ -117,14 +117,18 @@ class AuditOptions:
 # ---------------------------------------------------------------------------
 
 
-def _replay_all(
+#: One tensor's replay: (tensor, outcome, full parameter name, routed in the wrapper's first phase?).
+Replayed = tuple[TensorInfo, Outcome, str | None, bool]
+
+
+def replay_tensors(
     ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, engine: Engine, opts: AuditOptions
-) -> list[tuple[TensorInfo, Outcome, str | None, bool]]:
+) -> list[Replayed]:
     """(tensor, outcome, full param name, routing-phase?) for every tensor, in checkpoint order."""
     replay = engine.replayer(manifest, cfg, mtp=opts.mtp, pp=opts.pp)
     if opts.mtp or cfg.wrapper is None:  # a comprehension: the loop of every audit, 165k names on Super
         return [(t, (o := replay(t[0])), o[1], False) for t in ckpt.tensors()]
-    out: list[tuple[TensorInfo, Outcome, str | None, bool]] = []
+    out: list[Replayed] = []
     append = out.append
     prefix = manifest.lm_prefix
     for t in ckpt.tensors():
@@ -161,6 +165,38 @@ def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
     if len(shape) <= 1 and p.quant_method and ("scale" in p.name.rsplit(".", 1)[-1]):
         return None
     return shape
+
+
+def param_view(p: Param) -> tuple[object, ...]:
+    """What the audit itself asks of a parameter (engines answer their own questions): everything but the
+    dtype and quant method names, which it only classifies — packed / float / unknown, and set at all, a
+    quantized linear method, FP8, NVFP4 or W4A16 (``_slot_shape``, ``_slot_problem``, ``slots``). Two
+    parameters with equal views are audited alike; a matrix keys its shared audits on it."""
+    q = p.quant_method
+    return (
+        p.name,
+        p.shape,
+        p.loader,
+        p.slots,
+        p.num_experts,
+        p.shard_ids,
+        p.reachable,
+        p.informational,
+        (p.dtype in PACKED_PARAM, p.dtype in FLOAT_PARAM, p.dtype == "unknown"),
+        (q is None, bool(q), q in LINEAR_METHODS, q == FP8_LINEAR, q in (FP4_LINEAR, A16_LINEAR), q == A16_LINEAR),
+    )
+
+
+def _plain_load_error(p: Param, shape: tuple[int, ...]) -> str | None:
+    """``default_weight_loader`` on a parameter with no weight_loader of its own (``loader="plain"``): one
+    element into one element fills, anything else must match the parameter's size or the assertion raises
+    (goldens: ``sglang_probe_kv_scale_shape``, a [2] ``v_scale`` into the scalar ``attn.v_scale``)."""
+    if shape == p.shape or (numel(shape) == 1 and numel(p.shape) == 1):
+        return None
+    return (
+        f"AssertionError: Attempted to load weight (torch.Size({list(shape)})) "
+        f"into parameter (torch.Size({list(p.shape)}))"
+    )
 
 
 def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: Param) -> tuple[str, str] | None:
@@ -274,9 +310,17 @@ def _exporter_excluded(entries: tuple[str, ...]) -> Callable[[str], bool]:
 
 
 def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
-    """The quant recipe against the tensors, in checkpoint names (independent of the engine)."""
+    """The quant recipe against the tensors, in checkpoint names (independent of the engine: computed once per
+    checkpoint and recipe, ``QuantConfig.derived``, however many releases a matrix audits)."""
     if qc is None or qc.quant_method != "modelopt" or not qc.quant_algo:
         return []
+    cached = qc.derived.get(("recipe", id(ckpt)))
+    if cached is None or cached[0] is not ckpt:
+        cached = qc.derived[("recipe", id(ckpt))] = (ckpt, _recipe_check(ckpt, qc))
+    return list(cached[1])
+
+
+def _recipe_check(ckpt: Checkpoint, qc: QuantConfig) -> list[Finding]:
     # Comprehensions and hoisted lookups: on Super this walks 166k tensors and 41k weights.
     weights = {t[0][:-7]: t for s in ckpt.shards for t in s.tensors if t[0].endswith(".weight")}
     has_kv = not qc.kv_cache_quant_algo or any(
@@ -342,12 +386,24 @@ def run_audit(
     opts: AuditOptions | None = None,
     *,
     moe_backend: str | None = None,
+    replayed: list[Replayed] | None = None,
 ) -> AuditReport:
-    """Replay every tensor, cover every parameter, and turn the result into findings and a verdict."""
+    """Replay every tensor, cover every parameter, and turn the result into findings and a verdict.
+
+    ``replayed``: ``replay_tensors`` for this manifest and engine, when the caller already has it (a
+    matrix: releases that replay the checkpoint alike share one replay).
+    """
     opts = opts or AuditOptions()
     if opts.mtp:
         check_mtp_draft(ckpt, cfg)
-    replayed = _replay_all(ckpt, cfg, manifest, engine, opts)
+    refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
+    # A start-up refusal builds no model and loads nothing (the engine's goldens list no tensor outcomes):
+    # replaying its tensors against no parameters would only invent outcomes beside the crash.
+    built = not (refusal and not manifest.params)
+    if not built:
+        replayed = []
+    elif replayed is None:
+        replayed = replay_tensors(ckpt, cfg, manifest, engine, opts)
     ignore = opts.ignore
     by_name = manifest.by_name
     records: list[TensorRecord] = []
@@ -359,9 +415,6 @@ def run_audit(
     loader: dict[tuple, tuple[str | None, str | None]] = {}
     notes: list[tuple[str, str, Finding]] = []
     unchecked: tuple[str, str] = ("", "")  # a sentinel: one dict lookup per tensor on the hot path
-    refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
-    # A start-up refusal builds no model: its per-tensor outcomes would all be orphans, noise beside the crash.
-    built = not (refusal and not manifest.params)
     matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
     raised = False  # whether any tensor raises (the crash point, below)
     by_design, match = engine.by_design, fnmatch.fnmatchcase
@@ -373,13 +426,19 @@ def run_audit(
             hit = [pat for pat in ignore if match(t[0], pat)]
             ign = bool(hit)
             matched.update(hit)
-        if param is not None and o[0] == "load":  # a load always names its parameter
+        p = by_name.get(param) if param is not None and o[0] == "load" else None
+        if p is not None and p.loader == "plain" and (error := _plain_load_error(p, t[2])) is not None:
+            # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
+            o, param, orphan = new_record(Outcome, ("raise", None, None, None, None, error, "size-assert")), None, False
+            raised = True
+            if not ign:
+                slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
+        elif param is not None and o[0] == "load":  # a load always names its parameter
             orphan = False
             slot = loads.get(param)
             if slot is None:
                 slot = loads[param] = set()
             slot.add((o[2], o[3]))
-            p = by_name.get(param)
             if p is not None:
                 key = (param, o[2], t[1], t[2])  # parameter, shard id, dtype, shape: what both checks depend on
                 # Loader semantics the engine applies to this shape (vLLM's narrowing loaders); None for SGLang.

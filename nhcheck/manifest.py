@@ -44,7 +44,8 @@ class Param:
     """One runtime parameter.
 
     ``loader``: ``default`` (copy; a scalar checkpoint scale broadcasts into a per-partition
-    slot), ``stacked`` (``slots`` give each shard's row block or scale index), ``expert``
+    slot), ``plain`` (no weight_loader of its own: ``default_weight_loader`` asserts equal sizes),
+    ``stacked`` (``slots`` give each shard's row block or scale index), ``expert``
     (dim 0 is the expert; ``shard_ids`` the shards each expert needs), ``mamba_A``.
     ``reachable`` is false for entries no checkpoint name can map to (swizzled block
     scales); ``informational`` marks entries SGLang tolerates unfilled (KV scales,
@@ -329,12 +330,14 @@ class _Builder:
     def layer(self, i: int, kind: str, *, mtp_first: bool = False, mtp_last: bool = False, mtp: bool = False) -> None:
         c = self.cfg
         P = f"model.layers.{i}.mixer"
-        Q = f"mtp.layers.{i}.mixer" if mtp else self.qp + P
+        # The draft's modules sit under ``mtp`` (0.5.10rc0) or ``model`` (0.5.8–0.5.9): ``mtp_quant_prefix``.
+        M = f"{self.profile.mtp_quant_prefix}.layers.{i}"
+        Q = f"{M}.mixer" if mtp else self.qp + P
         H = c.hidden_size
         if mtp_first:
             self.add(f"model.layers.{i}.enorm.weight", (H,))
             self.add(f"model.layers.{i}.hnorm.weight", (H,))
-            self.linear(f"model.layers.{i}.eh_proj", f"mtp.layers.{i}.eh_proj", (H,), 2 * H)
+            self.linear(f"model.layers.{i}.eh_proj", f"{M}.eh_proj", (H,), 2 * H)
         if kind == "M":
             nh = c.mamba_num_heads
             self.add(f"{P}.A", (nh,), "float32", loader="mamba_A")
@@ -350,8 +353,9 @@ class _Builder:
             self.linear(f"{P}.qkv_proj", f"{Q}.qkv_proj", (c.q_size, c.kv_size, c.kv_size), H, stacked=("q", "k", "v"))
             self.linear(f"{P}.o_proj", f"{Q}.o_proj", (H,), c.q_size)
             if self.q.kv_on:
-                self.add(f"{P}.attn.k_scale", (), "float32", quant_method=KV_METHOD, informational=True)
-                self.add(f"{P}.attn.v_scale", (), "float32", quant_method=KV_METHOD, informational=True)
+                # BaseKVCacheMethod.create_weights: plain scalar Parameters, no weight_loader.
+                self.add(f"{P}.attn.k_scale", (), "float32", quant_method=KV_METHOD, loader="plain", informational=True)
+                self.add(f"{P}.attn.v_scale", (), "float32", quant_method=KV_METHOD, loader="plain", informational=True)
         elif kind == "-":
             inter = c.mlp_intermediate(i)
             self.linear(f"{P}.up_proj", f"{Q}.up_proj", (inter,), H, bias=c.mlp_bias)
@@ -549,7 +553,8 @@ def _infer_params(
             out.append(Param(name, shape, dtype, loader="mamba_A"))
             continue
         if mod.endswith(".attn") and leaf in ("k_scale", "v_scale"):
-            out.append(Param(name, shape, dtype, quant_method=KV_METHOD, informational=True))
+            # BaseKVCacheMethod: plain scalar Parameters, loaded by default_weight_loader (it asserts sizes).
+            out.append(Param(name, shape, dtype, quant_method=KV_METHOD, loader="plain", informational=True))
             continue
         lin = _linear_method(members) if "weight" in members else None
         ref = reference_param(name) if lin == FP4_LINEAR else None
@@ -573,27 +578,79 @@ def _infer_params(
     return tuple(out)
 
 
+#: ``QUANTIZATION_METHODS`` of 0.5.3.postN, as its server args list them when refusing ``modelopt``.
+_B1_QUANT_METHODS = (
+    "fp8", "blockwise_int8", "modelopt_fp8", "modelopt_fp4", "w8a8_int8", "w8a8_fp8", "awq", "awq_marlin", "gptq",
+    "gptq_marlin", "moe_wna16", "compressed-tensors", "qoq", "w4afp8", "petit_nvfp4", "fbgemm_fp8", "aqlm",
+    "deepspeedfp", "tpu_int8", "marlin", "gguf", "gptq_marlin_24", "bitsandbytes", "qqq", "experts_int8",
+)  # fmt: skip
+#: transformers' refusal of a config class the release does not register (``<checkpoint>``: the model path).
+_REMOTE_CODE = (
+    "ValueError: The repository <checkpoint> contains custom code which must be executed to correctly load the "
+    "model. You can inspect the repository content at <checkpoint> .\n You can inspect the repository content at "
+    "https://hf.co/<checkpoint>.\nPlease pass the argument `trust_remote_code=True` to allow custom code to be run."
+)
+
+
 def _startup_refusal(
     cfg: NemotronHConfig, qc: QuantConfig | None, profile: SGLangProfile, mtp: bool, release: str
 ) -> str | None:
     """The error SGLang's start-up raises before any weight loads, for what the loader-level model cannot see.
 
+    In start-up order (server args, quant config class, then the model's layers):
+
+    - ``wrappers``: a wrapper architecture the release does not register is read with transformers'
+      AutoConfig, which refuses a checkpoint's own code without ``trust_remote_code``.
+    - ``modelopt_in_config_json``: 0.5.3.postN's server args do not know ``quant_method: modelopt``.
     - ``override_reads_quantization_config``: the Nemotron-H server-args override reads
       ``hf_config.quantization_config`` for a text model's MIXED_PRECISION recipe; a recipe only in
       hf_quant_config.json has none there (AttributeError).
-    - ``mixed_without_fp4_is_w4afp8``: a MIXED recipe with no NVFP4 / W4A16_NVFP4 layer resolves to
-      ``w4afp8``, whose block-FP8 linears (128×128) check every merged layer's output partitions at
-      build time (``Fp8LinearMethod.validate_block_quant_shapes``): the first that is not a multiple of
-      128, in build order, raises. nhcheck does not model the w4afp8 manifest itself, so a recipe that
-      would pass that check is a usage error rather than a guess.
+    - before ``mixed_precision``: the Nemotron-H server hook turns a flat MIXED recipe into
+      ``modelopt_fp8``, and ModelOptFp8Config refuses it.
+    - before ``reads_layer_norm_epsilon``: the layers read ``config.rms_norm_eps`` (AttributeError without it).
+    - a MIXED recipe that resolves to ``w4afp8`` (before ``mixed_precision``: one only in
+      hf_quant_config.json; with ``mixed_without_fp4_is_w4afp8``: one with no NVFP4 / W4A16_NVFP4 layer):
+      its block-FP8 linears (128×128) check every merged layer's output partitions at build time
+      (``Fp8LinearMethod.validate_block_quant_shapes``): the first that is not a multiple of 128, in build
+      order, raises. nhcheck does not model the w4afp8 manifest itself, so a recipe that would pass that
+      check is a usage error rather than a guess.
+
+    What nhcheck cannot replay on an old release is a usage error naming the release: quantized checkpoints
+    on 0.5.3.postN (``legacy_quant_prefixes``), MoE layers before 0.5.6, the MTP draft and latent MoE before
+    0.5.8, and a ``layers_block_type`` that disagrees with the pattern string before 0.5.10rc0.
     """
-    if qc is None or qc.quant_algo != "MIXED_PRECISION":
-        return None
+    if cfg.wrapper is not None and cfg.wrapper not in profile.wrappers:
+        if not cfg.has_auto_map:
+            raise UsageError(f"sglang {release} does not register {cfg.wrapper}, and the config has no auto_map")
+        return _REMOTE_CODE
+    flat_modelopt = qc is not None and qc.flat is not None and qc.flat.get("quant_method") == "modelopt"
+    if flat_modelopt and not profile.modelopt_in_config_json:
+        return f"ValueError: Unknown quantization method: modelopt. Must be one of {list(_B1_QUANT_METHODS)}."
+    mixed = qc if qc is not None and qc.quant_algo == "MIXED_PRECISION" else None
     # The override is keyed on the checkpoint's architecture, which the MTP draft shares.
-    if profile.override_reads_quantization_config and cfg.wrapper is None and qc.flat is None:
+    if mixed and profile.override_reads_quantization_config and cfg.wrapper is None and mixed.flat is None:
         return "AttributeError: 'NemotronHConfig' object has no attribute 'quantization_config'"
-    if profile.mixed_without_fp4_is_w4afp8 and not ({"NVFP4", "W4A16_NVFP4"} & set(qc.quantized_layers.values())):
-        for kind in cfg.draft_pattern if mtp else cfg.pattern:
+    if mixed and not profile.mixed_precision and mixed.flat is not None:
+        return (
+            "ValueError: ModelOptFp8Config only supports static FP8 quantization in SGLang. For FP4 quantization, "
+            "use ModelOptFp4Config. Check the quantization config for your model's configuration."
+        )
+    if not profile.reads_layer_norm_epsilon and not cfg.has_rms_norm_eps:
+        return "AttributeError: 'NemotronHConfig' object has no attribute 'rms_norm_eps'"
+    pattern = cfg.draft_pattern if mtp else cfg.pattern
+    if not profile.moe_layers and "E" in pattern:
+        raise UsageError(f"sglang {release} has no MoE layers (E): nhcheck does not model what it builds here")
+    if not profile.mtp_pp_filters and (mtp or cfg.moe_latent_size is not None):
+        what = "the MTP draft" if mtp else "latent MoE (moe_latent_size)"
+        raise UsageError(f"sglang {release} has no {what}; it first ships in 0.5.8")
+    if not profile.layers_block_type and cfg.hybrid_pattern != cfg.pattern:
+        raise UsageError(
+            f"sglang {release} reads hybrid_override_pattern only, and this config's layers_block_type "
+            "says otherwise: nhcheck does not model that build"
+        )
+    fp4_layers = mixed is not None and bool({"NVFP4", "W4A16_NVFP4"} & set(mixed.quantized_layers.values()))
+    if mixed and (not profile.mixed_precision or (profile.mixed_without_fp4_is_w4afp8 and not fp4_layers)):
+        for kind in pattern:
             parts = cfg.mamba_in_proj_parts if kind == "M" else (cfg.q_size, cfg.kv_size, cfg.kv_size)
             if kind not in "M*":
                 continue
@@ -604,8 +661,13 @@ def _startup_refusal(
                     "block_n = 128."
                 )
         raise UsageError(
-            f"sglang {release} resolves this MIXED_PRECISION recipe (no NVFP4 or W4A16_NVFP4 layer) to "
-            "w4afp8, whose manifest nhcheck does not model yet"
+            f"sglang {release} resolves this MIXED_PRECISION recipe to w4afp8, whose manifest nhcheck does not "
+            "model yet"
+        )
+    if profile.legacy_quant_prefixes and qc is not None and qc.quant_method == "modelopt":
+        raise UsageError(
+            f"sglang {release} builds quantized Nemotron-H modules without their model prefix (0.5.3.postN): "
+            "nhcheck does not replay quantized checkpoints on it"
         )
     return None
 

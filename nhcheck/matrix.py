@@ -1,21 +1,27 @@
 """One checkpoint against every behaviour epoch of every engine: a compatibility matrix.
 
-The headers are read once; each epoch builds its own manifest and replays the same tensors.
-Consecutive epochs that reach the same answer (verdict, counts, crash) are one row, so the
-matrix reads as "crashes on sglang ≤ 0.5.11, clean from 0.5.13".
+The headers are read once, and so is the config and the quant recipe (with what every release derives
+from it alike: ``QuantConfig.derived``). Each epoch builds its own manifest; epochs whose manifests
+agree and whose replays agree (``SharesReplay``: one representative name per expert group, not every
+tensor) give the same audit, which runs once per distinct behaviour. Consecutive epochs that reach the
+same answer (verdict, counts, crash) are one row, so the matrix reads as "crashes on sglang ≤ 0.5.11,
+clean from 0.5.13".
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
-from nhcheck import engines
-from nhcheck.audit import AuditOptions, run_audit
+from nhcheck import engines, slots
+from nhcheck.audit import AuditOptions, AuditReport, Replayed, param_view, replay_tensors, run_audit
 from nhcheck.checkpoint import Checkpoint
-from nhcheck.engines.base import Crash, EngineId
+from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, SharesReplay, replay_classes
 from nhcheck.findings import Verdict
-from nhcheck.model import parse_config
+from nhcheck.manifest import Manifest
+from nhcheck.model import NemotronHConfig, parse_config
 from nhcheck.quant import parse_quant
+from nhcheck.safetensors_header import TensorInfo
 
 
 @dataclass(frozen=True)
@@ -59,30 +65,163 @@ class Matrix:
         return 0 if all(by_engine.values()) else 1
 
 
+@dataclass(frozen=True)
+class _SharedReplay:
+    """One ``replay_tensors`` and what the behaviour key needs from it, shared by the epochs that replay alike."""
+
+    replayed: list[Replayed]
+    #: Parameters a one-element tensor loads into (where the scalar-fill semantics matter).
+    scalar_targets: frozenset[str]
+    #: Distinct (parameter, shard, dtype, shape) of every load: what the engine's loader checks are asked.
+    loads: tuple[tuple[str, str | None, str, tuple[int, ...]], ...]
+    #: Replay reasons of the tensors that did not load.
+    reasons: tuple[str, ...]
+
+
+def _share(replayed: list[Replayed]) -> _SharedReplay:
+    targets: set[str] = set()
+    loads: set[tuple[str, str | None, str, tuple[int, ...]]] = set()
+    reasons: set[str] = set()
+    for t, o, p, _ in replayed:
+        if o.outcome == "load" and p is not None:
+            loads.add((p, o.shard_id, t.dtype, t.shape))
+            if _one(t):
+                targets.add(p)
+        else:
+            reasons.add(o.reason)
+    return _SharedReplay(replayed, frozenset(targets), tuple(sorted(loads, key=str)), tuple(sorted(reasons)))
+
+
+def _row_view(signature: object) -> object:
+    """A replay signature as a matrix row can see it: each outcome's kind, target, shard, expert, reason, and a
+    raise's message (the crash text); the names an outcome quotes reach only finding texts, never a row."""
+    if isinstance(signature, Outcome):
+        o = signature
+        return (o.outcome, o.param, o.shard_id, o.expert_id, o.reason, o.message if o.outcome == "raise" else None)
+    if isinstance(signature, tuple):
+        return tuple(_row_view(x) for x in signature)
+    return signature
+
+
+def _behaviour_key(
+    engine: Engine,
+    manifest: Manifest,
+    cfg: NemotronHConfig,
+    shared: _SharedReplay,
+    names: list[str],
+    shards: list[str],
+    mtp: bool,
+) -> Hashable:
+    """Everything ``run_audit`` reads from the engine and the manifest for this checkpoint, given its replay.
+
+    Equal keys (with replay signatures equal as ``_row_view`` sees them) mean equal rows. The manifest
+    enters as what the audit asks of each parameter (``audit.param_view``), less the engine label and the
+    MoE backend's name, which only an info finding quotes (the shapes it decides are in the parameters);
+    the engine as its answers to every question the audit puts to it here: the loader checks per distinct
+    load, the scalar-fill semantics of every scale vector a one-element tensor lands in, which replay
+    reasons are by design, the shard order, the stream order around a wrapper, and the error after the
+    stream.
+    """
+    m = manifest
+    by_name = m.by_name
+    # A parameter no checkpoint name can reach (swizzled block scales) only ever has the status "unreachable",
+    # which no row counts: it enters the key only if a tensor loads into it after all.
+    loaded = {load[0] for load in shared.loads}
+    params = tuple(param_view(p) for p in m.params if p.reachable or p.name in loaded)
+    loader = tuple(
+        (engine.load_error(by_name[p], sid, dt, sh), engine.slot_note(by_name[p], dt, sh))
+        for p, sid, dt, sh in shared.loads
+        if p in by_name
+    )
+    fills = tuple(
+        (p.name, engine.loader_semantics(p.quant_method).scalar_every_slot)
+        for p in m.params
+        if p.name in shared.scalar_targets and slots.scalar_into_vector(p, ())
+    )
+    return (
+        engine.id.name,
+        params,
+        m.lm_prefix,
+        m.quantization,
+        m.mode,
+        m.source,
+        m.problems,
+        loader,
+        fills,
+        tuple(engine.by_design(r) for r in shared.reasons),
+        tuple(engine.order_shards(shards)),
+        (engine.routes_before_lm(cfg, mtp=mtp), engine.routed_after_lm(cfg, mtp=mtp)),
+        engine.startup_error(iter(names), m, mtp=mtp),
+    )
+
+
+def _answer(name: str, releases: tuple[str, ...], rep: AuditReport) -> MatrixRow:
+    counts = rep.counts()
+    statuses = [p.status for p in rep.params if not p.param.informational]
+    return MatrixRow(
+        name,
+        releases,
+        rep.verdict,
+        counts["orphans"],
+        counts["raise"],
+        statuses.count("unfilled"),
+        statuses.count("partial"),
+        rep.crash,
+    )
+
+
 def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False) -> Matrix:
-    """Audit ``ckpt`` once per behaviour epoch of every engine nhcheck answers for."""
+    """Audit ``ckpt`` once per distinct behaviour among the epochs of every engine nhcheck answers for.
+
+    Two epochs give the same row when their replays agree as a row sees them (``SharesReplay``, ``_row_view``:
+    they then share one ``replay_tensors``) and so does everything else the audit reads (``_behaviour_key``);
+    the first of them is audited, the others take its row.
+    """
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
+    opts = AuditOptions(mtp=mtp, compare_versions=False)
+    names = [t.name for t in ckpt.tensors()]
+    classes = replay_classes(names)
+    replays: dict[Hashable, _SharedReplay] = {}
+    shards = [sh.name for sh in ckpt.shards]
+    answers: dict[Hashable, MatrixRow] = {}
     rows: list[MatrixRow] = []
     for name, releases in engines.epochs():
         engine = engines.get(EngineId(name, releases[0]))
         manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp)
-        rep = run_audit(ckpt, cfg, qc, manifest, engine, AuditOptions(mtp=mtp, compare_versions=False))
-        counts = rep.counts()
-        statuses = [p.status for p in rep.params if not p.param.informational]
-        row = MatrixRow(
-            name,
-            releases,
-            rep.verdict,
-            counts["orphans"],
-            counts["raise"],
-            statuses.count("unfilled"),
-            statuses.count("partial"),
-            rep.crash,
-        )
+        m = manifest
+        key: Hashable | None = None
+        replayed: list[Replayed] | None = None
+        if not manifest.params:  # a start-up refusal: nothing replays, the audit is its problems
+            key = (name, m.params, m.lm_prefix, m.quantization, m.mode, m.source, m.problems)
+        elif isinstance(engine, SharesReplay):
+            signature = engine.replay_signature(manifest, cfg, classes, mtp=mtp)
+            if signature is not None:
+                view = _row_view(signature)
+                shared = replays.get((name, m.lm_prefix, view))
+                if shared is None:
+                    done = replay_tensors(ckpt, cfg, manifest, engine, opts)
+                    shared = replays[(name, m.lm_prefix, view)] = _share(done)
+                replayed = shared.replayed
+                key = (view, _behaviour_key(engine, manifest, cfg, shared, names, shards, mtp))
+        known = answers.get(key) if key is not None else None
+        if known is None:
+            rep = run_audit(ckpt, cfg, qc, manifest, engine, opts, replayed=replayed)
+            known = _answer(name, releases, rep)
+            if key is not None:
+                answers[key] = known
+        row = replace(known, releases=releases)
         last = rows[-1] if rows else None
         if last is not None and last.engine == name and last._answer() == row._answer():
             rows[-1] = replace(last, releases=last.releases + releases)
         else:
             rows.append(row)
     return Matrix(ckpt.source, tuple(rows))
+
+
+def _one(t: TensorInfo) -> bool:
+    """A one-element tensor (what a scale vector can receive as a scalar)."""
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n == 1

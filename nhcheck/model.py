@@ -55,6 +55,12 @@ class NemotronHConfig:
     projector_hidden_size: int = 0
     downsample_ratio: float = 0.5
     has_sound: bool = False
+    #: What older SGLang releases read differently (``SGLangProfile.reads_layer_norm_epsilon``,
+    #: ``layers_block_type``, ``wrappers``): whether the LM config names ``rms_norm_eps``, its raw
+    #: ``hybrid_override_pattern`` ("" when absent), and whether the outer config has an ``auto_map``.
+    has_rms_norm_eps: bool = True
+    hybrid_pattern: str = ""
+    has_auto_map: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -250,4 +256,7 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         projector_hidden_size=_int(outer, "projector_hidden_size", path, 0) if wrapper else 0,
         downsample_ratio=float(ratio),
         has_sound=bool(wrapper and isinstance(outer.get("sound_config"), dict)),
+        has_rms_norm_eps="rms_norm_eps" in config,
+        hybrid_pattern=pat if isinstance(pat := config.get("hybrid_override_pattern"), str) else "",
+        has_auto_map=isinstance(outer.get("auto_map"), dict),
     )

@@ -68,6 +68,10 @@ class QuantConfig:
     #: hf_quant_config.json object. Left None by hand-built configs, which are then taken as given.
     flat: dict | None = field(default=None, compare=False, repr=False)
     hf_file: dict | None = field(default=None, compare=False, repr=False)
+    #: What releases derive from the raw sections alike (the layer map as read, then as mapped by a rule
+    #: set, with its prefix index), computed once per recipe: a matrix builds one manifest per epoch, and
+    #: Super's 41,100 quantized_layers cost more to index than the manifest itself.
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_mixed(self) -> bool:
@@ -200,7 +204,7 @@ def _globs_to_regex(patterns: list[str]) -> re.Pattern[str] | None:
         return re.compile("|".join("(?:" + re.escape(p).replace(r"\*", ".*") + ")" for p in patterns))
 
 
-def _first_under(layers: dict[str, str]) -> dict[str, str]:
+def first_under(layers: dict[str, str]) -> dict[str, str]:
     """Every dotted prefix of a key → the algorithm of the first key (in map order) below it.
 
     Each key's prefixes are walked from the longest: the first one already present was set by an
@@ -249,12 +253,21 @@ class QuantResolver:
     def _path_match(self):
         return _module_path_matcher(self.exclude, self.profile.exclude_strips_dots)
 
+    def _skipped(self, prefix: str) -> bool:
+        """Whether an exclude entry names ``prefix`` as the release's ``is_layer_skipped`` compares them: exact
+        membership (≤0.5.6), a substring (0.5.6.post1), dotted-path matching (0.5.11, one regex)."""
+        mode = self.profile.skip_match
+        if mode == "path":
+            return self._path_match("." + prefix + ".") is not None
+        if mode == "substring":
+            return any(e in prefix for e in self.exclude)
+        return prefix in self.exclude
+
     def is_layer_skipped(self, prefix: str) -> bool:
         last = prefix.rsplit(".", 1)[-1]
-        path_match = self._path_match
-        shards = self.packed.get(last) or _FUSED_FALLBACK.get(last)
+        shards = self.packed.get(last) or (_FUSED_FALLBACK.get(last) if self.profile.skip_match == "path" else None)
         if shards:
-            votes = {path_match("." + prefix.replace(last, s) + ".") is not None for s in shards}
+            votes = {self._skipped(prefix.replace(last, s)) for s in shards}
             if len(votes) > 1:
                 raise QuantResolveError(
                     f"Detected some but not all shards of {prefix} are quantized. "
@@ -262,12 +275,12 @@ class QuantResolver:
                 )
             skipped = votes.pop()
         else:
-            skipped = path_match("." + prefix + ".") is not None
+            skipped = self._skipped(prefix)
             if "gate_up_proj" in prefix:
                 base = prefix.replace("gate_up_proj", "")
                 if base + "gate_proj" in self.exclude and base + "up_proj" in self.exclude:
                     skipped = True
-        if "experts" in prefix and not skipped:
+        if "experts" in prefix and not (skipped and self.profile.experts_skip_ored):
             skipped = any(prefix in e for e in self.exclude if "experts" in e)
         return skipped
 
@@ -275,9 +288,15 @@ class QuantResolver:
         cands = [prefix]
         if prefix.startswith("language_model."):
             cands.append(prefix[len("language_model.") :])
+        if not self.profile.exclusion_v1 and self.kind == "fp8":
+            # ≤0.5.8.post1 ModelOptFp8Config.is_layer_excluded: a substring test (MQ@0.5.8.post1:235).
+            return any(e in c for e in self.exclude for c in cands)
         rx = self.exclude_glob
         if rx is None:
             return False
+        if not self.profile.exclusion_v1:
+            # ≤0.5.8.post1 ModelOptFp4Config: the glob must match the whole prefix.
+            return bool(rx.fullmatch(prefix))
         return any(rx.fullmatch(c) or any(rx.fullmatch(part) for part in c.split(".")) for c in cands)
 
     # -- mixed precision --------------------------------------------------------
@@ -332,7 +351,8 @@ class QuantResolver:
         return self._method(prefix, 0, UNQUANT)
 
     def moe_method(self, prefix: str) -> str:
-        if self.kind is None or self.is_layer_excluded(prefix):
+        # FusedMoE can be excluded from exclusion_v1 on (MQ@0.5.9:301); before, it is always quantized.
+        if self.kind is None or (self.profile.exclusion_v1 and self.is_layer_excluded(prefix)):
             return UNQUANT_MOE
         return self._method(prefix, 1, UNQUANT_MOE)
 
@@ -485,7 +505,10 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
                 "ValueError: NVFP4 quantization requires group_size and exclude_modules specified in the "
                 "quantization config"
             )
-    layers = _layers_map(section.get("quantized_layers")) if kind == "mixed" else {}
+    layers: dict[str, str] = {}
+    if kind == "mixed":
+        key = ("layers", source, nested)
+        layers = qc.derived.get(key) or qc.derived.setdefault(key, _layers_map(section.get("quantized_layers")))
     return _EngineView(source, _str_list(exclude_raw), layers, kv_on, refusal)
 
 
@@ -551,7 +574,7 @@ def build_resolver(
         # get_quant_config: replace_prefix(entry, remap_prefix) on the file's exclude list (no dot needed).
         exclude = ["model" + e[len("backbone") :] if e.startswith("backbone") else e for e in exclude]
     rules: tuple[tuple[str, str], ...] | None
-    if is_causal:
+    if is_causal and profile.quant_name_mapper:
         rules = (("backbone.", "model."),)
         if mtp and profile.mtp_strip_language_model:
             rules += (("language_model.mtp.", "mtp."),)
@@ -559,7 +582,7 @@ def build_resolver(
         rules = (("language_model.backbone.", "language_model.model."),)
     else:
         rules = None
-    layers = dict(base_layers)
+    layers = base_layers
     if rules is not None:
         mapped: dict[str, None] = {}
         for e in exclude:
@@ -568,8 +591,17 @@ def build_resolver(
             if m.startswith("language_model."):
                 mapped[m[len("language_model.") :]] = None
         exclude = list(mapped)
-        if kind == "mixed":
-            layers = {_map_prefix(k, rules): v for k, v in layers.items()}
+    under: dict[str, str] = {}
+    if kind == "mixed":
+        # The mapped layer map and its index depend on the recipe and the rules only (``QuantConfig.derived``).
+        key = ("mapped", id(base_layers), rules)
+        cached = qc.derived.get(key)
+        if cached is None or cached[0] is not base_layers:
+            mapped_layers = dict(layers) if rules is None else {_map_prefix(k, rules): v for k, v in layers.items()}
+            cached = qc.derived[key] = (base_layers, mapped_layers, first_under(mapped_layers))
+        layers, under = cached[1], cached[2]
+    else:
+        layers = dict(layers)
     packed = (
         {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
         if outer_class
@@ -582,7 +614,7 @@ def build_resolver(
         exclude=tuple(exclude),
         exclude_glob=_globs_to_regex(exclude),
         layers=layers,
-        first_under=_first_under(layers) if kind == "mixed" else {},
+        first_under=under,
         packed=packed,
         kv_on=kv_on,
         profile=profile,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nhcheck import engines
-from nhcheck.engines.sglang import EPOCHS, NEWEST, PROFILES, RELEASES_WITH_NEMOTRON_H, parse_engine_id, release_key
+from nhcheck.engines.sglang import EPOCHS, NEWEST, PROFILES, parse_engine_id, release_key
 from nhcheck.errors import UsageError
 from nhcheck.pipeline import audit_path
 
@@ -15,29 +15,23 @@ EX = Path(__file__).parent.parent / "examples"
 
 
 def test_release_order_follows_the_index():
-    ordered = sorted(RELEASES_WITH_NEMOTRON_H, key=release_key)
-    assert ordered == list(RELEASES_WITH_NEMOTRON_H)
+    assert sorted(PROFILES, key=release_key) == list(PROFILES)
     assert release_key("0.5.10rc0") < release_key("0.5.10") < release_key("0.5.10.post1") < release_key("0.5.11")
 
 
-def test_every_modelled_release_has_a_row_and_rows_are_epochs():
-    first = list(RELEASES_WITH_NEMOTRON_H).index("0.5.11")
-    assert list(PROFILES) == list(RELEASES_WITH_NEMOTRON_H[first:])
+def test_every_release_on_the_index_has_a_row_and_rows_are_epochs():
+    """37 releases ship nemotron_h.py (0.5.3.post1 … 0.5.23 and the 0.5.10rc0 pre-release): 18 epochs B1–B18."""
+    assert len(PROFILES) == 37 and next(iter(PROFILES)) == "0.5.3.post1" and "0.5.10rc0" in PROFILES
     assert PROFILES["0.5.12.post1"] is PROFILES["0.5.12"] and PROFILES["0.5.22"] is PROFILES["0.5.21"]
-    assert len(EPOCHS) == 11 and [p for p in EPOCHS if p.newest] == [PROFILES[NEWEST]]
+    assert PROFILES["0.5.3.post1"] is PROFILES["0.5.3.post3"] and PROFILES["0.5.10rc0"] is PROFILES["0.5.10.post1"]
+    assert len(EPOCHS) == 18 and [p for p in EPOCHS if p.newest] == [PROFILES[NEWEST]]
     for version in PROFILES:
         assert parse_engine_id(f"sglang@{version}") == engines.EngineId("sglang", version)
 
 
-@pytest.mark.parametrize("version", [v for v in RELEASES_WITH_NEMOTRON_H if release_key(v) < release_key("0.5.11")])
-def test_releases_not_modelled_yet_are_a_usage_error_naming_the_range(version):
-    with pytest.raises(UsageError, match=r"ships Nemotron-H, but nhcheck models sglang 0\.5\.11 … 0\.5\.23"):
-        parse_engine_id(f"sglang@{version}")
-
-
-@pytest.mark.parametrize("version", ["0.4.0", "0.5.2", "0.5.11.post7"])
-def test_unknown_older_releases_are_a_usage_error(version):
-    with pytest.raises(UsageError, match="is not a release with Nemotron-H"):
+@pytest.mark.parametrize("version", ["0.4.0", "0.5.2", "0.5.3", "0.5.11.post7"])
+def test_unknown_older_releases_are_a_usage_error_listing_the_range(version):
+    with pytest.raises(UsageError, match=r"is not a release with Nemotron-H.*sglang 0\.5\.3\.post1 … 0\.5\.23"):
         parse_engine_id(f"sglang@{version}")
 
 

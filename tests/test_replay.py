@@ -411,8 +411,9 @@ def test_engine_spec_parsing():
     assert get_profile("sglang").version == "0.5.23"
     assert get_profile("sglang@latest").version == "0.5.23"
     assert get_profile("sglang@0.5.15").version == "0.5.15"
-    with pytest.raises(UsageError, match="not modelled yet"):
-        get_profile("sglang@0.5.9")
+    assert get_profile("sglang@0.5.9").version == "0.5.9"
+    with pytest.raises(UsageError, match="is not a release with Nemotron-H"):
+        get_profile("sglang@0.5.2")
     with pytest.raises(UsageError, match="unknown engine"):
         get_profile("vllm@0.11")
 

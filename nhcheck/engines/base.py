@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.machinery import PathFinder
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from nhcheck.manifest import Manifest, Param
@@ -163,6 +164,8 @@ class LoaderSemantics:
 
 #: One checkpoint name → what the engine does with it (a replayer bound to one manifest).
 Replayer = Callable[[str], Outcome]
+#: One expert index in a checkpoint name (``experts.{e}.``), as the engines' expert mappings see it.
+EXPERT_INDEX = re.compile(r"experts\.(0|[1-9][0-9]*)\.")
 
 
 class Engine(Protocol):
@@ -296,3 +299,88 @@ def installed_version(dist: str) -> str | None:
 
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
+
+
+@runtime_checkable
+class SharesReplay(Protocol):
+    """An optional capability: telling, cheaply, whether two releases replay a checkpoint alike.
+
+    A compatibility matrix audits one checkpoint against every epoch; releases whose replays agree (and
+    whose manifests and loader answers agree) give the same row, so one audit answers for them. The
+    checkpoint's names are grouped once (``replay_classes``, the same for every engine: it is the
+    checkpoint's naming); ``replay_signature`` replays one representative per group and is equal for two
+    releases only if every name's outcome is; None when the engine cannot tell (each release is then
+    audited on its own).
+    """
+
+    def replay_signature(
+        self, manifest: Manifest, cfg: NemotronHConfig, classes: ReplayClasses, *, mtp: bool
+    ) -> Hashable | None: ...
+
+
+@dataclass(frozen=True)
+class ReplayClasses:
+    """A checkpoint's names as ``make_replayer`` factors them: those with exactly one ``experts.{e}.`` grouped by
+    the name around it (each group: its expert ids ascending and the names in that order), every other
+    name on its own."""
+
+    templates: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]
+    singles: tuple[str, ...]
+
+
+def replay_classes(names: Sequence[str]) -> ReplayClasses:
+    """Group ``names`` once per checkpoint (``SharesReplay``); the grouping holds for every release."""
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    singles: list[str] = []
+    search = EXPERT_INDEX.search
+    for name in names:
+        i = name.find("experts.")
+        if i < 0:
+            singles.append(name)
+            continue
+        # The usual name has one "experts." followed by a plain index: split it by hand; anything else
+        # goes through the regex (the same matches ``make_replayer`` sees).
+        j = name.find(".", i + 8)
+        index = name[i + 8 : j]
+        if j > 0 and (index == "0" or (index.isascii() and index.isdigit() and index[0] != "0")):
+            if name.find("experts.", j) < 0:
+                start, end, e = i, j + 1, int(index)
+            else:
+                start = -1
+        else:
+            m = search(name)
+            start = -1 if m is None or search(name, m.end()) is not None else m.start()
+            if start >= 0 and m is not None:
+                end, e = m.end(), int(m.group(1))
+        if start < 0:
+            singles.append(name)
+            continue
+        key = (name[:start], name[end:])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = []
+        group.append((e, name))
+    templates = []
+    for group in groups.values():
+        group.sort()
+        templates.append((tuple(e for e, _ in group), tuple(n for _, n in group)))
+    return ReplayClasses(tuple(templates), tuple(singles))
+
+
+def replay_signature(replay: Replayer, classes: ReplayClasses, num_experts: int) -> tuple[object, ...]:
+    """The outcomes of one representative per expert group (its lowest id below the bound, plus every id at or
+    past it, which the replay meets one by one) and of every other name.
+
+    What makes this exact is the engines' own factoring (each ``make_replayer``): below the bound, and
+    against runtime names without expert indices, an expert index only ever counts as that token, so a
+    group's outcome is its representative's with the expert id (and the names it quotes) substituted, and
+    two releases with equal signatures (and equal bounds) replay every name alike.
+    """
+    out: list[object] = [num_experts]
+    for ids, group in classes.templates:
+        i = bisect_left(ids, num_experts)
+        out.append(tuple(replay(n) for n in group[i:]))
+        if i:
+            out.append(replay(group[0]))
+    out.extend(replay(n) for n in classes.singles)
+    return tuple(out)

@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from nhcheck.engines.base import EngineId, LoaderSemantics, Outcome, PPWindow, Route, UnloadedKind, installed_version
+from nhcheck.engines.base import (
+    EXPERT_INDEX,
+    EngineId,
+    LoaderSemantics,
+    Outcome,
+    PPWindow,
+    Route,
+    UnloadedKind,
+    installed_version,
+    replay_signature,
+)
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -81,15 +91,63 @@ class SGLangProfile:
     #: ``_parse_modelopt_quant_config`` resolves a MIXED recipe with no NVFP4 / W4A16_NVFP4 layer to
     #: ``w4afp8`` (block-FP8 linears) instead of ``modelopt_mixed`` (MC:1155; goldens from 0.5.16).
     mixed_without_fp4_is_w4afp8: bool
+    #: The server args accept ``quant_method: modelopt`` in config.json (0.5.4; 0.5.3.postN: "Unknown
+    #: quantization method: modelopt", goldens 0.5.3.post3).
+    modelopt_in_config_json: bool
+    #: ``_init_model`` passes ``prefix=""`` and ``MambaMixer2`` gets no prefix (0.5.3.postN, NH@0.5.3.post1:442):
+    #: quant prefixes are ``.layers.{i}.mixer.<m>`` and excludes never match. nhcheck does not replay a
+    #: quantized checkpoint there (a usage error) rather than guess.
+    legacy_quant_prefixes: bool
+    #: ``load_weights`` replaces the first ``backbone`` only (``replace_prefix``, WU@0.5.4:141); before: every one.
+    prefix_remap_first_only: bool
+    #: ``NemotronHConfig`` reads ``layer_norm_epsilon`` (0.5.6, CFG); before, the model reads ``rms_norm_eps``
+    #: and a config without it dies at model build (AttributeError; goldens 0.5.3.post3 / 0.5.5.post3).
+    reads_layer_norm_epsilon: bool
+    #: MoE (``E``) layers exist: ``NemotronHMoE``, the expert branch of ``load_weights`` (0.5.6, NH:713).
+    moe_layers: bool
+    #: Wrapper architectures whose config class and model the release registers; any other needs the
+    #: checkpoint's own code (``trust_remote_code``): NemotronH_Nano_VL_V2 0.5.6, Nano-Omni 0.5.11 (goldens),
+    #: NemotronH_Omni_Reasoning_V3 0.5.20.
+    wrappers: frozenset[str]
+    #: ``is_layer_skipped`` matching: ``exact`` membership (≤0.5.6), ``substring`` (0.5.6.post1, QU:80),
+    #: ``path`` (``_module_path_match`` with ``_FALLBACK_FUSED_SHARDS``, 0.5.11, QU:46).
+    skip_match: str
+    #: The experts rule of ``is_layer_skipped`` is or-ed with the result (0.5.10rc0, QU:89); before it replaces it.
+    experts_skip_ored: bool
+    #: ``load_weights(is_mtp)``: the MTP keep filter, the main model's ``mtp`` skip, pipeline-parallel
+    #: layer / rank skips, the ``NemotronHForCausalLMMTP`` draft and latent MoE (0.5.8, NH:775/788/194).
+    mtp_pp_filters: bool
+    #: The MTP draft's quant prefix: ``model`` (0.5.8–0.5.9, ``add_prefix("model", …)``), ``mtp`` (0.5.10rc0, MTPF:300).
+    mtp_quant_prefix: str
+    #: Checkpoint KV scales load (0.5.9): ``k_proj.k_scale``/``v_proj.v_scale`` → ``attn.*`` (NH:640), the KV
+    #: remap only for names not in params (NH:792), ``maybe_remap_kv_scale_name``'s ``.mixer.`` rule (WU:1219).
+    #: Before, every k/v scale is dropped with the remap warning (goldens sglang_probe_kv_scale_shape 0.5.8.post1).
+    kv_remap_v2: bool
+    #: ``hf_to_sglang_mapper`` (``backbone.`` → ``model.``) maps exclude lists from both sources, with
+    #: ``language_model.``-stripped copies (0.5.9, MQ ``apply_weight_name_mapper``).
+    quant_name_mapper: bool
+    #: ``is_layer_excluded`` is glob ``fullmatch`` on the prefix or any dotted component, for FP8 and FP4,
+    #: and FusedMoE can be excluded (0.5.9, MQ:301/330; goldens: experts-excluded exports raise from 0.5.9).
+    #: Before: FP8 substring, FP4 whole-prefix glob, Linear only.
+    exclusion_v1: bool
+    #: ``_parse_modelopt_quant_config`` maps MIXED_PRECISION to ``modelopt_mixed`` (0.5.10rc0, MC:803). Before:
+    #: a flat config.json recipe becomes ``modelopt_fp8`` and ModelOptFp8Config refuses it; one only in
+    #: hf_quant_config.json becomes ``w4afp8`` (goldens 0.5.5.post3 – 0.5.9).
+    mixed_precision: bool
+    #: ``NemotronHConfig`` reads ``layers_block_type`` (0.5.10rc0, CFG:189); before, only the pattern string.
+    layers_block_type: bool
+    #: MoE runner backend the Nemotron-H server-args override picks on sm100 for a ModelOpt checkpoint:
+    #: ``auto`` (≤0.5.5, no MoE), ``flashinfer_cutlass`` (0.5.6–0.5.10.post1), ``flashinfer_trtllm`` (0.5.11; goldens).
+    modelopt_moe_backend: str
     #: The release is the newest nhcheck's table knows (``--engine sglang`` means it).
     newest: bool = False
 
 
 _FP8_NVFP4 = frozenset({"FP8", "NVFP4"})
 
-#: B8: 0.5.11, the last release before PR #24434 (an orphan expert tensor raises KeyError).
-_B8 = SGLangProfile(
-    version="0.5.11",
+#: B1: 0.5.3.post1 – 0.5.3.post3, the first releases with ``nemotron_h.py``: dense layers only.
+_B1 = SGLangProfile(
+    version="0.5.3.post3",
     expert_missing_is_keyerror=True,
     expert_count_from_max=False,
     mtp_whitelist_embed_head=False,
@@ -98,8 +156,8 @@ _B8 = SGLangProfile(
     vl_streams=False,
     omni_v3_class=False,
     modelopt_algos=_FP8_NVFP4,
-    mixed_algos=_FP8_NVFP4,
-    mixed_moe_algos=_FP8_NVFP4,
+    mixed_algos=frozenset(),
+    mixed_moe_algos=frozenset(),
     mixed_candidate_prefixes=False,
     mixed_candidate_model_prefix=False,
     lm_head_quantizable=False,
@@ -114,6 +172,65 @@ _B8 = SGLangProfile(
     moe_backend_default="auto",
     override_reads_quantization_config=False,
     mixed_without_fp4_is_w4afp8=False,
+    modelopt_in_config_json=False,
+    legacy_quant_prefixes=True,
+    prefix_remap_first_only=False,
+    reads_layer_norm_epsilon=False,
+    moe_layers=False,
+    wrappers=frozenset(),
+    skip_match="exact",
+    experts_skip_ored=False,
+    mtp_pp_filters=False,
+    mtp_quant_prefix="model",
+    kv_remap_v2=False,
+    quant_name_mapper=False,
+    exclusion_v1=False,
+    mixed_precision=False,
+    layers_block_type=False,
+    modelopt_moe_backend="auto",
+)
+#: B2: 0.5.4 – 0.5.5.post3 — ``modelopt`` in config.json accepted, quant prefixes ``model.layers.{i}.mixer.<m>``
+#: (NH:442, NH:160), ``replace_prefix`` first occurrence only (WU:141).
+_B2 = replace(
+    _B1, version="0.5.5.post3", modelopt_in_config_json=True, legacy_quant_prefixes=False, prefix_remap_first_only=True
+)
+#: B3: 0.5.6 — MoE layers and the expert branch (NH:713, orphan → KeyError), ``layer_norm_epsilon`` (CFG),
+#: the VL wrapper ``NemotronH_Nano_VL_V2``, ``flashinfer_cutlass`` for ModelOpt MoEs on sm100.
+_B3 = replace(
+    _B2,
+    version="0.5.6",
+    reads_layer_norm_epsilon=True,
+    moe_layers=True,
+    wrappers=frozenset({"NemotronH_Nano_VL_V2"}),
+    modelopt_moe_backend="flashinfer_cutlass",
+)
+#: B4: 0.5.6.post1 – 0.5.7 — ``is_layer_skipped`` becomes a substring test (QU:80).
+_B4 = replace(_B3, version="0.5.7", skip_match="substring")
+#: B5: 0.5.8 – 0.5.8.post1 — MTP draft, MTP / PP filters, latent MoE (NH:775/788/194; quant prefix ``model``).
+_B5 = replace(_B4, version="0.5.8.post1", mtp_pp_filters=True)
+#: B6: 0.5.9 — checkpoint KV scales load (NH:640/792, WU:1219), the quant-name mapper, unified
+#: ``is_layer_excluded`` with an excludable MoE (MQ:301/330).
+_B6 = replace(_B5, version="0.5.9", kv_remap_v2=True, quant_name_mapper=True, exclusion_v1=True)
+#: B7: 0.5.10rc0 – 0.5.10.post1 — MIXED_PRECISION → ``modelopt_mixed`` (MC:803) with {FP8, NVFP4}, the MTP
+#: quant prefix ``mtp`` (MTPF:300), ``layers_block_type`` (CFG:189), the experts skip rule or-ed (QU:89).
+_B7 = replace(
+    _B6,
+    version="0.5.10.post1",
+    mixed_precision=True,
+    mixed_algos=_FP8_NVFP4,
+    mixed_moe_algos=_FP8_NVFP4,
+    mtp_quant_prefix="mtp",
+    layers_block_type=True,
+    experts_skip_ored=True,
+)
+#: B8: 0.5.11, the last release before PR #24434 (an orphan expert tensor raises KeyError): path matching
+#: of excludes (QU:46), the Nano-Omni class, ``flashinfer_trtllm`` for ModelOpt MoEs on sm100.
+_B8 = replace(
+    _B7,
+    version="0.5.11",
+    skip_match="path",
+    wrappers=_B7.wrappers | {"NemotronH_Nano_Omni_Reasoning_V3"},
+    modelopt_moe_backend="flashinfer_trtllm",
 )
 #: B9: 0.5.12 — PR #24434, ``if name_mapped not in params_dict: continue`` in the expert branch (NH:977).
 _B9 = replace(_B8, version="0.5.12", expert_missing_is_keyerror=False)
@@ -171,6 +288,7 @@ _B16 = replace(
     mtp_standalone_head_check=True,
     vl_streams=True,
     omni_v3_class=True,
+    wrappers=_B15.wrappers | {"NemotronH_Omni_Reasoning_V3"},
     mixed_algos=_B15.mixed_algos | {"FP8_BLOCK_SCALES"},
     mixed_moe_algos=_B15.mixed_moe_algos | {"FP8_BLOCK_SCALES"},
     mixed_candidate_model_prefix=True,
@@ -181,10 +299,31 @@ _B17 = replace(_B16, version="0.5.21", mixed_moe_algos=_B16.mixed_moe_algos | {"
 #: B18: 0.5.23 — the FP4 flat form's ``modules_to_not_convert`` / ``exclude_modules`` keys (MQ:1655).
 _B18 = replace(_B17, version="0.5.23", quant_fp4_exclude_keys=True, newest=True)
 
-#: Every release nhcheck answers for → its behaviour row.
-#: Every release nhcheck answers for → its behaviour row (``oracle/sglang/EPOCHS.md``: release → epoch).
+#: Every release on the package index that ships ``sglang/srt/models/nemotron_h.py`` (0.5.3.post1 – 0.5.23,
+#: 0.5.10rc0 included), oldest first → its behaviour row (``oracle/sglang/EPOCHS.md``: release → epoch).
 #: A row's ``version`` is the release its goldens were made with.
 PROFILES: dict[str, SGLangProfile] = {
+    "0.5.3.post1": _B1,
+    "0.5.3.post2": _B1,
+    "0.5.3.post3": _B1,
+    "0.5.4": _B2,
+    "0.5.4.post1": _B2,
+    "0.5.4.post2": _B2,
+    "0.5.4.post3": _B2,
+    "0.5.5": _B2,
+    "0.5.5.post1": _B2,
+    "0.5.5.post2": _B2,
+    "0.5.5.post3": _B2,
+    "0.5.6": _B3,
+    "0.5.6.post1": _B4,
+    "0.5.6.post2": _B4,
+    "0.5.7": _B4,
+    "0.5.8": _B5,
+    "0.5.8.post1": _B5,
+    "0.5.9": _B6,
+    "0.5.10rc0": _B7,
+    "0.5.10": _B7,
+    "0.5.10.post1": _B7,
     "0.5.11": _B8,
     "0.5.12": _B9,
     "0.5.12.post1": _B9,
@@ -218,17 +357,6 @@ MOE_BACKENDS = (
 )
 
 
-#: Every release on the package index that ships ``sglang/srt/models/nemotron_h.py``, oldest first
-#: (``oracle/sglang/EPOCHS.md``). Those before the table's first row are not modelled yet.
-RELEASES_WITH_NEMOTRON_H = (
-    "0.5.3.post1", "0.5.3.post2", "0.5.3.post3", "0.5.4", "0.5.4.post1", "0.5.4.post2", "0.5.4.post3",
-    "0.5.5", "0.5.5.post1", "0.5.5.post2", "0.5.5.post3", "0.5.6", "0.5.6.post1", "0.5.6.post2", "0.5.7",
-    "0.5.8", "0.5.8.post1", "0.5.9", "0.5.10rc0", "0.5.10", "0.5.10.post1", "0.5.11", "0.5.12",
-    "0.5.12.post1", "0.5.13", "0.5.13.post1", "0.5.14", "0.5.15", "0.5.15.post1", "0.5.16", "0.5.17",
-    "0.5.18", "0.5.19", "0.5.20", "0.5.21", "0.5.22", "0.5.23",
-)  # fmt: skip
-
-
 def release_key(version: str) -> tuple[int, ...]:
     """Order releases as the index does: ``0.5.10rc0`` < ``0.5.10`` < ``0.5.10.post1`` < ``0.5.11``."""
     m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?", version)
@@ -254,8 +382,8 @@ def get_profile(spec: str | EngineId | None) -> SGLangProfile:
 def parse_engine_id(spec: str | None) -> EngineId:
     """Parse ``sglang@X``; bare ``sglang`` is the installed release when there is one, else the newest.
 
-    A release newer than the table is answered with the newest row (and says so); one on the index
-    that the table does not model yet, or one that is not a Nemotron-H release, is a usage error.
+    A release newer than the table is answered with the newest row (and says so); any other release
+    the table lacks is not a Nemotron-H release on the index (the table holds every one): a usage error.
     """
     spec = (spec or "sglang").strip()
     name, _, version = spec.partition("@")
@@ -280,14 +408,9 @@ def parse_engine_id(spec: str | None) -> EngineId:
             f"{newest}'s behaviour; with that release installed, `nhcheck audit --live` answers with its own "
             "code (--cross-check shows where it differs from this)",
         )
-    if version in RELEASES_WITH_NEMOTRON_H:
-        raise UsageError(
-            f"sglang {version} ships Nemotron-H, but nhcheck models sglang {first} … {newest} only "
-            f"(releases before {first} are not modelled yet)"
-        )
     raise UsageError(
-        f"sglang {version} is not a release with Nemotron-H (the first is {RELEASES_WITH_NEMOTRON_H[0]}); "
-        f"nhcheck answers for sglang {first} … {newest}"
+        f"sglang {version} is not a release with Nemotron-H (the first is {first}); "
+        f"nhcheck answers for every release sglang {first} … {newest}"
     )
 
 
@@ -299,9 +422,12 @@ def default_moe_backend(profile: SGLangProfile, quantization: str | None, wrappe
     NVFP4 MoE's swizzled block-scale parameters (and the TP windows) depend on it.
     """
     if quantization == "modelopt_mixed":
-        return "auto" if wrapped else "flashinfer_trtllm"
-    if quantization == "modelopt_fp4":
-        return "flashinfer_trtllm"
+        return "auto" if wrapped else profile.modelopt_moe_backend
+    # Up to 0.5.10.post1 the override forces flashinfer_cutlass for every ModelOpt checkpoint (goldens:
+    # modelopt_fp8 too); from 0.5.11 the FP8 MoE takes the release's default.
+    cutlass_era = profile.modelopt_moe_backend == "flashinfer_cutlass"
+    if quantization == "modelopt_fp4" or (quantization == "modelopt_fp8" and cutlass_era):
+        return profile.modelopt_moe_backend
     return profile.moe_backend_default
 
 
@@ -326,6 +452,7 @@ REASON_TEXT = {
     "pp-range": "by design: layer outside this pipeline rank",
     "pp-rank": "by design: not on this pipeline rank",
     "routed": "by design: a tower or the projector loads it",
+    "size-assert": "default_weight_loader asserts equal sizes: AssertionError",
     "load": "loaded",
 }
 
@@ -348,6 +475,8 @@ _SUBSTR = (
     ("k_proj.k_scale", "attn.k_scale"),
     ("v_proj.v_scale", "attn.v_scale"),
 )
+#: Before ``kv_remap_v2`` (0.5.9, NH:640) only the first two.
+_SUBSTR_V1 = _SUBSTR[:2]
 # FusedMoE.make_expert_params_mapping(gate="up_proj", down="down_proj", up=""): for each e the
 # tuples (w1, "experts.{e}.up_proj."), (w2, "experts.{e}.down_proj."), (w3, "experts.{e}..").
 # The regex finds every such substring; the integer bound and the tuple order are applied after.
@@ -380,13 +509,16 @@ def pp_window(num_layers: int, rank: int, size: int) -> PPWindow:
     return PPWindow(start, end, rank == 0, rank == size - 1, rank, size)
 
 
-def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None, str | None]:
-    """``maybe_remap_kv_scale_name`` (§3): (new name, None) or (None, warning) when dropped."""
+def _kv_remap(name: str, params: frozenset[str] | set[str], mixer_rule: bool = True) -> tuple[str, str | None]:
+    """``maybe_remap_kv_scale_name`` (§3): (new name, None), or (the candidate it looked for, warning) when dropped.
+
+    ``mixer_rule``: the ``.mixer.{k,v}_proj`` rule (``kv_remap_v2``, WU@0.5.9:1219).
+    """
     if name.endswith(".kv_scale"):
         cand = name.replace(".kv_scale", ".attn.k_scale")
         if cand in params:
             return cand, None
-        return None, (
+        return cand, (
             f"Found kv_scale in the checkpoint (e.g. {name}), but not found the expected name in "
             f"the model (e.g. {cand}). kv_scale is not loaded."
         )
@@ -395,13 +527,13 @@ def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None,
             proj = "k_proj" if suffix == ".k_scale" else "v_proj"
             if f".self_attn.{proj}{suffix}" in name:
                 cand = name.replace(f".self_attn.{proj}{suffix}", f".self_attn.attn{suffix}")
-            elif f".mixer.{proj}{suffix}" in name:
+            elif mixer_rule and f".mixer.{proj}{suffix}" in name:
                 cand = name.replace(f".mixer.{proj}{suffix}", f".mixer.attn{suffix}")
             else:
                 cand = name.replace(suffix, f".attn{suffix}")
             if cand in params:
                 return cand, None
-            return None, (
+            return cand, (
                 f"Found {suffix} in the checkpoint (e.g. {name}), but not found the expected name in "
                 f"the model (e.g. {cand}). {suffix} is not loaded."
             )
@@ -422,33 +554,34 @@ def replay_name(
 ) -> Outcome:
     """Replay one checkpoint name through ``load_weights`` against the runtime names ``params``."""
     n = name
-    # 1. prefix remap: a leading "backbone" (no dot needed) becomes "model", first occurrence only.
+    # 1. prefix remap: a leading "backbone" (no dot needed) becomes "model", first occurrence only
+    #    (0.5.3.postN: ``name.replace``, every occurrence).
     if n.startswith("backbone"):
-        n = "model" + n[len("backbone") :]
+        n = "model" + n[len("backbone") :] if profile.prefix_remap_first_only else n.replace("backbone", "model")
     # 2. substring remaps, in order, every occurrence.
-    for old, new in _SUBSTR:
+    for old, new in _SUBSTR if profile.kv_remap_v2 else _SUBSTR_V1:
         if old in n:
             n = n.replace(old, new)
-    # 3. MTP filters.
-    if is_mtp:
-        keep = "mtp" in n or (profile.mtp_whitelist_embed_head and ("embed_tokens" in n or "lm_head" in n))
-        if not keep:
+    # 3. MTP filters (from 0.5.8; before, ``mtp`` names go through the mapping like any other).
+    if profile.mtp_pp_filters:
+        if is_mtp:
+            keep = "mtp" in n or (profile.mtp_whitelist_embed_head and ("embed_tokens" in n or "lm_head" in n))
+            if not keep:
+                return Outcome("skip", reason="mtp-filter")
+            n = n.replace("mtp.layers.", "model.layers.")
+        elif "mtp" in n:
             return Outcome("skip", reason="mtp-filter")
-        n = n.replace("mtp.layers.", "model.layers.")
-    elif "mtp" in n:
-        return Outcome("skip", reason="mtp-filter")
-    # 4. KV-scale remap, only for names with "scale" that are not parameters.
-    if "scale" in n and n not in params:
-        remapped, warning = _kv_remap(n, params)
-        if remapped is None:
-            return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
+    # 4. KV-scale remap, only for names with "scale" that are not parameters (before 0.5.9: every such name).
+    if "scale" in n and (n not in params or not profile.kv_remap_v2):
+        remapped, warning = _kv_remap(n, params, profile.kv_remap_v2)
+        if warning is not None:
+            return Outcome("warn", engine_name=remapped, message=warning, reason="kv-drop")
         n = remapped
-    # 5. PP layer range (main model only: the MTP predictor has no start/end layer).
-    if not is_mtp and pp is not None:
-        m = _LAYER_RE.search(n)
+    # 5. PP layer range (main model only: the MTP predictor has no start/end layer; from 0.5.8).
+    if pp is not None and profile.mtp_pp_filters:
+        m = None if is_mtp else _LAYER_RE.search(n)
         if m is not None and not pp.start <= int(m.group(1)) < pp.end:
             return Outcome("skip", reason="pp-range")
-    if pp is not None:
         if ("embed_tokens" in n and not pp.first_rank) or (("norm_f" in n or "lm_head" in n) and not pp.last_rank):
             return Outcome("skip", reason="pp-rank")
     # 6. stacked q/k/v: the rewrite persists across triples (the "qkqkv_proj" quirk).
@@ -487,7 +620,7 @@ def replay_name(
 
 
 _new_outcome = tuple.__new__
-_ONE_EXPERT = re.compile(r"experts\.(0|[1-9][0-9]*)\.")
+_ONE_EXPERT = EXPERT_INDEX
 _ANY_EXPERT_INDEX = re.compile(r"experts\.[0-9]+\.")
 _EXPERT_BRANCH = frozenset({"expert-orphan", "keyerror"})
 _UNCACHED = Outcome("uncached")
@@ -619,12 +752,14 @@ class SGLangEngine:
 
         return build_manifest(cfg, qc, self.profile, moe_backend=moe_backend, mtp=mtp, pp=pp, release=self.id.version)
 
+    def _num_experts(self, cfg) -> int:
+        return cfg.max_n_routed_experts if self.profile.expert_count_from_max else cfg.n_routed_experts
+
     def replayer(self, manifest, cfg, *, mtp: bool, pp: PPWindow | None):
         # NemotronHModel always has start/end layers (PP=1: 0 and the layer count), so a layer
         # index past the model is dropped by the range check even without pipeline parallelism.
         window = pp or PPWindow(0, cfg.num_layers)
-        experts = cfg.max_n_routed_experts if self.profile.expert_count_from_max else cfg.n_routed_experts
-        replay = make_replayer(manifest.inner_names, experts, self.profile, is_mtp=mtp, pp=window)
+        replay = make_replayer(manifest.inner_names, self._num_experts(cfg), self.profile, is_mtp=mtp, pp=window)
         if not mtp:
             return replay
         profile = self.profile
@@ -637,6 +772,16 @@ class SGLangEngine:
 
     def replay_projector(self, name: str, manifest) -> Outcome:
         return replay_projector(name, manifest.projector_names)
+
+    def replay_signature(self, manifest, cfg, classes, *, mtp: bool):
+        """``SharesReplay``: None where the replayed names are not the checkpoint's (a wrapper routes them, the
+        MTP draft rewrites them) or the manifest names experts one by one (nothing is factored)."""
+        if mtp or cfg.wrapper is not None:
+            return None
+        if any(_ANY_EXPERT_INDEX.search(p) for p in manifest.inner_names if "experts." in p):
+            return None
+        replay = self.replayer(manifest, cfg, mtp=False, pp=None)
+        return replay_signature(replay, classes, self._num_experts(cfg))
 
     def routes_before_lm(self, cfg, *, mtp: bool) -> bool:
         """A buffering VL wrapper (before ``vl_streams``) routes every other name before the LM loads."""
@@ -714,6 +859,8 @@ class SGLangEngine:
         return None
 
     def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
+        if not self.profile.mtp_pp_filters:
+            raise UsageError(f"sglang {self.id.version}'s Nemotron-H has no pipeline-parallel layer ranges (0.5.8 on)")
         return pp_window(num_layers, rank, size)
 
     def by_design(self, reason: str) -> bool:

@@ -17,7 +17,17 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from nhcheck.engines.base import EngineId, LoaderSemantics, Outcome, PPWindow, Route, UnloadedKind, installed_version
+from nhcheck.engines.base import (
+    EXPERT_INDEX,
+    EngineId,
+    LoaderSemantics,
+    Outcome,
+    PPWindow,
+    Route,
+    UnloadedKind,
+    installed_version,
+    replay_signature,
+)
 from nhcheck.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -764,6 +774,16 @@ class VLLMEngine:
             quantized=manifest.quantization is not None,
             outer=outer,
         )
+
+    def replay_signature(self, manifest, cfg, classes, *, mtp: bool):
+        """``SharesReplay`` (the factoring ``make_replayer`` relies on too); None for wrapped or MTP replays, a
+        refused start-up, or a manifest that names experts one by one."""
+        if mtp or cfg.wrapper is not None or not manifest.params:
+            return None
+        if any(EXPERT_INDEX.search(p) for p in manifest.inner_names if "experts." in p):
+            return None
+        replay = self.replayer(manifest, cfg, mtp=False, pp=None)
+        return replay_signature(replay, classes, cfg.n_routed_experts)
 
     def route(self, name: str, cfg) -> Route:
         return route_wrapped(name, cfg.has_sound, cfg.has_mtp, vision_norm_routed=self.profile.vision_final_norm)

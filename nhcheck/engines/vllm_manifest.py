@@ -20,7 +20,7 @@ from nhcheck.engines.vllm import VLLMProfile, map_name
 from nhcheck.errors import UsageError
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import QuantConfig
+from nhcheck.quant import QuantConfig, first_under
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 UNQUANT = "UnquantizedLinearMethod"
@@ -37,21 +37,31 @@ class _Quant:
         self.algo = qc.quant_algo
         self.profile = profile
         self.lm_prefix = lm_prefix
-        rules: list[str] = []
-        for e in qc.exclude:
-            # ``module_path*`` becomes ``module_path`` and ``module_path.*`` (vllm-project/vllm#28072).
-            rules += [e[:-1], e[:-1] + ".*"] if len(e) >= 2 and e[-1] == "*" and e[-2] != "." else [e]
-        self.exclude = [m for m in (self._map(e) for e in rules) if m is not None]
-        self.layers = {}
-        for k, v in qc.quantized_layers.items():
-            m = self._map(k)
-            if m is not None:
-                self.layers[m] = v
+        # The mapping below reads no profile flag (quantized=False, own_loop off), so it is one per recipe and
+        # prefix, however many releases build a manifest from it (``QuantConfig.derived``).
+        key = ("vllm-quant", lm_prefix)
+        cached = qc.derived.get(key)
+        if cached is None:
+            mapper = replace(profile, own_loop=False)
+            rules: list[str] = []
+            for e in qc.exclude:
+                # ``module_path*`` becomes ``module_path`` and ``module_path.*`` (vllm-project/vllm#28072).
+                rules += [e[:-1], e[:-1] + ".*"] if len(e) >= 2 and e[-1] == "*" and e[-2] != "." else [e]
+            exclude = [m for m in (self._map(e, mapper) for e in rules) if m is not None]
+            layers: dict[str, str] = {}
+            for k, v in qc.quantized_layers.items():
+                m = self._map(k, mapper)
+                if m is not None:
+                    layers[m] = v
+            cached = qc.derived[key] = (exclude, layers, first_under(layers))
+        self.exclude: list[str] = cached[0]
+        self.layers: dict[str, str] = cached[1]
+        self.under: dict[str, str] = cached[2]
 
-    def _map(self, name: str) -> str | None:
-        mapped, _ = map_name(name, replace(self.profile, own_loop=False), quantized=False)
+    def _map(self, name: str, mapper: VLLMProfile) -> str | None:
+        mapped, _ = map_name(name, mapper, quantized=False)
         if self.lm_prefix and name.startswith(self.lm_prefix):
-            inner, _ = map_name(name[len(self.lm_prefix) :], replace(self.profile, own_loop=False), quantized=False)
+            inner, _ = map_name(name[len(self.lm_prefix) :], mapper, quantized=False)
             return None if inner is None else self.lm_prefix + inner
         return mapped
 
@@ -86,15 +96,13 @@ class _Quant:
             algos = {self.layers[base + s].upper() for s in _PACKED[last] if base + s in self.layers}
             if len(algos) == 1:
                 return algos.pop()
-        for c in cands:
-            for key, algo in self.layers.items():
-                if key.startswith(c + "."):
-                    return algo.upper()
+        for c in cands:  # the first key under the prefix, in map order (``first_under``)
+            if c in self.under:
+                return self.under[c].upper()
         if prefix.endswith(".experts"):
-            parent = prefix.rsplit(".experts", 1)[0] + "."
-            for key, algo in self.layers.items():
-                if key.startswith(parent):
-                    return algo.upper()
+            parent = prefix.rsplit(".experts", 1)[0]
+            if parent in self.under:
+                return self.under[parent].upper()
         return None
 
     def algo_of(self, prefix: str) -> str | None:

@@ -368,6 +368,18 @@ def golden_path(golden_dir, release):
     return os.path.join(golden_dir, f"expected-sglang-{release}.json")
 
 
+def read_committed(path):
+    """The text of a golden as committed: ``expected-*.json`` or its gzipped ``.json.gz``; None if neither."""
+    if os.path.exists(path + ".gz"):
+        import gzip
+        with gzip.open(path + ".gz", "rt") as f:
+            return f.read()
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return None
+
+
 def load_raw(raw_case_dir):
     def rd(n):
         p = os.path.join(raw_case_dir, n)
@@ -391,10 +403,9 @@ def update_epochs_json(roots, releases=None):
         goldens = {}
         for root in roots:
             for case, _, gdir in discover_cases(root):
-                p = golden_path(gdir, r)
-                if case not in goldens and os.path.exists(p):
-                    with open(p) as f:
-                        goldens[case] = json.load(f)
+                text = None if case in goldens else read_committed(golden_path(gdir, r))
+                if text is not None:
+                    goldens[case] = json.loads(text)
         if not goldens:
             continue
         conf = {c: g for c, g in goldens.items() if not c.startswith("examples/")}
@@ -403,7 +414,7 @@ def update_epochs_json(roots, releases=None):
                    "conformance_digest": canonical_digest(conf),
                    "num_cases": len(goldens),
                    "cases": {c: canonical_digest({c: g}) for c, g in sorted(goldens.items())}}
-        data[r]["committed"] = os.path.exists(golden_path(os.path.join(CONF, "h8b_dense"), r))
+        data[r]["committed"] = read_committed(golden_path(os.path.join(CONF, "h8b_dense"), r)) is not None
     data = dict(sorted(data.items(), key=lambda kv: vkey(kv[0])))
     with open(EPOCHS_JSON, "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
@@ -452,9 +463,10 @@ def run_release(release, args, cases) -> dict:
         p = golden_path(gdir, release)
         status = "startup-refused" if startup else ("crash" if g["crash"] else "ok")
         if args.check:
-            if not os.path.exists(p):
+            committed = read_committed(p)
+            if committed is None:
                 status += " (no committed file)"
-            elif open(p).read() == text:
+            elif committed == text:
                 status += " == committed"
             else:
                 status += " DIFFERS from committed"

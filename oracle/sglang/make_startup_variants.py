@@ -16,6 +16,17 @@ Cases (tensor files are byte copies of the source case's shards; git stores them
                              against startup_mixed_cfg_text (MoE runner backend choice on sm100).
   startup_mixed_no_nvfp4     like startup_mixed_cfg_text but every listed module is FP8: a MIXED
                              recipe with no NVFP4/W4A16_NVFP4 layer (0.5.23 resolves it to w4afp8).
+  sglang_probe_kv_scale_shape     nano3_nvfp4 plus one more shard (``model-kv-scales.safetensors``, listed in
+                             the index, sorted last) holding each attention layer's checkpoint KV scales:
+                             ``k_proj.k_scale`` of shape [1] and ``v_proj.v_scale`` of shape [2]. The runtime
+                             ``attn.k_scale`` / ``attn.v_scale`` are scalars without their own weight_loader,
+                             so ``default_weight_loader`` takes them: one element into one element fills,
+                             a [2] into a scalar fails its size assertion (issue 13 §5, last bullet).
+  sglang_probe_substring_mtp  nano3_nvfp4 with one more exclude entry, ``mixer.out_proj`` (no layer: it names every
+                             Mamba out_proj only under substring or path matching, so 0.5.6's exact
+                             ``is_layer_skipped`` quantizes them and 0.5.6.post1 does not), and one more shard
+                             (``model-mtp.safetensors``) holding ``mtp.layers.0.enorm.weight``: the main model
+                             warns on it until 0.5.7 and filters it as the MTP draft's from 0.5.8.
 The goldens beside them come from make_goldens.py like every other case.
 """
 from __future__ import annotations
@@ -45,6 +56,23 @@ def nvfp4_modules(ckpt):
                     mods.append(name[: -len(".weight")])
     key = lambda m: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", m)]
     return sorted(mods, key=key)
+
+
+def write_safetensors(path, tensors):
+    """A safetensors file of float32 tensors, every element 1.0: {name: shape}, in the given order."""
+    meta, blobs, off = {}, [], 0
+    for name, shape in tensors.items():
+        n = 1
+        for d in shape:
+            n *= d
+        blob = struct.pack(f"<{n}f", *([1.0] * n))
+        meta[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [off, off + len(blob)]}
+        blobs.append(blob)
+        off += len(blob)
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def copy_case(src, dst):
@@ -88,6 +116,30 @@ def main():
             c["quantization_config"] = flat(rec)
         dump(os.path.join(dst, "config.json"), c)
 
+    dst = os.path.join(CONF, "sglang_probe_kv_scale_shape", "checkpoint")
+    copy_case(src, dst)
+    attn = [i for i, k in enumerate(cfg["hybrid_override_pattern"]) if k == "*"]
+    scales = {}
+    for i in attn:
+        scales[f"backbone.layers.{i}.mixer.k_proj.k_scale"] = (1,)
+        scales[f"backbone.layers.{i}.mixer.v_proj.v_scale"] = (2,)
+    shard = "model-kv-scales.safetensors"
+    write_safetensors(os.path.join(dst, shard), scales)
+    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))
+    index["weight_map"].update({n: shard for n in scales})
+    dump(os.path.join(dst, "model.safetensors.index.json"), index)
+
+    dst = os.path.join(CONF, "sglang_probe_substring_mtp", "checkpoint")
+    copy_case(src, dst)
+    probe = json.loads(json.dumps(hfq))
+    probe["quantization"]["exclude_modules"].append("mixer.out_proj")
+    dump(os.path.join(dst, "hf_quant_config.json"), probe)
+    shard = "model-mtp.safetensors"
+    write_safetensors(os.path.join(dst, shard), {"mtp.layers.0.enorm.weight": (cfg["hidden_size"],)})
+    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))
+    index["weight_map"]["mtp.layers.0.enorm.weight"] = shard
+    dump(os.path.join(dst, "model.safetensors.index.json"), index)
+
     osrc = os.path.join(CONF, "omni_nvfp4_mixed", "checkpoint")
     dst = os.path.join(CONF, "startup_mixed_cfg_omni", "checkpoint")
     copy_case(osrc, dst)
@@ -100,7 +152,7 @@ def main():
                                    "ignore": oq.get("exclude_modules", []),
                                    "quantized_layers": oq["quantized_layers"]}
     dump(os.path.join(dst, "config.json"), ocfg)
-    print("wrote", ", ".join(sorted(d for d in os.listdir(CONF) if d.startswith("startup_"))))
+    print("wrote", ", ".join(sorted(d for d in os.listdir(CONF) if d.startswith(("startup_", "sglang_probe_")))))
 
 
 if __name__ == "__main__":
