@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
+from nhcheck.errors import UsageError
+
 if TYPE_CHECKING:
     from nhcheck.manifest import Manifest, Param
     from nhcheck.model import NemotronHConfig
@@ -262,6 +264,21 @@ class Engine(Protocol):
     def others(self) -> tuple[Engine, ...]:
         """The engine's other known releases, for the report's cross-version summary."""
         ...
+
+
+def release_key(version: str, engine: str = "") -> tuple[int, ...]:
+    """Order releases as the package index does: ``0.5.10rc0`` < ``0.5.10`` < ``0.5.10.post1`` < ``0.10.1.1``.
+
+    One rule for every engine's release table (their versions are PEP 440 release strings); a string that
+    is not one is a usage error naming the engine it was given for.
+    """
+    m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?", version)
+    if m is None:
+        raise UsageError(f"{engine} {version!r} is not a release version (digits and dots, e.g. 0.5.23)".lstrip())
+    base = tuple(int(x) for x in m.group(1).split("."))
+    base += (0,) * (4 - len(base))
+    pre = {"a": -3, "b": -2, "rc": -1}.get(m.group(2) or "", 0)
+    return base + (pre, int(m.group(3) or 0), int(m.group(4) or 0))
 
 
 def installed_version(dist: str) -> str | None:

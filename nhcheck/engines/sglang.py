@@ -20,6 +20,7 @@ from nhcheck.engines.base import (
     Route,
     UnloadedKind,
     installed_version,
+    release_key,
     replay_signature,
 )
 from nhcheck.errors import UsageError
@@ -357,17 +358,6 @@ MOE_BACKENDS = (
 )
 
 
-def release_key(version: str) -> tuple[int, ...]:
-    """Order releases as the index does: ``0.5.10rc0`` < ``0.5.10`` < ``0.5.10.post1`` < ``0.5.11``."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?", version)
-    if m is None:
-        raise UsageError(f"sglang {version!r} is not a release version (e.g. 0.5.23)")
-    base = tuple(int(x) for x in m.group(1).split("."))
-    base += (0,) * (4 - len(base))
-    pre = {"a": -3, "b": -2, "rc": -1}.get(m.group(2) or "", 0)
-    return base + (pre, int(m.group(3) or 0), int(m.group(4) or 0))
-
-
 def installed_release() -> str | None:
     """The sglang release installed in this environment, read from its metadata (sglang is not imported)."""
     return installed_version("sglang")
@@ -398,7 +388,7 @@ def parse_engine_id(spec: str | None) -> EngineId:
     if version in PROFILES:
         return EngineId("sglang", version, installed)
     first, newest = next(iter(PROFILES)), NEWEST
-    key = release_key(version)
+    key = release_key(version, "sglang")
     if key > release_key(newest):
         return EngineId(
             "sglang",

@@ -26,6 +26,7 @@ from nhcheck.engines.base import (
     Route,
     UnloadedKind,
     installed_version,
+    release_key,
     replay_signature,
 )
 from nhcheck.errors import UsageError
@@ -226,17 +227,6 @@ UNPROVEN = {
 }
 
 
-def release_key(version: str) -> tuple[int, ...]:
-    """Order vLLM releases as the index does (``0.10.1`` < ``0.10.1.1`` < ``0.10.2``)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?", version)
-    if m is None:
-        raise UsageError(f"vllm {version!r} is not a release version (e.g. {NEWEST})")
-    base = tuple(int(x) for x in m.group(1).split("."))
-    base += (0,) * (4 - len(base))
-    pre = {"a": -3, "b": -2, "rc": -1}.get(m.group(2) or "", 0)
-    return base + (pre, int(m.group(3) or 0), int(m.group(4) or 0))
-
-
 def installed_release() -> str | None:
     """The vllm release installed in this environment, from its metadata (vllm is not imported)."""
     return installed_version("vllm")
@@ -273,7 +263,7 @@ def parse_engine_id(spec: str | None) -> EngineId:
         raise UsageError(
             f"vllm {version} ships Nemotron-H but is not yet proven by golden data ({UNPROVEN[version]}); {modelled}"
         )
-    key = release_key(version)
+    key = release_key(version, "vllm")
     if key > release_key(NEWEST):
         return EngineId(
             "vllm",
