@@ -17,14 +17,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from nhcheck.audit import AuditReport, TensorRecord
+from nhcheck.dtypes import FLOAT_CKPT, FLOAT_PARAM
 from nhcheck.engines.base import Engine, Outcome
 
 #: Checkpoint names of scale and auxiliary tensors (ModelOpt / compressed-tensors exports).
 SCALE_SUFFIXES = ("input_scale", "weight_scale", "weight_scale_2", "k_scale", "v_scale", "kv_scale", "pre_quant_scale")
 #: KV-cache scales, in the checkpoint's naming.
 KV_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
-FLOAT_PARAM = frozenset({"bfloat16", "float16", "float32", "float64"})
-FLOAT_CKPT = frozenset({"BF16", "F16", "F32", "F64"})
 
 
 class Judgement(NamedTuple):
