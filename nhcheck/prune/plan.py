@@ -8,6 +8,7 @@ facts it is about; its ``text`` is what the CLI prints after ``prune refused:``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from nhcheck import collapse, engines
@@ -174,8 +175,9 @@ class PrunePlan:
     def bytes_saved(self) -> int:
         return sum(s.bytes_saved for s in self.shards)
 
-    @property
+    @cached_property
     def dropped_names(self) -> frozenset[str]:
+        """Computed once: execute and the re-audit test every tensor of the checkpoint against it."""
         return frozenset(d.tensor.name for d in self.drops)
 
     @property
