@@ -394,7 +394,8 @@ def test_clean_checkpoint_writes_nothing_unless_asked(tmp_path):
     before = hashes(src)
     res = invoke("prune", src, "--out", tmp_path / "out")
     assert res.exit_code == 0, res.stderr
-    assert "Nothing to drop" in res.stdout and "nothing written" in res.stderr and "--copy-anyway" in res.stderr
+    assert "Nothing to drop" in res.stdout and "Wrote nothing" in res.stderr and "--copy-anyway" in res.stderr
+    assert (res.stdout + res.stderr).count("Nothing to drop") == 1  # said once: the plan, not again as the outcome
     assert not (tmp_path / "out").exists()
     assert hashes(src) == before
 

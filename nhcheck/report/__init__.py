@@ -733,11 +733,9 @@ def render_prune_plan(plan: PrunePlan, console) -> None:
 
 
 def prune_nothing_written(plan: PrunePlan) -> str:
-    """The outcome line when there is nothing to drop and no copy was asked for."""
-    return (
-        f"Nothing to drop for {plan.engine}: nothing written "
-        "(--copy-anyway writes a verified copy, --link hard-links the shards)."
-    )
+    """The outcome line when there is nothing to drop and no copy was asked for; the plan above it
+    already said "Nothing to drop" and why, so this line says only what was (not) written."""
+    return f"Wrote nothing for {plan.engine} (--copy-anyway writes a verified copy, --link hard-links the shards)."
 
 
 def prune_summary(plan: PrunePlan, result: PruneResult, seconds: float) -> str:
