@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Benchmark ``nhcheck prune`` against ``cp -r`` of the same checkpoint, and its peak RSS.
+"""Benchmark ``nhcheck prune`` against ``cp -r`` (and ``cp -r`` + ``sha256sum``) of the same checkpoint.
 
-Builds a multi-GiB synthetic Nemotron-H NVFP4 checkpoint with the PR #24434 defect (the
-experts of two MoE layers exported as BF16 but still carrying their NVFP4 scales), so
-prune rewrites the shards that hold them and copies the rest whole. Then, alternating in
-the same run, times ``cp -r``, ``cp -r`` followed by ``sync`` (prune fsyncs what it writes;
-cp does not), sha256 of the shards with hashlib (the receipt hashes every output byte, so
-this is a floor for prune), ``nhcheck prune`` (default: verified: every written byte read back from
-disk and compared) and ``nhcheck prune --no-verify``. Each round runs the commands in a rotated order,
-so no command always follows the same one (on a shared machine the position in a round matters).
-Peak RSS of each child comes from GNU ``time`` (else ``wait4``). Outputs are deleted and
-synced between runs so one run's writeback does not bill the next. The machine (cores, load
-average before and after) is printed with the figures.
+Standalone: needs only nhcheck's base install (no torch) and writes its own input, a ~2 GiB
+synthetic Nemotron-H NVFP4 checkpoint (random bytes, not holes) with the PR #24434 defect (the
+experts of two MoE layers exported as BF16 but still carrying their NVFP4 scales), so prune
+rewrites the two shards that hold them and copies the other two whole. Then, in the same run,
+each round times, in a rotated order (on a shared machine the position in a round matters):
 
-    python bench/prune.py                 # ~2 GiB, 4 shards, 5 repetitions
+- ``cp -r``: the baseline (page cache only: cp neither fsyncs nor checks anything);
+- ``cp -r && sync``: the same copy made durable, as prune's is (prune fsyncs every file);
+- ``cp -r + sha256sum``: a copy and the sha256 of each copied shard (what a careful user runs to get
+  the digests the receipt records; sha256sum reads the copy back from the page cache);
+- ``sha256 of the shards (hashlib)``: the hashing alone, prune's floor in CPU;
+- ``nhcheck prune`` (verified, the default) and ``nhcheck prune --no-verify``.
+
+Medians over the rounds, the ratio of each to ``cp -r`` and to ``cp -r + sha256sum``, CPU seconds
+(the steadier measure on a shared machine) and peak RSS (GNU ``time``, else ``wait4``). Outputs
+are deleted and synced between runs so one run's writeback does not bill the next. The machine
+(cores, ``uptime`` before and after) is printed with the figures, then one JSON line.
+
+    python bench/prune.py                 # ~2 GiB, 4 shards, 3 rounds (medians of 3)
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
     python bench/prune.py --compare ../nhcheck-main   # also time another checkout's prune, same rounds
 
-Targets: prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
+Targets: verified prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
+sys.path[:0] = [str(REPO), str(REPO / "examples")]  # this checkout's nhcheck and its example generator
 
 import generate  # noqa: E402
 
@@ -101,11 +107,30 @@ def timed(cmd: list[str]) -> tuple[float, float, int]:
     return wall, usage.ru_utime + usage.ru_stime, peak_kb * 1024
 
 
+def uptime() -> str:
+    """``uptime``'s line (the load averages), else the load averages alone."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+#: Hash files given on the command line, 4 MiB at a time (hashlib.file_digest needs Python 3.11).
+HASH_FILES = (
+    "import hashlib, sys\n"
+    "for p in sys.argv[1:]:\n"
+    "    h = hashlib.sha256()\n"
+    "    with open(p, 'rb', buffering=0) as f:\n"
+    "        while b := f.read(4 << 20):\n"
+    "            h.update(b)\n"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
     ap.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions of each command (default 5)")
+    ap.add_argument("--reps", type=int, default=3, help="rounds; every figure is the median over them (default 3)")
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     ap.add_argument(
@@ -121,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="nhcheck-bench-", dir=args.dir))
     try:
         free = shutil.disk_usage(work).free
-        need = int(args.gib * 2**30 * 3.2)
+        need = int(args.gib * 2**30 * 2.2) + (1 << 30)
         if free < need:
             print(
                 f"not enough free disk in {work}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed "
-                "(source + two outputs); use --gib or --dir",
+                "(source + one output + 1 GiB to spare); use --gib or --dir",
                 file=sys.stderr,
             )
             return 2
@@ -136,24 +161,32 @@ def main(argv: list[str] | None = None) -> int:
             f"built {data / 2**30:.2f} GiB in {args.shards} shard(s) at {src} ({time.perf_counter() - t0:.1f} s)",
             file=sys.stderr,
         )
+        shards = [str(p) for p in sorted(src.glob("*.safetensors"))]
 
         def nhcheck_in(tree: Path) -> list[str]:
             """``nhcheck prune`` imported from ``tree`` (``-m`` puts the working directory first on sys.path)."""
             run = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q"]
             return ["sh", "-c", 'cd "$0" && exec "$@"', str(tree), *run, "--out"]
 
+        copy_and_hash = (
+            'cp -r "$0" "$1" && sha256sum -- "$1"/*.safetensors >/dev/null'
+            if shutil.which("sha256sum")
+            else 'cp -r "$0" "$1" && exec "$2" -c "$3" "$1"/*.safetensors'  # no coreutils sha256sum: hashlib
+        )
         prune = nhcheck_in(REPO)
         commands: dict[str, Callable[[Path], list[str]]] = {
             "cp -r": lambda out: ["cp", "-r", str(src), str(out)],
-            "cp -r && sync": lambda out: ["sh", "-c", f'cp -r "{src}" "{out}" && sync'],
-            "sha256 of the shards (hashlib)": lambda out: [
-                sys.executable,
+            "cp -r && sync": lambda out: ["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(out)],
+            "cp -r + sha256sum": lambda out: [
+                "sh",
                 "-c",
-                "import hashlib, os, sys; os.mkdir(sys.argv[1]); "
-                "[hashlib.file_digest(open(p, 'rb'), 'sha256') for p in sys.argv[2:]]",
+                copy_and_hash,
+                str(src),
                 str(out),
-                *map(str, sorted(src.glob("*.safetensors"))),
+                sys.executable,
+                HASH_FILES,
             ],
+            "sha256 of the shards (hashlib)": lambda out: [sys.executable, "-c", HASH_FILES, *shards],
             "nhcheck prune": lambda out: prune + [str(out)],
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
@@ -165,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
         cpu: dict[str, list[float]] = {k: [] for k in commands}
+        up_before = uptime()
         load_before = os.getloadavg()
         names = list(commands)
         for rep in range(args.reps):
@@ -175,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(wall)
                 cpu[name].append(used)
                 rss[name].append(peak)
-                shutil.rmtree(out)
+                shutil.rmtree(out, ignore_errors=True)  # the hashing alone writes nothing
                 os.sync()
+        up_after = uptime()
         base = statistics.median(times["cp -r"])
+        base_sha = statistics.median(times["cp -r + sha256sum"])
         base_cpu = statistics.median(cpu["cp -r"])
         rows = []
         for name in commands:
@@ -188,26 +224,35 @@ def main(argv: list[str] | None = None) -> int:
                     "median_s": round(med, 3),
                     "runs_s": [round(t, 3) for t in times[name]],
                     "ratio_vs_cp": round(med / base, 2),
+                    "ratio_vs_cp_sha256sum": round(med / base_sha, 2),
                     "cpu_s": round(statistics.median(cpu[name]), 3),
                     "cpu_ratio_vs_cp": round(statistics.median(cpu[name]) / base_cpu, 2),
                     "peak_rss_mb": round(max(rss[name]) / 1e6, 1),
                 }
             )
-        print(f"{'command':32} {'median s':>9} {'× cp -r':>8} {'CPU s':>6} {'× cp -r':>8} {'peak RSS MB':>12}  runs")
+        print(
+            f"{data / 2**30:.2f} GiB, {args.shards} shard(s), medians of {args.reps} round(s); "
+            f"{os.cpu_count()} CPUs; work dir on {work}"
+        )
+        print(
+            f"{'command':32} {'median s':>9} {'× cp -r':>8} {'× cp+sha':>9} {'CPU s':>6} {'CPU × cp':>9}"
+            f" {'peak RSS MB':>12}  runs"
+        )
         for r in rows:
             print(
-                f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['cpu_s']:6.2f} "
-                f"{r['cpu_ratio_vs_cp']:8.2f} {r['peak_rss_mb']:12.1f}  " + ", ".join(f"{t:.2f}" for t in r["runs_s"])
+                f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['ratio_vs_cp_sha256sum']:9.2f} "
+                f"{r['cpu_s']:6.2f} {r['cpu_ratio_vs_cp']:9.2f} {r['peak_rss_mb']:12.1f}  "
+                + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
+        print(f"uptime before: {up_before}")
+        print(f"uptime after:  {up_after}")
         machine = {
             "cpus": os.cpu_count(),
+            "uptime_before": up_before,
+            "uptime_after": up_after,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         }
-        print(
-            f"machine: {machine['cpus']} CPUs, load average {machine['loadavg_before'][0]} before, "
-            f"{machine['loadavg_after'][0]} after"
-        )
         print(
             json.dumps(
                 {
