@@ -95,24 +95,7 @@ def execute(
         outs: list[tuple[ShardHeader, ShardJob | None]] = []
         reasons = {d.tensor.name: (d.outcome, d.reason) for d in plan.drops}
         dropped_rows: list[dict[str, object]] = []
-        for shard in ckpt.shards:
-            run.source = shard.path
-            if any(t.name in dropped for t in shard.tensors):
-                src_fd = run.open(shard.path, os.O_RDONLY)
-                for t in shard.tensors:
-                    if t.name in dropped:
-                        dropped_rows.append(
-                            {
-                                "name": t.name,
-                                "shard": shard.name,
-                                "dtype": t.dtype,
-                                "shape": list(t.shape),
-                                "sha256": _sha256_range(src_fd, t.start, t.nbytes),
-                                "outcome": reasons[t.name][0],
-                                "reason": reasons[t.name][1],
-                            }
-                        )
-                run.close(src_fd)
+        for shard in ckpt.shards:  # every shard in flight first: the main thread's own reads come after
             if shard.name not in layouts:
                 outs.append((shard, None))
                 continue
@@ -123,6 +106,25 @@ def execute(
             job.linked = link and actions[shard.name] == "copy" and _link(job)
             streamer.submit(job)
             outs.append((shard, job))
+        for shard in ckpt.shards:
+            if not any(t.name in dropped for t in shard.tensors):
+                continue
+            run.source = shard.path
+            src_fd = run.open(shard.path, os.O_RDONLY)
+            for t in shard.tensors:
+                if t.name in dropped:
+                    dropped_rows.append(
+                        {
+                            "name": t.name,
+                            "shard": shard.name,
+                            "dtype": t.dtype,
+                            "shape": list(t.shape),
+                            "sha256": _sha256_range(src_fd, t.start, t.nbytes),
+                            "outcome": reasons[t.name][0],
+                            "reason": reasons[t.name][1],
+                        }
+                    )
+            run.close(src_fd)
         for rel, src in sidecars:
             run.source = src
             copy_file(run, copier, src, os.path.join(out_dir, rel))
