@@ -29,6 +29,7 @@ from nhcheck import prune
 from nhcheck.cli import cli
 from nhcheck.errors import NhcheckError
 from nhcheck.pipeline import audit_path
+from nhcheck.prune import stream
 from nhcheck.safetensors_header import read_shard, serialize_header
 
 REPO = Path(__file__).resolve().parents[1]
@@ -854,6 +855,41 @@ def test_bytes_that_differ_on_disk_are_caught(tmp_path, monkeypatch, direct):
     monkeypatch.setattr(os, "pwrite", pwrite)
     plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.11"))
     with pytest.raises(NhcheckError, match="differ from the source"):
+        prune.execute(plan, str(tmp_path / "out"))
+    assert state["hit"]
+    assert not any((tmp_path / "out").rglob("*.safetensors")) and not temp_files(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fault", ["lost", "changed-after"])
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_a_write_the_file_does_not_keep_is_caught(tmp_path, monkeypatch, direct, fault):
+    """The read-back reads the file, not the buffer: a write that reports success but never lands
+    (``lost``), or a byte of the file changed after the write returned (``changed-after``, what a
+    device that stores something else looks like), fails the run; nothing final-named is left."""
+    if not direct:
+        _no_o_direct(monkeypatch)
+    monkeypatch.setattr(stream, "WINDOW", 64 << 10)  # ~10 windows per example shard: hit one in the middle
+    real = os.pwrite
+    state = {"hit": False}
+
+    def pwrite(fd, data, offset):
+        n = len(memoryview(data))
+        if state["hit"] or offset < 2 * stream.WINDOW:
+            return real(fd, data, offset)
+        state["hit"] = True
+        if fault == "lost":
+            return n
+        done = real(fd, data, offset)
+        other = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)  # a plain descriptor of the same file
+        try:
+            real(other, bytes([memoryview(data)[1234] ^ 0x5A]), offset + 1234)
+        finally:
+            os.close(other)
+        return done
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.11"))
+    with pytest.raises(NhcheckError, match="differ from the source|shorter than what was written"):
         prune.execute(plan, str(tmp_path / "out"))
     assert state["hit"]
     assert not any((tmp_path / "out").rglob("*.safetensors")) and not temp_files(tmp_path / "out")
