@@ -77,7 +77,9 @@ def reaudit(plan: PrunePlan, out_dir: str, compared: int) -> Verification:
         if f.severity == "error":
             problems.append(f"output {f.code}: {f.tensor or f.shard or ''} {f.message}")
     dropped = plan.dropped_names
-    expected = [(t.name, t.dtype, t.shape) for s in before.checkpoint.shards for t in s.tensors if t.name not in dropped]
+    expected = [
+        (t.name, t.dtype, t.shape) for s in before.checkpoint.shards for t in s.tensors if t.name not in dropped
+    ]
     got = [(t.name, t.dtype, t.shape) for s in ckpt.shards for t in s.tensors]
     if got != expected:
         problems.append("the output's tensors are not the source's minus the dropped ones")
