@@ -12,7 +12,19 @@ from nhcheck.prune import outdir
 from nhcheck.prune.plan import PrunePlan
 from nhcheck.prune.receipt import RECEIPT_NAME, PruneResult, build_receipt, reaudit
 from nhcheck.prune.stream import Progress, ShardJob, Streamer, compacted, whole_file
-from nhcheck.prune.writer import CHUNK, Copier, Run, Shrunk, copy_file, fsync_dir, io_error, stat_key, write_json
+from nhcheck.prune.writer import (
+    CHUNK,
+    Copier,
+    Run,
+    Shrunk,
+    copy_file,
+    fsync_dir,
+    io_error,
+    json_bytes,
+    stat_key,
+    write_bytes,
+    write_json,
+)
 from nhcheck.safetensors_header import ShardHeader
 
 
@@ -128,13 +140,15 @@ def execute(
         for rel, src in sidecars:
             run.source = src
             copy_file(run, copier, src, os.path.join(out_dir, rel))
+        # The new index is ready while the shards stream (tens of MB of JSON for the largest checkpoints);
+        # it is written after them.
+        index = None if ckpt.index is None else _new_index(ckpt.index, dropped, plan)
+        index_data = None if index is None or index == ckpt.index else json_bytes(index, indent=2)
         streamer.wait()
-        if ckpt.index is not None:
-            index = _new_index(ckpt.index, dropped, plan)
-            if index == ckpt.index:  # nothing to change: keep the file byte for byte
-                copy_file(run, copier, os.path.join(ckpt.root, INDEX_NAME), os.path.join(out_dir, INDEX_NAME))
-            else:
-                write_json(run, os.path.join(out_dir, INDEX_NAME), index, indent=2)
+        if index_data is not None:
+            write_bytes(run, os.path.join(out_dir, INDEX_NAME), index_data)
+        elif index is not None:  # nothing to change: keep the file byte for byte
+            copy_file(run, copier, os.path.join(ckpt.root, INDEX_NAME), os.path.join(out_dir, INDEX_NAME))
         for d in run.dirs:
             fsync_dir(d)
         compared = sum(job.compared for _, job in outs if job is not None)

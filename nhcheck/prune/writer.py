@@ -170,8 +170,16 @@ def copy_file(run: Run, copier: Copier, src: str, final: str) -> None:
     run.commit(tmp, final)
 
 
+def json_bytes(obj: object, indent: int) -> bytes:
+    """How prune writes JSON (UTF-8, not ASCII-escaped, a final newline)."""
+    return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_json(run: Run, final: str, obj: object, indent: int) -> None:
-    data = (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+    write_bytes(run, final, json_bytes(obj, indent))
+
+
+def write_bytes(run: Run, final: str, data: bytes) -> None:
     tmp = run.tmp_for(final)
     fd = run.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     view = memoryview(data)
