@@ -20,6 +20,20 @@ kernels, some FUSE mounts) the write is buffered and each window is written back
 Several shards stream at once (one per core, at most ``MAX_FILES``): sha256 is the slowest stage
 and a file's digest is sequential, so parallel hashing comes from parallel files. Memory is
 ``RING + 1`` windows per file in flight, whatever the shard size.
+
+What "verified" means, exactly: for every shard prune writes, every byte of the output file (new
+header and kept ranges) was compared, after its write returned, with the buffer the receipt's sha256
+was computed from, by reading it back from the file with ``O_DIRECT`` (or after ``fdatasync`` and
+``POSIX_FADV_DONTNEED``); the source's size and mtime did not change during the copy; and the file
+was fsynced before its rename. A write that lands other bytes, never lands, or whose bytes change in
+the file before the read-back fails the run (``tests/test_prune.py``). A hard-linked shard (``--link``)
+is the source's own inode: hashed, not compared. The comparison is ``memcmp``, not a digest: cheaper
+than any hash, and the one digest computed (sha256) is the receipt's.
+
+Why not the kernel's ``copy_file_range`` for the kept ranges: the bytes then never reach user space,
+so hashing and proving them costs a second read of every byte on top of the copy, and the copy goes
+through the page cache and its writeback, measured slower than ``O_DIRECT`` on the development VM
+(``bench/prune.py``'s notes in the README). It stays the copier of the small files (``writer.Copier``).
 """
 
 from __future__ import annotations
