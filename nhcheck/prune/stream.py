@@ -38,6 +38,7 @@ through the page cache and its writeback, measured slower than ``O_DIRECT`` on t
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -48,6 +49,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from nhcheck.errors import CheckpointError
 from nhcheck.prune.writer import Run, Shrunk, stat_key
@@ -80,6 +82,12 @@ class Layout:
     size: int
     header: bytes
     ranges: tuple[tuple[int, int, int], ...]
+
+    @cached_property
+    def ends(self) -> list[int]:
+        """Output offset where each range ends (ascending): a window finds its first range by bisection
+        instead of walking every range before it (windows × ranges on a large rewritten shard)."""
+        return [dst_off + n for _, dst_off, n in self.ranges]
 
 
 def whole_file(size: int) -> Layout:
@@ -370,12 +378,12 @@ class Streamer:
         if start < len(header):
             k = min(end, len(header)) - start
             view[:k] = header[start : start + k]
-        for src_off, dst_off, size in job.layout.ranges:
+        ranges = job.layout.ranges
+        for i in range(bisect.bisect_right(job.layout.ends, start), len(ranges)):
+            src_off, dst_off, size = ranges[i]
+            if dst_off >= end:
+                break
             lo, hi = max(start, dst_off), min(end, dst_off + size)
-            if lo >= hi:
-                if dst_off >= end:
-                    break
-                continue
             want = hi - lo
             got = os.preadv(src_fd, [view[lo - start : hi - start]], src_off + (lo - dst_off))
             while got < want:
