@@ -22,6 +22,7 @@ are deleted and synced between runs so one run's writeback does not bill the nex
     python bench/prune.py                 # ~2 GiB, 4 shards, 3 rounds (medians of 3)
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
     python bench/prune.py --compare ../nhcheck-main   # also time another checkout's prune, same rounds
+    python bench/prune.py --write-paths   # also: durable copies by O_DIRECT / buffered / copy_file_range writes
 
 Targets: verified prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
 """
@@ -126,6 +127,82 @@ HASH_FILES = (
 )
 
 
+def _copy_direct(src: str, dst: str) -> None:
+    """Prune's write path: 4 MiB page-aligned windows read into user space, written with O_DIRECT."""
+    import mmap
+
+    win = 4 << 20
+    buf = mmap.mmap(-1, win)
+    size = os.path.getsize(src)
+    s = os.open(src, os.O_RDONLY)
+    d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0), 0o644)
+    try:
+        for off in range(0, size, win):
+            n = os.preadv(s, [buf], off)
+            os.pwrite(d, memoryview(buf)[: -(-n // 4096) * 4096], off)
+        os.ftruncate(d, size)
+        os.fsync(d)
+    finally:
+        os.close(s)
+        os.close(d)
+
+
+def _copy_buffered(src: str, dst: str) -> None:
+    """The same windows written through the page cache, then fsync."""
+    with open(src, "rb", buffering=0) as f, open(dst, "xb", buffering=0) as g:
+        while b := f.read(4 << 20):
+            g.write(b)
+        os.fsync(g.fileno())
+
+
+def _copy_kernel(src: str, dst: str) -> None:
+    """``copy_file_range`` (the bytes never reach user space: nothing to hash or compare), then fsync."""
+    size = os.path.getsize(src)
+    s = os.open(src, os.O_RDONLY)
+    d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        done = 0
+        while done < size:
+            done += os.copy_file_range(s, d, size - done, done, done)
+        os.fsync(d)
+    finally:
+        os.close(s)
+        os.close(d)
+
+
+def write_paths(shards: list[str], work: Path, reps: int) -> list[dict]:
+    """Durable copies of the shards, one file after another, by each write path prune could take;
+    rotated rounds, medians, ratio to O_DIRECT (what prune uses)."""
+    paths: dict[str, Callable[[str, str], None]] = {
+        "O_DIRECT writes + fsync": _copy_direct,
+        "buffered writes + fsync": _copy_buffered,
+    }
+    if hasattr(os, "copy_file_range"):
+        paths["copy_file_range + fsync"] = _copy_kernel
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    names = list(paths)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            out = work / "paths"
+            out.mkdir()
+            t0 = time.perf_counter()
+            for p in shards:
+                paths[name](p, str(out / os.path.basename(p)))
+            times[name].append(time.perf_counter() - t0)
+            shutil.rmtree(out)
+            os.sync()
+    base = statistics.median(times["O_DIRECT writes + fsync"])
+    return [
+        {
+            "write path": k,
+            "median_s": round(statistics.median(v), 3),
+            "ratio_vs_o_direct": round(statistics.median(v) / base, 2),
+            "runs_s": [round(t, 3) for t in v],
+        }
+        for k, v in times.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
@@ -138,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         default=None,
         help="another nhcheck source tree (e.g. a worktree of main): its prune is timed in the same rounds",
+    )
+    ap.add_argument(
+        "--write-paths",
+        action="store_true",
+        help="also time durable copies of the shards by O_DIRECT, buffered and copy_file_range writes",
     )
     args = ap.parse_args(argv)
     if args.reps < 1 or args.shards < 1 or args.gib <= 0:
@@ -211,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 rss[name].append(peak)
                 shutil.rmtree(out, ignore_errors=True)  # the hashing alone writes nothing
                 os.sync()
+        paths = write_paths(shards, work, args.reps) if args.write_paths else []
         up_after = uptime()
         base = statistics.median(times["cp -r"])
         base_sha = statistics.median(times["cp -r + sha256sum"])
@@ -244,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['cpu_s']:6.2f} {r['cpu_ratio_vs_cp']:9.2f} {r['peak_rss_mb']:12.1f}  "
                 + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
+        for r in paths:
+            print(
+                f"{r['write path']:32} {r['median_s']:9.2f}  × O_DIRECT {r['ratio_vs_o_direct']:.2f}  "
+                + ", ".join(f"{t:.2f}" for t in r["runs_s"])
+            )
         print(f"uptime before: {up_before}")
         print(f"uptime after:  {up_after}")
         machine = {
@@ -261,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     "reps": args.reps,
                     "machine": machine,
                     "rows": rows,
+                    "write_paths": paths,
                 }
             )
         )
