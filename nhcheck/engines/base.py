@@ -158,10 +158,16 @@ class LoaderSemantics:
     scale vector (Mamba ``in_proj``) is written over every slot; False: into slot 0 only.
     ``scale_0d_only``: the linear loader takes a one-element scale only as a 0-d (or ``[1]``)
     tensor and asserts equal shapes, so a ``[1, 1]`` scale is refused instead of broadcast.
+    ``expert_corner``: an expert tensor smaller than its slot (same rank, no dimension larger) is
+    written into the slot's leading corner — every dimension of the slot narrowed to the tensor's
+    size, the values converted to the parameter's dtype by ``copy_``, so packed bytes become numbers —
+    and the rest of the slot keeps what it held (``Engine.slot_note`` says so); False: such a tensor
+    is refused as a shape mismatch.
     """
 
     scalar_every_slot: bool
     scale_0d_only: bool
+    expert_corner: bool = False
 
 
 #: One checkpoint name → what the engine does with it (a replayer bound to one manifest).

@@ -807,8 +807,12 @@ class VLLMEngine:
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
         """A scalar scale into a per-shard scale vector: ``PerTensorScaleParameter`` without a shard id fills
         every slot (the v2 loaders broadcast a one-element tensor). A scale of the wrong rank is not refused
-        here: the loader's own error is ``load_error``'s, and the replay stops the stream there."""
-        return LoaderSemantics(scalar_every_slot=True, scale_0d_only=False)
+        here: the loader's own error is ``load_error``'s, and the replay stops the stream there. From 0.19.0 an
+        expert tensor smaller than its slot fills the slot's leading corner (``expert_slot_narrows``; golden
+        ``tests/golden/vllm_slot_writes``, vLLM's real loader on poisoned parameters)."""
+        return LoaderSemantics(
+            scalar_every_slot=True, scale_0d_only=False, expert_corner=self.profile.expert_slot_narrows
+        )
 
     def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         """The error the parameter's weight loader raises for a tensor of this shape (TP 1), or None."""

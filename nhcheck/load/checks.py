@@ -30,7 +30,8 @@ def coverage(params: tuple[Param, ...], ops: tuple[Op, ...]) -> tuple[dict[str, 
     """Per parameter: (written elements, missing slots, double writes); plus the ops a later op overwrote."""
     spans: dict[str, list[tuple[int, int, int]]] = {}
     for op in ops:
-        spans.setdefault(op.param, []).append((op.start, op.start + op.n, op.idx))
+        mine = spans.setdefault(op.param, [])
+        mine.extend((a, b, op.idx) for a, b in op.spans())
     out: dict[str, Coverage] = {}
     overwritten: set[int] = set()
     for p in params:
@@ -64,7 +65,12 @@ def _missing(p: Param, merged: list[list[int]]) -> tuple[str, ...]:
     if p.loader == "expert" and p.shape:
         per = numel(p.shape[1:])
         absent = [e for e in range(p.shape[0]) if not covered(e * per, (e + 1) * per)]
-        return ("expert " + collapse.render_set(absent),) if absent else ()
+        # an expert slot narrowed to a smaller tensor (``Op.spans``) is written in part, not missing
+        part = [e for e in absent if any(s < (e + 1) * per and e * per < end for s, end in merged)]
+        none = [e for e in absent if e not in part]
+        return (("expert " + collapse.render_set(none),) if none else ()) + (
+            ("part of expert " + collapse.render_set(part),) if part else ()
+        )
     if p.loader == "stacked" and p.slots:
         row = 1 if p.slots[0][2] == 1 and len(p.shape) == 1 else numel(p.shape[1:])
         return tuple(f"shard {sid}" for sid, off, size in p.slots if not covered(off * row, (off + size) * row))
@@ -114,7 +120,7 @@ def expected_samples(
                 maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
             data = maps[path][1]
             pos0 = torch.tensor([where[o.param][1] + o.start for o in group], dtype=torch.int64)
-            count = torch.tensor([o.n for o in group], dtype=torch.int64)
+            count = torch.tensor([o.src_elements for o in group], dtype=torch.int64)
             src0 = torch.tensor([o.tensor.start for o in group], dtype=torch.int64)
             seed = torch.tensor([o.idx for o in group], dtype=torch.int64)
             w = torch.arange(samples, dtype=torch.int64)
@@ -129,12 +135,30 @@ def expected_samples(
             x = data[idx.reshape(-1)].view(getattr(torch, src))
             # Compare bytes, not elements: indexing kernels do not cover every float8 dtype.
             want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(torch.uint8)
-            index = (((pos0.unsqueeze(1) + rel) * de).unsqueeze(2) + torch.arange(de)).reshape(-1)
+            dst_rel = (
+                torch.stack([_in_corner(r, o) for r, o in zip(rel, group, strict=True)]) if kind == "corner" else rel
+            )
+            index = (((pos0.unsqueeze(1) + dst_rel) * de).unsqueeze(2) + torch.arange(de)).reshape(-1)
             out.append(Expected(dst, kind == "mamba_A", tuple(group), index, want))
     finally:
         for mm, view in maps.values():
             del view
             mm.close()
+    return out
+
+
+def _in_corner(rel, op: Op):
+    """Positions in the slot of the corner op's source elements ``rel`` (row-major in the tensor's shape)."""
+    out = rel.new_zeros(rel.shape)
+    rest = rel.clone()
+    stride = 1
+    strides = []
+    for w in reversed(op.within):
+        strides.append(stride)
+        stride *= w
+    for c, st in zip(reversed(op.tensor.shape), strides, strict=True):
+        out += rest % c * st
+        rest //= c
     return out
 
 

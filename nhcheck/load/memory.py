@@ -132,7 +132,9 @@ class Arenas:
 
 def apply(kind: str, dst, x) -> None:
     """Write the typed source ``x`` into the view ``dst`` with the loader semantics of an op's ``kind``:
-    copy or cast, one scalar over every element (``broadcast``), ``A = -exp(A_log)`` (``mamba_A``)."""
+    copy or cast (``corner`` too: ``dst`` is then the box of the slot the tensor fills, and ``copy_``
+    converts any dtype, as the engine's does), one scalar over every element (``broadcast``),
+    ``A = -exp(A_log)`` (``mamba_A``)."""
     if kind == "broadcast":
         dst.copy_(x.reshape(1).expand(dst.shape))
         return

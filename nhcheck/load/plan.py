@@ -4,8 +4,9 @@ For each checkpoint tensor the audit says loads, in the order the engine meets t
 parameter, which contiguous range of it (the q/k/v row block, one expert, the whole parameter, a
 scale slot), and how the bytes enter (copy, cast, broadcast, ``A = -exp(A_log)``), with the
 engine's loader semantics (``Engine.loader_semantics``). A tensor whose quantization, dtype or
-shape the parameter cannot take is refused as a finding, not copied; the plan ends at the tensor
-where the engine raises.
+shape the parameter cannot take is refused as a finding, not copied — unless the engine's loader
+takes it anyway (vLLM's expert slot narrowed to a smaller tensor): then the plan writes exactly what
+that loader writes and reports it. The plan ends at the tensor where the engine raises.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nhcheck.manifest import Param
 from nhcheck.safetensors_header import TensorInfo
 
 #: How an op's bytes enter the parameter (see ``Op``).
-OpKind = Literal["copy", "cast", "broadcast", "mamba_A"]
+OpKind = Literal["copy", "cast", "broadcast", "mamba_A", "corner"]
 
 
 class Op(NamedTuple):
@@ -33,7 +34,9 @@ class Op(NamedTuple):
     flattened parameter (every slot the engine fills is a contiguous range: dim 0 is the q/k/v
     row block or the expert). ``kind``:
     ``copy`` (same dtype, bytes), ``cast`` (float to float), ``broadcast`` (one scalar into every
-    partition), ``mamba_A`` (``-exp(float(x))``).
+    partition), ``mamba_A`` (``-exp(float(x))``), ``corner`` (the tensor, converted to the
+    parameter's dtype, into the leading corner of the slot, whose shape is ``within``: only that
+    box of the range is written, ``LoaderSemantics.expert_corner``).
     """
 
     idx: int
@@ -45,6 +48,32 @@ class Op(NamedTuple):
     start: int
     n: int
     slot: str
+    within: tuple[int, ...] = ()
+
+    @property
+    def src_elements(self) -> int:
+        """Elements the op reads from the file (and writes): one for a broadcast, the tensor for a corner."""
+        return 1 if self.kind == "broadcast" else numel(self.tensor.shape) if self.kind == "corner" else self.n
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The ranges of the flattened parameter the op writes: its slot, or the rows of its corner."""
+        if self.kind != "corner":
+            return [(self.start, self.start + self.n)]
+        return [(self.start + a, self.start + b) for a, b in corner_runs(self.tensor.shape, self.within)]
+
+
+def corner_runs(corner: tuple[int, ...], within: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The contiguous runs (start, end) of the leading ``corner`` of a row-major block of shape ``within``."""
+    d = max((i for i, (c, w) in enumerate(zip(corner, within, strict=True)) if c != w), default=-1)
+    if d < 0:
+        return [(0, numel(within))]
+    row = numel(within[d + 1 :])
+    run = corner[d] * row
+    strides = [numel(within[i + 1 :]) for i in range(d)]
+    starts = [0]
+    for i in range(d):
+        starts = [s + k * strides[i] for s in starts for k in range(corner[i])]
+    return [(s, s + run) for s in starts]
 
 
 class _Mismatch(Exception):
@@ -105,13 +134,27 @@ def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Para
     return tuple(out), tuple(unreachable)
 
 
+def _narrowed(p: Param, shape: tuple[int, ...], loader: LoaderSemantics) -> bool:
+    """Whether the engine narrows ``p``'s expert slot to a smaller tensor of ``shape`` (``expert_corner``)."""
+    sub = p.shape[1:]
+    return (
+        loader.expert_corner
+        and p.loader == "expert"
+        and len(sub) >= 2
+        and len(shape) == len(sub)
+        and tuple(shape) != sub
+        and all(0 < n <= s for n, s in zip(shape, sub, strict=True))
+    )
+
+
 def _place(
     p: Param, shape: tuple[int, ...], shard_id: str | None, expert_id: int | None, loader: LoaderSemantics
 ) -> tuple[int, int, str, bool]:
     """(first element, element count, slot label, broadcast?) of the slot a tensor of ``shape`` fills in ``p``.
 
     Mirrors the loaders: FusedMoE puts expert e at ``[e]`` (a scalar scale into a one-element
-    slot); the stacked loader puts the q/k/v row block at its offset (a scalar scale at its
+    slot; a smaller tensor into the corner of the slot, where the engine narrows it); the stacked
+    loader puts the q/k/v row block at its offset (a scalar scale at its
     index); the default loader copies the whole tensor, fills a one-element parameter from
     any one-element tensor, and puts a scalar scale into a per-partition scale vector: over
     every partition or into slot 0 only (``LoaderSemantics.scalar_every_slot``).
@@ -127,7 +170,7 @@ def _place(
         if sub in ((), (1,)):
             if n != 1:
                 raise _Mismatch("shape-mismatch", f"{list(shape)} into the one-element slot [{expert_id}] of {p.name}")
-        elif tuple(shape) != sub:
+        elif tuple(shape) != sub and not _narrowed(p, shape, loader):
             raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} expects {list(sub)} per expert")
         return expert_id * per, per, f"expert {expert_id}", False
     if p.loader == "stacked":
@@ -162,11 +205,13 @@ def _place(
     raise _Mismatch("shape-mismatch", f"{list(shape)} but {p.name} is {list(pshape)}")
 
 
-def _kind(p: Param, t: TensorInfo) -> OpKind:
+def _kind(p: Param, t: TensorInfo, narrowed: bool) -> OpKind:
     """How the bytes of ``t`` may enter ``p``; a quantization or dtype mismatch is refused, not copied.
 
     Checked before the shape: packed NVFP4 bytes meeting a bf16 parameter also differ in
-    shape, but the quantization is the cause worth naming.
+    shape, but the quantization is the cause worth naming — unless the engine narrows the slot
+    to the tensor (``narrowed``): its loader's ``copy_`` then converts whatever arrives, and so does
+    the load.
     """
     src = TORCH_DTYPE.get(t.dtype)
     dst = p.dtype
@@ -174,6 +219,8 @@ def _kind(p: Param, t: TensorInfo) -> OpKind:
         raise _Mismatch(
             "dtype-mismatch", f"{t.dtype} has no torch dtype; cannot be placed in the {dst} parameter {p.name}"
         )
+    if narrowed:
+        return "corner"
     if (src in FLOAT_PARAM) != (dst in FLOAT_PARAM):
         what = (
             f"quantized ({t.dtype}) bytes into the unquantized {dst} parameter"
@@ -207,7 +254,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     engine = engines.get(report.engine)
     paths = {s.name: s.path for s in report.checkpoint.shards}
     ops: list[Op] = []
-    refused: list[tuple[str, str, Finding]] = []
+    refused: list[tuple[str, str, Finding]] = []  # and what the engine loads silently (slot-narrowed)
     crash: Crash | None = None
     if report.crash is not None and report.crash.tensor is None:
         crash = report.crash
@@ -222,15 +269,29 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
         p = by_name.get(r.param or "")
         if p is None:
             continue  # an unreachable parameter: nothing the engine keeps
+        loader = engine.loader_semantics(p.quant_method)
+        narrowed = _narrowed(p, t.shape, loader)
         try:
-            kind = _kind(p, t)
-            start, count, slot, bcast = _place(
-                p, t.shape, o.shard_id, o.expert_id, engine.loader_semantics(p.quant_method)
-            )
+            kind = _kind(p, t, narrowed)
+            start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id, loader)
         except _Mismatch as exc:
             refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
             continue
+        if narrowed:
+            note = engine.slot_note(p, t.dtype, t.shape) or f"{t.dtype} {list(t.shape)} fills part of its {slot} slot"
+            refused.append(("slot-narrowed", t.name, Finding("error", "slot-narrowed", note, t.shard, t.name)))
         ops.append(
-            Op(i, t, paths[t.shard], p.name, "broadcast" if bcast else kind, TORCH_DTYPE[t.dtype], start, count, slot)
+            Op(
+                i,
+                t,
+                paths[t.shard],
+                p.name,
+                "broadcast" if bcast else kind,
+                TORCH_DTYPE[t.dtype],
+                start,
+                count,
+                slot,
+                p.shape[1:] if narrowed else (),
+            )
         )
     return Plan(tuple(ops), params, tuple(grouped(refused)), crash, tuple(unreachable))

@@ -102,8 +102,11 @@ def host_view(t, offset: int, size: int) -> memoryview:
 
 
 def write_op(arenas: Arenas, op: Op, x) -> None:
-    """Apply one op from its typed source tensor ``x`` to its range of the parameter."""
-    apply(op.kind, arenas.flat(op.param)[op.start : op.start + op.n], x)
+    """Apply one op from its typed source tensor ``x`` to its range of the parameter (a corner: the box of it)."""
+    dst = arenas.flat(op.param)[op.start : op.start + op.n]
+    if op.kind == "corner":
+        dst = dst.view(op.within)[tuple(slice(0, d) for d in op.tensor.shape)]
+    apply(op.kind, dst, x)
 
 
 def _host_ring(torch, size: int, pinned: bool):
@@ -143,7 +146,7 @@ class Piece(NamedTuple):
 
 def _source_bytes(op: Op) -> int:
     """Bytes of the file an op reads: the whole tensor, or one element for a broadcast."""
-    return ITEMSIZE[op.src] * (1 if op.kind == "broadcast" else op.n)
+    return ITEMSIZE[op.src] * op.src_elements
 
 
 def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_shard: list[list[int]]):
