@@ -218,6 +218,11 @@ class LiveEngine:
     def tp_unproven(self) -> str | None:
         return "--live replays TP 1 only"
 
+    def tp_rules(self):
+        from nhcheck.tp import SGLANG_RULES
+
+        return self.explain.tp_rules() if self.explain else SGLANG_RULES
+
     def unloaded_kind(self, reason: str) -> UnloadedKind:
         # a reason the table row names is the row's; a live-only one ("live", "startup") is never safe to drop
         return self.explain.unloaded_kind(reason) if self.explain else "elsewhere"

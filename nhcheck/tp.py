@@ -92,19 +92,26 @@ config builds the class default ``["attention", "moe"]`` (configs/nemotron_h.py)
 Replicated (every rank holds the whole tensor): norms, the router ``gate`` and its correction
 bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``), per-tensor and per-partition scales,
 row-parallel biases, KV-cache scales, the vision projector ``mlp1``.
+
+vLLM shards Nemotron-H the same way (its ``MambaMixer2``, linear layers, ``VocabParallelEmbedding`` and
+``FusedMoE`` loaders are the ones SGLang's were ported from; experts are TP-sharded unless
+``--enable-expert-parallel``) except where ``TPRules`` says otherwise; every rule is cited in the
+engine's own source (``Engine.tp_rules``) and proven on gloo ranks (``oracle/vllm_tp``,
+``tests/golden/tp/vllm-*``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from nhcheck import collapse
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEAR, FP4_MOE
+from nhcheck.quant import A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEAR, FP4_MOE, FP8_LINEAR
 
 CODE = "tp-indivisible"
 PAD_CODE = "tp-padding"
@@ -201,6 +208,34 @@ RULES = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class TPRules:
+    """One engine's tensor-parallel rules where they differ from SGLang 0.5.23's (``RULES`` and the module
+    docstring), each backed by rank maps from that engine's own loaders (``tests/golden/tp/``).
+
+    ``engine`` names the engine in findings; ``citations`` holds, per rule id, where the engine itself
+    enforces the rule (default: ``RULES``). ``quantized_groups_at_load``: a single B/C group replicated
+    onto the ranks of a quantized model is built, and the group-replicating loader, which the engine
+    also gives ``in_proj``'s scales, raises on the scalar ``input_scale`` while loading (vLLM); False:
+    the constructor refuses it whenever the model is quantized (SGLang, ``mamba-groups-quant``).
+    ``methods_by_dtype``: the manifest's quant-method labels do not tell the formats apart (vLLM 0.30.0+
+    labels every ModelOpt linear ``ModelOptLinearMethod``), so the NVFP4 / FP8 rules read the format from
+    the parameters (packed ``uint8`` weights with a ``weight_scale_2``: NVFP4; float8 weights: FP8).
+    """
+
+    engine: str = "sglang"
+    quantized_groups_at_load: bool = False
+    methods_by_dtype: bool = False
+    citations: Mapping[str, Rule] = field(default_factory=dict)
+
+    def rule(self, rule_id: str) -> Rule:
+        return self.citations.get(rule_id) or RULES[rule_id]
+
+
+#: SGLang's rules (every release nhcheck answers: the rank maps of 0.5.11 and 0.5.23 agree).
+SGLANG_RULES = TPRules()
 
 
 @dataclass(frozen=True)
@@ -312,10 +347,11 @@ _LINEAR_SUFFIX = re.compile(
 
 
 class _Planner:
-    def __init__(self, manifest: Manifest, cfg: NemotronHConfig, tp: int) -> None:
+    def __init__(self, manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules) -> None:
         self.m = manifest
         self.cfg = cfg
         self.tp = tp
+        self.rules = rules
         self.pattern = cfg.draft_pattern if manifest.mode == "mtp" else cfg.pattern
         self.quantized = manifest.quantization is not None
         self.module_problems: dict[str, tuple[Problem, ...]] = {}
@@ -340,13 +376,22 @@ class _Planner:
             )
         return out
 
-    def _mamba(self) -> list[Problem]:
+    def _mamba(self, module: str) -> list[Problem]:
         c, tp = self.cfg, self.tp
         out = []
         if c.mamba_num_heads % tp:
             out.append(Problem("mamba-heads", f"mamba_num_heads {c.mamba_num_heads} is not divisible by {tp}"))
         if c.n_groups % tp and c.n_groups != 1:
             out.append(Problem("mamba-groups", f"n_groups {c.n_groups} is neither divisible by {tp} nor 1"))
+        elif c.n_groups % tp and self.rules.quantized_groups_at_load:
+            if module + ".in_proj.input_scale" in self.m.by_name:
+                out.append(
+                    Problem(
+                        "mamba-groups-quant",
+                        f"n_groups 1 is replicated onto {tp} ranks and in_proj is quantized: its scalar input_scale "
+                        "goes through the group-replicating loader",
+                    )
+                )
         elif c.n_groups % tp and self.quantized:
             out.append(
                 Problem(
@@ -367,6 +412,18 @@ class _Planner:
         return []
 
     # -- per-module quant rules
+
+    def _method(self, p: Param, weight: str, fp4: str) -> str | None:
+        """``p``'s quant method as ``nhcheck.quant`` names it; with ``TPRules.methods_by_dtype`` read from the
+        module's ``weight`` parameter (its full name) instead: ``fp4`` for packed NVFP4, FP8 for float8."""
+        if not self.rules.methods_by_dtype or p.quant_method is None:
+            return p.quant_method
+        w = self.m.by_name.get(weight)
+        if w is not None and w.dtype == "uint8" and weight + "_scale_2" in self.m.by_name:
+            return fp4
+        if w is not None and w.dtype.startswith("float8") and fp4 == FP4_LINEAR:
+            return FP8_LINEAR
+        return p.quant_method
 
     def _linear_quant(self, lin: _Linear, method: str | None, algo_mx: bool, module: str = "") -> list[Problem]:
         tp = self.tp
@@ -479,9 +536,9 @@ class _Planner:
             return _Linear("row", (), c.shared_intermediate)
         return None
 
-    def _module_rules(self, kind: str, mod: str, lin: _Linear | None) -> list[Problem]:
+    def _module_rules(self, kind: str, mod: str, lin: _Linear | None, mixer: str) -> list[Problem]:
         if kind == "M" and mod.startswith("mixer.") and mod != "mixer":
-            return self._mamba()
+            return self._mamba(mixer)
         if kind == "*" and mod in ("mixer.qkv_proj", "mixer.o_proj"):
             return self._attn()
         if kind == "E" and mod == "mixer.experts":
@@ -521,21 +578,25 @@ class _Planner:
         prefix = f"{self.m.lm_prefix}model.layers.{layer}."
         if rest.startswith("mixer.experts."):
             module = prefix + "mixer.experts"
-            probs = self._cached(module, lambda: self._moe() + self._expert_quant(p.quant_method, module))
+            w13 = p.name.rsplit(".", 1)[0] + ".w13_weight"
+            probs = self._cached(
+                module, lambda: self._moe() + self._expert_quant(self._method(p, w13, FP4_MOE), module)
+            )
             sh = None
             if len(p.shape) == 3 and p.reachable:
-                dim = 1 if rest.startswith("mixer.experts.w13_") else 2
+                # ``mixer.experts.w13_weight`` (FusedMoE) or ``mixer.experts.routed_experts.w13_weight`` (vLLM 0.24.0+)
+                dim = 1 if rest.rsplit(".", 1)[-1].startswith("w13_") else 2
                 sh = Sharding(tp, dim, (self._expert_part(p.shape[dim]),))
             elif p.reachable:
                 sh = Sharding(tp)
             return self._result(p, sh, probs, module)
         if kind == "M" and rest in ("mixer.A", "mixer.D", "mixer.dt_bias", "mixer.norm.weight"):
             module = prefix + "mixer"
-            probs = self._cached(module, self._mamba)
+            probs = self._cached(module, lambda: self._mamba(module))
             return self._result(p, Sharding(tp, 0, (Part(p.shape[0], tp),)) if p.shape else Sharding(tp), probs, module)
         if kind == "M" and rest.startswith("mixer.conv1d."):
             module = prefix + "mixer"
-            probs = self._cached(module, self._mamba)
+            probs = self._cached(module, lambda: self._mamba(module))
             g = 1 if (c.n_groups == 1 and c.n_groups % tp) else tp
             gs = c.n_groups * c.ssm_state_size
             parts = _scaled(((c.mamba_inner, tp), (gs, g), (gs, g)), p.shape[0] if p.shape else 0)
@@ -549,9 +610,12 @@ class _Planner:
             return ParamShard(p, Sharding(tp), module=prefix + mod)
         module = prefix + mod
         mamba_module = prefix + "mixer" if kind == "M" else module
-        base = self._cached(mamba_module, lambda: self._module_rules(kind, mod, lin))
+        base = self._cached(mamba_module, lambda: self._module_rules(kind, mod, lin, mamba_module))
         quant = self._cached(
-            module + "#quant", lambda: self._linear_quant(lin, p.quant_method, _is_mx(self.m, module), module)
+            module + "#quant",
+            lambda: self._linear_quant(
+                lin, self._method(p, module + ".weight", FP4_LINEAR), _is_mx(self.m, module), module
+            ),
         )
         if (
             suffix == "bias"
@@ -645,9 +709,9 @@ def _linear_sharding(lin: _Linear, suffix: str, p: Param, tp: int) -> Sharding |
     return Sharding(tp, 0, parts) if parts else None
 
 
-def plan(manifest: Manifest, cfg: NemotronHConfig, tp: int) -> tuple[ParamShard, ...]:
-    """Every parameter of ``manifest`` at TP size ``tp``, in manifest order."""
-    planner = _Planner(manifest, cfg, tp)
+def plan(manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules = SGLANG_RULES) -> tuple[ParamShard, ...]:
+    """Every parameter of ``manifest`` at TP size ``tp`` under the engine's ``rules``, in manifest order."""
+    planner = _Planner(manifest, cfg, tp, rules)
     return tuple(planner.shard(p) for p in manifest.params)
 
 
@@ -655,20 +719,22 @@ def plan(manifest: Manifest, cfg: NemotronHConfig, tp: int) -> tuple[ParamShard,
 # Findings
 
 
-def check(manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...]) -> list[Finding]:
+def check(
+    manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...], rules: TPRules = SGLANG_RULES
+) -> list[Finding]:
     """``tp-indivisible`` findings (errors) for every TP size and rule that fails, grouped per module family;
     ``tp-padding`` notes (info) where the TP size changes the vocabulary padding.
     """
     out: list[Finding] = []
     for tp in sizes:
-        shards = plan(manifest, cfg, tp)
+        shards = plan(manifest, cfg, tp, rules)
         items = []
         for s in shards:
             for prob in s.problems:
                 suffix = s.param.name[len(s.module) + 1 :] if s.param.name.startswith(s.module + ".") else s.param.name
                 items.append(((prob.rule, prob.detail), s.module, (suffix, s.param.name)))
         for (rule_id, detail), modules, count, members in collapse.group(items):
-            rule = RULES[rule_id]
+            rule = rules.rule(rule_id)
             suffixes = list(dict.fromkeys(sfx for sfx, _ in members))
             shown = ", ".join(suffixes[:8]) + (", …" if len(suffixes) > 8 else "")
             where = f"{modules}: {shown}" + (f" ({count} parameters)" if count > 1 else "")
@@ -676,19 +742,19 @@ def check(manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...]) -> l
                 Finding(
                     "error",
                     CODE,
-                    f"--tp {tp}: {where} — {detail}; {rule.effect} [sglang {rule.where}, {rule.file}]",
+                    f"--tp {tp}: {where} — {detail}; {rule.effect} [{rules.engine} {rule.where}, {rule.file}]",
                     None,
                     modules,
                     tp=tp,
                 )
             )
-        out.extend(_padding_notes(manifest, cfg, tp, shards))
-        out.extend(_moe_padding_notes(manifest, cfg, tp, shards))
+        out.extend(_padding_notes(manifest, cfg, tp, shards, rules))
+        out.extend(_moe_padding_notes(manifest, cfg, tp, shards, rules))
     return out
 
 
 def _moe_padding_notes(
-    manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...]
+    manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...], rules: TPRules
 ) -> list[Finding]:
     """An info note where the padded MoE windows leave zero rows on some rank (``moe-padded-window``)."""
     inter = cfg.moe_intermediate_size
@@ -704,7 +770,7 @@ def _moe_padding_notes(
     ]
     if not modules:
         return []
-    rule = RULES["moe-padded-window"]
+    rule = rules.rule("moe-padded-window")
     holds = "; ".join(
         f"rank {r} [{min(r * P, inter)}, {min((r + 1) * P, inter)})"
         + (f" + {P - max(0, min(P, inter - r * P))} zero rows" if P * (r + 1) > inter else "")
@@ -714,16 +780,18 @@ def _moe_padding_notes(
         f"--tp {tp}: {collapse.group([(0, m, None) for m in dict.fromkeys(modules)])[0][1]} — "
         f"intermediate_size {inter}/{tp} = {inter // tp} is padded to {P} per rank "
         f"(moe backend {manifest.moe_backend}): "
-        f"{holds}; the windows tile [0, {inter}) exactly [sglang {rule.where}, {rule.file}]"
+        f"{holds}; the windows tile [0, {inter}) exactly [{rules.engine} {rule.where}, {rule.file}]"
     )
     return [Finding("info", PAD_CODE, msg, None, modules[0], tp=tp)]
 
 
-def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...]) -> list[Finding]:
+def _padding_notes(
+    manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tuple[ParamShard, ...], rules: TPRules
+) -> list[Finding]:
     V = cfg.vocab_size
     if tp == 1 or _round_up(V, VOCAB_PAD) % tp == 0:
         return []
-    rule = RULES["vocab-padding"]
+    rule = rules.rule("vocab-padding")
     padded = _round_up(V, VOCAB_PAD * tp)
     names = [
         s.param.name
@@ -737,7 +805,7 @@ def _padding_notes(manifest: Manifest, cfg: NemotronHConfig, tp: int, shards: tu
     msg = (
         f"--tp {tp}: {', '.join(names)} — vocab_size {V} pads to {padded} (a multiple of {VOCAB_PAD}×{tp}, since "
         f"{_round_up(V, VOCAB_PAD)} is not divisible by {tp}); each rank holds {per} rows, rank {last} the last "
-        f"real one, {padded - V} rows are zeros [sglang {rule.where}, {rule.file}]"
+        f"real one, {padded - V} rows are zeros [{rules.engine} {rule.where}, {rule.file}]"
     )
     return [Finding("info", PAD_CODE, msg, None, names[0], tp=tp)]
 
@@ -748,9 +816,9 @@ def with_findings(report, sizes: tuple[int, ...]):
 
     from nhcheck import engines
 
-    unproven = engines.get(report.engine).tp_unproven()
+    engine = engines.get(report.engine)
+    unproven = engine.tp_unproven()
     if unproven:
         return replace(report, findings=report.findings + (Finding("info", "tp-unproven", unproven),))
-    return replace(
-        report, findings=report.findings + tuple(check(report.manifest, report.config, sizes)), tp_sizes=tuple(sizes)
-    )
+    found = check(report.manifest, report.config, sizes, engine.tp_rules())
+    return replace(report, findings=report.findings + tuple(found), tp_sizes=tuple(sizes))

@@ -1,19 +1,19 @@
-"""nhcheck's TP rules against the rank maps SGLang's real loaders produced (tests/golden/tp/).
+"""nhcheck's TP rules against the rank maps SGLang's and vLLM's real loaders produced (tests/golden/tp/).
 
-The maps were recorded by ``oracle/sglang_tp`` (SGLang's own ``init_distributed_environment`` /
-``initialize_model_parallel`` on gloo ranks, the real modules and weight loaders, tensors whose
-values encode their source coordinates): for every parameter and rank, which checkpoint elements
-landed where and which positions were zero-filled. Here, for every TP size and release:
+The maps were recorded by ``oracle/sglang_tp`` and ``oracle/vllm_tp`` (the engine's own
+``init_distributed_environment`` and model-parallel groups on gloo ranks, the real modules and weight
+loaders, tensors whose values encode their source coordinates): for every parameter and rank, which
+checkpoint elements landed where and which positions were zero-filled. Here, for every TP size and release:
 
 - where ``nhcheck.tp.plan`` gives a sharding, the local shape and every rank's contents it implies
   (its windows over the TP-1 layout, zero elsewhere) equal what SGLang put there, element by element;
-- where nhcheck says a module cannot be sharded or loads wrong weights, SGLang refused to build it or
-  placed at least one of its parameters as something other than a partition of the checkpoint tensor.
+- where nhcheck says a module cannot be sharded or loads wrong weights, the engine refused to build it,
+  raised while loading it, or placed at least one of its parameters as something other than a partition
+  of the checkpoint tensor; and every refusal or load error of the engine is a problem nhcheck names.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from functools import cache
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from goldens import read_golden
 
+from nhcheck import engines
 from nhcheck import tp as tensor_parallel
 from nhcheck.engines.sglang import PROFILES
 from nhcheck.manifest import build_manifest
@@ -35,11 +37,11 @@ import ckpt  # noqa: E402  (the checkpoint descriptions the oracle ran: configs,
 
 ZERO, UNTOUCHED, UNSET = -1, -2, -3
 CASES = sorted(
-    (d.name, f.name)
+    (d.name, f.name.removesuffix(".gz"))
     for d in GOLDEN.iterdir()
     if d.is_dir()
-    for f in d.glob("*-tp*.json")
-    if not f.name.endswith("-tp1.json")
+    for f in d.glob("*-tp*.json*")
+    if not f.name.removesuffix(".gz").endswith("-tp1.json")
 )
 
 
@@ -87,10 +89,10 @@ def _claim(tp1: np.ndarray, sharding, local: tuple[int, ...], rank: int) -> np.n
 
 @cache
 def _plan(release: str, name: str):
-    doc = json.loads((GOLDEN / release / name).read_text())
-    doc1 = json.loads((GOLDEN / release / re.sub(r"-tp\d+\.json$", "-tp1.json", name)).read_text())
+    doc = read_golden(GOLDEN / release / name)
+    doc1 = read_golden(GOLDEN / release / re.sub(r"-tp\d+\.json$", "-tp1.json", name))
     case = doc["case"]
-    c = ckpt.config(case["model"])
+    c = doc1["config"]  # the variant the oracle ran (vLLM's goldens add variants of their own)
     hq = ckpt.hf_quant_config(c, case["quant"])
     if hq is not None:
         section = hq["quantization"]
@@ -98,16 +100,22 @@ def _plan(release: str, name: str):
             c, quantization_config=dict(quant_method="modelopt", **section, ignore=section.get("exclude_modules", []))
         )
     cfg = parse_config(c)
-    manifest = build_manifest(
-        cfg, parse_quant(c, hq), PROFILES[doc["sglang_version"]], moe_backend=doc1["moe_runner_backend"]
-    )
-    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]))}
+    if "vllm_version" in doc:
+        engine = engines.get(engines.parse(f"vllm@{doc['vllm_version']}"))
+        manifest = engine.build_manifest(cfg, parse_quant(c, hq))
+        rules = engine.tp_rules()
+    else:
+        manifest = build_manifest(
+            cfg, parse_quant(c, hq), PROFILES[doc["sglang_version"]], moe_backend=doc1["moe_runner_backend"]
+        )
+        rules = engines.get(engines.parse(f"sglang@{doc['sglang_version']}")).tp_rules()
+    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]), rules)}
     return doc, doc1, shards
 
 
 def test_goldens_cover_both_releases_and_every_family() -> None:
     releases = {r for r, _ in CASES}
-    assert {"sglang-0.5.11", "sglang-0.5.23"} <= releases
+    assert {"sglang-0.5.11", "sglang-0.5.23", "vllm-0.34.0"} <= releases
     families = set()
     for release, name in CASES:
         families |= set(_plan(release, name)[0].get("families", {}))
@@ -118,9 +126,10 @@ def test_goldens_cover_both_releases_and_every_family() -> None:
 def test_rank_maps_match_the_engine(release: str, name: str) -> None:
     doc, doc1, shards = _plan(release, name)
     if "construct_error" in doc:
-        # SGLang refused to build the model at this TP size: nhcheck must say the size fails.
+        # The engine refused to build the model at this TP size: nhcheck must say the size fails.
         assert any(s.problems for s in shards.values()), doc["construct_error"]
         return
+    failing = {re.sub(r"^backbone\.", "model.", n) for errs in doc.get("load_errors", {}).values() for n in errs}
     keys = _Keys()
     tp1_entries = {n: e for fam in doc1["families"].values() for n, e in fam.items()}
     lossy_modules: set[str] = set()
@@ -148,5 +157,40 @@ def test_rank_maps_match_the_engine(release: str, name: str) -> None:
             for r, got in ranks.items():
                 want = _claim(tp1, s.sharding, tuple(local), r)
                 assert np.array_equal(got, want), f"{pname} rank {r}: {int((got != want).sum())} elements differ"
-    # Every module nhcheck calls wrong is placed wrongly by SGLang too (never a false alarm).
+            # a sharding nhcheck calls fine loses nothing: every checkpoint element reaches some rank
+            placed = np.concatenate([g.reshape(-1) for g in ranks.values()])
+            assert np.isin(tp1[tp1 >= 0], placed).all(), f"{pname}: elements reach no rank, nhcheck says nothing"
+    # Every module nhcheck calls wrong is placed wrongly by the engine too (never a false alarm) ...
     assert flagged_modules <= lossy_modules, sorted(flagged_modules - lossy_modules)
+    # ... and every tensor the engine's loader raised on belongs to a module nhcheck calls wrong (no miss).
+    assert all(any(n.startswith(m + ".") for m in flagged_modules) for n in failing), sorted(failing)
+
+
+def test_vllm_quantized_single_group_fails_while_loading_not_at_start_up() -> None:
+    """SGLang refuses n_groups 1 at TP > 1 for a quantized model in ``MambaMixer2.__init__``; vLLM builds it, and
+    the group-replicating loader it also gives ``in_proj``'s scales raises on the scalar ``input_scale``."""
+    doc, _, shards = _plan("vllm-0.34.0", "g1-nvfp4-vllm-tp2.json")
+    assert "construct_error" not in doc
+    errors = {n: e for per_rank in doc["load_errors"].values() for n, e in per_rank.items()}
+    assert set(errors) == {"backbone.layers.0.mixer.in_proj.input_scale"}
+    assert all(e.startswith("IndexError") for e in errors.values())
+    assert {p.rule for s in shards.values() for p in s.problems} == {"mamba-groups-quant"}
+    rules = engines.get(engines.parse("vllm@0.34.0")).tp_rules()
+    assert rules.rule("mamba-groups-quant").effect.startswith("IndexError at load")
+    assert tensor_parallel.SGLANG_RULES.rule("mamba-groups-quant").effect == "AssertionError at start-up"
+
+
+def test_vllm_tp_findings_only_for_proven_releases() -> None:
+    """``audit --tp`` answers for vLLM releases with rank maps (their rules, their citations); others say so."""
+    from nhcheck.pipeline import audit_path
+
+    example = str(ROOT / "examples" / "nano3-nvfp4")
+    proven = tensor_parallel.with_findings(audit_path(example, "vllm@0.34.0"), (3, 4))
+    codes = {f.code for f in proven.findings if f.code.startswith("tp-")}
+    assert "tp-unproven" not in codes and "tp-indivisible" in codes
+    tp_errors = [f.message for f in proven.findings if f.code == "tp-indivisible"]
+    assert all("[vllm " in m for m in tp_errors)
+    # moe_intermediate_size 32 at TP 4: 8 per rank, not whole NVFP4 blocks of 16 (the moe272 / latentpad goldens)
+    assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
+    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.30.0"), (3,))
+    assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from nhcheck.manifest import Manifest, Param
     from nhcheck.model import NemotronHConfig
     from nhcheck.quant import QuantConfig
+    from nhcheck.tp import TPRules
 
 #: What the engine does with one checkpoint tensor.
 OutcomeKind = Literal["load", "warn", "skip", "raise", "routed"]
@@ -237,6 +238,10 @@ class Engine(Protocol):
     def tp_unproven(self) -> str | None:
         """Why nhcheck cannot answer for this engine's tensor-parallel sharding (None: ``tp.py``'s rules are
         proven for it on gloo ranks)."""
+        ...
+
+    def tp_rules(self) -> TPRules:
+        """The engine's tensor-parallel rules where they differ from SGLang's, with its own citations (``tp.py``)."""
         ...
 
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:

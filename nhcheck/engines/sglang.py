@@ -794,6 +794,11 @@ class SGLangEngine:
     def tp_unproven(self) -> str | None:
         return None  # tests/golden/tp: rank maps from SGLang's own loaders (oracle/sglang_tp)
 
+    def tp_rules(self):
+        from nhcheck.tp import SGLANG_RULES
+
+        return SGLANG_RULES
+
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
         """The linear loaders of ``LINEAR_METHODS`` take a one-element scale only as 0-d
         (``PerTensorScaleParameter._load_into_shard_id``; the default loader reshapes only 0-d and asserts

@@ -730,6 +730,10 @@ def linear_load_error(
     return None if shape == loaded else "AssertionError: "
 
 
+#: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
+#: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
+TP_PROVEN = ("0.24.0", "0.34.0")
+
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
 
@@ -799,9 +803,70 @@ class VLLMEngine:
         return sorted(names, key=natural_key)
 
     def tp_unproven(self) -> str | None:
+        """None for the releases whose rank maps were recorded on gloo ranks (``oracle/vllm_tp``,
+        ``tests/golden/tp/vllm-X``); for the others nhcheck says so instead of guessing."""
+        if self.id.version in TP_PROVEN:
+            return None
         return (
-            f"tensor parallelism on vllm {self.id.version} is not checked: nhcheck's TP rules are proven against "
-            "SGLang's loaders only (no vLLM rank maps yet), so no tp-indivisible verdict is given for vLLM"
+            f"tensor parallelism on vllm {self.id.version} is not checked: nhcheck's vLLM TP rules are proven on "
+            f"vllm {', '.join(TP_PROVEN)} only (rank maps from vLLM's own loaders), so no tp-indivisible verdict "
+            f"is given for {self.id.version}"
+        )
+
+    def tp_rules(self):
+        """vLLM's citations (``models/nemotron_h.py``, ``layers/mamba/mamba_mixer2.py``, ``layers/linear.py``,
+        ``layers/fused_moe/``, ``layers/quantization/modelopt.py``; 0.34.0 line numbers drift) and the one rule
+        that differs: a single B/C group replicated onto the ranks of a quantized model fails while loading,
+        not at start-up (golden ``g1-nvfp4-vllm-tp2``)."""
+        from nhcheck.tp import Rule, TPRules
+
+        start, load = "AssertionError at start-up", "RuntimeError at load (narrow past the end)"
+        rules = (
+            Rule("attn-heads", "ModelConfig.verify_with_parallel_config", "config/model.py", "ValueError at start-up"),
+            Rule("attn-kv-heads", "NemotronHAttention.__init__", "models/nemotron_h.py", start),
+            Rule("mamba-heads", "MambaMixer2.__init__", "layers/mamba/mamba_mixer2.py", start),
+            Rule("mamba-groups", "MambaMixer2.__init__", "layers/mamba/mamba_mixer2.py", start),
+            Rule(
+                "mamba-groups-quant",
+                "MambaMixer2.__init__ (mamba_v2_sharded_weight_loader set on in_proj's weight and scales)",
+                "layers/mamba/mamba_mixer2.py",
+                "IndexError at load (slice() cannot be applied to a 0-dim tensor)",
+            ),
+            Rule(
+                "mamba-groups-bias",
+                "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
+                "layers/mamba/mamba_mixer2.py",
+                load,
+            ),
+            Rule("linear-divide", "ColumnParallelLinear/RowParallelLinear divide()", "layers/linear.py", start),
+            Rule(
+                "nvfp4-linear-k",
+                "ModelOptNvFp4LinearMethod.create_weights",
+                "layers/quantization/modelopt.py",
+                "ValueError at start-up",
+            ),
+            Rule("moe-intermediate", "FusedMoEConfig.__post_init__", "layers/fused_moe/config.py", start),
+            Rule(
+                "nvfp4-moe-pair",
+                "ModelOptNvFp4FusedMoE.create_weights + FusedMoE/RoutedExperts._load_w2",
+                "layers/fused_moe/ (layer.py, routed_experts.py from 0.24.0)",
+                "loads, but FP4 pairs straddle ranks: wrong weights",
+            ),
+            Rule(
+                "nvfp4-moe-block",
+                "ModelOptNvFp4FusedMoE.create_weights + FusedMoE/RoutedExperts._load_w2",
+                "layers/fused_moe/ (layer.py, routed_experts.py from 0.24.0)",
+                "loads, but block scales straddle ranks: wrong weights",
+            ),
+            Rule(
+                "vocab-padding",
+                "VocabParallelEmbedding.__init__",
+                "layers/vocab_parallel_embedding.py",
+                "zero rows pad the partition",
+            ),
+        )
+        return TPRules(
+            engine="vllm", quantized_groups_at_load=True, methods_by_dtype=True, citations={r.id: r for r in rules}
         )
 
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:

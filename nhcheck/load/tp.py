@@ -162,6 +162,11 @@ def rank_copies(plan: Plan, shards: dict[str, tensor_parallel.Sharding], rank: i
     full = {p.name: p for p in plan.params}
     out: list[Copy] = []
     for op in plan.ops:
+        if op.kind == "corner":
+            raise UsageError(
+                f"load --tp: {op.tensor.name} is written into part of its expert slot (slot-narrowed); nhcheck does "
+                "not cut such writes across ranks: run load without --tp (audit --tp still checks the sharding)"
+            )
         p = full[op.param]
         sh = shards[p.name]
         t = op.tensor
@@ -240,7 +245,7 @@ def _padding(p: Param, sh: tensor_parallel.Sharding, rank: int) -> list[tuple[tu
 
 
 def static_findings(inputs, tp: int) -> list[Finding]:
-    return tensor_parallel.check(inputs.manifest, inputs.config, (tp,))
+    return tensor_parallel.check(inputs.manifest, inputs.config, (tp,), inputs.engine.tp_rules())
 
 
 def _refused(source: str, engine: str, tp: int, findings: list[Finding]) -> TPLoadReport:
@@ -365,7 +370,10 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         )
         audit = pipeline.audit(inputs, AuditOptions(compare_versions=False))
         plan = plan_load(audit, job.dtype)
-        sharded = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp)}
+        sharded = {
+            s.param.name: s.sharding
+            for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp, inputs.engine.tp_rules())
+        }
         shards: dict[str, tensor_parallel.Sharding] = {}
         for p in plan.params:
             sh = sharded.get(p.name)
