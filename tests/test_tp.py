@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from nhcheck import pipeline
+from nhcheck import engines, pipeline
 from nhcheck import tp as tensor_parallel
 from nhcheck.audit import AuditOptions
 from nhcheck.checkpoint import open_local
@@ -227,13 +227,14 @@ def _bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _simulate(path: Path, tp: int, backend: str = "flashinfer_cutlass") -> None:
-    inputs = pipeline.prepare(open_local(str(path)), None, moe_backend=backend)
-    assert not [f for f in tensor_parallel.check(inputs.manifest, inputs.config, (tp,)) if f.severity == "error"]
+def _simulate(path: Path, tp: int, backend: str | None = "flashinfer_cutlass", engine: str | None = None) -> None:
+    inputs = pipeline.prepare(open_local(str(path)), engine, moe_backend=backend)
+    rules = inputs.engine.tp_rules()
+    assert not [f for f in tensor_parallel.check(inputs.manifest, inputs.config, (tp,), rules) if f.severity == "error"]
     plan = plan_load(pipeline.audit(inputs, AuditOptions(compare_versions=False)))
-    single = load_path(str(path), opts=LoadOptions(device="cpu"), moe_backend=backend)
+    single = load_path(str(path), engine, opts=LoadOptions(device="cpu"), moe_backend=backend)
     assert single.report.verdict == "clean"
-    shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, tp)}
+    shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, tp, rules)}
     full = {p.name: p for p in plan.params}
     rebuilt = {n: torch.zeros_like(single.tensors[n]) for n in full}
     owned: dict[str, int] = {}
@@ -298,6 +299,28 @@ def test_rank_cuts_reassemble_into_the_single_device_load(
     else:
         path = _write_unique(generate, tmp_path, h8b_cfg(n_groups=1, mamba_n_groups=1, vocab_size=250), None)
     _simulate(path, tp, backend)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_vllm_rank_cuts_reassemble_into_the_single_device_load(tmp_path, quantized, nano_cfg, nano_quant, generate):
+    """vLLM's windows (``tests/golden/tp/vllm-*``): ``routed_experts.w13`` on its rows, the rest as SGLang."""
+    path = _write_unique(generate, tmp_path, nano_cfg(quantized), nano_quant if quantized else None)
+    _simulate(path, 2, backend=None, engine="vllm@0.34.0")
+
+
+def test_vllm_load_tp_on_two_gloo_ranks_and_the_narrowed_slot_refusal(tmp_path, nano_cfg, nano_quant, generate):
+    path = _write_unique(generate, tmp_path / "nvfp4", nano_cfg(True), nano_quant)
+    rep = load_tp.run(load_tp.Job(str(path), "nvfp4", 2, "cpu", engine=engines.parse("vllm@0.34.0"), threads=2))
+    assert rep.verdict == "clean", [f.message for f in rep.findings]
+    assert all(p.covered == p.elements for p in rep.params if not p.informational)
+    # an expert slot vLLM narrows to a smaller tensor is not cut across ranks: a usage error, not a guess
+    inputs = pipeline.prepare(open_local(str(path)), "vllm@0.34.0")
+    plan = plan_load(pipeline.audit(inputs, AuditOptions(compare_versions=False)))
+    op = next(o for o in plan.ops if o.param.endswith("w2_weight"))
+    corner = replace(plan, ops=(op._replace(kind="corner", within=(1, 1)),))
+    shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, 2)}
+    with pytest.raises(UsageError, match="slot-narrowed"):
+        load_tp.rank_copies(corner, shards, 0)
 
 
 def test_omni_wrapper_partitions_reassemble():
