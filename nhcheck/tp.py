@@ -217,8 +217,8 @@ class TPRules:
 
     ``engine`` names the engine in findings; ``citations`` holds, per rule id, where the engine itself
     enforces the rule (default: ``RULES``). ``quantized_groups_at_load``: a single B/C group replicated
-    onto the ranks of a quantized model is built, and the group-replicating loader, which the engine
-    also gives ``in_proj``'s scales, raises on the scalar ``input_scale`` while loading (vLLM); False:
+    onto the ranks of a quantized model is built, and ``in_proj``'s scales then fail to load (vLLM: which
+    scale and how is the release's citation); False:
     the constructor refuses it whenever the model is quantized (SGLang, ``mamba-groups-quant``).
     ``methods_by_dtype``: the manifest's quant-method labels do not tell the formats apart (vLLM 0.30.0+
     labels every ModelOpt linear ``ModelOptLinearMethod``), so the NVFP4 / FP8 rules read the format from
@@ -388,8 +388,8 @@ class _Planner:
                 out.append(
                     Problem(
                         "mamba-groups-quant",
-                        f"n_groups 1 is replicated onto {tp} ranks and in_proj is quantized: its scalar input_scale "
-                        "goes through the group-replicating loader",
+                        f"n_groups 1 is replicated onto {tp} ranks and in_proj is quantized: its scales do not load "
+                        "in the group-replicated layout",
                     )
                 )
         elif c.n_groups % tp and self.quantized:

@@ -115,7 +115,7 @@ def _plan(release: str, name: str):
 
 def test_goldens_cover_both_releases_and_every_family() -> None:
     releases = {r for r, _ in CASES}
-    assert {"sglang-0.5.11", "sglang-0.5.23", "vllm-0.34.0"} <= releases
+    assert {"sglang-0.5.11", "sglang-0.5.23", "vllm-0.19.0", "vllm-0.24.0", "vllm-0.34.0"} <= releases
     families = set()
     for release, name in CASES:
         families |= set(_plan(release, name)[0].get("families", {}))
@@ -166,17 +166,25 @@ def test_rank_maps_match_the_engine(release: str, name: str) -> None:
     assert all(any(n.startswith(m + ".") for m in flagged_modules) for n in failing), sorted(failing)
 
 
-def test_vllm_quantized_single_group_fails_while_loading_not_at_start_up() -> None:
-    """SGLang refuses n_groups 1 at TP > 1 for a quantized model in ``MambaMixer2.__init__``; vLLM builds it, and
-    the group-replicating loader it also gives ``in_proj``'s scales raises on the scalar ``input_scale``."""
-    doc, _, shards = _plan("vllm-0.34.0", "g1-nvfp4-vllm-tp2.json")
+@pytest.mark.parametrize(
+    ("version", "tensor", "error"),
+    [
+        ("0.34.0", "in_proj.input_scale", "IndexError"),
+        ("0.24.0", "in_proj.weight_scale", "RuntimeError"),
+        ("0.19.0", "in_proj.weight_scale", "RuntimeError"),
+    ],
+)
+def test_vllm_quantized_single_group_fails_while_loading_not_at_start_up(version, tensor, error) -> None:
+    """SGLang refuses n_groups 1 at TP > 1 for a quantized model in ``MambaMixer2.__init__``; vLLM builds it and
+    one of ``in_proj``'s scales raises while loading — which one, and how, is the release's (and its citation)."""
+    doc, _, shards = _plan(f"vllm-{version}", "g1-nvfp4-vllm-tp2.json")
     assert "construct_error" not in doc
     errors = {n: e for per_rank in doc["load_errors"].values() for n, e in per_rank.items()}
-    assert set(errors) == {"backbone.layers.0.mixer.in_proj.input_scale"}
-    assert all(e.startswith("IndexError") for e in errors.values())
+    assert set(errors) == {f"backbone.layers.0.mixer.{tensor}"}
+    assert all(e.startswith(error) for e in errors.values())
     assert {p.rule for s in shards.values() for p in s.problems} == {"mamba-groups-quant"}
-    rules = engines.get(engines.parse("vllm@0.34.0")).tp_rules()
-    assert rules.rule("mamba-groups-quant").effect.startswith("IndexError at load")
+    effect = engines.get(engines.parse(f"vllm@{version}")).tp_rules().rule("mamba-groups-quant").effect
+    assert effect.startswith(f"{error} at load") and tensor in effect
     assert tensor_parallel.SGLANG_RULES.rule("mamba-groups-quant").effect == "AssertionError at start-up"
 
 
@@ -192,5 +200,5 @@ def test_vllm_tp_findings_only_for_proven_releases() -> None:
     assert all("[vllm " in m for m in tp_errors)
     # moe_intermediate_size 32 at TP 4: 8 per rank, not whole NVFP4 blocks of 16 (the moe272 / latentpad goldens)
     assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
-    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.30.0"), (3,))
+    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.30.0"), (3,))  # no rank maps recorded
     assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]

@@ -732,7 +732,7 @@ def linear_load_error(
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
-TP_PROVEN = ("0.24.0", "0.34.0")
+TP_PROVEN = ("0.19.0", "0.24.0", "0.34.0")
 
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
@@ -817,8 +817,17 @@ class VLLMEngine:
         """vLLM's citations (``models/nemotron_h.py``, ``layers/mamba/mamba_mixer2.py``, ``layers/linear.py``,
         ``layers/fused_moe/``, ``layers/quantization/modelopt.py``; 0.34.0 line numbers drift) and the one rule
         that differs: a single B/C group replicated onto the ranks of a quantized model fails while loading,
-        not at start-up (golden ``g1-nvfp4-vllm-tp2``)."""
+        not at start-up (golden ``g1-nvfp4-vllm-tp2``): 0.34.0 gives ``in_proj``'s scales the group-replicating
+        loader, which cannot slice the scalar ``input_scale``; 0.19.0 and 0.24.0 leave the NVFP4 block scale on
+        ``ColumnParallelLinear``'s loader, which narrows past its end on the last rank."""
         from nhcheck.tp import Rule, TPRules
+
+        regrouped = release_key(self.id.version, "vllm") >= release_key("0.34.0")
+        groups_quant = (
+            "IndexError at load (in_proj.input_scale: slice() cannot be applied to a 0-dim tensor)"
+            if regrouped
+            else "RuntimeError at load on the last rank (in_proj.weight_scale narrowed past its end)"
+        )
 
         start, load = "AssertionError at start-up", "RuntimeError at load (narrow past the end)"
         rules = (
@@ -828,9 +837,9 @@ class VLLMEngine:
             Rule("mamba-groups", "MambaMixer2.__init__", "layers/mamba/mamba_mixer2.py", start),
             Rule(
                 "mamba-groups-quant",
-                "MambaMixer2.__init__ (mamba_v2_sharded_weight_loader set on in_proj's weight and scales)",
+                "MambaMixer2.__init__ (mamba_v2_sharded_weight_loader for in_proj)",
                 "layers/mamba/mamba_mixer2.py",
-                "IndexError at load (slice() cannot be applied to a 0-dim tensor)",
+                groups_quant,
             ),
             Rule(
                 "mamba-groups-bias",
