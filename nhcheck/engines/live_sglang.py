@@ -47,6 +47,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from nhcheck.engines import live_sglang_host
+
 #: Capability facts of a B200-class GPU, by the names SGLang's platform record uses.
 _SM100_FACTS = {
     "is_cuda": True,
@@ -81,6 +83,10 @@ _ST_DTYPES = {
     "F8_E8M0": "float8_e8m0fnu",
     "BOOL": "bool",
 }
+#: How an error message names the checkpoint's own path (as the release table and the goldens do).
+CHECKPOINT = "<checkpoint>"
+#: Set in the worker's environment when it runs again with ``live_sglang_host``'s import stand-ins.
+_STAND_INS = "NHCHECK_LIVE_STAND_INS"
 _NOT_FOUND = re.compile(r"Parameter (\S+) not found in params_dict")
 _KV_DROP = re.compile(r"not found the expected name in the model \(e\.g\. (\S+?)\)")
 _SCALE_LEAF = re.compile(r"(?:^|_)scale(?:_\d+)?$|_scale_")
@@ -253,10 +259,12 @@ def build(root: str, moe_backend: str) -> _Build:
         else:
             LoadConfig = importlib.import_module("sglang.srt.configs.load_config").LoadConfig
             lc = LoadConfig(load_format=sa.load_format, download_dir=sa.download_dir)
-        qc = loader._get_quantization_config(mc, lc)
+        # before 0.5.10, _initialize_model(model_config, load_config) resolves the quant config itself
+        resolves_quant = "quant_config" not in inspect.signature(loader._initialize_model).parameters
+        qc = None if resolves_quant else loader._get_quantization_config(mc, lc)
         stage = "model_build"
         with utils.set_default_torch_dtype(mc.dtype), _meta_unless_small_mode():
-            model = loader._initialize_model(mc, lc, qc)
+            model = loader._initialize_model(mc, lc) if resolves_quant else loader._initialize_model(mc, lc, qc)
         backend = str(moe.get_moe_runner_backend().value)
     except ImportError:
         raise  # this environment lacks a module: not the engine refusing the checkpoint
@@ -542,27 +550,28 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _one(job: dict, moe_backend: str) -> dict:
+def _one(job: dict, moe_backend: str, host_shims: list[str]) -> dict:
     import sglang
 
-    out: dict[str, Any] = {"sglang": sglang.__version__, "startup": None}
+    out: dict[str, Any] = {"sglang": sglang.__version__, "startup": None, "shims": host_shims}
     try:
         b = build(job["root"], moe_backend)
     except StartupRefused as exc:
-        out["startup"] = {"stage": exc.stage, "error": str(exc)}
+        # the checkpoint's path as the table and the goldens write it, so that answers compare anywhere
+        out["startup"] = {"stage": exc.stage, "error": str(exc).replace(job["root"], CHECKPOINT)}
         return out
-    out["shims"] = b.shims
+    out["shims"] = host_shims + b.shims
     out["manifest"] = manifest(b)
     out.update(replay(b, engine_order(job["root"], job.get("tensors") or [])))
     return out
 
 
-def _child(job: dict, moe_backend: str) -> None:
+def _child(job: dict, moe_backend: str, host_shims: list[str]) -> None:
     """In the forked child: one checkpoint, one result file; never returns."""
     code = 0
     try:
         os.environ["MASTER_PORT"] = _free_port()
-        result = _one(job, moe_backend)
+        result = _one(job, moe_backend, host_shims)
         tmp = job["out"] + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh)
@@ -587,13 +596,23 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    preimport()
+    stand_ins = os.environ.get(_STAND_INS) == "1"
+    host_shims = live_sglang_host.install() if stand_ins else []
+    try:
+        preimport()
+    except ModuleNotFoundError as exc:
+        if stand_ins or not live_sglang_host.missing_host_package(exc):
+            raise
+        # a release before 0.5.11 on a host without CUDA: again, in a fresh process, with stand-ins
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *args], {**os.environ, _STAND_INS: "1"})
     for job in request["jobs"]:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(job, request.get("moe_backend") or "auto")
+            _child(job, request.get("moe_backend") or "auto", host_shims)
         os.waitpid(pid, 0)
     return 0
 
