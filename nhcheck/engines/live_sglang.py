@@ -201,6 +201,16 @@ _SMALL = 1024
 _SETUP_ERRORS = ("not initialized", "Torch not compiled with CUDA", "context not published")
 
 
+def _set_global_server_args(server_args: Any, sa: Any) -> None:
+    """Make the resolved arguments the process's, as the scheduler does before it builds a model."""
+    if hasattr(server_args, "set_global_server_args_for_scheduler"):
+        server_args.set_global_server_args_for_scheduler(sa)
+        return
+    # 0.5.3.post1: the model runner copies the arguments the layers read into schedule_batch's dict
+    sb = importlib.import_module("sglang.srt.managers.schedule_batch")
+    sb.global_server_args_dict.update({k: getattr(sa, k) for k in sb.GLOBAL_SERVER_ARGS_KEYS})
+
+
 def build(root: str, moe_backend: str) -> _Build:
     """The real start-up up to the model object, on the meta device."""
     shims: list[str] = []
@@ -221,10 +231,10 @@ def build(root: str, moe_backend: str) -> _Build:
             if "ranks" in inspect.signature(rc.publish).parameters:
                 args["ranks"] = rc.SpawnRanks(world_rank=0)
             if not _has_modern_context():
-                server_args.set_global_server_args_for_scheduler(sa)
+                _set_global_server_args(server_args, sa)
             rc.publish(sa, **args)
         else:
-            server_args.set_global_server_args_for_scheduler(sa)
+            _set_global_server_args(server_args, sa)
         stage = "model_config"
         ps = importlib.import_module("sglang.srt.distributed.parallel_state")
         ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
