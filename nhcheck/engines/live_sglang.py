@@ -23,8 +23,14 @@ the request it forks once more and, in that child:
 The stream is run as the server runs it. When it raises, the tensor being processed is recorded
 with the error (the first such is the crash point) and the stream resumes with the tensors not yet
 processed, so every tensor gets the outcome it has on its own. Log records are tied to the tensor
-the loader loop last took. Results use nhcheck's vocabulary (``load`` / ``warn`` / ``skip`` /
+the loader loop last took. A loader that takes the whole stream before it loads anything (releases
+up to 0.5.9 remap every name into a list first) holds no tensor while it works: there, each tensor
+it did not load is given to ``load_weights`` again on its own, and the first that raises, in stream
+order, is the crash point. Results use nhcheck's vocabulary (``load`` / ``warn`` / ``skip`` /
 ``raise`` / ``routed``).
+
+Releases before 0.5.11 import CUDA packages at module level; on a host without them the worker
+runs again with stand-ins for those imports (``live_sglang_host``).
 
 The platform is stated as a Blackwell GPU (sm100) at TP 1, the assumption the release table makes
 too: through ``runtime_context.override_platform`` where the release has it, else by answering the
@@ -368,9 +374,16 @@ class _Tape:
     outer_done: bool = False
     lm_started_after_outer: bool | None = None
     processed: set[int] = field(default_factory=set)
+    #: a tensor was loaded or logged while the loop held it (False: the loader took the whole
+    #: stream before it loaded anything, so ``current`` names no tensor while it works)
+    interleaved: bool = False
     events: dict[int, tuple] = field(default_factory=dict)
     logs: dict[int, list[str]] = field(default_factory=dict)
     raised: dict[int, str] = field(default_factory=dict)
+
+    def held(self) -> int | None:
+        """The tensor the loader loop holds now (None: none, or it has taken the whole stream)."""
+        return None if self.exhausted else self.current
 
 
 class _LogTap(logging.Handler):
@@ -383,6 +396,7 @@ class _LogTap(logging.Handler):
         if any(r is record for r in self.seen[-8:]):  # reached twice through propagation
             return
         self.seen.append(record)
+        self.tape.interleaved = self.tape.interleaved or self.tape.held() is not None
         if self.tape.current is not None:
             self.tape.logs.setdefault(self.tape.current, []).append(record.getMessage())
 
@@ -427,6 +441,7 @@ def replay(b: _Build, tensors: list[tuple[str, str, str, list[int]]]) -> dict:
         i = index.get(id(w))
         if i is not None and i not in tape.events:
             tape.events[i] = (kind, full.get(id(param)), args, kwargs or {})
+            tape.interleaved = tape.interleaved or tape.held() is not None
 
     for p in b.model.parameters():
         if hasattr(p, "weight_loader"):
@@ -504,7 +519,7 @@ def replay(b: _Build, tensors: list[tuple[str, str, str, list[int]]]) -> dict:
                 b.model.load_weights(feed(todo))
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            culprit = None if tape.exhausted else tape.current
+            culprit = tape.held()
             if crash is None:
                 crash = {"tensor": names[culprit] if culprit is not None else None, "error": error}
             if culprit is None or culprit in tape.raised:
@@ -513,6 +528,26 @@ def replay(b: _Build, tensors: list[tuple[str, str, str, list[int]]]) -> dict:
             todo = [i for i in todo if i not in tape.processed and i not in tape.events and i not in tape.raised]
             continue
         break
+    if tape.processed and not tape.interleaved:
+        # a loader that takes the whole stream before it loads (0.5.9 and older:
+        # NemotronHForCausalLM.load_weights remaps every name into a list first) leaves no tensor
+        # to tie a log or an error to: each tensor it did not hand to a recorder (none, or the real
+        # default_weight_loader, whose size check may raise) is given to it again, on its own
+        tape.logs.clear()
+        tape.raised.clear()
+        for i in range(len(tensors)):
+            if i in tape.events and tape.events[i][0] != "default":
+                continue
+            try:
+                with torch.no_grad():
+                    b.model.load_weights(feed([i]))
+            except Exception as exc:
+                tape.raised[i] = f"{type(exc).__name__}: {exc}"
+        if crash is not None and crash["tensor"] is None:
+            # the loader works through its list in stream order: the first tensor that raises is the crash point
+            first = min(tape.raised, default=None)
+            if first is not None and tape.raised[first] == crash["error"]:
+                crash["tensor"] = names[first]
     for lg in loggers:
         lg.removeHandler(tap)
     return {
