@@ -251,7 +251,7 @@ class LiveEngine:
         raise UsageError("--live replays one rank at TP 1 (no --pp)")
 
     def by_design(self, reason: str) -> bool:
-        if reason == STARTUP:
+        if reason in (STARTUP, "size-assert"):  # a size assertion's tensor has a home: no orphan, as in the table
             return True
         return self.explain is not None and reason != LIVE and self.explain.by_design(reason)
 

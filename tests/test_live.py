@@ -107,6 +107,13 @@ def test_a_startup_refusal_compares_only_the_crash():
         ("0.5.11", "nano3-24434-leftover-expert-scales", EX / "nano3-24434-leftover-expert-scales"),
         ("0.5.23", "nano3-nvfp4", EX / "nano3-nvfp4"),
         ("0.5.23", "startup_mixed_hfq_only", CONF / "startup_mixed_hfq_only" / "checkpoint"),
+        ("0.5.3.post1", "h8b-dense", EX / "h8b-dense"),
+        ("0.5.6", "nano3-nvfp4", EX / "nano3-nvfp4"),
+        ("0.5.8", "sglang_probe_kv_scale_shape", CONF / "sglang_probe_kv_scale_shape" / "checkpoint"),
+        ("0.5.9", "nano3-nvfp4-experts-excluded", EX / "nano3-nvfp4-experts-excluded"),
+        ("0.5.9", "sglang_probe_kv_scale_shape", CONF / "sglang_probe_kv_scale_shape" / "checkpoint"),
+        ("0.5.9", "sglang_probe_substring_mtp", CONF / "sglang_probe_substring_mtp" / "checkpoint"),
+        ("0.5.10rc0", "omni-nvfp4-24137", EX / "omni-nvfp4-24137"),
     ],
 )
 def test_recorded_live_answers_make_the_table_report(release, case, path):
@@ -132,20 +139,54 @@ def test_recorded_live_answers_make_the_table_report(release, case, path):
     )
 
 
-def test_recorded_answers_agree_with_the_engines_goldens():
-    """The worker's outcomes are the oracle's: the committed goldens of that release, tensor by tensor."""
-    for release, case, golden in (
+def _assert_agrees_with_golden(run: live.LiveRun, expected: dict) -> None:
+    """The worker's answer is the oracle's (a release's committed golden): refusal, outcomes, crash, manifest."""
+    if expected["crash"] is not None and expected["crash"]["tensor"] is None:  # refused at start-up
+        assert run.refused and expected["crash"]["error"].endswith(run.refused)
+        return
+    for name, exp in expected["tensors"].items():
+        o = run.outcomes[name]
+        assert {k: getattr(o, k) for k in exp} == exp, name
+    assert run.crash == ((expected["crash"]["tensor"], expected["crash"]["error"]) if expected["crash"] else None)
+    assert {p.name for p in run.manifest.params} == {
+        p["name"] for p in expected["manifest"]["params"] if not p["name"].startswith(TOWERS)
+    }
+    assert run.manifest.moe_backend == expected["manifest"]["moe_runner_backend"]
+
+
+@pytest.mark.parametrize(
+    ("release", "case", "golden"),
+    [
         ("0.5.11", "omni-nvfp4-24137", CONF / "examples" / "omni-nvfp4-24137"),
         ("0.5.23", "nano3-nvfp4", CONF / "examples" / "nano3-nvfp4"),
-    ):
-        run = _fixture(release, case)
-        expected = read_golden(golden / f"expected-sglang-{release}.json")
-        got = {n: {**o._asdict(), "reason": None} for n, o in run.outcomes.items()}
-        for name, exp in expected["tensors"].items():
-            assert {k: got[name][k] for k in exp} == exp, name
-        assert run.crash == ((expected["crash"]["tensor"], expected["crash"]["error"]) if expected["crash"] else None)
-        names = {p["name"] for p in expected["manifest"]["params"] if not p["name"].startswith(TOWERS)}
-        assert {p.name for p in run.manifest.params} == names
+        ("0.5.6", "nano3-nvfp4", CONF / "examples" / "nano3-nvfp4"),
+        ("0.5.8", "sglang_probe_kv_scale_shape", CONF / "sglang_probe_kv_scale_shape"),
+        ("0.5.9", "nano3-nvfp4-experts-excluded", CONF / "examples" / "nano3-nvfp4-experts-excluded"),
+        ("0.5.9", "sglang_probe_kv_scale_shape", CONF / "sglang_probe_kv_scale_shape"),
+        ("0.5.9", "sglang_probe_substring_mtp", CONF / "sglang_probe_substring_mtp"),
+        ("0.5.10rc0", "omni-nvfp4-24137", CONF / "examples" / "omni-nvfp4-24137"),
+    ],
+)
+def test_recorded_answers_agree_with_the_engines_goldens(release, case, golden):
+    """The worker's outcomes are the oracle's: the committed goldens of that release, tensor by tensor."""
+    _assert_agrees_with_golden(_fixture(release, case), read_golden(golden / f"expected-sglang-{release}.json"))
+
+
+def test_a_buffering_loader_ties_raises_and_warnings_to_their_tensors():
+    """0.5.9's load_weights remaps the whole stream into a list before it loads: each raise and warning is still
+    the tensor's own, and the crash point is the first tensor that raises in stream order (not the last taken)."""
+    run = _fixture("0.5.9", "sglang_probe_kv_scale_shape")
+    v_scale = "backbone.layers.12.mixer.v_proj.v_scale"
+    error = "AssertionError: Attempted to load weight (torch.Size([2])) into parameter (torch.Size([]))"
+    assert run.crash == (v_scale, error) and run.outcomes[v_scale].message == error
+    assert list(run.outcomes).index(v_scale) < len(run.outcomes) - 1  # the crash point is not the last tensor
+    run = _fixture("0.5.9", "sglang_probe_substring_mtp")
+    warned = {n: o.engine_name for n, o in run.outcomes.items() if o.outcome == "warn"}
+    assert len(warned) == 51 and all(e == n.replace("backbone.", "model.") for n, e in warned.items())
+    # 0.5.8 drops each k/v scale with a warning printed once per message (lru-cached): each is still its tensor's
+    run = _fixture("0.5.8", "sglang_probe_kv_scale_shape")
+    kv = {n: o for n, o in run.outcomes.items() if n.endswith(("k_scale", "v_scale"))}
+    assert kv and all(o.outcome == "warn" and f"layers.{n.split('.')[2]}." in o.message for n, o in kv.items())
 
 
 def test_padded_expert_slots_are_checked_with_the_logical_shapes():
@@ -189,6 +230,60 @@ def test_without_the_engine_live_is_one_line_and_exit_2(flag):
     assert len(lines) == 1 and "install sglang" in lines[0] and "Traceback" not in result.output
 
 
+_HOST_CHECK = """
+import sys
+from nhcheck.engines import live_sglang_host as host
+
+assert host.missing_host_package(ModuleNotFoundError(name="sgl_kernel.kvcacheio"))
+assert not host.missing_host_package(ModuleNotFoundError(name="sglang.srt.foo"))
+shims = host.install()
+import sglang.srt.layers.activation as act
+import sglang.srt.layers.layernorm as ln
+
+assert ln.RMSNorm.__module__ == ln.__name__ and act.SiluAndMul.__module__ == act.__name__
+assert not [m for m in sys.modules if m.split(".")[0] == "vllm"]
+from sgl_kernel.kvcacheio import transfer_kv_all_layer
+
+try:
+    transfer_kv_all_layer()
+    raise SystemExit("a kernel ran")
+except RuntimeError:
+    pass
+try:
+    import sgl_kernel.scalar_type  # noqa: F401
+    raise SystemExit("scalar_type imported")
+except ImportError:
+    pass
+import cutlass.cute as cute
+
+@cute.jit
+def kernel():
+    return 7
+
+class Op(cute.Struct):
+    pass
+
+assert kernel() == 7 and Op.__mro__[-1] is object
+print(len(shims))
+"""
+
+
+def test_host_stand_ins_answer_cuda_imports_as_a_gpu_host_does(tmp_path):
+    """Without SGLang: a kernel imports and raises only if called, ``sgl_kernel.scalar_type`` stays missing, a DSL
+    decorator returns its function, and a layer module's vLLM fallback gets that module's own classes (no ``vllm``
+    module stays behind). A fake SGLang package holds the two fallbacks as releases before 0.5.8 write them."""
+    layers = tmp_path / "sglang" / "srt" / "layers"
+    layers.mkdir(parents=True)
+    for pkg in (tmp_path / "sglang", tmp_path / "sglang" / "srt", layers):
+        (pkg / "__init__.py").write_text("")
+    for mod, cls in (("layernorm", "RMSNorm"), ("activation", "SiluAndMul")):
+        (layers / f"{mod}.py").write_text(f"class {cls}:\n    pass\n\nfrom vllm.model_executor.layers.{mod} import {cls}\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    out = subprocess.run([sys.executable, "-c", _HOST_CHECK], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 4  # kernels, DSL, and the two fallbacks
+
+
 def test_live_module_does_not_import_torch():
     code = "import sys, nhcheck.live, nhcheck.cli; assert 'torch' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -230,18 +325,7 @@ def test_installed_engine_agrees_with_its_goldens(installed_runs, case):
     path = golden_dir / f"expected-sglang-{eid.version}.json"
     if not (path.exists() or path.with_suffix(".json.gz").exists()):
         pytest.skip(f"no goldens of sglang {eid.version} for this case")
-    expected, run = read_golden(path), runs[case]
-    if expected["crash"] is not None and expected["crash"]["tensor"] is None:  # refused at start-up
-        assert run.refused and expected["crash"]["error"].endswith(run.refused.replace(str(case), "<checkpoint>"))
-        return
-    for name, exp in expected["tensors"].items():
-        o = run.outcomes[name]
-        assert {k: getattr(o, k) for k in exp} == exp, name
-    assert run.crash == ((expected["crash"]["tensor"], expected["crash"]["error"]) if expected["crash"] else None)
-    assert {p.name for p in run.manifest.params} == {
-        p["name"] for p in expected["manifest"]["params"] if not p["name"].startswith(TOWERS)
-    }
-    assert run.manifest.moe_backend == expected["manifest"]["moe_runner_backend"]
+    _assert_agrees_with_golden(runs[case], read_golden(path))
 
 
 @pytest.mark.sglang

@@ -535,6 +535,7 @@ def replay(b: _Build, tensors: list[tuple[str, str, str, list[int]]]) -> dict:
         # default_weight_loader, whose size check may raise) is given to it again, on its own
         tape.logs.clear()
         tape.raised.clear()
+        _forget_warnings_once()
         for i in range(len(tensors)):
             if i in tape.events and tape.events[i][0] != "default":
                 continue
@@ -555,6 +556,16 @@ def replay(b: _Build, tensors: list[tuple[str, str, str, list[int]]]) -> dict:
         "crash": crash,
         "buffers": bool(tape.lm_started_after_outer) and b.lm is not b.model,
     }
+
+
+def _forget_warnings_once() -> None:
+    """Let SGLang's once-per-process warnings (``print_warning_once``: lru-cached per message, e.g. the
+    KV-scale remap's) be logged again, for a replay of the same tensors in the same order."""
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.startswith("sglang"):
+            for attr, fn in list(vars(mod).items()):
+                if attr.endswith("_once") and callable(getattr(fn, "cache_clear", None)):
+                    fn.cache_clear()
 
 
 def _outcome(tape: _Tape, i: int) -> dict:
