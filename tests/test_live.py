@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from importlib import util as import_util
@@ -277,8 +278,10 @@ def test_host_stand_ins_answer_cuda_imports_as_a_gpu_host_does(tmp_path):
     for pkg in (tmp_path / "sglang", tmp_path / "sglang" / "srt", layers):
         (pkg / "__init__.py").write_text("")
     for mod, cls in (("layernorm", "RMSNorm"), ("activation", "SiluAndMul")):
-        (layers / f"{mod}.py").write_text(f"class {cls}:\n    pass\n\nfrom vllm.model_executor.layers.{mod} import {cls}\n")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+        (layers / f"{mod}.py").write_text(
+            f"class {cls}:\n    pass\n\nfrom vllm.model_executor.layers.{mod} import {cls}\n"
+        )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
     out = subprocess.run([sys.executable, "-c", _HOST_CHECK], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == 4  # kernels, DSL, and the two fallbacks

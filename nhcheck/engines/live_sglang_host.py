@@ -145,7 +145,7 @@ def _kernels_served(name: str) -> bool:
 def _kernel_package(name: str) -> types.ModuleType:
     module = _Kernels(name)
     if name == _KERNELS:
-        module.__version__ = "0+nhcheck-stand-in"
+        module.__dict__["__version__"] = "0+nhcheck-stand-in"
     return module
 
 
@@ -159,7 +159,11 @@ def _vllm_fallbacks() -> list[str]:
         own = _VLLM_FALLBACKS.get(name)
         if own is not None:
             used.append(own)
-            module.__getattr__ = lambda attr, _own=own: getattr(sys.modules[_own], attr)  # type: ignore[method-assign]
+
+            def forward(attr: str, _own: str = own) -> Any:  # PEP 562: the module's own classes
+                return getattr(sys.modules[_own], attr)
+
+            module.__dict__["__getattr__"] = forward
         return module
 
     finder = _Finder(lambda name: name in parents or name in _VLLM_FALLBACKS, make)
