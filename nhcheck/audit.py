@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -25,6 +25,10 @@ from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
 from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
+
+
+#: A TensorRecord's outcome, orphan and ignored fields, and an Outcome's kind (counted in C).
+_OUTCOME, _ORPHAN, _IGNORED, _OUTCOME_KIND = itemgetter(1), itemgetter(2), itemgetter(4), itemgetter(0)
 
 
 class TensorRecord(NamedTuple):
@@ -80,10 +84,15 @@ class AuditReport:
     def _counts(self) -> dict[str, int]:
         """Tensors per outcome, orphans (not ignored) and by-design non-loads; counted once (165k records)."""
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
-        for outcome, n in Counter(r[1][0] for r in self.records).items():
+        recs = self.records
+        # One count in C of (outcome, orphan, ignored) triples, every figure read off it.
+        kinds = Counter(zip(map(_OUTCOME_KIND, map(_OUTCOME, recs)), map(_ORPHAN, recs), map(_IGNORED, recs)))
+        for (outcome, orphan, ignored), n in kinds.items():
             c[outcome] += n
-        c["orphans"] = sum(1 for r in self.records if r[2] and not r[4])
-        c["by_design"] = sum(1 for r in self.records if not r[2] and r[1][0] != "load")
+            if orphan and not ignored:
+                c["orphans"] += n
+            if not orphan and outcome != "load":
+                c["by_design"] += n
         return c
 
     def summary_line(self) -> str:
@@ -377,6 +386,53 @@ def check_mtp_draft(ckpt: Checkpoint, cfg: NemotronHConfig) -> None:
     )
 
 
+class _LoadDecision(NamedTuple):
+    """What the audit concludes about loads of one (parameter, shard id, dtype, shape): the same for every
+    tensor with that key, so it is decided once per key (Super: 165k loads, a few thousand keys)."""
+
+    #: ``default_weight_loader``'s size assertion (``_plain_load_error``): the tensor raises instead of loading.
+    plain_error: str | None
+    #: The engine's weight loader raises on this shape (``Engine.load_error``).
+    load_error: str | None
+    #: The load succeeds but fills part of the slot (``Engine.slot_note``).
+    note: str | None
+    #: (code, message) of a slot the tensor does not fit (``_slot_problem``).
+    problem: tuple[str, str] | None
+    #: The parameter, when a scalar lands in slot 0 only of its scale vector (``nhcheck.slots``).
+    slot0: Param | None
+
+
+#: A load with nothing to report: the common case, told apart by identity.
+_CLEAN = _LoadDecision(None, None, None, None, None)
+
+
+def _load_decider(manifest: Manifest, engine: Engine) -> Callable[[tuple], _LoadDecision]:
+    """``decide((param, shard_id, dtype, shape))``: the audit's checks of one kind of load, ``_CLEAN`` when none fires.
+
+    A parameter the manifest lacks (a supplied manifest that names fewer) is not checked at all.
+    """
+    by_name = manifest.by_name
+
+    def decide(key: tuple) -> _LoadDecision:
+        param, shard_id, dtype, shape = key
+        p = by_name.get(param)
+        if p is None:
+            return _CLEAN
+        if p.loader == "plain" and (error := _plain_load_error(p, shape)) is not None:
+            return _LoadDecision(error, None, None, None, None)
+        vector = slots.scalar_into_vector(p, shape) and not engine.loader_semantics(p.quant_method).scalar_every_slot
+        d = _LoadDecision(
+            None,
+            engine.load_error(p, shard_id, dtype, shape),
+            engine.slot_note(p, dtype, shape),
+            _slot_problem(dtype, shape, shard_id, p),
+            p if vector else None,
+        )
+        return _CLEAN if d == _CLEAN else d
+
+    return decide
+
+
 def run_audit(
     ckpt: Checkpoint,
     cfg: NemotronHConfig,
@@ -405,70 +461,61 @@ def run_audit(
     elif replayed is None:
         replayed = replay_tensors(ckpt, cfg, manifest, engine, opts)
     ignore = opts.ignore
-    by_name = manifest.by_name
     records: list[TensorRecord] = []
     append_record, new_record = records.append, tuple.__new__
-    loads: dict[str, set] = {}
+    loads: defaultdict[str, set] = defaultdict(set)
     slot_findings: list[tuple[str, str, Finding]] = []
     slot0: dict[str, Param] = {}  # per-partition scale vectors a scalar fills in slot 0 only (``nhcheck.slots``)
-    checked: dict[tuple, tuple[str, str] | None] = {}
-    loader: dict[tuple, tuple[str | None, str | None]] = {}
+    decided: dict[tuple, _LoadDecision] = {}
+    decide = _load_decider(manifest, engine)
     notes: list[tuple[str, str, Finding]] = []
-    unchecked: tuple[str, str] = ("", "")  # a sentinel: one dict lookup per tensor on the hot path
     matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
     raised = False  # whether any tensor raises (the crash point, below)
     by_design, match = engine.by_design, fnmatch.fnmatchcase
     # One pass per tensor (165k on Super), positional fields: TensorInfo (name, dtype, shape, start, end,
-    # shard) and Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
+    # shard) and Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason). A load's
+    # checks depend only on (parameter, shard id, dtype, shape): decided once per distinct key, and a key
+    # with nothing to say (almost every one) costs a lookup and the slot it fills.
     for t, o, param, _ in replayed:
         ign = False
         if ignore:
             hit = [pat for pat in ignore if match(t[0], pat)]
             ign = bool(hit)
             matched.update(hit)
-        p = by_name.get(param) if param is not None and o[0] == "load" else None
-        if p is not None and p.loader == "plain" and (error := _plain_load_error(p, t[2])) is not None:
-            # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
-            o, param, orphan = new_record(Outcome, ("raise", None, None, None, None, error, "size-assert")), None, False
-            raised = True
+        if param is not None and o[0] == "load":  # a load always names its parameter
+            key = (param, o[2], t[1], t[2])  # parameter, shard id, dtype, shape
+            d = decided.get(key)
+            if d is None:
+                d = decided[key] = decide(key)
+            if d is _CLEAN:
+                loads[param].add((o[2], o[3]))
+                append_record(new_record(TensorRecord, (t, o, False, param, ign)))
+                continue
+            if d.plain_error is not None:
+                # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
+                error = d.plain_error
+                o, param = new_record(Outcome, ("raise", None, None, None, None, error, "size-assert")), None
+                raised = True
+                if not ign:
+                    slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
+                append_record(new_record(TensorRecord, (t, o, False, param, ign)))
+                continue
+            loads[param].add((o[2], o[3]))
+            if d.load_error is not None:  # the parameter's weight loader itself raises on this tensor
+                o = o._replace(outcome="raise", message=d.load_error, reason="loader")
+                raised = True
+            elif d.note is not None and not ign:
+                notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", d.note, t.shard, t.name)))
             if not ign:
-                slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
-        elif param is not None and o[0] == "load":  # a load always names its parameter
-            orphan = False
-            slot = loads.get(param)
-            if slot is None:
-                slot = loads[param] = set()
-            slot.add((o[2], o[3]))
-            if p is not None:
-                key = (param, o[2], t[1], t[2])  # parameter, shard id, dtype, shape: what both checks depend on
-                # Loader semantics the engine applies to this shape (vLLM's narrowing loaders); None for SGLang.
-                decided = loader.get(key)
-                if decided is None:
-                    decided = loader[key] = (
-                        engine.load_error(p, o.shard_id, t.dtype, t.shape),
-                        engine.slot_note(p, t.dtype, t.shape),
-                    )
-                if decided[0] is not None:  # the parameter's weight loader itself raises on this tensor
-                    o = o._replace(outcome="raise", message=decided[0], reason="loader")
-                    raised = True
-                elif decided[1] is not None and not ign:
-                    notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decided[1], t.shard, t.name)))
-            if p is not None and not ign:
-                problem = checked.get(key, unchecked)
-                if problem is unchecked:
-                    problem = checked[key] = _slot_problem(t.dtype, t.shape, o.shard_id, p)
-                    if (
-                        slots.scalar_into_vector(p, t.shape)
-                        and not engine.loader_semantics(p.quant_method).scalar_every_slot
-                    ):
-                        slot0[param] = p
-                if problem is not None:
-                    slot_findings.append(
-                        (problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name))
-                    )
-        else:
-            orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
-            raised = raised or o[0] == "raise"
+                if d.slot0 is not None:
+                    slot0[param] = d.slot0
+                if d.problem is not None:
+                    code, text = d.problem
+                    slot_findings.append((code, t.name, Finding("error", code, text, t.shard, t.name)))
+            append_record(new_record(TensorRecord, (t, o, False, param, ign)))
+            continue
+        orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
+        raised = raised or o[0] == "raise"
         append_record(new_record(TensorRecord, (t, o, orphan, param, ign)))  # tuple.__new__: no per-field call
     n_ignored = sum(r[4] for r in records) if ignore else 0
 
@@ -564,10 +611,14 @@ def run_audit(
     verdict = verdict_of(findings, crash is not None)
     others: dict[EngineId, str] = {}
     if opts.compare_versions and verdict != "clean" and manifest.source == "built":
-        for other in engine.others():
-            m2 = other.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
-            r2 = run_audit(ckpt, cfg, qc, m2, other, replace(opts, compare_versions=False), moe_backend=moe_backend)
-            others[other.id] = r2.summary_line()
+        # The other epochs as the compatibility matrix audits them: once per distinct behaviour, not once
+        # each (SGLang has 17 others). Imported here: the matrix is built on this module.
+        from nhcheck.matrix import shared_audits
+
+        peers = shared_audits(
+            ckpt, cfg, qc, engine.others(), replace(opts, compare_versions=False), moe_backend=moe_backend
+        )
+        others = {other.id: r2.summary_line() for other, r2 in peers}
     return AuditReport(
         source=ckpt.source,
         revision=ckpt.revision,

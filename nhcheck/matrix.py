@@ -10,7 +10,7 @@ clean from 0.5.13".
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from nhcheck import engines, slots
@@ -20,7 +20,7 @@ from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, SharesReplay,
 from nhcheck.findings import Verdict
 from nhcheck.manifest import Manifest
 from nhcheck.model import NemotronHConfig, parse_config
-from nhcheck.quant import parse_quant
+from nhcheck.quant import QuantConfig, parse_quant
 from nhcheck.safetensors_header import TensorInfo
 
 
@@ -170,47 +170,66 @@ def _answer(name: str, releases: tuple[str, ...], rep: AuditReport) -> MatrixRow
     )
 
 
-def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False) -> Matrix:
-    """Audit ``ckpt`` once per distinct behaviour among the epochs of every engine nhcheck answers for.
+def shared_audits(
+    ckpt: Checkpoint,
+    cfg: NemotronHConfig,
+    qc: QuantConfig | None,
+    epochs: Iterable[Engine],
+    opts: AuditOptions,
+    *,
+    moe_backend: str | None = None,
+) -> Iterator[tuple[Engine, AuditReport]]:
+    """Each engine's audit of ``ckpt``, run once per distinct behaviour: (engine, report) in ``epochs``' order.
 
-    Two epochs give the same row when their replays agree as a row sees them (``SharesReplay``, ``_row_view``:
-    they then share one ``replay_tensors``) and so does everything else the audit reads (``_behaviour_key``);
-    the first of them is audited, the others take its row.
+    Two epochs give the same answer when their replays agree as a row sees them (``SharesReplay``,
+    ``_row_view``: they then share one ``replay_tensors``) and so does everything else the audit reads
+    (``_behaviour_key``); the first of them is audited and the others are handed its report, whose verdict,
+    counts, crash and summary line are theirs too (its engine label and the texts quoting its names are the
+    first epoch's). The replay signatures are taken at TP 1 without a pipeline rank and the key does not see
+    ``--ignore``: with either, every epoch is audited on its own.
     """
-    cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
-    qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
-    opts = AuditOptions(mtp=mtp, compare_versions=False)
     names = [t.name for t in ckpt.tensors()]
-    classes = replay_classes(names)
+    classes = replay_classes(names) if opts.pp is None and not opts.ignore else None
     replays: dict[Hashable, _SharedReplay] = {}
     shards = [sh.name for sh in ckpt.shards]
-    answers: dict[Hashable, MatrixRow] = {}
-    rows: list[MatrixRow] = []
-    for name, releases in engines.epochs():
-        engine = engines.get(EngineId(name, releases[0]))
-        manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp)
+    reports: dict[Hashable, AuditReport] = {}
+    for engine in epochs:
+        manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
         m = manifest
         key: Hashable | None = None
         replayed: list[Replayed] | None = None
-        if not manifest.params:  # a start-up refusal: nothing replays, the audit is its problems
-            key = (name, m.params, m.lm_prefix, m.quantization, m.mode, m.source, m.problems)
-        elif isinstance(engine, SharesReplay):
-            signature = engine.replay_signature(manifest, cfg, classes, mtp=mtp)
+        if classes is not None and not manifest.params:  # a start-up refusal: nothing replays, the audit is its problems
+            key = (engine.id.name, m.params, m.lm_prefix, m.quantization, m.mode, m.source, m.problems)
+        elif classes is not None and isinstance(engine, SharesReplay):
+            signature = engine.replay_signature(manifest, cfg, classes, mtp=opts.mtp)
             if signature is not None:
                 view = _row_view(signature)
-                shared = replays.get((name, m.lm_prefix, view))
+                shared = replays.get((engine.id.name, m.lm_prefix, view))
                 if shared is None:
                     done = replay_tensors(ckpt, cfg, manifest, engine, opts)
-                    shared = replays[(name, m.lm_prefix, view)] = _share(done)
+                    shared = replays[(engine.id.name, m.lm_prefix, view)] = _share(done)
                 replayed = shared.replayed
-                key = (view, _behaviour_key(engine, manifest, cfg, shared, names, shards, mtp))
-        known = answers.get(key) if key is not None else None
+                key = (view, _behaviour_key(engine, manifest, cfg, shared, names, shards, opts.mtp))
+        known = reports.get(key) if key is not None else None
         if known is None:
-            rep = run_audit(ckpt, cfg, qc, manifest, engine, opts, replayed=replayed)
-            known = _answer(name, releases, rep)
+            known = run_audit(ckpt, cfg, qc, manifest, engine, opts, moe_backend=moe_backend, replayed=replayed)
             if key is not None:
-                answers[key] = known
-        row = replace(known, releases=releases)
+                reports[key] = known
+        yield engine, known
+
+
+def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False) -> Matrix:
+    """Audit ``ckpt`` once per distinct behaviour among the epochs of every engine nhcheck answers for
+    (``shared_audits``); consecutive releases of one engine with the same answer are one row."""
+    cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
+    qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
+    opts = AuditOptions(mtp=mtp, compare_versions=False)
+    spans = engines.epochs()
+    epochs = (engines.get(EngineId(name, releases[0])) for name, releases in spans)
+    rows: list[MatrixRow] = []
+    audits = shared_audits(ckpt, cfg, qc, epochs, opts, moe_backend=moe_backend)
+    for (name, releases), (_, rep) in zip(spans, audits, strict=True):
+        row = _answer(name, releases, rep)
         last = rows[-1] if rows else None
         if last is not None and last.engine == name and last._answer() == row._answer():
             rows[-1] = replace(last, releases=last.releases + releases)
