@@ -26,7 +26,6 @@ from nhcheck.model import NemotronHConfig
 from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig
 from nhcheck.safetensors_header import TensorInfo
 
-
 #: A TensorRecord's outcome, orphan and ignored fields, and an Outcome's kind (counted in C).
 _OUTCOME, _ORPHAN, _IGNORED, _OUTCOME_KIND = itemgetter(1), itemgetter(2), itemgetter(4), itemgetter(0)
 
@@ -86,7 +85,8 @@ class AuditReport:
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
         recs = self.records
         # One count in C of (outcome, orphan, ignored) triples, every figure read off it.
-        kinds = Counter(zip(map(_OUTCOME_KIND, map(_OUTCOME, recs)), map(_ORPHAN, recs), map(_IGNORED, recs)))
+        outcomes = map(_OUTCOME_KIND, map(_OUTCOME, recs))
+        kinds = Counter(zip(outcomes, map(_ORPHAN, recs), map(_IGNORED, recs), strict=True))
         for (outcome, orphan, ignored), n in kinds.items():
             c[outcome] += n
             if orphan and not ignored:
@@ -156,6 +156,45 @@ def replay_tensors(
             reason = "wrapper-mtp" if t.name.startswith("mtp.") else "wrapper-ignored"
             append((t, Outcome("skip", reason=reason), None, True))
     return out
+
+
+class Gathered(NamedTuple):
+    """One replay gathered by load key: what every audit of it starts from (a matrix shares it between epochs).
+
+    ``records`` holds each tensor as its replay left it, not ignored and no orphan; what the audit then
+    decides (per load key, per tensor that does not load) changes only the few records it concerns.
+    """
+
+    replayed: list[Replayed]
+    records: list[TensorRecord]
+    #: (parameter, shard id, dtype, shape) of every load → the positions of its tensors, ascending.
+    keys: dict[tuple[str, str | None, str, tuple[int, ...]], list[int]]
+    #: Parameter → (shard id, expert id) of every tensor that loads into it.
+    loads: dict[str, set[tuple[str | None, int | None]]]
+    #: Positions of the tensors that do not load.
+    unloaded: list[int]
+
+
+def gather(replayed: list[Replayed]) -> Gathered:
+    """Gather a replay by load key, in one pass (165k tensors on Super)."""
+    records: list[TensorRecord] = []
+    keys: dict[tuple, list[int]] = {}
+    loads: defaultdict[str, set] = defaultdict(set)
+    unloaded: list[int] = []
+    append, new = records.append, tuple.__new__
+    for i, (t, o, param, _) in enumerate(replayed):  # positional, as in run_audit
+        if param is not None and o[0] == "load":  # a load always names its parameter
+            key = (param, o[2], t[1], t[2])
+            at = keys.get(key)
+            if at is None:
+                keys[key] = [i]
+            else:
+                at.append(i)
+            loads[param].add((o[2], o[3]))
+        else:
+            unloaded.append(i)
+        append(new(TensorRecord, (t, o, False, param, False)))
+    return Gathered(replayed, records, keys, dict(loads), unloaded)
 
 
 def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
@@ -442,12 +481,12 @@ def run_audit(
     opts: AuditOptions | None = None,
     *,
     moe_backend: str | None = None,
-    replayed: list[Replayed] | None = None,
+    replayed: Gathered | None = None,
 ) -> AuditReport:
     """Replay every tensor, cover every parameter, and turn the result into findings and a verdict.
 
-    ``replayed``: ``replay_tensors`` for this manifest and engine, when the caller already has it (a
-    matrix: releases that replay the checkpoint alike share one replay).
+    ``replayed``: ``gather(replay_tensors(...))`` for this manifest and engine, when the caller already has
+    it (a matrix: releases that replay the checkpoint alike share one replay and its gathering).
     """
     opts = opts or AuditOptions()
     if opts.mtp:
@@ -457,73 +496,88 @@ def run_audit(
     # replaying its tensors against no parameters would only invent outcomes beside the crash.
     built = not (refusal and not manifest.params)
     if not built:
-        replayed = []
+        replayed = gather([])
     elif replayed is None:
-        replayed = replay_tensors(ckpt, cfg, manifest, engine, opts)
+        replayed = gather(replay_tensors(ckpt, cfg, manifest, engine, opts))
+    g = replayed
     ignore = opts.ignore
-    records: list[TensorRecord] = []
-    append_record, new_record = records.append, tuple.__new__
-    loads: defaultdict[str, set] = defaultdict(set)
+    records = g.records  # copied before the first change: a matrix shares them
+    matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
+    ignored: list[bool] = []
+    if ignore:
+        match = fnmatch.fnmatchcase
+        for r in records:
+            hit = [pat for pat in ignore if match(r[0][0], pat)]
+            ignored.append(bool(hit))
+            matched.update(hit)
+        records = [r._replace(ignored=True) if ign else r for r, ign in zip(records, ignored, strict=True)]
+    loads = g.loads  # copied before the first change, as the records
+    unloaded_params: set[str] = set()  # parameters some of whose tensors raise at the size assertion instead
     slot_findings: list[tuple[str, str, Finding]] = []
     slot0: dict[str, Param] = {}  # per-partition scale vectors a scalar fills in slot 0 only (``nhcheck.slots``)
-    decided: dict[tuple, _LoadDecision] = {}
-    decide = _load_decider(manifest, engine)
     notes: list[tuple[str, str, Finding]] = []
-    matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
     raised = False  # whether any tensor raises (the crash point, below)
-    by_design, match = engine.by_design, fnmatch.fnmatchcase
-    # One pass per tensor (165k on Super), positional fields: TensorInfo (name, dtype, shape, start, end,
-    # shard) and Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason). A load's
-    # checks depend only on (parameter, shard id, dtype, shape): decided once per distinct key, and a key
-    # with nothing to say (almost every one) costs a lookup and the slot it fills.
-    for t, o, param, _ in replayed:
-        ign = False
-        if ignore:
-            hit = [pat for pat in ignore if match(t[0], pat)]
-            ign = bool(hit)
-            matched.update(hit)
-        if param is not None and o[0] == "load":  # a load always names its parameter
-            key = (param, o[2], t[1], t[2])  # parameter, shard id, dtype, shape
-            d = decided.get(key)
-            if d is None:
-                d = decided[key] = decide(key)
-            if d is _CLEAN:
-                loads[param].add((o[2], o[3]))
-                append_record(new_record(TensorRecord, (t, o, False, param, ign)))
-                continue
-            if d.plain_error is not None:
-                # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
-                error = d.plain_error
-                o, param = new_record(Outcome, ("raise", None, None, None, None, error, "size-assert")), None
-                raised = True
-                if not ign:
-                    slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
-                append_record(new_record(TensorRecord, (t, o, False, param, ign)))
-                continue
-            loads[param].add((o[2], o[3]))
-            if d.load_error is not None:  # the parameter's weight loader itself raises on this tensor
-                o = o._replace(outcome="raise", message=d.load_error, reason="loader")
-                raised = True
-            elif d.note is not None and not ign:
-                notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", d.note, t.shard, t.name)))
-            if not ign:
-                if d.slot0 is not None:
-                    slot0[param] = d.slot0
-                if d.problem is not None:
-                    code, text = d.problem
-                    slot_findings.append((code, t.name, Finding("error", code, text, t.shard, t.name)))
-            append_record(new_record(TensorRecord, (t, o, False, param, ign)))
+    # A load's checks depend only on its key (parameter, shard id, dtype, shape): decided once per key, and
+    # only the tensors of a key with something to say (and those that do not load) are visited one by one.
+    decide = _load_decider(manifest, engine)
+    special: dict[int, _LoadDecision | None] = dict.fromkeys(g.unloaded)
+    for key, positions in g.keys.items():
+        d = decide(key)
+        if d is not _CLEAN:
+            special.update(dict.fromkeys(positions, d))
+    if special and records is g.records:
+        records = list(records)
+    by_design = engine.by_design
+    # Positional fields: TensorRecord (tensor, outcome, orphan, param, ignored), TensorInfo (name, dtype,
+    # shape, start, end, shard), Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
+    for i in sorted(special):
+        d = special[i]
+        t, o, _, param, ign = records[i]
+        if d is None:  # not a load
+            orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
+            raised = raised or o[0] == "raise"
+            if orphan:
+                records[i] = tuple.__new__(TensorRecord, (t, o, True, param, ign))
             continue
-        orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
-        raised = raised or o[0] == "raise"
-        append_record(new_record(TensorRecord, (t, o, orphan, param, ign)))  # tuple.__new__: no per-field call
-    n_ignored = sum(r[4] for r in records) if ignore else 0
+        if d.plain_error is not None:
+            # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
+            unloaded_params.add(param)
+            error = d.plain_error
+            o = tuple.__new__(Outcome, ("raise", None, None, None, None, error, "size-assert"))
+            records[i] = tuple.__new__(TensorRecord, (t, o, False, None, ign))
+            raised = True
+            if not ign:
+                slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
+            continue
+        if d.load_error is not None:  # the parameter's weight loader itself raises on this tensor
+            records[i] = tuple.__new__(
+                TensorRecord, (t, o._replace(outcome="raise", message=d.load_error, reason="loader"), False, param, ign)
+            )
+            raised = True
+        elif d.note is not None and not ign:
+            notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", d.note, t.shard, t.name)))
+        if not ign:
+            if d.slot0 is not None:
+                slot0[param] = d.slot0
+            if d.problem is not None:
+                code, text = d.problem
+                slot_findings.append((code, t.name, Finding("error", code, text, t.shard, t.name)))
+    if unloaded_params:  # what fills them without the tensors that raised instead
+        loads = dict(loads)
+        for param in unloaded_params:
+            loads[param] = {
+                (o[2], o[3])
+                for key, positions in g.keys.items()
+                if key[0] == param and (special.get(positions[0]) or _CLEAN).plain_error is None
+                for _, o, _, _, _ in map(g.records.__getitem__, positions)
+            }
+    n_ignored = sum(ignored)
 
     # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
     # routes everything first and loads the language model afterwards).
     crash: Crash | None = None
     if raised:  # the stream order matters only to find the first raise: 165k tuples otherwise saved
-        order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, replayed, strict=True)]
+        order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, g.replayed, strict=True)]
         shards = [s.name for s in ckpt.shards]
         rank = {name: i for i, name in enumerate(engine.order_shards(shards))}
         if list(rank) != shards:
@@ -537,7 +591,7 @@ def run_audit(
                 crash = Crash(o.message or "", t.name, t.shard)
                 break
     if crash is None:
-        error = engine.startup_error((t.name for t, _, _, _ in replayed), manifest, mtp=opts.mtp)
+        error = engine.startup_error((t.name for t, _, _, _ in g.replayed), manifest, mtp=opts.mtp)
         if error:
             crash = Crash(error)
     # A quant config the engine refuses (parse time) or a module it cannot build fails before

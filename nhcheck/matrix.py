@@ -14,14 +14,14 @@ from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from nhcheck import engines, slots
-from nhcheck.audit import AuditOptions, AuditReport, Replayed, param_view, replay_tensors, run_audit
+from nhcheck.audit import AuditOptions, AuditReport, Gathered, Replayed, gather, param_view, replay_tensors, run_audit
 from nhcheck.checkpoint import Checkpoint
+from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, SharesReplay, replay_classes
 from nhcheck.findings import Verdict
 from nhcheck.manifest import Manifest
 from nhcheck.model import NemotronHConfig, parse_config
 from nhcheck.quant import QuantConfig, parse_quant
-from nhcheck.safetensors_header import TensorInfo
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,10 @@ class Matrix:
 
 @dataclass(frozen=True)
 class _SharedReplay:
-    """One ``replay_tensors`` and what the behaviour key needs from it, shared by the epochs that replay alike."""
+    """One gathered ``replay_tensors`` and what the behaviour key needs from it, shared by the epochs that replay
+    alike."""
 
-    replayed: list[Replayed]
+    gathered: Gathered
     #: Parameters a one-element tensor loads into (where the scalar-fill semantics matter).
     scalar_targets: frozenset[str]
     #: Distinct (parameter, shard, dtype, shape) of every load: what the engine's loader checks are asked.
@@ -79,17 +80,11 @@ class _SharedReplay:
 
 
 def _share(replayed: list[Replayed]) -> _SharedReplay:
-    targets: set[str] = set()
-    loads: set[tuple[str, str | None, str, tuple[int, ...]]] = set()
-    reasons: set[str] = set()
-    for t, o, p, _ in replayed:
-        if o.outcome == "load" and p is not None:
-            loads.add((p, o.shard_id, t.dtype, t.shape))
-            if _one(t):
-                targets.add(p)
-        else:
-            reasons.add(o.reason)
-    return _SharedReplay(replayed, frozenset(targets), tuple(sorted(loads, key=str)), tuple(sorted(reasons)))
+    g = gather(replayed)
+    loads = g.keys  # per distinct load, not per tensor
+    targets = frozenset(p for p, _, _, shape in loads if numel(shape) == 1)
+    reasons = {g.records[i][1][6] for i in g.unloaded}  # a TensorRecord's outcome, an Outcome's reason
+    return _SharedReplay(g, targets, tuple(sorted(loads, key=str)), tuple(sorted(reasons)))
 
 
 def _row_view(signature: object) -> object:
@@ -197,8 +192,8 @@ def shared_audits(
         manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
         m = manifest
         key: Hashable | None = None
-        replayed: list[Replayed] | None = None
-        if classes is not None and not manifest.params:  # a start-up refusal: nothing replays, the audit is its problems
+        replayed: Gathered | None = None
+        if classes is not None and not manifest.params:  # a start-up refusal: nothing replays, only its problems
             key = (engine.id.name, m.params, m.lm_prefix, m.quantization, m.mode, m.source, m.problems)
         elif classes is not None and isinstance(engine, SharesReplay):
             signature = engine.replay_signature(manifest, cfg, classes, mtp=opts.mtp)
@@ -208,7 +203,7 @@ def shared_audits(
                 if shared is None:
                     done = replay_tensors(ckpt, cfg, manifest, engine, opts)
                     shared = replays[(engine.id.name, m.lm_prefix, view)] = _share(done)
-                replayed = shared.replayed
+                replayed = shared.gathered
                 key = (view, _behaviour_key(engine, manifest, cfg, shared, names, shards, opts.mtp))
         known = reports.get(key) if key is not None else None
         if known is None:
@@ -236,11 +231,3 @@ def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False
         else:
             rows.append(row)
     return Matrix(ckpt.source, tuple(rows))
-
-
-def _one(t: TensorInfo) -> bool:
-    """A one-element tensor (what a scale vector can receive as a scalar)."""
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n == 1

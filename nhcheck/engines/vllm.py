@@ -597,7 +597,9 @@ def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile
                     return o
                 if hit is not None:
                     o, before, after = hit
-                    return _new_outcome(Outcome, (o[0], o[1], o[2], int(parts[1]), before + parts[1] + after, o[5], o[6]))
+                    return _new_outcome(
+                        Outcome, (o[0], o[1], o[2], int(parts[1]), before + parts[1] + after, o[5], o[6])
+                    )
         return replay_one(name)
 
     return replay
