@@ -18,7 +18,7 @@ from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.coverage import ParamState
 from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM, numel
-from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, PPWindow
+from nhcheck.engines.base import EXPERT_INDEX, Crash, Engine, EngineId, Outcome, PPWindow
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
@@ -354,7 +354,27 @@ def _exporter_excluded(entries: tuple[str, ...]) -> Callable[[str], bool]:
             globbed is not None and globbed(module) is not None
         )
 
-    return excluded
+    if globs:
+        return excluded
+    # Expert modules (6k on Nano) answered once per name around the expert index: a plain entry can tell two
+    # experts of one module apart only by naming the index as one of its own dotted components.
+    components = {c for e in plain for c in e.split(".")}
+    by_template: dict[tuple[str, str], bool] = {}
+    split = EXPERT_INDEX.split
+
+    def excluded_by_template(module: str) -> bool:
+        if "experts." not in module or "\n" in module:
+            return excluded(module)
+        around = split(module + ".")  # the index is the last component of an expert's own module path too
+        if len(around) != 3 or around[1] in components:
+            return excluded(module)
+        key = (around[0], around[2])
+        hit = by_template.get(key)
+        if hit is None:
+            hit = by_template[key] = excluded(module)
+        return hit
+
+    return excluded_by_template
 
 
 def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
