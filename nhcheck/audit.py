@@ -23,7 +23,7 @@ from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig
+from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig, component_runs
 from nhcheck.safetensors_header import TensorInfo
 
 #: A TensorRecord's outcome, orphan and ignored fields, and an Outcome's kind (counted in C).
@@ -333,26 +333,23 @@ _FAMILY = {
 def _exporter_excluded(entries: tuple[str, ...]) -> Callable[[str], bool]:
     """Matcher for exclude entries as the exporter wrote them: whole dotted components, or globs.
 
-    A plain entry matches a module it is a run of whole dotted components of: ``.entry.`` within
-    ``.module.``, one regex search for all of them (a Nano recipe has ~55, asked of 6k modules). The
-    one regex it replaces, ``(?:^|.*\\.)(?:entries)(?:\\..*)?``, says the same of a name without a
-    newline (``.`` does not match one), and still answers for a name with one: it is compiled only
-    when such a name comes (compiling it costs more than a Nano audit's whole recipe check).
+    A plain entry matches a module it is a run of whole dotted components of (``quant.component_runs``; a
+    Nano recipe has ~55, asked of 6k modules). The one regex it replaces, ``(?:^|.*\\.)(?:entries)(?:\\..*)?``,
+    says the same of a name without a newline (``.`` does not match one), and still answers for a name with
+    one: it is compiled only when such a name comes.
     """
     plain = [e.rstrip(".") for e in entries if "*" not in e]
     globs = [fnmatch.translate(e)[:-2] for e in entries if "*" in e]  # no trailing \Z: fullmatch anchors
     parts = (["(?:^|.*\\.)(?:" + "|".join(re.escape(e) for e in plain) + ")(?:\\..*)?"] if plain else []) + globs
     if not parts:
         return lambda _module: False
-    dotted = re.compile("|".join(re.escape("." + e + ".") for e in plain)).search if plain else None
+    dotted = component_runs(plain) if plain else None
     globbed = re.compile("|".join(f"(?:{p})" for p in globs)).fullmatch if globs else None
 
     def excluded(module: str) -> bool:
         if "\n" in module:
             return re.fullmatch("|".join(f"(?:{p})" for p in parts), module) is not None
-        return (dotted is not None and dotted("." + module + ".") is not None) or (
-            globbed is not None and globbed(module) is not None
-        )
+        return (dotted is not None and dotted(module)) or (globbed is not None and globbed(module) is not None)
 
     if globs:
         return excluded
