@@ -548,36 +548,37 @@ def run_audit(
     # Positional fields: TensorRecord (tensor, outcome, orphan, param, ignored), TensorInfo (name, dtype,
     # shape, start, end, shard), Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
     for i in sorted(special):
-        d = special[i]
+        decision = special[i]
         t, o, _, param, ign = records[i]
-        if d is None:  # not a load
+        if decision is None:  # not a load
             orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
             raised = raised or o[0] == "raise"
             if orphan:
                 records[i] = tuple.__new__(TensorRecord, (t, o, True, param, ign))
             continue
-        if d.plain_error is not None:
+        assert param is not None  # a load always names its parameter (``gather``)
+        if decision.plain_error is not None:
             # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
             unloaded_params.add(param)
-            error = d.plain_error
-            o = tuple.__new__(Outcome, ("raise", None, None, None, None, error, "size-assert"))
+            assertion = decision.plain_error
+            o = tuple.__new__(Outcome, ("raise", None, None, None, None, assertion, "size-assert"))
             records[i] = tuple.__new__(TensorRecord, (t, o, False, None, ign))
             raised = True
             if not ign:
-                slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
+                finding = Finding("error", "shape-mismatch", assertion, t[5], t[0])
+                slot_findings.append(("shape-mismatch", t[0], finding))
             continue
-        if d.load_error is not None:  # the parameter's weight loader itself raises on this tensor
-            records[i] = tuple.__new__(
-                TensorRecord, (t, o._replace(outcome="raise", message=d.load_error, reason="loader"), False, param, ign)
-            )
+        if decision.load_error is not None:  # the parameter's weight loader itself raises on this tensor
+            o = o._replace(outcome="raise", message=decision.load_error, reason="loader")
+            records[i] = tuple.__new__(TensorRecord, (t, o, False, param, ign))
             raised = True
-        elif d.note is not None and not ign:
-            notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", d.note, t.shard, t.name)))
+        elif decision.note is not None and not ign:
+            notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decision.note, t.shard, t.name)))
         if not ign:
-            if d.slot0 is not None:
-                slot0[param] = d.slot0
-            if d.problem is not None:
-                code, text = d.problem
+            if decision.slot0 is not None:
+                slot0[param] = decision.slot0
+            if decision.problem is not None:
+                code, text = decision.problem
                 slot_findings.append((code, t.name, Finding("error", code, text, t.shard, t.name)))
     if unloaded_params:  # what fills them without the tensors that raised instead
         loads = dict(loads)

@@ -3,7 +3,8 @@
 The headers are read once, and so is the config and the quant recipe (with what every release derives
 from it alike: ``QuantConfig.derived``). Each epoch builds its own manifest; epochs whose manifests
 agree and whose replays agree (``SharesReplay``: one representative name per expert group, not every
-tensor) give the same audit, which runs once per distinct behaviour. Consecutive epochs that reach the
+tensor) give the same audit, which runs once per distinct behaviour (``shared_audits``; a non-clean
+audit's cross-version summary takes its other epochs from it too). Consecutive epochs that reach the
 same answer (verdict, counts, crash) are one row, so the matrix reads as "crashes on sglang ≤ 0.5.11,
 clean from 0.5.13".
 """

@@ -572,7 +572,7 @@ def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile
     inner = frozenset(p[len("model.") :] for p in params if p.startswith("model."))
     factored = not any(EXPERT_INDEX.search(p) for p in params if "experts." in p)
     #: (raw name before, after its expert token) → (the load, its mapped name before and after the token)
-    cache: dict[tuple[str, str], tuple[Outcome, str, str] | None] = {}
+    cache: dict[tuple[str, str], tuple[Outcome, str, str]] = {}
     split = EXPERT_INDEX.split  # [before, e, after] when the name holds exactly one ``experts.{e}.``
     ignore = (".bias",) + ((".k_scale", ".v_scale", ".q_scale") if quantized else ())
 
@@ -589,13 +589,13 @@ def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile
             parts = split(name)
             if len(parts) == 3 and int(parts[1]) < num_experts:
                 key = (parts[0], parts[2])
-                hit = cache.get(key, _MISS)
-                if hit is _MISS:
+                hit = cache.get(key)
+                if hit is None:
                     o = replay_one(name)
                     around = split(o.engine_name or "") if o.outcome == "load" and o.expert_id is not None else ()
-                    cache[key] = (o, around[0] + "experts.", "." + around[2]) if len(around) == 3 else None
+                    cache[key] = (o, around[0] + "experts.", "." + around[2]) if len(around) == 3 else _PER_NAME
                     return o
-                if hit is not None:
+                if hit is not _PER_NAME:
                     o, before, after = hit
                     return _new_outcome(
                         Outcome, (o[0], o[1], o[2], int(parts[1]), before + parts[1] + after, o[5], o[6])
@@ -605,7 +605,8 @@ def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile
     return replay
 
 
-_MISS = object()
+#: The cache's answer for a raw name whose outcome is not a factored load: replay each name.
+_PER_NAME: tuple[Outcome, str, str] = (Outcome("uncached"), "", "")
 _new_outcome = tuple.__new__
 
 
