@@ -651,7 +651,7 @@ def run_audit(
             )
         )
     orphan_items = []
-    for r in records:
+    for r in map(records.__getitem__, g.unloaded):  # a load is never an orphan
         if r[2] and not r[4]:  # orphan, not ignored
             o = r.outcome
             sev: Severity = "error" if o.outcome == "raise" else "warning"
