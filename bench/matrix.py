@@ -4,10 +4,11 @@ Builds the full-size Super-120B NVFP4 layout (165,860 tensors, 17 shards) as spa
 data holes), then in the same run and alternating, several repetitions each:
 
   audit   the whole `python -m nhcheck audit DIR --format json -o FILE` process (one release);
-  matrix  the whole `python -m nhcheck matrix DIR --format json -o FILE` process (every release
-          nhcheck answers for: 37 SGLang releases in 18 epochs).
+  matrix  the whole `python -m nhcheck matrix DIR --format json -o FILE` process (every release of
+          every engine nhcheck answers for: each behaviour epoch of SGLang and vLLM).
 
-Prints the median wall times, the ratio (target < 2x) and how many audits the matrix ran for its epochs.
+Prints the median and minimum wall and CPU times (user + system), the ratios (target < 2x), how many audits
+the matrix ran for its epochs, and the load average. The tree runs with its bytecode compiled.
 
 Usage: python bench/matrix.py [--reps 5] [--workdir DIR] [--keep]
 """
@@ -15,6 +16,7 @@ Usage: python bench/matrix.py [--reps 5] [--workdir DIR] [--keep]
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -28,13 +30,26 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, ROOT)
 
 
-def _wall(cmd: list[str]) -> float:
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one whole process; CPU time is what a shared machine
+    disturbs least."""
     t = time.perf_counter()
-    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
-    if r.returncode not in (0, 1):
-        raise SystemExit(f"{cmd} failed: {r.stderr.decode()[-500:]}")
-    return dt
+    if os.waitstatus_to_exitcode(status) not in (0, 1):
+        raise SystemExit(f"{cmd} failed: {err.decode()[-500:]}")
+    return dt, usage.ru_utime + usage.ru_stime
+
+
+def _env() -> dict[str, str]:
+    """This tree's nhcheck with its bytecode compiled, as an installed one is (``PYTHONDONTWRITEBYTECODE``
+    in the caller's environment would recompile every module on every timed run)."""
+    compileall.compile_dir(os.path.join(ROOT, "nhcheck"), quiet=1)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": ROOT}
 
 
 def _audits_run(d: str) -> tuple[int, int]:
@@ -70,25 +85,33 @@ def main() -> None:
     work = args.workdir or tempfile.mkdtemp(prefix="nhcheck-bench-matrix-")
     out_json = os.path.join(work, "out.json")
     try:
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; workdir {work}")
+        load = os.getloadavg()
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load average {load[0]:.2f}; workdir {work}")
         d = os.path.join(work, "super-nvfp4")
         if not os.path.isdir(d):
             totals = generate.full_layouts()["super-nvfp4"](d)
             print(f"super-nvfp4: generated {totals['tensors']:,} tensors in {totals['shards']} shards (sparse)")
         audit_cmd = [sys.executable, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json, "-q"]
         matrix_cmd = [sys.executable, "-m", "nhcheck", "matrix", d, "--format", "json", "-o", out_json]
-        _wall(audit_cmd), _wall(matrix_cmd)  # warm the page cache and imports
-        audit, matrix = [], []
+        env = _env()
+        _run(audit_cmd, env), _run(matrix_cmd, env)  # warm the page cache
+        timed: dict[str, tuple[list[float], list[float]]] = {"audit": ([], []), "matrix": ([], [])}
         for _ in range(args.reps):
-            audit.append(_wall(audit_cmd))
-            matrix.append(_wall(matrix_cmd))
-        a, m = statistics.median(audit), statistics.median(matrix)
+            for k, cmd in (("audit", audit_cmd), ("matrix", matrix_cmd)):
+                w, c = _run(cmd, env)
+                timed[k][0].append(w)
+                timed[k][1].append(c)
+        for i, what in enumerate(("wall", "cpu")):
+            a, m = timed["audit"][i], timed["matrix"][i]
+            print(
+                f"super-nvfp4 {what}: audit median {statistics.median(a):.3f} s (min {min(a):.3f}) | matrix median "
+                f"{statistics.median(m):.3f} s (min {min(m):.3f}) | ratio of medians "
+                f"{statistics.median(m) / statistics.median(a):.2f}x (target < 2x); of minima {min(m) / min(a):.2f}x"
+            )
         runs, epochs = _audits_run(d)
-        print(
-            f"super-nvfp4: audit median {a:.3f} s (min {min(audit):.3f}) | matrix median {m:.3f} s "
-            f"(min {min(matrix):.3f}) | ratio {m / a:.2f}x (target < 2x); min/min {min(matrix) / min(audit):.2f}x"
-        )
         print(f"super-nvfp4: the matrix ran {runs} audits for {epochs} epochs (the others shared one)")
+        load = os.getloadavg()
+        print(f"load average at the end {load[0]:.2f}")
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

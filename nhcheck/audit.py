@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -18,13 +18,16 @@ from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.coverage import ParamState
 from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM, numel
-from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, PPWindow
+from nhcheck.engines.base import EXPERT_INDEX, Crash, Engine, EngineId, Outcome, PPWindow
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig
+from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig, component_runs
 from nhcheck.safetensors_header import TensorInfo
+
+#: A TensorRecord's outcome, orphan and ignored fields, and an Outcome's kind (counted in C).
+_OUTCOME, _ORPHAN, _IGNORED, _OUTCOME_KIND = itemgetter(1), itemgetter(2), itemgetter(4), itemgetter(0)
 
 
 class TensorRecord(NamedTuple):
@@ -80,10 +83,16 @@ class AuditReport:
     def _counts(self) -> dict[str, int]:
         """Tensors per outcome, orphans (not ignored) and by-design non-loads; counted once (165k records)."""
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
-        for outcome, n in Counter(r[1][0] for r in self.records).items():
+        recs = self.records
+        # One count in C of (outcome, orphan, ignored) triples, every figure read off it.
+        outcomes = map(_OUTCOME_KIND, map(_OUTCOME, recs))
+        kinds = Counter(zip(outcomes, map(_ORPHAN, recs), map(_IGNORED, recs), strict=True))
+        for (outcome, orphan, ignored), n in kinds.items():
             c[outcome] += n
-        c["orphans"] = sum(1 for r in self.records if r[2] and not r[4])
-        c["by_design"] = sum(1 for r in self.records if not r[2] and r[1][0] != "load")
+            if orphan and not ignored:
+                c["orphans"] += n
+            if not orphan and outcome != "load":
+                c["by_design"] += n
         return c
 
     def summary_line(self) -> str:
@@ -147,6 +156,45 @@ def replay_tensors(
             reason = "wrapper-mtp" if t.name.startswith("mtp.") else "wrapper-ignored"
             append((t, Outcome("skip", reason=reason), None, True))
     return out
+
+
+class Gathered(NamedTuple):
+    """One replay gathered by load key: what every audit of it starts from (a matrix shares it between epochs).
+
+    ``records`` holds each tensor as its replay left it, not ignored and no orphan; what the audit then
+    decides (per load key, per tensor that does not load) changes only the few records it concerns.
+    """
+
+    replayed: list[Replayed]
+    records: list[TensorRecord]
+    #: (parameter, shard id, dtype, shape) of every load → the positions of its tensors, ascending.
+    keys: dict[tuple[str, str | None, str, tuple[int, ...]], list[int]]
+    #: Parameter → (shard id, expert id) of every tensor that loads into it.
+    loads: dict[str, set[tuple[str | None, int | None]]]
+    #: Positions of the tensors that do not load.
+    unloaded: list[int]
+
+
+def gather(replayed: list[Replayed]) -> Gathered:
+    """Gather a replay by load key, in one pass (165k tensors on Super)."""
+    records: list[TensorRecord] = []
+    keys: dict[tuple, list[int]] = {}
+    loads: defaultdict[str, set] = defaultdict(set)
+    unloaded: list[int] = []
+    append, new = records.append, tuple.__new__
+    for i, (t, o, param, _) in enumerate(replayed):  # positional, as in run_audit
+        if param is not None and o[0] == "load":  # a load always names its parameter
+            key = (param, o[2], t[1], t[2])
+            at = keys.get(key)
+            if at is None:
+                keys[key] = [i]
+            else:
+                at.append(i)
+            loads[param].add((o[2], o[3]))
+        else:
+            unloaded.append(i)
+        append(new(TensorRecord, (t, o, False, param, False)))
+    return Gathered(replayed, records, keys, dict(loads), unloaded)
 
 
 def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
@@ -285,28 +333,45 @@ _FAMILY = {
 def _exporter_excluded(entries: tuple[str, ...]) -> Callable[[str], bool]:
     """Matcher for exclude entries as the exporter wrote them: whole dotted components, or globs.
 
-    A plain entry matches a module it is a run of whole dotted components of: ``.entry.`` within
-    ``.module.``, one regex search for all of them (a Nano recipe has ~55, asked of 6k modules). The
-    one regex it replaces, ``(?:^|.*\\.)(?:entries)(?:\\..*)?``, says the same of a name without a
-    newline (``.`` does not match one), and still answers for a name with one.
+    A plain entry matches a module it is a run of whole dotted components of (``quant.component_runs``; a
+    Nano recipe has ~55, asked of 6k modules). The one regex it replaces, ``(?:^|.*\\.)(?:entries)(?:\\..*)?``,
+    says the same of a name without a newline (``.`` does not match one), and still answers for a name with
+    one: it is compiled only when such a name comes.
     """
     plain = [e.rstrip(".") for e in entries if "*" not in e]
     globs = [fnmatch.translate(e)[:-2] for e in entries if "*" in e]  # no trailing \Z: fullmatch anchors
     parts = (["(?:^|.*\\.)(?:" + "|".join(re.escape(e) for e in plain) + ")(?:\\..*)?"] if plain else []) + globs
     if not parts:
         return lambda _module: False
-    whole = re.compile("|".join(f"(?:{p})" for p in parts)).fullmatch
-    dotted = re.compile("|".join(re.escape("." + e + ".") for e in plain)).search if plain else None
+    dotted = component_runs(plain) if plain else None
     globbed = re.compile("|".join(f"(?:{p})" for p in globs)).fullmatch if globs else None
 
     def excluded(module: str) -> bool:
         if "\n" in module:
-            return whole(module) is not None
-        return (dotted is not None and dotted("." + module + ".") is not None) or (
-            globbed is not None and globbed(module) is not None
-        )
+            return re.fullmatch("|".join(f"(?:{p})" for p in parts), module) is not None
+        return (dotted is not None and dotted(module)) or (globbed is not None and globbed(module) is not None)
 
-    return excluded
+    if globs:
+        return excluded
+    # Expert modules (6k on Nano) answered once per name around the expert index: a plain entry can tell two
+    # experts of one module apart only by naming the index as one of its own dotted components.
+    components = {c for e in plain for c in e.split(".")}
+    by_template: dict[tuple[str, str], bool] = {}
+    split = EXPERT_INDEX.split
+
+    def excluded_by_template(module: str) -> bool:
+        if "experts." not in module or "\n" in module:
+            return excluded(module)
+        around = split(module + ".")  # the index is the last component of an expert's own module path too
+        if len(around) != 3 or around[1] in components:
+            return excluded(module)
+        key = (around[0], around[2])
+        hit = by_template.get(key)
+        if hit is None:
+            hit = by_template[key] = excluded(module)
+        return hit
+
+    return excluded_by_template
 
 
 def _recipe_findings(ckpt: Checkpoint, qc: QuantConfig | None) -> list[Finding]:
@@ -377,6 +442,53 @@ def check_mtp_draft(ckpt: Checkpoint, cfg: NemotronHConfig) -> None:
     )
 
 
+class _LoadDecision(NamedTuple):
+    """What the audit concludes about loads of one (parameter, shard id, dtype, shape): the same for every
+    tensor with that key, so it is decided once per key (Super: 165k loads, a few thousand keys)."""
+
+    #: ``default_weight_loader``'s size assertion (``_plain_load_error``): the tensor raises instead of loading.
+    plain_error: str | None
+    #: The engine's weight loader raises on this shape (``Engine.load_error``).
+    load_error: str | None
+    #: The load succeeds but fills part of the slot (``Engine.slot_note``).
+    note: str | None
+    #: (code, message) of a slot the tensor does not fit (``_slot_problem``).
+    problem: tuple[str, str] | None
+    #: The parameter, when a scalar lands in slot 0 only of its scale vector (``nhcheck.slots``).
+    slot0: Param | None
+
+
+#: A load with nothing to report: the common case, told apart by identity.
+_CLEAN = _LoadDecision(None, None, None, None, None)
+
+
+def _load_decider(manifest: Manifest, engine: Engine) -> Callable[[tuple], _LoadDecision]:
+    """``decide((param, shard_id, dtype, shape))``: the audit's checks of one kind of load, ``_CLEAN`` when none fires.
+
+    A parameter the manifest lacks (a supplied manifest that names fewer) is not checked at all.
+    """
+    by_name = manifest.by_name
+
+    def decide(key: tuple) -> _LoadDecision:
+        param, shard_id, dtype, shape = key
+        p = by_name.get(param)
+        if p is None:
+            return _CLEAN
+        if p.loader == "plain" and (error := _plain_load_error(p, shape)) is not None:
+            return _LoadDecision(error, None, None, None, None)
+        vector = slots.scalar_into_vector(p, shape) and not engine.loader_semantics(p.quant_method).scalar_every_slot
+        d = _LoadDecision(
+            None,
+            engine.load_error(p, shard_id, dtype, shape),
+            engine.slot_note(p, dtype, shape),
+            _slot_problem(dtype, shape, shard_id, p),
+            p if vector else None,
+        )
+        return _CLEAN if d == _CLEAN else d
+
+    return decide
+
+
 def run_audit(
     ckpt: Checkpoint,
     cfg: NemotronHConfig,
@@ -386,12 +498,12 @@ def run_audit(
     opts: AuditOptions | None = None,
     *,
     moe_backend: str | None = None,
-    replayed: list[Replayed] | None = None,
+    replayed: Gathered | None = None,
 ) -> AuditReport:
     """Replay every tensor, cover every parameter, and turn the result into findings and a verdict.
 
-    ``replayed``: ``replay_tensors`` for this manifest and engine, when the caller already has it (a
-    matrix: releases that replay the checkpoint alike share one replay).
+    ``replayed``: ``gather(replay_tensors(...))`` for this manifest and engine, when the caller already has
+    it (a matrix: releases that replay the checkpoint alike share one replay and its gathering).
     """
     opts = opts or AuditOptions()
     if opts.mtp:
@@ -401,82 +513,89 @@ def run_audit(
     # replaying its tensors against no parameters would only invent outcomes beside the crash.
     built = not (refusal and not manifest.params)
     if not built:
-        replayed = []
+        replayed = gather([])
     elif replayed is None:
-        replayed = replay_tensors(ckpt, cfg, manifest, engine, opts)
+        replayed = gather(replay_tensors(ckpt, cfg, manifest, engine, opts))
+    g = replayed
     ignore = opts.ignore
-    by_name = manifest.by_name
-    records: list[TensorRecord] = []
-    append_record, new_record = records.append, tuple.__new__
-    loads: dict[str, set] = {}
+    records = g.records  # copied before the first change: a matrix shares them
+    matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
+    ignored: list[bool] = []
+    if ignore:
+        match = fnmatch.fnmatchcase
+        for r in records:
+            hit = [pat for pat in ignore if match(r[0][0], pat)]
+            ignored.append(bool(hit))
+            matched.update(hit)
+        records = [r._replace(ignored=True) if ign else r for r, ign in zip(records, ignored, strict=True)]
+    loads = g.loads  # copied before the first change, as the records
+    unloaded_params: set[str] = set()  # parameters some of whose tensors raise at the size assertion instead
     slot_findings: list[tuple[str, str, Finding]] = []
     slot0: dict[str, Param] = {}  # per-partition scale vectors a scalar fills in slot 0 only (``nhcheck.slots``)
-    checked: dict[tuple, tuple[str, str] | None] = {}
-    loader: dict[tuple, tuple[str | None, str | None]] = {}
     notes: list[tuple[str, str, Finding]] = []
-    unchecked: tuple[str, str] = ("", "")  # a sentinel: one dict lookup per tensor on the hot path
-    matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
     raised = False  # whether any tensor raises (the crash point, below)
-    by_design, match = engine.by_design, fnmatch.fnmatchcase
-    # One pass per tensor (165k on Super), positional fields: TensorInfo (name, dtype, shape, start, end,
-    # shard) and Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
-    for t, o, param, _ in replayed:
-        ign = False
-        if ignore:
-            hit = [pat for pat in ignore if match(t[0], pat)]
-            ign = bool(hit)
-            matched.update(hit)
-        p = by_name.get(param) if param is not None and o[0] == "load" else None
-        if p is not None and p.loader == "plain" and (error := _plain_load_error(p, t[2])) is not None:
-            # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
-            o, param, orphan = new_record(Outcome, ("raise", None, None, None, None, error, "size-assert")), None, False
-            raised = True
-            if not ign:
-                slot_findings.append(("shape-mismatch", t[0], Finding("error", "shape-mismatch", error, t[5], t[0])))
-        elif param is not None and o[0] == "load":  # a load always names its parameter
-            orphan = False
-            slot = loads.get(param)
-            if slot is None:
-                slot = loads[param] = set()
-            slot.add((o[2], o[3]))
-            if p is not None:
-                key = (param, o[2], t[1], t[2])  # parameter, shard id, dtype, shape: what both checks depend on
-                # Loader semantics the engine applies to this shape (vLLM's narrowing loaders); None for SGLang.
-                decided = loader.get(key)
-                if decided is None:
-                    decided = loader[key] = (
-                        engine.load_error(p, o.shard_id, t.dtype, t.shape),
-                        engine.slot_note(p, t.dtype, t.shape),
-                    )
-                if decided[0] is not None:  # the parameter's weight loader itself raises on this tensor
-                    o = o._replace(outcome="raise", message=decided[0], reason="loader")
-                    raised = True
-                elif decided[1] is not None and not ign:
-                    notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decided[1], t.shard, t.name)))
-            if p is not None and not ign:
-                problem = checked.get(key, unchecked)
-                if problem is unchecked:
-                    problem = checked[key] = _slot_problem(t.dtype, t.shape, o.shard_id, p)
-                    if (
-                        slots.scalar_into_vector(p, t.shape)
-                        and not engine.loader_semantics(p.quant_method).scalar_every_slot
-                    ):
-                        slot0[param] = p
-                if problem is not None:
-                    slot_findings.append(
-                        (problem[0], t.name, Finding("error", problem[0], problem[1], t.shard, t.name))
-                    )
-        else:
+    # A load's checks depend only on its key (parameter, shard id, dtype, shape): decided once per key, and
+    # only the tensors of a key with something to say (and those that do not load) are visited one by one.
+    decide = _load_decider(manifest, engine)
+    special: dict[int, _LoadDecision | None] = dict.fromkeys(g.unloaded)
+    for key, positions in g.keys.items():
+        d = decide(key)
+        if d is not _CLEAN:
+            special.update(dict.fromkeys(positions, d))
+    if special and records is g.records:
+        records = list(records)
+    by_design = engine.by_design
+    # Positional fields: TensorRecord (tensor, outcome, orphan, param, ignored), TensorInfo (name, dtype,
+    # shape, start, end, shard), Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
+    for i in sorted(special):
+        decision = special[i]
+        t, o, _, param, ign = records[i]
+        if decision is None:  # not a load
             orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
             raised = raised or o[0] == "raise"
-        append_record(new_record(TensorRecord, (t, o, orphan, param, ign)))  # tuple.__new__: no per-field call
-    n_ignored = sum(r[4] for r in records) if ignore else 0
+            if orphan:
+                records[i] = tuple.__new__(TensorRecord, (t, o, True, param, ign))
+            continue
+        assert param is not None  # a load always names its parameter (``gather``)
+        if decision.plain_error is not None:
+            # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
+            unloaded_params.add(param)
+            assertion = decision.plain_error
+            o = tuple.__new__(Outcome, ("raise", None, None, None, None, assertion, "size-assert"))
+            records[i] = tuple.__new__(TensorRecord, (t, o, False, None, ign))
+            raised = True
+            if not ign:
+                finding = Finding("error", "shape-mismatch", assertion, t[5], t[0])
+                slot_findings.append(("shape-mismatch", t[0], finding))
+            continue
+        if decision.load_error is not None:  # the parameter's weight loader itself raises on this tensor
+            o = o._replace(outcome="raise", message=decision.load_error, reason="loader")
+            records[i] = tuple.__new__(TensorRecord, (t, o, False, param, ign))
+            raised = True
+        elif decision.note is not None and not ign:
+            notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decision.note, t.shard, t.name)))
+        if not ign:
+            if decision.slot0 is not None:
+                slot0[param] = decision.slot0
+            if decision.problem is not None:
+                code, text = decision.problem
+                slot_findings.append((code, t.name, Finding("error", code, text, t.shard, t.name)))
+    if unloaded_params:  # what fills them without the tensors that raised instead
+        loads = dict(loads)
+        for param in unloaded_params:
+            loads[param] = {
+                (o[2], o[3])
+                for key, positions in g.keys.items()
+                if key[0] == param and (special.get(positions[0]) or _CLEAN).plain_error is None
+                for _, o, _, _, _ in map(g.records.__getitem__, positions)
+            }
+    n_ignored = sum(ignored)
 
     # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
     # routes everything first and loads the language model afterwards).
     crash: Crash | None = None
     if raised:  # the stream order matters only to find the first raise: 165k tuples otherwise saved
-        order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, replayed, strict=True)]
+        order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, g.replayed, strict=True)]
         shards = [s.name for s in ckpt.shards]
         rank = {name: i for i, name in enumerate(engine.order_shards(shards))}
         if list(rank) != shards:
@@ -490,7 +609,7 @@ def run_audit(
                 crash = Crash(o.message or "", t.name, t.shard)
                 break
     if crash is None:
-        error = engine.startup_error((t.name for t, _, _, _ in replayed), manifest, mtp=opts.mtp)
+        error = engine.startup_error((t.name for t, _, _, _ in g.replayed), manifest, mtp=opts.mtp)
         if error:
             crash = Crash(error)
     # A quant config the engine refuses (parse time) or a module it cannot build fails before
@@ -532,7 +651,7 @@ def run_audit(
             )
         )
     orphan_items = []
-    for r in records:
+    for r in map(records.__getitem__, g.unloaded):  # a load is never an orphan
         if r[2] and not r[4]:  # orphan, not ignored
             o = r.outcome
             sev: Severity = "error" if o.outcome == "raise" else "warning"
@@ -564,10 +683,14 @@ def run_audit(
     verdict = verdict_of(findings, crash is not None)
     others: dict[EngineId, str] = {}
     if opts.compare_versions and verdict != "clean" and manifest.source == "built":
-        for other in engine.others():
-            m2 = other.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
-            r2 = run_audit(ckpt, cfg, qc, m2, other, replace(opts, compare_versions=False), moe_backend=moe_backend)
-            others[other.id] = r2.summary_line()
+        # The other epochs as the compatibility matrix audits them: once per distinct behaviour, not once
+        # each (SGLang has 17 others). Imported here: the matrix is built on this module.
+        from nhcheck.matrix import shared_audits
+
+        peers = shared_audits(
+            ckpt, cfg, qc, engine.others(), replace(opts, compare_versions=False), moe_backend=moe_backend
+        )
+        others = {other.id: r2.summary_line() for other, r2 in peers}
     return AuditReport(
         source=ckpt.source,
         revision=ckpt.revision,

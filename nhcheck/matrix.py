@@ -3,25 +3,26 @@
 The headers are read once, and so is the config and the quant recipe (with what every release derives
 from it alike: ``QuantConfig.derived``). Each epoch builds its own manifest; epochs whose manifests
 agree and whose replays agree (``SharesReplay``: one representative name per expert group, not every
-tensor) give the same audit, which runs once per distinct behaviour. Consecutive epochs that reach the
+tensor) give the same audit, which runs once per distinct behaviour (``shared_audits``; a non-clean
+audit's cross-version summary takes its other epochs from it too). Consecutive epochs that reach the
 same answer (verdict, counts, crash) are one row, so the matrix reads as "crashes on sglang ≤ 0.5.11,
 clean from 0.5.13".
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from nhcheck import engines, slots
-from nhcheck.audit import AuditOptions, AuditReport, Replayed, param_view, replay_tensors, run_audit
+from nhcheck.audit import AuditOptions, AuditReport, Gathered, Replayed, gather, param_view, replay_tensors, run_audit
 from nhcheck.checkpoint import Checkpoint
+from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, SharesReplay, replay_classes
 from nhcheck.findings import Verdict
 from nhcheck.manifest import Manifest
 from nhcheck.model import NemotronHConfig, parse_config
-from nhcheck.quant import parse_quant
-from nhcheck.safetensors_header import TensorInfo
+from nhcheck.quant import QuantConfig, parse_quant
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,10 @@ class Matrix:
 
 @dataclass(frozen=True)
 class _SharedReplay:
-    """One ``replay_tensors`` and what the behaviour key needs from it, shared by the epochs that replay alike."""
+    """One gathered ``replay_tensors`` and what the behaviour key needs from it, shared by the epochs that replay
+    alike."""
 
-    replayed: list[Replayed]
+    gathered: Gathered
     #: Parameters a one-element tensor loads into (where the scalar-fill semantics matter).
     scalar_targets: frozenset[str]
     #: Distinct (parameter, shard, dtype, shape) of every load: what the engine's loader checks are asked.
@@ -79,17 +81,11 @@ class _SharedReplay:
 
 
 def _share(replayed: list[Replayed]) -> _SharedReplay:
-    targets: set[str] = set()
-    loads: set[tuple[str, str | None, str, tuple[int, ...]]] = set()
-    reasons: set[str] = set()
-    for t, o, p, _ in replayed:
-        if o.outcome == "load" and p is not None:
-            loads.add((p, o.shard_id, t.dtype, t.shape))
-            if _one(t):
-                targets.add(p)
-        else:
-            reasons.add(o.reason)
-    return _SharedReplay(replayed, frozenset(targets), tuple(sorted(loads, key=str)), tuple(sorted(reasons)))
+    g = gather(replayed)
+    loads = g.keys  # per distinct load, not per tensor
+    targets = frozenset(p for p, _, _, shape in loads if numel(shape) == 1)
+    reasons = {g.records[i][1][6] for i in g.unloaded}  # a TensorRecord's outcome, an Outcome's reason
+    return _SharedReplay(g, targets, tuple(sorted(loads, key=str)), tuple(sorted(reasons)))
 
 
 def _row_view(signature: object) -> object:
@@ -170,58 +166,69 @@ def _answer(name: str, releases: tuple[str, ...], rep: AuditReport) -> MatrixRow
     )
 
 
-def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False) -> Matrix:
-    """Audit ``ckpt`` once per distinct behaviour among the epochs of every engine nhcheck answers for.
+def shared_audits(
+    ckpt: Checkpoint,
+    cfg: NemotronHConfig,
+    qc: QuantConfig | None,
+    epochs: Iterable[Engine],
+    opts: AuditOptions,
+    *,
+    moe_backend: str | None = None,
+) -> Iterator[tuple[Engine, AuditReport]]:
+    """Each engine's audit of ``ckpt``, run once per distinct behaviour: (engine, report) in ``epochs``' order.
 
-    Two epochs give the same row when their replays agree as a row sees them (``SharesReplay``, ``_row_view``:
-    they then share one ``replay_tensors``) and so does everything else the audit reads (``_behaviour_key``);
-    the first of them is audited, the others take its row.
+    Two epochs give the same answer when their replays agree as a row sees them (``SharesReplay``,
+    ``_row_view``: they then share one ``replay_tensors``) and so does everything else the audit reads
+    (``_behaviour_key``); the first of them is audited and the others are handed its report, whose verdict,
+    counts, crash and summary line are theirs too (its engine label and the texts quoting its names are the
+    first epoch's). The replay signatures are taken at TP 1 without a pipeline rank and the key does not see
+    ``--ignore``: with either, every epoch is audited on its own.
     """
+    names = [t.name for t in ckpt.tensors()]
+    classes = replay_classes(names) if opts.pp is None and not opts.ignore else None
+    replays: dict[Hashable, _SharedReplay] = {}
+    shards = [sh.name for sh in ckpt.shards]
+    reports: dict[Hashable, AuditReport] = {}
+    for engine in epochs:
+        manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
+        m = manifest
+        key: Hashable | None = None
+        replayed: Gathered | None = None
+        if classes is not None and not manifest.params:  # a start-up refusal: nothing replays, only its problems
+            key = (engine.id.name, m.params, m.lm_prefix, m.quantization, m.mode, m.source, m.problems)
+        elif classes is not None and isinstance(engine, SharesReplay):
+            signature = engine.replay_signature(manifest, cfg, classes, mtp=opts.mtp)
+            if signature is not None:
+                view = _row_view(signature)
+                shared = replays.get((engine.id.name, m.lm_prefix, view))
+                if shared is None:
+                    done = replay_tensors(ckpt, cfg, manifest, engine, opts)
+                    shared = replays[(engine.id.name, m.lm_prefix, view)] = _share(done)
+                replayed = shared.gathered
+                key = (view, _behaviour_key(engine, manifest, cfg, shared, names, shards, opts.mtp))
+        known = reports.get(key) if key is not None else None
+        if known is None:
+            known = run_audit(ckpt, cfg, qc, manifest, engine, opts, moe_backend=moe_backend, replayed=replayed)
+            if key is not None:
+                reports[key] = known
+        yield engine, known
+
+
+def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False) -> Matrix:
+    """Audit ``ckpt`` once per distinct behaviour among the epochs of every engine nhcheck answers for
+    (``shared_audits``); consecutive releases of one engine with the same answer are one row."""
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
     opts = AuditOptions(mtp=mtp, compare_versions=False)
-    names = [t.name for t in ckpt.tensors()]
-    classes = replay_classes(names)
-    replays: dict[Hashable, _SharedReplay] = {}
-    shards = [sh.name for sh in ckpt.shards]
-    answers: dict[Hashable, MatrixRow] = {}
+    spans = engines.epochs()
+    epochs = (engines.get(EngineId(name, releases[0])) for name, releases in spans)
     rows: list[MatrixRow] = []
-    for name, releases in engines.epochs():
-        engine = engines.get(EngineId(name, releases[0]))
-        manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=mtp)
-        m = manifest
-        key: Hashable | None = None
-        replayed: list[Replayed] | None = None
-        if not manifest.params:  # a start-up refusal: nothing replays, the audit is its problems
-            key = (name, m.params, m.lm_prefix, m.quantization, m.mode, m.source, m.problems)
-        elif isinstance(engine, SharesReplay):
-            signature = engine.replay_signature(manifest, cfg, classes, mtp=mtp)
-            if signature is not None:
-                view = _row_view(signature)
-                shared = replays.get((name, m.lm_prefix, view))
-                if shared is None:
-                    done = replay_tensors(ckpt, cfg, manifest, engine, opts)
-                    shared = replays[(name, m.lm_prefix, view)] = _share(done)
-                replayed = shared.replayed
-                key = (view, _behaviour_key(engine, manifest, cfg, shared, names, shards, mtp))
-        known = answers.get(key) if key is not None else None
-        if known is None:
-            rep = run_audit(ckpt, cfg, qc, manifest, engine, opts, replayed=replayed)
-            known = _answer(name, releases, rep)
-            if key is not None:
-                answers[key] = known
-        row = replace(known, releases=releases)
+    audits = shared_audits(ckpt, cfg, qc, epochs, opts, moe_backend=moe_backend)
+    for (name, releases), (_, rep) in zip(spans, audits, strict=True):
+        row = _answer(name, releases, rep)
         last = rows[-1] if rows else None
         if last is not None and last.engine == name and last._answer() == row._answer():
             rows[-1] = replace(last, releases=last.releases + releases)
         else:
             rows.append(row)
     return Matrix(ckpt.source, tuple(rows))
-
-
-def _one(t: TensorInfo) -> bool:
-    """A one-element tensor (what a scale vector can receive as a scalar)."""
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n == 1

@@ -9,7 +9,7 @@ boundaries, ``is_layer_excluded`` with globs) and MIXED_PRECISION resolution.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -164,20 +164,40 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
     return None
 
 
-def _module_path_matcher(entries: tuple[str, ...], strip_dots: bool):
+def component_runs(entries: Iterable[str]) -> Callable[[str], bool]:
+    """Whether some entry is a contiguous run of whole dotted components of a name: ``.entry.`` within ``.name.``.
+
+    Every dot of ``.name.`` separates two components, so ``.entry.`` occurs there exactly when the entry's
+    components (``entry.split(".")``) are a contiguous run of the name's. Entries are indexed by their first
+    component: a name is a few dictionary lookups, with nothing to compile (a regex alternation of a Nano
+    recipe's 60 exclude entries costs more to compile than the manifest asks of it).
+    """
+    by_head: dict[str, list[list[str]]] = {}
+    for e in entries:
+        parts = e.split(".")
+        by_head.setdefault(parts[0], []).append(parts)
+
+    def matches(name: str) -> bool:
+        parts = name.split(".")
+        for i, c in enumerate(parts):
+            for run in by_head.get(c, ()):
+                if parts[i : i + len(run)] == run:
+                    return True
+        return False
+
+    return matches
+
+
+def _module_path_matcher(entries: tuple[str, ...], strip_dots: bool) -> Callable[[str], bool]:
     """``_module_path_match`` against every entry at once: whether some entry is a contiguous run of whole
-    dotted components of the prefix. Called with the prefix wrapped in dots (``.a.b.``).
+    dotted components of the prefix (``component_runs``).
 
     SGLang tests ``prefix == entry or prefix.startswith(entry + ".") or ("." + entry + ".") in ("." + prefix
-    + ".")``; the third test holds whenever one of the others does, so it alone decides, and one regex search
-    for any ``.entry.`` does it for all entries in C (a Nano recipe excludes ~55 modules, asked of 925).
+    + ".")``; the third test holds whenever one of the others does, so it alone decides.
     Trailing dots are stripped only from 0.5.23 on (``QU@0.5.23:48–59``); the 0.5.11/0.5.12 function
     compares the entry as written, so ``model.layers.4.`` matches nothing there.
     """
-    if not entries:
-        return lambda _dotted: None
-    dotted = ("." + (e.rstrip(".") if strip_dots else e) + "." for e in entries)
-    return re.compile("|".join(map(re.escape, dotted))).search
+    return component_runs(e.rstrip(".") if strip_dots else e for e in entries)
 
 
 def _glob_regex(pattern: str) -> str:
@@ -186,17 +206,41 @@ def _glob_regex(pattern: str) -> str:
     return pattern.replace(".", r"\.").replace("*", ".*")
 
 
+#: An exclude glob whose converted regex holds no syntax but ``\.`` and ``.*`` (always compiles).
+_PLAIN_GLOB = re.compile(r"[A-Za-z0-9_.*/:-]*").fullmatch
+
+
+def _globs_to_matcher(patterns: list[str]) -> Callable[[str], bool] | None:
+    """All exclude globs as one ``fullmatch`` test: whether some glob matches the whole name.
+
+    A glob of plain name characters without ``*`` matches only itself (its regex is the name with ``.``
+    escaped), so those are one set lookup; the rest are one regex alternation. Compiling a Nano recipe's
+    60 module paths as a regex costs more than the manifest that asks them.
+    """
+    if not patterns:
+        return None
+    names = frozenset(p for p in patterns if "*" not in p and _PLAIN_GLOB(p))
+    rx = _globs_to_regex([p for p in patterns if p not in names])
+    if rx is None:
+        return names.__contains__
+    fullmatch = rx.fullmatch
+    return lambda name: name in names or fullmatch(name) is not None
+
+
 def _globs_to_regex(patterns: list[str]) -> re.Pattern[str] | None:
-    """All exclude globs as one alternation, for ``fullmatch``."""
+    """Exclude globs as one alternation, for ``fullmatch``."""
     if not patterns:
         return None
     parts = []
     for p in patterns:
         rx = _glob_regex(p)
-        try:
-            re.compile(rx)
-        except re.error:
-            rx = re.escape(p).replace(r"\*", ".*")  # SGLang itself would fail on it; match it literally
+        # A pattern of plain name characters converts to a valid regex: only one that holds other regex
+        # syntax is compiled alone to find out.
+        if not _PLAIN_GLOB(p):
+            try:
+                re.compile(rx)
+            except re.error:
+                rx = re.escape(p).replace(r"\*", ".*")  # SGLang itself would fail on it; match it literally
         parts.append("(?:" + rx + ")")
     try:
         return re.compile("|".join(parts))
@@ -233,7 +277,8 @@ class QuantResolver:
     kind: str | None
     algo: str | None
     exclude: tuple[str, ...]
-    exclude_glob: re.Pattern[str] | None
+    #: ``fullmatch`` of any exclude glob (``_globs_to_matcher``); None without excludes.
+    exclude_glob: Callable[[str], bool] | None
     layers: dict[str, str]
     #: dotted prefix → algorithm of the first key (in map order) below it; replaces a scan of
     #: 41,100 keys per module on Super-size recipes.
@@ -258,7 +303,7 @@ class QuantResolver:
         membership (≤0.5.6), a substring (0.5.6.post1), dotted-path matching (0.5.11, one regex)."""
         mode = self.profile.skip_match
         if mode == "path":
-            return self._path_match("." + prefix + ".") is not None
+            return self._path_match(prefix)
         if mode == "substring":
             return any(e in prefix for e in self.exclude)
         return prefix in self.exclude
@@ -291,13 +336,13 @@ class QuantResolver:
         if not self.profile.exclusion_v1 and self.kind == "fp8":
             # ≤0.5.8.post1 ModelOptFp8Config.is_layer_excluded: a substring test (MQ@0.5.8.post1:235).
             return any(e in c for e in self.exclude for c in cands)
-        rx = self.exclude_glob
-        if rx is None:
+        matches = self.exclude_glob
+        if matches is None:
             return False
         if not self.profile.exclusion_v1:
             # ≤0.5.8.post1 ModelOptFp4Config: the glob must match the whole prefix.
-            return bool(rx.fullmatch(prefix))
-        return any(rx.fullmatch(c) or any(rx.fullmatch(part) for part in c.split(".")) for c in cands)
+            return matches(prefix)
+        return any(matches(c) or any(matches(part) for part in c.split(".")) for c in cands)
 
     # -- mixed precision --------------------------------------------------------
 
@@ -612,7 +657,7 @@ def build_resolver(
         kind=kind,
         algo=algo,
         exclude=tuple(exclude),
-        exclude_glob=_globs_to_regex(exclude),
+        exclude_glob=_globs_to_matcher(exclude),
         layers=layers,
         first_under=under,
         packed=packed,

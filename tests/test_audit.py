@@ -267,3 +267,36 @@ def test_layer_beyond_the_model_is_an_orphan(tmp_path):
     rec = next(x for x in r.records if x.tensor.name == "backbone.layers.60.norm.weight")
     assert (rec.outcome.reason, rec.orphan) == ("pp-range", True)
     assert r.verdict == "orphans"
+
+
+def test_exclude_entry_naming_one_expert_index(tmp_path):
+    # The recipe check answers expert modules once per name around the index, except where an exclude
+    # entry names the index itself as a component: expert 5 of layer 1 and expert 7's down_proj everywhere.
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    q = json.loads((ck / "hf_quant_config.json").read_text())
+    q["quantization"]["exclude_modules"] += ["backbone.layers.1.mixer.experts.5", "experts.7.down_proj"]
+    (ck / "hf_quant_config.json").write_text(json.dumps(q))
+    r = audit_path(str(ck), "sglang@0.5.23")
+    recipe = {(f.tensor, f.count) for f in r.findings if f.code == "recipe-mismatch"}
+    assert recipe == {
+        ("backbone.layers.1.mixer.experts.5.down_proj.weight", 24),  # 23 MoE layers' expert 7, and layer 1's 5
+        ("backbone.layers.1.mixer.experts.5.up_proj.weight", 1),
+    }
+
+
+def test_cross_version_summary_equals_each_epoch_audited_alone():
+    # The other epochs are audited once per distinct behaviour (matrix.shared_audits): each summary must be
+    # the one its own audit gives.
+    from nhcheck.audit import run_audit
+
+    path = str(EX / "nano3-24434-leftover-expert-scales")
+    for spec in ("sglang@0.5.11", "vllm@0.16.0"):
+        inputs = prepare(open_local(path), spec)
+        rep = audit(inputs)
+        assert rep.verdict != "clean" and len(rep.other_versions) == len(inputs.engine.others())
+        for other in inputs.engine.others():
+            m = other.build_manifest(inputs.config, inputs.quant)
+            alone = run_audit(
+                inputs.checkpoint, inputs.config, inputs.quant, m, other, AuditOptions(compare_versions=False)
+            )
+            assert rep.other_versions[other.id] == alone.summary_line(), other.id

@@ -761,3 +761,29 @@ def test_mtp_draft_builds_its_own_lm_head_even_when_tied(profile):
     cfg = _cfg(tie_word_embeddings=True, mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1)
     assert "lm_head.weight" in _names_hf(cfg, profile=profile, mtp=True)
     assert "lm_head.weight" not in _names_hf(cfg, profile=profile)
+
+
+# -- exclude entries as runs of dotted components (``quant.component_runs``) ---------------------------------
+
+
+def test_component_runs_is_the_dotted_substring_test():
+    # The definition it replaces: ``.entry.`` occurs in ``.name.`` (one regex search over every entry before).
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from nhcheck.quant import component_runs
+
+    part = st.sampled_from(["", "a", "b", "1", "10", "experts", "layers"])
+    dotted = st.lists(part, min_size=1, max_size=5).map(".".join)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(dotted, max_size=4), dotted)
+    def check(entries, name):
+        want = any(f".{e}." in f".{name}." for e in entries)
+        assert component_runs(entries)(name) == want
+
+    check()
+    matches = component_runs(["layers.1", "mixer.", "lm_head"])
+    assert matches("backbone.layers.1.mixer") and not matches("backbone.layers.10.mixer")
+    assert not matches("backbone.layers.2.mixer")  # "mixer." is [mixer, ""]: a run only before an empty component
+    assert matches("lm_head") and matches("a..mixer..b")

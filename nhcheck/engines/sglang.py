@@ -642,8 +642,7 @@ def make_replayer(
     def replay(name: str) -> Outcome:
         if not direct and "experts." in name:
             parts = split(name)
-            if len(parts) == 3 and int(parts[1]) < num_experts:
-                e = int(parts[1])
+            if len(parts) == 3 and (e := int(parts[1])) < num_experts:
                 key = (parts[0], parts[2])
                 o = cache.get(key)
                 if o is None:
@@ -652,12 +651,9 @@ def make_replayer(
                     cache[key] = o if expert_branch else _UNCACHED
                     return o
                 if o is not _UNCACHED:
-                    # tuple.__new__ directly: _replace goes through _make, twice the cost on 163k names
-                    return (
-                        o
-                        if o.expert_id is None or o.expert_id == e
-                        else _new_outcome(Outcome, (o[0], o[1], o[2], e, o[4], o[5], o[6]))
-                    )
+                    # Positional (o[3]: expert_id) and tuple.__new__ directly: _replace goes through _make,
+                    # twice the cost on 163k names
+                    return o if o[3] is None or o[3] == e else _new_outcome(Outcome, (o[0], o[1], o[2], e, *o[4:]))
         return replay_name(name, params, num_experts, profile, is_mtp=is_mtp, pp=pp)
 
     return replay

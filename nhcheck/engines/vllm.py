@@ -559,31 +559,55 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
 
 
 def make_replayer(params: frozenset[str], num_experts: int, profile: VLLMProfile, *, quantized: bool, outer: str):
-    """``replay_name`` bound to one manifest; the own loop's ``params_dict`` is computed once."""
-    inner = frozenset(p[len("model.") :] for p in params if p.startswith("model."))
-    cache: dict[tuple[str, str], Outcome] = {}
+    """``replay_name`` bound to one manifest; the own loop's ``params_dict`` is computed once.
 
-    def replay(name: str) -> Outcome:
+    Expert names (165k on Super) are replayed once per layer × projection × suffix: ``map_name`` never
+    touches an ``experts.{e}.`` token (its rewrites are fixed substrings and suffixes), and against runtime
+    names without expert indices (a built manifest never has any) the expert branch (``AutoWeightsLoader``'s
+    or the own loop's) loads every e < E of a name alike, with only the expert id and the mapped name it
+    quotes differing; every other branch fails to find a name that still holds the token.
+    So a load found for one raw name with exactly one expert token holds for every other id, read off the
+    raw name before any mapping; any other outcome is replayed per name.
+    """
+    inner = frozenset(p[len("model.") :] for p in params if p.startswith("model."))
+    factored = not any(EXPERT_INDEX.search(p) for p in params if "experts." in p)
+    #: (raw name before, after its expert token) → (the load, its mapped name before and after the token)
+    cache: dict[tuple[str, str], tuple[Outcome, str, str]] = {}
+    split = EXPERT_INDEX.split  # [before, e, after] when the name holds exactly one ``experts.{e}.``
+    ignore = (".bias",) + ((".k_scale", ".v_scale", ".q_scale") if quantized else ())
+
+    def replay_one(name: str) -> Outcome:
         mapped, shard = map_name(name, profile, quantized)
         if mapped is None:
             return Outcome("skip", reason="mtp-filter" if name.startswith("mtp") else "mapper-drop")
         if mapped.split(".", 1)[0] == "model" and profile.own_loop:
             return _own_loop(mapped, inner, num_experts, profile)
-        ignore = (".bias",) + ((".k_scale", ".v_scale", ".q_scale") if quantized else ())
-        # One replay per layer × projection × suffix for expert names (165k on Super): the outcome only
-        # differs in the expert id and the names it quotes.
-        m = _EXPERT_RE.search(mapped)
-        if m is not None and not profile.own_loop and int(m.group(1)) < num_experts and mapped not in params:
-            key = (mapped[: m.start()], mapped[m.end() - len(m.group(2)) - 1 :])
-            o = cache.get(key)
-            if o is None or o.outcome != "load":
-                o = _auto(mapped, shard, name, params, num_experts, profile, ignore, outer)
-                cache[key] = o
-                return o
-            return o._replace(expert_id=int(m.group(1)), engine_name=mapped)
         return _auto(mapped, shard, name, params, num_experts, profile, ignore, outer)
 
+    def replay(name: str) -> Outcome:
+        if factored and "experts." in name:
+            parts = split(name)
+            if len(parts) == 3 and int(parts[1]) < num_experts:
+                key = (parts[0], parts[2])
+                hit = cache.get(key)
+                if hit is None:
+                    o = replay_one(name)
+                    around = split(o.engine_name or "") if o.outcome == "load" and o.expert_id is not None else ()
+                    cache[key] = (o, around[0] + "experts.", "." + around[2]) if len(around) == 3 else _PER_NAME
+                    return o
+                if hit is not _PER_NAME:
+                    o, before, after = hit
+                    return _new_outcome(
+                        Outcome, (o[0], o[1], o[2], int(parts[1]), before + parts[1] + after, o[5], o[6])
+                    )
+        return replay_one(name)
+
     return replay
+
+
+#: The cache's answer for a raw name whose outcome is not a factored load: replay each name.
+_PER_NAME: tuple[Outcome, str, str] = (Outcome("uncached"), "", "")
+_new_outcome = tuple.__new__
 
 
 # ---------------------------------------------------------------------------
