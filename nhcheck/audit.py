@@ -594,6 +594,7 @@ def run_audit(
     # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
     # routes everything first and loads the language model afterwards).
     crash: Crash | None = None
+    order_notes: list[Finding] = []
     if raised:  # the stream order matters only to find the first raise: 165k tuples otherwise saved
         order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, g.replayed, strict=True)]
         shards = [s.name for s in ckpt.shards]
@@ -608,6 +609,10 @@ def run_audit(
             if o.outcome == "raise":
                 crash = Crash(o.message or "", t.name, t.shard)
                 break
+        unknown_order = engine.shard_order_assumption()
+        if unknown_order and len({t.shard for t, o, _, _ in order if o.outcome == "raise"}) > 1:
+            # The first raise depends on which shard the engine reads first, and that is the host's.
+            order_notes.append(Finding("info", "shard-order-assumed", unknown_order))
     if crash is None:
         error = engine.startup_error((t.name for t, _, _, _ in g.replayed), manifest, mtp=opts.mtp)
         if error:
@@ -621,6 +626,7 @@ def run_audit(
     findings: list[Finding] = list(ckpt.findings)
     if engine.id.assumption:
         findings.append(Finding("info", "engine-assumed", engine.id.assumption))
+    findings += order_notes
     if (
         moe_backend is None
         and manifest.source == "built"
@@ -712,7 +718,7 @@ def run_audit(
 
 
 #: Manifest problems that are errors the engine raises while starting (no weight loads).
-_REFUSALS = ("ValueError", "AttributeError")
+_REFUSALS = ("ValueError", "AttributeError", "NotImplementedError")
 
 
 def _slot0_findings(engine: Engine, slot0: dict[str, Param], statuses: list[ParamStatus]) -> list:

@@ -209,6 +209,9 @@ class LiveEngine:
     def order_shards(self, names: list[str]) -> list[str]:
         return self.explain.order_shards(names) if self.explain else sorted(names)
 
+    def shard_order_assumption(self) -> str | None:
+        return self.explain.shard_order_assumption() if self.explain else None
+
     def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         return None  # default_weight_loader, the SGLang loader that checks sizes, ran in the live replay
 

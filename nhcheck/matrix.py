@@ -146,6 +146,7 @@ def _behaviour_key(
         fills,
         tuple(engine.by_design(r) for r in shared.reasons),
         tuple(engine.order_shards(shards)),
+        engine.shard_order_assumption(),
         (engine.routes_before_lm(cfg, mtp=mtp), engine.routed_after_lm(cfg, mtp=mtp)),
         engine.startup_error(iter(names), m, mtp=mtp),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,10 @@ def test_release_list_is_in_index_order_and_the_table_is_a_subset():
 
 @pytest.mark.parametrize("version", sorted(vllm.UNPROVEN, key=vllm.release_key))
 def test_known_but_unproven_releases_are_a_one_line_usage_error(version):
-    with pytest.raises(UsageError, match=r"not yet proven by golden data .*answers for vllm 0\.16\.0 … 0\.34\.0") as e:
+    first = min(vllm.PROFILES, key=vllm.release_key)
+    with pytest.raises(UsageError, match=rf"not yet proven by golden data .*answers for vllm {re.escape(first)} … 0\.34\.0"):
+        engines.parse(f"vllm@{version}")
+    with pytest.raises(UsageError) as e:
         engines.parse(f"vllm@{version}")
     assert "\n" not in str(e.value)
 
@@ -89,3 +93,48 @@ def test_shards_are_read_in_natural_order(tmp_path):
     crash = audit_path(str(dst), "vllm@0.34.0").crash
     assert crash is not None and crash.shard == "model-2.safetensors"
     assert first.tensor.shard == "model-12.safetensors"  # first in name order: where SGLang's order would stop
+
+
+def test_before_0_16_the_shard_order_is_the_hosts_and_nhcheck_says_so(tmp_path):
+    """0.14.0 – 0.15.x read the shard files in glob order (the file system's): where raises lie in more than one
+    shard, the first crash depends on the host; nhcheck answers in name order with an info naming the assumption.
+    From 0.16.0 the order is vLLM's natural sort: no such note."""
+    src = Path(__file__).parent / "conformance" / "nano3_bf16" / "checkpoint"
+    dst = tmp_path / "ck"
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for i, shard in enumerate(shards):  # one tensor per shard renamed to a name the model lacks
+        name = next(k for k, v in index["weight_map"].items() if v == shard and k.endswith("norm.weight"))
+        _rename_tensor(dst / shard, name, name.replace("norm.weight", f"bogus{i}.weight"))
+        index["weight_map"][name.replace("norm.weight", f"bogus{i}.weight")] = index["weight_map"].pop(name)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    old = audit_path(str(dst), "vllm@0.14.0")
+    assert old.crash is not None and old.crash.shard == shards[0]
+    notes = [f for f in old.findings if f.code == "shard-order-assumed"]
+    assert len(notes) == 1 and notes[0].severity == "info" and "file system's order" in notes[0].message
+    new = audit_path(str(dst), "vllm@0.16.0")
+    assert new.crash is not None and not [f for f in new.findings if f.code == "shard-order-assumed"]
+
+
+def _rename_tensor(path: Path, old: str, new: str) -> None:
+    """Rewrite one tensor name in a safetensors header (same data, header padded to 8 bytes)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header[new] = header.pop(old)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def test_0_14_refuses_nvfp4_experts_in_the_default_environment():
+    """0.14.0 – 0.15.x: Nemotron-H's non-gated MoE in ModelOpt NVFP4 needs FlashInfer's CUTLASS MoE, picked only with
+    VLLM_USE_FLASHINFER_MOE_FP4=1 (goldens: every NVFP4 case refused at start-up on 0.14.0); 0.16.0 builds it."""
+    report = audit_path(str(EX / "nano3-nvfp4"), "vllm@0.14.0")
+    assert report.crash is not None and report.crash.tensor is None
+    assert report.crash.error.startswith("NotImplementedError: Non-gated activations")
+    env = [f for f in report.findings if f.code == "quant-config" and "VLLM_USE_FLASHINFER_MOE_FP4=1" in f.message]
+    assert env and env[0].severity == "warning"
+    assert audit_path(str(EX / "nano3-nvfp4"), "vllm@0.16.0").crash is None

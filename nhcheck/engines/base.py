@@ -226,6 +226,11 @@ class Engine(Protocol):
         """Stream order: the order in which the engine reads the shard files (names as in the checkpoint)."""
         ...
 
+    def shard_order_assumption(self) -> str | None:
+        """Why ``order_shards`` is nhcheck's assumption rather than the engine's rule (the engine reads the files
+        in the file system's order), or None when the engine's order is known."""
+        ...
+
     def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         """Loader semantics: the error the parameter's weight loader raises for a tensor of this dtype and
         shape in this slot (the engine then dies at that tensor), or None."""

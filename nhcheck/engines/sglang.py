@@ -780,6 +780,9 @@ class SGLangEngine:
         """Index-listed shard files sorted by name (the checkpoint's own order)."""
         return sorted(names)
 
+    def shard_order_assumption(self) -> str | None:
+        return None
+
     def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         """SGLang's loaders do not refuse a tensor by its shape here; ``audit`` reports the mismatch as a finding."""
         return None

@@ -106,6 +106,25 @@ class VLLMProfile:
     #: ``vision_projector.vision_final_layernorm.*`` (0.32.0 ``models/nano_nemotron_vl.py:1005``); before,
     #: such names are routed nowhere.
     vision_final_norm: bool
+    #: Shard files are read in natural-sort order (``_natural_sort_key``, 0.16.0 ``model_loader/weight_utils.py``);
+    #: before, in ``glob`` order (0.14.0 ``model_loader/default_loader.py:152``, never sorted): the file system's
+    #: order, which nhcheck cannot know — it assumes name order and says so where the first crash depends on it.
+    natural_shard_order: bool
+    #: Nemotron-H's MoE is non-gated (relu²); ModelOpt NVFP4 experts then need FlashInfer's CUTLASS MoE backend,
+    #: which vLLM picks only with ``VLLM_USE_FLASHINFER_MOE_FP4=1`` on a Blackwell GPU (0.14.0
+    #: ``layers/quantization/modelopt.py:1340`` ``ModelOptNvFp4FusedMoE.__init__``; the environment variable
+    #: defaults to 0, ``envs.py:1234``): in the default environment the model build raises ``NotImplementedError``.
+    nvfp4_moe_needs_flashinfer: bool
+    #: ``maybe_remap_kv_scale_name`` remaps ``.q_scale`` and ``.{q,k,v}_zero_point`` too, and the own loop sends
+    #: ``zero_point`` names to it (0.15.0 ``model_loader/weight_utils.py:1177``, ``models/nemotron_h.py:666``);
+    #: before, only ``.k_scale`` / ``.v_scale``: a ``q_proj.q_scale`` goes on to the stacked mapping and raises
+    #: ``KeyError`` (probe ``probe_nano3_bf16``, 0.14.0).
+    q_scale_remap: bool
+    #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters (0.16.0
+    #: ``models/utils.py``); 0.14.0 ``models/utils.py:316`` names only the prefix and the outer class.
+    lists_params: bool
+    #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
+    modelopt_algos: tuple[str, ...]
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
     newest: bool = False
 
@@ -133,6 +152,23 @@ _V5 = VLLMProfile(
     flat_mixed_accepted=False,
     strict_exempts_postprocess=False,
     vision_final_norm=False,
+    natural_shard_order=True,
+    nvfp4_moe_needs_flashinfer=False,
+    q_scale_remap=True,
+    lists_params=True,
+    modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
+)
+#: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
+#: refused without ``VLLM_USE_FLASHINFER_MOE_FP4=1`` and no MXFP8 in ``QUANT_ALGOS``.
+_V5a = replace(
+    _V5,
+    version="0.14.0",
+    epoch="V5a",
+    natural_shard_order=False,
+    nvfp4_moe_needs_flashinfer=True,
+    q_scale_remap=False,
+    lists_params=False,
+    modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"),
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
@@ -175,6 +211,7 @@ _V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True,
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
 #: loading-path function, release to release).
 PROFILES: dict[str, VLLMProfile] = {
+    "0.14.0": _V5a,
     "0.16.0": _V5,
     "0.17.0": _V6,
     "0.17.1": _V6,
@@ -217,14 +254,14 @@ RELEASES_WITH_NEMOTRON_H = (
     "0.33.0", "0.34.0",
 )  # fmt: skip
 
-#: Known releases no golden data proves yet, and why (each is a usage error, never an answer).
-UNPROVEN = {
-    **dict.fromkeys(
-        RELEASES_WITH_NEMOTRON_H[:15],
-        "epochs V1–V5a (0.9.1 – 0.15.1: own loops without the NemotronH k/v-scale remap, glob file order) were "
-        "not run: their pinned torch 2.7 – 2.9.0 CUDA builds were not available to the oracle",
-    ),
-}
+#: Known releases no golden data proves yet, and why (each is a usage error, never an answer): every release
+#: with ``nemotron_h.py`` that no row answers for.
+_NOT_RUN = (
+    "epochs V1–V4 (0.9.1 – 0.13.0: own loops without the NemotronH k/v-scale remap, dense-only or FusedMoE "
+    "layers, glob file order) were not run: their pinned torch 2.7 – 2.9.0 CUDA builds were not available to "
+    "the oracle"
+)
+UNPROVEN = {v: _NOT_RUN for v in RELEASES_WITH_NEMOTRON_H if v not in PROFILES}
 
 
 def installed_release() -> str | None:
@@ -256,8 +293,8 @@ def parse_engine_id(spec: str | None) -> EngineId:
         version = NEWEST
     if version in PROFILES:
         return EngineId("vllm", version, installed)
-    first = next(iter(PROFILES))
-    gaps = sorted(set(UNPROVEN) - set(RELEASES_WITH_NEMOTRON_H[:15]), key=release_key)
+    first = min(PROFILES, key=release_key)
+    gaps = [v for v in UNPROVEN if release_key(v) > release_key(first)]
     modelled = f"nhcheck answers for vllm {first} … {NEWEST}" + (f" except {', '.join(gaps)}" if gaps else "")
     if version in UNPROVEN:
         raise UsageError(
@@ -355,8 +392,9 @@ def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | No
     return key, shard
 
 
-def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None, str | None]:
-    """``maybe_remap_kv_scale_name`` (``model_loader/weight_utils.py``): (name, None) or (None, warning)."""
+def _kv_remap(name: str, params: frozenset[str] | set[str], q_too: bool) -> tuple[str | None, str | None]:
+    """``maybe_remap_kv_scale_name`` (``model_loader/weight_utils.py``): (name, None) or (None, warning).
+    ``q_too``: ``.q_scale`` and the zero points are remapped as well (0.15.0)."""
     if name in params:
         return name, None
     if name.endswith(".kv_scale"):
@@ -369,7 +407,7 @@ def _kv_remap(name: str, params: frozenset[str] | set[str]) -> tuple[str | None,
             "and v_scale tensors and will be removed in a future release. Functionally, we will remap kv_scale to "
             "k_scale and duplicate k_scale to v_scale"
         )
-    suffixes = (".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point")
+    suffixes = (".k_scale", ".v_scale") + ((".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point") if q_too else ())
     if not name.endswith(suffixes):
         return name, None
     for rx, new in (
@@ -432,7 +470,9 @@ def _module_class(prefix: str, params: frozenset[str] | set[str]) -> str:
     return "Module"
 
 
-def _walk(n: str, params: frozenset[str] | set[str], outer: str, ignore: tuple[str, ...], dotted: bool) -> Outcome:
+def _walk(
+    n: str, params: frozenset[str] | set[str], outer: str, ignore: tuple[str, ...], dotted: bool, listed: bool = True
+) -> Outcome:
     """``AutoWeightsLoader._load_module`` down the module tree for a name no parameter holds.
 
     At the first component no module or parameter has, the qualified name so far is ignored when it ends
@@ -468,6 +508,9 @@ def _walk(n: str, params: frozenset[str] | set[str], outer: str, ignore: tuple[s
         if not any(p.startswith(cand + ".") for p in params):
             if cand.endswith(ignore) or (cand + ".").endswith(ignore):
                 return Outcome("skip", engine_name=n, reason="ignored")
+            if not listed:
+                message = f"ValueError: There is no module or parameter named {cand!r} in {outer}"
+                return Outcome("raise", engine_name=n, message=message, reason="valueerror")
             under = sorted(p for p in params if not base or p.startswith(base + "."))
             if not dotted and base:
                 under = [base + p[len(base) + 1 :] for p in under]
@@ -517,15 +560,15 @@ def _auto(
         )
     if profile.own_loop:  # the unexpected-suffix rules came with the cache-scale mapper, .bias only here
         ignore_suffixes = (".bias",) if profile.cache_scale_mapper else ()
-    return _walk(n, params, outer, ignore_suffixes, profile.param_keys_dotted)
+    return _walk(n, params, outer, ignore_suffixes, profile.param_keys_dotted, profile.lists_params)
 
 
 def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProfile) -> Outcome:
     """``NemotronHModel.load_weights`` on a name under ``model.``; ``inner`` is its ``params_dict`` (names
     without ``model.``: ``AutoWeightsLoader`` strips the prefix, and its KeyError quotes the inner name)."""
     name = n[len("model.") :]
-    if "scale" in name or "zero_point" in name:
-        remapped, warning = _kv_remap(name, inner)
+    if "scale" in name or ("zero_point" in name and profile.q_scale_remap):
+        remapped, warning = _kv_remap(name, inner, profile.q_scale_remap)
         if remapped is None:
             return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
         name = remapped
@@ -823,8 +866,17 @@ class VLLMEngine:
         return cfg.wrapper is not None and not mtp and self.profile.vl_lm_first
 
     def order_shards(self, names: list[str]) -> list[str]:
-        """``safetensors_weights_iterator`` reads the shard files in natural-sort order (0.16.0)."""
-        return sorted(names, key=natural_key)
+        """``safetensors_weights_iterator`` reads the shard files in natural-sort order (0.16.0); before, in
+        ``glob`` order, assumed here to be name order (``shard_order_assumption``)."""
+        return sorted(names, key=natural_key) if self.profile.natural_shard_order else sorted(names)
+
+    def shard_order_assumption(self) -> str | None:
+        if self.profile.natural_shard_order:
+            return None
+        return (
+            f"vllm {self.id.version} reads the shard files in the file system's order (glob, unsorted): nhcheck "
+            "assumes name order, so the first crash may be a raising tensor of another shard on your host"
+        )
 
     def tp_unproven(self) -> str | None:
         """None for the releases whose rank maps were recorded on gloo ranks (``oracle/vllm_tp``,

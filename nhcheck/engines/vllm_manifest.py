@@ -25,6 +25,10 @@ from nhcheck.quant import QuantConfig, first_under
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 UNQUANT = "UnquantizedLinearMethod"
 EMBED = "UnquantizedEmbeddingMethod"
+NVFP4_MOE = "ModelOptNvFp4FusedMoE"
+#: What ``ModelOptNvFp4FusedMoE.__init__`` raises for a non-gated MoE without FlashInfer's CUTLASS backend
+#: (``VLLMProfile.nvfp4_moe_needs_flashinfer``).
+NVFP4_MOE_REFUSAL = "NotImplementedError: Non-gated activations are only supported by FlashInfer CUTLASS NvFP4 MoE backend."
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 #: ModelOpt algorithms → (linear kind, MoE method) as vLLM's ModelOpt configs build them.
 _ALGOS = {"NVFP4": ("nvfp4", "ModelOptNvFp4FusedMoE"), "FP8": ("fp8", "ModelOptFp8MoEMethod")}
@@ -120,6 +124,15 @@ def _component_match(entry: str, prefix: str) -> bool:
     return prefix == entry or prefix.startswith(entry + ".") or ("." + entry + ".") in ("." + prefix + ".")
 
 
+def nvfp4_moe_environment(release: str) -> str:
+    """The assumption behind ``NVFP4_MOE_REFUSAL``: vLLM's default environment."""
+    return (
+        f"vllm {release} builds ModelOpt NVFP4 experts for Nemotron-H's non-gated MoE only with "
+        "VLLM_USE_FLASHINFER_MOE_FP4=1 and FlashInfer's CUTLASS MoE on a Blackwell GPU; nhcheck answers for the "
+        "default environment (the variable unset)"
+    )
+
+
 def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
     """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
     if cfg.wrapper not in (None, "NemotronH_Nano_VL_V2") and not profile.omni_registered:
@@ -131,9 +144,8 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
         return "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
     if qc.is_mixed and not nested and not profile.flat_mixed_accepted:
         return (
-            "ValueError: ModelOpt currently only supports: ['FP8', 'FP8_PER_CHANNEL_PER_TOKEN', 'FP8_PB_WO', 'NVFP4', "
-            "'MXFP8'] quantizations in vLLM. Please check the `hf_quant_config.json` file for your model's quant "
-            "configuration."
+            f"ValueError: ModelOpt currently only supports: {list(profile.modelopt_algos)} quantizations in vLLM. "
+            "Please check the `hf_quant_config.json` file for your model's quant configuration."
         )
     if qc.quant_algo not in _ALGOS and not qc.is_mixed:
         return f"ValueError: Unknown ModelOpt quant algo: {qc.quant_algo}"
@@ -196,7 +208,7 @@ class _Builder:
             self.add(f"{pre}.w13_weight", (E, mi, X), None, m, **w13)
             self.add(f"{pre}.w2_weight", (E, X, mi), None, m, **w2)
         elif algo == "NVFP4":
-            m = "ModelOptNvFp4FusedMoE"
+            m = NVFP4_MOE
             self.add(f"{pre}.w13_weight", (E, mi, X // 2), "uint8", m, **w13)
             self.add(f"{pre}.w2_weight", (E, X, mi // 2), "uint8", m, **w2)
             self.add(f"{pre}.w13_weight_scale", (E, mi, X // 16), "float8_e4m3fn", m, **w13)
@@ -302,5 +314,7 @@ def build_manifest(
             for s in ("weight", "bias"):
                 b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))
     problems = tuple(qc.problems) if qc else ()
+    if profile.nvfp4_moe_needs_flashinfer and any(p.quant_method == NVFP4_MOE for p in b.out):
+        return Manifest((), engine, problems=(NVFP4_MOE_REFUSAL, nvfp4_moe_environment(release), *problems))
     # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.
     return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems, moe_backend_requested="")
