@@ -120,6 +120,10 @@ class VLLMProfile:
     #: before, only ``.k_scale`` / ``.v_scale``: a ``q_proj.q_scale`` goes on to the stacked mapping and raises
     #: ``KeyError`` (probe ``probe_nano3_bf16``, 0.14.0).
     q_scale_remap: bool
+    #: ``maybe_remap_kv_scale_name`` knows Nemotron-H's ``mixer.{k,v}_proj.{k,v}_scale`` (0.14.0
+    #: ``model_loader/weight_utils.py:1158``): ModelOpt FP8 KV scales load into ``mixer.attn.{k,v}_scale``; before,
+    #: the generic pattern makes ``mixer.k_proj.attn.k_scale``, no parameter: warned and dropped.
+    mixer_kv_remap: bool
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters (0.16.0
     #: ``models/utils.py``); 0.14.0 ``models/utils.py:316`` names only the prefix and the outer class.
     lists_params: bool
@@ -156,6 +160,7 @@ _V5 = VLLMProfile(
     nvfp4_moe_needs_flashinfer=False,
     q_scale_remap=True,
     lists_params=True,
+    mixer_kv_remap=True,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
@@ -169,6 +174,21 @@ _V5a = replace(
     q_scale_remap=False,
     lists_params=False,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"),
+)
+#: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern: ``mixer.k_proj.k_scale`` is warned and dropped.
+_V4 = replace(_V5a, version="0.13.0", epoch="V4", mixer_kv_remap=False)
+#: V5b: 0.15.0 — ``q_scale`` / zero points remapped (``weight_utils.py:1177``); AutoWeightsLoader's error lists the
+#: module's parameters; the NVFP4 MoE backend is chosen among every available one (``fused_moe/oracle/nvfp4.py``
+#: ``select_nvfp4_moe_backend``, FlashInfer's included without the variable): the model builds; one scale per fused
+#: shard (goldens 0.15.1; 0.16.0 has one).
+_V5b = replace(
+    _V5a,
+    version="0.15.1",
+    epoch="V5b",
+    nvfp4_moe_needs_flashinfer=False,
+    q_scale_remap=True,
+    lists_params=True,
+    fused_scale_per_shard=True,
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
@@ -211,7 +231,11 @@ _V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True,
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
 #: loading-path function, release to release).
 PROFILES: dict[str, VLLMProfile] = {
+    "0.13.0": _V4,
     "0.14.0": _V5a,
+    "0.14.1": _V5a,
+    "0.15.0": _V5b,
+    "0.15.1": _V5b,
     "0.16.0": _V5,
     "0.17.0": _V6,
     "0.17.1": _V6,
@@ -392,9 +416,8 @@ def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | No
     return key, shard
 
 
-def _kv_remap(name: str, params: frozenset[str] | set[str], q_too: bool) -> tuple[str | None, str | None]:
-    """``maybe_remap_kv_scale_name`` (``model_loader/weight_utils.py``): (name, None) or (None, warning).
-    ``q_too``: ``.q_scale`` and the zero points are remapped as well (0.15.0)."""
+def _kv_remap(name: str, params: frozenset[str] | set[str], profile: VLLMProfile) -> tuple[str | None, str | None]:
+    """``maybe_remap_kv_scale_name`` (``model_loader/weight_utils.py``): (name, None) or (None, warning)."""
     if name in params:
         return name, None
     if name.endswith(".kv_scale"):
@@ -407,15 +430,19 @@ def _kv_remap(name: str, params: frozenset[str] | set[str], q_too: bool) -> tupl
             "and v_scale tensors and will be removed in a future release. Functionally, we will remap kv_scale to "
             "k_scale and duplicate k_scale to v_scale"
         )
-    suffixes = (".k_scale", ".v_scale") + ((".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point") if q_too else ())
+    suffixes = (".k_scale", ".v_scale")
+    if profile.q_scale_remap:
+        suffixes += (".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point")
     if not name.endswith(suffixes):
         return name, None
     for rx, new in (
         (r"\.self_attn\.([kv])_proj\.([kv])_scale$", r".self_attn.attn.\2_scale"),
-        (r"\.mixer\.[kv]_proj\.([kv])_scale$", r".mixer.attn.\1_scale"),
+        (r"\.mixer\.[kv]_proj\.([kv])_scale$" if profile.mixer_kv_remap else "", r".mixer.attn.\1_scale"),
         (r"\.([qkv])_scale$", r".attn.\1_scale"),
         (r"\.([qkv])_zero_point$", r".attn.\1_zero_point"),
     ):
+        if not rx:
+            continue
         if re.search(rx, name):
             cand = re.sub(rx, new, name)
             if cand in params:
@@ -568,7 +595,7 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
     without ``model.``: ``AutoWeightsLoader`` strips the prefix, and its KeyError quotes the inner name)."""
     name = n[len("model.") :]
     if "scale" in name or ("zero_point" in name and profile.q_scale_remap):
-        remapped, warning = _kv_remap(name, inner, profile.q_scale_remap)
+        remapped, warning = _kv_remap(name, inner, profile)
         if remapped is None:
             return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
         name = remapped

@@ -95,7 +95,7 @@ def tensor_entry(r):
     return e
 
 
-def convert(version, replay, manifest):
+def convert(version, replay, manifest, note=None):
     g = OrderedDict()
     g["engine"] = f"vllm@{version}"
     g["made_by"] = (f"vllm {version} NemotronH model built on CPU (tiny real shapes), its real "
@@ -111,6 +111,9 @@ def convert(version, replay, manifest):
         g["made_by"] = f"vllm {version} start-up (engine config / model build) refused this checkpoint"
         if standin:
             g["made_by"] += "; " + standin
+    if note:
+        g["made_by"] += "; " + note
+    if replay.get("startup_error"):
         g["crash"] = OrderedDict(tensor=None, error="start-up: " + replay["startup_error"]["error"])
         g["tensors"] = {}
         g["params_without_tensor"] = []
@@ -177,6 +180,9 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help="keep oracle outputs here (default: a temp dir)")
     ap.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
     ap.add_argument("--convert-only", action="store_true", help="reuse oracle outputs already in --work")
+    ap.add_argument("--note", default=None,
+                    help="appended to every golden's made_by: how this release's environment differs from its pins "
+                         "(e.g. 'torch 2.9.1 stood in for the pinned 2.9.0')")
     ap.add_argument("--probes", default=None,
                     help="run on the probe checkpoints PROBES/<probe>/checkpoint (make_probes.py; committed: "
                          "tests/conformance/probes) instead; goldens go to PROBES/<probe>/expected-vllm-X.json")
@@ -218,7 +224,7 @@ def main(argv=None):
             if os.path.exists(os.path.join(od, "manifest.json")) and not replay.get("startup_error"):
                 with open(os.path.join(od, "manifest.json")) as f:
                     man = json.load(f)
-            text = dump(convert(v, replay, man))
+            text = dump(convert(v, replay, man, a.note))
             path = os.path.join(dest, f"expected-vllm-{v}.json")
             if a.check:
                 old = open(path).read() if os.path.exists(path) else None
