@@ -124,6 +124,10 @@ class VLLMProfile:
     #: ``model_loader/weight_utils.py:1158``): ModelOpt FP8 KV scales load into ``mixer.attn.{k,v}_scale``; before,
     #: the generic pattern makes ``mixer.k_proj.attn.k_scale``, no parameter: warned and dropped.
     mixer_kv_remap: bool
+    #: ``NemotronHAttention`` hands the quant config to its ``Attention`` (0.14.0 ``models/nemotron_h.py:486``): under a
+    #: ModelOpt config the attention has ``q_scale`` / ``k_scale`` / ``v_scale`` / ``prob_scale``; before, none (goldens
+    #: ``nano3_nvfp4`` 0.13.0), so checkpoint KV scales have no target.
+    attn_quant_scales: bool
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters (0.16.0
     #: ``models/utils.py``); 0.14.0 ``models/utils.py:316`` names only the prefix and the outer class.
     lists_params: bool
@@ -161,10 +165,12 @@ _V5 = VLLMProfile(
     q_scale_remap=True,
     lists_params=True,
     mixer_kv_remap=True,
+    attn_quant_scales=True,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
-#: refused without ``VLLM_USE_FLASHINFER_MOE_FP4=1`` and no MXFP8 in ``QUANT_ALGOS``.
+#: refused without ``VLLM_USE_FLASHINFER_MOE_FP4=1``, no MXFP8 in ``QUANT_ALGOS``, one NVFP4 scale per fused shard
+#: (``ModelOptNvFp4LinearMethod.create_weights``: ``len(output_partition_sizes)``, 0.13.0 – 0.15.1; goldens 0.13.0, 0.15.1).
 _V5a = replace(
     _V5,
     version="0.14.0",
@@ -174,13 +180,17 @@ _V5a = replace(
     q_scale_remap=False,
     lists_params=False,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"),
+    fused_scale_per_shard=True,
 )
-#: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern: ``mixer.k_proj.k_scale`` is warned and dropped.
-_V4 = replace(_V5a, version="0.13.0", epoch="V4", mixer_kv_remap=False)
+#: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern (``mixer.k_proj.k_scale`` is warned and dropped), without
+#: attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0).
+_V4 = replace(
+    _V5a, version="0.13.0", epoch="V4", mixer_kv_remap=False, nvfp4_moe_needs_flashinfer=False, attn_quant_scales=False
+)
 #: V5b: 0.15.0 — ``q_scale`` / zero points remapped (``weight_utils.py:1177``); AutoWeightsLoader's error lists the
 #: module's parameters; the NVFP4 MoE backend is chosen among every available one (``fused_moe/oracle/nvfp4.py``
 #: ``select_nvfp4_moe_backend``, FlashInfer's included without the variable): the model builds; one scale per fused
-#: shard (goldens 0.15.1; 0.16.0 has one).
+#: shard as before (0.16.0 has one).
 _V5b = replace(
     _V5a,
     version="0.15.1",
@@ -188,7 +198,6 @@ _V5b = replace(
     nvfp4_moe_needs_flashinfer=False,
     q_scale_remap=True,
     lists_params=True,
-    fused_scale_per_shard=True,
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.

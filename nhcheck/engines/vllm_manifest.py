@@ -244,7 +244,7 @@ class _Builder:
             q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
             self.linear(f"{P}.qkv_proj", (q, kv, kv), H, stacked=("q", "k", "v"))
             self.linear(f"{P}.o_proj", (H,), q)
-            if self.q is not None:
+            if self.q is not None and self.profile.attn_quant_scales:
                 for s in ("q_scale", "k_scale", "v_scale", "prob_scale"):
                     self.add(f"{P}.attn.{s}", (), None, self.profile.kv_method_name, informational=True)
         elif kind == "-":
