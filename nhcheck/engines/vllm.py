@@ -183,9 +183,16 @@ _V5a = replace(
     fused_scale_per_shard=True,
 )
 #: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern (``mixer.k_proj.k_scale`` is warned and dropped), without
-#: attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0).
+#: attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0); ``QUANT_ALGOS`` is
+#: ``['FP8', 'NVFP4']``.
 _V4 = replace(
-    _V5a, version="0.13.0", epoch="V4", mixer_kv_remap=False, nvfp4_moe_needs_flashinfer=False, attn_quant_scales=False
+    _V5a,
+    version="0.13.0",
+    epoch="V4",
+    mixer_kv_remap=False,
+    nvfp4_moe_needs_flashinfer=False,
+    attn_quant_scales=False,
+    modelopt_algos=("FP8", "NVFP4"),
 )
 #: V5b: 0.15.0 — ``q_scale`` / zero points remapped (``weight_utils.py:1177``); AutoWeightsLoader's error lists the
 #: module's parameters; the NVFP4 MoE backend is chosen among every available one (``fused_moe/oracle/nvfp4.py``
