@@ -124,7 +124,7 @@ class VLLMProfile:
     #: ``model_loader/weight_utils.py:1158``): ModelOpt FP8 KV scales load into ``mixer.attn.{k,v}_scale``; before,
     #: the generic pattern makes ``mixer.k_proj.attn.k_scale``, no parameter: warned and dropped.
     mixer_kv_remap: bool
-    #: ``NemotronHAttention`` hands the quant config to its ``Attention`` (0.14.0 ``models/nemotron_h.py:486``): under a
+    #: ``NemotronHAttention`` hands the quant config to its ``Attention`` (0.14.1 ``models/nemotron_h.py:486``): under a
     #: ModelOpt config the attention has ``q_scale`` / ``k_scale`` / ``v_scale`` / ``prob_scale``; before, none (goldens
     #: ``nano3_nvfp4`` 0.13.0), so checkpoint KV scales have no target.
     attn_quant_scales: bool
