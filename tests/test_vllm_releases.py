@@ -56,7 +56,8 @@ def test_24434_checkpoint_crashes_on_vllm_and_not_on_sglang():
     """The orphan expert scales SGLang >= 0.5.12 skips make every vLLM release raise at start-up."""
     ex = str(EX / "nano3-24434-leftover-expert-scales")
     assert audit_path(ex, "sglang@0.5.23").crash is None
-    for version, error in (("0.24.0", "KeyError"), ("0.26.0", "AttributeError: 'RoutedExperts'"),
+    for version, error in (("0.13.0", "KeyError"), ("0.15.1", "KeyError"), ("0.24.0", "KeyError"),
+                           ("0.26.0", "AttributeError: 'RoutedExperts'"),
                            ("0.34.0", "AttributeError: Layer model.layers.1.mixer.experts")):  # fmt: skip
         crash = audit_path(ex, f"vllm@{version}").crash
         assert crash is not None and crash.error.startswith(error) and ".experts." in (crash.tensor or "")
