@@ -169,8 +169,9 @@ _V5 = VLLMProfile(
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
-#: refused without ``VLLM_USE_FLASHINFER_MOE_FP4=1``, no MXFP8 in ``QUANT_ALGOS``, one NVFP4 scale per fused shard
-#: (``ModelOptNvFp4LinearMethod.create_weights``: ``len(output_partition_sizes)``, 0.13.0 – 0.15.1; goldens 0.13.0, 0.15.1).
+#: refused without ``VLLM_USE_FLASHINFER_MOE_FP4=1``, no MXFP8 in ``QUANT_ALGOS``, one NVFP4 scale per fused
+#: shard (``ModelOptNvFp4LinearMethod.create_weights``: ``len(output_partition_sizes)``, 0.13.0 – 0.15.1;
+#: goldens 0.13.0, 0.15.1).
 _V5a = replace(
     _V5,
     version="0.14.0",
@@ -182,9 +183,9 @@ _V5a = replace(
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"),
     fused_scale_per_shard=True,
 )
-#: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern (``mixer.k_proj.k_scale`` is warned and dropped), without
-#: attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0); ``QUANT_ALGOS`` is
-#: ``['FP8', 'NVFP4']``.
+#: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern (``mixer.k_proj.k_scale`` is warned and
+#: dropped), without attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0);
+#: ``QUANT_ALGOS`` is ``['FP8', 'NVFP4']``.
 _V4 = replace(
     _V5a,
     version="0.13.0",
@@ -446,7 +447,7 @@ def _kv_remap(name: str, params: frozenset[str] | set[str], profile: VLLMProfile
             "and v_scale tensors and will be removed in a future release. Functionally, we will remap kv_scale to "
             "k_scale and duplicate k_scale to v_scale"
         )
-    suffixes = (".k_scale", ".v_scale")
+    suffixes: tuple[str, ...] = (".k_scale", ".v_scale")
     if profile.q_scale_remap:
         suffixes += (".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point")
     if not name.endswith(suffixes):

@@ -28,7 +28,9 @@ EMBED = "UnquantizedEmbeddingMethod"
 NVFP4_MOE = "ModelOptNvFp4FusedMoE"
 #: What ``ModelOptNvFp4FusedMoE.__init__`` raises for a non-gated MoE without FlashInfer's CUTLASS backend
 #: (``VLLMProfile.nvfp4_moe_needs_flashinfer``).
-NVFP4_MOE_REFUSAL = "NotImplementedError: Non-gated activations are only supported by FlashInfer CUTLASS NvFP4 MoE backend."
+NVFP4_MOE_REFUSAL = (
+    "NotImplementedError: Non-gated activations are only supported by FlashInfer CUTLASS NvFP4 MoE backend."
+)
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 #: ModelOpt algorithms → (linear kind, MoE method) as vLLM's ModelOpt configs build them.
 _ALGOS = {"NVFP4": ("nvfp4", "ModelOptNvFp4FusedMoE"), "FP8": ("fp8", "ModelOptFp8MoEMethod")}
