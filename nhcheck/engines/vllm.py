@@ -298,9 +298,9 @@ RELEASES_WITH_NEMOTRON_H = (
 #: Known releases no golden data proves yet, and why (each is a usage error, never an answer): every release
 #: with ``nemotron_h.py`` that no row answers for.
 _NOT_RUN = (
-    "epochs V1–V4 (0.9.1 – 0.13.0: own loops without the NemotronH k/v-scale remap, dense-only or FusedMoE "
-    "layers, glob file order) were not run: their pinned torch 2.7 – 2.9.0 CUDA builds were not available to "
-    "the oracle"
+    "epochs V1–V3 (0.9.1 – 0.12.0: dense-only layers or MoE without the top-level mtp skip, own loops without "
+    "the NemotronH k/v-scale remap, glob file order) were not run: their pinned torch 2.7 – 2.9.0 CUDA builds "
+    "were not run by the oracle"
 )
 UNPROVEN = {v: _NOT_RUN for v in RELEASES_WITH_NEMOTRON_H if v not in PROFILES}
 
@@ -452,14 +452,11 @@ def _kv_remap(name: str, params: frozenset[str] | set[str], profile: VLLMProfile
         suffixes += (".q_scale", ".k_zero_point", ".v_zero_point", ".q_zero_point")
     if not name.endswith(suffixes):
         return name, None
-    for rx, new in (
-        (r"\.self_attn\.([kv])_proj\.([kv])_scale$", r".self_attn.attn.\2_scale"),
-        (r"\.mixer\.[kv]_proj\.([kv])_scale$" if profile.mixer_kv_remap else "", r".mixer.attn.\1_scale"),
-        (r"\.([qkv])_scale$", r".attn.\1_scale"),
-        (r"\.([qkv])_zero_point$", r".attn.\1_zero_point"),
-    ):
-        if not rx:
-            continue
+    rules = [(r"\.self_attn\.([kv])_proj\.([kv])_scale$", r".self_attn.attn.\2_scale")]
+    if profile.mixer_kv_remap:
+        rules.append((r"\.mixer\.[kv]_proj\.([kv])_scale$", r".mixer.attn.\1_scale"))
+    rules += [(r"\.([qkv])_scale$", r".attn.\1_scale"), (r"\.([qkv])_zero_point$", r".attn.\1_zero_point")]
+    for rx, new in rules:
         if re.search(rx, name):
             cand = re.sub(rx, new, name)
             if cand in params:
