@@ -55,7 +55,9 @@ def test_cli_formats_and_exit_code():
         ("0.5.9", "crash", 144),
         ("0.5.12", "incomplete", 0),  # + the in_proj scales in slot 0 only, until 0.5.16
         ("0.5.16", "orphans", 0),
-        ("0.16.0", "crash", 144),  # vLLM raises on the orphan expert scales in every release (wording changes)
+        ("0.13.0", "crash", 144),  # vLLM raises on the orphan expert scales in every release (wording changes)
+        ("0.14.0", "crash", 0),  # … except 0.14.x, which refuses NVFP4 experts without VLLM_USE_FLASHINFER_MOE_FP4=1
+        ("0.15.0", "crash", 144),
         ("0.24.0", "crash", 144),
         ("0.26.0", "crash", 144),
         ("0.28.0", "crash", 144),
@@ -63,7 +65,7 @@ def test_cli_formats_and_exit_code():
     assert doc["rows"][2]["crash"]["tensor"] == "backbone.layers.1.mixer.experts.0.down_proj.input_scale"
     md = CliRunner().invoke(cli, ["matrix", str(EX / "nano3-bf16"), "--format", "markdown"])
     assert md.exit_code == 0 and "| sglang 0.5.6 … 0.5.23 | clean |" in md.output
-    assert "| vllm 0.16.0 … 0.34.0 | clean |" in md.output
+    assert "| vllm 0.13.0 … 0.34.0 | clean |" in md.output
     md = CliRunner().invoke(cli, ["matrix", str(EX / "nano3-nvfp4"), "--format", "markdown"])
     assert "| sglang 0.5.6 … 0.5.15.post1 | incomplete |" in md.output  # in_proj scales in slot 0 only
     assert "| sglang 0.5.16 … 0.5.23 | clean |" in md.output
