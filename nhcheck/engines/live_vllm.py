@@ -1,0 +1,607 @@
+"""The installed vLLM's own code on one checkpoint's headers: the worker behind ``audit --live --engine vllm``.
+
+    python -m nhcheck.engines.live_vllm REQUEST.json
+
+Runs in a child process of ``nhcheck.live`` (vLLM sets process-wide state while it builds a model:
+the current platform, the distributed groups, the current ``VllmConfig``), under the same
+interpreter, so it sees the vLLM installed next to nhcheck. For each checkpoint in the request it
+forks once more (releases before 0.20.0 initialise CUDA while vLLM is imported, so there the child
+imports vLLM itself) and, in that child:
+
+1. resolves the start-up as ``vllm serve`` does: ``EngineArgs(...).create_engine_config()`` (the
+   quant config class chosen from the checkpoint's files), a one-rank gloo group;
+2. builds the real model with ``model_loader.utils.initialize_model`` on the **meta** device (no
+   weight memory: a full-size config costs nothing) and writes every ``named_parameters()`` entry
+   as an nhcheck ``Param``;
+3. wraps every parameter's ``weight_loader`` and the ``default_weight_loader`` of vLLM's model
+   modules with recorders that record the call and then make it (on meta, the loaders' narrowing
+   and shape checks are real), and ``WeightsMapper.apply`` to learn the mapped names;
+4. lists the checkpoint's tensors with vLLM's own ``DefaultModelLoader.get_all_weights`` (its file
+   filter, natural sort and safetensors iterator) over a header-only ``safe_open`` that hands out
+   meta tensors of the header shapes and dtypes (one-element tensors as CPU zeros: the scalar path
+   reads their value). No tensor data is read;
+5. runs the real ``DefaultModelLoader.load_weights`` over that stream once (the crash point, and the
+   strict "weights not initialized" check of unquantized models), then the model's real
+   ``load_weights`` once per tensor (each tensor's own outcome, as vLLM's goldens record it).
+
+Outcomes use nhcheck's vocabulary (``load`` / ``warn`` / ``skip`` / ``raise``); a tensor whose
+weight loader was called and then raised has ``raise`` with its parameter (``loaded``: the loader's
+own shape check refused it). A warning counts as the engine dropping a tensor only where it is
+logged without a load: the once-per-process warnings every tensor of a kind passes through
+(0.28.0 – 0.31.0 ``Unexpected gate/up projection names``) also accompany loads and are left out.
+``AutoWeightsLoader``'s errors list parameters as a Python ``set`` (in the process's string-hash
+order); the worker writes those lists sorted, so two runs of one release say the same.
+
+Host facts, stated as the release table states them: a Blackwell GPU (compute capability 10.0) at
+TP 1 — an emulated CUDA platform that answers only the device facts is installed as
+``vllm.platforms.current_platform`` (torch's own capability probe answers the same, for releases
+before 0.20.0), ``VLLM_DISABLE_SHARED_EXPERTS_STREAM=1`` (vLLM's switch; shared experts then make
+no CUDA stream). Where transformers has no ``nemotron_h`` config class (vLLM 0.16.0 – 0.19.x pin
+transformers 4.x; a real server runs the checkpoint's own config code with ``--trust-remote-code``),
+vLLM's own copy of that class is registered for it. Each shim is listed in the answer (``shims``).
+On a host without a GPU the CUDA extension vLLM imports needs a ``libcuda.so.1`` on the loader path
+(``oracle/vllm/make_stub_libcuda.sh`` makes one whose calls all answer "no device").
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The emulated GPU: compute capability and name of a B200 (the capability picks the NVFP4 kernels).
+_CAPABILITY = (10, 0)
+_DEVICE_NAME = "NVIDIA B200"
+#: ``AutoWeightsLoader``'s and the strict check's errors: a prefix, then a Python set of names.
+_SET_ERROR = re.compile(
+    r"^(.*?(?:The available parameters belonging to .*? are: |were not initialized from checkpoint: ))\{(.*)\}(.*)$",
+    re.S,
+)
+#: Errors that say this process was not set up as vLLM's own start-up sets itself up (or that the host
+#: lacks what the release imports): failures of the live run, never the engine refusing the checkpoint.
+_SETUP_ERRORS = ("in forked subprocess", "NVIDIA driver", "not initialized", "Torch not compiled with CUDA")
+_SMALL = 1
+
+
+def _release() -> str:
+    from importlib import metadata
+
+    return metadata.version("vllm")
+
+
+def _old_cuda_import() -> bool:
+    """Releases before 0.20.0 initialise torch.cuda while vLLM is imported: a forked child could not build."""
+    parts = tuple(int(x) for x in re.findall(r"\d+", _release())[:2])
+    return parts < (0, 20)
+
+
+# ---------------------------------------------------------------------------- host facts
+
+
+_STATED: list[str] = []
+
+
+def state_platform(shims: list[str]) -> None:
+    """A CUDA platform that answers device facts only: compute capability 10.0, one device, no NVML (once)."""
+    if _STATED:
+        shims.extend(_STATED)
+        return
+    import torch
+    import vllm.platforms as vp
+    from vllm.platforms.cuda import NonNvmlCudaPlatform
+    from vllm.platforms.interface import DeviceCapability
+
+    major, minor = _CAPABILITY
+
+    class StatedCudaPlatform(NonNvmlCudaPlatform):
+        @classmethod
+        def get_device_capability(cls, device_id=0):
+            return DeviceCapability(major=major, minor=minor)
+
+        @classmethod
+        def get_device_name(cls, device_id=0):
+            return _DEVICE_NAME
+
+        @classmethod
+        def get_device_total_memory(cls, device_id=0):
+            return 180 << 30
+
+        @classmethod
+        def is_fully_connected(cls, physical_device_ids):
+            return True
+
+        @classmethod
+        def is_pin_memory_available(cls):
+            return False
+
+        @classmethod
+        def device_count(cls):
+            return 1
+
+    vp.current_platform = StatedCudaPlatform()
+    torch.cuda.get_device_capability = lambda device=None: (major, minor)  # type: ignore[assignment]
+    os.environ.setdefault("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
+    _STATED.append(f"platform stated as a CUDA GPU of compute capability {major}.{minor} at TP 1")
+    shims.extend(_STATED)
+
+
+def config_standin(shims: list[str]) -> None:
+    """Register vLLM's own ``NemotronHConfig`` where transformers has no ``nemotron_h`` model type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "nemotron_h" in CONFIG_MAPPING:
+        return
+    from transformers import AutoConfig
+
+    cls = importlib.import_module("vllm.transformers_utils.configs.nemotron_h").NemotronHConfig
+    AutoConfig.register("nemotron_h", cls, exist_ok=True)
+    shims.append(
+        "transformers has no nemotron_h config class: vLLM's own transformers_utils/configs/nemotron_h.py "
+        "stands in for the checkpoint's configuration code (--trust-remote-code)"
+    )
+
+
+def preimport() -> None:
+    """Import what every build reads (once, before forking; releases from 0.20.0)."""
+    for mod in (
+        "vllm.engine.arg_utils",
+        "vllm.model_executor.model_loader.default_loader",
+        "vllm.model_executor.models.nemotron_h",
+    ):
+        importlib.import_module(mod)
+
+
+# ---------------------------------------------------------------------------- the build
+
+
+class StartupRefused(Exception):
+    """vLLM raised while resolving the engine config or building the model; ``stage`` says where."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        super().__init__(error_text(error))
+        self.stage = stage
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message``; an error the engine-args layer wrapped in pydantic's ``ValidationError`` is
+    written as the error vLLM's validator raised (its ``ctx``), the set in a listing sorted."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ == "ValidationError" and callable(errors):
+        try:
+            inner = [e.get("ctx", {}).get("error") for e in errors()]
+        except Exception:  # noqa: BLE001 - not pydantic's: keep the error as it is
+            inner = []
+        if len(inner) == 1 and isinstance(inner[0], BaseException):
+            exc = inner[0]
+    return sorted_sets(f"{type(exc).__name__}: {exc}")
+
+
+def sorted_sets(message: str) -> str:
+    """A message listing a Python ``set`` of names, with the names sorted (the set's order is the hash's)."""
+    m = _SET_ERROR.match(message)
+    if m is None:
+        return message
+    items = sorted(x for x in m.group(2).split(", ") if x)
+    return f"{m.group(1)}{{{', '.join(items)}}}{m.group(3)}"
+
+
+@dataclass
+class _Build:
+    vc: Any
+    model: Any
+    lm: Any
+    shims: list[str] = field(default_factory=list)
+
+
+def _init_distributed(vc: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(vc):
+        init_distributed_environment(
+            world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
+        )
+        ensure_model_parallel_initialized(1, 1)
+
+
+def build(root: str) -> _Build:
+    """The real engine-config resolution and model build, on the meta device."""
+    import torch
+
+    shims: list[str] = []
+    state_platform(shims)
+    config_standin(shims)
+    stage = "engine_config"
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        args = EngineArgs(
+            model=root,
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            max_model_len=256,
+            load_format="safetensors",
+            tensor_parallel_size=1,
+        )
+        vc = args.create_engine_config()
+        _init_distributed(vc)
+        stage = "model_build"
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.utils import initialize_model
+        from vllm.utils.torch_utils import set_default_torch_dtype
+
+        with set_current_vllm_config(vc), set_default_torch_dtype(vc.model_config.dtype), torch.device("meta"):
+            model = initialize_model(vllm_config=vc)
+    except ImportError:
+        raise  # this environment lacks a module: not the engine refusing the checkpoint
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1].filename
+        if os.path.abspath(where) == os.path.abspath(__file__) or any(m in str(exc) for m in _SETUP_ERRORS):
+            raise  # our set-up of the process, not the engine refusing the checkpoint: never a verdict
+        raise StartupRefused(stage, exc) from exc
+    nh = importlib.import_module("vllm.model_executor.models.nemotron_h")
+    lm = next((m for m in model.modules() if isinstance(m, nh.NemotronHForCausalLM)), model)
+    return _Build(vc, model, lm, shims)
+
+
+# ---------------------------------------------------------------------------- the manifest
+
+
+def _classes(obj: object) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+def manifest(b: _Build) -> dict:
+    """Every runtime parameter as an nhcheck ``Param``, its loader kind read from the module that owns it."""
+    modules = dict(b.model.named_modules())
+    lm_prefix = next((f"{n}." for n, m in b.model.named_modules() if m is b.lm and n), "")
+    n_experts = getattr(b.lm.config, "n_routed_experts", None) or 0
+    out = []
+    for name, p in b.model.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = modules.get(owner_name)
+        qm = getattr(owner, "quant_method", None)
+        classes = _classes(owner) if owner is not None else set()
+        entry: dict[str, Any] = {
+            "name": name,
+            "shape": list(p.shape),
+            "dtype": str(p.dtype).removeprefix("torch."),
+            "quant_method": type(qm).__name__ if qm is not None else None,
+            "loader": "default",
+        }
+        if classes & {"FusedMoE", "RoutedExperts"}:
+            entry.update(
+                loader="expert",
+                num_experts=int(getattr(owner, "global_num_experts", 0) or n_experts or (p.shape[0] if p.dim() else 0)),
+                shard_ids=["w2"] if leaf.startswith("w2_") else ["w1"],
+            )
+        elif "QKVParallelLinear" in classes:
+            entry["loader"] = "stacked"
+            sizes = [int(s) for s in getattr(owner, "output_sizes", ())]
+            if len(sizes) == 3 and p.dim() and p.shape[0] == sum(sizes):
+                entry["slots"] = [[s, sum(sizes[:i]), n] for i, (s, n) in enumerate(zip("qkv", sizes, strict=True))]
+            elif p.dim() == 1 and p.shape[0] <= 3:
+                entry["slots"] = [[s, i, 1] for i, s in enumerate("qkv")]
+        elif leaf == "A" and "MambaMixer2" in classes:
+            entry["loader"] = "mamba_A"
+        if "Attention" in classes and leaf.endswith("_scale"):
+            entry["informational"] = True  # the attention keeps its default scales when none is given
+        elif owner_name.endswith("vision_final_layernorm"):
+            entry["informational"] = True  # nn.LayerNorm's initial values stand when no tensor fills it
+        out.append(entry)
+    return {
+        "lm_prefix": lm_prefix,
+        "quantization": b.vc.model_config.quantization,
+        "moe_backend": "",  # vLLM's MoE backend (picked from the GPU) changes no parameter
+        "params": out,
+    }
+
+
+# ---------------------------------------------------------------------------- the tensors
+
+
+class _HeaderOnly:
+    """``safe_open`` over one shard's header: real names, dtypes and shapes; stand-in tensors, no data read."""
+
+    def __init__(self, filename: str, framework: str = "pt", device: str = "cpu") -> None:
+        import safetensors
+
+        self._real = safetensors.safe_open(filename, framework="pt", device="cpu")
+
+    def __enter__(self) -> _HeaderOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._real = None
+
+    def keys(self) -> list[str]:
+        return list(self._real.keys())
+
+    def metadata(self) -> dict | None:
+        return self._real.metadata()
+
+    def get_slice(self, name: str):
+        return self._real.get_slice(name)
+
+    def get_tensor(self, name: str):
+        import torch
+
+        sl = self._real.get_slice(name)
+        dtype = getattr(torch, _ST_DTYPE.get(sl.get_dtype(), "uint8"))
+        shape = list(sl.get_shape())
+        n = 1
+        for d in shape:
+            n *= d
+        if n <= _SMALL:
+            return torch.zeros(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+_ST_DTYPE = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "BOOL": "bool",
+}
+
+
+def engine_stream(b: _Build) -> tuple[Any, list[tuple[str, Any]]]:
+    """The loader and the checkpoint's (name, stand-in tensor) pairs in the order vLLM's loader yields them."""
+    from vllm.model_executor.model_loader import weight_utils
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    dl = DefaultModelLoader(b.vc.load_config)
+    real_open = weight_utils.safe_open
+    weight_utils.safe_open = _HeaderOnly
+    try:
+        tensors = list(dl.get_all_weights(b.vc.model_config, b.model))
+    finally:
+        weight_utils.safe_open = real_open
+    return dl, tensors
+
+
+# ---------------------------------------------------------------------------- the replay
+
+
+@dataclass
+class _Tape:
+    current: int | None = None
+    exhausted: bool = False
+    events: list[tuple] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+    mapped: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.events, self.logs, self.mapped = [], [], []
+
+
+class _LogTap(logging.Handler):
+    def __init__(self, tape: _Tape) -> None:
+        super().__init__(logging.WARNING)
+        self.tape = tape
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.tape.logs.append(record.getMessage())
+
+
+def _clear_once_caches() -> None:
+    vl = importlib.import_module("vllm.logger")
+    for fn in ("_print_debug_once", "_print_info_once", "_print_warning_once", "_print_error_once"):
+        f = getattr(vl, fn, None)
+        if f is not None and hasattr(f, "cache_clear"):
+            f.cache_clear()
+
+
+def instrument(b: _Build, tape: _Tape) -> None:
+    """Recorders around every weight loader (record, then call the real one) and around the name mapper."""
+    names = {id(p): n for n, p in b.model.named_parameters()}
+
+    for p in b.model.parameters():
+        real = getattr(p, "weight_loader", None)
+        if real is None:
+            continue
+
+        def weight_loader(*args, _real=real, **kwargs):
+            param = args[0] if args else kwargs.get("param")
+            extra = list(args[2:])
+            tape.events.append(("loader", names.get(id(param)), extra, dict(kwargs)))
+            out = _real(*args, **kwargs)
+            if out is False:
+                tape.events.append(("rejected", names.get(id(param)), extra, dict(kwargs)))
+            return out
+
+        try:
+            p.weight_loader = weight_loader
+        except AttributeError:  # a read-only property over _weight_loader
+            p._weight_loader = weight_loader
+    for modname, mod in list(sys.modules.items()):
+        if mod is None or not modname.startswith("vllm.model_executor"):
+            continue
+        real = getattr(mod, "default_weight_loader", None)
+        if real is None or not callable(real) or getattr(real, "__nhcheck_real__", None):
+            continue
+
+        def default_weight_loader(param, loaded_weight, _real=real):
+            tape.events.append(("default", names.get(id(param)), [], {}))
+            return _real(param, loaded_weight)
+
+        default_weight_loader.__nhcheck_real__ = real  # type: ignore[attr-defined]
+        mod.default_weight_loader = default_weight_loader  # type: ignore[attr-defined]
+    utils = importlib.import_module("vllm.model_executor.models.utils")
+    real_apply = utils.WeightsMapper.apply
+    if not getattr(real_apply, "__nhcheck_real__", None):
+
+        def apply(self, weights):
+            for out_name, data in real_apply(self, weights):
+                tape.mapped.append(out_name)
+                yield out_name, data
+
+        apply.__nhcheck_real__ = real_apply  # type: ignore[attr-defined]
+        utils.WeightsMapper.apply = apply
+    tap = _LogTap(tape)
+    for lg in (logging.getLogger("vllm"), logging.getLogger()):
+        lg.addHandler(tap)
+    logging.getLogger("vllm").setLevel(logging.WARNING)
+
+
+def stream(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> dict | None:
+    """The real ``DefaultModelLoader.load_weights`` over the whole stream; the first error and its tensor."""
+    from vllm.config import set_current_vllm_config
+
+    def get_all_weights(model_config, model):
+        tape.exhausted = False
+        for i, (name, t) in enumerate(tensors):
+            tape.current = i
+            yield name, t
+        tape.exhausted = True
+
+    dl.get_all_weights = get_all_weights
+    tape.reset()
+    _clear_once_caches()
+    try:
+        with set_current_vllm_config(b.vc):
+            dl.load_weights(b.model, b.vc.model_config)
+    except Exception as exc:
+        culprit = None if tape.exhausted or tape.current is None else tensors[tape.current][0]
+        return {"tensor": culprit, "error": error_text(exc)}
+    return None
+
+
+def per_tensor(b: _Build, tensors: list[tuple[str, Any]], tape: _Tape) -> dict[str, dict]:
+    """Each tensor through the model's real ``load_weights`` on its own: its outcome."""
+    import torch
+    from vllm.config import set_current_vllm_config
+
+    raw: dict[str, tuple] = {}
+    with set_current_vllm_config(b.vc), torch.no_grad():
+        for name, t in tensors:
+            tape.reset()
+            _clear_once_caches()
+            error = None
+            try:
+                ret = b.model.load_weights([(name, t)])
+                if ret is not None and not isinstance(ret, set | list | dict):
+                    list(ret)
+            except Exception as exc:  # the real loader raised: that is the outcome
+                error = error_text(exc)
+            raw[name] = (list(tape.events), list(tape.logs), list(tape.mapped), error)
+    with_load = {msg for events, logs, _, _ in raw.values() if events for msg in logs}
+    return {name: _outcome(*r, not_about_drops=with_load) for name, r in raw.items()}
+
+
+def _outcome(events: list, logs: list, mapped: list, error: str | None, *, not_about_drops: set[str]) -> dict:
+    o: dict[str, Any] = {
+        "outcome": "skip",
+        "param": None,
+        "shard_id": None,
+        "expert_id": None,
+        "engine_name": mapped[-1] if mapped else None,
+        "message": None,
+    }
+    loads = [e for e in events if e[0] in ("loader", "default")]
+    if loads:
+        kind, param, extra, kwargs = loads[0]
+        o["param"] = param
+        if "expert_id" in kwargs:
+            o.update(shard_id=kwargs.get("shard_id"), expert_id=kwargs.get("expert_id"))
+        elif kind == "loader":
+            sid = extra[0] if extra else kwargs.get("loaded_shard_id", kwargs.get("shard_id"))
+            o["shard_id"] = sid if isinstance(sid, str | int) else None
+        if any(e[0] == "rejected" for e in events) and error is None:
+            return dict(o, outcome="skip", param=None, shard_id=None, expert_id=None)
+    if error is not None:
+        return dict(o, outcome="raise", message=error, loaded=bool(loads))
+    if loads:
+        return dict(o, outcome="load")
+    drops = [m for m in logs if m not in not_about_drops]
+    if drops:
+        return dict(o, outcome="warn", message=drops[0])
+    return o
+
+
+# ---------------------------------------------------------------------------- the process
+
+
+def _one(job: dict) -> dict:
+    out: dict[str, Any] = {"vllm": _release(), "startup": None}
+    try:
+        b = build(job["root"])
+    except StartupRefused as exc:
+        out["startup"] = {"stage": exc.stage, "error": str(exc)}
+        return out
+    tape = _Tape()
+    dl, tensors = engine_stream(b)
+    out["manifest"] = manifest(b)
+    instrument(b, tape)
+    out["crash"] = stream(b, dl, tensors, tape)
+    out["tensors"] = per_tensor(b, tensors, tape)
+    out["order"] = [n for n, _ in tensors]
+    out["shims"] = b.shims
+    out["buffers"] = False
+    return out
+
+
+def _child(job: dict) -> None:
+    """In the forked child: one checkpoint, one result file; never returns."""
+    code = 0
+    try:
+        result = _one(job)
+        tmp = job["out"] + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, job["out"])
+    except BaseException:  # the parent reports the missing result with this log's last line
+        traceback.print_exc()
+        code = 3
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    with open(args[0]) as fh:
+        request = json.load(fh)
+    os.environ.setdefault("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if not _old_cuda_import():
+        state_platform([])
+        preimport()
+    for job in request["jobs"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(job)
+        os.waitpid(pid, 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
