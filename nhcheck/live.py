@@ -1,10 +1,11 @@
 """``audit --live`` and ``--cross-check``: the installed engine's own code answers, beside the table.
 
-The release table (``engines/sglang.py``) answers for every release it knows from the headers alone.
-A release newer than the table, or a patched build, is answered by its own code instead: a worker
-process (``engines/live_sglang.py``, same interpreter) runs the installed SGLang's start-up on the
-meta device and its real ``load_weights`` on recorder parameters, and returns the parameters it
-built and what it did with every checkpoint tensor. ``LiveEngine`` serves those answers through the
+The release tables (``engines/sglang.py``, ``engines/vllm.py``) answer for every release they know
+from the headers alone. A release newer than the table, or a patched build, is answered by its own
+code instead: a worker process (``engines/live_sglang.py`` / ``engines/live_vllm.py``, same
+interpreter) runs the installed engine's start-up on the meta device and its real ``load_weights``
+on recorder parameters, and returns the parameters it built and what it did with every checkpoint
+tensor. ``LiveEngine`` serves those answers through the
 ``Engine`` interface, so ``run_audit`` turns them into the same ``nhcheck.audit/1`` report (findings,
 verdict, exit codes) as the table replay.
 
@@ -26,13 +27,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import util as import_util
 
 from nhcheck import collapse, engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint
-from nhcheck.engines import sglang
+from nhcheck.engines import sglang, vllm
 from nhcheck.engines.base import Engine, EngineId, LoaderSemantics, Outcome, PPWindow, Replayer, Route, UnloadedKind
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, verdict_of
@@ -44,6 +45,9 @@ from nhcheck.quant import QuantConfig, parse_quant
 STARTUP = "startup"
 #: A live outcome that no table rule reaches for the same tensor.
 LIVE = "live"
+#: Each engine's worker module (run as ``python -m``) and its release module (``installed_release``).
+_WORKERS = {"sglang": "nhcheck.engines.live_sglang", "vllm": "nhcheck.engines.live_vllm"}
+_RELEASES = {"sglang": sglang, "vllm": vllm}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,10 @@ class LiveRun:
     ``refused``: the error the start-up raised before any weight loaded (no manifest then).
     ``crash``: the first error of the whole-checkpoint stream, and the tensor it was loading
     (None: raised after the loop). ``buffers``: the wrapper took every name before the language
-    model loaded one (the crash order of a buffering wrapper).
+    model loaded one (the crash order of a buffering wrapper). ``defers``: the wrapper loads its
+    projector and towers only after the whole language-model stream. ``engine``: whose worker answered.
+    ``load_errors``: (parameter, shard id, dtype, shape) → the error the parameter's own weight loader
+    raised on such a tensor (the worker ran the real loaders, whose shape checks are the engine's).
     """
 
     version: str
@@ -66,10 +73,17 @@ class LiveRun:
     refused: str | None = None
     crash: tuple[str | None, str] | None = None
     buffers: bool = False
+    engine: str = "sglang"
+    defers: bool = False
+    load_errors: dict[tuple[str, str | None, str, tuple[int, ...]], str] = field(default_factory=dict)
 
 
 def installed_engine(requested: str | None) -> EngineId:
-    """The installed SGLang as an ``EngineId``; a usage error when there is none or another was named."""
+    """The installed engine (``--engine``'s name, SGLang by default) as an ``EngineId``; a usage error when
+    it is not installed or another release was named."""
+    name = (requested or "sglang").partition("@")[0]
+    if name == "vllm":
+        return _installed("vllm", requested)
     if import_util.find_spec("sglang") is None or import_util.find_spec("torch") is None:
         raise UsageError(
             "--live and --cross-check run the installed engine's own code: install sglang (and its torch) in "
@@ -86,12 +100,27 @@ def installed_engine(requested: str | None) -> EngineId:
     return EngineId("sglang", version, installed=True)
 
 
-def run_worker(ckpt: Checkpoint, *, moe_backend: str | None) -> LiveRun:
+def _installed(name: str, requested: str | None) -> EngineId:
+    if import_util.find_spec(name) is None or import_util.find_spec("torch") is None:
+        raise UsageError(
+            f"--live and --cross-check run the installed engine's own code: install {name} (and its torch) in "
+            "this Python environment, or audit from the release table without them"
+        )
+    version = _RELEASES[name].installed_release()
+    if version is None:
+        raise UsageError(f"{name} is importable but has no package metadata (no release to name)")
+    wanted = (requested or "").partition("@")[2]
+    if wanted and wanted not in ("latest", version):
+        raise UsageError(f"--live replays the installed {name} {version}; --engine names {name}@{wanted}")
+    return EngineId(name, version, installed=True)
+
+
+def run_worker(ckpt: Checkpoint, *, moe_backend: str | None, engine: str = "sglang") -> LiveRun:
     """Run the installed engine on this checkpoint in a worker process and read its answer."""
-    return run_workers([ckpt], moe_backend=moe_backend)[0]
+    return run_workers([ckpt], moe_backend=moe_backend, engine=engine)[0]
 
 
-def run_workers(ckpts: list[Checkpoint], *, moe_backend: str | None) -> list[LiveRun]:
+def run_workers(ckpts: list[Checkpoint], *, moe_backend: str | None, engine: str = "sglang") -> list[LiveRun]:
     """One worker process (one engine import) for several checkpoints, each replayed in a fresh fork."""
     for ckpt in ckpts:
         if not os.path.isdir(ckpt.root) or ckpt.revision is not None:
@@ -105,14 +134,14 @@ def run_workers(ckpts: list[Checkpoint], *, moe_backend: str | None) -> list[Liv
         req = os.path.join(tmp, "request.json")
         with open(req, "w") as fh:
             json.dump(request, fh)
-        return [parse_result(r) for r in _run(req, outs)]
+        return [parse_result(r) for r in _run(req, outs, engine)]
 
 
-def _run(request: str, outs: list[str]) -> list[dict]:
+def _run(request: str, outs: list[str], engine: str) -> list[dict]:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-m", "nhcheck.engines.live_sglang", request],
+        [sys.executable, "-m", _WORKERS[engine], request],
         env=env,
         capture_output=True,
         text=True,
@@ -123,7 +152,7 @@ def _run(request: str, outs: list[str]) -> list[dict]:
         if not os.path.exists(out):
             lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
             last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-            raise UsageError(f"the installed sglang could not be run (exit {proc.returncode}): {last.strip()}")
+            raise UsageError(f"the installed {engine} could not be run (exit {proc.returncode}): {last.strip()}")
         with open(out) as fh:
             results.append(json.load(fh))
     return results
@@ -131,27 +160,43 @@ def _run(request: str, outs: list[str]) -> list[dict]:
 
 def parse_result(result: dict) -> LiveRun:
     """The worker's JSON → ``LiveRun`` (manifest in nhcheck's records, outcomes per checkpoint name)."""
-    version = str(result["sglang"])
+    engine = next(e for e in _WORKERS if e in result)
+    version = str(result[engine])
     if result.get("startup"):
-        empty = Manifest((), f"sglang@{version}", "", None, "auto", "main", "live")
-        return LiveRun(version, empty, {}, refused=str(result["startup"]["error"]))
+        empty = Manifest((), f"{engine}@{version}", "", None, "auto", "main", "live")
+        return LiveRun(version, empty, {}, refused=str(result["startup"]["error"]), engine=engine)
     m = result["manifest"]
     manifest = Manifest(
         tuple(Param.from_json(p) for p in m["params"]),
-        f"sglang@{version}",
+        f"{engine}@{version}",
         m["lm_prefix"],
         m["quantization"],
         m["moe_backend"],
         "main",
         "live",
     )
-    outcomes = {
-        name: Outcome(o["outcome"], o["param"], o["shard_id"], o["expert_id"], o["engine_name"], o["message"], LIVE)
-        for name, o in result["tensors"].items()
-    }
+    outcomes: dict[str, Outcome] = {}
+    load_errors: dict[tuple[str, str | None, str, tuple[int, ...]], str] = {}
+    for name, o in result["tensors"].items():
+        if o["outcome"] == "raise" and o.get("loaded"):  # the parameter's own loader refused this tensor
+            load_errors[(o["param"], o["shard_id"], o["dtype"], tuple(o["shape"]))] = o["message"]
+            o = dict(o, outcome="load", message=None)
+        outcomes[name] = Outcome(
+            o["outcome"], o["param"], o["shard_id"], o["expert_id"], o["engine_name"], o["message"], LIVE
+        )
     crash = (result["crash"]["tensor"], result["crash"]["error"]) if result.get("crash") else None
     padded = frozenset(p["name"] for p in m["params"] if p.get("padded"))
-    return LiveRun(version, manifest, outcomes, padded, crash=crash, buffers=bool(result.get("buffers")))
+    return LiveRun(
+        version,
+        manifest,
+        outcomes,
+        padded,
+        crash=crash,
+        buffers=bool(result.get("buffers")),
+        engine=engine,
+        defers=bool(result.get("defers")),
+        load_errors=load_errors,
+    )
 
 
 class LiveEngine:
@@ -204,7 +249,7 @@ class LiveEngine:
         return self.run.buffers
 
     def routed_after_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
-        return False
+        return self.run.defers
 
     def order_shards(self, names: list[str]) -> list[str]:
         return self.explain.order_shards(names) if self.explain else sorted(names)
@@ -213,9 +258,15 @@ class LiveEngine:
         return self.explain.shard_order_assumption() if self.explain else None
 
     def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
-        return None  # default_weight_loader, the SGLang loader that checks sizes, ran in the live replay
+        # what the real loaders raised in the live replay (SGLang's size-checking default_weight_loader
+        # raises there too, as a raise of its own; vLLM's fused loaders are recorded in ``load_errors``)
+        return self.run.load_errors.get((param.name, shard_id, dtype, shape))
 
     def slot_note(self, param: Param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        # a load that writes part of its slot succeeds in the live replay too: the table row says where
+        # the engine's loader narrows (vLLM's FusedMoE); SGLang's rows name none
+        if self.run.engine == "vllm" and self.explain is not None:
+            return self.explain.slot_note(param, dtype, shape)
         return None
 
     def tp_unproven(self) -> str | None:
@@ -267,10 +318,10 @@ class LiveEngine:
         return ()
 
 
-def _table_engine(version: str) -> Engine | None:
+def _table_engine(name: str, version: str) -> Engine | None:
     """The table row for a release (a newer one: the newest row); None for a release the table lacks."""
     try:
-        return engines.get(sglang.parse_engine_id(f"sglang@{version}"))
+        return engines.get(engines.parse(f"{name}@{version}"))
     except UsageError:
         return None
 
@@ -297,15 +348,20 @@ def audit(
     """The live report; with ``cross_check`` also the table's, and every disagreement as an error."""
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
-    impl = _table_engine(eid.version)
+    if eid.name == "vllm" and cfg.wrapper is not None:
+        raise UsageError(
+            f"--live for vllm replays text checkpoints (NemotronHForCausalLM); {cfg.wrapper} needs the "
+            "checkpoint's remote config code to build: audit it from the release table"
+        )
+    impl = _table_engine(eid.name, eid.version)
     if cross_check and impl is None:
         raise UsageError(
-            f"--cross-check: nhcheck's release table has no row for sglang {eid.version} to check against; "
+            f"--cross-check: nhcheck's release table has no row for {eid.name} {eid.version} to check against; "
             "run --live alone"
         )
     table = _table_report(ckpt, cfg, qc, impl, moe_backend) if impl else None
     if run is None:
-        run = run_worker(ckpt, moe_backend=moe_backend)
+        run = run_worker(ckpt, moe_backend=moe_backend, engine=eid.name)
     eid = replace(eid, version=run.version)
     if table is not None:
         run = replace(run, manifest=logical_shapes(run, table.manifest))
@@ -352,9 +408,9 @@ def logical_shapes(run: LiveRun, table: Manifest) -> Manifest:
 
 def _live_note(run: LiveRun, impl: Engine | None) -> Finding:
     where = "its start-up and load_weights, run on meta-device recorder parameters as on a Blackwell GPU at TP 1" + (
-        f" (MoE backend {run.manifest.moe_backend})" if not run.refused else ""
+        f" (MoE backend {run.manifest.moe_backend})" if not run.refused and run.manifest.moe_backend else ""
     )
-    text = f"answered by the installed sglang {run.version}'s own code: {where}"
+    text = f"answered by the installed {run.engine} {run.version}'s own code: {where}"
     if impl is None:
         text += "; nhcheck's release table has no row for this release"
     elif impl.id.assumption:

@@ -20,9 +20,12 @@ imports vLLM itself) and, in that child:
    filter, natural sort and safetensors iterator) over a header-only ``safe_open`` that hands out
    meta tensors of the header shapes and dtypes (one-element tensors as CPU zeros: the scalar path
    reads their value). No tensor data is read;
-5. runs the real ``DefaultModelLoader.load_weights`` over that stream once (the crash point, and the
-   strict "weights not initialized" check of unquantized models), then the model's real
-   ``load_weights`` once per tensor (each tensor's own outcome, as vLLM's goldens record it).
+5. runs the real ``DefaultModelLoader.load_weights`` over that stream (the crash point, and the
+   strict "weights not initialized" check of unquantized models). When it raises, the tensor being
+   processed is recorded with the error and the stream resumes after it through the model's
+   ``load_weights``, so every tensor gets the outcome it has on its own (vLLM's goldens record
+   each tensor loaded alone); loader calls, mapped names and log records are tied to the tensor
+   the stream last yielded.
 
 Outcomes use nhcheck's vocabulary (``load`` / ``warn`` / ``skip`` / ``raise``); a tensor whose
 weight loader was called and then raised has ``raise`` with its parameter (``loaded``: the loader's
@@ -385,14 +388,17 @@ def engine_stream(b: _Build) -> tuple[Any, list[tuple[str, Any]]]:
 
 @dataclass
 class _Tape:
+    """What happened while the loader held each tensor (by index in vLLM's order)."""
+
     current: int | None = None
     exhausted: bool = False
-    events: list[tuple] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)
-    mapped: list[str] = field(default_factory=list)
+    events: dict[int, list[tuple]] = field(default_factory=dict)
+    logs: dict[int, list[str]] = field(default_factory=dict)
+    mapped: dict[int, list[str]] = field(default_factory=dict)
 
-    def reset(self) -> None:
-        self.events, self.logs, self.mapped = [], [], []
+    def add(self, book: dict[int, list], item: object) -> None:
+        if self.current is not None and not self.exhausted:
+            book.setdefault(self.current, []).append(item)
 
 
 class _LogTap(logging.Handler):
@@ -401,10 +407,11 @@ class _LogTap(logging.Handler):
         self.tape = tape
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.tape.logs.append(record.getMessage())
+        self.tape.add(self.tape.logs, record.getMessage())
 
 
 def _clear_once_caches() -> None:
+    """vLLM logs some warnings once per process; each tensor is to see the warnings it causes."""
     vl = importlib.import_module("vllm.logger")
     for fn in ("_print_debug_once", "_print_info_once", "_print_warning_once", "_print_error_once"):
         f = getattr(vl, fn, None)
@@ -424,10 +431,10 @@ def instrument(b: _Build, tape: _Tape) -> None:
         def weight_loader(*args, _real=real, **kwargs):
             param = args[0] if args else kwargs.get("param")
             extra = list(args[2:])
-            tape.events.append(("loader", names.get(id(param)), extra, dict(kwargs)))
+            tape.add(tape.events, ("loader", names.get(id(param)), extra, dict(kwargs)))
             out = _real(*args, **kwargs)
-            if out is False:
-                tape.events.append(("rejected", names.get(id(param)), extra, dict(kwargs)))
+            if out is False:  # an expert loader that did not take the tensor (not on this rank)
+                tape.add(tape.events, ("rejected", names.get(id(param)), extra, dict(kwargs)))
             return out
 
         try:
@@ -442,7 +449,7 @@ def instrument(b: _Build, tape: _Tape) -> None:
             continue
 
         def default_weight_loader(param, loaded_weight, _real=real):
-            tape.events.append(("default", names.get(id(param)), [], {}))
+            tape.add(tape.events, ("default", names.get(id(param)), [], {}))
             return _real(param, loaded_weight)
 
         default_weight_loader.__nhcheck_real__ = real  # type: ignore[attr-defined]
@@ -453,63 +460,74 @@ def instrument(b: _Build, tape: _Tape) -> None:
 
         def apply(self, weights):
             for out_name, data in real_apply(self, weights):
-                tape.mapped.append(out_name)
+                tape.add(tape.mapped, out_name)
                 yield out_name, data
 
         apply.__nhcheck_real__ = real_apply  # type: ignore[attr-defined]
         utils.WeightsMapper.apply = apply
-    tap = _LogTap(tape)
-    for lg in (logging.getLogger("vllm"), logging.getLogger()):
-        lg.addHandler(tap)
-    logging.getLogger("vllm").setLevel(logging.WARNING)
+    vllm_logger = logging.getLogger("vllm")
+    for h in vllm_logger.handlers:
+        h.setLevel(logging.ERROR)  # the console stays quiet; the tap sees every warning
+    vllm_logger.setLevel(logging.WARNING)
+    vllm_logger.addHandler(_LogTap(tape))
 
 
-def stream(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> dict | None:
-    """The real ``DefaultModelLoader.load_weights`` over the whole stream; the first error and its tensor."""
-    from vllm.config import set_current_vllm_config
+def replay(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> dict:
+    """The real ``DefaultModelLoader.load_weights`` over the stream, resumed after each raise.
 
-    def get_all_weights(model_config, model):
-        tape.exhausted = False
-        for i, (name, t) in enumerate(tensors):
-            tape.current = i
-            yield name, t
-        tape.exhausted = True
-
-    dl.get_all_weights = get_all_weights
-    tape.reset()
-    _clear_once_caches()
-    try:
-        with set_current_vllm_config(b.vc):
-            dl.load_weights(b.model, b.vc.model_config)
-    except Exception as exc:
-        culprit = None if tape.exhausted or tape.current is None else tensors[tape.current][0]
-        return {"tensor": culprit, "error": error_text(exc)}
-    return None
-
-
-def per_tensor(b: _Build, tensors: list[tuple[str, Any]], tape: _Tape) -> dict[str, dict]:
-    """Each tensor through the model's real ``load_weights`` on its own: its outcome."""
+    The first error is the crash point (``tensor`` None: raised after the last tensor, the strict
+    check). The raising tensor is recorded with its error, and the stream goes on from the next
+    tensor through the model's ``load_weights``, so every tensor gets the outcome it has on its own.
+    """
     import torch
     from vllm.config import set_current_vllm_config
 
-    raw: dict[str, tuple] = {}
-    with set_current_vllm_config(b.vc), torch.no_grad():
-        for name, t in tensors:
-            tape.reset()
+    names = [n for n, _ in tensors]
+    raised: dict[int, str] = {}
+    crash: dict | None = None
+
+    def feed(start: int):
+        tape.exhausted = False
+        for i in range(start, len(tensors)):
+            tape.current = i
             _clear_once_caches()
-            error = None
-            try:
-                ret = b.model.load_weights([(name, t)])
-                if ret is not None and not isinstance(ret, set | list | dict):
-                    list(ret)
-            except Exception as exc:  # the real loader raised: that is the outcome
-                error = error_text(exc)
-            raw[name] = (list(tape.events), list(tape.logs), list(tape.mapped), error)
-    with_load = {msg for events, logs, _, _ in raw.values() if events for msg in logs}
-    return {name: _outcome(*r, not_about_drops=with_load) for name, r in raw.items()}
+            yield tensors[i]
+        tape.exhausted = True
+
+    start, whole = 0, True
+    dl.get_all_weights = lambda model_config, model: feed(0)
+    while start < len(tensors) or whole:
+        tape.current = None
+        try:
+            with set_current_vllm_config(b.vc), torch.no_grad():
+                if whole:
+                    dl.load_weights(b.model, b.vc.model_config)
+                else:
+                    b.model.load_weights(feed(start))
+        except Exception as exc:
+            culprit = None if tape.exhausted else tape.current
+            if crash is None:
+                crash = {"tensor": names[culprit] if culprit is not None else None, "error": error_text(exc)}
+            if culprit is None:
+                break
+            raised[culprit] = error_text(exc)
+            start, whole = culprit + 1, False
+            continue
+        break
+    with_load = {m for i, evs in tape.events.items() if evs for m in tape.logs.get(i, ())}
+    header = {v: k for k, v in _ST_DTYPE.items()}
+    out = {}
+    for i, (name, t) in enumerate(tensors):
+        o = out[name] = _outcome(
+            tape.events.get(i, []), tape.logs.get(i, []), tape.mapped.get(i, []), raised.get(i), with_load
+        )
+        if o.get("loaded"):  # the loader's refusal depends on the tensor's dtype and shape: say which
+            o.update(dtype=header.get(str(t.dtype).removeprefix("torch."), "U8"), shape=list(t.shape))
+    return {"tensors": out, "crash": crash}
 
 
-def _outcome(events: list, logs: list, mapped: list, error: str | None, *, not_about_drops: set[str]) -> dict:
+def _outcome(events: list, logs: list, mapped: list, error: str | None, not_about_drops: set[str]) -> dict:
+    """One tensor's outcome in nhcheck's vocabulary, from what its loaders and the logs recorded."""
     o: dict[str, Any] = {
         "outcome": "skip",
         "param": None,
@@ -527,8 +545,8 @@ def _outcome(events: list, logs: list, mapped: list, error: str | None, *, not_a
         elif kind == "loader":
             sid = extra[0] if extra else kwargs.get("loaded_shard_id", kwargs.get("shard_id"))
             o["shard_id"] = sid if isinstance(sid, str | int) else None
-        if any(e[0] == "rejected" for e in events) and error is None:
-            return dict(o, outcome="skip", param=None, shard_id=None, expert_id=None)
+        if error is None and any(e[0] == "rejected" for e in events):
+            return dict(o, param=None, shard_id=None, expert_id=None)
     if error is not None:
         return dict(o, outcome="raise", message=error, loaded=bool(loads))
     if loads:
@@ -553,11 +571,8 @@ def _one(job: dict) -> dict:
     dl, tensors = engine_stream(b)
     out["manifest"] = manifest(b)
     instrument(b, tape)
-    out["crash"] = stream(b, dl, tensors, tape)
-    out["tensors"] = per_tensor(b, tensors, tape)
-    out["order"] = [n for n, _ in tensors]
+    out.update(replay(b, dl, tensors, tape))
     out["shims"] = b.shims
-    out["buffers"] = False
     return out
 
 
