@@ -250,8 +250,9 @@ def cli() -> None:
     "--live",
     is_flag=True,
     is_eager=True,
-    help="Answer with the installed SGLang's own code (its start-up and load_weights on meta-device recorder "
-    "parameters) instead of nhcheck's release table; needs sglang and torch in this environment.",
+    help="Answer with the installed engine's own code (its start-up and load_weights on meta-device recorder "
+    "parameters) instead of nhcheck's release table: SGLang, or vLLM with --engine vllm; needs that engine and "
+    "torch in this environment.",
 )
 @click.option(
     "--cross-check",
@@ -293,6 +294,7 @@ def audit(
       nhcheck audit nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --format markdown
       nhcheck audit ./ckpt --live          # the installed sglang's own load_weights
       nhcheck audit ./ckpt --cross-check   # table and live replay must agree
+      nhcheck audit ./ckpt --engine vllm --live   # the installed vllm's own load_weights
     """
     from nhcheck import pipeline, report
     from nhcheck.audit import AuditOptions

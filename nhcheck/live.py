@@ -64,6 +64,7 @@ class LiveRun:
     projector and towers only after the whole language-model stream. ``engine``: whose worker answered.
     ``load_errors``: (parameter, shard id, dtype, shape) → the error the parameter's own weight loader
     raised on such a tensor (the worker ran the real loaders, whose shape checks are the engine's).
+    ``notes``: what the worker had to assume about the host beyond the stated platform (``info`` findings).
     """
 
     version: str
@@ -76,6 +77,7 @@ class LiveRun:
     engine: str = "sglang"
     defers: bool = False
     load_errors: dict[tuple[str, str | None, str, tuple[int, ...]], str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 def installed_engine(requested: str | None) -> EngineId:
@@ -196,6 +198,7 @@ def parse_result(result: dict) -> LiveRun:
         engine=engine,
         defers=bool(result.get("defers")),
         load_errors=load_errors,
+        notes=tuple(result.get("notes") or ()),
     )
 
 
@@ -369,7 +372,7 @@ def audit(
     engine = LiveEngine(eid, run, impl, outcomes)
     opts = AuditOptions(ignore=ignore, compare_versions=False)
     rep = run_audit(ckpt, cfg, qc, run.manifest, engine, opts, moe_backend=moe_backend)
-    notes = [_live_note(run, impl)]
+    notes = [_live_note(run, impl)] + [Finding("info", "live-assumption", n) for n in run.notes]
     if run.crash and rep.crash and run.crash[0] is not None and rep.crash.tensor != run.crash[0]:
         notes.append(
             Finding(

@@ -49,7 +49,6 @@ On a host without a GPU the CUDA extension vLLM imports needs a ``libcuda.so.1``
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -72,6 +71,9 @@ _SET_ERROR = re.compile(
 #: lacks what the release imports): failures of the live run, never the engine refusing the checkpoint.
 _SETUP_ERRORS = ("in forked subprocess", "NVIDIA driver", "not initialized", "Torch not compiled with CUDA")
 _SMALL = 1
+#: torch names a tensor's device in some errors (``expand(CPUFloatType{[64, 2]}, …)``): the server's
+#: checkpoint tensors are CPU tensors where the worker's stand-ins are meta ones.
+_META_TYPE = re.compile(r"\bMeta(\w+)Type\{")
 
 
 def _release() -> str:
@@ -90,6 +92,8 @@ def _old_cuda_import() -> bool:
 
 
 _STATED: list[str] = []
+#: What the answer rests on beyond the loader, for the report (``info`` findings).
+NOTES: list[str] = []
 
 
 def state_platform(shims: list[str]) -> None:
@@ -129,8 +133,36 @@ def state_platform(shims: list[str]) -> None:
         def device_count(cls):
             return 1
 
+        @classmethod
+        def get_attn_backend_cls(cls, *args, **kwargs):
+            """The real selection; where it finds no backend only because of the head size (the attention
+            backend builds no parameter and maps no name), again with that one check relaxed, said in
+            ``NOTES``: kernels' head-size support is the GPU's and its kernel packages', not the loader's."""
+            try:
+                return super().get_attn_backend_cls(*args, **kwargs)
+            except ValueError as exc:
+                if "No valid attention backend" not in str(exc) or "head_size not supported" not in str(exc):
+                    raise
+                backend = importlib.import_module("vllm.v1.attention.backend").AttentionBackend
+                real = backend.__dict__["validate_configuration"]
+
+                def relaxed(klass, *a, **k):
+                    return [r for r in real.__func__(klass, *a, **k) if r != "head_size not supported"]
+
+                backend.validate_configuration = classmethod(relaxed)
+                try:
+                    chosen = super().get_attn_backend_cls(*args, **kwargs)
+                finally:
+                    backend.validate_configuration = real
+                NOTES.append(
+                    "no attention kernel of this host takes the checkpoint's head size; the attention backend was "
+                    f"chosen without that check ({chosen}): it builds no parameter, and on the GPU the server "
+                    "needs a kernel for this head size"
+                )
+                return chosen
+
     vp.current_platform = StatedCudaPlatform()
-    torch.cuda.get_device_capability = lambda device=None: (major, minor)  # type: ignore[assignment]
+    torch.cuda.get_device_capability = lambda device=None: (major, minor)
     os.environ.setdefault("VLLM_DISABLE_SHARED_EXPERTS_STREAM", "1")
     _STATED.append(f"platform stated as a CUDA GPU of compute capability {major}.{minor} at TP 1")
     shims.extend(_STATED)
@@ -175,7 +207,8 @@ class StartupRefused(Exception):
 
 def error_text(exc: BaseException) -> str:
     """``Type: message``; an error the engine-args layer wrapped in pydantic's ``ValidationError`` is
-    written as the error vLLM's validator raised (its ``ctx``), the set in a listing sorted."""
+    written as the error vLLM's validator raised (its ``ctx``), the set in a listing sorted, a stand-in
+    tensor's device (meta) as the server's checkpoint tensor's (CPU)."""
     errors = getattr(exc, "errors", None)
     if type(exc).__name__ == "ValidationError" and callable(errors):
         try:
@@ -184,7 +217,7 @@ def error_text(exc: BaseException) -> str:
             inner = []
         if len(inner) == 1 and isinstance(inner[0], BaseException):
             exc = inner[0]
-    return sorted_sets(f"{type(exc).__name__}: {exc}")
+    return sorted_sets(_META_TYPE.sub(r"CPU\1Type{", f"{type(exc).__name__}: {exc}"))
 
 
 def sorted_sets(message: str) -> str:
@@ -326,7 +359,7 @@ class _HeaderOnly:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._real = None
+        return None  # the header handle closes with this object
 
     def keys(self) -> list[str]:
         return list(self._real.keys())
@@ -573,6 +606,7 @@ def _one(job: dict) -> dict:
     instrument(b, tape)
     out.update(replay(b, dl, tensors, tape))
     out["shims"] = b.shims
+    out["notes"] = list(dict.fromkeys(NOTES))
     return out
 
 
