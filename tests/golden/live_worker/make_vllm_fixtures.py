@@ -37,6 +37,8 @@ FIXTURES = [
     ("0.34.0", "probe_nano3_bf16_missing", f"{CONF}/probes/probe_nano3_bf16_missing/checkpoint"),
     # ValueError listings of AutoWeightsLoader (a set, written sorted), ignored suffixes
     ("0.34.0", "probe_nano3_bf16", f"{CONF}/probes/probe_nano3_bf16/checkpoint"),
+    # a [2] v_scale: the KV-cache scale loader raises (a case vLLM's table answered without a golden)
+    ("0.34.0", "sglang_probe_kv_scale_shape", f"{CONF}/sglang_probe_kv_scale_shape/checkpoint"),
     # the own loop: KeyError, the KV-scale remap's warnings
     ("0.20.0", "probe_nano3_bf16", f"{CONF}/probes/probe_nano3_bf16/checkpoint"),
     # the fused in_proj loader refusing a block-FP8 layout (AssertionError after the loader ran)
