@@ -81,28 +81,11 @@ class LiveRun:
 
 
 def installed_engine(requested: str | None) -> EngineId:
-    """The installed engine (``--engine``'s name, SGLang by default) as an ``EngineId``; a usage error when
-    it is not installed or another release was named."""
-    name = (requested or "sglang").partition("@")[0]
-    if name == "vllm":
-        return _installed("vllm", requested)
-    if import_util.find_spec("sglang") is None or import_util.find_spec("torch") is None:
-        raise UsageError(
-            "--live and --cross-check run the installed engine's own code: install sglang (and its torch) in "
-            "this Python environment, or audit from the release table without them"
-        )
-    version = sglang.installed_release()
-    if version is None:
-        raise UsageError("sglang is importable but has no package metadata (no release to name)")
+    """The installed engine ``--engine`` names (SGLang by default) as an ``EngineId``; a usage error when it is
+    not installed here or another release was named."""
     name, _, wanted = (requested or "sglang").partition("@")
-    if name != "sglang":
-        raise UsageError(f"--live answers for sglang only (the engine installed here); got --engine {requested}")
-    if wanted and wanted not in ("latest", version):
-        raise UsageError(f"--live replays the installed sglang {version}; --engine names sglang@{wanted}")
-    return EngineId("sglang", version, installed=True)
-
-
-def _installed(name: str, requested: str | None) -> EngineId:
+    if name not in _RELEASES:
+        raise UsageError(f"--live answers for {' and '.join(_RELEASES)} (installed here); got --engine {requested}")
     if import_util.find_spec(name) is None or import_util.find_spec("torch") is None:
         raise UsageError(
             f"--live and --cross-check run the installed engine's own code: install {name} (and its torch) in "
@@ -111,7 +94,6 @@ def _installed(name: str, requested: str | None) -> EngineId:
     version = _RELEASES[name].installed_release()
     if version is None:
         raise UsageError(f"{name} is importable but has no package metadata (no release to name)")
-    wanted = (requested or "").partition("@")[2]
     if wanted and wanted not in ("latest", version):
         raise UsageError(f"--live replays the installed {name} {version}; --engine names {name}@{wanted}")
     return EngineId(name, version, installed=True)
@@ -351,11 +333,6 @@ def audit(
     """The live report; with ``cross_check`` also the table's, and every disagreement as an error."""
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
-    if eid.name == "vllm" and cfg.wrapper is not None:
-        raise UsageError(
-            f"--live for vllm replays text checkpoints (NemotronHForCausalLM); {cfg.wrapper} needs the "
-            "checkpoint's remote config code to build: audit it from the release table"
-        )
     impl = _table_engine(eid.name, eid.version)
     if cross_check and impl is None:
         raise UsageError(

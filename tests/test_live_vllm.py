@@ -27,7 +27,6 @@ from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.engines import live_vllm, vllm
 from nhcheck.engines.base import EngineId
-from nhcheck.errors import UsageError
 from nhcheck.pipeline import audit_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +42,11 @@ RECORDED = [
     ("0.34.0", "h8b_dense", CONF / "h8b_dense" / "checkpoint"),
     ("0.34.0", "probe_nano3_bf16_missing", CONF / "probes" / "probe_nano3_bf16_missing" / "checkpoint"),
     ("0.34.0", "probe_nano3_bf16", CONF / "probes" / "probe_nano3_bf16" / "checkpoint"),
+    ("0.34.0", "omni-nvfp4-24137", EX / "omni-nvfp4-24137"),
     ("0.20.0", "probe_nano3_bf16", CONF / "probes" / "probe_nano3_bf16" / "checkpoint"),
     ("0.20.0", "startup_mixed_no_nvfp4", CONF / "startup_mixed_no_nvfp4" / "checkpoint"),
+    ("0.20.0", "probe_omni_bf16_order", CONF / "probes" / "probe_omni_bf16_order" / "checkpoint"),
+    ("0.16.0", "omni-nvfp4-24137", EX / "omni-nvfp4-24137"),
     ("0.16.0", "startup_mixed_hfq_only", CONF / "startup_mixed_hfq_only" / "checkpoint"),
     ("0.16.0", "nano3-nvfp4-experts-excluded", EX / "nano3-nvfp4-experts-excluded"),
 ]
@@ -243,9 +245,32 @@ def test_a_warning_that_also_accompanies_loads_is_not_a_drop():
     assert (o["outcome"], o["message"]) == ("warn", "Found q_scale in the checkpoint ...")
 
 
-def test_a_wrapped_checkpoint_is_a_usage_error():
-    with pytest.raises(UsageError, match="replays text checkpoints"):
-        live.audit(open_local(str(EX / "omni-nvfp4-24137")), EngineId("vllm", "0.34.0", installed=True))
+def test_the_omni_wrapper_routes_its_towers_and_loads_its_projector_after_the_stream():
+    """0.34.0: the wrapper streams the language model and loads ``mlp1`` (and routes the towers) after it;
+    the worker sees it (``defers``) and the report orders the crash as the table does."""
+    run = _fixture("0.34.0", "omni-nvfp4-24137")
+    assert run.defers and not run.buffers and run.manifest.lm_prefix == "language_model."
+    outcomes = {n: o.outcome for n, o in run.outcomes.items()}
+    assert {outcomes[n] for n in outcomes if n.startswith(TOWERS)} == {"routed"}
+    assert {(outcomes[n], run.outcomes[n].param) for n in outcomes if n.startswith("mlp1.")} == {
+        ("load", f"mlp1.{i}.weight") for i in (0, 1, 3)
+    }
+
+
+def test_a_buffering_wrapper_is_seen_and_orders_the_crash():
+    """0.20.0 takes every name before its language model loads one: the projector's KeyError is the crash."""
+    run = _fixture("0.20.0", "probe_omni_bf16_order")
+    assert run.buffers and not run.defers
+    assert run.crash == ("mlp1.9.weight", "KeyError: '9.weight'")
+    rep = _live(CONF / "probes" / "probe_omni_bf16_order" / "checkpoint", run)
+    assert (rep.crash.tensor, rep.crash.error) == run.crash
+
+
+def test_an_unregistered_architecture_is_the_registrys_refusal_without_its_listing():
+    run = _fixture("0.16.0", "omni-nvfp4-24137")
+    assert run.refused == (
+        "ValueError: Model architectures ['NemotronH_Nano_Omni_Reasoning_V3'] are not supported for now."
+    )
 
 
 # ---------------------------------------------------------------------------- the CLI without the engine
@@ -263,11 +288,10 @@ def test_without_vllm_live_is_one_line_and_exit_2(flag):
 
 
 def _cases() -> list[Path]:
-    """Every text checkpoint of the repository: examples, conformance cases, vLLM probes."""
+    """Every checkpoint of the repository: examples, conformance cases, vLLM probes."""
     cases = sorted(p for p in EX.iterdir() if (p / "config.json").exists())
     cases += sorted(p / "checkpoint" for p in CONF.iterdir() if (p / "checkpoint").is_dir())
-    cases += sorted(p / "checkpoint" for p in (CONF / "probes").iterdir() if (p / "checkpoint").is_dir())
-    return [c for c in cases if "llm_config" not in json.loads((c / "config.json").read_text())]
+    return cases + sorted(p / "checkpoint" for p in (CONF / "probes").iterdir() if (p / "checkpoint").is_dir())
 
 
 @pytest.fixture(scope="module")

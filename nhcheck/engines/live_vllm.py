@@ -49,14 +49,17 @@ On a host without a GPU the CUDA extension vLLM imports needs a ``libcuda.so.1``
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
 import re
 import socket
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 #: The emulated GPU: compute capability and name of a B200 (the capability picks the NVFP4 kernels).
@@ -74,6 +77,8 @@ _SMALL = 1
 #: torch names a tensor's device in some errors (``expand(CPUFloatType{[64, 2]}, …)``): the server's
 #: checkpoint tensors are CPU tensors where the worker's stand-ins are meta ones.
 _META_TYPE = re.compile(r"\bMeta(\w+)Type\{")
+#: The registry's refusal lists every architecture vLLM knows after the ones it refuses: not about the checkpoint.
+_REGISTRY_LISTING = re.compile(r"\s*Supported architectures: dict_keys\(\[.*\]\)\.?$", re.S)
 
 
 def _release() -> str:
@@ -208,7 +213,8 @@ class StartupRefused(Exception):
 def error_text(exc: BaseException) -> str:
     """``Type: message``; an error the engine-args layer wrapped in pydantic's ``ValidationError`` is
     written as the error vLLM's validator raised (its ``ctx``), the set in a listing sorted, a stand-in
-    tensor's device (meta) as the server's checkpoint tensor's (CPU)."""
+    tensor's device (meta) as the server's checkpoint tensor's (CPU), the registry's refusal without its
+    list of every architecture vLLM knows."""
     errors = getattr(exc, "errors", None)
     if type(exc).__name__ == "ValidationError" and callable(errors):
         try:
@@ -217,7 +223,8 @@ def error_text(exc: BaseException) -> str:
             inner = []
         if len(inner) == 1 and isinstance(inner[0], BaseException):
             exc = inner[0]
-    return sorted_sets(_META_TYPE.sub(r"CPU\1Type{", f"{type(exc).__name__}: {exc}"))
+    text = _META_TYPE.sub(r"CPU\1Type{", f"{type(exc).__name__}: {exc}")
+    return sorted_sets(_REGISTRY_LISTING.sub("", text))
 
 
 def sorted_sets(message: str) -> str:
@@ -235,6 +242,21 @@ class _Build:
     model: Any
     lm: Any
     shims: list[str] = field(default_factory=list)
+    towers: list[_Tower] = field(default_factory=list)
+
+
+class _Tower:
+    """Stands in for the wrapper's vision / sound tower: records what the wrapper routes to it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tape: _Tape | None = None
+
+    def load_weights(self, weights) -> set[str]:
+        for _name, w in weights:
+            if self.tape is not None:
+                self.tape.add(self.tape.events, ("routed", None, [], {}), w)
+        return set()
 
 
 def _init_distributed(vc: Any) -> None:
@@ -251,19 +273,95 @@ def _init_distributed(vc: Any) -> None:
         ensure_model_parallel_initialized(1, 1)
 
 
-def build(root: str) -> _Build:
+def wrapped_config(root: str) -> tuple[dict, dict] | None:
+    """(the wrapper's config.json, its language model's config) of an Omni / VL checkpoint; None for text."""
+    with open(os.path.join(root, "config.json")) as fh:
+        top = json.load(fh)
+    text = top.get("llm_config") or top.get("text_config")
+    return (top, dict(text)) if isinstance(text, dict) else None
+
+
+def _text_view(root: str, text: dict, work: str) -> str:
+    """A directory whose config.json is the language model's config (what the wrapper's ``text_config``
+    resolves to) beside the checkpoint's own quant config and shards (linked, never copied)."""
+    view = os.path.join(work, "text-view")
+    os.makedirs(view, exist_ok=True)
+    with open(os.path.join(view, "config.json"), "w") as fh:
+        json.dump(dict(text, architectures=text.get("architectures") or ["NemotronHForCausalLM"]), fh)
+    for name in os.listdir(root):
+        if name != "config.json":
+            os.symlink(os.path.join(os.path.abspath(root), name), os.path.join(view, name))
+    return view
+
+
+def _wrapper(vc: Any, top: dict, text: dict, shims: list[str]) -> tuple[Any, list[_Tower]]:
+    """``NemotronH_Nano_VL_V2`` with its language model and projector built as its ``__init__`` builds them.
+
+    The wrapper's own ``__init__`` needs the checkpoint's remote config class (``--trust-remote-code``) and
+    builds the RADIO / Parakeet towers, which load through their own loaders; here the language model is
+    vLLM's ``initialize_model(..., prefix="language_model")`` under the wrapper's quant-config set-up, the
+    projector ``mlp1`` is made of vLLM's layers in the ``__init__``'s order, and the towers are routing
+    recorders. ``load_weights`` is the wrapper's own.
+    """
+    from torch import nn
+
+    vl = importlib.import_module("vllm.model_executor.models.nano_nemotron_vl")
+    nh = importlib.import_module("vllm.model_executor.models.nemotron_h")
+    utils = importlib.import_module("vllm.model_executor.model_loader.utils")
+    rms = importlib.import_module("vllm.model_executor.layers.layernorm").RMSNorm
+    relu2 = importlib.import_module("vllm.model_executor.layers.activation").ReLUSquaredActivation
+    cls = vl.NemotronH_Nano_VL_V2
+    if vc.quant_config is not None and hasattr(utils, "configure_quant_config"):
+        utils.configure_quant_config(vc.quant_config, cls)
+    lm = utils.initialize_model(vllm_config=vc, prefix="language_model", model_class=nh.NemotronHForCausalLM)
+    w = object.__new__(cls)
+    nn.Module.__init__(w)
+    w.language_model = lm
+    dt = vc.model_config.dtype
+    vit = int(top.get("vision_hidden_size") or top["vit_hidden_size"])
+    wide = vit * int(round(1 / top.get("downsample_ratio", 0.5))) ** 2
+    proj = top["projector_hidden_size"]
+    w.mlp1 = nn.Sequential(
+        rms(hidden_size=wide, eps=1e-5),
+        nn.Linear(wide, proj, bias=False),
+        relu2(),
+        nn.Linear(proj, text["hidden_size"], bias=False),
+    ).to(dt)
+    if "vision_final_layernorm" in inspect.getsource(cls.__init__):  # the release builds it (0.32.0 on)
+        mtp = (text.get("num_nextn_predict_layers") or 0) > 0
+        w.vision_final_layernorm = nn.LayerNorm(vit, eps=1e-6).to(dt) if mtp else None
+    towers = [_Tower("vision_model")] + ([_Tower("sound_encoder")] if top.get("sound_config") else [])
+    object.__setattr__(w, "vision_model", towers[0])
+    object.__setattr__(w, "sound_encoder", towers[1] if len(towers) > 1 else None)
+    limits = SimpleNamespace(get_limit_per_prompt=lambda modality: 1)
+    object.__setattr__(w, "model_config", SimpleNamespace(multimodal_config=limits))
+    shims.append(
+        f"{top.get('architectures')}: the wrapper's language model and projector built as its __init__ builds "
+        "them, its towers routing recorders (its own __init__ needs the checkpoint's remote config code)"
+    )
+    return w, towers
+
+
+def build(root: str, work: str) -> _Build:
     """The real engine-config resolution and model build, on the meta device."""
     import torch
 
     shims: list[str] = []
     state_platform(shims)
     config_standin(shims)
+    wrapped = wrapped_config(root)
+    towers: list[_Tower] = []
     stage = "engine_config"
     try:
         from vllm.engine.arg_utils import EngineArgs
 
+        if wrapped is not None:  # the server's gate after the config: the architecture must be registered
+            registry = importlib.import_module("vllm.model_executor.models.registry").ModelRegistry
+            archs = list(wrapped[0].get("architectures") or [])
+            if not any(a in registry.get_supported_archs() for a in archs):
+                registry._raise_for_unsupported(archs)
         args = EngineArgs(
-            model=root,
+            model=root if wrapped is None else _text_view(root, wrapped[1], work),
             skip_tokenizer_init=True,
             enforce_eager=True,
             max_model_len=256,
@@ -278,7 +376,10 @@ def build(root: str) -> _Build:
         from vllm.utils.torch_utils import set_default_torch_dtype
 
         with set_current_vllm_config(vc), set_default_torch_dtype(vc.model_config.dtype), torch.device("meta"):
-            model = initialize_model(vllm_config=vc)
+            if wrapped is None:
+                model = initialize_model(vllm_config=vc)
+            else:
+                model, towers = _wrapper(vc, *wrapped, shims)
     except ImportError:
         raise  # this environment lacks a module: not the engine refusing the checkpoint
     except Exception as exc:
@@ -288,7 +389,7 @@ def build(root: str) -> _Build:
         raise StartupRefused(stage, exc) from exc
     nh = importlib.import_module("vllm.model_executor.models.nemotron_h")
     lm = next((m for m in model.modules() if isinstance(m, nh.NemotronHForCausalLM)), model)
-    return _Build(vc, model, lm, shims)
+    return _Build(vc, model, lm, shims, towers)
 
 
 # ---------------------------------------------------------------------------- the manifest
@@ -425,13 +526,26 @@ class _Tape:
 
     current: int | None = None
     exhausted: bool = False
+    #: one tensor fed alone: everything that happens belongs to it
+    pinned: bool = False
+    #: stand-in tensor id → index: a load is the tensor's it is given, wherever the stream is
+    index: dict[int, int] = field(default_factory=dict)
     events: dict[int, list[tuple]] = field(default_factory=dict)
     logs: dict[int, list[str]] = field(default_factory=dict)
     mapped: dict[int, list[str]] = field(default_factory=dict)
+    #: a wrapper: the outer stream ended; whether the language model took its first name after that
+    outer_done: bool = False
+    lm_started_after_outer: bool | None = None
+    lm_done: bool = False
+    #: a wrapper: the projector loaded while the language model's stream was still running
+    other_before_lm_done: bool = False
 
-    def add(self, book: dict[int, list], item: object) -> None:
-        if self.current is not None and not self.exhausted:
-            book.setdefault(self.current, []).append(item)
+    def add(self, book: dict[int, list], item: object, tensor: object = None) -> None:
+        i = None if tensor is None or self.pinned else self.index.get(id(tensor))
+        if i is None and self.current is not None and (self.pinned or not self.exhausted):
+            i = self.current
+        if i is not None:
+            book.setdefault(i, []).append(item)
 
 
 class _LogTap(logging.Handler):
@@ -453,8 +567,15 @@ def _clear_once_caches() -> None:
 
 
 def instrument(b: _Build, tape: _Tape) -> None:
-    """Recorders around every weight loader (record, then call the real one) and around the name mapper."""
+    """Recorders around every weight loader (record, then call the real one) and around the name mapper;
+    under a wrapper also around the language model's ``load_weights`` (which tensor it holds)."""
     names = {id(p): n for n, p in b.model.named_parameters()}
+    lm_prefix = next((f"{n}." for n, m in b.model.named_modules() if m is b.lm and n), "")
+
+    def note(item: tuple, tensor: object) -> None:
+        if lm_prefix and not tape.lm_done and not (item[1] or "").startswith(lm_prefix):
+            tape.other_before_lm_done = True
+        tape.add(tape.events, item, tensor)
 
     for p in b.model.parameters():
         real = getattr(p, "weight_loader", None)
@@ -463,11 +584,12 @@ def instrument(b: _Build, tape: _Tape) -> None:
 
         def weight_loader(*args, _real=real, **kwargs):
             param = args[0] if args else kwargs.get("param")
+            loaded = args[1] if len(args) > 1 else kwargs.get("loaded_weight")
             extra = list(args[2:])
-            tape.add(tape.events, ("loader", names.get(id(param)), extra, dict(kwargs)))
+            note(("loader", names.get(id(param)), extra, dict(kwargs)), loaded)
             out = _real(*args, **kwargs)
             if out is False:  # an expert loader that did not take the tensor (not on this rank)
-                tape.add(tape.events, ("rejected", names.get(id(param)), extra, dict(kwargs)))
+                tape.add(tape.events, ("rejected", names.get(id(param)), extra, dict(kwargs)), loaded)
             return out
 
         try:
@@ -482,7 +604,7 @@ def instrument(b: _Build, tape: _Tape) -> None:
             continue
 
         def default_weight_loader(param, loaded_weight, _real=real):
-            tape.add(tape.events, ("default", names.get(id(param)), [], {}))
+            note(("default", names.get(id(param)), [], {}), loaded_weight)
             return _real(param, loaded_weight)
 
         default_weight_loader.__nhcheck_real__ = real  # type: ignore[attr-defined]
@@ -498,6 +620,27 @@ def instrument(b: _Build, tape: _Tape) -> None:
 
         apply.__nhcheck_real__ = real_apply  # type: ignore[attr-defined]
         utils.WeightsMapper.apply = apply
+    for tower in b.towers:
+        tower.tape = tape
+    if b.lm is not b.model:
+        real_lm = b.lm.load_weights
+
+        def lm_load_weights(weights, *a, **k):
+            def taken(it):
+                for name, w in it:
+                    if tape.lm_started_after_outer is None:
+                        tape.lm_started_after_outer = tape.outer_done
+                    i = tape.index.get(id(w))
+                    if i is not None and not tape.pinned:
+                        tape.current, tape.exhausted = i, False
+                    yield name, w
+                tape.lm_done = True
+                if not tape.pinned:
+                    tape.exhausted = True
+
+            return real_lm(taken(weights), *a, **k)
+
+        b.lm.load_weights = lm_load_weights
     vllm_logger = logging.getLogger("vllm")
     for h in vllm_logger.handlers:
         h.setLevel(logging.ERROR)  # the console stays quiet; the tap sees every warning
@@ -516,16 +659,17 @@ def replay(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> d
     from vllm.config import set_current_vllm_config
 
     names = [n for n, _ in tensors]
+    tape.index = {id(t): i for i, (_, t) in enumerate(tensors)}
     raised: dict[int, str] = {}
     crash: dict | None = None
 
     def feed(start: int):
-        tape.exhausted = False
+        tape.exhausted = tape.outer_done = tape.lm_done = False
         for i in range(start, len(tensors)):
             tape.current = i
             _clear_once_caches()
             yield tensors[i]
-        tape.exhausted = True
+        tape.exhausted = tape.outer_done = True
 
     start, whole = 0, True
     dl.get_all_weights = lambda model_config, model: feed(0)
@@ -547,6 +691,23 @@ def replay(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> d
             start, whole = culprit + 1, False
             continue
         break
+    # What no load was tied to (a wrapper's copies of the projector's and towers' tensors, loaded after
+    # the stream; a tensor the loaders drop): the tensor fed alone, as vLLM's goldens record every tensor.
+    tape.pinned = True
+    for i, (name, t) in enumerate(tensors):
+        if i in raised or tape.events.get(i):
+            continue
+        for book in (tape.events, tape.logs, tape.mapped):
+            book.pop(i, None)
+        tape.current = i
+        _clear_once_caches()
+        try:
+            with set_current_vllm_config(b.vc), torch.no_grad():
+                b.model.load_weights([(name, t)])
+        except Exception as exc:
+            raised[i] = error_text(exc)
+    tape.pinned = False
+    buffers, defers = _wrapper_order(b, tensors, tape, raised)
     with_load = {m for i, evs in tape.events.items() if evs for m in tape.logs.get(i, ())}
     header = {v: k for k, v in _ST_DTYPE.items()}
     out = {}
@@ -556,7 +717,48 @@ def replay(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> d
         )
         if o.get("loaded"):  # the loader's refusal depends on the tensor's dtype and shape: say which
             o.update(dtype=header.get(str(t.dtype).removeprefix("torch."), "U8"), shape=list(t.shape))
-    return {"tensors": out, "crash": crash}
+    return {"tensors": out, "crash": crash, "buffers": buffers, "defers": defers}
+
+
+def _wrapper_order(b: _Build, tensors: list[tuple[str, Any]], tape: _Tape, raised: dict[int, str]) -> tuple[bool, bool]:
+    """(buffers, defers) of a wrapper, seen on two tensors that load, one of the language model's and one of
+    the projector's, streamed through its ``load_weights`` in the stream's order: whether it takes every name
+    before its language model loads one (0.20.0 – 0.21.x), or streams the language model while the projector
+    waits for the stream's end (0.22.0 on). The crash order of a wrapped checkpoint follows from it."""
+    import torch
+    from vllm.config import set_current_vllm_config
+
+    if b.lm is b.model:
+        return False, False
+    prefix = next(f"{n}." for n, m in b.model.named_modules() if m is b.lm and n)
+
+    def first(lm: bool) -> int | None:
+        for i, evs in sorted(tape.events.items()):
+            params = [e[1] or "" for e in evs if e[0] in ("loader", "default")]
+            if i not in raised and params and all(p.startswith(prefix) == lm for p in params):
+                return i
+        return None
+
+    pair = [first(True), first(False)]
+    if None in pair:
+        return False, False
+    saved = tape.events, tape.logs, tape.mapped
+    tape.events, tape.logs, tape.mapped = {}, {}, {}
+    tape.lm_started_after_outer, tape.lm_done, tape.other_before_lm_done = None, False, False
+
+    def feed():
+        tape.exhausted = tape.outer_done = False
+        for i in sorted(i for i in pair if i is not None):
+            tape.current = i
+            yield tensors[i]
+        tape.exhausted = tape.outer_done = True
+
+    try:
+        with set_current_vllm_config(b.vc), torch.no_grad():
+            b.model.load_weights(feed())
+    finally:
+        tape.events, tape.logs, tape.mapped = saved
+    return bool(tape.lm_started_after_outer), tape.lm_started_after_outer is False and not tape.other_before_lm_done
 
 
 def _outcome(events: list, logs: list, mapped: list, error: str | None, not_about_drops: set[str]) -> dict:
@@ -570,6 +772,8 @@ def _outcome(events: list, logs: list, mapped: list, error: str | None, not_abou
         "message": None,
     }
     loads = [e for e in events if e[0] in ("loader", "default")]
+    if not loads and error is None and any(e[0] == "routed" for e in events):
+        return dict(o, outcome="routed", engine_name=None)
     if loads:
         kind, param, extra, kwargs = loads[0]
         o["param"] = param
@@ -595,16 +799,17 @@ def _outcome(events: list, logs: list, mapped: list, error: str | None, not_abou
 
 def _one(job: dict) -> dict:
     out: dict[str, Any] = {"vllm": _release(), "startup": None}
-    try:
-        b = build(job["root"])
-    except StartupRefused as exc:
-        out["startup"] = {"stage": exc.stage, "error": str(exc)}
-        return out
-    tape = _Tape()
-    dl, tensors = engine_stream(b)
-    out["manifest"] = manifest(b)
-    instrument(b, tape)
-    out.update(replay(b, dl, tensors, tape))
+    with tempfile.TemporaryDirectory(prefix="nhcheck-live-vllm-") as work:
+        try:
+            b = build(job["root"], work)
+        except StartupRefused as exc:
+            out["startup"] = {"stage": exc.stage, "error": str(exc)}
+            return out
+        tape = _Tape()
+        dl, tensors = engine_stream(b)
+        out["manifest"] = manifest(b)
+        instrument(b, tape)
+        out.update(replay(b, dl, tensors, tape))
     out["shims"] = b.shims
     out["notes"] = list(dict.fromkeys(NOTES))
     return out

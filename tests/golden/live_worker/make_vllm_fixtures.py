@@ -39,10 +39,16 @@ FIXTURES = [
     ("0.34.0", "probe_nano3_bf16", f"{CONF}/probes/probe_nano3_bf16/checkpoint"),
     # a [2] v_scale: the KV-cache scale loader raises (a case vLLM's table answered without a golden)
     ("0.34.0", "sglang_probe_kv_scale_shape", f"{CONF}/sglang_probe_kv_scale_shape/checkpoint"),
+    # the Omni wrapper (language model, projector, routed towers), its projector loaded after the stream
+    ("0.34.0", "omni-nvfp4-24137", "examples/omni-nvfp4-24137"),
     # the own loop: KeyError, the KV-scale remap's warnings
     ("0.20.0", "probe_nano3_bf16", f"{CONF}/probes/probe_nano3_bf16/checkpoint"),
     # the fused in_proj loader refusing a block-FP8 layout (AssertionError after the loader ran)
     ("0.20.0", "startup_mixed_no_nvfp4", f"{CONF}/startup_mixed_no_nvfp4/checkpoint"),
+    # the wrapper that buffers the language model's tensors: the projector's KeyError comes first
+    ("0.20.0", "probe_omni_bf16_order", f"{CONF}/probes/probe_omni_bf16_order/checkpoint"),
+    # the Omni architecture not registered before 0.20.0: the registry's own refusal
+    ("0.16.0", "omni-nvfp4-24137", "examples/omni-nvfp4-24137"),
     # a start-up refusal wrapped by the engine-args layer in pydantic's ValidationError
     ("0.16.0", "startup_mixed_hfq_only", f"{CONF}/startup_mixed_hfq_only/checkpoint"),
     # FusedMoE before 0.20.0 narrows the incoming tensor and raises on the packed bytes
