@@ -220,7 +220,9 @@ class LiveEngine:
         o = self._outcome(name)
         if o.outcome == "routed":
             return Route("tower")
-        if o.param and not o.param.startswith(self.run.manifest.lm_prefix):
+        prefix = self.run.manifest.lm_prefix
+        if (o.param and not o.param.startswith(prefix)) or (o.param is None and not name.startswith(prefix)):
+            # the wrapper's own name (the projector's, or one it drops or raises on): its routing phase
             return Route("projector", name)
         return Route("lm", name)
 
