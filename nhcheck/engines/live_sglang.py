@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nhcheck.engines import live_sglang_host
+from nhcheck.fileio import write_json_atomic
 
 #: Capability facts of a B200-class GPU, by the names SGLang's platform record uses.
 _SM100_FACTS = {
@@ -628,12 +629,7 @@ def _child(job: dict, moe_backend: str, host_shims: list[str]) -> None:
     try:
         os.environ["MASTER_PORT"] = _free_port()
         result = _one(job, moe_backend, host_shims)
-        tmp = job["out"] + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, job["out"])
+        write_json_atomic(job["out"], result)
     except BaseException:  # the parent reports the missing result with this log's last line
         traceback.print_exc()
         code = 3

@@ -62,6 +62,9 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from nhcheck.dtypes import TORCH_DTYPE
+from nhcheck.fileio import write_json_atomic
+
 #: The emulated GPU: compute capability and name of a B200 (the capability picks the NVFP4 kernels).
 _CAPABILITY = (10, 0)
 _DEVICE_NAME = "NVIDIA B200"
@@ -475,7 +478,7 @@ class _HeaderOnly:
         import torch
 
         sl = self._real.get_slice(name)
-        dtype = getattr(torch, _ST_DTYPE.get(sl.get_dtype(), "uint8"))
+        dtype = getattr(torch, TORCH_DTYPE.get(sl.get_dtype(), "uint8"))
         shape = list(sl.get_shape())
         n = 1
         for d in shape:
@@ -483,23 +486,6 @@ class _HeaderOnly:
         if n <= _SMALL:
             return torch.zeros(shape, dtype=dtype)
         return torch.empty(shape, dtype=dtype, device="meta")
-
-
-_ST_DTYPE = {
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "U8": "uint8",
-    "I8": "int8",
-    "I16": "int16",
-    "I32": "int32",
-    "I64": "int64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
-    "BOOL": "bool",
-}
 
 
 def engine_stream(b: _Build) -> tuple[Any, list[tuple[str, Any]]]:
@@ -709,7 +695,7 @@ def replay(b: _Build, dl: Any, tensors: list[tuple[str, Any]], tape: _Tape) -> d
     tape.pinned = False
     buffers, defers = _wrapper_order(b, tensors, tape, raised)
     with_load = {m for i, evs in tape.events.items() if evs for m in tape.logs.get(i, ())}
-    header = {v: k for k, v in _ST_DTYPE.items()}
+    header = {v: k for k, v in TORCH_DTYPE.items()}
     out = {}
     for i, (name, t) in enumerate(tensors):
         o = out[name] = _outcome(
@@ -820,12 +806,7 @@ def _child(job: dict) -> None:
     code = 0
     try:
         result = _one(job)
-        tmp = job["out"] + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, job["out"])
+        write_json_atomic(job["out"], result)
     except BaseException:  # the parent reports the missing result with this log's last line
         traceback.print_exc()
         code = 3
