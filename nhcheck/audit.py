@@ -17,8 +17,8 @@ from typing import NamedTuple
 from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.coverage import ParamState
-from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM, numel
-from nhcheck.engines.base import EXPERT_INDEX, Crash, Engine, EngineId, Outcome, PPWindow
+from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM
+from nhcheck.engines.base import EXPERT_INDEX, Crash, Engine, EngineId, Outcome, PPWindow, default_loader_error
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
@@ -235,18 +235,6 @@ def param_view(p: Param) -> tuple[object, ...]:
     )
 
 
-def _plain_load_error(p: Param, shape: tuple[int, ...]) -> str | None:
-    """``default_weight_loader`` on a parameter with no weight_loader of its own (``loader="plain"``): one
-    element into one element fills, anything else must match the parameter's size or the assertion raises
-    (goldens: ``sglang_probe_kv_scale_shape``, a [2] ``v_scale`` into the scalar ``attn.v_scale``)."""
-    if shape == p.shape or (numel(shape) == 1 and numel(p.shape) == 1):
-        return None
-    return (
-        f"AssertionError: Attempted to load weight (torch.Size({list(shape)})) "
-        f"into parameter (torch.Size({list(p.shape)}))"
-    )
-
-
 def _slot_problem(dtype: str, shape: tuple[int, ...], shard_id: str | None, p: Param) -> tuple[str, str] | None:
     """(code, message) when a tensor of ``dtype``/``shape`` cannot land in this slot of ``p``."""
     if p.dtype in PACKED_PARAM or p.dtype in FLOAT_PARAM:
@@ -446,7 +434,7 @@ class _LoadDecision(NamedTuple):
     """What the audit concludes about loads of one (parameter, shard id, dtype, shape): the same for every
     tensor with that key, so it is decided once per key (Super: 165k loads, a few thousand keys)."""
 
-    #: ``default_weight_loader``'s size assertion (``_plain_load_error``): the tensor raises instead of loading.
+    #: ``default_weight_loader``'s size assertion (``default_loader_error``): the tensor raises instead of loading.
     plain_error: str | None
     #: The engine's weight loader raises on this shape (``Engine.load_error``).
     load_error: str | None
@@ -474,7 +462,7 @@ def _load_decider(manifest: Manifest, engine: Engine) -> Callable[[tuple], _Load
         p = by_name.get(param)
         if p is None:
             return _CLEAN
-        if p.loader == "plain" and (error := _plain_load_error(p, shape)) is not None:
+        if p.loader == "plain" and (error := default_loader_error(p.shape, shape)) is not None:
             return _LoadDecision(error, None, None, None, None)
         vector = slots.scalar_into_vector(p, shape) and not engine.loader_semantics(p.quant_method).scalar_every_slot
         d = _LoadDecision(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
+from nhcheck.dtypes import numel
 from nhcheck.errors import UsageError
 
 if TYPE_CHECKING:
@@ -280,6 +281,18 @@ class Engine(Protocol):
     def others(self) -> tuple[Engine, ...]:
         """The engine's other known releases, for the report's cross-version summary."""
         ...
+
+
+def default_loader_error(param_shape: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
+    """``default_weight_loader`` (SGLang's and vLLM's ``model_loader/weight_utils.py``): one element into one
+    element fills, anything else must match the parameter's size or its assertion raises (goldens:
+    ``sglang_probe_kv_scale_shape``, a [2] ``v_scale`` into the scalar ``attn.v_scale``)."""
+    if shape == param_shape or (numel(shape) == 1 and numel(param_shape) == 1):
+        return None
+    return (
+        f"AssertionError: Attempted to load weight (torch.Size({list(shape)})) "
+        f"into parameter (torch.Size({list(param_shape)}))"
+    )
 
 
 def release_key(version: str, engine: str = "") -> tuple[int, ...]:

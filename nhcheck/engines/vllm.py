@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from nhcheck.dtypes import numel
 from nhcheck.engines.base import (
     EXPERT_INDEX,
     EngineId,
@@ -25,6 +26,7 @@ from nhcheck.engines.base import (
     PPWindow,
     Route,
     UnloadedKind,
+    default_loader_error,
     installed_version,
     release_key,
     replay_signature,
@@ -92,6 +94,11 @@ class VLLMProfile:
     linear_method_name: str
     #: … the KV-cache method's (``ModelOptKVCacheMethod`` from 0.21.0).
     kv_method_name: str
+    #: The attention's KV-cache scales are ``KVCacheScaleParameter`` (0.23.0 ``layers/quantization/kv_cache.py:18``),
+    #: whose own ``weight_loader`` (:33) accepts one element and raises ``ValueError: KV-cache scale expects a
+    #: scalar weight, got shape …`` for anything else; before, plain parameters that ``default_weight_loader``
+    #: fills, whose size assertion raises instead (goldens ``sglang_probe_kv_scale_shape``: 0.22.0 / 0.23.0).
+    kv_scale_scalar_loader: bool
     #: … an unexcluded-but-unquantized ``lm_head``'s method under a ModelOpt config
     #: (0.23.0: ``UnquantizedLinearMethod``).
     quantized_lm_head_method: str
@@ -155,6 +162,7 @@ _V5 = VLLMProfile(
     nested_mixed_accepted=False,
     linear_method_name="ModelOptNvFp4LinearMethod",
     kv_method_name="ModelOptFp8KVCacheMethod",
+    kv_scale_scalar_loader=False,
     quantized_lm_head_method="UnquantizedEmbeddingMethod",
     param_keys_dotted=False,
     flat_mixed_accepted=False,
@@ -227,8 +235,14 @@ _V7 = replace(_V6b, version="0.20.0", epoch="V7", omni_registered=True)
 _V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
 _V8 = replace(_V7b, version="0.22.0", epoch="V8", vl_lm_first=True)
-#: V8 (0.23.0, wording): an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod``.
-_V8b = replace(_V8, version="0.23.0", quantized_lm_head_method="UnquantizedLinearMethod")
+#: V8 (0.23.0): KV-cache scales get their own scalar-only loader (``ValueError`` where the size assertion was);
+#: an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod`` (wording).
+_V8b = replace(
+    _V8,
+    version="0.23.0",
+    kv_scale_scalar_loader=True,
+    quantized_lm_head_method="UnquantizedLinearMethod",
+)
 #: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
 _V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True)
 #: V9b: 0.25.0 — base cache-scale mapper and ignored unexpected suffixes in ``AutoWeightsLoader``.
@@ -1007,18 +1021,22 @@ class VLLMEngine:
 
     def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         """The error the parameter's weight loader raises for a tensor of this shape (TP 1), or None."""
+        if not param.shape and param.quant_method == self.profile.kv_method_name:
+            if not self.profile.kv_scale_scalar_loader:
+                return default_loader_error(param.shape, shape)
+            if numel(shape) == 1:
+                return None
+            return f"ValueError: KV-cache scale expects a scalar weight, got shape {tuple(shape)}"
         if param.dtype == "unknown" or not param.shape:
             return None
-        numel = 1
-        for d in shape:
-            numel *= d
+        size = numel(shape)
         last = param.name.rsplit(".", 1)[-1]
         if param.loader == "expert":
             if param.shape[1:] in ((), (1,)):
-                if numel == 1:
+                if size == 1:
                     return None
                 if self.profile.expert_scale_reshapes:
-                    return f"RuntimeError: shape '[]' is invalid for input of size {numel}"
+                    return f"RuntimeError: shape '[]' is invalid for input of size {size}"
                 torch_type = _TORCH_TYPE.get(dtype, dtype)
                 return (
                     f"RuntimeError: expand(CPU{torch_type}Type{{{list(shape)}}}, size=[]): the number of sizes "
@@ -1028,7 +1046,7 @@ class VLLMEngine:
         if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
             # PerTensorScaleParameter: a one-element tensor fills its slot; anything else fails the loader's
             # ``assert param_data.shape == loaded_weight.shape``.
-            return None if numel == 1 or tuple(shape) == param.shape else "AssertionError: "
+            return None if size == 1 or tuple(shape) == param.shape else "AssertionError: "
         if last != "weight":
             return None
         module = param.name.rsplit(".", 2)[-2]
