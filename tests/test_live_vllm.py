@@ -180,24 +180,22 @@ def test_a_wrapped_startup_refusal_is_the_validators_own_error():
     assert run.refused == "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
 
 
-def test_the_live_replay_answers_where_the_table_has_no_golden():
-    """A [2]-shaped ``v_scale`` (the SGLang probe ``sglang_probe_kv_scale_shape``, which no vLLM golden covers):
-    vLLM 0.34.0's KV-cache scale loader raises ``KV-cache scale expects a scalar weight`` (its oracle, run on the
-    real tensors, raises there too). The live report has the crash; the cross-check names every difference from
-    the table row, and none where the table says the same."""
+def test_the_live_replay_and_the_table_agree_on_a_kv_scale_of_the_wrong_size():
+    """A [2]-shaped ``v_scale`` (the SGLang probe ``sglang_probe_kv_scale_shape``): vLLM 0.34.0's KV-cache scale
+    loader raises ``KV-cache scale expects a scalar weight`` (its oracle, run on the real tensors, raises there
+    too: ``expected-vllm-0.34.0.json.gz``). The live report has the crash, and the table says the same: the
+    cross-check finds no difference."""
     path = CONF / "sglang_probe_kv_scale_shape" / "checkpoint"
     run = _fixture("0.34.0", "sglang_probe_kv_scale_shape")
     error = "ValueError: KV-cache scale expects a scalar weight, got shape (2,)"
     assert run.crash == ("backbone.layers.12.mixer.v_proj.v_scale", error)
     rep, table = _live(path, run), _table(path, "0.34.0")
     assert (rep.crash.tensor, rep.crash.error, rep.verdict) == (run.crash[0], error, "crash")
+    assert table.crash is not None and (table.crash.tensor, table.crash.error, table.verdict) == (*run.crash, "crash")
     raised = sorted(r.tensor.name for r in rep.records if r.outcome.outcome == "raise")
     assert raised and all(n.endswith(".v_proj.v_scale") for n in raised)
-    cross = [f.message for f in rep.findings if f.code == "cross-check"]
-    agrees = table.crash is not None and (table.crash.tensor, table.crash.error) == run.crash
-    assert bool(cross) != agrees
-    if not agrees:
-        assert any(m.startswith("crash: the crash is") and error in m for m in cross)
+    assert raised == sorted(r.tensor.name for r in table.records if r.outcome.outcome == "raise")
+    assert [f.message for f in rep.findings if f.code == "cross-check"] == []
 
 
 def test_two_releases_disagree_where_their_goldens_do():
@@ -302,24 +300,9 @@ def installed_runs():
     return eid, dict(zip(cases, runs, strict=True))
 
 
-#: Where the live replay and the table row disagree, the oracle on the real tensors agreeing with live
-#: (``test_the_live_replay_answers_where_the_table_has_no_golden``): the table is what is wrong there.
-TABLE_GAPS = {
-    "sglang_probe_kv_scale_shape": (
-        "vLLM raises on a [2] v_scale (0.34.0: its KV-cache scale loader; 0.20.0: default_weight_loader's size "
-        "assertion); the table loads it"
-    ),
-}
-
-
-def _gap(case: Path):
-    reason = TABLE_GAPS.get(case.parent.name)
-    return pytest.param(case, marks=pytest.mark.xfail(reason=reason, strict=False)) if reason else case
-
-
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAVE_VLLM, reason="needs vLLM installed")
-@pytest.mark.parametrize("case", [_gap(c) for c in _cases()], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("case", _cases(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_installed_vllm_agrees_with_the_table(installed_runs, case):
     eid, runs = installed_runs
     rep = live.audit(open_local(str(case)), eid, cross_check=True, run=runs[case])
