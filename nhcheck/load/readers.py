@@ -174,8 +174,31 @@ def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_sha
     return out, whole
 
 
-def apply_pieces(pieces: list[Piece], src, arenas: Arenas) -> None:
-    """Place what one staged read holds: ``copy`` bytes as one batched copy, the rest through ``write_op``."""
+def _driver_memcpy():
+    """The CUDA driver's ``cuMemcpyDtoDAsync`` (libcuda, which every CUDA process has loaded), or None.
+
+    A staged read holds thousands of tensors; enqueueing each byte range straight on the driver
+    costs a few microseconds, where making a pair of tensor views per range and handing them to
+    ``torch._foreach_copy_`` costs several times that on the main thread (``bench/load.py``).
+    """
+    if "dtod" not in _CACHE:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuMemcpyDtoDAsync_v2
+            fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _CACHE["dtod"] = fn
+        except (OSError, AttributeError):
+            _CACHE["dtod"] = None
+    return _CACHE["dtod"]
+
+
+def apply_pieces(pieces: list[Piece], src, arenas: Arenas, stream=None) -> None:
+    """Place what one staged read holds: ``copy`` bytes as byte-range copies, the rest through ``write_op``.
+
+    On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are
+    enqueued on the driver one by one, every range checked against both buffers' bounds first;
+    otherwise they are one batched ``torch._foreach_copy_`` over views.
+    """
     torch = arenas.torch
     copies = []  # (source offset, bytes, arena dtype, arena byte offset)
     for pc in pieces:
@@ -192,6 +215,19 @@ def apply_pieces(pieces: list[Piece], src, arenas: Arenas) -> None:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
     if not copies:
+        return
+    memcpy = _driver_memcpy() if stream is not None else None
+    if memcpy is not None:
+        handle = stream.cuda_stream
+        src_ptr, src_len = src.data_ptr(), src.numel()
+        bases = {d: (t.data_ptr(), t.numel()) for d, t in arenas.raw.items()}
+        for off, n, dtype, dst in copies:
+            ptr, size = bases[dtype]
+            if off < 0 or dst < 0 or off + n > src_len or dst + n > size:
+                raise RuntimeError(f"internal error: placement out of bounds: {n} bytes at {off} -> {dtype} arena at {dst}")
+            rc = memcpy(ptr + dst, src_ptr + off, n, handle)
+            if rc:
+                raise RuntimeError(f"cuMemcpyDtoDAsync failed with CUDA error {rc}")
         return
     copies.sort()
     srcs = _segments(src, [(c[0], c[1]) for c in copies])
@@ -429,7 +465,7 @@ class Transfer:
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
                         mine = [pc for pc in pieces[j] if pc.op.idx not in gathered]
                         if mine:
-                            apply_pieces(mine, src, arenas)
+                            apply_pieces(mine, src, arenas, self.place_stream if self.cuda else None)
                         for pc in pieces[j]:
                             part = gathered.get(pc.op.idx)
                             if part is not None:
