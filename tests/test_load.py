@@ -343,14 +343,14 @@ def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     apply = readers.apply_pieces
     target = "model.layers.1.mixer.experts.w2_weight"
 
-    def misplace(pieces, src, arenas):
+    def misplace(pieces, src, arenas, stream=None):
         out = []
         for pc in pieces:
             op = pc.op
             if op.param == target and op.slot in ("expert 0", "expert 1"):
                 op = op._replace(start=op.n if op.slot == "expert 0" else 0)
             out.append(pc._replace(op=op))
-        apply(tuple(out), src, arenas)
+        apply(tuple(out), src, arenas, stream)
 
     monkeypatch.setattr(readers, "apply_pieces", misplace)
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
