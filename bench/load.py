@@ -209,6 +209,16 @@ def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]
     return dt, info
 
 
+def run_views(root: Path, opts: LoadOptions) -> float:
+    """nhcheck end to end with the staged byte ranges placed through tensor views and ``_foreach_copy_``
+    (the path before the driver copies), to show what the driver copies buy in the same run."""
+    readers.DRIVER_COPIES = False
+    try:
+        return run_nhcheck(root, opts)[0]
+    finally:
+        readers.DRIVER_COPIES = True
+
+
 def contenders(args, files, device, base, decided, ceiling) -> dict:
     """Every loader that can run here, as name -> callable returning seconds; the missing ones said once."""
     out = {
@@ -217,6 +227,8 @@ def contenders(args, files, device, base, decided, ceiling) -> dict:
         "nhcheck": lambda: run_nhcheck(args.dir, base)[0],
         "nhcheck_decided": lambda: run_nhcheck(args.dir, base, decided)[0],
     }
+    if device.type == "cuda":
+        out["nhcheck_views"] = lambda: run_views(args.dir, base)
     for name, fn in (
         ("fastsafetensors", lambda: run_fastsafetensors(files, device, args.threads, False)),
         ("fastsafetensors_cached", lambda: run_fastsafetensors(files, device, args.threads, False, True)),

@@ -383,7 +383,9 @@ def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
     monkeypatch.setattr(
         readers,
         "apply_pieces",
-        lambda pieces, src, arenas: apply(tuple(pc for pc in pieces if pc.op.param != target), src, arenas),
+        lambda pieces, src, arenas, stream=None: apply(
+            tuple(pc for pc in pieces if pc.op.param != target), src, arenas, stream
+        ),
     )
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
     p = next(p for p in r.params if p.param.name == target)
@@ -559,8 +561,11 @@ def test_cuda_lost_write_caught(monkeypatch):
     monkeypatch.setattr(
         readers,
         "apply_pieces",
-        lambda pieces, src, arenas: apply(
-            tuple(pc for pc in pieces if not (pc.op.param == target and pc.op.slot == "expert 4")), src, arenas
+        lambda pieces, src, arenas, stream=None: apply(
+            tuple(pc for pc in pieces if not (pc.op.param == target and pc.op.slot == "expert 4")),
+            src,
+            arenas,
+            stream,
         ),
     )
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cuda")).report

@@ -30,6 +30,9 @@ _CACHE: dict[Any, Any] = {}
 #: free host / staging slot, ``issue`` queueing the device copy; ``place_wait`` / ``place`` on the main
 #: thread; ``last_landed`` and ``placed`` since the transfer started.
 STATS: dict[str, float] = {}
+#: Staged byte ranges go to the device through the driver (``_driver_memcpy``); ``bench/load.py`` turns this
+#: off for one contender to time the views + ``torch._foreach_copy_`` path in the same run.
+DRIVER_COPIES = True
 
 
 class Span(NamedTuple):
@@ -178,8 +181,9 @@ def _driver_memcpy():
     """The CUDA driver's ``cuMemcpyDtoDAsync`` (libcuda, which every CUDA process has loaded), or None.
 
     A staged read holds thousands of tensors; enqueueing each byte range straight on the driver
-    costs a few microseconds, where making a pair of tensor views per range and handing them to
-    ``torch._foreach_copy_`` costs several times that on the main thread (``bench/load.py``).
+    costs a few microseconds of the main thread; making a pair of tensor views per range for
+    ``torch._foreach_copy_`` costs more (H100, 3,503 ranges: 35–47 ms against 48–72 ms; end to end
+    ``bench/load.py`` times both).
     """
     if "dtod" not in _CACHE:
         try:
@@ -216,7 +220,7 @@ def apply_pieces(pieces: list[Piece], src, arenas: Arenas, stream=None) -> None:
         write_op(arenas, op, x.view(getattr(torch, op.src)))
     if not copies:
         return
-    memcpy = _driver_memcpy() if stream is not None else None
+    memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
     if memcpy is not None:
         handle = stream.cuda_stream
         src_ptr, src_len = src.data_ptr(), src.numel()
@@ -224,7 +228,9 @@ def apply_pieces(pieces: list[Piece], src, arenas: Arenas, stream=None) -> None:
         for off, n, dtype, dst in copies:
             ptr, size = bases[dtype]
             if off < 0 or dst < 0 or off + n > src_len or dst + n > size:
-                raise RuntimeError(f"internal error: placement out of bounds: {n} bytes at {off} -> {dtype} arena at {dst}")
+                raise RuntimeError(
+                    f"internal error: placement out of bounds: {n} bytes at {off} -> {dtype} arena at {dst}"
+                )
             rc = memcpy(ptr + dst, src_ptr + off, n, handle)
             if rc:
                 raise RuntimeError(f"cuMemcpyDtoDAsync failed with CUDA error {rc}")
