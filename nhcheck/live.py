@@ -33,8 +33,17 @@ from importlib import util as import_util
 from nhcheck import collapse, engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint
-from nhcheck.engines import sglang, vllm
-from nhcheck.engines.base import Engine, EngineId, LoaderSemantics, Outcome, PPWindow, Replayer, Route, UnloadedKind
+from nhcheck.engines.base import (
+    Engine,
+    EngineId,
+    LoaderSemantics,
+    Outcome,
+    PPWindow,
+    Replayer,
+    Route,
+    UnloadedKind,
+    installed_version,
+)
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, verdict_of
 from nhcheck.manifest import Manifest, Param
@@ -45,9 +54,8 @@ from nhcheck.quant import QuantConfig, parse_quant
 STARTUP = "startup"
 #: A live outcome that no table rule reaches for the same tensor.
 LIVE = "live"
-#: Each engine's worker module (run as ``python -m``) and its release module (``installed_release``).
+#: Each engine's worker module (run as ``python -m``).
 _WORKERS = {"sglang": "nhcheck.engines.live_sglang", "vllm": "nhcheck.engines.live_vllm"}
-_RELEASES = {"sglang": sglang, "vllm": vllm}
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,14 @@ def installed_engine(requested: str | None) -> EngineId:
     """The installed engine ``--engine`` names (SGLang by default) as an ``EngineId``; a usage error when it is
     not installed here or another release was named."""
     name, _, wanted = (requested or "sglang").partition("@")
-    if name not in _RELEASES:
-        raise UsageError(f"--live answers for {' and '.join(_RELEASES)} (installed here); got --engine {requested}")
+    if name not in _WORKERS:
+        raise UsageError(f"--live answers for {' and '.join(_WORKERS)} (installed here); got --engine {requested}")
     if import_util.find_spec(name) is None or import_util.find_spec("torch") is None:
         raise UsageError(
             f"--live and --cross-check run the installed engine's own code: install {name} (and its torch) in "
             "this Python environment, or audit from the release table without them"
         )
-    version = _RELEASES[name].installed_release()
+    version = installed_version(name)
     if version is None:
         raise UsageError(f"{name} is importable but has no package metadata (no release to name)")
     if wanted and wanted not in ("latest", version):

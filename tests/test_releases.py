@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from nhcheck import engines
-from nhcheck.engines.sglang import EPOCHS, NEWEST, PROFILES, parse_engine_id, release_key
+from nhcheck.engines.base import release_key
+from nhcheck.engines.sglang import EPOCHS, NEWEST, PROFILES, parse_engine_id
 from nhcheck.errors import UsageError
 from nhcheck.pipeline import audit_path
 

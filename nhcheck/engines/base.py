@@ -347,6 +347,57 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
+def resolve_release(
+    engine: str,
+    spec: str | None,
+    table: Sequence[str],
+    newest: str,
+    with_nemotron_h: Sequence[str],
+    unproven: dict[str, str] | None = None,
+) -> EngineId:
+    """Parse ``ENGINE@X`` against one engine's release table: the same rules for every engine.
+
+    Bare ``ENGINE`` is the installed release when there is one, else ``newest``; ``@latest`` is ``newest``.
+    A release in ``table`` answers; a release newer than ``newest`` is answered with ``newest``'s behaviour
+    and says so (``--live`` answers it with its own code); a known release in ``unproven`` (it ships
+    Nemotron-H, no golden data proves it yet) and any other release (``with_nemotron_h`` is every release on
+    the index that ships the model, oldest first) are usage errors naming the range nhcheck answers for.
+    """
+    spec = (spec or engine).strip()
+    name, _, version = spec.partition("@")
+    if name != engine:
+        raise UsageError(f"unknown engine {name!r}; expected {engine} (e.g. --engine {engine}@{newest})")
+    installed = False
+    if not version:
+        found = installed_version(engine)
+        version, installed = (found, True) if found else (newest, False)
+    elif version == "latest":
+        version = newest
+    if version in table:
+        return EngineId(engine, version, installed)
+    unproven = unproven or {}
+    first = min(table, key=release_key)
+    gaps = [v for v in unproven if release_key(v) > release_key(first)]
+    modelled = f"nhcheck answers for {engine} {first} … {newest}" + (f" except {', '.join(gaps)}" if gaps else "")
+    if version in unproven:
+        raise UsageError(
+            f"{engine} {version} ships Nemotron-H but is not yet proven by golden data ({unproven[version]}); "
+            + modelled
+        )
+    if release_key(version, engine) > release_key(newest):
+        return EngineId(
+            engine,
+            version,
+            installed,
+            f"{engine} {version} is newer than nhcheck's release table (newest {newest}): answered with "
+            f"{newest}'s behaviour; with that release installed, `nhcheck audit --live` answers with its own "
+            "code (--cross-check shows where it differs from this)",
+        )
+    raise UsageError(
+        f"{engine} {version} is not a release with Nemotron-H (the first is {with_nemotron_h[0]}); {modelled}"
+    )
+
+
 @runtime_checkable
 class SharesReplay(Protocol):
     """An optional capability: telling, cheaply, whether two releases replay a checkpoint alike.

@@ -19,9 +19,8 @@ from nhcheck.engines.base import (
     PPWindow,
     Route,
     UnloadedKind,
-    installed_version,
-    release_key,
     replay_signature,
+    resolve_release,
 )
 from nhcheck.errors import UsageError
 
@@ -358,11 +357,6 @@ MOE_BACKENDS = (
 )
 
 
-def installed_release() -> str | None:
-    """The sglang release installed in this environment, read from its metadata (sglang is not imported)."""
-    return installed_version("sglang")
-
-
 def get_profile(spec: str | EngineId | None) -> SGLangProfile:
     """The behaviour row of an SGLang release: an ``EngineId``, or ``sglang@0.5.11`` / ``sglang`` (newest)."""
     eid = spec if isinstance(spec, EngineId) else parse_engine_id(spec)
@@ -370,38 +364,8 @@ def get_profile(spec: str | EngineId | None) -> SGLangProfile:
 
 
 def parse_engine_id(spec: str | None) -> EngineId:
-    """Parse ``sglang@X``; bare ``sglang`` is the installed release when there is one, else the newest.
-
-    A release newer than the table is answered with the newest row (and says so); any other release
-    the table lacks is not a Nemotron-H release on the index (the table holds every one): a usage error.
-    """
-    spec = (spec or "sglang").strip()
-    name, _, version = spec.partition("@")
-    if name != "sglang":
-        raise UsageError(f"unknown engine {name!r}; nhcheck replays sglang (e.g. --engine sglang@{NEWEST})")
-    installed = False
-    if not version:
-        found = installed_release()
-        version, installed = (found, True) if found else (NEWEST, False)
-    elif version == "latest":
-        version = NEWEST
-    if version in PROFILES:
-        return EngineId("sglang", version, installed)
-    first, newest = next(iter(PROFILES)), NEWEST
-    key = release_key(version, "sglang")
-    if key > release_key(newest):
-        return EngineId(
-            "sglang",
-            version,
-            installed,
-            f"sglang {version} is newer than nhcheck's release table (newest {newest}): answered with "
-            f"{newest}'s behaviour; with that release installed, `nhcheck audit --live` answers with its own "
-            "code (--cross-check shows where it differs from this)",
-        )
-    raise UsageError(
-        f"sglang {version} is not a release with Nemotron-H (the first is {first}); "
-        f"nhcheck answers for every release sglang {first} … {newest}"
-    )
+    """Parse ``sglang@X`` (``engines.base.resolve_release``); the table holds every SGLang release with Nemotron-H."""
+    return resolve_release("sglang", spec, tuple(PROFILES), NEWEST, tuple(PROFILES))
 
 
 def default_moe_backend(profile: SGLangProfile, quantization: str | None, wrapped: bool = False) -> str:

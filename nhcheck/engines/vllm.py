@@ -27,9 +27,9 @@ from nhcheck.engines.base import (
     Route,
     UnloadedKind,
     default_loader_error,
-    installed_version,
     release_key,
     replay_signature,
+    resolve_release,
 )
 from nhcheck.errors import UsageError
 
@@ -319,11 +319,6 @@ _NOT_RUN = (
 UNPROVEN = {v: _NOT_RUN for v in RELEASES_WITH_NEMOTRON_H if v not in PROFILES}
 
 
-def installed_release() -> str | None:
-    """The vllm release installed in this environment, from its metadata (vllm is not imported)."""
-    return installed_version("vllm")
-
-
 def get_profile(spec: str | EngineId | None) -> VLLMProfile:
     """The behaviour row of a vLLM release (a release newer than the table: the newest row)."""
     eid = spec if isinstance(spec, EngineId) else parse_engine_id(spec)
@@ -331,43 +326,8 @@ def get_profile(spec: str | EngineId | None) -> VLLMProfile:
 
 
 def parse_engine_id(spec: str | None) -> EngineId:
-    """Parse ``vllm@X``; bare ``vllm`` is the installed release when there is one, else the newest.
-
-    A release newer than the table is answered with the newest row (and says so); a known release no
-    golden data proves yet, or one without Nemotron-H, is a usage error naming the range nhcheck answers for.
-    """
-    spec = (spec or "vllm").strip()
-    name, _, version = spec.partition("@")
-    if name != "vllm":
-        raise UsageError(f"unknown engine {name!r}; expected vllm (e.g. --engine vllm@{NEWEST})")
-    installed = False
-    if not version:
-        found = installed_release()
-        version, installed = (found, True) if found else (NEWEST, False)
-    elif version == "latest":
-        version = NEWEST
-    if version in PROFILES:
-        return EngineId("vllm", version, installed)
-    first = min(PROFILES, key=release_key)
-    gaps = [v for v in UNPROVEN if release_key(v) > release_key(first)]
-    modelled = f"nhcheck answers for vllm {first} … {NEWEST}" + (f" except {', '.join(gaps)}" if gaps else "")
-    if version in UNPROVEN:
-        raise UsageError(
-            f"vllm {version} ships Nemotron-H but is not yet proven by golden data ({UNPROVEN[version]}); {modelled}"
-        )
-    key = release_key(version, "vllm")
-    if key > release_key(NEWEST):
-        return EngineId(
-            "vllm",
-            version,
-            installed,
-            f"vllm {version} is newer than nhcheck's release table (newest {NEWEST}): answered with "
-            f"{NEWEST}'s behaviour; audit with --manifest and a named_parameters() dump of the real engine "
-            "to check the manifest side",
-        )
-    raise UsageError(
-        f"vllm {version} is not a release with Nemotron-H (the first is {RELEASES_WITH_NEMOTRON_H[0]}); {modelled}"
-    )
+    """Parse ``vllm@X`` (``engines.base.resolve_release``); releases in ``UNPROVEN`` are usage errors saying why."""
+    return resolve_release("vllm", spec, tuple(PROFILES), NEWEST, RELEASES_WITH_NEMOTRON_H, UNPROVEN)
 
 
 # ---------------------------------------------------------------------------
