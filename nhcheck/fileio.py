@@ -42,16 +42,3 @@ def read_exact(fd: int, path: str, offset: int, size: int, short: str = ENDS_EAR
     buf[: len(data)] = data
     read_into(fd, path, memoryview(buf)[len(data) :], offset + len(data), short)
     return bytes(buf)
-
-
-def write_json_atomic(path: str, obj: object) -> None:
-    """``obj`` as JSON at ``path``, written under a temporary name, fsynced, then renamed: whoever waits
-    for the file (a live worker's parent) reads all of it or none."""
-    import json
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

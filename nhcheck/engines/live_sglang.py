@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nhcheck.engines import live_sglang_host
-from nhcheck.fileio import write_json_atomic
+from nhcheck.engines.worker import run_jobs
 
 #: Capability facts of a B200-class GPU, by the names SGLang's platform record uses.
 _SM100_FACTS = {
@@ -610,6 +610,7 @@ def _free_port() -> str:
 def _one(job: dict, moe_backend: str, host_shims: list[str]) -> dict:
     import sglang
 
+    os.environ["MASTER_PORT"] = _free_port()
     out: dict[str, Any] = {"sglang": sglang.__version__, "startup": None, "shims": host_shims}
     try:
         b = build(job["root"], moe_backend)
@@ -621,22 +622,6 @@ def _one(job: dict, moe_backend: str, host_shims: list[str]) -> dict:
     out["manifest"] = manifest(b)
     out.update(replay(b, engine_order(job["root"], job.get("tensors") or [])))
     return out
-
-
-def _child(job: dict, moe_backend: str, host_shims: list[str]) -> None:
-    """In the forked child: one checkpoint, one result file; never returns."""
-    code = 0
-    try:
-        os.environ["MASTER_PORT"] = _free_port()
-        result = _one(job, moe_backend, host_shims)
-        write_json_atomic(job["out"], result)
-    except BaseException:  # the parent reports the missing result with this log's last line
-        traceback.print_exc()
-        code = 3
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,13 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *args], {**os.environ, _STAND_INS: "1"})
-    for job in request["jobs"]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(job, request.get("moe_backend") or "auto", host_shims)
-        os.waitpid(pid, 0)
+    moe_backend = request.get("moe_backend") or "auto"
+    run_jobs(request["jobs"], lambda job: _one(job, moe_backend, host_shims))
     return 0
 
 

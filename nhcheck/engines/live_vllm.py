@@ -63,7 +63,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from nhcheck.dtypes import TORCH_DTYPE
-from nhcheck.fileio import write_json_atomic
+from nhcheck.engines.worker import run_jobs
 
 #: The emulated GPU: compute capability and name of a B200 (the capability picks the NVFP4 kernels).
 _CAPABILITY = (10, 0)
@@ -801,21 +801,6 @@ def _one(job: dict) -> dict:
     return out
 
 
-def _child(job: dict) -> None:
-    """In the forked child: one checkpoint, one result file; never returns."""
-    code = 0
-    try:
-        result = _one(job)
-        write_json_atomic(job["out"], result)
-    except BaseException:  # the parent reports the missing result with this log's last line
-        traceback.print_exc()
-        code = 3
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     with open(args[0]) as fh:
@@ -828,13 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _old_cuda_import():
         state_platform([])
         preimport()
-    for job in request["jobs"]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(job)
-        os.waitpid(pid, 0)
+    run_jobs(request["jobs"], _one)
     return 0
 
 
