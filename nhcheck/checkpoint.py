@@ -129,14 +129,23 @@ def safe_member(root: str, name: str, what: str) -> str:
     return path
 
 
-def _inside(root: str) -> tuple[str, ...]:
-    """Directories a checkpoint member may resolve into: the root, and a cache snapshot's blobs."""
+def hub_blobs(root: str) -> str | None:
+    """The ``blobs/`` directory of the Hugging Face cache repo whose snapshot ``root`` is, else None.
+
+    A cached snapshot's files are links into it, each blob named by its digest (an LFS file's: its sha256).
+    """
     real_root = os.path.realpath(root)
     snapshots = os.path.dirname(real_root)
     repo = os.path.dirname(snapshots)
     if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith("models--"):
-        return (real_root, os.path.join(repo, "blobs"))
-    return (real_root,)
+        return os.path.join(repo, "blobs")
+    return None
+
+
+def _inside(root: str) -> tuple[str, ...]:
+    """Directories a checkpoint member may resolve into: the root, and a cache snapshot's blobs."""
+    blobs = hub_blobs(root)
+    return (os.path.realpath(root),) if blobs is None else (os.path.realpath(root), blobs)
 
 
 def read_quant_sidecar(root: str) -> dict | None:

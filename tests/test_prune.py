@@ -58,6 +58,15 @@ def hashes(d: Path) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in tree(d).items()}
 
 
+def digest_of(entry: dict, data: bytes) -> str:
+    """The digest a receipt shard entry should carry for ``data``: sha256 for a copy, BLAKE3 for a rewrite."""
+    import blake3
+
+    want = {"copy": "sha256", "link": "sha256", "rewrite": "blake3"}[entry["action"]]
+    assert entry["digest"] == want and entry[{"sha256": "blake3", "blake3": "sha256"}[want]] is None
+    return blake3.blake3(data).hexdigest() if want == "blake3" else hashlib.sha256(data).hexdigest()
+
+
 def invoke(*args: str):
     return CliRunner(env={"COLUMNS": "400"}).invoke(cli, [str(a) for a in args])
 
@@ -202,6 +211,9 @@ def test_shard_left_empty_is_omitted_and_other_files_kept(tmp_path, generate):
         "dropped": 1,
         "bytes": 0,
         "sha256": None,
+        "blake3": None,
+        "digest": None,
+        "digest_from": None,
     }
 
 
@@ -305,8 +317,9 @@ def test_receipt_hashes(reference):
         assert d["outcome"] == "raise" and "KeyError" in d["reason"] and "unquantized" in d["reason"]
     assert [s["name"] for s in r["shards"]] == sorted(p.name for p in out.glob("*.safetensors"))
     for s in r["shards"]:
-        assert s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest()
+        assert s[s["digest"]] == digest_of(s, (out / s["name"]).read_bytes()) and s["digest_from"] == "computed"
     assert [s["action"] for s in r["shards"]] == ["rewrite", "copy", "copy", "rewrite"]
+    assert [s["digest"] for s in r["shards"]] == ["blake3", "sha256", "sha256", "blake3"]
     assert r["verification"]["bytes_compared"] == sum((out / s["name"]).stat().st_size for s in r["shards"])
 
 
@@ -414,7 +427,7 @@ def test_clean_checkpoint_is_copied_or_linked_when_asked(tmp_path):
     assert {s["action"] for s in receipt["shards"]} == {"link"}
     for s in receipt["shards"]:
         assert os.path.samefile(tmp_path / "link" / s["name"], src / s["name"])
-        assert s["sha256"] == hashlib.sha256((src / s["name"]).read_bytes()).hexdigest()
+        assert s["sha256"] == digest_of(s, (src / s["name"]).read_bytes())
     assert not os.path.samefile(tmp_path / "link" / "config.json", src / "config.json")
 
 
@@ -459,7 +472,9 @@ def test_no_verify_still_hashes(tmp_path):
     res = invoke("prune", EXAMPLES / CASE, "--out", tmp_path / "out", "--no-verify", "--engine", "sglang@0.5.23")
     assert res.exit_code == 0, res.stderr
     r = json.loads((tmp_path / "out" / prune.RECEIPT_NAME).read_text())
-    assert r["verification"] is None and all(len(s["sha256"]) == 64 for s in r["shards"])
+    assert r["verification"] is None
+    for s in r["shards"]:
+        assert s[s["digest"]] == digest_of(s, (tmp_path / "out" / s["name"]).read_bytes())
     assert "not verified" in res.stderr
 
 
@@ -833,7 +848,7 @@ def test_written_bytes_are_read_back_and_proven(tmp_path, monkeypatch, reference
     shards = sorted((tmp_path / "out").glob("*.safetensors"))
     assert result.verification.bytes_compared == sum(p.stat().st_size for p in shards)
     for s in result.receipt["shards"]:
-        assert s["sha256"] == hashlib.sha256((tmp_path / "out" / s["name"]).read_bytes()).hexdigest()
+        assert s[s["digest"]] == digest_of(s, (tmp_path / "out" / s["name"]).read_bytes())
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
@@ -896,3 +911,108 @@ def test_a_write_the_file_does_not_keep_is_caught(tmp_path, monkeypatch, direct,
         prune.execute(plan, str(tmp_path / "out"))
     assert state["hit"]
     assert not any((tmp_path / "out").rglob("*.safetensors")) and not temp_files(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------
+# digests: sha256 for copies (the Hub's LFS digest, taken from the Hub's own records where they name it),
+# BLAKE3 for rewrites; every written byte read back and compared whatever the digest's origin
+
+
+def hub_cache(src: Path, base: Path) -> Path:
+    """``src`` laid out as the Hugging Face cache does: blobs named by their sha256, snapshot files linking there."""
+    repo = base / "models--org--name"
+    snap = repo / "snapshots" / ("ab" * 20)
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
+        os.link(p, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / p.name)
+    return snap
+
+
+def count_hashers(monkeypatch) -> list[str]:
+    made: list[str] = []
+    real = stream.new_hasher
+
+    def new_hasher(algorithm):
+        made.append(algorithm)
+        return real(algorithm)
+
+    monkeypatch.setattr(stream, "new_hasher", new_hasher)
+    return made
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_hub_cache_copies_take_the_blob_name_as_their_sha256(tmp_path, monkeypatch, reference, link):
+    """A shard kept whole from the Hub cache is not hashed (its blob's name is its LFS sha256), yet its
+    copy is read back and compared like any other; a linked one is not even read. Rewrites get BLAKE3."""
+    _, _, ref = reference
+    snap = hub_cache(EXAMPLES / CASE, tmp_path)
+    made = count_hashers(monkeypatch)
+    plan = prune.plan_prune(audit_path(str(snap), "sglang@0.5.11"))
+    result = prune.execute(plan, str(tmp_path / "out"), link=link)
+    assert made == ["blake3", "blake3"]  # the two rewritten shards only
+    out = tmp_path / "out"
+    assert {k: v for k, v in tree(out).items() if k != prune.RECEIPT_NAME} == {
+        k: v for k, v in ref.items() if k != prune.RECEIPT_NAME
+    }
+    for s in result.receipt["shards"]:
+        data = (out / s["name"]).read_bytes()
+        assert s[s["digest"]] == digest_of(s, data)
+        kept = s["action"] in ("copy", "link")
+        assert s["digest_from"] == ("hub-cache-blob" if kept else "computed")
+        if kept:
+            assert os.path.basename(os.path.realpath(snap / s["name"])) == s["sha256"]
+    written = sum(s["bytes"] for s in result.receipt["shards"] if s["action"] != "link")
+    assert result.verification.bytes_compared == written
+    assert [s["action"] for s in result.receipt["shards"]] == ["rewrite", *(["link" if link else "copy"] * 2), "rewrite"]
+
+
+@pytest.mark.parametrize("fault", ["altered", "lost"])
+def test_hub_cache_copy_that_does_not_land_is_caught(tmp_path, monkeypatch, fault):
+    """No digest is computed for a Hub-cache copy: the read-back alone must catch a write gone wrong."""
+    snap = hub_cache(EXAMPLES / CASE, tmp_path)
+    monkeypatch.setattr(stream, "WINDOW", 64 << 10)
+    real = os.pwrite
+    state = {"hit": False}
+
+    def pwrite(fd, data, offset):
+        if state["hit"] or offset < 2 * stream.WINDOW or "model-00002" not in os.readlink(f"/proc/self/fd/{fd}"):
+            return real(fd, data, offset)
+        state["hit"] = True
+        if fault == "lost":
+            return len(memoryview(data))
+        bad = mmap.mmap(-1, len(memoryview(data)))
+        bad[:] = memoryview(data)
+        bad[777] ^= 0x01
+        return real(fd, bad, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    plan = prune.plan_prune(audit_path(str(snap), "sglang@0.5.11"))
+    with pytest.raises(NhcheckError, match="differ from the source|shorter than what was written"):
+        prune.execute(plan, str(tmp_path / "out"))
+    assert state["hit"]
+    assert not any((tmp_path / "out").rglob("*.safetensors")) and not temp_files(tmp_path / "out")
+
+
+def test_local_dir_download_metadata_names_the_sha256(tmp_path, monkeypatch):
+    """``hf download --local-dir`` records each file's LFS sha256 (its etag): trusted while the file is not
+    newer than the record, as huggingface_hub trusts it; otherwise the copy is hashed."""
+    src = copy_example(CASE, tmp_path / "src")
+    records = src / ".cache" / "huggingface" / "download"
+    records.mkdir(parents=True)
+    shard2, shard3 = "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"
+    stamp = (src / shard2).stat().st_mtime + 5
+    for name in (shard2, shard3):
+        etag = hashlib.sha256((src / name).read_bytes()).hexdigest()
+        (records / f"{name}.metadata").write_text(f"{'cd' * 20}\n{etag}\n{stamp}\n")
+    os.utime(src / shard3, (stamp + 10, stamp + 10))  # modified after the download: not trusted
+    made = count_hashers(monkeypatch)
+    plan = prune.plan_prune(audit_path(str(src), "sglang@0.5.11"))
+    result = prune.execute(plan, str(tmp_path / "out"))
+    origin = {s["name"]: s["digest_from"] for s in result.receipt["shards"]}
+    assert origin[shard2] == "hub-download-metadata" and origin[shard3] == "computed"
+    assert sorted(made) == ["blake3", "blake3", "sha256"]
+    for s in result.receipt["shards"]:
+        assert s[s["digest"]] == digest_of(s, (tmp_path / "out" / s["name"]).read_bytes())

@@ -9,6 +9,7 @@ import os
 from nhcheck.checkpoint import INDEX_NAME, safe_member
 from nhcheck.errors import CheckpointError, UsageError
 from nhcheck.prune import outdir
+from nhcheck.prune.digest import plan_digest
 from nhcheck.prune.plan import PrunePlan
 from nhcheck.prune.receipt import RECEIPT_NAME, PruneResult, build_receipt, reaudit
 from nhcheck.prune.stream import Progress, ShardJob, Streamer, compacted, whole_file
@@ -53,9 +54,13 @@ def _new_index(index: dict, dropped: frozenset[str], plan: PrunePlan) -> dict:
 
 
 def _link(job: ShardJob) -> bool:
-    """Hard-link the source shard at the job's temporary name; False where the file system will not."""
+    """Hard-link the source shard at the job's temporary name; False where the file system will not.
+
+    The link is to the file a symlinked shard resolves to (a Hub cache snapshot's files are links into
+    its blobs): Linux's link(2), which ``os.link`` calls, would link the symlink itself.
+    """
     try:
-        os.link(job.src_path, job.tmp)
+        os.link(os.path.realpath(job.src_path), job.tmp)
         return True
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
@@ -111,7 +116,8 @@ def execute(
             if shard.name not in layouts:
                 outs.append((shard, None))
                 continue
-            job = ShardJob(os.path.join(out_dir, shard.name), shard.path, stats[shard.name], layouts[shard.name])
+            how = plan_digest(ckpt.root, shard.name, shard.path, actions[shard.name] == "rewrite")
+            job = ShardJob(os.path.join(out_dir, shard.name), shard.path, stats[shard.name], layouts[shard.name], how)
             job.tmp = run.tmp_for(job.final)
             if os.path.lexists(job.tmp):
                 os.unlink(job.tmp)

@@ -4,9 +4,16 @@ Two proofs: every written byte was read back from disk and compared with its sou
 (``stream``), and the output, audited again with the same engine, is no worse than the input: no
 orphans, no crash, no parameter less filled than before, exactly the source's tensors minus the
 dropped ones. The receipt (``nhcheck-prune.json``, schema ``nhcheck.prune/1``) lists each dropped
-tensor with its sha256 and reason, each output shard with its sha256 (of the bytes on disk; for a
-copied or linked shard the very digest the Hub's LFS pointer carries), the other files copied, and
+tensor with its sha256 and reason, each output shard with its digest, the other files copied, and
 the verification.
+
+A shard entry's digest (``digest`` names the algorithm, ``digest_from`` its origin; see ``digest``):
+``sha256`` for a copied or linked shard, the very digest the Hub's LFS pointer carries, computed
+(``computed``) or, where the source is a Hub cache blob or an ``hf download --local-dir`` file, as the
+Hub's cache / download record names it (``hub-cache-blob``, ``hub-download-metadata``: the copy was
+compared byte for byte with that source, the source not hashed again); ``blake3`` for a rewritten
+shard (``sha256`` null then), the digest of the bytes written. Both keys are present on every entry,
+null where not carried; receipts written before ``blake3`` have sha256 everywhere and no ``digest``.
 """
 
 from __future__ import annotations
@@ -118,7 +125,10 @@ def build_receipt(
                 "tensors": sp.tensors - sp.dropped,
                 "dropped": sp.dropped,
                 "bytes": os.path.getsize(job.final) if job else 0,
-                "sha256": job.digest if job else None,
+                "sha256": job.digest if job and job.how.algorithm == "sha256" else None,
+                "blake3": job.digest if job and job.how.algorithm == "blake3" else None,
+                "digest": job.how.algorithm if job else None,
+                "digest_from": job.how.origin if job else None,
             }
         )
     return {

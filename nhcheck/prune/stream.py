@@ -43,7 +43,6 @@ import bisect
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import mmap
 import os
 import queue
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from nhcheck.errors import CheckpointError
+from nhcheck.prune.digest import DigestPlan, new_hasher
 from nhcheck.prune.writer import Run, Shrunk, stat_key
 from nhcheck.safetensors_header import ShardHeader, serialize_header
 
@@ -117,12 +117,14 @@ def compacted(shard: ShardHeader, dropped: frozenset[str]) -> Layout:
 
 @dataclass
 class ShardJob:
-    """One output shard: its source, where it goes, what it holds; the digest and bytes proven once done."""
+    """One output shard: its source, where it goes, what it holds, which digest it gets; the digest and
+    bytes proven once done."""
 
     final: str
     src_path: str
     src_stat: tuple[int, int]
     layout: Layout
+    how: DigestPlan
     linked: bool = False
     tmp: str = ""
     digest: str = ""
@@ -230,13 +232,18 @@ class Streamer:
     def _stream(self, job: ShardJob, bufs: list[mmap.mmap], back: mmap.mmap) -> None:
         run = self.run
         size = job.layout.size
+        if job.linked and job.how.known:  # the source's own inode, its digest named by the Hub: nothing to read
+            self._report("verify" if self.verify else "hash", size)
+            job.digest = job.how.known
+            self._finish(job, ())
+            return
         src_fd = run.open(job.src_path, os.O_RDONLY)
         out_fd = back_fd = -1
         if not job.linked:
             out_fd, job.direct = self._open_out(job.tmp, back)
             if self.verify:
                 back_fd = run.open(job.tmp, os.O_RDONLY | (O_DIRECT if job.direct else 0))
-        sha = hashlib.sha256()
+        digest = None if job.how.known else new_hasher(job.how.algorithm)
         errors: list[BaseException] = []
         free: queue.SimpleQueue = queue.SimpleQueue()
         for i in range(len(bufs)):
@@ -251,7 +258,8 @@ class Streamer:
                 free.put(item.buf)
 
         def hash_(item: _Item) -> None:
-            sha.update(memoryview(bufs[item.buf])[: item.n])
+            assert digest is not None
+            digest.update(memoryview(bufs[item.buf])[: item.n])
             if not self.verify:
                 self._report("hash", item.n)
 
@@ -302,7 +310,7 @@ class Streamer:
 
         plain: list[int] = []  # a buffered descriptor, opened only if a direct write is refused
         written, synced = [0], [0]  # buffered: bytes handed to the kernel, bytes known on disk
-        hasher = _Stage(hash_, release, errors)
+        hasher = _Stage(hash_, release, errors) if digest is not None else None
         prover = _Stage(prove, release, errors) if back_fd >= 0 else None
         writer = _Stage(write, release, errors) if out_fd >= 0 else None
         try:
@@ -313,8 +321,11 @@ class Streamer:
                     break
                 n = min(WINDOW, size - start)
                 self._fill(job, src_fd, bufs[i], start, n)
-                item = _Item(i, start, n, 2 if writer is not None else 1)
-                hasher.put(item)
+                item = _Item(i, start, n, (hasher is not None) + (writer is not None))
+                if hasher is not None:
+                    hasher.put(item)
+                elif not self.verify:  # the digest is known: these bytes need no hashing
+                    self._report("hash", n)
                 if writer is not None:
                     writer.put(item)
                 elif self.verify:  # a hard link: nothing written, hashed only
@@ -331,16 +342,20 @@ class Streamer:
             if job.direct:  # the last window was written padded to a whole block (and so was the probe)
                 os.ftruncate(out_fd, size)
             os.fsync(out_fd)
+        job.digest = digest.hexdigest() if digest is not None else job.how.known
+        self._finish(job, (out_fd, back_fd, src_fd, *plain))
+
+    def _finish(self, job: ShardJob, fds: tuple[int, ...]) -> None:
+        """The source unchanged since it was audited: close the file's descriptors and give it its final name."""
         if stat_key(job.src_path) != job.src_stat:
             raise CheckpointError(
                 job.src_path,
                 "changed during the run (size or modification time); prune stopped, temporary files removed",
             )
-        job.digest = sha.hexdigest()
-        for fd in (out_fd, back_fd, src_fd, *plain):
+        for fd in fds:
             if fd >= 0:
-                run.close(fd)
-        run.commit(job.tmp, job.final)
+                self.run.close(fd)
+        self.run.commit(job.tmp, job.final)
 
     def _open_out(self, tmp: str, probe: mmap.mmap) -> tuple[int, bool]:
         """The temporary file for writing, with O_DIRECT where the file system takes it.
