@@ -12,7 +12,12 @@ each round times, in a rotated order (on a shared machine the position in a roun
 - ``cp -r + sha256sum``: a copy and the sha256 of each copied shard (what a careful user runs to get
   the digests the receipt records; sha256sum reads the copy back from the page cache);
 - ``sha256 of the shards (hashlib)``: the hashing alone, prune's floor in CPU;
-- ``nhcheck prune`` (verified, the default) and ``nhcheck prune --no-verify``.
+- ``nhcheck prune`` (verified, the default) and ``nhcheck prune --no-verify``;
+- with ``--hub-cache``, the same checkpoint laid out as the Hugging Face cache lays out a download
+  (blobs named by their sha256, the snapshot's files symlinks into them; hard links, no extra disk):
+  ``cp -rL`` of the snapshot and ``nhcheck prune`` of it, where the kept shards' sha256 is the blob's name;
+- with ``--before REF`` (e.g. ``main``) or ``--compare DIR``, another version's prune (and ``--no-verify``,
+  and of the snapshot with ``--hub-cache``) in the same rounds: before/after figures from one run.
 
 Medians over the rounds, the ratio of each to ``cp -r`` and to ``cp -r + sha256sum``, CPU seconds
 (the steadier measure on a shared machine) and peak RSS (GNU ``time``, else ``wait4``). Outputs
@@ -22,6 +27,7 @@ are deleted and synced between runs so one run's writeback does not bill the nex
     python bench/prune.py                 # ~2 GiB, 4 shards, 3 rounds (medians of 3)
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
     python bench/prune.py --compare ../nhcheck-main   # also time another checkout's prune, same rounds
+    python bench/prune.py --before main --hub-cache   # main's prune (git archive of it) too; a Hub-cache source too
     python bench/prune.py --write-paths   # also: durable copies by O_DIRECT / buffered / copy_file_range writes
 
 Targets: verified prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
@@ -83,6 +89,38 @@ def build(out: Path, gib: float, shards: int) -> int:
                 left -= n
     os.sync()
     return total
+
+
+def hub_cache(src: Path, base: Path) -> Path:
+    """``src`` laid out as the Hugging Face cache does, by hard links: ``blobs/<sha256>`` (the name an LFS file's
+    blob has there; a small file's is its git sha1 there, and is not used as a digest), and the snapshot's files
+    as relative symlinks into ``blobs/``. Returns the snapshot directory."""
+    import hashlib
+
+    repo = base / "models--bench--nemotron-h"
+    snap = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        h = hashlib.sha256() if p.suffix == ".safetensors" else hashlib.sha1(b"blob %d\0" % p.stat().st_size)
+        with open(p, "rb", buffering=0) as f:
+            while b := f.read(4 << 20):
+                h.update(b)
+        blob = repo / "blobs" / h.hexdigest()
+        if not blob.exists():  # equal files share one blob, as in the cache
+            os.link(p, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / p.name)
+    return snap
+
+
+def archive(ref: str, dest: Path) -> Path:
+    """The tree of git ``ref`` of this repository (``git archive``: no worktree, no checkout touched)."""
+    dest.mkdir()
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "nhcheck"], capture_output=True, check=False)
+    if tar.returncode != 0:
+        raise SystemExit(f"git archive {ref}: {tar.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar.stdout, check=True)
+    return dest
 
 
 def timed(cmd: list[str]) -> tuple[float, float, int]:
@@ -217,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         help="another nhcheck source tree (e.g. a worktree of main): its prune is timed in the same rounds",
     )
     ap.add_argument(
+        "--before",
+        metavar="REF",
+        default=None,
+        help="a git ref of this repository (e.g. main): its prune (a git archive of it) is timed in the same rounds",
+    )
+    ap.add_argument(
+        "--hub-cache",
+        action="store_true",
+        help="also time cp -rL and prune of the checkpoint laid out as a Hugging Face cache snapshot",
+    )
+    ap.add_argument(
         "--write-paths",
         action="store_true",
         help="also time durable copies of the shards by O_DIRECT, buffered and copy_file_range writes",
@@ -244,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         shards = [str(p) for p in sorted(src.glob("*.safetensors"))]
+        snap = hub_cache(src, work / "hub") if args.hub_cache else None
 
-        def nhcheck_in(tree: Path) -> list[str]:
+        def nhcheck_in(tree: Path, source: Path = src) -> list[str]:
             """``nhcheck prune`` imported from ``tree`` (``-m`` puts the working directory first on sys.path)."""
-            run = [sys.executable, "-m", "nhcheck", "prune", str(src), "--engine", ENGINE, "-q"]
+            run = [sys.executable, "-m", "nhcheck", "prune", str(source), "--engine", ENGINE, "-q"]
             return ["sh", "-c", 'cd "$0" && exec "$@"', str(tree), *run, "--out"]
 
         copy_and_hash = (
@@ -272,14 +322,26 @@ def main(argv: list[str] | None = None) -> int:
             "nhcheck prune": lambda out: prune + [str(out)],
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
+        others = []
         if args.compare:
-            other = Path(args.compare).resolve()
+            others.append((Path(args.compare).resolve().name, Path(args.compare).resolve()))
+        if args.before:
+            others.append((args.before, archive(args.before, work / "before")))
+        for label, other in others:
             theirs = nhcheck_in(other)
-            commands[f"{other.name}: prune"] = lambda out: theirs + [str(out)]
-            commands[f"{other.name}: prune --no-verify"] = lambda out: theirs + [str(out), "--no-verify"]
+            commands[f"{label}: prune"] = lambda out, t=theirs: t + [str(out)]
+            commands[f"{label}: prune --no-verify"] = lambda out, t=theirs: t + [str(out), "--no-verify"]
+        if snap is not None:
+            commands["hub cache: cp -rL"] = lambda out: ["cp", "-rL", str(snap), str(out)]
+            ours = nhcheck_in(REPO, snap)
+            commands["hub cache: nhcheck prune"] = lambda out: ours + [str(out)]
+            for label, other in others:
+                theirs = nhcheck_in(other, snap)
+                commands[f"hub cache: {label}: prune"] = lambda out, t=theirs: t + [str(out)]
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
         cpu: dict[str, list[float]] = {k: [] for k in commands}
+        blake3_ok = subprocess.run([sys.executable, "-c", "import blake3"], capture_output=True).returncode == 0
         up_before = uptime()
         load_before = os.getloadavg()
         names = list(commands)
@@ -296,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_paths(shards, work, args.reps) if args.write_paths else []
         up_after = uptime()
         base = statistics.median(times["cp -r"])
+        base_hub = statistics.median(times["hub cache: cp -rL"]) if snap is not None else base
         base_sha = statistics.median(times["cp -r + sha256sum"])
         base_cpu = statistics.median(cpu["cp -r"])
         rows = []
@@ -307,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     "median_s": round(med, 3),
                     "runs_s": [round(t, 3) for t in times[name]],
                     "ratio_vs_cp": round(med / base, 2),
+                    "ratio_vs_cp_rL": round(med / base_hub, 2) if name.startswith("hub cache: ") else None,
                     "ratio_vs_cp_sha256sum": round(med / base_sha, 2),
                     "cpu_s": round(statistics.median(cpu[name]), 3),
                     "cpu_ratio_vs_cp": round(statistics.median(cpu[name]) / base_cpu, 2),
@@ -315,21 +379,23 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"{data / 2**30:.2f} GiB, {args.shards} shard(s), medians of {args.reps} round(s); "
-            f"{os.cpu_count()} CPUs; work dir on {work}"
+            f"{os.cpu_count()} CPUs; work dir on {work}; blake3 {'importable' if blake3_ok else 'NOT importable'} here"
         )
+        print("× cp: the ratio to the copy of the same source (cp -r; for 'hub cache:' rows cp -rL of the snapshot)")
         print(
-            f"{'command':32} {'median s':>9} {'× cp -r':>8} {'× cp+sha':>9} {'CPU s':>6} {'CPU × cp':>9}"
+            f"{'command':40} {'median s':>9} {'× cp':>6} {'× cp+sha':>9} {'CPU s':>6} {'CPU × cp':>9}"
             f" {'peak RSS MB':>12}  runs"
         )
         for r in rows:
+            ratio = r["ratio_vs_cp_rL"] if r["ratio_vs_cp_rL"] is not None else r["ratio_vs_cp"]
             print(
-                f"{r['command']:32} {r['median_s']:9.2f} {r['ratio_vs_cp']:8.2f} {r['ratio_vs_cp_sha256sum']:9.2f} "
+                f"{r['command']:40} {r['median_s']:9.2f} {ratio:6.2f} {r['ratio_vs_cp_sha256sum']:9.2f} "
                 f"{r['cpu_s']:6.2f} {r['cpu_ratio_vs_cp']:9.2f} {r['peak_rss_mb']:12.1f}  "
                 + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
         for r in paths:
             print(
-                f"{r['write path']:32} {r['median_s']:9.2f}  × O_DIRECT {r['ratio_vs_o_direct']:.2f}  "
+                f"{r['write path']:40} {r['median_s']:9.2f}  × O_DIRECT {r['ratio_vs_o_direct']:.2f}  "
                 + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
         print(f"uptime before: {up_before}")
@@ -345,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "gib": round(data / 2**30, 3),
+                    "blake3": blake3_ok,
                     "shards": args.shards,
                     "reps": args.reps,
                     "machine": machine,

@@ -966,7 +966,8 @@ def test_hub_cache_copies_take_the_blob_name_as_their_sha256(tmp_path, monkeypat
             assert os.path.basename(os.path.realpath(snap / s["name"])) == s["sha256"]
     written = sum(s["bytes"] for s in result.receipt["shards"] if s["action"] != "link")
     assert result.verification.bytes_compared == written
-    assert [s["action"] for s in result.receipt["shards"]] == ["rewrite", *(["link" if link else "copy"] * 2), "rewrite"]
+    kept = "link" if link else "copy"
+    assert [s["action"] for s in result.receipt["shards"]] == ["rewrite", kept, kept, "rewrite"]
 
 
 @pytest.mark.parametrize("fault", ["altered", "lost"])

@@ -22,8 +22,8 @@ from nhcheck.prune.writer import (
     fsync_dir,
     io_error,
     json_bytes,
+    stage_bytes,
     stat_key,
-    write_bytes,
     write_json,
 )
 from nhcheck.safetensors_header import ShardHeader
@@ -146,13 +146,14 @@ def execute(
         for rel, src in sidecars:
             run.source = src
             copy_file(run, copier, src, os.path.join(out_dir, rel))
-        # The new index is ready while the shards stream (~16 MB of JSON at Super size, 165k tensors);
-        # it is written after them.
+        # The new index (~16 MB of JSON at Super size, 165k tensors) is written and fsynced under its
+        # temporary name while the shards stream; it takes its final name after them.
         index = None if ckpt.index is None else _new_index(ckpt.index, dropped, plan)
-        index_data = None if index is None or index == ckpt.index else json_bytes(index, indent=2)
+        index_path = os.path.join(out_dir, INDEX_NAME)
+        staged = None if index is None or index == ckpt.index else stage_bytes(run, index_path, json_bytes(index, 2))
         streamer.wait()
-        if index_data is not None:
-            write_bytes(run, os.path.join(out_dir, INDEX_NAME), index_data)
+        if staged is not None:
+            run.commit(staged, index_path)
         elif index is not None:  # nothing to change: keep the file byte for byte
             copy_file(run, copier, os.path.join(ckpt.root, INDEX_NAME), os.path.join(out_dir, INDEX_NAME))
         for d in run.dirs:

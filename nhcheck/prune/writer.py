@@ -180,6 +180,14 @@ def write_json(run: Run, final: str, obj: object, indent: int) -> None:
 
 
 def write_bytes(run: Run, final: str, data: bytes) -> None:
+    run.commit(stage_bytes(run, final, data), final)
+
+
+def stage_bytes(run: Run, final: str, data: bytes) -> str:
+    """``data`` written and fsynced under ``final``'s temporary name, returned; ``run.commit`` renames it.
+
+    Staged early, a file costs its fsync while other work runs and appears under its final name when due.
+    """
     tmp = run.tmp_for(final)
     fd = run.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     view = memoryview(data)
@@ -188,7 +196,7 @@ def write_bytes(run: Run, final: str, data: bytes) -> None:
         done += os.write(fd, view[done:])
     os.fsync(fd)
     run.close(fd)
-    run.commit(tmp, final)
+    return tmp
 
 
 def io_error(exc: OSError, run: Run) -> NhcheckError:
