@@ -7,6 +7,7 @@ One room per module, in the order a run goes through them:
 - ``plan``: the plan from the audit alone (drops, groups, per-shard actions) or a typed refusal.
 - ``outdir``: the output directory: never in place; ``--overwrite`` replaces only nhcheck's own output.
 - ``writer``: the atomic writer: temporary name, fsync, rename; cleanup after a failure.
+- ``digest``: which digest each shard's receipt entry carries, and whether the Hub already names it.
 - ``stream``: each shard read once, hashed, written with O_DIRECT and read back from disk to prove it.
 - ``receipt``: the re-audit of the output and the receipt (``nhcheck-prune.json``).
 - ``execute``: the run that ties them together.
