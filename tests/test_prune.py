@@ -1017,3 +1017,15 @@ def test_local_dir_download_metadata_names_the_sha256(tmp_path, monkeypatch):
     assert sorted(made) == ["blake3", "blake3", "sha256"]
     for s in result.receipt["shards"]:
         assert s[s["digest"]] == digest_of(s, (tmp_path / "out" / s["name"]).read_bytes())
+
+
+def test_rewrites_fall_back_to_sha256_without_blake3(tmp_path, monkeypatch):
+    """Where the blake3 package cannot be imported a rewritten shard gets sha256, and its entry says so."""
+    from nhcheck.prune import digest
+
+    monkeypatch.setattr(digest, "_blake3", lambda: None)
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.11"))
+    result = prune.execute(plan, str(tmp_path / "out"))
+    for s in result.receipt["shards"]:
+        assert s["digest"] == "sha256" and s["blake3"] is None
+        assert s["sha256"] == hashlib.sha256((tmp_path / "out" / s["name"]).read_bytes()).hexdigest()
