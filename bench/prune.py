@@ -13,11 +13,14 @@ each round times, in a rotated order (on a shared machine the position in a roun
   the digests the receipt records; sha256sum reads the copy back from the page cache);
 - ``sha256 of the shards (hashlib)``: the hashing alone, prune's floor in CPU;
 - ``nhcheck prune`` (verified, the default) and ``nhcheck prune --no-verify``;
-- with ``--hub-cache``, the same checkpoint laid out as the Hugging Face cache lays out a download
+- ``nhcheck prune --dry-run``: the start-up, audit and plan prune runs before it writes anything (a fixed
+  cost that does not grow with the bytes; the re-audit of the output adds less than the audit);
+- unless ``--no-hub-cache``, the same checkpoint laid out as the Hugging Face cache lays out a download
   (blobs named by their sha256, the snapshot's files symlinks into them; hard links, no extra disk):
-  ``cp -rL`` of the snapshot and ``nhcheck prune`` of it, where the kept shards' sha256 is the blob's name;
+  ``cp -rL`` of the snapshot and ``nhcheck prune`` of it, where the kept shards' sha256 is the blob's name
+  (what ``nhcheck prune org/name`` works on);
 - with ``--before REF`` (e.g. ``main``) or ``--compare DIR``, another version's prune (and ``--no-verify``,
-  and of the snapshot with ``--hub-cache``) in the same rounds: before/after figures from one run.
+  and of the snapshot) in the same rounds: before/after figures from one run.
 
 Medians over the rounds, the ratio of each to ``cp -r`` and to ``cp -r + sha256sum``, CPU seconds
 (the steadier measure on a shared machine) and peak RSS (GNU ``time``, else ``wait4``). Outputs
@@ -27,7 +30,8 @@ are deleted and synced between runs so one run's writeback does not bill the nex
     python bench/prune.py                 # ~2 GiB, 4 shards, 3 rounds (medians of 3)
     python bench/prune.py --gib 4 --shards 1 --reps 5 --dir /work/tmp
     python bench/prune.py --compare ../nhcheck-main   # also time another checkout's prune, same rounds
-    python bench/prune.py --before main --hub-cache   # main's prune (git archive of it) too; a Hub-cache source too
+    python bench/prune.py --before main   # main's prune (a git archive of it) too, in the same rounds
+    python bench/prune.py --gib 8 --before main   # fixed costs (audit, re-audit) matter less at real sizes
     python bench/prune.py --write-paths   # also: durable copies by O_DIRECT / buffered / copy_file_range writes
 
 Targets: verified prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size.
@@ -261,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         help="a git ref of this repository (e.g. main): its prune (a git archive of it) is timed in the same rounds",
     )
     ap.add_argument(
-        "--hub-cache",
-        action="store_true",
-        help="also time cp -rL and prune of the checkpoint laid out as a Hugging Face cache snapshot",
+        "--no-hub-cache",
+        dest="hub_cache",
+        action="store_false",
+        help="skip cp -rL and prune of the checkpoint laid out as a Hugging Face cache snapshot",
     )
     ap.add_argument(
         "--write-paths",
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 HASH_FILES,
             ],
             "sha256 of the shards (hashlib)": lambda out: [sys.executable, "-c", HASH_FILES, *shards],
+            "nhcheck prune --dry-run": lambda out: prune + [str(out), "--dry-run"],
             "nhcheck prune": lambda out: prune + [str(out)],
             "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
         }
