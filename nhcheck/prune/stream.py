@@ -13,11 +13,12 @@ next windows are read (hash beside write, prove after write):
 
 The argument: the digest is computed over the very buffer that was written, and every written
 byte read back from the device equals that buffer, so the bytes on disk are the source's bytes
-and hash to the receipt's digest. (For a copy whose sha256 the Hub names, the buffer is the source's
-bytes: the file on disk equals the source, whose digest the receipt takes from the Hub's record.) (A disk's own volatile cache may serve the read; the fsync
-before the rename flushes it.) Where the file system refuses ``O_DIRECT`` (tmpfs on older
-kernels, some FUSE mounts) the write is buffered and each window is written back with
-``fdatasync`` and dropped from the page cache (``POSIX_FADV_DONTNEED``) before it is read back.
+and hash to the receipt's digest (for a copy whose sha256 the Hub names, the buffer is the source's
+bytes: the file on disk equals the source, whose digest the receipt takes from the Hub's record). A
+disk's own volatile cache may serve the read; the fsync before the rename flushes it. Where the file
+system refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE mounts) the write is buffered and each
+window is written back with ``fdatasync`` and dropped from the page cache (``POSIX_FADV_DONTNEED``)
+before it is read back.
 
 Several shards stream at once (one per core, at most ``MAX_FILES``): a file's sha256 is sequential,
 so parallel sha256 comes from parallel files; BLAKE3 also spreads each window of one file over the
@@ -25,13 +26,13 @@ cores. Memory is ``RING + 1`` windows per file in flight, whatever the shard siz
 
 What "verified" means, exactly: for every shard prune writes, every byte of the output file (new
 header and kept ranges) was compared, after its write returned, with the buffer the receipt's digest
-was computed from (a Hub-named copy: with the source bytes the Hub's sha256 names), by reading it back from the file with ``O_DIRECT`` (or after ``fdatasync`` and
-``POSIX_FADV_DONTNEED``); the source's size and mtime did not change during the copy; and the file
-was fsynced before its rename. A write that lands other bytes, never lands, or whose bytes change in
-the file before the read-back fails the run (``tests/test_prune.py``). A hard-linked shard (``--link``)
-is the source's own inode: hashed, not compared (not even read where the Hub names its sha256). The
-comparison is ``memcmp``, not a digest: cheaper than any hash, and the one digest computed is the
-receipt's.
+was computed from (a Hub-named copy: with the source bytes the Hub's sha256 names), by reading it back
+from the file with ``O_DIRECT`` (or after ``fdatasync`` and ``POSIX_FADV_DONTNEED``); the source's size
+and mtime did not change during the copy; and the file was fsynced before its rename. A write that
+lands other bytes, never lands, or whose bytes change in the file before the read-back fails the run
+(``tests/test_prune.py``). A hard-linked shard (``--link``) is the source's own inode: hashed, not
+compared (not even read where the Hub names its sha256). The comparison is ``memcmp``, not a digest:
+cheaper than any hash, and the one digest computed is the receipt's.
 
 Why not the kernel's ``copy_file_range`` for the kept ranges: the bytes then never reach user space,
 so hashing and proving them costs a second read of every byte on top of the copy, and the copy goes
