@@ -7,11 +7,14 @@ experts of two MoE layers exported as BF16 but still carrying their NVFP4 scales
 rewrites the two shards that hold them and copies the other two whole. Then, in the same run,
 each round times, in a rotated order (on a shared machine the position in a round matters):
 
-- ``cp -r``: the baseline (page cache only: cp neither fsyncs nor checks anything);
+- ``cp -r``: the baseline (page cache only: cp neither fsyncs nor checks anything; on a file system
+  with reflinks, XFS or btrfs, coreutils 9's cp clones the extents instead of copying bytes, and no
+  copy that writes and reads back its bytes can come near it: use ext4, or read the durable rows);
 - ``cp -r && sync``: the same copy made durable, as prune's is (prune fsyncs every file);
 - ``cp -r + sha256sum``: a copy and the sha256 of each copied shard (what a careful user runs to get
-  the digests the receipt records; sha256sum reads the copy back from the page cache);
-- ``sha256 of the shards (hashlib)``: the hashing alone, prune's floor in CPU;
+  digests of a copy; sha256sum reads the copy back from the page cache);
+- ``sha256 of the shards (hashlib)``: sha256 of every byte alone (prune hashes only the copies it cannot
+  take from the Hub's records with sha256, and the rewrites with BLAKE3);
 - ``nhcheck prune`` (verified, the default) and ``nhcheck prune --no-verify``;
 - ``nhcheck prune --dry-run``: the start-up, audit and plan prune runs before it writes anything (a fixed
   cost that does not grow with the bytes; the re-audit of the output adds less than the audit);
