@@ -340,19 +340,19 @@ def test_24137_on_0_5_12_reports_packed_bytes_into_bf16_and_copies_nothing():
 def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     """The executor puts expert 0's bytes into slot 1 and expert 1's into slot 0 of one parameter:
     coverage and bookkeeping are complete, only the memory shows it."""
-    apply = readers.apply_pieces
+    apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w2_weight"
 
-    def misplace(pieces, src, arenas, stream=None):
+    def misplace(placement, src, arenas, stream=None):
         out = []
-        for pc in pieces:
+        for pc in placement.pieces:
             op = pc.op
             if op.param == target and op.slot in ("expert 0", "expert 1"):
                 op = op._replace(start=op.n if op.slot == "expert 0" else 0)
             out.append(pc._replace(op=op))
-        apply(tuple(out), src, arenas, stream)
+        apply(readers.compile_pieces(out, arenas), src, arenas, stream)
 
-    monkeypatch.setattr(readers, "apply_pieces", misplace)
+    monkeypatch.setattr(readers, "apply_placement", misplace)
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
     bad = {p.param.name: p for p in r.params if p.mismatches}
     assert set(bad) == {target} and bad[target].status == "filled" and not bad[target].double_writes
@@ -378,13 +378,16 @@ def test_missing_q_block_and_missing_expert_are_partial(tmp_path):
 
 def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
     """The loader claims a write that never reached memory: coverage says filled, the memory says poison."""
-    apply = readers.apply_pieces
+    apply = readers.apply_placement
     target = "model.layers.0.mixer.in_proj.weight"
     monkeypatch.setattr(
         readers,
-        "apply_pieces",
-        lambda pieces, src, arenas, stream=None: apply(
-            tuple(pc for pc in pieces if pc.op.param != target), src, arenas, stream
+        "apply_placement",
+        lambda placement, src, arenas, stream=None: apply(
+            readers.compile_pieces([pc for pc in placement.pieces if pc.op.param != target], arenas),
+            src,
+            arenas,
+            stream,
         ),
     )
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
@@ -556,13 +559,15 @@ def test_cuda_oracle_and_crash_points(pruned_24434):
 @pytest.mark.cuda
 @CUDA
 def test_cuda_lost_write_caught(monkeypatch):
-    apply = readers.apply_pieces
+    apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w13_weight"
     monkeypatch.setattr(
         readers,
-        "apply_pieces",
-        lambda pieces, src, arenas, stream=None: apply(
-            tuple(pc for pc in pieces if not (pc.op.param == target and pc.op.slot == "expert 4")),
+        "apply_placement",
+        lambda placement, src, arenas, stream=None: apply(
+            readers.compile_pieces(
+                [pc for pc in placement.pieces if not (pc.op.param == target and pc.op.slot == "expert 4")], arenas
+            ),
             src,
             arenas,
             stream,

@@ -138,7 +138,7 @@ class Piece(NamedTuple):
     A read is a fixed piece of the file, so a tensor may start in one read and end in another: a
     ``copy`` op is cut at the boundary (a byte range of the source maps to the same byte range of
     its slot); any other kind is placed whole, from one read (``skip`` 0) or, when it straddles a
-    boundary, gathered from its reads first (``Transfer.place``).
+    boundary, gathered from its reads first (``Transfer.finish``).
     """
 
     op: Op
@@ -168,7 +168,10 @@ def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_sha
         first = of_shard[i][0]
         size = reads[first].end - reads[first].start  # every read of a shard but its last has this size
         k0, k1 = (a - span.data_start) // size, (b - 1 - span.data_start) // size
-        if k0 != k1 and op.kind != "copy":
+        if k0 == k1:  # the common case: one piece, the whole source
+            out.setdefault(first + k0, []).append(Piece(op, a - reads[first + k0].start, 0, b - a))
+            continue
+        if op.kind != "copy":
             whole.append(op)  # its parts are gathered from the reads, then applied whole
         for k in range(k0, k1 + 1):
             r = reads[first + k]
@@ -177,17 +180,76 @@ def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_sha
     return out, whole
 
 
+class Copies(NamedTuple):
+    """The byte-range copies of one staged read into one arena: parallel arrays, ascending source offsets."""
+
+    dtype: str  # the arena
+    src: tuple[int, ...]  # byte offsets in the staged read
+    dst: tuple[int, ...]  # byte offsets in the arena
+    size: tuple[int, ...]
+
+
+class Placement(NamedTuple):
+    """What one staged read places, decided once the plan exists and before the read is placed.
+
+    ``copies``: every ``copy`` piece as byte ranges per arena, offsets computed and bounds checked
+    here (the placement then issues them without per-tensor Python); ``others``: the pieces of
+    non-copy ops the read holds whole (``write_op``); ``pieces``: all of them, in plan order.
+    """
+
+    pieces: tuple[Piece, ...]
+    copies: tuple[Copies, ...]
+    others: tuple[Piece, ...]
+
+
+def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Placement:
+    """The ``Placement`` of ``pieces`` (one staged read's): byte ranges per arena, checked against the
+    arena's and (given ``read_bytes``) the read's bounds, so a wrong offset fails here, not in memory."""
+    ranges: dict[str, list[tuple[int, int, int]]] = {}
+    others = []
+    where = arenas.where
+    for pc in pieces:
+        op = pc.op
+        if op.kind != "copy":
+            others.append(pc)
+            continue
+        n = _source_bytes(op) if pc.nbytes < 0 else pc.nbytes
+        if n:
+            dtype, base = where[op.param]
+            ranges.setdefault(dtype, []).append((pc.off, (base + op.start) * ITEMSIZE[op.src] + pc.skip, n))
+    copies = []
+    for dtype, rs in ranges.items():
+        rs.sort()
+        src, dst, size = zip(*rs, strict=True)
+        limit = arenas.raw[dtype].numel()
+        bad = next(
+            (
+                r
+                for r in rs
+                if r[0] < 0 or r[1] < 0 or r[1] + r[2] > limit or (read_bytes is not None and r[0] + r[2] > read_bytes)
+            ),
+            None,
+        )
+        if bad is not None:
+            raise RuntimeError(
+                f"internal error: placement out of bounds: {bad[2]} bytes at {bad[0]} -> {dtype} arena at {bad[1]}"
+            )
+        copies.append(Copies(dtype, src, dst, size))
+    return Placement(tuple(pieces), tuple(copies), tuple(others))
+
+
 def _driver_memcpy():
     """The CUDA driver's ``cuMemcpyDtoDAsync`` (libcuda, which every CUDA process has loaded), or None.
 
-    A staged read holds thousands of tensors; enqueueing each byte range straight on the driver
+    A staged read holds dozens to thousands of byte ranges; enqueueing each straight on the driver
     costs a few microseconds of the main thread; making a pair of tensor views per range for
     ``torch._foreach_copy_`` costs more (H100, 3,503 ranges: 35–47 ms against 48–72 ms; end to end
-    ``bench/load.py`` times both).
+    ``bench/load.py`` times both). Bound through ``PyDLL``: the call keeps the interpreter, so each
+    range does not wait for it back behind the reader threads (a ``CDLL`` call gives it away).
     """
     if "dtod" not in _CACHE:
         try:
-            fn = ctypes.CDLL("libcuda.so.1").cuMemcpyDtoDAsync_v2
+            fn = ctypes.PyDLL("libcuda.so.1").cuMemcpyDtoDAsync_v2
             fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
             fn.restype = ctypes.c_int
             _CACHE["dtod"] = fn
@@ -196,54 +258,44 @@ def _driver_memcpy():
     return _CACHE["dtod"]
 
 
-def apply_pieces(pieces: list[Piece], src, arenas: Arenas, stream=None) -> None:
-    """Place what one staged read holds: ``copy`` bytes as byte-range copies, the rest through ``write_op``.
+def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> None:
+    """Place what one staged read holds: its byte ranges, then the other pieces through ``write_op``.
 
     On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are
-    enqueued on the driver one by one, every range checked against both buffers' bounds first;
-    otherwise they are one batched ``torch._foreach_copy_`` over views.
+    enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise they are one
+    batched ``torch._foreach_copy_`` over views.
     """
     torch = arenas.torch
-    copies = []  # (source offset, bytes, arena dtype, arena byte offset)
-    for pc in pieces:
+    for pc in placement.others:
         op = pc.op
-        es = ITEMSIZE[op.src]
         n = _source_bytes(op) if pc.nbytes < 0 else pc.nbytes
-        if op.kind == "copy":
-            if n:
-                dtype, base = arenas.where[op.param]
-                copies.append((pc.off, n, dtype, (base + op.start) * es + pc.skip))
-            continue
         x = src[pc.off : pc.off + n]
-        if pc.off % es:
+        if pc.off % ITEMSIZE[op.src]:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
-    if not copies:
+    if not placement.copies:
         return
     memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
     if memcpy is not None:
         handle = stream.cuda_stream
-        src_ptr, src_len = src.data_ptr(), src.numel()
-        bases = {d: (t.data_ptr(), t.numel()) for d, t in arenas.raw.items()}
-        for off, n, dtype, dst in copies:
-            ptr, size = bases[dtype]
-            if off < 0 or dst < 0 or off + n > src_len or dst + n > size:
-                raise RuntimeError(
-                    f"internal error: placement out of bounds: {n} bytes at {off} -> {dtype} arena at {dst}"
-                )
-            rc = memcpy(ptr + dst, src_ptr + off, n, handle)
-            if rc:
-                raise RuntimeError(f"cuMemcpyDtoDAsync failed with CUDA error {rc}")
+        sptr = src.data_ptr()
+        for c in placement.copies:
+            base = arenas.raw[c.dtype].data_ptr()
+            for so, do, n in zip(c.src, c.dst, c.size, strict=True):
+                rc = memcpy(base + do, sptr + so, n, handle)
+                if rc:
+                    raise RuntimeError(f"cuMemcpyDtoDAsync failed with CUDA error {rc}")
         return
-    copies.sort()
-    srcs = _segments(src, [(c[0], c[1]) for c in copies])
-    dsts: list = [None] * len(copies)
-    for dtype in {c[2] for c in copies}:
-        order = sorted((c[3], i) for i, c in enumerate(copies) if c[2] == dtype)
-        for (_, i), view in zip(
-            order, _segments(arenas.raw[dtype], [(copies[i][3], copies[i][1]) for _, i in order]), strict=True
-        ):
-            dsts[i] = view
+    srcs: list = []
+    dsts: list = []
+    for c in placement.copies:
+        srcs += _segments(src, list(zip(c.src, c.size, strict=True)))
+        order = sorted(range(len(c.dst)), key=c.dst.__getitem__)
+        views = _segments(arenas.raw[c.dtype], [(c.dst[i], c.size[i]) for i in order])
+        mine: list = [None] * len(order)
+        for i, v in zip(order, views, strict=True):
+            mine[i] = v
+        dsts += mine
     torch._foreach_copy_(dsts, srcs)
 
 
@@ -255,7 +307,7 @@ class Transfer:
     of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
     staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
     parameters plus this). ``place`` takes the plan and scatters each staged piece as soon as it
-    lands (one batched device copy per piece, ``apply_pieces``), which frees its staging slot for
+    lands (its byte ranges decided once per read when the plan arrives, ``compile_pieces`` and ``apply_placement``), which frees its staging slot for
     the next read; the device orders it all with events, the host waits only for a free slot.
     Before the plan exists, the reads run ahead by the staging area plus the host ring; once it
     does, pieces no op needs are not read. Each piece costs its reader a few brief holds of the
@@ -435,22 +487,40 @@ class Transfer:
 
     # -- the main thread
 
-    def place(self, ops: tuple[Op, ...], arenas: Arenas) -> int:
-        """Hand over the plan; returns the bytes read once every op is in place on the device."""
+    def begin(self, ops: tuple[Op, ...], arenas: Arenas) -> None:
+        """Hand over the plan: every read's ``Placement`` is decided here, then the readers learn which
+        reads any op needs. The caller may work on (the checks' bookkeeping) before ``finish``."""
         torch = self.torch
+        clock = time.perf_counter
+        t = clock()
         pieces, whole = cut_pieces(ops, self.spans, self.reads, self.of_shard)
-        gathered = {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
-        needed = [j in pieces for j in range(len(self.reads))]
+        self.gathered = {
+            op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole
+        }
+        self.arenas = arenas
+        self.placements = {
+            j: compile_pieces([pc for pc in mine if pc.op.idx not in self.gathered], arenas, self.reads[j].end - self.reads[j].start)
+            for j, mine in pieces.items()
+        }
+        self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}
+        self.whole = whole
         if self.cuda:  # the poison fill (current stream) comes before any placement
             self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.lock:
-            self.needed = needed
-            todo = {j for j in range(len(self.reads)) if needed[j] or self.claimed[j]}
+            self.needed = [j in pieces for j in range(len(self.reads))]
+            self.todo = {j for j in range(len(self.reads)) if self.needed[j] or self.claimed[j]}
             self.lock.notify_all()
+        self.stats["plan_at"] = clock() - self.started
+        self.stats["compile"] = clock() - t
+
+    def finish(self) -> int:
+        """Place every staged read as it lands (``begin`` first); returns the bytes read once every op
+        is in place on the device."""
+        torch = self.torch
         ctx = torch.cuda.stream(self.place_stream) if self.cuda else nullcontext()
         clock = time.perf_counter
         waited = placing = 0.0
-        self.stats["plan_at"] = clock() - self.started
+        todo = self.todo
         with ctx:
             while todo:
                 t = clock()
@@ -459,30 +529,28 @@ class Transfer:
                         self.lock.wait()
                     if self.error is not None:
                         raise self.error
-                    ready = [(j, self.landed.pop(j)) for j in list(todo) if j in self.landed]
+                    ready = sorted((j, self.landed.pop(j)) for j in list(todo) if j in self.landed)
                 t1 = clock()
                 waited += t1 - t
                 for j, d in ready:
                     todo.discard(j)
-                    if j in pieces:
+                    if j in self.placements:
                         if self.cuda:
                             self.place_stream.wait_event(self.landed_events[d])
                         r = self.reads[j]
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
-                        mine = [pc for pc in pieces[j] if pc.op.idx not in gathered]
-                        if mine:
-                            apply_pieces(mine, src, arenas, self.place_stream if self.cuda else None)
-                        for pc in pieces[j]:
-                            part = gathered.get(pc.op.idx)
-                            if part is not None:
-                                part[pc.skip : pc.skip + pc.nbytes].copy_(src[pc.off : pc.off + pc.nbytes])
+                        apply_placement(self.placements[j], src, self.arenas, self.place_stream if self.cuda else None)
+                        for pc in self.parts[j]:
+                            self.gathered[pc.op.idx][pc.skip : pc.skip + pc.nbytes].copy_(
+                                src[pc.off : pc.off + pc.nbytes]
+                            )
                     if self.cuda:
                         self.freed_events[d].record(self.place_stream)
                         self.freed_used[d] = True
                     self.stage_free.put(d)
                 placing += clock() - t1
-            for op in whole:
-                write_op(arenas, op, gathered[op.idx].view(getattr(torch, op.src)))
+            for op in self.whole:
+                write_op(self.arenas, op, self.gathered[op.idx].view(getattr(torch, op.src)))
         for w in self.workers:
             w.join()
         if self.error is not None:
@@ -493,6 +561,11 @@ class Transfer:
         STATS.clear()
         STATS.update(self.stats)
         return self.bytes_read
+
+    def place(self, ops: tuple[Op, ...], arenas: Arenas) -> int:
+        """``begin`` then ``finish``: the plan handed over and every op placed; returns the bytes read."""
+        self.begin(ops, arenas)
+        return self.finish()
 
     def close(self) -> None:
         """Stop the readers (after an error elsewhere) and let go of the files; safe to call twice."""

@@ -35,6 +35,11 @@ from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_o
 from nhcheck.manifest import Param
 
 
+#: The last load's check phase split, for ``bench/load.py``: ``books_wait`` for the side thread's
+#: coverage and read-back samples after the transfer, ``compare_poison_report`` the rest.
+PHASES: dict[str, float] = {}
+
+
 @dataclass(frozen=True)
 class ParamLoad:
     """One runtime parameter after the load: which of its elements were written, and what memory says."""
@@ -150,19 +155,19 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         audit = decide()
         t_audit = time.perf_counter()
         plan = plan_load(audit, opts.dtype)
-        cov, overwritten = coverage(plan.params, plan.ops)
-        side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        # the file side of the read-back check needs only the plan: do it while the bytes move
-        expected = side.submit(expected_samples, plan.ops, layout(plan.params)[0], max(1, opts.samples), overwritten)
         t_plan = time.perf_counter()
         arenas = Arenas(plan.params, device, torch)
         t_alloc = time.perf_counter()
         if transfer is not None:
-            read = transfer.place(plan.ops, arenas)
-        else:
-            read = run_safetensors(plan.ops, arenas, device)
+            transfer.begin(plan.ops, arenas)  # the readers learn the plan before any bookkeeping of the checks
+        side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        # the checks' bookkeeping and the file side of the read-back need only the plan: done while the bytes move
+        books = side.submit(_bookkeeping, plan, max(1, opts.samples))
+        read = transfer.finish() if transfer is not None else run_safetensors(plan.ops, arenas, device)
         t_data = time.perf_counter()
-        checked, bad = compare(expected.result(), arenas)
+        cov, expected = books.result()
+        t_books = time.perf_counter()
+        checked, bad = compare(expected, arenas)
     poison = arenas.poisoned() if plan.crash is None else {}
     loaded = sum(op.tensor.nbytes for op in plan.ops)
     crash = None
@@ -174,6 +179,8 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
     findings = _findings(audit, plan, params, crash)
     peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else None
     t_end = time.perf_counter()
+    PHASES.clear()
+    PHASES.update(books_wait=t_books - t_data, compare_poison_report=t_end - t_books)
     report = LoadReport(
         audit=audit,
         device=str(device),
@@ -201,6 +208,12 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         samples_checked=checked,
     )
     return LoadResult(report, arenas)
+
+
+def _bookkeeping(plan: Plan, samples: int) -> tuple[dict[str, Coverage], list]:
+    """What the plan covers of every parameter, and the read-back samples the memory must match."""
+    cov, overwritten = coverage(plan.params, plan.ops)
+    return cov, expected_samples(plan.ops, layout(plan.params)[0], samples, overwritten)
 
 
 def _baseline(torch, device) -> int:
