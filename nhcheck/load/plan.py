@@ -256,6 +256,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     ops: list[Op] = []
     refused: list[tuple[str, str, Finding]] = []  # and what the engine loads silently (slot-narrowed)
     crash: Crash | None = None
+    semantics: dict[str | None, LoaderSemantics] = {}  # per quant method: one engine call, not one per tensor
     if report.crash is not None and report.crash.tensor is None:
         crash = report.crash
     for i, r in enumerate(stream_order(report) if crash is None else ()):
@@ -269,7 +270,9 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
         p = by_name.get(r.param or "")
         if p is None:
             continue  # an unreachable parameter: nothing the engine keeps
-        loader = engine.loader_semantics(p.quant_method)
+        loader = semantics.get(p.quant_method)
+        if loader is None:
+            loader = semantics[p.quant_method] = engine.loader_semantics(p.quant_method)
         narrowed = _narrowed(p, t.shape, loader)
         try:
             kind = _kind(p, t, narrowed)

@@ -154,29 +154,36 @@ def _source_bytes(op: Op) -> int:
 
 def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_shard: list[list[int]]):
     """Each read's pieces (by read index), and the non-copy ops no single read holds whole (whose pieces
-    are parts to gather before the op is applied)."""
-    index = {s.path: i for i, s in enumerate(spans)}
+    are parts to gather before the op is applied). One pass, no call per op but the ``Piece``."""
+    index = {s.path: (s.data_start, of_shard[i][0]) for i, s in enumerate(spans) if of_shard[i]}
+    sizes = {first: reads[first].end - reads[first].start for _, first in index.values()}
+    starts = [r.start for r in reads]
     out: dict[int, list[Piece]] = {}
     whole: list[Op] = []
+    isz = ITEMSIZE
     for op in ops:
-        i = index[op.path]
-        span = spans[i]
+        kind = op.kind
+        n = isz[op.src] * (1 if kind == "broadcast" else op.n if kind != "corner" else op.src_elements)
+        if n <= 0:
+            continue
+        data, first = index[op.path]
+        size = sizes[first]  # every read of a shard but its last has this size
         a = op.tensor.start
-        b = a + _source_bytes(op)
-        if b <= a:
-            continue
-        first = of_shard[i][0]
-        size = reads[first].end - reads[first].start  # every read of a shard but its last has this size
-        k0, k1 = (a - span.data_start) // size, (b - 1 - span.data_start) // size
+        k0 = first + (a - data) // size
+        k1 = first + (a + n - 1 - data) // size
         if k0 == k1:  # the common case: one piece, the whole source
-            out.setdefault(first + k0, []).append(Piece(op, a - reads[first + k0].start, 0, b - a))
+            mine = out.get(k0)
+            if mine is None:
+                mine = out[k0] = []
+            mine.append(Piece(op, a - starts[k0], 0, n))
             continue
-        if op.kind != "copy":
+        if kind != "copy":
             whole.append(op)  # its parts are gathered from the reads, then applied whole
+        b = a + n
         for k in range(k0, k1 + 1):
-            r = reads[first + k]
+            r = reads[k]
             lo, hi = max(a, r.start), min(b, r.end)
-            out.setdefault(first + k, []).append(Piece(op, lo - r.start, lo - a, hi - lo))
+            out.setdefault(k, []).append(Piece(op, lo - r.start, lo - a, hi - lo))
     return out, whole
 
 
@@ -208,27 +215,31 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
     ranges: dict[str, list[tuple[int, int, int]]] = {}
     others = []
     where = arenas.where
+    isz = ITEMSIZE
     for pc in pieces:
         op = pc.op
         if op.kind != "copy":
             others.append(pc)
             continue
-        n = _source_bytes(op) if pc.nbytes < 0 else pc.nbytes
+        n = pc.nbytes if pc.nbytes >= 0 else _source_bytes(op)
         if n:
             dtype, base = where[op.param]
-            ranges.setdefault(dtype, []).append((pc.off, (base + op.start) * ITEMSIZE[op.src] + pc.skip, n))
+            mine = ranges.get(dtype)
+            if mine is None:
+                mine = ranges[dtype] = []
+            mine.append((pc.off, (base + op.start) * isz[op.src] + pc.skip, n))
     copies = []
     for dtype, rs in ranges.items():
         rs.sort()
         src, dst, size = zip(*rs, strict=True)
         limit = arenas.raw[dtype].numel()
-        bad = next(
-            (
-                r
-                for r in rs
-                if r[0] < 0 or r[1] < 0 or r[1] + r[2] > limit or (read_bytes is not None and r[0] + r[2] > read_bytes)
-            ),
-            None,
+        top = read_bytes if read_bytes is not None else limit + max(size)  # no read bound: never the culprit
+        bad = (
+            None
+            if min(min(src), min(dst)) >= 0
+            and max(map(sum, zip(dst, size, strict=True))) <= limit
+            and max(map(sum, zip(src, size, strict=True))) <= top
+            else next(r for r in rs if min(r[0], r[1]) < 0 or r[1] + r[2] > limit or r[0] + r[2] > top)
         )
         if bad is not None:
             raise RuntimeError(
