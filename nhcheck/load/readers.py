@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -233,7 +234,7 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
         rs.sort()
         src, dst, size = zip(*rs, strict=True)
         limit = arenas.raw[dtype].numel()
-        top = read_bytes if read_bytes is not None else limit + max(size)  # no read bound: never the culprit
+        top = read_bytes if read_bytes is not None else sys.maxsize
         bad = (
             None
             if min(min(src), min(dst)) >= 0
