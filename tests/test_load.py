@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import generate  # examples/generate.py, on the path from conftest.py
@@ -221,6 +222,88 @@ def test_staging_area_is_bounded_whatever_the_shard_size(staging):
     with readers.Transfer(readers.spans_of(shards), torch.device("cpu"), opts, torch) as t:
         assert t.staging.numel() <= max(staging, t.slot) and t.staging.numel() <= len(t.reads) * t.slot
         assert t.staging.numel() == t.slot * max(1, min(len(t.reads), staging // t.slot))
+
+
+@pytest.mark.parametrize("staging", [1, 1 << 30])
+def test_reads_land_while_the_plan_is_made_and_stay_in_the_staging_area(monkeypatch, staging):
+    """The plan is held back until a read has landed: the reads do not wait for it (they start from the
+    length prefixes), fill at most the staging area, and the load completes once the plan arrives."""
+    seen = {}
+    real_transfer, real_plan = run.Transfer, run.plan_load
+
+    def spy(*a):
+        seen["transfer"] = real_transfer(*a)
+        return seen["transfer"]
+
+    def late_plan(audit, dtype="auto"):
+        t = seen["transfer"]
+        with t.lock:
+            assert t.lock.wait_for(lambda: t.bytes_read > 0, timeout=30), "no read landed while the plan waited"
+        time.sleep(0.2)  # time for the readers to run ahead as far as they may
+        with t.lock:
+            seen["before_plan"] = t.bytes_read
+        return real_plan(audit, dtype)
+
+    monkeypatch.setattr(run, "Transfer", spy)
+    monkeypatch.setattr(run, "plan_load", late_plan)
+    opts = LoadOptions(device="cpu", chunk_bytes=1000, staging_bytes=staging, threads=3)
+    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
+    t = seen["transfer"]
+    assert res.report.verdict == "clean"
+    assert 0 < seen["before_plan"] <= t.nstage * t.slot
+    if staging == 1:
+        assert seen["before_plan"] <= 1000 < res.report.bytes_read  # one slot ahead, then the rest after the plan
+    ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
+    assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
+
+
+def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follows_it(monkeypatch):
+    """Every staged read's byte ranges are computed once, when the plan reaches the readers, before the
+    checks' bookkeeping (which runs beside the transfer) and before any read is placed; each placement
+    holds its read's pieces in plan order, every op's source bytes exactly once."""
+    events: list[str] = []
+    placed: list = []
+    compile_, apply, cover = readers.compile_pieces, readers.apply_placement, run.coverage
+
+    def compiling(*a, **k):
+        events.append("compile")
+        return compile_(*a, **k)
+
+    def placing(placement, src, arenas, stream=None):
+        events.append("place")
+        placed.append(placement)
+        apply(placement, src, arenas, stream)
+
+    def covering(*a):
+        events.append("coverage")
+        return cover(*a)
+
+    transfers = []
+    real_transfer = run.Transfer
+    monkeypatch.setattr(run, "Transfer", lambda *a: transfers.append(real_transfer(*a)) or transfers[-1])
+    monkeypatch.setattr(readers, "compile_pieces", compiling)
+    monkeypatch.setattr(readers, "apply_placement", placing)
+    monkeypatch.setattr(run, "coverage", covering)
+    opts = LoadOptions(device="cpu", chunk_bytes=4096, staging_bytes=3 * 4096, threads=2)
+    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
+    assert res.report.verdict == "clean"
+    first_place = events.index("place")
+    assert "compile" not in events[first_place:] and events.count("compile") == len(placed)
+    assert events.index("coverage") > events.index("compile")
+    got: dict[int, int] = {}
+    parts = [pc for mine in transfers[-1].parts.values() for pc in mine]  # non-copy ops gathered across reads
+    assert parts and all(pc.op.kind != "copy" for pc in parts)
+    for placement in placed:
+        idx = [pc.op.idx for pc in placement.pieces]
+        assert idx == sorted(idx)
+    for pc in [pc for pl in placed for pc in pl.pieces] + parts:
+        got[pc.op.idx] = got.get(pc.op.idx, 0) + pc.nbytes
+    audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
+    ops = loading.plan_load(audit).ops
+    assert got == {op.idx: readers.ITEMSIZE[op.src] * op.src_elements for op in ops}
+    assert sum(len(c.src) for pl in placed for c in pl.copies) == sum(
+        1 for pl in placed for pc in pl.pieces if pc.op.kind == "copy"
+    )
 
 
 @pytest.mark.parametrize("example", ["nano3-bf16", "omni-nvfp4-24137", "h8b-dense"])
