@@ -132,7 +132,8 @@ def expected_samples(
             es, de = ITEMSIZE[src], ITEMSIZE[dst]
             src_rel = torch.zeros_like(rel) if kind == "broadcast" else rel
             idx = (src0.unsqueeze(1) + src_rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
-            x = data[idx.reshape(-1)].view(getattr(torch, src))
+            # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
+            x = data.index_select(0, idx.reshape(-1)).view(getattr(torch, src))
             # Compare bytes, not elements: indexing kernels do not cover every float8 dtype.
             want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(torch.uint8)
             dst_rel = (
