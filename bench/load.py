@@ -32,13 +32,20 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
+import pkgutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -48,12 +55,82 @@ sys.path.insert(0, str(REPO))
 
 import generate  # noqa: E402
 
+import nhcheck  # noqa: E402
 from nhcheck.dtypes import ITEMSIZE  # noqa: E402
-from nhcheck.load import LoadOptions, load_audited, load_path, readers  # noqa: E402
-from nhcheck.pipeline import audit_path  # noqa: E402
 
 ENGINE = "sglang@0.5.23"
 PIECE = 16 << 20
+
+
+def _ours(name: str) -> bool:
+    return name == "nhcheck" or name.startswith("nhcheck.")
+
+
+class Tree:
+    """One nhcheck tree's modules, imported side by side with the others in this process.
+
+    Every module of the tree is imported up front from ``root`` (None: this checkout) into module
+    objects of its own; ``active`` puts them in ``sys.modules`` for the length of a call, so the
+    imports nhcheck makes inside functions resolve to the same tree. Each tree keeps its own pinned
+    ring and streams: the trees share the process, the GPU and the page cache, and nothing else.
+    """
+
+    def __init__(self, label: str, root: str | None) -> None:
+        self.label = label
+        if root is None:
+            self.mods = self._import_all()
+        else:
+            saved = {k: sys.modules.pop(k) for k in list(sys.modules) if _ours(k)}
+            sys.path.insert(0, root)
+            try:
+                self.mods = self._import_all()
+            finally:
+                sys.path.remove(root)
+                for k in [k for k in sys.modules if _ours(k)]:
+                    del sys.modules[k]
+                sys.modules.update(saved)
+            got = os.path.realpath(self.mods["nhcheck"].__file__ or "")
+            if not got.startswith(os.path.realpath(root) + os.sep):
+                raise SystemExit(f"--before: imported nhcheck from {got}, not from {root}")
+        self.load: ModuleType = self.mods["nhcheck.load"]
+        self.readers: ModuleType = self.mods["nhcheck.load.readers"]
+        self.run: ModuleType = self.mods["nhcheck.load.run"]
+        self.pipeline: ModuleType = self.mods["nhcheck.pipeline"]
+
+    @staticmethod
+    def _import_all() -> dict[str, ModuleType]:
+        pkg = importlib.import_module("nhcheck")
+        for m in pkgutil.walk_packages(pkg.__path__, "nhcheck."):
+            try:
+                importlib.import_module(m.name)
+            except Exception:  # noqa: BLE001 - a module needing what this machine lacks is not the load's
+                pass
+        return {k: v for k, v in sys.modules.items() if _ours(k)}
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        saved = {k: sys.modules.pop(k) for k in list(sys.modules) if _ours(k)}
+        sys.modules.update(self.mods)
+        try:
+            yield
+        finally:
+            for k in [k for k in sys.modules if _ours(k)]:
+                del sys.modules[k]
+            sys.modules.update(saved)
+
+    def options(self, **kw):
+        return self.load.LoadOptions(**kw)
+
+
+def export_tree(ref: str, dest: str) -> str:
+    """``ref``'s ``nhcheck/`` unpacked into ``dest`` (``git archive``), or ``ref`` itself when it is a
+    directory holding an ``nhcheck`` package (a machine without the git history: export it beforehand)."""
+    if os.path.isdir(os.path.join(ref, "nhcheck")):
+        return os.path.abspath(ref)
+    os.makedirs(dest, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "nhcheck"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    return dest
 
 
 def build(out: Path, shards: int) -> None:
@@ -186,14 +263,15 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]:
+def run_nhcheck(tree: Tree, root: Path, opts, audit=None) -> tuple[float, dict]:
     """End to end from the path; or, given ``audit``, the load proper (decisions made before the clock)."""
-    t = time.perf_counter()
-    res = load_path(str(root), ENGINE, opts) if audit is None else load_audited(audit, opts)
-    dt = time.perf_counter() - t
+    with tree.active():
+        t = time.perf_counter()
+        res = tree.load.load_path(str(root), ENGINE, opts) if audit is None else tree.load.load_audited(audit, opts)
+        dt = time.perf_counter() - t
     r = res.report
     if r.verdict != "clean":
-        raise SystemExit(f"nhcheck load is not clean on the bench checkpoint: {r.verdict}: {r.findings[:3]}")
+        raise SystemExit(f"{tree.label} load is not clean on the bench checkpoint: {r.verdict}: {r.findings[:3]}")
     info = {
         "seconds": dt,
         "bytes_loaded": r.bytes_loaded,
@@ -202,53 +280,74 @@ def run_nhcheck(root: Path, opts: LoadOptions, audit=None) -> tuple[float, dict]
         "peak_device_bytes": r.peak_device_bytes,
         "samples_checked": r.samples_checked,
         "param_bytes": sum(p.numel * ITEMSIZE[p.param.dtype] for p in r.params),
-        "transfer": dict(readers.STATS),
+        "transfer": dict(tree.readers.STATS),
+        "checks": dict(getattr(tree.run, "PHASES", {})),
         "tensors_loaded": r.tensors_loaded,
     }
     del res
     return dt, info
 
 
-def run_views(root: Path, opts: LoadOptions) -> float:
+def run_views(tree: Tree, root: Path, opts) -> tuple[float, dict]:
     """nhcheck end to end with the staged byte ranges placed through tensor views and ``_foreach_copy_``
     (the path before the driver copies), to show what the driver copies buy in the same run."""
-    readers.DRIVER_COPIES = False
+    tree.readers.DRIVER_COPIES = False
     try:
-        return run_nhcheck(root, opts)[0]
+        return run_nhcheck(tree, root, opts)
     finally:
-        readers.DRIVER_COPIES = True
+        tree.readers.DRIVER_COPIES = True
 
 
-def contenders(args, files, device, base, decided, ceiling) -> dict:
-    """Every loader that can run here, as name -> callable returning seconds; the missing ones said once."""
-    out = {
-        "safetensors": lambda: run_safetensors(files, device),
-        "ceiling": ceiling.run,
-        "nhcheck": lambda: run_nhcheck(args.dir, base)[0],
-        "nhcheck_decided": lambda: run_nhcheck(args.dir, base, decided)[0],
-    }
-    if device.type == "cuda":
-        out["nhcheck_views"] = lambda: run_views(args.dir, base)
+def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
+    """Every loader that can run here, as name -> callable returning (seconds, nhcheck's phases or None);
+    the missing ones said once. ``--only`` keeps the named ones."""
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def keep(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    out: dict = {}
+    if keep("safetensors"):
+        out["safetensors"] = lambda: (run_safetensors(files, device), None)
+    out["ceiling"] = lambda: (ceiling.run(), None)  # every ratio is against it
+    for tree in trees:
+        opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
+        name = "nhcheck" + tree.label
+        if not (keep(name) or keep(name + "_decided") or keep(name + "_views")):
+            continue
+        # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
+        run_nhcheck(tree, args.dir, opts)
+        with tree.active():
+            decided = tree.pipeline.audit_path(str(args.dir), ENGINE)
+        run_nhcheck(tree, args.dir, opts, decided)
+        if keep(name):
+            out[name] = lambda tree=tree, opts=opts: run_nhcheck(tree, args.dir, opts)
+        if keep(name + "_decided"):
+            out[name + "_decided"] = lambda tree=tree, opts=opts, d=decided: run_nhcheck(tree, args.dir, opts, d)
+        if device.type == "cuda" and keep(name + "_views") and hasattr(tree.readers, "DRIVER_COPIES"):
+            out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
     for name, fn in (
         ("fastsafetensors", lambda: run_fastsafetensors(files, device, args.threads, False)),
         ("fastsafetensors_cached", lambda: run_fastsafetensors(files, device, args.threads, False, True)),
         ("fastsafetensors_gds", lambda: run_fastsafetensors(files, device, args.threads, True)),
         ("runai_streamer", lambda: run_runai(files, device)),
     ):
+        if not keep(name):
+            continue
         try:
             fn()  # warm-up, and the proof it runs here
-            out[name] = fn
+            out[name] = lambda fn=fn: (fn(), None)
         except Exception as exc:  # noqa: BLE001 - an absent package or GDS is a line in the output, not a crash
             print(f"{name}: not timed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
     return out
 
 
-def capped(args, device: torch.device, staging: int) -> dict:
+def capped(args, tree: Tree, device: torch.device, staging: int) -> dict:
     """Load in a process whose allocator may hold only the parameters + ``staging`` + 256 MB."""
     gc.collect()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    probe = run_nhcheck(args.dir, LoadOptions(device=str(device), threads=args.threads))[1]
+    probe = run_nhcheck(tree, args.dir, tree.options(device=str(device), threads=args.threads))[1]
     params = probe["param_bytes"]
     gc.collect()
     torch.cuda.empty_cache()
@@ -256,8 +355,8 @@ def capped(args, device: torch.device, staging: int) -> dict:
     limit = params + staging + (256 << 20)
     torch.cuda.set_per_process_memory_fraction((held + limit) / total, device)
     try:
-        opts = LoadOptions(device=str(device), threads=args.threads, staging_bytes=staging)
-        dt, info = run_nhcheck(args.dir, opts)
+        opts = tree.options(device=str(device), threads=args.threads, staging_bytes=staging)
+        dt, info = run_nhcheck(tree, args.dir, opts)
         ok = f"loaded clean in {dt:.3f} s"
     except torch.OutOfMemoryError as exc:
         info, ok = {"peak_device_bytes": None}, f"out of memory: {str(exc).splitlines()[0][:120]}"
@@ -274,6 +373,31 @@ def capped(args, device: torch.device, staging: int) -> dict:
     }
 
 
+def _median(infos: list[dict], key: str) -> dict[str, float]:
+    """The median of each figure under ``key`` over the runs (a figure a run lacks counts as 0)."""
+    names = list(dict.fromkeys(k for i in infos for k in i.get(key, {})))
+    return {k: statistics.median(i.get(key, {}).get(k, 0.0) for i in infos) for k in names}
+
+
+def print_phases(name: str, infos: list[dict]) -> None:
+    """Where one nhcheck contender's time went, as medians over its runs."""
+    line = ", ".join(f"{k} {v:.3f}" for k, v in _median(infos, "timings").items())
+    print(f"{name} phases (median s; the reads run from the start, under headers, audit and plan): {line}")
+    line = ", ".join(f"{k} {v:.3f}" for k, v in _median(infos, "transfer").items())
+    print(
+        f"{name} transfer (median s; reader sums over threads, then the main thread's work and moments "
+        f"since the reads began: plan_at = the plan reached the readers): {line}"
+    )
+    if any(i.get("checks") for i in infos):
+        print(f"{name} checks (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in _median(infos, "checks").items()))
+    last = infos[-1]
+    print(
+        f"{name} peak device memory {last['peak_device_bytes']} for {last['param_bytes']:,} bytes of parameters, "
+        f"read {last['bytes_read']:,} bytes, loaded {last['bytes_loaded']:,} in {last['tensors_loaded']:,} "
+        f"tensors, {last['samples_checked']:,} elements read back"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/nhcheck-bench-nano-like"))
@@ -281,6 +405,21 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
+    ap.add_argument("--pinned-mb", type=int, default=512, help="nhcheck's pinned host ring (LoadOptions.pinned_bytes)")
+    ap.add_argument(
+        "--before",
+        metavar="REF",
+        default=None,
+        help="also time git REF's nhcheck (git archive; or a directory holding an nhcheck/ package) in this "
+        "process: contenders nhcheck_before, nhcheck_before_decided",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated contenders to time (the ceiling always is), e.g. "
+        "safetensors,nhcheck,nhcheck_decided,nhcheck_before,nhcheck_before_decided",
+    )
     ap.add_argument("--cold", action="store_true", help="Also one run of each after dropping the page cache.")
     ap.add_argument("--cap", action="store_true", help="Also load under a memory cap of parameters + staging.")
     ap.add_argument("--sweep", action="store_true", help="Also time nhcheck with other thread/piece settings.")
@@ -299,35 +438,35 @@ def main() -> int:
     data = sum(f.stat().st_size for f in files)
     warm_cache(files)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    ours = Tree("", None)
+    trees = [ours]
+    work = tempfile.TemporaryDirectory(prefix="nhcheck-bench-before-")
+    if args.before:
+        trees.append(Tree("_before", export_tree(args.before, work.name)))
     print(
         f"device {device} ({card}); {os.cpu_count()} CPU cores; torch {torch.__version__}; "
-        f"{len(files)} shards, {data / 1e9:.2f} GB",
+        f"{len(files)} shards, {data / 1e9:.2f} GB; nhcheck from {os.path.dirname(nhcheck.__file__ or '')}"
+        + (f", nhcheck_before = {args.before} from {trees[1].mods['nhcheck'].__file__}" if args.before else ""),
         flush=True,
     )
 
-    base = LoadOptions(device=str(device), threads=args.threads)
     ceiling = Ceiling(files, device, args.threads)
-    # warm-up: CUDA context, kernels, the pinned ring nhcheck keeps, the allocator's cache
+    # warm-up: CUDA context, kernels; each nhcheck tree warms its own ring and streams in contenders()
     run_safetensors(files[:1], device)
     ceiling.run()
-    run_nhcheck(args.dir, base)
-    decided = audit_path(str(args.dir), ENGINE)
-    run_nhcheck(args.dir, base, decided)
-    loaders = contenders(args, files, device, base, decided, ceiling)
+    loaders = contenders(args, files, device, trees, ceiling)
 
     # The CLI runs with the cyclic GC off (nhcheck.cli.main); so do all of them here.
     gc.collect()
     gc.disable()
     runs: dict[str, list[float]] = {k: [] for k in loaders}
-    infos = []
+    infos: dict[str, list[dict]] = {}
     for rep in range(args.reps):
         for name, fn in loaders.items():
-            if name == "nhcheck":
-                dt, info = run_nhcheck(args.dir, base)
-                infos.append(info)
-            else:
-                dt = fn()
+            dt, info = fn()
             runs[name].append(dt)
+            if info is not None:
+                infos.setdefault(name, []).append(info)
         print(
             f"rep {rep + 1}: " + "  ".join(f"{k} {data / v[-1] / 1e9:.2f}" for k, v in runs.items()) + " GB/s",
             flush=True,
@@ -337,12 +476,12 @@ def main() -> int:
     cold: dict[str, float] = {}
     if args.cold:
         for name, fn in loaders.items():
-            if name == "nhcheck_decided":
+            if name.endswith("_decided"):
                 continue  # its audit read the headers before the clock: not a cold start
             if not drop_page_cache():
                 print("cold: /proc/sys/vm/drop_caches is not writable here; no cold figures", flush=True)
                 break
-            cold[name] = fn()
+            cold[name] = fn()[0]
         warm_cache(files)
 
     sweep = {}
@@ -352,12 +491,12 @@ def main() -> int:
             (args.threads, 64, 2048),
         ]
         for threads, chunk_mb, pinned_mb in grid:
-            o = LoadOptions(
+            o = ours.options(
                 device=str(device), threads=threads, chunk_bytes=chunk_mb << 20, pinned_bytes=pinned_mb << 20
             )
-            run_nhcheck(args.dir, o)
+            run_nhcheck(ours, args.dir, o)
             key = f"threads={threads} piece={chunk_mb}MB pinned={pinned_mb}MB"
-            sweep[key] = statistics.median(run_nhcheck(args.dir, o)[0] for _ in range(3))
+            sweep[key] = statistics.median(run_nhcheck(ours, args.dir, o)[0] for _ in range(3))
             print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
 
     caps = []
@@ -365,46 +504,37 @@ def main() -> int:
         del ceiling, loaders  # the ceiling's whole-shard device buffers would count against the cap
         for st in (1 << 30, 64 << 20):
             try:
-                caps.append(capped(args, device, st))
+                caps.append(capped(args, ours, device, st))
             except Exception as exc:  # noqa: BLE001 - reported, the figures above still print
                 print(f"capped run with staging {st:,}: {type(exc).__name__}: {exc}", flush=True)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     gbs = {k: data / v / 1e9 for k, v in med.items()}
-    timing = {k: statistics.median(i["timings"][k] for i in infos) for k in infos[0]["timings"]}
     print()
-    print(f"{'loader (warm cache)':<22} {'median s':>9} {'GB/s':>7} {'x ceiling':>9}   per run GB/s")
+    print(f"{'loader (warm cache)':<24} {'median s':>9} {'GB/s':>7} {'x ceiling':>9}   per run GB/s")
     for k, v in runs.items():
         print(
-            f"{k:<22} {med[k]:9.3f} {gbs[k]:7.2f} {gbs[k] / gbs['ceiling']:9.2f}   "
+            f"{k:<24} {med[k]:9.3f} {gbs[k]:7.2f} {gbs[k] / gbs['ceiling']:9.2f}   "
             + " ".join(f"{data / x / 1e9:.2f}" for x in v)
         )
-    print(
-        "nhcheck phases (median s; the reads run from the start, under headers, audit and plan): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in timing.items())
-    )
-    moves = {k: statistics.median(i["transfer"].get(k, 0.0) for i in infos) for k in infos[-1]["transfer"]}
-    print(
-        "nhcheck transfer (median s; reader sums over threads, then the main thread's placement, then "
-        "moments since the reads began): " + ", ".join(f"{k} {v:.3f}" for k, v in moves.items())
-    )
-    last = infos[-1]
-    print(
-        f"nhcheck peak device memory {last['peak_device_bytes']} for {last['param_bytes']:,} bytes of parameters "
-        f"(staging {base.staging_bytes:,}), read {last['bytes_read']:,} bytes, loaded {last['bytes_loaded']:,} "
-        f"in {last['tensors_loaded']:,} tensors, {last['samples_checked']:,} elements read back"
-    )
-    for k in ("nhcheck", "nhcheck_decided"):
+    for name, mine in infos.items():
+        print_phases(name, mine)
+    ns = [k for k in gbs if k.startswith("nhcheck")]
+    for k in ns:
         for other in gbs:
-            if other not in ("nhcheck", "nhcheck_decided"):
+            if other not in ns:
                 print(f"ratio {k}/{other} = {gbs[k] / gbs[other]:.2f}x")
+    for k in ("nhcheck", "nhcheck_decided"):
+        if args.before and k in gbs and k.replace("nhcheck", "nhcheck_before") in gbs:
+            b = k.replace("nhcheck", "nhcheck_before")
+            print(f"ratio {k}/{b} = {gbs[k] / gbs[b]:.2f}x (this tree over --before {args.before}, same run)")
     for k in gbs:
-        if k not in ("nhcheck", "nhcheck_decided", "ceiling"):
+        if k not in ns and k != "ceiling":
             print(f"ratio {k}/ceiling = {gbs[k] / gbs['ceiling']:.2f}x")
     if cold:
         print("cold page cache (dropped before each run: echo 3 > /proc/sys/vm/drop_caches), one run each:")
         for k, v in cold.items():
-            print(f"  {k:<22} {v:9.3f} s {data / v / 1e9:7.2f} GB/s {cold['ceiling'] / v:5.2f}x cold ceiling")
+            print(f"  {k:<24} {v:9.3f} s {data / v / 1e9:7.2f} GB/s {cold['ceiling'] / v:5.2f}x cold ceiling")
     for c in caps:
         print(
             f"capped (set_per_process_memory_fraction): parameters {c['param_bytes']:,} + staging "
@@ -420,6 +550,7 @@ def main() -> int:
                     "cpus": os.cpu_count(),
                     "torch": torch.__version__,
                     "bytes": data,
+                    "before": args.before,
                     "runs": runs,
                     "median_s": med,
                     "gb_per_s": gbs,
@@ -431,6 +562,7 @@ def main() -> int:
                 indent=1,
             )
         )
+    work.cleanup()
     return 0
 
 

@@ -2,8 +2,8 @@
 
 ``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a ring of (pinned,
 on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
-starting before the plan exists; once it does, each staged piece is placed with one batched
-copy and its slot reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
+starting before the plan exists; once it does, every piece's byte ranges are decided at once and
+each staged piece is placed from that list as it lands, its slot then reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
 ``get_tensor`` per tensor in stream order. torch is imported inside functions only.
 """
 
@@ -318,13 +318,16 @@ class Transfer:
     reader threads claim fixed pieces of the files in order, ``os.preadv`` each into a free slot
     of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
     staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
-    parameters plus this). ``place`` takes the plan and scatters each staged piece as soon as it
-    lands (its byte ranges decided once per read when the plan arrives, ``compile_pieces`` and ``apply_placement``), which frees its staging slot for
-    the next read; the device orders it all with events, the host waits only for a free slot.
-    Before the plan exists, the reads run ahead by the staging area plus the host ring; once it
-    does, pieces no op needs are not read. Each piece costs its reader a few brief holds of the
-    interpreter (the read itself runs outside it). One load at a time per process: the pinned
-    ring is shared.
+    parameters plus this). The readers never see a tensor: no per-tensor Python runs on them.
+    ``begin`` takes the plan and decides, once, every read's ``Placement`` (its byte ranges per
+    arena, offsets computed and bounds checked: ``cut_pieces``, ``compile_pieces``), then tells the
+    readers which reads any op needs; the caller may do other work (the checks' bookkeeping) before
+    ``finish`` places each staged read as soon as it lands (``apply_placement``: the ranges issued
+    straight to the driver) and frees its staging slot for the next read. The device orders it all
+    with events, the host waits only for a free slot. Before the plan exists, the reads run ahead
+    by the staging area plus the host ring; once it does, pieces no op needs are not read. Each
+    piece costs its reader a few brief holds of the interpreter (the read itself runs outside it).
+    One load at a time per process: the pinned ring is shared.
     """
 
     def __init__(self, spans: list[Span], device, opts: LoadOptions, torch) -> None:
@@ -506,12 +509,12 @@ class Transfer:
         clock = time.perf_counter
         t = clock()
         pieces, whole = cut_pieces(ops, self.spans, self.reads, self.of_shard)
-        self.gathered = {
-            op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole
-        }
+        self.gathered = {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
         self.arenas = arenas
         self.placements = {
-            j: compile_pieces([pc for pc in mine if pc.op.idx not in self.gathered], arenas, self.reads[j].end - self.reads[j].start)
+            j: compile_pieces(
+                [pc for pc in mine if pc.op.idx not in self.gathered], arenas, self.reads[j].end - self.reads[j].start
+            )
             for j, mine in pieces.items()
         }
         self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}

@@ -34,9 +34,9 @@ from nhcheck.load.plan import Plan, plan_load
 from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_of
 from nhcheck.manifest import Param
 
-
 #: The last load's check phase split, for ``bench/load.py``: ``books_wait`` for the side thread's
-#: coverage and read-back samples after the transfer, ``compare_poison_report`` the rest.
+#: coverage and read-back samples after the transfer, ``compare`` the read-back, ``close`` the readers
+#: and streams let go, ``poison`` the scan, ``report`` the findings.
 PHASES: dict[str, float] = {}
 
 
@@ -168,7 +168,10 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         cov, expected = books.result()
         t_books = time.perf_counter()
         checked, bad = compare(expected, arenas)
+        t_compare = time.perf_counter()
+    t_closed = time.perf_counter()
     poison = arenas.poisoned() if plan.crash is None else {}
+    t_poison = time.perf_counter()
     loaded = sum(op.tensor.nbytes for op in plan.ops)
     crash = None
     if plan.crash is not None:
@@ -180,7 +183,13 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
     peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else None
     t_end = time.perf_counter()
     PHASES.clear()
-    PHASES.update(books_wait=t_books - t_data, compare_poison_report=t_end - t_books)
+    PHASES.update(
+        books_wait=t_books - t_data,
+        compare=t_compare - t_books,
+        close=t_closed - t_compare,
+        poison=t_poison - t_closed,
+        report=t_end - t_poison,
+    )
     report = LoadReport(
         audit=audit,
         device=str(device),
