@@ -298,6 +298,34 @@ def run_views(tree: Tree, root: Path, opts) -> tuple[float, dict]:
         tree.readers.DRIVER_COPIES = True
 
 
+def run_batched(tree: Tree, root: Path, opts) -> tuple[float, dict]:
+    """nhcheck end to end with each staged read's byte ranges in one ``cuMemcpyBatchAsync``
+    (``readers.BATCH_COPIES``), against one ``cuMemcpyDtoDAsync`` per range in the same run."""
+    tree.readers.BATCH_COPIES = True
+    try:
+        return run_nhcheck(tree, root, opts)
+    finally:
+        tree.readers.BATCH_COPIES = False
+
+
+def batch_copies_work(device: torch.device) -> str:
+    """``ok`` when the driver's batched copy places odd ranges exactly, asked in a child process (a driver
+    whose ABI differs from what ``readers`` binds would take this process down with it)."""
+    code = (
+        "import torch; from nhcheck.load import readers; "
+        f"print(readers.check_batch_copies(torch.device({str(device)!r})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "the check timed out"
+    out = r.stdout.strip().splitlines()
+    if r.returncode == 0 and out:
+        return out[-1]
+    return f"the check exited {r.returncode}: {r.stderr.strip()[-200:]}"
+
+
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     """Every loader that can run here, as name -> callable returning (seconds, nhcheck's phases or None);
     the missing ones said once. ``--only`` keeps the named ones."""
@@ -313,7 +341,8 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     for tree in trees:
         opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
         name = "nhcheck" + tree.label
-        if not (keep(name) or keep(name + "_decided") or keep(name + "_views")):
+        variants = ["", "_decided", "_views", "_batch"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
         run_nhcheck(tree, args.dir, opts)
@@ -326,6 +355,18 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             out[name + "_decided"] = lambda tree=tree, opts=opts, d=decided: run_nhcheck(tree, args.dir, opts, d)
         if device.type == "cuda" and keep(name + "_views") and hasattr(tree.readers, "DRIVER_COPIES"):
             out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
+        if device.type == "cuda" and keep(name + "_batch") and hasattr(tree.readers, "BATCH_COPIES"):
+            said = batch_copies_work(device)
+            if said == "ok":
+                run_batched(tree, args.dir, opts)
+                out[name + "_batch"] = lambda tree=tree, opts=opts: run_batched(tree, args.dir, opts)
+            else:
+                print(f"{name}_batch: not timed ({said})", flush=True)
+        for mb in args.also_pinned_mb:
+            more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
+            if keep(f"{name}_pinned{mb}"):
+                run_nhcheck(tree, args.dir, more)
+                out[f"{name}_pinned{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
     for name, fn in (
         ("fastsafetensors", lambda: run_fastsafetensors(files, device, args.threads, False)),
         ("fastsafetensors_cached", lambda: run_fastsafetensors(files, device, args.threads, False, True)),
@@ -406,6 +447,14 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
     ap.add_argument("--pinned-mb", type=int, default=512, help="nhcheck's pinned host ring (LoadOptions.pinned_bytes)")
+    ap.add_argument(
+        "--also-pinned-mb",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="MB",
+        help="also time each nhcheck tree with this pinned ring (contenders nhcheck_pinnedMB, nhcheck_before_pinnedMB)",
+    )
     ap.add_argument(
         "--before",
         metavar="REF",

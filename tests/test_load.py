@@ -306,6 +306,77 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
     )
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["per-range", "batched"])
+def test_driver_copy_paths_place_what_the_views_place(monkeypatch, batch):
+    """The CUDA driver paths' address arithmetic, run on the host: stand-in driver functions move the
+    ranges they are handed (what ``cuMemcpyDtoDAsync`` / ``cuMemcpyBatchAsync`` do on a GPU), and the
+    arenas must end byte for byte as the views path leaves them."""
+    import ctypes
+
+    audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
+    plan = loading.plan_load(audit)
+    spans = readers.spans_of(audit.checkpoint.shards)
+    reads = readers.plan_reads(spans, 4096)
+    of_shard: list[list[int]] = [[] for _ in spans]
+    for j, r in enumerate(reads):
+        of_shard[r.shard].append(j)
+    pieces, whole = readers.cut_pieces(plan.ops, spans, reads, of_shard)
+    calls = {"memcpy": 0, "batch": 0}
+
+    def memcpy(dst, src, n, handle):
+        calls["memcpy"] += 1
+        ctypes.memmove(dst, src, n)
+        return 0
+
+    def batched(dsts, srcs, sizes, count, attrs, first, nattrs, failed, handle):
+        calls["batch"] += 1
+        assert nattrs == 1 and first[0] == 0 and attrs._obj.src_access_order == 1
+        for i in range(count):
+            ctypes.memmove(dsts[i], srcs[i], sizes[i])
+        return 0
+
+    class Stream:
+        cuda_stream = 0
+
+    monkeypatch.setattr(readers, "_driver_memcpy", lambda: memcpy)
+    monkeypatch.setattr(readers, "_driver_batch", lambda: (batched, True))
+    monkeypatch.setattr(readers, "BATCH_COPIES", batch)
+
+    with_copies = []
+
+    def placed(stream) -> dict[str, torch.Tensor]:
+        arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
+        with_copies.clear()
+        for j, mine in sorted(pieces.items()):
+            r = reads[j]
+            with open(spans[r.shard].path, "rb") as fh:
+                fh.seek(r.start)
+                src = torch.frombuffer(bytearray(fh.read(r.end - r.start)), dtype=torch.uint8)
+            placement = readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, r.end - r.start)
+            readers.apply_placement(placement, src, arenas, stream)
+            with_copies.append(sum(len(c.size) for c in placement.copies))
+        return {d: t.clone() for d, t in arenas.raw.items()}
+
+    views = placed(None)
+    assert calls == {"memcpy": 0, "batch": 0}
+    driver = placed(Stream())
+    assert views.keys() == driver.keys() and all(torch.equal(views[d], driver[d]) for d in views)
+    if batch:
+        assert calls["memcpy"] == 0 and calls["batch"] == sum(1 for n in with_copies if n)
+    else:
+        assert calls["batch"] == 0 and calls["memcpy"] == sum(with_copies) > len(plan.ops) // 2
+
+
+def test_overlapping_ranges_keep_their_order_outside_a_batch():
+    """Two writes of one arena byte in one read (a double write) are not batched: a batch has no order."""
+    arenas = type("A", (), {"where": {"p": ("uint8", 0)}, "raw": {"uint8": torch.zeros(64, dtype=torch.uint8)}})()
+    tensor = loading.Op(0, None, "f", "p", "copy", "uint8", 0, 8, "whole")  # type: ignore[arg-type]
+    later = tensor._replace(idx=1, start=4)
+    pieces = [readers.Piece(tensor, 0, 0, 8), readers.Piece(later, 8, 0, 8)]
+    assert not readers.compile_pieces(pieces, arenas, 16).copies[0].disjoint
+    assert readers.compile_pieces(pieces[:1], arenas, 16).copies[0].disjoint
+
+
 @pytest.mark.parametrize("example", ["nano3-bf16", "omni-nvfp4-24137", "h8b-dense"])
 def test_reads_start_from_the_length_prefixes_alone(example):
     assert readers.quick_spans(str(EXAMPLES / example)) == readers.spans_of(open_local(str(EXAMPLES / example)).shards)

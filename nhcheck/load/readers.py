@@ -3,8 +3,9 @@
 ``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a ring of (pinned,
 on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
 starting before the plan exists; once it does, every piece's byte ranges are decided at once and
-each staged piece is placed from that list as it lands, its slot then reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
-``get_tensor`` per tensor in stream order. torch is imported inside functions only.
+each staged piece is placed from that list as it lands, its slot then reused. ``safetensors`` is the
+plain reference: ``safe_open`` one shard at a time, one ``get_tensor`` per tensor in stream order.
+torch is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ STATS: dict[str, float] = {}
 #: Staged byte ranges go to the device through the driver (``_driver_memcpy``); ``bench/load.py`` turns this
 #: off for one contender to time the views + ``torch._foreach_copy_`` path in the same run.
 DRIVER_COPIES = True
+#: With the driver copies, issue each staged read's byte ranges as one ``cuMemcpyBatchAsync`` (drivers of
+#: CUDA 12.8 and later) instead of one ``cuMemcpyDtoDAsync`` per range. Off until measured on a GPU:
+#: ``bench/load.py`` checks it in a child process, then times it as ``nhcheck_batch``.
+BATCH_COPIES = False
 
 
 class Span(NamedTuple):
@@ -195,6 +200,7 @@ class Copies(NamedTuple):
     src: tuple[int, ...]  # byte offsets in the staged read
     dst: tuple[int, ...]  # byte offsets in the arena
     size: tuple[int, ...]
+    disjoint: bool = True  # no two ranges write the same byte (a double write must keep its order)
 
 
 class Placement(NamedTuple):
@@ -246,7 +252,9 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
             raise RuntimeError(
                 f"internal error: placement out of bounds: {bad[2]} bytes at {bad[0]} -> {dtype} arena at {bad[1]}"
             )
-        copies.append(Copies(dtype, src, dst, size))
+        ends = sorted(zip(dst, size, strict=True))
+        disjoint = all(a + n <= b for (a, n), (b, _) in zip(ends, ends[1:], strict=False))
+        copies.append(Copies(dtype, src, dst, size, disjoint))
     return Placement(tuple(pieces), tuple(copies), tuple(others))
 
 
@@ -270,6 +278,96 @@ def _driver_memcpy():
     return _CACHE["dtod"]
 
 
+class _CopyAttributes(ctypes.Structure):
+    """``CUmemcpyAttributes``: source access order, source and destination location hints, flags."""
+
+    _fields_ = [
+        ("src_access_order", ctypes.c_int),
+        ("src_loc_type", ctypes.c_int),
+        ("src_loc_id", ctypes.c_int),
+        ("dst_loc_type", ctypes.c_int),
+        ("dst_loc_id", ctypes.c_int),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+#: ``CU_MEMCPY_SRC_ACCESS_ORDER_STREAM``: the source is read in stream order (after the staging copy landed).
+_ACCESS_ORDER_STREAM = 1
+
+
+def _driver_batch():
+    """(the driver's ``cuMemcpyBatchAsync``, whether it takes a failure index), or None.
+
+    CUDA 13 drivers export ``cuMemcpyBatchAsync_v2`` (no failure index) beside the 12.8 ABI under the
+    plain name; older drivers have neither. Bound through ``PyDLL`` as ``_driver_memcpy``.
+    """
+    if "batch" not in _CACHE:
+        _CACHE["batch"] = None
+        try:
+            lib = ctypes.PyDLL("libcuda.so.1")
+        except OSError:
+            return None
+        p, n = ctypes.c_void_p, ctypes.c_size_t
+        for name, fail in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                continue
+            fn.argtypes = [p, p, p, n, ctypes.POINTER(_CopyAttributes), p, n] + ([p] if fail else []) + [p]
+            fn.restype = ctypes.c_int
+            _CACHE["batch"] = (fn, fail)
+            break
+    return _CACHE["batch"]
+
+
+def _batch_copy(batch, copies: tuple[Copies, ...], sptr: int, bases: dict[str, int], handle: int) -> None:
+    """Every byte range of one staged read (at ``sptr``) into the arenas (at ``bases``, by dtype) in one
+    ``cuMemcpyBatchAsync`` on the stream ``handle``."""
+    fn, fail = batch
+    dsts: list[int] = []
+    srcs: list[int] = []
+    sizes: list[int] = []
+    for c in copies:
+        base = bases[c.dtype]
+        dsts += map(base.__add__, c.dst)
+        srcs += map(sptr.__add__, c.src)
+        sizes += c.size
+    k = len(sizes)
+    u64, sz = ctypes.c_uint64 * k, ctypes.c_size_t * k
+    attrs = _CopyAttributes(_ACCESS_ORDER_STREAM, 0, 0, 0, 0, 0)
+    first = (ctypes.c_size_t * 1)(0)
+    args: list = [u64(*dsts), u64(*srcs), sz(*sizes), k, ctypes.byref(attrs), first, 1]
+    failed = ctypes.c_size_t(0)
+    if fail:
+        args.append(ctypes.byref(failed))
+    rc = fn(*args, handle)
+    if rc:
+        raise RuntimeError(f"cuMemcpyBatchAsync failed with CUDA error {rc} (copy {failed.value} of {k})")
+
+
+def check_batch_copies(device) -> str:
+    """``ok`` when the driver's batched copy places a few odd ranges exactly on ``device``, else why not
+    (``bench/load.py`` asks this in a child process before it times ``BATCH_COPIES``)."""
+    import torch
+
+    batch = _driver_batch()
+    if batch is None:
+        return "no cuMemcpyBatchAsync in libcuda.so.1"
+    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device=device)
+    dst = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
+    ranges = [(3, 100_001, 4097), (70_000, 5, 1), (200_000, 900_000, 65_536)]  # (src, dst, size)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+
+    copies = (Copies("uint8", tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), tuple(r[2] for r in ranges)),)
+    _batch_copy(batch, copies, src.data_ptr(), {"uint8": dst.data_ptr()}, stream.cuda_stream)
+    stream.synchronize()
+    want = torch.zeros_like(dst)
+    for a, b, n in ranges:
+        want[b : b + n] = src[a : a + n]
+    return "ok" if torch.equal(dst, want) else "wrong bytes"
+
+
 def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> None:
     """Place what one staged read holds: its byte ranges, then the other pieces through ``write_op``.
 
@@ -287,6 +385,11 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> N
         write_op(arenas, op, x.view(getattr(torch, op.src)))
     if not placement.copies:
         return
+    batch = _driver_batch() if stream is not None and DRIVER_COPIES and BATCH_COPIES else None
+    if batch is not None and all(c.disjoint for c in placement.copies):
+        bases = {c.dtype: arenas.raw[c.dtype].data_ptr() for c in placement.copies}
+        _batch_copy(batch, placement.copies, src.data_ptr(), bases, stream.cuda_stream)
+        return
     memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
     if memcpy is not None:
         handle = stream.cuda_stream
@@ -298,16 +401,17 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> N
                 if rc:
                     raise RuntimeError(f"cuMemcpyDtoDAsync failed with CUDA error {rc}")
         return
-    srcs: list = []
-    dsts: list = []
+    # in source order over all arenas, as one pass through the staged read
+    ranges = sorted(
+        (so, n, c.dtype, do) for c in placement.copies for so, do, n in zip(c.src, c.dst, c.size, strict=True)
+    )
+    srcs = _segments(src, [(r[0], r[1]) for r in ranges])
+    dsts: list = [None] * len(ranges)
     for c in placement.copies:
-        srcs += _segments(src, list(zip(c.src, c.size, strict=True)))
-        order = sorted(range(len(c.dst)), key=c.dst.__getitem__)
-        views = _segments(arenas.raw[c.dtype], [(c.dst[i], c.size[i]) for i in order])
-        mine: list = [None] * len(order)
-        for i, v in zip(order, views, strict=True):
-            mine[i] = v
-        dsts += mine
+        order = sorted((r[3], i) for i, r in enumerate(ranges) if r[2] == c.dtype)
+        views = _segments(arenas.raw[c.dtype], [(ranges[i][3], ranges[i][1]) for _, i in order])
+        for (_, i), view in zip(order, views, strict=True):
+            dsts[i] = view
     torch._foreach_copy_(dsts, srcs)
 
 
