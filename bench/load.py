@@ -1,6 +1,8 @@
 """Benchmark ``nhcheck load`` against the loaders people use instead and against the I/O ceiling, in one process.
 
     python bench/load.py --dir /tmp/nano-like [--reps 5] [--device cuda] [--cold] [--cap] [--out results.json]
+    python bench/load.py --before main --only safetensors,nhcheck,nhcheck_decided,nhcheck_before,\
+        nhcheck_before_decided,nhcheck_batch --also-pinned-mb 2048   # this tree against main's, same process
 
 Builds (once) a Nemotron-3-Nano-like NVFP4 checkpoint of about 3 GB with real data: the
 release's config and quant recipe (hybrid ``MEMEM*E…`` 52-layer pattern, NVFP4 experts,
@@ -13,14 +15,28 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
       (allocated before timing), then one asynchronous host-to-device copy per shard;
   (c) ``nhcheck.load.load_path`` end to end: headers, audit, plan, allocation and poisoning,
       transfer, coverage, read-back sample and poison scan;
-  (d) ``nhcheck.load.load_audited``: the same load with the audit made before the clock;
+  (d) ``nhcheck.load.load_audited``: the same load with the audit made before the clock (``_decided``);
   (e) fastsafetensors: ``SafeTensorsFileLoader`` (``nogds=True`` with its default O_DIRECT reads,
       the same through the page cache, and with GDS where libcufile and /dev/nvidia-fs load),
       ``copy_files_to_device`` and every tensor taken with ``get_tensor``;
   (f) Run:ai model streamer: ``SafetensorsStreamer.stream_files`` with every tensor moved to the
       device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
-GB/s is the checkpoint's data bytes over the wall time, for all of them; every ratio is printed.
+On CUDA nhcheck is also timed with its staged byte ranges placed through tensor views (``_views``,
+``readers.DRIVER_COPIES`` off) and, where a child process finds the driver's ``cuMemcpyBatchAsync``
+places odd ranges exactly, with one batched copy per staged read (``_batch``, ``readers.BATCH_COPIES``).
+``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
+run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
+directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
+each with modules of its own, and times its load the same way (``nhcheck_before``,
+``nhcheck_before_decided``), so one run gives before/after on the same machine, page cache and
+GPU. ``--only`` keeps the named contenders (the ceiling always runs).
+
+GB/s is the checkpoint's data bytes over the wall time, for all of them; every ratio is printed,
+and for every nhcheck contender its phases (medians): the report's ``timings``, the transfer's
+split (``readers.STATS``: reader sums over threads; ``plan_at``, when the plan reached the
+readers; ``compile``, deciding every read's byte ranges; ``place``, the main thread's placement;
+``place_wait``, its waits for reads) and the check phase's (``run.PHASES``, where the tree has it).
 ``--cold`` adds one run of each after dropping the page cache (``echo 3 > /proc/sys/vm/drop_caches``,
 root only). ``--cap`` loads once more in a process capped with
 ``torch.cuda.set_per_process_memory_fraction`` to the parameters plus the staging area (plus a
