@@ -374,8 +374,11 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
         if device.type == "cuda" and keep(name + "_batch") and hasattr(tree.readers, "BATCH_COPIES"):
             said = batch_copies_work(device)
             if said == "ok":
-                run_batched(tree, args.dir, opts)
-                out[name + "_batch"] = lambda tree=tree, opts=opts: run_batched(tree, args.dir, opts)
+                try:
+                    run_batched(tree, args.dir, opts)  # a load that is not clean stops here, not the whole run
+                    out[name + "_batch"] = lambda tree=tree, opts=opts: run_batched(tree, args.dir, opts)
+                except (SystemExit, Exception) as exc:  # noqa: BLE001 - reported, the others still run
+                    print(f"{name}_batch: not timed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
             else:
                 print(f"{name}_batch: not timed ({said})", flush=True)
         for mb in args.also_pinned_mb:
