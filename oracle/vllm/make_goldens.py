@@ -2,7 +2,7 @@
 """Regenerate the vLLM golden files (expected-vllm-<X>.json) from vLLM's real code.
 
     make_goldens.py 0.34.0 [0.32.0 ...] [--venvs /work/venvs] [--cases c1,c2] [--check]
-                    [--work DIR] [--convert-only]
+                    [--work DIR] [--convert-only] [--mtp]
 
 For every release X it needs a venv ``<venvs>/vllm-X`` (see ../README.md, "vLLM") and a stub
 ``libcuda.so.1`` in ``<venvs>/stub-X`` (make_stub_libcuda.sh). For every conformance case
@@ -15,6 +15,9 @@ venv's python and converts its ``manifest.json`` + ``replay.json`` into
 
 ``--check`` writes nothing into the repository: it compares what it would write with the files
 there and exits 1 on a difference (the self-check for 0.34.0).
+
+``--mtp``: the MTP draft (``vllm_oracle.py --mtp``) on every case under ``tests/conformance/mtp``
+(``make_probes.py``), written as ``tests/conformance/mtp/<case>/expected-mtp-vllm-X.json``.
 
 Golden format (same as the committed 0.34.0 files): ``crash`` is null or ``{"tensor", "error"}``
 (the first exception of the stream pass, in vLLM's order; ``tensor`` null when vLLM refused
@@ -95,11 +98,16 @@ def tensor_entry(r):
     return e
 
 
-def convert(version, replay, manifest, note=None):
+def convert(version, replay, manifest, note=None, mtp=False):
     g = OrderedDict()
     g["engine"] = f"vllm@{version}"
     g["made_by"] = (f"vllm {version} NemotronH model built on CPU (tiny real shapes), its real "
                     "load_weights per tensor and as one stream")
+    if mtp:
+        g["mode"] = "mtp"
+        g["made_by"] = (f"vllm {version} MTP draft (speculative_config method mtp: NemotronHMTP) built on CPU "
+                        "(tiny real shapes), its real load_weights per tensor and as one stream "
+                        "(DefaultModelLoader with the draft's model config)")
     standin = (replay.get("meta") or {}).get("config_standin")
     if standin:
         g["made_by"] += "; " + standin
@@ -139,7 +147,7 @@ def convert(version, replay, manifest, note=None):
 NO_FORK_BEFORE = "0.20.0"
 
 
-def run_oracle(version, venvs, jobs, platform, work):
+def run_oracle(version, venvs, jobs, platform, work, extra=()):
     """One process per release (vLLM imported once), one forked child per checkpoint."""
     from packaging.version import Version
 
@@ -150,11 +158,11 @@ def run_oracle(version, venvs, jobs, platform, work):
     if Version(version) < Version(NO_FORK_BEFORE):
         for ckpt, od in jobs:
             p = subprocess.run([py, os.path.join(HERE, "vllm_oracle.py"), ckpt, "--out-dir", od,
-                                "--platform", platform], env=env, capture_output=True, text=True)
+                                "--platform", platform, *extra], env=env, capture_output=True, text=True)
             with open(od + ".log", "w") as f:
                 f.write(p.stdout + p.stderr)
         return
-    spec = [{"argv": [ckpt, "--out-dir", od, "--platform", platform], "log": od + ".log",
+    spec = [{"argv": [ckpt, "--out-dir", od, "--platform", platform, *extra], "log": od + ".log",
              "platform": platform} for ckpt, od in jobs]
     path = os.path.join(work, version, "jobs.json")
     with open(path, "w") as f:
@@ -186,13 +194,20 @@ def main(argv=None):
     ap.add_argument("--probes", default=None,
                     help="run on the probe checkpoints PROBES/<probe>/checkpoint (make_probes.py; committed: "
                          "tests/conformance/probes) instead; goldens go to PROBES/<probe>/expected-vllm-X.json")
+    ap.add_argument("--mtp", action="store_true",
+                    help="the MTP draft on tests/conformance/mtp/* (goldens expected-mtp-vllm-X.json)")
     a = ap.parse_args(argv)
     work = a.work or tempfile.mkdtemp(prefix="vllm-goldens-")
     want = set(a.cases.split(",")) if a.cases else None
     bad = 0
     for v in a.versions:
         all_cases = cases()
-        if a.probes:
+        if a.mtp:
+            mdir = os.path.join(REPO, "tests", "conformance", "mtp")
+            all_cases = [("mtp/" + p, os.path.join(mdir, p, "checkpoint"), os.path.join(mdir, p))
+                         for p in sorted(os.listdir(mdir))
+                         if os.path.isfile(os.path.join(mdir, p, "checkpoint", "config.json"))]
+        elif a.probes:
             all_cases = [("probes/" + p, os.path.join(a.probes, p, "checkpoint"), os.path.join(a.probes, p))
                          for p in sorted(os.listdir(a.probes))
                          if os.path.isfile(os.path.join(a.probes, p, "checkpoint", "config.json"))]
@@ -205,7 +220,8 @@ def main(argv=None):
                 if os.path.exists(os.path.join(od, "replay.json")):
                     os.remove(os.path.join(od, "replay.json"))
             print(f"[{v}] running the oracle on {len(todo)} checkpoints ...", file=sys.stderr, flush=True)
-            run_oracle(v, a.venvs, [(ckpt, od) for _, ckpt, _, od in todo], a.platform, work)
+            run_oracle(v, a.venvs, [(ckpt, od) for _, ckpt, _, od in todo], a.platform, work,
+                       ("--mtp",) if a.mtp else ())
         for name, ckpt, dest, od in todo:
             if not os.path.exists(os.path.join(od, "replay.json")):
                 print(f"[{v}] {name}: ORACLE FAILED (no replay.json; see {od}.log)", flush=True)
@@ -224,8 +240,8 @@ def main(argv=None):
             if os.path.exists(os.path.join(od, "manifest.json")) and not replay.get("startup_error"):
                 with open(os.path.join(od, "manifest.json")) as f:
                     man = json.load(f)
-            text = dump(convert(v, replay, man, a.note))
-            path = os.path.join(dest, f"expected-vllm-{v}.json")
+            text = dump(convert(v, replay, man, a.note, a.mtp))
+            path = os.path.join(dest, f"expected-{'mtp-' if a.mtp else ''}vllm-{v}.json")
             if a.check:
                 old = open(path).read() if os.path.exists(path) else None
                 same = old == text

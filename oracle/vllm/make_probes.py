@@ -26,6 +26,18 @@ initialized" check vLLM runs after the stream for unquantized models: ``backbone
 ``backbone.layers.1.norm.weight``, ``backbone.layers.0.mixer.D`` (checked) and
 ``backbone.layers.0.mixer.in_proj.weight`` (a linear: exempt, its quant method post-processes).
 
+``probe_nano3_bf16_mtp`` / ``probe_nano3_nvfp4_mtp``: the Super layout on the tiny Nano-3 geometry, for the MTP
+draft (``--speculative-config '{"method": "mtp"}'``, vLLM's ``NemotronHMTP``): the conformance checkpoint with
+``num_nextn_predict_layers: 1`` and ``mtp_hybrid_override_pattern: "*E"`` in config.json, plus one shard
+(``model-mtp.safetensors``) holding the whole BF16 MTP block (``examples/generate.py``'s ``mtp=True`` layout:
+``mtp.layers.0`` attention with ``enorm`` / ``hnorm`` / ``eh_proj``, ``mtp.layers.1`` MoE with
+``final_layernorm``) and MTP traps: a pre-fused ``mtp.layers.0.mixer.qkv_proj.weight``, an expert id = E,
+``mtp.layers.0.mixer.not_a_param.weight``, ModelOpt FP8 KV scales ``mtp.layers.0.mixer.{k,v}_proj.{k,v}_scale``,
+``mtp.layers.0.mixer.q_proj.bias``, ``mtp.layers.2.norm.weight`` (a layer past the draft's pattern) and a
+``rotary_emb.inv_freq``. The NVFP4 one adds ``mtp*`` to ``exclude_modules`` (Super's BF16 MTP block). They are
+written to ``tests/conformance/mtp/`` (goldens ``expected-mtp-vllm-X.json``: ``make_goldens.py X --mtp``), beside
+``probes/`` and not in it: the main model's goldens are not made on them.
+
 ``probe_omni_bf16_order``: an unquantized tiny Nano Omni (``examples/generate.py``'s, no quant config,
 so every release with the Omni architecture starts it) plus two shards read after the others, in this
 order: ``model-probe-a.safetensors`` with ``language_model.backbone.layers.0.mixer.not_a_param.weight``
@@ -140,7 +152,51 @@ def omni_order_probe(out, probe="probe_omni_bf16_order"):
     print(dst, "2 order traps")
 
 
+MTP_BASES = {"probe_nano3_bf16_mtp": "nano3_bf16", "probe_nano3_nvfp4_mtp": "nano3_nvfp4"}
+
+
+def mtp_probe(out, probe, base):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    import generate as g
+
+    dst = _fresh(out, probe, base)
+    cpath = os.path.join(dst, "config.json")
+    cfg = json.load(open(cpath))
+    cfg["num_nextn_predict_layers"] = 1
+    cfg["mtp_hybrid_override_pattern"] = "*E"
+    with open(cpath, "w") as f:
+        json.dump(cfg, f, indent=2)
+    qpath = os.path.join(dst, "hf_quant_config.json")
+    if os.path.exists(qpath):
+        q = json.load(open(qpath))
+        q["quantization"]["exclude_modules"].append("mtp*")
+        with open(qpath, "w") as f:
+            json.dump(q, f, indent=4)
+    specs = [s for s in g.nemotron_h_tensors(cfg, None, mtp=True) if s[0].startswith("mtp.")]
+    h, n_exp = cfg["hidden_size"], cfg["n_routed_experts"]
+    hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    specs += [
+        ("mtp.layers.0.mixer.qkv_proj.weight", "BF16", [(nq + 2 * nkv) * hd, h]),
+        (f"mtp.layers.1.mixer.experts.{n_exp}.up_proj.weight", "BF16", [cfg["moe_intermediate_size"], h]),
+        ("mtp.layers.0.mixer.not_a_param.weight", "BF16", [4]),
+        ("mtp.layers.0.mixer.k_proj.k_scale", "F32", []),
+        ("mtp.layers.0.mixer.v_proj.v_scale", "F32", []),
+        ("mtp.layers.0.mixer.q_proj.bias", "BF16", [nq * hd]),
+        ("mtp.layers.2.norm.weight", "BF16", [h]),
+        ("mtp.layers.0.mixer.rotary_emb.inv_freq", "F32", [hd // 2]),
+    ]
+    dt = {"BF16": torch.bfloat16, "F32": torch.float32}
+    tensors = {
+        n: torch.frombuffer(bytearray(g.tensor_bytes(n, d, s, seed=i)), dtype=dt[d]).reshape(s).clone()
+        for i, (n, d, s) in enumerate(specs)
+    }
+    _add_shard(dst, "model-mtp.safetensors", tensors)
+    print(dst, len(tensors), "MTP tensors")
+
+
 def main(out):
+    for probe, base in MTP_BASES.items():
+        mtp_probe(os.path.join(os.path.dirname(out), "mtp"), probe, base)
     for probe, base in BASES.items():
         trap_probe(out, probe, base)
     missing_probe(out)

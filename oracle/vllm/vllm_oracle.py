@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vLLM ground-truth oracle for NemotronH weight loading (manifest + replay in one process).
 
-    vllm_oracle.py CKPT_DIR --out-dir DIR [--platform sm100|sm90|sm120] [--no-stream]
+    vllm_oracle.py CKPT_DIR --out-dir DIR [--platform sm100|sm90|sm120] [--no-stream] [--mtp]
 
 Writes DIR/manifest.json (every named_parameters() entry of vLLM's real model) and
 DIR/replay.json (what vLLM's real load_weights did with every checkpoint tensor).
@@ -18,6 +18,15 @@ Everything that decides anything is vLLM's own code:
     checkpoint tensors (tiny), so every weight_loader really runs, shape checks included.
   * stream: the real ``DefaultModelLoader.load_weights(model, model_config)`` (real shard filter,
     natural sort, safetensors iterator, and the strict "weights not initialized" check).
+
+MTP draft (``--mtp``): ``EngineArgs(..., speculative_config={"method": "mtp", "num_speculative_tokens": 1})``
+resolves the draft exactly as ``vllm serve --speculative-config`` does (``SpeculativeConfig``'s
+``hf_config_override`` turns a ``nemotron_h`` config with ``num_nextn_predict_layers > 0`` into
+``NemotronHMTPModel``); the draft is built as the proposer's ``get_model(vllm_config=...,
+model_config=draft_model_config)`` builds it (``initialize_model`` with the draft's model config), and
+the stream pass is ``DefaultModelLoader(draft_load_config).load_weights(draft, draft_model_config)``:
+the whole checkpoint goes through ``NemotronHMTP.load_weights`` (and the strict check for an
+unquantized draft). Text checkpoints only.
 
 Omni/VL (``NemotronH_Nano_Omni_Reasoning_V3`` & co): vLLM has no built-in config class for the
 remote-code model_type, and the wrapper's __init__ needs a tokenizer and both towers. The oracle
@@ -286,6 +295,33 @@ def build_text(ckpt: str, platform: str, log):
     return vc, model, model, None
 
 
+def build_mtp(ckpt: str, platform: str, log):
+    """The MTP draft as the speculative proposer builds it (``EagleProposer._get_model``)."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+
+    config_standin(log)
+    ea = EngineArgs(model=ckpt, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256,
+                    load_format="safetensors", tensor_parallel_size=1,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    vc = ea.create_engine_config()
+    sc = vc.speculative_config
+    dmc = sc.draft_model_config
+    log(f"engine config (MTP draft): method={sc.method} draft arch={dmc.architectures} dtype={dmc.dtype} "
+        f"quant={dmc.quantization}")
+    init_dist(vc)
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    with set_current_vllm_config(vc):
+        with set_default_torch_dtype(dmc.dtype), torch.device("cpu"):
+            model = initialize_model(vllm_config=vc, model_config=dmc)
+    notes = {"draft_architectures": list(dmc.architectures), "draft_model_type": dmc.hf_config.model_type,
+             "speculative_method": sc.method, "draft_quantization": dmc.quantization}
+    return vc, model, model, notes
+
+
 def init_dist(vc):
     from vllm.config import set_current_vllm_config
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
@@ -495,6 +531,9 @@ def checkpoint_tensors(vc):
     return out, [os.path.basename(f) for f in files]
 
 
+MTP_MODE = False
+
+
 def classify(events, logs, mapped, exc):
     r = OrderedDict(outcome=None, param=None, shard_id=None, expert_id=None, error=None)
     loads = [e for e in events if e["kind"] in ("weight_loader", "default_weight_loader", "tower")]
@@ -540,7 +579,9 @@ def classify(events, logs, mapped, exc):
         r["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     elif r["outcome"] is None:
         r["outcome"] = "warned" if warn else "skipped"
-        if not mapper_in:
+        if MTP_MODE:  # NemotronHMTP.load_weights maps names by hand (no WeightsMapper)
+            r["skip_reason"] = "no load call, no log line (NemotronHMTP.load_weights)"
+        elif not mapper_in:
             r["skip_reason"] = "never reached the LM's WeightsMapper (dropped by the VL wrapper's routing)"
         elif not mapped:
             r["skip_reason"] = "dropped by WeightsMapper (maps to None)"
@@ -577,12 +618,14 @@ def run_per_tensor(target, tensors):
     return results
 
 
-def run_stream(target, vc, is_vl):
+def run_stream(target, vc, is_vl, mtp=False):
     """The real DefaultModelLoader.load_weights over the whole checkpoint (real iterator, real
-    strict check). For VL the wrapper is the model handed to it, as in the server."""
+    strict check). For VL the wrapper is the model handed to it, as in the server; for the MTP
+    draft, the draft's model config and load config."""
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-    dl = DefaultModelLoader(vc.load_config)
+    sc = vc.speculative_config if mtp else None
+    dl = DefaultModelLoader((getattr(sc, "draft_load_config", None) or vc.load_config) if mtp else vc.load_config)
     real_get_all = dl.get_all_weights
     order = []
 
@@ -596,7 +639,7 @@ def run_stream(target, vc, is_vl):
     dl.get_all_weights = get_all_weights
     REC.reset()
     clear_once_caches()
-    mc = vc.model_config
+    mc = sc.draft_model_config if mtp else vc.model_config
     out = OrderedDict()
     try:
         dl.load_weights(target, mc)
@@ -700,8 +743,16 @@ def coverage(man, results, n_exp):
     return nothing, partial
 
 
-def loader_fingerprint():
+def loader_fingerprint(mtp=False):
     import vllm
+
+    if mtp:
+        import vllm.model_executor.models.nemotron_h_mtp as nm
+
+        src = inspect.getsource(nm.NemotronHMTP.load_weights)
+        return {"vllm_version": vllm.__version__, "nemotron_h_mtp_file": nm.__file__,
+                "mtp_load_weights_sha256": hashlib.sha256(src.encode()).hexdigest(),
+                "nemotron_h_mtp_sha256": hashlib.sha256(inspect.getsource(nm).encode()).hexdigest()}
     import vllm.model_executor.models.nemotron_h as nh
     from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
     from vllm.model_executor.models.utils import AutoWeightsLoader
@@ -725,6 +776,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--platform", default="sm100", choices=["sm100", "sm90", "sm120"])
     ap.add_argument("--no-stream", action="store_true")
+    ap.add_argument("--mtp", action="store_true", help="the MTP draft (speculative method mtp) instead")
     ap.add_argument("--work", default=None, help="scratch dir (VL shadow config); default OUT/../.work")
     a = ap.parse_args(argv)
     t0 = time.time()
@@ -743,8 +795,12 @@ def main(argv=None) -> int:
     work = a.work or os.path.join(os.path.dirname(os.path.abspath(a.out_dir)), ".work",
                                   os.path.basename(os.path.abspath(a.out_dir)))
     os.makedirs(work, exist_ok=True)
+    global MTP_MODE
+    MTP_MODE = a.mtp
     try:
-        if is_vl:
+        if a.mtp:
+            vc, target, lm, notes = build_mtp(ckpt, a.platform, log)
+        elif is_vl:
             vc, target, lm, notes = build_vl(ckpt, a.platform, log, work)
         else:
             vc, target, lm, notes = build_text(ckpt, a.platform, log)
@@ -757,7 +813,7 @@ def main(argv=None) -> int:
             error=f"{type(e).__name__}: {str(e)[:1500]}",
             raised_in=[f"{os.path.relpath(fr.filename, os.path.dirname(os.path.dirname(__import__('vllm').__file__)))}:{fr.lineno} {fr.name}"
                        for fr in tb[-6:]]))
-        rep["meta"] = OrderedDict(oracle="vllm_oracle.py", checkpoint=ckpt, vllm_version=__import__("vllm").__version__,
+        rep["meta"] = OrderedDict(oracle="vllm_oracle.py", checkpoint=ckpt, mtp=a.mtp, vllm_version=__import__("vllm").__version__,
                                   config_standin=CONFIG_STANDIN)
         with open(os.path.join(a.out_dir, "replay.json"), "w") as f:
             json.dump(rep, f, indent=1)
@@ -769,7 +825,8 @@ def main(argv=None) -> int:
     n_wrapped = wrap_param_loaders(target, names)
     patched = wrap_default_loader(["vllm.model_executor.models.utils",
                                    "vllm.model_executor.models.nano_nemotron_vl",
-                                   "vllm.model_executor.models.nemotron_h"], names)
+                                   "vllm.model_executor.models.nemotron_h"]
+                              + (["vllm.model_executor.models.nemotron_h_mtp"] if a.mtp else []), names)
     wrap_mapper()
     man = manifest(target, vc, notes)
     os.makedirs(a.out_dir, exist_ok=True)
@@ -786,7 +843,7 @@ def main(argv=None) -> int:
         install_logging()
         stream, sev = (None, [])
         if not a.no_stream:
-            stream, sev = run_stream(target, vc, is_vl)
+            stream, sev = run_stream(target, vc, is_vl, a.mtp)
             log(f"stream: {'raised at ' + str(stream.get('tensor')) + ': ' + stream['error'][:200] if stream['raised'] else 'ok'}")
         install_logging()
         results = run_per_tensor(target, tensors)
@@ -804,7 +861,7 @@ def main(argv=None) -> int:
         oracle="vllm_oracle.py",
         checkpoint=ckpt,
         files=files,
-        loader=loader_fingerprint(),
+        loader=loader_fingerprint(a.mtp),
         platform=man["platform"],
         target_class=type(target).__name__,
         quant_config=(man["quant_config"] or {}).get("class"),
