@@ -27,7 +27,8 @@ from goldens import read_golden
 
 from nhcheck import engines
 from nhcheck.audit import AuditOptions
-from nhcheck.engines import vllm
+from nhcheck.engines import vllm, vllm_mtp
+from nhcheck.errors import UsageError
 from nhcheck.pipeline import audit_path
 
 HERE = Path(__file__).parent / "conformance"
@@ -191,6 +192,105 @@ def test_manifest(case: str, version: str) -> None:
     if _refused_at_startup(expected, report):
         return
     exp = {p["name"]: p for p in expected["manifest"]["params"] if not p["name"].startswith(TOWERS)}
+    assert {p.name for p in report.manifest.params} == set(exp)
+    assert report.manifest.quantization == expected["manifest"]["quantization"]
+    for p in report.manifest.params:
+        e = exp[p.name]
+        assert (list(p.shape), p.dtype, p.quant_method) == (e["shape"], e["dtype"], e["quant_method"]), p.name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The MTP draft (``--mtp``): ``tests/conformance/mtp/<case>/expected-mtp-vllm-X.json.gz``, made by
+# ``oracle/vllm/make_goldens.py X --mtp`` (vLLM's ``NemotronHMTP`` built as the speculative proposer builds it, its
+# real ``load_weights`` per tensor and as one stream through ``DefaultModelLoader``).
+
+MTP = HERE / "mtp"
+
+
+def _mtp_goldens() -> list[tuple[str, str]]:
+    out = []
+    for f in sorted(MTP.glob("*/expected-mtp-vllm-*.json*")):
+        version = f.name.removeprefix("expected-mtp-vllm-").removesuffix(".gz").removesuffix(".json")
+        out.append((f.parent.name, version))
+    return out
+
+
+MTP_GOLDENS = _mtp_goldens()
+MTP_ANSWERED = [(c, v) for c, v in MTP_GOLDENS if v in vllm_mtp.MTP_PROFILES]
+
+
+@functools.cache
+def _load_mtp(case: str, version: str):
+    expected = read_golden(MTP / case / f"expected-mtp-vllm-{version}.json")
+    opts = AuditOptions(mtp=True, compare_versions=False)
+    return expected, audit_path(str(MTP / case / "checkpoint"), f"vllm@{version}", opts=opts)
+
+
+def test_every_mtp_row_is_backed_by_goldens_on_every_mtp_case():
+    cases = {p.name for p in MTP.iterdir() if (p / "checkpoint").is_dir()}
+    have: dict[str, set[str]] = {}
+    for case, version in MTP_GOLDENS:
+        have.setdefault(version, set()).add(case)
+    for row in dict.fromkeys(vllm_mtp.MTP_PROFILES.values()):
+        assert have.get(row.version) == cases, row.version
+    # every golden is of a release nhcheck answers --mtp for, or of one before the draft (below)
+    assert {v for _, v in MTP_GOLDENS} - set(vllm_mtp.MTP_PROFILES) == {"0.16.0"}
+
+
+def test_mtp_before_the_draft_is_refused_and_a_usage_error():
+    """0.16.0 has no ``nemotron_h_mtp.py``: its start-up refuses the speculative config (golden), and nhcheck says
+    the release has no draft (a usage error, as SGLang's path says for releases before 0.5.8)."""
+    for case in {c for c, v in MTP_GOLDENS if v == "0.16.0"}:
+        expected = read_golden(MTP / case / "expected-mtp-vllm-0.16.0.json")
+        assert expected["crash"]["tensor"] is None and not expected["tensors"], expected["crash"]
+        with pytest.raises(UsageError, match="has no Nemotron-H MTP draft"):
+            audit_path(str(MTP / case / "checkpoint"), "vllm@0.16.0", opts=AuditOptions(mtp=True))
+
+
+@pytest.mark.parametrize(("case", "version"), MTP_ANSWERED)
+def test_mtp_tensor_outcomes(case: str, version: str) -> None:
+    expected, report = _load_mtp(case, version)
+    assert report.mtp and report.manifest.mode == "mtp"
+    if _refused_at_startup(expected, report):
+        return
+    got = {r.tensor.name: r for r in report.records}
+    assert set(got) == set(expected["tensors"])
+    for name, exp in expected["tensors"].items():
+        r = got[name]
+        o = r.outcome
+        actual = {"outcome": o.outcome, "param": r.param, "shard_id": o.shard_id, "expert_id": o.expert_id}
+        assert actual == {k: exp[k] for k in actual}, name
+        if o.outcome == "warn":
+            assert o.message == exp["message"], name
+        if o.outcome == "raise":
+            assert _same_error(o.message, exp["message"]), (name, o.message, exp["message"])
+
+
+@pytest.mark.parametrize(("case", "version"), MTP_ANSWERED)
+def test_mtp_crash_point(case: str, version: str) -> None:
+    expected, report = _load_mtp(case, version)
+    if expected["crash"] is None:
+        assert report.crash is None
+    elif expected["crash"]["tensor"] is None:
+        if not _refused_at_startup(expected, report):  # the strict check after the stream
+            assert report.crash is not None and report.crash.tensor is None
+            assert _same_error(report.crash.error, expected["crash"]["error"]), report.crash.error
+    else:
+        assert report.crash is not None
+        assert report.crash.tensor == expected["crash"]["tensor"]
+        assert _same_error(report.crash.error, expected["crash"]["error"]), report.crash.error
+
+
+@pytest.mark.parametrize(("case", "version"), MTP_ANSWERED)
+def test_mtp_params_coverage_and_manifest(case: str, version: str) -> None:
+    expected, report = _load_mtp(case, version)
+    if _refused_at_startup(expected, report):
+        return
+    without = sorted(s.name for s in report.params if s.status in ("unfilled", "unreachable"))
+    partial = sorted(s.name for s in report.params if s.status == "partial")
+    assert without == sorted(expected["params_without_tensor"])
+    assert partial == sorted(p["param"] for p in expected["params_partially_filled"])
+    exp = {p["name"]: p for p in expected["manifest"]["params"]}
     assert {p.name for p in report.manifest.params} == set(exp)
     assert report.manifest.quantization == expected["manifest"]["quantization"]
     for p in report.manifest.params:

@@ -350,6 +350,8 @@ REASON_TEXT = {
     "routed": "by design: a tower or the projector loads it",
     "loader": "the parameter's weight loader raises on this tensor's shape",
     "not-built": "not read: start-up refused the checkpoint before load_weights",
+    "mtp-no-param": "dropped silently: the MTP draft's load_weights has no parameter of that name",
+    "rotary-skip": "dropped silently: a rotary buffer (computed, not loaded)",
     "load": "loaded",
 }
 BY_DESIGN_REASONS = frozenset({"mtp-filter", "wrapper-mtp", "routed", "pp-range", "pp-rank"})
@@ -363,6 +365,7 @@ _UNLOADED_KIND: dict[str, UnloadedKind] = {
     "fused-missing": "by-name",
     "expert-orphan": "by-name",
     "ignored": "by-name",
+    "mtp-no-param": "by-name",
     "kv-drop": "kv-scale",
     "pp-range": "past-model",
 }
@@ -377,8 +380,8 @@ _STACKED_SUBSTR = ((".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"),
 _OWN_STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
 # FusedMoE.make_expert_params_mapping(gate="up_proj", down="down_proj", up=""): per expert e the
 # substrings "experts.{e}.up_proj." (w1 → w13_), "experts.{e}.down_proj." (w2 → w2_), "experts.{e}.." (w3).
-_EXPERT_RE = re.compile(r"experts\.(0|[1-9][0-9]*)\.(up_proj|down_proj|)\.")
-_EXPERT_SHARD = {"up_proj": ("w1", "w13_", 0), "down_proj": ("w2", "w2_", 1), "": ("w3", "w13_", 2)}
+EXPERT_RE = re.compile(r"experts\.(0|[1-9][0-9]*)\.(up_proj|down_proj|)\.")
+EXPERT_SHARD = {"up_proj": ("w1", "w13_", 0), "down_proj": ("w2", "w2_", 1), "": ("w3", "w13_", 2)}
 
 
 def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | None, str | None]:
@@ -407,7 +410,7 @@ def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | No
     return key, shard
 
 
-def _kv_remap(name: str, params: frozenset[str] | set[str], profile: VLLMProfile) -> tuple[str | None, str | None]:
+def kv_remap(name: str, params: frozenset[str] | set[str], profile: VLLMProfile) -> tuple[str | None, str | None]:
     """``maybe_remap_kv_scale_name`` (``model_loader/weight_utils.py``): (name, None) or (None, warning)."""
     if name in params:
         return name, None
@@ -456,6 +459,7 @@ _LINEAR_CLASS = {
     "conv1d": "ColumnParallelLinear",
     "lm_head": "ParallelLMHead",
     "embed_tokens": "VocabParallelEmbedding",
+    "eh_proj": "ColumnParallelLinear",
 }
 _FUSED = frozenset({"MergedColumnParallelLinear", "QKVParallelLinear"})
 
@@ -558,13 +562,13 @@ def _auto(
     """``AutoWeightsLoader._load_module`` (and ``RoutedExperts.load_weights`` below an experts module)."""
     if n in params:
         return Outcome("load", n, shard, engine_name=n)
-    m = _EXPERT_RE.search(n) if not profile.own_loop else None
+    m = EXPERT_RE.search(n) if not profile.own_loop else None
     if m is not None:
         module = n[: m.start()] + "experts"
         e = int(m.group(1))
         if e >= num_experts:
             return Outcome("skip", engine_name=n, reason="expert-orphan")
-        sid, pfx, _ = _EXPERT_SHARD[m.group(2)]
+        sid, pfx, _ = EXPERT_SHARD[m.group(2)]
         rest = n[m.end() :]
         suffix = pfx + rest
         target = module + (".routed_experts." if profile.routed_experts else ".") + suffix
@@ -583,7 +587,7 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
     without ``model.``: ``AutoWeightsLoader`` strips the prefix, and its KeyError quotes the inner name)."""
     name = n[len("model.") :]
     if "scale" in name or ("zero_point" in name and profile.q_scale_remap):
-        remapped, warning = _kv_remap(name, inner, profile)
+        remapped, warning = kv_remap(name, inner, profile)
         if remapped is None:
             return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
         name = remapped
@@ -599,13 +603,13 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
             return Outcome("load", "model." + name, sid, engine_name="model." + n[len("model.") :])
         return Outcome("raise", engine_name=name, message=f"KeyError: {name!r}", reason="keyerror")
     hits = sorted(
-        (int(m.group(1)), _EXPERT_SHARD[m.group(2)][2], m)
-        for m in _EXPERT_RE.finditer(name)
+        (int(m.group(1)), EXPERT_SHARD[m.group(2)][2], m)
+        for m in EXPERT_RE.finditer(name)
         if int(m.group(1)) < num_experts
     )
     if hits:
         e, _, m = hits[0]
-        sid, pfx, _ = _EXPERT_SHARD[m.group(2)]
+        sid, pfx, _ = EXPERT_SHARD[m.group(2)]
         repl = "experts.routed_experts." + pfx if profile.routed_experts else "experts." + pfx
         mapped = name.replace(m.group(0), repl)
         if mapped in inner:
@@ -843,6 +847,11 @@ class VLLMEngine:
         if not manifest.params and manifest.problems:
             # Start-up refused the checkpoint: load_weights never runs, no tensor has an outcome of its own.
             return lambda name: Outcome("skip", reason="not-built")
+        if mtp:
+            from nhcheck.engines.vllm_mtp import make_mtp_replayer, mtp_profile
+
+            names = frozenset(p.name for p in manifest.params)
+            return make_mtp_replayer(names, cfg.n_routed_experts, self.profile, mtp_profile(self.id.version))
         return make_replayer(
             manifest.inner_names,
             cfg.n_routed_experts,
@@ -1037,6 +1046,19 @@ class VLLMEngine:
         if manifest.quantization is not None or not manifest.params or manifest.source != "built":
             return None
         experts = max((p.num_experts for p in manifest.params if p.loader == "expert"), default=0)
+        reached = self._mtp_reached(list(names), manifest, experts) if mtp else self._reached(names, manifest, experts)
+        exempt = self.profile.strict_exempts_postprocess
+        missing = sorted(
+            p.name for p in manifest.params if not (exempt and p.quant_method is not None) and p.name not in reached
+        )
+        if not missing:
+            return None
+        return (
+            f"ValueError: Following weights were not initialized from checkpoint: {{{', '.join(map(repr, missing))}}}"
+        )
+
+    def _reached(self, names, manifest, experts: int) -> set[str]:
+        """The parameters the main model's loaders reach (``AutoWeightsLoader`` / the VL wrapper's routing)."""
         replay = make_replayer(manifest.inner_names, experts, self.profile, quantized=False, outer="")
         n = len(manifest.lm_prefix)
         reached: set[str] = set()
@@ -1054,15 +1076,21 @@ class VLLMEngine:
                 o = replay_projector(route.inner or name, manifest.projector_names)
                 if o.param:
                     reached.add(o.param)
-        exempt = self.profile.strict_exempts_postprocess
-        missing = sorted(
-            p.name for p in manifest.params if not (exempt and p.quant_method is not None) and p.name not in reached
-        )
-        if not missing:
-            return None
-        return (
-            f"ValueError: Following weights were not initialized from checkpoint: {{{', '.join(map(repr, missing))}}}"
-        )
+        return reached
+
+    def _mtp_reached(self, names: list[str], manifest, experts: int) -> set[str]:
+        """What ``NemotronHMTP.load_weights`` returns as loaded; from 0.30.0 a draft that met no ``lm_head.*``
+        tensor adds its head (``MTPProfile.head_counted_without_tensor``)."""
+        from nhcheck.engines.vllm_mtp import make_mtp_replayer, mtp_profile
+
+        mp = mtp_profile(self.id.version)
+        replay = make_mtp_replayer(frozenset(p.name for p in manifest.params), experts, self.profile, mp)
+        reached = {o.param for o in map(replay, names) if o.param}
+        if mp.head_counted_without_tensor and not any(
+            x.removeprefix("language_model.").startswith("lm_head.") for x in names
+        ):
+            reached |= {p.name for p in manifest.params if p.name.startswith("lm_head.")}
+        return reached
 
     def pp_window(self, num_layers: int, rank: int, size: int) -> PPWindow:
         from nhcheck.engines.sglang import pp_window

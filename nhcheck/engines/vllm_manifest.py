@@ -12,11 +12,13 @@ This module must not import torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from fnmatch import fnmatch
 
 from nhcheck.engines.base import PPWindow
 from nhcheck.engines.vllm import VLLMProfile, map_name
+from nhcheck.engines.vllm_mtp import draft_quant_name, mtp_profile, target_drops_mtp
 from nhcheck.errors import UsageError
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
@@ -37,26 +39,37 @@ _ALGOS = {"NVFP4": ("nvfp4", "ModelOptNvFp4FusedMoE"), "FP8": ("fp8", "ModelOptF
 
 
 class _Quant:
-    """The ModelOpt config after ``apply_vllm_mapper``: which algorithm each module prefix gets (or None)."""
+    """The ModelOpt config after ``apply_vllm_mapper``: which algorithm each module prefix gets (or None).
 
-    def __init__(self, qc: QuantConfig, profile: VLLMProfile, lm_prefix: str) -> None:
+    ``draft``: the MTP draft's view of the module names (``vllm_mtp.draft_quant_name``) and a key naming it;
+    None: the main model's ``hf_to_vllm_mapper``.
+    """
+
+    def __init__(
+        self,
+        qc: QuantConfig,
+        profile: VLLMProfile,
+        lm_prefix: str,
+        draft: tuple[Hashable, Callable[[str], str | None]] | None = None,
+    ) -> None:
         self.algo = qc.quant_algo
         self.profile = profile
         self.lm_prefix = lm_prefix
         # The mapping below reads no profile flag (quantized=False, own_loop off), so it is one per recipe and
         # prefix, however many releases build a manifest from it (``QuantConfig.derived``).
-        key = ("vllm-quant", lm_prefix)
+        key = ("vllm-quant", lm_prefix) if draft is None else ("vllm-quant-mtp", draft[0])
         cached = qc.derived.get(key)
         if cached is None:
             mapper = replace(profile, own_loop=False)
+            rename = draft[1] if draft is not None else (lambda n: self._map(n, mapper))
             rules: list[str] = []
             for e in qc.exclude:
                 # ``module_path*`` becomes ``module_path`` and ``module_path.*`` (vllm-project/vllm#28072).
                 rules += [e[:-1], e[:-1] + ".*"] if len(e) >= 2 and e[-1] == "*" and e[-2] != "." else [e]
-            exclude = [m for m in (self._map(e, mapper) for e in rules) if m is not None]
+            exclude = [m for m in map(rename, rules) if m is not None]
             layers: dict[str, str] = {}
             for k, v in qc.quantized_layers.items():
-                m = self._map(k, mapper)
+                m = rename(k)
                 if m is not None:
                     layers[m] = v
             cached = qc.derived[key] = (exclude, layers, first_under(layers))
@@ -155,8 +168,19 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
 
 
 class _Builder:
-    def __init__(self, cfg: NemotronHConfig, profile: VLLMProfile, quant: _Quant | None, prefix: str) -> None:
+    """``qname``: a parameter's module → the prefix its layer was built with (the MTP draft builds
+    ``model.layers.j`` under ``mtp.layers.j``); default: the parameter name under the wrapper's prefix."""
+
+    def __init__(
+        self,
+        cfg: NemotronHConfig,
+        profile: VLLMProfile,
+        quant: _Quant | None,
+        prefix: str,
+        qname: Callable[[str], str] | None = None,
+    ) -> None:
         self.cfg, self.profile, self.q, self.np = cfg, profile, quant, prefix
+        self.qname = qname or (lambda name: prefix + name)
         self.dtype = _DTYPES.get(cfg.dtype, "bfloat16")
         self.out: list[Param] = []
 
@@ -164,7 +188,7 @@ class _Builder:
         self.out.append(Param(self.np + name, tuple(shape), dtype or self.dtype, quant_method=method, **kw))
 
     def linear(self, name: str, outs: tuple[int, ...], inp: int, *, bias: bool = False, stacked: tuple[str, ...] = ()):
-        algo = self.q.algo_of(self.np + name) if self.q else None
+        algo = self.q.algo_of(self.qname(name)) if self.q else None
         rows, parts = sum(outs), len(outs)
         slots: tuple[tuple[str, int, int], ...] = ()
         idx: tuple[tuple[str, int, int], ...] = ()
@@ -201,7 +225,7 @@ class _Builder:
         c = self.cfg
         module = f"model.layers.{layer}.mixer.experts"
         pre = module + (".routed_experts" if self.profile.routed_experts else "")
-        algo = self.q.algo_of(self.np + module) if self.q else None
+        algo = self.q.algo_of(self.qname(module)) if self.q else None
         E, mi, X = c.n_routed_experts, c.moe_intermediate_size, c.expert_input
         w13 = {"loader": "expert", "num_experts": E, "shard_ids": ("w1",)}
         w2 = {"loader": "expert", "num_experts": E, "shard_ids": ("w2",)}
@@ -280,10 +304,10 @@ def build_manifest(
 ) -> Manifest:
     """The manifest vLLM ``release`` builds for ``cfg`` (main model, tensor parallel 1, one pipeline rank)."""
     engine = f"vllm@{release}"
-    if mtp:
-        raise UsageError(f"vllm {release}: the MTP draft (nemotron_h_mtp.py) is not modelled; run without --mtp")
     if pp is not None and not (pp.first_rank and pp.last_rank):
         raise UsageError(f"vllm {release}: pipeline-parallel ranks are not modelled; run without --pp")
+    if mtp:
+        return _mtp_manifest(cfg, qc, profile, release)
     refusal = startup_refusal(cfg, qc, profile)
     if refusal is not None:
         return Manifest((), engine, problems=(refusal,))
@@ -320,3 +344,62 @@ def build_manifest(
         return Manifest((), engine, problems=(NVFP4_MOE_REFUSAL, nvfp4_moe_environment(release), *problems))
     # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.
     return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems, moe_backend_requested="")
+
+
+def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile, release: str) -> Manifest:
+    """What ``NemotronHMTP.__init__`` builds (``models/nemotron_h_mtp.py``): ``model.layers.j`` for each character
+    of the MTP pattern (the main model's attention / MoE decoder layers, the first with ``enorm`` / ``hnorm`` /
+    ``eh_proj``, the last with ``final_layernorm``), built under the prefix ``mtp.layers.j``; the embedding and
+    the head where the release builds them (``MTPProfile.own_embed_head``)."""
+    engine = f"vllm@{release}"
+    mp = mtp_profile(release)
+    if cfg.wrapper is not None:
+        raise UsageError(
+            f"vllm {release}: the MTP draft of a {cfg.wrapper} checkpoint is not modelled (vLLM derives it from the "
+            "wrapper's text config only for some Omni architectures and releases); run without --mtp"
+        )
+    if not cfg.has_mtp:
+        raise UsageError(
+            f"vllm {release} derives the MTP draft (NemotronHMTPModel) only from a config with "
+            "num_nextn_predict_layers > 0; this config declares none: run without --mtp"
+        )
+    refusal = startup_refusal(cfg, qc, profile)
+    if refusal is not None:
+        return Manifest((), engine, mode="mtp", problems=(refusal,))
+    pattern = cfg.draft_pattern
+    if cfg.num_nextn_predict_layers != 1:
+        return Manifest((), engine, mode="mtp", problems=("AssertionError: Only one MTP layer is supported for NemotronH-MTP",))
+    bad = next((ch for ch in pattern if ch not in "*E"), None)
+    if bad is not None:
+        problem = f"NotImplementedError: Pattern char '{bad}' in {pattern} not implemented"
+        return Manifest((), engine, mode="mtp", problems=(problem,))
+    quant = None
+    if qc is not None and qc.quant_method == "modelopt":
+        drops = target_drops_mtp(release)
+        quant = _Quant(qc, profile, "", draft=((mp, drops), lambda n: draft_quant_name(n, mp, drops)))
+    kind = (
+        None
+        if quant is None
+        else "modelopt_mixed"
+        if qc and qc.is_mixed
+        else {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
+    )
+    b = _Builder(cfg, profile, quant, "", qname=lambda n: n.replace("model.layers.", "mtp.layers.", 1))
+    H, V = cfg.hidden_size, cfg.vocab_size
+    if mp.own_embed_head:
+        b.add("model.embed_tokens.weight", (V, H), method=EMBED)
+    for j, ch in enumerate(pattern):
+        if j == 0:
+            b.add(f"model.layers.{j}.enorm.weight", (H,))
+            b.add(f"model.layers.{j}.hnorm.weight", (H,))
+            b.linear(f"model.layers.{j}.eh_proj", (H,), 2 * H)
+        b.layer(j, ch)
+        if j == len(pattern) - 1:
+            b.add(f"model.layers.{j}.final_layernorm.weight", (H,))
+    if mp.own_embed_head:
+        if mp.lm_head_quantized:
+            b.linear("lm_head", (V,), H)
+        else:
+            b.add("lm_head.weight", (V, H), method=EMBED)
+    problems = tuple(qc.problems) if qc else ()
+    return Manifest(tuple(b.out), engine, "", kind, "", "mtp", "built", problems, moe_backend_requested="")

@@ -315,6 +315,13 @@ def build_mtp(ckpt: str, platform: str, log):
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     with set_current_vllm_config(vc):
+        with set_default_torch_dtype(vc.model_config.dtype), torch.device("cpu"):
+            # The server builds the target first (GPUModelRunner.load_model, then drafter.load_model): its
+            # initialize_model applies the target's hf_to_vllm_mapper to vllm_config.quant_config in place
+            # (ModelOpt ``apply_vllm_mapper`` rewrites exclude_modules), and releases before
+            # get_draft_quant_config hand that same object to the draft. Built here for that alone.
+            target = initialize_model(vllm_config=vc)
+            del target
         with set_default_torch_dtype(dmc.dtype), torch.device("cpu"):
             model = initialize_model(vllm_config=vc, model_config=dmc)
     notes = {"draft_architectures": list(dmc.architectures), "draft_model_type": dmc.hf_config.model_type,
