@@ -682,7 +682,7 @@ def run_audit(
         from nhcheck.matrix import shared_audits
 
         peers = shared_audits(
-            ckpt, cfg, qc, engine.others(), replace(opts, compare_versions=False), moe_backend=moe_backend
+            ckpt, cfg, qc, engine.others(mtp=opts.mtp), replace(opts, compare_versions=False), moe_backend=moe_backend
         )
         others = {other.id: r2.summary_line() for other, r2 in peers}
     return AuditReport(

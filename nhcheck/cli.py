@@ -125,7 +125,10 @@ def _source_options(f):
         "as SGLang picks on Blackwell at TP 1.",
     )(f)
     f = click.option(
-        "--mtp", is_flag=True, help="Replay the MTP draft model (NemotronHForCausalLMMTP) instead of the main model."
+        "--mtp",
+        is_flag=True,
+        help="Replay the MTP draft model (SGLang's NemotronHForCausalLMMTP, vLLM's NemotronHMTP) instead of the main "
+        "model.",
     )(f)
     f = click.option(
         "--pp",

@@ -309,7 +309,7 @@ class LiveEngine:
             return "the installed engine's load_weights drops it (no rule of nhcheck's table explains it)"
         return self.explain.reason_text(reason) if self.explain else reason
 
-    def others(self) -> tuple[Engine, ...]:
+    def others(self, *, mtp: bool = False) -> tuple[Engine, ...]:
         return ()
 
 

@@ -19,6 +19,7 @@ from nhcheck.audit import AuditOptions, AuditReport, Gathered, Replayed, gather,
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash, Engine, EngineId, Outcome, SharesReplay, replay_classes
+from nhcheck.errors import UsageError
 from nhcheck.findings import Verdict
 from nhcheck.manifest import Manifest
 from nhcheck.model import NemotronHConfig, parse_config
@@ -191,7 +192,12 @@ def shared_audits(
     shards = [sh.name for sh in ckpt.shards]
     reports: dict[Hashable, AuditReport] = {}
     for engine in epochs:
-        manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
+        try:
+            manifest = engine.build_manifest(cfg, qc, moe_backend=moe_backend, mtp=opts.mtp, pp=opts.pp)
+        except UsageError:
+            if not opts.mtp:
+                raise
+            continue  # a release without an MTP draft nhcheck answers for: it has no draft to compare
         m = manifest
         key: Hashable | None = None
         replayed: Gathered | None = None
@@ -221,11 +227,11 @@ def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
     opts = AuditOptions(mtp=mtp, compare_versions=False)
-    spans = engines.epochs()
-    epochs = (engines.get(EngineId(name, releases[0])) for name, releases in spans)
+    spans = {EngineId(name, releases[0]): (name, releases) for name, releases in engines.epochs(mtp=mtp)}
+    epochs = (engines.get(eid) for eid in spans)
     rows: list[MatrixRow] = []
-    audits = shared_audits(ckpt, cfg, qc, epochs, opts, moe_backend=moe_backend)
-    for (name, releases), (_, rep) in zip(spans, audits, strict=True):
+    for engine, rep in shared_audits(ckpt, cfg, qc, epochs, opts, moe_backend=moe_backend):
+        name, releases = spans[engine.id]
         row = _answer(name, releases, rep)
         last = rows[-1] if rows else None
         if last is not None and last.engine == name and last._answer() == row._answer():

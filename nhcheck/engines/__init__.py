@@ -7,6 +7,8 @@ release table and an ``Engine`` implementation, one entry in ``_MODULES``, and i
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from nhcheck.engines import sglang, vllm
 from nhcheck.engines.base import Engine, EngineId
 from nhcheck.errors import UsageError
@@ -30,22 +32,28 @@ def known() -> tuple[EngineId, ...]:
     return tuple(EngineId(name, v) for name, module in _MODULES.items() for v in module.PROFILES)
 
 
-def epochs() -> list[tuple[str, tuple[str, ...]]]:
-    """(engine, its releases) per behaviour epoch, engine by engine, oldest first."""
+def epochs(*, mtp: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+    """(engine, its releases) per behaviour epoch, engine by engine, oldest first; ``mtp``: of the MTP draft
+    (each module's ``mtp_rows``: the releases whose draft it answers for, grouped by what the draft depends on)."""
     out: list[tuple[str, tuple[str, ...]]] = []
     for name, module in _MODULES.items():
-        groups: dict[int, list[str]] = {}
-        for version, row in module.PROFILES.items():
-            groups.setdefault(id(row), []).append(version)
+        groups: dict[Hashable, list[str]] = {}
+        rows: dict[str, Hashable] = (
+            dict(module.mtp_rows()) if mtp else {v: id(row) for v, row in module.PROFILES.items()}
+        )
+        for version, key in rows.items():
+            groups.setdefault(key, []).append(version)
         out += [(name, tuple(vs)) for vs in groups.values()]
     return out
 
 
-def spans(ids: list[EngineId]) -> list[str]:
-    """Epochs (named by a release of each) as ranges of consecutive known releases: ``sglang@0.5.13 … 0.5.23``."""
+def spans(ids: list[EngineId], *, mtp: bool = False) -> list[str]:
+    """Epochs (named by a release of each) as ranges of consecutive known releases: ``sglang@0.5.13 … 0.5.23``
+    (``mtp``: the MTP draft's epochs, ``epochs(mtp=True)``)."""
     order = {e: i for i, e in enumerate(known())}
     chosen = set(ids)
-    releases = [EngineId(name, v) for name, vs in epochs() if chosen & {EngineId(name, x) for x in vs} for v in vs]
+    rows = epochs(mtp=mtp)
+    releases = [EngineId(name, v) for name, vs in rows if chosen & {EngineId(name, x) for x in vs} for v in vs]
     out: list[str] = []
     run: list[EngineId] = []
     for eid in sorted(releases, key=lambda e: order.get(e, -1)):

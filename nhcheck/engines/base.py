@@ -278,8 +278,9 @@ class Engine(Protocol):
         """Prune's safety rule: whether the runtime reads KV-cache scales (a dropped one would then matter)."""
         ...
 
-    def others(self) -> tuple[Engine, ...]:
-        """The engine's other known releases, for the report's cross-version summary."""
+    def others(self, *, mtp: bool = False) -> tuple[Engine, ...]:
+        """The engine's other known releases, for the report's cross-version summary (``mtp``: of the MTP draft,
+        where the engine's rows for it differ)."""
         ...
 
 

@@ -834,9 +834,14 @@ class SGLangEngine:
         # The attention's KV-cache scales exist as parameters only when the quant config quantizes the KV cache.
         return any(p.name.endswith((".attn.k_scale", ".attn.v_scale")) for p in manifest.params)
 
-    def others(self) -> tuple[SGLangEngine, ...]:
+    def others(self, *, mtp: bool = False) -> tuple[SGLangEngine, ...]:
         """One engine per other behaviour epoch, named by the epoch's first release."""
         return tuple(SGLangEngine(EngineId("sglang", p.version), p) for p in EPOCHS if p is not self.profile)
+
+
+def mtp_rows() -> dict[str, int]:
+    """Release → its row, for the MTP draft as for the main model (a release without the draft says so itself)."""
+    return {v: id(row) for v, row in PROFILES.items()}
 
 
 def engine(eid: EngineId) -> SGLangEngine:

@@ -1111,9 +1111,23 @@ class VLLMEngine:
     def reason_text(self, reason: str) -> str:
         return REASON_TEXT.get(reason, reason)
 
-    def others(self) -> tuple[VLLMEngine, ...]:
-        """One engine per other behaviour row, named by the release its goldens were made with."""
-        return tuple(VLLMEngine(EngineId("vllm", p.version), p) for p in EPOCHS if p is not self.profile)
+    def others(self, *, mtp: bool = False) -> tuple[VLLMEngine, ...]:
+        """One engine per other behaviour row, named by the release its goldens were made with; for the MTP draft,
+        one per other (main row, MTP row) pair of the releases whose draft nhcheck answers for (``mtp_rows``)."""
+        if not mtp:
+            return tuple(VLLMEngine(EngineId("vllm", p.version), p) for p in EPOCHS if p is not self.profile)
+        rows = mtp_rows()
+        mine = rows.get(self.id.version)
+        firsts = {key: v for v, key in reversed(rows.items())}  # each row named by its first release
+        return tuple(VLLMEngine(EngineId("vllm", v), PROFILES[v]) for key, v in reversed(firsts.items()) if key != mine)
+
+
+def mtp_rows() -> dict[str, tuple[int, int]]:
+    """Release → what its MTP draft's answers depend on (the main row and the MTP row), for every release whose
+    draft nhcheck answers for (``vllm_mtp.MTP_PROFILES``), oldest first."""
+    from nhcheck.engines.vllm_mtp import MTP_PROFILES
+
+    return {v: (id(PROFILES[v]), id(row)) for v, row in MTP_PROFILES.items()}
 
 
 def engine(eid: EngineId) -> VLLMEngine:

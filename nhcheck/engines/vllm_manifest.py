@@ -401,5 +401,11 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
             b.linear("lm_head", (V,), H)
         else:
             b.add("lm_head.weight", (V, H), method=EMBED)
+    # After loading, the proposer replaces the draft's embedding and head by the target's at PP 1
+    # (``_maybe_share_embeddings`` / ``_maybe_share_lm_head``, 0.17.0 ``v1/spec_decode/eagle.py:1334`` / :1403;
+    # from 0.30.0 the head only when the draft met none or an equal one, and the checkpoint's is the target's):
+    # what fills them before that is not what the draft runs with, so an unfilled one is informational.
+    shared = ("model.embed_tokens.", "lm_head.")
+    params = tuple(replace(p, informational=True) if p.name.startswith(shared) else p for p in b.out)
     problems = tuple(qc.problems) if qc else ()
-    return Manifest(tuple(b.out), engine, "", kind, "", "mtp", "built", problems, moe_backend_requested="")
+    return Manifest(params, engine, "", kind, "", "mtp", "built", problems, moe_backend_requested="")

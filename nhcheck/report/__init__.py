@@ -364,7 +364,7 @@ def version_ranges(report: AuditReport) -> list[tuple[str, str]]:
         line = report.other_versions[keys[i]]
         while j + 1 < len(keys) and report.other_versions[keys[j + 1]] == line:
             j += 1
-        out += [(span, line) for span in engines.spans(keys[i : j + 1])]
+        out += [(span, line) for span in engines.spans(keys[i : j + 1], mtp=report.mtp)]
         i = j + 1
     return out
 

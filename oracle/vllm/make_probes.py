@@ -191,6 +191,11 @@ def mtp_probe(out, probe, base):
         for i, (n, d, s) in enumerate(specs)
     }
     _add_shard(dst, "model-mtp.safetensors", tensors)
+    path = os.path.join(dst, "model.safetensors.index.json")
+    idx = json.load(open(path))
+    idx["metadata"]["total_size"] += sum(t.nbytes for t in tensors.values())
+    with open(path, "w") as f:
+        json.dump(idx, f, indent=2)
     print(dst, len(tensors), "MTP tensors")
 
 
