@@ -18,7 +18,7 @@ from fnmatch import fnmatch
 
 from nhcheck.engines.base import PPWindow
 from nhcheck.engines.vllm import VLLMProfile, map_name
-from nhcheck.engines.vllm_mtp import draft_quant_name, mtp_profile, target_drops_mtp
+from nhcheck.engines.vllm_mtp import draft_quant_name, mtp_profile
 from nhcheck.errors import UsageError
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
@@ -50,7 +50,7 @@ class _Quant:
         qc: QuantConfig,
         profile: VLLMProfile,
         lm_prefix: str,
-        draft: tuple[Hashable, Callable[[str], str | None]] | None = None,
+        draft: tuple[Hashable, Callable[[str], str]] | None = None,
     ) -> None:
         self.algo = qc.quant_algo
         self.profile = profile
@@ -375,8 +375,7 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
         return Manifest((), engine, mode="mtp", problems=(problem,))
     quant = None
     if qc is not None and qc.quant_method == "modelopt":
-        drops = target_drops_mtp(release)
-        quant = _Quant(qc, profile, "", draft=((mp, drops), lambda n: draft_quant_name(n, mp, drops)))
+        quant = _Quant(qc, profile, "", draft=(mp, lambda n: draft_quant_name(n, mp)))
     kind = (
         None
         if quant is None

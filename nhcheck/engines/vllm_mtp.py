@@ -136,23 +136,16 @@ def mtp_profile(release: str) -> MTPProfile:
     return row
 
 
-def target_drops_mtp(release: str) -> bool:
-    """The main model's ``hf_to_vllm_mapper`` maps the ``mtp`` prefix to None (0.29.0 ``models/nemotron_h.py:711``):
-    applied to the quant config it shares with the draft, it drops ``mtp*`` exclusions."""
-    return release_key(release, "vllm") >= release_key("0.29.0")
-
-
-def draft_quant_name(name: str, mtp: MTPProfile, main_drops_mtp: bool) -> str | None:
-    """A quant config module name as the draft's layers see it (``apply_vllm_mapper``), or None when dropped.
+def draft_quant_name(name: str, mtp: MTPProfile) -> str:
+    """A quant config module name as the draft's layers see it (``apply_vllm_mapper``).
 
     Before ``own_quant_config`` the target's mapper ran first on the shared object: ``backbone`` → ``model`` at
-    the start, ``A_log`` / ``embeddings`` renamed, and (``main_drops_mtp``, 0.29.0's ``"mtp": None``) ``mtp*``
-    entries dropped; then the draft's own mapper, when it has one.
+    the start, ``A_log`` / ``embeddings`` renamed; its ``"mtp": None`` (0.29.0) is left out of what it applies to
+    a quant config (``WeightsMapper.get_rename_mapper``), so ``mtp*`` exclusions survive (goldens 0.29.0). Then
+    the draft's own mapper, when it has one.
     """
     n = name
     if not mtp.own_quant_config:
-        if n.startswith("mtp") and main_drops_mtp:
-            return None
         for old, new in (("A_log", "A"), ("embeddings", "embed_tokens")):
             n = n.replace(old, new, 1) if old in n else n
         if n.startswith("backbone"):

@@ -1,0 +1,115 @@
+"""``--mtp`` with ``--engine vllm@X``: the releases it answers for, what it refuses, and the verbs around it.
+
+The draft's tensor outcomes, crash point, coverage and manifest are compared with vLLM's own code in
+``tests/test_conformance_vllm.py`` (``expected-mtp-vllm-X`` goldens); these tests hold the edges.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nhcheck import engines
+from nhcheck.audit import AuditOptions
+from nhcheck.checkpoint import open_local
+from nhcheck.cli import cli
+from nhcheck.engines import vllm, vllm_mtp
+from nhcheck.errors import UsageError
+from nhcheck.matrix import build
+from nhcheck.pipeline import audit_path
+
+CONF = Path(__file__).parent / "conformance"
+BF16 = CONF / "mtp" / "probe_nano3_bf16_mtp" / "checkpoint"
+NVFP4 = CONF / "mtp" / "probe_nano3_nvfp4_mtp" / "checkpoint"
+OMNI = Path(__file__).parent.parent / "examples" / "omni-nvfp4-24137"
+MTP = AuditOptions(mtp=True, compare_versions=False)
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "200", "NHCHECK_DEBUG": None})
+
+
+@pytest.mark.parametrize("release", ["0.13.0", "0.16.0"])
+def test_releases_before_the_draft_say_so(release):
+    with pytest.raises(UsageError, match=rf"vllm {release} has no Nemotron-H MTP draft .*first ships in 0\.17\.0"):
+        audit_path(str(BF16), f"vllm@{release}", opts=MTP)
+    r = run("audit", BF16, "--engine", f"vllm@{release}", "--mtp")
+    assert r.exit_code == 2 and "has no Nemotron-H MTP draft" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("release", ["0.28.0", "0.33.0"])
+def test_releases_no_oracle_ran_are_not_guessed(release):
+    assert release in vllm.PROFILES and release not in vllm_mtp.MTP_PROFILES
+    with pytest.raises(UsageError, match="not yet proven by golden data"):
+        audit_path(str(BF16), f"vllm@{release}", opts=MTP)
+
+
+def test_a_release_newer_than_the_table_is_answered_with_the_newest_row():
+    report = audit_path(str(BF16), "vllm@0.99.0", opts=MTP)
+    newest = audit_path(str(BF16), "vllm@0.34.0", opts=MTP)
+    assert report.engine.assumption and report.mtp
+    assert [(r.tensor.name, r.outcome) for r in report.records] == [(r.tensor.name, r.outcome) for r in newest.records]
+
+
+def test_wrapped_checkpoints_and_configs_without_a_draft_are_usage_errors():
+    with pytest.raises(UsageError, match="MTP draft of a NemotronH_Nano_Omni_Reasoning_V3 checkpoint is not modelled"):
+        audit_path(str(OMNI), "vllm@0.34.0", opts=MTP)
+    # one mtp.* tensor, no num_nextn_predict_layers: vLLM's speculative config derives no NemotronHMTPModel
+    with pytest.raises(UsageError, match="num_nextn_predict_layers > 0"):
+        audit_path(str(CONF / "sglang_probe_substring_mtp" / "checkpoint"), "vllm@0.34.0", opts=MTP)
+
+
+def test_the_draft_drops_its_unknown_tensors_silently_and_the_audit_names_them():
+    report = audit_path(str(BF16), "vllm@0.34.0", opts=AuditOptions(mtp=True))
+    dropped = {r.tensor.name for r in report.records if r.orphan and r.outcome.reason == "mtp-no-param"}
+    assert dropped == {
+        "mtp.layers.0.mixer.qkv_proj.weight",  # pre-fused: "v_proj" is a substring, qkqkv_proj is no parameter
+        "mtp.layers.1.mixer.experts.12.up_proj.weight",  # expert id = E
+        "mtp.layers.0.mixer.not_a_param.weight",
+        "mtp.layers.0.mixer.q_proj.bias",
+        "mtp.layers.2.norm.weight",  # a layer past the draft's pattern
+    }
+    assert all(f.severity == "warning" for f in report.findings if f.code == "orphan")
+    main = [r for r in report.records if r.tensor.name.startswith("backbone.")]
+    assert main and all(not r.orphan and r.outcome.reason == "mtp-filter" for r in main)
+    assert report.crash is None and report.verdict == "orphans"
+    # the cross-version summary names MTP rows only: no release without a draft, none unproven
+    shown = {v for v in report.other_versions}
+    assert all(v.version in vllm_mtp.MTP_PROFILES for v in shown) and shown
+
+
+def test_the_shared_embedding_and_head_are_informational():
+    """0.26.0 – 0.29.0 never load the draft's head (the filter drops ``lm_head``): the proposer shares the target's
+    after loading, so the audit does not call the draft incomplete."""
+    report = audit_path(str(BF16), "vllm@0.26.0", opts=MTP)
+    head = next(s for s in report.params if s.name == "lm_head.weight")
+    assert head.status == "unfilled" and head.param.informational
+    assert report.verdict == "orphans"
+    # 0.34.0 builds neither: the draft runs with the target's from the start
+    newest = audit_path(str(BF16), "vllm@0.34.0", opts=MTP).manifest.params
+    assert newest and not any(p.name.startswith(("lm_head.", "model.embed_tokens.")) for p in newest)
+
+
+def test_matrix_mtp_has_a_row_for_every_release_with_a_draft():
+    m = build(open_local(str(BF16)), mtp=True)
+    covered = [v for r in m.rows if r.engine == "vllm" for v in r.releases]
+    assert covered == list(vllm_mtp.MTP_PROFILES)
+    for row in (r for r in m.rows if r.engine == "vllm"):
+        single = audit_path(str(BF16), f"vllm@{row.releases[-1]}", opts=MTP)
+        assert (single.verdict, single.crash) == (row.verdict, row.crash), row.span
+    # each row is a run of whole MTP epochs
+    epochs = [vs for name, vs in engines.epochs(mtp=True) if name == "vllm"]
+    for row in (r for r in m.rows if r.engine == "vllm"):
+        assert any(vs[0] == row.releases[0] for vs in epochs) and any(vs[-1] == row.releases[-1] for vs in epochs)
+
+
+def test_manifest_and_load_verbs_take_mtp(tmp_path):
+    r = run("manifest", BF16, "--engine", "vllm@0.17.0", "--mtp", "--format", "json", "-o", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "m.json").read_text())
+    names = {p["name"] for p in data["params"]}
+    assert {"model.layers.0.eh_proj.weight", "model.layers.1.final_layernorm.weight", "lm_head.weight"} <= names
+    assert data["mode"] == "mtp"
