@@ -367,12 +367,12 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
     if refusal is not None:
         return Manifest((), engine, mode="mtp", problems=(refusal,))
     pattern = cfg.draft_pattern
-    if cfg.num_nextn_predict_layers != 1:
-        return Manifest((), engine, mode="mtp", problems=("AssertionError: Only one MTP layer is supported for NemotronH-MTP",))
-    bad = next((ch for ch in pattern if ch not in "*E"), None)
-    if bad is not None:
-        problem = f"NotImplementedError: Pattern char '{bad}' in {pattern} not implemented"
-        return Manifest((), engine, mode="mtp", problems=(problem,))
+    if cfg.num_nextn_predict_layers != 1 or any(ch not in "*E" for ch in pattern):
+        # NemotronHMultiTokenPredictor asserts one MTP layer and builds only '*' / 'E' layers; no golden has another.
+        raise UsageError(
+            f"vllm {release}: an MTP draft of {cfg.num_nextn_predict_layers} layers or pattern {pattern!r} is not "
+            "modelled (vLLM's NemotronHMultiTokenPredictor builds one MTP layer of '*' / 'E' layers)"
+        )
     quant = None
     if qc is not None and qc.quant_method == "modelopt":
         quant = _Quant(qc, profile, "", draft=(mp, lambda n: draft_quant_name(n, mp)))

@@ -160,9 +160,7 @@ def draft_quant_name(name: str, mtp: MTPProfile) -> str:
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
 
 
-def make_mtp_replayer(
-    params: frozenset[str], num_experts: int, main: VLLMProfile, mtp: MTPProfile
-) -> Replayer:
+def make_mtp_replayer(params: frozenset[str], num_experts: int, main: VLLMProfile, mtp: MTPProfile) -> Replayer:
     """``NemotronHMTP.load_weights`` on one checkpoint name (``params``: the draft's ``named_parameters()``).
 
     The expert mapping is ``make_expert_params_mapping(up_proj, down_proj, "")``: the first
