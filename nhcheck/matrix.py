@@ -230,11 +230,19 @@ def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False
     spans = {EngineId(name, releases[0]): (name, releases) for name, releases in engines.epochs(mtp=mtp)}
     epochs = (engines.get(eid) for eid in spans)
     rows: list[MatrixRow] = []
+    # A row is a run of consecutive known releases: with --mtp, releases without a draft nhcheck answers for
+    # have no row, and rows on either side of them stay apart.
+    order = {eid: i for i, eid in enumerate(engines.known())}
     for engine, rep in shared_audits(ckpt, cfg, qc, epochs, opts, moe_backend=moe_backend):
         name, releases = spans[engine.id]
         row = _answer(name, releases, rep)
         last = rows[-1] if rows else None
-        if last is not None and last.engine == name and last._answer() == row._answer():
+        follows = (
+            last is not None
+            and last.engine == name
+            and order[EngineId(name, releases[0])] == order[EngineId(name, last.releases[-1])] + 1
+        )
+        if last is not None and follows and last._answer() == row._answer():
             rows[-1] = replace(last, releases=last.releases + releases)
         else:
             rows.append(row)

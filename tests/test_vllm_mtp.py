@@ -100,6 +100,11 @@ def test_matrix_mtp_has_a_row_for_every_release_with_a_draft():
     for row in (r for r in m.rows if r.engine == "vllm"):
         single = audit_path(str(BF16), f"vllm@{row.releases[-1]}", opts=MTP)
         assert (single.verdict, single.crash) == (row.verdict, row.crash), row.span
+    # a row never spans a release without an answer (0.28.0, 0.33.0): its releases are consecutive on the table
+    table = list(vllm.PROFILES)
+    for row in (r for r in m.rows if r.engine == "vllm"):
+        first = table.index(row.releases[0])
+        assert list(row.releases) == table[first : first + len(row.releases)], row.span
     # each row is a run of whole MTP epochs
     epochs = [vs for name, vs in engines.epochs(mtp=True) if name == "vllm"]
     for row in (r for r in m.rows if r.engine == "vllm"):
