@@ -243,6 +243,7 @@ def test_mtp_before_the_draft_is_refused_and_a_usage_error():
     for case in {c for c, v in MTP_GOLDENS if v == "0.16.0"}:
         expected = read_golden(MTP / case / "expected-mtp-vllm-0.16.0.json")
         assert expected["crash"]["tensor"] is None and not expected["tensors"], expected["crash"]
+        assert "Unsupported speculative method: 'mtp'" in expected["crash"]["error"]
         with pytest.raises(UsageError, match="has no Nemotron-H MTP draft"):
             audit_path(str(MTP / case / "checkpoint"), "vllm@0.16.0", opts=AuditOptions(mtp=True))
 
