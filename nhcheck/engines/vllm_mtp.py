@@ -37,27 +37,27 @@ class MTPProfile:
     """
 
     version: str
-    #: The draft builds its own ``model.embed_tokens`` and ``lm_head`` (0.17.0 :231 / :343); 0.34.0 builds
+    #: The draft builds its own ``model.embed_tokens`` and ``lm_head`` (0.17.0 :233 / :344); 0.34.0 builds
     #: neither (the target's are shared after loading).
     own_embed_head: bool
-    #: Which ``lm_head`` names pass the draft's filter: any name containing ``lm_head`` (0.17.0 :412), none
+    #: Which ``lm_head`` names pass the draft's filter: any name containing ``lm_head`` (0.17.0 :416), none
     #: (0.26.0 :418), names starting with ``lm_head.`` (0.30.0 :453).
     lm_head: LmHeadRule
     #: ``ParallelLMHead`` is built with the draft's quant config (0.30.0 :376); before, unquantized.
     lm_head_quantized: bool
-    #: A draft that met no ``lm_head.*`` tensor reports its head as loaded (0.30.0 :552): the strict check
+    #: A draft that met no ``lm_head.*`` tensor reports its head as loaded (0.30.0 :553): the strict check
     #: does not ask for it.
     head_counted_without_tensor: bool
     #: ``load_weights`` strips a leading ``language_model.`` (0.29.0 :430).
     strips_language_model: bool
-    #: Names with ``scale`` / ``zero_point`` go through ``maybe_remap_kv_scale_name`` first (0.30.0 :475): a
+    #: Names with ``scale`` / ``zero_point`` go through ``maybe_remap_kv_scale_name`` first (0.30.0 :476): a
     #: KV-cache scale without a target is warned about and dropped.
     kv_scale_remap: bool
-    #: The draft gets a quant config of its own (``get_draft_quant_config``, 0.30.0 :234) to which its own
+    #: The draft gets a quant config of its own (``get_draft_quant_config``, 0.30.0 :236) to which its own
     #: ``hf_to_vllm_mapper`` is applied; before, it shares the target's object, whose ``exclude_modules`` the
     #: target's mapper rewrote in place when the target was built (``configure_quant_config``).
     own_quant_config: bool
-    #: The draft's ``hf_to_vllm_mapper`` (0.29.0 :318): ``language_model.`` stripped, and ``embeddings`` →
+    #: The draft's ``hf_to_vllm_mapper`` (0.29.0 :321): ``language_model.`` stripped, and ``embeddings`` →
     #: ``embed_tokens`` (0.29.0 – 0.32.0); applied to the quant config's module names.
     quant_mapper: Literal["none", "strip+embeddings", "strip"]
 
