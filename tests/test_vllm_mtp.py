@@ -118,3 +118,19 @@ def test_manifest_and_load_verbs_take_mtp(tmp_path):
     names = {p["name"] for p in data["params"]}
     assert {"model.layers.0.eh_proj.weight", "model.layers.1.final_layernorm.weight", "lm_head.weight"} <= names
     assert data["mode"] == "mtp"
+
+
+def test_load_mtp_writes_the_draft_on_cpu():
+    """``load --mtp``: the draft's parameters allocated, poisoned and filled as ``NemotronHMTP.load_weights`` does
+    (0.26.0: its head is never loaded — informational, the target's is shared after loading)."""
+    from nhcheck.load import LoadOptions, load_path
+
+    result = load_path(str(BF16), "vllm@0.26.0", LoadOptions(device="cpu"), mtp=True)
+    report = result.report
+    assert report.crash is None and report.audit.mtp and report.audit.manifest.mode == "mtp"
+    assert "model.layers.1.mixer.experts.routed_experts.w13_weight" in result.tensors
+    written = {p.param.name for p in report.params if p.written == p.numel}
+    assert written == {p.name for p in report.audit.manifest.params} - {"lm_head.weight"}
+    head = next(p for p in report.params if p.param.name == "lm_head.weight")
+    assert head.written == 0 and head.param.informational
+    assert not any(f.severity == "error" for f in report.findings)
