@@ -74,7 +74,7 @@ _M1 = MTPProfile(
     own_quant_config=False,
     quant_mapper="none",
 )
-#: M2: 0.26.0 – 0.27.x — ``lm_head`` names no longer kept (the draft's head is left as built).
+#: M2: 0.26.0 – 0.28.0 — ``lm_head`` names no longer kept (the draft's head is left as built).
 _M2 = replace(_M1, version="0.26.0", lm_head="none")
 #: M3: 0.29.0 — ``language_model.`` stripped; the draft's mapper rewrites the (shared) quant config.
 _M3 = replace(_M2, version="0.29.0", strips_language_model=True, quant_mapper="strip+embeddings")
@@ -88,7 +88,7 @@ _M4 = replace(
     kv_scale_remap=True,
     own_quant_config=True,
 )
-#: M5: 0.34.0 — no embedding or head of its own; only ``mtp.`` names kept.
+#: M5: 0.33.0 – 0.34.0 — no embedding or head of its own; only ``mtp.`` names kept.
 _M5 = replace(
     _M4,
     version="0.34.0",
@@ -99,17 +99,17 @@ _M5 = replace(
     quant_mapper="strip",
 )
 
-#: Every release whose MTP draft nhcheck answers for → its row. 0.28.0 and 0.33.0 (no environment to run them
-#: here) are left out: ``mtp_profile`` says so instead of guessing.
+#: Every release whose MTP draft nhcheck answers for → its row (each row's releases proven by goldens: see the
+#: conformance tests).
 MTP_PROFILES: dict[str, MTPProfile] = {
     **dict.fromkeys(
         ("0.17.0", "0.17.1", "0.18.0", "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0"), _M1
     ),
     **dict.fromkeys(("0.22.0", "0.22.1", "0.23.0", "0.24.0", "0.25.0", "0.25.1"), _M1),
-    **dict.fromkeys(("0.26.0", "0.27.0", "0.27.1"), _M2),
+    **dict.fromkeys(("0.26.0", "0.27.0", "0.27.1", "0.28.0"), _M2),
     "0.29.0": _M3,
     **dict.fromkeys(("0.30.0", "0.31.0", "0.32.0"), _M4),
-    "0.34.0": _M5,
+    **dict.fromkeys(("0.33.0", "0.34.0"), _M5),
 }
 #: The first release that ships ``models/nemotron_h_mtp.py``.
 FIRST_MTP = "0.17.0"
