@@ -302,3 +302,19 @@ def test_fast_path_takes_every_well_formed_header(tensors, metadata, shuffled):
 @pytest.mark.parametrize("raw", FOUND_BY_FUZZING)
 def test_fast_path_declines_what_fuzzing_found(raw):
     assert parse_header_fast(raw, "/x", "x", 8 + len(raw) + 4) is None
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b'"shape":[-1,-4],"data_offsets":[0,16]',  # the element count of two negative dimensions is positive
+        b'"shape":[4],"data_offsets":[16,0]',  # a negative span
+    ],
+)
+def test_fast_path_declines_negative_numbers_whose_sizes_multiply_out(entry):
+    """The fast path checks sizes column by column (bits = 8 × bytes); a negative dimension or a backwards span
+    must not pass that way: msgspec refuses negative counts, and the strict parser names the problem."""
+    raw = b'{"a":{"dtype":"F32",' + entry + b"}}"
+    assert parse_header_fast(raw, "/x", "x", 8 + len(raw) + 16) is None
+    with pytest.raises(CheckpointError):
+        parse_header_bytes(raw, "/x", "x", 8 + len(raw) + 16)
