@@ -270,7 +270,7 @@ def parse_header_fast(raw: bytes, path: str, shard: str, file_size: int) -> Shar
     # Contiguous from 0 to the end of the file (no overlap, no gap, nothing after): header order is file order
     # in practice; in any other key order the spans are sorted first, as the strict path does.
     if begins[1:] != ends[:-1]:
-        spans = list(chain.from_iterable(sorted(zip(begins, ends))))
+        spans = list(chain.from_iterable(sorted(zip(begins, ends, strict=True))))
         begins, ends = spans[0::2], spans[1::2]
         if begins[1:] != ends[:-1]:
             return None
