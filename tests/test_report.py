@@ -26,6 +26,20 @@ def test_fast_json_equals_generic_encoding(case, engine):
     assert len(doc["params"]) == doc["summary"]["params"]
 
 
+@pytest.mark.parametrize("rows", [1, 7, 4096])
+def test_json_chunks_join_to_the_generic_encoding(monkeypatch, rows):
+    """The tensor list is written a chunk at a time: chunks of 1 and 7 rows (a case with several chunks, one
+    partly filled) and of 4096 (one chunk) join to the same document, piece by piece as a writer sees them."""
+    monkeypatch.setattr(report, "JSON_CHUNK_ROWS", rows)
+    r = audit_path(str(CONF / "h8b_dense" / "checkpoint"), "sglang@0.5.23")
+    assert 7 < len(r.records) < 4096 and len(r.records) % 7
+    want = json.dumps(report.to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
+    assert report.render_json(r) == want
+    pieces = list(map(bytes, report.render_json_chunks(r)))  # bytes: what a writer sees, piece by piece
+    assert b"".join(pieces).decode() == want
+    assert len(pieces) == 2 + (len(r.records) + rows - 1) // rows * 2 - 1
+
+
 def test_collapse_templates():
     names = [f"model.layers.{i}.mixer.experts.{e}.down_proj.input_scale" for i in (1, 3, 5, 7, 51) for e in range(128)]
     [(key, text, count, _)] = collapse.group((0, n, n) for n in names)

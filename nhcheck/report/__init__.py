@@ -11,7 +11,7 @@ that ``report.format`` writes in the format asked for; ``report.console`` is the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -265,47 +265,66 @@ def render_json(report: AuditReport) -> str:
     return render_json_bytes(report).decode("utf-8")
 
 
-def render_json_bytes(report: AuditReport) -> bytearray:
-    """Serialise ``to_json(report)`` as UTF-8, the tensor list in C, without building 165k dicts first.
+def render_json_bytes(report: AuditReport) -> bytes:
+    """``to_json(report)`` serialised as UTF-8: ``render_json_chunks`` joined (library users and tests)."""
+    return b"".join(render_json_chunks(report))
 
-    Equal to ``json.dumps(to_json(report), separators=(",", ":"), ensure_ascii=False)`` (a test checks it):
-    msgspec escapes strings exactly as ``json`` does without ``ensure_ascii`` and the rows hold no float,
-    the one type the two write differently. The rest of the document (small, may hold floats) is ``json``'s.
+
+#: Tensor rows encoded per chunk: a few MB of JSON, so the document is never held whole (Super's is 61 MB:
+#: building and holding it cost more in page faults than encoding it).
+JSON_CHUNK_ROWS = 4096
+
+
+def render_json_chunks(report: AuditReport) -> Iterator[bytes | memoryview]:
+    """Serialise ``to_json(report)`` as UTF-8 pieces, the tensor list in C, without building 165k dicts first.
+
+    Joined, equal to ``json.dumps(to_json(report), separators=(",", ":"), ensure_ascii=False)`` (a test checks
+    it): msgspec escapes strings exactly as ``json`` does without ``ensure_ascii`` and the rows hold no float,
+    the one type the two write differently. The rest of the document (small, may hold floats) is ``json``'s,
+    rendered here, before the first piece is asked for: a report that cannot be rendered writes nothing.
     """
     dumps = json.dumps
-    row = _TensorRow
-    # TensorInfo: name, dtype, shape, start, end, shard; Outcome: outcome, param, shard_id, expert_id,
-    # engine_name, message, reason (positional: 165k attribute lookups saved per field)
-    rows = [
-        row(
-            t[0],
-            t[5],
-            t[1],
-            t[2],
-            o[0],
-            orph,
-            param,
-            o[2],
-            o[3],
-            o[4] or (o[1] if o[0] == "load" else None) or t[0],
-            o[5],
-            o[6],
-            ign,
-        )  # fmt: skip
-        for t, o, orph, param, ign in report.records
-    ]
-    head = dumps(_head(report), separators=(",", ":"), ensure_ascii=False)[:-1]
+    head = dumps(_head(report), separators=(",", ":"), ensure_ascii=False)[:-1] + ',"tensors":['
     tail = (
-        ',"params":'
+        '],"params":'
         + dumps(_params_json(report), separators=(",", ":"), ensure_ascii=False)
         + ',"findings":'
         + dumps([f.to_json() for f in report.findings], separators=(",", ":"), ensure_ascii=False)
         + "}\n"
     )
-    out = bytearray((head + ',"tensors":').encode("utf-8"))
-    _ENCODER.encode_into(rows, out, -1)  # appended in place: no copy of a 61 MB document
-    out += tail.encode("utf-8")
-    return out
+    return _json_pieces(head.encode("utf-8"), report.records, tail.encode("utf-8"))
+
+
+def _json_pieces(head: bytes, records, tail: bytes) -> Iterator[bytes | memoryview]:
+    """``head``, the rows of ``records`` comma-separated, a chunk at a time, ``tail``."""
+    yield head
+    row = _TensorRow
+    encode = _ENCODER.encode
+    for at in range(0, len(records), JSON_CHUNK_ROWS):
+        # TensorInfo: name, dtype, shape, start, end, shard; Outcome: outcome, param, shard_id, expert_id,
+        # engine_name, message, reason (positional: 165k attribute lookups saved per field)
+        rows = [
+            row(
+                t[0],
+                t[5],
+                t[1],
+                t[2],
+                o[0],
+                orph,
+                param,
+                o[2],
+                o[3],
+                o[4] or (o[1] if o[0] == "load" else None) or t[0],
+                o[5],
+                o[6],
+                ign,
+            )  # fmt: skip
+            for t, o, orph, param, ign in records[at : at + JSON_CHUNK_ROWS]
+        ]
+        if at:
+            yield b","  # between chunks; each chunk's own brackets are dropped
+        yield memoryview(encode(rows))[1:-1]
+    yield tail
 
 
 # ---------------------------------------------------------------------------
@@ -761,7 +780,7 @@ class Renderer(NamedTuple):
     """One report kind in every output format: JSON text, markdown text, a rich table, and the one-line
     summary where the kind has one (``report.format`` picks the one asked for)."""
 
-    json: Callable[[Any], str | bytes | bytearray]
+    json: Callable[[Any], str | bytes | bytearray | Iterator[bytes | memoryview]]
     markdown: Callable[[Any], str]
     table: Callable[[Any, Any], None]
     summary: Callable[[Any], str] | None = None
@@ -771,7 +790,7 @@ def audit_renderer(*, show_loaded: bool = False) -> Renderer:
     """The audit report; ``show_loaded`` lists the tensors that load too (table and markdown). Its summary
     line needs the run time, so the CLI calls ``summary_line`` itself."""
     return Renderer(
-        render_json_bytes,
+        render_json_chunks,
         partial(render_markdown, show_loaded=show_loaded),
         partial(render_table, show_loaded=show_loaded),
     )

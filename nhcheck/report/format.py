@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from nhcheck.errors import NhcheckError
@@ -39,25 +40,29 @@ class Format(ABC):
         except OSError as exc:
             raise NhcheckError(f"-o {self.output}: cannot write the report: {exc.strerror or exc}") from None
 
-    def _text(self, text: str | bytes | bytearray) -> None:
-        """Text, or UTF-8 bytes (a 61 MB JSON document), which skip the text layer's re-encoding."""
-        if not isinstance(text, str):
-            if os.linesep != "\n":  # what the text layer would have written
-                text = text.replace(b"\n", os.linesep.encode())
+    def _text(self, text: str | bytes | bytearray | Iterable[bytes | memoryview]) -> None:
+        """Text, or UTF-8 bytes, or UTF-8 pieces (a 61 MB JSON document, a chunk at a time): bytes skip the text
+        layer's re-encoding."""
+        if isinstance(text, str):
             if self.output:
-                with self._open(binary=True) as fh:
+                with self._open() as fh:
                     fh.write(text)
             else:
+                sys.stdout.write(text)
                 sys.stdout.flush()
-                sys.stdout.buffer.write(text)
-                sys.stdout.buffer.flush()
             return
+        pieces = (text,) if isinstance(text, (bytes, bytearray)) else text
+        if os.linesep != "\n":  # what the text layer would have written
+            pieces = (bytes(p).replace(b"\n", os.linesep.encode()) for p in pieces)
         if self.output:
-            with self._open() as fh:
-                fh.write(text)
+            with self._open(binary=True) as fh:
+                for piece in pieces:
+                    fh.write(piece)
         else:
-            sys.stdout.write(text)
             sys.stdout.flush()
+            for piece in pieces:
+                sys.stdout.buffer.write(piece)
+            sys.stdout.buffer.flush()
 
 
 class JsonFormat(Format):
