@@ -96,16 +96,31 @@ class _SourceType(click.ParamType):
 _SOURCE = _SourceType()
 
 
+class _EngineOption(click.Option):
+    """``--engine``, whose help lists every release nhcheck answers for: written when help is shown, not at each
+    start (it imports every engine's release table)."""
+
+    @property
+    def help(self) -> str:
+        return (
+            "Engine release to replay: "
+            + ", ".join(engines.spans(list(engines.known())))
+            + " (sglang@0.5.11 is the last before PR #24434); bare sglang: the installed release, else the newest."
+        )
+
+    @help.setter
+    def help(self, _value: str | None) -> None:
+        """``click.Option.__init__`` sets the help it was given: there is none, the property writes it."""
+
+
 def _engine_option(f):
     return click.option(
         "--engine",
+        cls=_EngineOption,
         default="sglang",
         show_default=True,
         callback=_parse_engine,
         shell_complete=_complete_engine,
-        help="Engine release to replay: "
-        + ", ".join(engines.spans(list(engines.known())))
-        + " (sglang@0.5.11 is the last before PR #24434); bare sglang: the installed release, else the newest.",
     )(f)
 
 

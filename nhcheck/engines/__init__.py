@@ -2,41 +2,49 @@
 
 ``parse`` turns what the user typed (``sglang@0.5.23``, ``sglang``) into an ``EngineId``
 once, at the edge; ``get`` gives the implementation. Adding an engine is one module with a
-release table and an ``Engine`` implementation, one entry in ``_MODULES``, and its golden data.
+release table and an ``Engine`` implementation, one entry in ``ENGINES``, and its golden data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
+from importlib import import_module
+from types import ModuleType
 
-from nhcheck.engines import sglang, vllm
 from nhcheck.engines.base import Engine, EngineId
 from nhcheck.errors import UsageError
 
-_MODULES = {"sglang": sglang, "vllm": vllm}
+#: The engines nhcheck answers for, in the order every listing shows them.
+ENGINES = ("sglang", "vllm")
 DEFAULT = "sglang"
+
+
+def _module(name: str) -> ModuleType:
+    """One of ``ENGINES``' modules, imported when first asked for: an audit of one engine never loads another's
+    release tables (every module costs start-up time on each run)."""
+    return import_module(f"nhcheck.engines.{name}")
 
 
 def parse(spec: str | None) -> EngineId:
     """``NAME[@VERSION]`` → ``EngineId``; an unknown engine or release is a usage error naming the choices."""
     text = (spec or DEFAULT).strip()
     name = text.partition("@")[0]
-    module = _MODULES.get(name)
-    if module is None:
-        raise UsageError(f"unknown engine {name!r}; nhcheck answers for " + ", ".join(sorted(_MODULES)))
-    return module.parse_engine_id(text)
+    if name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r}; nhcheck answers for " + ", ".join(sorted(ENGINES)))
+    return _module(name).parse_engine_id(text)
 
 
 def known() -> tuple[EngineId, ...]:
     """Every engine release nhcheck answers for, engine by engine, oldest first."""
-    return tuple(EngineId(name, v) for name, module in _MODULES.items() for v in module.PROFILES)
+    return tuple(EngineId(name, v) for name in ENGINES for v in _module(name).PROFILES)
 
 
 def epochs(*, mtp: bool = False) -> list[tuple[str, tuple[str, ...]]]:
     """(engine, its releases) per behaviour epoch, engine by engine, oldest first; ``mtp``: of the MTP draft
     (each module's ``mtp_rows``: the releases whose draft it answers for, grouped by what the draft depends on)."""
     out: list[tuple[str, tuple[str, ...]]] = []
-    for name, module in _MODULES.items():
+    for name in ENGINES:
+        module = _module(name)
         groups: dict[Hashable, list[str]] = {}
         rows: dict[str, Hashable] = (
             dict(module.mtp_rows()) if mtp else {v: id(row) for v, row in module.PROFILES.items()}
@@ -71,4 +79,4 @@ def spans(ids: list[EngineId], *, mtp: bool = False) -> list[str]:
 def get(spec: EngineId | str | None) -> Engine:
     """The implementation for an engine id (or a spec, parsed first)."""
     eid = spec if isinstance(spec, EngineId) else parse(spec)
-    return _MODULES[eid.name].engine(eid)
+    return _module(eid.name).engine(eid)
