@@ -193,6 +193,8 @@ def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str
         out.append(
             Finding("warning", "shard-stray", f"{name} is not listed in the index; SGLang will not load it", shard=name)
         )
+    if index is not None and _index_agrees(index["weight_map"], shards):
+        return out + _total_size_findings(index, shards)
     first: dict[str, str] = {}
     dups: dict[str, list[str]] = {}
     for s in shards:  # in C: a name in two shards shows as fewer names than tensors, then the loop below finds it
@@ -254,17 +256,34 @@ def cross_check(index: dict | None, shards: list[ShardHeader], missing: list[str
                         tensor=name,
                     )
                 )
+    return out + _total_size_findings(index, shards)
+
+
+def _index_agrees(weight_map: dict[str, str], shards: list[ShardHeader]) -> bool:
+    """Whether the index maps exactly the headers' names, each to its shard: the common case, checked in C.
+
+    Exact: when the weight map has as many names as the headers hold tensors and maps every one of them to
+    the shard holding it, no name is in two shards (the map gives each one shard) and the map holds no other
+    name, so ``cross_check``'s full comparison would find nothing.
+    """
+    if len(weight_map) != sum(len(s.tensors) for s in shards):
+        return False
+    get = weight_map.get
+    return all(all(map(s.name.__eq__, map(get, map(_NAME, s.tensors)))) for s in shards)
+
+
+def _total_size_findings(index: dict, shards: list[ShardHeader]) -> list[Finding]:
     total = (index.get("metadata") or {}).get("total_size")
     actual = sum(s.data_bytes for s in shards)  # headers are validated to cover their data exactly
     if isinstance(total, int) and not isinstance(total, bool) and total != actual:
-        out.append(
+        return [
             Finding(
                 "warning",
                 "index-total-size",
                 f"index metadata.total_size is {total:,} but the shards hold {actual:,} data bytes",
             )
-        )
-    return out
+        ]
+    return []
 
 
 _NAME = itemgetter(0)  # TensorInfo.name

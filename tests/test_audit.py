@@ -8,9 +8,10 @@ import struct
 from pathlib import Path
 
 from nhcheck.audit import AuditOptions
-from nhcheck.checkpoint import open_local
+from nhcheck.checkpoint import cross_check, open_local
 from nhcheck.engines.base import EngineId
 from nhcheck.pipeline import audit, audit_path, prepare
+from nhcheck.safetensors_header import ShardHeader, TensorInfo
 
 ROOT = Path(__file__).parent.parent
 CONF = Path(__file__).parent / "conformance"
@@ -119,6 +120,25 @@ def test_index_cross_check_findings(tmp_path):
     assert {"index-wrong-shard", "index-tensor-missing", "index-total-size", "shard-stray"} <= codes
     r = audit(prepare(c, "sglang@0.5.23"))
     assert r.verdict == "broken" and r.exit_code() == 1
+
+
+def _shard(name: str, tensors: list[str]) -> ShardHeader:
+    infos = tuple(TensorInfo(t, "F32", (1,), 8 + 4 * i, 12 + 4 * i, name) for i, t in enumerate(tensors))
+    return ShardHeader(name, name, 0, 8, 8 + 4 * len(tensors), None, False, infos)
+
+
+def test_index_cross_check_with_as_many_names_as_tensors():
+    """The agreeing index is recognised in C (as many names as tensors, each mapped to its own shard); an index
+    of the same length that disagrees (a name in two shards plus a ghost, a name on the wrong shard) is still
+    compared name by name."""
+    a, b = _shard("a", ["x", "y"]), _shard("b", ["z"])
+    meta = {"total_size": 12}
+    assert cross_check({"metadata": meta, "weight_map": {"x": "a", "y": "a", "z": "b"}}, [a, b], [], []) == []
+    dup = _shard("b", ["x"])
+    found = cross_check({"metadata": meta, "weight_map": {"x": "a", "y": "a", "ghost": "b"}}, [a, dup], [], [])
+    assert [(f.code, f.tensor) for f in found] == [("tensor-duplicate", "x"), ("index-tensor-missing", "ghost")]
+    found = cross_check({"metadata": {"total_size": 13}, "weight_map": {"x": "a", "y": "b", "z": "b"}}, [a, b], [], [])
+    assert [(f.code, f.tensor) for f in found] == [("index-wrong-shard", "y"), ("index-total-size", None)]
 
 
 def test_missing_shard_and_duplicate_tensor(tmp_path):
