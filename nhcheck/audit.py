@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from itertools import compress
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -26,8 +27,8 @@ from nhcheck.model import NemotronHConfig
 from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig, component_runs
 from nhcheck.safetensors_header import TensorInfo
 
-#: A TensorRecord's outcome, orphan and ignored fields, and an Outcome's kind (counted in C).
-_OUTCOME, _ORPHAN, _IGNORED, _OUTCOME_KIND = itemgetter(1), itemgetter(2), itemgetter(4), itemgetter(0)
+#: A TensorRecord's outcome and orphan fields, and an Outcome's kind (counted in C).
+_OUTCOME, _ORPHAN, _OUTCOME_KIND = itemgetter(1), itemgetter(2), itemgetter(0)
 
 
 class TensorRecord(NamedTuple):
@@ -81,18 +82,22 @@ class AuditReport:
 
     @cached_property
     def _counts(self) -> dict[str, int]:
-        """Tensors per outcome, orphans (not ignored) and by-design non-loads; counted once (165k records)."""
+        """Tensors per outcome, orphans (not ignored) and by-design non-loads; counted once (165k records).
+
+        Outcomes are counted in C; only the orphans (few) are visited: a non-load that is no orphan is by design.
+        """
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
         recs = self.records
-        # One count in C of (outcome, orphan, ignored) triples, every figure read off it.
-        outcomes = map(_OUTCOME_KIND, map(_OUTCOME, recs))
-        kinds = Counter(zip(outcomes, map(_ORPHAN, recs), map(_IGNORED, recs), strict=True))
-        for (outcome, orphan, ignored), n in kinds.items():
+        kinds = Counter(map(_OUTCOME_KIND, map(_OUTCOME, recs)))
+        for outcome, n in kinds.items():
             c[outcome] += n
-            if orphan and not ignored:
-                c["orphans"] += n
-            if not orphan and outcome != "load":
-                c["by_design"] += n
+        orphans_not_loading = 0
+        for r in compress(recs, map(_ORPHAN, recs)):
+            if not r[4]:  # not ignored
+                c["orphans"] += 1
+            if r[1][0] != "load":
+                orphans_not_loading += 1
+        c["by_design"] = len(recs) - kinds["load"] - orphans_not_loading
         return c
 
     def summary_line(self) -> str:

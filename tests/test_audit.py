@@ -320,3 +320,23 @@ def test_cross_version_summary_equals_each_epoch_audited_alone():
                 inputs.checkpoint, inputs.config, inputs.quant, m, other, AuditOptions(compare_versions=False)
             )
             assert rep.other_versions[other.id] == alone.summary_line(), other.id
+
+
+def test_counts_equal_the_per_record_definition():
+    """``counts`` counts outcomes in C and visits only orphans: every mix of outcome, orphan and ignored (loads
+    among them, which no audit marks orphan but a report may hold) gives the per-record figures."""
+    from dataclasses import replace
+    from itertools import product
+
+    base = audit_path(str(EX / "nano3-nvfp4"), "sglang@0.5.23")
+    t = base.records[0]
+    mixes = list(product(("load", "warn", "skip", "raise", "routed"), (False, True), (False, True)))
+    records = tuple(
+        t._replace(outcome=t.outcome._replace(outcome=kind), orphan=orphan, ignored=ignored)
+        for kind, orphan, ignored in mixes
+        for _ in range(1 + len(kind))
+    )
+    want = {k: sum(r.outcome.outcome == k for r in records) for k in ("load", "warn", "skip", "raise", "routed")}
+    want["orphans"] = sum(r.orphan and not r.ignored for r in records)
+    want["by_design"] = sum(not r.orphan and r.outcome.outcome != "load" for r in records)
+    assert replace(base, records=records).counts() == want
