@@ -72,8 +72,9 @@ def load_json(path: str, what: str) -> object:
     try:
         obj = _loads(raw)
         # A ``\udcff`` escape decodes to a lone surrogate, which no output encoding accepts:
-        # refuse it here rather than crash later while printing a name.
-        if b"\\u" in raw:
+        # refuse it here rather than crash later while printing a name. (A backslash first: one byte is
+        # found ten times as fast as two, and 30 MB of index and configs usually hold none.)
+        if b"\\" in raw and b"\\u" in raw:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         return obj
     except RecursionError:
