@@ -214,6 +214,29 @@ class _MetadataOnly(msgspec.Struct):
 
 _DECODE_ENTRIES = msgspec.json.Decoder(dict[str, _Entry]).decode
 _DECODE_METADATA = msgspec.json.Decoder(_MetadataOnly).decode
+_DECODE_STR_MAP = msgspec.json.Decoder(dict[str, str]).decode
+#: How safetensors writes a header that has metadata: that object first.
+_METADATA_FIRST = b'{"__metadata__":{'
+
+
+def _metadata(raw: bytes) -> dict[str, str] | None:
+    """The ``__metadata__`` of a header that has one (a string map, or None for ``null``).
+
+    Where the header opens with it, as safetensors writes it, it is read up to its first ``}``: a string map has
+    no nested object, and a ``}`` inside one of its strings cuts the slice inside that string, which then does
+    not decode. Anywhere else, or if that slice does not decode, the whole header is decoded again, skipping
+    every tensor entry.
+    """
+    if raw.startswith(_METADATA_FIRST):
+        end = raw.find(b"}", len(_METADATA_FIRST))
+        if end > 0:
+            try:
+                return _DECODE_STR_MAP(raw[len(_METADATA_FIRST) - 1 : end + 1])
+            except msgspec.DecodeError:
+                pass
+    return _DECODE_METADATA(raw).metadata
+
+
 _DTYPE, _SHAPE, _OFFSETS = attrgetter("dtype"), attrgetter("shape"), attrgetter("data_offsets")
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
 _new_tensor = partial(tuple.__new__, TensorInfo)
@@ -248,7 +271,7 @@ def parse_header_fast(raw: bytes, path: str, shard: str, file_size: int) -> Shar
     try:
         entries = _DECODE_ENTRIES(raw)
         has_metadata = "__metadata__" in entries
-        metadata = _DECODE_METADATA(raw).metadata if has_metadata else None
+        metadata = _metadata(raw) if has_metadata else None
     except (msgspec.DecodeError, RecursionError):
         return None
     if raw.count(b":") != _colons_expected(len(entries), has_metadata, metadata):

@@ -318,3 +318,31 @@ def test_fast_path_declines_negative_numbers_whose_sizes_multiply_out(entry):
     assert parse_header_fast(raw, "/x", "x", 8 + len(raw) + 16) is None
     with pytest.raises(CheckpointError):
         parse_header_bytes(raw, "/x", "x", 8 + len(raw) + 16)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        b'"__metadata__":{"format":"pt"}',
+        b'"__metadata__":{"a}":"b}\\"}","c":"d"}',  # braces inside its strings: the short read declines
+        b'"__metadata__":{}',
+        b'"__metadata__":null',
+        b'"__metadata__":{"a":{"b":"c"}}',  # not a string map: refused by both paths
+        b'"__metadata__":{"a":1}',  # nor this, though its short read is valid JSON
+    ],
+)
+@pytest.mark.parametrize("first", [True, False])
+def test_metadata_read_short_or_whole_agrees_with_the_strict_parser(metadata, first):
+    """The fast path reads a leading ``__metadata__`` up to its first ``}``; anywhere else, or where that slice
+    is not the whole object, it decodes the header again. Either way it returns the strict parser's header."""
+    entry = b'"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    raw = b"{" + (metadata + b"," + entry if first else entry + b"," + metadata) + b"}"
+    args = ("/x", "x", 8 + len(raw) + 4)
+    try:
+        want = parse_header_strict(raw, *args)
+    except CheckpointError:
+        assert parse_header_fast(raw, *args) is None
+        return
+    fast = parse_header_fast(raw, *args)
+    assert fast is None or fast == want
+    assert fast is not None or b"null" in metadata  # a string map is read by the fast path, short or whole
