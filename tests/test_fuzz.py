@@ -312,8 +312,8 @@ def test_fast_path_declines_what_fuzzing_found(raw):
     ],
 )
 def test_fast_path_declines_negative_numbers_whose_sizes_multiply_out(entry):
-    """The fast path checks sizes column by column (bits = 8 × bytes); a negative dimension or a backwards span
-    must not pass that way: msgspec refuses negative counts, and the strict parser names the problem."""
+    """A size check by products (bits = 8 × bytes) would pass two negative dimensions, and a size by offsets a
+    backwards span: the fast path declines both, and the strict parser names the problem."""
     raw = b'{"a":{"dtype":"F32",' + entry + b"}}"
     assert parse_header_fast(raw, "/x", "x", 8 + len(raw) + 16) is None
     with pytest.raises(CheckpointError):
