@@ -81,7 +81,10 @@ def _literal_expert_scan(names: list[str], num_experts: int) -> int:
 
 
 def _export(ref: str, dest: str) -> str:
-    """The tree of git ``ref`` unpacked into ``dest`` (only ``nhcheck/`` is needed to run it)."""
+    """The tree of git ``ref`` unpacked into ``dest`` (only ``nhcheck/`` is needed to run it); ``ref`` itself
+    when it is a directory holding an ``nhcheck`` package (a machine without this repository's history)."""
+    if os.path.isdir(os.path.join(ref, "nhcheck")):
+        return os.path.abspath(ref)
     os.makedirs(dest, exist_ok=True)
     archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "nhcheck"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
@@ -102,7 +105,7 @@ def _env(tree: str) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--before", default=None, metavar="REF", help="also time git REF's nhcheck (before/after)")
+    ap.add_argument("--before", default=None, metavar="REF", help="also time git REF's nhcheck, or a directory holding one (before/after)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
