@@ -105,7 +105,9 @@ def _env(tree: str) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--before", default=None, metavar="REF", help="also time git REF's nhcheck, or a directory holding one (before/after)")
+    ap.add_argument(
+        "--before", default=None, metavar="REF", help="also time git REF's nhcheck, or a directory holding one"
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
