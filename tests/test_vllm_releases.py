@@ -139,3 +139,81 @@ def test_0_14_refuses_nvfp4_experts_in_the_default_environment():
     env = [f for f in report.findings if f.code == "quant-config" and "VLLM_USE_FLASHINFER_MOE_FP4=1" in f.message]
     assert env and env[0].severity == "warning"
     assert audit_path(str(EX / "nano3-nvfp4"), "vllm@0.16.0").crash is None
+
+
+def _tiny_cfg(pattern: str, **kw) -> dict:
+    cfg = {
+        "model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "hybrid_override_pattern": pattern,
+        "num_hidden_layers": len(pattern), "hidden_size": 64, "vocab_size": 256, "mamba_num_heads": 8,
+        "mamba_head_dim": 16, "n_groups": 8, "ssm_state_size": 16, "conv_kernel": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "n_routed_experts": 4,
+        "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 64, "n_shared_experts": 1,
+    }  # fmt: skip
+    cfg.update(kw)
+    return cfg
+
+
+def test_before_0_11_1_the_model_build_refuses_nemotron_3_configs():
+    """0.10.2's layers read ``rms_norm_eps`` (Nemotron 3 configs carry ``layer_norm_epsilon``) and it has no ``E``
+    layers; 0.11.1 on builds both (goldens: every Nemotron 3 case on 0.10.2; h8b_dense loads)."""
+    crash = audit_path(str(EX / "nano3-bf16"), "vllm@0.10.2").crash
+    assert crash is not None and crash.tensor is None
+    assert crash.error == "AttributeError: 'NemotronHConfig' object has no attribute 'rms_norm_eps'"
+    assert audit_path(str(EX / "nano3-bf16"), "vllm@0.11.2").crash is None
+    assert audit_path(str(EX / "h8b-dense"), "vllm@0.10.2").verdict == "clean"  # v1 configs carry rms_norm_eps
+    from nhcheck.engines.vllm_manifest import build_manifest
+    from nhcheck.model import parse_config
+    from nhcheck.quant import parse_quant
+
+    v2 = vllm.PROFILES["0.10.2"]
+    moe = build_manifest(parse_config(_tiny_cfg("ME*-", rms_norm_eps=1e-5)), None, v2, release="0.10.2")
+    assert moe.problems == ("KeyError: 'E'",) and not moe.params
+    dense_cfg = build_manifest(parse_config(_tiny_cfg("M*-", rms_norm_eps=1e-5)), None, v2, release="0.10.2")
+    assert dense_cfg.params and not dense_cfg.problems
+    # the Mamba in_proj is one ColumnParallelLinear before 0.11.0: one FP8 scale, not one per fused part
+    fp8 = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    cfg = parse_config(_tiny_cfg("M*-", rms_norm_eps=1e-5, quantization_config=fp8))
+    qc = parse_quant(_tiny_cfg("M*-", quantization_config=fp8), None)
+    shapes = {p.name: p.shape for p in build_manifest(cfg, qc, v2, release="0.10.2").params}
+    assert shapes["model.layers.0.mixer.in_proj.input_scale"] == (1,)
+    shapes = {p.name: p.shape for p in build_manifest(cfg, qc, vllm.PROFILES["0.11.2"], release="0.11.2").params}
+    assert shapes["model.layers.0.mixer.in_proj.input_scale"] == (5,)
+
+
+def test_nvfp4_experts_of_the_non_gated_moe_are_refused_before_0_12_0():
+    """0.11.x ``FusedMoE`` takes only unquantized or FP8 experts for a non-gated MoE (golden nano3_nvfp4, 0.11.2)."""
+    for version in ("0.11.1", "0.11.2"):
+        crash = audit_path(str(EX / "nano3-nvfp4"), f"vllm@{version}").crash
+        assert crash is not None and crash.tensor is None and crash.error.startswith("NotImplementedError: is_act")
+    assert audit_path(str(EX / "nano3-nvfp4"), "vllm@0.12.0").crash is None
+
+
+def test_top_level_mtp_tensors_raise_before_0_13_0():
+    """0.13.0 builds ``AutoWeightsLoader(skip_prefixes=["mtp"])``; 0.10.2 – 0.12.0 have no such child (goldens)."""
+    from nhcheck.engines.vllm import map_name
+
+    assert map_name("mtp.layers.0.eh_proj.weight", vllm.PROFILES["0.13.0"], False) == (None, None)
+    for version in ("0.10.2", "0.11.2", "0.12.0"):
+        assert (
+            map_name("mtp.layers.0.eh_proj.weight", vllm.PROFILES[version], False)[0] == "mtp.layers.0.eh_proj.weight"
+        )
+    probe = Path(__file__).parent / "conformance" / "probes" / "probe_nano3_bf16" / "checkpoint"
+    rows = {r.tensor.name: r.outcome for r in audit_path(str(probe), "vllm@0.12.0").records}
+    o = rows["mtp.layers.0.eh_proj.weight"]
+    assert (
+        o.outcome == "raise"
+        and o.message == "ValueError: There is no module or parameter named 'mtp' in NemotronHForCausalLM"
+    )
+
+
+def test_latent_moe_before_0_13_0_is_answered_from_the_code_and_says_so():
+    from nhcheck.engines.vllm_manifest import build_manifest
+    from nhcheck.model import parse_config
+
+    cfg = parse_config(_tiny_cfg("ME*-", moe_latent_size=16))
+    old = build_manifest(cfg, None, vllm.PROFILES["0.12.0"], release="0.12.0")
+    new = build_manifest(cfg, None, vllm.PROFILES["0.13.0"], release="0.13.0")
+    assert not any("latent" in p.name for p in old.params) and any("fc1_latent_proj" in p.name for p in new.params)
+    w13 = {p.name: p.shape for p in old.params}["model.layers.1.mixer.experts.w13_weight"]
+    assert w13[-1] == 64  # hidden_size, not the latent width
+    assert any("does not read moe_latent_size" in p for p in old.problems) and not new.problems

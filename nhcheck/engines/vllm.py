@@ -122,6 +122,11 @@ class VLLMProfile:
     #: ``layers/quantization/modelopt.py:1340`` ``ModelOptNvFp4FusedMoE.__init__``; the environment variable
     #: defaults to 0, ``envs.py:1234``): in the default environment the model build raises ``NotImplementedError``.
     nvfp4_moe_needs_flashinfer: bool
+    #: ``FusedMoE.__init__`` accepts ModelOpt NVFP4 experts for a non-gated MoE such as Nemotron-H's (0.12.0
+    #: ``layers/fused_moe/layer.py:608``); before, only unquantized or ModelOpt FP8 experts: an NVFP4 MoE raises
+    #: ``NotImplementedError: is_act_and_mul=False is supported only for unquantized and ModelOpt FP8 moe for now``
+    #: at model build (0.11.1 ``layers/fused_moe/layer.py:571``; goldens ``nano3_nvfp4``, 0.11.2).
+    nvfp4_moe_non_gated: bool
     #: ``maybe_remap_kv_scale_name`` remaps ``.q_scale`` and ``.{q,k,v}_zero_point`` too, and the own loop sends
     #: ``zero_point`` names to it (0.15.0 ``model_loader/weight_utils.py:1177``, ``models/nemotron_h.py:666``);
     #: before, only ``.k_scale`` / ``.v_scale``: a ``q_proj.q_scale`` goes on to the stacked mapping and raises
@@ -138,6 +143,31 @@ class VLLMProfile:
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters (0.16.0
     #: ``models/utils.py``); 0.14.0 ``models/utils.py:316`` names only the prefix and the outer class.
     lists_params: bool
+    #: ``NemotronHForCausalLM.load_weights`` builds ``AutoWeightsLoader(self, skip_prefixes=["mtp"])`` (0.13.0
+    #: ``models/nemotron_h.py:899``): top-level ``mtp.*`` tensors are dropped silently; before (0.12.0 :849), ``mtp``
+    #: is no child of the model: ``ValueError: There is no module or parameter named 'mtp' in NemotronHForCausalLM``
+    #: (goldens ``probes/probe_nano3_bf16``, 0.12.0).
+    top_mtp_skipped: bool
+    #: ``NemotronHMoE`` reads ``moe_latent_size`` (0.13.0 ``models/nemotron_h.py:139``): ``fc1_latent_proj`` /
+    #: ``fc2_latent_proj`` and experts of the latent width; before, the config key is not read — experts of
+    #: ``hidden_size`` and no latent projections (read from 0.12.0's code; no conformance checkpoint has a latent MoE).
+    latent_moe: bool
+    #: The layers read ``config.layer_norm_epsilon`` (0.11.1 ``models/nemotron_h.py:277``); before,
+    #: ``config.rms_norm_eps`` (0.10.2 :130, :171, :179, :295), which Nemotron 3 configs do not carry: ``AttributeError:
+    #: 'NemotronHConfig' object has no attribute 'rms_norm_eps'`` while the first layer is built (goldens 0.10.2 on
+    #: every Nemotron 3 case).
+    reads_layer_norm_epsilon: bool
+    #: ``E`` layers build ``NemotronHMoE`` (0.11.1 ``models/nemotron_h.py``); before, ``ALL_DECODER_LAYER_TYPES`` knows
+    #: ``M``, ``-`` and ``*`` only (0.10.2 :314, :347): ``KeyError: 'E'`` while that layer is built.
+    moe_layers: bool
+    #: The Mamba ``in_proj`` is a ``MergedColumnParallelLinear`` of its five parts (0.11.0
+    #: ``layers/mamba/mamba_mixer2.py:302``): a quantized one holds one scale per part; before, one
+    #: ``ColumnParallelLinear`` (0.10.2 :302) with one scale (read; every quantized golden checkpoint is Nemotron 3,
+    #: which 0.10.2 refuses earlier).
+    mamba_in_proj_merged: bool
+    #: ``NemotronH_Nano_VL_V2`` is a registered architecture (0.11.0 ``models/registry.py:235``); 0.10.2 registers
+    #: ``NemotronH_Nano_VL`` instead (:228), so a VL V2 checkpoint is refused as an unsupported architecture.
+    vl_v2_registered: bool
     #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
     modelopt_algos: tuple[str, ...]
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
@@ -174,6 +204,13 @@ _V5 = VLLMProfile(
     lists_params=True,
     mixer_kv_remap=True,
     attn_quant_scales=True,
+    top_mtp_skipped=True,
+    latent_moe=True,
+    nvfp4_moe_non_gated=True,
+    reads_layer_norm_epsilon=True,
+    moe_layers=True,
+    vl_v2_registered=True,
+    mamba_in_proj_merged=True,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
@@ -203,6 +240,33 @@ _V4 = replace(
     attn_quant_scales=False,
     modelopt_algos=("FP8", "NVFP4"),
 )
+#: V3: 0.12.0 — as 0.13.0 but ``AutoWeightsLoader(self)`` without ``skip_prefixes=["mtp"]`` (0.12.0
+#: ``models/nemotron_h.py:849``): a top-level ``mtp.*`` tensor raises ``ValueError`` (probe ``probe_nano3_bf16``);
+#: ``NemotronHMoE`` has no latent projections (``moe_latent_size`` is read from 0.13.0).
+_V3 = replace(_V4, version="0.12.0", epoch="V3", top_mtp_skipped=False, latent_moe=False)
+#: V3a: 0.11.1, 0.11.2 — as 0.12.0, but ``FusedMoE`` refuses ModelOpt NVFP4 experts for the non-gated MoE at model
+#: build (``layers/fused_moe/layer.py:571``; 0.12.0 :608 adds ``ModelOptNvFp4FusedMoE``): every NVFP4-MoE checkpoint
+#: is refused at start-up (goldens 0.11.2). 0.11.1's loading path is 0.11.2's (``oracle/vllm/compare_code.py``:
+#: identical).
+_V3a = replace(_V3, version="0.11.2", epoch="V3a", nvfp4_moe_non_gated=False)
+#: V2: 0.10.2 — as 0.11.2 (same own loop without an expert mapping, ``WeightsMapper``), but the layers read
+#: ``rms_norm_eps`` and there are no ``E`` layers: every Nemotron 3 checkpoint is refused while the model is built
+#: (goldens 0.10.2); the VL wrapper registered is ``NemotronH_Nano_VL``, not ``…_V2``; the Mamba ``in_proj`` is one
+#: linear (one scale when quantized).
+_V2 = replace(
+    _V3a,
+    version="0.10.2",
+    epoch="V2",
+    reads_layer_norm_epsilon=False,
+    moe_layers=False,
+    vl_v2_registered=False,
+    mamba_in_proj_merged=False,
+)
+#: V2b: 0.11.0 — as 0.10.2 on every golden case (Nemotron 3 refused for ``rms_norm_eps``; h8b_dense identical), with the
+#: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
+#: its unquantized linears take the v2 weight loaders (``layers/linear.py`` ``UnquantizedLinearMethod.create_weights``),
+#: which change no outcome on these checkpoints.
+_V2b = replace(_V2, version="0.11.0", epoch="V2b", vl_v2_registered=True, mamba_in_proj_merged=True)
 #: V5b: 0.15.0 — ``q_scale`` / zero points remapped (``weight_utils.py:1177``); AutoWeightsLoader's error lists the
 #: module's parameters; the NVFP4 MoE backend is chosen among every available one (``fused_moe/oracle/nvfp4.py``
 #: ``select_nvfp4_moe_backend``, FlashInfer's included without the variable): the model builds; one scale per fused
@@ -262,6 +326,11 @@ _V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True,
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
 #: loading-path function, release to release).
 PROFILES: dict[str, VLLMProfile] = {
+    "0.10.2": _V2,
+    "0.11.0": _V2b,
+    "0.11.1": _V3a,
+    "0.11.2": _V3a,
+    "0.12.0": _V3,
     "0.13.0": _V4,
     "0.14.0": _V5a,
     "0.14.1": _V5a,
@@ -312,9 +381,8 @@ RELEASES_WITH_NEMOTRON_H = (
 #: Known releases no golden data proves yet, and why (each is a usage error, never an answer): every release
 #: with ``nemotron_h.py`` that no row answers for.
 _NOT_RUN = (
-    "epochs V1–V3 (0.9.1 – 0.12.0: dense-only layers or MoE without the top-level mtp skip, own loops without "
-    "the NemotronH k/v-scale remap, glob file order) were not run: their pinned torch 2.7 – 2.9.0 CUDA builds "
-    "were not run by the oracle"
+    "epoch V1 (0.9.1 – 0.10.1.1: every 'backbone' replaced, fp32 casts of A/D/dt_bias, dense layers only) was not "
+    "run: it pins torch 2.7.x, a CUDA build the oracle host has no layer for yet"
 )
 UNPROVEN = {v: _NOT_RUN for v in RELEASES_WITH_NEMOTRON_H if v not in PROFILES}
 
@@ -405,7 +473,7 @@ def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | No
                 shard = sid
     if key.startswith("backbone"):
         key = "model" + key[len("backbone") :]
-    if key.startswith("mtp"):
+    if key.startswith("mtp") and profile.top_mtp_skipped:
         return None, None
     return key, shard
 

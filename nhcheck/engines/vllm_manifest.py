@@ -33,6 +33,11 @@ NVFP4_MOE = "ModelOptNvFp4FusedMoE"
 NVFP4_MOE_REFUSAL = (
     "NotImplementedError: Non-gated activations are only supported by FlashInfer CUTLASS NvFP4 MoE backend."
 )
+#: ``FusedMoE.__init__`` before 0.12.0 (0.11.1 ``layers/fused_moe/layer.py:571``): a non-gated MoE (Nemotron-H's
+#: relu²) takes only unquantized or ModelOpt FP8 experts.
+NON_GATED_MOE_REFUSAL = (
+    "NotImplementedError: is_act_and_mul=False is supported only for unquantized and ModelOpt FP8 moe for now"
+)
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 #: ModelOpt algorithms → (linear kind, MoE method) as vLLM's ModelOpt configs build them.
 _ALGOS = {"NVFP4": ("nvfp4", "ModelOptNvFp4FusedMoE"), "FP8": ("fp8", "ModelOptFp8MoEMethod")}
@@ -150,7 +155,8 @@ def nvfp4_moe_environment(release: str) -> str:
 
 def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
     """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
-    if cfg.wrapper not in (None, "NemotronH_Nano_VL_V2") and not profile.omni_registered:
+    registered = (None, "NemotronH_Nano_VL_V2") if profile.vl_v2_registered else (None,)
+    if cfg.wrapper not in registered and not profile.omni_registered:
         return f"ValueError: Model architectures [{cfg.wrapper!r}] are not supported for now."
     if qc is None or qc.quant_method != "modelopt":
         return None
@@ -164,6 +170,17 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
         )
     if qc.quant_algo not in _ALGOS and not qc.is_mixed:
         return f"ValueError: Unknown ModelOpt quant algo: {qc.quant_algo}"
+    return None
+
+
+def build_refusal(cfg: NemotronHConfig, profile: VLLMProfile) -> str | None:
+    """The error the model build raises before 0.11.1, at the first layer that cannot be built: an ``E`` layer has
+    no class (``KeyError``), any other reads ``config.rms_norm_eps``."""
+    for kind in cfg.pattern:
+        if kind == "E" and not profile.moe_layers:
+            return "KeyError: 'E'"
+        if not profile.reads_layer_norm_epsilon and not cfg.has_rms_norm_eps:
+            return "AttributeError: 'NemotronHConfig' object has no attribute 'rms_norm_eps'"
     return None
 
 
@@ -226,7 +243,8 @@ class _Builder:
         module = f"model.layers.{layer}.mixer.experts"
         pre = module + (".routed_experts" if self.profile.routed_experts else "")
         algo = self.q.algo_of(self.qname(module)) if self.q else None
-        E, mi, X = c.n_routed_experts, c.moe_intermediate_size, c.expert_input
+        E, mi = c.n_routed_experts, c.moe_intermediate_size
+        X = c.expert_input if self.profile.latent_moe else c.hidden_size
         w13 = {"loader": "expert", "num_experts": E, "shard_ids": ("w1",)}
         w2 = {"loader": "expert", "num_experts": E, "shard_ids": ("w2",)}
         if algo is None:
@@ -262,7 +280,8 @@ class _Builder:
             self.add(f"{P}.conv1d.weight", (c.mamba_conv_dim, 1, c.conv_kernel), method=UNQUANT)
             if c.use_conv_bias:
                 self.add(f"{P}.conv1d.bias", (c.mamba_conv_dim,), method=UNQUANT)
-            self.linear(f"{P}.in_proj", c.mamba_in_proj_parts, H, bias=c.use_bias)
+            parts = c.mamba_in_proj_parts if self.profile.mamba_in_proj_merged else (sum(c.mamba_in_proj_parts),)
+            self.linear(f"{P}.in_proj", parts, H, bias=c.use_bias)
             self.linear(f"{P}.out_proj", (H,), c.mamba_inner, bias=c.use_bias)
             self.add(f"{P}.norm.weight", (c.mamba_inner,))
         elif kind == "*":
@@ -286,7 +305,7 @@ class _Builder:
                 si = c.shared_intermediate
                 self.linear(f"{P}.shared_experts.up_proj", (si,), H)
                 self.linear(f"{P}.shared_experts.down_proj", (H,), si)
-            if c.moe_latent_size is not None:
+            if c.moe_latent_size is not None and self.profile.latent_moe:
                 L = c.moe_latent_size
                 self.linear(f"{P}.fc1_latent_proj", (L,), H, bias=c.mlp_bias)
                 self.linear(f"{P}.fc2_latent_proj", (H,), L, bias=c.mlp_bias)
@@ -308,7 +327,7 @@ def build_manifest(
         raise UsageError(f"vllm {release}: pipeline-parallel ranks are not modelled; run without --pp")
     if mtp:
         return _mtp_manifest(cfg, qc, profile, release)
-    refusal = startup_refusal(cfg, qc, profile)
+    refusal = startup_refusal(cfg, qc, profile) or build_refusal(cfg, profile)
     if refusal is not None:
         return Manifest((), engine, problems=(refusal,))
     wrapped = cfg.wrapper is not None
@@ -340,6 +359,14 @@ def build_manifest(
             for s in ("weight", "bias"):
                 b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))
     problems = tuple(qc.problems) if qc else ()
+    if cfg.moe_latent_size is not None and not profile.latent_moe:
+        problems += (
+            f"vllm {release} does not read moe_latent_size (latent MoE from 0.13.0): its experts take hidden_size "
+            "inputs and it has no fc1/fc2_latent_proj; nhcheck answers from that release's code, no golden checkpoint "
+            "has a latent MoE",
+        )
+    if not profile.nvfp4_moe_non_gated and any(p.quant_method == NVFP4_MOE for p in b.out):
+        return Manifest((), engine, problems=(NON_GATED_MOE_REFUSAL, *problems))
     if profile.nvfp4_moe_needs_flashinfer and any(p.quant_method == NVFP4_MOE for p in b.out):
         return Manifest((), engine, problems=(NVFP4_MOE_REFUSAL, nvfp4_moe_environment(release), *problems))
     # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.

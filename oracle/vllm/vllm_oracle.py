@@ -287,7 +287,7 @@ def build_text(ckpt: str, platform: str, log):
     init_dist(vc)
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.utils.torch_utils import set_default_torch_dtype
+    set_default_torch_dtype = default_dtype_helper()
 
     with set_current_vllm_config(vc):
         with set_default_torch_dtype(vc.model_config.dtype), torch.device("cpu"):
@@ -327,6 +327,15 @@ def build_mtp(ckpt: str, platform: str, log):
     notes = {"draft_architectures": list(dmc.architectures), "draft_model_type": dmc.hf_config.model_type,
              "speculative_method": sc.method, "draft_quantization": dmc.quantization}
     return vc, model, model, notes
+
+
+def default_dtype_helper():
+    """vLLM's ``set_default_torch_dtype``: ``vllm.utils.torch_utils`` from 0.11.1, ``model_loader.utils`` before."""
+    try:
+        from vllm.utils.torch_utils import set_default_torch_dtype
+    except ImportError:
+        from vllm.model_executor.model_loader.utils import set_default_torch_dtype
+    return set_default_torch_dtype
 
 
 def init_dist(vc):
@@ -400,7 +409,7 @@ def build_vl(ckpt: str, platform: str, log, workdir: str):
     from vllm.model_executor.models.nano_nemotron_vl import NemotronH_Nano_VL_V2
     from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
     from vllm.model_executor.layers.activation import ReLUSquaredActivation
-    from vllm.utils.torch_utils import set_default_torch_dtype
+    set_default_torch_dtype = default_dtype_helper()
 
     # what initialize_model(model_class=NemotronH_Nano_VL_V2) does before the wrapper's __init__
     if vc.quant_config is not None:
@@ -777,6 +786,20 @@ def loader_fingerprint(mtp=False):
 
 
 # =========================================================================== main
+def inspect_in_process(log):
+    """``VLLM_ORACLE_INSPECT_IN_PROCESS=1``: the registry's model inspection (``_ModelInfo.from_model_cls`` of the
+    model class: which interfaces it implements) runs in this process instead of a fresh Python that imports vLLM
+    again. Releases before 0.11.0 cache no answer (``modelinfos``), so every checkpoint paid that second import (about
+    two minutes on the shared host). Same function, same class, same answer; the subprocess only keeps CUDA out of
+    the server's main process, and this host has none."""
+    if os.environ.get("VLLM_ORACLE_INSPECT_IN_PROCESS") != "1":
+        return
+    from vllm.model_executor.models import registry
+
+    registry._run_in_subprocess = lambda fn: fn()
+    log("model inspection in process (VLLM_ORACLE_INSPECT_IN_PROCESS=1)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt")
@@ -794,6 +817,7 @@ def main(argv=None) -> int:
     import vllm_platform
 
     vllm_platform.install(a.platform)
+    inspect_in_process(log)
     install_logging()
     ckpt = os.path.abspath(a.ckpt)
     with open(os.path.join(ckpt, "config.json")) as f:
