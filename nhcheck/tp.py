@@ -223,11 +223,15 @@ class TPRules:
     ``methods_by_dtype``: the manifest's quant-method labels do not tell the formats apart (vLLM 0.30.0+
     labels every ModelOpt linear ``ModelOptLinearMethod``), so the NVFP4 / FP8 rules read the format from
     the parameters (packed ``uint8`` weights with a ``weight_scale_2``: NVFP4; float8 weights: FP8).
+    ``in_proj_unmerged``: ``in_proj`` is one ``ColumnParallelLinear`` whatever ``n_groups`` (vLLM 0.16.0), and
+    only its weight gets the part-wise loader: its other row-sharded parameters (bias, NVFP4 block scale) are
+    cut contiguously, so at TP > 1 their rows no longer match the weight's (``mamba-in-proj-cut``).
     """
 
     engine: str = "sglang"
     quantized_groups_at_load: bool = False
     methods_by_dtype: bool = False
+    in_proj_unmerged: bool = False
     citations: Mapping[str, Rule] = field(default_factory=dict)
 
     def rule(self, rule_id: str) -> Rule:
@@ -633,6 +637,21 @@ class _Planner:
                     "mamba-groups-bias",
                     f"n_groups 1 is replicated onto {tp} ranks but in_proj.bias "
                     "is loaded without the group-replicating loader",
+                ),
+            )
+        elif (
+            self.rules.in_proj_unmerged
+            and kind == "M"
+            and mod == "mixer.in_proj"
+            and tp > 1
+            and c.n_groups % tp == 0
+            and (suffix == "bias" or (suffix == "weight_scale" and len(p.shape) == 2))
+        ):
+            quant = quant + (
+                Problem(
+                    "mamba-in-proj-cut",
+                    f"in_proj.{suffix} is cut into {tp} contiguous row blocks while in_proj.weight is cut part by "
+                    "part: their rows do not match on any rank",
                 ),
             )
         return self._result(

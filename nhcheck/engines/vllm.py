@@ -818,7 +818,7 @@ def linear_load_error(
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
-TP_PROVEN = ("0.19.0", "0.24.0", "0.34.0")
+TP_PROVEN = ("0.16.0", "0.19.0", "0.24.0", "0.34.0")
 
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
@@ -923,6 +923,9 @@ class VLLMEngine:
         from nhcheck.tp import Rule, TPRules
 
         regrouped = release_key(self.id.version, "vllm") >= release_key("0.34.0")
+        # 0.16.0: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every n_groups
+        # (MergedColumnParallelLinear when n_groups % tp == 0 from 0.17.0; golden bias-bf16-vllm-tp2).
+        unmerged = release_key(self.id.version, "vllm") < release_key("0.17.0")
         groups_quant = (
             "IndexError at load (in_proj.input_scale: slice() cannot be applied to a 0-dim tensor)"
             if regrouped
@@ -946,6 +949,13 @@ class VLLMEngine:
                 "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
                 "layers/mamba/mamba_mixer2.py",
                 load,
+            ),
+            Rule(
+                "mamba-in-proj-cut",
+                "MambaMixer2.__init__ (in_proj one ColumnParallelLinear; mamba_v2_sharded_weight_loader for its "
+                "weight only)",
+                "layers/mamba/mamba_mixer2.py",
+                "loads, but in_proj's bias / block-scale rows do not match its weight's: wrong weights",
             ),
             Rule("linear-divide", "ColumnParallelLinear/RowParallelLinear divide()", "layers/linear.py", start),
             Rule(
@@ -975,7 +985,11 @@ class VLLMEngine:
             ),
         )
         return TPRules(
-            engine="vllm", quantized_groups_at_load=True, methods_by_dtype=True, citations={r.id: r for r in rules}
+            engine="vllm",
+            quantized_groups_at_load=True,
+            methods_by_dtype=True,
+            in_proj_unmerged=unmerged,
+            citations={r.id: r for r in rules},
         )
 
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
