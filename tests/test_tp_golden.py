@@ -140,7 +140,9 @@ def _misaligned(doc: dict, doc1: dict, keys: _Keys, pname: str, ranks: dict[int,
         return False
     for r, got in ranks.items():
         mine = _source_rows(got)
-        theirs = _source_rows(keys.expand(w["ranks"][str(r)], tuple(w.get("shape_per_rank", {}).get(str(r), w["shape"]))))
+        theirs = _source_rows(
+            keys.expand(w["ranks"][str(r)], tuple(w.get("shape_per_rank", {}).get(str(r), w["shape"])))
+        )
         if len(mine) == len(theirs) and not np.array_equal(mine, theirs):
             return True
     return False
