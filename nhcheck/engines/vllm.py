@@ -68,6 +68,11 @@ class VLLMProfile:
     #: slot without an error. 0.16.0 – 0.18.x narrow the incoming tensor to the slot and raise (goldens
     #: ``nano3_nvfp4_experts_excluded``).
     expert_slot_narrows: bool
+    #: ``_load_w13`` / ``_load_w2`` narrow the incoming tensor on its sharded dim to the slot's size first, so a
+    #: longer tensor is cut to the slot without an error (to 0.22.x); from 0.23.0 the window is the checkpoint
+    #: tensor's own extent over the TP size (``loaded_per_rank``), taken whole at TP 1, and the copy raises
+    #: (goldens ``expert_sizes/probe_expert_sizes_*``).
+    expert_trims_long: bool
     #: A per-tensor expert scale slot given a multi-element tensor: ``RoutedExperts._load_per_tensor_weight_scale``
     #: reshapes it to the slot (``shape '[]' is invalid …``, 0.24.0); before, ``FusedMoE`` expands it into the
     #: slot (``expand(…)``, goldens 0.20.0 – 0.23.0; 0.16.0 / 0.17.0 assumed the same: no golden has such a tensor).
@@ -154,6 +159,7 @@ _V5 = VLLMProfile(
     cache_scale_mapper=False,
     expert_missing="keyerror",
     expert_slot_narrows=False,
+    expert_trims_long=True,
     expert_scale_reshapes=False,
     router_fp32=True,
     fused_scale_per_shard=False,
@@ -242,6 +248,7 @@ _V8b = replace(
     version="0.23.0",
     kv_scale_scalar_loader=True,
     quantized_lm_head_method="UnquantizedLinearMethod",
+    expert_trims_long=False,
 )
 #: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
 _V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True)
@@ -750,26 +757,27 @@ def _broadcast_copy(dst: tuple[int, ...], src: tuple[int, ...]) -> str | None:
 
 
 def expert_load_error(
-    slot: tuple[int, ...], loaded: tuple[int, ...], shard_id: str | None, narrows: bool
+    slot: tuple[int, ...], loaded: tuple[int, ...], shard_id: str | None, narrows: bool, trims_long: bool
 ) -> str | None:
     """``FusedMoE._load_w13`` / ``_load_w2`` on one expert's slot (``slot`` = the parameter's shape without E).
 
-    ``w2`` shards on dim 1 (input), ``w13`` on dim 0 (output). From 0.20.0 the incoming tensor is taken
-    whole and the slot narrowed to it on both dims (``_narrow_expert_data_for_padding``): a smaller tensor
-    lands in the slot's top-left corner without a word. Before, the incoming tensor is narrowed to the slot
-    along the shard dim, which raises when it is shorter.
+    ``w2`` shards on dim 1 (input), ``w13`` on dim 0 (output). First the incoming tensor is narrowed on the
+    shard dim: to the slot's size (``trims_long``, to 0.22.x: a longer tensor is cut, a shorter one raises
+    before 0.19.0) or, from 0.23.0, to its own extent (a longer tensor stays whole). From 0.19.0 the slot is
+    then narrowed to a smaller tensor on both dims (``_narrow_expert_data_for_padding`` from 0.20.0): it lands
+    in the slot's top-left corner without a word. The copy raises on any other size difference.
     """
     if len(slot) < 2 or not loaded:
         return None
     shard_dim = 1 if shard_id == "w2" else 0
+    if shard_dim < len(loaded) and (trims_long or not narrows):
+        if not narrows:
+            err = _narrow(loaded[shard_dim], 0, slot[shard_dim])
+            if err:
+                return err
+        loaded = loaded[:shard_dim] + (min(loaded[shard_dim], slot[shard_dim]),) + loaded[shard_dim + 1 :]
     if narrows:
-        dst = tuple(min(s, n) for s, n in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
-        return _broadcast_copy(dst, loaded)
-    if shard_dim < len(loaded):
-        err = _narrow(loaded[shard_dim], 0, slot[shard_dim])
-        if err:
-            return err
-        loaded = loaded[:shard_dim] + (slot[shard_dim],) + loaded[shard_dim + 1 :]
+        slot = tuple(min(s, n) for s, n in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
     return _broadcast_copy(slot, loaded)
 
 
@@ -1025,7 +1033,9 @@ class VLLMEngine:
                     f"RuntimeError: expand(CPU{torch_type}Type{{{list(shape)}}}, size=[]): the number of sizes "
                     f"provided (0) must be greater or equal to the number of dimensions in the tensor ({len(shape)})"
                 )
-            return expert_load_error(param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows)
+            return expert_load_error(
+                param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows, self.profile.expert_trims_long
+            )
         if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
             # PerTensorScaleParameter: a one-element tensor fills its slot; anything else fails the loader's
             # ``assert param_data.shape == loaded_weight.shape``.
@@ -1040,12 +1050,24 @@ class VLLMEngine:
         return linear_load_error(param.shape, shape, param.loader, param.slots, shard_id, parallel)
 
     def slot_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
-        """A load that succeeds but fills only part of the slot (0.20.0+ expert narrowing): silent garbage."""
-        if param.loader == "expert" and self.profile.expert_slot_narrows and expert_narrowed(param.shape[1:], shape):
+        """A load that succeeds but fills only part of the slot (0.19.0+ expert narrowing), or drops the end of a
+        tensor longer than its slot on the sharded dim (to 0.22.x): silent garbage either way. Asked only when
+        ``load_error`` is None."""
+        if param.loader != "expert":
+            return None
+        slot = param.shape[1:]
+        if self.profile.expert_slot_narrows and expert_narrowed(slot, shape):
             return (
-                f"{dtype} {list(shape)} is copied into the top-left corner of the {list(param.shape[1:])} expert slot "
+                f"{dtype} {list(shape)} is copied into the top-left corner of the {list(slot)} expert slot "
                 f"of {param.name} without an error (FusedMoE narrows the slot to the incoming tensor): the rest "
                 "keeps its initial values"
+            )
+        dim = 1 if param.name.rsplit(".", 1)[-1].startswith("w2_") else 0
+        if self.profile.expert_trims_long and len(slot) == len(shape) > dim and shape[dim] > slot[dim]:
+            return (
+                f"{dtype} {list(shape)} is cut to the {list(slot)} expert slot of {param.name} without an error "
+                f"(FusedMoE narrows the tensor to the slot on dim {dim}): its last {shape[dim] - slot[dim]} "
+                f"{'columns' if dim else 'rows'} are dropped"
             )
         return None
 
