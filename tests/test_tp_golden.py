@@ -97,7 +97,7 @@ def _claim(tp1: np.ndarray, sharding, local: tuple[int, ...], rank: int) -> np.n
 @cache
 def _plan(release: str, name: str):
     doc = read_golden(GOLDEN / release / name)
-    doc1 = read_golden(GOLDEN / release / re.sub(r"-tp\d+\.json$", "-tp1.json", name))
+    doc1 = read_golden(GOLDEN / release / re.sub(r"-tp\d+(-ep)?\.json$", "-tp1.json", name))
     case = doc["case"]
     c = doc1["config"]  # the variant the oracle ran (vLLM's goldens add variants of their own)
     hq = ckpt.hf_quant_config(c, case["quant"])
@@ -111,12 +111,14 @@ def _plan(release: str, name: str):
         engine = engines.get(engines.parse(f"vllm@{doc['vllm_version']}"))
         manifest = engine.build_manifest(cfg, parse_quant(c, hq))
         rules = engine.tp_rules()
+        ep = bool(doc.get("enable_expert_parallel"))
     else:
         manifest = build_manifest(
             cfg, parse_quant(c, hq), PROFILES[doc["sglang_version"]], moe_backend=doc1["moe_runner_backend"]
         )
         rules = engines.get(engines.parse(f"sglang@{doc['sglang_version']}")).tp_rules()
-    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]), rules)}
+        ep = False
+    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]), rules, ep)}
     return doc, doc1, shards
 
 
@@ -182,9 +184,10 @@ def test_rank_maps_match_the_engine(release: str, name: str) -> None:
                     if not partition or (placed == UNTOUCHED).any() or _misaligned(doc, doc1, keys, pname, ranks):
                         lossy_modules.add(s.module)
                 continue
-            local = s.sharding.local_shape(tuple(e1["shape"]))
-            assert tuple(local) == tuple(e["shape"]), (pname, local, e["shape"])
             for r, got in ranks.items():
+                local = s.sharding.local_shape(tuple(e1["shape"]), r)
+                held = tuple(e.get("shape_per_rank", {}).get(str(r), e["shape"]))
+                assert tuple(local) == held, (pname, r, local, held)
                 want = _claim(tp1, s.sharding, tuple(local), r)
                 assert np.array_equal(got, want), f"{pname} rank {r}: {int((got != want).sum())} elements differ"
             # a sharding nhcheck calls fine loses nothing: every checkpoint element reaches some rank
@@ -232,3 +235,27 @@ def test_vllm_tp_findings_only_for_proven_releases() -> None:
     assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
     other = tensor_parallel.with_findings(audit_path(example, "vllm@0.30.0"), (3,))  # no rank maps recorded
     assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]
+
+
+def test_vllm_expert_parallel_lifts_the_expert_rules() -> None:
+    """``--ep`` (vLLM ``--enable-expert-parallel``): experts are placed whole, so the MoE intermediate-size rules
+    that fail at TP 4 without it are gone (the ``*-tp2-ep`` maps: moe255 builds, moe5e splits 3 + 2); the other
+    rules stay. Only releases with EP rank maps answer; SGLang's ``--ep-size`` is not modelled."""
+    from nhcheck.errors import UsageError
+    from nhcheck.pipeline import audit_path
+
+    example = str(ROOT / "examples" / "nano3-nvfp4")
+    report = audit_path(example, "vllm@0.34.0")
+    tp = [f.message for f in tensor_parallel.with_findings(report, (4,)).findings if f.code == "tp-indivisible"]
+    ep = [
+        f.message for f in tensor_parallel.with_findings(report, (4,), ep=True).findings if f.code == "tp-indivisible"
+    ]
+    assert any("experts" in m and "NVFP4 block" in m for m in tp)
+    assert not any("experts:" in m for m in ep) and all(m.startswith("--tp 4 --ep: ") for m in ep)
+    assert len(ep) == len([m for m in tp if "experts:" not in m])
+    _, _, shards = _plan("vllm-0.34.0", "moe5e-bf16-vllm-tp2-ep.json")
+    w13 = shards["model.layers.0.mixer.experts.routed_experts.w13_weight"].sharding
+    assert [w13.windows(r) for r in (0, 1)] == [((0, 3, 0, 0),), ((3, 2, 0, 1),)]
+    for release in ("sglang@0.5.23", "vllm@0.29.0"):
+        with pytest.raises(UsageError, match="--ep"):
+            tensor_parallel.with_findings(audit_path(example, release), (2,), ep=True)

@@ -824,6 +824,10 @@ def linear_load_error(
     return None if shape == loaded else "AssertionError: "
 
 
+#: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
+#: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
+EP_PROVEN = ("0.19.0", "0.34.0")
+
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
 TP_PROVEN = ("0.16.0", "0.19.0", "0.22.0", "0.24.0", "0.29.0", "0.34.0")
@@ -997,6 +1001,7 @@ class VLLMEngine:
             quantized_groups_at_load=True,
             methods_by_dtype=True,
             in_proj_unmerged=unmerged,
+            expert_parallel=self.id.version in EP_PROVEN,
             citations={r.id: r for r in rules},
         )
 
