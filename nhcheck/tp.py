@@ -115,6 +115,7 @@ from nhcheck.quant import A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEA
 
 CODE = "tp-indivisible"
 PAD_CODE = "tp-padding"
+ASSUMED_CODE = "tp-assumed"
 VOCAB_PAD = 64  # DEFAULT_VOCAB_PADDING_SIZE
 NVFP4_BLOCK = 16
 TRTLLM_ALIGN = 128
@@ -818,7 +819,45 @@ def check(
             )
         out.extend(_padding_notes(manifest, cfg, tp, shards, rules))
         out.extend(_moe_padding_notes(manifest, cfg, tp, shards, rules))
+        if ep and tp > 1:
+            out.extend(_ep_scale_notes(manifest, tp))
     return out
+
+
+def ep_global_scales(manifest: Manifest) -> tuple[str, ...]:
+    """The NVFP4 experts' input scales, whose placement under expert parallelism depends on the NVFP4 MoE backend
+    vLLM selects for the GPU: a FlashInfer backend (``is_global_sf_supported_for_nvfp4_backend``) sizes them for
+    every expert on every rank (``ModelOptNvFp4FusedMoE.create_weights``: ``global_num_experts if
+    use_global_sf``), the others one per local expert. ``plan`` assumes the latter."""
+    by_name = manifest.by_name
+    return tuple(
+        p.name
+        for p in manifest.params
+        if p.name.endswith(
+            (
+                "mixer.experts.w13_input_scale",
+                "mixer.experts.w2_input_scale",
+                "routed_experts.w13_input_scale",
+                "routed_experts.w2_input_scale",
+            )
+        )
+        and (w := by_name.get(p.name.rsplit(".", 1)[0] + ".w13_weight")) is not None
+        and w.dtype == "uint8"
+        and p.name.rsplit(".", 1)[0] + ".w13_weight_scale_2" in by_name
+    )
+
+
+def _ep_scale_notes(manifest: Manifest, tp: int) -> list[Finding]:
+    names = ep_global_scales(manifest)
+    if not names:
+        return []
+    modules = collapse.group([(0, n.rsplit(".", 1)[0], None) for n in names])[0][1]
+    msg = (
+        f"--tp {tp} --ep: {modules} — the NVFP4 experts' input scales are held per local expert, as nhcheck "
+        "assumes, unless vLLM picks a FlashInfer NVFP4 MoE backend for your GPU: then every rank holds all of "
+        "them (ModelOptNvFp4FusedMoE.create_weights, use_global_sf; both load)"
+    )
+    return [Finding("info", ASSUMED_CODE, msg, None, names[0], tp=tp)]
 
 
 def _moe_padding_notes(

@@ -830,7 +830,7 @@ EP_PROVEN = ("0.19.0", "0.34.0")
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
-TP_PROVEN = ("0.16.0", "0.19.0", "0.22.0", "0.24.0", "0.29.0", "0.34.0")
+TP_PROVEN = ("0.16.0", "0.17.0", "0.19.0", "0.22.0", "0.24.0", "0.29.0", "0.34.0")
 
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
