@@ -225,6 +225,18 @@ def test_vllm_quantized_single_group_fails_while_loading_not_at_start_up(version
     assert tensor_parallel.SGLANG_RULES.rule("mamba-groups-quant").effect == "AssertionError at start-up"
 
 
+def test_every_proven_vllm_release_has_its_rank_maps() -> None:
+    """``TP_PROVEN`` / ``EP_PROVEN`` are the releases with maps here; ``TP_SAME_AS`` points at one of them."""
+    from nhcheck.engines import vllm
+
+    have = {r for r, _ in CASES}
+    ep = {r for r, n in CASES if n.endswith("-ep.json")}
+    assert {f"vllm-{v}" for v in vllm.TP_PROVEN} == {r for r in have if r.startswith("vllm-")}
+    assert {f"vllm-{v}" for v in vllm.EP_PROVEN} == ep
+    assert set(vllm.TP_SAME_AS.values()) <= set(vllm.TP_PROVEN)
+    assert set(vllm.TP_SAME_AS) <= set(vllm.RELEASES_WITH_NEMOTRON_H) - set(vllm.TP_PROVEN)
+
+
 def test_vllm_tp_findings_only_for_proven_releases() -> None:
     """``audit --tp`` answers for vLLM releases with rank maps (their rules, their citations); others say so."""
     from nhcheck.pipeline import audit_path
@@ -237,7 +249,7 @@ def test_vllm_tp_findings_only_for_proven_releases() -> None:
     assert all("[vllm " in m for m in tp_errors)
     # moe_intermediate_size 32 at TP 4: 8 per rank, not whole NVFP4 blocks of 16 (the moe272 / latentpad goldens)
     assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
-    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.30.0"), (3,))  # no rank maps recorded
+    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.28.0"), (3,))  # no maps, other loaders
     assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]
 
 

@@ -829,8 +829,36 @@ def linear_load_error(
 EP_PROVEN = ("0.19.0", "0.34.0")
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
-#: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
+#: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
+#: ``TP_SAME_AS``.
 TP_PROVEN = ("0.16.0", "0.17.0", "0.19.0", "0.22.0", "0.24.0", "0.29.0", "0.34.0")
+#: Patch releases whose TP-relevant code is the run release's (``ast.dump`` of every function, method and class
+#: body, each wheel against the run release's installed copy, in 27 files: ``layers/linear.py``, ``parameter.py``,
+#: ``layers/mamba/{mamba_mixer2,mamba_utils}.py``, ``layers/mamba/ops/layernorm_gated.py``, ``models/{nemotron_h,
+#: utils}.py``, ``layers/fused_moe/{layer,routed_experts,config,expert_map_manager,shared_fused_moe,
+#: unquantized_fused_moe_method}.py``, ``layers/fused_moe/oracle/nvfp4.py``, ``layers/quantization/{modelopt,fp8,
+#: kv_cache}.py``, ``layers/{vocab_parallel_embedding,layernorm,utils}.py``, ``config/{model,parallel}.py``,
+#: ``distributed/{utils,parallel_state}.py``, ``model_loader/{weight_utils,utils,default_loader}.py``). Identical:
+#: 0.17.1, 0.19.1, 0.22.1, 0.27.1. Differing only where no parameter or loader is made: 0.18.1 (``Fp8Config`` /
+#: ``Fp8LinearMethod``: the DeepGEMM switch), 0.20.1 and 0.20.2 (an ``mx_alignment`` field of the MoE kernel quant
+#: config, a minimax Mamba state-dtype check), 0.25.0 (the ``FusedMoE`` docstring). 0.28.0 and 0.33.0 change
+#: loaders and stay unproven, as do 0.13.0 – 0.15.1 (no environment to run).
+TP_SAME_AS = {
+    "0.17.1": "0.17.0",
+    "0.18.1": "0.18.0",
+    "0.19.1": "0.19.0",
+    "0.20.1": "0.20.0",
+    "0.20.2": "0.20.0",
+    "0.22.1": "0.22.0",
+    "0.25.0": "0.25.1",
+    "0.27.1": "0.27.0",
+}
+
+
+def tp_release(version: str) -> str:
+    """The release whose rank maps answer for ``version`` (itself, or the run release of ``TP_SAME_AS``)."""
+    return TP_SAME_AS.get(version, version)
+
 
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
@@ -917,12 +945,12 @@ class VLLMEngine:
     def tp_unproven(self) -> str | None:
         """None for the releases whose rank maps were recorded on gloo ranks (``oracle/vllm_tp``,
         ``tests/golden/tp/vllm-X``); for the others nhcheck says so instead of guessing."""
-        if self.id.version in TP_PROVEN:
+        if tp_release(self.id.version) in TP_PROVEN:
             return None
         return (
             f"tensor parallelism on vllm {self.id.version} is not checked: nhcheck's vLLM TP rules are proven on "
-            f"vllm {', '.join(TP_PROVEN)} only (rank maps from vLLM's own loaders), so no tp-indivisible verdict "
-            f"is given for {self.id.version}"
+            f"vllm {', '.join(TP_PROVEN)} (rank maps from vLLM's own loaders) and {', '.join(TP_SAME_AS)} (the same "
+            f"code) only, so no tp-indivisible verdict is given for {self.id.version}"
         )
 
     def tp_rules(self):
@@ -1001,7 +1029,7 @@ class VLLMEngine:
             quantized_groups_at_load=True,
             methods_by_dtype=True,
             in_proj_unmerged=unmerged,
-            expert_parallel=self.id.version in EP_PROVEN,
+            expert_parallel=tp_release(self.id.version) in EP_PROVEN,
             citations={r.id: r for r in rules},
         )
 
