@@ -65,8 +65,8 @@ class VLLMProfile:
     expert_missing: ExpertMissing
     #: ``FusedMoE`` narrows an expert slot to the incoming tensor's size (0.19.0 ``FusedMoE._load_w13`` /
     #: ``_load_w2``; ``_narrow_expert_data_for_padding`` from 0.20.0): packed NVFP4 bytes go into a bigger bf16
-    #: slot without an error. 0.16.0 – 0.18.x narrow the incoming tensor to the slot and raise (goldens
-    #: ``nano3_nvfp4_experts_excluded``).
+    #: slot without an error. 0.16.0 – 0.18.x narrow the incoming tensor to the slot and raise when it is shorter
+    #: (goldens ``nano3_nvfp4_experts_excluded``, ``expert_sizes/probe_expert_sizes_*``).
     expert_slot_narrows: bool
     #: ``_load_w13`` / ``_load_w2`` narrow the incoming tensor on its sharded dim to the slot's size first, so a
     #: longer tensor is cut to the slot without an error (to 0.22.x); from 0.23.0 the window is the checkpoint
