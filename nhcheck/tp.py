@@ -97,7 +97,8 @@ vLLM shards Nemotron-H the same way (its ``MambaMixer2``, linear layers, ``Vocab
 ``FusedMoE`` loaders are the ones SGLang's were ported from; experts are TP-sharded unless
 ``--enable-expert-parallel``) except where ``TPRules`` says otherwise; every rule is cited in the
 engine's own source (``Engine.tp_rules``) and proven on gloo ranks (``oracle/vllm_tp``,
-``tests/golden/tp/vllm-*``).
+``tests/golden/tp/vllm-*``). With ``--enable-expert-parallel`` (``plan(..., ep=True)``, vLLM only) the experts
+are not cut but placed whole (``_Planner._expert_parallel``; maps ``*-tp2-ep``).
 """
 
 from __future__ import annotations
