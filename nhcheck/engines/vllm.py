@@ -833,7 +833,7 @@ EP_PROVEN = ("0.19.0", "0.24.0", "0.34.0")
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
     "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0",
-    "0.27.0", "0.29.0", "0.30.0", "0.32.0", "0.34.0",
+    "0.27.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's (``ast.dump`` of every function, method and class
 #: body, each wheel against the run release's installed copy, in 27 files: ``layers/linear.py``, ``parameter.py``,
