@@ -265,6 +265,11 @@ def cli() -> None:
     help="Also check the engine's tensor-parallel sharding at these TP sizes (e.g. 2,4,8): tp-indivisible findings.",
 )
 @click.option(
+    "--ep",
+    is_flag=True,
+    help="With --tp and --engine vllm: vLLM's --enable-expert-parallel (each expert whole on one rank).",
+)
+@click.option(
     "--live",
     is_flag=True,
     is_eager=True,
@@ -294,6 +299,7 @@ def audit(
     show_loaded,
     values,
     tp_sizes,
+    ep,
     live,
     cross_check,
     quiet,
@@ -309,6 +315,7 @@ def audit(
       nhcheck audit ./ckpt --format json -o audit.json
       nhcheck audit ./ckpt --values
       nhcheck audit ./ckpt --tp 2,4,8
+      nhcheck audit ./ckpt --engine vllm --tp 4 --ep
       nhcheck audit nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 --format markdown
       nhcheck audit ./ckpt --live          # the installed sglang's own load_weights
       nhcheck audit ./ckpt --cross-check   # table and live replay must agree
@@ -324,6 +331,10 @@ def audit(
         from nhcheck.tp import parse_tp_sizes
 
         sizes = parse_tp_sizes(tp_sizes)
+    if ep and not sizes:
+        from nhcheck.errors import UsageError
+
+        raise UsageError("--ep shards the experts over the TP ranks: give --tp too")
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, console.progress(quiet))
     if live or cross_check:
@@ -343,7 +354,7 @@ def audit(
     if sizes:
         from nhcheck import tp as tensor_parallel
 
-        rep = tensor_parallel.with_findings(rep, sizes)
+        rep = tensor_parallel.with_findings(rep, sizes, ep)
     formats.get(fmt, output).write(report.audit_renderer(show_loaded=show_loaded), rep)
     if not quiet:
         console.summary(report.summary_line(rep, time.perf_counter() - t0))

@@ -97,7 +97,8 @@ vLLM shards Nemotron-H the same way (its ``MambaMixer2``, linear layers, ``Vocab
 ``FusedMoE`` loaders are the ones SGLang's were ported from; experts are TP-sharded unless
 ``--enable-expert-parallel``) except where ``TPRules`` says otherwise; every rule is cited in the
 engine's own source (``Engine.tp_rules``) and proven on gloo ranks (``oracle/vllm_tp``,
-``tests/golden/tp/vllm-*``).
+``tests/golden/tp/vllm-*``). With ``--enable-expert-parallel`` (``plan(..., ep=True)``, vLLM only) the experts
+are not cut but placed whole (``_Planner._expert_parallel``; maps ``*-tp2-ep``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ from nhcheck.quant import A16_LINEAR, BLOCK_FP8_LINEAR, BLOCK_FP8_MOE, FP4_LINEA
 
 CODE = "tp-indivisible"
 PAD_CODE = "tp-padding"
+ASSUMED_CODE = "tp-assumed"
 VOCAB_PAD = 64  # DEFAULT_VOCAB_PADDING_SIZE
 NVFP4_BLOCK = 16
 TRTLLM_ALIGN = 128
@@ -223,11 +225,18 @@ class TPRules:
     ``methods_by_dtype``: the manifest's quant-method labels do not tell the formats apart (vLLM 0.30.0+
     labels every ModelOpt linear ``ModelOptLinearMethod``), so the NVFP4 / FP8 rules read the format from
     the parameters (packed ``uint8`` weights with a ``weight_scale_2``: NVFP4; float8 weights: FP8).
+    ``in_proj_unmerged``: ``in_proj`` is one ``ColumnParallelLinear`` whatever ``n_groups`` (vLLM 0.16.0), and
+    only its weight gets the part-wise loader: its other row-sharded parameters (bias, NVFP4 block scale) are
+    cut contiguously, so at TP > 1 their rows no longer match the weight's (``mamba-in-proj-cut``).
+    ``expert_parallel``: the engine's expert parallelism is modelled (vLLM ``--enable-expert-parallel``: the EP
+    group is the TP group, every expert whole on one rank, ``plan(..., ep=True)``); SGLang's ``--ep-size`` is not.
     """
 
     engine: str = "sglang"
     quantized_groups_at_load: bool = False
     methods_by_dtype: bool = False
+    in_proj_unmerged: bool = False
+    expert_parallel: bool = False
     citations: Mapping[str, Rule] = field(default_factory=dict)
 
     def rule(self, rule_id: str) -> Rule:
@@ -245,16 +254,31 @@ class Part:
     ``size`` is its extent in the TP-1 (checkpoint) layout. ``pieces`` is how many distinct
     slices it is cut into: the TP size, fewer when heads or groups are replicated (rank r takes
     slice ``r × pieces // tp``), 1 when every rank holds it whole. ``padded`` is the extent the
-    engine pads to before cutting (vocabulary); 0 when it does not pad.
+    engine pads to before cutting (vocabulary); 0 when it does not pad. ``spread``: the slices differ by
+    at most one, the first ``size % pieces`` one longer (vLLM's ``determine_expert_map``, experts under
+    ``--enable-expert-parallel``), so the local extent depends on the rank.
     """
 
     size: int
     pieces: int
     padded: int = 0
+    spread: bool = False
 
     @property
     def step(self) -> int:
         return (self.padded or self.size) // self.pieces
+
+    def length(self, k: int) -> int:
+        """The local extent of slice ``k``."""
+        if self.spread:
+            return self.size // self.pieces + (k < self.size % self.pieces)
+        return self.step
+
+    def start(self, k: int) -> int:
+        """Where slice ``k`` starts in the TP-1 layout."""
+        if self.spread:
+            return k * (self.size // self.pieces) + min(k, self.size % self.pieces)
+        return k * self.step
 
 
 @dataclass(frozen=True)
@@ -265,10 +289,12 @@ class Sharding:
     dim: int | None = None
     parts: tuple[Part, ...] = ()
 
-    def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def local_shape(self, shape: tuple[int, ...], rank: int = 0) -> tuple[int, ...]:
+        """Rank ``rank``'s partition (the same on every rank unless a part is ``spread``)."""
         if self.dim is None:
             return shape
-        return shape[: self.dim] + (sum(p.step for p in self.parts),) + shape[self.dim + 1 :]
+        local = sum(p.length(rank * p.pieces // self.tp) for p in self.parts)
+        return shape[: self.dim] + (local,) + shape[self.dim + 1 :]
 
     def windows(self, rank: int) -> tuple[tuple[int, int, int, int], ...]:
         """``(source start, length, local start, owner)`` along ``dim`` for ``rank``; empty windows left out.
@@ -284,12 +310,12 @@ class Sharding:
         src = dst = 0
         for p in self.parts:
             k = rank * p.pieces // self.tp
-            start = k * p.step
-            n = max(0, min(p.step, p.size - start))
+            start = p.start(k)
+            n = max(0, min(p.length(k), p.size - start))
             if n:
                 out.append((src + start, n, dst, -(-k * self.tp // p.pieces)))
             src += p.size
-            dst += p.step
+            dst += p.length(k)
         return tuple(out)
 
 
@@ -347,11 +373,12 @@ _LINEAR_SUFFIX = re.compile(
 
 
 class _Planner:
-    def __init__(self, manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules) -> None:
+    def __init__(self, manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules, ep: bool = False) -> None:
         self.m = manifest
         self.cfg = cfg
         self.tp = tp
         self.rules = rules
+        self.ep = ep and tp > 1
         self.pattern = cfg.draft_pattern if manifest.mode == "mtp" else cfg.pattern
         self.quantized = manifest.quantization is not None
         self.module_problems: dict[str, tuple[Problem, ...]] = {}
@@ -576,6 +603,8 @@ class _Planner:
     def _layer_param(self, p: Param, layer: int, kind: str, rest: str) -> ParamShard:
         c, tp = self.cfg, self.tp
         prefix = f"{self.m.lm_prefix}model.layers.{layer}."
+        if rest.startswith("mixer.experts.") and self.ep:
+            return self._expert_parallel(p, prefix + "mixer.experts")
         if rest.startswith("mixer.experts."):
             module = prefix + "mixer.experts"
             w13 = p.name.rsplit(".", 1)[0] + ".w13_weight"
@@ -635,9 +664,37 @@ class _Planner:
                     "is loaded without the group-replicating loader",
                 ),
             )
+        elif (
+            self.rules.in_proj_unmerged
+            and kind == "M"
+            and mod == "mixer.in_proj"
+            and tp > 1
+            and c.n_groups % tp == 0
+            and (suffix == "bias" or (suffix == "weight_scale" and len(p.shape) == 2))
+        ):
+            quant = quant + (
+                Problem(
+                    "mamba-in-proj-cut",
+                    f"in_proj.{suffix} is cut into {tp} contiguous row blocks while in_proj.weight is cut part by "
+                    "part: their rows do not match on any rank",
+                ),
+            )
         return self._result(
             p, _linear_sharding(lin, suffix, p, tp), base + quant, mamba_module if kind == "M" else module
         )
+
+    def _expert_parallel(self, p: Param, module: str) -> ParamShard:
+        """vLLM ``--enable-expert-parallel`` (``FusedMoEParallelConfig.make``: EP size = TP size, MoE TP size 1):
+        every tensor of an expert lands whole on the rank that owns it, ``determine_expert_map``'s linear
+        placement (rank r owns a run of ``E // tp`` experts, the first ``E % tp`` ranks one more). Every
+        per-expert parameter (weights, block scales, per-expert scale vectors) is cut on its expert dim; the
+        intermediate size is not cut, so no MoE divisibility or NVFP4 block rule applies."""
+        experts = self.cfg.n_routed_experts
+        if not p.reachable:
+            return ParamShard(p, None, (), module)
+        if p.shape and p.shape[0] == experts:
+            return ParamShard(p, Sharding(self.tp, 0, (Part(experts, self.tp, spread=True),)), (), module)
+        return ParamShard(p, Sharding(self.tp), (), module)
 
     def _expert_part(self, extent: int) -> Part:
         """An expert tensor's intermediate dim (rows, packed bytes or scale blocks: ``extent`` per ``I``).
@@ -709,9 +766,17 @@ def _linear_sharding(lin: _Linear, suffix: str, p: Param, tp: int) -> Sharding |
     return Sharding(tp, 0, parts) if parts else None
 
 
-def plan(manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules = SGLANG_RULES) -> tuple[ParamShard, ...]:
-    """Every parameter of ``manifest`` at TP size ``tp`` under the engine's ``rules``, in manifest order."""
-    planner = _Planner(manifest, cfg, tp, rules)
+def plan(
+    manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules = SGLANG_RULES, ep: bool = False
+) -> tuple[ParamShard, ...]:
+    """Every parameter of ``manifest`` at TP size ``tp`` under the engine's ``rules``, in manifest order; ``ep``:
+    with the engine's expert parallelism over the TP ranks (``TPRules.expert_parallel``)."""
+    if ep and not rules.expert_parallel:
+        raise UsageError(
+            f"--ep: nhcheck's expert-parallel placement is proven only for the vLLM releases with rank maps of it "
+            f"(oracle/vllm_tp --ep), not for this {rules.engine} release"
+        )
+    planner = _Planner(manifest, cfg, tp, rules, ep)
     return tuple(planner.shard(p) for p in manifest.params)
 
 
@@ -720,14 +785,18 @@ def plan(manifest: Manifest, cfg: NemotronHConfig, tp: int, rules: TPRules = SGL
 
 
 def check(
-    manifest: Manifest, cfg: NemotronHConfig, sizes: tuple[int, ...], rules: TPRules = SGLANG_RULES
+    manifest: Manifest,
+    cfg: NemotronHConfig,
+    sizes: tuple[int, ...],
+    rules: TPRules = SGLANG_RULES,
+    ep: bool = False,
 ) -> list[Finding]:
     """``tp-indivisible`` findings (errors) for every TP size and rule that fails, grouped per module family;
     ``tp-padding`` notes (info) where the TP size changes the vocabulary padding.
     """
     out: list[Finding] = []
     for tp in sizes:
-        shards = plan(manifest, cfg, tp, rules)
+        shards = plan(manifest, cfg, tp, rules, ep)
         items = []
         for s in shards:
             for prob in s.problems:
@@ -742,7 +811,8 @@ def check(
                 Finding(
                     "error",
                     CODE,
-                    f"--tp {tp}: {where} — {detail}; {rule.effect} [{rules.engine} {rule.where}, {rule.file}]",
+                    f"--tp {tp}{' --ep' if ep else ''}: {where} — {detail}; {rule.effect} "
+                    f"[{rules.engine} {rule.where}, {rule.file}]",
                     None,
                     modules,
                     tp=tp,
@@ -750,7 +820,45 @@ def check(
             )
         out.extend(_padding_notes(manifest, cfg, tp, shards, rules))
         out.extend(_moe_padding_notes(manifest, cfg, tp, shards, rules))
+        if ep and tp > 1:
+            out.extend(_ep_scale_notes(manifest, tp))
     return out
+
+
+def ep_global_scales(manifest: Manifest) -> tuple[str, ...]:
+    """The NVFP4 experts' input scales, whose placement under expert parallelism depends on the NVFP4 MoE backend
+    vLLM selects for the GPU: a FlashInfer backend (``is_global_sf_supported_for_nvfp4_backend``) sizes them for
+    every expert on every rank (``ModelOptNvFp4FusedMoE.create_weights``: ``global_num_experts if
+    use_global_sf``), the others one per local expert. ``plan`` assumes the latter."""
+    by_name = manifest.by_name
+    return tuple(
+        p.name
+        for p in manifest.params
+        if p.name.endswith(
+            (
+                "mixer.experts.w13_input_scale",
+                "mixer.experts.w2_input_scale",
+                "routed_experts.w13_input_scale",
+                "routed_experts.w2_input_scale",
+            )
+        )
+        and (w := by_name.get(p.name.rsplit(".", 1)[0] + ".w13_weight")) is not None
+        and w.dtype == "uint8"
+        and p.name.rsplit(".", 1)[0] + ".w13_weight_scale_2" in by_name
+    )
+
+
+def _ep_scale_notes(manifest: Manifest, tp: int) -> list[Finding]:
+    names = ep_global_scales(manifest)
+    if not names:
+        return []
+    modules = collapse.group([(0, n.rsplit(".", 1)[0], None) for n in names])[0][1]
+    msg = (
+        f"--tp {tp} --ep: {modules} — the NVFP4 experts' input scales are held per local expert, as nhcheck "
+        "assumes, unless vLLM picks a FlashInfer NVFP4 MoE backend for your GPU: then every rank holds all of "
+        "them (ModelOptNvFp4FusedMoE.create_weights, use_global_sf; both load)"
+    )
+    return [Finding("info", ASSUMED_CODE, msg, None, names[0], tp=tp)]
 
 
 def _moe_padding_notes(
@@ -810,8 +918,9 @@ def _padding_notes(
     return [Finding("info", PAD_CODE, msg, None, names[0], tp=tp)]
 
 
-def with_findings(report, sizes: tuple[int, ...]):
-    """The audit report with the TP findings appended (rendered by every format; the exit gate counts them)."""
+def with_findings(report, sizes: tuple[int, ...], ep: bool = False):
+    """The audit report with the TP findings appended (rendered by every format; the exit gate counts them);
+    ``ep``: the engine's expert parallelism on (``plan``)."""
     from dataclasses import replace
 
     from nhcheck import engines
@@ -820,5 +929,5 @@ def with_findings(report, sizes: tuple[int, ...]):
     unproven = engine.tp_unproven()
     if unproven:
         return replace(report, findings=report.findings + (Finding("info", "tp-unproven", unproven),))
-    found = check(report.manifest, report.config, sizes, engine.tp_rules())
+    found = check(report.manifest, report.config, sizes, engine.tp_rules(), ep)
     return replace(report, findings=report.findings + tuple(found), tp_sizes=tuple(sizes))

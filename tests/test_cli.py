@@ -303,3 +303,18 @@ def test_puzzle_configs_are_refused_in_one_line(tmp_path):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     res = run("audit", tmp_path / "ck")
     assert res.exit_code == 2 and "nemotron_h_puzzle" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_ep_needs_tp_and_a_proven_vllm_release():
+    """``--ep`` is vLLM's expert parallelism over the TP ranks: without ``--tp``, or for an engine release without
+    EP rank maps, one line and exit 2; with both it checks (``tests/test_tp_golden.py``)."""
+    example = ROOT / "examples" / "nano3-nvfp4"
+    for args in (("--ep",), ("--tp", "2", "--ep"), ("--engine", "vllm@0.29.0", "--tp", "2", "--ep")):
+        res = run("audit", example, "-q", *args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and "--ep" in lines[0], res.stderr
+    # nano3-nvfp4 at TP 4: 8 expert intermediates per rank are no whole NVFP4 block; placed whole under EP
+    tp = run("audit", example, "-q", "--engine", "vllm@0.34.0", "--tp", "4", "-f", "json")
+    ep = run("audit", example, "-q", "--engine", "vllm@0.34.0", "--tp", "4", "--ep", "-f", "json")
+    assert tp.exit_code == 1 and json.loads(tp.stdout)["summary"]["tp_verdict"] == "cannot-shard"
+    assert ep.exit_code == 0 and json.loads(ep.stdout)["summary"]["tp_verdict"] == "ok", ep.stdout[-500:]

@@ -73,6 +73,13 @@ class _Keys:
         return arr.reshape(shape) if shape else arr
 
 
+def _source_rows(arr: np.ndarray) -> np.ndarray:
+    """Per local row (dim 0), the checkpoint row its first element came from; -1 where nothing landed."""
+    first = arr.reshape(arr.shape[0], -1)[:, 0] if arr.ndim else arr.reshape(1)
+    flat = first & ((1 << 40) - 1)
+    return np.where(first >= 0, flat // 4096 ** max(arr.ndim - 1, 0), -1)
+
+
 def _claim(tp1: np.ndarray, sharding, local: tuple[int, ...], rank: int) -> np.ndarray:
     """What nhcheck says rank ``rank`` holds: its windows over the TP-1 layout, zero elsewhere."""
     if sharding.dim is None:
@@ -90,7 +97,7 @@ def _claim(tp1: np.ndarray, sharding, local: tuple[int, ...], rank: int) -> np.n
 @cache
 def _plan(release: str, name: str):
     doc = read_golden(GOLDEN / release / name)
-    doc1 = read_golden(GOLDEN / release / re.sub(r"-tp\d+\.json$", "-tp1.json", name))
+    doc1 = read_golden(GOLDEN / release / re.sub(r"-tp\d+(-ep)?\.json$", "-tp1.json", name))
     case = doc["case"]
     c = doc1["config"]  # the variant the oracle ran (vLLM's goldens add variants of their own)
     hq = ckpt.hf_quant_config(c, case["quant"])
@@ -104,13 +111,17 @@ def _plan(release: str, name: str):
         engine = engines.get(engines.parse(f"vllm@{doc['vllm_version']}"))
         manifest = engine.build_manifest(cfg, parse_quant(c, hq))
         rules = engine.tp_rules()
+        ep = bool(doc.get("enable_expert_parallel"))
     else:
         manifest = build_manifest(
             cfg, parse_quant(c, hq), PROFILES[doc["sglang_version"]], moe_backend=doc1["moe_runner_backend"]
         )
         rules = engines.get(engines.parse(f"sglang@{doc['sglang_version']}")).tp_rules()
-    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]), rules)}
-    return doc, doc1, shards
+        ep = False
+    shards = {s.param.name: s for s in tensor_parallel.plan(manifest, cfg, int(doc["tp"]), rules, ep)}
+    # under EP, placed per local expert (nhcheck's assumption) or whole on every rank (a FlashInfer NVFP4 backend)
+    either = set(tensor_parallel.ep_global_scales(manifest)) if ep else set()
+    return doc, doc1, shards, either
 
 
 def test_goldens_cover_both_releases_and_every_family() -> None:
@@ -122,9 +133,32 @@ def test_goldens_cover_both_releases_and_every_family() -> None:
     assert {"attn_qkv", "attn_o", "mamba_in_proj", "mamba_conv1d", "moe_experts", "moe_shared", "embed"} <= families
 
 
+def _misaligned(doc: dict, doc1: dict, keys: _Keys, pname: str, ranks: dict[int, np.ndarray]) -> bool:
+    """Whether a row-sharded companion of a linear weight (its bias, its block scale) holds, on some rank, other
+    checkpoint rows than the weight does at the same local rows: a partition, but of the wrong rows."""
+    weight = pname.rsplit(".", 1)[0] + ".weight"
+    if weight == pname:
+        return False
+    w, w1 = ({n: e for fam in d["families"].values() for n, e in fam.items()}.get(weight) for d in (doc, doc1))
+    if w is None or w1 is None:
+        return False
+    for r, got in ranks.items():
+        mine = _source_rows(got)
+        theirs = _source_rows(
+            keys.expand(w["ranks"][str(r)], tuple(w.get("shape_per_rank", {}).get(str(r), w["shape"])))
+        )
+        if len(mine) == len(theirs) and not np.array_equal(mine, theirs):
+            return True
+    return False
+
+
 @pytest.mark.parametrize(("release", "name"), CASES)
 def test_rank_maps_match_the_engine(release: str, name: str) -> None:
-    doc, doc1, shards = _plan(release, name)
+    doc, doc1, shards, either = _plan(release, name)
+    if "construct_error" in doc1:
+        # Refused at TP 1 too (vLLM 0.16.0's ModelOpt MIXED_PRECISION): a start-up refusal, not a TP rule.
+        assert "construct_error" in doc and not shards, doc1["construct_error"]
+        return
     if "construct_error" in doc:
         # The engine refused to build the model at this TP size: nhcheck must say the size fails.
         assert any(s.problems for s in shards.values()), doc["construct_error"]
@@ -143,18 +177,21 @@ def test_rank_maps_match_the_engine(release: str, name: str) -> None:
                 int(r): keys.expand(boxes, tuple(e.get("shape_per_rank", {}).get(r, e["shape"])))
                 for r, boxes in e["ranks"].items()
             }
+            if pname in either and all(np.array_equal(g, tp1) for g in ranks.values()):
+                continue  # every rank holds all experts' input scales: the backend-dependent case nhcheck names
             if s.sharding is None:
                 if s.problems:
                     flagged_modules.add(s.module)
                     placed = np.concatenate([g.reshape(-1) for g in ranks.values()])
                     real, want = placed[placed >= 0], tp1[tp1 >= 0].reshape(-1)
                     partition = np.isin(want, real).all() and np.isin(real, want).all()
-                    if not partition or (placed == UNTOUCHED).any():
+                    if not partition or (placed == UNTOUCHED).any() or _misaligned(doc, doc1, keys, pname, ranks):
                         lossy_modules.add(s.module)
                 continue
-            local = s.sharding.local_shape(tuple(e1["shape"]))
-            assert tuple(local) == tuple(e["shape"]), (pname, local, e["shape"])
             for r, got in ranks.items():
+                local = s.sharding.local_shape(tuple(e1["shape"]), r)
+                held = tuple(e.get("shape_per_rank", {}).get(str(r), e["shape"]))
+                assert tuple(local) == held, (pname, r, local, held)
                 want = _claim(tp1, s.sharding, tuple(local), r)
                 assert np.array_equal(got, want), f"{pname} rank {r}: {int((got != want).sum())} elements differ"
             # a sharding nhcheck calls fine loses nothing: every checkpoint element reaches some rank
@@ -177,7 +214,7 @@ def test_rank_maps_match_the_engine(release: str, name: str) -> None:
 def test_vllm_quantized_single_group_fails_while_loading_not_at_start_up(version, tensor, error) -> None:
     """SGLang refuses n_groups 1 at TP > 1 for a quantized model in ``MambaMixer2.__init__``; vLLM builds it and
     one of ``in_proj``'s scales raises while loading — which one, and how, is the release's (and its citation)."""
-    doc, _, shards = _plan(f"vllm-{version}", "g1-nvfp4-vllm-tp2.json")
+    doc, _, shards, _ = _plan(f"vllm-{version}", "g1-nvfp4-vllm-tp2.json")
     assert "construct_error" not in doc
     errors = {n: e for per_rank in doc["load_errors"].values() for n, e in per_rank.items()}
     assert set(errors) == {f"backbone.layers.0.mixer.{tensor}"}
@@ -186,6 +223,18 @@ def test_vllm_quantized_single_group_fails_while_loading_not_at_start_up(version
     effect = engines.get(engines.parse(f"vllm@{version}")).tp_rules().rule("mamba-groups-quant").effect
     assert effect.startswith(f"{error} at load") and tensor in effect
     assert tensor_parallel.SGLANG_RULES.rule("mamba-groups-quant").effect == "AssertionError at start-up"
+
+
+def test_every_proven_vllm_release_has_its_rank_maps() -> None:
+    """``TP_PROVEN`` / ``EP_PROVEN`` are the releases with maps here; ``TP_SAME_AS`` points at one of them."""
+    from nhcheck.engines import vllm
+
+    have = {r for r, _ in CASES}
+    ep = {r for r, n in CASES if n.endswith("-ep.json")}
+    assert {f"vllm-{v}" for v in vllm.TP_PROVEN} == {r for r in have if r.startswith("vllm-")}
+    assert {f"vllm-{v}" for v in vllm.EP_PROVEN} == ep
+    assert set(vllm.TP_SAME_AS.values()) <= set(vllm.TP_PROVEN)
+    assert set(vllm.TP_SAME_AS) <= set(vllm.RELEASES_WITH_NEMOTRON_H) - set(vllm.TP_PROVEN)
 
 
 def test_vllm_tp_findings_only_for_proven_releases() -> None:
@@ -200,5 +249,29 @@ def test_vllm_tp_findings_only_for_proven_releases() -> None:
     assert all("[vllm " in m for m in tp_errors)
     # moe_intermediate_size 32 at TP 4: 8 per rank, not whole NVFP4 blocks of 16 (the moe272 / latentpad goldens)
     assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
-    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.30.0"), (3,))  # no rank maps recorded
+    other = tensor_parallel.with_findings(audit_path(example, "vllm@0.28.0"), (3,))  # no maps, other loaders
     assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]
+
+
+def test_vllm_expert_parallel_lifts_the_expert_rules() -> None:
+    """``--ep`` (vLLM ``--enable-expert-parallel``): experts are placed whole, so the MoE intermediate-size rules
+    that fail at TP 4 without it are gone (the ``*-tp2-ep`` maps: moe255 builds, moe5e splits 3 + 2); the other
+    rules stay. Only releases with EP rank maps answer; SGLang's ``--ep-size`` is not modelled."""
+    from nhcheck.errors import UsageError
+    from nhcheck.pipeline import audit_path
+
+    example = str(ROOT / "examples" / "nano3-nvfp4")
+    report = audit_path(example, "vllm@0.34.0")
+    tp = [f.message for f in tensor_parallel.with_findings(report, (4,)).findings if f.code == "tp-indivisible"]
+    ep = [
+        f.message for f in tensor_parallel.with_findings(report, (4,), ep=True).findings if f.code == "tp-indivisible"
+    ]
+    assert any("experts" in m and "NVFP4 block" in m for m in tp)
+    assert not any("experts:" in m for m in ep) and all(m.startswith("--tp 4 --ep: ") for m in ep)
+    assert len(ep) == len([m for m in tp if "experts:" not in m])
+    _, _, shards, _ = _plan("vllm-0.34.0", "moe5e-bf16-vllm-tp2-ep.json")
+    w13 = shards["model.layers.0.mixer.experts.routed_experts.w13_weight"].sharding
+    assert [w13.windows(r) for r in (0, 1)] == [((0, 3, 0, 0),), ((3, 2, 0, 1),)]
+    for release in ("sglang@0.5.23", "vllm@0.29.0"):
+        with pytest.raises(UsageError, match="--ep"):
+            tensor_parallel.with_findings(audit_path(example, release), (2,), ep=True)

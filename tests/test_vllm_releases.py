@@ -78,6 +78,22 @@ def test_packed_expert_bytes_into_a_bf16_slot_load_silently_and_are_reported(ver
     assert not narrowed or (narrowed[0].severity == "error" and "without an error" in narrowed[0].message)
 
 
+@pytest.mark.parametrize(
+    ("version", "trims"), [("0.18.1", True), ("0.22.1", True), ("0.23.0", False), ("0.34.0", False)]
+)
+def test_expert_tensor_longer_than_its_slot_is_cut_until_0_23(version, trims):
+    """expert_sizes probes: an ``up_proj`` with more rows / a ``down_proj`` with more columns than the slot (the sharded
+    dim) is narrowed to the slot and loads, its tail dropped, up to 0.22.x — reported; from 0.23.0 the loader takes
+    the tensor's own extent and the copy raises. Goldens: 0.18.0, 0.19.0, 0.20.0, 0.22.0 / 0.23.0, 0.24.0, 0.34.0."""
+    case = str(Path(__file__).parent / "conformance" / "expert_sizes" / "probe_expert_sizes_bf16" / "checkpoint")
+    report = audit_path(case, f"vllm@{version}")
+    outcome = {r.tensor.name: r.outcome.outcome for r in report.records}
+    longer = ("backbone.layers.1.mixer.experts.0.up_proj.weight", "backbone.layers.1.mixer.experts.2.down_proj.weight")
+    assert [outcome[n] for n in longer] == (["load", "load"] if trims else ["raise", "raise"])
+    cut = {f.tensor for f in report.findings if f.code == "slot-narrowed" and "is cut to the" in f.message}
+    assert cut == (set(longer) if trims else set())
+
+
 def test_shards_are_read_in_natural_order(tmp_path):
     """vLLM sorts shard files naturally (model-2 before model-10); SGLang by name. The first raise follows."""
     src = Path(__file__).parent / "conformance" / "nano3_nvfp4_experts_excluded" / "checkpoint"

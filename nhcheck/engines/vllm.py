@@ -65,9 +65,14 @@ class VLLMProfile:
     expert_missing: ExpertMissing
     #: ``FusedMoE`` narrows an expert slot to the incoming tensor's size (0.19.0 ``FusedMoE._load_w13`` /
     #: ``_load_w2``; ``_narrow_expert_data_for_padding`` from 0.20.0): packed NVFP4 bytes go into a bigger bf16
-    #: slot without an error. 0.16.0 – 0.18.x narrow the incoming tensor to the slot and raise (goldens
-    #: ``nano3_nvfp4_experts_excluded``).
+    #: slot without an error. 0.16.0 – 0.18.x narrow the incoming tensor to the slot and raise when it is shorter
+    #: (goldens ``nano3_nvfp4_experts_excluded``, ``expert_sizes/probe_expert_sizes_*``).
     expert_slot_narrows: bool
+    #: ``_load_w13`` / ``_load_w2`` narrow the incoming tensor on its sharded dim to the slot's size first, so a
+    #: longer tensor is cut to the slot without an error (to 0.22.x); from 0.23.0 the window is the checkpoint
+    #: tensor's own extent over the TP size (``loaded_per_rank``), taken whole at TP 1, and the copy raises
+    #: (goldens ``expert_sizes/probe_expert_sizes_*``).
+    expert_trims_long: bool
     #: A per-tensor expert scale slot given a multi-element tensor: ``RoutedExperts._load_per_tensor_weight_scale``
     #: reshapes it to the slot (``shape '[]' is invalid …``, 0.24.0); before, ``FusedMoE`` expands it into the
     #: slot (``expand(…)``, goldens 0.20.0 – 0.23.0; 0.16.0 / 0.17.0 assumed the same: no golden has such a tensor).
@@ -184,6 +189,7 @@ _V5 = VLLMProfile(
     cache_scale_mapper=False,
     expert_missing="keyerror",
     expert_slot_narrows=False,
+    expert_trims_long=True,
     expert_scale_reshapes=False,
     router_fp32=True,
     fused_scale_per_shard=False,
@@ -306,6 +312,7 @@ _V8b = replace(
     version="0.23.0",
     kv_scale_scalar_loader=True,
     quantized_lm_head_method="UnquantizedLinearMethod",
+    expert_trims_long=False,
 )
 #: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
 _V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True)
@@ -818,26 +825,27 @@ def _broadcast_copy(dst: tuple[int, ...], src: tuple[int, ...]) -> str | None:
 
 
 def expert_load_error(
-    slot: tuple[int, ...], loaded: tuple[int, ...], shard_id: str | None, narrows: bool
+    slot: tuple[int, ...], loaded: tuple[int, ...], shard_id: str | None, narrows: bool, trims_long: bool
 ) -> str | None:
     """``FusedMoE._load_w13`` / ``_load_w2`` on one expert's slot (``slot`` = the parameter's shape without E).
 
-    ``w2`` shards on dim 1 (input), ``w13`` on dim 0 (output). From 0.20.0 the incoming tensor is taken
-    whole and the slot narrowed to it on both dims (``_narrow_expert_data_for_padding``): a smaller tensor
-    lands in the slot's top-left corner without a word. Before, the incoming tensor is narrowed to the slot
-    along the shard dim, which raises when it is shorter.
+    ``w2`` shards on dim 1 (input), ``w13`` on dim 0 (output). First the incoming tensor is narrowed on the
+    shard dim: to the slot's size (``trims_long``, to 0.22.x: a longer tensor is cut, a shorter one raises
+    before 0.19.0) or, from 0.23.0, to its own extent (a longer tensor stays whole). From 0.19.0 the slot is
+    then narrowed to a smaller tensor on both dims (``_narrow_expert_data_for_padding`` from 0.20.0): it lands
+    in the slot's top-left corner without a word. The copy raises on any other size difference.
     """
     if len(slot) < 2 or not loaded:
         return None
     shard_dim = 1 if shard_id == "w2" else 0
+    if shard_dim < len(loaded) and (trims_long or not narrows):
+        if not narrows:
+            err = _narrow(loaded[shard_dim], 0, slot[shard_dim])
+            if err:
+                return err
+        loaded = loaded[:shard_dim] + (min(loaded[shard_dim], slot[shard_dim]),) + loaded[shard_dim + 1 :]
     if narrows:
-        dst = tuple(min(s, n) for s, n in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
-        return _broadcast_copy(dst, loaded)
-    if shard_dim < len(loaded):
-        err = _narrow(loaded[shard_dim], 0, slot[shard_dim])
-        if err:
-            return err
-        loaded = loaded[:shard_dim] + (slot[shard_dim],) + loaded[shard_dim + 1 :]
+        slot = tuple(min(s, n) for s, n in zip(slot, loaded, strict=False)) + slot[len(loaded) :]
     return _broadcast_copy(slot, loaded)
 
 
@@ -884,9 +892,44 @@ def linear_load_error(
     return None if shape == loaded else "AssertionError: "
 
 
+#: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
+#: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
+EP_PROVEN = ("0.19.0", "0.24.0", "0.34.0")
+
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
-#: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these only.
-TP_PROVEN = ("0.19.0", "0.24.0", "0.34.0")
+#: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
+#: ``TP_SAME_AS``.
+TP_PROVEN = (
+    "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0",
+    "0.27.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.34.0",
+)  # fmt: skip
+#: Patch releases whose TP-relevant code is the run release's (``ast.dump`` of every function, method and class
+#: body, each wheel against the run release's installed copy, in 27 files: ``layers/linear.py``, ``parameter.py``,
+#: ``layers/mamba/{mamba_mixer2,mamba_utils}.py``, ``layers/mamba/ops/layernorm_gated.py``, ``models/{nemotron_h,
+#: utils}.py``, ``layers/fused_moe/{layer,routed_experts,config,expert_map_manager,shared_fused_moe,
+#: unquantized_fused_moe_method}.py``, ``layers/fused_moe/oracle/nvfp4.py``, ``layers/quantization/{modelopt,fp8,
+#: kv_cache}.py``, ``layers/{vocab_parallel_embedding,layernorm,utils}.py``, ``config/{model,parallel}.py``,
+#: ``distributed/{utils,parallel_state}.py``, ``model_loader/{weight_utils,utils,default_loader}.py``). Identical:
+#: 0.17.1, 0.19.1, 0.22.1, 0.27.1. Differing only where no parameter or loader is made: 0.18.1 (``Fp8Config`` /
+#: ``Fp8LinearMethod``: the DeepGEMM switch), 0.20.1 and 0.20.2 (an ``mx_alignment`` field of the MoE kernel quant
+#: config, a minimax Mamba state-dtype check), 0.25.0 (the ``FusedMoE`` docstring). 0.28.0 and 0.33.0 change
+#: loaders and stay unproven, as do 0.13.0 – 0.15.1 (no environment to run).
+TP_SAME_AS = {
+    "0.17.1": "0.17.0",
+    "0.18.1": "0.18.0",
+    "0.19.1": "0.19.0",
+    "0.20.1": "0.20.0",
+    "0.20.2": "0.20.0",
+    "0.22.1": "0.22.0",
+    "0.25.0": "0.25.1",
+    "0.27.1": "0.27.0",
+}
+
+
+def tp_release(version: str) -> str:
+    """The release whose rank maps answer for ``version`` (itself, or the run release of ``TP_SAME_AS``)."""
+    return TP_SAME_AS.get(version, version)
+
 
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
@@ -973,12 +1016,12 @@ class VLLMEngine:
     def tp_unproven(self) -> str | None:
         """None for the releases whose rank maps were recorded on gloo ranks (``oracle/vllm_tp``,
         ``tests/golden/tp/vllm-X``); for the others nhcheck says so instead of guessing."""
-        if self.id.version in TP_PROVEN:
+        if tp_release(self.id.version) in TP_PROVEN:
             return None
         return (
             f"tensor parallelism on vllm {self.id.version} is not checked: nhcheck's vLLM TP rules are proven on "
-            f"vllm {', '.join(TP_PROVEN)} only (rank maps from vLLM's own loaders), so no tp-indivisible verdict "
-            f"is given for {self.id.version}"
+            f"vllm {', '.join(TP_PROVEN)} (rank maps from vLLM's own loaders) and {', '.join(TP_SAME_AS)} (the same "
+            f"code) only, so no tp-indivisible verdict is given for {self.id.version}"
         )
 
     def tp_rules(self):
@@ -991,6 +1034,9 @@ class VLLMEngine:
         from nhcheck.tp import Rule, TPRules
 
         regrouped = release_key(self.id.version, "vllm") >= release_key("0.34.0")
+        # 0.16.0: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every n_groups
+        # (MergedColumnParallelLinear when n_groups % tp == 0 from 0.17.0; golden bias-bf16-vllm-tp2).
+        unmerged = release_key(self.id.version, "vllm") < release_key("0.17.0")
         groups_quant = (
             "IndexError at load (in_proj.input_scale: slice() cannot be applied to a 0-dim tensor)"
             if regrouped
@@ -1014,6 +1060,13 @@ class VLLMEngine:
                 "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
                 "layers/mamba/mamba_mixer2.py",
                 load,
+            ),
+            Rule(
+                "mamba-in-proj-cut",
+                "MambaMixer2.__init__ (in_proj one ColumnParallelLinear; mamba_v2_sharded_weight_loader for its "
+                "weight only)",
+                "layers/mamba/mamba_mixer2.py",
+                "loads, but in_proj's bias / block-scale rows do not match its weight's: wrong weights",
             ),
             Rule("linear-divide", "ColumnParallelLinear/RowParallelLinear divide()", "layers/linear.py", start),
             Rule(
@@ -1043,7 +1096,12 @@ class VLLMEngine:
             ),
         )
         return TPRules(
-            engine="vllm", quantized_groups_at_load=True, methods_by_dtype=True, citations={r.id: r for r in rules}
+            engine="vllm",
+            quantized_groups_at_load=True,
+            methods_by_dtype=True,
+            in_proj_unmerged=unmerged,
+            expert_parallel=tp_release(self.id.version) in EP_PROVEN,
+            citations={r.id: r for r in rules},
         )
 
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
@@ -1079,7 +1137,9 @@ class VLLMEngine:
                     f"RuntimeError: expand(CPU{torch_type}Type{{{list(shape)}}}, size=[]): the number of sizes "
                     f"provided (0) must be greater or equal to the number of dimensions in the tensor ({len(shape)})"
                 )
-            return expert_load_error(param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows)
+            return expert_load_error(
+                param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows, self.profile.expert_trims_long
+            )
         if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
             # PerTensorScaleParameter: a one-element tensor fills its slot; anything else fails the loader's
             # ``assert param_data.shape == loaded_weight.shape``.
@@ -1094,12 +1154,24 @@ class VLLMEngine:
         return linear_load_error(param.shape, shape, param.loader, param.slots, shard_id, parallel)
 
     def slot_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
-        """A load that succeeds but fills only part of the slot (0.20.0+ expert narrowing): silent garbage."""
-        if param.loader == "expert" and self.profile.expert_slot_narrows and expert_narrowed(param.shape[1:], shape):
+        """A load that succeeds but fills only part of the slot (0.19.0+ expert narrowing), or drops the end of a
+        tensor longer than its slot on the sharded dim (to 0.22.x): silent garbage either way. Asked only when
+        ``load_error`` is None."""
+        if param.loader != "expert":
+            return None
+        slot = param.shape[1:]
+        if self.profile.expert_slot_narrows and expert_narrowed(slot, shape):
             return (
-                f"{dtype} {list(shape)} is copied into the top-left corner of the {list(param.shape[1:])} expert slot "
+                f"{dtype} {list(shape)} is copied into the top-left corner of the {list(slot)} expert slot "
                 f"of {param.name} without an error (FusedMoE narrows the slot to the incoming tensor): the rest "
                 "keeps its initial values"
+            )
+        dim = 1 if param.name.rsplit(".", 1)[-1].startswith("w2_") else 0
+        if self.profile.expert_trims_long and len(slot) == len(shape) > dim and shape[dim] > slot[dim]:
+            return (
+                f"{dtype} {list(shape)} is cut to the {list(slot)} expert slot of {param.name} without an error "
+                f"(FusedMoE narrows the tensor to the slot on dim {dim}): its last {shape[dim] - slot[dim]} "
+                f"{'columns' if dim else 'rows'} are dropped"
             )
         return None
 

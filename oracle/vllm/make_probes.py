@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Probe checkpoints for telling vLLM epochs apart (conformance cases of their own).
 
-    V/bin/python make_probes.py [OUT_DIR]   # needs torch + safetensors (any oracle venv, or the dev venv)
+    V/bin/python make_probes.py [ROOT]   # needs torch + safetensors (any oracle venv, or the dev venv)
 
-Writes ``OUT_DIR/<probe>/checkpoint`` (default OUT_DIR: ``tests/conformance/probes``); the goldens are
+Writes ``ROOT/probes/<probe>/checkpoint``, ``ROOT/mtp/<probe>/checkpoint`` and ``ROOT/expert_sizes/<probe>/checkpoint`` (default ROOT:
+``tests/conformance``); the goldens are
 made there like any case's (``make_goldens.py X --probes tests/conformance/probes``). The output is
 deterministic: rerunning this script rewrites the committed checkpoints byte for byte.
 
@@ -45,6 +46,13 @@ and ``model-probe-b.safetensors`` with ``mlp1.9.weight`` (the projector has no s
 the two raises first is the VL wrapper's routing order: 0.20.0 – 0.21.0 buffer the language model and
 load ``mlp1`` as they iterate (the later ``mlp1`` trap raises first); from 0.22.0 the language model
 streams first and ``mlp1`` loads after it (the language-model trap raises first).
+
+``expert_sizes/probe_expert_sizes_{bf16,nvfp4}`` (their own folder, beside ``probes/``: they ask one question of the
+releases whose expert loaders differ, not of every row): ``nano3_bf16`` / ``nano3_nvfp4`` with some expert tensors
+of layer 1 rewritten in place, one wrong extent each (``SIZES``: longer or shorter on the sharded dim, the
+intermediate rows of ``up_proj`` / columns of ``down_proj``, or on the hidden dim; weights, packed bytes and NVFP4
+block scales). The original values stay in the overlap, zeros fill an extension. Whether vLLM trims, narrows the
+slot or raises is ``FusedMoE._load_w13`` / ``_load_w2``'s (``RoutedExperts``' from 0.24.0).
 """
 import json
 import os
@@ -199,14 +207,62 @@ def mtp_probe(out, probe, base):
     print(dst, len(tensors), "MTP tensors")
 
 
-def main(out):
+#: ``expert_sizes`` probes: (expert, tensor, dim, delta) per base; dim 0 = rows, 1 = columns of the on-disk tensor.
+#: ``up_proj`` is sharded on its rows (w13, dim 0), ``down_proj`` on its columns (w2, dim 1).
+SIZES = {
+    "probe_expert_sizes_bf16": ("nano3_bf16", (
+        (0, "up_proj.weight", 0, +8), (1, "up_proj.weight", 1, +8), (2, "down_proj.weight", 1, +8),
+        (3, "down_proj.weight", 0, +8), (4, "up_proj.weight", 0, -8), (5, "up_proj.weight", 1, -8),
+        (6, "down_proj.weight", 1, -8), (7, "down_proj.weight", 0, -8),
+    )),
+    "probe_expert_sizes_nvfp4": ("nano3_nvfp4", (
+        (0, "up_proj.weight", 0, +8), (1, "up_proj.weight", 1, +8), (2, "down_proj.weight", 1, +8),
+        (3, "down_proj.weight", 0, +8), (4, "up_proj.weight_scale", 0, +8), (5, "down_proj.weight_scale", 1, +2),
+        (6, "up_proj.weight", 0, -8), (7, "down_proj.weight", 1, -8), (8, "up_proj.weight_scale", 0, -8),
+        (9, "down_proj.weight_scale", 0, -8),
+    )),
+}
+
+
+def _resized(t, dim, delta):
+    if delta < 0:
+        return t.narrow(dim, 0, t.shape[dim] + delta).clone()
+    pad = list(t.shape)
+    pad[dim] = delta
+    return torch.cat([t, torch.zeros(pad, dtype=t.dtype)], dim=dim)
+
+
+def expert_size_probe(out, probe, base, sizes, layer=1):
+    dst = _fresh(out, probe, base)
+    path = os.path.join(dst, "model.safetensors.index.json")
+    idx = json.load(open(path))
+    change = {f"backbone.layers.{layer}.mixer.experts.{e}.{t}": (dim, d) for e, t, dim, d in sizes}
+    for fname in sorted({idx["weight_map"][n] for n in change}):
+        with safe_open(os.path.join(dst, fname), framework="pt") as f:
+            names = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names}
+        for k in names:
+            if k in change:
+                old = tensors[k].nbytes
+                tensors[k] = _resized(tensors[k], *change[k])
+                idx["metadata"]["total_size"] += tensors[k].nbytes - old
+        save_file(tensors, os.path.join(dst, fname), metadata={"format": "pt"})
+    with open(path, "w") as f:
+        json.dump(idx, f, indent=2)
+    print(dst, len(change), "expert tensors resized")
+
+
+def main(out, sizes_out):
     for probe, base in MTP_BASES.items():
         mtp_probe(os.path.join(os.path.dirname(out), "mtp"), probe, base)
     for probe, base in BASES.items():
         trap_probe(out, probe, base)
     missing_probe(out)
     omni_order_probe(out)
+    for probe, (base, sizes) in SIZES.items():
+        expert_size_probe(sizes_out, probe, base, sizes)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(CONF, "probes"))
+    root = sys.argv[1] if len(sys.argv) > 1 else CONF
+    main(os.path.join(root, "probes"), os.path.join(root, "expert_sizes"))

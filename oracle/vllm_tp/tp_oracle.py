@@ -52,6 +52,8 @@ EXTRA = {
     "moe255": dict(hybrid_override_pattern="E", moe_intermediate_size=255),
     "moe272": dict(hybrid_override_pattern="E", moe_intermediate_size=272),
     "mlp255": dict(hybrid_override_pattern="-", intermediate_size=255),
+    # expert parallelism (``--ep``): 5 experts on 2 ranks, an uneven split
+    "moe5e": dict(hybrid_override_pattern="E", n_routed_experts=5),
 }
 ckpt.MODELS.update(EXTRA)
 
@@ -73,7 +75,7 @@ def install_platform(platform: str) -> None:
                    "DeviceCommunicatorBase (CPU gloo groups, no NCCL)")
 
 
-def build_model(rank, world, ckdir, port, first, log):
+def build_model(rank, world, ckdir, port, first, log, ep=False):
     import torch
     import vllm_oracle
     from vllm.config import set_current_vllm_config
@@ -85,7 +87,7 @@ def build_model(rank, world, ckdir, port, first, log):
     vllm_oracle.config_standin(log)
     ea = EngineArgs(model=ckdir, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256,
                     load_format="safetensors", tensor_parallel_size=world,
-                    distributed_executor_backend="external_launcher")
+                    distributed_executor_backend="external_launcher", enable_expert_parallel=ep)
     vc = ea.create_engine_config()
     with set_current_vllm_config(vc):
         if first:
@@ -97,7 +99,7 @@ def build_model(rank, world, ckdir, port, first, log):
     return vc, model
 
 
-def run_case(rank, world, case, ckdir, port, first, log):
+def run_case(rank, world, case, ckdir, port, first, log, ep=False):
     import numpy as np
     import torch
     from vllm.config import set_current_vllm_config
@@ -105,7 +107,7 @@ def run_case(rank, world, case, ckdir, port, first, log):
     t0 = time.time()
     res = {"case": list(case), "rank": rank}
     try:
-        vc, model = build_model(rank, world, ckdir, port, first, log)
+        vc, model = build_model(rank, world, ckdir, port, first, log, ep)
     except Exception as e:  # construction refused (an assert / ValueError of vLLM): that is the result
         res["construct_error"] = f"{type(e).__name__}: {e}"
         res["construct_traceback"] = traceback.format_exc()[-3000:]
@@ -178,7 +180,7 @@ def run_case(rank, world, case, ckdir, port, first, log):
     return res
 
 
-def worker(rank, world, port, cases, root, outdir, platform):
+def worker(rank, world, port, cases, root, outdir, platform, ep=False):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     import logging
@@ -198,7 +200,7 @@ def worker(rank, world, port, cases, root, outdir, platform):
     for case in cases:
         ckdir = os.path.join(root, f"{case[0]}-{case[1]}")
         try:
-            res = run_case(rank, world, case, ckdir, port, first, print)
+            res = run_case(rank, world, case, ckdir, port, first, print, ep)
         except Exception as e:
             res = {"case": list(case), "rank": rank, "harness_error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc()[-3000:]}
@@ -219,6 +221,8 @@ def main():
     ap.add_argument("--out", required=True, help="directory for <model>-<quant>-vllm-tp<N>.json")
     ap.add_argument("--case", action="append", default=[], help="MODEL:QUANT (repeatable)")
     ap.add_argument("--platform", default="sm100")
+    ap.add_argument("--ep", action="store_true",
+                    help="--enable-expert-parallel (EngineArgs.enable_expert_parallel): files end -tp<N>-ep.json")
     a = ap.parse_args()
     cases = [tuple(c.split(":")) + ("vllm",) for c in a.case]
     work = tempfile.mkdtemp(prefix="vllm_tp_oracle_")
@@ -230,14 +234,15 @@ def main():
 
     port = enc.free_port()
     t0 = time.time()
-    mp.start_processes(worker, args=(a.tp, port, cases, work, raw, a.platform), nprocs=a.tp, join=True,
+    mp.start_processes(worker, args=(a.tp, port, cases, work, raw, a.platform, a.ep), nprocs=a.tp, join=True,
                        start_method="spawn")
     os.makedirs(a.out, exist_ok=True)
     for case in cases:
         doc = enc.merge(a.tp, case, raw)
         doc["vllm_version"] = doc.pop("sglang_version")
         doc["case"]["engine"] = "vllm"
-        path = os.path.join(a.out, f"{'-'.join(case)}-tp{a.tp}.json")
+        doc["enable_expert_parallel"] = a.ep
+        path = os.path.join(a.out, f"{'-'.join(case)}-tp{a.tp}{'-ep' if a.ep else ''}.json")
         with open(path, "w") as f:
             json.dump(doc, f, indent=None, separators=(",", ":"))
             f.write("\n")
