@@ -167,3 +167,22 @@ def test_readme_shows_each_examples_matrix_as_the_tool_prints_it():
         if (ex / "config.json").is_file()
     )
     assert block == want
+
+
+def test_a_release_nhcheck_does_not_model_for_the_checkpoint_has_no_row_and_stops_nothing(tmp_path):
+    """Latent MoE first ships in SGLang 0.5.8: asked alone, 0.5.6 is a usage error; in the matrix and in another
+    release's cross-version summary it has no answer (it used to stop both with that usage error)."""
+    import shutil
+
+    root = tmp_path / "latent"
+    shutil.copytree(EX / "nano3-bf16", root)
+    cfg = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**cfg, "moe_latent_size": 16}))
+    alone = CliRunner().invoke(cli, ["audit", str(root), "--engine", "sglang@0.5.6"])
+    assert alone.exit_code == 2 and "has no latent MoE" in alone.output
+    r = CliRunner().invoke(cli, ["audit", str(root), "--engine", "sglang@0.5.23", "--format", "json"])
+    assert r.exit_code == 1, r.output  # not clean: the experts have no latent projections
+    m = build(open_local(str(root)))
+    covered = {(row.engine, v) for row in m.rows for v in row.releases}
+    assert ("sglang", "0.5.23") in covered and ("sglang", "0.5.8") in covered
+    assert not {("sglang", v) for v in ("0.5.6", "0.5.7", "0.5.6.post1")} & covered
