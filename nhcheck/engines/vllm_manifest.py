@@ -312,6 +312,15 @@ class _Builder:
         self.add(f"model.layers.{i}.norm.weight", (H,))
 
 
+def _quant_kind(quant: _Quant | None, qc: QuantConfig | None) -> str | None:
+    """The manifest's quantization label: ``modelopt_mixed`` / ``modelopt_fp8`` / ``modelopt_fp4``, None unquantized."""
+    if quant is None:
+        return None
+    if qc is not None and qc.is_mixed:
+        return "modelopt_mixed"
+    return {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
+
+
 def build_manifest(
     cfg: NemotronHConfig,
     qc: QuantConfig | None,
@@ -333,13 +342,7 @@ def build_manifest(
     wrapped = cfg.wrapper is not None
     prefix = "language_model." if wrapped else ""
     quant = _Quant(qc, profile, prefix) if qc is not None and qc.quant_method == "modelopt" else None
-    kind = (
-        None
-        if quant is None
-        else "modelopt_mixed"
-        if qc and qc.is_mixed
-        else {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
-    )
+    kind = _quant_kind(quant, qc)
     b = _Builder(cfg, profile, quant, prefix)
     H, V = cfg.hidden_size, cfg.vocab_size
     b.add("model.embed_tokens.weight", (V, H), method=EMBED)
@@ -403,13 +406,7 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
     quant = None
     if qc is not None and qc.quant_method == "modelopt":
         quant = _Quant(qc, profile, "", draft=(mp, lambda n: draft_quant_name(n, mp)))
-    kind = (
-        None
-        if quant is None
-        else "modelopt_mixed"
-        if qc and qc.is_mixed
-        else {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
-    )
+    kind = _quant_kind(quant, qc)
     b = _Builder(cfg, profile, quant, "", qname=lambda n: n.replace("model.layers.", "mtp.layers.", 1))
     H, V = cfg.hidden_size, cfg.vocab_size
     if mp.own_embed_head:
