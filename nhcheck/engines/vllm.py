@@ -170,6 +170,12 @@ class VLLMProfile:
     #: ``ColumnParallelLinear`` (0.10.2 :302) with one scale (read; every quantized golden checkpoint is Nemotron 3,
     #: which 0.10.2 refuses earlier).
     mamba_in_proj_merged: bool
+    #: ``NemotronHForCausalLM`` has ``hf_to_vllm_mapper`` and ``NemotronHModel.load_weights`` sends scale names to
+    #: ``maybe_remap_kv_scale_name`` and skips a stacked ``.bias`` without a parameter (0.10.2
+    #: ``models/nemotron_h.py:440``, :452, :473); before, ``load_weights`` renames every ``backbone`` in a name
+    #: (0.10.1.1 :629) and the own loop neither remaps scales nor skips biases: ``mixer.k_proj.k_scale`` or
+    #: ``mixer.q_proj.bias`` raises ``KeyError`` (read from 0.10.1.1 :438 – :467).
+    weights_mapper: bool
     #: ``NemotronH_Nano_VL_V2`` is a registered architecture (0.11.0 ``models/registry.py:235``); 0.10.2 registers
     #: ``NemotronH_Nano_VL`` instead (:228), so a VL V2 checkpoint is refused as an unsupported architecture.
     vl_v2_registered: bool
@@ -217,6 +223,7 @@ _V5 = VLLMProfile(
     moe_layers=True,
     vl_v2_registered=True,
     mamba_in_proj_merged=True,
+    weights_mapper=True,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
@@ -268,6 +275,11 @@ _V2 = replace(
     vl_v2_registered=False,
     mamba_in_proj_merged=False,
 )
+#: V1: 0.9.1 – 0.10.1.1 — as 0.10.2, but no ``hf_to_vllm_mapper``: ``load_weights`` replaces every ``backbone``
+#: in a name (0.10.1.1 ``models/nemotron_h.py:629``) and the own loop neither remaps KV-cache scales nor skips a
+#: stacked ``.bias`` (:438 – :467); no NemotronH VL wrapper. Goldens 0.10.1.1; 0.10.1 is identical, 0.9.1 – 0.10.0
+#: differ only in ``NemotronHMambaDecoderLayer.__init__`` and layers' internals (``oracle/vllm/compare_code.py``).
+_V1 = replace(_V2, version="0.10.1.1", epoch="V1", weights_mapper=False)
 #: V2b: 0.11.0 — as 0.10.2 on every golden case (Nemotron 3 refused for ``rms_norm_eps``; h8b_dense identical), with the
 #: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
 #: its unquantized linears take the v2 weight loaders (``layers/linear.py`` ``UnquantizedLinearMethod.create_weights``),
@@ -333,6 +345,8 @@ _V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True,
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
 #: loading-path function, release to release).
 PROFILES: dict[str, VLLMProfile] = {
+    "0.10.1": _V1,
+    "0.10.1.1": _V1,
     "0.10.2": _V2,
     "0.11.0": _V2b,
     "0.11.1": _V3a,
@@ -388,8 +402,8 @@ RELEASES_WITH_NEMOTRON_H = (
 #: Known releases no golden data proves yet, and why (each is a usage error, never an answer): every release
 #: with ``nemotron_h.py`` that no row answers for.
 _NOT_RUN = (
-    "epoch V1 (0.9.1 – 0.10.1.1: every 'backbone' replaced, fp32 casts of A/D/dt_bias, dense layers only) was not "
-    "run: it pins torch 2.7.x, a CUDA build the oracle host has no layer for yet"
+    "0.9.1 – 0.10.0 (epoch V1's loading loop, but the layers size themselves differently: a scalar MLP "
+    "intermediate_size, head_dim = hidden_size / heads, a Mamba width of expand * hidden_size) were not run"
 )
 UNPROVEN = {v: _NOT_RUN for v in RELEASES_WITH_NEMOTRON_H if v not in PROFILES}
 
@@ -478,7 +492,9 @@ def map_name(name: str, profile: VLLMProfile, quantized: bool) -> tuple[str | No
             if old in key:
                 key = key.replace(old, new, 1)
                 shard = sid
-    if key.startswith("backbone"):
+    if not profile.weights_mapper:  # 0.10.1.1 ``name.replace("backbone", "model")``
+        key = key.replace("backbone", "model")
+    elif key.startswith("backbone"):
         key = "model" + key[len("backbone") :]
     if key.startswith("mtp") and profile.top_mtp_skipped:
         return None, None
@@ -661,7 +677,7 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
     """``NemotronHModel.load_weights`` on a name under ``model.``; ``inner`` is its ``params_dict`` (names
     without ``model.``: ``AutoWeightsLoader`` strips the prefix, and its KeyError quotes the inner name)."""
     name = n[len("model.") :]
-    if "scale" in name or ("zero_point" in name and profile.q_scale_remap):
+    if profile.weights_mapper and ("scale" in name or ("zero_point" in name and profile.q_scale_remap)):
         remapped, warning = kv_remap(name, inner, profile)
         if remapped is None:
             return Outcome("warn", engine_name=n, message=warning, reason="kv-drop")
@@ -672,7 +688,7 @@ def _own_loop(n: str, inner: frozenset[str], num_experts: int, profile: VLLMProf
         if weight_name not in name:
             continue
         name = name.replace(weight_name, param_name)
-        if name.endswith(".bias") and name not in inner:
+        if name.endswith(".bias") and name not in inner and profile.weights_mapper:
             continue
         if name in inner:
             return Outcome("load", "model." + name, sid, engine_name="model." + n[len("model.") :])

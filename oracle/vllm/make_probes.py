@@ -3,7 +3,8 @@
 
     V/bin/python make_probes.py [ROOT]   # needs torch + safetensors (any oracle venv, or the dev venv)
 
-Writes ``ROOT/probes/<probe>/checkpoint``, ``ROOT/mtp/<probe>/checkpoint`` and ``ROOT/expert_sizes/<probe>/checkpoint`` (default ROOT:
+Writes ``ROOT/probes/<probe>/checkpoint``, ``ROOT/mtp/<probe>/checkpoint``, ``ROOT/expert_sizes/<probe>/checkpoint`` and
+``ROOT/dense_probes/<probe>/checkpoint`` (default ROOT:
 ``tests/conformance``); the goldens are
 made there like any case's (``make_goldens.py X --probes tests/conformance/probes``). The output is
 deterministic: rerunning this script rewrites the committed checkpoints byte for byte.
@@ -53,6 +54,9 @@ of layer 1 rewritten in place, one wrong extent each (``SIZES``: longer or short
 intermediate rows of ``up_proj`` / columns of ``down_proj``, or on the hidden dim; weights, packed bytes and NVFP4
 block scales). The original values stay in the overlap, zeros fill an extension. Whether vLLM trims, narrows the
 slot or raises is ``FusedMoE._load_w13`` / ``_load_w2``'s (``RoutedExperts``' from 0.24.0).
+
+``dense_probes/probe_h8b_dense_traps`` (its own folder: a question for the releases that build only Nemotron-H v1
+configs, 0.10.1.1 – 0.10.2): ``h8b_dense`` plus ``q_proj.bias`` and ModelOpt FP8 KV scales on its attention layer.
 """
 import json
 import os
@@ -252,6 +256,24 @@ def expert_size_probe(out, probe, base, sizes, layer=1):
     print(dst, len(change), "expert tensors resized")
 
 
+def dense_trap_probe(out, probe="probe_h8b_dense_traps", base="h8b_dense"):
+    """``h8b_dense`` (a Nemotron-H v1 config, the one kind 0.10.2 and earlier build) plus attention traps that split
+    the own loops of 0.10.1.1 and 0.10.2: KV-cache scales (0.10.2 sends scale names to
+    ``maybe_remap_kv_scale_name`` first) and a ``q_proj.bias`` (0.10.2 skips a stacked bias without a parameter)."""
+    src = os.path.join(CONF, base, "checkpoint")
+    dst = _fresh(out, probe, base)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    a = cfg["hybrid_override_pattern"].index("*")
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    traps = {
+        f"backbone.layers.{a}.mixer.q_proj.bias": torch.zeros(cfg["num_attention_heads"] * hd, dtype=torch.bfloat16),
+        f"backbone.layers.{a}.mixer.k_proj.k_scale": torch.tensor(1.0, dtype=torch.float32),
+        f"backbone.layers.{a}.mixer.v_proj.v_scale": torch.tensor(1.0, dtype=torch.float32),
+    }
+    _add_shard(dst, "model-probe.safetensors", traps)
+    print(dst, len(traps), "traps")
+
+
 def main(out, sizes_out):
     for probe, base in MTP_BASES.items():
         mtp_probe(os.path.join(os.path.dirname(out), "mtp"), probe, base)
@@ -261,6 +283,7 @@ def main(out, sizes_out):
     omni_order_probe(out)
     for probe, (base, sizes) in SIZES.items():
         expert_size_probe(sizes_out, probe, base, sizes)
+    dense_trap_probe(os.path.join(os.path.dirname(out), "dense_probes"))
 
 
 if __name__ == "__main__":

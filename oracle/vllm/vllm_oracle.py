@@ -204,7 +204,11 @@ def wrap_default_loader(module_names, names: dict):
 
     patched = []
     for modname in module_names:
-        mod = importlib.import_module(modname)
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError:  # the release has no such model file (0.10.1.1: no nano_nemotron_vl)
+            patched.append(f"{modname}: not in this release")
+            continue
         real = getattr(mod, "default_weight_loader", None)
         if real is None or getattr(real, "__oracle_real__", None) is not None:
             continue
@@ -653,6 +657,26 @@ def run_stream(target, vc, is_vl, mtp=False):
         REC.current = None
 
     dl.get_all_weights = get_all_weights
+    # 0.9.1 - 0.10.1.1: NemotronHForCausalLM.load_weights reads every tensor into a list (renaming 'backbone')
+    # before AutoWeightsLoader loads any: the i-th weight AutoWeightsLoader takes, once the iteration has
+    # ended, is the i-th tensor the loader yielded (same order), so the crash is still attributed to its tensor.
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+
+    real_awl = AutoWeightsLoader.load_weights
+
+    def awl_load_weights(self, weights, *args, **kwargs):
+        if REC.current is not None or not isinstance(weights, list) or len(weights) != len(order):
+            return real_awl(self, weights, *args, **kwargs)
+
+        def tagged(ws):
+            for i, w in enumerate(ws):
+                REC.current = order[i] if i < len(order) else None
+                yield w
+            REC.current = None
+
+        return real_awl(self, tagged(weights), *args, **kwargs)
+
+    AutoWeightsLoader.load_weights = awl_load_weights
     REC.reset()
     clear_once_caches()
     mc = sc.draft_model_config if mtp else vc.model_config
@@ -666,6 +690,7 @@ def run_stream(target, vc, is_vl, mtp=False):
         out["tensor"] = REC.current
         out["tensors_yielded_before_raise"] = len(order)
         out["raised_in"] = "iteration" if REC.current is not None else "after iteration (strict check)"
+    AutoWeightsLoader.load_weights = real_awl
     out["strict_check_enabled"] = (dl.enable_weights_track if getattr(dl, "enable_weights_track", None) is not None
                                    else mc.quantization is None)
     out["load_calls"] = sum(1 for e in REC.events if e["kind"] != "tower")
@@ -780,8 +805,10 @@ def loader_fingerprint(mtp=False):
         "nemotron_h_file": nh.__file__,
         "load_weights_sha256": hashlib.sha256(src.encode()).hexdigest(),
         "auto_weights_loader_sha256": hashlib.sha256(awl.encode()).hexdigest(),
-        "hf_to_vllm_mapper": jsonable({k: v for k, v in vars(NemotronHForCausalLM.hf_to_vllm_mapper).items()
-                                        if k.startswith("orig_to_new")}),
+        # no mapper before 0.10.2 (the 0.10.1.1 loop renames 'backbone' itself)
+        "hf_to_vllm_mapper": jsonable({k: v for k, v in vars(mapper).items() if k.startswith("orig_to_new")})
+        if (mapper := getattr(NemotronHForCausalLM, "hf_to_vllm_mapper", None)) is not None
+        and hasattr(mapper, "__dict__") else None,
     }
 
 
