@@ -170,11 +170,12 @@ def _tiny_cfg(pattern: str, **kw) -> dict:
 
 
 def test_before_0_11_1_the_model_build_refuses_nemotron_3_configs():
-    """0.10.2's layers read ``rms_norm_eps`` (Nemotron 3 configs carry ``layer_norm_epsilon``) and it has no ``E``
-    layers; 0.11.1 on builds both (goldens: every Nemotron 3 case on 0.10.2; h8b_dense loads)."""
-    crash = audit_path(str(EX / "nano3-bf16"), "vllm@0.10.2").crash
-    assert crash is not None and crash.tensor is None
-    assert crash.error == "AttributeError: 'NemotronHConfig' object has no attribute 'rms_norm_eps'"
+    """0.10.1 – 0.10.2's layers read ``rms_norm_eps`` (Nemotron 3 configs carry ``layer_norm_epsilon``) and have no
+    ``E`` layers; 0.11.1 on builds both (goldens: every Nemotron 3 case on 0.10.1.1 and 0.10.2; h8b_dense loads)."""
+    for version in ("0.10.1", "0.10.1.1", "0.10.2"):  # goldens 0.10.1.1 and 0.10.2
+        crash = audit_path(str(EX / "nano3-bf16"), f"vllm@{version}").crash
+        assert crash is not None and crash.tensor is None
+        assert crash.error == "AttributeError: 'NemotronHConfig' object has no attribute 'rms_norm_eps'"
     assert audit_path(str(EX / "nano3-bf16"), "vllm@0.11.2").crash is None
     assert audit_path(str(EX / "h8b-dense"), "vllm@0.10.2").verdict == "clean"  # v1 configs carry rms_norm_eps
     from nhcheck.engines.vllm_manifest import build_manifest
