@@ -49,12 +49,11 @@ import os
 import re
 import socket
 import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 from nhcheck.engines import live_sglang_host
-from nhcheck.engines.worker import run_jobs
+from nhcheck.engines.worker import is_setup_error, run_jobs
 
 #: Capability facts of a B200-class GPU, by the names SGLang's platform record uses.
 _SM100_FACTS = {
@@ -286,8 +285,7 @@ def build(root: str, moe_backend: str) -> _Build:
     except ImportError:
         raise  # this environment lacks a module: not the engine refusing the checkpoint
     except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1].filename
-        if os.path.abspath(where) == os.path.abspath(__file__) or any(m in str(exc) for m in _SETUP_ERRORS):
+        if is_setup_error(exc, __file__, _SETUP_ERRORS):
             raise  # our set-up of the process, not the engine refusing the checkpoint: never a verdict
         raise StartupRefused(stage, exc) from exc
     nh = importlib.import_module("sglang.srt.models.nemotron_h")

@@ -57,13 +57,12 @@ import re
 import socket
 import sys
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 from nhcheck.dtypes import TORCH_DTYPE
-from nhcheck.engines.worker import run_jobs
+from nhcheck.engines.worker import is_setup_error, run_jobs
 
 #: The emulated GPU: compute capability and name of a B200 (the capability picks the NVFP4 kernels).
 _CAPABILITY = (10, 0)
@@ -386,8 +385,7 @@ def build(root: str, work: str) -> _Build:
     except ImportError:
         raise  # this environment lacks a module: not the engine refusing the checkpoint
     except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1].filename
-        if os.path.abspath(where) == os.path.abspath(__file__) or any(m in str(exc) for m in _SETUP_ERRORS):
+        if is_setup_error(exc, __file__, _SETUP_ERRORS):
             raise  # our set-up of the process, not the engine refusing the checkpoint: never a verdict
         raise StartupRefused(stage, exc) from exc
     nh = importlib.import_module("vllm.model_executor.models.nemotron_h")

@@ -26,6 +26,14 @@ def write_json_atomic(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
+def is_setup_error(exc: BaseException, worker_file: str, setup_errors: tuple[str, ...]) -> bool:
+    """Whether an error raised while building the model is the worker's own set-up of the process (raised in
+    the worker's file, or a message of its set-up: no CUDA, no distributed group), never a verdict on the
+    checkpoint."""
+    where = traceback.extract_tb(exc.__traceback__)[-1].filename
+    return os.path.abspath(where) == os.path.abspath(worker_file) or any(m in str(exc) for m in setup_errors)
+
+
 def run_jobs(jobs: Iterable[dict], one: Callable[[dict], dict]) -> None:
     """``one(job)`` for each job in a forked child, its answer written to ``job["out"]``; one at a time."""
     for job in jobs:
