@@ -331,10 +331,7 @@ def audit(
         from nhcheck.tp import parse_tp_sizes
 
         sizes = parse_tp_sizes(tp_sizes)
-    if ep and not sizes:
-        from nhcheck.errors import UsageError
-
-        raise UsageError("--ep shards the experts over the TP ranks: give --tp too")
+    _ep_needs_tp(ep, bool(sizes))
     t0 = time.perf_counter()
     ckpt = open_source(source, revision, console.progress(quiet))
     if live or cross_check:
@@ -561,6 +558,12 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, copy_anyway, no_ver
     help="Tensor parallel: N ranks (torch.distributed, NCCL on cuda, gloo on cpu; started for you unless "
     "already under torchrun), each loading only its partition through safetensors slices.",
 )
+@click.option(
+    "--ep",
+    is_flag=True,
+    help="With --tp and --engine vllm: vLLM's --enable-expert-parallel (each rank allocates and reads only the "
+    "experts it owns, whole).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr.")
 def load(
     source,
@@ -579,6 +582,7 @@ def load(
     fmt,
     output,
     tp_size,
+    ep,
     quiet,
 ):
     """Load SOURCE into the engine's runtime parameters on a real device and check every element.
@@ -593,6 +597,7 @@ def load(
     Examples:
       nhcheck load examples/nano3-24434-leftover-expert-scales --engine sglang@0.5.11 --device cuda
       nhcheck load ./ckpt --device cpu --format json -o load.json
+      nhcheck load ./ckpt --engine vllm --device cpu --tp 2 --ep
     """
     _require_load_extra()
     from nhcheck import load as loading
@@ -600,6 +605,7 @@ def load(
     from nhcheck.report import console
 
     t0 = time.perf_counter()
+    _ep_needs_tp(ep, tp_size is not None)
     if tp_size is not None:
         from nhcheck.load import tp as load_tp
         from nhcheck.sources import open_source
@@ -609,7 +615,7 @@ def load(
             report.TP_LOAD,
             load_tp.run(
                 load_tp.Job(
-                    ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp, manifest_file, threads
+                    ckpt.root, source, tp_size, device, engine, dtype, moe_backend, mtp, pp, manifest_file, threads, ep
                 )
             ),
             fmt,
@@ -637,6 +643,13 @@ def load(
         pp=pp,
     ).report
     _render_load(report.LOAD, rep, fmt, output, quiet)
+
+
+def _ep_needs_tp(ep: bool, tp: bool) -> None:
+    if ep and not tp:
+        from nhcheck.errors import UsageError
+
+        raise UsageError("--ep shards the experts over the TP ranks: give --tp too")
 
 
 def _require_load_extra() -> None:

@@ -27,7 +27,9 @@ class ParamCheck(NamedTuple):
     """One parameter's coverage facts, as one surface knows them.
 
     ``missing``: the slots left unwritten, in words; ``unwritten``: elements left (TP); ``slot_kind``:
-    what a scalar written into slot 0 of a scale vector leaves in the other slots (``slots.unwritten_kind``).
+    what a scalar written into slot 0 of a scale vector leaves in the other slots (``slots.unwritten_kind``);
+    ``ranks``: the ranks whose partition still holds poison, when some ranks' do not (TP: under expert
+    parallelism a missing expert leaves poison on its owner alone).
     """
 
     param: Param
@@ -38,6 +40,7 @@ class ParamCheck(NamedTuple):
     double_writes: int = 0
     poisoned: int = 0
     slot_kind: Literal["sentinel", "empty"] | None = None
+    ranks: tuple[int, ...] = ()
 
 
 def param_findings(
@@ -89,7 +92,7 @@ def _facts(c: ParamCheck, surface: Surface, engine_label: str, crashed: bool) ->
                 (
                     "poison-left",
                     "error",
-                    "covered, yet poison is left in a rank's partition"
+                    f"covered, yet poison is left in {_on_ranks(c.ranks) or 'a rank'}'s partition"
                     if surface == "tp"
                     else "every slot was written, yet poison is left in memory",
                 )
@@ -112,7 +115,8 @@ def _unwritten(c: ParamCheck, surface: Surface, engine_label: str) -> tuple[str,
         return (
             code,
             "info" if p.informational else "error",
-            f"the ranks together leave {c.unwritten:,} of {numel(p.shape):,} elements unwritten",
+            f"the ranks together leave {c.unwritten:,} of {numel(p.shape):,} elements unwritten"
+            + (f", poison left in the partition of {_on_ranks(c.ranks)} only" if c.ranks else ""),
         )
     if c.status == "partial" and c.slot_kind == "sentinel":
         return code, "info", slots.SENTINEL_MESSAGE
@@ -123,3 +127,9 @@ def _unwritten(c: ParamCheck, surface: Surface, engine_label: str) -> tuple[str,
     if c.status == "unfilled":
         return code, "error", "never written: still holds the poison"
     return code, "error", "only partly written: missing " + ", ".join(c.missing)
+
+
+def _on_ranks(ranks: tuple[int, ...]) -> str:
+    if not ranks:
+        return ""
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))

@@ -693,7 +693,7 @@ class _Planner:
         if not p.reachable:
             return ParamShard(p, None, (), module)
         if p.shape and p.shape[0] == experts:
-            return ParamShard(p, Sharding(self.tp, 0, (Part(experts, self.tp, spread=True),)), (), module)
+            return ParamShard(p, Sharding(self.tp, 0, (_expert_placement(experts, self.tp),)), (), module)
         return ParamShard(p, Sharding(self.tp), (), module)
 
     def _expert_part(self, extent: int) -> Part:
@@ -718,6 +718,18 @@ class _Planner:
         if probs or sh is None:
             return ParamShard(p, None, probs, module)
         return ParamShard(p, sh, (), module)
+
+
+def _expert_placement(experts: int, tp: int) -> Part:
+    """``determine_expert_map``'s linear placement of ``experts`` over ``tp`` EP ranks (``Part.spread``)."""
+    return Part(experts, tp, spread=True)
+
+
+def ep_experts(experts: int, tp: int, rank: int) -> range:
+    """The expert ids ``rank`` owns under vLLM's expert parallelism at TP ``tp`` (the placement ``plan(..., ep=True)``
+    cuts every per-expert parameter by): a run of ``experts // tp``, one more on the first ``experts % tp`` ranks."""
+    part = _expert_placement(experts, tp)
+    return range(part.start(rank), part.start(rank) + part.length(rank))
 
 
 def _round_up(x: int, m: int) -> int:

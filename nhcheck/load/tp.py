@@ -10,6 +10,10 @@ broadcast, ``A = -exp(A_log)``). The ranks then agree on coverage with all-reduc
 element of every parameter is written by exactly one owning rank (the lowest rank that holds
 its slice), no poison is left on any rank, and read-backs match the file.
 
+With ``ep`` (vLLM's ``--enable-expert-parallel``, ``Job.ep``) the sharding is ``nhcheck.tp.plan(..., ep=True)``:
+each rank allocates and reads only the experts it owns, whole (``tp.ep_experts``), the rest is cut as in plain
+TP; the report names each rank's experts and which rank's partition a missing expert leaves poisoned.
+
 torch.distributed is the process fabric (NCCL on CUDA, gloo on CPU). Outside ``torchrun`` the
 command starts its ranks through torch's elastic launcher, the one ``torchrun`` runs.
 torch is imported inside functions only.
@@ -76,11 +80,13 @@ class Job:
     pp: tuple[int, int] | None = None
     manifest_file: str | None = None
     threads: int = 0
+    ep: bool = False
 
 
 @dataclass(frozen=True)
 class RankStats:
-    """One rank's load: ``bytes_loaded`` the slice bytes placed, ``bytes_read`` what the reads spanned."""
+    """One rank's load: ``bytes_loaded`` the slice bytes placed, ``bytes_read`` what the reads spanned;
+    ``experts``: under expert parallelism, the expert ids whose tensors this rank holds (every MoE layer alike)."""
 
     rank: int
     device: str
@@ -89,6 +95,7 @@ class RankStats:
     bytes_read: int
     bytes_allocated: int
     seconds: float
+    experts: range | None = None
 
     @property
     def gb_per_s(self) -> float:
@@ -103,6 +110,7 @@ class ParamCoverage:
     poisoned: int
     mismatches: int
     informational: bool
+    poisoned_ranks: tuple[int, ...] = ()
 
     @property
     def status(self) -> ParamState:
@@ -125,6 +133,7 @@ class TPLoadReport:
     verdict: Verdict | Literal["refused"]
     crash: Crash | None
     samples_checked: int
+    ep: bool = False
 
     @property
     def bytes_loaded(self) -> int:
@@ -244,12 +253,14 @@ def _padding(p: Param, sh: tensor_parallel.Sharding, rank: int) -> list[tuple[tu
 # Static refusal and the launcher
 
 
-def static_findings(inputs, tp: int) -> list[Finding]:
-    return tensor_parallel.check(inputs.manifest, inputs.config, (tp,), inputs.engine.tp_rules())
+def static_findings(inputs, tp: int, ep: bool = False) -> list[Finding]:
+    """``audit --tp``'s findings at ``tp`` (``ep``: under the engine's expert parallelism; an engine release whose
+    expert placement is not proven is a usage error, ``tp.plan``)."""
+    return tensor_parallel.check(inputs.manifest, inputs.config, (tp,), inputs.engine.tp_rules(), ep)
 
 
-def _refused(source: str, engine: str, tp: int, findings: list[Finding]) -> TPLoadReport:
-    return TPLoadReport(source, engine, tp, "", "", (), 0.0, (), tuple(findings), "refused", None, 0)
+def _refused(source: str, engine: str, tp: int, findings: list[Finding], ep: bool) -> TPLoadReport:
+    return TPLoadReport(source, engine, tp, "", "", (), 0.0, (), tuple(findings), "refused", None, 0, ep)
 
 
 def run(job: Job, quiet: bool = False) -> TPLoadReport | None:
@@ -275,9 +286,9 @@ def run(job: Job, quiet: bool = False) -> TPLoadReport | None:
     unproven = inputs.engine.tp_unproven()
     if unproven:
         raise UsageError(f"load --tp: {unproven}")
-    errors = [f for f in static_findings(inputs, job.tp) if f.severity == "error"]
+    errors = [f for f in static_findings(inputs, job.tp, job.ep) if f.severity == "error"]
     if errors:
-        return _refused(job.source, inputs.manifest.engine, job.tp, errors)
+        return _refused(job.source, inputs.manifest.engine, job.tp, errors, job.ep)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != job.tp:
             raise UsageError(f"--tp {job.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
@@ -370,9 +381,9 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         )
         audit = pipeline.audit(inputs, AuditOptions(compare_versions=False))
         plan = plan_load(audit, job.dtype)
+        rules = inputs.engine.tp_rules()
         sharded = {
-            s.param.name: s.sharding
-            for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp, inputs.engine.tp_rules())
+            s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp, rules, job.ep)
         }
         shards: dict[str, tensor_parallel.Sharding] = {}
         for p in plan.params:
@@ -404,11 +415,12 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         owned: dict[str, int] = {}
         for c in copies:
             owned[c.param] = owned.get(c.param, 0) + c.owned
-        counters = torch.tensor(
-            [[owned.get(n, 0), poison.get(n, 0), bad.get(n, 0)] for n in names] or [[0, 0, 0]],
-            dtype=torch.int64,
-            device=device,
-        )
+        # one row per rank, summed: rank 0 learns whose partition holds poison, not only how much
+        counters = torch.zeros((job.tp, max(1, len(names)), 3), dtype=torch.int64, device=device)
+        if names:
+            counters[rank] = torch.tensor(
+                [[owned.get(n, 0), poison.get(n, 0), bad.get(n, 0)] for n in names], dtype=torch.int64
+            )
         dist.all_reduce(counters)
         stats = torch.zeros((job.tp, 6), dtype=torch.float64, device=device)
         allocated = sum(numel(p.shape) * ITEMSIZE[p.dtype] for p in local_params)
@@ -420,17 +432,39 @@ def _rank_main(job: Job) -> TPLoadReport | None:
             return None
         rows = stats.cpu().tolist()
         dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        experts = inputs.config.n_routed_experts if job.ep and job.tp > 1 else 0
         ranks = tuple(
-            RankStats(r, f"cuda:{r}" if cuda else "cpu", int(x[0]), int(x[1]), int(x[2]), int(x[3]), x[4])
+            RankStats(
+                r,
+                f"cuda:{r}" if cuda else "cpu",
+                int(x[0]),
+                int(x[1]),
+                int(x[2]),
+                int(x[3]),
+                x[4],
+                tensor_parallel.ep_experts(experts, job.tp, r) if experts else None,
+            )
             for r, x in enumerate(rows)
         )
-        cov = counters.cpu().tolist()
+        per_rank = counters.cpu().tolist()
         params = tuple(
-            ParamCoverage(p.name, numel(p.shape), c[0], c[1], c[2], p.informational)
-            for p, c in zip(plan.params, cov, strict=True)
+            ParamCoverage(
+                p.name,
+                numel(p.shape),
+                sum(rk[i][0] for rk in per_rank),
+                sum(rk[i][1] for rk in per_rank),
+                sum(rk[i][2] for rk in per_rank),
+                p.informational,
+                _some_ranks(tuple(r for r, rk in enumerate(per_rank) if rk[i][1]), job.tp),
+            )
+            for i, p in enumerate(plan.params)
         )
         crash = plan.crash
         findings = _findings(audit, plan, params, crash)
+        if job.ep:  # where nhcheck's placement is an assumption about the GPU's MoE backend (tp-assumed notes)
+            findings += [
+                f for f in static_findings(inputs, job.tp, True) if f.code == tensor_parallel.ASSUMED_CODE
+            ]
         return TPLoadReport(
             job.source,
             str(audit.engine),
@@ -444,10 +478,16 @@ def _rank_main(job: Job) -> TPLoadReport | None:
             verdict_of(findings, crash is not None),
             crash,
             int(sum(x[5] for x in rows)),
+            job.ep,
         )
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def _some_ranks(ranks: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """The ranks holding poison when they are not all of them (then the report can say whose partition it is)."""
+    return ranks if len(ranks) < tp else ()
 
 
 def _contiguous(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
@@ -829,7 +869,12 @@ def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: Crash
         )
     checks = (
         param_coverage.ParamCheck(
-            p, c.status, unwritten=c.elements - c.covered, mismatches=c.mismatches, poisoned=c.poisoned
+            p,
+            c.status,
+            unwritten=c.elements - c.covered,
+            mismatches=c.mismatches,
+            poisoned=c.poisoned,
+            ranks=c.poisoned_ranks,
         )
         for p, c in zip(plan.params, params, strict=True)
     )

@@ -985,6 +985,7 @@ def tp_load_to_json(r: TPLoadReport) -> dict:
         "source": r.source,
         "engine": r.engine,
         "tp": r.tp,
+        "ep": r.ep,
         "backend": r.backend,
         "device": r.device_name,
         "summary": {
@@ -1007,6 +1008,7 @@ def tp_load_to_json(r: TPLoadReport) -> dict:
                 "bytes_allocated": s.bytes_allocated,
                 "seconds": round(s.seconds, 6),
                 "gb_per_s": round(s.gb_per_s, 3),
+                "experts": None if s.experts is None else [s.experts.start, s.experts.stop],
             }
             for s in r.ranks
         ],
@@ -1031,10 +1033,14 @@ def tp_load_json(r: TPLoadReport) -> str:
     return json.dumps(tp_load_to_json(r), separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
+def _tp_size(r: TPLoadReport) -> str:
+    return f"TP {r.tp}" + (" with expert parallelism" if r.ep else "")
+
+
 def tp_load_headline(r: TPLoadReport) -> str:
     if r.verdict == "refused":
         return (
-            f"{r.engine} cannot shard this checkpoint at TP {r.tp} (see the tp-indivisible findings); "
+            f"{r.engine} cannot shard this checkpoint at {_tp_size(r)} (see the tp-indivisible findings); "
             "nothing was loaded."
         )
     if r.verdict == "clean":
@@ -1042,12 +1048,14 @@ def tp_load_headline(r: TPLoadReport) -> str:
             f"{r.tp} rank(s) together fill every reachable parameter exactly once; no poison left, "
             "read-backs equal the file."
         )
-    return f"{r.engine} at TP {r.tp}: {sum(1 for f in r.findings if f.severity == 'error')} problem famil(ies)."
+    return f"{r.engine} at {_tp_size(r)}: {sum(1 for f in r.findings if f.severity == 'error')} problem famil(ies)."
 
 
 def tp_rank_lines(r: TPLoadReport) -> list[str]:
     lines = [
-        f"rank {s.rank} ({s.device}): {s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
+        f"rank {s.rank} ({s.device}): "
+        + ("" if s.experts is None else f"{_experts(s.experts)}, ")
+        + f"{s.copies:,} slices, {_gb(s.bytes_loaded)} placed into "
         f"{_gb(s.bytes_allocated)} of partitions ({_gb(s.bytes_read)} read) in {s.seconds:.3f} s "
         f"({_rate(s.gb_per_s)})"
         for s in r.ranks
@@ -1060,11 +1068,18 @@ def tp_rank_lines(r: TPLoadReport) -> list[str]:
     return lines
 
 
+def _experts(ids: range) -> str:
+    """The experts a rank owns under expert parallelism, in every MoE layer."""
+    if not ids:
+        return "no experts"
+    return f"expert {ids.start}" if len(ids) == 1 else f"experts {ids.start}–{ids.stop - 1}"
+
+
 def tp_load_table(r: TPLoadReport, console) -> None:
     from rich.markup import escape
 
     e = lambda s: escape(safe(s))  # noqa: E731
-    console.print(f"[bold]nhcheck load --tp {r.tp}[/] {e(r.source)} · {r.engine}")
+    console.print(f"[bold]nhcheck load --tp {r.tp}{' --ep' if r.ep else ''}[/] {e(r.source)} · {r.engine}")
     colour = {"clean": "green", "incomplete": "yellow"}.get(r.verdict, "red")
     console.print(f"[bold {colour}]{r.verdict.upper()}[/] {e(tp_load_headline(r))}")
     for line in tp_rank_lines(r):
@@ -1075,7 +1090,7 @@ def tp_load_table(r: TPLoadReport, console) -> None:
 
 def tp_load_markdown(r: TPLoadReport) -> str:
     out = [
-        f"### nhcheck load --tp {r.tp}: `{_md(r.source)}` on {r.engine}",
+        f"### nhcheck load --tp {r.tp}{' --ep' if r.ep else ''}: `{_md(r.source)}` on {r.engine}",
         "",
         f"**{r.verdict.upper()}**: {_md(tp_load_headline(r))}",
         "",
@@ -1089,7 +1104,8 @@ def tp_load_markdown(r: TPLoadReport) -> str:
 def tp_load_summary(r: TPLoadReport) -> str:
     bad = sum(1 for f in r.findings if f.severity == "error")
     return (
-        f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s) in {r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
+        f"Loaded {_gb(r.bytes_loaded)} on {r.tp} rank(s){' (expert parallel)' if r.ep else ''} in "
+        f"{r.wall_seconds:.2f} s ({_rate(r.gb_per_s)} aggregate): "
         f"verdict {r.verdict}; {bad} error finding(s)."
     )
 
