@@ -230,6 +230,7 @@ class TPRules:
     cut contiguously, so at TP > 1 their rows no longer match the weight's (``mamba-in-proj-cut``).
     ``expert_parallel``: the engine's expert parallelism is modelled (vLLM ``--enable-expert-parallel``: the EP
     group is the TP group, every expert whole on one rank, ``plan(..., ep=True)``); SGLang's ``--ep-size`` is not.
+    ``ep_proven``: the engine's releases with that proof, named when ``--ep`` is refused for another.
     """
 
     engine: str = "sglang"
@@ -237,6 +238,7 @@ class TPRules:
     methods_by_dtype: bool = False
     in_proj_unmerged: bool = False
     expert_parallel: bool = False
+    ep_proven: tuple[str, ...] = ()
     citations: Mapping[str, Rule] = field(default_factory=dict)
 
     def rule(self, rule_id: str) -> Rule:
@@ -784,8 +786,9 @@ def plan(
     """Every parameter of ``manifest`` at TP size ``tp`` under the engine's ``rules``, in manifest order; ``ep``:
     with the engine's expert parallelism over the TP ranks (``TPRules.expert_parallel``)."""
     if ep and not rules.expert_parallel:
+        where = f"vllm {', '.join(rules.ep_proven)}" if rules.ep_proven else "the vLLM releases with rank maps of it"
         raise UsageError(
-            f"--ep: nhcheck's expert-parallel placement is proven only for the vLLM releases with rank maps of it "
+            f"--ep: nhcheck's expert-parallel placement is proven only for {where} "
             f"(oracle/vllm_tp --ep), not for this {rules.engine} release"
         )
     planner = _Planner(manifest, cfg, tp, rules, ep)

@@ -1117,6 +1117,7 @@ class VLLMEngine:
             methods_by_dtype=True,
             in_proj_unmerged=unmerged,
             expert_parallel=tp_release(self.id.version) in EP_PROVEN,
+            ep_proven=tuple(v for v in RELEASES_WITH_NEMOTRON_H if tp_release(v) in EP_PROVEN),
             citations={r.id: r for r in rules},
         )
 
