@@ -133,6 +133,7 @@ def _partitions(path: Path, release: str) -> tuple[dict[int, dict[str, torch.Ten
     plan = plan_load(pipeline.audit(inputs, AuditOptions(compare_versions=False)))
     rules = inputs.engine.tp_rules()
     shards = {s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, 2, rules, True)}
+    informational = {p.name for p in plan.params if p.informational}
     out, owned = {}, {}
     for rank in range(2):
         copies = load_tp.rank_copies(plan, shards, rank)
@@ -148,7 +149,7 @@ def _partitions(path: Path, release: str) -> tuple[dict[int, dict[str, torch.Ten
             reader.close()
         checked, bad = load_tp._verify(copies, arenas)
         assert checked and not bad
-        assert not [n for n in arenas.poisoned() if not plan.params[[p.name for p in plan.params].index(n)].informational]
+        assert not [n for n in arenas.poisoned() if n not in informational]
         for c in copies:
             owned[c.param] = owned.get(c.param, 0) + c.owned
         out[rank] = arenas.tensors()

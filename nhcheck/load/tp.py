@@ -381,10 +381,8 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         )
         audit = pipeline.audit(inputs, AuditOptions(compare_versions=False))
         plan = plan_load(audit, job.dtype)
-        rules = inputs.engine.tp_rules()
-        sharded = {
-            s.param.name: s.sharding for s in tensor_parallel.plan(inputs.manifest, inputs.config, job.tp, rules, job.ep)
-        }
+        cut = tensor_parallel.plan(inputs.manifest, inputs.config, job.tp, inputs.engine.tp_rules(), job.ep)
+        sharded = {s.param.name: s.sharding for s in cut}
         shards: dict[str, tensor_parallel.Sharding] = {}
         for p in plan.params:
             sh = sharded.get(p.name)
@@ -462,9 +460,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         crash = plan.crash
         findings = _findings(audit, plan, params, crash)
         if job.ep:  # where nhcheck's placement is an assumption about the GPU's MoE backend (tp-assumed notes)
-            findings += [
-                f for f in static_findings(inputs, job.tp, True) if f.code == tensor_parallel.ASSUMED_CODE
-            ]
+            findings += [f for f in static_findings(inputs, job.tp, True) if f.code == tensor_parallel.ASSUMED_CODE]
         return TPLoadReport(
             job.source,
             str(audit.engine),
