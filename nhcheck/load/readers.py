@@ -14,6 +14,7 @@ import ctypes
 import os
 import sys
 import time
+from array import array
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -35,10 +36,11 @@ STATS: dict[str, float] = {}
 #: Staged byte ranges go to the device through the driver (``_driver_memcpy``); ``bench/load.py`` turns this
 #: off for one contender to time the views + ``torch._foreach_copy_`` path in the same run.
 DRIVER_COPIES = True
-#: With the driver copies, issue each staged read's byte ranges as one ``cuMemcpyBatchAsync`` (drivers of
-#: CUDA 12.8 and later) instead of one ``cuMemcpyDtoDAsync`` per range. Off until measured on a GPU:
-#: ``bench/load.py`` checks it in a child process, then times it as ``nhcheck_batch``.
-BATCH_COPIES = False
+#: Byte ranges up to this size (scalar scales: thousands of 4-byte tensors) are placed by one gather per
+#: staged read and arena (``index_select`` from the read, ``index_copy_`` into the arena) instead of one
+#: copy each: one driver call per range costs microseconds of the main thread, and half the ranges are
+#: this small. ``bench/load.py`` sets it to 0 for one contender (``_perrange``) to time both in the same run.
+GATHER_BYTES = 4096
 
 
 class Span(NamedTuple):
@@ -194,13 +196,21 @@ def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_sha
 
 
 class Copies(NamedTuple):
-    """The byte-range copies of one staged read into one arena: parallel arrays, ascending source offsets."""
+    """The byte-range copies of one staged read into one arena: parallel arrays, ascending source offsets.
+
+    Ranges of at most ``GATHER_BYTES`` are not among them when no two ranges of the read write the same
+    arena byte: they are ``gather_src`` / ``gather_dst``, byte positions in the read and in the arena,
+    placed by one gather (a gather has no order, so a double write keeps every range a copy of its own).
+    """
 
     dtype: str  # the arena
     src: tuple[int, ...]  # byte offsets in the staged read
     dst: tuple[int, ...]  # byte offsets in the arena
     size: tuple[int, ...]
     disjoint: bool = True  # no two ranges write the same byte (a double write must keep its order)
+    gathered: int = 0  # ranges placed by the gather
+    gather_src: array = array("q")  # byte positions in the staged read, one per byte gathered
+    gather_dst: array = array("q")  # byte positions in the arena, the same length
 
 
 class Placement(NamedTuple):
@@ -254,7 +264,21 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
             )
         ends = sorted(zip(dst, size, strict=True))
         disjoint = all(a + n <= b for (a, n), (b, _) in zip(ends, ends[1:], strict=False))
-        copies.append(Copies(dtype, src, dst, size, disjoint))
+        small = GATHER_BYTES if disjoint else 0
+        if min(size) > small:
+            copies.append(Copies(dtype, src, dst, size, disjoint))
+            continue
+        gsrc, gdst = array("q"), array("q")
+        big = []
+        for r in rs:
+            so, do, n = r
+            if n > small:
+                big.append(r)
+            else:
+                gsrc.extend(range(so, so + n))
+                gdst.extend(range(do, do + n))
+        src, dst, size = zip(*big, strict=True) if big else ((), (), ())
+        copies.append(Copies(dtype, src, dst, size, disjoint, len(rs) - len(big), gsrc, gdst))
     return Placement(tuple(pieces), tuple(copies), tuple(others))
 
 
@@ -278,102 +302,22 @@ def _driver_memcpy():
     return _CACHE["dtod"]
 
 
-class _CopyAttributes(ctypes.Structure):
-    """``CUmemcpyAttributes``: source access order, source and destination location hints, flags."""
-
-    _fields_ = [
-        ("src_access_order", ctypes.c_int),
-        ("src_loc_type", ctypes.c_int),
-        ("src_loc_id", ctypes.c_int),
-        ("dst_loc_type", ctypes.c_int),
-        ("dst_loc_id", ctypes.c_int),
-        ("flags", ctypes.c_uint),
-    ]
-
-
-#: ``CU_MEMCPY_SRC_ACCESS_ORDER_STREAM``: the source is read in stream order (after the staging copy landed).
-_ACCESS_ORDER_STREAM = 1
-
-
-def _driver_batch():
-    """(the driver's ``cuMemcpyBatchAsync``, whether it takes a failure index), or None.
-
-    CUDA 13 drivers export ``cuMemcpyBatchAsync_v2`` (no failure index) beside the 12.8 ABI under the
-    plain name; older drivers have neither. Bound through ``PyDLL`` as ``_driver_memcpy``.
-    """
-    if "batch" not in _CACHE:
-        _CACHE["batch"] = None
-        try:
-            lib = ctypes.PyDLL("libcuda.so.1")
-        except OSError:
-            return None
-        p, n = ctypes.c_void_p, ctypes.c_size_t
-        for name, fail in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
-            try:
-                fn = getattr(lib, name)
-            except AttributeError:
-                continue
-            fn.argtypes = [p, p, p, n, ctypes.POINTER(_CopyAttributes), p, n] + ([p] if fail else []) + [p]
-            fn.restype = ctypes.c_int
-            _CACHE["batch"] = (fn, fail)
-            break
-    return _CACHE["batch"]
-
-
-def _batch_copy(batch, copies: tuple[Copies, ...], sptr: int, bases: dict[str, int], handle: int) -> None:
-    """Every byte range of one staged read (at ``sptr``) into the arenas (at ``bases``, by dtype) in one
-    ``cuMemcpyBatchAsync`` on the stream ``handle``."""
-    fn, fail = batch
-    dsts: list[int] = []
-    srcs: list[int] = []
-    sizes: list[int] = []
-    for c in copies:
-        base = bases[c.dtype]
-        dsts += map(base.__add__, c.dst)
-        srcs += map(sptr.__add__, c.src)
-        sizes += c.size
-    k = len(sizes)
-    u64, sz = ctypes.c_uint64 * k, ctypes.c_size_t * k
-    attrs = _CopyAttributes(_ACCESS_ORDER_STREAM, 0, 0, 0, 0, 0)
-    first = (ctypes.c_size_t * 1)(0)
-    args: list = [u64(*dsts), u64(*srcs), sz(*sizes), k, ctypes.byref(attrs), first, 1]
-    failed = ctypes.c_size_t(0)
-    if fail:
-        args.append(ctypes.byref(failed))
-    rc = fn(*args, handle)
-    if rc:
-        raise RuntimeError(f"cuMemcpyBatchAsync failed with CUDA error {rc} (copy {failed.value} of {k})")
-
-
-def check_batch_copies(device) -> str:
-    """``ok`` when the driver's batched copy places a few odd ranges exactly on ``device``, else why not
-    (``bench/load.py`` asks this in a child process before it times ``BATCH_COPIES``)."""
+def gather_index(copies: Copies, device):
+    """(read positions, arena positions) of ``copies``' gathered bytes as int64 tensors on ``device``."""
     import torch
 
-    batch = _driver_batch()
-    if batch is None:
-        return "no cuMemcpyBatchAsync in libcuda.so.1"
-    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device=device)
-    dst = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
-    ranges = [(3, 100_001, 4097), (70_000, 5, 1), (200_000, 900_000, 65_536)]  # (src, dst, size)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-
-    copies = (Copies("uint8", tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), tuple(r[2] for r in ranges)),)
-    _batch_copy(batch, copies, src.data_ptr(), {"uint8": dst.data_ptr()}, stream.cuda_stream)
-    stream.synchronize()
-    want = torch.zeros_like(dst)
-    for a, b, n in ranges:
-        want[b : b + n] = src[a : a + n]
-    return "ok" if torch.equal(dst, want) else "wrong bytes"
+    src = torch.frombuffer(copies.gather_src, dtype=torch.int64)
+    dst = torch.frombuffer(copies.gather_dst, dtype=torch.int64)
+    return src.to(device), dst.to(device)
 
 
-def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> None:
+def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, index=None) -> None:
     """Place what one staged read holds: its byte ranges, then the other pieces through ``write_op``.
 
-    On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are
-    enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise they are one
-    batched ``torch._foreach_copy_`` over views.
+    The small ranges are one gather per arena (``index``: dtype → ``gather_index``, made here when
+    None). On CUDA with ``stream`` (the placement stream, current while this runs) the other byte
+    ranges are enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise
+    they are one batched ``torch._foreach_copy_`` over views.
     """
     torch = arenas.torch
     for pc in placement.others:
@@ -383,12 +327,11 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> N
         if pc.off % ITEMSIZE[op.src]:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
-    if not placement.copies:
-        return
-    batch = _driver_batch() if stream is not None and DRIVER_COPIES and BATCH_COPIES else None
-    if batch is not None and all(c.disjoint for c in placement.copies):
-        bases = {c.dtype: arenas.raw[c.dtype].data_ptr() for c in placement.copies}
-        _batch_copy(batch, placement.copies, src.data_ptr(), bases, stream.cuda_stream)
+    for c in placement.copies:
+        if c.gathered:
+            at, to = index[c.dtype] if index is not None else gather_index(c, src.device)
+            arenas.raw[c.dtype].index_copy_(0, to, src.index_select(0, at))
+    if not any(c.size for c in placement.copies):
         return
     memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
     if memcpy is not None:
@@ -623,7 +566,8 @@ class Transfer:
         }
         self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}
         self.whole = whole
-        if self.cuda:  # the poison fill (current stream) comes before any placement
+        self.index = self._gather_indices() if self.cuda else {}
+        if self.cuda:  # the poison fill and the gather positions (current stream) come before any placement
             self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.lock:
             self.needed = [j in pieces for j in range(len(self.reads))]
@@ -631,6 +575,24 @@ class Transfer:
             self.lock.notify_all()
         self.stats["plan_at"] = clock() - self.started
         self.stats["compile"] = clock() - t
+
+    def _gather_indices(self) -> dict[int, dict[str, tuple[Any, Any]]]:
+        """Every read's gather positions (``Copies.gather_src`` / ``gather_dst``) on the device, in one upload."""
+        both = array("q")
+        at = []
+        for j, placement in self.placements.items():
+            for c in placement.copies:
+                if c.gathered:
+                    at.append((j, c.dtype, len(both), len(c.gather_src)))
+                    both.extend(c.gather_src)
+                    both.extend(c.gather_dst)
+        if not at:
+            return {}
+        dev = self.torch.frombuffer(both, dtype=self.torch.int64).to(self.device)
+        out: dict[int, dict[str, tuple[Any, Any]]] = {}
+        for j, dtype, k, n in at:
+            out.setdefault(j, {})[dtype] = (dev[k : k + n], dev[k + n : k + 2 * n])
+        return out
 
     def finish(self) -> int:
         """Place every staged read as it lands (``begin`` first); returns the bytes read once every op
@@ -658,7 +620,13 @@ class Transfer:
                             self.place_stream.wait_event(self.landed_events[d])
                         r = self.reads[j]
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
-                        apply_placement(self.placements[j], src, self.arenas, self.place_stream if self.cuda else None)
+                        apply_placement(
+                            self.placements[j],
+                            src,
+                            self.arenas,
+                            self.place_stream if self.cuda else None,
+                            self.index.get(j),
+                        )
                         for pc in self.parts[j]:
                             self.gathered[pc.op.idx][pc.skip : pc.skip + pc.nbytes].copy_(
                                 src[pc.off : pc.off + pc.nbytes]
@@ -676,6 +644,7 @@ class Transfer:
             raise self.error
         if self.cuda:
             self.place_stream.synchronize()
+        self.index = {}  # the gather positions were used on the placement stream, now idle
         self.stats.update(place_wait=waited, place=placing, placed=clock() - self.started)
         STATS.clear()
         STATS.update(self.stats)
