@@ -32,6 +32,7 @@ from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.errors import UsageError
+from nhcheck.manifest import Param
 from nhcheck.load import LoadOptions, load_path, readers, run
 from nhcheck.pipeline import audit_path
 from nhcheck.sources import open_source
@@ -932,3 +933,24 @@ def test_audit_flags_the_rank_2_linear_scale_from_headers_alone(tmp_path):
     text = " ".join(f.message + " " + (f.tensor or "") for f in flagged)
     assert flagged and "reshapes only a 0-d scale" in text and rep.verdict == "broken"
     assert "out_proj" in text and "k_proj" in text and "experts" not in text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8_e4m3fn", "uint8"])
+def test_poison_scan_finds_one_element_left_anywhere(monkeypatch, dtype):
+    """The first pass (any poison at all?) and the count agree on every slice boundary: one poisoned
+    element left in the first, a middle or the last slice is found and counted, none is not."""
+    from nhcheck.load import memory
+
+    monkeypatch.setattr(memory, "_SCAN", 64)
+    monkeypatch.setattr(memory, "_SCAN_ANY", 96)  # slices that do not divide the arena
+    shape = (1000,) if dtype != "uint8" else (1000, 16)
+    param = Param("p", shape, dtype, None, "default", (), 0, (), True, False)
+    arenas = loading.Arenas((param,), torch.device("cpu"), torch)
+    flat = arenas.raw[dtype]
+    width = 16 if dtype == "uint8" else flat.numel() // 1000
+    flat.zero_()
+    assert arenas.poisoned() == {}
+    for at in (0, 137, 999):
+        flat.zero_()
+        flat[at * width : (at + 1) * width] = 0xFF
+        assert arenas.poisoned() == {"p": 16 if dtype == "uint8" else 1}  # integer storage: bytes of the run

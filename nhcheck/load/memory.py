@@ -17,9 +17,12 @@ from nhcheck.manifest import Param
 
 #: Integer parameters hold any byte legitimately; poison there is a run of this many 0xFF bytes.
 _POISON_RUN = 16
-#: Elements per slice of the poison scan (bounds its temporaries: a bool mask, and the int64 copy the
+#: Elements per slice of the poison count (bounds its temporaries: a bool mask, and the int64 copy the
 #: sum of a mask makes, 9 bytes an element).
 _SCAN = 1 << 23
+#: Elements per slice of the first pass, whether any poison is left at all: a bool mask (and for integer
+#: storage its per-run reduction) is all it makes, so eight times as many elements within the same bound.
+_SCAN_ANY = _SCAN * 8
 
 
 def torch_module():
@@ -93,12 +96,17 @@ class Arenas:
         return {n: self.flat(n).view(p.shape) for n, p in self.params.items()}
 
     def poisoned(self) -> dict[str, int]:
-        """Elements still holding the poison pattern, per parameter (one scan per dtype first)."""
+        """Elements still holding the poison pattern, per parameter.
+
+        One pass per dtype first asks only whether any poison is left (a mask and its ``any``: a few
+        bytes of memory traffic per element, where a count also writes and reads an int64 per
+        element); the parameters of a dtype with poison are then counted one by one.
+        """
         torch = self.torch
         out: dict[str, int] = {}
-        totals = [self._count(dtype, raw) for dtype, raw in self.raw.items()]
-        for (dtype, _raw), total in zip(self.raw.items(), torch.stack(totals).tolist() if totals else (), strict=True):
-            if total == 0:
+        found = [self._any(dtype, raw) for dtype, raw in self.raw.items()]
+        for (dtype, _raw), hit in zip(self.raw.items(), torch.stack(found).tolist() if found else (), strict=True):
+            if not hit:
                 continue
             for name, (d, _) in self.where.items():
                 if d == dtype:
@@ -108,23 +116,42 @@ class Arenas:
                         out[name] = n
         return out
 
+    def _any(self, dtype: str, raw):
+        """Whether the bytes ``raw`` hold any poisoned element (a 0-d bool tensor on the device, no host
+        sync), by the rule of ``_count``."""
+        torch = self.torch
+        hits = [torch.zeros((), dtype=torch.bool, device=raw.device)]
+        words, run = self._words(dtype, raw)
+        step = _SCAN_ANY // (run + 1) if run > 1 else _SCAN_ANY  # mask bytes per row: the words', then the row's
+        for i in range(0, words.shape[0], step):
+            part = words[i : i + step].eq(-1)
+            hits.append((part.all(dim=1) if run > 1 else part).any())
+        return torch.stack(hits).any()
+
+    def _words(self, dtype: str, raw):
+        """``raw`` as the integer words the poison rule compares with -1, and how many form one element:
+        (elements,) words of the float's size, or (runs, 2) int64 words for integer storage."""
+        torch = self.torch
+        if dtype in FLOAT_PARAM or dtype.startswith("float8"):
+            return raw.view(getattr(torch, INT_OF_SIZE[ITEMSIZE[dtype]])), 1
+        head = -raw.data_ptr() % 8
+        n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
+        return raw[head : head + n].view(torch.int64).view(-1, _POISON_RUN // 8), _POISON_RUN // 8
+
     def _count(self, dtype: str, raw):
         """Poisoned elements in the bytes ``raw`` (a 0-d tensor on the device, no host sync): all-ones
         floats, or 16-byte runs of 0xFF in integer storage. Scanned in slices so the temporaries stay small."""
         torch = self.torch
         total = torch.zeros((), dtype=torch.int64, device=raw.device)
-        if dtype in FLOAT_PARAM or dtype.startswith("float8"):
-            words = raw.view(getattr(torch, INT_OF_SIZE[ITEMSIZE[dtype]]))
+        words, run = self._words(dtype, raw)
+        if run == 1:
             for i in range(0, words.numel(), _SCAN):
                 total += (words[i : i + _SCAN] == -1).sum()
             return total
-        head = -raw.data_ptr() % 8
-        n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
-        words = raw[head : head + n].view(torch.int64).view(-1, _POISON_RUN // 8)
         for i in range(0, words.shape[0], _SCAN):
             part = words[i : i + _SCAN]
             hit = part[:, 0] == -1
-            for j in range(1, _POISON_RUN // 8):
+            for j in range(1, run):
                 hit &= part[:, j] == -1
             total += hit.sum() * _POISON_RUN
         return total
