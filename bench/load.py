@@ -2,7 +2,7 @@
 
     python bench/load.py --dir /tmp/nano-like [--reps 5] [--device cuda] [--cold] [--cap] [--out results.json]
     python bench/load.py --before main --only safetensors,nhcheck,nhcheck_decided,nhcheck_before,\
-        nhcheck_before_decided,nhcheck_batch --also-pinned-mb 2048   # this tree against main's, same process
+        nhcheck_before_decided,nhcheck_perrange --also-pinned-mb 2048   # this tree against main's, same process
 
 Builds (once) a Nemotron-3-Nano-like NVFP4 checkpoint of about 3 GB with real data: the
 release's config and quant recipe (hybrid ``MEMEM*E…`` 52-layer pattern, NVFP4 experts,
@@ -23,8 +23,8 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
       device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
 On CUDA nhcheck is also timed with its staged byte ranges placed through tensor views (``_views``,
-``readers.DRIVER_COPIES`` off) and, where a child process finds the driver's ``cuMemcpyBatchAsync``
-places odd ranges exactly, with one batched copy per staged read (``_batch``, ``readers.BATCH_COPIES``).
+``readers.DRIVER_COPIES`` off) and with every byte range a driver copy of its own, the small ones
+not gathered (``_perrange``, ``readers.GATHER_BYTES`` 0), where the tree has them.
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -314,32 +314,15 @@ def run_views(tree: Tree, root: Path, opts) -> tuple[float, dict]:
         tree.readers.DRIVER_COPIES = True
 
 
-def run_batched(tree: Tree, root: Path, opts) -> tuple[float, dict]:
-    """nhcheck end to end with each staged read's byte ranges in one ``cuMemcpyBatchAsync``
-    (``readers.BATCH_COPIES``), against one ``cuMemcpyDtoDAsync`` per range in the same run."""
-    tree.readers.BATCH_COPIES = True
+def run_perrange(tree: Tree, root: Path, opts) -> tuple[float, dict]:
+    """nhcheck end to end with every staged byte range a driver copy of its own (``readers.GATHER_BYTES``
+    0), against the small ranges gathered in the same run."""
+    saved = tree.readers.GATHER_BYTES
+    tree.readers.GATHER_BYTES = 0
     try:
         return run_nhcheck(tree, root, opts)
     finally:
-        tree.readers.BATCH_COPIES = False
-
-
-def batch_copies_work(device: torch.device) -> str:
-    """``ok`` when the driver's batched copy places odd ranges exactly, asked in a child process (a driver
-    whose ABI differs from what ``readers`` binds would take this process down with it)."""
-    code = (
-        "import torch; from nhcheck.load import readers; "
-        f"print(readers.check_batch_copies(torch.device({str(device)!r})))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "the check timed out"
-    out = r.stdout.strip().splitlines()
-    if r.returncode == 0 and out:
-        return out[-1]
-    return f"the check exited {r.returncode}: {r.stderr.strip()[-200:]}"
+        tree.readers.GATHER_BYTES = saved
 
 
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
@@ -357,7 +340,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     for tree in trees:
         opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
         name = "nhcheck" + tree.label
-        variants = ["", "_decided", "_views", "_batch"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        variants = ["", "_decided", "_views", "_perrange"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
         if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
@@ -371,16 +354,9 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             out[name + "_decided"] = lambda tree=tree, opts=opts, d=decided: run_nhcheck(tree, args.dir, opts, d)
         if device.type == "cuda" and keep(name + "_views") and hasattr(tree.readers, "DRIVER_COPIES"):
             out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
-        if device.type == "cuda" and keep(name + "_batch") and hasattr(tree.readers, "BATCH_COPIES"):
-            said = batch_copies_work(device)
-            if said == "ok":
-                try:
-                    run_batched(tree, args.dir, opts)  # a load that is not clean stops here, not the whole run
-                    out[name + "_batch"] = lambda tree=tree, opts=opts: run_batched(tree, args.dir, opts)
-                except (SystemExit, Exception) as exc:  # noqa: BLE001 - reported, the others still run
-                    print(f"{name}_batch: not timed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
-            else:
-                print(f"{name}_batch: not timed ({said})", flush=True)
+        if device.type == "cuda" and keep(name + "_perrange") and hasattr(tree.readers, "GATHER_BYTES"):
+            run_perrange(tree, args.dir, opts)
+            out[name + "_perrange"] = lambda tree=tree, opts=opts: run_perrange(tree, args.dir, opts)
         for mb in args.also_pinned_mb:
             more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
             if keep(f"{name}_pinned{mb}"):

@@ -32,8 +32,8 @@ from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.errors import UsageError
-from nhcheck.manifest import Param
 from nhcheck.load import LoadOptions, load_path, readers, run
+from nhcheck.manifest import Param
 from nhcheck.pipeline import audit_path
 from nhcheck.sources import open_source
 
