@@ -302,7 +302,7 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
     ops = loading.plan_load(audit).ops
     assert got == {op.idx: readers.ITEMSIZE[op.src] * op.src_elements for op in ops}
-    assert sum(len(c.src) + c.gathered for pl in placed for c in pl.copies) == sum(
+    assert sum(len(c.src) + len(c.small_src) for pl in placed for c in pl.copies) == sum(
         1 for pl in placed for pc in pl.pieces if pc.op.kind == "copy"
     )
 
@@ -347,7 +347,7 @@ def test_driver_copy_paths_place_what_the_views_place(monkeypatch, gather):
             placement = readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, r.end - r.start)
             readers.apply_placement(placement, src, arenas, stream)
             counts["copies"] += sum(len(c.size) for c in placement.copies)
-            counts["gathered"] += sum(c.gathered for c in placement.copies)
+            counts["gathered"] += sum(len(c.small_size) for c in placement.copies)
             assert all(max(c.size, default=gather + 1) > gather for c in placement.copies)
         return {d: t.clone() for d, t in arenas.raw.items()}
 
@@ -381,7 +381,7 @@ def test_small_ranges_gathered_land_where_their_copies_would(monkeypatch):
     src = torch.arange(40, dtype=torch.uint8) + 100
     placement = readers.compile_pieces(pieces, arenas, 40)
     (c,) = placement.copies
-    assert c.gathered == 2 and c.size == (20,) and list(c.gather_src) == [1, 2, 3, 4, *range(9, 17)]
+    assert c.small_src == (1, 9) and c.small_size == (4, 8) and c.size == (20,)
     readers.apply_placement(placement, src, arenas)
     want = torch.zeros(64, dtype=torch.uint8)
     want[2:6], want[43:51], want[12:32] = src[1:5], src[9:17], src[20:40]
@@ -395,9 +395,9 @@ def test_overlapping_ranges_keep_their_order_outside_a_gather():
     later = tensor._replace(idx=1, start=4)
     pieces = [readers.Piece(tensor, 0, 0, 8), readers.Piece(later, 8, 0, 8)]
     overlapping = readers.compile_pieces(pieces, arenas, 16).copies[0]
-    assert not overlapping.disjoint and overlapping.size == (8, 8) and not overlapping.gathered
+    assert not overlapping.disjoint and overlapping.size == (8, 8) and not overlapping.small_size
     alone = readers.compile_pieces(pieces[:1], arenas, 16).copies[0]
-    assert alone.disjoint and alone.gathered == 1 and not alone.size
+    assert alone.disjoint and alone.small_size == (8,) and not alone.size
 
 
 @pytest.mark.parametrize("example", ["nano3-bf16", "omni-nvfp4-24137", "h8b-dense"])

@@ -15,7 +15,6 @@ import ctypes
 import os
 import sys
 import time
-from array import array
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -200,8 +199,8 @@ class Copies(NamedTuple):
     """The byte-range copies of one staged read into one arena: parallel arrays, ascending source offsets.
 
     Ranges of at most ``GATHER_BYTES`` are not among them when no two ranges of the read write the same
-    arena byte: they are ``gather_src`` / ``gather_dst``, byte positions in the read and in the arena,
-    placed by one gather (a gather has no order, so a double write keeps every range a copy of its own).
+    arena byte: they are ``small_*``, placed by one gather (a gather has no order, so a double write
+    keeps every range a copy of its own).
     """
 
     dtype: str  # the arena
@@ -209,9 +208,9 @@ class Copies(NamedTuple):
     dst: tuple[int, ...]  # byte offsets in the arena
     size: tuple[int, ...]
     disjoint: bool = True  # no two ranges write the same byte (a double write must keep its order)
-    gathered: int = 0  # ranges placed by the gather
-    gather_src: array = array("q")  # byte positions in the staged read, one per byte gathered
-    gather_dst: array = array("q")  # byte positions in the arena, the same length
+    small_src: tuple[int, ...] = ()  # the gathered ranges, the same way
+    small_dst: tuple[int, ...] = ()
+    small_size: tuple[int, ...] = ()
 
 
 class Placement(NamedTuple):
@@ -269,17 +268,10 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
         if min(size) > small:
             copies.append(Copies(dtype, src, dst, size, disjoint))
             continue
-        gsrc, gdst = array("q"), array("q")
-        big = []
-        for r in rs:
-            so, do, n = r
-            if n > small:
-                big.append(r)
-            else:
-                gsrc.extend(range(so, so + n))
-                gdst.extend(range(do, do + n))
+        big = [r for r in rs if r[2] > small]
+        few = [r for r in rs if r[2] <= small]
         src, dst, size = zip(*big, strict=True) if big else ((), (), ())
-        copies.append(Copies(dtype, src, dst, size, disjoint, len(rs) - len(big), gsrc, gdst))
+        copies.append(Copies(dtype, src, dst, size, disjoint, *zip(*few, strict=True)))
     return Placement(tuple(pieces), tuple(copies), tuple(others))
 
 
@@ -303,13 +295,24 @@ def _driver_memcpy():
     return _CACHE["dtod"]
 
 
-def gather_index(copies: Copies, device):
-    """(read positions, arena positions) of ``copies``' gathered bytes as int64 tensors on ``device``."""
+def gather_index(groups: list[Copies], device) -> list[tuple[Any, Any]]:
+    """(read positions, arena positions) of each group's gathered bytes, int64 tensors on ``device``.
+
+    Only the ranges travel (one upload); their byte positions are expanded on ``device`` itself.
+    """
     import torch
 
-    src = torch.frombuffer(copies.gather_src, dtype=torch.int64)
-    dst = torch.frombuffer(copies.gather_dst, dtype=torch.int64)
-    return src.to(device), dst.to(device)
+    sizes = [n for c in groups for n in c.small_size]
+    total = sum(sizes)
+    ranges = torch.tensor(
+        [[a for c in groups for a in c.small_src], [b for c in groups for b in c.small_dst], sizes], dtype=torch.int64
+    ).to(device)
+    n = ranges[2]
+    first = n.cumsum(0) - n  # where each range's bytes start in the expansion
+    step = torch.arange(total, dtype=torch.int64, device=device)
+    src, dst = (torch.repeat_interleave(ranges[k] - first, n, output_size=total) + step for k in (0, 1))
+    counts = [sum(c.small_size) for c in groups]
+    return list(zip(src.split(counts), dst.split(counts), strict=True))
 
 
 def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, index=None) -> None:
@@ -328,10 +331,12 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, inde
         if pc.off % ITEMSIZE[op.src]:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
-    for c in placement.copies:
-        if c.gathered:
-            at, to = index[c.dtype] if index is not None else gather_index(c, src.device)
-            arenas.raw[c.dtype].index_copy_(0, to, src.index_select(0, at))
+    small = [c for c in placement.copies if c.small_size]
+    if small and index is None:
+        index = dict(zip((c.dtype for c in small), gather_index(small, src.device), strict=True))
+    for c in small:
+        at, to = index[c.dtype]
+        arenas.raw[c.dtype].index_copy_(0, to, src.index_select(0, at))
     if not any(c.size for c in placement.copies):
         return
     memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
@@ -578,21 +583,12 @@ class Transfer:
         self.stats["compile"] = clock() - t
 
     def _gather_indices(self) -> dict[int, dict[str, tuple[Any, Any]]]:
-        """Every read's gather positions (``Copies.gather_src`` / ``gather_dst``) on the device, in one upload."""
-        both = array("q")
-        at = []
-        for j, placement in self.placements.items():
-            for c in placement.copies:
-                if c.gathered:
-                    at.append((j, c.dtype, len(both), len(c.gather_src)))
-                    both.extend(c.gather_src)
-                    both.extend(c.gather_dst)
-        if not at:
-            return {}
-        dev = self.torch.frombuffer(both, dtype=self.torch.int64).to(self.device)
+        """Every read's gather positions (``Copies.small_*``) on the device, in one upload."""
+        groups = [(j, c) for j, placement in self.placements.items() for c in placement.copies if c.small_size]
         out: dict[int, dict[str, tuple[Any, Any]]] = {}
-        for j, dtype, k, n in at:
-            out.setdefault(j, {})[dtype] = (dev[k : k + n], dev[k + n : k + 2 * n])
+        if groups:
+            for (j, c), index in zip(groups, gather_index([c for _, c in groups], self.device), strict=True):
+                out.setdefault(j, {})[c.dtype] = index
         return out
 
     def finish(self) -> int:
