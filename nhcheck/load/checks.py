@@ -30,8 +30,13 @@ def coverage(params: tuple[Param, ...], ops: tuple[Op, ...]) -> tuple[dict[str, 
     """Per parameter: (written elements, missing slots, double writes); plus the ops a later op overwrote."""
     spans: dict[str, list[tuple[int, int, int]]] = {}
     for op in ops:
-        mine = spans.setdefault(op.param, [])
-        mine.extend((a, b, op.idx) for a, b in op.spans())
+        mine = spans.get(op.param)
+        if mine is None:
+            mine = spans[op.param] = []
+        if op.kind == "corner":
+            mine.extend((a, b, op.idx) for a, b in op.spans())
+        else:  # one range, the slot (``Op.spans``), without the list
+            mine.append((op.start, op.start + op.n, op.idx))
     out: dict[str, Coverage] = {}
     overwritten: set[int] = set()
     for p in params:
