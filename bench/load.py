@@ -2,7 +2,7 @@
 
     python bench/load.py --dir /tmp/nano-like [--reps 5] [--device cuda] [--cold] [--cap] [--out results.json]
     python bench/load.py --before main --only safetensors,nhcheck,nhcheck_decided,nhcheck_before,\
-        nhcheck_before_decided,nhcheck_perrange --also-pinned-mb 2048   # this tree against main's, same process
+        nhcheck_before_decided --also-pinned-mb 2048   # this tree against main's, same process
 
 Builds (once) a Nemotron-3-Nano-like NVFP4 checkpoint of about 3 GB with real data: the
 release's config and quant recipe (hybrid ``MEMEM*E…`` 52-layer pattern, NVFP4 experts,
@@ -23,8 +23,7 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
       device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
 On CUDA nhcheck is also timed with its staged byte ranges placed through tensor views (``_views``,
-``readers.DRIVER_COPIES`` off) and with every byte range a driver copy of its own, the small ones
-not gathered (``_perrange``, ``readers.GATHER_BYTES`` 0), where the tree has them.
+``readers.DRIVER_COPIES`` off), where the tree has them.
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -314,17 +313,6 @@ def run_views(tree: Tree, root: Path, opts) -> tuple[float, dict]:
         tree.readers.DRIVER_COPIES = True
 
 
-def run_perrange(tree: Tree, root: Path, opts) -> tuple[float, dict]:
-    """nhcheck end to end with every staged byte range a driver copy of its own (``readers.GATHER_BYTES``
-    0), against the small ranges gathered in the same run."""
-    saved = tree.readers.GATHER_BYTES
-    tree.readers.GATHER_BYTES = 0
-    try:
-        return run_nhcheck(tree, root, opts)
-    finally:
-        tree.readers.GATHER_BYTES = saved
-
-
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     """Every loader that can run here, as name -> callable returning (seconds, nhcheck's phases or None);
     the missing ones said once. ``--only`` keeps the named ones."""
@@ -340,7 +328,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     for tree in trees:
         opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
         name = "nhcheck" + tree.label
-        variants = ["", "_decided", "_views", "_perrange"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        variants = ["", "_decided", "_views"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
         if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
@@ -354,9 +342,6 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             out[name + "_decided"] = lambda tree=tree, opts=opts, d=decided: run_nhcheck(tree, args.dir, opts, d)
         if device.type == "cuda" and keep(name + "_views") and hasattr(tree.readers, "DRIVER_COPIES"):
             out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
-        if device.type == "cuda" and keep(name + "_perrange") and hasattr(tree.readers, "GATHER_BYTES"):
-            run_perrange(tree, args.dir, opts)
-            out[name + "_perrange"] = lambda tree=tree, opts=opts: run_perrange(tree, args.dir, opts)
         for mb in args.also_pinned_mb:
             more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
             if keep(f"{name}_pinned{mb}"):

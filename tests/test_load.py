@@ -270,10 +270,10 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
         events.append("compile")
         return compile_(*a, **k)
 
-    def placing(placement, src, arenas, stream=None, index=None):
+    def placing(placement, src, arenas, stream=None):
         events.append("place")
         placed.append(placement)
-        apply(placement, src, arenas, stream, index)
+        apply(placement, src, arenas, stream)
 
     def covering(*a):
         events.append("coverage")
@@ -302,16 +302,15 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
     ops = loading.plan_load(audit).ops
     assert got == {op.idx: readers.ITEMSIZE[op.src] * op.src_elements for op in ops}
-    assert sum(len(c.src) + len(c.small_src) for pl in placed for c in pl.copies) == sum(
+    assert sum(len(c.src) for pl in placed for c in pl.copies) == sum(
         1 for pl in placed for pc in pl.pieces if pc.op.kind == "copy"
     )
 
 
-@pytest.mark.parametrize("gather", [64, 0], ids=["small-gathered", "per-range"])
-def test_driver_copy_paths_place_what_the_views_place(monkeypatch, gather):
+def test_driver_copy_path_places_what_the_views_place(monkeypatch):
     """The CUDA driver path's address arithmetic, run on the host: a stand-in driver function moves the
     ranges it is handed (what ``cuMemcpyDtoDAsync`` does on a GPU), and the arenas must end byte for byte
-    as the views path leaves them, with the small ranges gathered or each a copy of its own."""
+    as the views path leaves them."""
     import ctypes
 
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
@@ -333,12 +332,12 @@ def test_driver_copy_paths_place_what_the_views_place(monkeypatch, gather):
         cuda_stream = 0
 
     monkeypatch.setattr(readers, "_driver_memcpy", lambda: memcpy)
-    monkeypatch.setattr(readers, "GATHER_BYTES", gather)
-    counts = {"copies": 0, "gathered": 0}
+
+    with_copies = []
 
     def placed(stream) -> dict[str, torch.Tensor]:
         arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
-        counts.update(copies=0, gathered=0)
+        with_copies.clear()
         for j, mine in sorted(pieces.items()):
             r = reads[j]
             with open(spans[r.shard].path, "rb") as fh:
@@ -346,58 +345,14 @@ def test_driver_copy_paths_place_what_the_views_place(monkeypatch, gather):
                 src = torch.frombuffer(bytearray(fh.read(r.end - r.start)), dtype=torch.uint8)
             placement = readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, r.end - r.start)
             readers.apply_placement(placement, src, arenas, stream)
-            counts["copies"] += sum(len(c.size) for c in placement.copies)
-            counts["gathered"] += sum(len(c.small_size) for c in placement.copies)
-            assert all(max(c.size, default=gather + 1) > gather for c in placement.copies)
+            with_copies.append(sum(len(c.size) for c in placement.copies))
         return {d: t.clone() for d, t in arenas.raw.items()}
 
     views = placed(None)
     assert calls == {"memcpy": 0}
     driver = placed(Stream())
     assert views.keys() == driver.keys() and all(torch.equal(views[d], driver[d]) for d in views)
-    assert calls["memcpy"] == counts["copies"]
-    if gather:
-        assert counts["gathered"] > len(plan.ops) // 4 and counts["copies"] > 0
-    else:
-        assert counts["gathered"] == 0 and counts["copies"] > len(plan.ops) // 2
-
-
-def test_small_ranges_gathered_land_where_their_copies_would(monkeypatch):
-    """The gather of small ranges writes exactly the bytes each range's own copy writes, and nothing else."""
-    monkeypatch.setattr(readers, "GATHER_BYTES", 16)
-    arenas = type(
-        "A",
-        (),
-        {
-            "where": {"p": ("uint8", 0), "q": ("uint8", 40)},
-            "raw": {"uint8": torch.zeros(64, dtype=torch.uint8)},
-            "torch": torch,
-        },
-    )()
-    a = loading.Op(0, None, "f", "p", "copy", "uint8", 2, 4, "whole")  # type: ignore[arg-type]
-    b = a._replace(idx=1, param="q", start=3, n=8)
-    big = a._replace(idx=2, start=12, n=20)
-    pieces = [readers.Piece(a, 1, 0, 4), readers.Piece(b, 9, 0, 8), readers.Piece(big, 20, 0, 20)]
-    src = torch.arange(40, dtype=torch.uint8) + 100
-    placement = readers.compile_pieces(pieces, arenas, 40)
-    (c,) = placement.copies
-    assert c.small_src == (1, 9) and c.small_size == (4, 8) and c.size == (20,)
-    readers.apply_placement(placement, src, arenas)
-    want = torch.zeros(64, dtype=torch.uint8)
-    want[2:6], want[43:51], want[12:32] = src[1:5], src[9:17], src[20:40]
-    assert torch.equal(arenas.raw["uint8"], want)
-
-
-def test_overlapping_ranges_keep_their_order_outside_a_gather():
-    """Two writes of one arena byte in one read (a double write) are not gathered: a gather has no order."""
-    arenas = type("A", (), {"where": {"p": ("uint8", 0)}, "raw": {"uint8": torch.zeros(64, dtype=torch.uint8)}})()
-    tensor = loading.Op(0, None, "f", "p", "copy", "uint8", 0, 8, "whole")  # type: ignore[arg-type]
-    later = tensor._replace(idx=1, start=4)
-    pieces = [readers.Piece(tensor, 0, 0, 8), readers.Piece(later, 8, 0, 8)]
-    overlapping = readers.compile_pieces(pieces, arenas, 16).copies[0]
-    assert not overlapping.disjoint and overlapping.size == (8, 8) and not overlapping.small_size
-    alone = readers.compile_pieces(pieces[:1], arenas, 16).copies[0]
-    assert alone.disjoint and alone.small_size == (8,) and not alone.size
+    assert calls["memcpy"] == sum(with_copies) > len(plan.ops) // 2
 
 
 @pytest.mark.parametrize("example", ["nano3-bf16", "omni-nvfp4-24137", "h8b-dense"])
@@ -520,7 +475,7 @@ def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w2_weight"
 
-    def misplace(placement, src, arenas, stream=None, index=None):  # recompiled: its own gather positions
+    def misplace(placement, src, arenas, stream=None):
         out = []
         for pc in placement.pieces:
             op = pc.op
@@ -560,7 +515,7 @@ def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
     monkeypatch.setattr(
         readers,
         "apply_placement",
-        lambda placement, src, arenas, stream=None, index=None: apply(  # recompiled: its own gather positions
+        lambda placement, src, arenas, stream=None: apply(
             readers.compile_pieces([pc for pc in placement.pieces if pc.op.param != target], arenas),
             src,
             arenas,
@@ -741,7 +696,7 @@ def test_cuda_lost_write_caught(monkeypatch):
     monkeypatch.setattr(
         readers,
         "apply_placement",
-        lambda placement, src, arenas, stream=None, index=None: apply(  # recompiled: its own gather positions
+        lambda placement, src, arenas, stream=None: apply(
             readers.compile_pieces(
                 [pc for pc in placement.pieces if not (pc.op.param == target and pc.op.slot == "expert 4")], arenas
             ),

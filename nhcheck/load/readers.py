@@ -3,8 +3,7 @@
 ``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a ring of (pinned,
 on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
 starting before the plan exists; once it does, every piece's byte ranges are decided at once and
-each staged piece is placed from that list as it lands (the large ranges a driver copy each, the
-small ones one gather), its slot then reused. ``safetensors`` is the
+each staged piece is placed from that list as it lands, its slot then reused. ``safetensors`` is the
 plain reference: ``safe_open`` one shard at a time, one ``get_tensor`` per tensor in stream order.
 torch is imported inside functions only.
 """
@@ -36,11 +35,6 @@ STATS: dict[str, float] = {}
 #: Staged byte ranges go to the device through the driver (``_driver_memcpy``); ``bench/load.py`` turns this
 #: off for one contender to time the views + ``torch._foreach_copy_`` path in the same run.
 DRIVER_COPIES = True
-#: Byte ranges up to this size (scalar scales: thousands of 4-byte tensors) are placed by one gather per
-#: staged read and arena (``index_select`` from the read, ``index_copy_`` into the arena) instead of one
-#: copy each: one driver call per range costs microseconds of the main thread, and half the ranges are
-#: this small. ``bench/load.py`` sets it to 0 for one contender (``_perrange``) to time both in the same run.
-GATHER_BYTES = 4096
 
 
 class Span(NamedTuple):
@@ -196,21 +190,12 @@ def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_sha
 
 
 class Copies(NamedTuple):
-    """The byte-range copies of one staged read into one arena: parallel arrays, ascending source offsets.
-
-    Ranges of at most ``GATHER_BYTES`` are not among them when no two ranges of the read write the same
-    arena byte: they are ``small_*``, placed by one gather (a gather has no order, so a double write
-    keeps every range a copy of its own).
-    """
+    """The byte-range copies of one staged read into one arena: parallel arrays, ascending source offsets."""
 
     dtype: str  # the arena
     src: tuple[int, ...]  # byte offsets in the staged read
     dst: tuple[int, ...]  # byte offsets in the arena
     size: tuple[int, ...]
-    disjoint: bool = True  # no two ranges write the same byte (a double write must keep its order)
-    small_src: tuple[int, ...] = ()  # the gathered ranges, the same way
-    small_dst: tuple[int, ...] = ()
-    small_size: tuple[int, ...] = ()
 
 
 class Placement(NamedTuple):
@@ -262,16 +247,7 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
             raise RuntimeError(
                 f"internal error: placement out of bounds: {bad[2]} bytes at {bad[0]} -> {dtype} arena at {bad[1]}"
             )
-        ends = sorted(zip(dst, size, strict=True))
-        disjoint = all(a + n <= b for (a, n), (b, _) in zip(ends, ends[1:], strict=False))
-        small = GATHER_BYTES if disjoint else 0
-        if min(size) > small:
-            copies.append(Copies(dtype, src, dst, size, disjoint))
-            continue
-        big = [r for r in rs if r[2] > small]
-        few = [r for r in rs if r[2] <= small]
-        src, dst, size = zip(*big, strict=True) if big else ((), (), ())
-        copies.append(Copies(dtype, src, dst, size, disjoint, *zip(*few, strict=True)))
+        copies.append(Copies(dtype, src, dst, size))
     return Placement(tuple(pieces), tuple(copies), tuple(others))
 
 
@@ -295,33 +271,12 @@ def _driver_memcpy():
     return _CACHE["dtod"]
 
 
-def gather_index(groups: list[Copies], device) -> list[tuple[Any, Any]]:
-    """(read positions, arena positions) of each group's gathered bytes, int64 tensors on ``device``.
-
-    Only the ranges travel (one upload); their byte positions are expanded on ``device`` itself.
-    """
-    import torch
-
-    sizes = [n for c in groups for n in c.small_size]
-    total = sum(sizes)
-    ranges = torch.tensor(
-        [[a for c in groups for a in c.small_src], [b for c in groups for b in c.small_dst], sizes], dtype=torch.int64
-    ).to(device)
-    n = ranges[2]
-    first = n.cumsum(0) - n  # where each range's bytes start in the expansion
-    step = torch.arange(total, dtype=torch.int64, device=device)
-    src, dst = (torch.repeat_interleave(ranges[k] - first, n, output_size=total) + step for k in (0, 1))
-    counts = [sum(c.small_size) for c in groups]
-    return list(zip(src.split(counts), dst.split(counts), strict=True))
-
-
-def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, index=None) -> None:
+def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> None:
     """Place what one staged read holds: its byte ranges, then the other pieces through ``write_op``.
 
-    The small ranges are one gather per arena (``index``: dtype → ``gather_index``, made here when
-    None). On CUDA with ``stream`` (the placement stream, current while this runs) the other byte
-    ranges are enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise
-    they are one batched ``torch._foreach_copy_`` over views.
+    On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are
+    enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise they are one
+    batched ``torch._foreach_copy_`` over views.
     """
     torch = arenas.torch
     for pc in placement.others:
@@ -331,13 +286,7 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, inde
         if pc.off % ITEMSIZE[op.src]:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
-    small = [c for c in placement.copies if c.small_size]
-    if small and index is None:
-        index = dict(zip((c.dtype for c in small), gather_index(small, src.device), strict=True))
-    for c in small:
-        at, to = index[c.dtype]
-        arenas.raw[c.dtype].index_copy_(0, to, src.index_select(0, at))
-    if not any(c.size for c in placement.copies):
+    if not placement.copies:
         return
     memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
     if memcpy is not None:
@@ -572,8 +521,7 @@ class Transfer:
         }
         self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}
         self.whole = whole
-        self.index = self._gather_indices() if self.cuda else {}
-        if self.cuda:  # the poison fill and the gather positions (current stream) come before any placement
+        if self.cuda:  # the poison fill (current stream) comes before any placement
             self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.lock:
             self.needed = [j in pieces for j in range(len(self.reads))]
@@ -581,15 +529,6 @@ class Transfer:
             self.lock.notify_all()
         self.stats["plan_at"] = clock() - self.started
         self.stats["compile"] = clock() - t
-
-    def _gather_indices(self) -> dict[int, dict[str, tuple[Any, Any]]]:
-        """Every read's gather positions (``Copies.small_*``) on the device, in one upload."""
-        groups = [(j, c) for j, placement in self.placements.items() for c in placement.copies if c.small_size]
-        out: dict[int, dict[str, tuple[Any, Any]]] = {}
-        if groups:
-            for (j, c), index in zip(groups, gather_index([c for _, c in groups], self.device), strict=True):
-                out.setdefault(j, {})[c.dtype] = index
-        return out
 
     def finish(self) -> int:
         """Place every staged read as it lands (``begin`` first); returns the bytes read once every op
@@ -617,13 +556,7 @@ class Transfer:
                             self.place_stream.wait_event(self.landed_events[d])
                         r = self.reads[j]
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
-                        apply_placement(
-                            self.placements[j],
-                            src,
-                            self.arenas,
-                            self.place_stream if self.cuda else None,
-                            self.index.get(j),
-                        )
+                        apply_placement(self.placements[j], src, self.arenas, self.place_stream if self.cuda else None)
                         for pc in self.parts[j]:
                             self.gathered[pc.op.idx][pc.skip : pc.skip + pc.nbytes].copy_(
                                 src[pc.off : pc.off + pc.nbytes]
@@ -641,7 +574,6 @@ class Transfer:
             raise self.error
         if self.cuda:
             self.place_stream.synchronize()
-        self.index = {}  # the gather positions were used on the placement stream, now idle
         self.stats.update(place_wait=waited, place=placing, placed=clock() - self.started)
         STATS.clear()
         STATS.update(self.stats)
