@@ -910,14 +910,14 @@ def linear_load_error(
 
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
-EP_PROVEN = ("0.19.0", "0.24.0", "0.34.0")
+EP_PROVEN = ("0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
     "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0",
-    "0.27.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.34.0",
+    "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's (``ast.dump`` of every function, method and class
 #: body, each wheel against the run release's installed copy, in 27 files: ``layers/linear.py``, ``parameter.py``,
@@ -929,7 +929,7 @@ TP_PROVEN = (
 #: 0.17.1, 0.19.1, 0.22.1, 0.27.1. Differing only where no parameter or loader is made: 0.18.1 (``Fp8Config`` /
 #: ``Fp8LinearMethod``: the DeepGEMM switch), 0.20.1 and 0.20.2 (an ``mx_alignment`` field of the MoE kernel quant
 #: config, a minimax Mamba state-dtype check), 0.25.0 (the ``FusedMoE`` docstring). 0.28.0 and 0.33.0 change
-#: loaders and stay unproven, as do 0.13.0 – 0.15.1 (no environment to run).
+#: loaders and were run themselves. The comparison is ``oracle/vllm/compare_code.py --tp``.
 TP_SAME_AS = {
     "0.17.1": "0.17.0",
     "0.18.1": "0.18.0",
@@ -1044,12 +1044,12 @@ class VLLMEngine:
         """vLLM's citations (``models/nemotron_h.py``, ``layers/mamba/mamba_mixer2.py``, ``layers/linear.py``,
         ``layers/fused_moe/``, ``layers/quantization/modelopt.py``; 0.34.0 line numbers drift) and the one rule
         that differs: a single B/C group replicated onto the ranks of a quantized model fails while loading,
-        not at start-up (golden ``g1-nvfp4-vllm-tp2``): 0.34.0 gives ``in_proj``'s scales the group-replicating
-        loader, which cannot slice the scalar ``input_scale``; 0.19.0 and 0.24.0 leave the NVFP4 block scale on
-        ``ColumnParallelLinear``'s loader, which narrows past its end on the last rank."""
+        not at start-up (golden ``g1-nvfp4-vllm-tp2``): from 0.32.0 ``in_proj``'s scales get the group-replicating
+        loader too (0.32.0 ``mamba_mixer2.py:458``), which cannot slice the scalar ``input_scale``; before, the
+        NVFP4 block scale stays on ``ColumnParallelLinear``'s loader, which narrows past its end on the last rank."""
         from nhcheck.tp import Rule, TPRules
 
-        regrouped = release_key(self.id.version, "vllm") >= release_key("0.34.0")
+        regrouped = release_key(self.id.version, "vllm") >= release_key("0.32.0")
         # 0.16.0: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every n_groups
         # (MergedColumnParallelLinear when n_groups % tp == 0 from 0.17.0; golden bias-bf16-vllm-tp2).
         unmerged = release_key(self.id.version, "vllm") < release_key("0.17.0")

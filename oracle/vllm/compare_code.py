@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare the loading-path code of vLLM releases, definition by definition (EPOCHS.md, "Method").
 
-    compare_code.py SRC_A SRC_B [--diff]
+    compare_code.py SRC_A SRC_B [--diff] [--tp]
 
 SRC_* is a directory holding a release's ``vllm/`` tree (``unzip -q WHEEL 'vllm/*.py' -d SRC``; the
 wheel itself can be deleted afterwards). For every file of the loading path (``FILES``) every top-level
@@ -11,6 +11,11 @@ run time). Prints the definitions that were added, removed or changed from A to 
 unified diff of each changed definition's source), and ``IDENTICAL`` when there is none. Two releases
 are in one behaviour row only when this prints ``IDENTICAL`` or every change it lists was read and
 shown to be a no-op for Nemotron-H loading (recorded in EPOCHS.md).
+
+``--tp`` compares ``TP_FILES`` instead: the code that decides tensor-parallel rank maps (layer sizes, weight
+loaders, process groups). A patch release answers with a run release's maps (``TP_SAME_AS`` in
+``nhcheck/engines/vllm.py``) only when this prints ``IDENTICAL`` or every change is read as making no parameter
+or loader.
 """
 
 from __future__ import annotations
@@ -51,6 +56,37 @@ FILES = (
     "transformers_utils/model_arch_config_convertor.py",
     "config/model.py",
     "config/__init__.py",
+)
+
+#: The tensor-parallel path (``--tp``): what sizes each rank's parameters and cuts the checkpoint tensors into them.
+TP_FILES = (
+    "model_executor/layers/linear.py",
+    "model_executor/parameter.py",
+    "model_executor/layers/mamba/mamba_mixer2.py",
+    "model_executor/layers/mamba/mamba_utils.py",
+    "model_executor/layers/mamba/ops/layernorm_gated.py",
+    "model_executor/models/nemotron_h.py",
+    "model_executor/models/utils.py",
+    "model_executor/layers/fused_moe/layer.py",
+    "model_executor/layers/fused_moe/routed_experts.py",
+    "model_executor/layers/fused_moe/config.py",
+    "model_executor/layers/fused_moe/expert_map_manager.py",
+    "model_executor/layers/fused_moe/shared_fused_moe.py",
+    "model_executor/layers/fused_moe/unquantized_fused_moe_method.py",
+    "model_executor/layers/fused_moe/oracle/nvfp4.py",
+    "model_executor/layers/quantization/modelopt.py",
+    "model_executor/layers/quantization/fp8.py",
+    "model_executor/layers/quantization/kv_cache.py",
+    "model_executor/layers/vocab_parallel_embedding.py",
+    "model_executor/layers/layernorm.py",
+    "model_executor/layers/utils.py",
+    "config/model.py",
+    "config/parallel.py",
+    "distributed/utils.py",
+    "distributed/parallel_state.py",
+    "model_executor/model_loader/weight_utils.py",
+    "model_executor/model_loader/utils.py",
+    "model_executor/model_loader/default_loader.py",
 )
 
 
@@ -97,9 +133,9 @@ def definitions(path: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def release_defs(src: str) -> dict[str, dict[str, tuple[str, str]]]:
+def release_defs(src: str, files: tuple[str, ...] = FILES) -> dict[str, dict[str, tuple[str, str]]]:
     root = os.path.join(src, "vllm") if os.path.isdir(os.path.join(src, "vllm")) else src
-    return {f: definitions(os.path.join(root, f)) for f in FILES if os.path.isfile(os.path.join(root, f))}
+    return {f: definitions(os.path.join(root, f)) for f in files if os.path.isfile(os.path.join(root, f))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--diff", action="store_true", help="print a unified diff of every changed definition")
+    ap.add_argument("--tp", action="store_true", help="compare the tensor-parallel path (TP_FILES)")
     args = ap.parse_args(argv)
-    a, b = release_defs(args.a), release_defs(args.b)
+    files = TP_FILES if args.tp else FILES
+    a, b = release_defs(args.a, files), release_defs(args.b, files)
     changes = 0
-    for f in FILES:
+    for f in files:
         if f not in a and f not in b:
             continue
         if f not in a or f not in b:
