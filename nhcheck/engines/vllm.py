@@ -910,13 +910,13 @@ def linear_load_error(
 
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
-EP_PROVEN = ("0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
+EP_PROVEN = ("0.15.1", "0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
-    "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0",
+    "0.15.1", "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0",
     "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's (``ast.dump`` of every function, method and class
@@ -1046,17 +1046,24 @@ class VLLMEngine:
         that differs: a single B/C group replicated onto the ranks of a quantized model fails while loading,
         not at start-up (golden ``g1-nvfp4-vllm-tp2``): from 0.32.0 ``in_proj``'s scales get the group-replicating
         loader too (0.32.0 ``mamba_mixer2.py:458``), which cannot slice the scalar ``input_scale``; before, the
-        NVFP4 block scale stays on ``ColumnParallelLinear``'s loader, which narrows past its end on the last rank."""
+        NVFP4 block scale stays on ``ColumnParallelLinear``'s loader, which narrows past its end on the last rank.
+        Before 0.16.0 the constructor refuses that model at start-up, as SGLang does (0.15.1 ``mamba_mixer2.py:282``,
+        golden ``vllm-0.15.1/g1-nvfp4-vllm-tp2``)."""
         from nhcheck.tp import Rule, TPRules
 
-        regrouped = release_key(self.id.version, "vllm") >= release_key("0.32.0")
-        # 0.16.0: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every n_groups
-        # (MergedColumnParallelLinear when n_groups % tp == 0 from 0.17.0; golden bias-bf16-vllm-tp2).
-        unmerged = release_key(self.id.version, "vllm") < release_key("0.17.0")
+        key = release_key(self.id.version, "vllm")
+        regrouped = key >= release_key("0.32.0")
+        # 0.16.0 alone: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every
+        # n_groups (MergedColumnParallelLinear when n_groups % tp == 0 before, 0.15.1 mamba_mixer2.py:323, and
+        # again from 0.17.0; goldens bias-bf16-vllm-tp2), and drops the quantized-TP assertion.
+        unmerged = release_key("0.16.0") <= key < release_key("0.17.0")
+        groups_at_load = key >= release_key("0.16.0")
         groups_quant = (
             "IndexError at load (in_proj.input_scale: slice() cannot be applied to a 0-dim tensor)"
             if regrouped
             else "RuntimeError at load on the last rank (in_proj.weight_scale narrowed past its end)"
+            if groups_at_load
+            else "AssertionError at start-up"
         )
 
         start, load = "AssertionError at start-up", "RuntimeError at load (narrow past the end)"
@@ -1067,7 +1074,9 @@ class VLLMEngine:
             Rule("mamba-groups", "MambaMixer2.__init__", "layers/mamba/mamba_mixer2.py", start),
             Rule(
                 "mamba-groups-quant",
-                "MambaMixer2.__init__ (mamba_v2_sharded_weight_loader for in_proj)",
+                "MambaMixer2.__init__ (mamba_v2_sharded_weight_loader for in_proj)"
+                if groups_at_load
+                else "MambaMixer2.__init__",
                 "layers/mamba/mamba_mixer2.py",
                 groups_quant,
             ),
@@ -1113,7 +1122,7 @@ class VLLMEngine:
         )
         return TPRules(
             engine="vllm",
-            quantized_groups_at_load=True,
+            quantized_groups_at_load=groups_at_load,
             methods_by_dtype=True,
             in_proj_unmerged=unmerged,
             expert_parallel=tp_release(self.id.version) in EP_PROVEN,
