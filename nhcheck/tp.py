@@ -90,7 +90,7 @@ Layers are matched to the pattern the engine builds: the MTP draft without an MT
 config builds the class default ``["attention", "moe"]`` (configs/nemotron_h.py).
 
 Replicated (every rank holds the whole tensor): norms, the router ``gate`` and its correction
-bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``), per-tensor and per-partition scales,
+bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``; vLLM 0.13.0 cuts ``fc1``'s rows, ``TPRules``), per-tensor and per-partition scales,
 row-parallel biases, KV-cache scales, the vision projector ``mlp1``.
 
 vLLM shards Nemotron-H the same way (its ``MambaMixer2``, linear layers, ``VocabParallelEmbedding`` and
@@ -228,6 +228,9 @@ class TPRules:
     ``in_proj_unmerged``: ``in_proj`` is one ``ColumnParallelLinear`` whatever ``n_groups`` (vLLM 0.16.0), and
     only its weight gets the part-wise loader: its other row-sharded parameters (bias, NVFP4 block scale) are
     cut contiguously, so at TP > 1 their rows no longer match the weight's (``mamba-in-proj-cut``).
+    ``latent_fc1_column``: the latent MoE's ``fc1_latent_proj`` is a ``ColumnParallelLinear`` with
+    ``gather_output`` (vLLM 0.13.0): its rows are cut by rank (``divide()`` on ``moe_latent_size``), instead of
+    the ``ReplicatedLinear`` every rank holds whole.
     ``expert_parallel``: the engine's expert parallelism is modelled (vLLM ``--enable-expert-parallel``: the EP
     group is the TP group, every expert whole on one rank, ``plan(..., ep=True)``); SGLang's ``--ep-size`` is not.
     ``ep_proven``: the engine's releases with that proof, named when ``--ep`` is refused for another.
@@ -237,6 +240,7 @@ class TPRules:
     quantized_groups_at_load: bool = False
     methods_by_dtype: bool = False
     in_proj_unmerged: bool = False
+    latent_fc1_column: bool = False
     expert_parallel: bool = False
     ep_proven: tuple[str, ...] = ()
     citations: Mapping[str, Rule] = field(default_factory=dict)
@@ -563,6 +567,8 @@ class _Planner:
             return _Linear("column", ((c.shared_intermediate, tp),), c.hidden_size)
         if kind == "E" and mod == "mixer.shared_experts.down_proj":
             return _Linear("row", (), c.shared_intermediate)
+        if kind == "E" and mod == "mixer.fc1_latent_proj" and self.rules.latent_fc1_column and c.moe_latent_size:
+            return _Linear("column", ((c.moe_latent_size, tp),), c.hidden_size)
         return None
 
     def _module_rules(self, kind: str, mod: str, lin: _Linear | None, mixer: str) -> list[Problem]:

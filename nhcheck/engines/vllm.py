@@ -910,14 +910,14 @@ def linear_load_error(
 
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
-EP_PROVEN = ("0.14.0", "0.15.1", "0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
+EP_PROVEN = ("0.13.0", "0.14.0", "0.15.1", "0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
-    "0.14.0", "0.15.1", "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0",
-    "0.25.1", "0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
+    "0.13.0", "0.14.0", "0.15.1", "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0",
+    "0.24.0", "0.25.1", "0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's: ``oracle/vllm/compare_code.py --tp`` (``ast.dump`` of
 #: every function, method and class body in the 27 files of its ``TP_FILES``: linear layers, parameters, Mamba
@@ -1057,6 +1057,9 @@ class VLLMEngine:
         # again from 0.17.0; goldens bias-bf16-vllm-tp2), and drops the quantized-TP assertion.
         unmerged = release_key("0.16.0") <= key < release_key("0.17.0")
         groups_at_load = key >= release_key("0.16.0")
+        # 0.13.0 (the first latent MoE): fc1_latent_proj is a ColumnParallelLinear(gather_output=True)
+        # (0.13.0 models/nemotron_h.py:215); a ReplicatedLinear from 0.14.0 (golden latentpad-bf16-vllm-tp2).
+        latent_column = key < release_key("0.14.0")
         groups_quant = (
             "IndexError at load (in_proj.input_scale: slice() cannot be applied to a 0-dim tensor)"
             if regrouped
@@ -1124,6 +1127,7 @@ class VLLMEngine:
             quantized_groups_at_load=groups_at_load,
             methods_by_dtype=True,
             in_proj_unmerged=unmerged,
+            latent_fc1_column=latent_column,
             expert_parallel=tp_release(self.id.version) in EP_PROVEN,
             ep_proven=tuple(v for v in RELEASES_WITH_NEMOTRON_H if tp_release(v) in EP_PROVEN),
             citations={r.id: r for r in rules},
