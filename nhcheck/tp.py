@@ -90,8 +90,8 @@ Layers are matched to the pattern the engine builds: the MTP draft without an MT
 config builds the class default ``["attention", "moe"]`` (configs/nemotron_h.py).
 
 Replicated (every rank holds the whole tensor): norms, the router ``gate`` and its correction
-bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``; vLLM 0.13.0 cuts ``fc1``'s rows, ``TPRules``), per-tensor and per-partition scales,
-row-parallel biases, KV-cache scales, the vision projector ``mlp1``.
+bias, ``fc1``/``fc2_latent_proj`` (``ReplicatedLinear``; vLLM 0.13.0 cuts ``fc1``'s rows, ``TPRules``),
+per-tensor and per-partition scales, row-parallel biases, KV-cache scales, the vision projector ``mlp1``.
 
 vLLM shards Nemotron-H the same way (its ``MambaMixer2``, linear layers, ``VocabParallelEmbedding`` and
 ``FusedMoE`` loaders are the ones SGLang's were ported from; experts are TP-sharded unless
