@@ -163,7 +163,15 @@ def test_rank_maps_match_the_engine(release: str, name: str) -> None:
         # The engine refused to build the model at this TP size: nhcheck must say the size fails.
         assert any(s.problems for s in shards.values()), doc["construct_error"]
         return
-    failing = {re.sub(r"^backbone\.", "model.", n) for errs in doc.get("load_errors", {}).values() for n in errs}
+    # a tensor that fails at TP 1 as well (vLLM 0.12.0 has no latent MoE: the latent experts' shapes never fit) is
+    # the replay's per-tensor outcome, not a sharding rule
+    at_tp1 = {n for errs in doc1.get("load_errors", {}).values() for n in errs}
+    failing = {
+        re.sub(r"^backbone\.", "model.", n)
+        for errs in doc.get("load_errors", {}).values()
+        for n in errs
+        if n not in at_tp1
+    }
     keys = _Keys()
     tp1_entries = {n: e for fam in doc1["families"].values() for n, e in fam.items()}
     lossy_modules: set[str] = set()
