@@ -2,7 +2,7 @@
 
 For every EP rank map vLLM recorded (``tests/golden/tp/vllm-*/*-tp2-ep.json.gz``: the oracle's ``hybrid``,
 ``latentpad``, ``moe255``, ``moe272`` and the uneven 5-expert ``moe5e`` checkpoints, BF16 / FP8 / NVFP4, vLLM
-0.19.0, 0.24.0, 0.34.0), the same checkpoint is written with real random tensors and each rank's partition is
+0.11.2 – 0.15.1, 0.19.0, 0.24.0, 0.28.0, 0.33.0, 0.34.0), the same checkpoint is written with real random tensors and each rank's partition is
 loaded with ``load --tp``'s own cutting and reader. Every element of every rank's parameters must be what vLLM put
 there — the checkpoint element its map names (cast to the parameter's dtype, ``A = -exp(A_log)``) or its zero
 fill — so the experts a rank holds, whole, and the attention / Mamba / shared-expert / vocabulary slices under EP
@@ -39,8 +39,19 @@ GOLDEN = Path(__file__).parent / "golden" / "tp"
 sys.path.insert(0, str(ROOT / "oracle" / "sglang_tp"))
 import ckpt  # noqa: E402  (the checkpoint descriptions the oracle ran: tensor names, shapes, dtypes)
 
+
+def _built_and_loaded(path: Path) -> bool:
+    """A map of a model the release built and loaded whole: 0.11.2 and 0.14.0 refuse NVFP4 experts at build, 0.12.0
+    has no latent MoE (its experts' tensors fail at TP 1 already); tests/test_tp_golden.py checks nhcheck on those."""
+    doc = read_golden(path.with_suffix(""))
+    return "construct_error" not in doc and not doc.get("load_errors")
+
+
 EP_CASES = sorted(
-    (d.name, f.name.removesuffix(".json.gz")) for d in GOLDEN.glob("vllm-*") for f in d.glob("*-tp2-ep.json.gz")
+    (d.name, f.name.removesuffix(".json.gz"))
+    for d in GOLDEN.glob("vllm-*")
+    for f in d.glob("*-tp2-ep.json.gz")
+    if _built_and_loaded(f)
 )
 _DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn}
 
@@ -260,9 +271,10 @@ def test_a_missing_expert_is_reported_on_the_rank_that_owns_it(tmp_path):
     [
         ("sglang@0.5.23", "--ep: nhcheck's expert-parallel placement is proven only for the vLLM releases with rank "
          "maps of it (oracle/vllm_tp --ep), not for this sglang release"),
-        ("vllm@0.16.0", "--ep: nhcheck's expert-parallel placement is proven only for vllm 0.19.0, 0.19.1, 0.24.0, "
-         "0.34.0 (oracle/vllm_tp --ep), not for this vllm release"),
-        ("vllm@0.33.0", "load --tp: tensor parallelism on vllm 0.33.0 is not checked"),
+        ("vllm@0.16.0", "--ep: nhcheck's expert-parallel placement is proven only for vllm 0.11.1, 0.11.2, 0.12.0, "
+         "0.13.0, 0.14.0, 0.14.1, 0.15.0, 0.15.1, 0.19.0, 0.19.1, 0.24.0, 0.28.0, 0.33.0, 0.34.0 (oracle/vllm_tp --ep), "
+         "not for this vllm release"),
+        ("vllm@0.11.0", "load --tp: tensor parallelism on vllm 0.11.0 is not checked"),
         ("vllm@0.34.0", "--ep shards the experts over the TP ranks: give --tp too"),
     ],
 )  # fmt: skip
