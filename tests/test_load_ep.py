@@ -2,12 +2,13 @@
 
 For every EP rank map vLLM recorded (``tests/golden/tp/vllm-*/*-tp2-ep.json.gz``: the oracle's ``hybrid``,
 ``latentpad``, ``moe255``, ``moe272`` and the uneven 5-expert ``moe5e`` checkpoints, BF16 / FP8 / NVFP4, vLLM
-0.11.2 – 0.15.1, 0.19.0, 0.24.0, 0.28.0, 0.33.0, 0.34.0), the same checkpoint is written with real random tensors and each rank's partition is
-loaded with ``load --tp``'s own cutting and reader. Every element of every rank's parameters must be what vLLM put
-there — the checkpoint element its map names (cast to the parameter's dtype, ``A = -exp(A_log)``) or its zero
-fill — so the experts a rank holds, whole, and the attention / Mamba / shared-expert / vocabulary slices under EP
-are vLLM's. Then two gloo processes load with ``--ep`` (the coverage all-reduce: every element written once), a
-missing expert is reported for the rank that owns it, and releases without EP maps are refused in one line.
+0.11.2 – 0.15.1, 0.19.0, 0.24.0, 0.28.0, 0.33.0, 0.34.0), the same checkpoint is written with real random tensors
+and each rank's partition is loaded with ``load --tp``'s own cutting and reader. Every element of every rank's
+parameters must be what vLLM put there — the checkpoint element its map names (cast to the parameter's dtype,
+``A = -exp(A_log)``) or its zero fill — so the experts a rank holds, whole, and the attention / Mamba /
+shared-expert / vocabulary slices under EP are vLLM's. Then two gloo processes load with ``--ep`` (the coverage
+all-reduce: every element written once), a missing expert is reported for the rank that owns it, and releases
+without EP maps are refused in one line.
 """
 
 from __future__ import annotations
@@ -272,8 +273,8 @@ def test_a_missing_expert_is_reported_on_the_rank_that_owns_it(tmp_path):
         ("sglang@0.5.23", "--ep: nhcheck's expert-parallel placement is proven only for the vLLM releases with rank "
          "maps of it (oracle/vllm_tp --ep), not for this sglang release"),
         ("vllm@0.16.0", "--ep: nhcheck's expert-parallel placement is proven only for vllm 0.11.1, 0.11.2, 0.12.0, "
-         "0.13.0, 0.14.0, 0.14.1, 0.15.0, 0.15.1, 0.19.0, 0.19.1, 0.24.0, 0.28.0, 0.33.0, 0.34.0 (oracle/vllm_tp --ep), "
-         "not for this vllm release"),
+         "0.13.0, 0.14.0, 0.14.1, 0.15.0, 0.15.1, 0.19.0, 0.19.1, 0.24.0, 0.28.0, 0.33.0, 0.34.0 "
+         "(oracle/vllm_tp --ep), not for this vllm release"),
         ("vllm@0.11.0", "load --tp: tensor parallelism on vllm 0.11.0 is not checked"),
         ("vllm@0.34.0", "--ep shards the experts over the TP ranks: give --tp too"),
     ],
