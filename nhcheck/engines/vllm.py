@@ -1046,11 +1046,11 @@ class VLLMEngine:
         """vLLM's citations (``models/nemotron_h.py``, ``layers/mamba/mamba_mixer2.py``, ``layers/linear.py``,
         ``layers/fused_moe/``, ``layers/quantization/modelopt.py``; 0.34.0 line numbers drift) and the rules
         that differ by release. From 0.16.0 a single B/C group replicated onto the ranks of a quantized model
-        fails while loading, not at start-up (golden ``g1-nvfp4-vllm-tp2``): from 0.32.0 ``in_proj``'s scales get the group-replicating
-        loader too (0.32.0 ``mamba_mixer2.py:458``), which cannot slice the scalar ``input_scale``; before, the
-        NVFP4 block scale stays on ``ColumnParallelLinear``'s loader, which narrows past its end on the last rank.
-        Before 0.16.0 the constructor refuses that model at start-up, as SGLang does (0.15.1 ``mamba_mixer2.py:282``,
-        golden ``vllm-0.15.1/g1-nvfp4-vllm-tp2``)."""
+        fails while loading, not at start-up (golden ``g1-nvfp4-vllm-tp2``): from 0.32.0 ``in_proj``'s scales
+        get the group-replicating loader too (0.32.0 ``mamba_mixer2.py:458``), which cannot slice the scalar
+        ``input_scale``; before, the NVFP4 block scale stays on ``ColumnParallelLinear``'s loader, which narrows
+        past its end on the last rank. Before 0.16.0 the constructor refuses that model at start-up, as SGLang
+        does (0.15.1 ``mamba_mixer2.py:282``, golden ``vllm-0.15.1/g1-nvfp4-vllm-tp2``)."""
         from nhcheck.tp import Rule, TPRules
 
         key = release_key(self.id.version, "vllm")
