@@ -131,36 +131,49 @@ class AuditOptions:
 # ---------------------------------------------------------------------------
 
 
-#: One tensor's replay: (tensor, outcome, full parameter name, routed in the wrapper's first phase?).
-Replayed = tuple[TensorInfo, Outcome, str | None, bool]
+class Replayed(NamedTuple):
+    """A whole replay, as columns: every tensor's record as the replay left it (no orphan, not ignored), in
+    checkpoint order, and whether a wrapper routed it in its first phase.
+
+    Columns rather than one tuple per tensor: the records are what every later step reads, so the replay builds
+    them directly (165k on Super; a per-tensor tuple of its own cost as much to make and free as the replay).
+    """
+
+    records: list[TensorRecord]
+    #: Per tensor, routed in the wrapper's first phase; None without a wrapper (no tensor is).
+    phases: list[bool] | None
 
 
 def replay_tensors(
     ckpt: Checkpoint, cfg: NemotronHConfig, manifest: Manifest, engine: Engine, opts: AuditOptions
-) -> list[Replayed]:
-    """(tensor, outcome, full param name, routing-phase?) for every tensor, in checkpoint order."""
+) -> Replayed:
+    """Every tensor's record (outcome and full param name), in checkpoint order, and the wrapper's phases."""
     replay = engine.replayer(manifest, cfg, mtp=opts.mtp, pp=opts.pp)
+    new = tuple.__new__
     if opts.mtp or cfg.wrapper is None:  # a comprehension: the loop of every audit, 165k names on Super
-        return [(t, (o := replay(t[0])), o[1], False) for t in ckpt.tensors()]
-    out: list[Replayed] = []
-    append = out.append
+        # TensorRecord (tensor, outcome, orphan, param, ignored); an Outcome's param is o[1]
+        return Replayed([new(TensorRecord, (t, (o := replay(t[0])), False, o[1], False)) for t in ckpt.tensors()], None)
+    records: list[TensorRecord] = []
+    phases: list[bool] = []
     prefix = manifest.lm_prefix
     for t in ckpt.tensors():
         r = engine.route(t.name, cfg)
         if r.target == "lm":
             o = replay(r.inner or "")
-            append((t, o, prefix + o.param if o.param else None, False))
-        elif r.target == "projector":
+            records.append(TensorRecord(t, o, False, prefix + o.param if o.param else None, False))
+            phases.append(False)
+            continue
+        if r.target == "projector":
             o = engine.replay_projector(r.inner or t.name, manifest)
-            append((t, o, o.param, True))
         elif r.target == "tower":
-            append((t, Outcome("routed", reason="routed"), None, True))
+            o = Outcome("routed", reason="routed")
         elif r.target == "raise":
-            append((t, Outcome("raise", message=r.message, reason="wrapper-raise"), None, True))
+            o = Outcome("raise", message=r.message, reason="wrapper-raise")
         else:
-            reason = "wrapper-mtp" if t.name.startswith("mtp.") else "wrapper-ignored"
-            append((t, Outcome("skip", reason=reason), None, True))
-    return out
+            o = Outcome("skip", reason="wrapper-mtp" if t.name.startswith("mtp.") else "wrapper-ignored")
+        records.append(TensorRecord(t, o, False, o.param, False))
+        phases.append(True)
+    return Replayed(records, phases)
 
 
 class Gathered(NamedTuple):
@@ -170,8 +183,9 @@ class Gathered(NamedTuple):
     decides (per load key, per tensor that does not load) changes only the few records it concerns.
     """
 
-    replayed: list[Replayed]
     records: list[TensorRecord]
+    #: Per tensor, routed in the wrapper's first phase (``Replayed.phases``).
+    phases: list[bool] | None
     #: (parameter, shard id, dtype, shape) of every load → the positions of its tensors, ascending.
     keys: dict[tuple[str, str | None, str, tuple[int, ...]], list[int]]
     #: Parameter → (shard id, expert id) of every tensor that loads into it.
@@ -180,14 +194,13 @@ class Gathered(NamedTuple):
     unloaded: list[int]
 
 
-def gather(replayed: list[Replayed]) -> Gathered:
+def gather(replayed: Replayed) -> Gathered:
     """Gather a replay by load key, in one pass (165k tensors on Super)."""
-    records: list[TensorRecord] = []
     keys: dict[tuple, list[int]] = {}
     loads: defaultdict[str, set] = defaultdict(set)
     unloaded: list[int] = []
-    append, new = records.append, tuple.__new__
-    for i, (t, o, param, _) in enumerate(replayed):  # positional, as in run_audit
+    records = replayed.records
+    for i, (t, o, _, param, _) in enumerate(records):  # positional, as in run_audit
         if param is not None and o[0] == "load":  # a load always names its parameter
             key = (param, o[2], t[1], t[2])
             at = keys.get(key)
@@ -198,8 +211,7 @@ def gather(replayed: list[Replayed]) -> Gathered:
             loads[param].add((o[2], o[3]))
         else:
             unloaded.append(i)
-        append(new(TensorRecord, (t, o, False, param, False)))
-    return Gathered(replayed, records, keys, dict(loads), unloaded)
+    return Gathered(records, replayed.phases, keys, dict(loads), unloaded)
 
 
 def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:
@@ -506,7 +518,7 @@ def run_audit(
     # replaying its tensors against no parameters would only invent outcomes beside the crash.
     built = not (refusal and not manifest.params)
     if not built:
-        replayed = gather([])
+        replayed = gather(Replayed([], None))
     elif replayed is None:
         replayed = gather(replay_tensors(ckpt, cfg, manifest, engine, opts))
     g = replayed
@@ -589,7 +601,8 @@ def run_audit(
     crash: Crash | None = None
     order_notes: list[Finding] = []
     if raised:  # the stream order matters only to find the first raise: 165k tuples otherwise saved
-        order = [(r.tensor, r.outcome, None, phase) for r, (_, _, _, phase) in zip(records, g.replayed, strict=True)]
+        phases = g.phases or [False] * len(records)
+        order = [(r.tensor, r.outcome, None, phase) for r, phase in zip(records, phases, strict=True)]
         shards = [s.name for s in ckpt.shards]
         rank = {name: i for i, name in enumerate(engine.order_shards(shards))}
         if list(rank) != shards:
@@ -607,7 +620,7 @@ def run_audit(
             # The first raise depends on which shard the engine reads first, and that is the host's.
             order_notes.append(Finding("info", "shard-order-assumed", unknown_order))
     if crash is None:
-        error = engine.startup_error((t.name for t, _, _, _ in g.replayed), manifest, mtp=opts.mtp)
+        error = engine.startup_error((r[0][0] for r in g.records), manifest, mtp=opts.mtp)
         if error:
             crash = Crash(error)
     # A quant config the engine refuses (parse time) or a module it cannot build fails before

@@ -81,7 +81,7 @@ class _SharedReplay:
     reasons: tuple[str, ...]
 
 
-def _share(replayed: list[Replayed]) -> _SharedReplay:
+def _share(replayed: Replayed) -> _SharedReplay:
     g = gather(replayed)
     loads = g.keys  # per distinct load, not per tensor
     targets = frozenset(p for p, _, _, shape in loads if numel(shape) == 1)
