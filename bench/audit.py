@@ -7,7 +7,11 @@ round-robin, several repetitions each (whole processes, wall time):
   baseline  a bare Python process that reads every shard header and json-parses it;
   json      `python -m nhcheck audit DIR --format json -o FILE -q`;
   table     `python -m nhcheck audit DIR -q` (stdout to a pipe: plain rows);
-  floor     `python -c pass` and `python -m nhcheck --version` (interpreter, and imports).
+  floor     `python -c pass` and `python -m nhcheck --version` (interpreter, and imports), and the inputs
+            floor: a process that imports what `audit` imports and decodes every file `audit` must read (each
+            header into typed entries with msgspec, as nhcheck does, and the index, config.json and
+            hf_quant_config.json), then stops: no replay, no report. What no audit written this way can go
+            below, whatever its pipeline after the decode.
 
 With ``--before REF`` the same two audit commands also run from a copy of git REF's tree
 (``git archive``), so one run gives before/after figures for the same machine and load.
@@ -46,6 +50,29 @@ for fn in sorted(os.listdir(d)):
         with open(os.path.join(d, fn), "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
             json.loads(f.read(n))
+"""
+
+#: The inputs floor: ``audit``'s imports, and every file it reads decoded as fast as msgspec decodes it (the
+#: headers into typed entries, without the Python loop that makes them tensor records), GC off as in ``audit``.
+INPUTS = r"""
+import gc, os, struct, sys
+gc.disable()
+import msgspec
+import nhcheck.cli, nhcheck.pipeline
+class Entry(msgspec.Struct, gc=False):
+    dtype: str = ""
+    shape: tuple[int, ...] | None = None
+    data_offsets: tuple[int, int] | None = None
+headers = msgspec.json.Decoder(dict[str, Entry]).decode
+d = sys.argv[1]
+for fn in sorted(os.listdir(d)):
+    with open(os.path.join(d, fn), "rb") as f:
+        if fn.endswith(".safetensors"):
+            n = struct.unpack("<Q", f.read(8))[0]
+            headers(f.read(n))
+        elif fn.endswith(".json"):
+            msgspec.json.decode(f.read())
+os._exit(0)
 """
 
 
@@ -135,6 +162,7 @@ def main() -> None:
                 "baseline (parse headers only)": ([py, "-c", BARE, d], None),
                 "python -c pass": ([py, "-c", "pass"], None),
                 "nhcheck --version": ([py, "-m", "nhcheck", "--version"], trees[""]),
+                "inputs floor (imports + decode every input)": ([py, "-c", INPUTS, d], trees[""]),
             }
             for label, env in trees.items():
                 cmds["audit --format json" + label] = (
@@ -156,7 +184,7 @@ def main() -> None:
             med_wall, med_cpu = statistics.median(wall[base]), statistics.median(cpu[base])
             for k in cmds:
                 print(
-                    f"{name}: {k:<42} wall min {min(wall[k]):.3f} s (median {statistics.median(wall[k]):.3f}) "
+                    f"{name}: {k:<44} wall min {min(wall[k]):.3f} s (median {statistics.median(wall[k]):.3f}) "
                     f"ratio {min(wall[k]) / base_wall:.2f}x (of medians {statistics.median(wall[k]) / med_wall:.2f}x) "
                     f"| cpu min {min(cpu[k]):.3f} s ratio {min(cpu[k]) / base_cpu:.2f}x (of medians "
                     f"{statistics.median(cpu[k]) / med_cpu:.2f}x)"

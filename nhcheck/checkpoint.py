@@ -269,8 +269,17 @@ def _index_agrees(weight_map: dict[str, str], shards: list[ShardHeader]) -> bool
     """
     if len(weight_map) != sum(len(s.tensors) for s in shards):
         return False
-    get = weight_map.get
-    return all(all(map(s.name.__eq__, map(get, map(_NAME, s.tensors)))) for s in shards)
+    for s in shards:
+        if len(s.tensors) < 2:  # ``itemgetter`` of one key answers the value itself, not a tuple
+            if any(weight_map.get(t.name) != s.name for t in s.tensors):
+                return False
+            continue
+        try:  # every name's shard looked up at once, in C, and counted
+            if itemgetter(*map(_NAME, s.tensors))(weight_map).count(s.name) != len(s.tensors):
+                return False
+        except KeyError:
+            return False
+    return True
 
 
 def _total_size_findings(index: dict, shards: list[ShardHeader]) -> list[Finding]:

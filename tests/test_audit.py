@@ -139,6 +139,11 @@ def test_index_cross_check_with_as_many_names_as_tensors():
     assert [(f.code, f.tensor) for f in found] == [("tensor-duplicate", "x"), ("index-tensor-missing", "ghost")]
     found = cross_check({"metadata": {"total_size": 13}, "weight_map": {"x": "a", "y": "b", "z": "b"}}, [a, b], [], [])
     assert [(f.code, f.tensor) for f in found] == [("index-wrong-shard", "y"), ("index-total-size", None)]
+    # A shard of one tensor (looked up alone) on the wrong shard, and a name the headers lack
+    found = cross_check({"metadata": meta, "weight_map": {"x": "a", "y": "b", "z": "a"}}, [a, b], [], [])
+    assert [(f.code, f.tensor) for f in found] == [("index-wrong-shard", "y"), ("index-wrong-shard", "z")]
+    found = cross_check({"metadata": meta, "weight_map": {"x": "a", "w": "a", "z": "b"}}, [a, b], [], [])
+    assert [(f.code, f.tensor) for f in found] == [("index-tensor-missing", "w"), ("index-tensor-unlisted", "y")]
 
 
 def test_missing_shard_and_duplicate_tensor(tmp_path):
