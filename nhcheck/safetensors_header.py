@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
 from operator import itemgetter
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import msgspec
 
@@ -269,9 +269,10 @@ def parse_header_fast(raw: bytes, path: str, shard: str, file_size: int) -> Shar
     # Each check over every entry at once, in C where it can be: the distinct (dtype, shape, span) triples (a few
     # dozen in 10k entries) against their byte sizes, then the spans' order (header order is file order in practice).
     entry_list = entries.values()
-    offsets = [e.data_offsets for e in entry_list]
-    if None in offsets:
+    given = [e.data_offsets for e in entry_list]
+    if None in given:
         return None
+    offsets = cast(list[tuple[int, int]], given)
     for dtype, shape, span in {(e.dtype, e.shape, o[1] - o[0]) for e, o in zip(entry_list, offsets, strict=True)}:
         if _entry_bytes(dtype, shape) != span:  # None for an unknown dtype, a bad shape or a part byte
             return None

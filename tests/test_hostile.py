@@ -206,3 +206,60 @@ def test_real_process_prints_one_line_and_no_traceback(case, corpus):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nhcheck: error: "), proc.stderr
     assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------
+# The table written without rich (``report.console.Plain``) is the table rich writes, byte for byte (issue 17)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _table_plain_and_rich(source: str, engine: str, show_loaded: bool) -> tuple[str, str]:
+    """The audit table as ``-o FILE`` writes it now (a ``Plain``) and as rich wrote it there before."""
+    from rich.console import Console
+
+    from nhcheck import report
+    from nhcheck.pipeline import audit_path
+    from nhcheck.report import console
+
+    rep = audit_path(source, engine)
+    plain, rich = io.StringIO(), io.StringIO()
+    destination = console.file(plain)
+    assert isinstance(destination, console.Plain)
+    report.render_table(rep, destination, show_loaded=show_loaded)
+    report.render_table(rep, Console(file=rich, width=160, no_color=True, soft_wrap=True), show_loaded=show_loaded)
+    return plain.getvalue(), rich.getvalue()
+
+
+@pytest.mark.parametrize("show_loaded", [False, True])
+@pytest.mark.parametrize("case", [c.name for c in CASES if c.outcome != "error"])
+def test_plain_table_is_what_rich_writes(case, show_loaded, corpus):
+    plain, rich = _table_plain_and_rich(str(corpus(case)), "sglang@0.5.23", show_loaded)
+    assert plain == rich
+
+
+@pytest.mark.parametrize("dirname", ["a:fire:b", "[bold]x[/bold]", "back\\slash\\", "trailing ", "plain"])
+def test_plain_table_is_what_rich_writes_whatever_the_source_is_called(dirname, tmp_path):
+    """The source path is printed in the headline, where rich renders markup and emoji codes: such a line goes
+    through rich, every other one is written as it is."""
+    import shutil
+
+    src = tmp_path / dirname
+    shutil.copytree(ROOT / "examples" / "omni-nvfp4-24137", src)
+    for engine in ("sglang@0.5.11", "vllm@0.34.0"):
+        plain, rich = _table_plain_and_rich(str(src), engine, False)
+        assert plain == rich, engine
+
+
+def test_piped_table_does_not_import_rich(tmp_path):
+    """rich is a fifth of a small audit's time: a table written to a pipe or a file does without it."""
+    code = (
+        "import sys; from nhcheck.cli import cli\n"
+        "try:\n    cli(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "assert 'rich' not in sys.modules, sorted(m for m in sys.modules if m.startswith('rich'))"
+    )
+    ex = str(ROOT / "examples" / "nano3-nvfp4")
+    for args in (["audit", ex, "-q"], ["audit", ex, "-q", "-o", str(tmp_path / "t.txt")]):
+        env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr

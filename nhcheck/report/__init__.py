@@ -11,13 +11,15 @@ that ``report.format`` writes in the format asked for; ``report.console`` is the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
 from nhcheck import __version__, collapse, engines
+from nhcheck.report.console import Plain
 
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport
@@ -43,34 +45,94 @@ def safe(text: object) -> str:
     return s
 
 
+#: A piece of a report line or a table cell: (text, rich style or ""), the text already ``safe`` (names come from
+#: strangers' files); rich gets it escaped (``markup``), a plain destination as it is where rich would print it so.
+Span = tuple[str, str]
+
+#: Text rich might not print as written: a markup tag or escape (``[``, ``\\``) or an emoji code (``:name:``).
+_NOT_AS_WRITTEN = re.compile(r"[\[\\]|:\S*?:")
+
+
+class Grid(NamedTuple):
+    """A report table as data: rich draws it in a terminal; elsewhere ``print_table`` writes plain rows."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: list[tuple[Span, ...]]
+
+
+def markup(spans: Iterable[Span]) -> str:
+    """Rich markup of ``spans``: each text escaped on its own, wrapped in its style."""
+    from rich.markup import escape
+
+    return "".join(f"[{style}]{escape(text)}[/]" if style else escape(text) for text, style in spans)
+
+
+def print_line(console, spans: list[Span]) -> None:
+    """One report line: straight to a plain destination (``console.Plain``) when rich would print its text as it
+    is (no markup, escape or emoji code to render, no trailing space to trim), through rich otherwise."""
+    text = "".join(t for t, _ in spans)
+    if isinstance(console, Plain) and not _NOT_AS_WRITTEN.search(text) and not text.endswith(" "):
+        console.line(text)
+    else:
+        console.print(markup(spans))
+
+
 def print_table(console, table) -> None:
-    """A rich table in a terminal; elsewhere (pipes, files) plain rows, one per line, space-aligned.
+    """A ``Grid`` (or a rich table) in a terminal; elsewhere (pipes, files) plain rows, one per line, space-aligned.
 
     Plain rows never split a tensor or parameter name across lines, so ``| grep`` sees whole
     rows whatever the width; empty cells are ``-`` so every row has every column.
     """
     if console.is_terminal:
-        console.print(table)
+        console.print(_rich_table(table) if isinstance(table, Grid) else table)
         return
-    from rich.text import Text
+    if isinstance(table, Grid):
+        title = table.title
+        rows = [list(table.columns)] + [[_plain_cell(cell) for cell in row] for row in table.rows]
+    else:
+        from rich.text import Text
 
-    def plain(cell: object) -> str:
-        if isinstance(cell, Text):
-            text = cell.plain
-        elif isinstance(cell, str):
-            text = Text.from_markup(cell, emoji=False).plain
-        else:
-            text = str(cell)
-        return text.replace("\n", " ") or "-"
+        def plain(cell: object) -> str:
+            if isinstance(cell, Text):
+                text = cell.plain
+            elif isinstance(cell, str):
+                text = Text.from_markup(cell, emoji=False).plain
+            else:
+                text = str(cell)
+            return text.replace("\n", " ") or "-"
 
-    cols = table.columns
-    body = zip(*(c.cells for c in cols), strict=True)
-    rows = [[plain(c.header) for c in cols]] + [[plain(cell) for cell in row] for row in body]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    if table.title:
-        console.out(plain(table.title), highlight=False)
+        cols = table.columns
+        body = zip(*(c.cells for c in cols), strict=True)
+        title = plain(table.title) if table.title else ""
+        rows = [[plain(c.header) for c in cols]] + [[plain(cell) for cell in row] for row in body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    write = console.line if isinstance(console, Plain) else partial(console.out, highlight=False)
+    if title:
+        write(title)
     for r in rows:
-        console.out("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), highlight=False)
+        write("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _plain_cell(cell: Span) -> str:
+    """A cell's text as rich's plain rendering of its markup would read (only text with markup in it needs rich)."""
+    text = cell[0]
+    if _NOT_AS_WRITTEN.search(text):
+        from rich.text import Text
+
+        text = Text.from_markup(markup([cell]), emoji=False).plain
+    return text.replace("\n", " ") or "-"
+
+
+def _rich_table(grid: Grid):
+    from rich.table import Table
+
+    t = Table(title=grid.title, title_justify="left")
+    for col in grid.columns:
+        t.add_column(col, overflow="fold")
+    for row in grid.rows:
+        t.add_row(*(markup([cell]) for cell in row))
+    return t
 
 
 def by_severity(findings) -> list:
@@ -438,51 +500,49 @@ def verdict_text(report: AuditReport) -> str:
 
 
 def render_table(report: AuditReport, console, *, show_loaded: bool = False) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     cfg = report.config
     c = report.counts()
-    e = lambda s: escape(safe(s))  # noqa: E731
     arch = cfg.wrapper or cfg.architecture
-    console.print(
-        f"[bold]nhcheck audit[/] {e(report.source)}"
-        + (f" @ {e(report.revision)}" if report.revision else "")
-        + f" · {e(engine_header(report))} · {e(arch)} ({e(report.quant or 'unquantized')})"
-        + f" · {len(report.records):,} tensors in {len(report.checkpoint.shards):,} shard(s)"
+    print_line(
+        console,
+        [("nhcheck audit", "bold"), (" ", ""), (safe(report.source), "")]
+        + ([(" @ ", ""), (safe(report.revision), "")] if report.revision else [])
+        + [(" · ", ""), (safe(engine_header(report)), ""), (" · ", ""), (safe(arch), ""), (" (", "")]
+        + [(safe(report.quant or "unquantized"), ""), (")", "")]
+        + [(f" · {len(report.records):,} tensors in {len(report.checkpoint.shards):,} shard(s)", "")],
     )
     colour = {"clean": "green", "orphans": "yellow", "incomplete": "yellow", "broken": "red", "crash": "red"}[
         report.verdict
     ]
     tp_bad = tp_verdict(report) == "cannot-shard"
-    console.print(
-        f"[bold {colour}]{report.verdict.upper()}[/]"
-        + (f"[bold red]{e(tp_headline(report))}[/]" if tp_bad else e(tp_headline(report)))
-        + (" — " if report.tp_sizes else " ")
-        + e(verdict_text(report))
+    print_line(
+        console,
+        [
+            (report.verdict.upper(), f"bold {colour}"),
+            (safe(tp_headline(report)), "bold red" if tp_bad else ""),
+            (" — " if report.tp_sizes else " ", ""),
+            (safe(verdict_text(report)), ""),
+        ],
     )
     for label, line in version_ranges(report):
-        console.print(f"  {label}: {e(line)}")
+        print_line(console, [(f"  {label}: ", ""), (safe(line), "")])
     if report.tp_sizes:
-        console.print(f"  tensor parallel (static): {e(tp_text(report))}")
+        print_line(console, [("  tensor parallel (static): ", ""), (safe(tp_text(report)), "")])
 
     rows = _tensor_groups(report, show_loaded)
     if rows:
-        t = Table(
-            title="Checkpoint tensors the engine does not load" if not show_loaded else "Checkpoint tensors",
-            show_lines=False,
-            title_justify="left",
-        )
-        for col in ("outcome", "checkpoint tensors", "count", "engine name", "why"):
-            t.add_column(col, overflow="fold")
+        title = "Checkpoint tensors the engine does not load" if not show_loaded else "Checkpoint tensors"
+        cells: list[tuple[Span, ...]] = []
         for outcome, name, count, target, why, _shard in rows:
             style = {"raise": "red", "warn": "yellow", "skip": "dim" if why.startswith("by design") else "yellow"}.get(
                 outcome, ""
             )
-            t.add_row(f"[{style}]{outcome}[/]" if style else outcome, e(name), f"×{count:,}", e(target), e(why))
-        print_table(console, t)
+            cells.append(((outcome, style), (safe(name), ""), (f"×{count:,}", ""), (safe(target), ""), (safe(why), "")))
+        print_table(console, Grid(title, ("outcome", "checkpoint tensors", "count", "engine name", "why"), cells))
     if not show_loaded:
-        console.print(f"{c['load']:,} tensors load into runtime parameters (use --show-loaded to list them).")
+        print_line(
+            console, [(f"{c['load']:,} tensors load into runtime parameters (use --show-loaded to list them).", "")]
+        )
 
     pg = _param_groups(report)
     if pg:
@@ -510,18 +570,13 @@ def render_table(report: AuditReport, console, *, show_loaded: bool = False) -> 
 # Markdown
 
 
-def findings_table(findings):
-    """The findings as a rich table: severity (coloured), code, message, where (tensor or shard)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    t = Table(title="Findings", title_justify="left")
-    for col in ("severity", "code", "message", "where"):
-        t.add_column(col, overflow="fold")
+def findings_table(findings) -> Grid:
+    """The findings as a table: severity (coloured), code, message, where (tensor or shard)."""
+    rows: list[tuple[Span, ...]] = []
     for f in by_severity(findings):
         style = {"error": "red", "warning": "yellow", "info": "dim"}[f.severity]
-        t.add_row(f"[{style}]{f.severity}[/]", f.code, escape(safe(f.message)), escape(safe(f.tensor or f.shard or "")))
-    return t
+        rows.append(((f.severity, style), (f.code, ""), (safe(f.message), ""), (safe(f.tensor or f.shard or ""), "")))
+    return Grid("Findings", ("severity", "code", "message", "where"), rows)
 
 
 def findings_markdown(findings) -> list[str]:
@@ -532,18 +587,14 @@ def findings_markdown(findings) -> list[str]:
     return out
 
 
-def param_table(title: str, groups, note):
+def param_table(title: str, groups, note) -> Grid:
     """One row per collapsed group of runtime parameters: ``groups`` as ``_param_groups`` makes them,
     ``note(status, informational, missing)`` the last column (audit and load word it differently)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for col in ("status", "parameters", "count", "note"):
-        t.add_column(col, overflow="fold")
-    for (status, info, missing), name, count, _ in groups:
-        t.add_row(status, escape(safe(name)), f"×{count:,}", escape(safe(note(status, info, missing))))
-    return t
+    rows: list[tuple[Span, ...]] = [
+        ((status, ""), (safe(name), ""), (f"×{count:,}", ""), (safe(note(status, info, missing)), ""))
+        for (status, info, missing), name, count, _ in groups
+    ]
+    return Grid(title, ("status", "parameters", "count", "note"), rows)
 
 
 def _md(s: object) -> str:

@@ -4,10 +4,14 @@ Policy, in one place: the report goes to stdout (rich tables in a terminal; pipe
 wrapping, see ``report.print_table``) or to a file (never a terminal: plain rows, no colour); progress
 and the one-line summary go to stderr, never wrapped, whatever the width. ``NO_COLOR`` turns colour off
 everywhere.
+
+A report destination rich would write plain to (a pipe, a file) is a ``Plain``: plain lines go straight to it and
+rich (a fifth of a small audit's run time, imported) is imported only when something asks for more.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -25,8 +29,50 @@ def _no_color() -> bool | None:
     return bool(os.environ.get("NO_COLOR")) or None
 
 
-def stdout() -> Console:
+class Plain:
+    """A report destination that rich would treat as no terminal (``plain_destination``): ``line`` writes a line
+    of plain text to it as rich would print it there; anything else is asked of the rich console ``make`` builds
+    (on first need, once), so a renderer that wants rich gets exactly the console it would have had."""
+
+    is_terminal = False
+
+    def __init__(self, file: Callable[[], IO[str]], make: Callable[[], Console]) -> None:
+        self._file = file
+        self._make = make
+        self._rich: Console | None = None
+
+    def line(self, text: str) -> None:
+        """``text`` (no markup, no tab, no trailing space: what rich prints unchanged) and a newline."""
+        self._file().write(text + "\n")
+
+    def __getattr__(self, name: str):
+        if self._rich is None:
+            self._rich = self._make()
+        return getattr(self._rich, name)
+
+
+def plain_destination(fh: IO[str]) -> bool:
+    """Whether rich's ``Console.is_terminal`` is surely False for ``fh``, answered without importing rich: not a
+    tty, and none of what rich lets override that (``TTY_COMPATIBLE``, ``FORCE_COLOR``, IDLE, Jupyter)."""
+    if "TTY_COMPATIBLE" in os.environ or "FORCE_COLOR" in os.environ or hasattr(builtins, "get_ipython"):
+        return False
+    if getattr(sys.stdin, "__module__", "").startswith("idlelib"):
+        return False
+    isatty = getattr(fh, "isatty", None)
+    try:
+        return isatty is not None and not isatty()
+    except ValueError:
+        return False
+
+
+def stdout() -> Console | Plain:
     """The report console: rich tables in a terminal; piped, plain rows (``report.print_table``), no wrapping."""
+    if plain_destination(sys.stdout):
+        return Plain(lambda: sys.stdout, _stdout)
+    return _stdout()
+
+
+def _stdout() -> Console:
     from rich.console import Console
 
     console = Console(
@@ -46,8 +92,14 @@ def stderr(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet, no_color=_no_color(), highlight=False)
 
 
-def file(fh: IO[str]) -> Console:
+def file(fh: IO[str]) -> Console | Plain:
     """The report console for ``-o FILE``: a file is not a terminal, so tables are plain rows."""
+    if plain_destination(fh):
+        return Plain(lambda: fh, lambda: _file(fh))
+    return _file(fh)
+
+
+def _file(fh: IO[str]) -> Console:
     from rich.console import Console
 
     return Console(file=fh, width=_PIPE_WIDTH, no_color=True, soft_wrap=True)
