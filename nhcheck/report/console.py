@@ -5,8 +5,8 @@ wrapping, see ``report.print_table``) or to a file (never a terminal: plain rows
 and the one-line summary go to stderr, never wrapped, whatever the width. ``NO_COLOR`` turns colour off
 everywhere.
 
-A report destination rich would write plain to (a pipe, a file) is a ``Plain``: plain lines go straight to it and
-rich (a fifth of a small audit's run time, imported) is imported only when something asks for more.
+A report destination rich would write plain to (a pipe, a file) is a ``Plain``: plain lines go straight to it, and
+rich, whose import is a fifth of a small audit's run time, is imported only when something asks for more.
 """
 
 from __future__ import annotations
