@@ -67,6 +67,21 @@ def test_tp_that_shards_is_ok_and_exit_0():
     assert run("audit", NANO, "--tp", "2,4").stdout.splitlines()[1].startswith("CLEAN at TP 1; TP 2, 4: ok — ")
 
 
+def test_tp_of_a_model_the_release_does_not_build_is_not_checked():
+    """vLLM 0.11.1 refuses the non-gated NVFP4 MoE while building the model: no weight is sharded, so no
+    TP size is "ok" (it was, before: the static check found nothing to object to in an unbuilt model)."""
+    nvfp4 = str(NANO)
+    res = run("audit", nvfp4, "--engine", "vllm@0.11.1", "--tp", "2,4", "--format", "json", "-q")
+    s = json.loads(res.stdout)["summary"]
+    assert res.exit_code == 1 and s["verdict"] == "crash" and s["tp_verdict"] == "not-checked"
+    assert s["tp_errors"] == {"2": 0, "4": 0}
+    table = run("audit", nvfp4, "--engine", "vllm@0.11.1", "--tp", "2,4")
+    assert table.stdout.splitlines()[1].startswith("CRASH at TP 1; TP 2, 4: not checked (the model is not built) — ")
+    assert "tensor parallel (static): TP 2: not checked · TP 4: not checked" in table.stdout
+    built = run("audit", nvfp4, "--engine", "vllm@0.12.0", "--tp", "2", "--format", "json", "-q")
+    assert json.loads(built.stdout)["summary"]["tp_verdict"] == "ok"
+
+
 # ---------------------------------------------------------------------------
 # 5. --mtp without an MTP draft
 

@@ -171,11 +171,20 @@ def engine_header(report: AuditReport) -> str:
     return report.engine.described + (f" · {report.pp.label}" if report.pp else "")
 
 
+def _tp_unchecked(report: AuditReport) -> bool:
+    """The release refuses the model while building it at TP 1: no sharding of its weights was replayed,
+    so a size without a sharding error is "not checked", never "ok"."""
+    return report.crash is not None and report.crash.tensor is None
+
+
 def tp_verdict(report: AuditReport) -> str | None:
-    """``ok`` when every ``--tp`` size shards cleanly, ``cannot-shard`` when one does not; None without ``--tp``."""
+    """``ok`` when every ``--tp`` size shards cleanly, ``cannot-shard`` when one does not, ``not-checked`` when
+    none does not but the model is not built at TP 1; None without ``--tp``."""
     if not report.tp_sizes:
         return None
-    return "cannot-shard" if any(report.tp_errors().values()) else "ok"
+    if any(report.tp_errors().values()):
+        return "cannot-shard"
+    return "not-checked" if _tp_unchecked(report) else "ok"
 
 
 def tp_headline(report: AuditReport) -> str:
@@ -187,7 +196,8 @@ def tp_headline(report: AuditReport) -> str:
     ok = [str(tp) for tp, n in errors.items() if not n and tp != 1]
     parts = []
     if ok:
-        parts.append(f"TP {', '.join(ok)}: ok")
+        clean = "not checked (the model is not built)" if _tp_unchecked(report) else "ok"
+        parts.append(f"TP {', '.join(ok)}: {clean}")
     if bad:
         parts.append(f"TP {', '.join(bad)}: cannot shard")
     return " at TP 1" + "".join("; " + p for p in parts)
@@ -229,11 +239,13 @@ def _summary(report: AuditReport) -> dict:
 
 
 def tp_text(report: AuditReport) -> str | None:
-    """``TP 2: ok · TP 8: 3 errors`` for the sizes ``--tp`` checked (the errors are findings); None without ``--tp``."""
+    """``TP 2: ok · TP 8: 3 errors`` for the sizes ``--tp`` checked (the errors are findings; ``not checked`` where
+    the model is not built); None without ``--tp``."""
     if not report.tp_sizes:
         return None
+    clean = "not checked" if _tp_unchecked(report) else "ok"
     return " · ".join(
-        f"TP {tp}: " + (f"{n} error{'s' if n > 1 else ''}" if n else "ok") for tp, n in report.tp_errors().items()
+        f"TP {tp}: " + (f"{n} error{'s' if n > 1 else ''}" if n else clean) for tp, n in report.tp_errors().items()
     )
 
 
