@@ -57,6 +57,16 @@ slot or raises is ``FusedMoE._load_w13`` / ``_load_w2``'s (``RoutedExperts``' fr
 
 ``dense_probes/probe_h8b_dense_traps`` (its own folder: a question for the releases that build only Nemotron-H v1
 configs, 0.10.1.1 – 0.10.2): ``h8b_dense`` plus ``q_proj.bias`` and ModelOpt FP8 KV scales on its attention layer.
+
+``dense_probes/probe_h8b_dense_geometry_{wide,narrow}`` / ``probe_h8b_dense_mlp_list`` (the question 0.9.1 – 0.10.0 ask:
+their layers size themselves from other config fields than 0.10.1 on): ``h8b_dense`` with a config whose fields
+disagree, the tensors shaped as the fields 0.10.1 reads say (``head_dim``, ``mamba_num_heads * mamba_head_dim``).
+``wide``: ``head_dim`` 32 (``hidden_size // num_attention_heads`` is 16) and ``expand`` 1 (``expand * hidden_size``
+64, the Mamba width 128): the checkpoint is wider than what 0.10.0 builds. ``narrow``: ``head_dim`` 8 and ``expand`` 4
+(narrower). ``mlp_list``: ``intermediate_size`` as a per-MLP list (0.10.1 reads one entry per MLP layer).
+``dense_probes/probe_h8b_dense_hfq_fp8``: ``h8b_dense`` plus a ModelOpt FP8 ``hf_quant_config.json`` (export form, no
+``quantization_config`` in config.json) and the FP8 scales of one Mamba ``in_proj``: whether the release reads that file
+(the config normaliser of 0.10.1 on does; 0.10.0 and earlier read config.json's ``quantization_config`` only).
 """
 import json
 import os
@@ -274,6 +284,72 @@ def dense_trap_probe(out, probe="probe_h8b_dense_traps", base="h8b_dense"):
     print(dst, len(traps), "traps")
 
 
+def _rewrite(dst, change, cfg_update):
+    """Rewrite tensors of ``dst`` in place (``change``: name -> function of the tensor) and update its config."""
+    path = os.path.join(dst, "model.safetensors.index.json")
+    idx = json.load(open(path))
+    for fname in sorted({idx["weight_map"][n] for n in change}):
+        with safe_open(os.path.join(dst, fname), framework="pt") as f:
+            names = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names}
+        for k in names:
+            if k in change:
+                old = tensors[k].nbytes
+                tensors[k] = change[k](tensors[k])
+                idx["metadata"]["total_size"] += tensors[k].nbytes - old
+        save_file(tensors, os.path.join(dst, fname), metadata={"format": "pt"})
+    with open(path, "w") as f:
+        json.dump(idx, f, indent=2)
+    cpath = os.path.join(dst, "config.json")
+    cfg = json.load(open(cpath))
+    cfg.update(cfg_update)
+    with open(cpath, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def dense_geometry_probe(out, probe, head_dim, expand, base="h8b_dense"):
+    """``h8b_dense`` with ``head_dim`` / ``expand`` that disagree with ``hidden_size // num_attention_heads`` and
+    ``mamba_num_heads * mamba_head_dim``; the attention tensors resized to ``head_dim`` (the overlap keeps the
+    original values, zeros fill an extension), the Mamba tensors left at ``mamba_num_heads * mamba_head_dim``."""
+    dst = _fresh(out, probe, base)
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    old = cfg["hidden_size"] // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    change = {}
+    for i, k in enumerate(cfg["hybrid_override_pattern"]):
+        if k != "*":
+            continue
+        pre = f"backbone.layers.{i}.mixer."
+        change[pre + "q_proj.weight"] = lambda t: _resized(t, 0, (head_dim - old) * nq)
+        change[pre + "k_proj.weight"] = lambda t: _resized(t, 0, (head_dim - old) * nkv)
+        change[pre + "v_proj.weight"] = lambda t: _resized(t, 0, (head_dim - old) * nkv)
+        change[pre + "o_proj.weight"] = lambda t: _resized(t, 1, (head_dim - old) * nq)
+    _rewrite(dst, change, {"head_dim": head_dim, "attention_head_dim": head_dim, "expand": expand})
+    print(dst, len(change), "attention tensors resized")
+
+
+def dense_mlp_list_probe(out, probe="probe_h8b_dense_mlp_list", base="h8b_dense"):
+    """``h8b_dense`` with ``intermediate_size`` written as one entry per MLP layer (same sizes, same tensors)."""
+    dst = _fresh(out, probe, base)
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    n = cfg["hybrid_override_pattern"].count("-")
+    _rewrite(dst, {}, {"intermediate_size": [cfg["intermediate_size"]] * n})
+    print(dst, "intermediate_size as a list of", n)
+
+
+def dense_hfq_probe(out, probe="probe_h8b_dense_hfq_fp8", base="h8b_dense"):
+    """``h8b_dense`` plus a ModelOpt FP8 ``hf_quant_config.json`` and ``in_proj`` FP8 scales of layer 0."""
+    dst = _fresh(out, probe, base)
+    hfq = {"producer": {"name": "modelopt", "version": "0.29.0"},
+           "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}}
+    with open(os.path.join(dst, "hf_quant_config.json"), "w") as f:
+        json.dump(hfq, f, indent=2)
+    scales = {f"backbone.layers.0.mixer.in_proj.{s}": torch.tensor(1.0, dtype=torch.float32)
+              for s in ("weight_scale", "input_scale")}
+    _add_shard(dst, "model-probe.safetensors", scales)
+    print(dst, len(scales), "scales")
+
+
 def main(out, sizes_out):
     for probe, base in MTP_BASES.items():
         mtp_probe(os.path.join(os.path.dirname(out), "mtp"), probe, base)
@@ -283,7 +359,12 @@ def main(out, sizes_out):
     omni_order_probe(out)
     for probe, (base, sizes) in SIZES.items():
         expert_size_probe(sizes_out, probe, base, sizes)
-    dense_trap_probe(os.path.join(os.path.dirname(out), "dense_probes"))
+    dense = os.path.join(os.path.dirname(out), "dense_probes")
+    dense_trap_probe(dense)
+    dense_geometry_probe(dense, "probe_h8b_dense_geometry_wide", head_dim=32, expand=1)
+    dense_geometry_probe(dense, "probe_h8b_dense_geometry_narrow", head_dim=8, expand=4)
+    dense_mlp_list_probe(dense)
+    dense_hfq_probe(dense)
 
 
 if __name__ == "__main__":

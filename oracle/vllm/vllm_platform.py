@@ -7,6 +7,44 @@ RELAXED: list = []  # attention-backend selections that needed the head-size che
 
 CAPS = {"sm100": (10, 0, "NVIDIA B200"), "sm90": (9, 0, "NVIDIA H100 80GB HBM3"), "sm120": (12, 0, "NVIDIA RTX PRO 6000 Blackwell")}
 
+def _relax_v0_xformers_head_size():
+    """Releases that build NemotronH on the V0 engine (0.9.x – 0.10.1.1) fall to the XFormers backend on
+    the emulated GPU, whose ``XFormersImpl.__init__`` refuses a head size PagedAttention has no kernel for
+    (``Head size 16 is not supported by PagedAttention``) while the model is built. As for the V1
+    selection above: only on that refusal is the constructor repeated with the head size allowed, and
+    that is recorded (RELAXED). The backend creates no parameter and maps no name."""
+    import importlib.util
+
+    from packaging.version import Version
+    import vllm
+
+    if Version(vllm.__version__) >= Version("0.10.2") or importlib.util.find_spec(
+            "vllm.attention.backends.xformers") is None:
+        return
+    import vllm.attention.backends.xformers as xf
+
+    real_init = xf.XFormersImpl.__init__
+
+    def init(self, num_heads, head_size, *a, **k):
+        try:
+            return real_init(self, num_heads, head_size, *a, **k)
+        except ValueError as e:
+            if "is not supported by PagedAttention" not in str(e):
+                raise
+            real_sizes = xf.PagedAttention.__dict__["get_supported_head_sizes"]
+            xf.PagedAttention.get_supported_head_sizes = staticmethod(
+                lambda: list(real_sizes.__func__()) + [head_size])
+            try:
+                real_init(self, num_heads, head_size, *a, **k)
+            finally:
+                xf.PagedAttention.get_supported_head_sizes = real_sizes
+            msg = f"{str(e)[:160]}... -> XFormersImpl with head size {head_size}"
+            if msg not in RELAXED:
+                RELAXED.append(msg)
+
+    xf.XFormersImpl.__init__ = init
+
+
 def install(name="sm100"):
     major, minor, dev = CAPS[name]
     class EmulatedCudaPlatform(NonNvmlCudaPlatform):
@@ -61,4 +99,5 @@ def install(name="sm100"):
 
     torch.cuda.get_device_capability = lambda device=None: (major, minor)
     vp.current_platform = EmulatedCudaPlatform()
+    _relax_v0_xformers_head_size()  # after the platform: the backend module reads it on import
     return vp.current_platform
