@@ -724,7 +724,7 @@ def run_audit(
 
 
 #: Manifest problems that are errors the engine raises while starting (no weight loads).
-_REFUSALS = ("ValueError", "AttributeError", "NotImplementedError", "KeyError")
+_REFUSALS = ("ValueError", "AttributeError", "NotImplementedError", "KeyError", "TypeError")
 
 
 def _slot0_findings(engine: Engine, slot0: dict[str, Param], statuses: list[ParamStatus]) -> list:

@@ -61,6 +61,12 @@ class NemotronHConfig:
     has_rms_norm_eps: bool = True
     hybrid_pattern: str = ""
     has_auto_map: bool = False
+    #: What vLLM 0.9.1 – 0.10.0 size their layers from (``VLLMProfile.sizes_from_hidden``): the Mamba width is
+    #: ``expand * hidden_size`` (their ``NemotronHConfig`` takes ``mamba_expand``, default 2; a config.json
+    #: ``expand`` key overrides it as a plain attribute), and ``intermediate_size`` must be one number (a list
+    #: was written: ``intermediate_is_list``).
+    mamba_expand: int = 2
+    intermediate_is_list: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -259,4 +265,6 @@ def parse_config(config: dict, path: str = "config.json") -> NemotronHConfig:
         has_rms_norm_eps="rms_norm_eps" in config,
         hybrid_pattern=pat if isinstance(pat := config.get("hybrid_override_pattern"), str) else "",
         has_auto_map=isinstance(outer.get("auto_map"), dict),
+        mamba_expand=expand if type(expand := config.get("expand", config.get("mamba_expand", 2))) is int else 2,
+        intermediate_is_list=isinstance(inter, list),
     )

@@ -179,6 +179,19 @@ class VLLMProfile:
     #: ``NemotronH_Nano_VL_V2`` is a registered architecture (0.11.0 ``models/registry.py:235``); 0.10.2 registers
     #: ``NemotronH_Nano_VL`` instead (:228), so a VL V2 checkpoint is refused as an unsupported architecture.
     vl_v2_registered: bool
+    #: The layers size themselves from ``hidden_size`` (0.10.0 ``models/nemotron_h.py``): attention ``head_dim =
+    #: hidden_size // num_attention_heads`` (:207), Mamba width ``expand * hidden_size`` (:148), the MLP the whole
+    #: ``config.intermediate_size`` (:73, a list fails ``ColumnParallelLinear``'s ``divide()``); and Mamba's
+    #: ``conv1d`` / unquantized ``in_proj`` go through ``mamba_v2_sharded_weight_loader`` part by part (modelled
+    #: here only). From 0.10.1: ``config.head_dim``, ``mamba_num_heads * mamba_head_dim``, one entry of a per-MLP
+    #: list. Goldens ``dense_probes/probe_h8b_dense_geometry_{wide,narrow}``, ``probe_h8b_dense_mlp_list`` (0.10.0).
+    sizes_from_hidden: bool
+    #: The config normaliser reads ModelOpt's ``hf_quant_config.json`` (0.10.1 ``config/``); before, only
+    #: config.json's ``quantization_config`` (0.10.0 ``config.py:992``, ``model_loader/weight_utils.py:159``): a
+    #: checkpoint quantized in that file alone is built unquantized unless ``--quantization modelopt`` is passed
+    #: (golden ``dense_probes/probe_h8b_dense_hfq_fp8``, 0.10.0; ``startup_mixed_hfq_only`` is not refused for
+    #: MIXED_PRECISION there).
+    reads_hf_quant_config: bool
     #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
     modelopt_algos: tuple[str, ...]
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
@@ -224,6 +237,8 @@ _V5 = VLLMProfile(
     vl_v2_registered=True,
     mamba_in_proj_merged=True,
     weights_mapper=True,
+    sizes_from_hidden=False,
+    reads_hf_quant_config=True,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
@@ -280,6 +295,10 @@ _V2 = replace(
 #: stacked ``.bias`` (:438 – :467); no NemotronH VL wrapper. Goldens 0.10.1.1; 0.10.1 is identical, 0.9.1 – 0.10.0
 #: differ only in ``NemotronHMambaDecoderLayer.__init__`` and layers' internals (``oracle/vllm/compare_code.py``).
 _V1 = replace(_V2, version="0.10.1.1", epoch="V1", weights_mapper=False)
+#: V1a: 0.9.1 – 0.10.0 — V1's loading loop, but the layers size themselves from ``hidden_size`` (``sizes_from_hidden``)
+#: and hf_quant_config.json is not read (``reads_hf_quant_config``). Goldens 0.10.0 (every case, probe, start-up
+#: variant and example, and the ``dense_probes`` that split it from V1).
+_V1a = replace(_V1, version="0.10.0", epoch="V1a", sizes_from_hidden=True, reads_hf_quant_config=False)
 #: V2b: 0.11.0 — as 0.10.2 on every golden case (Nemotron 3 refused for ``rms_norm_eps``; h8b_dense identical), with the
 #: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
 #: its unquantized linears take the v2 weight loaders (``layers/linear.py`` ``UnquantizedLinearMethod.create_weights``),
@@ -345,6 +364,7 @@ _V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True,
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
 #: loading-path function, release to release).
 PROFILES: dict[str, VLLMProfile] = {
+    "0.10.0": _V1a,
     "0.10.1": _V1,
     "0.10.1.1": _V1,
     "0.10.2": _V2,
@@ -905,7 +925,38 @@ def linear_load_error(
         err = _narrow(loaded[parallel_dim], 0, shape[parallel_dim])
         if err:
             return err
+        # the narrowed tensor is what the assertion compares: a longer one is cut to the slot (``slot_note``)
+        loaded = loaded[:parallel_dim] + (shape[parallel_dim],) + loaded[parallel_dim + 1 :]
     return None if shape == loaded else "AssertionError: "
+
+
+def _expand_error(target: tuple[int, ...], src: tuple[int, ...]) -> str | None:
+    """``param.data[a:b] = src`` into a block of ``target``'s shape: torch expands ``src``, checking the dimensions
+    from the last, and names the first one (from the end) that is neither equal nor 1."""
+    for i in range(len(target) - 1, -1, -1):
+        if src[i] not in (target[i], 1):
+            return (
+                f"RuntimeError: The expanded size of the tensor ({target[i]}) must match the existing size ({src[i]}) "
+                f"at non-singleton dimension {i}.  Target sizes: {list(target)}.  Tensor sizes: {list(src)}"
+            )
+    return None
+
+
+def mamba_parts_error(
+    shape: tuple[int, ...], loaded: tuple[int, ...], parts: tuple[tuple[str, int, int], ...]
+) -> str | None:
+    """``mamba_v2_sharded_weight_loader`` (0.10.0 ``layers/mamba/mamba_mixer2.py:153``) at TP 1: each part's rows
+    are copied from the same offsets of the checkpoint tensor (``param.data[b:b+n] = loaded[b:b+n]``); a tensor
+    shorter than the parameter fails at the first part that runs past its end (golden
+    ``dense_probes/probe_h8b_dense_geometry_narrow``), a longer one loads its leading rows (``slot_note``)."""
+    if len(loaded) != len(shape):
+        return None
+    for _part, off, size in parts:
+        avail = max(0, min(loaded[0], off + size) - off)
+        err = _expand_error((size, *shape[1:]), (avail, *loaded[1:]))
+        if err:
+            return err
+    return None
 
 
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
@@ -1172,6 +1223,12 @@ class VLLMEngine:
             return expert_load_error(
                 param.shape[1:], shape, shard_id, self.profile.expert_slot_narrows, self.profile.expert_trims_long
             )
+        if param.slots and param.loader == "default":  # Mamba conv1d / in_proj parts (``mamba_parts``)
+            return mamba_parts_error(param.shape, shape, param.slots)
+        if self.profile.sizes_from_hidden and param.name.endswith(".mixer.norm.weight"):
+            # ``Mixer2RMSNormGated``'s ``sharded_weight_loader(0)``: narrowed to the slot, then copied
+            # (golden ``dense_probes/probe_h8b_dense_geometry_narrow``).
+            return _narrow(shape[0], 0, param.shape[0]) if len(shape) == 1 else default_loader_error(param.shape, shape)
         if len(param.shape) == 1 and "scale" in last and param.quant_method is not None:
             # PerTensorScaleParameter: a one-element tensor fills its slot; anything else fails the loader's
             # ``assert param_data.shape == loaded_weight.shape``.
@@ -1190,7 +1247,7 @@ class VLLMEngine:
         tensor longer than its slot on the sharded dim (to 0.22.x): silent garbage either way. Asked only when
         ``load_error`` is None."""
         if param.loader != "expert":
-            return None
+            return self._linear_cut_note(param, dtype, shape)
         slot = param.shape[1:]
         if self.profile.expert_slot_narrows and expert_narrowed(slot, shape):
             return (
@@ -1206,6 +1263,41 @@ class VLLMEngine:
                 f"{'columns' if dim else 'rows'} are dropped"
             )
         return None
+
+    def _linear_cut_note(self, param, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """A tensor longer than its linear slot on the sharded dimension, which the loader narrows without a word
+        (``narrow(dim, 0, size)`` then the shape assertion; golden ``dense_probes/probe_h8b_dense_geometry_wide``,
+        0.10.0), or longer than a Mamba ``conv1d`` / ``in_proj`` whose parts are copied at the slot's offsets."""
+        if len(shape) != len(param.shape) or not shape:
+            return None
+        if param.slots and param.loader == "default":
+            if shape[0] > param.shape[0]:
+                return (
+                    f"{dtype} {list(shape)} loads into the {list(param.shape)} slot of {param.name} without an error: "
+                    f"mamba_v2_sharded_weight_loader copies its first {param.shape[0]} rows part by part at the "
+                    f"engine's own offsets ({', '.join(str(n) for _p, _o, n in param.slots)}); the checkpoint's blocks "
+                    "are cut elsewhere: wrong weights"
+                )
+            return None
+        module = param.name.rsplit(".", 2)[-2] if param.name.endswith(".weight") else ""
+        cls = _LINEAR_CLASS.get(module)
+        if self.profile.sizes_from_hidden and param.name.endswith(".mixer.norm.weight"):
+            cls, dim = "Mixer2RMSNormGated", 0
+        elif cls is None or cls == "ReplicatedLinear" or module in ("embed_tokens", "conv1d"):
+            return None
+        else:
+            dim = 1 if cls == "RowParallelLinear" else 0
+        size, slot = param.shape[dim], f"the {list(param.shape)} slot"
+        if param.loader == "stacked" and param.slots and dim == 0:
+            size = max(n for _s, _o, n in param.slots)  # longer than any shard's window (no shard id here)
+            slot = f"its {size}-row shard window"
+        if dim >= len(shape) or shape[dim] <= size:
+            return None
+        return (
+            f"{dtype} {list(shape)} is cut to {slot} of {param.name} without an error "
+            f"({cls}'s loader narrows it on dim {dim}): its last {shape[dim] - size} "
+            f"{'columns' if dim else 'rows'} are dropped"
+        )
 
     def startup_error(self, names, manifest, *, mtp: bool) -> str | None:
         """The strict check after the stream (``DefaultModelLoader.load_weights``, 0.34.0

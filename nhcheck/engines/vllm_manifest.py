@@ -153,6 +153,39 @@ def nvfp4_moe_environment(release: str) -> str:
     )
 
 
+def sizes_from_hidden_note(cfg: NemotronHConfig, profile: VLLMProfile, release: str) -> tuple[str, ...]:
+    """Where 0.9.1 – 0.10.0 size a layer other than the config fields later releases read say (``sizes_from_hidden``):
+    the checkpoint's tensors then meet slots of another width (``load_error`` / ``slot_note`` per tensor)."""
+    if not profile.sizes_from_hidden:
+        return ()
+    H, out = cfg.hidden_size, []
+    if "*" in cfg.pattern and cfg.num_attention_heads and H // cfg.num_attention_heads != cfg.head_dim:
+        out.append(
+            f"attention head_dim = hidden_size // num_attention_heads = {H // cfg.num_attention_heads} "
+            f"(from 0.10.1 config.head_dim: {cfg.head_dim})"
+        )
+    if "M" in cfg.pattern and cfg.mamba_expand * H != cfg.mamba_inner:
+        out.append(
+            f"Mamba width = expand * hidden_size = {cfg.mamba_expand * H} "
+            f"(from 0.10.1 mamba_num_heads * mamba_head_dim: {cfg.mamba_inner})"
+        )
+    if not out:
+        return ()
+    return (
+        f"vllm {release} sizes its layers from hidden_size: {'; '.join(out)}: the checkpoint's tensors meet slots of "
+        "another width",
+    )
+
+
+def hf_quant_config_unread(release: str) -> str:
+    """Why a checkpoint quantized in hf_quant_config.json alone is answered as unquantized (0.9.1 – 0.10.0)."""
+    return (
+        f"vllm {release} reads the quantization from config.json's quantization_config only: hf_quant_config.json "
+        "is not read unless --quantization modelopt is passed, so the model is built unquantized (nhcheck answers "
+        "for the default; the config normaliser reads the file from 0.10.1)"
+    )
+
+
 def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
     """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
     registered = (None, "NemotronH_Nano_VL_V2") if profile.vl_v2_registered else (None,)
@@ -175,10 +208,13 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
 
 def build_refusal(cfg: NemotronHConfig, profile: VLLMProfile) -> str | None:
     """The error the model build raises before 0.11.1, at the first layer that cannot be built: an ``E`` layer has
-    no class (``KeyError``), any other reads ``config.rms_norm_eps``."""
+    no class (``KeyError``); 0.9.1 – 0.10.0 hand an MLP's ``ColumnParallelLinear`` the whole ``intermediate_size``, so
+    a list fails its ``divide()`` before the layer's norm is built; any layer reads ``config.rms_norm_eps``."""
     for kind in cfg.pattern:
         if kind == "E" and not profile.moe_layers:
             return "KeyError: 'E'"
+        if kind == "-" and profile.sizes_from_hidden and cfg.intermediate_is_list:
+            return "TypeError: unsupported operand type(s) for %: 'list' and 'int'"
         if not profile.reads_layer_norm_epsilon and not cfg.has_rms_norm_eps:
             return "AttributeError: 'NemotronHConfig' object has no attribute 'rms_norm_eps'"
     return None
@@ -201,10 +237,31 @@ class _Builder:
         self.dtype = _DTYPES.get(cfg.dtype, "bfloat16")
         self.out: list[Param] = []
 
+    def mamba_inner(self) -> int:
+        """The Mamba width: ``mamba_num_heads * mamba_head_dim``; 0.9.1 – 0.10.0 ``expand * hidden_size``."""
+        c = self.cfg
+        return c.mamba_expand * c.hidden_size if self.profile.sizes_from_hidden else c.mamba_inner
+
+    def mamba_parts(self, sizes: tuple[int, ...]) -> tuple[tuple[str, int, int], ...]:
+        """The row blocks ``mamba_v2_sharded_weight_loader`` copies one by one, where the replay models that loader
+        (0.9.1 – 0.10.0, ``sizes_from_hidden``; golden ``dense_probes/probe_h8b_dense_geometry_narrow``)."""
+        if not self.profile.sizes_from_hidden:
+            return ()
+        return tuple((str(i), sum(sizes[:i]), n) for i, n in enumerate(sizes))
+
     def add(self, name: str, shape: tuple[int, ...], dtype: str | None = None, method: str | None = None, **kw) -> None:
         self.out.append(Param(self.np + name, tuple(shape), dtype or self.dtype, quant_method=method, **kw))
 
-    def linear(self, name: str, outs: tuple[int, ...], inp: int, *, bias: bool = False, stacked: tuple[str, ...] = ()):
+    def linear(
+        self,
+        name: str,
+        outs: tuple[int, ...],
+        inp: int,
+        *,
+        bias: bool = False,
+        stacked: tuple[str, ...] = (),
+        mamba_parts: tuple[tuple[str, int, int], ...] = (),
+    ):
         algo = self.q.algo_of(self.qname(name)) if self.q else None
         rows, parts = sum(outs), len(outs)
         slots: tuple[tuple[str, int, int], ...] = ()
@@ -219,7 +276,7 @@ class _Builder:
             method = UNQUANT
             if name == "lm_head":
                 method = self.profile.quantized_lm_head_method if self.q else EMBED
-            self.add(f"{name}.weight", (rows, inp), method=method, loader=loader, slots=slots)
+            self.add(f"{name}.weight", (rows, inp), method=method, loader=loader, slots=slots or mamba_parts)
         elif algo == "NVFP4":
             m = self.profile.linear_method_name
             self.add(f"{name}.weight", (rows, inp // 2), "uint8", m, loader=loader, slots=slots)
@@ -274,26 +331,33 @@ class _Builder:
         c, P, H = self.cfg, f"model.layers.{i}.mixer", self.cfg.hidden_size
         if kind == "M":
             nh = c.mamba_num_heads
+            inner, gs = self.mamba_inner(), c.n_groups * c.ssm_state_size
+            in_parts = (inner, inner, gs, gs, nh)
             self.add(f"{P}.A", (nh,), "float32", loader="mamba_A")
             self.add(f"{P}.D", (nh,))
             self.add(f"{P}.dt_bias", (nh,))
-            self.add(f"{P}.conv1d.weight", (c.mamba_conv_dim, 1, c.conv_kernel), method=UNQUANT)
+            # ``mamba_v2_sharded_weight_loader`` copies conv1d / an unquantized in_proj part by part; where the
+            # replay models it (``VLLMEngine.load_error``) the parts ride along as offsets.
+            conv = self.mamba_parts((inner, gs, gs))
+            self.add(f"{P}.conv1d.weight", (inner + 2 * gs, 1, c.conv_kernel), method=UNQUANT, slots=conv)
             if c.use_conv_bias:
-                self.add(f"{P}.conv1d.bias", (c.mamba_conv_dim,), method=UNQUANT)
-            parts = c.mamba_in_proj_parts if self.profile.mamba_in_proj_merged else (sum(c.mamba_in_proj_parts),)
-            self.linear(f"{P}.in_proj", parts, H, bias=c.use_bias)
-            self.linear(f"{P}.out_proj", (H,), c.mamba_inner, bias=c.use_bias)
-            self.add(f"{P}.norm.weight", (c.mamba_inner,))
+                self.add(f"{P}.conv1d.bias", (inner + 2 * gs,), method=UNQUANT, slots=conv)
+            parts = in_parts if self.profile.mamba_in_proj_merged else (sum(in_parts),)
+            self.linear(f"{P}.in_proj", parts, H, bias=c.use_bias, mamba_parts=self.mamba_parts(in_parts))
+            self.linear(f"{P}.out_proj", (H,), inner, bias=c.use_bias)
+            self.add(f"{P}.norm.weight", (inner,))
         elif kind == "*":
-            # transformers' NemotronHConfig: head_dim defaults to 128; ``attention_head_dim`` is not read.
-            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            # transformers' NemotronHConfig: head_dim defaults to 128; ``attention_head_dim`` is not read
+            # (0.9.1 – 0.10.0: hidden_size // num_attention_heads).
+            hd = H // max(c.num_attention_heads, 1) if self.profile.sizes_from_hidden else c.head_dim
+            q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
             self.linear(f"{P}.qkv_proj", (q, kv, kv), H, stacked=("q", "k", "v"))
             self.linear(f"{P}.o_proj", (H,), q)
             if self.q is not None and self.profile.attn_quant_scales:
                 for s in ("q_scale", "k_scale", "v_scale", "prob_scale"):
                     self.add(f"{P}.attn.{s}", (), None, self.profile.kv_method_name, informational=True)
         elif kind == "-":
-            inter = c.mlp_intermediate(i)
+            inter = c.intermediate_size[0] if self.profile.sizes_from_hidden else c.mlp_intermediate(i)
             self.linear(f"{P}.up_proj", (inter,), H, bias=c.mlp_bias)
             self.linear(f"{P}.down_proj", (H,), inter, bias=c.mlp_bias)
         elif kind == "E":
@@ -336,9 +400,13 @@ def build_manifest(
         raise UsageError(f"vllm {release}: pipeline-parallel ranks are not modelled; run without --pp")
     if mtp:
         return _mtp_manifest(cfg, qc, profile, release)
+    unread: tuple[str, ...] = ()
+    if qc is not None and qc.source == "hf_quant_config.json" and not profile.reads_hf_quant_config:
+        unread = (hf_quant_config_unread(release),)
+        qc = None
     refusal = startup_refusal(cfg, qc, profile) or build_refusal(cfg, profile)
     if refusal is not None:
-        return Manifest((), engine, problems=(refusal,))
+        return Manifest((), engine, problems=(refusal, *unread))
     wrapped = cfg.wrapper is not None
     prefix = "language_model." if wrapped else ""
     quant = _Quant(qc, profile, prefix) if qc is not None and qc.quant_method == "modelopt" else None
@@ -361,7 +429,7 @@ def build_manifest(
             # Unfilled, it keeps nn.LayerNorm's initial values (weight 1, bias 0): the engine's default.
             for s in ("weight", "bias"):
                 b.out.append(Param(f"vision_final_layernorm.{s}", (cfg.vit_hidden_size,), b.dtype, informational=True))
-    problems = tuple(qc.problems) if qc else ()
+    problems = (tuple(qc.problems) if qc else ()) + unread + sizes_from_hidden_note(cfg, profile, release)
     if cfg.moe_latent_size is not None and not profile.latent_moe:
         problems += (
             f"vllm {release} does not read moe_latent_size (latent MoE from 0.13.0): its experts take hidden_size "

@@ -15,8 +15,8 @@ def _relax_v0_xformers_head_size():
     that is recorded (RELAXED). The backend creates no parameter and maps no name."""
     import importlib.util
 
-    from packaging.version import Version
     import vllm
+    from packaging.version import Version
 
     if Version(vllm.__version__) >= Version("0.10.2") or importlib.util.find_spec(
             "vllm.attention.backends.xformers") is None:
