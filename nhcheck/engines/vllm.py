@@ -192,6 +192,11 @@ class VLLMProfile:
     #: (golden ``dense_probes/probe_h8b_dense_hfq_fp8``, 0.10.0; ``startup_mixed_hfq_only`` is not refused for
     #: MIXED_PRECISION there).
     reads_hf_quant_config: bool
+    #: ModelOpt's config classes take config.json's flat ``quantization_config`` (``quant_algo`` at the top, 0.10.0
+    #: ``layers/quantization/modelopt.py:125``); before, ``from_config`` reads ``get_from_keys(config, ["quantization"])``
+    #: first (0.9.2 :70, :213): ``ValueError: Cannot find any of ['quantization'] in the model's quantization config.``
+    #: at start-up (goldens ``startup_mixed_cfg_text``, ``startup_mixed_no_nvfp4``, 0.9.2).
+    modelopt_flat_form: bool
     #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
     modelopt_algos: tuple[str, ...]
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
@@ -239,6 +244,7 @@ _V5 = VLLMProfile(
     weights_mapper=True,
     sizes_from_hidden=False,
     reads_hf_quant_config=True,
+    modelopt_flat_form=True,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "MXFP8"),
 )
 #: V5a: 0.14.0 — as 0.16.0 on every bf16 case and probe, but shards in glob order, ModelOpt NVFP4 experts
@@ -295,10 +301,13 @@ _V2 = replace(
 #: stacked ``.bias`` (:438 – :467); no NemotronH VL wrapper. Goldens 0.10.1.1; 0.10.1 is identical, 0.9.1 – 0.10.0
 #: differ only in ``NemotronHMambaDecoderLayer.__init__`` and layers' internals (``oracle/vllm/compare_code.py``).
 _V1 = replace(_V2, version="0.10.1.1", epoch="V1", weights_mapper=False)
-#: V1a: 0.9.1 – 0.10.0 — V1's loading loop, but the layers size themselves from ``hidden_size`` (``sizes_from_hidden``)
+#: V1b: 0.10.0 — V1's loading loop, but the layers size themselves from ``hidden_size`` (``sizes_from_hidden``)
 #: and hf_quant_config.json is not read (``reads_hf_quant_config``). Goldens 0.10.0 (every case, probe, start-up
 #: variant and example, and the ``dense_probes`` that split it from V1).
-_V1a = replace(_V1, version="0.10.0", epoch="V1a", sizes_from_hidden=True, reads_hf_quant_config=False)
+_V1b = replace(_V1, version="0.10.0", epoch="V1b", sizes_from_hidden=True, reads_hf_quant_config=False)
+#: V1a: 0.9.1, 0.9.2 — as 0.10.0, but ModelOpt reads only the nested ``quantization`` section: config.json's flat
+#: ``quantization_config`` is refused at start-up (``modelopt_flat_form``). Goldens 0.9.2.
+_V1a = replace(_V1b, version="0.9.2", epoch="V1a", modelopt_flat_form=False)
 #: V2b: 0.11.0 — as 0.10.2 on every golden case (Nemotron 3 refused for ``rms_norm_eps``; h8b_dense identical), with the
 #: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
 #: its unquantized linears take the v2 weight loaders (``layers/linear.py`` ``UnquantizedLinearMethod.create_weights``),
@@ -364,7 +373,9 @@ _V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True,
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
 #: loading-path function, release to release).
 PROFILES: dict[str, VLLMProfile] = {
-    "0.10.0": _V1a,
+    "0.9.1": _V1a,
+    "0.9.2": _V1a,
+    "0.10.0": _V1b,
     "0.10.1": _V1,
     "0.10.1.1": _V1,
     "0.10.2": _V2,

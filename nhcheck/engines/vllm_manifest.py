@@ -194,6 +194,8 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
     if qc is None or qc.quant_method != "modelopt":
         return None
     nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None
+    if not nested and not profile.modelopt_flat_form:
+        return "ValueError: Cannot find any of ['quantization'] in the model's quantization config."
     if qc.is_mixed and nested and not profile.nested_mixed_accepted:
         return "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
     if qc.is_mixed and not nested and not profile.flat_mixed_accepted:
