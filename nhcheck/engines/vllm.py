@@ -193,9 +193,10 @@ class VLLMProfile:
     #: MIXED_PRECISION there).
     reads_hf_quant_config: bool
     #: ModelOpt's config classes take config.json's flat ``quantization_config`` (``quant_algo`` at the top, 0.10.0
-    #: ``layers/quantization/modelopt.py:125``); before, ``from_config`` reads ``get_from_keys(config, ["quantization"])``
-    #: first (0.9.2 :70, :213): ``ValueError: Cannot find any of ['quantization'] in the model's quantization config.``
-    #: at start-up (goldens ``startup_mixed_cfg_text``, ``startup_mixed_no_nvfp4``, 0.9.2).
+    #: ``layers/quantization/modelopt.py:125``); before, ``from_config`` reads
+    #: ``get_from_keys(config, ["quantization"])`` first (0.9.2 :70, :213): ``ValueError: Cannot find any of
+    #: ['quantization'] in the model's quantization config.`` at start-up (goldens ``startup_mixed_cfg_text``,
+    #: ``startup_mixed_no_nvfp4``, 0.9.2).
     modelopt_flat_form: bool
     #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
     modelopt_algos: tuple[str, ...]
@@ -296,17 +297,18 @@ _V2 = replace(
     vl_v2_registered=False,
     mamba_in_proj_merged=False,
 )
-#: V1: 0.9.1 – 0.10.1.1 — as 0.10.2, but no ``hf_to_vllm_mapper``: ``load_weights`` replaces every ``backbone``
+#: V1: 0.10.1, 0.10.1.1 — as 0.10.2, but no ``hf_to_vllm_mapper``: ``load_weights`` replaces every ``backbone``
 #: in a name (0.10.1.1 ``models/nemotron_h.py:629``) and the own loop neither remaps KV-cache scales nor skips a
-#: stacked ``.bias`` (:438 – :467); no NemotronH VL wrapper. Goldens 0.10.1.1; 0.10.1 is identical, 0.9.1 – 0.10.0
-#: differ only in ``NemotronHMambaDecoderLayer.__init__`` and layers' internals (``oracle/vllm/compare_code.py``).
+#: stacked ``.bias`` (:438 – :467); no NemotronH VL wrapper. Goldens 0.10.1.1; 0.10.1 is identical
+#: (``oracle/vllm/compare_code.py``).
 _V1 = replace(_V2, version="0.10.1.1", epoch="V1", weights_mapper=False)
 #: V1b: 0.10.0 — V1's loading loop, but the layers size themselves from ``hidden_size`` (``sizes_from_hidden``)
 #: and hf_quant_config.json is not read (``reads_hf_quant_config``). Goldens 0.10.0 (every case, probe, start-up
 #: variant and example, and the ``dense_probes`` that split it from V1).
 _V1b = replace(_V1, version="0.10.0", epoch="V1b", sizes_from_hidden=True, reads_hf_quant_config=False)
 #: V1a: 0.9.1, 0.9.2 — as 0.10.0, but ModelOpt reads only the nested ``quantization`` section: config.json's flat
-#: ``quantization_config`` is refused at start-up (``modelopt_flat_form``). Goldens 0.9.2.
+#: ``quantization_config`` is refused at start-up (``modelopt_flat_form``). Goldens 0.9.2 and 0.9.1 (the same answers
+#: on every case, probe, start-up variant and example).
 _V1a = replace(_V1b, version="0.9.2", epoch="V1a", modelopt_flat_form=False)
 #: V2b: 0.11.0 — as 0.10.2 on every golden case (Nemotron 3 refused for ``rms_norm_eps``; h8b_dense identical), with the
 #: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
@@ -430,14 +432,6 @@ RELEASES_WITH_NEMOTRON_H = (
     "0.33.0", "0.34.0",
 )  # fmt: skip
 
-#: Known releases no golden data proves yet, and why (each is a usage error, never an answer): every release
-#: with ``nemotron_h.py`` that no row answers for.
-_NOT_RUN = (
-    "0.9.1 – 0.10.0 (epoch V1's loading loop, but the layers size themselves differently: a scalar MLP "
-    "intermediate_size, head_dim = hidden_size / heads, a Mamba width of expand * hidden_size) were not run"
-)
-UNPROVEN = {v: _NOT_RUN for v in RELEASES_WITH_NEMOTRON_H if v not in PROFILES}
-
 
 def get_profile(spec: str | EngineId | None) -> VLLMProfile:
     """The behaviour row of a vLLM release (a release newer than the table: the newest row)."""
@@ -446,8 +440,9 @@ def get_profile(spec: str | EngineId | None) -> VLLMProfile:
 
 
 def parse_engine_id(spec: str | None) -> EngineId:
-    """Parse ``vllm@X`` (``engines.base.resolve_release``); releases in ``UNPROVEN`` are usage errors saying why."""
-    return resolve_release("vllm", spec, tuple(PROFILES), NEWEST, RELEASES_WITH_NEMOTRON_H, UNPROVEN)
+    """Parse ``vllm@X`` (``engines.base.resolve_release``): every release with ``nemotron_h.py`` has a row (all are
+    proven by goldens, EPOCHS.md); any other release is a usage error."""
+    return resolve_release("vllm", spec, tuple(PROFILES), NEWEST, RELEASES_WITH_NEMOTRON_H)
 
 
 # ---------------------------------------------------------------------------

@@ -45,6 +45,40 @@ def _relax_v0_xformers_head_size():
     xf.XFormersImpl.__init__ = init
 
 
+def _triton_without_driver():
+    """vLLM wraps its Mamba SSD kernels in ``triton.autotune`` at import (``layers/mamba/ops/ssd_bmm.py:16``), and
+    triton 3.3's ``Autotuner.__init__`` asks the active driver for its benchmarker; a CPU host has no active driver
+    (``RuntimeError: 0 active drivers``). From 0.9.2 ``triton_utils/importing.py`` then swaps in a placeholder
+    triton; 0.9.1 does not, and importing ``models/nemotron_h.py`` fails. For 0.9.1 only, a stand-in driver is made
+    active whose benchmarker raises if ever called: no kernel runs in the oracle, and autotuning creates no
+    parameter and maps no name."""
+    import vllm
+    from packaging.version import Version
+
+    if Version(vllm.__version__) >= Version("0.9.2"):
+        return
+    import importlib
+
+    try:
+        td = importlib.import_module("triton.runtime.driver")  # the module (``triton.runtime.driver`` is its object)
+    except ImportError:
+        return
+    try:
+        td._create_driver()
+        return
+    except RuntimeError:
+        pass
+
+    def bench(*a, **k):
+        raise RuntimeError("oracle host: no triton driver; no kernel may run here")
+
+    class NoDriver:
+        def get_benchmarker(self):
+            return bench
+
+    td.driver.set_active(NoDriver())
+
+
 def install(name="sm100"):
     major, minor, dev = CAPS[name]
     class EmulatedCudaPlatform(NonNvmlCudaPlatform):
@@ -100,4 +134,5 @@ def install(name="sm100"):
     torch.cuda.get_device_capability = lambda device=None: (major, minor)
     vp.current_platform = EmulatedCudaPlatform()
     _relax_v0_xformers_head_size()  # after the platform: the backend module reads it on import
+    _triton_without_driver()
     return vp.current_platform
