@@ -101,9 +101,8 @@ def test_the_table_covers_the_golden_releases():
 
 def test_every_epoch_is_backed_by_goldens_on_every_case():
     """Each vLLM row has the release's own answers for every conformance case and probe, and for every shipped
-    example and start-up variant (0.19.0 ran on the conformance cases and probes only; 0.10.1.1 on all but the
-    ``h8b-dense`` example, whose head_dim 16 no V0 attention backend takes on the emulated GPU: EPOCHS.md). SGLang's
-    epoch probes (``sglang_probe_*``, cases that split SGLang epochs) are SGLang's alone."""
+    example and start-up variant (0.19.0 ran on the conformance cases and probes only). SGLang's epoch probes
+    (``sglang_probe_*``, cases that split SGLang epochs) are SGLang's alone."""
     cases = {
         p.name
         for p in HERE.iterdir()
@@ -118,8 +117,6 @@ def test_every_epoch_is_backed_by_goldens_on_every_case():
     for row in vllm.EPOCHS:
         # the row's own release; a probe made later may come from another release of the same row
         need = cases if row.version == "0.19.0" else every
-        if row.version == "0.10.1.1":
-            need = need - {"examples/h8b-dense"}
         own = have.get(row.version, set())
         assert own >= {c for c in need if not c.startswith("probes/")}, (row.version, sorted(need - own))
         same_row = set().union(*(have.get(v, set()) for v, p in vllm.PROFILES.items() if p is row))

@@ -379,12 +379,14 @@ class _Builder:
 
 
 def _quant_kind(quant: _Quant | None, qc: QuantConfig | None) -> str | None:
-    """The manifest's quantization label: ``modelopt_mixed`` / ``modelopt_fp8`` / ``modelopt_fp4``, None unquantized."""
+    """The manifest's quantization label (the config class's ``get_name()``): ``modelopt_mixed`` / ``modelopt`` (FP8,
+    ``ModelOptFp8Config``; golden ``dense_probes/probe_h8b_dense_hfq_fp8``, 0.10.1.1) / ``modelopt_fp4``, None
+    unquantized."""
     if quant is None:
         return None
     if qc is not None and qc.is_mixed:
         return "modelopt_mixed"
-    return {"FP8": "modelopt_fp8"}.get(quant.algo or "", "modelopt_fp4")
+    return {"FP8": "modelopt"}.get(quant.algo or "", "modelopt_fp4")
 
 
 def build_manifest(

@@ -194,7 +194,10 @@ def wrap_param_loaders(model, names: dict):
             weight_loader.__oracle_real__ = real
             return weight_loader
 
-        p.weight_loader = make(real, name)
+        try:
+            p.weight_loader = make(real, name)
+        except AttributeError:  # BasevLLMParameter's read-only property (0.10.1.1): set what it returns
+            p._weight_loader = make(real, name)
         n += 1
     return n
 
