@@ -36,7 +36,7 @@ def test_rows_cover_every_release_once_in_order_and_agree_with_single_audits():
         ("sglang 0.5.11", "crash"),
         ("sglang 0.5.12 … 0.5.12.post1", "broken"),
         ("sglang 0.5.13 … 0.5.23", "clean"),
-        ("vllm 0.10.1 … 0.19.1", "crash"),  # the Omni V3 architecture is not registered
+        ("vllm 0.9.1 … 0.19.1", "crash"),  # the Omni V3 architecture is not registered
         ("vllm 0.20.0 … 0.32.0", "crash"),  # Unknown ModelOpt quant algo: MIXED_PRECISION
         ("vllm 0.33.0 … 0.34.0", "clean"),
     ]
@@ -55,7 +55,7 @@ def test_cli_formats_and_exit_code():
         ("0.5.9", "crash", 144),
         ("0.5.12", "incomplete", 0),  # + the in_proj scales in slot 0 only, until 0.5.16
         ("0.5.16", "orphans", 0),
-        ("0.10.1", "crash", 0),  # rms_norm_eps: no Nano config builds before 0.11.1
+        ("0.9.1", "crash", 0),  # rms_norm_eps: no Nano config builds before 0.11.1
         ("0.11.1", "crash", 0),  # NVFP4 experts of the non-gated MoE refused before 0.12.0
         ("0.12.0", "crash", 144),  # vLLM raises on the orphan expert scales in every release (wording changes)
         ("0.14.0", "crash", 0),  # … except 0.14.x, which refuses NVFP4 experts without VLLM_USE_FLASHINFER_MOE_FP4=1
@@ -67,7 +67,7 @@ def test_cli_formats_and_exit_code():
     assert doc["rows"][2]["crash"]["tensor"] == "backbone.layers.1.mixer.experts.0.down_proj.input_scale"
     md = CliRunner().invoke(cli, ["matrix", str(EX / "nano3-bf16"), "--format", "markdown"])
     assert md.exit_code == 0 and "| sglang 0.5.6 … 0.5.23 | clean |" in md.output
-    assert "| vllm 0.11.1 … 0.34.0 | clean |" in md.output  # 0.10.1 – 0.11.0: rms_norm_eps
+    assert "| vllm 0.11.1 … 0.34.0 | clean |" in md.output  # 0.9.1 – 0.11.0: rms_norm_eps
     md = CliRunner().invoke(cli, ["matrix", str(EX / "nano3-nvfp4"), "--format", "markdown"])
     assert "| sglang 0.5.6 … 0.5.15.post1 | incomplete |" in md.output  # in_proj scales in slot 0 only
     assert "| sglang 0.5.16 … 0.5.23 | clean |" in md.output
