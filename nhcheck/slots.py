@@ -2,23 +2,31 @@
 
 One rule for ``audit`` (from the headers) and ``load`` (from the bytes it wrote), so the two reach the
 same verdict. A module fused in the checkpoint (Mamba ``in_proj``: one scalar ``input_scale`` /
-``weight_scale_2`` for five logical slots) is loaded with no shard id; whether that scalar fills every
-slot or slot 0 only is the engine's loader semantics (``Engine.loader_semantics``). What the
-unwritten slots then hold depends on the quant method: ModelOpt FP8 fills them with the
-``finfo(float32).min`` sentinel that ``requantize_with_max_scale`` reads as "fused in the checkpoint"
-(by design), NVFP4 / W4A16 leave ``torch.empty`` memory that ``process_weights_after_loading`` takes the
-max over (an error).
+``weight_scale`` / ``weight_scale_2`` for five logical slots) is loaded with no shard id; whether that scalar
+fills every slot or slot 0 only is the engine's loader semantics (``Engine.loader_semantics``: SGLang before
+0.5.16, vLLM 0.11.0 – 0.15.x and 0.17.0 – 0.19.x write slot 0 only). What the unwritten slots then hold
+depends on the quant method, alike in both engines: ModelOpt FP8 fills them with the ``finfo(float32).min``
+sentinel that ``requantize_with_max_scale`` reads as "fused in the checkpoint" and that the max over the
+vector never picks (by design), NVFP4 / W4A16 leave ``torch.empty`` memory that ``process_weights_after_loading``
+takes the max over (an error). Goldens: SGLang's TP-1 rank maps (tests/golden/tp), vLLM's
+``tests/golden/vllm_scalar_slots`` (oracle/vllm/scalar_slots.py).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+from nhcheck.engines.vllm import NVFP4_LINEAR
 from nhcheck.manifest import Param
 from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR
 
 #: Finding code for the NVFP4 / W4A16 case.
 SLOT0 = "scale-slot0-only"
+#: Linear methods whose scale vectors ``create_weights`` makes with ``torch.empty``: SGLang's NVFP4 and W4A16,
+#: vLLM's NVFP4 (``ModelOptNvFp4LinearMethod``, up to 0.29.x).
+_EMPTY_METHODS = frozenset({FP4_LINEAR, A16_LINEAR, NVFP4_LINEAR})
+#: The first release of each engine whose ``MergedColumnParallelLinear.weight_loader_v2`` fills every slot.
+EVERY_SLOT_FROM = {"sglang": "0.5.16", "vllm": "0.20.0"}
 
 
 def is_scale(name: str) -> bool:
@@ -47,7 +55,7 @@ def unwritten_kind(p: Param, written: int) -> Literal["sentinel", "empty"] | Non
     suffix = p.name.rsplit(".", 1)[-1]
     if p.quant_method == FP8_LINEAR and suffix in ("weight_scale", "input_scale"):
         return "sentinel"
-    if p.quant_method in (FP4_LINEAR, A16_LINEAR) and suffix in ("weight_scale_2", "input_scale"):
+    if p.quant_method in _EMPTY_METHODS and suffix in ("weight_scale_2", "input_scale"):
         return "empty"
     return None
 
@@ -59,7 +67,10 @@ SENTINEL_MESSAGE = (
 
 
 def empty_message(engine_label: str, p: Param, missing: str) -> str:
-    """Why a slot-0-only NVFP4 / W4A16 scale is an error, and which release fills every slot."""
+    """Why a slot-0-only NVFP4 / W4A16 scale is an error, and which release fills every slot.
+
+    ``engine_label``: ``sglang 0.5.11`` / ``vllm 0.19.0`` (``EngineId.label``)."""
+    engine = engine_label.split(" ", 1)[0]
     return (
         f"{engine_label} writes the checkpoint's one scalar into slot 0 only ({missing} keep torch.empty memory) "
         "and process_weights_after_loading takes the max over every slot, so leftover memory can become the "
@@ -67,7 +78,7 @@ def empty_message(engine_label: str, p: Param, missing: str) -> str:
         + (
             "W4A16 takes MergedColumnParallelLinear's v1 weight_loader on every version"
             if p.quant_method == A16_LINEAR
-            else "sglang 0.5.16 and later fill every slot (MergedColumnParallelLinear.weight_loader_v2)"
+            else f"{engine} {EVERY_SLOT_FROM[engine]} and later fill every slot (MergedColumnParallelLinear.weight_loader_v2)"
         )
     )
 

@@ -38,6 +38,9 @@ from nhcheck.errors import UsageError
 
 ExpertMissing = Literal["keyerror", "attr-object", "attr-layer"]
 
+#: The ModelOpt NVFP4 linear method's class name up to 0.29.x (``ModelOptLinearMethod`` from 0.30.0).
+NVFP4_LINEAR = "ModelOptNvFp4LinearMethod"
+
 
 @dataclass(frozen=True, kw_only=True)
 class VLLMProfile:
@@ -82,6 +85,14 @@ class VLLMProfile:
     #: A ModelOpt linear fused from several checkpoint tensors (Mamba ``in_proj``) holds one
     #: ``input_scale`` / ``weight_scale_2`` per shard (0.17.0 goldens; 0.16.0: one).
     fused_scale_per_shard: bool
+    #: A one-element scale loaded with no shard id into the Mamba ``in_proj``'s per-part scale vector (the module
+    #: fused in the checkpoint) fills every slot: ``MergedColumnParallelLinear.weight_loader_v2`` loops over the
+    #: slots (0.20.0 ``layers/linear.py:930``). Before, it calls ``load_merged_column_weight(shard_id=0)`` (0.19.0
+    #: :914, 0.11.1 :828): slot 0 only, the other slots keep what ``create_weights`` put there (goldens
+    #: ``tests/golden/vllm_scalar_slots``: 0.17.0 – 0.19.0 slot 0, 0.20.0 / 0.34.0 every slot). True where the
+    #: ``in_proj`` has one slot: 0.16.0 (one ``ColumnParallelLinear``, 0.16.0 ``layers/mamba/mamba_mixer2.py:317``)
+    #: and 0.10.x (unmerged).
+    merged_scalar_every_slot: bool
     #: ``NemotronH_Nano_Omni_Reasoning_V3`` / VL V3 architectures are registered (0.20.0 ``models/registry.py:484``).
     omni_registered: bool
     #: The VL wrapper streams the language model first and loads ``mlp1`` and the towers after it
@@ -218,10 +229,11 @@ _V5 = VLLMProfile(
     expert_scale_reshapes=False,
     router_fp32=True,
     fused_scale_per_shard=False,
+    merged_scalar_every_slot=True,
     omni_registered=False,
     vl_lm_first=False,
     nested_mixed_accepted=False,
-    linear_method_name="ModelOptNvFp4LinearMethod",
+    linear_method_name=NVFP4_LINEAR,
     kv_method_name="ModelOptFp8KVCacheMethod",
     kv_scale_scalar_loader=False,
     quantized_lm_head_method="UnquantizedEmbeddingMethod",
@@ -262,6 +274,7 @@ _V5a = replace(
     lists_params=False,
     modelopt_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"),
     fused_scale_per_shard=True,
+    merged_scalar_every_slot=False,
 )
 #: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern (``mixer.k_proj.k_scale`` is warned and
 #: dropped), without attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0);
@@ -296,6 +309,7 @@ _V2 = replace(
     moe_layers=False,
     vl_v2_registered=False,
     mamba_in_proj_merged=False,
+    merged_scalar_every_slot=True,
 )
 #: V1: 0.10.1, 0.10.1.1 — as 0.10.2, but no ``hf_to_vllm_mapper``: ``load_weights`` replaces every ``backbone``
 #: in a name (0.10.1.1 ``models/nemotron_h.py:629``) and the own loop neither remaps KV-cache scales nor skips a
@@ -314,7 +328,14 @@ _V1a = replace(_V1b, version="0.9.2", epoch="V1a", modelopt_flat_form=False)
 #: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
 #: its unquantized linears take the v2 weight loaders (``layers/linear.py`` ``UnquantizedLinearMethod.create_weights``),
 #: which change no outcome on these checkpoints.
-_V2b = replace(_V2, version="0.11.0", epoch="V2b", vl_v2_registered=True, mamba_in_proj_merged=True)
+_V2b = replace(
+    _V2,
+    version="0.11.0",
+    epoch="V2b",
+    vl_v2_registered=True,
+    mamba_in_proj_merged=True,
+    merged_scalar_every_slot=False,
+)
 #: V5b: 0.15.0 — ``q_scale`` / zero points remapped (``weight_utils.py:1177``); AutoWeightsLoader's error lists the
 #: module's parameters; the NVFP4 MoE backend is chosen among every available one (``fused_moe/oracle/nvfp4.py``
 #: ``select_nvfp4_moe_backend``, FlashInfer's included without the variable): the model builds; one scale per fused
@@ -335,6 +356,7 @@ _V6 = replace(
     epoch="V6",
     router_fp32=False,
     fused_scale_per_shard=True,
+    merged_scalar_every_slot=False,
     param_keys_dotted=True,
     flat_mixed_accepted=True,
 )
@@ -342,7 +364,7 @@ _V6 = replace(
 #: unquantized expert).
 _V6b = replace(_V6, version="0.19.0", expert_slot_narrows=True)
 #: V7: 0.20.0 — Omni/VL V3 registered; the VL wrapper buffers the language model (``mlp1`` loads first).
-_V7 = replace(_V6b, version="0.20.0", epoch="V7", omni_registered=True)
+_V7 = replace(_V6b, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True)
 #: V7b: 0.21.0 — the strict check exempts post-processed modules' parameters; KV method renamed.
 _V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
@@ -1194,13 +1216,18 @@ class VLLMEngine:
         )
 
     def loader_semantics(self, quant_method: str | None) -> LoaderSemantics:
-        """A scalar scale into a per-shard scale vector: ``PerTensorScaleParameter`` without a shard id fills
-        every slot (the v2 loaders broadcast a one-element tensor). A scale of the wrong rank is not refused
+        """A scalar scale into the Mamba ``in_proj``'s per-part scale vector (``PerTensorScaleParameter``, no
+        shard id): every slot from 0.20.0, slot 0 only in the releases whose ``in_proj`` is a
+        ``MergedColumnParallelLinear`` before it (``merged_scalar_every_slot``; golden
+        ``tests/golden/vllm_scalar_slots``, vLLM's real loader on NaN-filled vectors). What the other slots then
+        hold is the quant method's (``nhcheck.slots.unwritten_kind``). A scale of the wrong rank is not refused
         here: the loader's own error is ``load_error``'s, and the replay stops the stream there. From 0.19.0 an
         expert tensor smaller than its slot fills the slot's leading corner (``expert_slot_narrows``; golden
         ``tests/golden/vllm_slot_writes``, vLLM's real loader on poisoned parameters)."""
         return LoaderSemantics(
-            scalar_every_slot=True, scale_0d_only=False, expert_corner=self.profile.expert_slot_narrows
+            scalar_every_slot=self.profile.merged_scalar_every_slot,
+            scale_0d_only=False,
+            expert_corner=self.profile.expert_slot_narrows,
         )
 
     def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
