@@ -111,6 +111,10 @@ def _unwritten(c: ParamCheck, surface: Surface, engine_label: str) -> tuple[str,
         if p.informational:
             return code, sev, f"no checkpoint tensor fills it; {engine_label} keeps its default"
         return code, sev, f"no checkpoint tensor fills it; {engine_label} leaves it uninitialised and does not say so"
+    if c.status == "partial" and c.slot_kind == "sentinel" and surface == "tp":
+        return code, "info", slots.SENTINEL_MESSAGE
+    if c.status == "partial" and c.slot_kind == "empty" and surface == "tp":
+        return slots.SLOT0, "error", slots.empty_message(engine_label, p, slots.missing_text(p))
     if surface == "tp":
         return (
             code,

@@ -1029,3 +1029,18 @@ def test_rewrites_fall_back_to_sha256_without_blake3(tmp_path, monkeypatch):
     for s in result.receipt["shards"]:
         assert s["digest"] == "sha256" and s["blake3"] is None
         assert s["sha256"] == hashlib.sha256((tmp_path / "out" / s["name"]).read_bytes()).hexdigest()
+
+
+def test_pruned_output_on_vllm_keeps_only_what_prune_cannot_fix(reference):
+    """As on SGLang before 0.5.16: vLLM 0.17.0 – 0.19.x write the fused in_proj scales into slot 0 only
+    (``nhcheck.slots``), which no dropped tensor changes — the output has no orphan and no crash on any vLLM
+    release, and that error alone where the release has it."""
+    _, out, _ = reference
+    for v in ("0.16.0", "0.17.0", "0.19.1", "0.20.0", "0.34.0"):
+        rep = audit_path(str(out), f"vllm@{v}")
+        assert rep.counts()["orphans"] == 0 and rep.crash is None, v
+        slot0 = {f.code for f in rep.findings if f.severity != "info"} == {"scale-slot0-only"}
+        assert (rep.verdict, slot0) == (("incomplete", True) if v in ("0.17.0", "0.19.1") else ("clean", False)), v
+    # ... and the releases prune names as loading the unpruned NVFP4 checkpoint as is leave those out
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / "nano3-nvfp4"), "vllm@0.19.0"))
+    assert plan.refusal is None and plan.loads_as_is == ("vllm@0.16.0", "vllm@0.20.0 … 0.34.0")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 from nhcheck import coverage as param_coverage
+from nhcheck import slots
 from nhcheck import tp as tensor_parallel
 from nhcheck.coverage import ParamState
 from nhcheck.dtypes import ITEMSIZE, numel
@@ -870,6 +871,7 @@ def _findings(audit, plan: Plan, params: tuple[ParamCoverage, ...], crash: Crash
             unwritten=c.elements - c.covered,
             mismatches=c.mismatches,
             poisoned=c.poisoned,
+            slot_kind=slots.unwritten_kind(p, c.covered) if c.status == "partial" else None,
             ranks=c.poisoned_ranks,
         )
         for p, c in zip(plan.params, params, strict=True)
