@@ -63,11 +63,16 @@ def test_vllm_semantics_match_vllms_own_loader(release):
     (finfo(float32).min sentinel in every element, or not) is what ``slots.unwritten_kind`` says."""
     doc = read_golden(VLLM_GOLDEN / f"vllm-{release}.json")
     engine = engines.get(f"vllm@{release}")
-    checked = 0
+    checked = built = 0
     for case, rec in doc["cases"].items():
         if "startup_error" in rec:
             continue
-        by_name = prepare(open_local(str(CONF / case / "checkpoint")), f"vllm@{release}").manifest.by_name
+        built += 1
+        manifest = prepare(open_local(str(CONF / case / "checkpoint")), f"vllm@{release}").manifest
+        by_name = manifest.by_name
+        vectors = {p.name for p in manifest.params if ".in_proj." in p.name and slots.is_scale(p.name)}
+        vectors = {n for n in vectors if len(by_name[n].shape) == 1 and by_name[n].shape[0] > 1}
+        assert vectors == set(rec["vectors"]), case  # 0.16.0: none (one ColumnParallelLinear, one slot)
         for name, v in rec["vectors"].items():
             p = by_name[name]
             assert (list(p.shape), p.quant_method) == (v["shape"], v["quant_method"]), (case, name)
@@ -84,7 +89,7 @@ def test_vllm_semantics_match_vllms_own_loader(release):
                 # ... and process_weights_after_loading reduces the vector with a max (vLLM's own source).
                 assert any(".max(" in line for line in v["process_weights_after_loading"]), (case, name)
             checked += 1
-    assert checked
+    assert built and (checked or release == "0.16.0")
 
 
 def _in_proj_scales(doc: dict) -> dict[str, dict]:
