@@ -78,7 +78,8 @@ def empty_message(engine_label: str, p: Param, missing: str) -> str:
         + (
             "W4A16 takes MergedColumnParallelLinear's v1 weight_loader on every version"
             if p.quant_method == A16_LINEAR
-            else f"{engine} {EVERY_SLOT_FROM[engine]} and later fill every slot (MergedColumnParallelLinear.weight_loader_v2)"
+            else f"{engine} {EVERY_SLOT_FROM[engine]} and later fill every slot "
+            "(MergedColumnParallelLinear.weight_loader_v2)"
         )
     )
 

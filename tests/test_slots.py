@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from goldens import read_golden
+
 from nhcheck import engines, slots
 from nhcheck.checkpoint import open_local
 from nhcheck.load import LoadOptions, load_path
