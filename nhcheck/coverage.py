@@ -111,10 +111,11 @@ def _unwritten(c: ParamCheck, surface: Surface, engine_label: str) -> tuple[str,
         if p.informational:
             return code, sev, f"no checkpoint tensor fills it; {engine_label} keeps its default"
         return code, sev, f"no checkpoint tensor fills it; {engine_label} leaves it uninitialised and does not say so"
-    if c.status == "partial" and c.slot_kind == "sentinel" and surface == "tp":
+    # a scalar written into slot 0 of its scale vector (``load``, ``load --tp``): what the other slots hold
+    if c.status == "partial" and c.slot_kind == "sentinel":
         return code, "info", slots.SENTINEL_MESSAGE
-    if c.status == "partial" and c.slot_kind == "empty" and surface == "tp":
-        return slots.SLOT0, "error", slots.empty_message(engine_label, p, slots.missing_text(p))
+    if c.status == "partial" and c.slot_kind == "empty" and not p.informational:
+        return slots.SLOT0, "error", slots.empty_message(engine_label, p, ", ".join(c.missing) or slots.missing_text(p))
     if surface == "tp":
         return (
             code,
@@ -122,12 +123,8 @@ def _unwritten(c: ParamCheck, surface: Surface, engine_label: str) -> tuple[str,
             f"the ranks together leave {c.unwritten:,} of {numel(p.shape):,} elements unwritten"
             + (f", poison left in the partition of {_on_ranks(c.ranks)} only" if c.ranks else ""),
         )
-    if c.status == "partial" and c.slot_kind == "sentinel":
-        return code, "info", slots.SENTINEL_MESSAGE
     if p.informational:
         return code, "info", "no checkpoint tensor fills it; the engine keeps its default"
-    if c.status == "partial" and c.slot_kind == "empty":
-        return slots.SLOT0, "error", slots.empty_message(engine_label, p, ", ".join(c.missing))
     if c.status == "unfilled":
         return code, "error", "never written: still holds the poison"
     return code, "error", "only partly written: missing " + ", ".join(c.missing)
