@@ -9,7 +9,7 @@ depends on the quant method, alike in both engines: ModelOpt FP8 fills them with
 sentinel that ``requantize_with_max_scale`` reads as "fused in the checkpoint" and that the max over the
 vector never picks (by design), NVFP4 / W4A16 leave ``torch.empty`` memory that ``process_weights_after_loading``
 takes the max over (an error). Goldens: SGLang's TP-1 rank maps (tests/golden/tp), vLLM's
-``tests/golden/vllm_scalar_slots`` (oracle/vllm/scalar_slots.py).
+``tests/golden/vllm_scalar_slots`` (oracle/vllm/scalar_slots.py) and TP-1 rank maps (tests/golden/tp).
 """
 
 from __future__ import annotations

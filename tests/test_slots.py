@@ -2,8 +2,8 @@
 
 The rule's engine side is what the engines' own loaders did on the fused Mamba ``in_proj`` scales: SGLang
 (slot 0 only before 0.5.16, every slot after) in the TP-1 rank maps of tests/golden/tp/; vLLM (slot 0 only in
-0.17.0 – 0.19.x, every slot from 0.20.0) in tests/golden/vllm_scalar_slots (oracle/vllm/scalar_slots.py) and its
-TP-1 rank maps.
+0.11.x – 0.15.x and 0.17.0 – 0.19.x, every slot from 0.20.0) in tests/golden/vllm_scalar_slots
+(oracle/vllm/scalar_slots.py) and its TP-1 rank maps.
 """
 
 from __future__ import annotations
@@ -98,15 +98,14 @@ def _in_proj_scales(doc: dict) -> dict[str, dict]:
 
 
 def _vllm_tp_vectors() -> list[tuple[str, str]]:
-    """(release, case) of every vLLM TP-1 rank map that has a multi-slot in_proj scale (0.16.0 has one slot, and
-    refuses the flat MIXED recipe)."""
+    """(release, rank map) of every vLLM TP-1 rank map with a multi-slot in_proj scale (0.16.0 has one slot; maps
+    of models vLLM refused to build have none)."""
     out = []
     for d in sorted(GOLDEN.glob("vllm-*")):
-        for c in ("fp8", "mixed", "nvfp4"):
-            path = d / f"hybrid-{c}-vllm-tp1.json"
-            if Path(f"{path}.gz").exists() and "families" in (doc := read_golden(path)):
-                if any(e["shape"][0] > 1 for e in _in_proj_scales(doc).values()):
-                    out.append((d.name[len("vllm-") :], c))
+        for f in sorted(d.glob("*-vllm-tp1.json.gz")):
+            doc = read_golden(f.with_suffix(""))
+            if "families" in doc and any(e["shape"][0] > 1 for e in _in_proj_scales(doc).values()):
+                out.append((d.name[len("vllm-") :], f.name[: -len("-vllm-tp1.json.gz")]))
     return out
 
 
@@ -114,14 +113,16 @@ VLLM_TP = _vllm_tp_vectors()
 
 
 def test_vllm_tp1_rank_maps_span_the_change():
-    assert {r for r, _ in VLLM_TP} >= {"0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.34.0"}
+    releases = {r for r, _ in VLLM_TP}
+    assert {"0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.17.0", "0.18.0", "0.19.0", "0.20.0"} <= releases
+    assert "0.34.0" in releases and "0.16.0" not in releases
 
 
 @pytest.mark.parametrize(("release", "case"), VLLM_TP)
 def test_vllm_semantics_match_vllms_tp1_rank_maps(release, case):
-    """vLLM's own TP-1 rank maps (oracle/vllm_tp) on the hybrid FP8 / MIXED / NVFP4 checkpoints: a scalar
-    written into a multi-slot in_proj scale fills what ``loader_semantics`` says; the rest is ``untouched``."""
-    doc = read_golden(GOLDEN / f"vllm-{release}" / f"hybrid-{case}-vllm-tp1.json")
+    """vLLM's own TP-1 rank maps (oracle/vllm_tp) on the FP8 / MIXED / NVFP4 checkpoints: a scalar written into a
+    multi-slot in_proj scale fills what ``loader_semantics`` says; the rest is ``untouched``."""
+    doc = read_golden(GOLDEN / f"vllm-{release}" / f"{case}-vllm-tp1.json")
     engine = engines.get(f"vllm@{release}")
     vectors = {n: e for n, e in _in_proj_scales(doc).items() if e["shape"][0] > 1}
     assert vectors

@@ -89,7 +89,8 @@ class VLLMProfile:
     #: fused in the checkpoint) fills every slot: ``MergedColumnParallelLinear.weight_loader_v2`` loops over the
     #: slots (0.20.0 ``layers/linear.py:930``). Before, it calls ``load_merged_column_weight(shard_id=0)`` (0.19.0
     #: :914, 0.11.1 :828): slot 0 only, the other slots keep what ``create_weights`` put there (goldens
-    #: ``tests/golden/vllm_scalar_slots``: 0.17.0 – 0.19.0 slot 0, 0.20.0 / 0.34.0 every slot). True where the
+    #: ``tests/golden/vllm_scalar_slots``: 0.17.0 – 0.19.0 slot 0, 0.20.0 / 0.34.0 every slot; the TP-1 rank maps of
+    #: 0.11.2 – 0.15.1 and 0.17.0 – 0.19.0 leave slots 1 – 4 untouched). True where the
     #: ``in_proj`` has one slot: 0.16.0 (one ``ColumnParallelLinear``, 0.16.0 ``layers/mamba/mamba_mixer2.py:317``)
     #: and 0.10.x (unmerged).
     merged_scalar_every_slot: bool
