@@ -724,7 +724,14 @@ def run_audit(
 
 
 #: Manifest problems that are errors the engine raises while starting (no weight loads).
-_REFUSALS = ("ValueError", "AttributeError", "NotImplementedError", "KeyError", "TypeError")
+_REFUSALS = (
+    "ValueError",
+    "AttributeError",
+    "NotImplementedError",
+    "KeyError",
+    "TypeError",
+    "StrictDataclassFieldValidationError",  # huggingface_hub's strict config dataclasses (transformers 5)
+)
 
 
 def _slot0_findings(engine: Engine, slot0: dict[str, Param], statuses: list[ParamStatus]) -> list:

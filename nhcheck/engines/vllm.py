@@ -212,6 +212,11 @@ class VLLMProfile:
     modelopt_flat_form: bool
     #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
     modelopt_algos: tuple[str, ...]
+    #: The config is transformers' own ``NemotronHConfig`` (transformers 5, a strict dataclass: 0.20.0 lifts the
+    #: ``<5`` pin and drops vLLM's stand-in), which refuses a list ``intermediate_size`` at start-up
+    #: (``StrictDataclassFieldValidationError``; goldens ``dense_probes/probe_h8b_dense_mlp_list``, 0.20.0 and
+    #: 0.34.0 with transformers 5.22.2); before, vLLM's stand-in takes the list (0.16.0 golden).
+    transformers_config: bool
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
     newest: bool = False
 
@@ -243,6 +248,7 @@ _V5 = VLLMProfile(
     strict_exempts_postprocess=False,
     vision_final_norm=False,
     natural_shard_order=True,
+    transformers_config=False,
     nvfp4_moe_needs_flashinfer=False,
     q_scale_remap=True,
     lists_params=True,
@@ -365,7 +371,9 @@ _V6 = replace(
 #: unquantized expert).
 _V6b = replace(_V6, version="0.19.0", expert_slot_narrows=True)
 #: V7: 0.20.0 — Omni/VL V3 registered; the VL wrapper buffers the language model (``mlp1`` loads first).
-_V7 = replace(_V6b, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True)
+_V7 = replace(
+    _V6b, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True, transformers_config=True
+)
 #: V7b: 0.21.0 — the strict check exempts post-processed modules' parameters; KV method renamed.
 _V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).

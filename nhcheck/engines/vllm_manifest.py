@@ -191,6 +191,11 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
     registered = (None, "NemotronH_Nano_VL_V2") if profile.vl_v2_registered else (None,)
     if cfg.wrapper not in registered and not profile.omni_registered:
         return f"ValueError: Model architectures [{cfg.wrapper!r}] are not supported for now."
+    if profile.transformers_config and cfg.intermediate_is_list:
+        return (
+            "StrictDataclassFieldValidationError: Validation error for field 'intermediate_size':\n    TypeError: "
+            f"Field 'intermediate_size' expected int, got list (value: {list(cfg.intermediate_size)})"
+        )
     if qc is None or qc.quant_method != "modelopt":
         return None
     nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None
@@ -273,7 +278,10 @@ class _Builder:
             slots = tuple(zip(stacked, offs, outs, strict=True))
             idx = tuple((s, i, 1) for i, s in enumerate(stacked))
         loader = "stacked" if stacked else "default"
-        nscale = parts if self.profile.fused_scale_per_shard or algo == "FP8" else 1
+        # FP8: one scale per stacked checkpoint tensor (q/k/v) in every release; a module fused in the checkpoint
+        # (Mamba in_proj) holds one per part only where the row says so (golden
+        # dense_probes/probe_h8b_dense_hfq_fp8, 0.16.0: one).
+        nscale = parts if self.profile.fused_scale_per_shard or (algo == "FP8" and stacked) else 1
         if algo is None:
             method = UNQUANT
             if name == "lm_head":
