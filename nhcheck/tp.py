@@ -231,6 +231,9 @@ class TPRules:
     ``latent_fc1_column``: the latent MoE's ``fc1_latent_proj`` is a ``ColumnParallelLinear`` with
     ``gather_output`` (vLLM 0.13.0): its rows are cut by rank (``divide()`` on ``moe_latent_size``), instead of
     the ``ReplicatedLinear`` every rank holds whole.
+    ``quantized_mamba_refused``: the Mamba mixer's constructor refuses every quantized model at TP > 1, whatever
+    ``n_groups`` (vLLM 0.10.2: ``Tensor parallel currently not supported for quantized models.``; rule
+    ``mamba-quant``, which takes the place of ``mamba-groups-quant``).
     ``expert_parallel``: the engine's expert parallelism is modelled (vLLM ``--enable-expert-parallel``: the EP
     group is the TP group, every expert whole on one rank, ``plan(..., ep=True)``); SGLang's ``--ep-size`` is not.
     ``ep_proven``: the engine's releases with that proof, named when ``--ep`` is refused for another.
@@ -241,6 +244,7 @@ class TPRules:
     methods_by_dtype: bool = False
     in_proj_unmerged: bool = False
     latent_fc1_column: bool = False
+    quantized_mamba_refused: bool = False
     expert_parallel: bool = False
     ep_proven: tuple[str, ...] = ()
     citations: Mapping[str, Rule] = field(default_factory=dict)
@@ -416,6 +420,8 @@ class _Planner:
             out.append(Problem("mamba-heads", f"mamba_num_heads {c.mamba_num_heads} is not divisible by {tp}"))
         if c.n_groups % tp and c.n_groups != 1:
             out.append(Problem("mamba-groups", f"n_groups {c.n_groups} is neither divisible by {tp} nor 1"))
+        elif tp > 1 and self.quantized and self.rules.quantized_mamba_refused:
+            out.append(Problem("mamba-quant", f"the model is quantized ({self.m.quantization})"))
         elif c.n_groups % tp and self.rules.quantized_groups_at_load:
             if module + ".in_proj.input_scale" in self.m.by_name:
                 out.append(

@@ -216,9 +216,20 @@ def test_vllm_quantized_single_group_fails_where_the_release_says(version) -> No
     """SGLang refuses n_groups 1 at TP > 1 for a quantized model in ``MambaMixer2.__init__``, as vLLM does before
     0.16.0; from 0.16.0 vLLM builds it and one of ``in_proj``'s scales raises while loading — which one, and how,
     is the release's (and its citation): the scalar ``input_scale`` (``IndexError``, from 0.32.0) or the NVFP4
-    block scale (``RuntimeError``)."""
-    doc, _, shards, _ = _plan(f"vllm-{version}", "g1-nvfp4-vllm-tp2.json")
+    block scale (``RuntimeError``). 0.10.2 refuses every Nemotron 3 config (``rms_norm_eps``), so its v1-config twin
+    answers: there the constructor refuses any quantized model at TP > 1 (``mamba-quant``), groups or not."""
+    name = "g1-nvfp4-vllm-tp2.json"
+    if "construct_error" in _plan(f"vllm-{version}", name)[1]:
+        name = "v1g1-nvfp4-vllm-tp2.json"
+    doc, _, shards, _ = _plan(f"vllm-{version}", name)
     rules = engines.get(engines.parse(f"vllm@{version}")).tp_rules()
+    if rules.quantized_mamba_refused:
+        assert {p.rule for s in shards.values() for p in s.problems} == {"mamba-quant"}
+        for quantized in ("v1-fp8", "v1-nvfp4", "v1g1-nvfp4"):
+            messages = set(_plan(f"vllm-{version}", f"{quantized}-vllm-tp2.json")[0]["construct_error"].values())
+            assert messages == {"AssertionError: Tensor parallel currently not supported for quantized models."}
+        assert rules.rule("mamba-quant").effect == "AssertionError at start-up"
+        return
     effect = rules.rule("mamba-groups-quant").effect
     assert {p.rule for s in shards.values() for p in s.problems} == {"mamba-groups-quant"}
     assert tensor_parallel.SGLANG_RULES.rule("mamba-groups-quant").effect == "AssertionError at start-up"

@@ -998,13 +998,13 @@ def mamba_parts_error(
 
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
-EP_PROVEN = ("0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
+EP_PROVEN = ("0.10.2", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0")
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
-    "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0",
+    "0.10.2", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0",
     "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0",
     "0.33.0", "0.34.0",
 )  # fmt: skip
@@ -1146,7 +1146,12 @@ class VLLMEngine:
         # 0.16.0 alone: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every
         # n_groups (MergedColumnParallelLinear when n_groups % tp == 0 before, 0.15.1 mamba_mixer2.py:323, and
         # again from 0.17.0; goldens bias-bf16-vllm-tp2), and drops the quantized-TP assertion.
-        unmerged = release_key("0.16.0") <= key < release_key("0.17.0")
+        # 0.10.2 too: one ColumnParallelLinear whatever n_groups (0.10.2 mamba_mixer2.py:302; merged from 0.11.0,
+        # 0.11.0 mamba_mixer2.py:302; golden vllm-0.10.2/v1bias-bf16-vllm-tp2).
+        unmerged = key < release_key("0.11.0") or release_key("0.16.0") <= key < release_key("0.17.0")
+        # 0.10.2: MambaMixer2.__init__ asserts tp_size == 1 or quant_config is None (0.10.2 mamba_mixer2.py:267;
+        # golden vllm-0.10.2/v1-fp8-vllm-tp2); 0.11.0 asserts only when tp does not divide n_groups (:263).
+        quantized_mamba_refused = key < release_key("0.11.0")
         groups_at_load = key >= release_key("0.16.0")
         # 0.13.0 (the first latent MoE): fc1_latent_proj is a ColumnParallelLinear(gather_output=True)
         # (0.13.0 models/nemotron_h.py:215); a ReplicatedLinear from 0.14.0 (golden latentpad-bf16-vllm-tp2).
@@ -1173,6 +1178,7 @@ class VLLMEngine:
                 "layers/mamba/mamba_mixer2.py",
                 groups_quant,
             ),
+            Rule("mamba-quant", "MambaMixer2.__init__", "layers/mamba/mamba_mixer2.py", start),
             Rule(
                 "mamba-groups-bias",
                 "MambaMixer2.__init__ (in_proj.bias keeps ColumnParallelLinear.weight_loader)",
@@ -1219,6 +1225,7 @@ class VLLMEngine:
             methods_by_dtype=True,
             in_proj_unmerged=unmerged,
             latent_fc1_column=latent_column,
+            quantized_mamba_refused=quantized_mamba_refused,
             expert_parallel=tp_release(self.id.version) in EP_PROVEN,
             ep_proven=tuple(v for v in RELEASES_WITH_NEMOTRON_H if tp_release(v) in EP_PROVEN),
             citations={r.id: r for r in rules},

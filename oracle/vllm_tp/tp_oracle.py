@@ -55,6 +55,17 @@ EXTRA = {
     # expert parallelism (``--ep``): 5 experts on 2 ranks, an uneven split
     "moe5e": dict(hybrid_override_pattern="E", n_routed_experts=5),
 }
+#: Nemotron-H v1 configs (``rms_norm_eps``, no MoE layers: the 8B / 47B / 56B layout): vLLM 0.10.2 / 0.11.0 read
+#: ``config.rms_norm_eps`` and refuse every config without it (all of the above), so their TP rules show on these.
+#: ``v1`` has every dense family, the others are the rule-breaking variants above with the v1 norm key.
+EXTRA["v1"] = dict(hybrid_override_pattern="M*-")
+for _k in ("g1", "bias", "g1bias"):
+    EXTRA["v1" + _k] = dict(ckpt.MODELS[_k])
+for _k in ("attn3", "kv3", "mamba5", "groups3", "mlp255"):
+    EXTRA["v1" + _k] = dict(EXTRA[_k])
+for _k in EXTRA:
+    if _k.startswith("v1"):
+        EXTRA[_k]["rms_norm_eps"] = 1e-5
 ckpt.MODELS.update(EXTRA)
 
 
@@ -82,8 +93,8 @@ def build_model(rank, world, ckdir, port, first, log, ep=False):
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.utils.torch_utils import set_default_torch_dtype
 
+    set_default_torch_dtype = vllm_oracle.default_dtype_helper()  # its home moved in 0.11.1
     vllm_oracle.config_standin(log)
     ea = EngineArgs(model=ckdir, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256,
                     load_format="safetensors", tensor_parallel_size=world,
@@ -194,6 +205,9 @@ def worker(rank, world, port, cases, root, outdir, platform, ep=False):
     torch.set_num_threads(1)
     install_platform(platform)
     import vllm
+    import vllm_oracle
+
+    vllm_oracle.inspect_in_process(print)  # VLLM_ORACLE_INSPECT_IN_PROCESS=1: 0.10.x caches no inspection
     from vllm.distributed import parallel_state as ps
 
     first = True
