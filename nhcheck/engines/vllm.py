@@ -999,28 +999,29 @@ def mamba_parts_error(
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
 EP_PROVEN = (
-    "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0", "0.24.0", "0.28.0", "0.33.0",
-    "0.34.0",
+    "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0", "0.24.0", "0.28.0",
+    "0.33.0", "0.34.0",
 )  # fmt: skip
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
-    "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0", "0.17.0", "0.18.0", "0.19.0",
-    "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.0", "0.28.0", "0.29.0", "0.30.0",
-    "0.31.0", "0.32.0", "0.33.0", "0.34.0",
+    "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0", "0.17.0", "0.18.0",
+    "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.0", "0.28.0", "0.29.0",
+    "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's: ``oracle/vllm/compare_code.py --tp`` (``ast.dump`` of
 #: every function, method and class body in the 27 files of its ``TP_FILES``: linear layers, parameters, Mamba
 #: mixer, the model, fused MoE, ModelOpt / FP8 / KV-cache quantization, embeddings, config, process groups, model
-#: loader), each wheel against the run release's installed copy. Identical: 0.11.1, 0.14.1, 0.17.1, 0.19.1,
+#: loader), each wheel against the run release's installed copy. Identical: 0.10.1, 0.11.1, 0.14.1, 0.17.1, 0.19.1,
 #: 0.22.1, 0.27.1. Differing only where no parameter or loader is made: 0.15.0 (``FusedMoE.__init__`` registers
 #: the layer for the forward context; ``get_layer_from_name``, FP8 MoE ``apply_monolithic``, the ROCm GEMM switch:
 #: forward only), 0.18.1 (``Fp8Config`` / ``Fp8LinearMethod``: the DeepGEMM switch), 0.20.1 and 0.20.2 (an
 #: ``mx_alignment`` field of the MoE kernel quant config, a minimax Mamba state-dtype check), 0.25.0 (the
 #: ``FusedMoE`` docstring).
 TP_SAME_AS = {
+    "0.10.1": "0.10.1.1",
     "0.11.1": "0.11.2",
     "0.14.1": "0.14.0",
     "0.15.0": "0.15.1",
@@ -1149,12 +1150,12 @@ class VLLMEngine:
         # 0.16.0 alone: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every
         # n_groups (MergedColumnParallelLinear when n_groups % tp == 0 before, 0.15.1 mamba_mixer2.py:323, and
         # again from 0.17.0; goldens bias-bf16-vllm-tp2), and drops the quantized-TP assertion.
-        # 0.10.2 too: one ColumnParallelLinear whatever n_groups (0.10.2 mamba_mixer2.py:302; merged from 0.11.0,
-        # 0.11.0 mamba_mixer2.py:302; golden vllm-0.10.2/v1bias-bf16-vllm-tp2).
+        # 0.10.1.1 and 0.10.2 too: one ColumnParallelLinear whatever n_groups (0.10.2 mamba_mixer2.py:302; merged
+        # from 0.11.0, 0.11.0 mamba_mixer2.py:302; goldens vllm-0.10.1.1 / vllm-0.10.2 v1bias-bf16-vllm-tp2).
         unmerged = key < release_key("0.11.0") or release_key("0.16.0") <= key < release_key("0.17.0")
         # 0.10.2: MambaMixer2.__init__ asserts tp_size == 1 or quant_config is None (0.10.2 mamba_mixer2.py:267;
-        # golden vllm-0.10.2/v1-fp8-vllm-tp2); 0.11.0 asserts only when tp does not divide n_groups (:263; golden
-        # vllm-0.11.0/v1-fp8-vllm-tp2 loads, v1g1-nvfp4-vllm-tp2 is refused).
+        # goldens vllm-0.10.1.1 / vllm-0.10.2 v1-fp8-vllm-tp2); 0.11.0 asserts only when tp does not divide n_groups
+        # (:263; golden vllm-0.11.0/v1-fp8-vllm-tp2 loads, v1g1-nvfp4-vllm-tp2 is refused).
         quantized_mamba_refused = key < release_key("0.11.0")
         groups_at_load = key >= release_key("0.16.0")
         # 0.13.0 (the first latent MoE): fc1_latent_proj is a ColumnParallelLinear(gather_output=True)

@@ -26,6 +26,7 @@ Host shims (none creates, removes or reshapes a parameter): the emulated CUDA pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -84,6 +85,27 @@ def install_platform(platform: str) -> None:
     cls.get_device_communicator_cls = get_device_communicator_cls
     PATCHES.append("emulated CUDA platform (oracle/vllm/vllm_platform.py); device communicator "
                    "DeviceCommunicatorBase (CPU gloo groups, no NCCL)")
+    relax_paged_attention_head_sizes()
+
+
+def relax_paged_attention_head_sizes() -> None:
+    """Releases that build Nemotron-H on the V0 engine (0.10.1.1) pick the XFormers backend on this host, whose
+    constructor refuses a head size outside ``PagedAttention.get_supported_head_sizes()`` (32 – 256; the variants'
+    head_dim is 16, real models' 128): that list gains 16, recorded when asked. A kernel's limit, as
+    ``vllm_platform``'s relaxed backend selection: the backend creates no parameter and maps no name."""
+    try:
+        from vllm.attention.ops.paged_attn import PagedAttention
+    except ImportError:
+        return
+    real = PagedAttention.get_supported_head_sizes
+
+    def sizes():
+        note = "PagedAttention.get_supported_head_sizes() + [16] (the XFormers backend's head-size limit)"
+        if note not in PATCHES:
+            PATCHES.append(note)
+        return [*real(), 16]
+
+    PagedAttention.get_supported_head_sizes = staticmethod(sizes)
 
 
 def build_model(rank, world, ckdir, port, first, log, ep=False):
@@ -96,9 +118,13 @@ def build_model(rank, world, ckdir, port, first, log, ep=False):
 
     set_default_torch_dtype = vllm_oracle.default_dtype_helper()  # its home moved in 0.11.1
     vllm_oracle.config_standin(log)
+    # external_launcher asserts a seed; 0 is EngineArgs' default from 0.10.2, None before (no parameter depends on it)
+    seed = {"seed": 0} if next(f for f in dataclasses.fields(EngineArgs) if f.name == "seed").default is None else {}
+    if seed and not any(p.startswith("seed=0") for p in PATCHES):
+        PATCHES.append("seed=0 (external_launcher asserts a seed; the default of later releases)")
     ea = EngineArgs(model=ckdir, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256,
                     load_format="safetensors", tensor_parallel_size=world,
-                    distributed_executor_backend="external_launcher", enable_expert_parallel=ep)
+                    distributed_executor_backend="external_launcher", enable_expert_parallel=ep, **seed)
     vc = ea.create_engine_config()
     with set_current_vllm_config(vc):
         if first:
