@@ -258,7 +258,7 @@ def test_every_proven_vllm_release_has_its_rank_maps() -> None:
     assert set(vllm.TP_SAME_AS) <= set(vllm.RELEASES_WITH_NEMOTRON_H) - set(vllm.TP_PROVEN)
 
 
-def test_vllm_tp_findings_only_for_proven_releases(monkeypatch) -> None:
+def test_vllm_tp_findings_only_for_proven_releases() -> None:
     """``audit --tp`` answers for vLLM releases with rank maps (their rules, their citations); others say so."""
     from nhcheck.pipeline import audit_path
 
@@ -272,12 +272,8 @@ def test_vllm_tp_findings_only_for_proven_releases(monkeypatch) -> None:
     assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
     from nhcheck.engines import vllm
 
-    # a release nhcheck answers for, but without rank maps of its own or of a release with the same code (every
-    # answered release has them now: one is taken out of TP_PROVEN to show what such a release gets)
-    unmapped = next((v for v in vllm.PROFILES if vllm.tp_release(v) not in vllm.TP_PROVEN), None)
-    if unmapped is None:
-        unmapped = vllm.TP_PROVEN[0]
-        monkeypatch.setattr(vllm, "TP_PROVEN", vllm.TP_PROVEN[1:])
+    # a release nhcheck answers for, but without rank maps of its own or of a release with the same code
+    unmapped = next(v for v in vllm.PROFILES if vllm.tp_release(v) not in vllm.TP_PROVEN)
     other = tensor_parallel.with_findings(audit_path(example, f"vllm@{unmapped}"), (3,))
     assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]
 
