@@ -64,9 +64,16 @@ for _k in ("g1", "bias", "g1bias"):
     EXTRA["v1" + _k] = dict(ckpt.MODELS[_k])
 for _k in ("attn3", "kv3", "mamba5", "groups3", "mlp255"):
     EXTRA["v1" + _k] = dict(EXTRA[_k])
+#: ``expand`` is made ``mamba_num_heads * mamba_head_dim // hidden_size`` where that divides (1 here; real v1 configs
+#: hold ``expand * hidden_size == mamba_num_heads * mamba_head_dim``): 0.9.1 – 0.10.0 size the Mamba mixer from
+#: ``expand * hidden_size``, later releases never read ``expand`` (their maps, made with the base's 2, are unchanged
+#: by it). The maps record the config they ran.
 for _k in EXTRA:
     if _k.startswith("v1"):
         EXTRA[_k]["rms_norm_eps"] = 1e-5
+        _c = {**ckpt.BASE, **EXTRA[_k]}
+        if (_c["mamba_num_heads"] * _c["mamba_head_dim"]) % _c["hidden_size"] == 0:
+            EXTRA[_k]["expand"] = _c["mamba_num_heads"] * _c["mamba_head_dim"] // _c["hidden_size"]
 ckpt.MODELS.update(EXTRA)
 
 
