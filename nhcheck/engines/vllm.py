@@ -1150,12 +1150,12 @@ class VLLMEngine:
         # 0.16.0 alone: MambaMixer2.__init__ builds in_proj/conv1d as single ColumnParallelLinears for every
         # n_groups (MergedColumnParallelLinear when n_groups % tp == 0 before, 0.15.1 mamba_mixer2.py:323, and
         # again from 0.17.0; goldens bias-bf16-vllm-tp2), and drops the quantized-TP assertion.
-        # 0.10.1.1 and 0.10.2 too: one ColumnParallelLinear whatever n_groups (0.10.2 mamba_mixer2.py:302; merged
-        # from 0.11.0, 0.11.0 mamba_mixer2.py:302; goldens vllm-0.10.1.1 / vllm-0.10.2 v1bias-bf16-vllm-tp2).
+        # 0.10.0 – 0.10.2 too: one ColumnParallelLinear whatever n_groups (0.10.2 mamba_mixer2.py:302; merged from
+        # 0.11.0, 0.11.0 mamba_mixer2.py:302; goldens vllm-0.10.0 / 0.10.1.1 / 0.10.2 v1bias-bf16-vllm-tp2).
         unmerged = key < release_key("0.11.0") or release_key("0.16.0") <= key < release_key("0.17.0")
         # 0.10.2: MambaMixer2.__init__ asserts tp_size == 1 or quant_config is None (0.10.2 mamba_mixer2.py:267;
-        # goldens vllm-0.10.1.1 / vllm-0.10.2 v1-fp8-vllm-tp2); 0.11.0 asserts only when tp does not divide n_groups
-        # (:263; golden vllm-0.11.0/v1-fp8-vllm-tp2 loads, v1g1-nvfp4-vllm-tp2 is refused).
+        # goldens vllm-0.10.0 / 0.10.1.1 / 0.10.2 v1-fp8-vllm-tp2); 0.11.0 asserts only when tp does not divide
+        # n_groups (:263; golden vllm-0.11.0/v1-fp8-vllm-tp2 loads, v1g1-nvfp4-vllm-tp2 is refused).
         quantized_mamba_refused = key < release_key("0.11.0")
         groups_at_load = key >= release_key("0.16.0")
         # 0.13.0 (the first latent MoE): fc1_latent_proj is a ColumnParallelLinear(gather_output=True)
