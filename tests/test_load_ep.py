@@ -25,6 +25,7 @@ import torch
 from click.testing import CliRunner
 from goldens import read_golden
 from safetensors.torch import save_file
+from tensors import distinct
 
 from nhcheck import engines, pipeline, report
 from nhcheck import tp as tensor_parallel
@@ -77,15 +78,7 @@ def _write(root: Path, doc1: dict, quant: str, drop: str | None = None) -> dict[
     for name, shape, dtype in ckpt.tensors(doc1["config"], quant):
         if name == drop:
             continue
-        if dtype == "BF16":
-            x = torch.randn(shape, generator=g).to(torch.bfloat16)
-        elif dtype == "F32":
-            x = torch.rand(shape, generator=g) + 0.5
-        elif dtype == "U8":
-            x = torch.randint(0, 255, shape, generator=g, dtype=torch.uint8)
-        else:
-            x = torch.randint(0x30, 0x41, shape, generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
-        data[name] = x
+        data[name] = distinct(shape, dtype, g)
     save_file(data, str(root / "model.safetensors"))
     (root / "config.json").write_text(json.dumps(c))
     return data

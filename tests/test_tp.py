@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from tensors import distinct
 
 from nhcheck import engines, pipeline
 from nhcheck import tp as tensor_parallel
@@ -197,16 +198,7 @@ def _write_unique(generate, out: Path, config: dict, quant: dict | None) -> Path
     g = torch.Generator().manual_seed(7)
     data = {}
     for name, dtype, shape in generate.nemotron_h_tensors(config, quant):
-        if dtype == "BF16":
-            x = torch.randn(shape, generator=g).to(torch.bfloat16)
-        elif dtype == "F32":
-            x = torch.rand(shape, generator=g) + 0.5
-        elif dtype == "U8":
-            x = torch.randint(0, 255, shape, generator=g, dtype=torch.uint8)
-        else:
-            assert dtype == "F8_E4M3"
-            x = torch.randint(0x30, 0x41, shape, generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
-        data[name] = x
+        data[name] = distinct(shape, dtype, g)
     out.mkdir(parents=True, exist_ok=True)
     save_file(data, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config))
