@@ -100,8 +100,11 @@ def _plan(release: str, name: str):
     doc1 = read_golden(GOLDEN / release / re.sub(r"-tp\d+(-ep)?\.json$", "-tp1.json", name))
     case = doc["case"]
     c = doc1["config"]  # the variant the oracle ran (vLLM's goldens add variants of their own)
-    hq = ckpt.hf_quant_config(c, case["quant"])
-    if hq is not None:
+    if "hf_quant_config" in doc1:
+        # the config files as the oracle wrote them (config.json with its quantization_config, flat or nested)
+        hq = doc1["hf_quant_config"]
+    elif (hq := ckpt.hf_quant_config(c, case["quant"])) is not None:
+        # older maps record the model config only: the flat quantization_config ckpt.write added
         section = hq["quantization"]
         c = dict(
             c, quantization_config=dict(quant_method="modelopt", **section, ignore=section.get("exclude_modules", []))
@@ -221,12 +224,15 @@ def test_vllm_quantized_single_group_fails_where_the_release_says(version) -> No
     name = "g1-nvfp4-vllm-tp2.json"
     if "construct_error" in _plan(f"vllm-{version}", name)[1]:
         name = "v1g1-nvfp4-vllm-tp2.json"
+    # 0.9.1 / 0.9.2 refuse config.json's flat ModelOpt form at start-up: their nested-form twins show the rule
+    form = "-nested" if "construct_error" in _plan(f"vllm-{version}", name)[1] else ""
+    name = name.replace("-vllm-", f"{form}-vllm-")
     doc, _, shards, _ = _plan(f"vllm-{version}", name)
     rules = engines.get(engines.parse(f"vllm@{version}")).tp_rules()
     if rules.quantized_mamba_refused:
         assert {p.rule for s in shards.values() for p in s.problems} == {"mamba-quant"}
         for quantized in ("v1-fp8", "v1-nvfp4", "v1g1-nvfp4"):
-            messages = set(_plan(f"vllm-{version}", f"{quantized}-vllm-tp2.json")[0]["construct_error"].values())
+            messages = set(_plan(f"vllm-{version}", f"{quantized}{form}-vllm-tp2.json")[0]["construct_error"].values())
             assert messages == {"AssertionError: Tensor parallel currently not supported for quantized models."}
         assert rules.rule("mamba-quant").effect == "AssertionError at start-up"
         return
@@ -244,6 +250,47 @@ def test_vllm_quantized_single_group_fails_where_the_release_says(version) -> No
     assert (tensor, error) in {("in_proj.input_scale", "IndexError"), ("in_proj.weight_scale", "RuntimeError")}
     assert all(e.startswith(error) for e in errors.values())
     assert effect.startswith(f"{error} at load") and tensor in effect and rules.quantized_groups_at_load
+
+
+#: The TP-1 maps of the releases whose maps record the config files the oracle wrote (``hf_quant_config``; from
+#: vLLM 0.9.1 / 0.9.2 on, older maps record the model config only)
+RECORDED_TP1 = sorted(
+    (d.name, name)
+    for d in GOLDEN.glob("vllm-*")
+    for name in sorted({f.name.removesuffix(".gz") for f in d.glob("*-vllm-tp1.json*")})
+    if "hf_quant_config" in read_golden(d / "hybrid-bf16-vllm-tp1.json")
+)
+
+
+@pytest.mark.parametrize(("release", "name"), RECORDED_TP1)
+def test_vllm_manifest_is_what_the_engine_built(release: str, name: str) -> None:
+    """At TP 1, nhcheck's manifest for the config files the oracle wrote (recorded in the map) holds the parameters
+    the engine built — names, shapes, dtypes — or names the engine's own start-up error. For 0.9.1 / 0.9.2 this
+    covers config.json's nested ModelOpt ``quantization_config`` (``*-nested-*``), the only form they read
+    (``nested_only_recipe``: the config class by ``quant_method``, ``ModelOptFp8Config`` without an exclude list),
+    and the flat form they refuse."""
+    doc = read_golden(GOLDEN / release / name)
+    c, hq = doc["config"], doc["hf_quant_config"]
+    assert ("-nested-" in name) == ("quantization" in c.get("quantization_config", {}))
+    manifest = engines.get(engines.parse(f"vllm@{doc['vllm_version']}")).build_manifest(
+        parse_config(c), parse_quant(c, hq)
+    )
+    if "construct_error" in doc:
+        (error,) = set(doc["construct_error"].values())
+        # a refusal while VllmConfig is validated comes wrapped by pydantic: "Value error, <message> [type=..."
+        wrapped = re.search(r"Value error, (.*) \[type=", error)
+        assert not manifest.params
+        assert manifest.problems[0] == (f"ValueError: {wrapped[1]}" if wrapped else error.split("\n")[0])
+        return
+    built = {n: (tuple(e["shape"]), e["dtype"]) for fam in doc["families"].values() for n, e in fam.items()}
+    ours = {p.name: (p.shape, p.dtype) for p in manifest.params if not p.informational}
+    assert ours.keys() == built.keys()
+    for n, (shape, dtype) in ours.items():
+        # the vocabulary rows are padded by the engine (``vocab-padding``), the manifest names the config's
+        vocab = n in ("model.embed_tokens.weight", "lm_head.weight")
+        assert (shape[vocab:], dtype) == (built[n][0][vocab:], built[n][1]), n
+    names = {None: None, "ModelOptFp8Config": "modelopt", "ModelOptNvFp4Config": "modelopt_fp4"}
+    assert manifest.quantization == names[doc["quant_config"]]
 
 
 def test_every_proven_vllm_release_has_its_rank_maps() -> None:

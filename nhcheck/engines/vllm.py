@@ -119,6 +119,11 @@ class VLLMProfile:
     #: … an unexcluded-but-unquantized ``lm_head``'s method under a ModelOpt config
     #: (0.23.0: ``UnquantizedLinearMethod``).
     quantized_lm_head_method: str
+    #: ModelOpt's configs give ``ParallelLMHead`` a quant method (0.23.0 ``layers/quantization/modelopt.py:186``,
+    #: ``isinstance(layer, (LinearBase, ParallelLMHead))``); before, ``LinearBase`` layers only, so an lm_head the
+    #: recipe does not exclude stays unquantized (rank maps ``tests/golden/tp/vllm-0.9.2/v1-fp8-nested-*``: 0.9.x's
+    #: ``ModelOptFp8Config`` reads no exclude list).
+    modelopt_lm_head: bool
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters with a dot after
     #: the prefix (``maybe_prefix``, 0.17.0 ``models/utils.py:315``); 0.16.0 glued them (``lm_headweight``).
     param_keys_dotted: bool
@@ -243,6 +248,7 @@ _V5 = VLLMProfile(
     kv_method_name="ModelOptFp8KVCacheMethod",
     kv_scale_scalar_loader=False,
     quantized_lm_head_method="UnquantizedEmbeddingMethod",
+    modelopt_lm_head=False,
     param_keys_dotted=False,
     flat_mixed_accepted=False,
     strict_exempts_postprocess=False,
@@ -379,12 +385,14 @@ _V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
 _V8 = replace(_V7b, version="0.22.0", epoch="V8", vl_lm_first=True)
 #: V8 (0.23.0): KV-cache scales get their own scalar-only loader (``ValueError`` where the size assertion was);
-#: an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod`` (wording).
+#: an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod`` (wording); ModelOpt's configs
+#: quantize an ``lm_head`` they do not exclude (``modelopt_lm_head``).
 _V8b = replace(
     _V8,
     version="0.23.0",
     kv_scale_scalar_loader=True,
     quantized_lm_head_method="UnquantizedLinearMethod",
+    modelopt_lm_head=True,
     expert_trims_long=False,
 )
 #: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
@@ -999,17 +1007,17 @@ def mamba_parts_error(
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
 EP_PROVEN = (
-    "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0", "0.24.0",
-    "0.28.0", "0.33.0", "0.34.0",
+    "0.9.2", "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0",
+    "0.24.0", "0.28.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
-    "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0", "0.17.0",
-    "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.0", "0.28.0",
-    "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
+    "0.9.2", "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0",
+    "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.0",
+    "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's: ``oracle/vllm/compare_code.py --tp`` (``ast.dump`` of
 #: every function, method and class body in the 27 files of its ``TP_FILES``: linear layers, parameters, Mamba

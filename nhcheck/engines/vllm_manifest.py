@@ -186,6 +186,81 @@ def hf_quant_config_unread(release: str) -> str:
     )
 
 
+#: The ModelOpt config class 0.9.1 / 0.9.2 build for config.json's ``quant_method`` — by that name alone
+#: (``get_quantization_config``; ModelOpt's ``override_quantization_method`` comes with 0.10.0) — as the algorithm
+#: its ``from_config`` serializes (0.9.2 ``layers/quantization/modelopt.py:77``, :220), and the ``QUANT_ALGOS`` both
+#: accept (:35).
+_NESTED_CLASS_ALGO = {"modelopt": "FP8", "modelopt_fp4": "NVFP4"}
+_NESTED_ALGOS = ("FP8", "NVFP4")
+
+
+def _reads_nested_only(cfg: NemotronHConfig, qc: QuantConfig, profile: VLLMProfile) -> bool:
+    """Whether the release reads config.json's ModelOpt ``quantization_config`` through its nested ``quantization``
+    section only (``modelopt_flat_form`` off; the nested hf_quant_config.json and a VL wrapper's config are read as
+    such by every release)."""
+    return not profile.modelopt_flat_form and qc.source == "config.json" and cfg.wrapper is None
+
+
+def nested_only_recipe(qc: QuantConfig) -> QuantConfig | str:
+    """config.json's ModelOpt ``quantization_config`` as 0.9.1 / 0.9.2 read it (``modelopt_flat_form`` off): the
+    recipe the model is built with, or what ``from_config`` (0.9.2 ``layers/quantization/modelopt.py:69``, :212)
+    or the first NVFP4 linear (:308) raises at start-up.
+
+    ``from_config`` takes the nested ``quantization`` section (``get_from_keys(config, ["quantization"])``): the
+    flat form is refused. ``ModelOptFp8Config`` reads nothing but ``quant_algo`` (no exclude list: every linear is
+    FP8); ``ModelOptNvFp4Config`` needs ``exclude_modules``, ``kv_cache_quant_algo`` and ``group_size`` and
+    excludes by ``exclude_modules``. Both give attention the FP8 KV-cache method whatever ``kv_cache_quant_algo``
+    says. Rank maps ``tests/golden/tp/vllm-0.9.2/*-nested-vllm-tp*`` (the config.json they record)."""
+    raw = qc.flat or {}
+    section = raw.get("quantization")
+    if not isinstance(section, dict):
+        return "ValueError: Cannot find any of ['quantization'] in the model's quantization config."
+    method = str(raw.get("quant_method", "")).lower()
+    built = _NESTED_CLASS_ALGO.get(method)
+    if built is None:
+        raise UsageError(
+            f"vllm 0.9.1 / 0.9.2: quantization_config.quant_method {method!r} with a nested 'quantization' section is "
+            "not modelled (nhcheck answers for 'modelopt' and 'modelopt_fp4')"
+        )
+    if "quant_algo" not in section:
+        return "KeyError: 'quant_algo'"
+    algo = section["quant_algo"]
+    if algo not in _NESTED_ALGOS:
+        return (
+            f"ValueError: ModelOpt currently only supports: {list(_NESTED_ALGOS)} quantizations in vLLM. Please check "
+            "the `hf_quant_config.json` file for your model's quant configuration."
+        )
+    exclude: object = []
+    if built == "NVFP4":
+        if "exclude_modules" not in section:
+            return (
+                "ValueError: NVFP4 quantization requires group size and kv_cache_quant_algo specified in "
+                "hf_quant_config.json"
+            )
+        for key in ("kv_cache_quant_algo", "group_size"):
+            if key not in section:
+                return f"KeyError: {key!r}"
+        if algo != "NVFP4":
+            return "ValueError: NVFP4 quantization was selected,  dynamic quantization is not supported."
+        exclude = section["exclude_modules"]
+    elif algo != "FP8":
+        raise UsageError(
+            f"vllm 0.9.1 / 0.9.2: quant_method 'modelopt' builds ModelOptFp8Config, which takes quant_algo {algo!r} as "
+            "an unserialized FP8 checkpoint (bf16 linears without scales): not modelled; 'modelopt_fp4' names the "
+            "NVFP4 config"
+        )
+    return replace(
+        qc,
+        quant_algo=built,
+        kv_cache_quant_algo=section["kv_cache_quant_algo"] if built == "NVFP4" else None,
+        kv_cache_scheme=None,
+        exclude=tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
+        quantized_layers={},
+        group_size=section["group_size"] if built == "NVFP4" else None,
+        derived={},
+    )
+
+
 def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
     """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
     registered = (None, "NemotronH_Nano_VL_V2") if profile.vl_v2_registered else (None,)
@@ -198,9 +273,10 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
         )
     if qc is None or qc.quant_method != "modelopt":
         return None
+    if _reads_nested_only(cfg, qc, profile):
+        read = nested_only_recipe(qc)
+        return read if isinstance(read, str) else None
     nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None
-    if not nested and not profile.modelopt_flat_form:
-        return "ValueError: Cannot find any of ['quantization'] in the model's quantization config."
     if qc.is_mixed and nested and not profile.nested_mixed_accepted:
         return "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
     if qc.is_mixed and not nested and not profile.flat_mixed_accepted:
@@ -269,7 +345,8 @@ class _Builder:
         stacked: tuple[str, ...] = (),
         mamba_parts: tuple[tuple[str, int, int], ...] = (),
     ):
-        algo = self.q.algo_of(self.qname(name)) if self.q else None
+        quantizable = name != "lm_head" or self.profile.modelopt_lm_head
+        algo = self.q.algo_of(self.qname(name)) if self.q and quantizable else None
         rows, parts = sum(outs), len(outs)
         slots: tuple[tuple[str, int, int], ...] = ()
         idx: tuple[tuple[str, int, int], ...] = ()
@@ -419,6 +496,9 @@ def build_manifest(
     refusal = startup_refusal(cfg, qc, profile) or build_refusal(cfg, profile)
     if refusal is not None:
         return Manifest((), engine, problems=(refusal, *unread))
+    if qc is not None and qc.quant_method == "modelopt" and _reads_nested_only(cfg, qc, profile):
+        recipe = nested_only_recipe(qc)  # a refusal here was startup_refusal's, returned above
+        qc = recipe if isinstance(recipe, QuantConfig) else qc
     wrapped = cfg.wrapper is not None
     prefix = "language_model." if wrapped else ""
     quant = _Quant(qc, profile, prefix) if qc is not None and qc.quant_method == "modelopt" else None

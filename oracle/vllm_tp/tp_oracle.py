@@ -64,6 +64,11 @@ for _k in ("g1", "bias", "g1bias"):
     EXTRA["v1" + _k] = dict(ckpt.MODELS[_k])
 for _k in ("attn3", "kv3", "mamba5", "groups3", "mlp255"):
     EXTRA["v1" + _k] = dict(EXTRA[_k])
+#: No Mamba layer, so a quantized model builds at TP 2 where the Mamba mixer refuses quantized TP (``mamba-quant``,
+#: 0.9.1 – 0.10.2) and its quantized linears' rank maps show: ``v1dense`` (attention + MLP), ``v1mlp48`` (NVFP4
+#: ``down_proj`` K 48 / 2 = 24 per rank: not whole 16-element blocks).
+EXTRA["v1dense"] = dict(hybrid_override_pattern="*-")
+EXTRA["v1mlp48"] = dict(hybrid_override_pattern="-", intermediate_size=48)
 #: ``expand`` is made ``mamba_num_heads * mamba_head_dim // hidden_size`` where that divides (1 here; real v1 configs
 #: hold ``expand * hidden_size == mamba_num_heads * mamba_head_dim``): 0.9.1 – 0.10.0 size the Mamba mixer from
 #: ``expand * hidden_size``, later releases never read ``expand`` (their maps, made with the base's 2, are unchanged
@@ -270,11 +275,14 @@ def main():
     ap.add_argument("--platform", default="sm100")
     ap.add_argument("--ep", action="store_true",
                     help="--enable-expert-parallel (EngineArgs.enable_expert_parallel): files end -tp<N>-ep.json")
+    ap.add_argument("--nested-modelopt", action="store_true",
+                    help="config.json carries the nested ModelOpt quantization_config 0.9.1 / 0.9.2 read "
+                         "(ckpt.write(nested=True)): files end <quant>-nested-vllm-tp<N>.json")
     a = ap.parse_args()
     cases = [tuple(c.split(":")) + ("vllm",) for c in a.case]
     work = tempfile.mkdtemp(prefix="vllm_tp_oracle_")
     for m, q, _ in cases:
-        ckpt.write(m, q, work)
+        ckpt.write(m, q, work, nested=a.nested_modelopt)
     raw = os.path.join(work, "raw")
     os.makedirs(raw)
     import torch.multiprocessing as mp
@@ -289,7 +297,15 @@ def main():
         doc["vllm_version"] = doc.pop("sglang_version")
         doc["case"]["engine"] = "vllm"
         doc["enable_expert_parallel"] = a.ep
-        path = os.path.join(a.out, f"{'-'.join(case)}-tp{a.tp}{'-ep' if a.ep else ''}.json")
+        # the config files as written (config.json with its quantization_config, hf_quant_config.json or None):
+        # tests/test_tp_golden.py gives nhcheck the very files the engine read
+        ckdir = os.path.join(work, f"{case[0]}-{case[1]}")
+        with open(os.path.join(ckdir, "config.json")) as f:
+            doc["config"] = json.load(f)
+        hq = os.path.join(ckdir, "hf_quant_config.json")
+        doc["hf_quant_config"] = json.load(open(hq)) if os.path.exists(hq) else None
+        stem = "-".join((*case[:2], "nested", case[2]) if a.nested_modelopt else case)
+        path = os.path.join(a.out, f"{stem}-tp{a.tp}{'-ep' if a.ep else ''}.json")
         with open(path, "w") as f:
             json.dump(doc, f, indent=None, separators=(",", ":"))
             f.write("\n")
