@@ -319,8 +319,10 @@ def test_vllm_tp_findings_only_for_proven_releases() -> None:
     assert any(m.startswith("--tp 4") and "NVFP4 block" in m for m in tp_errors)
     from nhcheck.engines import vllm
 
-    # a release nhcheck answers for, but without rank maps of its own or of a release with the same code
-    unmapped = next(v for v in vllm.PROFILES if vllm.tp_release(v) not in vllm.TP_PROVEN)
+    # every release that ships nemotron_h.py has rank maps, its own or a release's with the same code; a newer one,
+    # answered with the newest row, has none
+    assert all(vllm.tp_release(v) in vllm.TP_PROVEN for v in vllm.RELEASES_WITH_NEMOTRON_H)
+    unmapped = "0.40.0"
     other = tensor_parallel.with_findings(audit_path(example, f"vllm@{unmapped}"), (3,))
     assert [f.code for f in other.findings if f.code.startswith("tp-")] == ["tp-unproven"]
 

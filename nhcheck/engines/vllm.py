@@ -1007,17 +1007,17 @@ def mamba_parts_error(
 #: Releases whose rank maps under ``--enable-expert-parallel`` were recorded (``oracle/vllm_tp --ep``, files
 #: ``tests/golden/tp/vllm-X/*-tp2-ep.json.gz``): ``audit --tp N --ep`` answers for these only.
 EP_PROVEN = (
-    "0.9.2", "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.19.0",
-    "0.24.0", "0.28.0", "0.33.0", "0.34.0",
+    "0.9.1", "0.9.2", "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1",
+    "0.19.0", "0.24.0", "0.28.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 
 #: Releases whose tensor-parallel rank maps were recorded with their own loaders on gloo ranks
 #: (``oracle/vllm_tp``, ``tests/golden/tp/vllm-X``): ``audit --tp`` / ``load --tp`` answer for these and for
 #: ``TP_SAME_AS``.
 TP_PROVEN = (
-    "0.9.2", "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1", "0.16.0",
-    "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.0",
-    "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
+    "0.9.1", "0.9.2", "0.10.0", "0.10.1.1", "0.10.2", "0.11.0", "0.11.2", "0.12.0", "0.13.0", "0.14.0", "0.15.1",
+    "0.16.0", "0.17.0", "0.18.0", "0.19.0", "0.20.0", "0.21.0", "0.22.0", "0.23.0", "0.24.0", "0.25.1", "0.26.0",
+    "0.27.0", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )  # fmt: skip
 #: Patch releases whose TP-relevant code is the run release's: ``oracle/vllm/compare_code.py --tp`` (``ast.dump`` of
 #: every function, method and class body in the 27 files of its ``TP_FILES``: linear layers, parameters, Mamba

@@ -4,6 +4,7 @@ from vllm.platforms.cuda import NonNvmlCudaPlatform
 from vllm.platforms.interface import DeviceCapability
 
 RELAXED: list = []  # attention-backend selections that needed the head-size check relaxed
+TRITON_STANDIN: list = []  # non-empty once _triton_without_driver made its stand-in driver active (0.9.1)
 
 CAPS = {"sm100": (10, 0, "NVIDIA B200"), "sm90": (9, 0, "NVIDIA H100 80GB HBM3"), "sm120": (12, 0, "NVIDIA RTX PRO 6000 Blackwell")}
 
@@ -77,6 +78,8 @@ def _triton_without_driver():
             return bench
 
     td.driver.set_active(NoDriver())
+    TRITON_STANDIN.append("triton stand-in driver (benchmarker raises if called): 0.9.1 imports its Mamba SSD "
+                          "kernels through triton.autotune, which needs an active driver")
 
 
 def install(name="sm100"):

@@ -97,6 +97,7 @@ def install_platform(platform: str) -> None:
     cls.get_device_communicator_cls = get_device_communicator_cls
     PATCHES.append("emulated CUDA platform (oracle/vllm/vllm_platform.py); device communicator "
                    "DeviceCommunicatorBase (CPU gloo groups, no NCCL)")
+    PATCHES.extend(vllm_platform.TRITON_STANDIN)
     relax_paged_attention_head_sizes()
 
 
