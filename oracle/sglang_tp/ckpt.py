@@ -162,18 +162,18 @@ def hf_quant_config(c: dict, quant: str) -> dict | None:
 NESTED_METHOD = {"fp8": "modelopt", "nvfp4": "modelopt_fp4", "mixed": "modelopt"}
 
 
-def write(model: str, quant: str, root: str, nested: bool = False) -> str:
+def write(model: str, quant: str, root: str, nested: bool = False, method: str | None = None) -> str:
     """Write config.json (+ hf_quant_config.json) for one model x quant into root/model-quant; return the dir.
 
     ``nested``: config.json's ``quantization_config`` is hf_quant_config.json's object (``producer`` and the
-    ``quantization`` section) plus ``quant_method`` (``NESTED_METHOD``), the form vLLM 0.9.1 / 0.9.2 read
-    (``get_from_keys(config, ["quantization"])``); else the flat form later exporters write."""
+    ``quantization`` section) plus ``quant_method`` (``method``, default ``NESTED_METHOD``'s), the form vLLM 0.9.1 /
+    0.9.2 read (``get_from_keys(config, ["quantization"])``); else the flat form later exporters write."""
     d = os.path.join(root, f"{model}-{quant}")
     os.makedirs(d, exist_ok=True)
     c = config(model)
     hq = hf_quant_config(c, quant)
     if hq is not None and nested:
-        c = dict(c, quantization_config=dict(quant_method=NESTED_METHOD[quant], **hq))
+        c = dict(c, quantization_config=dict(quant_method=method or NESTED_METHOD[quant], **hq))
     elif hq is not None:  # ModelOpt exports carry it in config.json too (SGLang's NemotronH override reads it there)
         # flat form: the ignore list is "ignore" there (SGLang's from_config reads it, not "exclude_modules")
         flat = dict(quant_method="modelopt", **hq["quantization"])

@@ -279,11 +279,14 @@ def main():
     ap.add_argument("--nested-modelopt", action="store_true",
                     help="config.json carries the nested ModelOpt quantization_config 0.9.1 / 0.9.2 read "
                          "(ckpt.write(nested=True)): files end <quant>-nested-vllm-tp<N>.json")
+    ap.add_argument("--nested-method", default=None,
+                    help="with --nested-modelopt: this quant_method for every case (a name that does not match the "
+                         "recipe's algorithm): files end <quant>-nested-<method>-vllm-tp<N>.json")
     a = ap.parse_args()
     cases = [tuple(c.split(":")) + ("vllm",) for c in a.case]
     work = tempfile.mkdtemp(prefix="vllm_tp_oracle_")
     for m, q, _ in cases:
-        ckpt.write(m, q, work, nested=a.nested_modelopt)
+        ckpt.write(m, q, work, nested=a.nested_modelopt, method=a.nested_method)
     raw = os.path.join(work, "raw")
     os.makedirs(raw)
     import torch.multiprocessing as mp
@@ -305,7 +308,8 @@ def main():
             doc["config"] = json.load(f)
         hq = os.path.join(ckdir, "hf_quant_config.json")
         doc["hf_quant_config"] = json.load(open(hq)) if os.path.exists(hq) else None
-        stem = "-".join((*case[:2], "nested", case[2]) if a.nested_modelopt else case)
+        form = ("nested", a.nested_method) if a.nested_method else ("nested",)
+        stem = "-".join((*case[:2], *form, case[2]) if a.nested_modelopt else case)
         path = os.path.join(a.out, f"{stem}-tp{a.tp}{'-ep' if a.ep else ''}.json")
         with open(path, "w") as f:
             json.dump(doc, f, indent=None, separators=(",", ":"))
