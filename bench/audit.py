@@ -23,7 +23,14 @@ average before and after. Every tree is run with its bytecode compiled, as an in
 Also times the expert-mapping replay indexed (what nhcheck does) against SGLang's literal scan
 over E x 3 tuples per name, on a slice of the Super names.
 
-Usage: python bench/audit.py [--reps 7] [--before REF] [--workdir DIR] [--keep]
+With ``--stages``, also where an audit's time goes, in a fresh process (GC off, as the CLI runs): the CPU
+seconds (user + system) and the minor page faults of each stage of ``audit`` on each layout in its first run
+(a CLI process audits once: it maps its memory and fills its caches then), and the minimum of ``--reps`` runs,
+beside the bare parse's work (``json.loads`` of every header) in the same process: open (headers, index,
+configs and their cross-checks), prepare (config, recipe, manifest), replay, gather, the rest of the audit
+(decisions, coverage, findings), and writing the JSON document and the table to a file.
+
+Usage: python bench/audit.py [--reps 7] [--before REF] [--workdir DIR] [--keep] [--stages]
 """
 
 from __future__ import annotations
@@ -72,6 +79,54 @@ for fn in sorted(os.listdir(d)):
             headers(f.read(n))
         elif fn.endswith(".json"):
             msgspec.json.decode(f.read())
+os._exit(0)
+"""
+
+
+#: ``--stages``: where an audit's time goes, in a fresh process (argv: DIR REPS WORK). The CPU seconds (user +
+#: system) and the minor page faults of each stage: the first run, as a CLI process audits, and the minimum of the
+#: runs (memory already mapped, caches filled), GC off as in ``cli.main``.
+STAGES = r"""
+import gc, json, os, resource, struct, sys
+gc.disable()
+from nhcheck import audit, pipeline, report
+from nhcheck.checkpoint import open_local
+from nhcheck.report import format as formats
+d, reps, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+runs = {}
+def usage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+def lap(stage, since):
+    now = usage()
+    runs.setdefault(stage, []).append((now[0] - since[0], now[1] - since[1]))
+    return now
+for _ in range(reps):
+    t = usage()
+    ckpt = open_local(d)
+    t = lap("open: headers, index, configs, cross-checks", t)
+    inputs = pipeline.prepare(ckpt)
+    t = lap("prepare: config, recipe, manifest", t)
+    opts = audit.AuditOptions()
+    replayed = audit.replay_tensors(ckpt, inputs.config, inputs.manifest, inputs.engine, opts)
+    t = lap("replay: one outcome per tensor", t)
+    gathered = audit.gather(replayed)
+    t = lap("gather: tensors by load key", t)
+    rep = audit.run_audit(ckpt, inputs.config, inputs.quant, inputs.manifest, inputs.engine, opts, replayed=gathered)
+    t = lap("audit: decisions, coverage, findings", t)
+    formats.get("json", os.path.join(work, "stages.json")).write(report.audit_renderer(), rep)
+    t = lap("write the JSON document", t)
+    formats.get("table", os.path.join(work, "stages.txt")).write(report.audit_renderer(), rep)
+    t = lap("write the table", t)
+    del ckpt, inputs, replayed, gathered, rep
+    for fn in sorted(os.listdir(d)):
+        if fn.endswith(".safetensors"):
+            with open(os.path.join(d, fn), "rb") as f:
+                json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    lap("(the bare parse's work: json.loads of every header)", t)
+for stage, got in runs.items():
+    print(f"{os.path.basename(d)}: stage {stage:<52} cpu first run {got[0][0]:.3f} s ({got[0][1]:,} page faults), "
+          f"min {min(c for c, _ in got):.3f} s")
 os._exit(0)
 """
 
@@ -137,6 +192,7 @@ def main() -> None:
     )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="also the CPU time of each stage of an audit, in-process")
     args = ap.parse_args()
     import generate  # examples/generate.py
 
@@ -190,6 +246,10 @@ def main() -> None:
                     f"{statistics.median(cpu[k]) / med_cpu:.2f}x)"
                     + ("  (target <= 1.5x)" if k.startswith("audit") else "")
                 )
+            if args.stages:
+                stages = subprocess.run([py, "-c", STAGES, d, str(args.reps), work], env=trees[""], cwd=work)
+                if stages.returncode:
+                    raise SystemExit("--stages failed")
             if args.before:
                 for fmt in ("audit --format json", "audit (table)"):
                     b = fmt + f" (before: {args.before})"
