@@ -192,6 +192,18 @@ def test_before_0_11_1_the_model_build_refuses_nemotron_3_configs():
     assert shapes["model.layers.0.mixer.in_proj.input_scale"] == (5,)
 
 
+def test_a_refused_vllm_start_up_names_no_moe_backend():
+    """vLLM's MoE backend changes no parameter (``--moe-backend`` is refused for vLLM), so no vLLM manifest, built
+    or refused at start-up, names, asks or assumes one: no SGLang-worded ``moe-backend-assumed`` note."""
+    for version, example in (("0.9.2", "nano3-bf16"), ("0.14.0", "nano3-nvfp4"), ("0.11.2", "nano3-nvfp4")):
+        report = audit_path(str(EX / example), f"vllm@{version}")
+        assert report.crash is not None and report.crash.tensor is None  # refused before load_weights
+        assert (report.manifest.moe_backend, report.manifest.moe_backend_requested) == ("", "")
+        assert not [f for f in report.findings if f.code == "moe-backend-assumed"]
+    built = audit_path(str(EX / "nano3-nvfp4"), "vllm@0.34.0")
+    assert built.crash is None and built.manifest.moe_backend == ""
+
+
 def test_nvfp4_experts_of_the_non_gated_moe_are_refused_before_0_12_0():
     """0.11.x ``FusedMoE`` takes only unquantized or FP8 experts for a non-gated MoE (golden nano3_nvfp4, 0.11.2)."""
     for version in ("0.11.1", "0.11.2"):

@@ -474,6 +474,20 @@ def _quant_kind(quant: _Quant | None, qc: QuantConfig | None) -> str | None:
     return {"FP8": "modelopt"}.get(quant.algo or "", "modelopt_fp4")
 
 
+def _manifest(
+    params: tuple[Param, ...],
+    engine: str,
+    problems: tuple[str, ...],
+    *,
+    prefix: str = "",
+    kind: str | None = None,
+    mode: str = "main",
+) -> Manifest:
+    """A vLLM manifest, built or refused. vLLM's MoE backend (chosen from the GPU) changes no parameter name, so
+    none is named, asked or assumed (SGLang's manifests carry the backend their parameters were built for)."""
+    return Manifest(params, engine, prefix, kind, "", mode, "built", problems, moe_backend_requested="")
+
+
 def build_manifest(
     cfg: NemotronHConfig,
     qc: QuantConfig | None,
@@ -495,7 +509,7 @@ def build_manifest(
         qc = None
     refusal = startup_refusal(cfg, qc, profile) or build_refusal(cfg, profile)
     if refusal is not None:
-        return Manifest((), engine, problems=(refusal, *unread))
+        return _manifest((), engine, (refusal, *unread))
     if qc is not None and qc.quant_method == "modelopt" and _reads_nested_only(cfg, qc, profile):
         recipe = nested_only_recipe(qc)  # a refusal here was startup_refusal's, returned above
         qc = recipe if isinstance(recipe, QuantConfig) else qc
@@ -529,11 +543,10 @@ def build_manifest(
             "has a latent MoE",
         )
     if not profile.nvfp4_moe_non_gated and any(p.quant_method == NVFP4_MOE for p in b.out):
-        return Manifest((), engine, problems=(NON_GATED_MOE_REFUSAL, *problems))
+        return _manifest((), engine, (NON_GATED_MOE_REFUSAL, *problems))
     if profile.nvfp4_moe_needs_flashinfer and any(p.quant_method == NVFP4_MOE for p in b.out):
-        return Manifest((), engine, problems=(NVFP4_MOE_REFUSAL, nvfp4_moe_environment(release), *problems))
-    # vLLM's MoE backend (chosen from the GPU) changes no parameter name: the manifest names none.
-    return Manifest(tuple(b.out), engine, prefix, kind, "", "main", "built", problems, moe_backend_requested="")
+        return _manifest((), engine, (NVFP4_MOE_REFUSAL, nvfp4_moe_environment(release), *problems))
+    return _manifest(tuple(b.out), engine, problems, prefix=prefix, kind=kind)
 
 
 def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile, release: str) -> Manifest:
@@ -555,7 +568,7 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
         )
     refusal = startup_refusal(cfg, qc, profile)
     if refusal is not None:
-        return Manifest((), engine, mode="mtp", problems=(refusal,))
+        return _manifest((), engine, (refusal,), mode="mtp")
     pattern = cfg.draft_pattern
     if cfg.num_nextn_predict_layers != 1 or any(ch not in "*E" for ch in pattern):
         # NemotronHMultiTokenPredictor asserts one MTP layer and builds only '*' / 'E' layers; no golden has another.
@@ -591,4 +604,4 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
     shared = ("model.embed_tokens.", "lm_head.")
     params = tuple(replace(p, informational=True) if p.name.startswith(shared) else p for p in b.out)
     problems = tuple(qc.problems) if qc else ()
-    return Manifest(params, engine, "", kind, "", "mtp", "built", problems, moe_backend_requested="")
+    return _manifest(params, engine, problems, kind=kind, mode="mtp")
