@@ -341,6 +341,10 @@ def audit(
     run: LiveRun | None = None,
 ) -> AuditReport:
     """The live report; with ``cross_check`` also the table's, and every disagreement as an error."""
+    if eid.name == "vllm":  # before the worker runs: it has no MoE backend to take
+        from nhcheck.engines.vllm import refuse_moe_backend
+
+        refuse_moe_backend(eid.version, moe_backend)
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
     impl = _table_engine(eid.name, eid.version)

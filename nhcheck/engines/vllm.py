@@ -1049,6 +1049,17 @@ def tp_release(version: str) -> str:
     return TP_SAME_AS.get(version, version)
 
 
+def refuse_moe_backend(release: str, moe_backend: str | None) -> None:
+    """``--moe-backend`` names SGLang's MoE runner backends. vLLM picks its MoE backend from the GPU and no
+    choice changes a parameter name, so a named backend is refused rather than silently ignored: one rule for
+    the release table and for ``--live`` (whose worker would otherwise record none)."""
+    if moe_backend not in (None, "", "auto"):
+        raise UsageError(
+            f"--moe-backend names SGLang's MoE runner backends; vllm {release}'s backend changes no "
+            "parameter (leave it out)"
+        )
+
+
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
 
@@ -1063,12 +1074,7 @@ class VLLMEngine:
     def build_manifest(self, cfg, qc, *, moe_backend=None, mtp=False, pp=None):
         from nhcheck.engines.vllm_manifest import build_manifest
 
-        if moe_backend not in (None, "", "auto"):
-            raise UsageError(
-                f"--moe-backend names SGLang's MoE runner backends; vllm {self.id.version}'s backend changes no "
-                "parameter (leave it out)"
-            )
-
+        refuse_moe_backend(self.id.version, moe_backend)
         return build_manifest(cfg, qc, self.profile, release=self.id.version, mtp=mtp, pp=pp)
 
     def replayer(self, manifest, cfg, *, mtp: bool, pp: PPWindow | None):
