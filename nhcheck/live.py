@@ -252,6 +252,10 @@ class LiveEngine:
     def shard_order_assumption(self) -> str | None:
         return self.explain.shard_order_assumption() if self.explain else None
 
+    def environment_alternative(self, cfg: NemotronHConfig) -> None:
+        """The worker ran with the dependencies installed here: nothing was assumed about them."""
+        return None
+
     def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         # what the real loaders raised in the live replay (SGLang's size-checking default_weight_loader
         # raises there too, as a raise of its own; vLLM's fused loaders are recorded in ``load_errors``)
