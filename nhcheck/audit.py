@@ -19,7 +19,16 @@ from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
 from nhcheck.coverage import ParamState
 from nhcheck.dtypes import FLOAT_PARAM, PACKED_CKPT, PACKED_PARAM
-from nhcheck.engines.base import EXPERT_INDEX, Crash, Engine, EngineId, Outcome, PPWindow, default_loader_error
+from nhcheck.engines.base import (
+    EXPERT_INDEX,
+    Crash,
+    Engine,
+    EngineId,
+    EnvironmentAlternative,
+    Outcome,
+    PPWindow,
+    default_loader_error,
+)
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, Severity, Verdict, grouped, severity_rank, verdict_of
 from nhcheck.manifest import Manifest, Param
@@ -633,6 +642,9 @@ def run_audit(
     if engine.id.assumption:
         findings.append(Finding("info", "engine-assumed", engine.id.assumption))
     findings += order_notes
+    alternative = None if opts.mtp else engine.environment_alternative(cfg)
+    if alternative is not None:
+        findings.append(_environment_finding(ckpt, cfg, qc, alternative, opts, moe_backend))
     if (
         moe_backend is None
         and manifest.source == "built"
@@ -721,6 +733,23 @@ def run_audit(
         mtp=opts.mtp,
         pp=opts.pp,
     )
+
+
+def _environment_finding(
+    ckpt: Checkpoint,
+    cfg: NemotronHConfig,
+    qc: QuantConfig | None,
+    alternative: EnvironmentAlternative,
+    opts: AuditOptions,
+    moe_backend: str | None,
+) -> Finding:
+    """``environment-assumed``: which environment the answer is for, and what the release gives in the other one
+    (its row there, audited as this one; that row has no alternative of its own)."""
+    other = alternative.engine
+    manifest = other.build_manifest(cfg, qc, moe_backend=moe_backend, pp=opts.pp)
+    rep = run_audit(ckpt, cfg, qc, manifest, other, replace(opts, compare_versions=False), moe_backend=moe_backend)
+    gives = f"verdict {rep.verdict}" + (f", raises {rep.crash.error}{rep.crash.where}" if rep.crash else "")
+    return Finding("info", "environment-assumed", f"{alternative.assumed}; {alternative.other}: {gives}")
 
 
 #: Manifest problems that are errors the engine raises while starting (no weight loads).

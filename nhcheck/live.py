@@ -252,6 +252,10 @@ class LiveEngine:
     def shard_order_assumption(self) -> str | None:
         return self.explain.shard_order_assumption() if self.explain else None
 
+    def environment_alternative(self, cfg: NemotronHConfig) -> None:
+        """The worker ran with the dependencies installed here: nothing was assumed about them."""
+        return None
+
     def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         # what the real loaders raised in the live replay (SGLang's size-checking default_weight_loader
         # raises there too, as a raise of its own; vLLM's fused loaders are recorded in ``load_errors``)
@@ -341,6 +345,10 @@ def audit(
     run: LiveRun | None = None,
 ) -> AuditReport:
     """The live report; with ``cross_check`` also the table's, and every disagreement as an error."""
+    if eid.name == "vllm":  # before the worker runs: it has no MoE backend to take
+        from nhcheck.engines.vllm import refuse_moe_backend
+
+        refuse_moe_backend(eid.version, moe_backend)
     cfg = parse_config(ckpt.config, f"{ckpt.root}/config.json")
     qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
     impl = _table_engine(eid.name, eid.version)

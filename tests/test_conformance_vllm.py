@@ -26,10 +26,12 @@ import pytest
 from goldens import read_golden
 
 from nhcheck import engines
-from nhcheck.audit import AuditOptions
+from nhcheck.audit import AuditOptions, run_audit
+from nhcheck.checkpoint import open_local
 from nhcheck.engines import vllm, vllm_mtp
 from nhcheck.errors import UsageError
 from nhcheck.pipeline import audit_path
+from nhcheck.quant import parse_quant
 
 HERE = Path(__file__).parent / "conformance"
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -144,24 +146,14 @@ def _assert_tensor_outcomes(expected: dict, report, *, warn_names_engine: bool) 
             assert _same_error(o.message, exp["message"]), (name, o.message, exp["message"])
 
 
-@pytest.mark.parametrize(("case", "version"), GOLDENS)
-def test_tensor_outcomes(case: str, version: str) -> None:
-    expected, report = _load(case, version)
-    if _refused_at_startup(expected, report):
-        return
-    _assert_tensor_outcomes(expected, report, warn_names_engine=True)
-
-
-@pytest.mark.parametrize(("case", "version"), GOLDENS)
-def test_crash_point(case: str, version: str) -> None:
-    expected, report = _load(case, version)
+def _assert_crash(expected: dict, report, natural_order: bool) -> None:
     if expected["crash"] is None:
         assert report.crash is None
     elif expected["crash"]["tensor"] is None:
         if not _refused_at_startup(expected, report):  # the strict check after the stream
             assert report.crash is not None and report.crash.tensor is None
             assert _same_error(report.crash.error, expected["crash"]["error"]), report.crash.error
-    elif not vllm.PROFILES[version].natural_shard_order:
+    elif not natural_order:
         # Before 0.16.0 vLLM reads the shard files in glob (file-system) order: the oracle's host decided which
         # shard came first. Order-independent: the recorded crash is the first raise of one shard in nhcheck's
         # replay, with its error; nhcheck's crash is one of those too, and says it assumed the order when they differ.
@@ -182,9 +174,7 @@ def test_crash_point(case: str, version: str) -> None:
         assert _same_error(report.crash.error, expected["crash"]["error"]), report.crash.error
 
 
-@pytest.mark.parametrize(("case", "version"), GOLDENS)
-def test_params_coverage(case: str, version: str) -> None:
-    expected, report = _load(case, version)
+def _assert_params_coverage(expected: dict, report) -> None:
     if _refused_at_startup(expected, report):
         return
     without = sorted(s.name for s in report.params if s.status in ("unfilled", "unreachable"))
@@ -193,10 +183,8 @@ def test_params_coverage(case: str, version: str) -> None:
     assert partial == sorted(p["param"] for p in expected["params_partially_filled"])
 
 
-@pytest.mark.parametrize(("case", "version"), GOLDENS)
-def test_manifest(case: str, version: str) -> None:
+def _assert_manifest(expected: dict, report) -> None:
     """Names exactly; dtype, quant method and shape of every parameter."""
-    expected, report = _load(case, version)
     if _refused_at_startup(expected, report):
         return
     exp = {p["name"]: p for p in expected["manifest"]["params"] if not p["name"].startswith(TOWERS)}
@@ -205,6 +193,110 @@ def test_manifest(case: str, version: str) -> None:
     for p in report.manifest.params:
         e = exp[p.name]
         assert (list(p.shape), p.dtype, p.quant_method) == (e["shape"], e["dtype"], e["quant_method"]), p.name
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_tensor_outcomes(case: str, version: str) -> None:
+    expected, report = _load(case, version)
+    if _refused_at_startup(expected, report):
+        return
+    _assert_tensor_outcomes(expected, report, warn_names_engine=True)
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_crash_point(case: str, version: str) -> None:
+    expected, report = _load(case, version)
+    _assert_crash(expected, report, vllm.PROFILES[version].natural_shard_order)
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_params_coverage(case: str, version: str) -> None:
+    _assert_params_coverage(*_load(case, version))
+
+
+@pytest.mark.parametrize(("case", "version"), GOLDENS)
+def test_manifest(case: str, version: str) -> None:
+    _assert_manifest(*_load(case, version))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers 4.x beside 5.x: vLLM 0.19.1 – 0.23.x allow both (``VLLMProfile.transformers4_allowed``) and nhcheck
+# answers for 5.x, what pip resolves. ``expected-transformers4-vllm-X.json.gz``: the same release run with the newest
+# transformers 4.x it allows (4.57.6; ``make_goldens.py X --variant transformers4``). 0.19.1 under 4.57.6 is 0.19.0
+# (identical loading code, ``oracle/vllm/compare_code.py``; 0.19.0's goldens were made with transformers 4.57.6).
+
+#: The release whose transformers-4 answers another release's goldens are (same loading code).
+TRANSFORMERS4_SAME_AS = {"0.19.1": "0.19.0"}
+
+
+def _transformers4_goldens() -> list[tuple[str, str, str]]:
+    """(case, release, golden file name) of every transformers-4 answer beside a transformers-5 golden."""
+    out = []
+    for f in sorted(HERE.glob("**/expected-transformers4-vllm-*.json*")):
+        version = f.name.removeprefix("expected-transformers4-vllm-").removesuffix(".gz").removesuffix(".json")
+        out.append((str(f.parent.relative_to(HERE)), version, f"expected-transformers4-vllm-{version}.json"))
+    for case, version in GOLDENS:
+        if version in TRANSFORMERS4_SAME_AS and (case, TRANSFORMERS4_SAME_AS[version]) in GOLDENS:
+            out.append((case, version, f"expected-vllm-{TRANSFORMERS4_SAME_AS[version]}.json"))
+    return out
+
+
+TRANSFORMERS4 = _transformers4_goldens()
+
+
+def _answers(golden: dict) -> dict:
+    return {k: v for k, v in golden.items() if k not in ("engine", "made_by")}
+
+
+def test_transformers4_answers_cover_the_releases_run():
+    """0.20.0 ran with transformers 4.57.6 on every case of its own goldens; 0.19.1's transformers-4 answers are
+    0.19.0's, the list ``intermediate_size`` probe included. 0.21.0 – 0.23.x read the config through the same code
+    (EPOCHS.md)."""
+    four = {(c, v) for c, v, _ in TRANSFORMERS4}
+    assert {(c, v) for c, v in GOLDENS if v == "0.20.0"} <= four
+    assert ("dense_probes/probe_h8b_dense_mlp_list", "0.19.1") in four
+    assert all(
+        p.transformers4_allowed == (p.version in ("0.19.1", "0.20.0", "0.21.0", "0.22.0", "0.23.0"))
+        for p in vllm.EPOCHS
+    )
+
+
+@pytest.mark.parametrize("golden", sorted(HERE.glob("mtp/*/expected-transformers4-mtp-vllm-*.json*")), ids=str)
+def test_the_mtp_draft_answers_alike_under_transformers4(golden: Path) -> None:
+    """The MTP draft's config is the same class: under transformers 4.57.6 the draft answers as under 5.x."""
+    version = golden.name.removeprefix("expected-transformers4-mtp-vllm-").removesuffix(".gz").removesuffix(".json")
+    five = read_golden(golden.parent / f"expected-mtp-vllm-{version}.json")
+    assert _answers(read_golden(golden.with_name(golden.name.removesuffix(".gz")))) == _answers(five)
+
+
+@pytest.mark.parametrize(("case", "version", "golden"), TRANSFORMERS4)
+def test_transformers4_answers_are_nhchecks_or_the_alternative_it_states(case: str, version: str, golden: str) -> None:
+    """Where transformers 4.x answers as 5.x, nhcheck's one answer holds and no alternative is named; where it does
+    not, the audit says so in an ``info`` finding, and the release's row under transformers 4.x (the alternative
+    ``environment_alternative`` names) reproduces the transformers-4 golden exactly."""
+    assert vllm.PROFILES[version].transformers4_allowed
+    four = read_golden(HERE / case / golden)
+    five, report = _load(case, version)
+    stated = [f for f in report.findings if f.code == "environment-assumed"]
+    if _answers(four) == _answers(five):
+        assert not stated
+        return
+    assert len(stated) == 1 and stated[0].severity == "info", stated
+    assert "answered for transformers 5" in stated[0].message and "transformers 4.x" in stated[0].message
+    alternative = engines.get(f"vllm@{version}").environment_alternative(report.config)
+    assert alternative is not None
+    ckpt, cfg = open_local(str(_checkpoint(HERE / case))), report.config
+    qc = parse_quant(ckpt.config, ckpt.hf_quant_config)
+    manifest = alternative.engine.build_manifest(cfg, qc)
+    other = run_audit(ckpt, cfg, qc, manifest, alternative.engine, AuditOptions(compare_versions=False))
+    assert not [f for f in other.findings if f.code == "environment-assumed"]
+    if not _refused_at_startup(four, other):
+        _assert_tensor_outcomes(four, other, warn_names_engine=True)
+    _assert_crash(four, other, natural_order=True)
+    _assert_params_coverage(four, other)
+    _assert_manifest(four, other)
+    if four["crash"] and four["crash"]["tensor"]:
+        assert four["crash"]["tensor"] in stated[0].message, stated[0].message
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -282,6 +282,25 @@ def test_without_vllm_live_is_one_line_and_exit_2(flag):
     assert result.exit_code == 2 and len(lines) == 1 and "install vllm" in lines[0], result.output
 
 
+@pytest.mark.parametrize("flag", ["--live", "--cross-check", None])
+def test_a_moe_backend_is_refused_alike_by_the_table_and_live(flag, monkeypatch):
+    """vLLM takes no MoE runner backend: ``--moe-backend`` is a usage error for the table row and for the installed
+    release alike (one message), before any worker runs. The installed release is stated, so no vLLM is needed."""
+    monkeypatch.setattr(live, "installed_engine", lambda spec: EngineId("vllm", "0.20.0", installed=True))
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("the worker must not run")
+
+    monkeypatch.setattr(live, "run_workers", no_worker)
+    args = ["audit", str(EX / "nano3-nvfp4"), "--engine", "vllm@0.20.0", "--moe-backend", "triton"]
+    result = CliRunner().invoke(cli, args + ([flag] if flag else []))
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].endswith(
+        "--moe-backend names SGLang's MoE runner backends; vllm 0.20.0's backend changes no parameter (leave it out)"
+    ), lines[0]
+
+
 # ---------------------------------------------------------------------------- the installed engine
 
 

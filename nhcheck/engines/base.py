@@ -172,6 +172,18 @@ class LoaderSemantics:
     expert_corner: bool = False
 
 
+class EnvironmentAlternative(NamedTuple):
+    """A dependency release the engine release also allows, under which it answers a checkpoint otherwise.
+
+    nhcheck answers for one environment (``assumed``: which, and what it does with the checkpoint); ``other``
+    names the other environment and ``engine`` is the release's row in it, whose audit says what it gives.
+    """
+
+    assumed: str
+    other: str
+    engine: Engine
+
+
 #: One checkpoint name → what the engine does with it (a replayer bound to one manifest).
 Replayer = Callable[[str], Outcome]
 #: One expert index in a checkpoint name (``experts.{e}.``), as the engines' expert mappings see it.
@@ -185,7 +197,10 @@ class Engine(Protocol):
     committed under ``tests/conformance/``).
     """
 
-    id: EngineId
+    @property
+    def id(self) -> EngineId:
+        """The release answered for (read-only: the frozen engine rows satisfy this protocol)."""
+        ...
 
     def build_manifest(
         self,
@@ -230,6 +245,11 @@ class Engine(Protocol):
     def shard_order_assumption(self) -> str | None:
         """Why ``order_shards`` is nhcheck's assumption rather than the engine's rule (the engine reads the files
         in the file system's order), or None when the engine's order is known."""
+        ...
+
+    def environment_alternative(self, cfg: NemotronHConfig) -> EnvironmentAlternative | None:
+        """Where the release allows another release of a dependency (transformers 4.x beside 5.x) that answers this
+        config otherwise; the audit then says which it answered for and what the other gives. None: no such case."""
         ...
 
     def load_error(self, param: Param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:

@@ -751,6 +751,10 @@ class SGLangEngine:
     def shard_order_assumption(self) -> str | None:
         return None
 
+    def environment_alternative(self, cfg) -> None:
+        """SGLang's rows depend on no dependency release the engine leaves open."""
+        return None
+
     def load_error(self, param, shard_id: str | None, dtype: str, shape: tuple[int, ...]) -> str | None:
         """SGLang's loaders do not refuse a tensor by its shape here; ``audit`` reports the mismatch as a finding."""
         return None

@@ -21,6 +21,7 @@ from nhcheck.dtypes import numel
 from nhcheck.engines.base import (
     EXPERT_INDEX,
     EngineId,
+    EnvironmentAlternative,
     LoaderSemantics,
     Outcome,
     PPWindow,
@@ -217,11 +218,21 @@ class VLLMProfile:
     modelopt_flat_form: bool
     #: ``QUANT_ALGOS``, quoted by the refusal of a flat MIXED_PRECISION recipe (``MXFP8`` from 0.16.0).
     modelopt_algos: tuple[str, ...]
-    #: The config is transformers' own ``NemotronHConfig`` (transformers 5, a strict dataclass: 0.20.0 lifts the
-    #: ``<5`` pin and drops vLLM's stand-in), which refuses a list ``intermediate_size`` at start-up
-    #: (``StrictDataclassFieldValidationError``; goldens ``dense_probes/probe_h8b_dense_mlp_list``, 0.20.0 and
-    #: 0.34.0 with transformers 5.22.2); before, vLLM's stand-in takes the list (0.16.0 golden).
+    #: The config is transformers' own ``NemotronHConfig`` (transformers 5, a strict dataclass), which refuses a
+    #: list ``intermediate_size`` at start-up (``StrictDataclassFieldValidationError``; goldens
+    #: ``dense_probes/probe_h8b_dense_mlp_list``, 0.19.1, 0.20.0 and 0.34.0 with transformers 5.22.2). True from
+    #: 0.19.1, the first release whose requirement admits transformers 5 (``pip install vllm==0.19.1`` resolves
+    #: 5.x; vLLM registers no ``nemotron_h`` config of its own, so transformers' class is the one used). Before,
+    #: transformers 4.x has no ``nemotron_h`` class: the checkpoint's configuration code (``--trust-remote-code``;
+    #: vLLM's copy of it in the goldens) takes the list (0.16.0, 0.19.0 goldens) — and so it does on 0.19.1 –
+    #: 0.23.x installed with transformers 4.x (``transformers4_allowed``, goldens ``expected-transformers4-*``).
     transformers_config: bool
+    #: vLLM's requirement admits transformers 4.x as well as 5.x: ``transformers!=5.0.*,…,!=5.5.0,>=4.56.0`` in the
+    #: wheel's METADATA from 0.19.1 to 0.23.x (0.11.1 – 0.19.0: ``<5``; 0.24.0: ``>=5.5.3``). nhcheck answers for
+    #: transformers 5 (what pip resolves); where the newest transformers 4.x the release allows (4.57.6) answers
+    #: otherwise, the audit says so (``VLLMEngine.environment_alternative``; goldens
+    #: ``expected-transformers4-vllm-0.20.0``: only the list ``intermediate_size`` differs).
+    transformers4_allowed: bool
     #: The release is the newest nhcheck's table knows (``--engine vllm`` means it).
     newest: bool = False
 
@@ -255,6 +266,7 @@ _V5 = VLLMProfile(
     vision_final_norm=False,
     natural_shard_order=True,
     transformers_config=False,
+    transformers4_allowed=False,
     nvfp4_moe_needs_flashinfer=False,
     q_scale_remap=True,
     lists_params=True,
@@ -376,10 +388,12 @@ _V6 = replace(
 #: V6b: 0.19.0 — expert slots narrowed to the incoming size (silent garbage for packed bytes in an
 #: unquantized expert).
 _V6b = replace(_V6, version="0.19.0", expert_slot_narrows=True)
+#: V6c: 0.19.1 — 0.19.0's loading code (``oracle/vllm/compare_code.py``: identical), but its requirement admits
+#: transformers 5, whose strict ``NemotronHConfig`` is the config (goldens 0.19.1: a list ``intermediate_size`` is
+#: refused at start-up, 0.19.0 takes it; every other case and probe as 0.19.0).
+_V6c = replace(_V6b, version="0.19.1", epoch="V6c", transformers_config=True, transformers4_allowed=True)
 #: V7: 0.20.0 — Omni/VL V3 registered; the VL wrapper buffers the language model (``mlp1`` loads first).
-_V7 = replace(
-    _V6b, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True, transformers_config=True
-)
+_V7 = replace(_V6c, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True)
 #: V7b: 0.21.0 — the strict check exempts post-processed modules' parameters; KV method renamed.
 _V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
@@ -395,8 +409,11 @@ _V8b = replace(
     modelopt_lm_head=True,
     expert_trims_long=False,
 )
-#: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales.
-_V9 = replace(_V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True)
+#: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales; requires
+#: transformers >= 5.5.3 (no transformers 4.x beside it).
+_V9 = replace(
+    _V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True, transformers4_allowed=False
+)
 #: V9b: 0.25.0 — base cache-scale mapper and ignored unexpected suffixes in ``AutoWeightsLoader``.
 _V9b = replace(_V9, version="0.25.1", epoch="V9b", cache_scale_mapper=True)
 #: V10 (V10a): 0.26.0 — own loop deleted: ``AutoWeightsLoader`` + ``RoutedExperts.load_weights``.
@@ -435,7 +452,7 @@ PROFILES: dict[str, VLLMProfile] = {
     "0.18.0": _V6,
     "0.18.1": _V6,
     "0.19.0": _V6b,
-    "0.19.1": _V6b,
+    "0.19.1": _V6c,
     "0.20.0": _V7,
     "0.20.1": _V7,
     "0.20.2": _V7,
@@ -1049,6 +1066,17 @@ def tp_release(version: str) -> str:
     return TP_SAME_AS.get(version, version)
 
 
+def refuse_moe_backend(release: str, moe_backend: str | None) -> None:
+    """``--moe-backend`` names SGLang's MoE runner backends. vLLM picks its MoE backend from the GPU and no
+    choice changes a parameter name, so a named backend is refused rather than silently ignored: one rule for
+    the release table and for ``--live`` (whose worker would otherwise record none)."""
+    if moe_backend not in (None, "", "auto"):
+        raise UsageError(
+            f"--moe-backend names SGLang's MoE runner backends; vllm {release}'s backend changes no "
+            "parameter (leave it out)"
+        )
+
+
 # ---------------------------------------------------------------------------
 # The Engine interface for one vLLM release
 
@@ -1063,12 +1091,7 @@ class VLLMEngine:
     def build_manifest(self, cfg, qc, *, moe_backend=None, mtp=False, pp=None):
         from nhcheck.engines.vllm_manifest import build_manifest
 
-        if moe_backend not in (None, "", "auto"):
-            raise UsageError(
-                f"--moe-backend names SGLang's MoE runner backends; vllm {self.id.version}'s backend changes no "
-                "parameter (leave it out)"
-            )
-
+        refuse_moe_backend(self.id.version, moe_backend)
         return build_manifest(cfg, qc, self.profile, release=self.id.version, mtp=mtp, pp=pp)
 
     def replayer(self, manifest, cfg, *, mtp: bool, pp: PPWindow | None):
@@ -1129,6 +1152,28 @@ class VLLMEngine:
         return (
             f"vllm {self.id.version} reads the shard files in the file system's order (glob, unsorted): nhcheck "
             "assumes name order, so the first crash may be a raising tensor of another shard on your host"
+        )
+
+    def environment_alternative(self, cfg) -> EnvironmentAlternative | None:
+        """0.19.1 – 0.23.x allow transformers 4.x as well as 5.x (``transformers4_allowed``). Under the newest 4.x
+        (4.57.6) they answer every conformance case, example and probe as under 5.x except where transformers 5's
+        strict ``NemotronHConfig`` refuses config.json (goldens ``expected-transformers4-vllm-0.20.0`` beside
+        ``expected-vllm-0.20.0``): there, the release's row with the checkpoint's own configuration code (as before
+        0.19.1) is the other answer."""
+        from nhcheck.engines.vllm_manifest import strict_config_refusal
+
+        p = self.profile
+        refusal = strict_config_refusal(cfg) if p.transformers4_allowed and p.transformers_config else None
+        if refusal is None:
+            return None
+        v = self.id.version
+        return EnvironmentAlternative(
+            f"vllm {v} allows transformers 4.x as well as 5.x (transformers>=4.56.0, 5.0 – 5.5.0 excluded): nhcheck "
+            f"answered for transformers 5, which `pip install vllm=={v}` resolves; its strict NemotronHConfig refuses "
+            f"this config.json ({refusal.partition(':')[0]})",
+            "with transformers 4.x (4.57.6, the newest it allows) and --trust-remote-code the checkpoint's own "
+            "configuration code reads it",
+            VLLMEngine(self.id, replace(p, transformers_config=False)),
         )
 
     def tp_unproven(self) -> str | None:

@@ -261,16 +261,26 @@ def nested_only_recipe(qc: QuantConfig) -> QuantConfig | str:
     )
 
 
+def strict_config_refusal(cfg: NemotronHConfig) -> str | None:
+    """What transformers 5's ``NemotronHConfig`` (a strict dataclass) refuses in config.json before vLLM sees it: a
+    list ``intermediate_size`` (goldens ``dense_probes/probe_h8b_dense_mlp_list``). The checkpoint's own
+    configuration code under transformers 4.x takes it (goldens 0.16.0, 0.19.0, ``expected-transformers4-*``)."""
+    if cfg.intermediate_is_list:
+        return (
+            "StrictDataclassFieldValidationError: Validation error for field 'intermediate_size':\n    TypeError: "
+            f"Field 'intermediate_size' expected int, got list (value: {list(cfg.intermediate_size)})"
+        )
+    return None
+
+
 def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
     """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
     registered = (None, "NemotronH_Nano_VL_V2") if profile.vl_v2_registered else (None,)
     if cfg.wrapper not in registered and not profile.omni_registered:
         return f"ValueError: Model architectures [{cfg.wrapper!r}] are not supported for now."
-    if profile.transformers_config and cfg.intermediate_is_list:
-        return (
-            "StrictDataclassFieldValidationError: Validation error for field 'intermediate_size':\n    TypeError: "
-            f"Field 'intermediate_size' expected int, got list (value: {list(cfg.intermediate_size)})"
-        )
+    strict = strict_config_refusal(cfg) if profile.transformers_config else None
+    if strict is not None:
+        return strict
     if qc is None or qc.quant_method != "modelopt":
         return None
     if _reads_nested_only(cfg, qc, profile):

@@ -16,6 +16,9 @@ venv's python and converts its ``manifest.json`` + ``replay.json`` into
 ``--check`` writes nothing into the repository: it compares what it would write with the files
 there and exits 1 on a difference (the self-check for 0.34.0).
 
+``--variant NAME``: the release in another environment (``--venvs``; e.g. ``transformers4``, the newest
+transformers 4.x a release that also allows 5.x accepts), written as ``expected-NAME-vllm-X.json``.
+
 ``--mtp``: the MTP draft (``vllm_oracle.py --mtp``) on every case under ``tests/conformance/mtp``
 (``make_probes.py``), written as ``tests/conformance/mtp/<case>/expected-mtp-vllm-X.json``.
 
@@ -196,6 +199,11 @@ def main(argv=None):
                          "tests/conformance/probes) instead; goldens go to PROBES/<probe>/expected-vllm-X.json")
     ap.add_argument("--mtp", action="store_true",
                     help="the MTP draft on tests/conformance/mtp/* (goldens expected-mtp-vllm-X.json)")
+    ap.add_argument("--variant", default=None,
+                    help="the release under another environment than its row's (e.g. transformers4: --venvs holding "
+                         "a vllm-X venv with the newest transformers 4.x the release allows): goldens "
+                         "expected-VARIANT-vllm-X.json, which the release's own goldens do not replace; say how the "
+                         "environment differs with --note")
     a = ap.parse_args(argv)
     work = a.work or tempfile.mkdtemp(prefix="vllm-goldens-")
     want = set(a.cases.split(",")) if a.cases else None
@@ -241,7 +249,8 @@ def main(argv=None):
                 with open(os.path.join(od, "manifest.json")) as f:
                     man = json.load(f)
             text = dump(convert(v, replay, man, a.note, a.mtp))
-            path = os.path.join(dest, f"expected-{'mtp-' if a.mtp else ''}vllm-{v}.json")
+            kind = (f"{a.variant}-" if a.variant else "") + ("mtp-" if a.mtp else "")
+            path = os.path.join(dest, f"expected-{kind}vllm-{v}.json")
             if a.check:
                 old = open(path).read() if os.path.exists(path) else None
                 same = old == text
