@@ -249,11 +249,12 @@ def _answers(golden: dict) -> dict:
 
 
 def test_transformers4_answers_cover_the_releases_run():
-    """0.20.0 ran with transformers 4.57.6 on every case of its own goldens; 0.19.1's transformers-4 answers are
-    0.19.0's, the list ``intermediate_size`` probe included. 0.21.0 – 0.23.x read the config through the same code
-    (EPOCHS.md)."""
+    """0.20.0 ran with transformers 4.57.6 on every case of its own goldens, 0.21.0 – 0.23.0 on the dense probes;
+    0.19.1's transformers-4 answers are 0.19.0's, the list ``intermediate_size`` probe included (EPOCHS.md)."""
     four = {(c, v) for c, v, _ in TRANSFORMERS4}
     assert {(c, v) for c, v in GOLDENS if v == "0.20.0"} <= four
+    dense = {c for c, _ in GOLDENS if c.startswith("dense_probes/")}
+    assert {(c, v) for c in dense for v in ("0.21.0", "0.22.0", "0.23.0")} <= four
     assert ("dense_probes/probe_h8b_dense_mlp_list", "0.19.1") in four
     assert all(
         p.transformers4_allowed == (p.version in ("0.19.1", "0.20.0", "0.21.0", "0.22.0", "0.23.0"))
