@@ -661,6 +661,8 @@ def run_audit(
             )
         )
     for problem_text in manifest.problems:
+        if problem_text == refusal:
+            continue  # the crash finding below states it, with where it ends the start-up
         findings.append(
             Finding("error" if problem_text.startswith(_REFUSALS) else "warning", "quant-config", problem_text)
         )
