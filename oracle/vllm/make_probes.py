@@ -382,8 +382,11 @@ def lmhead_probe(out, probe, quant, lm_head_quantized, form, method):
     dst = os.path.join(out, probe, "checkpoint")
     if os.path.exists(dst):
         shutil.rmtree(dst)
-    # vocab 256: a multiple of vLLM's vocabulary padding (64), so the lm_head slot has the tensor's rows
-    c = dict(ckpt.BASE, hybrid_override_pattern="M*-", num_hidden_layers=3, vocab_size=256)
+    # vocab 256: a multiple of vLLM's vocabulary padding (64), so the lm_head slot has the tensor's rows;
+    # rms_norm_eps and expand 1 (expand * hidden_size = mamba_num_heads * mamba_head_dim): the Nemotron-H v1 keys and
+    # sizes 0.9.1 - 0.10.2 build from, so every release builds the model
+    c = dict(ckpt.BASE, hybrid_override_pattern="M*-", num_hidden_layers=3, vocab_size=256, rms_norm_eps=1e-5,
+             expand=1)
     algo = "FP8" if quant == "fp8" else "NVFP4"
     conv = [f"backbone.layers.{i}.mixer.conv1d" for i, k in enumerate(c["hybrid_override_pattern"]) if k == "M"]
     recipe = {"quant_algo": algo, "kv_cache_quant_algo": "FP8"}
