@@ -992,6 +992,20 @@ def linear_load_error(
     return None if shape == loaded else "AssertionError: "
 
 
+def vocab_load_error(shape: tuple[int, ...], loaded: tuple[int, ...]) -> str | None:
+    """``VocabParallelEmbedding.weight_loader`` at TP 1 on the ``lm_head``'s weight, quantized (0.23.0 on, its
+    quant method's parameters keep this loader) or not: the rows must be the vocabulary (``assert``), then
+    ``param[:rows].copy_(loaded)`` broadcasts the rest (0.16.0 ``layers/vocab_parallel_embedding.py:457``, :461):
+    an NVFP4 lm_head's packed bytes into a bf16 slot, or a bf16 one into an NVFP4 slot, raise torch's size error;
+    equal shapes of another dtype are cast (goldens ``dense_probes/probe_lmhead_*``). The slot's rows are taken as
+    the vocabulary (nhcheck does not pad it to vLLM's multiple of 64)."""
+    if len(shape) < 2 or not loaded:
+        return None
+    if loaded[0] != shape[0]:
+        return "AssertionError: "
+    return _broadcast_copy(shape, loaded)
+
+
 def _expand_error(target: tuple[int, ...], src: tuple[int, ...]) -> str | None:
     """``param.data[a:b] = src`` into a block of ``target``'s shape: torch expands ``src``, checking the dimensions
     from the last, and names the first one (from the end) that is neither equal nor 1."""
@@ -1346,6 +1360,8 @@ class VLLMEngine:
         cls = _LINEAR_CLASS.get(module)
         if cls is None or module in ("embed_tokens", "conv1d"):
             return None
+        if cls == "ParallelLMHead":
+            return vocab_load_error(param.shape, shape)
         parallel = 1 if cls == "RowParallelLinear" else None if cls == "ReplicatedLinear" else 0
         return linear_load_error(param.shape, shape, param.loader, param.slots, shard_id, parallel)
 
