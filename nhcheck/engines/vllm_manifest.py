@@ -399,10 +399,10 @@ class _Builder:
             slots = tuple(zip(stacked, offs, outs, strict=True))
             idx = tuple((s, i, 1) for i, s in enumerate(stacked))
         loader = "stacked" if stacked else "default"
-        # FP8: one scale per stacked checkpoint tensor (q/k/v) in every release; a module fused in the checkpoint
-        # (Mamba in_proj) holds one per part only where the row says so (golden
-        # dense_probes/probe_h8b_dense_hfq_fp8, 0.16.0: one).
-        nscale = parts if self.profile.fused_scale_per_shard or (algo == "FP8" and stacked) else 1
+        # One scale per stacked checkpoint tensor (q/k/v) in every release, FP8 and NVFP4 (goldens
+        # dense_probes/probe_nested_nvfp4, 0.16.0: three); a module fused in the checkpoint (Mamba in_proj) holds one
+        # per part only where the row says so (golden dense_probes/probe_h8b_dense_hfq_fp8, 0.16.0: one).
+        nscale = parts if self.profile.fused_scale_per_shard or stacked else 1
         if algo is None:
             method = UNQUANT
             if name == "lm_head":
