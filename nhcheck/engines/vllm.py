@@ -123,7 +123,7 @@ class VLLMProfile:
     #: ModelOpt's configs give ``ParallelLMHead`` a quant method (0.23.0 ``layers/quantization/modelopt.py:186``,
     #: ``isinstance(layer, (LinearBase, ParallelLMHead))``); before, ``LinearBase`` layers only, so an lm_head the
     #: recipe does not exclude stays bf16 and a quantized one's scales have no parameter (goldens
-    #: ``dense_probes/probe_lmhead_{fp8,nvfp4}[_bf16]``: 0.16.0, 0.19.0, 0.22.0 bf16, 0.23.0 and 0.34.0 quantized; rank
+    #: ``dense_probes/probe_lmhead_{fp8,nvfp4}[_bf16]``: 0.10.0 – 0.22.0 bf16, 0.23.0 – 0.34.0 quantized; rank
     #: maps ``tests/golden/tp/vllm-0.9.2/v1-fp8-nested-*``: 0.9.x's ``ModelOptFp8Config`` reads no exclude list).
     modelopt_lm_head: bool
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters with a dot after
