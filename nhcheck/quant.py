@@ -148,20 +148,27 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
                 (),
                 problems=("hf_quant_config.json has no 'quantization' object",),
             )
-        algo = q.get("quant_algo")
-        exclude = q.get("exclude_modules", q.get("ignore", [])) or []
-        return QuantConfig(
-            "hf_quant_config.json",
-            "modelopt",
-            str(algo).upper() if algo else None,
-            q.get("kv_cache_quant_algo"),
-            q.get("kv_cache_scheme") if isinstance(q.get("kv_cache_scheme"), dict) else None,
-            tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
-            _layers_map(q.get("quantized_layers")),
-            q.get("group_size"),
-            hf_file=raw_file,
-        )
+        return nested_recipe(q, "hf_quant_config.json", hf_file=raw_file)
     return None
+
+
+def nested_recipe(section: dict, source: str, *, flat: dict | None = None, hf_file: dict | None = None) -> QuantConfig:
+    """The recipe of ModelOpt's nested ``quantization`` section (hf_quant_config.json's, or the one config.json's
+    ``quantization_config`` carries in that form): ``quant_algo``, ``exclude_modules``, the layer map."""
+    algo = section.get("quant_algo")
+    exclude = section.get("exclude_modules", section.get("ignore", [])) or []
+    return QuantConfig(
+        source,
+        "modelopt",
+        str(algo).upper() if algo else None,
+        section.get("kv_cache_quant_algo"),
+        section.get("kv_cache_scheme") if isinstance(section.get("kv_cache_scheme"), dict) else None,
+        tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
+        _layers_map(section.get("quantized_layers")),
+        section.get("group_size"),
+        flat=flat,
+        hf_file=hf_file,
+    )
 
 
 def component_runs(entries: Iterable[str]) -> Callable[[str], bool]:

@@ -241,3 +241,45 @@ def test_latent_moe_before_0_13_0_is_answered_from_the_code_and_says_so():
     w13 = {p.name: p.shape for p in old.params}["model.layers.1.mixer.experts.w13_weight"]
     assert w13[-1] == 64  # hidden_size, not the latent width
     assert any("does not read moe_latent_size" in p for p in old.problems) and not new.problems
+
+
+DENSE = Path(__file__).parent / "conformance" / "dense_probes"
+
+
+@pytest.mark.parametrize("probe", ["probe_nested_fp8", "probe_nested_nvfp4", "probe_nested_fp4method_nvfp4"])
+def test_config_json_nested_modelopt_form_is_read_from_0_10_0_on(probe):
+    """From 0.10.0 ModelOpt's ``from_config`` reads config.json's nested ``quantization_config`` (its
+    ``quantization`` section, ``exclude_modules`` there): every release builds what the flat form of the same recipe
+    builds (``ignore`` = the section's ``exclude_modules``); 0.9.x read that form with their own rules
+    (``nested_only_recipe``). Goldens ``dense_probes/probe_nested_*`` (0.16.0 – 0.34.0)."""
+    from nhcheck.model import parse_config
+    from nhcheck.quant import parse_quant
+
+    config = json.loads((DENSE / probe / "checkpoint" / "config.json").read_text())
+    section = config["quantization_config"]["quantization"]
+    flat = dict(config, quantization_config=dict(quant_method="modelopt", **section, ignore=section["exclude_modules"]))
+    del flat["quantization_config"]["exclude_modules"]
+    for profile in vllm.EPOCHS:
+        if not profile.modelopt_flat_form:
+            continue
+        engine = engines.get(engines.parse(f"vllm@{profile.version}"))
+        nested = engine.build_manifest(parse_config(config), parse_quant(config, None))
+        assert not nested.problems, (profile.version, nested.problems)
+        assert nested.params == engine.build_manifest(parse_config(flat), parse_quant(flat, None)).params
+        assert nested.quantization == ("modelopt" if section["quant_algo"] == "FP8" else "modelopt_fp4")
+
+
+def test_an_unexcluded_lm_head_is_quantized_from_0_23_0():
+    """ModelOpt's configs give ``ParallelLMHead`` a quant method from 0.23.0 (``modelopt_lm_head``): an lm_head the
+    recipe does not exclude is FP8 / NVFP4 there, bf16 before, and its scales have nowhere to go (goldens
+    ``dense_probes/probe_lmhead_*``, 0.16.0 – 0.34.0). 0.9.x refuse the flat recipe."""
+    for profile in vllm.EPOCHS:
+        if not profile.modelopt_flat_form:
+            continue
+        report = audit_path(str(DENSE / "probe_lmhead_fp8" / "checkpoint"), f"vllm@{profile.version}")
+        lm = {p.name: p for p in report.manifest.params if p.name.startswith("lm_head.")}
+        quantized = vllm.release_key(profile.version) >= vllm.release_key("0.23.0")
+        assert (lm["lm_head.weight"].dtype == "float8_e4m3fn") == quantized, profile.version
+        assert ("lm_head.weight_scale" in lm) == quantized
+        outcome = {r.tensor.name: r.outcome for r in report.records}["lm_head.weight_scale"]
+        assert (outcome.outcome, outcome.param) == (("load", "lm_head.weight_scale") if quantized else ("raise", None))

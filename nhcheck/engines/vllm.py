@@ -122,8 +122,9 @@ class VLLMProfile:
     quantized_lm_head_method: str
     #: ModelOpt's configs give ``ParallelLMHead`` a quant method (0.23.0 ``layers/quantization/modelopt.py:186``,
     #: ``isinstance(layer, (LinearBase, ParallelLMHead))``); before, ``LinearBase`` layers only, so an lm_head the
-    #: recipe does not exclude stays unquantized (rank maps ``tests/golden/tp/vllm-0.9.2/v1-fp8-nested-*``: 0.9.x's
-    #: ``ModelOptFp8Config`` reads no exclude list).
+    #: recipe does not exclude stays bf16 and a quantized one's scales have no parameter (goldens
+    #: ``dense_probes/probe_lmhead_{fp8,nvfp4}[_bf16]``: 0.10.0 – 0.22.0 bf16, 0.23.0 – 0.34.0 quantized; rank
+    #: maps ``tests/golden/tp/vllm-0.9.2/v1-fp8-nested-*``: 0.9.x's ``ModelOptFp8Config`` reads no exclude list).
     modelopt_lm_head: bool
     #: ``AutoWeightsLoader``'s "no module or parameter" error lists the module's parameters with a dot after
     #: the prefix (``maybe_prefix``, 0.17.0 ``models/utils.py:315``); 0.16.0 glued them (``lm_headweight``).
@@ -992,6 +993,20 @@ def linear_load_error(
     return None if shape == loaded else "AssertionError: "
 
 
+def vocab_load_error(shape: tuple[int, ...], loaded: tuple[int, ...]) -> str | None:
+    """``VocabParallelEmbedding.weight_loader`` at TP 1 on the ``lm_head``'s weight, quantized (0.23.0 on, its
+    quant method's parameters keep this loader) or not: the rows must be the vocabulary (``assert``), then
+    ``param[:rows].copy_(loaded)`` broadcasts the rest (0.16.0 ``layers/vocab_parallel_embedding.py:457``, :461):
+    an NVFP4 lm_head's packed bytes into a bf16 slot, or a bf16 one into an NVFP4 slot, raise torch's size error;
+    equal shapes of another dtype are cast (goldens ``dense_probes/probe_lmhead_*``). The slot's rows are taken as
+    the vocabulary (nhcheck does not pad it to vLLM's multiple of 64)."""
+    if len(shape) < 2 or not loaded:
+        return None
+    if loaded[0] != shape[0]:
+        return "AssertionError: "
+    return _broadcast_copy(shape, loaded)
+
+
 def _expand_error(target: tuple[int, ...], src: tuple[int, ...]) -> str | None:
     """``param.data[a:b] = src`` into a block of ``target``'s shape: torch expands ``src``, checking the dimensions
     from the last, and names the first one (from the end) that is neither equal nor 1."""
@@ -1346,6 +1361,8 @@ class VLLMEngine:
         cls = _LINEAR_CLASS.get(module)
         if cls is None or module in ("embed_tokens", "conv1d"):
             return None
+        if cls == "ParallelLMHead":
+            return vocab_load_error(param.shape, shape)
         parallel = 1 if cls == "RowParallelLinear" else None if cls == "ReplicatedLinear" else 0
         return linear_load_error(param.shape, shape, param.loader, param.slots, shard_id, parallel)
 

@@ -22,7 +22,7 @@ from nhcheck.engines.vllm_mtp import draft_quant_name, mtp_profile
 from nhcheck.errors import UsageError
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.quant import QuantConfig, first_under
+from nhcheck.quant import QuantConfig, first_under, nested_recipe
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 UNQUANT = "UnquantizedLinearMethod"
@@ -273,6 +273,34 @@ def strict_config_refusal(cfg: NemotronHConfig) -> str | None:
     return None
 
 
+def _config_section(qc: QuantConfig) -> dict | None:
+    """config.json's ``quantization_config`` in ModelOpt's nested form: its ``quantization`` section, else None."""
+    section = (qc.flat or {}).get("quantization") if qc.source == "config.json" else None
+    return section if isinstance(section, dict) else None
+
+
+def read_recipe(cfg: NemotronHConfig, qc: QuantConfig, profile: VLLMProfile) -> QuantConfig | str:
+    """The ModelOpt recipe release ``profile`` builds the model with (``qc`` as nhcheck parsed it), or the error its
+    start-up raises reading it.
+
+    0.9.1 / 0.9.2 read config.json's ``quantization_config`` through its nested section only
+    (``nested_only_recipe``). From 0.10.0 ModelOpt's ``from_config`` takes either form: a ``quantization`` section
+    is read first, and alone (``exclude_modules``, ``quant_algo``, ``kv_cache_quant_algo``, ``group_size`` from it;
+    0.10.0 ``layers/quantization/modelopt.py:112``, :547; 0.16.0 :255), and the class is picked from its
+    ``quant_algo`` (``override_quantization_method``, 0.10.0 :95, :528; from 0.10.1 also the config normaliser's
+    ``producer`` rule, 0.16.0 ``transformers_utils/model_arch_config_convertor.py:194``): the recipe is the one
+    hf_quant_config.json's same object gives (goldens ``dense_probes/probe_nested_{fp8,nvfp4}``,
+    ``probe_nested_fp4method_nvfp4``)."""
+    if qc.quant_method != "modelopt":
+        return qc
+    if _reads_nested_only(cfg, qc, profile):
+        return nested_only_recipe(qc)
+    section = _config_section(qc) if cfg.wrapper is None else None
+    if section is not None:
+        return nested_recipe(section, "config.json", flat=qc.flat, hf_file=qc.hf_file)
+    return qc
+
+
 def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMProfile) -> str | None:
     """The error vLLM's start-up raises before the model exists (engine-config resolution)."""
     registered = (None, "NemotronH_Nano_VL_V2") if profile.vl_v2_registered else (None,)
@@ -283,10 +311,16 @@ def startup_refusal(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMP
         return strict
     if qc is None or qc.quant_method != "modelopt":
         return None
-    if _reads_nested_only(cfg, qc, profile):
-        read = nested_only_recipe(qc)
+    read = read_recipe(cfg, qc, profile)
+    if isinstance(read, str) or _reads_nested_only(cfg, qc, profile):
         return read if isinstance(read, str) else None
-    nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None
+    # The config normaliser (0.10.1 on) refuses a nested recipe's unknown algorithm when ModelOpt produced it
+    # (``producer.name``, 0.16.0 ``transformers_utils/model_arch_config_convertor.py:194``): hf_quant_config.json's,
+    # a VL wrapper's, config.json's nested form.
+    produced = str(((qc.flat or {}).get("producer") or {}).get("name", "")) == "modelopt"
+    in_config = _config_section(qc) is not None and produced and profile.reads_hf_quant_config
+    nested = qc.source == "hf_quant_config.json" or cfg.wrapper is not None or in_config
+    qc = read
     if qc.is_mixed and nested and not profile.nested_mixed_accepted:
         return "ValueError: Unknown ModelOpt quant algo: MIXED_PRECISION"
     if qc.is_mixed and not nested and not profile.flat_mixed_accepted:
@@ -365,10 +399,10 @@ class _Builder:
             slots = tuple(zip(stacked, offs, outs, strict=True))
             idx = tuple((s, i, 1) for i, s in enumerate(stacked))
         loader = "stacked" if stacked else "default"
-        # FP8: one scale per stacked checkpoint tensor (q/k/v) in every release; a module fused in the checkpoint
-        # (Mamba in_proj) holds one per part only where the row says so (golden
-        # dense_probes/probe_h8b_dense_hfq_fp8, 0.16.0: one).
-        nscale = parts if self.profile.fused_scale_per_shard or (algo == "FP8" and stacked) else 1
+        # One scale per stacked checkpoint tensor (q/k/v) in every release, FP8 and NVFP4 (goldens
+        # dense_probes/probe_nested_nvfp4, 0.16.0: three); a module fused in the checkpoint (Mamba in_proj) holds one
+        # per part only where the row says so (golden dense_probes/probe_h8b_dense_hfq_fp8, 0.16.0: one).
+        nscale = parts if self.profile.fused_scale_per_shard or stacked else 1
         if algo is None:
             method = UNQUANT
             if name == "lm_head":
@@ -520,8 +554,8 @@ def build_manifest(
     refusal = startup_refusal(cfg, qc, profile) or build_refusal(cfg, profile)
     if refusal is not None:
         return _manifest((), engine, (refusal, *unread))
-    if qc is not None and qc.quant_method == "modelopt" and _reads_nested_only(cfg, qc, profile):
-        recipe = nested_only_recipe(qc)  # a refusal here was startup_refusal's, returned above
+    if qc is not None:
+        recipe = read_recipe(cfg, qc, profile)  # a refusal here was startup_refusal's, returned above
         qc = recipe if isinstance(recipe, QuantConfig) else qc
     wrapped = cfg.wrapper is not None
     prefix = "language_model." if wrapped else ""

@@ -67,6 +67,16 @@ disagree, the tensors shaped as the fields 0.10.1 reads say (``head_dim``, ``mam
 ``dense_probes/probe_h8b_dense_hfq_fp8``: ``h8b_dense`` plus a ModelOpt FP8 ``hf_quant_config.json`` (export form, no
 ``quantization_config`` in config.json) and the FP8 scales of one Mamba ``in_proj``: whether the release reads that file
 (the config normaliser of 0.10.1 on does; 0.10.0 and earlier read config.json's ``quantization_config`` only).
+``dense_probes/probe_lmhead_{fp8,nvfp4}[_bf16]`` (the question of ``modelopt_lm_head``: does the release's ModelOpt config
+quantize an ``lm_head`` its recipe does not exclude?): a three-layer ``M*-`` model (``oracle/sglang_tp/ckpt.py``'s
+geometry) with config.json's flat ModelOpt ``quantization_config`` (FP8 / NVFP4, ``ignore`` = the Mamba ``conv1d`` only,
+no hf_quant_config.json), every linear quantized; ``lm_head.weight`` shipped quantized with its scales (FP8:
+``weight_scale`` / ``input_scale``; NVFP4: packed bytes, block ``weight_scale``, ``weight_scale_2``, ``input_scale``), or
+as bf16 (``_bf16``).
+``dense_probes/probe_nested_{fp8,nvfp4}`` / ``probe_nested_fp4method_nvfp4``: the same model, ``lm_head`` excluded and
+bf16, with config.json's *nested* ModelOpt ``quantization_config`` (``{"quant_method": "modelopt", "producer": …,
+"quantization": {"quant_algo": …, "exclude_modules": …}}``, hf_quant_config.json's object plus ``quant_method``; the
+last one names ``modelopt_fp4``) and no hf_quant_config.json: which releases read that form.
 """
 import json
 import os
@@ -350,6 +360,57 @@ def dense_hfq_probe(out, probe="probe_h8b_dense_hfq_fp8", base="h8b_dense"):
     print(dst, len(scales), "scales")
 
 
+#: ``probe_lmhead_*`` / ``probe_nested_*``: (quant, lm_head quantized, config form, quant_method of the nested form).
+LMHEAD = {
+    "probe_lmhead_fp8": ("fp8", True, "flat", None),
+    "probe_lmhead_fp8_bf16": ("fp8", False, "flat", None),
+    "probe_lmhead_nvfp4": ("nvfp4", True, "flat", None),
+    "probe_lmhead_nvfp4_bf16": ("nvfp4", False, "flat", None),
+    "probe_nested_fp8": ("fp8", False, "nested", "modelopt"),
+    "probe_nested_nvfp4": ("nvfp4", False, "nested", "modelopt"),
+    "probe_nested_fp4method_nvfp4": ("nvfp4", False, "nested", "modelopt_fp4"),
+}
+
+
+def lmhead_probe(out, probe, quant, lm_head_quantized, form, method):
+    """A ``M*-`` ModelOpt checkpoint (``LMHEAD``): flat recipe not excluding ``lm_head``, or nested recipe."""
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    sys.path.insert(0, os.path.join(REPO, "oracle", "sglang_tp"))
+    import ckpt
+    import generate as g
+
+    dst = os.path.join(out, probe, "checkpoint")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    # vocab 256: a multiple of vLLM's vocabulary padding (64), so the lm_head slot has the tensor's rows;
+    # rms_norm_eps and expand 1 (expand * hidden_size = mamba_num_heads * mamba_head_dim): the Nemotron-H v1 keys and
+    # sizes 0.9.1 - 0.10.2 build from, so every release builds the model
+    c = dict(ckpt.BASE, hybrid_override_pattern="M*-", num_hidden_layers=3, vocab_size=256, rms_norm_eps=1e-5,
+             expand=1)
+    algo = "FP8" if quant == "fp8" else "NVFP4"
+    conv = [f"backbone.layers.{i}.mixer.conv1d" for i, k in enumerate(c["hybrid_override_pattern"]) if k == "M"]
+    recipe = {"quant_algo": algo, "kv_cache_quant_algo": "FP8"}
+    if quant == "nvfp4":
+        recipe["group_size"] = 16
+    specs = [(n, d, list(s)) for n, s, d in ckpt.tensors(c, quant)]
+    if form == "flat":
+        c["quantization_config"] = dict(quant_method="modelopt", **recipe, ignore=conv)
+    else:
+        c["quantization_config"] = dict(quant_method=method, producer={"name": "modelopt", "version": "0.29.0"},
+                                        quantization=dict(recipe, exclude_modules=["lm_head", *conv]))
+    if lm_head_quantized:
+        v, h = c["vocab_size"], c["hidden_size"]
+        specs = [t for t in specs if t[0] != "lm_head.weight"]
+        if quant == "fp8":
+            specs += [("lm_head.weight", "F8_E4M3", [v, h]), ("lm_head.weight_scale", "F32", []),
+                      ("lm_head.input_scale", "F32", [])]
+        else:
+            specs += [("lm_head.weight", "U8", [v, h // 2]), ("lm_head.weight_scale", "F8_E4M3", [v, h // 16]),
+                      ("lm_head.weight_scale_2", "F32", []), ("lm_head.input_scale", "F32", [])]
+    g.write_checkpoint(dst, specs, c, None, shards=2)
+    print(dst, len(specs), "tensors")
+
+
 def main(out, sizes_out):
     for probe, base in MTP_BASES.items():
         mtp_probe(os.path.join(os.path.dirname(out), "mtp"), probe, base)
@@ -365,6 +426,8 @@ def main(out, sizes_out):
     dense_geometry_probe(dense, "probe_h8b_dense_geometry_narrow", head_dim=8, expand=4)
     dense_mlp_list_probe(dense)
     dense_hfq_probe(dense)
+    for probe, spec in LMHEAD.items():
+        lmhead_probe(dense, probe, *spec)
 
 
 if __name__ == "__main__":
