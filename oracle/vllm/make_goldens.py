@@ -150,14 +150,21 @@ def convert(version, replay, manifest, note=None, mtp=False):
 NO_FORK_BEFORE = "0.20.0"
 
 
-def run_oracle(version, venvs, jobs, platform, work, extra=()):
-    """One process per release (vLLM imported once), one forked child per checkpoint."""
-    from packaging.version import Version
-
+def release_env(version, venvs):
+    """The release's venv python, and the environment its oracle processes run in (the stub ``libcuda.so.1``
+    first on ``LD_LIBRARY_PATH``, shared-expert streams off, a fixed hash seed)."""
     py = os.path.join(venvs, f"vllm-{version}", "bin", "python")
     stub = os.path.join(venvs, f"stub-{version}")
     env = dict(os.environ, LD_LIBRARY_PATH=stub + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
                VLLM_DISABLE_SHARED_EXPERTS_STREAM="1", PYTHONHASHSEED="0")
+    return py, env
+
+
+def run_oracle(version, venvs, jobs, platform, work, extra=()):
+    """One process per release (vLLM imported once), one forked child per checkpoint."""
+    from packaging.version import Version
+
+    py, env = release_env(version, venvs)
     if Version(version) < Version(NO_FORK_BEFORE):
         for ckpt, od in jobs:
             p = subprocess.run([py, os.path.join(HERE, "vllm_oracle.py"), ckpt, "--out-dir", od,

@@ -258,21 +258,11 @@ def _resized(t, dim, delta):
 
 def expert_size_probe(out, probe, base, sizes, layer=1):
     dst = _fresh(out, probe, base)
-    path = os.path.join(dst, "model.safetensors.index.json")
-    idx = json.load(open(path))
-    change = {f"backbone.layers.{layer}.mixer.experts.{e}.{t}": (dim, d) for e, t, dim, d in sizes}
-    for fname in sorted({idx["weight_map"][n] for n in change}):
-        with safe_open(os.path.join(dst, fname), framework="pt") as f:
-            names = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in names}
-        for k in names:
-            if k in change:
-                old = tensors[k].nbytes
-                tensors[k] = _resized(tensors[k], *change[k])
-                idx["metadata"]["total_size"] += tensors[k].nbytes - old
-        save_file(tensors, os.path.join(dst, fname), metadata={"format": "pt"})
-    with open(path, "w") as f:
-        json.dump(idx, f, indent=2)
+    change = {
+        f"backbone.layers.{layer}.mixer.experts.{e}.{t}": (lambda x, dim=dim, d=d: _resized(x, dim, d))
+        for e, t, dim, d in sizes
+    }
+    _rewrite(dst, change)
     print(dst, len(change), "expert tensors resized")
 
 
@@ -294,7 +284,7 @@ def dense_trap_probe(out, probe="probe_h8b_dense_traps", base="h8b_dense"):
     print(dst, len(traps), "traps")
 
 
-def _rewrite(dst, change, cfg_update):
+def _rewrite(dst, change, cfg_update=None):
     """Rewrite tensors of ``dst`` in place (``change``: name -> function of the tensor) and update its config."""
     path = os.path.join(dst, "model.safetensors.index.json")
     idx = json.load(open(path))
@@ -310,6 +300,8 @@ def _rewrite(dst, change, cfg_update):
         save_file(tensors, os.path.join(dst, fname), metadata={"format": "pt"})
     with open(path, "w") as f:
         json.dump(idx, f, indent=2)
+    if not cfg_update:
+        return
     cpath = os.path.join(dst, "config.json")
     cfg = json.load(open(cpath))
     cfg.update(cfg_update)

@@ -152,12 +152,11 @@ def record(ckpt: str, platform: str) -> dict:
 
 
 def make(versions: list[str], venvs: str, out_dir: str, platform: str) -> int:
+    from make_goldens import release_env
+
     os.makedirs(out_dir, exist_ok=True)
     for v in versions:
-        py = os.path.join(venvs, f"vllm-{v}", "bin", "python")
-        stub = os.path.join(venvs, f"stub-{v}")
-        env = dict(os.environ, LD_LIBRARY_PATH=stub + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
-                   VLLM_DISABLE_SHARED_EXPERTS_STREAM="1", PYTHONHASHSEED="0")
+        py, env = release_env(v, venvs)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.json")
             p = subprocess.run([py, os.path.abspath(__file__), "--out", out, "--platform", platform, "--work", tmp],
