@@ -22,6 +22,9 @@ FP8_LINEAR = "ModelOptFp8LinearMethod"
 FP4_LINEAR = "ModelOptFp4LinearMethod"
 A16_LINEAR = "ModelOptNvFp4A16LinearMethod"
 BLOCK_FP8_LINEAR = "Fp8LinearMethod"
+#: vLLM's ModelOpt NVFP4 linear method's class name up to 0.29.x (``ModelOptLinearMethod`` from 0.30.0). Kept
+#: here, beside SGLang's names, so that ``slots`` (on every audit's path) need not import vLLM's release tables.
+NVFP4_LINEAR = "ModelOptNvFp4LinearMethod"
 #: Quantized linear methods: their scales go through the linear layers' loaders, which accept a one-element
 #: scale only as 0-d or (1,) (Replicated/Column/RowParallelLinear.weight_loader reshape a 0-d tensor and
 #: assert equal shapes; the v2 path's BasevLLMParameter._assert_and_load and

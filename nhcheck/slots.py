@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from nhcheck.engines.vllm import NVFP4_LINEAR
 from nhcheck.manifest import Param
-from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR
+from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, NVFP4_LINEAR
 
 #: Finding code for the NVFP4 / W4A16 case.
 SLOT0 = "scale-slot0-only"

@@ -33,14 +33,12 @@ from nhcheck.engines.base import (
     resolve_release,
 )
 from nhcheck.errors import UsageError
+from nhcheck.quant import NVFP4_LINEAR
 
 # ---------------------------------------------------------------------------
 # Version table
 
 ExpertMissing = Literal["keyerror", "attr-object", "attr-layer"]
-
-#: The ModelOpt NVFP4 linear method's class name up to 0.29.x (``ModelOptLinearMethod`` from 0.30.0).
-NVFP4_LINEAR = "ModelOptNvFp4LinearMethod"
 
 
 @dataclass(frozen=True, kw_only=True)
