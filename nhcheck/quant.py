@@ -81,6 +81,13 @@ class QuantConfig:
         return self.quant_algo == "MIXED_PRECISION"
 
 
+def _layers_key(source: str, nested: bool) -> tuple[str, str, bool]:
+    """``QuantConfig.derived``'s key for the layer map read from one section (``_engine_view``); the parser seeds it
+    with the map it read from that same section object (Super's 41,100 layers: read once, not once more per
+    manifest)."""
+    return ("layers", source, nested)
+
+
 def _layers_map(raw: object) -> dict[str, str]:
     out: dict[str, str] = {}
     if isinstance(raw, dict):
@@ -117,7 +124,7 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
         nested = (hf_quant or {}).get("quantization") if isinstance(hf_quant, dict) else None
         nested = nested if isinstance(nested, dict) else {}
         algo = qc.get("quant_algo")
-        layers = _layers_map(qc.get("quantized_layers"))
+        flat_layers = layers = _layers_map(qc.get("quantized_layers"))
         kv_algo = qc.get("kv_cache_quant_algo")
         kv_scheme = qc.get("kv_cache_scheme") if isinstance(qc.get("kv_cache_scheme"), dict) else None
         if str(algo).upper() == "MIXED_PRECISION":
@@ -138,6 +145,7 @@ def parse_quant(config: dict, hf_quant: dict | None) -> QuantConfig | None:
             qc.get("group_size"),
             flat=qc,
             hf_file=raw_file,
+            derived={_layers_key("config.json", False): flat_layers},
         )
     if isinstance(hf_quant, dict):
         q = hf_quant.get("quantization")
@@ -160,6 +168,8 @@ def nested_recipe(section: dict, source: str, *, flat: dict | None = None, hf_fi
     ``quantization_config`` carries in that form): ``quant_algo``, ``exclude_modules``, the layer map."""
     algo = section.get("quant_algo")
     exclude = section.get("exclude_modules", section.get("ignore", [])) or []
+    layers = _layers_map(section.get("quantized_layers"))
+    seen = hf_file is not None and hf_file.get("quantization") is section  # what the engines' view reads (nested)
     return QuantConfig(
         source,
         "modelopt",
@@ -167,10 +177,11 @@ def nested_recipe(section: dict, source: str, *, flat: dict | None = None, hf_fi
         section.get("kv_cache_quant_algo"),
         section.get("kv_cache_scheme") if isinstance(section.get("kv_cache_scheme"), dict) else None,
         tuple(e for e in exclude if isinstance(e, str)) if isinstance(exclude, list) else (),
-        _layers_map(section.get("quantized_layers")),
+        layers,
         section.get("group_size"),
         flat=flat,
         hf_file=hf_file,
+        derived={_layers_key("hf_quant_config.json", True): layers} if seen else {},
     )
 
 
@@ -565,7 +576,7 @@ def _engine_view(qc: QuantConfig, kind: str, profile: SGLangProfile) -> _EngineV
             )
     layers: dict[str, str] = {}
     if kind == "mixed":
-        key = ("layers", source, nested)
+        key = _layers_key(source, nested)
         layers = qc.derived.get(key) or qc.derived.setdefault(key, _layers_map(section.get("quantized_layers")))
     return _EngineView(source, _str_list(exclude_raw), layers, kv_on, refusal)
 
