@@ -8,12 +8,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from itertools import compress
-from operator import itemgetter
-from typing import NamedTuple
+from itertools import compress, count
+from operator import eq, itemgetter
+from typing import NamedTuple, overload
 
 from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
@@ -36,8 +36,10 @@ from nhcheck.model import NemotronHConfig
 from nhcheck.quant import A16_LINEAR, FP4_LINEAR, FP8_LINEAR, LINEAR_METHODS, QuantConfig, component_runs
 from nhcheck.safetensors_header import TensorInfo
 
-#: A TensorRecord's outcome and orphan fields, and an Outcome's kind (counted in C).
-_OUTCOME, _ORPHAN, _OUTCOME_KIND = itemgetter(1), itemgetter(2), itemgetter(0)
+#: A TensorRecord's tensor, outcome and parameter fields; an Outcome's kind and parameter (columns taken in C).
+_TENSOR, _OUTCOME, _RECORD_PARAM = itemgetter(0), itemgetter(1), itemgetter(3)
+_OUTCOME_KIND, _OUTCOME_PARAM = itemgetter(0), itemgetter(1)
+_NAME = itemgetter(0)  # TensorInfo.name
 
 
 class TensorRecord(NamedTuple):
@@ -48,6 +50,72 @@ class TensorRecord(NamedTuple):
     orphan: bool
     param: str | None
     ignored: bool
+
+
+_new = tuple.__new__
+
+
+class TensorRecords(Sequence[TensorRecord]):
+    """Every tensor's record, in checkpoint order, kept as columns: the tensors, their outcomes, and the records
+    that say more than the replay did (``changed``: an orphan, a tensor that raises instead, an ignored one, a
+    parameter named otherwise than its outcome names it, as a wrapper's language-model prefix). Every other
+    record is ``(tensor, outcome, False, outcome.param, False)``, made only when it is asked for.
+
+    Columns rather than a tuple of records: on Super (165,860 tensors) making and freeing a record per tensor
+    cost as much as gathering them, and what a CLI audit reads (the counts, the JSON rows, the table's
+    non-loads) is read straight from the columns. Callers that iterate (prune, load, values) get the records.
+    """
+
+    __slots__ = ("changed", "outcomes", "tensors")
+
+    def __init__(self, tensors: list[TensorInfo], outcomes: list[Outcome], changed: dict[int, TensorRecord]) -> None:
+        self.tensors = tensors
+        self.outcomes = outcomes
+        self.changed = changed
+
+    @classmethod
+    def of(cls, records: Iterable[TensorRecord]) -> TensorRecords:
+        """The columns of any records (a report built by hand)."""
+        recs = list(records)
+        changed = {i: r for i, r in enumerate(recs) if r[2] or r[4] or r[3] != r[1][1]}
+        return cls(list(map(_TENSOR, recs)), list(map(_OUTCOME, recs)), changed)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @overload
+    def __getitem__(self, i: int) -> TensorRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[TensorRecord]: ...
+    def __getitem__(self, i: int | slice) -> TensorRecord | list[TensorRecord]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.tensors)))]
+        if i < 0:
+            i += len(self.tensors)
+        r = self.changed.get(i)
+        if r is None:
+            t, o = self.tensors[i], self.outcomes[i]  # IndexError past the end, as a tuple's
+            return _new(TensorRecord, (t, o, False, o[1], False))
+        return r
+
+    def __iter__(self) -> Iterator[TensorRecord]:
+        changed = self.changed
+        for i, t, o in zip(count(), self.tensors, self.outcomes, strict=False):
+            r = changed.get(i) if changed else None
+            yield _new(TensorRecord, (t, o, False, o[1], False)) if r is None else r
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(map(eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def not_loading(self) -> list[TensorRecord]:
+        """The records whose outcome is not a load, in order (Super: 1,040 of 165,860), found in C."""
+        outcomes, changed = self.outcomes, self.changed
+        at = set(compress(range(len(outcomes)), map("load".__ne__, map(_OUTCOME_KIND, outcomes))))
+        for i, r in changed.items():
+            (at.discard if r[1][0] == "load" else at.add)(i)
+        return [self[i] for i in sorted(at)]
 
 
 @dataclass(frozen=True)
@@ -67,7 +135,7 @@ class AuditReport:
     quant: str | None
     manifest: Manifest
     checkpoint: Checkpoint
-    records: tuple[TensorRecord, ...]
+    records: TensorRecords
     params: tuple[ParamStatus, ...]
     findings: tuple[Finding, ...]
     crash: Crash | None
@@ -77,6 +145,10 @@ class AuditReport:
     mtp: bool = False
     pp: PPWindow | None = None  # the pipeline rank audited (``--pp``)
     tp_sizes: tuple[int, ...] = ()  # the TP sizes checked statically (``audit --tp``); their findings are in findings
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.records, TensorRecords):  # records given as a sequence (a report built by hand)
+            object.__setattr__(self, "records", TensorRecords.of(self.records))
 
     def tp_errors(self) -> dict[int, int]:
         """Per checked TP size, how many ``tp-indivisible`` finding groups stop it (0: it shards cleanly)."""
@@ -93,19 +165,23 @@ class AuditReport:
     def _counts(self) -> dict[str, int]:
         """Tensors per outcome, orphans (not ignored) and by-design non-loads; counted once (165k records).
 
-        Outcomes are counted in C; only the orphans (few) are visited: a non-load that is no orphan is by design.
+        The replay's outcomes are counted in C; only the changed records (few: every orphan is one) are visited.
+        A non-load that is no orphan is by design.
         """
         c = {"load": 0, "warn": 0, "skip": 0, "raise": 0, "routed": 0, "orphans": 0, "by_design": 0}
         recs = self.records
-        kinds = Counter(map(_OUTCOME_KIND, map(_OUTCOME, recs)))
+        kinds = Counter(map(_OUTCOME_KIND, recs.outcomes))
+        orphans_not_loading = 0
+        for i, r in recs.changed.items():
+            kinds[recs.outcomes[i][0]] -= 1
+            kinds[r[1][0]] += 1
+            if r[2]:  # an orphan
+                if not r[4]:  # not ignored
+                    c["orphans"] += 1
+                if r[1][0] != "load":
+                    orphans_not_loading += 1
         for outcome, n in kinds.items():
             c[outcome] += n
-        orphans_not_loading = 0
-        for r in compress(recs, map(_ORPHAN, recs)):
-            if not r[4]:  # not ignored
-                c["orphans"] += 1
-            if r[1][0] != "load":
-                orphans_not_loading += 1
         c["by_design"] = len(recs) - kinds["load"] - orphans_not_loading
         return c
 
@@ -141,14 +217,10 @@ class AuditOptions:
 
 
 class Replayed(NamedTuple):
-    """A whole replay, as columns: every tensor's record as the replay left it (no orphan, not ignored), in
-    checkpoint order, and whether a wrapper routed it in its first phase.
+    """A whole replay: every tensor's record as the replay left it (no orphan, not ignored), in checkpoint order,
+    and whether a wrapper routed it in its first phase."""
 
-    Columns rather than one tuple per tensor: the records are what every later step reads, so the replay builds
-    them directly (165k on Super; a per-tensor tuple of its own cost as much to make and free as the replay).
-    """
-
-    records: list[TensorRecord]
+    records: TensorRecords
     #: Per tensor, routed in the wrapper's first phase; None without a wrapper (no tensor is).
     phases: list[bool] | None
 
@@ -158,18 +230,21 @@ def replay_tensors(
 ) -> Replayed:
     """Every tensor's record (outcome and full param name), in checkpoint order, and the wrapper's phases."""
     replay = engine.replayer(manifest, cfg, mtp=opts.mtp, pp=opts.pp)
-    new = tuple.__new__
+    tensors = list(ckpt.tensors())
     if opts.mtp or cfg.wrapper is None:  # a comprehension: the loop of every audit, 165k names on Super
-        # TensorRecord (tensor, outcome, orphan, param, ignored); an Outcome's param is o[1]
-        return Replayed([new(TensorRecord, (t, (o := replay(t[0])), False, o[1], False)) for t in ckpt.tensors()], None)
-    records: list[TensorRecord] = []
+        return Replayed(TensorRecords(tensors, [replay(t[0]) for t in tensors], {}), None)
+    outcomes: list[Outcome] = []
+    changed: dict[int, TensorRecord] = {}
     phases: list[bool] = []
     prefix = manifest.lm_prefix
-    for t in ckpt.tensors():
+    for i, t in enumerate(tensors):
         r = engine.route(t.name, cfg)
         if r.target == "lm":
             o = replay(r.inner or "")
-            records.append(TensorRecord(t, o, False, prefix + o.param if o.param else None, False))
+            outcomes.append(o)
+            param = prefix + o.param if o.param else None
+            if param != o.param:  # the full runtime name: the wrapper's prefix on the language model's own
+                changed[i] = TensorRecord(t, o, False, param, False)
             phases.append(False)
             continue
         if r.target == "projector":
@@ -180,9 +255,9 @@ def replay_tensors(
             o = Outcome("raise", message=r.message, reason="wrapper-raise")
         else:
             o = Outcome("skip", reason="wrapper-mtp" if t.name.startswith("mtp.") else "wrapper-ignored")
-        records.append(TensorRecord(t, o, False, o.param, False))
+        outcomes.append(o)
         phases.append(True)
-    return Replayed(records, phases)
+    return Replayed(TensorRecords(tensors, outcomes, changed), phases)
 
 
 class Gathered(NamedTuple):
@@ -192,7 +267,7 @@ class Gathered(NamedTuple):
     decides (per load key, per tensor that does not load) changes only the few records it concerns.
     """
 
-    records: list[TensorRecord]
+    records: TensorRecords
     #: Per tensor, routed in the wrapper's first phase (``Replayed.phases``).
     phases: list[bool] | None
     #: (parameter, shard id, dtype, shape) of every load → the positions of its tensors, ascending.
@@ -209,7 +284,9 @@ def gather(replayed: Replayed) -> Gathered:
     loads: defaultdict[str, set] = defaultdict(set)
     unloaded: list[int] = []
     records = replayed.records
-    for i, (t, o, _, param, _) in enumerate(records):  # positional, as in run_audit
+    # Each tensor's parameter: its outcome's, but where a record says otherwise (a wrapper's prefix).
+    params = map(_RECORD_PARAM, records) if records.changed else map(_OUTCOME_PARAM, records.outcomes)
+    for i, t, o, param in zip(count(), records.tensors, records.outcomes, params, strict=False):  # positional
         if param is not None and o[0] == "load":  # a load always names its parameter
             key = (param, o[2], t[1], t[2])
             at = keys.get(key)
@@ -527,21 +604,24 @@ def run_audit(
     # replaying its tensors against no parameters would only invent outcomes beside the crash.
     built = not (refusal and not manifest.params)
     if not built:
-        replayed = gather(Replayed([], None))
+        replayed = gather(Replayed(TensorRecords([], [], {}), None))
     elif replayed is None:
         replayed = gather(replay_tensors(ckpt, cfg, manifest, engine, opts))
     g = replayed
     ignore = opts.ignore
-    records = g.records  # copied before the first change: a matrix shares them
+    replayed_records = g.records
+    # The records this audit changes, over the replay's (a matrix shares those: they are never changed).
+    changed = dict(replayed_records.changed)
     matched: set[str] = set()  # --ignore patterns that matched a tensor or a parameter
-    ignored: list[bool] = []
+    n_ignored = 0
     if ignore:
         match = fnmatch.fnmatchcase
-        for r in records:
-            hit = [pat for pat in ignore if match(r[0][0], pat)]
-            ignored.append(bool(hit))
-            matched.update(hit)
-        records = [r._replace(ignored=True) if ign else r for r, ign in zip(records, ignored, strict=True)]
+        for i, name in enumerate(map(_NAME, replayed_records.tensors)):
+            hit = [pat for pat in ignore if match(name, pat)]
+            if hit:
+                changed[i] = replayed_records[i]._replace(ignored=True)
+                n_ignored += 1
+                matched.update(hit)
     loads = g.loads  # copied before the first change, as the records
     unloaded_params: set[str] = set()  # parameters some of whose tensors raise at the size assertion instead
     slot_findings: list[tuple[str, str, Finding]] = []
@@ -556,27 +636,25 @@ def run_audit(
         d = decide(key)
         if d is not _CLEAN:
             special.update(dict.fromkeys(positions, d))
-    if special and records is g.records:
-        records = list(records)
     by_design = engine.by_design
     # Positional fields: TensorRecord (tensor, outcome, orphan, param, ignored), TensorInfo (name, dtype,
     # shape, start, end, shard), Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason).
     for i in sorted(special):
         decision = special[i]
-        t, o, _, param, ign = records[i]
+        t, o, _, param, ign = changed.get(i) or replayed_records[i]
         if decision is None:  # not a load
             orphan = built and (not by_design(o[6]) or (o[6] == "pp-range" and _beyond_model(t[0], cfg)))
             raised = raised or o[0] == "raise"
             if orphan:
-                records[i] = tuple.__new__(TensorRecord, (t, o, True, param, ign))
+                changed[i] = _new(TensorRecord, (t, o, True, param, ign))
             continue
         assert param is not None  # a load always names its parameter (``gather``)
         if decision.plain_error is not None:
             # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
             unloaded_params.add(param)
             assertion = decision.plain_error
-            o = tuple.__new__(Outcome, ("raise", None, None, None, None, assertion, "size-assert"))
-            records[i] = tuple.__new__(TensorRecord, (t, o, False, None, ign))
+            o = _new(Outcome, ("raise", None, None, None, None, assertion, "size-assert"))
+            changed[i] = _new(TensorRecord, (t, o, False, None, ign))
             raised = True
             if not ign:
                 finding = Finding("error", "shape-mismatch", assertion, t[5], t[0])
@@ -584,7 +662,7 @@ def run_audit(
             continue
         if decision.load_error is not None:  # the parameter's weight loader itself raises on this tensor
             o = o._replace(outcome="raise", message=decision.load_error, reason="loader")
-            records[i] = tuple.__new__(TensorRecord, (t, o, False, param, ign))
+            changed[i] = _new(TensorRecord, (t, o, False, param, ign))
             raised = True
         elif decision.note is not None and not ign:
             notes.append(("narrowed", t.name, Finding("error", "slot-narrowed", decision.note, t.shard, t.name)))
@@ -601,9 +679,9 @@ def run_audit(
                 (o[2], o[3])
                 for key, positions in g.keys.items()
                 if key[0] == param and (special.get(positions[0]) or _CLEAN).plain_error is None
-                for _, o, _, _, _ in map(g.records.__getitem__, positions)
+                for o in map(replayed_records.outcomes.__getitem__, positions)
             }
-    n_ignored = sum(ignored)
+    records = TensorRecords(replayed_records.tensors, replayed_records.outcomes, changed)
 
     # Crash point: the first raise in the order the engine meets tensors (a buffering wrapper
     # routes everything first and loads the language model afterwards).
@@ -629,7 +707,7 @@ def run_audit(
             # The first raise depends on which shard the engine reads first, and that is the host's.
             order_notes.append(Finding("info", "shard-order-assumed", unknown_order))
     if crash is None:
-        error = engine.startup_error((r[0][0] for r in g.records), manifest, mtp=opts.mtp)
+        error = engine.startup_error(map(_NAME, replayed_records.tensors), manifest, mtp=opts.mtp)
         if error:
             crash = Crash(error)
     # A quant config the engine refuses (parse time) or a module it cannot build fails before
@@ -725,7 +803,7 @@ def run_audit(
         quant=qc.quant_algo if qc else None,
         manifest=manifest,
         checkpoint=ckpt,
-        records=tuple(records),
+        records=records,
         params=tuple(statuses),
         findings=tuple(findings),
         crash=crash,

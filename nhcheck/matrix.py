@@ -85,7 +85,7 @@ def _share(replayed: Replayed) -> _SharedReplay:
     g = gather(replayed)
     loads = g.keys  # per distinct load, not per tensor
     targets = frozenset(p for p, _, _, shape in loads if numel(shape) == 1)
-    reasons = {g.records[i][1][6] for i in g.unloaded}  # a TensorRecord's outcome, an Outcome's reason
+    reasons = {g.records.outcomes[i][6] for i in g.unloaded}  # an Outcome's reason
     return _SharedReplay(g, targets, tuple(sorted(loads, key=str)), tuple(sorted(reasons)))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,7 +23,7 @@ from nhcheck import __version__, collapse, engines
 from nhcheck.report.console import Plain
 
 if TYPE_CHECKING:
-    from nhcheck.audit import AuditReport
+    from nhcheck.audit import AuditReport, TensorRecords
     from nhcheck.load.run import LoadReport
     from nhcheck.load.tp import TPLoadReport
     from nhcheck.manifest import Manifest
@@ -369,14 +370,26 @@ def render_json_chunks(report: AuditReport) -> Iterator[bytes | memoryview]:
     return _json_pieces(head.encode("utf-8"), report.records, tail.encode("utf-8"))
 
 
-def _json_pieces(head: bytes, records, tail: bytes) -> Iterator[bytes | memoryview]:
-    """``head``, the rows of ``records`` comma-separated, a chunk at a time, ``tail``."""
+def _row(t, o, orphan: bool, param: str | None, ignored: bool) -> _TensorRow:
+    """The row of one record (``_tensor_json``'s fields). Positional: TensorInfo (name, dtype, shape, start, end,
+    shard), Outcome (outcome, param, shard_id, expert_id, engine_name, message, reason)."""
+    engine_name = o[4] or (o[1] if o[0] == "load" else None) or t[0]
+    return _TensorRow(t[0], t[5], t[1], t[2], o[0], orphan, param, o[2], o[3], engine_name, o[5], o[6], ignored)
+
+
+def _json_pieces(head: bytes, records: TensorRecords, tail: bytes) -> Iterator[bytes | memoryview]:
+    """``head``, the rows of ``records`` comma-separated, a chunk at a time, ``tail``.
+
+    Rows straight from the columns (no record per tensor), then the changed records' rows put in their places.
+    """
     yield head
     row = _TensorRow
     encode = _ENCODER.encode
-    for at in range(0, len(records), JSON_CHUNK_ROWS):
-        # TensorInfo: name, dtype, shape, start, end, shard; Outcome: outcome, param, shard_id, expert_id,
-        # engine_name, message, reason (positional: 165k attribute lookups saved per field)
+    tensors, outcomes, changed = records.tensors, records.outcomes, records.changed
+    moved = sorted(changed)
+    for at in range(0, len(tensors), JSON_CHUNK_ROWS):
+        end = at + JSON_CHUNK_ROWS
+        # ``_row(t, o, False, o[1], False)`` inline (165k calls saved on Super)
         rows = [
             row(
                 t[0],
@@ -384,17 +397,19 @@ def _json_pieces(head: bytes, records, tail: bytes) -> Iterator[bytes | memoryvi
                 t[1],
                 t[2],
                 o[0],
-                orph,
-                param,
+                False,
+                o[1],
                 o[2],
                 o[3],
                 o[4] or (o[1] if o[0] == "load" else None) or t[0],
                 o[5],
                 o[6],
-                ign,
+                False,
             )  # fmt: skip
-            for t, o, orph, param, ign in records[at : at + JSON_CHUNK_ROWS]
+            for t, o in zip(tensors[at:end], outcomes[at:end], strict=True)
         ]
+        for i in moved[bisect_left(moved, at) : bisect_left(moved, end)]:
+            rows[i - at] = _row(*changed[i])
         if at:
             yield b","  # between chunks; each chunk's own brackets are dropped
         yield memoryview(encode(rows))[1:-1]
@@ -409,7 +424,7 @@ def _tensor_groups(report: AuditReport, include_loads: bool):
     items = []
     by_design: dict[tuple, list] = {}
     # Without --show-loaded the loads (164,820 of Super's 165,860 tensors) are dropped by one comprehension.
-    records = report.records if include_loads else [r for r in report.records if r[1][0] != "load"]
+    records = report.records if include_loads else report.records.not_loading()
     for r in records:
         o = r.outcome
         key = (_OUTCOME_ORDER[o.outcome], o.outcome, o.reason, r.orphan, r.ignored)
