@@ -7,6 +7,8 @@ import shutil
 import struct
 from pathlib import Path
 
+import pytest
+
 from nhcheck.audit import AuditOptions
 from nhcheck.checkpoint import cross_check, open_local
 from nhcheck.engines.base import EngineId
@@ -345,3 +347,28 @@ def test_counts_equal_the_per_record_definition():
     want["orphans"] = sum(r.orphan and not r.ignored for r in records)
     want["by_design"] = sum(not r.orphan and r.outcome.outcome != "load" for r in records)
     assert replace(base, records=records).counts() == want
+
+
+def test_tensor_records_read_as_the_records_they_stand_for():
+    """``TensorRecords`` keeps the replay's columns and the records an audit changed: as a sequence it is exactly
+    those records (index, negative index, slice, iteration, equality), and ``counts`` and ``not_loading`` see a
+    changed record's outcome, not the replay's (a load the audit turned into a raise)."""
+    from dataclasses import replace
+
+    from nhcheck.audit import TensorRecords
+
+    base = audit_path(str(EX / "nano3-nvfp4"), "sglang@0.5.23")
+    recs = list(base.records)
+    raised = recs[1]._replace(outcome=recs[1].outcome._replace(outcome="raise", reason="loader"))
+    orphan = recs[2]._replace(orphan=True, outcome=recs[2].outcome._replace(outcome="warn"))
+    want = [raised if i == 1 else orphan if i == 2 else r for i, r in enumerate(recs)]
+    cols = TensorRecords([r.tensor for r in recs], [r.outcome for r in recs], {1: raised, 2: orphan})
+    assert list(cols) == want and cols == want and cols == tuple(want) and len(cols) == len(want)
+    assert cols[1] == raised and cols[-1] == want[-1] and cols[1:4] == want[1:4] and cols[-3:] == want[-3:]
+    with pytest.raises(IndexError):
+        cols[len(want)]
+    assert cols.not_loading() == [r for r in want if r.outcome.outcome != "load"]
+    counts = {k: sum(r.outcome.outcome == k for r in want) for k in ("load", "warn", "skip", "raise", "routed")}
+    counts["orphans"] = sum(r.orphan and not r.ignored for r in want)
+    counts["by_design"] = sum(not r.orphan and r.outcome.outcome != "load" for r in want)
+    assert replace(base, records=cols).counts() == counts == replace(base, records=tuple(want)).counts()
