@@ -23,7 +23,8 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
       device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
 On CUDA nhcheck is also timed with its staged byte ranges placed through tensor views (``_views``,
-``readers.DRIVER_COPIES`` off), where the tree has them.
+``readers.DRIVER_COPIES`` off) and with one driver copy per range instead of one kernel launch per staged
+read (``_perrange``, ``readers.KERNEL`` off), where the tree has them.
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -313,6 +314,16 @@ def run_views(tree: Tree, root: Path, opts) -> tuple[float, dict]:
         tree.readers.DRIVER_COPIES = True
 
 
+def run_perrange(tree: Tree, root: Path, opts) -> tuple[float, dict]:
+    """nhcheck end to end with one driver copy per staged byte range instead of one kernel launch per
+    staged read (``readers.KERNEL`` off), to show what the kernel buys in the same run."""
+    tree.readers.KERNEL = False
+    try:
+        return run_nhcheck(tree, root, opts)
+    finally:
+        tree.readers.KERNEL = True
+
+
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     """Every loader that can run here, as name -> callable returning (seconds, nhcheck's phases or None);
     the missing ones said once. ``--only`` keeps the named ones."""
@@ -328,7 +339,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     for tree in trees:
         opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
         name = "nhcheck" + tree.label
-        variants = ["", "_decided", "_views"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        variants = ["", "_decided", "_views", "_perrange"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
         if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
@@ -342,6 +353,8 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             out[name + "_decided"] = lambda tree=tree, opts=opts, d=decided: run_nhcheck(tree, args.dir, opts, d)
         if device.type == "cuda" and keep(name + "_views") and hasattr(tree.readers, "DRIVER_COPIES"):
             out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
+        if device.type == "cuda" and keep(name + "_perrange") and hasattr(tree.readers, "KERNEL"):
+            out[name + "_perrange"] = lambda tree=tree, opts=opts: run_perrange(tree, args.dir, opts)
         for mb in args.also_pinned_mb:
             more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
             if keep(f"{name}_pinned{mb}"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -909,3 +910,87 @@ def test_poison_scan_finds_one_element_left_anywhere(monkeypatch, dtype):
         flat.zero_()
         flat[at * width : (at + 1) * width] = 0xFF
         assert arenas.poisoned() == {"p": 16 if dtype == "uint8" else 1}  # integer storage: bytes of the run
+
+
+def test_kernel_table_places_what_the_views_place(monkeypatch):
+    """The kernel path's table, run on the host: a stand-in for ``place_ranges`` copies each row it is
+    handed (source offset in the staged read, destination address, bytes), as the kernel's thread blocks
+    do on a GPU; the arenas must end byte for byte as the views path leaves them. Small chunks, so ranges
+    are cut into several rows; a read whose ranges overlap in the arenas keeps the range-by-range path."""
+    import ctypes
+
+    from nhcheck.load import kernel
+
+    monkeypatch.setattr(kernel, "CHUNK", 256)
+    audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
+    plan = loading.plan_load(audit)
+    spans = readers.spans_of(audit.checkpoint.shards)
+    reads = readers.plan_reads(spans, 4096)
+    of_shard: list[list[int]] = [[] for _ in spans]
+    for j, r in enumerate(reads):
+        of_shard[r.shard].append(j)
+    pieces, whole = readers.cut_pieces(plan.ops, spans, reads, of_shard)
+    rows_placed: list[int] = []
+    nranges: list[int] = []
+
+    class StandIn:
+        def place(self, rows_ptr, nrows, src_ptr, stream):
+            rows = (ctypes.c_uint64 * (3 * nrows)).from_address(rows_ptr)
+            for i in range(nrows):
+                so, dst, n = rows[3 * i : 3 * i + 3]
+                assert 0 < n <= kernel.CHUNK
+                ctypes.memmove(dst, src_ptr + so, n)
+            rows_placed.append(nrows)
+
+    monkeypatch.setattr(kernel.Kernel, "load", staticmethod(lambda: StandIn()))
+    monkeypatch.delitem(readers._CACHE, ("kernel", "cpu"), raising=False)
+
+    def staged(j):
+        r = reads[j]
+        with open(spans[r.shard].path, "rb") as fh:
+            fh.seek(r.start)
+            return torch.frombuffer(bytearray(fh.read(r.end - r.start)), dtype=torch.uint8)
+
+    def placed(use_kernel: bool, overlap: int | None = None):
+        arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
+        placements = {
+            j: readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, reads[j].end - reads[j].start)
+            for j, mine in sorted(pieces.items())
+        }
+        if overlap is not None:  # the read's first range written twice: a double write
+            p = placements[overlap]
+            c = p.copies[0]
+            dup = readers.Copies(c.dtype, (c.src[0], *c.src), (c.dst[0], *c.dst), (c.size[0], *c.size))
+            placements[overlap] = readers.Placement(p.pieces, (dup, *p.copies[1:]), p.others)
+        nranges.append(sum(len(c.size) for p in placements.values() for c in p.copies))
+        ranges = readers.Ranges.build(torch, placements, arenas, torch.device("cpu")) if use_kernel else None
+        for j, placement in placements.items():
+            batch = ranges.launcher(j, 0) if ranges else None
+            if use_kernel and placement.copies:
+                assert (batch is None) == (j == overlap)
+            readers.apply_placement(placement, staged(j), arenas, None, batch)
+        readers._CACHE.pop(("kernel", "cpu"), None)
+        return {d: t.clone() for d, t in arenas.raw.items()}
+
+    views = placed(False)
+    by_kernel = placed(True)
+    assert views.keys() == by_kernel.keys() and all(torch.equal(views[d], by_kernel[d]) for d in views)
+    assert sum(rows_placed) > nranges[-1] > len(plan.ops) // 2  # every range placed, some cut into several rows
+    rows_placed.clear()
+    overlap = next(j for j, mine in sorted(pieces.items()) if any(pc.op.kind == "copy" for pc in mine))
+    again = placed(True, overlap)
+    assert all(torch.equal(views[d], again[d]) for d in views)
+
+
+def test_kernel_source_compiles_to_the_shipped_ptx():
+    """``kernel.PTX`` is what NVRTC makes of ``kernel.SOURCE`` (where an NVRTC 11.8 is installed)."""
+    from nhcheck.load import kernel
+
+    found = [
+        os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.11.2")
+        for p in sys.path
+        if os.path.exists(os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.11.2"))
+    ]
+    if not found:
+        pytest.skip("NVRTC 11.8 (pip install nvidia-cuda-nvrtc-cu11==11.8.89) is not installed")
+    assert kernel.compile_ptx(found[0]) == kernel.PTX

@@ -35,6 +35,9 @@ STATS: dict[str, float] = {}
 #: Staged byte ranges go to the device through the driver (``_driver_memcpy``); ``bench/load.py`` turns this
 #: off for one contender to time the views + ``torch._foreach_copy_`` path in the same run.
 DRIVER_COPIES = True
+#: With the driver copies, a staged read's byte ranges go as one kernel launch (``kernel.Kernel``); off,
+#: one driver copy per range: ``bench/load.py`` times both in the same run.
+KERNEL = True
 
 
 class Span(NamedTuple):
@@ -271,12 +274,14 @@ def _driver_memcpy():
     return _CACHE["dtod"]
 
 
-def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> None:
-    """Place what one staged read holds: its byte ranges, then the other pieces through ``write_op``.
+def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, batch=None) -> None:
+    """Place what one staged read holds: the pieces other than byte ranges through ``write_op``, then
+    its byte ranges.
 
-    On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are
-    enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise they are one
-    batched ``torch._foreach_copy_`` over views.
+    On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are one
+    launch of ``batch`` (``Ranges.launcher``: the read's rows of the kernel's table) where there is one,
+    else enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise they are
+    one batched ``torch._foreach_copy_`` over views.
     """
     torch = arenas.torch
     for pc in placement.others:
@@ -287,6 +292,9 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> N
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
     if not placement.copies:
+        return
+    if batch is not None:
+        batch(src.data_ptr())
         return
     memcpy = _driver_memcpy() if stream is not None and DRIVER_COPIES else None
     if memcpy is not None:
@@ -311,6 +319,70 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None) -> N
         for (_, i), view in zip(order, views, strict=True):
             dsts[i] = view
     torch._foreach_copy_(dsts, srcs)
+
+
+class Ranges(NamedTuple):
+    """Every staged read's byte ranges as rows of one table on the device, placed by ``kernel.Kernel``.
+
+    ``bounds`` maps a read to its rows [first, end); a read whose ranges overlap in the arenas (a double
+    write, where the last write must win) has none and is placed range by range, in order.
+    """
+
+    kernel: Any
+    rows: Any  # int64 [n, 3] on the device
+    bounds: dict[int, tuple[int, int]]
+
+    def launcher(self, j: int, stream: int):
+        """The one launch placing read ``j``'s ranges from its staged bytes, or None (range by range)."""
+        b = self.bounds.get(j)
+        if b is None:
+            return None
+        first, end = b
+        ptr = self.rows.data_ptr() + 24 * first
+        return lambda src_ptr: self.kernel.place(ptr, end - first, src_ptr, stream)
+
+    @staticmethod
+    def build(torch, placements: dict[int, Placement], arenas: Arenas, device) -> Ranges | str:
+        """The table for ``placements`` (by read), or why the kernel cannot be had here.
+
+        One pass of Python over the ranges; the chunking and the overlap test are tensor operations.
+        """
+        from nhcheck.load import kernel
+
+        key = ("kernel", str(device))
+        if key not in _CACHE:
+            _CACHE[key] = kernel.Kernel.load()
+        k = _CACHE[key]
+        if isinstance(k, str):
+            return k
+        reads = sorted(j for j, p in placements.items() if p.copies)
+        src: list[int] = []
+        dst: list[int] = []
+        size: list[int] = []
+        per_read: list[int] = []
+        for j in reads:
+            before = len(size)
+            for c in placements[j].copies:
+                base = arenas.raw[c.dtype].data_ptr()
+                src += c.src
+                dst += [base + d for d in c.dst]
+                size += c.size
+            per_read.append(len(size) - before)
+        if not size:
+            return Ranges(k, torch.empty((0, 3), dtype=torch.int64, device=device), {})
+        t_src, t_dst, t_size = (torch.tensor(x, dtype=torch.int64) for x in (src, dst, size))
+        read_of = torch.repeat_interleave(torch.arange(len(reads)), torch.tensor(per_read))
+        # overlap within a read: sort by (read, destination); an end past the next start is a double write
+        order = torch.argsort(read_of * (1 << 50) + t_dst - t_dst.min())
+        ends = (t_dst + t_size)[order]
+        clash = (read_of[order][1:] == read_of[order][:-1]) & (ends[:-1] > t_dst[order][1:])
+        overlapping = set(read_of[order][1:][clash].tolist())
+        rows, counts = kernel.chunk_rows(torch, t_src, t_dst, t_size)
+        last = torch.cumsum(torch.stack([c.sum() for c in counts.split(per_read)]), 0).tolist()
+        bounds = {
+            j: (int(last[i - 1]) if i else 0, int(last[i])) for i, j in enumerate(reads) if i not in overlapping
+        }
+        return Ranges(k, rows.to(device), bounds)
 
 
 class Transfer:
@@ -521,13 +593,18 @@ class Transfer:
         }
         self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}
         self.whole = whole
-        if self.cuda:  # the poison fill (current stream) comes before any placement
-            self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.lock:
             self.needed = [j in pieces for j in range(len(self.reads))]
             self.todo = {j for j in range(len(self.reads)) if self.needed[j] or self.claimed[j]}
             self.lock.notify_all()
         self.stats["plan_at"] = clock() - self.started
+        self.ranges: Ranges | None = None
+        if self.cuda and DRIVER_COPIES and KERNEL:
+            got = Ranges.build(torch, self.placements, arenas, self.device)
+            self.ranges = got if isinstance(got, Ranges) else None
+            self.stats["kernel"] = float(self.ranges is not None)
+        if self.cuda:  # the poison fill and the table (current stream) come before any placement
+            self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
         self.stats["compile"] = clock() - t
 
     def finish(self) -> int:
@@ -556,7 +633,10 @@ class Transfer:
                             self.place_stream.wait_event(self.landed_events[d])
                         r = self.reads[j]
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
-                        apply_placement(self.placements[j], src, self.arenas, self.place_stream if self.cuda else None)
+                        batch = self.ranges.launcher(j, self.place_stream.cuda_stream) if self.ranges else None
+                        apply_placement(
+                            self.placements[j], src, self.arenas, self.place_stream if self.cuda else None, batch
+                        )
                         for pc in self.parts[j]:
                             self.gathered[pc.op.idx][pc.skip : pc.skip + pc.nbytes].copy_(
                                 src[pc.off : pc.off + pc.nbytes]
