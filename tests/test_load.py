@@ -516,7 +516,7 @@ def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
     monkeypatch.setattr(
         readers,
         "apply_placement",
-        lambda placement, src, arenas, stream=None: apply(
+        lambda placement, src, arenas, stream=None, batch=None: apply(  # the read's kernel table not used
             readers.compile_pieces([pc for pc in placement.pieces if pc.op.param != target], arenas),
             src,
             arenas,
@@ -697,7 +697,7 @@ def test_cuda_lost_write_caught(monkeypatch):
     monkeypatch.setattr(
         readers,
         "apply_placement",
-        lambda placement, src, arenas, stream=None: apply(
+        lambda placement, src, arenas, stream=None, batch=None: apply(  # the read's kernel table not used
             readers.compile_pieces(
                 [pc for pc in placement.pieces if not (pc.op.param == target and pc.op.slot == "expert 4")], arenas
             ),
