@@ -36,7 +36,8 @@ __device__ __forceinline__ void copy_as(const unsigned char* s, unsigned char* d
     for (unsigned long long i = threadIdx.x; i < n / sizeof(T); i += blockDim.x) dst[i] = src[i];
 }
 
-extern "C" __global__ void place_ranges(const unsigned long long* __restrict__ table, const unsigned char* __restrict__ base)
+extern "C" __global__ void place_ranges(
+    const unsigned long long* __restrict__ table, const unsigned char* __restrict__ base)
 {
     const unsigned long long* row = table + 3ull * blockIdx.x;
     const unsigned char* s = base + row[0];

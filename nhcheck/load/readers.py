@@ -379,9 +379,7 @@ class Ranges(NamedTuple):
         overlapping = set(read_of[order][1:][clash].tolist())
         rows, counts = kernel.chunk_rows(torch, t_src, t_dst, t_size)
         last = torch.cumsum(torch.stack([c.sum() for c in counts.split(per_read)]), 0).tolist()
-        bounds = {
-            j: (int(last[i - 1]) if i else 0, int(last[i])) for i, j in enumerate(reads) if i not in overlapping
-        }
+        bounds = {j: (int(last[i - 1]) if i else 0, int(last[i])) for i, j in enumerate(reads) if i not in overlapping}
         return Ranges(k, rows.to(device), bounds)
 
 
