@@ -934,13 +934,17 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     nranges: list[int] = []
 
     class StandIn:
-        def place(self, rows_ptr, nrows, src_ptr, stream):
-            rows = (ctypes.c_uint64 * (3 * nrows)).from_address(rows_ptr)
+        def place(self, rows_ptr, nrows, chunks, src_ptr, stream):
+            rows = (ctypes.c_uint64 * (4 * nrows)).from_address(rows_ptr)
+            blocks = 0
             for i in range(nrows):
-                so, dst, n = rows[3 * i : 3 * i + 3]
-                assert 0 < n <= kernel.CHUNK
-                ctypes.memmove(dst, src_ptr + so, n)
-            rows_placed.append(nrows)
+                so, dst, n, first = rows[4 * i : 4 * i + 4]
+                assert n > 0 and first == blocks  # the kernel's search needs the first chunks in order
+                for off in range(0, n, kernel.CHUNK):  # one thread block a chunk
+                    ctypes.memmove(dst + off, src_ptr + so + off, min(kernel.CHUNK, n - off))
+                    blocks += 1
+            assert blocks == chunks
+            rows_placed.append(blocks)
 
     monkeypatch.setattr(kernel.Kernel, "load", staticmethod(lambda: StandIn()))
     monkeypatch.delitem(readers._CACHE, ("kernel", "cpu"), raising=False)
@@ -975,7 +979,7 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     views = placed(False)
     by_kernel = placed(True)
     assert views.keys() == by_kernel.keys() and all(torch.equal(views[d], by_kernel[d]) for d in views)
-    assert sum(rows_placed) > nranges[-1] > len(plan.ops) // 2  # every range placed, some cut into several rows
+    assert sum(rows_placed) > nranges[-1] > len(plan.ops) // 2  # every range placed, some in several chunks
     rows_placed.clear()
     overlap = next(j for j, mine in sorted(pieces.items()) if any(pc.op.kind == "copy" for pc in mine))
     again = placed(True, overlap)

@@ -3,14 +3,17 @@
 A staged read holds dozens to thousands of byte ranges bound for the parameter arenas. Enqueueing one
 ``cuMemcpyDtoDAsync`` per range costs the main thread microseconds each, and that thread also runs the
 audit and the checks: over a whole load it is the longest stretch of per-range Python. Here every read's
-ranges are cut into chunks of ``CHUNK`` bytes and written, once the plan exists, into one table on the
-device (source offset within the read, destination address, bytes: three ``uint64`` a row); placing a read
-is then one ``cuLaunchKernel`` of ``place_ranges`` over its rows, one thread block a chunk, each copying with
-the widest access its source, destination and length allow.
+ranges are written, once the plan exists, into one table on the device (source offset within the read,
+destination address, bytes, first chunk: four ``uint64`` a range); placing a read is then one
+``cuLaunchKernel`` of ``place_ranges`` over its chunks of at most ``CHUNK`` bytes, one thread block a
+chunk (it finds its range by a binary search of the first chunks), each copying with the widest access
+its source, destination and length allow. Building the table is one pass of plain Python over the ranges
+(no tensor operations: their thread pools would fight the reader threads for the cores), and it travels
+to the device once.
 
 The kernel is ``SOURCE`` below, compiled to ``PTX`` by NVRTC 11.8 for ``compute_70`` (Volta and later; the
 driver compiles PTX for the GPU it runs on and caches the result): ``python -m nhcheck.load.kernel
-LIBNVRTC`` prints it again, and ``tests/test_load_kernel.py`` checks the two agree where NVRTC is
+LIBNVRTC`` prints it again, and ``tests/test_load.py`` checks the two agree where NVRTC is
 installed. Only the CUDA driver (``libcuda``, loaded in every CUDA process) is called: no compiler, no
 extension module at run time. Where the driver will not load it (an older driver, no ``libcuda``)
 ``Kernel.load`` says why and the load places range by range as before (``readers.apply_placement``).
@@ -27,7 +30,9 @@ CHUNK = 64 << 10
 #: Threads per block (each copies 16 bytes a step where the row allows).
 THREADS = 256
 
-SOURCE = r"""// One thread block per chunk: table row i = (source offset, destination address, bytes).
+SOURCE = r"""// Table row r of a staged read: (source offset in the read, destination address, bytes, first chunk).
+// Thread block b copies chunk b - first of the row with the last first chunk <= b: at most `chunk` bytes,
+// with the widest access its source, destination and length allow.
 template <typename T>
 __device__ __forceinline__ void copy_as(const unsigned char* s, unsigned char* d, unsigned long long n)
 {
@@ -37,13 +42,23 @@ __device__ __forceinline__ void copy_as(const unsigned char* s, unsigned char* d
 }
 
 extern "C" __global__ void place_ranges(
-    const unsigned long long* __restrict__ table, const unsigned char* __restrict__ base)
+    const unsigned long long* __restrict__ table, unsigned int rows, const unsigned char* __restrict__ base,
+    unsigned long long chunk)
 {
-    const unsigned long long* row = table + 3ull * blockIdx.x;
-    const unsigned char* s = base + row[0];
-    unsigned char* d = reinterpret_cast<unsigned char*>(row[1]);
-    const unsigned long long n = row[2];
-    const unsigned long long a = reinterpret_cast<unsigned long long>(s) | row[1] | n;
+    const unsigned long long b = blockIdx.x;
+    unsigned int lo = 0, hi = rows - 1;
+    while (lo < hi) {
+        const unsigned int mid = (lo + hi + 1) / 2;
+        if (table[4ull * mid + 3] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    const unsigned long long* row = table + 4ull * lo;
+    const unsigned long long off = (b - row[3]) * chunk;
+    const unsigned long long left = row[2] - off;
+    const unsigned long long n = left < chunk ? left : chunk;
+    const unsigned char* s = base + row[0] + off;
+    unsigned char* d = reinterpret_cast<unsigned char*>(row[1] + off);
+    const unsigned long long a = reinterpret_cast<unsigned long long>(s) | reinterpret_cast<unsigned long long>(d) | n;
     if ((a & 15) == 0) copy_as<uint4>(s, d, n);
     else if ((a & 7) == 0) copy_as<unsigned long long>(s, d, n);
     else if ((a & 3) == 0) copy_as<unsigned int>(s, d, n);
@@ -69,144 +84,181 @@ PTX = r"""//
 
 .visible .entry place_ranges(
 	.param .u64 place_ranges_param_0,
-	.param .u64 place_ranges_param_1
+	.param .u32 place_ranges_param_1,
+	.param .u64 place_ranges_param_2,
+	.param .u64 place_ranges_param_3
 )
 {
-	.reg .pred 	%p<18>;
+	.reg .pred 	%p<21>;
 	.reg .b16 	%rs<3>;
-	.reg .b32 	%r<17>;
-	.reg .b64 	%rd<58>;
+	.reg .b32 	%r<30>;
+	.reg .b64 	%rd<75>;
 
 
-	ld.param.u64 	%rd25, [place_ranges_param_0];
-	ld.param.u64 	%rd26, [place_ranges_param_1];
-	cvta.to.global.u64 	%rd27, %rd26;
-	mov.u32 	%r1, %ctaid.x;
-	cvta.to.global.u64 	%rd28, %rd25;
-	mul.wide.u32 	%rd29, %r1, 24;
-	add.s64 	%rd30, %rd28, %rd29;
-	ld.global.nc.u64 	%rd31, [%rd30];
-	add.s64 	%rd1, %rd27, %rd31;
-	add.s64 	%rd32, %rd26, %rd31;
-	ld.global.nc.u64 	%rd2, [%rd30+8];
-	or.b64  	%rd33, %rd2, %rd32;
-	ld.global.nc.u64 	%rd3, [%rd30+16];
-	or.b64  	%rd4, %rd33, %rd3;
-	and.b64  	%rd34, %rd4, 15;
-	setp.eq.s64 	%p1, %rd34, 0;
-	mov.u32 	%r2, %tid.x;
-	cvt.u64.u32 	%rd5, %r2;
-	@%p1 bra 	$L__BB0_16;
+	ld.param.u64 	%rd32, [place_ranges_param_0];
+	ld.param.u32 	%r6, [place_ranges_param_1];
+	ld.param.u64 	%rd29, [place_ranges_param_2];
+	ld.param.u64 	%rd30, [place_ranges_param_3];
+	cvta.to.global.u64 	%rd1, %rd32;
+	mov.u32 	%r7, %ctaid.x;
+	cvt.u64.u32 	%rd2, %r7;
+	add.s32 	%r28, %r6, -1;
+	setp.eq.s32 	%p1, %r28, 0;
+	mov.u64 	%rd69, 0;
+	@%p1 bra 	$L__BB0_4;
 
-	and.b64  	%rd35, %rd4, 7;
-	setp.eq.s64 	%p2, %rd35, 0;
-	@%p2 bra 	$L__BB0_13;
+	mov.u32 	%r29, 0;
 
-	and.b64  	%rd36, %rd4, 3;
-	setp.eq.s64 	%p3, %rd36, 0;
-	@%p3 bra 	$L__BB0_10;
+$L__BB0_2:
+	add.s32 	%r9, %r29, %r28;
+	add.s32 	%r10, %r9, 1;
+	shr.u32 	%r11, %r10, 1;
+	mul.wide.u32 	%rd33, %r11, 4;
+	shl.b64 	%rd34, %rd33, 3;
+	add.s64 	%rd35, %rd1, %rd34;
+	ld.global.nc.u64 	%rd36, [%rd35+24];
+	setp.le.u64 	%p2, %rd36, %rd2;
+	add.s32 	%r12, %r11, -1;
+	selp.b32 	%r29, %r11, %r29, %p2;
+	selp.b32 	%r28, %r28, %r12, %p2;
+	setp.lt.u32 	%p3, %r29, %r28;
+	@%p3 bra 	$L__BB0_2;
 
-	and.b64  	%rd37, %rd4, 1;
-	setp.eq.b64 	%p4, %rd37, 1;
-	mov.pred 	%p5, 0;
-	xor.pred  	%p6, %p4, %p5;
-	not.pred 	%p7, %p6;
-	@%p7 bra 	$L__BB0_7;
-	bra.uni 	$L__BB0_4;
-
-$L__BB0_7:
-	shr.u64 	%rd9, %rd3, 1;
-	setp.le.u64 	%p10, %rd9, %rd5;
-	@%p10 bra 	$L__BB0_19;
-
-	mov.u32 	%r4, %ntid.x;
-	cvt.u64.u32 	%rd10, %r4;
-
-$L__BB0_9:
-	shl.b64 	%rd40, %rd5, 1;
-	add.s64 	%rd41, %rd1, %rd40;
-	ld.global.nc.u16 	%rs2, [%rd41];
-	add.s64 	%rd42, %rd2, %rd40;
-	st.u16 	[%rd42], %rs2;
-	add.s64 	%rd5, %rd5, %rd10;
-	setp.lt.u64 	%p11, %rd5, %rd9;
-	@%p11 bra 	$L__BB0_9;
-	bra.uni 	$L__BB0_19;
-
-$L__BB0_16:
-	shr.u64 	%rd21, %rd3, 4;
-	setp.le.u64 	%p16, %rd21, %rd5;
-	@%p16 bra 	$L__BB0_19;
-
-	mov.u32 	%r8, %ntid.x;
-	cvt.u64.u32 	%rd22, %r8;
-
-$L__BB0_18:
-	shl.b64 	%rd50, %rd5, 4;
-	add.s64 	%rd51, %rd2, %rd50;
-	add.s64 	%rd52, %rd1, %rd50;
-	ld.global.nc.v4.u32 	{%r9, %r10, %r11, %r12}, [%rd52];
-	st.v4.u32 	[%rd51], {%r9, %r10, %r11, %r12};
-	add.s64 	%rd5, %rd5, %rd22;
-	setp.lt.u64 	%p17, %rd5, %rd21;
-	@%p17 bra 	$L__BB0_18;
-	bra.uni 	$L__BB0_19;
-
-$L__BB0_13:
-	shr.u64 	%rd17, %rd3, 3;
-	setp.le.u64 	%p14, %rd17, %rd5;
-	@%p14 bra 	$L__BB0_19;
-
-	mov.u32 	%r7, %ntid.x;
-	cvt.u64.u32 	%rd18, %r7;
-
-$L__BB0_15:
-	shl.b64 	%rd46, %rd5, 3;
-	add.s64 	%rd47, %rd1, %rd46;
-	ld.global.nc.u64 	%rd48, [%rd47];
-	add.s64 	%rd49, %rd2, %rd46;
-	st.u64 	[%rd49], %rd48;
-	add.s64 	%rd5, %rd5, %rd18;
-	setp.lt.u64 	%p15, %rd5, %rd17;
-	@%p15 bra 	$L__BB0_15;
-	bra.uni 	$L__BB0_19;
-
-$L__BB0_10:
-	shr.u64 	%rd13, %rd3, 2;
-	setp.le.u64 	%p12, %rd13, %rd5;
-	@%p12 bra 	$L__BB0_19;
-
-	mov.u32 	%r5, %ntid.x;
-	cvt.u64.u32 	%rd14, %r5;
-
-$L__BB0_12:
-	shl.b64 	%rd43, %rd5, 2;
-	add.s64 	%rd44, %rd1, %rd43;
-	ld.global.nc.u32 	%r6, [%rd44];
-	add.s64 	%rd45, %rd2, %rd43;
-	st.u32 	[%rd45], %r6;
-	add.s64 	%rd5, %rd5, %rd14;
-	setp.lt.u64 	%p13, %rd5, %rd13;
-	@%p13 bra 	$L__BB0_12;
-	bra.uni 	$L__BB0_19;
+	mul.wide.u32 	%rd69, %r29, 4;
 
 $L__BB0_4:
-	setp.le.u64 	%p8, %rd3, %rd5;
-	@%p8 bra 	$L__BB0_19;
+	shl.b64 	%rd37, %rd69, 3;
+	add.s64 	%rd38, %rd1, %rd37;
+	ld.global.nc.u64 	%rd39, [%rd38+24];
+	sub.s64 	%rd40, %rd2, %rd39;
+	mul.lo.s64 	%rd41, %rd40, %rd30;
+	ld.global.nc.u64 	%rd42, [%rd38+16];
+	sub.s64 	%rd43, %rd42, %rd41;
+	min.u64 	%rd5, %rd43, %rd30;
+	ld.global.nc.u64 	%rd44, [%rd38];
+	add.s64 	%rd45, %rd44, %rd41;
+	cvta.to.global.u64 	%rd46, %rd29;
+	add.s64 	%rd6, %rd46, %rd45;
+	add.s64 	%rd47, %rd29, %rd45;
+	ld.global.nc.u64 	%rd48, [%rd38+8];
+	add.s64 	%rd7, %rd48, %rd41;
+	or.b64  	%rd49, %rd7, %rd47;
+	or.b64  	%rd8, %rd49, %rd5;
+	and.b64  	%rd50, %rd8, 15;
+	setp.eq.s64 	%p4, %rd50, 0;
+	mov.u32 	%r13, %tid.x;
+	cvt.u64.u32 	%rd9, %r13;
+	@%p4 bra 	$L__BB0_20;
 
-	mov.u32 	%r3, %ntid.x;
-	cvt.u64.u32 	%rd6, %r3;
+	and.b64  	%rd51, %rd8, 7;
+	setp.eq.s64 	%p5, %rd51, 0;
+	@%p5 bra 	$L__BB0_17;
 
-$L__BB0_6:
-	add.s64 	%rd38, %rd1, %rd5;
-	ld.global.nc.u8 	%rs1, [%rd38];
-	add.s64 	%rd39, %rd2, %rd5;
-	st.u8 	[%rd39], %rs1;
-	add.s64 	%rd5, %rd5, %rd6;
-	setp.lt.u64 	%p9, %rd5, %rd3;
-	@%p9 bra 	$L__BB0_6;
+	and.b64  	%rd52, %rd8, 3;
+	setp.eq.s64 	%p6, %rd52, 0;
+	@%p6 bra 	$L__BB0_14;
+
+	and.b64  	%rd53, %rd8, 1;
+	setp.eq.b64 	%p7, %rd53, 1;
+	mov.pred 	%p8, 0;
+	xor.pred  	%p9, %p7, %p8;
+	not.pred 	%p10, %p9;
+	@%p10 bra 	$L__BB0_11;
+	bra.uni 	$L__BB0_8;
+
+$L__BB0_11:
+	shr.u64 	%rd13, %rd5, 1;
+	setp.le.u64 	%p13, %rd13, %rd9;
+	@%p13 bra 	$L__BB0_23;
+
+	mov.u32 	%r15, %ntid.x;
+	cvt.u64.u32 	%rd14, %r15;
+
+$L__BB0_13:
+	shl.b64 	%rd56, %rd9, 1;
+	add.s64 	%rd57, %rd6, %rd56;
+	ld.global.nc.u16 	%rs2, [%rd57];
+	add.s64 	%rd58, %rd7, %rd56;
+	st.u16 	[%rd58], %rs2;
+	add.s64 	%rd9, %rd9, %rd14;
+	setp.lt.u64 	%p14, %rd9, %rd13;
+	@%p14 bra 	$L__BB0_13;
+	bra.uni 	$L__BB0_23;
+
+$L__BB0_20:
+	shr.u64 	%rd25, %rd5, 4;
+	setp.le.u64 	%p19, %rd25, %rd9;
+	@%p19 bra 	$L__BB0_23;
+
+	mov.u32 	%r19, %ntid.x;
+	cvt.u64.u32 	%rd26, %r19;
+
+$L__BB0_22:
+	shl.b64 	%rd66, %rd9, 4;
+	add.s64 	%rd67, %rd7, %rd66;
+	add.s64 	%rd68, %rd6, %rd66;
+	ld.global.nc.v4.u32 	{%r20, %r21, %r22, %r23}, [%rd68];
+	st.v4.u32 	[%rd67], {%r20, %r21, %r22, %r23};
+	add.s64 	%rd9, %rd9, %rd26;
+	setp.lt.u64 	%p20, %rd9, %rd25;
+	@%p20 bra 	$L__BB0_22;
+	bra.uni 	$L__BB0_23;
+
+$L__BB0_17:
+	shr.u64 	%rd21, %rd5, 3;
+	setp.le.u64 	%p17, %rd21, %rd9;
+	@%p17 bra 	$L__BB0_23;
+
+	mov.u32 	%r18, %ntid.x;
+	cvt.u64.u32 	%rd22, %r18;
 
 $L__BB0_19:
+	shl.b64 	%rd62, %rd9, 3;
+	add.s64 	%rd63, %rd6, %rd62;
+	ld.global.nc.u64 	%rd64, [%rd63];
+	add.s64 	%rd65, %rd7, %rd62;
+	st.u64 	[%rd65], %rd64;
+	add.s64 	%rd9, %rd9, %rd22;
+	setp.lt.u64 	%p18, %rd9, %rd21;
+	@%p18 bra 	$L__BB0_19;
+	bra.uni 	$L__BB0_23;
+
+$L__BB0_14:
+	shr.u64 	%rd17, %rd5, 2;
+	setp.le.u64 	%p15, %rd17, %rd9;
+	@%p15 bra 	$L__BB0_23;
+
+	mov.u32 	%r16, %ntid.x;
+	cvt.u64.u32 	%rd18, %r16;
+
+$L__BB0_16:
+	shl.b64 	%rd59, %rd9, 2;
+	add.s64 	%rd60, %rd6, %rd59;
+	ld.global.nc.u32 	%r17, [%rd60];
+	add.s64 	%rd61, %rd7, %rd59;
+	st.u32 	[%rd61], %r17;
+	add.s64 	%rd9, %rd9, %rd18;
+	setp.lt.u64 	%p16, %rd9, %rd17;
+	@%p16 bra 	$L__BB0_16;
+	bra.uni 	$L__BB0_23;
+
+$L__BB0_8:
+	setp.le.u64 	%p11, %rd5, %rd9;
+	@%p11 bra 	$L__BB0_23;
+
+	mov.u32 	%r14, %ntid.x;
+	cvt.u64.u32 	%rd10, %r14;
+
+$L__BB0_10:
+	add.s64 	%rd54, %rd6, %rd9;
+	ld.global.nc.u8 	%rs1, [%rd54];
+	add.s64 	%rd55, %rd7, %rd9;
+	st.u8 	[%rd55], %rs1;
+	add.s64 	%rd9, %rd9, %rd10;
+	setp.lt.u64 	%p12, %rd9, %rd5;
+	@%p12 bra 	$L__BB0_10;
+
+$L__BB0_23:
 	ret;
 
 }
@@ -240,25 +292,14 @@ class Kernel(NamedTuple):
         launch.restype = ctypes.c_int
         return Kernel(function, launch)
 
-    def place(self, rows_ptr: int, nrows: int, src_ptr: int, stream: int) -> None:
-        """Enqueue the copies of table rows [rows_ptr, rows_ptr + 24 * nrows) from the read at ``src_ptr``."""
-        a, b = ctypes.c_uint64(rows_ptr), ctypes.c_uint64(src_ptr)
-        params = (ctypes.c_void_p * 2)(ctypes.addressof(a), ctypes.addressof(b))
-        rc = self.launch(self.function, nrows, 1, 1, THREADS, 1, 1, 0, stream, params, None)
+    def place(self, rows_ptr: int, rows: int, chunks: int, src_ptr: int, stream: int) -> None:
+        """Enqueue the copies of ``rows`` table rows at ``rows_ptr`` (``chunks`` chunks in all) from the
+        staged read at ``src_ptr``."""
+        args = (ctypes.c_uint64(rows_ptr), ctypes.c_uint32(rows), ctypes.c_uint64(src_ptr), ctypes.c_uint64(CHUNK))
+        params = (ctypes.c_void_p * 4)(*(ctypes.addressof(x) for x in args))
+        rc = self.launch(self.function, chunks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
         if rc:
             raise RuntimeError(f"cuLaunchKernel(place_ranges) failed with CUDA error {rc}")
-
-
-def chunk_rows(torch, src, dst, size):
-    """Rows (source offset, destination address, bytes) of at most ``CHUNK`` bytes each, for ranges given
-    as int64 CPU tensors, in the ranges' order; and how many rows each range became."""
-    counts = (size + (CHUNK - 1)) // CHUNK
-    total = int(counts.sum())
-    which = torch.repeat_interleave(torch.arange(len(size)), counts, output_size=total)
-    first = torch.cumsum(counts, 0) - counts
-    off = (torch.arange(total) - first[which]) * CHUNK
-    rows = torch.stack((src[which] + off, dst[which] + off, torch.clamp(size[which] - off, max=CHUNK)), 1)
-    return rows, counts
 
 
 def compile_ptx(libnvrtc: str, arch: str = "compute_70") -> str:

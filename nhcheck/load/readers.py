@@ -325,29 +325,27 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, batc
 class Ranges(NamedTuple):
     """Every staged read's byte ranges as rows of one table on the device, placed by ``kernel.Kernel``.
 
-    ``bounds`` maps a read to its rows [first, end); a read whose ranges overlap in the arenas (a double
-    write, where the last write must win) has none and is placed range by range, in order.
+    ``bounds`` maps a read to (its first row, rows, chunks); a read whose ranges overlap in an arena (a
+    double write, where the last write must win) has none and is placed range by range, in order.
     """
 
     kernel: Any
-    rows: Any  # int64 [n, 3] on the device
-    bounds: dict[int, tuple[int, int]]
+    rows: Any  # int64 [n, 4] on the device
+    host: Any  # the same on the host, kept until the upload is done
+    bounds: dict[int, tuple[int, int, int]]
 
     def launcher(self, j: int, stream: int):
         """The one launch placing read ``j``'s ranges from its staged bytes, or None (range by range)."""
         b = self.bounds.get(j)
         if b is None:
             return None
-        first, end = b
-        ptr = self.rows.data_ptr() + 24 * first
-        return lambda src_ptr: self.kernel.place(ptr, end - first, src_ptr, stream)
+        first, rows, chunks = b
+        ptr = self.rows.data_ptr() + 32 * first
+        return lambda src_ptr: self.kernel.place(ptr, rows, chunks, src_ptr, stream)
 
     @staticmethod
-    def build(torch, placements: dict[int, Placement], arenas: Arenas, device) -> Ranges | str:
-        """The table for ``placements`` (by read), or why the kernel cannot be had here.
-
-        One pass of Python over the ranges; the chunking and the overlap test are tensor operations.
-        """
+    def build(torch, placements: dict[int, Placement], arenas: Arenas, device, stream=None) -> Ranges | str:
+        """The table for ``placements`` (by read), uploaded on ``stream``; or why the kernel cannot be had here."""
         from nhcheck.load import kernel
 
         key = ("kernel", str(device))
@@ -356,32 +354,33 @@ class Ranges(NamedTuple):
         k = _CACHE[key]
         if isinstance(k, str):
             return k
-        reads = sorted(j for j, p in placements.items() if p.copies)
-        src: list[int] = []
-        dst: list[int] = []
-        size: list[int] = []
-        per_read: list[int] = []
-        for j in reads:
-            before = len(size)
-            for c in placements[j].copies:
+        chunk = kernel.CHUNK
+        table: list[int] = []
+        bounds: dict[int, tuple[int, int, int]] = {}
+        for j in sorted(placements):
+            copies = placements[j].copies
+            if not copies or any(_overlap(c) for c in copies):
+                continue
+            first = len(table) // 4
+            chunks = 0
+            for c in copies:
                 base = arenas.raw[c.dtype].data_ptr()
-                src += c.src
-                dst += [base + d for d in c.dst]
-                size += c.size
-            per_read.append(len(size) - before)
-        if not size:
-            return Ranges(k, torch.empty((0, 3), dtype=torch.int64, device=device), {})
-        t_src, t_dst, t_size = (torch.tensor(x, dtype=torch.int64) for x in (src, dst, size))
-        read_of = torch.repeat_interleave(torch.arange(len(reads)), torch.tensor(per_read))
-        # overlap within a read: sort by (read, destination); an end past the next start is a double write
-        order = torch.argsort(read_of * (1 << 50) + t_dst - t_dst.min())
-        ends = (t_dst + t_size)[order]
-        clash = (read_of[order][1:] == read_of[order][:-1]) & (ends[:-1] > t_dst[order][1:])
-        overlapping = set(read_of[order][1:][clash].tolist())
-        rows, counts = kernel.chunk_rows(torch, t_src, t_dst, t_size)
-        last = torch.cumsum(torch.stack([c.sum() for c in counts.split(per_read)]), 0).tolist()
-        bounds = {j: (int(last[i - 1]) if i else 0, int(last[i])) for i, j in enumerate(reads) if i not in overlapping}
-        return Ranges(k, rows.to(device), bounds)
+                for so, do, n in zip(c.src, c.dst, c.size, strict=True):
+                    table += (so, base + do, n, chunks)
+                    chunks += -(-n // chunk)
+            bounds[j] = (first, len(table) // 4 - first, chunks)
+        host = torch.tensor(table or [0, 0, 0, 0], dtype=torch.int64).view(-1, 4)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            rows = host.to(device, non_blocking=True)
+        return Ranges(k, rows, host, bounds)
+
+
+def _overlap(c: Copies) -> bool:
+    """Whether two of the ranges overlap in the arena (their order then matters: the last write wins)."""
+    spans = sorted(zip(c.dst, c.size, strict=True))
+    return any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
 
 
 class Transfer:
@@ -598,12 +597,12 @@ class Transfer:
             self.lock.notify_all()
         self.stats["plan_at"] = clock() - self.started
         self.ranges: Ranges | None = None
-        if self.cuda and DRIVER_COPIES and KERNEL:
-            got = Ranges.build(torch, self.placements, arenas, self.device)
-            self.ranges = got if isinstance(got, Ranges) else None
-            self.stats["kernel"] = float(self.ranges is not None)
-        if self.cuda:  # the poison fill and the table (current stream) come before any placement
+        if self.cuda:  # the poison fill (current stream) comes before any placement
             self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
+            if DRIVER_COPIES and KERNEL:
+                got = Ranges.build(torch, self.placements, arenas, self.device, self.place_stream)
+                self.ranges = got if isinstance(got, Ranges) else None
+                self.stats["kernel"] = float(self.ranges is not None)
         self.stats["compile"] = clock() - t
 
     def finish(self) -> int:
