@@ -394,8 +394,9 @@ class Transfer:
     ``begin`` takes the plan and decides, once, every read's ``Placement`` (its byte ranges per
     arena, offsets computed and bounds checked: ``cut_pieces``, ``compile_pieces``), then tells the
     readers which reads any op needs; the caller may do other work (the checks' bookkeeping) before
-    ``finish`` places each staged read as soon as it lands (``apply_placement``: the ranges issued
-    straight to the driver) and frees its staging slot for the next read. The device orders it all
+    ``finish`` places each staged read as soon as it lands (``apply_placement``: on CUDA one kernel launch
+    over the read's rows of a table made at ``begin``, ``Ranges``; the ranges issued to the driver one by one
+    where the kernel cannot be had) and frees its staging slot for the next read. The device orders it all
     with events, the host waits only for a free slot. Before the plan exists, the reads run ahead
     by the staging area plus the host ring; once it does, pieces no op needs are not read. Each
     piece costs its reader a few brief holds of the interpreter (the read itself runs outside it).
