@@ -271,10 +271,10 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
         events.append("compile")
         return compile_(*a, **k)
 
-    def placing(placement, src, arenas, stream=None):
+    def placing(placement, src, arenas, stream=None, batch=None):
         events.append("place")
         placed.append(placement)
-        apply(placement, src, arenas, stream)
+        apply(placement, src, arenas, stream, batch)
 
     def covering(*a):
         events.append("coverage")
