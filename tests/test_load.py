@@ -476,7 +476,7 @@ def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w2_weight"
 
-    def misplace(placement, src, arenas, stream=None):
+    def misplace(placement, src, arenas, stream=None, batch=None):  # the read's kernel table not used
         out = []
         for pc in placement.pieces:
             op = pc.op
@@ -987,7 +987,8 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
 
 
 def test_kernel_source_compiles_to_the_shipped_ptx():
-    """``kernel.PTX`` is what NVRTC makes of ``kernel.SOURCE`` (where an NVRTC 11.8 is installed)."""
+    """``kernel.PTX`` is what NVRTC makes of ``kernel.SOURCE`` (where an NVRTC 11.8 is installed), as
+    ``python -m nhcheck.load.kernel LIBNVRTC`` prints it."""
     from nhcheck.load import kernel
 
     found = [
@@ -997,4 +998,6 @@ def test_kernel_source_compiles_to_the_shipped_ptx():
     ]
     if not found:
         pytest.skip("NVRTC 11.8 (pip install nvidia-cuda-nvrtc-cu11==11.8.89) is not installed")
-    assert kernel.compile_ptx(found[0]) == kernel.PTX
+    # in a child process: NVRTC leaves the process's locale codeset at ASCII
+    out = subprocess.run([sys.executable, "-m", "nhcheck.load.kernel", found[0]], capture_output=True, check=True)
+    assert out.stdout.decode() == kernel.PTX

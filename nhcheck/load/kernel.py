@@ -303,7 +303,8 @@ class Kernel(NamedTuple):
 
 
 def compile_ptx(libnvrtc: str, arch: str = "compute_70") -> str:
-    """``SOURCE`` through NVRTC (the library at ``libnvrtc``): how ``PTX`` was made."""
+    """``SOURCE`` through NVRTC (the library at ``libnvrtc``): how ``PTX`` was made. NVRTC leaves the process's
+    locale codeset at ASCII: call it in a process of its own (``python -m nhcheck.load.kernel LIBNVRTC``)."""
     lib = ctypes.CDLL(libnvrtc)
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"place.cu", 0, None, None):
