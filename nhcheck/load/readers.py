@@ -601,7 +601,8 @@ class Transfer:
         if self.cuda:  # the poison fill (current stream) comes before any placement
             self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
             if DRIVER_COPIES and KERNEL:
-                got = Ranges.build(torch, self.placements, arenas, self.device, self.place_stream)
+                with torch.cuda.device(self.device):  # the kernel is loaded into the current context: the device's
+                    got = Ranges.build(torch, self.placements, arenas, self.device, self.place_stream)
                 self.ranges = got if isinstance(got, Ranges) else None
                 self.stats["kernel"] = float(self.ranges is not None)
         self.stats["compile"] = clock() - t
