@@ -308,12 +308,8 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
     )
 
 
-def test_driver_copy_path_places_what_the_views_place(monkeypatch):
-    """The CUDA driver path's address arithmetic, run on the host: a stand-in driver function moves the
-    ranges it is handed (what ``cuMemcpyDtoDAsync`` does on a GPU), and the arenas must end byte for byte
-    as the views path leaves them."""
-    import ctypes
-
+def _nano_pieces():
+    """The tiny Nano NVFP4 example's plan cut into staged reads of 4 KB: (plan, spans, reads, pieces, whole)."""
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
     plan = loading.plan_load(audit)
     spans = readers.spans_of(audit.checkpoint.shards)
@@ -322,6 +318,23 @@ def test_driver_copy_path_places_what_the_views_place(monkeypatch):
     for j, r in enumerate(reads):
         of_shard[r.shard].append(j)
     pieces, whole = readers.cut_pieces(plan.ops, spans, reads, of_shard)
+    return plan, spans, reads, pieces, whole
+
+
+def _staged(spans, r) -> torch.Tensor:
+    """Read ``r``'s bytes, as a staging slot holds them."""
+    with open(spans[r.shard].path, "rb") as fh:
+        fh.seek(r.start)
+        return torch.frombuffer(bytearray(fh.read(r.end - r.start)), dtype=torch.uint8)
+
+
+def test_driver_copy_path_places_what_the_views_place(monkeypatch):
+    """The CUDA driver path's address arithmetic, run on the host: a stand-in driver function moves the
+    ranges it is handed (what ``cuMemcpyDtoDAsync`` does on a GPU), and the arenas must end byte for byte
+    as the views path leaves them."""
+    import ctypes
+
+    plan, spans, reads, pieces, whole = _nano_pieces()
     calls = {"memcpy": 0}
 
     def memcpy(dst, src, n, handle):
@@ -341,9 +354,7 @@ def test_driver_copy_path_places_what_the_views_place(monkeypatch):
         with_copies.clear()
         for j, mine in sorted(pieces.items()):
             r = reads[j]
-            with open(spans[r.shard].path, "rb") as fh:
-                fh.seek(r.start)
-                src = torch.frombuffer(bytearray(fh.read(r.end - r.start)), dtype=torch.uint8)
+            src = _staged(spans, r)
             placement = readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, r.end - r.start)
             readers.apply_placement(placement, src, arenas, stream)
             with_copies.append(sum(len(c.size) for c in placement.copies))
@@ -922,14 +933,7 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     from nhcheck.load import kernel
 
     monkeypatch.setattr(kernel, "CHUNK", 256)
-    audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
-    plan = loading.plan_load(audit)
-    spans = readers.spans_of(audit.checkpoint.shards)
-    reads = readers.plan_reads(spans, 4096)
-    of_shard: list[list[int]] = [[] for _ in spans]
-    for j, r in enumerate(reads):
-        of_shard[r.shard].append(j)
-    pieces, whole = readers.cut_pieces(plan.ops, spans, reads, of_shard)
+    plan, spans, reads, pieces, whole = _nano_pieces()
     rows_placed: list[int] = []
     nranges: list[int] = []
 
@@ -949,12 +953,6 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     monkeypatch.setattr(kernel.Kernel, "load", staticmethod(lambda: StandIn()))
     monkeypatch.delitem(readers._CACHE, ("kernel", "cpu"), raising=False)
 
-    def staged(j):
-        r = reads[j]
-        with open(spans[r.shard].path, "rb") as fh:
-            fh.seek(r.start)
-            return torch.frombuffer(bytearray(fh.read(r.end - r.start)), dtype=torch.uint8)
-
     def placed(use_kernel: bool, overlap: int | None = None):
         arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
         placements = {
@@ -972,7 +970,7 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
             batch = ranges.launcher(j, 0) if ranges else None
             if use_kernel and placement.copies:
                 assert (batch is None) == (j == overlap)
-            readers.apply_placement(placement, staged(j), arenas, None, batch)
+            readers.apply_placement(placement, _staged(spans, reads[j]), arenas, None, batch)
         readers._CACHE.pop(("kernel", "cpu"), None)
         return {d: t.clone() for d, t in arenas.raw.items()}
 
