@@ -4,8 +4,8 @@
 on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
 starting before the plan exists; once it does, every piece's byte ranges are decided at once and
 each staged piece is placed from that list as it lands (on CUDA one kernel launch a piece: ``kernel``),
-its slot then reused. ``safetensors`` is the
-plain reference: ``safe_open`` one shard at a time, one ``get_tensor`` per tensor in stream order.
+its slot then reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
+``get_tensor`` per tensor in stream order.
 torch is imported inside functions only.
 """
 
