@@ -16,7 +16,8 @@ driver compiles PTX for the GPU it runs on and caches the result): ``python -m n
 LIBNVRTC`` prints it again, and ``tests/test_load.py`` checks the two agree where NVRTC is
 installed. Only the CUDA driver (``libcuda``, loaded in every CUDA process) is called: no compiler, no
 extension module at run time. Where the driver will not load it (an older driver, no ``libcuda``)
-``Kernel.load`` says why and the load places range by range as before (``readers.apply_placement``).
+``Kernel.load`` returns the reason instead of a kernel, and the load places range by range as before
+(``readers.apply_placement``; ``readers.STATS["kernel"]`` is 0 for that load).
 """
 
 from __future__ import annotations
