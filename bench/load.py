@@ -324,6 +324,16 @@ def run_perrange(tree: Tree, root: Path, opts) -> tuple[float, dict]:
         tree.readers.KERNEL = True
 
 
+def run_allearly(tree: Tree, root: Path, opts) -> tuple[float, dict]:
+    """nhcheck end to end with every reader thread reading before the plan arrives (``readers.EARLY_SHARE``
+    1, as before the cap), to show what holding half of them back until then buys in the same run."""
+    tree.readers.EARLY_SHARE = 1.0
+    try:
+        return run_nhcheck(tree, root, opts)
+    finally:
+        tree.readers.EARLY_SHARE = 0.5
+
+
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     """Every loader that can run here, as name -> callable returning (seconds, nhcheck's phases or None);
     the missing ones said once. ``--only`` keeps the named ones."""
@@ -339,7 +349,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     for tree in trees:
         opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
         name = "nhcheck" + tree.label
-        variants = ["", "_decided", "_views", "_perrange"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        variants = ["", "_decided", "_views", "_perrange", "_allearly"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
         if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
@@ -355,6 +365,8 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
         if device.type == "cuda" and keep(name + "_perrange") and hasattr(tree.readers, "KERNEL"):
             out[name + "_perrange"] = lambda tree=tree, opts=opts: run_perrange(tree, args.dir, opts)
+        if keep(name + "_allearly") and hasattr(tree.readers, "EARLY_SHARE"):
+            out[name + "_allearly"] = lambda tree=tree, opts=opts: run_allearly(tree, args.dir, opts)
         for mb in args.also_pinned_mb:
             more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
             if keep(f"{name}_pinned{mb}"):
