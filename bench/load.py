@@ -347,7 +347,8 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
         out["safetensors"] = lambda: (run_safetensors(files, device), None)
     out["ceiling"] = lambda: (ceiling.run(), None)  # every ratio is against it
     for tree in trees:
-        opts = tree.options(device=str(device), threads=args.threads, pinned_bytes=args.pinned_mb << 20)
+        ring = {"pinned_bytes": args.pinned_mb << 20} if args.pinned_mb else {}
+        opts = tree.options(device=str(device), threads=args.threads, **ring)
         name = "nhcheck" + tree.label
         variants = ["", "_decided", "_views", "_perrange", "_allearly"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
         if not any(keep(name + v) for v in variants):
@@ -451,7 +452,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
-    ap.add_argument("--pinned-mb", type=int, default=512, help="nhcheck's pinned host ring (LoadOptions.pinned_bytes)")
+    ap.add_argument(
+        "--pinned-mb", type=int, default=None, help="nhcheck's pinned host ring (default: each tree's LoadOptions')"
+    )
     ap.add_argument(
         "--also-pinned-mb",
         type=int,
@@ -540,8 +543,8 @@ def main() -> int:
 
     sweep = {}
     if args.sweep:
-        grid = [(t, c, 512) for t in (8, args.threads) for c in (32, 64, 128)] + [
-            (args.threads, 64, 1024),
+        grid = [(t, c, 1024) for t in (8, args.threads) for c in (32, 64, 128)] + [
+            (args.threads, 64, 512),
             (args.threads, 64, 2048),
         ]
         for threads, chunk_mb, pinned_mb in grid:

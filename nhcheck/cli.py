@@ -537,16 +537,14 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, copy_anyway, no_ver
 @click.option(
     "--pinned-mb",
     type=click.IntRange(16, 65536),
-    default=256,
-    show_default=True,
-    help="Host staging memory of the fast reader (pinned on CUDA).",
+    default=None,
+    help="Host ring the fast reader reads into (pinned on CUDA); default 1024: a slot per reader thread.",
 )
 @click.option(
     "--staging-mb",
     type=click.IntRange(16, 1 << 20),
-    default=1024,
-    show_default=True,
-    help="Device memory for bytes read but not yet placed: the load needs the parameters plus this.",
+    default=None,
+    help="Device memory for bytes read but not yet placed: the load needs the parameters plus this; default 1024.",
 )
 @_report_options
 @click.option(
@@ -622,13 +620,13 @@ def load(
             output,
             quiet,
         )
+    sizes = {"pinned_bytes": pinned_mb, "staging_bytes": staging_mb}  # unset: LoadOptions' defaults
     opts = loading.LoadOptions(
         device=device,
         dtype=dtype,
         reader=reader,
         threads=threads,
-        pinned_bytes=pinned_mb << 20,
-        staging_bytes=staging_mb << 20,
+        **{k: mb << 20 for k, mb in sizes.items() if mb is not None},
     )
     rep = loading.load_source(
         source,

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,6 +256,43 @@ def test_reads_land_while_the_plan_is_made_and_stay_in_the_staging_area(monkeypa
     assert 0 < seen["before_plan"] <= t.nstage * t.slot
     if staging == 1:
         assert seen["before_plan"] <= 1000 < res.report.bytes_read  # one slot ahead, then the rest after the plan
+    ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
+    assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
+
+
+def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch):
+    """Before the plan at most ``early`` reads are in flight at once (the main thread keeps the interpreter);
+    after it every reader thread reads, and the load is the same."""
+    seen = {"now": 0, "before": 0, "after": 0}
+    real_transfer, real_plan, real_read = run.Transfer, run.plan_load, readers.read_into
+    guard = threading.Lock()
+
+    def spy(*a):
+        seen["transfer"] = real_transfer(*a)
+        return seen["transfer"]
+
+    def slow_read(*a):
+        with guard:
+            seen["now"] += 1
+            t = seen.get("transfer")  # None: still in Transfer(), before any plan
+            key = "before" if t is None or t.needed is None else "after"
+            seen[key] = max(seen[key], seen["now"])
+        time.sleep(0.01)
+        real_read(*a)
+        with guard:
+            seen["now"] -= 1
+
+    def late_plan(audit, dtype="auto"):
+        time.sleep(0.2)  # time for every idle reader to try
+        return real_plan(audit, dtype)
+
+    monkeypatch.setattr(run, "Transfer", spy)
+    monkeypatch.setattr(run, "plan_load", late_plan)
+    monkeypatch.setattr(readers, "read_into", slow_read)
+    opts = LoadOptions(device="cpu", chunk_bytes=1000, staging_bytes=1 << 30, threads=4)
+    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
+    assert seen["transfer"].early == 2 and res.report.verdict == "clean"
+    assert seen["before"] == 2 and seen["after"] > 2
     ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
     assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
 
@@ -595,6 +633,27 @@ def test_cli_json_report():
     assert s["params_partial"] == 0 and s["params_unfilled"] == 12 and s["params_unreachable"] == 0
     assert s["poisoned_elements"] == 0 and s["sample_mismatches"] == 0 and s["samples_checked"] > 2803 * 4
     assert s["seconds"] > 0 and s["gb_per_s"] > 0 and s["peak_device_bytes"] is None
+
+
+def test_cli_reader_sizes_default_to_the_load_options(monkeypatch):
+    """Unset, --pinned-mb and --staging-mb are LoadOptions' (what bench/load.py times), and the help says so."""
+    seen = []
+    real = loading.load_source
+
+    def spy(source, revision, engine, opts, **kw):
+        seen.append(opts)
+        return real(source, revision, engine, opts, **kw)
+
+    monkeypatch.setattr(loading, "load_source", spy)
+    assert invoke("load", EXAMPLES / "nano3-nvfp4", "--device", "cpu", "-q").exit_code == 0
+    args = ("--pinned-mb", "64", "--staging-mb", "32")
+    assert invoke("load", EXAMPLES / "nano3-nvfp4", "--device", "cpu", "-q", *args).exit_code == 0
+    default = loading.LoadOptions()
+    assert (seen[0].pinned_bytes, seen[0].staging_bytes) == (default.pinned_bytes, default.staging_bytes)
+    assert (seen[1].pinned_bytes, seen[1].staging_bytes) == (64 << 20, 32 << 20)
+    help_text = " ".join(invoke("load", "--help").output.split())
+    assert f"default {default.pinned_bytes >> 20}: a slot per reader thread" in help_text
+    assert f"plus this; default {default.staging_bytes >> 20}" in help_text
 
 
 def test_cli_crash_table_and_markdown():
