@@ -41,6 +41,9 @@ readers; ``compile``, deciding every read's byte ranges; ``place``, the main thr
 root only). ``--cap`` loads once more in a process capped with
 ``torch.cuda.set_per_process_memory_fraction`` to the parameters plus the staging area (plus a
 fixed 256 MB for the checks' temporaries), with the default 1 GB staging and with 64 MB.
+``--contention`` times the main thread's work before the plan (headers, audit, plan, every read's
+byte ranges) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
+N such threads in another process (N = half the threads, then all): what ``readers.EARLY_SHARE`` weighs.
 A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
 """
 
@@ -56,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -389,6 +393,94 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
     return out
 
 
+_SPINNER = r"""
+import os, sys, threading
+nth, piece, files = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+jobs = [(f, o) for f in files for o in range(0, os.path.getsize(f), piece)]
+def spin(k):
+    view = memoryview(bytearray(piece))
+    fds = {f: os.open(f, os.O_RDONLY) for f in files}
+    while True:
+        f, o = jobs[k % len(jobs)]
+        os.preadv(fds[f], [view], o)
+        k += nth
+for k in range(nth):
+    threading.Thread(target=spin, args=(k,), daemon=True).start()
+sys.stdin.read()
+"""
+
+
+def _pre_plan(root: Path) -> float:
+    """The main thread's work before the readers learn the plan, as ``load_path`` does it: headers, audit,
+    plan, every read's byte ranges (arenas on the meta device: no allocation)."""
+    from nhcheck import pipeline
+    from nhcheck.audit import AuditOptions
+    from nhcheck.checkpoint import open_local
+    from nhcheck.load import readers
+    from nhcheck.load.memory import Arenas
+    from nhcheck.load.plan import plan_load
+
+    t = time.perf_counter()
+    ckpt = open_local(str(root))
+    audit = pipeline.audit(pipeline.prepare(ckpt, ENGINE), AuditOptions(compare_versions=False))
+    plan = plan_load(audit)
+    arenas = Arenas(plan.params, torch.device("meta"), torch)
+    spans = readers.spans_of(ckpt.shards)
+    reads = readers.plan_reads(spans, 64 << 20)
+    of_shard: list[list[int]] = [[] for _ in spans]
+    for j, r in enumerate(reads):
+        of_shard[r.shard].append(j)
+    pieces, _ = readers.cut_pieces(plan.ops, spans, reads, of_shard)
+    for j, mine in pieces.items():
+        readers.compile_pieces(mine, arenas, reads[j].end - reads[j].start)
+    return time.perf_counter() - t
+
+
+def contention(args, files: list[Path], reps: int = 15) -> dict[str, float]:
+    """Median seconds of ``_pre_plan`` alone, beside N reader threads here, beside N in a child process."""
+    import ctypes
+
+    def median() -> float:
+        gc.collect()
+        gc.disable()
+        try:
+            return statistics.median(_pre_plan(args.dir) for _ in range(reps))
+        finally:
+            gc.enable()
+
+    for _ in range(3):
+        _pre_plan(args.dir)  # imports, caches
+    out = {"alone": median()}
+    pinned = args.device.startswith("cuda")
+    jobs = [(str(f), o) for f in files for o in range(0, f.stat().st_size, PIECE)]
+
+    def spin(k: int, n: int, stop: threading.Event) -> None:
+        buf = torch.empty(PIECE, dtype=torch.uint8, pin_memory=pinned)
+        view = memoryview((ctypes.c_char * PIECE).from_address(buf.data_ptr())).cast("B")
+        fds = {f: os.open(f, os.O_RDONLY) for f in {f for f, _ in jobs}}
+        while not stop.is_set():
+            f, o = jobs[k % len(jobs)]
+            os.preadv(fds[f], [view], o)
+            k += n
+        for fd in fds.values():
+            os.close(fd)
+
+    for n in sorted({max(1, args.threads // 2), args.threads}):
+        stop = threading.Event()
+        with ThreadPoolExecutor(n) as pool:
+            for k in range(n):
+                pool.submit(spin, k, n, stop)
+            time.sleep(0.3)
+            out[f"beside {n} threads here"] = median()
+            stop.set()
+        cmd = [sys.executable, "-c", _SPINNER, str(n), str(PIECE), *map(str, files)]
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE) as child:
+            time.sleep(0.5)
+            out[f"beside {n} threads in a child process"] = median()
+            child.kill()
+    return out
+
+
 def capped(args, tree: Tree, device: torch.device, staging: int) -> dict:
     """Load in a process whose allocator may hold only the parameters + ``staging`` + 256 MB."""
     gc.collect()
@@ -480,6 +572,9 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="Also one run of each after dropping the page cache.")
     ap.add_argument("--cap", action="store_true", help="Also load under a memory cap of parameters + staging.")
     ap.add_argument("--sweep", action="store_true", help="Also time nhcheck with other thread/piece settings.")
+    ap.add_argument(
+        "--contention", action="store_true", help="Also time the pre-plan work alone and beside reader threads."
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -556,6 +651,13 @@ def main() -> int:
             sweep[key] = statistics.median(run_nhcheck(ours, args.dir, o)[0] for _ in range(3))
             print(f"sweep {key}: {data / sweep[key] / 1e9:.2f} GB/s", flush=True)
 
+    contended = {}
+    if args.contention:
+        contended = contention(args, files)
+        alone = contended["alone"]
+        for k, v in contended.items():
+            print(f"pre-plan work {k}: {v * 1e3:.1f} ms = {v / alone:.2f}x alone", flush=True)
+
     caps = []
     if args.cap and device.type == "cuda":
         del ceiling, loaders  # the ceiling's whole-shard device buffers would count against the cap
@@ -613,6 +715,7 @@ def main() -> int:
                     "gb_per_s": gbs,
                     "nhcheck": infos,
                     "cold_s": cold,
+                    "contention_s": contended,
                     "capped": caps,
                     "sweep": sweep,
                 },

@@ -14,9 +14,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 class LoadOptions:
     """How to load. Sizes are bytes; ``threads`` 0 means min(16, CPU count).
 
-    ``chunk_bytes``: one read; ``pinned_bytes``: the host ring those reads land in (a slot per reader
-    thread by default: fewer slots leave threads idle, and at 8 slots of 16 the reads ran at 0.76x the
-    pinned-pread ceiling where 16 slots gave 0.88x, H100, audit done before the clock);
+    ``chunk_bytes``: one read; ``pinned_bytes``: the host ring those reads land in (by default a slot
+    for each of 16 reader threads: a thread without one waits, ``readers.EARLY_SHARE`` says what it cost);
     ``staging_bytes``: device memory for pieces read but not yet placed (at least one read): the
     load needs the parameters plus this on the device, whatever the shard sizes.
     """

@@ -40,10 +40,11 @@ DRIVER_COPIES = True
 #: one driver copy per range: ``bench/load.py`` times both in the same run.
 KERNEL = True
 #: Until the plan arrives, at most this share of the reader threads read at once. The main thread is then
-#: parsing, auditing and planning in pure Python, and every reader wakes for the interpreter lock a few
-#: times a piece: on a 16-core H100 host, 16 in-process readers stretched 31 ms of that work to 68 ms,
-#: 8 readers to 34 ms (readers in another process: 39 ms), and a late plan stalls the reads more than
-#: half the readers slow them. ``bench/load.py`` varies it in the same run.
+#: parsing, auditing and planning in pure Python, and each reader wakes for the interpreter lock a few
+#: times a piece. Measured on a 16-core H100 host (2026-12-06): 31 ms of that work took 34 ms beside 8
+#: threads looping on ``os.preadv`` in this process, 68 ms beside 16 (39 ms beside 16 in another process);
+#: once the plan is there every thread pays (audit done before the clock: 0.88x the pinned-pread ceiling
+#: with a ring slot per thread, 0.76x with 8 slots for 16 threads). ``bench/load.py`` times 1.0 beside it.
 EARLY_SHARE = 0.5
 
 
@@ -403,8 +404,9 @@ class Transfer:
     ``finish`` places each staged read as soon as it lands (``apply_placement``: on CUDA one kernel launch
     over the read's rows of a table made at ``begin``, ``Ranges``; the ranges issued to the driver one by one
     where the kernel cannot be had) and frees its staging slot for the next read. The device orders it all
-    with events, the host waits only for a free slot. Before the plan exists, the reads run ahead
-    by the staging area plus the host ring; once it does, pieces no op needs are not read. Each
+    with events, the host waits only for a free slot. Before the plan exists, only ``EARLY_SHARE`` of
+    the readers read, and no further ahead than the staging area plus what they hold; once it does, every
+    reader reads, and pieces no op needs are not read. Each
     piece costs its reader a few brief holds of the interpreter (the read itself runs outside it).
     One load at a time per process: the pinned ring is shared.
     """
