@@ -43,7 +43,7 @@ KERNEL = True
 #: parsing, auditing and planning in pure Python, and each reader wakes for the interpreter lock a few
 #: times a piece. Measured on a 16-core H100 host (2026-12-06): 31 ms of that work took 34 ms beside 8
 #: threads looping on ``os.preadv`` in this process, 68 ms beside 16 (39 ms beside 16 in another process);
-#: once the plan is there every thread pays (audit done before the clock: 0.88x the pinned-pread ceiling
+#: once the plan is there every thread pays off (audit done before the clock: 0.88x the pinned-pread ceiling
 #: with a ring slot per thread, 0.76x with 8 slots for 16 threads). ``bench/load.py`` times 1.0 beside it.
 EARLY_SHARE = 0.5
 
