@@ -331,11 +331,11 @@ def run_perrange(tree: Tree, root: Path, opts) -> tuple[float, dict]:
 def run_allearly(tree: Tree, root: Path, opts) -> tuple[float, dict]:
     """nhcheck end to end with every reader thread reading before the plan arrives (``readers.EARLY_SHARE``
     1, as before the cap), to show what holding half of them back until then buys in the same run."""
-    tree.readers.EARLY_SHARE = 1.0
+    share, tree.readers.EARLY_SHARE = tree.readers.EARLY_SHARE, 1.0
     try:
         return run_nhcheck(tree, root, opts)
     finally:
-        tree.readers.EARLY_SHARE = 0.5
+        tree.readers.EARLY_SHARE = share
 
 
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
