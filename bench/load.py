@@ -22,9 +22,10 @@ width and half the vocabulary, so it fits a few GB while keeping every tensor fa
   (f) Run:ai model streamer: ``SafetensorsStreamer.stream_files`` with every tensor moved to the
       device as it streams (``RUNAI_STREAMER_CONCURRENCY`` = the thread count).
 
-On CUDA nhcheck is also timed with its staged byte ranges placed through tensor views (``_views``,
-``readers.DRIVER_COPIES`` off) and with one driver copy per range instead of one kernel launch per staged
-read (``_perrange``, ``readers.KERNEL`` off), where the tree has them.
+nhcheck is also timed with one ``readers`` switch changed (``VARIANTS``, where the tree has it): on CUDA
+its staged byte ranges placed through tensor views (``_views``, ``DRIVER_COPIES`` off) and one driver copy
+per range instead of one kernel launch per staged read (``_perrange``, ``KERNEL`` off); and every reader
+reading before the plan arrives (``_allearly``, ``EARLY_SHARE`` 1).
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -308,34 +309,26 @@ def run_nhcheck(tree: Tree, root: Path, opts, audit=None) -> tuple[float, dict]:
     return dt, info
 
 
-def run_views(tree: Tree, root: Path, opts) -> tuple[float, dict]:
-    """nhcheck end to end with the staged byte ranges placed through tensor views and ``_foreach_copy_``
-    (the path before the driver copies), to show what the driver copies buy in the same run."""
-    tree.readers.DRIVER_COPIES = False
+#: nhcheck variants timed beside the default in the same run: suffix -> (a ``readers`` switch, its value for
+#: the run, whether it needs CUDA).
+VARIANTS = {
+    # the staged byte ranges through tensor views and ``_foreach_copy_`` (the path before the driver copies)
+    "_views": ("DRIVER_COPIES", False, True),
+    # one driver copy per staged byte range instead of one kernel launch per staged read
+    "_perrange": ("KERNEL", False, True),
+    # every reader thread reading before the plan arrives (as before ``EARLY_SHARE``)
+    "_allearly": ("EARLY_SHARE", 1.0, False),
+}
+
+
+def run_variant(tree: Tree, root: Path, opts, switch: str, value) -> tuple[float, dict]:
+    """nhcheck end to end with ``tree.readers.<switch>`` set to ``value`` for the run (then restored)."""
+    before = getattr(tree.readers, switch)
+    setattr(tree.readers, switch, value)
     try:
         return run_nhcheck(tree, root, opts)
     finally:
-        tree.readers.DRIVER_COPIES = True
-
-
-def run_perrange(tree: Tree, root: Path, opts) -> tuple[float, dict]:
-    """nhcheck end to end with one driver copy per staged byte range instead of one kernel launch per
-    staged read (``readers.KERNEL`` off), to show what the kernel buys in the same run."""
-    tree.readers.KERNEL = False
-    try:
-        return run_nhcheck(tree, root, opts)
-    finally:
-        tree.readers.KERNEL = True
-
-
-def run_allearly(tree: Tree, root: Path, opts) -> tuple[float, dict]:
-    """nhcheck end to end with every reader thread reading before the plan arrives (``readers.EARLY_SHARE``
-    1, as before the cap), to show what holding half of them back until then buys in the same run."""
-    share, tree.readers.EARLY_SHARE = tree.readers.EARLY_SHARE, 1.0
-    try:
-        return run_nhcheck(tree, root, opts)
-    finally:
-        tree.readers.EARLY_SHARE = share
+        setattr(tree.readers, switch, before)
 
 
 def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
@@ -354,7 +347,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
         ring = {"pinned_bytes": args.pinned_mb << 20} if args.pinned_mb else {}
         opts = tree.options(device=str(device), threads=args.threads, **ring)
         name = "nhcheck" + tree.label
-        variants = ["", "_decided", "_views", "_perrange", "_allearly"] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        variants = ["", "_decided", *VARIANTS] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
         if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
@@ -366,12 +359,11 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             out[name] = lambda tree=tree, opts=opts: run_nhcheck(tree, args.dir, opts)
         if keep(name + "_decided"):
             out[name + "_decided"] = lambda tree=tree, opts=opts, d=decided: run_nhcheck(tree, args.dir, opts, d)
-        if device.type == "cuda" and keep(name + "_views") and hasattr(tree.readers, "DRIVER_COPIES"):
-            out[name + "_views"] = lambda tree=tree, opts=opts: run_views(tree, args.dir, opts)
-        if device.type == "cuda" and keep(name + "_perrange") and hasattr(tree.readers, "KERNEL"):
-            out[name + "_perrange"] = lambda tree=tree, opts=opts: run_perrange(tree, args.dir, opts)
-        if keep(name + "_allearly") and hasattr(tree.readers, "EARLY_SHARE"):
-            out[name + "_allearly"] = lambda tree=tree, opts=opts: run_allearly(tree, args.dir, opts)
+        for suffix, (switch, value, cuda_only) in VARIANTS.items():
+            if keep(name + suffix) and hasattr(tree.readers, switch) and (device.type == "cuda" or not cuda_only):
+                out[name + suffix] = lambda tree=tree, opts=opts, sw=switch, v=value: run_variant(
+                    tree, args.dir, opts, sw, v
+                )
         for mb in args.also_pinned_mb:
             more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
             if keep(f"{name}_pinned{mb}"):

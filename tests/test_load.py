@@ -1048,11 +1048,8 @@ def test_kernel_source_compiles_to_the_shipped_ptx():
     ``python -m nhcheck.load.kernel LIBNVRTC`` prints it."""
     from nhcheck.load import kernel
 
-    found = [
-        os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.11.2")
-        for p in sys.path
-        if os.path.exists(os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.11.2"))
-    ]
+    libs = (os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.11.2") for p in sys.path)
+    found = [lib for lib in libs if os.path.exists(lib)]
     if not found:
         pytest.skip("NVRTC 11.8 (pip install nvidia-cuda-nvrtc-cu11==11.8.89) is not installed")
     # in a child process: NVRTC leaves the process's locale codeset at ASCII

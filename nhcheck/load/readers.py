@@ -406,8 +406,8 @@ class Transfer:
     where the kernel cannot be had) and frees its staging slot for the next read. The device orders it all
     with events, the host waits only for a free slot. Before the plan exists, only ``EARLY_SHARE`` of
     the readers read, and no further ahead than the staging area plus what they hold; once it does, every
-    reader reads, and pieces no op needs are not read. Each
-    piece costs its reader a few brief holds of the interpreter (the read itself runs outside it).
+    reader reads, and pieces no op needs are not read. Each piece costs its reader a few brief holds of
+    the interpreter (the read itself runs outside it).
     One load at a time per process: the pinned ring is shared.
     """
 
