@@ -45,6 +45,11 @@ fixed 256 MB for the checks' temporaries), with the default 1 GB staging and wit
 ``--contention`` times the main thread's work before the plan (headers, audit, plan, every read's
 byte ranges) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
 N such threads in another process (N = half the threads, then all): what ``readers.EARLY_SHARE`` weighs.
+``--fresh`` times whole processes, as a user starts them (round-robin, wall time, ``--reps`` each):
+CUDA's start alone (``torch.empty(1, device=...)``), the same plus pinning nhcheck's default host ring
+(its one-time cost, which the in-process figures above pay once, in their warm-up), ``safetensors.torch.
+load_file`` of every shard, and ``python -m nhcheck load DIR`` (the CLI: imports, CUDA start, the ring,
+the load and its checks, the report).
 A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
 """
 
@@ -504,6 +509,44 @@ def capped(args, tree: Tree, device: torch.device, staging: int) -> dict:
     }
 
 
+_FRESH = {
+    "cuda start": "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize()",
+    "cuda start + pinned ring": (
+        "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize(); "
+        "torch.empty({ring}, dtype=torch.uint8, pin_memory=True)"
+    ),
+    "safetensors.load_file": (
+        "import sys, torch; from safetensors.torch import load_file; "
+        "[load_file(f, device={dev!r}) for f in sys.argv[1:]]; torch.cuda.synchronize()"
+    ),
+}
+
+
+def fresh(args, files: list[Path], device: torch.device) -> dict[str, list[float]]:
+    """Wall seconds of whole processes (``--fresh``), round-robin: each name's runs."""
+    from nhcheck.load.options import LoadOptions
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    ring = LoadOptions().pinned_bytes
+    cmds = {
+        name: [sys.executable, "-c", code.format(dev=str(device), ring=ring), *map(str, files)]
+        for name, code in _FRESH.items()
+    }
+    cmds["nhcheck load (CLI)"] = [
+        sys.executable, "-m", "nhcheck", "load", str(args.dir), "--engine", ENGINE,
+        "--device", str(device), "--format", "json", "-o", os.devnull, "-q",
+    ]  # fmt: skip
+    runs: dict[str, list[float]] = {k: [] for k in cmds}
+    for _ in range(args.reps):
+        for name, cmd in cmds.items():
+            t = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            runs[name].append(time.perf_counter() - t)
+            if done.returncode:
+                raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    return runs
+
+
 def _median(infos: list[dict], key: str) -> dict[str, float]:
     """The median of each figure under ``key`` over the runs (a figure a run lacks counts as 0)."""
     names = list(dict.fromkeys(k for i in infos for k in i.get(key, {})))
@@ -567,6 +610,7 @@ def main() -> int:
     ap.add_argument(
         "--contention", action="store_true", help="Also time the pre-plan work alone and beside reader threads."
     )
+    ap.add_argument("--fresh", action="store_true", help="Also time whole processes: CUDA's start, the ring, the CLI.")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -650,6 +694,22 @@ def main() -> int:
         for k, v in contended.items():
             print(f"pre-plan work {k}: {v * 1e3:.1f} ms = {v / alone:.2f}x alone", flush=True)
 
+    fresh_runs: dict[str, list[float]] = {}
+    if args.fresh and device.type == "cuda":
+        fresh_runs = fresh(args, files, device)
+        med = {k: statistics.median(v) for k, v in fresh_runs.items()}
+        print("whole processes (median wall s of the runs, as a user starts them):", flush=True)
+        for k, v in fresh_runs.items():
+            print(f"  {k:28s} {med[k]:7.3f} s   runs " + " ".join(f"{x:.3f}" for x in v), flush=True)
+        pin = med["cuda start + pinned ring"] - med["cuda start"]
+        print(f"  pinning the default ring, once per process: {pin:.3f} s", flush=True)
+        cli, st = med["nhcheck load (CLI)"], med["safetensors.load_file"]
+        print(
+            f"  ratio safetensors.load_file / nhcheck load = {st / cli:.2f}x; beyond CUDA's start: "
+            f"{(st - med['cuda start']) / (cli - med['cuda start']):.2f}x",
+            flush=True,
+        )
+
     caps = []
     if args.cap and device.type == "cuda":
         del ceiling, loaders  # the ceiling's whole-shard device buffers would count against the cap
@@ -708,6 +768,7 @@ def main() -> int:
                     "nhcheck": infos,
                     "cold_s": cold,
                     "contention_s": contended,
+                    "fresh_s": fresh_runs,
                     "capped": caps,
                     "sweep": sweep,
                 },
