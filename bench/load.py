@@ -46,10 +46,10 @@ fixed 256 MB for the checks' temporaries), with the default 1 GB staging and wit
 byte ranges) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
 N such threads in another process (N = half the threads, then all): what ``readers.EARLY_SHARE`` weighs.
 ``--fresh`` times whole processes, as a user starts them (round-robin, wall time, ``--reps`` each):
-CUDA's start alone (``torch.empty(1, device=...)``), the same plus pinning nhcheck's default host ring
-(its one-time cost, which the in-process figures above pay once, in their warm-up), ``safetensors.torch.
-load_file`` of every shard, and ``python -m nhcheck load DIR`` (the CLI: imports, CUDA start, the ring,
-the load and its checks, the report).
+CUDA's start alone (``torch.empty(1, device=...)``), the same plus pinning each tree's default host
+ring (its one-time cost, which the in-process figures above pay once, in their warm-up),
+``safetensors.torch.load_file`` of every shard, and each tree's ``python -m nhcheck load DIR`` (the
+CLI: imports, CUDA start, the ring, the load and its checks, the report).
 A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
 """
 
@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -511,36 +512,45 @@ def capped(args, tree: Tree, device: torch.device, staging: int) -> dict:
 
 _FRESH = {
     "cuda start": "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize()",
-    "cuda start + pinned ring": (
-        "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize(); "
-        "torch.empty({ring}, dtype=torch.uint8, pin_memory=True)"
-    ),
     "safetensors.load_file": (
         "import sys, torch; from safetensors.torch import load_file; "
         "[load_file(f, device={dev!r}) for f in sys.argv[1:]]; torch.cuda.synchronize()"
     ),
 }
+#: the tree's own pinned ring, as its first load makes it (the default size)
+_RING = (
+    "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize(); "
+    "from nhcheck.load import readers; from nhcheck.load.options import LoadOptions; "
+    "readers._host_ring(torch, LoadOptions().pinned_bytes, True, *([torch.device({dev!r})] if {new} else []))"
+)
 
 
-def fresh(args, files: list[Path], device: torch.device) -> dict[str, list[float]]:
-    """Wall seconds of whole processes (``--fresh``), round-robin: each name's runs."""
-    from nhcheck.load.options import LoadOptions
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    ring = LoadOptions().pinned_bytes
+def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> dict[str, list[float]]:
+    """Wall seconds of whole processes (``--fresh``), round-robin: each name's runs. Each tree's ring and
+    CLI run from that tree (in its directory, which ``-c`` and ``-m`` put first on the path)."""
     cmds = {
-        name: [sys.executable, "-c", code.format(dev=str(device), ring=ring), *map(str, files)]
+        name: ([sys.executable, "-c", code.format(dev=str(device)), *map(str, files)], None)
         for name, code in _FRESH.items()
     }
-    cmds["nhcheck load (CLI)"] = [
-        sys.executable, "-m", "nhcheck", "load", str(args.dir), "--engine", ENGINE,
-        "--device", str(device), "--format", "json", "-o", os.devnull, "-q",
-    ]  # fmt: skip
+    for tree in trees:
+        root = os.path.dirname(os.path.dirname(tree.mods["nhcheck"].__file__ or ""))
+        new = "device" in inspect.signature(tree.readers._host_ring).parameters
+        cmds["cuda start + pinned ring" + tree.label] = (
+            [sys.executable, "-c", _RING.format(dev=str(device), new=new)],
+            root,
+        )
+        cmds["nhcheck load (CLI)" + tree.label] = (
+            [sys.executable, "-m", "nhcheck", "load", str(args.dir), "--engine", ENGINE, "--device", str(device),
+             "--format", "json", "-o", os.devnull, "-q"],
+            root,
+        )  # fmt: skip
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(args.reps):
-        for name, cmd in cmds.items():
+        for name, (cmd, root) in cmds.items():
+            path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
             t = time.perf_counter()
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            env = dict(os.environ, PYTHONPATH=path)
+            done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)  # cwd: first on sys.path
             runs[name].append(time.perf_counter() - t)
             if done.returncode:
                 raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr.strip()[-300:]}")
@@ -696,19 +706,21 @@ def main() -> int:
 
     fresh_runs: dict[str, list[float]] = {}
     if args.fresh and device.type == "cuda":
-        fresh_runs = fresh(args, files, device)
+        fresh_runs = fresh(args, files, device, trees)
         med = {k: statistics.median(v) for k, v in fresh_runs.items()}
         print("whole processes (median wall s of the runs, as a user starts them):", flush=True)
         for k, v in fresh_runs.items():
-            print(f"  {k:28s} {med[k]:7.3f} s   runs " + " ".join(f"{x:.3f}" for x in v), flush=True)
-        pin = med["cuda start + pinned ring"] - med["cuda start"]
-        print(f"  pinning the default ring, once per process: {pin:.3f} s", flush=True)
-        cli, st = med["nhcheck load (CLI)"], med["safetensors.load_file"]
-        print(
-            f"  ratio safetensors.load_file / nhcheck load = {st / cli:.2f}x; beyond CUDA's start: "
-            f"{(st - med['cuda start']) / (cli - med['cuda start']):.2f}x",
-            flush=True,
-        )
+            print(f"  {k:36s} {med[k]:7.3f} s   runs " + " ".join(f"{x:.3f}" for x in v), flush=True)
+        start, st = med["cuda start"], med["safetensors.load_file"]
+        for tree in trees:
+            pin = med["cuda start + pinned ring" + tree.label] - start
+            cli = med["nhcheck load (CLI)" + tree.label]
+            print(
+                f"  nhcheck{tree.label}: pinning its default ring, once per process: {pin:.3f} s; "
+                f"safetensors.load_file / its CLI = {st / cli:.2f}x, "
+                f"beyond CUDA's start {(st - start) / (cli - start):.2f}x",
+                flush=True,
+            )
 
     caps = []
     if args.cap and device.type == "cuda":

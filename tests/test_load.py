@@ -761,6 +761,24 @@ def test_cuda_oracle_and_crash_points(pruned_24434):
 
 @pytest.mark.cuda
 @CUDA
+def test_cuda_ring_is_registered_page_locked_in_parts_and_released():
+    dev = torch.device("cuda", 0)
+    size = 2 * readers._PIN_PART + 12345
+    ring, parts = readers._pin(torch, size, dev)
+    assert parts and ring.numel() == size and ring.data_ptr() % 4096 == 0 and ring.is_pinned()
+    assert [o for o, _ in parts] == [0, readers._PIN_PART, 2 * readers._PIN_PART] and sum(n for _, n in parts) == size
+    ring.copy_(torch.arange(size, dtype=torch.int64).remainder_(251).to(torch.uint8))
+    stream = torch.cuda.Stream(dev)
+    with torch.cuda.stream(stream):
+        got = ring.to(dev, non_blocking=True)
+    stream.synchronize()
+    assert torch.equal(got.cpu(), ring)
+    readers._unpin(torch, ring, parts)
+    assert not ring.is_pinned()
+
+
+@pytest.mark.cuda
+@CUDA
 def test_cuda_lost_write_caught(monkeypatch):
     apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w13_weight"
