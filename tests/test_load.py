@@ -260,6 +260,75 @@ def test_reads_land_while_the_plan_is_made_and_stay_in_the_staging_area(monkeypa
     assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
 
 
+class _FakeCudart:
+    """``cudaHostRegister`` / ``cudaHostUnregister`` recorded (and failed where asked), for ``readers._pin``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.fail_at = fail_at
+        self.registered: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 - the CUDA name
+        with self.lock:
+            if ptr == self.fail_at:
+                return 712  # cudaErrorHostMemoryAlreadyRegistered: any non-zero code
+            assert ptr not in self.registered and flags == 0
+            self.registered[ptr] = size
+            return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        with self.lock:
+            del self.registered[ptr]
+            return 0
+
+
+def _torch_with(cudart: _FakeCudart, pinned: list[int]):
+    """torch as ``readers._pin`` sees it, with ``cudart`` as CUDA's runtime and ``pin_memory`` noted, not done."""
+    from types import SimpleNamespace
+
+    def empty(size, dtype, pin_memory=False):
+        if pin_memory:
+            pinned.append(size)
+        return torch.empty(size, dtype=dtype)
+
+    return SimpleNamespace(empty=empty, uint8=torch.uint8, cuda=SimpleNamespace(cudart=lambda: cudart))
+
+
+def test_pinned_ring_is_registered_in_page_aligned_parts_each_faulted_in(monkeypatch):
+    monkeypatch.setattr(readers, "_PIN_PART", 3 * 4096)
+    cudart, pinned = _FakeCudart(), []
+    size = 7 * 4096 + 100
+    ring, parts = readers._pin(_torch_with(cudart, pinned), size, None)
+    assert ring.numel() == size and ring.data_ptr() % 4096 == 0 and not pinned
+    assert parts == [(0, 3 * 4096), (3 * 4096, 3 * 4096), (6 * 4096, 4096 + 100)]
+    assert cudart.registered == {ring.data_ptr() + o: n for o, n in parts}  # every byte, no page twice
+    assert not ring.any()  # each part was written (its pages faulted in) before it was registered
+    readers._unpin(_torch_with(cudart, pinned), ring, parts)
+    assert cudart.registered == {}
+
+
+def test_pinned_ring_falls_back_to_torch_pinning_when_a_part_will_not_register(monkeypatch):
+    monkeypatch.setattr(readers, "_PIN_PART", 4096)
+    cudart, pinned = _FakeCudart(), []
+    real_empty = torch.empty
+    seen = []
+
+    def empty(size, dtype, pin_memory=False):
+        t = real_empty(size, dtype=dtype)
+        seen.append(t)
+        if len(seen) == 1:
+            cudart.fail_at = t.data_ptr() + (-t.data_ptr() % 4096) + 2 * 4096  # the third part
+        if pin_memory:
+            pinned.append(size)
+        return t
+
+    fake = _torch_with(cudart, pinned)
+    fake.empty = empty
+    ring, parts = readers._pin(fake, 5 * 4096, None)
+    assert parts == [] and pinned == [5 * 4096] and ring is seen[-1]
+    assert cudart.registered == {}  # the parts that did register were let go
+
+
 def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch):
     """Before the plan at most ``early`` reads are in flight at once (the main thread keeps the interpreter);
     after it every reader thread reads, and the load is the same."""

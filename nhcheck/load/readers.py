@@ -48,8 +48,9 @@ KERNEL = True
 EARLY_SHARE = 0.5
 #: The pinned ring is registered in parts of this size (a page multiple), each by a thread of its own.
 _PIN_PART = 64 << 20
-#: ``cudaHostRegisterPortable``: pinned for every CUDA context of the process, not only the current one.
-_REGISTER_PORTABLE = 1
+#: ``cudaHostRegisterDefault``, as torch's own registering host allocator passes: with unified addressing
+#: (every 64-bit CUDA platform) the memory is then mapped and portable, pinned for every context.
+_REGISTER_DEFAULT = 0
 
 
 class Span(NamedTuple):
@@ -167,7 +168,7 @@ def _pin(torch, size: int, device) -> tuple[Any, list[tuple[int, int]]]:
         if device is not None:
             torch.cuda.set_device(device)  # no context made on another card for this thread
         ring[o : o + n].fill_(0)
-        return int(cudart.cudaHostRegister(base + o, n, _REGISTER_PORTABLE)) == 0
+        return int(cudart.cudaHostRegister(base + o, n, _REGISTER_DEFAULT)) == 0
 
     with ThreadPoolExecutor(min(16, len(parts))) as pool:
         ok = list(pool.map(pin, parts))
