@@ -25,8 +25,8 @@ from nhcheck.load.memory import Arenas, apply
 from nhcheck.load.options import LoadOptions
 from nhcheck.load.plan import Op
 
-#: Kept across loads: the pinned ring (pinning costs more than the reads) and one stream per device
-#: (the caching allocator reuses memory only on the stream that freed it).
+#: Kept across loads: the pinned ring and its registered parts (pinning costs more than the reads) and one
+#: stream per device (the caching allocator reuses memory only on the stream that freed it).
 _CACHE: dict[Any, Any] = {}
 #: Where the last transfer's time went (seconds summed over reader threads, and the main thread's
 #: placement), for ``bench/load.py``: ``read`` in ``os.preadv``, ``host_wait`` / ``stage_wait`` for a
