@@ -529,7 +529,7 @@ def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> d
     """Wall seconds of whole processes (``--fresh``), round-robin: each name's runs. Each tree's ring and
     CLI run from that tree (in its directory, which ``-c`` and ``-m`` put first on the path)."""
     cmds = {
-        name: ([sys.executable, "-c", code.format(dev=str(device)), *map(str, files)], None)
+        name: ([sys.executable, "-c", code.format(dev=str(device)), *(str(f.resolve()) for f in files)], None)
         for name, code in _FRESH.items()
     }
     for tree in trees:
@@ -540,8 +540,8 @@ def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> d
             root,
         )
         cmds["nhcheck load (CLI)" + tree.label] = (
-            [sys.executable, "-m", "nhcheck", "load", str(args.dir), "--engine", ENGINE, "--device", str(device),
-             "--format", "json", "-o", os.devnull, "-q"],
+            [sys.executable, "-m", "nhcheck", "load", str(args.dir.resolve()), "--engine", ENGINE,
+             "--device", str(device), "--format", "json", "-o", os.devnull, "-q"],
             root,
         )  # fmt: skip
     runs: dict[str, list[float]] = {k: [] for k in cmds}
