@@ -836,7 +836,7 @@ def test_cuda_ring_is_registered_page_locked_in_parts_and_released():
     ring, parts = readers._pin(torch, size, dev)
     assert parts and ring.numel() == size and ring.data_ptr() % 4096 == 0 and ring.is_pinned()
     assert [o for o, _ in parts] == [0, readers._PIN_PART, 2 * readers._PIN_PART] and sum(n for _, n in parts) == size
-    ring.copy_(torch.arange(size, dtype=torch.int64).remainder_(251).to(torch.uint8))
+    ring.random_(0, 256, generator=torch.Generator().manual_seed(0))
     stream = torch.cuda.Stream(dev)
     with torch.cuda.stream(stream):
         got = ring.to(dev, non_blocking=True)
