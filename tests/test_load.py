@@ -289,7 +289,7 @@ def _torch_with(cudart: _FakeCudart, pinned: list[int]):
     def empty(size, dtype, pin_memory=False):
         if pin_memory:
             pinned.append(size)
-        return torch.empty(size, dtype=dtype)
+        return torch.full((size,), 255, dtype=dtype)  # not zero: a part left unwritten shows
 
     return SimpleNamespace(empty=empty, uint8=torch.uint8, cuda=SimpleNamespace(cudart=lambda: cudart))
 
