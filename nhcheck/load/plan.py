@@ -257,6 +257,10 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     refused: list[tuple[str, str, Finding]] = []  # and what the engine loads silently (slot-narrowed)
     crash: Crash | None = None
     semantics: dict[str | None, LoaderSemantics] = {}  # per quant method: one engine call, not one per tensor
+    # Expert slots decided once per (parameter, dtype, shape): the expert id only moves the slot (Nano: 23k of
+    # 24k loads are experts, ~200 keys). Everything else, and any refusal, is decided per tensor.
+    experts: dict[tuple[str, str, tuple[int, ...]], tuple[OpKind, int, bool]] = {}
+    labels: dict[int, str] = {}
     if report.crash is not None and report.crash.tensor is None:
         crash = report.crash
     for i, r in enumerate(stream_order(report) if crash is None else ()):
@@ -270,6 +274,14 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
         p = by_name.get(r.param or "")
         if p is None:
             continue  # an unreachable parameter: nothing the engine keeps
+        e = o.expert_id
+        if p.loader == "expert" and e is not None and 0 <= e < (p.shape[0] if p.shape else 0):
+            hit = experts.get((p.name, t.dtype, t.shape))
+            if hit is not None:
+                kind, per, narrowed = hit
+                slot = labels.get(e) or labels.setdefault(e, f"expert {e}")
+                ops.append(Op(i, t, paths[t.shard], p.name, kind, TORCH_DTYPE[t.dtype], e * per, per, slot, ()))
+                continue
         loader = semantics.get(p.quant_method)
         if loader is None:
             loader = semantics[p.quant_method] = engine.loader_semantics(p.quant_method)
@@ -280,6 +292,8 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
         except _Mismatch as exc:
             refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
             continue
+        if p.loader == "expert" and not narrowed and not bcast:
+            experts[(p.name, t.dtype, t.shape)] = (kind, count, False)
         if narrowed:
             note = engine.slot_note(p, t.dtype, t.shape) or f"{t.dtype} {list(t.shape)} fills part of its {slot} slot"
             refused.append(("slot-narrowed", t.name, Finding("error", "slot-narrowed", note, t.shard, t.name)))
