@@ -8,7 +8,9 @@ Builds (once) a Nemotron-3-Nano-like NVFP4 checkpoint of about 3 GB with real da
 release's config and quant recipe (hybrid ``MEMEM*E…`` 52-layer pattern, NVFP4 experts,
 Mamba and shared experts, the real exclude list) with fewer experts (16), half the expert
 width and half the vocabulary, so it fits a few GB while keeping every tensor family
-(3.5k tensors). Then, with a warm page cache, times in turn and several times:
+(3.5k tensors); ``--experts 128`` builds the release's expert count (24k tensors, 10.4 GB), where the
+work before the plan scales with the tensors and the staging area stays 1 GB. Then, with a warm page cache,
+times in turn and several times:
 
   (a) ``safetensors.torch.load_file(shard, device=...)`` over every shard;
   (b) the ceiling: a thread pool of ``os.preadv`` of the shard bytes into pinned host buffers
@@ -160,12 +162,12 @@ def export_tree(ref: str, dest: str) -> str:
     return dest
 
 
-def build(out: Path, shards: int) -> None:
+def build(out: Path, shards: int, experts: int = 16) -> None:
     """The scaled Nano-3 NVFP4 layout, real (generated) bytes, written with examples/generate.py."""
     fixtures = REPO / "examples" / "fixtures" / "nano3-nvfp4"
     config = json.loads((fixtures / "config.json").read_text())
     quant = json.loads((fixtures / "hf_quant_config.json").read_text())
-    config.update(n_routed_experts=16, moe_intermediate_size=928, vocab_size=65536)
+    config.update(n_routed_experts=experts, moe_intermediate_size=928, vocab_size=65536)
     tensors = generate.nemotron_h_tensors(config, quant, router_dtype="F32")
     generate.write_checkpoint(str(out), tensors, config, quant, shards=shards)
 
@@ -586,6 +588,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/nhcheck-bench-nano-like"))
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument(
+        "--experts",
+        type=int,
+        default=16,
+        help="routed experts per MoE layer when building --dir (128, the release's: 24k tensors, 10.4 GB)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
@@ -630,7 +638,7 @@ def main() -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     if not shard_files(args.dir):
         t = time.perf_counter()
-        build(args.dir, args.shards)
+        build(args.dir, args.shards, args.experts)
         print(f"built {args.dir} in {time.perf_counter() - t:.1f} s", flush=True)
     files = shard_files(args.dir)
     data = sum(f.stat().st_size for f in files)
