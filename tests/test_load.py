@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import generate  # examples/generate.py, on the path from conftest.py
@@ -839,11 +840,18 @@ def test_cuda_ring_is_registered_page_locked_in_parts_and_released():
     size = 2 * readers._PIN_PART + 12345
     ring, parts = readers._pin(torch, size, dev)
     cudart = torch.cuda.cudart()
+
+    def register_again(o: int, n: int) -> int:
+        """Register a part once more, from a thread of its own: a failed call leaves its error as the calling
+        thread's last CUDA error, which torch's next call in that thread would raise."""
+        with ThreadPoolExecutor(1) as pool:
+            return int(pool.submit(cudart.cudaHostRegister, ring.data_ptr() + o, n, 0).result())
+
     # torch's is_pinned() knows only its own allocator's blocks (False here on torch 2.11): the driver is asked
     # instead, and registering a part a second time fails (cudaErrorHostMemoryAlreadyRegistered) while it is pinned
     assert parts and ring.numel() == size and ring.data_ptr() % 4096 == 0
     for o, n in parts:
-        assert int(cudart.cudaHostRegister(ring.data_ptr() + o, n, 0)) == ALREADY_REGISTERED, o
+        assert register_again(o, n) == ALREADY_REGISTERED, o
     assert [o for o, _ in parts] == [0, readers._PIN_PART, 2 * readers._PIN_PART] and sum(n for _, n in parts) == size
     ring.random_(0, 256, generator=torch.Generator().manual_seed(0))
     stream = torch.cuda.Stream(dev)

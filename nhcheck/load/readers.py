@@ -170,6 +170,8 @@ def _pin(torch, size: int, device) -> tuple[Any, list[tuple[int, int]]]:
         ctypes.memset(base + o, 0, n)  # one core's plain writes (not torch's thread pool from 16 threads at once)
         return int(cudart.cudaHostRegister(base + o, n, _REGISTER_DEFAULT)) == 0
 
+    # a part that will not register leaves its error as that pool thread's last CUDA error, which ends with the
+    # thread: torch's next call in this one does not raise it
     with ThreadPoolExecutor(min(16, len(parts))) as pool:
         ok = list(pool.map(pin, parts))
     if all(ok):
