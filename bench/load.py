@@ -44,8 +44,8 @@ readers; ``compile``, deciding every read's byte ranges; ``place``, the main thr
 root only). ``--cap`` loads once more in a process capped with
 ``torch.cuda.set_per_process_memory_fraction`` to the parameters plus the staging area (plus a
 fixed 256 MB for the checks' temporaries), with the default 1 GB staging and with 64 MB.
-``--contention`` times the main thread's work before the plan (headers, audit, plan, every read's
-byte ranges) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
+``--contention`` times the main thread's work before the plan (headers, audit, plan, the ops cut into
+the reads' pieces) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
 N such threads in another process (N = half the threads, then all): what ``readers.EARLY_SHARE`` weighs.
 ``--fresh`` times whole processes, as a user starts them (round-robin, wall time, ``--reps`` each):
 CUDA's start alone (``torch.empty(1, device=...)``), the same plus pinning each tree's default host
@@ -412,7 +412,7 @@ sys.stdin.read()
 
 def _pre_plan(root: Path) -> float:
     """The main thread's work before the readers learn the plan, as ``load_path`` does it: headers, audit,
-    plan, every read's byte ranges (arenas on the meta device: no allocation)."""
+    plan, the ops cut into the reads' pieces (arenas on the meta device: no allocation)."""
     from nhcheck import pipeline
     from nhcheck.audit import AuditOptions
     from nhcheck.checkpoint import open_local
@@ -424,15 +424,13 @@ def _pre_plan(root: Path) -> float:
     ckpt = open_local(str(root))
     audit = pipeline.audit(pipeline.prepare(ckpt, ENGINE), AuditOptions(compare_versions=False))
     plan = plan_load(audit)
-    arenas = Arenas(plan.params, torch.device("meta"), torch)
+    Arenas(plan.params, torch.device("meta"), torch)
     spans = readers.spans_of(ckpt.shards)
     reads = readers.plan_reads(spans, 64 << 20)
     of_shard: list[list[int]] = [[] for _ in spans]
     for j, r in enumerate(reads):
         of_shard[r.shard].append(j)
-    pieces, _ = readers.cut_pieces(plan.ops, spans, reads, of_shard)
-    for j, mine in pieces.items():
-        readers.compile_pieces(mine, arenas, reads[j].end - reads[j].start)
+    readers.cut_pieces(plan.ops, spans, reads, of_shard)
     return time.perf_counter() - t
 
 

@@ -367,13 +367,17 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
     assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
 
 
-def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follows_it(monkeypatch):
-    """Every staged read's byte ranges are computed once, when the plan reaches the readers, before the
-    checks' bookkeeping (which runs beside the transfer) and before any read is placed; each placement
-    holds its read's pieces in plan order, every op's source bytes exactly once."""
+def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_the_handover(monkeypatch):
+    """The plan is cut into the reads' pieces when it reaches the readers, before the checks' bookkeeping
+    (which runs beside the transfer); each staged read's byte ranges are computed once, just before that read
+    is placed; each placement holds its read's pieces in plan order, every op's source bytes exactly once."""
     events: list[str] = []
     placed: list = []
-    compile_, apply, cover = readers.compile_pieces, readers.apply_placement, run.coverage
+    cut, compile_, apply, cover = readers.cut_pieces, readers.compile_pieces, readers.apply_placement, run.coverage
+
+    def cutting(*a, **k):
+        events.append("cut")
+        return cut(*a, **k)
 
     def compiling(*a, **k):
         events.append("compile")
@@ -391,15 +395,16 @@ def test_placements_are_decided_at_the_handover_and_the_checks_bookkeeping_follo
     transfers = []
     real_transfer = run.Transfer
     monkeypatch.setattr(run, "Transfer", lambda *a: transfers.append(real_transfer(*a)) or transfers[-1])
+    monkeypatch.setattr(readers, "cut_pieces", cutting)
     monkeypatch.setattr(readers, "compile_pieces", compiling)
     monkeypatch.setattr(readers, "apply_placement", placing)
     monkeypatch.setattr(run, "coverage", covering)
     opts = LoadOptions(device="cpu", chunk_bytes=4096, staging_bytes=3 * 4096, threads=2)
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
     assert res.report.verdict == "clean"
-    first_place = events.index("place")
-    assert "compile" not in events[first_place:] and events.count("compile") == len(placed)
-    assert events.index("coverage") > events.index("compile")
+    assert events.count("cut") == 1 and events.index("coverage") > events.index("cut")
+    steps = [e for e in events if e in ("compile", "place")]
+    assert len(placed) > 1 and steps == ["compile", "place"] * len(placed)
     got: dict[int, int] = {}
     parts = [pc for mine in transfers[-1].parts.values() for pc in mine]  # non-copy ops gathered across reads
     assert parts and all(pc.op.kind != "copy" for pc in parts)
@@ -1130,9 +1135,9 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
             dup = readers.Copies(c.dtype, (c.src[0], *c.src), (c.dst[0], *c.dst), (c.size[0], *c.size))
             placements[overlap] = readers.Placement(p.pieces, (dup, *p.copies[1:]), p.others)
         nranges.append(sum(len(c.size) for p in placements.values() for c in p.copies))
-        ranges = readers.Ranges.build(torch, placements, arenas, torch.device("cpu")) if use_kernel else None
+        ranges = readers.Ranges.open(torch, nranges[-1], torch.device("cpu")) if use_kernel else None
         for j, placement in placements.items():
-            batch = ranges.launcher(j, 0) if ranges else None
+            batch = ranges.launcher(placement, arenas, 0) if ranges else None
             if use_kernel and placement.copies:
                 assert (batch is None) == (j == overlap)
             readers.apply_placement(placement, _staged(spans, reads[j]), arenas, None, batch)

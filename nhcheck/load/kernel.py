@@ -2,14 +2,14 @@
 
 A staged read holds dozens to thousands of byte ranges bound for the parameter arenas. Enqueueing one
 ``cuMemcpyDtoDAsync`` per range costs the main thread microseconds each, and that thread also runs the
-audit and the checks: over a whole load it is the longest stretch of per-range Python. Here every read's
-ranges are written, once the plan exists, into one table on the device (source offset within the read,
-destination address, bytes, first chunk: four ``uint64`` a range); placing a read is then one
+audit and the checks: over a whole load it is the longest stretch of per-range Python. Here a read's
+ranges are written, as it is placed, into its rows of one table on the device (source offset within the
+read, destination address, bytes, first chunk: four ``uint64`` a range); placing a read is then one
 ``cuLaunchKernel`` of ``place_ranges`` over its chunks of at most ``CHUNK`` bytes, one thread block a
 chunk (it finds its range by a binary search of the first chunks), each copying with the widest access
-its source, destination and length allow. Building the table is one pass of plain Python over the ranges
-(no tensor operations: their thread pools would fight the reader threads for the cores), and it travels
-to the device once.
+its source, destination and length allow. Writing a read's rows is one pass of plain Python over its
+ranges (no tensor operations: their thread pools would fight the reader threads for the cores), and they
+travel to the device in one copy ahead of the launch (``readers.Ranges``).
 
 The kernel is ``SOURCE`` below, compiled to ``PTX`` by NVRTC 11.8 for ``compute_70`` (Volta and later; the
 driver compiles PTX for the GPU it runs on and caches the result): ``python -m nhcheck.load.kernel
