@@ -295,11 +295,10 @@ def _torch_with(cudart: _FakeCudart, pinned: list[int]):
     return SimpleNamespace(empty=empty, uint8=torch.uint8, cuda=SimpleNamespace(cudart=lambda: cudart))
 
 
-def test_pinned_ring_is_registered_in_page_aligned_parts_each_faulted_in(monkeypatch):
-    monkeypatch.setattr(readers, "_PIN_PART", 3 * 4096)
+def test_pinned_ring_is_registered_in_page_aligned_parts_each_faulted_in():
     cudart, pinned = _FakeCudart(), []
     size = 7 * 4096 + 100
-    ring, parts = readers._pin(_torch_with(cudart, pinned), size, None)
+    ring, parts = readers._pin(_torch_with(cudart, pinned), size, None, 3 * 4096)
     assert ring.numel() == size and ring.data_ptr() % 4096 == 0 and not pinned
     assert parts == [(0, 3 * 4096), (3 * 4096, 3 * 4096), (6 * 4096, 4096 + 100)]
     assert cudart.registered == {ring.data_ptr() + o: n for o, n in parts}  # every byte, no page twice
@@ -308,8 +307,7 @@ def test_pinned_ring_is_registered_in_page_aligned_parts_each_faulted_in(monkeyp
     assert cudart.registered == {}
 
 
-def test_pinned_ring_falls_back_to_torch_pinning_when_a_part_will_not_register(monkeypatch):
-    monkeypatch.setattr(readers, "_PIN_PART", 4096)
+def test_pinned_ring_falls_back_to_torch_pinning_when_a_part_will_not_register():
     cudart, pinned = _FakeCudart(), []
     real_empty = torch.empty
     seen = []
@@ -325,9 +323,30 @@ def test_pinned_ring_falls_back_to_torch_pinning_when_a_part_will_not_register(m
 
     fake = _torch_with(cudart, pinned)
     fake.empty = empty
-    ring, parts = readers._pin(fake, 5 * 4096, None)
+    ring, parts = readers._pin(fake, 5 * 4096, None, 4096)
     assert parts == [] and pinned == [5 * 4096] and ring is seen[-1]
     assert cudart.registered == {}  # the parts that did register were let go
+
+
+def test_ring_parts_hold_whole_slots_and_a_ring_of_other_slots_is_pinned_afresh(monkeypatch):
+    """An asynchronous copy from one ring slot never spans two registrations: each registered part holds whole
+    slots, whatever the slot size (the read size, rounded to a page); a later load with slots of another size
+    gets a ring of its own, the old one let go."""
+    monkeypatch.setattr(readers, "_CACHE", {})
+    monkeypatch.setattr(readers, "_PIN_PART", 5 * 4096)
+    cudart, pinned = _FakeCudart(), []
+    fake = _torch_with(cudart, pinned)
+    rings = []
+    for stride, slots in ((2 * 4096, 7), (8 * 4096, 3), (3 * 4096, 4), (3 * 4096, 2)):
+        rings.append(readers._host_ring(fake, slots * stride, True, None, stride))
+        parts = readers._CACHE["ring_parts"]
+        assert cudart.registered == {rings[-1].data_ptr() + o: n for o, n in parts}  # only this ring's parts
+        for h in range(slots):
+            a = h * stride
+            assert any(o <= a and a + stride <= o + n for o, n in parts), (stride, h)
+        assert not pinned
+    assert len({r.data_ptr() for r in rings}) == 3 and rings[-1] is rings[-2]  # the last ring reused
+    assert readers._CACHE["ring_part"] == 3 * 4096 and len(parts) == 4
 
 
 def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch):
@@ -860,10 +879,10 @@ def test_cuda_ring_is_registered_page_locked_in_parts_and_released():
     assert [o for o, _ in parts] == [0, readers._PIN_PART, 2 * readers._PIN_PART] and sum(n for _, n in parts) == size
     ring.random_(0, 256, generator=torch.Generator().manual_seed(0))
     stream = torch.cuda.Stream(dev)
-    with torch.cuda.stream(stream):
-        got = ring.to(dev, non_blocking=True)
+    with torch.cuda.stream(stream):  # a copy per part, as a load copies a slot (never across two parts)
+        got = [ring[o : o + n].to(dev, non_blocking=True) for o, n in parts]
     stream.synchronize()
-    assert torch.equal(got.cpu(), ring)
+    assert torch.equal(torch.cat(got).cpu(), ring)
     readers._unpin(torch, ring, parts)
     for o, n in parts:  # released: each part registers afresh
         assert int(cudart.cudaHostRegister(ring.data_ptr() + o, n, 0)) == 0, o

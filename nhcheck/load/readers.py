@@ -47,8 +47,10 @@ KERNEL = True
 #: once the plan is there every thread pays off (audit done before the clock: 0.88x the pinned-pread ceiling
 #: with a ring slot per thread, 0.76x with 8 slots for 16 threads). ``bench/load.py`` times 1.0 beside it.
 EARLY_SHARE = 0.5
-#: The pinned ring is registered in parts of this size (a page multiple), each by a thread of its own.
+#: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
+#: Ring slots and registered parts start on a page of their own.
+_PAGE = 4096
 #: ``cudaHostRegisterDefault``, as torch's own registering host allocator passes: with unified addressing
 #: (every 64-bit CUDA platform) the memory is then mapped and portable, pinned for every context.
 _REGISTER_DEFAULT = 0
@@ -131,37 +133,41 @@ def write_op(arenas: Arenas, op: Op, x) -> None:
     apply(op.kind, dst, x)
 
 
-def _host_ring(torch, size: int, pinned: bool, device=None):
-    """Ring storage; the pinned one (registered from ``device``'s threads) is kept for the next load."""
+def _host_ring(torch, size: int, pinned: bool, device=None, slot: int = _PIN_PART):
+    """Ring storage for slots of ``slot`` bytes (a page multiple); the pinned one (registered from ``device``'s
+    threads) is kept for the next load with slots of that size.
+
+    Its registered parts hold whole slots: an asynchronous copy from one slot never spans two registrations
+    (each copy is one range the driver knows as page-locked)."""
     if not pinned:
         return torch.empty(size, dtype=torch.uint8)
+    part = slot * max(1, _PIN_PART // slot)
     ring = _CACHE.get("ring")
-    if ring is None or ring.numel() < size:
+    if ring is None or ring.numel() < size or _CACHE.get("ring_part") != part:
         old = _CACHE.pop("ring", None)
         if old is not None:
             _unpin(torch, old, _CACHE.pop("ring_parts"))
-        ring, _CACHE["ring_parts"] = _pin(torch, size, device)
-        _CACHE["ring"] = ring
+        ring, _CACHE["ring_parts"] = _pin(torch, size, device, part)
+        _CACHE["ring"], _CACHE["ring_part"] = ring, part
     return ring
 
 
-def _pin(torch, size: int, device) -> tuple[Any, list[tuple[int, int]]]:
+def _pin(torch, size: int, device, part: int = _PIN_PART) -> tuple[Any, list[tuple[int, int]]]:
     """``size`` bytes of page-locked host memory, and the parts registered with CUDA ([] where torch pinned it).
 
     A process pins its ring once, and ``pin_memory=True`` (one ``cudaHostAlloc``: every page faulted in and
     locked on one core) was the slowest part of a one-shot ``nhcheck load``. Here each page-aligned part of
-    ``_PIN_PART`` bytes is faulted in (written) and registered (``cudaHostRegister``) by a thread of its own.
-    H100 host, 1 GB, fresh processes, medians of 3 (2026-12-06, a probe writing with torch's ``fill_``):
-    0.11 s against 0.58 s. Where registering fails, torch pins it.
+    ``part`` bytes (a page multiple) is faulted in (written) and registered (``cudaHostRegister``) by a thread
+    of its own. H100 host, 1 GB, fresh processes (2026-12-06): 0.055 s against torch's 0.478 s in the same run
+    (``bench/load.py --fresh``). Where registering fails, torch pins it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    page = 4096
-    whole = torch.empty(size + page, dtype=torch.uint8)
-    skip = -whole.data_ptr() % page  # parts share no page: each is registered on its own
+    whole = torch.empty(size + _PAGE, dtype=torch.uint8)
+    skip = -whole.data_ptr() % _PAGE  # parts share no page: each is registered on its own
     ring = whole[skip : skip + size]
     base = ring.data_ptr()
-    parts = [(o, min(_PIN_PART, size - o)) for o in range(0, size, _PIN_PART)]
+    parts = [(o, min(part, size - o)) for o in range(0, size, part)]
     cudart = torch.cuda.cudart()
 
     def pin(part: tuple[int, int]) -> bool:
@@ -500,8 +506,9 @@ class Transfer:
             self.stage_free.put(d)
         if self.cuda:
             self.nhost = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
-            self.ring = _host_ring(torch, self.nhost * self.slot, True, device)
-            self.views = [host_view(self.ring, h * self.slot, self.slot) for h in range(self.nhost)]
+            self.stride = -(-self.slot // _PAGE) * _PAGE  # ring slots start on pages: parts hold whole slots
+            self.ring = _host_ring(torch, self.nhost * self.stride, True, device, self.stride)
+            self.views = [host_view(self.ring, h * self.stride, self.slot) for h in range(self.nhost)]
             self.host_free: Any = queue.SimpleQueue()
             for h in range(self.nhost):
                 self.host_free.put(h)
@@ -622,7 +629,7 @@ class Transfer:
                             if self.freed_used[d]:
                                 self.stream.wait_event(self.freed_events[d])  # its last placement is done
                             self.staging[d * self.slot : d * self.slot + n].copy_(
-                                self.ring[h * self.slot : h * self.slot + n], non_blocking=True
+                                self.ring[h * self.stride : h * self.stride + n], non_blocking=True
                             )
                             self.host_events[h].record(self.stream)
                             self.landed_events[d].record(self.stream)
