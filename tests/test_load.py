@@ -891,6 +891,32 @@ def test_cuda_ring_is_registered_page_locked_in_parts_and_released():
 
 @pytest.mark.cuda
 @CUDA
+@pytest.mark.parametrize("chunk", [8192, 5000])
+def test_cuda_ring_slots_never_straddle_two_registrations(monkeypatch, chunk):
+    """A copy from host memory spanning two ``cudaHostRegister`` registrations fails ("invalid argument": H100,
+    driver 580, 2026-12-06). With parts of 3 pages, slots of 2 pages (8,192-byte reads) or of 5,000 bytes would
+    straddle them; each part holds whole page-aligned slots instead, and the load lands every byte."""
+    monkeypatch.setattr(readers, "_PIN_PART", 3 * 4096)
+    monkeypatch.setattr(readers, "_CACHE", {})
+    example = str(EXAMPLES / "nano3-nvfp4")
+    ref = load_path(example, "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
+    try:
+        got = load_path(example, "sglang@0.5.23", LoadOptions(device="cuda", chunk_bytes=chunk, pinned_bytes=9 * chunk))
+        parts = readers._CACHE["ring_parts"]
+        assert len(parts) > 1 and {n for _, n in parts[:-1]} == {8192}
+    finally:
+        if "ring" in readers._CACHE:
+            readers._unpin(torch, readers._CACHE["ring"], readers._CACHE["ring_parts"])
+    assert got.report.verdict == ref.report.verdict == "clean"
+    for n, t in ref.tensors.items():
+        if n.endswith(".mixer.A"):
+            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
+        else:
+            assert same(t, got.tensors[n]), n
+
+
+@pytest.mark.cuda
+@CUDA
 def test_cuda_lost_write_caught(monkeypatch):
     apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w13_weight"
