@@ -9,6 +9,7 @@ imported inside functions only.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import sys
@@ -96,15 +97,25 @@ class LoadResult:
 
 
 @contextmanager
-def _prompt_handover() -> Iterator[None]:
-    """Reader threads need the interpreter for microseconds per piece while the main thread parses
-    and audits; the default 5 ms switch interval would make each of them wait that long."""
+def _load_interpreter() -> Iterator[None]:
+    """The interpreter as a load wants it, restored after.
+
+    Reader threads need the interpreter for microseconds per piece while the main thread parses and audits;
+    the default 5 ms switch interval would make each of them wait that long. And the cyclic collector is
+    paused (as the CLI pauses it for its whole run): a load builds about ten small acyclic objects a tensor
+    (header entries, records, ops, pieces), and the collector's passes over them hold the interpreter. The
+    work before the plan, release-size Nano layout (24,147 tensors), dev VM: 0.309 s collecting, 0.178 s not.
+    """
     before = sys.getswitchinterval()
+    collecting = gc.isenabled()
     sys.setswitchinterval(2e-4)
+    gc.disable()
     try:
         yield
     finally:
         sys.setswitchinterval(before)
+        if collecting:
+            gc.enable()
 
 
 def load_checkpoint(
@@ -148,7 +159,7 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         torch = torch_module()
         device = resolve_device(opts.device)
         cuda = device.type == "cuda"
-        stack.enter_context(_prompt_handover())
+        stack.enter_context(_load_interpreter())
         if transfer is None and opts.reader == "fast":
             transfer = stack.enter_context(Transfer(spans_of(ckpt.shards), device, opts, torch))
         baseline = transfer.baseline if transfer is not None else _baseline(torch, device)
@@ -247,7 +258,7 @@ def load_path(
     t0 = time.perf_counter() if t0 is None else t0
     check_options(opts)
     spans = quick_spans(path) if opts.reader == "fast" else None
-    with _prompt_handover():
+    with _load_interpreter():
         transfer = Transfer(spans, resolve_device(opts.device), opts, torch_module()) if spans else None
         try:
             ckpt = open_local(path, progress)
