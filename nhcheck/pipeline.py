@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from nhcheck import engines
+from nhcheck import collector, engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint, open_local
 from nhcheck.engines.base import Engine, EngineId, PPWindow
@@ -76,7 +76,8 @@ def audit(inputs: Inputs, opts: AuditOptions | None = None) -> AuditReport:
 
 
 def audit_path(path: str, engine: str | None = None, **kw) -> AuditReport:
-    """Convenience for tests and scripts: open a local checkpoint and audit it."""
+    """Convenience for tests and scripts: open a local checkpoint and audit it (the cyclic collector paused)."""
     opts = kw.pop("opts", AuditOptions())
     kw.setdefault("mtp", opts.mtp)
-    return audit(prepare(open_local(path), engine, **kw), opts)
+    with collector.paused():
+        return audit(prepare(open_local(path), engine, **kw), opts)
