@@ -8,8 +8,9 @@ once, so a test module may ``import generate`` at module level (for parametrizat
 
 from __future__ import annotations
 
+import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +31,17 @@ import generate as _generate  # noqa: E402  (examples/generate.py, on the path f
 def generate() -> ModuleType:
     """``examples/generate.py``: tiny and full-size checkpoint layouts, ``write_checkpoint``."""
     return _generate
+
+
+@pytest.fixture(params=[True, False], ids=["collecting", "not-collecting"])
+def collector_setting(request) -> Iterator[bool]:
+    """The cyclic collector on (then off) for a test, as a library caller may have set it; the session's after."""
+    before = gc.isenabled()
+    (gc.enable if request.param else gc.disable)()
+    try:
+        yield request.param
+    finally:
+        (gc.enable if before else gc.disable)()
 
 
 @pytest.fixture
