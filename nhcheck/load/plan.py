@@ -259,7 +259,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     semantics: dict[str | None, LoaderSemantics] = {}  # per quant method: one engine call, not one per tensor
     # Expert slots decided once per (parameter, dtype, shape): the expert id only moves the slot (Nano: 23k of
     # 24k loads are experts, ~200 keys). Everything else, and any refusal, is decided per tensor.
-    experts: dict[tuple[str, str, tuple[int, ...]], tuple[OpKind, int, bool]] = {}
+    experts: dict[tuple[str, str, tuple[int, ...]], tuple[OpKind, int]] = {}
     labels: dict[int, str] = {}
     if report.crash is not None and report.crash.tensor is None:
         crash = report.crash
@@ -278,7 +278,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
         if p.loader == "expert" and e is not None and 0 <= e < (p.shape[0] if p.shape else 0):
             hit = experts.get((p.name, t.dtype, t.shape))
             if hit is not None:
-                kind, per, narrowed = hit
+                kind, per = hit
                 slot = labels.get(e) or labels.setdefault(e, f"expert {e}")
                 ops.append(Op(i, t, paths[t.shard], p.name, kind, TORCH_DTYPE[t.dtype], e * per, per, slot, ()))
                 continue
@@ -293,7 +293,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
             refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
             continue
         if p.loader == "expert" and not narrowed and not bcast:
-            experts[(p.name, t.dtype, t.shape)] = (kind, count, False)
+            experts[(p.name, t.dtype, t.shape)] = (kind, count)
         if narrowed:
             note = engine.slot_note(p, t.dtype, t.shape) or f"{t.dtype} {list(t.shape)} fills part of its {slot} slot"
             refused.append(("slot-narrowed", t.name, Finding("error", "slot-narrowed", note, t.shard, t.name)))

@@ -399,7 +399,6 @@ class Ranges:
 
     def __init__(self, kernel, torch, capacity: int, device) -> None:
         self.kernel = kernel
-        self.torch = torch
         self.host = torch.empty((max(1, capacity), 4), dtype=torch.int64, pin_memory=device.type == "cuda")
         self.rows = torch.empty((max(1, capacity), 4), dtype=torch.int64, device=device)
         self.table = host_view(self.host, 0, self.host.numel() * 8).cast("q")
