@@ -1150,6 +1150,19 @@ def test_poison_scan_finds_one_element_left_anywhere(monkeypatch, dtype):
         assert arenas.poisoned() == {"p": 16 if dtype == "uint8" else 1}  # integer storage: bytes of the run
 
 
+def test_overlap_is_an_end_past_the_next_start_in_the_arena():
+    """Ranges that touch do not overlap; one byte in common does, whatever order the ranges come in."""
+
+    def c(*spans):
+        return readers.Copies("u8", tuple(range(len(spans))), tuple(d for d, _ in spans), tuple(n for _, n in spans))
+
+    assert not readers._overlap(c()) and not readers._overlap(c((5, 10)))
+    assert not readers._overlap(c((20, 5), (0, 10), (10, 10)))  # back to back, given out of order
+    assert readers._overlap(c((20, 5), (0, 11), (10, 10)))  # [0, 11) and [10, 20) share byte 10
+    assert readers._overlap(c((0, 30), (10, 5)))  # one inside another
+    assert readers._overlap(c((7, 1), (7, 1)))  # the same byte twice
+
+
 def test_kernel_table_places_what_the_views_place(monkeypatch):
     """The kernel path's table, run on the host: a stand-in for ``place_ranges`` copies each row it is
     handed (source offset in the staged read, destination address, bytes), as the kernel's thread blocks

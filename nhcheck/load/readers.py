@@ -17,6 +17,8 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from itertools import accumulate, chain, repeat
+from operator import add, floordiv, gt
 from typing import Any, NamedTuple
 
 from nhcheck.dtypes import ITEMSIZE
@@ -308,9 +310,7 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
         top = read_bytes if read_bytes is not None else sys.maxsize
         bad = (
             None
-            if min(min(src), min(dst)) >= 0
-            and max(map(sum, zip(dst, size, strict=True))) <= limit
-            and max(map(sum, zip(src, size, strict=True))) <= top
+            if min(min(src), min(dst)) >= 0 and max(map(add, dst, size)) <= limit and max(map(add, src, size)) <= top
             else next(r for r in rs if min(r[0], r[1]) < 0 or r[1] + r[2] > limit or r[0] + r[2] > top)
         )
         if bad is not None:
@@ -429,11 +429,11 @@ class Ranges:
         chunk = kernel.CHUNK
         flat: list[int] = []
         chunks = 0
-        for c in copies:
-            base = arenas.raw[c.dtype].data_ptr()
-            for so, do, n in zip(c.src, c.dst, c.size, strict=True):
-                flat += (so, base + do, n, chunks)
-                chunks += -(-n // chunk)
+        for c in copies:  # (source offset, destination address, bytes, first chunk) a range, in C-level loops
+            firsts = list(accumulate(map(floordiv, map(add, c.size, repeat(chunk - 1)), repeat(chunk)), initial=chunks))
+            chunks = firsts.pop()
+            dst = map(add, c.dst, repeat(arenas.raw[c.dtype].data_ptr()))
+            flat += chain.from_iterable(zip(c.src, dst, c.size, firsts, strict=True))
         first, rows = self.used, len(flat) // 4
         if first + rows > len(self.table) // 4:
             raise RuntimeError(
@@ -448,8 +448,10 @@ class Ranges:
 
 def _overlap(c: Copies) -> bool:
     """Whether two of the ranges overlap in the arena (their order then matters: the last write wins)."""
-    spans = sorted(zip(c.dst, c.size, strict=True))
-    return any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+    if len(c.dst) < 2:
+        return False
+    starts, sizes = zip(*sorted(zip(c.dst, c.size, strict=True)), strict=True)
+    return any(map(gt, map(add, starts, sizes), starts[1:]))  # an end past the next start (C-level loops)
 
 
 class Transfer:
