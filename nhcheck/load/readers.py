@@ -292,17 +292,18 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
     where = arenas.where
     isz = ITEMSIZE
     for pc in pieces:
-        op = pc.op
+        op, off, skip, n = pc  # unpacked at once: a read holds up to thousands of pieces
         if op.kind != "copy":
             others.append(pc)
             continue
-        n = pc.nbytes if pc.nbytes >= 0 else _source_bytes(op)
+        if n < 0:
+            n = _source_bytes(op)
         if n:
             dtype, base = where[op.param]
             mine = ranges.get(dtype)
             if mine is None:
                 mine = ranges[dtype] = []
-            mine.append((pc.off, (base + op.start) * isz[op.src] + pc.skip, n))
+            mine.append((off, (base + op.start) * isz[op.src] + skip, n))
     copies = []
     for dtype, rs in ranges.items():
         rs.sort()
