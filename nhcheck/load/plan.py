@@ -11,13 +11,15 @@ that loader writes and reports it. The plan ends at the tensor where the engine 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Literal, NamedTuple
 
 from nhcheck import engines, slots
 from nhcheck.audit import AuditReport, TensorRecord
 from nhcheck.dtypes import FLOAT_PARAM, ITEMSIZE, TORCH_DTYPE, numel
-from nhcheck.engines.base import Crash, LoaderSemantics
+from nhcheck.engines.base import Crash, LoaderSemantics, Outcome
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, grouped
 from nhcheck.manifest import Param
@@ -247,6 +249,15 @@ def stream_order(report: AuditReport) -> list[TensorRecord]:
     ]
 
 
+def _stream(report: AuditReport, engine) -> Iterator[tuple[TensorInfo, Outcome, str | None]]:
+    """(tensor, outcome, runtime parameter) of every record in stream order (``stream_order``); read straight from
+    the records' columns where the engine meets the tensors in checkpoint order (no record made per tensor)."""
+    recs = report.records
+    if engine.routes_before_lm(report.config, mtp=report.mtp) or recs.changed:
+        return ((r.tensor, r.outcome, r.param) for r in stream_order(report))
+    return zip(recs.tensors, recs.outcomes, map(itemgetter(1), recs.outcomes), strict=True)  # o[1]: o.param
+
+
 def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     """Every copy the load makes, in stream order, up to the tensor where the engine raises."""
     params, unreachable = runtime_params(report, dtype)
@@ -263,15 +274,14 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     labels: dict[int, str] = {}
     if report.crash is not None and report.crash.tensor is None:
         crash = report.crash
-    for i, r in enumerate(stream_order(report) if crash is None else ()):
-        o = r.outcome
+    new = tuple.__new__  # an expert's Op given positionally: no generated __new__ call per tensor
+    for i, (t, o, param) in enumerate(_stream(report, engine) if crash is None else ()):
         if o.outcome == "raise":
-            crash = Crash(o.message or "", r.tensor.name, r.tensor.shard, index=i)
+            crash = Crash(o.message or "", t.name, t.shard, index=i)
             break
         if o.outcome != "load":
             continue
-        t = r.tensor
-        p = by_name.get(r.param or "")
+        p = by_name.get(param or "")
         if p is None:
             continue  # an unreachable parameter: nothing the engine keeps
         e = o.expert_id
@@ -280,7 +290,7 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
             if hit is not None:
                 kind, per = hit
                 slot = labels.get(e) or labels.setdefault(e, f"expert {e}")
-                ops.append(Op(i, t, paths[t.shard], p.name, kind, TORCH_DTYPE[t.dtype], e * per, per, slot, ()))
+                ops.append(new(Op, (i, t, paths[t.shard], p.name, kind, TORCH_DTYPE[t.dtype], e * per, per, slot, ())))
                 continue
         loader = semantics.get(p.quant_method)
         if loader is None:
