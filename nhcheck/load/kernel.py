@@ -7,7 +7,7 @@ ranges are written, as it is placed, into its rows of one table on the device (s
 read, destination address, bytes, first chunk: four ``uint64`` a range); placing a read is then one
 ``cuLaunchKernel`` of ``place_ranges`` over its chunks of at most ``CHUNK`` bytes, one thread block a
 chunk (it finds its range by a binary search of the first chunks), each copying with the widest access
-its source, destination and length allow. Writing a read's rows is one pass of plain Python over its
+its source, destination and length allow. Writing a read's rows is one pass of Python's iterators over its
 ranges (no tensor operations: their thread pools would fight the reader threads for the cores), and they
 travel to the device in one copy ahead of the launch (``readers.Ranges``).
 

@@ -394,8 +394,8 @@ class Ranges:
     """Staged reads' byte ranges as rows of one table on the device, placed by ``kernel.Kernel``.
 
     A read's rows are written when that read is placed (``launcher``): into the next free rows of a pinned host
-    table, with plain Python over its ranges (no tensor operation: its thread pool would fight the reader
-    threads for the cores), then one asynchronous copy to the same rows on the device, ahead of the launch on
+    table, built by Python's C-level iterators over its ranges (no tensor operation: its thread pool would fight
+    the reader threads for the cores), then one asynchronous copy to the same rows on the device, ahead of the launch on
     the same stream. No row is written twice in a load, so the host rows need no wait before reuse.
     """
 
