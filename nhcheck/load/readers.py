@@ -172,8 +172,8 @@ def _pin(torch, size: int, device, part: int = _PIN_PART) -> tuple[Any, list[tup
     parts = [(o, min(part, size - o)) for o in range(0, size, part)]
     cudart = torch.cuda.cudart()
 
-    def pin(part: tuple[int, int]) -> bool:
-        o, n = part
+    def pin(span: tuple[int, int]) -> bool:
+        o, n = span
         if device is not None:
             torch.cuda.set_device(device)  # no context made on another card for this thread
         ctypes.memset(base + o, 0, n)  # one core's plain writes (not torch's thread pool from 16 threads at once)
@@ -238,20 +238,20 @@ def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_sha
     new = tuple.__new__  # Piece's fields given positionally: no generated __new__ call per op (24k on Nano)
     for op in ops:
         kind = op.kind
-        n = isz[op.src] * (op.n if kind == "copy" or kind == "cast" else 1 if kind == "broadcast" else op.src_elements)
+        n = isz[op.src] * (1 if kind == "broadcast" else op.n if kind != "corner" else op.src_elements)
         if n <= 0:
             continue
         data, first = index[op.path]
         size = sizes[first]  # every read of a shard but its last has this size
         a = op.tensor.start
         k0 = first + (a - data) // size
-        if k0 == first + (a + n - 1 - data) // size:  # the common case: one piece, the whole source
+        k1 = first + (a + n - 1 - data) // size
+        if k0 == k1:  # the common case: one piece, the whole source
             mine = out.get(k0)
             if mine is None:
                 mine = out[k0] = []
             mine.append(new(Piece, (op, a - starts[k0], 0, n)))
             continue
-        k1 = first + (a + n - 1 - data) // size
         if kind != "copy":
             whole.append(op)  # its parts are gathered from the reads, then applied whole
         b = a + n
