@@ -625,6 +625,31 @@ def test_24137_on_0_5_12_reports_packed_bytes_into_bf16_and_copies_nothing():
 # What the checks catch
 
 
+def test_file_samples_are_the_files_bytes_at_each_tensors_first_last_and_middle_elements():
+    """The read-back's file side, taken from the headers alone before any plan: for every tensor with data, its
+    first k, last k and k seeded middle elements, byte for byte as the file holds them (read here independently)."""
+    from nhcheck.load.checks import file_samples
+
+    ckpt = open_local(str(EXAMPLES / "nano3-nvfp4"))
+    k = 3
+    got = file_samples(ckpt.shards, k)
+    tensors = [t for s in ckpt.shards for t in s.tensors]
+    assert len(got.rows) == sum(1 for t in tensors if t.end > t.start) > 2000
+    for t in tensors:
+        b, row = got.rows[(t.shard, t.start)]
+        es = readers.ITEMSIZE[got.dtypes[b]]
+        n = (t.end - t.start) // es
+        rel = got.rel[b][row].tolist()
+        assert rel[:k] == [min(i, n - 1) for i in range(k)] and rel[k : 2 * k] == [max(n - 1 - i, 0) for i in range(k)]
+        assert all(0 <= r < n for r in rel) and rel[2 * k :] == sorted(rel[2 * k :])
+        with open(next(s.path for s in ckpt.shards if s.name == t.shard), "rb") as fh:
+            want = b""
+            for r in rel:
+                fh.seek(t.start + r * es)
+                want += fh.read(es)
+        assert bytes(got.data[b][row].tolist()) == want, t.name
+
+
 def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     """The executor puts expert 0's bytes into slot 1 and expert 1's into slot 0 of one parameter:
     coverage and bookkeeping are complete, only the memory shows it."""

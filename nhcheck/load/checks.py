@@ -9,13 +9,15 @@ own, not the reader's buffers), so a misplaced slice shows up here. The poison s
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from nhcheck import collapse
-from nhcheck.dtypes import ITEMSIZE, numel
+from nhcheck.dtypes import ITEMSIZE, TORCH_DTYPE, numel
 from nhcheck.load.memory import Arenas, torch_module
 from nhcheck.load.plan import Op
 from nhcheck.manifest import Param
+from nhcheck.safetensors_header import ShardHeader, TensorInfo
 
 
 class Coverage(NamedTuple):
@@ -89,6 +91,79 @@ def _missing(p: Param, merged: list[list[int]]) -> tuple[str, ...]:
     return tuple(gaps)
 
 
+class FileSamples(NamedTuple):
+    """What the shard files hold at every tensor's sample elements (the first ``k``, the last ``k``, ``k`` from a
+    seeded middle), read through a memory map of their own from the headers' offsets alone.
+
+    Taken before the plan exists, beside the audit (``file_samples``): the page faults of the map (one or more a
+    tensor; 24k tensors at release size) then cost no time after the bytes land. Every op reads a whole tensor
+    (a broadcast its one element), so a tensor's samples serve whatever op the plan makes of it.
+    """
+
+    k: int
+    #: (shard, first byte) of every tensor with data and a torch dtype → (block, row).
+    rows: dict[tuple[str, int], tuple[int, int]]
+    #: Per block (one shard's tensors of one dtype): the torch dtype, the elements' positions in their tensor
+    #: (int64, ``n × 3k``) and the bytes found there (uint8, ``n × 3k·itemsize``).
+    dtypes: tuple[str, ...]
+    rel: tuple[Any, ...]
+    data: tuple[Any, ...]
+
+
+def file_samples(shards: tuple[ShardHeader, ...], samples: int) -> FileSamples:
+    """Every tensor's ``3 × samples`` sample elements as the files hold them; a shard mapped at a time."""
+    import mmap
+
+    torch = torch_module()
+    rows: dict[tuple[str, int], tuple[int, int]] = {}
+    dtypes: list[str] = []
+    rels: list[Any] = []
+    datas: list[Any] = []
+    w = torch.arange(samples, dtype=torch.int64)
+    seed0 = 0  # a tensor's seed: its position in the checkpoint
+    for shard in shards:
+        groups: dict[str, list[TensorInfo]] = {}
+        for t in shard.tensors:
+            if t.end > t.start and t.dtype in TORCH_DTYPE:
+                mine = groups.get(t.dtype)
+                if mine is None:
+                    mine = groups[t.dtype] = []
+                mine.append(t)
+        if not groups:
+            continue
+        with open(shard.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        data = torch.frombuffer(mm, dtype=torch.uint8)
+        try:
+            for dtype, ts in groups.items():
+                src = TORCH_DTYPE[dtype]
+                es = ITEMSIZE[src]
+                starts = [t.start for t in ts]
+                start = torch.tensor(starts, dtype=torch.int64)
+                count = torch.tensor([(t.end - t.start) // es for t in ts], dtype=torch.int64)
+                seed = torch.arange(seed0, seed0 + len(ts), dtype=torch.int64)
+                seed0 += len(ts)
+                last = (count - 1).unsqueeze(1)
+                mid = (seed * 2654435761 % 4093 * count // 4093).unsqueeze(1)
+                rel = torch.cat(
+                    [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
+                )
+                idx = (start.unsqueeze(1) + rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
+                # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
+                got = data.index_select(0, idx.reshape(-1)).view(len(ts), -1)
+                b = len(dtypes)
+                rows.update(
+                    zip(zip(repeat(shard.name), starts), zip(repeat(b), range(len(ts))), strict=False)
+                )  # repeat: endless
+                dtypes.append(src)
+                rels.append(rel)
+                datas.append(got)
+        finally:
+            del data
+            mm.close()
+    return FileSamples(samples, rows, tuple(dtypes), tuple(rels), tuple(datas))
+
+
 class Expected(NamedTuple):
     """Read-back samples of one group of writes: where to look in the arena, and what must be there."""
 
@@ -100,56 +175,52 @@ class Expected(NamedTuple):
 
 
 def expected_samples(
-    ops: tuple[Op, ...], where: dict[str, tuple[str, int]], samples: int, skip: set[int]
+    ops: tuple[Op, ...], where: dict[str, tuple[str, int]], files: FileSamples, skip: set[int]
 ) -> list[Expected]:
-    """Pick ``3 × samples`` elements of every write (start, end, a seeded middle) and read what they must hold.
+    """The ``3 × k`` sample elements of every write (``files``: start, end, a seeded middle of its tensor) and
+    what they must hold once placed: the file's bytes, converted as the op converts them.
 
-    The expected values come from the shard files through a memory map of their own, not from
-    the buffers the reader used, so a wrong read and a misplaced write both show. Host only:
-    it runs while the transfer is in flight.
+    The expected values come from the shard files through a memory map of their own (``file_samples``), not
+    from the buffers the reader used, so a wrong read and a misplaced write both show. Host only: it runs
+    while the transfer is in flight.
     """
-    import mmap
-
     torch = torch_module()
-    groups: dict[tuple[str, str, str, str], list[Op]] = {}
+    rows = files.rows
+    groups: dict[tuple[int, str, str], tuple[list[Op], list[int]]] = {}
     for op in ops:
-        if op.idx not in skip:
-            groups.setdefault((op.path, op.src, where[op.param][0], op.kind), []).append(op)
+        if op.idx in skip:
+            continue
+        t = op.tensor
+        at = rows.get((t.shard, t.start))
+        if at is None:
+            continue  # no data: the op writes nothing
+        key = (at[0], where[op.param][0], op.kind)
+        mine = groups.get(key)
+        if mine is None:
+            mine = groups[key] = ([], [])
+        mine[0].append(op)
+        mine[1].append(at[1])
     out: list[Expected] = []
-    maps: dict[str, tuple] = {}
-    try:
-        for (path, src, dst, kind), group in groups.items():
-            if path not in maps:
-                with open(path, "rb") as fh:
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-                maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
-            data = maps[path][1]
-            pos0 = torch.tensor([where[o.param][1] + o.start for o in group], dtype=torch.int64)
-            count = torch.tensor([o.src_elements for o in group], dtype=torch.int64)
-            src0 = torch.tensor([o.tensor.start for o in group], dtype=torch.int64)
-            seed = torch.tensor([o.idx for o in group], dtype=torch.int64)
-            w = torch.arange(samples, dtype=torch.int64)
-            last = (count - 1).unsqueeze(1)
-            mid = ((seed * 2654435761) % 4093 * count // 4093).unsqueeze(1)
-            rel = torch.cat(
-                [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
-            )
-            es, de = ITEMSIZE[src], ITEMSIZE[dst]
-            src_rel = torch.zeros_like(rel) if kind == "broadcast" else rel
-            idx = (src0.unsqueeze(1) + src_rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
-            # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
-            x = data.index_select(0, idx.reshape(-1)).view(getattr(torch, src))
-            # Compare bytes, not elements: indexing kernels do not cover every float8 dtype.
-            want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(torch.uint8)
-            dst_rel = (
-                torch.stack([_in_corner(r, o) for r, o in zip(rel, group, strict=True)]) if kind == "corner" else rel
-            )
-            index = (((pos0.unsqueeze(1) + dst_rel) * de).unsqueeze(2) + torch.arange(de)).reshape(-1)
-            out.append(Expected(dst, kind == "mamba_A", tuple(group), index, want))
-    finally:
-        for mm, view in maps.values():
-            del view
-            mm.close()
+    for (b, dst, kind), (group, picked) in groups.items():
+        src = files.dtypes[b]
+        if kind not in ("broadcast", "corner") and any(
+            o.n != (o.tensor.end - o.tensor.start) // ITEMSIZE[src] for o in group
+        ):
+            raise RuntimeError(f"internal error: a {kind} op that does not write its whole tensor ({group[0].param})")
+        at = torch.tensor(picked, dtype=torch.int64)
+        x = files.data[b].index_select(0, at).view(getattr(torch, src))
+        if kind == "broadcast":  # element 0 of the tensor, into the first element of every sample
+            rel = torch.zeros((len(group), 3 * files.k), dtype=torch.int64)
+            x = x[:, :1].repeat(1, 3 * files.k)
+        else:
+            rel = files.rel[b].index_select(0, at)
+        # Compare bytes, not elements: indexing kernels do not cover every float8 dtype.
+        want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(torch.uint8)
+        dst_rel = torch.stack([_in_corner(r, o) for r, o in zip(rel, group, strict=True)]) if kind == "corner" else rel
+        de = ITEMSIZE[dst]
+        pos0 = torch.tensor([where[o.param][1] + o.start for o in group], dtype=torch.int64)
+        index = (((pos0.unsqueeze(1) + dst_rel) * de).unsqueeze(2) + torch.arange(de)).reshape(-1)
+        out.append(Expected(dst, kind == "mamba_A", tuple(group), index, want.reshape(-1)))
     return out
 
 
