@@ -9,7 +9,8 @@ own, not the reader's buffers), so a misplaced slice shows up here. The poison s
 
 from __future__ import annotations
 
-from itertools import repeat
+import array
+from operator import gt, itemgetter
 from typing import Any, NamedTuple
 
 from nhcheck import collapse
@@ -17,7 +18,7 @@ from nhcheck.dtypes import ITEMSIZE, TORCH_DTYPE, numel
 from nhcheck.load.memory import Arenas, torch_module
 from nhcheck.load.plan import Op
 from nhcheck.manifest import Param
-from nhcheck.safetensors_header import ShardHeader, TensorInfo
+from nhcheck.safetensors_header import ShardHeader
 
 
 class Coverage(NamedTuple):
@@ -101,67 +102,70 @@ class FileSamples(NamedTuple):
     """
 
     k: int
-    #: (shard, first byte) of every tensor with data and a torch dtype → (block, row).
-    rows: dict[tuple[str, int], tuple[int, int]]
-    #: Per block (one shard's tensors of one dtype): the torch dtype, the elements' positions in their tensor
-    #: (int64, ``n × 3k``) and the bytes found there (uint8, ``n × 3k·itemsize``).
-    dtypes: tuple[str, ...]
+    #: Shard → (its block, the first byte of every tensor with data and a torch dtype → its row).
+    rows: dict[str, tuple[int, dict[int, int]]]
+    #: Per block (one shard's tensors): the bytes kept of each element (the shard's widest element; a narrower
+    #: element's own bytes come first), the elements' positions in their tensor (int64, ``n × 3k``) and the
+    #: bytes found there (uint8, ``n × 3k·width``).
+    width: tuple[int, ...]
     rel: tuple[Any, ...]
     data: tuple[Any, ...]
 
 
+#: Bytes an element of each safetensors dtype that has a torch dtype.
+_ELEMENT = {dtype: ITEMSIZE[name] for dtype, name in TORCH_DTYPE.items()}
+_DTYPE, _START, _END = itemgetter(1), itemgetter(3), itemgetter(4)  # TensorInfo fields
+
+
 def file_samples(shards: tuple[ShardHeader, ...], samples: int) -> FileSamples:
-    """Every tensor's ``3 × samples`` sample elements as the files hold them; a shard mapped at a time."""
+    """Every tensor's ``3 × samples`` sample elements as the files hold them; a shard mapped at a time.
+
+    It runs on a side thread while the main thread audits and plans, so what it does per tensor is done by
+    C-level iterators and tensor operations (the page faults and the unmapping without the interpreter).
+    """
     import mmap
 
     torch = torch_module()
-    rows: dict[tuple[str, int], tuple[int, int]] = {}
-    dtypes: list[str] = []
+    rows: dict[str, tuple[int, dict[int, int]]] = {}
+    widths: list[int] = []
     rels: list[Any] = []
     datas: list[Any] = []
     w = torch.arange(samples, dtype=torch.int64)
     seed0 = 0  # a tensor's seed: its position in the checkpoint
     for shard in shards:
-        groups: dict[str, list[TensorInfo]] = {}
-        for t in shard.tensors:
-            if t.end > t.start and t.dtype in TORCH_DTYPE:
-                mine = groups.get(t.dtype)
-                if mine is None:
-                    mine = groups[t.dtype] = []
-                mine.append(t)
-        if not groups:
+        ts = shard.tensors
+        if not set(map(_DTYPE, ts)) <= _ELEMENT.keys() or not all(map(gt, map(_END, ts), map(_START, ts))):
+            ts = tuple(t for t in ts if t.end > t.start and t.dtype in _ELEMENT)  # no data, or no torch dtype
+        if not ts:
             continue
+        starts = array.array("q", map(_START, ts))
+        start = torch.frombuffer(starts, dtype=torch.int64)
+        es = torch.frombuffer(array.array("q", map(_ELEMENT.__getitem__, map(_DTYPE, ts))), dtype=torch.int64)
+        count = (torch.frombuffer(array.array("q", map(_END, ts)), dtype=torch.int64) - start) // es
+        seed = torch.arange(seed0, seed0 + len(ts), dtype=torch.int64)
+        seed0 += len(ts)
+        last = (count - 1).unsqueeze(1)
+        mid = (seed * 2654435761 % 4093 * count // 4093).unsqueeze(1)
+        rel = torch.cat(
+            [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
+        )
+        width = int(es.max())
+        idx = (start.unsqueeze(1) + rel * es.unsqueeze(1)).unsqueeze(2) + torch.arange(width, dtype=torch.int64)
+        idx.clamp_(max=shard.file_size - 1)  # a narrow last element's spare bytes stay in the file
         with open(shard.path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         data = torch.frombuffer(mm, dtype=torch.uint8)
         try:
-            for dtype, ts in groups.items():
-                src = TORCH_DTYPE[dtype]
-                es = ITEMSIZE[src]
-                starts = [t.start for t in ts]
-                start = torch.tensor(starts, dtype=torch.int64)
-                count = torch.tensor([(t.end - t.start) // es for t in ts], dtype=torch.int64)
-                seed = torch.arange(seed0, seed0 + len(ts), dtype=torch.int64)
-                seed0 += len(ts)
-                last = (count - 1).unsqueeze(1)
-                mid = (seed * 2654435761 % 4093 * count // 4093).unsqueeze(1)
-                rel = torch.cat(
-                    [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
-                )
-                idx = (start.unsqueeze(1) + rel * es).unsqueeze(2) + torch.arange(es, dtype=torch.int64)
-                # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
-                got = data.index_select(0, idx.reshape(-1)).view(len(ts), -1)
-                b = len(dtypes)
-                rows.update(
-                    zip(zip(repeat(shard.name), starts), zip(repeat(b), range(len(ts))), strict=False)
-                )  # repeat: endless
-                dtypes.append(src)
-                rels.append(rel)
-                datas.append(got)
+            # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
+            got = data.index_select(0, idx.reshape(-1)).view(len(ts), -1)
         finally:
             del data
             mm.close()
-    return FileSamples(samples, rows, tuple(dtypes), tuple(rels), tuple(datas))
+        rows[shard.name] = (len(widths), dict(zip(starts, range(len(ts)), strict=True)))
+        widths.append(width)
+        rels.append(rel)
+        datas.append(got)
+    return FileSamples(samples, rows, tuple(widths), tuple(rels), tuple(datas))
 
 
 class Expected(NamedTuple):
@@ -186,32 +190,33 @@ def expected_samples(
     """
     torch = torch_module()
     rows = files.rows
-    groups: dict[tuple[int, str, str], tuple[list[Op], list[int]]] = {}
+    none: tuple[int, dict[int, int]] = (-1, {})
+    groups: dict[tuple[int, str, str, str], tuple[list[Op], list[int]]] = {}
     for op in ops:
         if op.idx in skip:
             continue
         t = op.tensor
-        at = rows.get((t.shard, t.start))
-        if at is None:
+        b, of = rows.get(t.shard, none)
+        row = of.get(t.start)
+        if row is None:
             continue  # no data: the op writes nothing
-        key = (at[0], where[op.param][0], op.kind)
+        key = (b, op.src, where[op.param][0], op.kind)
         mine = groups.get(key)
         if mine is None:
             mine = groups[key] = ([], [])
         mine[0].append(op)
-        mine[1].append(at[1])
+        mine[1].append(row)
     out: list[Expected] = []
-    for (b, dst, kind), (group, picked) in groups.items():
-        src = files.dtypes[b]
-        if kind not in ("broadcast", "corner") and any(
-            o.n != (o.tensor.end - o.tensor.start) // ITEMSIZE[src] for o in group
-        ):
+    for (b, src, dst, kind), (group, picked) in groups.items():
+        es, k3 = ITEMSIZE[src], 3 * files.k
+        if kind not in ("broadcast", "corner") and any(o.n != (o.tensor.end - o.tensor.start) // es for o in group):
             raise RuntimeError(f"internal error: a {kind} op that does not write its whole tensor ({group[0].param})")
         at = torch.tensor(picked, dtype=torch.int64)
-        x = files.data[b].index_select(0, at).view(getattr(torch, src))
+        raw = files.data[b].index_select(0, at).view(len(group), k3, files.width[b])[:, :, :es]
+        x = raw.contiguous().view(getattr(torch, src)).view(len(group), k3)
         if kind == "broadcast":  # element 0 of the tensor, into the first element of every sample
-            rel = torch.zeros((len(group), 3 * files.k), dtype=torch.int64)
-            x = x[:, :1].repeat(1, 3 * files.k)
+            rel = torch.zeros((len(group), k3), dtype=torch.int64)
+            x = x[:, :1].repeat(1, k3)
         else:
             rel = files.rel[b].index_select(0, at)
         # Compare bytes, not elements: indexing kernels do not cover every float8 dtype.
