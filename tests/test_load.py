@@ -653,6 +653,32 @@ def test_file_samples_are_the_files_bytes_at_each_tensors_first_last_and_middle_
         assert b"".join(row_bytes[i : i + es] for i in range(0, len(row_bytes), width)) == want, t.name
 
 
+def test_the_checks_tensor_work_beside_the_readers_runs_on_one_core(monkeypatch):
+    """The file samples and the bookkeeping run on the side thread with torch's intra-op threads at one (a
+    parallel team would spin beside the reader threads); the caller's own count is left as it was."""
+    seen: dict[str, int] = {}
+    real_files, real_books = run.file_samples, run._bookkeeping
+
+    def files(*a):
+        seen["files"] = torch.get_num_threads()
+        return real_files(*a)
+
+    def books(*a):
+        seen["books"] = torch.get_num_threads()
+        return real_books(*a)
+
+    monkeypatch.setattr(run, "file_samples", files)
+    monkeypatch.setattr(run, "_bookkeeping", books)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert res.report.verdict == "clean" and seen == {"files": 1, "books": 1}
+
+
 def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     """The executor puts expert 0's bytes into slot 1 and expert 1's into slot 0 of one parameter:
     coverage and bookkeeping are complete, only the memory shows it."""

@@ -13,11 +13,11 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from nhcheck import collector, slots
 from nhcheck import coverage as param_coverage
@@ -33,6 +33,8 @@ from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
 from nhcheck.load.plan import Plan, plan_load
 from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_of
 from nhcheck.manifest import Param
+
+T = TypeVar("T")
 
 #: The last load's check phase split, for ``bench/load.py``: ``books_wait`` for the side thread's
 #: coverage and read-back samples after the transfer, ``compare`` the read-back, ``close`` the readers
@@ -159,7 +161,7 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         baseline = transfer.baseline if transfer is not None else _baseline(torch, device)
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         # the file side of the read-back needs only the headers: its page faults are taken beside the audit
-        files = side.submit(file_samples, ckpt.shards, max(1, opts.samples))
+        files = side.submit(_one_core, file_samples, ckpt.shards, max(1, opts.samples))
         audit = decide()
         t_audit = time.perf_counter()
         plan = plan_load(audit, opts.dtype)
@@ -169,7 +171,7 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         if transfer is not None:
             transfer.begin(plan.ops, arenas)  # the readers learn the plan before any bookkeeping of the checks
         # the checks' bookkeeping needs only the plan: done while the bytes move
-        books = side.submit(_bookkeeping, plan, files)
+        books = side.submit(_one_core, _bookkeeping, plan, files)
         read = transfer.finish() if transfer is not None else run_safetensors(plan.ops, arenas, device)
         t_data = time.perf_counter()
         cov, expected = books.result()
@@ -224,6 +226,23 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         samples_checked=checked,
     )
     return LoadResult(report, arenas)
+
+
+def _one_core(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this thread's torch CPU operations on one core.
+
+    The side thread's tensor work runs beside the reader threads, and a parallel operation's team of 16 threads
+    spins for the cores they need: the 3.12 GB bench's file samples beside 8 threads looping on ``os.preadv``,
+    H100 host (2026-12-06), 104 ms with torch's 16 intra-op threads, 20 ms with one (alone: 48 ms and 18 ms).
+    The count is the calling thread's (OpenMP's is per thread), so the main thread keeps its own.
+    """
+    torch = torch_module()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
 
 
 def _bookkeeping(plan: Plan, files: Future[FileSamples]) -> tuple[dict[str, Coverage], list]:
