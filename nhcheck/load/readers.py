@@ -49,6 +49,10 @@ KERNEL = True
 #: once the plan is there every thread pays off (audit done before the clock: 0.88x the pinned-pread ceiling
 #: with a ring slot per thread, 0.76x with 8 slots for 16 threads). ``bench/load.py`` times 1.0 beside it.
 EARLY_SHARE = 0.5
+#: The interpreter's switch interval during a load (``run``): how long a reader thread back from ``os.preadv`` or
+#: a wait waits for the interpreter before asking the main thread for it (Python's default: 5 ms).
+#: ``bench/load.py`` times 1 ms beside it.
+SWITCH_INTERVAL = 2e-4
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
 #: Ring slots and registered parts start on a page of their own.

@@ -27,6 +27,7 @@ from nhcheck.coverage import ParamState
 from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash
 from nhcheck.findings import Finding, Verdict, verdict_of
+from nhcheck.load import readers
 from nhcheck.load.checks import Coverage, FileSamples, compare, coverage, expected_samples, file_samples
 from nhcheck.load.memory import Arenas, layout, resolve_device, torch_module
 from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
@@ -102,11 +103,11 @@ def _load_interpreter() -> Iterator[None]:
     """The interpreter as a load wants it, restored after.
 
     Reader threads need the interpreter for microseconds per piece while the main thread parses and audits;
-    the default 5 ms switch interval would make each of them wait that long. And the cyclic collector is
-    paused (``collector.paused``).
+    the default 5 ms switch interval would make each of them wait that long (``readers.SWITCH_INTERVAL``). And
+    the cyclic collector is paused (``collector.paused``).
     """
     before = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
+    sys.setswitchinterval(readers.SWITCH_INTERVAL)
     try:
         with collector.paused():
             yield
