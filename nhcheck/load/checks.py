@@ -96,9 +96,9 @@ class FileSamples(NamedTuple):
     """What the shard files hold at every tensor's sample elements (the first ``k``, the last ``k``, ``k`` from a
     seeded middle), read through a memory map of their own from the headers' offsets alone.
 
-    Taken before the plan exists, beside the audit (``file_samples``): the page faults of the map (one or more a
-    tensor; 24k tensors at release size) then cost no time after the bytes land. Every op reads a whole tensor
-    (a broadcast its one element), so a tensor's samples serve whatever op the plan makes of it.
+    Taken per tensor from the headers (``file_samples``), a block a shard: every op reads a whole tensor (a
+    broadcast its one element), so a tensor's samples serve whatever op the plan makes of it, picked by row
+    (``expected_samples``) without a memory map per op group.
     """
 
     k: int
@@ -120,8 +120,8 @@ _DTYPE, _START, _END = itemgetter(1), itemgetter(3), itemgetter(4)  # TensorInfo
 def file_samples(shards: tuple[ShardHeader, ...], samples: int) -> FileSamples:
     """Every tensor's ``3 × samples`` sample elements as the files hold them; a shard mapped at a time.
 
-    It runs on a side thread while the main thread audits and plans, so what it does per tensor is done by
-    C-level iterators and tensor operations (the page faults and the unmapping without the interpreter).
+    It runs on a side thread while the bytes move, so what it does per tensor is done by C-level iterators and
+    tensor operations (the page faults and the unmapping without the interpreter).
     """
     import mmap
 
