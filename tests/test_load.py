@@ -919,6 +919,28 @@ def test_cuda_oracle_and_crash_points(pruned_24434):
     assert load_path(str(pruned_24434), "sglang@0.5.11", LoadOptions(device="cuda")).report.verdict == "incomplete"
 
 
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("driver", [True, False], ids=["driver", "torch"])
+def test_cuda_readers_stage_through_the_driver_or_torch(monkeypatch, driver):
+    """The readers enqueue each staged piece with the driver's calls (the interpreter kept), or torch's where
+    libcuda cannot be bound: many small pieces through a few slots each way (event waits between reuses), the
+    bytes as the CPU reference's; run from a fresh thread too (the driver needs the context made current)."""
+    if not driver:
+        monkeypatch.setitem(readers._CACHE, "stager", None)
+    small = LoadOptions(device="cuda", chunk_bytes=4096, pinned_bytes=3 * 4096, staging_bytes=2 * 4096, threads=3)
+    ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
+    with ThreadPoolExecutor(1) as pool:
+        got = pool.submit(load_path, str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", small).result()
+    assert (readers._CACHE["stager"] is not None) == driver
+    assert got.report.verdict == "clean" == ref.report.verdict
+    for n, t in ref.tensors.items():
+        if n.endswith(".mixer.A"):
+            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
+        else:
+            assert same(t, got.tensors[n]), n
+
+
 #: cudaErrorHostMemoryAlreadyRegistered
 ALREADY_REGISTERED = 712
 
