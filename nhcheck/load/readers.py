@@ -354,6 +354,8 @@ class _Stager(NamedTuple):
     take it back, and every taking back is a handover the main thread pays for while it places: beside 16
     threads looping on ``os.preadv`` (one release a piece) its work before the plan took 68.5 ms against
     30.8 ms alone (H100 host, 2026-12-06). These calls keep the interpreter: a piece is enqueued in one hold.
+    Release size on an H100 host (2026-12-06): the readers' summed enqueue time 0.012 s against 0.285 s, the
+    main thread's per-read placement 0.194 s against 0.232 s.
     """
 
     htod: Any  # cuMemcpyHtoDAsync_v2(dst, src, bytes, stream)
@@ -379,6 +381,7 @@ def _stager() -> _Stager | None:
 
 
 def _driver_check(rc: int, call: str) -> None:
+    """A driver call's non-zero result as an error naming the call (the driver returns codes, never raises)."""
     if rc:
         raise RuntimeError(f"{call} failed with CUDA error {rc}")
 
@@ -412,9 +415,7 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, batc
         for c in placement.copies:
             base = arenas.raw[c.dtype].data_ptr()
             for so, do, n in zip(c.src, c.dst, c.size, strict=True):
-                rc = memcpy(base + do, sptr + so, n, handle)
-                if rc:
-                    raise RuntimeError(f"cuMemcpyDtoDAsync failed with CUDA error {rc}")
+                _driver_check(memcpy(base + do, sptr + so, n, handle), "cuMemcpyDtoDAsync")
         return
     # in source order over all arenas, as one pass through the staged read
     ranges = sorted(
@@ -516,7 +517,7 @@ class Transfer:
     with events, the host waits only for a free slot. Before the plan exists, only ``EARLY_SHARE`` of
     the readers read, and no further ahead than the staging area plus what they hold; once it does, every
     reader reads, and pieces no op needs are not read. Each piece costs its reader a few brief holds of
-    the interpreter (the read itself runs outside it).
+    the interpreter (the read itself runs outside it; its copy and events are enqueued in one: ``_Stager``).
     One load at a time per process: the pinned ring is shared.
     """
 
