@@ -56,6 +56,16 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.numel() == b.numel() and torch.equal(_bytes(a), _bytes(b))
 
 
+def assert_matches_reference(ref, got) -> None:
+    """Every tensor of a CUDA load equals the CPU reference load's (``A = -exp()`` on the GPU may differ in the
+    last bit)."""
+    for n, t in ref.tensors.items():
+        if n.endswith(".mixer.A"):
+            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
+        else:
+            assert same(t, got.tensors[n]), n
+
+
 def poison_everywhere(t: torch.Tensor) -> bool:
     return bool((_bytes(t) == 0xFF).all())
 
@@ -894,11 +904,7 @@ def test_cuda_matches_cpu_reference(example, engine, opts):
     assert r.device.startswith("cuda") and r.device_name and r.peak_device_bytes > 0
     assert r.verdict == ref.report.verdict
     assert all(t.is_cuda for t in got.tensors.values())
-    for n, t in ref.tensors.items():
-        if n.endswith(".mixer.A"):  # -exp() on the GPU may differ from the CPU's in the last bit
-            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
-        else:
-            assert same(t, got.tensors[n]), n
+    assert_matches_reference(ref, got)
 
 
 @pytest.mark.cuda
@@ -934,11 +940,7 @@ def test_cuda_readers_stage_through_the_driver_or_torch(monkeypatch, driver):
         got = pool.submit(load_path, str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", small).result()
     assert (readers._CACHE["stager"] is not None) == driver
     assert got.report.verdict == "clean" == ref.report.verdict
-    for n, t in ref.tensors.items():
-        if n.endswith(".mixer.A"):
-            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
-        else:
-            assert same(t, got.tensors[n]), n
+    assert_matches_reference(ref, got)
 
 
 @pytest.mark.cuda
@@ -951,11 +953,7 @@ def test_cuda_placement_fallbacks_match_the_reference(monkeypatch, switch):
     ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
     got = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cuda", chunk_bytes=1 << 16))
     assert got.report.verdict == "clean" == ref.report.verdict
-    for n, t in ref.tensors.items():
-        if n.endswith(".mixer.A"):
-            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
-        else:
-            assert same(t, got.tensors[n]), n
+    assert_matches_reference(ref, got)
 
 
 #: cudaErrorHostMemoryAlreadyRegistered
@@ -1013,11 +1011,7 @@ def test_cuda_ring_slots_never_straddle_two_registrations(monkeypatch, chunk):
         if "ring" in readers._CACHE:
             readers._unpin(torch, readers._CACHE["ring"], readers._CACHE["ring_parts"])
     assert got.report.verdict == ref.report.verdict == "clean"
-    for n, t in ref.tensors.items():
-        if n.endswith(".mixer.A"):
-            assert torch.allclose(got.tensors[n].cpu(), t, rtol=1e-6, atol=0.0), n
-        else:
-            assert same(t, got.tensors[n]), n
+    assert_matches_reference(ref, got)
 
 
 @pytest.mark.cuda
