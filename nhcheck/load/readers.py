@@ -327,23 +327,30 @@ def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Pla
     return Placement(tuple(pieces), tuple(copies), tuple(others))
 
 
+def _driver_call(name: str, argtypes: list) -> Any:
+    """The CUDA driver's function ``name`` (libcuda, which every CUDA process has loaded), bound through
+    ``PyDLL`` — the call keeps the interpreter, where a ``CDLL`` call gives it away and must wait for it back
+    behind the reader threads — or None where it cannot be bound."""
+    try:
+        fn = getattr(ctypes.PyDLL("libcuda.so.1"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def _driver_memcpy():
-    """The CUDA driver's ``cuMemcpyDtoDAsync`` (libcuda, which every CUDA process has loaded), or None.
+    """The driver's ``cuMemcpyDtoDAsync``, or None.
 
     A staged read holds dozens to thousands of byte ranges; enqueueing each straight on the driver
     costs a few microseconds of the main thread; making a pair of tensor views per range for
     ``torch._foreach_copy_`` costs more (H100, 3,503 ranges: 35–47 ms against 48–72 ms; end to end
-    ``bench/load.py`` times both). Bound through ``PyDLL``: the call keeps the interpreter, so each
-    range does not wait for it back behind the reader threads (a ``CDLL`` call gives it away).
+    ``bench/load.py`` times both).
     """
     if "dtod" not in _CACHE:
-        try:
-            fn = ctypes.PyDLL("libcuda.so.1").cuMemcpyDtoDAsync_v2
-            fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-            _CACHE["dtod"] = fn
-        except (OSError, AttributeError):
-            _CACHE["dtod"] = None
+        _CACHE["dtod"] = _driver_call(
+            "cuMemcpyDtoDAsync_v2", [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        )
     return _CACHE["dtod"]
 
 
@@ -366,17 +373,12 @@ class _Stager(NamedTuple):
 def _stager() -> _Stager | None:
     """The driver's staging calls, or None where libcuda cannot be bound (the readers then use torch's)."""
     if "stager" not in _CACHE:
-        try:
-            lib = ctypes.PyDLL("libcuda.so.1")
-            htod, wait, record = lib.cuMemcpyHtoDAsync_v2, lib.cuStreamWaitEvent, lib.cuEventRecord
-        except (OSError, AttributeError):
-            _CACHE["stager"] = None
-        else:
-            htod.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            wait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-            record.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            htod.restype = wait.restype = record.restype = ctypes.c_int
-            _CACHE["stager"] = _Stager(htod, wait, record)
+        fns = (
+            _driver_call("cuMemcpyHtoDAsync_v2", [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
+            _driver_call("cuStreamWaitEvent", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]),
+            _driver_call("cuEventRecord", [ctypes.c_void_p, ctypes.c_void_p]),
+        )
+        _CACHE["stager"] = None if any(fn is None for fn in fns) else _Stager(*fns)
     return _CACHE["stager"]
 
 
