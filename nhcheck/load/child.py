@@ -176,9 +176,7 @@ def main(sock_fd: int, ring_fd: int, size: int) -> None:
     import mmap
 
     sock = socket.socket(fileno=sock_fd)
-    # the loading process has faulted the pages in: mapped here at once, not one fault per page during the reads
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    ring = memoryview(mmap.mmap(ring_fd, size, flags=mmap.MAP_SHARED | populate))
+    ring = memoryview(mmap.mmap(ring_fd, size))
     lock = threading.Lock()
     inbox = Inbox(sock)
     load: _Load | None = None
