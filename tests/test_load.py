@@ -300,18 +300,12 @@ def _torch_with(cudart: _FakeCudart):
     return SimpleNamespace(frombuffer=torch.frombuffer, uint8=torch.uint8, cuda=SimpleNamespace(cudart=lambda: cudart))
 
 
-def _ring(size: int):
-    """A ring over ``_memory``'s shared memory, and its descriptor."""
-    fd, mm = readers._memory(size)
-    return torch.frombuffer(mm, dtype=torch.uint8), fd
-
-
 def test_the_ring_is_memory_another_process_maps():
     """The reader process reads into the ring through a mapping of its own: what is written there is what the
     loading process's tensor holds."""
     import mmap
 
-    ring, fd = _ring(3 * 4096)
+    ring, fd = readers._shared(torch, 3 * 4096)
     try:
         theirs = mmap.mmap(fd, 3 * 4096)
         theirs[5000:5004] = b"\x01\x02\x03\x04"
@@ -322,13 +316,15 @@ def test_the_ring_is_memory_another_process_maps():
         os.close(fd)
 
 
-def test_pinned_ring_is_registered_in_page_aligned_parts():
+def test_pinned_ring_is_registered_in_page_aligned_parts_each_faulted_in():
     cudart = _FakeCudart()
     size = 7 * 4096 + 100
-    ring, fd = _ring(size)
+    ring, fd = readers._shared(torch, size)
+    ring.fill_(255)  # not zero: a part left unwritten shows
     parts = readers._pin(_torch_with(cudart), ring, None, 3 * 4096)
     assert parts == [(0, 3 * 4096), (3 * 4096, 3 * 4096), (6 * 4096, 4096 + 100)]
     assert cudart.registered == {ring.data_ptr() + o: n for o, n in parts}  # every byte, no page twice
+    assert not ring.any()  # each part was written (its pages faulted in) before it was registered
     readers._unpin(_torch_with(cudart), ring, parts)
     assert cudart.registered == {}
     os.close(fd)
@@ -338,31 +334,11 @@ def test_a_ring_part_that_will_not_register_leaves_the_ring_pageable():
     """Copies from pageable memory still work (the driver stages them): the load goes on, every registration
     that did succeed let go."""
     cudart = _FakeCudart()
-    ring, fd = _ring(5 * 4096)
+    ring, fd = readers._shared(torch, 5 * 4096)
     cudart.fail_at = ring.data_ptr() + 2 * 4096  # the third part
     assert readers._pin(_torch_with(cudart), ring, None, 4096) == []
     assert cudart.registered == {}
     os.close(fd)
-
-
-def test_the_ring_a_load_needs_is_begun_before_torch_and_taken_when_it_fits(monkeypatch):
-    """``prepare_ring`` starts the ring's memory from the spans alone (``load_path`` calls it before torch is
-    imported); the transfer takes that memory where its size is the one it needs, and makes its own where not."""
-    monkeypatch.setattr(readers, "_CACHE", {})
-    spans = readers.spans_of(open_local(str(EXAMPLES / "nano3-nvfp4")).shards)
-    opts = LoadOptions(device="cpu", chunk_bytes=3000, pinned_bytes=5 * 3008)
-    readers.prepare_ring(spans, opts)
-    size, job = readers._CACHE["early"]
-    assert size == 5 * 4096  # five 3,008-byte slots, a page apart
-    fd, mm = job.result()
-    with readers.Transfer(spans, torch.device("cpu"), opts, torch) as t:
-        assert "early" not in readers._CACHE and readers._CACHE["ring_fd"] == fd and t.ring.numel() == size
-    readers.prepare_ring(spans, opts)
-    assert "early" not in readers._CACHE  # the cached ring fits
-    readers.prepare_ring(spans, LoadOptions(device="cpu", chunk_bytes=3000, pinned_bytes=9 * 3008))
-    with readers.Transfer(spans, torch.device("cpu"), opts, torch):  # the early one is of another size
-        assert "early" not in readers._CACHE and readers._CACHE["ring_fd"] == fd
-    readers._drop_ring(torch)
 
 
 def test_ring_parts_hold_whole_slots_and_a_ring_of_other_slots_is_made_afresh(monkeypatch):
@@ -982,7 +958,7 @@ ALREADY_REGISTERED = 712
 def test_cuda_ring_is_registered_page_locked_in_parts_and_released():
     dev = torch.device("cuda", 0)
     size = 2 * readers._PIN_PART + 12345
-    ring, fd = _ring(size)
+    ring, fd = readers._shared(torch, size)
     parts = readers._pin(torch, ring, dev)
     cudart = torch.cuda.cudart()
 

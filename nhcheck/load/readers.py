@@ -139,67 +139,21 @@ def write_op(arenas: Arenas, op: Op, x) -> None:
     apply(op.kind, dst, x)
 
 
-def ring_layout(reads: list[Read], opts: LoadOptions) -> tuple[int, int, int]:
-    """A load's ring: its slot (the largest read, in 64-byte units), its slot count, and the page-aligned
-    stride between slots (registered parts hold whole slots)."""
-    slot = -(-max((r.end - r.start for r in reads), default=64) // 64) * 64
-    return slot, max(1, min(len(reads), opts.pinned_bytes // slot)), -(-slot // _PAGE) * _PAGE
-
-
-def prepare_ring(spans: list[Span], opts: LoadOptions) -> None:
-    """Start making the host ring a load of ``spans`` needs (``_memory``), in the background, where the cached
-    one will not do: called before torch is imported, so that faulting in its pages (shared memory has no
-    huge pages: 0.24 s for 1 GB from 16 threads on an H100 host, 2026-12-06, against 0.07 s for anonymous
-    memory) runs beside torch's import and CUDA's start, which a one-shot ``nhcheck load`` waits for anyway."""
-    _, nhost, stride = ring_layout(plan_reads(spans, opts.chunk_bytes), opts)
-    size = nhost * stride
-    ring = _CACHE.get("ring")
-    if (ring is not None and ring.numel() >= size and _CACHE.get("ring_part") == _part(stride)) or "early" in _CACHE:
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1)
-    _CACHE["early"] = (size, pool.submit(_memory, size))
-    pool.shutdown(wait=False)
-
-
-def _part(slot: int) -> int:
-    """The size of a ring's registered parts: whole slots, about ``_PIN_PART``."""
-    return slot * max(1, _PIN_PART // slot)
-
-
 def _host_ring(torch, size: int, pinned: bool, device=None, slot: int = _PIN_PART):
     """Ring storage for slots of ``slot`` bytes (a page multiple), in memory the reader process maps too
-    (``_memory``, made here or begun by ``prepare_ring``); kept for the next load while it is large enough,
-    of the same parts and pinning.
+    (``_shared``); kept for the next load while it is large enough, of the same parts and pinning.
 
     Pinned (on CUDA): registered from ``device``'s threads in parts that hold whole slots, so an asynchronous
     copy from one slot never spans two registrations (each copy is one range the driver knows as page-locked).
     """
-    part = _part(slot)
+    part = slot * max(1, _PIN_PART // slot)
     ring = _CACHE.get("ring")
-    early = _CACHE.pop("early", None)
-    if ring is not None and ring.numel() >= size and (_CACHE["ring_part"], _CACHE["ring_pinned"]) == (part, pinned):
-        if early is not None:
-            _discard(early[1])
-        return ring
-    _drop_ring(torch)
-    if early is not None and early[0] == size:
-        fd, mm = early[1].result()
-    else:
-        if early is not None:
-            _discard(early[1])
-        fd, mm = _memory(size)
-    ring = torch.frombuffer(mm, dtype=torch.uint8)
-    _CACHE["ring_fd"] = fd
-    _CACHE["ring_parts"] = _pin(torch, ring, device, part) if pinned else []
-    _CACHE["ring"], _CACHE["ring_part"], _CACHE["ring_pinned"] = ring, part, pinned
+    if ring is None or ring.numel() < size or _CACHE.get("ring_part") != part or _CACHE.get("ring_pinned") != pinned:
+        _drop_ring(torch)
+        ring, _CACHE["ring_fd"] = _shared(torch, size)
+        _CACHE["ring_parts"] = _pin(torch, ring, device, part) if pinned else []
+        _CACHE["ring"], _CACHE["ring_part"], _CACHE["ring_pinned"] = ring, part, pinned
     return ring
-
-
-def _discard(job) -> None:
-    """Let go of memory ``prepare_ring`` began that no load takes, once it is made."""
-    job.add_done_callback(lambda done: os.close(done.result()[0]))
 
 
 def _drop_ring(torch) -> None:
@@ -214,13 +168,10 @@ def _drop_ring(torch) -> None:
         os.close(_CACHE.pop("ring_fd"))
 
 
-def _memory(size: int) -> tuple[int, Any]:
-    """``size`` bytes of shared memory, every page faulted in: the descriptor another process maps it by (an
-    anonymous memory file, ``memfd_create``, or an unlinked temporary file where there is none) and its mapping
-    here. Each ``_PIN_PART`` is written by a thread of its own (plain ``memset``: no torch, which may not be
-    imported yet)."""
+def _shared(torch, size: int) -> tuple[Any, int]:
+    """A uint8 tensor over ``size`` bytes of shared memory, and the descriptor another process maps it by:
+    an anonymous memory file (``memfd_create``), or an unlinked temporary file where there is none."""
     import mmap
-    from concurrent.futures import ThreadPoolExecutor
 
     try:
         fd = os.memfd_create("nhcheck-ring")
@@ -230,22 +181,17 @@ def _memory(size: int) -> tuple[int, Any]:
         with tempfile.TemporaryFile() as fh:
             fd = os.dup(fh.fileno())
     os.ftruncate(fd, size)
-    mm = mmap.mmap(fd, size)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    parts = range(0, size, _PIN_PART)
-    with ThreadPoolExecutor(min(16, len(parts))) as pool:
-        list(pool.map(lambda o: ctypes.memset(base + o, 0, min(_PIN_PART, size - o)), parts))
-    return fd, mm
+    return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8), fd
 
 
 def _pin(torch, ring, device, part: int = _PIN_PART) -> list[tuple[int, int]]:
-    """Page-lock ``ring`` (page-aligned, as a mapping is; its pages faulted in by ``_memory``) for CUDA; the
-    parts registered, or [] where one would not register (those that did are let go, and the ring stays
-    pageable: copies from it still work).
+    """Page-lock ``ring`` (page-aligned, as a mapping is) for CUDA; the parts registered, or [] where one
+    would not register (those that did are let go, and the ring stays pageable: copies from it still work).
 
     ``pin_memory=True`` (one ``cudaHostAlloc``: every page faulted in and locked on one core) was the slowest
-    part of a one-shot ``nhcheck load``. Here each part of ``part`` bytes (a page multiple) is registered
-    (``cudaHostRegister``) by a thread of its own: 0.05 s for 1 GB on an H100 host (2026-12-06).
+    part of a one-shot ``nhcheck load``. Here each part of ``part`` bytes (a page multiple) is faulted in
+    (written) and registered (``cudaHostRegister``) by a thread of its own. H100 host, 1 GB, fresh processes
+    (2026-12-06): 0.055 s against torch's 0.478 s in the same run (``bench/load.py --fresh``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -258,6 +204,7 @@ def _pin(torch, ring, device, part: int = _PIN_PART) -> list[tuple[int, int]]:
         o, n = span
         if device is not None:
             torch.cuda.set_device(device)  # no context made on another card for this thread
+        ctypes.memset(base + o, 0, n)  # one core's plain writes (not torch's thread pool from 16 threads at once)
         return int(cudart.cudaHostRegister(base + o, n, _REGISTER_DEFAULT)) == 0
 
     # a part that will not register leaves its error as that pool thread's last CUDA error, which ends with the
@@ -677,13 +624,15 @@ class Transfer:
         self.of_shard: list[list[int]] = [[] for _ in self.spans]
         for j, r in enumerate(self.reads):
             self.of_shard[r.shard].append(j)
-        self.slot, self.nhost, self.stride = ring_layout(self.reads, opts)
+        self.slot = -(-max((r.end - r.start for r in self.reads), default=64) // 64) * 64
         # the staging area: at least one slot, at most what the files hold
         self.nstage = max(1, min(len(self.reads), opts.staging_bytes // self.slot))
         self.staging = torch.empty(self.nstage * self.slot, dtype=torch.uint8, device=device)
         self.stage_free: Any = queue.SimpleQueue()
         for d in range(self.nstage):
             self.stage_free.put(d)
+        self.nhost = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
+        self.stride = -(-self.slot // _PAGE) * _PAGE  # ring slots start on pages: parts hold whole slots
         self.ring = _host_ring(torch, self.nhost * self.stride, self.cuda, device if self.cuda else None, self.stride)
         self.release: Any = queue.SimpleQueue()  # ring slots whose copy to the device is enqueued
         if self.cuda:

@@ -278,8 +278,6 @@ def load_path(
     t0 = time.perf_counter() if t0 is None else t0
     check_options(opts)
     spans = quick_spans(path) if opts.reader == "fast" else None
-    if spans:
-        readers.prepare_ring(spans, opts)  # beside torch's import and CUDA's start
     with _load_interpreter():
         transfer = Transfer(spans, resolve_device(opts.device), opts, torch_module()) if spans else None
         try:
