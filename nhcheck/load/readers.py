@@ -15,7 +15,6 @@ import array
 import ctypes
 import os
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from itertools import accumulate, chain, repeat
@@ -24,6 +23,7 @@ from typing import Any, NamedTuple
 
 from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import CheckpointError
+from nhcheck.fileio import read_into
 from nhcheck.load.memory import Arenas, apply
 from nhcheck.load.options import LoadOptions
 from nhcheck.load.plan import Op
@@ -140,62 +140,38 @@ def write_op(arenas: Arenas, op: Op, x) -> None:
 
 
 def _host_ring(torch, size: int, pinned: bool, device=None, slot: int = _PIN_PART):
-    """Ring storage for slots of ``slot`` bytes (a page multiple), in memory the reader process maps too
-    (``_shared``); kept for the next load while it is large enough, of the same parts and pinning.
+    """Ring storage for slots of ``slot`` bytes (a page multiple); the pinned one (registered from ``device``'s
+    threads) is kept for the next load with slots of that size.
 
-    Pinned (on CUDA): registered from ``device``'s threads in parts that hold whole slots, so an asynchronous
-    copy from one slot never spans two registrations (each copy is one range the driver knows as page-locked).
-    """
+    Its registered parts hold whole slots: an asynchronous copy from one slot never spans two registrations
+    (each copy is one range the driver knows as page-locked)."""
+    if not pinned:
+        return torch.empty(size, dtype=torch.uint8)
     part = slot * max(1, _PIN_PART // slot)
     ring = _CACHE.get("ring")
-    if ring is None or ring.numel() < size or _CACHE.get("ring_part") != part or _CACHE.get("ring_pinned") != pinned:
-        _drop_ring(torch)
-        ring, _CACHE["ring_fd"] = _shared(torch, size)
-        _CACHE["ring_parts"] = _pin(torch, ring, device, part) if pinned else []
-        _CACHE["ring"], _CACHE["ring_part"], _CACHE["ring_pinned"] = ring, part, pinned
+    if ring is None or ring.numel() < size or _CACHE.get("ring_part") != part:
+        old = _CACHE.pop("ring", None)
+        if old is not None:
+            _unpin(torch, old, _CACHE.pop("ring_parts"))
+        ring, _CACHE["ring_parts"] = _pin(torch, size, device, part)
+        _CACHE["ring"], _CACHE["ring_part"] = ring, part
     return ring
 
 
-def _drop_ring(torch) -> None:
-    """Let the cached ring go: its reader process ended first, its registrations undone (no copy may still
-    read it: ``Transfer.close`` waits for its streams)."""
-    reader = _CACHE.pop("reader", None)
-    if reader is not None:
-        reader.close()
-    ring = _CACHE.pop("ring", None)
-    if ring is not None:
-        _unpin(torch, ring, _CACHE.pop("ring_parts"))
-        os.close(_CACHE.pop("ring_fd"))
+def _pin(torch, size: int, device, part: int = _PIN_PART) -> tuple[Any, list[tuple[int, int]]]:
+    """``size`` bytes of page-locked host memory, and the parts registered with CUDA ([] where torch pinned it).
 
-
-def _shared(torch, size: int) -> tuple[Any, int]:
-    """A uint8 tensor over ``size`` bytes of shared memory, and the descriptor another process maps it by:
-    an anonymous memory file (``memfd_create``), or an unlinked temporary file where there is none."""
-    import mmap
-
-    try:
-        fd = os.memfd_create("nhcheck-ring")
-    except (AttributeError, OSError):
-        import tempfile
-
-        with tempfile.TemporaryFile() as fh:
-            fd = os.dup(fh.fileno())
-    os.ftruncate(fd, size)
-    return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8), fd
-
-
-def _pin(torch, ring, device, part: int = _PIN_PART) -> list[tuple[int, int]]:
-    """Page-lock ``ring`` (page-aligned, as a mapping is) for CUDA; the parts registered, or [] where one
-    would not register (those that did are let go, and the ring stays pageable: copies from it still work).
-
-    ``pin_memory=True`` (one ``cudaHostAlloc``: every page faulted in and locked on one core) was the slowest
-    part of a one-shot ``nhcheck load``. Here each part of ``part`` bytes (a page multiple) is faulted in
-    (written) and registered (``cudaHostRegister``) by a thread of its own. H100 host, 1 GB, fresh processes
-    (2026-12-06): 0.055 s against torch's 0.478 s in the same run (``bench/load.py --fresh``).
+    A process pins its ring once, and ``pin_memory=True`` (one ``cudaHostAlloc``: every page faulted in and
+    locked on one core) was the slowest part of a one-shot ``nhcheck load``. Here each page-aligned part of
+    ``part`` bytes (a page multiple) is faulted in (written) and registered (``cudaHostRegister``) by a thread
+    of its own. H100 host, 1 GB, fresh processes (2026-12-06): 0.055 s against torch's 0.478 s in the same run
+    (``bench/load.py --fresh``). Where registering fails, torch pins it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    size = ring.numel()
+    whole = torch.empty(size + _PAGE, dtype=torch.uint8)
+    skip = -whole.data_ptr() % _PAGE  # parts share no page: each is registered on its own
+    ring = whole[skip : skip + size]
     base = ring.data_ptr()
     parts = [(o, min(part, size - o)) for o in range(0, size, part)]
     cudart = torch.cuda.cudart()
@@ -212,74 +188,17 @@ def _pin(torch, ring, device, part: int = _PIN_PART) -> list[tuple[int, int]]:
     with ThreadPoolExecutor(min(16, len(parts))) as pool:
         ok = list(pool.map(pin, parts))
     if all(ok):
-        return parts
+        return ring, parts
     _unpin(torch, ring, [p for p, good in zip(parts, ok, strict=True) if good])
-    return []
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True), []
 
 
 def _unpin(torch, ring, parts: list[tuple[int, int]]) -> None:
-    """Undo ``_pin``'s registrations."""
-    if not parts:
-        return
+    """Undo ``_pin``'s registrations before ``ring`` is freed (no copy may still read it: ``close`` waits)."""
     cudart = torch.cuda.cudart()
     base = ring.data_ptr()
     for o, _ in parts:
         cudart.cudaHostUnregister(base + o)
-
-
-class _Reader:
-    """The reader process (``child``) serving the cached ring: started once, fed one load after another."""
-
-    def __init__(self, ring_fd: int, size: int) -> None:
-        import socket
-        import subprocess
-
-        from nhcheck.load import child
-
-        self.sock, theirs = socket.socketpair()
-        fd = theirs.fileno()
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", child.__file__, str(fd), str(ring_fd), str(size)],
-                pass_fds=(fd, ring_fd),
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-        self.lock = threading.Lock()
-        self.inbox = child.Inbox(self.sock)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, tag: bytes, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        from nhcheck.load.child import send
-
-        send(self.sock, self.lock, tag, payload, fds)
-
-    def close(self) -> None:
-        """End the process: its socket closed, it exits."""
-        self.sock.close()
-        try:
-            self.proc.wait(timeout=5)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _reader() -> _Reader:
-    """The cached ring's reader process, started (again) where there is none running."""
-    reader = _CACHE.get("reader")
-    if reader is None or not reader.alive():
-        if reader is not None:
-            reader.close()
-        if not _CACHE.get("exit_hook"):
-            import atexit
-
-            atexit.register(lambda: _CACHE.pop("reader").close() if "reader" in _CACHE else None)
-            _CACHE["exit_hook"] = True
-        reader = _CACHE["reader"] = _Reader(_CACHE["ring_fd"], _CACHE["ring"].numel())
-    return reader
 
 
 def _segments(t, spans: list[tuple[int, int]]) -> list:
@@ -583,38 +502,38 @@ def _overlap(c: Copies) -> bool:
 class Transfer:
     """Shard bytes on their way to the device, started before the plan exists and placed once it does.
 
-    Reading begins with the load, while the main thread parses headers, audits and plans: the reader process
-    (``child``: threads of another process, so that no reader competes with the main thread for the
-    interpreter) claims fixed pieces of the files in order and ``os.preadv``s each into a free slot of a host
-    ring both processes map (pinned, on CUDA); here one thread (``_receive``) copies each landed piece
-    asynchronously into a free slot of a bounded staging area on the device (``staging_bytes``, whatever the
-    shard sizes: device memory is the parameters plus this), and on CUDA another (``_release``) hands the ring
-    slot back once that copy is done. Neither sees a tensor: no per-tensor Python runs on them, one wake-up
-    each a piece. ``begin`` takes the plan, cuts the ops into every read's pieces (``cut_pieces``) and tells
-    the reader process which reads any op needs; the caller may do other work (the checks' bookkeeping) before
-    ``finish`` places each staged read as soon as it lands: its ``Placement`` decided then, once (byte ranges
-    per arena, offsets computed and bounds checked: ``compile_pieces``), and placed (``apply_placement``: on
-    CUDA one kernel launch over the read's rows of the ``Ranges`` table, written then; the ranges issued to
-    the driver one by one where the kernel cannot be had), and its staging slot freed for the next read.
-    Deciding read by read, not every read before the first is placed, frees the staging area sooner: at the
-    plan it is full, and the readers wait for it. The device orders it all with events, the host waits only
-    for a free slot. Before the plan exists, only ``EARLY_SHARE`` of the readers read, and no further ahead
-    than the staging area plus the ring; once it does, every reader reads, and pieces no op needs are not
-    read. One load at a time per process: the ring and its reader process are shared.
+    Reading begins with the load, while the main thread parses headers, audits and plans:
+    reader threads claim fixed pieces of the files in order, ``os.preadv`` each into a free slot
+    of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
+    staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
+    parameters plus this). The readers never see a tensor: no per-tensor Python runs on them.
+    ``begin`` takes the plan, cuts the ops into every read's pieces (``cut_pieces``) and tells the
+    readers which reads any op needs; the caller may do other work (the checks' bookkeeping) before
+    ``finish`` places each staged read as soon as it lands: its ``Placement`` decided then, once (byte
+    ranges per arena, offsets computed and bounds checked: ``compile_pieces``), and placed
+    (``apply_placement``: on CUDA one kernel launch over the read's rows of the ``Ranges`` table, written
+    then; the ranges issued to the driver one by one where the kernel cannot be had), and its staging slot
+    freed for the next read. Deciding read by read, not every read before the first is placed, frees the
+    staging area sooner: at the plan it is full, and the readers wait for it (Nano's 24k tensors: ~0.1 s of
+    deciding on a 16-core H100 host). The device orders it all
+    with events, the host waits only for a free slot. Before the plan exists, only ``EARLY_SHARE`` of
+    the readers read, and no further ahead than the staging area plus what they hold; once it does, every
+    reader reads, and pieces no op needs are not read. Each piece costs its reader a few brief holds of
+    the interpreter (the read itself runs outside it; its copy and events are enqueued in one: ``_Stager``).
+    One load at a time per process: the pinned ring is shared.
     """
 
     def __init__(self, spans: list[Span], device, opts: LoadOptions, torch) -> None:
-        import json
         import queue
-
-        from nhcheck.load.child import FDS_PER_MESSAGE
+        import threading
 
         self.torch = torch
         self.device = device
         self.cuda = device.type == "cuda"
         self.spans = list(spans)
         self.closed = False
-        self.threads: list[threading.Thread] = []
+        self.workers: list = []
+        self.fds: dict[int, int] = {}
         self.baseline = 0
         if self.cuda:
             torch.cuda.synchronize(device)
@@ -631,14 +550,18 @@ class Transfer:
         self.stage_free: Any = queue.SimpleQueue()
         for d in range(self.nstage):
             self.stage_free.put(d)
-        self.nhost = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
-        self.stride = -(-self.slot // _PAGE) * _PAGE  # ring slots start on pages: parts hold whole slots
-        self.ring = _host_ring(torch, self.nhost * self.stride, self.cuda, device if self.cuda else None, self.stride)
-        self.release: Any = queue.SimpleQueue()  # ring slots whose copy to the device is enqueued
         if self.cuda:
+            self.nhost = max(1, min(len(self.reads), opts.pinned_bytes // self.slot))
+            self.stride = -(-self.slot // _PAGE) * _PAGE  # ring slots start on pages: parts hold whole slots
+            self.ring = _host_ring(torch, self.nhost * self.stride, True, device, self.stride)
+            self.views = [host_view(self.ring, h * self.stride, self.slot) for h in range(self.nhost)]
+            self.host_free: Any = queue.SimpleQueue()
+            for h in range(self.nhost):
+                self.host_free.put(h)
+            self.host_used = [False] * self.nhost
             self.stream = _CACHE.setdefault(("stream", str(device)), torch.cuda.Stream(device))
             self.place_stream = _CACHE.setdefault(("place", str(device)), torch.cuda.Stream(device))
-            # blocking: waiting for a ring slot's copy sleeps instead of spinning on a core the readers need
+            # blocking: a reader waiting for its host slot sleeps instead of spinning on a core other readers need
             self.host_events = [torch.cuda.Event(blocking=True) for _ in range(self.nhost)]
             self.landed_events = [torch.cuda.Event() for _ in range(self.nstage)]
             self.freed_events = [torch.cuda.Event() for _ in range(self.nstage)]
@@ -652,46 +575,33 @@ class Transfer:
                     [ev.cuda_event for ev in self.freed_events],
                 )
             self.freed_used = [False] * self.nstage
+        else:
+            self.views = [host_view(self.staging, d * self.slot, self.slot) for d in range(self.nstage)]
         self.lock = threading.Condition()
-        self.landed: dict[int, int] = {}  # read → staging slot, not yet placed; all below guarded by the lock
+        self.next = 0  # everything below is guarded by the lock
+        self.claimed = [False] * len(self.reads)
+        self.landed: dict[int, int] = {}  # read → staging slot, not yet placed
         self.needed: list[bool] | None = None
+        self.inflight = 0  # claimed, not yet landed
         self.stop = False
         self.error: BaseException | None = None
         self.bytes_read = 0
         self.started = time.perf_counter()
         self.stats: dict[str, float] = {}
-        fds: list[int] = []
         try:
-            for s in self.spans:
-                fds.append(os.open(s.path, os.O_RDONLY))
+            for i, s in enumerate(self.spans):
+                self.fds[i] = os.open(s.path, os.O_RDONLY)
         except OSError as exc:
-            path = self.spans[len(fds)].path
-            for fd in fds:
-                os.close(fd)
+            path = self.spans[len(self.fds)].path
+            self.close()
             raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
         threads = min(opts.threads or min(16, os.cpu_count() or 4), len(self.reads))
         self.early = max(1, round(threads * EARLY_SHARE))
-        self.reader = _reader()
-        spec = {
-            "paths": [s.path for s in self.spans],
-            "reads": self.reads,
-            "threads": threads,
-            "early": self.early,
-            "stride": self.stride,
-            "slots": self.nhost,
-        }
-        try:  # the descriptors travel with the messages (the kernel holds them), so ours close at once
-            for k in range(0, len(fds), FDS_PER_MESSAGE):
-                self.reader.send(b"O", fds=fds[k : k + FDS_PER_MESSAGE])
-            self.reader.send(b"L", json.dumps(spec).encode())
-        finally:
-            for fd in fds:
-                os.close(fd)
-        self.threads = [threading.Thread(target=self._receive, name="nhcheck-load-stage", daemon=True)]
-        if self.cuda:
-            self.threads.append(threading.Thread(target=self._release, name="nhcheck-load-release", daemon=True))
-        for t in self.threads:
-            t.start()
+        self.workers = [
+            threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True) for i in range(threads)
+        ]
+        for w in self.workers:
+            w.start()
 
     def __enter__(self) -> Transfer:
         return self
@@ -699,14 +609,28 @@ class Transfer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the staging and releasing threads
+    # -- reader threads
 
-    def _fail(self, exc: BaseException) -> None:
-        """Keep the first error for the main thread (``finish`` raises it) and wake it."""
+    def _wanted(self, j: int) -> bool:
+        """Whether read ``j`` holds bytes some op needs (every read, until ``place`` says which)."""
+        return self.needed is None or self.needed[j]
+
+    def _claim(self) -> int | None:
+        """The next read to do, or None once there is none (or the transfer stops); before the plan
+        arrives, waits while ``early`` reads are in flight."""
         with self.lock:
-            if self.error is None:
-                self.error = exc
-            self.lock.notify_all()
+            while self.needed is None and self.inflight >= self.early and not (self.stop or self.error):
+                self.lock.wait()
+            if self.stop or self.error is not None:
+                return None
+            while self.next < len(self.reads):
+                j = self.next
+                self.next += 1
+                if self._wanted(j):
+                    self.claimed[j] = True
+                    self.inflight += 1
+                    return j
+            return None
 
     def _get(self, q) -> int | None:
         """A free slot from ``q``, or None once the transfer stops."""
@@ -719,97 +643,79 @@ class Transfer:
                 if self.stop or self.error is not None:
                     return None
 
-    def _receive(self) -> None:
-        """The reader process's messages until it is done with this load: each landed read staged (or its ring
-        slot handed straight back, where the plan says no op needs it), its error kept."""
-        import json
-
-        from nhcheck.load.child import LANDED
-
-        acc = {"stage_wait": 0.0, "issue": 0.0}
-        halted = False
+    def _work(self) -> None:
+        clock = time.perf_counter
+        acc = dict.fromkeys(("read", "host_wait", "stage_wait", "issue"), 0.0)
         try:
             if self.cuda:
                 self.torch.cuda.set_device(self.device)
                 # a runtime call makes the device's context this thread's (torch skips setting the device it
                 # already reports), which the driver calls of ``_stage_by_driver`` need
                 self.stream.query()
-            while (msg := self.reader.inbox.next()) is not None:
-                tag, payload = msg
-                if tag == b"D":
-                    with self.lock:
-                        self.stats.update(json.loads(payload))
+            while True:
+                j = self._claim()
+                if j is None:
                     return
-                if tag == b"E":
-                    e = json.loads(payload)
-                    path = e["path"]
-                    self._fail(
-                        CheckpointError(path, e["message"])
-                        if path is not None
-                        else RuntimeError(f"the reader process failed: {e['message']}")
-                    )
-                    continue
-                if self.stop or self.error is not None:
-                    continue  # the reader process stops too (told by ``close``, or by itself after its error)
-                try:
-                    j, h = LANDED.unpack(payload)
-                    self._stage(j, h, acc)
-                except Exception as exc:  # the main thread raises it; the reader process is told to stop
-                    self._fail(exc)
-                    if not halted:
-                        halted = True
-                        self.reader.send(b"S")
-            self._fail(RuntimeError("the reader process ended during the load"))
-        except BaseException as exc:
-            self._fail(exc)
+                r = self.reads[j]
+                n = r.end - r.start
+                path = self.spans[r.shard].path
+                if not self.cuda:
+                    t = clock()
+                    d = self._get(self.stage_free)
+                    if d is None:
+                        return
+                    t1 = clock()
+                    read_into(self.fds[r.shard], path, self.views[d][:n], r.start)
+                    acc["stage_wait"] += t1 - t
+                    acc["read"] += clock() - t1
+                else:
+                    t = clock()
+                    h = self._get(self.host_free)
+                    if h is None:
+                        return
+                    try:
+                        if self.host_used[h] and not self.host_events[h].query():
+                            self.host_events[h].synchronize()  # its previous host-to-device copy is not done yet
+                        t1 = clock()
+                        read_into(self.fds[r.shard], path, self.views[h][:n], r.start)
+                        t2 = clock()
+                        d = self._get(self.stage_free)
+                        if d is None:
+                            return
+                        t3 = clock()
+                        if self.stager is not None:
+                            self._stage_by_driver(h, d, n)
+                        else:
+                            with self.torch.cuda.stream(self.stream):
+                                if self.freed_used[d]:
+                                    self.stream.wait_event(self.freed_events[d])  # its last placement is done
+                                self.staging[d * self.slot : d * self.slot + n].copy_(
+                                    self.ring[h * self.stride : h * self.stride + n], non_blocking=True
+                                )
+                                self.host_events[h].record(self.stream)
+                                self.landed_events[d].record(self.stream)
+                        self.host_used[h] = True
+                        acc["host_wait"] += t1 - t
+                        acc["read"] += t2 - t1
+                        acc["stage_wait"] += t3 - t2
+                        acc["issue"] += clock() - t3
+                    finally:
+                        self.host_free.put(h)
+                with self.lock:
+                    self.landed[j] = d
+                    self.inflight -= 1
+                    self.bytes_read += n
+                    self.stats["last_landed"] = clock() - self.started
+                    self.lock.notify_all()
+        except BaseException as exc:  # handed to the main thread by place()
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+                self.lock.notify_all()
         finally:
-            self.release.put(None)
             with self.lock:
                 for k, v in acc.items():
                     self.stats[k] = self.stats.get(k, 0.0) + v
-
-    def _stage(self, j: int, h: int, acc: dict[str, float]) -> None:
-        """Read ``j``, landed in ring slot ``h``, into a free staging slot, then noted as landed."""
-        from nhcheck.load.child import SLOT
-
-        clock = time.perf_counter
-        n = self.reads[j].end - self.reads[j].start
-        with self.lock:
-            wanted = self.needed is None or self.needed[j]
-        if not wanted:
-            self.reader.send(b"F", SLOT.pack(h))
-            return
-        t = clock()
-        d = self._get(self.stage_free)
-        if d is None:
-            return
-        t1 = clock()
-        if not self.cuda:
-            ctypes.memmove(self.staging.data_ptr() + d * self.slot, self.ring.data_ptr() + h * self.stride, n)
-            self.reader.send(b"F", SLOT.pack(h))
-        elif self.stager is not None:
-            self._stage_by_driver(h, d, n)
-            self.release.put(h)
-        else:
-            with self.torch.cuda.stream(self.stream):
-                if self.freed_used[d]:
-                    self.stream.wait_event(self.freed_events[d])  # its last placement is done
-                self.staging[d * self.slot : d * self.slot + n].copy_(
-                    self.ring[h * self.stride : h * self.stride + n], non_blocking=True
-                )
-                self.host_events[h].record(self.stream)
-                self.landed_events[d].record(self.stream)
-            self.release.put(h)
-        acc["stage_wait"] += t1 - t
-        acc["issue"] += clock() - t1
-        with self.lock:
-            if self.needed is not None and not self.needed[j]:
-                self.stage_free.put(d)  # the plan came meanwhile, and no op needs it
-            else:
-                self.landed[j] = d
-            self.bytes_read += n
-            self.stats["last_landed"] = clock() - self.started
-            self.lock.notify_all()
 
     def _stage_by_driver(self, h: int, d: int, n: int) -> None:
         """Ring slot ``h``'s ``n`` bytes into staging slot ``d`` on the reader stream, once that slot's last
@@ -826,24 +732,11 @@ class Transfer:
         _driver_check(drv.record(host[h], stream), "cuEventRecord")
         _driver_check(drv.record(landed[d], stream), "cuEventRecord")
 
-    def _release(self) -> None:
-        """Each ring slot back to the reader process once its copy to the device is done, in copy order."""
-        from nhcheck.load.child import SLOT
-
-        try:
-            self.torch.cuda.set_device(self.device)
-            while (h := self.release.get()) is not None:
-                self.host_events[h].synchronize()
-                if not self.stop:
-                    self.reader.send(b"F", SLOT.pack(h))
-        except BaseException as exc:
-            self._fail(exc)
-
     # -- the main thread
 
     def begin(self, ops: tuple[Op, ...], arenas: Arenas) -> None:
-        """Hand over the plan: the ops are cut into every read's pieces, then the reader process learns which
-        reads any op needs. The caller may work on (the checks' bookkeeping) before ``finish``."""
+        """Hand over the plan: the ops are cut into every read's pieces, then the readers learn which reads any
+        op needs. The caller may work on (the checks' bookkeeping) before ``finish``."""
         torch = self.torch
         clock = time.perf_counter
         t = clock()
@@ -853,13 +746,10 @@ class Transfer:
         self.pieces = pieces
         self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}
         self.whole = whole
-        needed = [j in pieces for j in range(len(self.reads))]
         with self.lock:
-            self.needed = needed
-            for j in [j for j in self.landed if not needed[j]]:
-                self.stage_free.put(self.landed.pop(j))  # read before the plan, needed by no op
-            self.todo = {j for j in range(len(self.reads)) if needed[j]}
-        self.reader.send(b"N", bytes(needed))
+            self.needed = [j in pieces for j in range(len(self.reads))]
+            self.todo = {j for j in range(len(self.reads)) if self.needed[j] or self.claimed[j]}
+            self.lock.notify_all()
         self.stats["plan_at"] = clock() - self.started
         self.ranges: Ranges | None = None
         if self.cuda:  # the poison fill (current stream) comes before any placement
@@ -921,8 +811,8 @@ class Transfer:
                 placing += clock() - t1
             for op in self.whole:
                 write_op(self.arenas, op, self.gathered[op.idx].view(getattr(torch, op.src)))
-        for th in self.threads:
-            th.join()
+        for w in self.workers:
+            w.join()
         if self.error is not None:
             raise self.error
         if self.cuda:
@@ -943,24 +833,22 @@ class Transfer:
         return self.finish()
 
     def close(self) -> None:
-        """Stop the reads (after an error elsewhere) and wait until the reader process is done with this load;
-        safe to call twice."""
+        """Stop the readers (after an error elsewhere) and let go of the files; safe to call twice."""
         if self.closed:
             return
         self.closed = True
-        with self.lock:
-            self.stop = True
-            self.lock.notify_all()
-        if self.threads and self.threads[0].is_alive():
-            try:
-                self.reader.send(b"S")
-            except OSError:
-                pass  # the reader process has gone: the staging thread ends at its socket's end
-        for t in self.threads:
-            t.join()
+        if self.workers:
+            with self.lock:
+                self.stop = True
+                self.lock.notify_all()
+            for w in self.workers:
+                w.join()
         if self.cuda:
             self.stream.synchronize()  # the ring is reused by the next load: no copy may still read it
             self.place_stream.synchronize()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def run_safetensors(ops: tuple[Op, ...], arenas: Arenas, device) -> int:
