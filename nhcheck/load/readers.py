@@ -44,14 +44,17 @@ DRIVER_COPIES = True
 KERNEL = True
 #: Until the plan arrives, at most this share of the reader threads read at once. The main thread is then
 #: parsing, auditing and planning in pure Python, and each reader wakes for the interpreter lock a few
-#: times a piece. Measured on a 16-core H100 host (2026-12-06): 31 ms of that work took 34 ms beside 8
-#: threads looping on ``os.preadv`` in this process, 68 ms beside 16 (39 ms beside 16 in another process);
-#: once the plan is there every thread pays off (audit done before the clock: 0.88x the pinned-pread ceiling
-#: with a ring slot per thread, 0.76x with 8 slots for 16 threads). ``bench/load.py`` times 1.0 beside it.
+#: times a piece. Measured on a 16-core H100 host (2026-12-06, Python's 5 ms switch interval): 31 ms of that work
+#: took 34 ms beside 8 threads looping on ``os.preadv`` in this process, 68 ms beside 16 (39 ms beside 16 in another
+#: process); at the load's ``SWITCH_INTERVAL`` another host's 30 ms took 0.20 s beside 16 (0.09 s at 5 ms, 0.06 s
+#: beside 16 in another process: ``bench/load.py --contention``). Once the plan is there every thread pays off
+#: (audit done before the clock: 0.88x the pinned-pread ceiling with a ring slot per thread, 0.76x with 8 slots
+#: for 16 threads). ``bench/load.py`` times 1.0 beside it.
 EARLY_SHARE = 0.5
 #: The interpreter's switch interval during a load (``run``): how long a reader thread back from ``os.preadv`` or
-#: a wait waits for the interpreter before asking the main thread for it (Python's default: 5 ms).
-#: ``bench/load.py`` times 1 ms beside it.
+#: a wait waits for the interpreter before asking the main thread for it (Python's default: 5 ms). The main
+#: thread's own work is slower for it (above), the reads faster: end to end ``bench/load.py`` times 1 ms beside it
+#: (slower, 2026-12-06).
 SWITCH_INTERVAL = 2e-4
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
@@ -360,7 +363,8 @@ class _Stager(NamedTuple):
     A reader's torch calls for one piece (``copy_``, ``Stream.wait_event``) each give the interpreter away and
     take it back, and every taking back is a handover the main thread pays for while it places: beside 16
     threads looping on ``os.preadv`` (one release a piece) its work before the plan took 68.5 ms against
-    30.8 ms alone (H100 host, 2026-12-06). These calls keep the interpreter: a piece is enqueued in one hold.
+    30.8 ms alone (H100 host, 2026-12-06, at Python's 5 ms switch interval; more at the load's, ``EARLY_SHARE``).
+    These calls keep the interpreter: a piece is enqueued in one hold.
     Release size on an H100 host (2026-12-06): the readers' summed enqueue time 0.012 s against 0.285 s, the
     main thread's per-read placement 0.194 s against 0.232 s.
     """
