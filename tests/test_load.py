@@ -371,6 +371,31 @@ def test_the_cyclic_collector_is_paused_for_the_load_and_restored(monkeypatch, c
     assert res.report.verdict == "clean" and seen == [False] and gc.isenabled() == collector_setting
 
 
+@pytest.mark.parametrize("early", [None, 5e-3])
+def test_the_switch_interval_is_the_loads_after_the_handover_and_the_callers_after_the_load(monkeypatch, early):
+    """Until the plan reaches the readers the interpreter switches at ``EARLY_SWITCH_INTERVAL`` where set (else at
+    ``SWITCH_INTERVAL``), then at ``SWITCH_INTERVAL``; the caller's interval comes back after the load."""
+    seen: dict[str, float] = {}
+    real_plan, real_finish = run.plan_load, readers.Transfer.finish
+
+    def planning(*a, **k):
+        seen["plan"] = sys.getswitchinterval()
+        return real_plan(*a, **k)
+
+    def finishing(self):
+        seen["finish"] = sys.getswitchinterval()
+        return real_finish(self)
+
+    monkeypatch.setattr(readers, "EARLY_SWITCH_INTERVAL", early)
+    monkeypatch.setattr(run, "plan_load", planning)
+    monkeypatch.setattr(readers.Transfer, "finish", finishing)
+    caller = sys.getswitchinterval()
+    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu"))
+    assert res.report.verdict == "clean" and sys.getswitchinterval() == caller
+    want = {"plan": early or readers.SWITCH_INTERVAL, "finish": readers.SWITCH_INTERVAL}
+    assert seen == pytest.approx(want)  # the interpreter keeps the interval in whole microseconds
+
+
 def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch):
     """Before the plan at most ``early`` reads are in flight at once (the main thread keeps the interpreter);
     after it every reader thread reads, and the load is the same."""

@@ -103,11 +103,12 @@ def _load_interpreter() -> Iterator[None]:
     """The interpreter as a load wants it, restored after.
 
     Reader threads need the interpreter for microseconds per piece while the main thread parses and audits;
-    the default 5 ms switch interval would make each of them wait that long (``readers.SWITCH_INTERVAL``). And
-    the cyclic collector is paused (``collector.paused``).
+    the default 5 ms switch interval would make each of them wait that long (``readers.SWITCH_INTERVAL``; until the
+    plan is handed over ``readers.EARLY_SWITCH_INTERVAL`` where set). And the cyclic collector is paused
+    (``collector.paused``).
     """
     before = sys.getswitchinterval()
-    sys.setswitchinterval(readers.SWITCH_INTERVAL)
+    sys.setswitchinterval(readers.EARLY_SWITCH_INTERVAL or readers.SWITCH_INTERVAL)
     try:
         with collector.paused():
             yield
@@ -168,6 +169,7 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         t_alloc = time.perf_counter()
         if transfer is not None:
             transfer.begin(plan.ops, arenas)  # the readers learn the plan before any bookkeeping of the checks
+            sys.setswitchinterval(readers.SWITCH_INTERVAL)
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         # the checks' bookkeeping and the file side of the read-back need only the plan: done while the bytes move
         books = side.submit(_one_core, _bookkeeping, plan, ckpt, max(1, opts.samples))
