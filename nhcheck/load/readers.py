@@ -56,8 +56,8 @@ EARLY_SHARE = 0.5
 #: thread's own work is slower for it (above), the reads faster: end to end ``bench/load.py`` times 1 ms beside it
 #: (slower, 2026-12-06).
 SWITCH_INTERVAL = 2e-4
-#: The switch interval until the plan is handed over, where not None (``run.load_checkpoint`` sets
-#: ``SWITCH_INTERVAL`` then). Before it the main thread parses, audits and plans in Python beside the early readers,
+#: The switch interval until the plan is handed over, where not None (``run`` sets ``SWITCH_INTERVAL`` once
+#: ``Transfer.begin`` returns). Before it the main thread parses, audits and plans in Python beside the early readers,
 #: and each forced handover costs it (the figures above: 0.20 s at 0.2 ms, 0.09 s at 5 ms); after it the staged
 #: reads wait on the readers' turns. ``bench/load.py`` times 5 ms here beside the default (``_switchlate``).
 EARLY_SWITCH_INTERVAL: float | None = None
