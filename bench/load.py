@@ -29,7 +29,8 @@ its staged byte ranges placed through tensor views (``_views``, ``DRIVER_COPIES`
 per range instead of one kernel launch per staged read (``_perrange``, ``KERNEL`` off); and every reader
 reading before the plan arrives (``_allearly``, ``EARLY_SHARE`` 1), or a quarter of them (``_quarterearly``);
 and the interpreter's switch interval at 1 ms instead of 0.2 ms (``_switch1ms``, ``SWITCH_INTERVAL``), or at 5 ms until
-the plan is handed over (``_switchlate``, ``EARLY_SWITCH_INTERVAL``).
+the plan is handed over (``_switchlate``, ``EARLY_SWITCH_INTERVAL``); and the reads in reader threads of the
+process instead of on glibc's AIO threads (``_threads``, ``ASYNC_READS`` off).
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -337,6 +338,8 @@ VARIANTS = {
     # Python's 5 ms until the plan is handed over (the main thread's Python then pays for each forced handover),
     # the load's 0.2 ms after it
     "_switchlate": ("EARLY_SWITCH_INTERVAL", 5e-3, False),
+    # the reads in reader threads of this process (``os.preadv``) instead of on glibc's AIO threads
+    "_threads": ("ASYNC_READS", False, False),
 }
 
 
