@@ -1,11 +1,11 @@
 """Readers: the shard bytes on their way into the arenas.
 
-``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a ring of (pinned,
-on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
-starting before the plan exists; once it does, every piece's byte ranges are decided at once and
-each staged piece is placed from that list as it lands (on CUDA one kernel launch a piece: ``kernel``),
-its slot then reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
-``get_tensor`` per tensor in stream order.
+``fast`` (default) reads fixed pieces on glibc's POSIX AIO threads (``fileio.AsyncReads``; elsewhere a
+thread pool of ``os.preadv``) into a ring of (pinned, on CUDA) host buffers and copies them asynchronously
+into a bounded staging area on the device, starting before the plan exists; once it does, every piece's
+byte ranges are decided at once and each staged piece is placed from that list as it lands (on CUDA one
+kernel launch a piece: ``kernel``), its slot then reused. ``safetensors`` is the plain reference:
+``safe_open`` one shard at a time, one ``get_tensor`` per tensor in stream order.
 torch is imported inside functions only.
 """
 
@@ -516,8 +516,10 @@ class Transfer:
     """Shard bytes on their way to the device, started before the plan exists and placed once it does.
 
     Reading begins with the load, while the main thread parses headers, audits and plans:
-    reader threads claim fixed pieces of the files in order, ``os.preadv`` each into a free slot
-    of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
+    fixed pieces of the files are read in order (on glibc's AIO threads, one Python thread submitting
+    them and staging what lands: ``_pump``; elsewhere reader threads of this process, ``os.preadv``:
+    ``_work``), each into a free slot
+    of a ring of pinned host buffers, then copied asynchronously into a free slot of a bounded
     staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
     parameters plus this). The readers never see a tensor: no per-tensor Python runs on them.
     ``begin`` takes the plan, cuts the ops into every read's pieces (``cut_pieces``) and tells the
@@ -531,8 +533,9 @@ class Transfer:
     deciding on a 16-core H100 host). The device orders it all
     with events, the host waits only for a free slot. Before the plan exists, only ``EARLY_SHARE`` of
     the readers read, and no further ahead than the staging area plus what they hold; once it does, every
-    reader reads, and pieces no op needs are not read. Each piece costs its reader a few brief holds of
-    the interpreter (the read itself runs outside it; its copy and events are enqueued in one: ``_Stager``).
+    reader reads, and pieces no op needs are not read. Each piece costs a reader thread a few brief holds of
+    the interpreter (the read itself runs outside it; its copy and events are enqueued in one: ``_Stager``);
+    the pump holds it once per batch of landed pieces.
     One load at a time per process: the pinned ring is shared.
     """
 
