@@ -340,8 +340,6 @@ VARIANTS = {
     "_switchlate": ("EARLY_SWITCH_INTERVAL", 5e-3, False),
     # the reads in reader threads of this process (``os.preadv``) instead of on glibc's AIO threads
     "_threads": ("ASYNC_READS", False, False),
-    # the main thread on a core of its own (and its hyperthread siblings), the reads on the others
-    "_apart": ("APART", True, False),
 }
 
 

@@ -65,10 +65,6 @@ SWITCH_INTERVAL = 2e-4
 #: and each forced handover costs it (the figures above: 0.20 s at 0.2 ms, 0.09 s at 5 ms); after it the staged
 #: reads wait on the readers' turns. ``bench/load.py`` times 5 ms here beside the default (``_switchlate``).
 EARLY_SWITCH_INTERVAL: float | None = None
-#: During a load the main thread keeps one core (and its hyperthread siblings) to itself and the reads run on the
-#: others (``cores_apart``): a reader copying at memory speed on the main thread's sibling halves that thread's
-#: Python. ``bench/load.py`` times it (``_apart``).
-APART = False
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
 #: Ring slots and registered parts start on a page of their own.
@@ -76,25 +72,6 @@ _PAGE = 4096
 #: ``cudaHostRegisterDefault``, as torch's own registering host allocator passes: with unified addressing
 #: (every 64-bit CUDA platform) the memory is then mapped and portable, pinned for every context.
 _REGISTER_DEFAULT = 0
-
-
-def cores_apart() -> tuple[set[int], set[int]] | None:
-    """(the main thread's CPUs, the readers' CPUs): the lowest allowed CPU with its hyperthread siblings, and
-    every other allowed CPU; None where there are too few, or the topology cannot be read (not Linux)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-        first = min(allowed)
-        with open(f"/sys/devices/system/cpu/cpu{first}/topology/thread_siblings_list") as fh:
-            text = fh.read().strip()
-    except (OSError, AttributeError, ValueError):
-        return None
-    mine: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        mine.update(range(int(lo), int(hi or lo) + 1))
-    mine &= allowed
-    rest = allowed - mine
-    return (mine, rest) if mine and len(rest) >= 2 else None
 
 
 class Span(NamedTuple):
@@ -637,7 +614,6 @@ class Transfer:
             raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
         threads = min(opts.threads or min(16, os.cpu_count() or 4), len(self.reads))
         self.early = max(1, round(threads * EARLY_SHARE))
-        self.apart = cores_apart() if APART else None
         self.aio = AsyncReads.open(threads) if ASYNC_READS else None
         if self.aio is not None:
             self.workers = [threading.Thread(target=self._pump, name="nhcheck-load-reads", daemon=True)]
@@ -692,8 +668,6 @@ class Transfer:
         clock = time.perf_counter
         acc = dict.fromkeys(("read", "host_wait", "stage_wait", "issue"), 0.0)
         try:
-            if self.apart is not None:
-                os.sched_setaffinity(0, self.apart[1])
             if self.cuda:
                 self.torch.cuda.set_device(self.device)
                 # a runtime call makes the device's context this thread's (torch skips setting the device it
@@ -792,8 +766,6 @@ class Transfer:
         fresh = list(range(self.nhost))[::-1] if self.cuda else []  # ring slots not yet used
         copying: collections.deque[int] = collections.deque()  # ring slots whose staging copy was enqueued
         try:
-            if self.apart is not None:
-                os.sched_setaffinity(0, self.apart[1])  # glibc's AIO threads, made by this one, inherit it
             if self.cuda:
                 self.torch.cuda.set_device(self.device)
                 self.stream.query()  # the device's context made this thread's (the driver calls need it)

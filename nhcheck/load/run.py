@@ -109,17 +109,11 @@ def _load_interpreter() -> Iterator[None]:
     """
     before = sys.getswitchinterval()
     sys.setswitchinterval(readers.EARLY_SWITCH_INTERVAL or readers.SWITCH_INTERVAL)
-    apart = readers.cores_apart() if readers.APART else None
-    cpus = os.sched_getaffinity(0) if apart is not None else None
-    if apart is not None:
-        os.sched_setaffinity(0, apart[0])  # this thread only: the readers take the other cores
     try:
         with collector.paused():
             yield
     finally:
         sys.setswitchinterval(before)
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
 
 
 def load_checkpoint(
