@@ -61,10 +61,12 @@ EARLY_SHARE = 0.5
 #: (slower, 2026-12-06).
 SWITCH_INTERVAL = 2e-4
 #: The switch interval until the plan is handed over, where not None (``run`` sets ``SWITCH_INTERVAL`` once
-#: ``Transfer.begin`` returns). Before it the main thread parses, audits and plans in Python beside the early readers,
+#: ``Transfer.begin`` returns). Before it the main thread parses, audits and plans in Python beside the early reads,
 #: and each forced handover costs it (the figures above: 0.20 s at 0.2 ms, 0.09 s at 5 ms); after it the staged
-#: reads wait on the readers' turns. ``bench/load.py`` times 5 ms here beside the default (``_switchlate``).
-EARLY_SWITCH_INTERVAL: float | None = None
+#: reads wait on the readers' turns. End to end on H100 hosts (2026-12-06, ``bench/load.py``, against 0.2 ms
+#: throughout, which it times as ``_switchearly``): 3.12 GB 0.71x against 0.68x and 0.74x against 0.70x (the AIO
+#: pump), release size 0.59x against 0.55x and 0.51x against 0.51x.
+EARLY_SWITCH_INTERVAL: float | None = 5e-3
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
 #: Ring slots and registered parts start on a page of their own.
