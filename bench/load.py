@@ -31,6 +31,7 @@ reading before the plan arrives (``_allearly``, ``EARLY_SHARE`` 1), or a quarter
 and the interpreter's switch interval at 1 ms instead of 0.2 ms (``_switch1ms``, ``SWITCH_INTERVAL``), or at 0.2 ms
 before the plan is handed over too instead of 5 ms (``_switchearly``, ``EARLY_SWITCH_INTERVAL`` None); and the
 reads in reader threads of the process instead of on glibc's AIO threads (``_threads``, ``ASYNC_READS`` off).
+``--also-lanes N`` adds nhcheck with N reads in flight in pieces of the ring's size over N (``_lanesN``).
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -368,7 +369,11 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
         ring = {"pinned_bytes": args.pinned_mb << 20} if args.pinned_mb else {}
         opts = tree.options(device=str(device), threads=args.threads, **ring)
         name = "nhcheck" + tree.label
-        variants = ["", "_decided", *VARIANTS] + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+        variants = (
+            ["", "_decided", *VARIANTS]
+            + [f"_pinned{mb}" for mb in args.also_pinned_mb]
+            + [f"_lanes{n}" for n in args.also_lanes]
+        )
         if not any(keep(name + v) for v in variants):
             continue
         # warm-up: the pinned ring this tree keeps, its streams, the allocator's cache
@@ -390,6 +395,11 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             if keep(f"{name}_pinned{mb}"):
                 run_nhcheck(tree, args.dir, more)
                 out[f"{name}_pinned{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
+        for n in args.also_lanes:  # n reads in flight, pieces of the ring's size over n: a ring slot each
+            more = tree.options(device=str(device), threads=n, chunk_bytes=opts.pinned_bytes // n)
+            if keep(f"{name}_lanes{n}"):
+                run_nhcheck(tree, args.dir, more)
+                out[f"{name}_lanes{n}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
     for name, fn in (
         ("fastsafetensors", lambda: run_fastsafetensors(files, device, args.threads, False)),
         ("fastsafetensors_cached", lambda: run_fastsafetensors(files, device, args.threads, False, True)),
@@ -629,6 +639,15 @@ def main() -> int:
         default=[],
         metavar="MB",
         help="also time each nhcheck tree with this pinned ring (contenders nhcheck_pinnedMB, nhcheck_before_pinnedMB)",
+    )
+    ap.add_argument(
+        "--also-lanes",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also time each nhcheck tree with N reads in flight, each a ring slot (pieces of ring / N bytes): "
+        "contenders nhcheck_lanesN",
     )
     ap.add_argument(
         "--before",
