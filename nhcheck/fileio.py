@@ -79,11 +79,26 @@ class _Aiocb(ctypes.Structure):
     ]
 
 
+class _Aioinit(ctypes.Structure):
+    """glibc's ``struct aioinit``: its thread pool's limits, set once before the first request (``aio_init``)."""
+
+    _fields_ = [
+        (name, ctypes.c_int)
+        for name in ("threads", "num", "locks", "usedba", "debug", "numusers", "idle_time", "reserved")
+    ]
+
+
+#: glibc's AIO threads at most (its default is 20: more lanes than that would queue behind one another).
+MAX_LANES = 64
+
+
 class _Timespec(ctypes.Structure):
     _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
 
 
 _SIGEV_NONE = 1
+#: Whether ``aio_init`` ran in this process (it counts only before glibc's first request).
+_INIT: list[bool] = []
 
 
 class AsyncReads:
@@ -122,10 +137,13 @@ class AsyncReads:
         for name in (None, "librt.so.1"):  # glibc 2.34 moved POSIX AIO from librt into libc
             try:
                 lib = ctypes.CDLL(name)
-                lib.aio_read, lib.aio_suspend  # noqa: B018 - present or AttributeError
+                lib.aio_read, lib.aio_suspend, lib.aio_init  # noqa: B018 - present or AttributeError
             except (OSError, AttributeError):
                 continue
-            return AsyncReads(lib, lanes)
+            if not _INIT:
+                lib.aio_init(ctypes.byref(_Aioinit(threads=MAX_LANES, num=MAX_LANES, idle_time=1)))
+                _INIT.append(True)
+            return AsyncReads(lib, min(lanes, MAX_LANES))
         return None
 
     def submit(self, lane: int, fd: int, address: int, size: int, offset: int) -> None:

@@ -500,6 +500,8 @@ def test_async_reads_land_the_files_bytes_lane_by_lane(tmp_path):
         aio.close()
         os.close(fd)
     assert aio._dups == {}
+    wide = fileio.AsyncReads.open(1000)  # glibc's pool is sized once for MAX_LANES: more would queue
+    assert wide is not None and wide.lanes == fileio.MAX_LANES
 
 
 @pytest.mark.parametrize("fault", ["short", "error"])
