@@ -29,9 +29,8 @@ its staged byte ranges placed through tensor views (``_views``, ``DRIVER_COPIES`
 per range instead of one kernel launch per staged read (``_perrange``, ``KERNEL`` off); and every reader
 reading before the plan arrives (``_allearly``, ``EARLY_SHARE`` 1), or a quarter of them (``_quarterearly``);
 and the interpreter's switch interval at 1 ms instead of 0.2 ms (``_switch1ms``, ``SWITCH_INTERVAL``), or at 0.2 ms
-before the plan is handed over too instead of 5 ms (``_switchearly``, ``EARLY_SWITCH_INTERVAL`` None); and the
-reads in reader threads of the process instead of on glibc's AIO threads (``_threads``, ``ASYNC_READS`` off).
-``--also-lanes N`` adds nhcheck with N reads in flight in pieces of the ring's size over N (``_lanesN``).
+before the plan is handed over too instead of 5 ms (``_switchearly``, ``EARLY_SWITCH_INTERVAL`` None).
+``--also-lanes N`` adds nhcheck with N reader threads in pieces of the ring's size over N (``_lanesN``).
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
 run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
 directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
@@ -338,8 +337,6 @@ VARIANTS = {
     "_switch1ms": ("SWITCH_INTERVAL", 1e-3, False),
     # the load's 0.2 ms before the plan is handed over too (the default: Python's 5 ms until then)
     "_switchearly": ("EARLY_SWITCH_INTERVAL", None, False),
-    # the reads in reader threads of this process (``os.preadv``) instead of on glibc's AIO threads
-    "_threads": ("ASYNC_READS", False, False),
 }
 
 
@@ -395,7 +392,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             if keep(f"{name}_pinned{mb}"):
                 run_nhcheck(tree, args.dir, more)
                 out[f"{name}_pinned{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
-        for n in args.also_lanes:  # n reads in flight, pieces of the ring's size over n: a ring slot each
+        for n in args.also_lanes:  # n reader threads, pieces of the ring's size over n: a ring slot each
             more = tree.options(device=str(device), threads=n, chunk_bytes=opts.pinned_bytes // n)
             if keep(f"{name}_lanes{n}"):
                 run_nhcheck(tree, args.dir, more)
@@ -646,9 +643,8 @@ def main() -> int:
         nargs="*",
         default=[],
         metavar="N",
-        help="also time each nhcheck tree with N reads in flight, each a ring slot (pieces of ring / N bytes): "
-        "contenders nhcheck_lanesN. Pick N with slots that divide 64 MB (32 for the 1 GB ring): other slots "
-        "re-register the ring whenever contenders alternate (0.15 s on the next load, 2026-12-06)",
+        help="also time each nhcheck tree with N reader threads, each a ring slot (pieces of ring / N bytes): "
+        "contenders nhcheck_lanesN",
     )
     ap.add_argument(
         "--before",

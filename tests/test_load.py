@@ -30,11 +30,11 @@ from click.testing import CliRunner
 from goldens import read_golden
 from safetensors.torch import load_file
 
-from nhcheck import fileio, prune
 from nhcheck import load as loading
+from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
-from nhcheck.errors import CheckpointError, UsageError
+from nhcheck.errors import UsageError
 from nhcheck.load import LoadOptions, load_path, readers, run
 from nhcheck.manifest import Param
 from nhcheck.pipeline import audit_path
@@ -201,12 +201,9 @@ def test_omni_fp8_mamba_nvfp4_experts_and_projector_on_0_5_23():
         ("omni-nvfp4-24137", "0.5.12"),
     ],
 )
-@pytest.mark.parametrize("async_reads", [True, False])
-def test_readers_agree_byte_for_byte(monkeypatch, example, engine, async_reads):
+def test_readers_agree_byte_for_byte(example, engine):
     """Reference safe_open reader vs the fast reader cut into 1000-byte reads through a 4-slot ring,
-    one shard on the device at a time (readers wait for the plan to free landing memory); the reads on
-    glibc's threads and in reader threads of this process."""
-    monkeypatch.setattr(readers, "ASYNC_READS", async_reads)
+    one shard on the device at a time (readers wait for the plan to free landing memory)."""
     ref = load_path(str(EXAMPLES / example), f"sglang@{engine}", LoadOptions(device="cpu", reader="safetensors"))
     fast = load_path(
         str(EXAMPLES / example),
@@ -399,54 +396,27 @@ def test_the_switch_interval_is_the_loads_after_the_handover_and_the_callers_aft
     assert seen == pytest.approx(want)  # the interpreter keeps the interval in whole microseconds
 
 
-@pytest.mark.parametrize("async_reads", [True, False])
-def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch, async_reads):
+def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch):
     """Before the plan at most ``early`` reads are in flight at once (the main thread keeps the interpreter);
-    after it every lane (glibc's threads) or reader thread reads, and the load is the same."""
+    after it every reader thread reads, and the load is the same."""
     seen = {"now": 0, "before": 0, "after": 0}
-    real_transfer, real_plan = run.Transfer, run.plan_load
+    real_transfer, real_plan, real_read = run.Transfer, run.plan_load, readers.read_into
     guard = threading.Lock()
 
     def spy(*a):
         seen["transfer"] = real_transfer(*a)
         return seen["transfer"]
 
-    def started():
+    def slow_read(*a):
         with guard:
             seen["now"] += 1
             t = seen.get("transfer")  # None: still in Transfer(), before any plan
             key = "before" if t is None or t.needed is None else "after"
             seen[key] = max(seen[key], seen["now"])
-
-    def ended():
+        time.sleep(0.01)
+        real_read(*a)
         with guard:
             seen["now"] -= 1
-
-    if async_reads:
-        real_submit, real_result = fileio.AsyncReads.submit, fileio.AsyncReads.result
-
-        def submit(self, *a):
-            started()
-            real_submit(self, *a)
-
-        def result(self, lane):
-            time.sleep(0.01)  # the lane stays busy a while: the others may start
-            ended()
-            return real_result(self, lane)
-
-        monkeypatch.setattr(fileio.AsyncReads, "submit", submit)
-        monkeypatch.setattr(fileio.AsyncReads, "result", result)
-    else:
-        real_read = readers.read_into
-
-        def slow_read(*a):
-            started()
-            time.sleep(0.01)
-            real_read(*a)
-            ended()
-
-        monkeypatch.setattr(readers, "ASYNC_READS", False)
-        monkeypatch.setattr(readers, "read_into", slow_read)
 
     def late_plan(audit, dtype="auto"):
         time.sleep(0.2)  # time for every idle reader to try
@@ -454,81 +424,12 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
 
     monkeypatch.setattr(run, "Transfer", spy)
     monkeypatch.setattr(run, "plan_load", late_plan)
+    monkeypatch.setattr(readers, "read_into", slow_read)
     opts = LoadOptions(device="cpu", chunk_bytes=1000, staging_bytes=1 << 30, threads=4)
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
-    assert (seen["transfer"].aio is not None) == async_reads
     assert seen["transfer"].early == 2 and res.report.verdict == "clean"
     assert seen["before"] == 2 and seen["after"] > 2
     ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
-    assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
-
-
-def test_async_reads_land_the_files_bytes_lane_by_lane(tmp_path):
-    """glibc's AIO through ``fileio.AsyncReads``: every lane's bytes are the file's, several lanes read one
-    descriptor at once (each through a duplicate), a read past the end is short, a bad descriptor an ``OSError``."""
-    aio = fileio.AsyncReads.open(4)
-    if aio is None:
-        pytest.skip("no glibc POSIX AIO here")
-    data = os.urandom(1 << 20)
-    path = tmp_path / "f.bin"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    bufs = [bytearray(300_000) for _ in range(4)]
-    import ctypes
-
-    try:
-        addr = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in bufs]
-        offsets = [0, 300_000, 600_000, 900_000]  # the last one: 148,576 bytes left in the file
-        for lane, off in enumerate(offsets):
-            aio.submit(lane, fd, addr[lane], len(bufs[lane]), off)
-        got: dict[int, int] = {}
-        while len(got) < 4:
-            for lane in aio.wait(1.0):
-                got[lane] = aio.result(lane)
-        assert got == {0: 300_000, 1: 300_000, 2: 300_000, 3: len(data) - 900_000}
-        for lane, off in enumerate(offsets):
-            assert bytes(bufs[lane][: got[lane]]) == data[off : off + got[lane]]
-        assert len(set(aio._dups.values())) == 4 and fd not in aio._dups.values()
-        bad = os.open(path, os.O_WRONLY)  # reading a write-only descriptor fails: EBADF, from the lane
-        aio.submit(0, bad, addr[0], 10, 0)
-        with pytest.raises(OSError):
-            while not aio.wait(1.0):
-                pass
-            aio.result(0)
-        os.close(bad)
-    finally:
-        aio.close()
-        os.close(fd)
-    assert aio._dups == {}
-    wide = fileio.AsyncReads.open(1000)  # glibc's pool is sized once for MAX_LANES: more would queue
-    assert wide is not None and wide.lanes == fileio.MAX_LANES
-
-
-@pytest.mark.parametrize("fault", ["short", "error"])
-def test_a_short_or_failed_async_read_is_finished_or_named(monkeypatch, fault):
-    """A lane that reads fewer bytes than asked (a signal, a network file system) is finished with ``read_into``
-    and the load stays exact; one that fails ends the load with one line naming the shard."""
-    real_result = fileio.AsyncReads.result
-    calls = {"n": 0}
-
-    def result(self, lane):
-        n = real_result(self, lane)
-        calls["n"] += 1
-        if calls["n"] % 3:
-            return n
-        if fault == "error":
-            raise OSError(5, "Input/output error")
-        return n // 2
-
-    monkeypatch.setattr(fileio.AsyncReads, "result", result)
-    opts = LoadOptions(device="cpu", chunk_bytes=1000, threads=4)
-    if fault == "error":
-        with pytest.raises(CheckpointError, match=r"\.safetensors.*cannot read: Input/output error"):
-            load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
-        return
-    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
-    ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
-    assert res.report.verdict == "clean" and calls["n"] > 3
     assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
 
 

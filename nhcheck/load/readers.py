@@ -1,11 +1,11 @@
 """Readers: the shard bytes on their way into the arenas.
 
-``fast`` (default) reads fixed pieces on glibc's POSIX AIO threads (``fileio.AsyncReads``; elsewhere a
-thread pool of ``os.preadv``) into a ring of (pinned, on CUDA) host buffers and copies them asynchronously
-into a bounded staging area on the device, starting before the plan exists; once it does, every piece's
-byte ranges are decided at once and each staged piece is placed from that list as it lands (on CUDA one
-kernel launch a piece: ``kernel``), its slot then reused. ``safetensors`` is the plain reference:
-``safe_open`` one shard at a time, one ``get_tensor`` per tensor in stream order.
+``fast`` (default) reads fixed pieces with a thread pool of ``os.preadv`` into a ring of (pinned,
+on CUDA) host buffers and copies them asynchronously into a bounded staging area on the device,
+starting before the plan exists; once it does, every piece's byte ranges are decided at once and
+each staged piece is placed from that list as it lands (on CUDA one kernel launch a piece: ``kernel``),
+its slot then reused. ``safetensors`` is the plain reference: ``safe_open`` one shard at a time, one
+``get_tensor`` per tensor in stream order.
 torch is imported inside functions only.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import CheckpointError
-from nhcheck.fileio import AsyncReads, read_into
+from nhcheck.fileio import read_into
 from nhcheck.load.memory import Arenas, apply
 from nhcheck.load.options import LoadOptions
 from nhcheck.load.plan import Op
@@ -42,10 +42,6 @@ DRIVER_COPIES = True
 #: With the driver copies, a staged read's byte ranges go as one kernel launch (``kernel.Kernel``); off,
 #: one driver copy per range: ``bench/load.py`` times both in the same run.
 KERNEL = True
-#: The reads run on glibc's POSIX AIO threads, driven by one Python thread (``fileio.AsyncReads``, ``Transfer._pump``),
-#: where the C library has them; off (or elsewhere), ``os.preadv`` in reader threads of this process.
-#: ``bench/load.py`` times both (``_threads``).
-ASYNC_READS = True
 #: Until the plan arrives, at most this share of the reader threads read at once. The main thread is then
 #: parsing, auditing and planning in pure Python, and each reader wakes for the interpreter lock a few
 #: times a piece. Measured on a 16-core H100 host (2026-12-06, Python's 5 ms switch interval): 31 ms of that work
@@ -61,11 +57,12 @@ EARLY_SHARE = 0.5
 #: (slower, 2026-12-06).
 SWITCH_INTERVAL = 2e-4
 #: The switch interval until the plan is handed over, where not None (``run`` sets ``SWITCH_INTERVAL`` once
-#: ``Transfer.begin`` returns). Before it the main thread parses, audits and plans in Python beside the early reads,
+#: ``Transfer.begin`` returns). Before it the main thread parses, audits and plans in Python beside the early readers,
 #: and each forced handover costs it (the figures above: 0.20 s at 0.2 ms, 0.09 s at 5 ms); after it the staged
-#: reads wait on the readers' turns. End to end on H100 hosts (2026-12-06, ``bench/load.py``, against 0.2 ms
-#: throughout, which it times as ``_switchearly``): 3.12 GB 0.71x against 0.68x and 0.74x against 0.70x (the AIO
-#: pump), release size 0.59x against 0.55x and 0.51x against 0.51x.
+#: reads wait on the readers' turns. End to end on H100 hosts (2026-12-06, ``bench/load.py``; this against 0.2 ms
+#: throughout, which it times as ``_switchearly``): 3.12 GB 0.71x against 0.68x, 0.74x against 0.70x, 0.69x against
+#: 0.71x; release size 0.59x against 0.55x, 0.51x against 0.51x, 0.54x against 0.52x (the last two of each with the
+#: reads on glibc's AIO threads, since dropped: README).
 EARLY_SWITCH_INTERVAL: float | None = 5e-3
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
@@ -518,10 +515,8 @@ class Transfer:
     """Shard bytes on their way to the device, started before the plan exists and placed once it does.
 
     Reading begins with the load, while the main thread parses headers, audits and plans:
-    fixed pieces of the files are read in order (on glibc's AIO threads, one Python thread submitting
-    them and staging what lands: ``_pump``; elsewhere reader threads of this process, ``os.preadv``:
-    ``_work``), each into a free slot
-    of a ring of pinned host buffers, then copied asynchronously into a free slot of a bounded
+    reader threads claim fixed pieces of the files in order, ``os.preadv`` each into a free slot
+    of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
     staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
     parameters plus this). The readers never see a tensor: no per-tensor Python runs on them.
     ``begin`` takes the plan, cuts the ops into every read's pieces (``cut_pieces``) and tells the
@@ -535,9 +530,8 @@ class Transfer:
     deciding on a 16-core H100 host). The device orders it all
     with events, the host waits only for a free slot. Before the plan exists, only ``EARLY_SHARE`` of
     the readers read, and no further ahead than the staging area plus what they hold; once it does, every
-    reader reads, and pieces no op needs are not read. Each piece costs a reader thread a few brief holds of
-    the interpreter (the read itself runs outside it; its copy and events are enqueued in one: ``_Stager``);
-    the pump holds it once per batch of landed pieces.
+    reader reads, and pieces no op needs are not read. Each piece costs its reader a few brief holds of
+    the interpreter (the read itself runs outside it; its copy and events are enqueued in one: ``_Stager``).
     One load at a time per process: the pinned ring is shared.
     """
 
@@ -551,7 +545,6 @@ class Transfer:
         self.spans = list(spans)
         self.closed = False
         self.workers: list = []
-        self.aio: AsyncReads | None = None
         self.fds: dict[int, int] = {}
         self.baseline = 0
         if self.cuda:
@@ -616,13 +609,9 @@ class Transfer:
             raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
         threads = min(opts.threads or min(16, os.cpu_count() or 4), len(self.reads))
         self.early = max(1, round(threads * EARLY_SHARE))
-        self.aio = AsyncReads.open(threads) if ASYNC_READS else None
-        if self.aio is not None:
-            self.workers = [threading.Thread(target=self._pump, name="nhcheck-load-reads", daemon=True)]
-        else:
-            self.workers = [
-                threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True) for i in range(threads)
-            ]
+        self.workers = [
+            threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True) for i in range(threads)
+        ]
         for w in self.workers:
             w.start()
 
@@ -706,14 +695,30 @@ class Transfer:
                         if d is None:
                             return
                         t3 = clock()
-                        self._stage(h, d, n)
+                        if self.stager is not None:
+                            self._stage_by_driver(h, d, n)
+                        else:
+                            with self.torch.cuda.stream(self.stream):
+                                if self.freed_used[d]:
+                                    self.stream.wait_event(self.freed_events[d])  # its last placement is done
+                                self.staging[d * self.slot : d * self.slot + n].copy_(
+                                    self.ring[h * self.stride : h * self.stride + n], non_blocking=True
+                                )
+                                self.host_events[h].record(self.stream)
+                                self.landed_events[d].record(self.stream)
+                        self.host_used[h] = True
                         acc["host_wait"] += t1 - t
                         acc["read"] += t2 - t1
                         acc["stage_wait"] += t3 - t2
                         acc["issue"] += clock() - t3
                     finally:
                         self.host_free.put(h)
-                self._land(j, d, n)
+                with self.lock:
+                    self.landed[j] = d
+                    self.inflight -= 1
+                    self.bytes_read += n
+                    self.stats["last_landed"] = clock() - self.started
+                    self.lock.notify_all()
         except BaseException as exc:  # handed to the main thread by place()
             with self.lock:
                 if self.error is None:
@@ -723,148 +728,6 @@ class Transfer:
             with self.lock:
                 for k, v in acc.items():
                     self.stats[k] = self.stats.get(k, 0.0) + v
-
-    def _land(self, j: int, d: int, n: int) -> None:
-        """Read ``j`` (``n`` bytes) is in staging slot ``d`` (on CUDA: its copy enqueued): ``finish`` may place it."""
-        with self.lock:
-            self.landed[j] = d
-            self.inflight -= 1
-            self.bytes_read += n
-            self.stats["last_landed"] = time.perf_counter() - self.started
-            self.lock.notify_all()
-
-    def _stage(self, h: int, d: int, n: int) -> None:
-        """Ring slot ``h``'s ``n`` bytes into staging slot ``d`` on the reader stream, once that slot's last
-        placement is done; ``host_events[h]`` and ``landed_events[d]`` recorded after."""
-        if self.stager is not None:
-            self._stage_by_driver(h, d, n)
-        else:
-            with self.torch.cuda.stream(self.stream):
-                if self.freed_used[d]:
-                    self.stream.wait_event(self.freed_events[d])  # its last placement is done
-                self.staging[d * self.slot : d * self.slot + n].copy_(
-                    self.ring[h * self.stride : h * self.stride + n], non_blocking=True
-                )
-                self.host_events[h].record(self.stream)
-                self.landed_events[d].record(self.stream)
-        self.host_used[h] = True
-
-    def _pump(self) -> None:
-        """The reads on glibc's threads (``AsyncReads``), driven from this one Python thread.
-
-        One lane a reader thread would have been: each in-flight read lands in a slot of its own (the ring's on
-        CUDA, the staging area's otherwise) and, once done, is staged (CUDA) and handed to ``finish``. This thread
-        takes the interpreter once per batch of finished reads, where each reader thread took it a few times a
-        piece: the main thread's parsing, auditing and planning is not made to wait behind 16 of them.
-        """
-        import collections
-
-        aio = self.aio
-        assert aio is not None
-        clock = time.perf_counter
-        acc = dict.fromkeys(("read", "host_wait", "stage_wait", "issue"), 0.0)
-        lanes: dict[int, tuple[int, int, float]] = {}  # lane → (read, landing slot, submitted at)
-        idle = list(range(aio.lanes))
-        fresh = list(range(self.nhost))[::-1] if self.cuda else []  # ring slots not yet used
-        copying: collections.deque[int] = collections.deque()  # ring slots whose staging copy was enqueued
-        try:
-            if self.cuda:
-                self.torch.cuda.set_device(self.device)
-                self.stream.query()  # the device's context made this thread's (the driver calls need it)
-            while True:
-                while idle:  # submit while a lane, a wanted read and a landing slot are free
-                    with self.lock:
-                        if self.stop or self.error is not None:
-                            return
-                        if self.needed is None and len(lanes) >= self.early:
-                            break
-                        j = self.next
-                        while j < len(self.reads) and not self._wanted(j):
-                            j += 1
-                        self.next = j
-                    if j == len(self.reads):
-                        break
-                    t = clock()
-                    slot = self._landing(fresh, copying, block=not lanes)
-                    acc["host_wait" if self.cuda else "stage_wait"] += clock() - t
-                    if slot is None:
-                        break
-                    with self.lock:
-                        self.next, self.claimed[j] = j + 1, True
-                        self.inflight += 1
-                    r = self.reads[j]
-                    lane = idle.pop()
-                    aio.submit(lane, self.fds[r.shard], self._slot_address(slot), r.end - r.start, r.start)
-                    lanes[lane] = (j, slot, clock())
-                if not lanes:
-                    return  # every wanted read claimed and landed, or the transfer stopped
-                done = aio.wait(0.002 if self.needed is None else None)  # until the plan: notice it soon
-                for lane in done:
-                    j, slot, since = lanes.pop(lane)
-                    idle.append(lane)
-                    r = self.reads[j]
-                    n = r.end - r.start
-                    path = self.spans[r.shard].path
-                    try:
-                        got = aio.result(lane)
-                    except OSError as exc:
-                        raise CheckpointError(path, f"cannot read: {exc.strerror or exc}") from None
-                    if got < n:  # short (a signal, a network file system) or the file ends early: the rest here
-                        read_into(self.fds[r.shard], path, self.views[slot][got:n], r.start + got)
-                    t = clock()
-                    acc["read"] += t - since
-                    if self.cuda:
-                        d = self._get(self.stage_free)
-                        if d is None:
-                            return
-                        t1 = clock()
-                        self._stage(slot, d, n)
-                        copying.append(slot)
-                        acc["stage_wait"] += t1 - t
-                        acc["issue"] += clock() - t1
-                    else:
-                        d = slot
-                    self._land(j, d, n)
-        except BaseException as exc:  # handed to the main thread by place()
-            with self.lock:
-                if self.error is None:
-                    self.error = exc
-                self.lock.notify_all()
-        finally:
-            aio.drain()  # no read may still write into a slot once this returns
-            with self.lock:
-                for k, v in acc.items():
-                    self.stats[k] = self.stats.get(k, 0.0) + v
-
-    def _slot_address(self, slot: int) -> int:
-        """Where a read lands: ring slot ``slot`` on CUDA, staging slot ``slot`` otherwise."""
-        if self.cuda:
-            return self.ring.data_ptr() + slot * self.stride
-        return self.staging.data_ptr() + slot * self.slot
-
-    def _landing(self, fresh: list[int], copying, block: bool) -> int | None:
-        """A free slot for the next read to land in: on CUDA a ring slot never used or whose staging copy is done
-        (waiting for the oldest where ``block``), otherwise a free staging slot; None if none is free now (or,
-        blocking, once the transfer stops)."""
-        import queue
-
-        if not self.cuda:
-            if block:
-                return self._get(self.stage_free)
-            try:
-                return self.stage_free.get_nowait()
-            except queue.Empty:
-                return None
-        if fresh:
-            return fresh.pop()
-        if not copying:
-            return None
-        h = copying[0]
-        if not self.host_events[h].query():
-            if not block:
-                return None
-            self.host_events[h].synchronize()
-        return copying.popleft()
 
     def _stage_by_driver(self, h: int, d: int, n: int) -> None:
         """Ring slot ``h``'s ``n`` bytes into staging slot ``d`` on the reader stream, once that slot's last
@@ -995,8 +858,6 @@ class Transfer:
         if self.cuda:
             self.stream.synchronize()  # the ring is reused by the next load: no copy may still read it
             self.place_stream.synchronize()
-        if self.aio is not None:
-            self.aio.close()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
