@@ -59,11 +59,11 @@ SWITCH_INTERVAL = 2e-4
 #: The switch interval until the plan is handed over, where not None (``run`` sets ``SWITCH_INTERVAL`` once
 #: ``Transfer.begin`` returns). Before it the main thread parses, audits and plans in Python beside the early readers,
 #: and each forced handover costs it (the figures above: 0.20 s at 0.2 ms, 0.09 s at 5 ms); after it the staged
-#: reads wait on the readers' turns. End to end on H100 hosts (2026-12-06, ``bench/load.py``; this against 0.2 ms
-#: throughout, which it times as ``_switchearly``): 3.12 GB 0.71x against 0.68x, 0.74x against 0.70x, 0.69x against
-#: 0.71x; release size 0.59x against 0.55x, 0.51x against 0.51x, 0.54x against 0.52x (the last two of each with the
-#: reads on glibc's AIO threads, since dropped: README).
-EARLY_SWITCH_INTERVAL: float | None = 5e-3
+#: reads wait on the readers' turns. ``bench/load.py`` times 5 ms here beside the default (``_switchlate``). End to
+#: end on H100 hosts (2026-12-06, 5 ms against the default in the same runs): 3.12 GB 0.71x/0.68x, 0.74x/0.70x,
+#: 0.69x/0.71x, 0.82x/0.87x; release size 0.59x/0.55x, 0.51x/0.51x, 0.54x/0.52x, 0.61x/0.67x (the middle two of each
+#: with the reads on glibc's AIO threads, since dropped: README): no gain that outlasts the hosts' spread.
+EARLY_SWITCH_INTERVAL: float | None = None
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
 #: Ring slots and registered parts start on a page of their own.
