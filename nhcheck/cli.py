@@ -604,6 +604,8 @@ def load(
 
     t0 = time.perf_counter()
     _ep_needs_tp(ep, tp_size is not None)
+    if tp_size is None:  # the ranks of --tp are processes of their own
+        loading.start_device(device)
     if tp_size is not None:
         from nhcheck.load import tp as load_tp
         from nhcheck.sources import open_source

@@ -216,6 +216,78 @@ def test_readers_agree_byte_for_byte(example, engine):
     assert fast.report.bytes_read <= sum(s.file_size - s.data_start for s in open_local(str(EXAMPLES / example)).shards)
 
 
+def _prefetched(monkeypatch, tmp_path, budget: int | None, gate: threading.Event | None = None):
+    """``readers.prefetch`` over two files in 4 KB steps with ``budget``: its stop and the fadvise calls
+    (path, offset, length), recorded when the thread has ended."""
+    spans = []
+    for name, size, data in (("a.safetensors", 10240, 100), ("b.safetensors", 7000, 50)):
+        (tmp_path / name).write_bytes(bytes(size))
+        spans.append(readers.Span(str(tmp_path / name), data, size))
+    calls: list[tuple[str, int, int]] = []
+
+    def fadvise(fd, off, n, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+        if gate is not None:
+            gate.wait(10)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(readers, "_PREFETCH_STEP", 4096)
+    monkeypatch.setattr(readers, "_prefetch_budget", lambda: budget)
+    stop = readers.prefetch(spans)
+    return stop, calls, spans
+
+
+def _prefetch_thread_ends() -> None:
+    for t in threading.enumerate():
+        if t.name == "nhcheck-prefetch":
+            t.join(10)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_prefetch_asks_for_the_data_sections_in_order_within_its_budget(monkeypatch, tmp_path):
+    stop, calls, (a, b) = _prefetched(monkeypatch, tmp_path, 12288)
+    _prefetch_thread_ends()
+    # a's data section in steps, then b's until the budget is spent (10,140 bytes of a, 2,148 of b)
+    assert calls == [(a.path, 100, 4096), (a.path, 4196, 4096), (a.path, 8292, 1948), (b.path, 50, 2148)]
+    stop()  # after the end: nothing to stop
+    (tmp_path / "none").mkdir()
+    _, none, _ = _prefetched(monkeypatch, tmp_path / "none", None)
+    _prefetch_thread_ends()
+    assert none == []  # no posix_fadvise or no /proc/meminfo: nothing asked
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_prefetch_stops_when_the_readers_take_over(monkeypatch, tmp_path):
+    gate = threading.Event()
+    stop, calls, (a, _) = _prefetched(monkeypatch, tmp_path, 1 << 30, gate)
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stop()
+    gate.set()
+    _prefetch_thread_ends()
+    assert calls == [(a.path, 100, 4096)]
+
+
+def test_a_load_stops_its_prefetch_once_the_readers_start(monkeypatch):
+    seen = []
+    real = readers.Transfer.__init__
+
+    def prefetch(spans):
+        seen.append(("prefetch", len(spans)))
+        return lambda: seen.append(("stop",))
+
+    def init(self, *args):
+        seen.append(("readers",))
+        real(self, *args)
+
+    monkeypatch.setattr(readers, "prefetch", prefetch)
+    monkeypatch.setattr(readers.Transfer, "__init__", init)
+    assert load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report.verdict == "clean"
+    assert seen == [("prefetch", 4), ("readers",), ("stop",)]  # its 4 shards
+
+
 def test_reads_cover_every_data_section_in_pieces():
     shards = open_local(str(EXAMPLES / "nano3-bf16")).shards
     reads = readers.plan_reads(list(shards), 1000)
@@ -867,6 +939,36 @@ def test_cli_missing_cuda_is_exit_2_one_line():
     assert res.stderr.startswith("nhcheck: error: --device cuda: CUDA is not available") and res.stderr.count("\n") == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_cli_starting_cuda_early_on_a_machine_without_it_changes_nothing():
+    """A fresh process (torch not yet imported) starts the CUDA context in a thread; with no driver or no GPU the
+    thread ends quietly and torch's own answer stands: the same one line, exit 2."""
+    code = (
+        "import sys, threading; from nhcheck.load import memory; memory.start_device('cuda:0'); "
+        "assert 'torch' not in sys.modules; "
+        "from nhcheck.cli import main; sys.argv = ['nhcheck', 'load', sys.argv[1], '--device', 'cuda']; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(EXAMPLES / "h8b-dense")], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("nhcheck: error: --device cuda: CUDA is not available")
+
+
+def test_starting_cuda_early_is_only_for_a_cuda_device_before_torch(monkeypatch):
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name))
+    for spec in ("cpu", "tpu", "cuda:x", "cuda"):  # torch is imported in this process: CUDA is torch's to start
+        loading.start_device(spec)
+    monkeypatch.delitem(sys.modules, "torch")
+    for spec in ("cpu", "tpu", "cuda:x"):
+        loading.start_device(spec)
+    assert started == []
+    monkeypatch.setattr("atexit.register", lambda fn: None)
+    loading.start_device(" cuda:1 ")
+    assert started == ["nhcheck-cuda-start"]
+
+
 def test_cli_bad_device_is_exit_2():
     res = invoke("load", EXAMPLES / "h8b-dense", "--device", "tpu")
     assert res.exit_code == 2 and "expected cpu, cuda or cuda:N" in res.stderr
@@ -930,6 +1032,34 @@ def test_cuda_matches_cpu_reference(example, engine, opts):
     assert r.verdict == ref.report.verdict
     assert all(t.is_cuda for t in got.tensors.values())
     assert_matches_reference(ref, got)
+
+
+_PRIMARY = """
+import ctypes, sys, threading
+from nhcheck.load import memory
+memory.start_device("cuda")
+next(t for t in threading.enumerate() if t.name == "nhcheck-cuda-start").join()
+cuda = ctypes.CDLL("libcuda.so.1")
+dev, flags, active, ctx, cur = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
+assert cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active)) == 0 and active.value == 1
+assert "torch" not in sys.modules
+import torch
+x = torch.arange(1000, device="cuda").sum().item()
+assert cuda.cuCtxGetCurrent(ctypes.byref(cur)) == 0
+assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+print(x, cur.value == ctx.value)
+"""
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_started_early_is_the_context_torch_then_uses():
+    """``start_device`` makes the device's primary context before torch is imported, and torch computes in that
+    very context (made once, not twice)."""
+    done = subprocess.run([sys.executable, "-c", _PRIMARY], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["499500", "True"]
 
 
 @pytest.mark.cuda

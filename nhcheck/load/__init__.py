@@ -25,7 +25,7 @@ Rendering is ``nhcheck.report``'s (``LOAD``, ``TP_LOAD``). torch is imported ins
 only: nothing ``audit`` imports may pay for it.
 """
 
-from nhcheck.load.memory import Arenas, resolve_device
+from nhcheck.load.memory import Arenas, resolve_device, start_device
 from nhcheck.load.options import DTYPES, READERS, LoadOptions
 from nhcheck.load.plan import Op, Plan, plan_load, runtime_params, stream_order
 from nhcheck.load.run import (
@@ -54,6 +54,7 @@ __all__ = [
     "load_source",
     "plan_load",
     "resolve_device",
+    "start_device",
     "runtime_params",
     "stream_order",
 ]

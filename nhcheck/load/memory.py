@@ -9,6 +9,10 @@ functions only.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import sys
+import threading
 from typing import Any
 
 from nhcheck.dtypes import FLOAT_PARAM, INT_OF_SIZE, ITEMSIZE, numel
@@ -30,6 +34,38 @@ def torch_module():
     import torch
 
     return torch
+
+
+def start_device(spec: str) -> None:
+    """Begin making ``spec``'s CUDA context now, in a thread, while the main thread imports torch.
+
+    A CLI load otherwise pays, one after the other, for Python importing torch and for the CUDA driver's start
+    and the device's primary context. The driver's calls made through ctypes give the interpreter away, so
+    here they run beside the import; torch's runtime then takes that primary context as it is (the runtime
+    API works in each device's primary context) instead of making it. Nothing is started for any other spec,
+    where torch is already imported, or where the driver library is missing: torch then starts CUDA as
+    before, and ``resolve_device`` reports what is wrong. The interpreter's exit waits for the thread (a
+    driver call cut off by the process's teardown could crash it).
+    """
+    spec = spec.strip()
+    if "torch" in sys.modules or not (spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())):
+        return
+    index = int(spec[5:]) if ":" in spec else 0  # torch's current device in a fresh process
+    thread = threading.Thread(target=_primary_context, args=(index,), name="nhcheck-cuda-start", daemon=True)
+    thread.start()
+    atexit.register(thread.join)
+
+
+def _primary_context(index: int) -> None:
+    """The driver started and device ``index``'s primary context retained (kept for the process's life: the
+    runtime retains it too); any failure leaves the start to torch."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    if cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), index) == 0:
+        cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
 
 
 def resolve_device(spec: str):
