@@ -56,7 +56,9 @@ the switch interval a load sets (``readers.SWITCH_INTERVAL``) and at Python's de
 CUDA's start alone (``torch.empty(1, device=...)``), the same plus pinning each tree's default host
 ring (its one-time cost, which the in-process figures above pay once, in their warm-up),
 ``safetensors.torch.load_file`` of every shard, and each tree's ``python -m nhcheck load DIR`` (the
-CLI: imports, CUDA start, the ring, the load and its checks, the report).
+CLI: imports, CUDA start, the ring, the load and its checks, the report); with ``--cold`` also the last two
+from shards dropped from the page cache (``POSIX_FADV_DONTNEED``, the libraries left cached: a checkpoint
+the machine has not read lately).
 A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
 """
 
@@ -295,6 +297,20 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+#: ``--fresh --cold``: a process started with the shards' pages dropped (``drop_shards``).
+COLD_SHARDS = " (shards cold)"
+
+
+def drop_shards(files: list[Path]) -> None:
+    """Drop the shards' pages from the page cache (``POSIX_FADV_DONTNEED``: clean pages go; no root needed)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run_nhcheck(tree: Tree, root: Path, opts, audit=None) -> tuple[float, dict]:
@@ -576,9 +592,13 @@ def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> d
              "--device", str(device), "--format", "json", "-o", os.devnull, "-q"],
             root,
         )  # fmt: skip
+    if args.cold:  # the same from shards out of the page cache (the libraries stay cached)
+        cmds.update({k + COLD_SHARDS: v for k, v in cmds.items() if k.startswith(("safetensors", "nhcheck load"))})
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(args.reps):
         for name, (cmd, root) in cmds.items():
+            if name.endswith(COLD_SHARDS):
+                drop_shards(files)
             path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
             t = time.perf_counter()
             env = dict(os.environ, PYTHONPATH=path)
@@ -662,7 +682,11 @@ def main() -> int:
         help="comma-separated contenders to time (the ceiling always is), e.g. "
         "safetensors,nhcheck,nhcheck_decided,nhcheck_before,nhcheck_before_decided",
     )
-    ap.add_argument("--cold", action="store_true", help="Also one run of each after dropping the page cache.")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="Also one run of each after dropping the page cache (with --fresh: the CLIs from cold shards too).",
+    )
     ap.add_argument("--cap", action="store_true", help="Also load under a memory cap of parameters + staging.")
     ap.add_argument("--sweep", action="store_true", help="Also time nhcheck with other thread/piece settings.")
     ap.add_argument(
@@ -770,6 +794,13 @@ def main() -> int:
                 f"beyond CUDA's start {(st - start) / (cli - start):.2f}x",
                 flush=True,
             )
+            if args.cold:
+                cold = med["nhcheck load (CLI)" + tree.label + COLD_SHARDS]
+                print(
+                    f"  nhcheck{tree.label}, shards cold: safetensors.load_file / its CLI = "
+                    f"{med['safetensors.load_file' + COLD_SHARDS] / cold:.2f}x",
+                    flush=True,
+                )
 
     caps = []
     if args.cap and device.type == "cuda":
