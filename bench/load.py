@@ -559,12 +559,14 @@ def capped(args, tree: Tree, device: torch.device, staging: int) -> dict:
 
 
 _FRESH = {
-    "cuda start": "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize()",
+    "cuda start": "import torch; torch.empty(1, device={dev!r}); {sync}",
     "safetensors.load_file": (
         "import sys, torch; from safetensors.torch import load_file; "
-        "[load_file(f, device={dev!r}) for f in sys.argv[1:]]; torch.cuda.synchronize()"
+        "[load_file(f, device={dev!r}) for f in sys.argv[1:]]; {sync}"
     ),
 }
+#: ``_FRESH``'s first process on the CPU: the import alone
+_TORCH_START = "torch import"
 #: the tree's own pinned ring, as its first load makes it (the default size)
 _RING = (
     "import torch; torch.empty(1, device={dev!r}); torch.cuda.synchronize(); "
@@ -576,17 +578,23 @@ _RING = (
 def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> dict[str, list[float]]:
     """Wall seconds of whole processes (``--fresh``), round-robin: each name's runs. Each tree's ring and
     CLI run from that tree (in its directory, which ``-c`` and ``-m`` put first on the path)."""
+    cuda = device.type == "cuda"
+    sync = "torch.cuda.synchronize()" if cuda else "pass"
     cmds = {
-        name: ([sys.executable, "-c", code.format(dev=str(device)), *(str(f.resolve()) for f in files)], None)
+        name if cuda or name != "cuda start" else _TORCH_START: (
+            [sys.executable, "-c", code.format(dev=str(device), sync=sync), *(str(f.resolve()) for f in files)],
+            None,
+        )
         for name, code in _FRESH.items()
     }
     for tree in trees:
         root = os.path.dirname(os.path.dirname(tree.mods["nhcheck"].__file__ or ""))
         new = "device" in inspect.signature(tree.readers._host_ring).parameters
-        cmds["cuda start + pinned ring" + tree.label] = (
-            [sys.executable, "-c", _RING.format(dev=str(device), new=new)],
-            root,
-        )
+        if cuda:
+            cmds["cuda start + pinned ring" + tree.label] = (
+                [sys.executable, "-c", _RING.format(dev=str(device), new=new)],
+                root,
+            )
         cmds["nhcheck load (CLI)" + tree.label] = (
             [sys.executable, "-m", "nhcheck", "load", str(args.dir.resolve()), "--engine", ENGINE,
              "--device", str(device), "--format", "json", "-o", os.devnull, "-q"],
@@ -778,29 +786,33 @@ def main() -> int:
             print(f"pre-plan work {k}: {v * 1e3:.1f} ms = {v / alone:.2f}x the fastest", flush=True)
 
     fresh_runs: dict[str, list[float]] = {}
-    if args.fresh and device.type == "cuda":
+    if args.fresh:
         fresh_runs = fresh(args, files, device, trees)
         med = {k: statistics.median(v) for k, v in fresh_runs.items()}
         print("whole processes (median wall s of the runs, as a user starts them):", flush=True)
         for k, v in fresh_runs.items():
             print(f"  {k:36s} {med[k]:7.3f} s   runs " + " ".join(f"{x:.3f}" for x in v), flush=True)
-        start, st = med["cuda start"], med["safetensors.load_file"]
+        start, st = med.get("cuda start", med.get(_TORCH_START, 0.0)), med["safetensors.load_file"]
         for tree in trees:
-            pin = med["cuda start + pinned ring" + tree.label] - start
             cli = med["nhcheck load (CLI)" + tree.label]
+            ring = med.get("cuda start + pinned ring" + tree.label)
+            pin = "" if ring is None else f"pinning its default ring, once per process: {ring - start:.3f} s; "
             print(
-                f"  nhcheck{tree.label}: pinning its default ring, once per process: {pin:.3f} s; "
-                f"safetensors.load_file / its CLI = {st / cli:.2f}x, "
-                f"beyond CUDA's start {(st - start) / (cli - start):.2f}x",
+                f"  nhcheck{tree.label}: {pin}safetensors.load_file / its CLI = {st / cli:.2f}x, "
+                f"beyond the {'CUDA' if ring is not None else 'torch'} start {(st - start) / (cli - start):.2f}x",
                 flush=True,
             )
             if args.cold:
-                cold = med["nhcheck load (CLI)" + tree.label + COLD_SHARDS]
+                cold_cli = med["nhcheck load (CLI)" + tree.label + COLD_SHARDS]
                 print(
                     f"  nhcheck{tree.label}, shards cold: safetensors.load_file / its CLI = "
-                    f"{med['safetensors.load_file' + COLD_SHARDS] / cold:.2f}x",
+                    f"{med['safetensors.load_file' + COLD_SHARDS] / cold_cli:.2f}x",
                     flush=True,
                 )
+        for suffix in ("", COLD_SHARDS) if args.cold else ("",):
+            if len(trees) > 1:
+                a, b = (med["nhcheck load (CLI)" + t.label + suffix] for t in trees[:2])
+                print(f"  CLI{suffix}: nhcheck{trees[1].label} / nhcheck = {b / a:.2f}x the time", flush=True)
 
     caps = []
     if args.cap and device.type == "cuda":

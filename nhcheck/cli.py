@@ -606,7 +606,7 @@ def load(
     _ep_needs_tp(ep, tp_size is not None)
     if tp_size is None:  # the ranks of --tp are processes of their own
         loading.start_device(device)
-    if tp_size is not None:
+    else:
         from nhcheck.load import tp as load_tp
         from nhcheck.sources import open_source
 

@@ -48,12 +48,17 @@ def start_device(spec: str) -> None:
     driver call cut off by the process's teardown could crash it).
     """
     spec = spec.strip()
-    if "torch" in sys.modules or not (spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())):
+    if "torch" in sys.modules or not _is_cuda(spec):
         return
     index = int(spec[5:]) if ":" in spec else 0  # torch's current device in a fresh process
     thread = threading.Thread(target=_primary_context, args=(index,), name="nhcheck-cuda-start", daemon=True)
     thread.start()
     atexit.register(thread.join)
+
+
+def _is_cuda(spec: str) -> bool:
+    """``cuda`` or ``cuda:N``, the CUDA specs ``--device`` takes."""
+    return spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())
 
 
 def _primary_context(index: int) -> None:
@@ -74,7 +79,7 @@ def resolve_device(spec: str):
     spec = spec.strip()
     if spec == "cpu":
         return torch.device("cpu")
-    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+    if _is_cuda(spec):
         if not torch.cuda.is_available():
             raise UsageError(
                 f"--device {spec}: CUDA is not available (torch {torch.__version__}); "
