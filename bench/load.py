@@ -53,7 +53,8 @@ the reads' pieces) alone, beside N threads of this process looping on ``os.pread
 N such threads in another process (N = half the threads, then all): what ``readers.EARLY_SHARE`` weighs; each at
 the switch interval a load sets (``readers.SWITCH_INTERVAL``) and at Python's default 5 ms.
 ``--fresh`` times whole processes, as a user starts them (round-robin, wall time, ``--reps`` each):
-CUDA's start alone (``torch.empty(1, device=...)``), the same plus pinning each tree's default host
+CUDA's start alone (``torch.empty(1, device=...)``; on the CPU torch's import, and no ring), the same plus
+pinning each tree's default host
 ring (its one-time cost, which the in-process figures above pay once, in their warm-up),
 ``safetensors.torch.load_file`` of every shard, and each tree's ``python -m nhcheck load DIR`` (the
 CLI: imports, CUDA start, the ring, the load and its checks, the report); with ``--cold`` also the last two
@@ -700,7 +701,11 @@ def main() -> int:
     ap.add_argument(
         "--contention", action="store_true", help="Also time the pre-plan work alone and beside reader threads."
     )
-    ap.add_argument("--fresh", action="store_true", help="Also time whole processes: CUDA's start, the ring, the CLI.")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="Also time whole processes: CUDA's start (or torch's import), the ring, the CLI.",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
