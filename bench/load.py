@@ -54,9 +54,8 @@ N such threads in another process (N = half the threads, then all): what ``reade
 the switch interval a load sets (``readers.SWITCH_INTERVAL``) and at Python's default 5 ms.
 ``--fresh`` times whole processes, as a user starts them (round-robin, wall time, ``--reps`` each):
 CUDA's start alone (``torch.empty(1, device=...)``; on the CPU torch's import, and no ring), the same plus
-pinning each tree's default host
-ring (its one-time cost, which the in-process figures above pay once, in their warm-up),
-``safetensors.torch.load_file`` of every shard, and each tree's ``python -m nhcheck load DIR`` (the
+pinning each tree's default host ring (its one-time cost, which the in-process figures above pay once, in
+their warm-up), ``safetensors.torch.load_file`` of every shard, and each tree's ``python -m nhcheck load DIR`` (the
 CLI: imports, CUDA start, the ring, the load and its checks, the report); with ``--cold`` also the last two
 from shards dropped from the page cache (``POSIX_FADV_DONTNEED``, the libraries left cached: a checkpoint
 the machine has not read lately).
