@@ -970,7 +970,9 @@ _PRIMARY = """
 import ctypes, sys, threading
 from nhcheck.load import memory
 memory.start_device("cuda")
-next(t for t in threading.enumerate() if t.name == "nhcheck-cuda-start").join()
+for t in threading.enumerate():
+    if t.name == "nhcheck-cuda-start":
+        t.join()
 cuda = ctypes.CDLL("libcuda.so.1")
 dev, flags, active, ctx, cur = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
 assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
