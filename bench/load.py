@@ -589,8 +589,8 @@ def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> d
     }
     for tree in trees:
         root = os.path.dirname(os.path.dirname(tree.mods["nhcheck"].__file__ or ""))
-        new = "device" in inspect.signature(tree.readers._host_ring).parameters
         if cuda:
+            new = "device" in inspect.signature(tree.readers._host_ring).parameters
             cmds["cuda start + pinned ring" + tree.label] = (
                 [sys.executable, "-c", _RING.format(dev=str(device), new=new)],
                 root,

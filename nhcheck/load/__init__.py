@@ -54,7 +54,7 @@ __all__ = [
     "load_source",
     "plan_load",
     "resolve_device",
-    "start_device",
     "runtime_params",
+    "start_device",
     "stream_order",
 ]
