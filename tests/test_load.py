@@ -216,6 +216,99 @@ def test_readers_agree_byte_for_byte(example, engine):
     assert fast.report.bytes_read <= sum(s.file_size - s.data_start for s in open_local(str(EXAMPLES / example)).shards)
 
 
+def _prefetched(monkeypatch, tmp_path, budget: int | None, cached=(), gate: threading.Event | None = None):
+    """``readers.prefetch`` over two files in 4 KB steps with ``budget``, the bytes at ``cached`` (path, offset)
+    in the page cache: its stop and its reads (path, offset, length), recorded when the thread has ended."""
+    spans = []
+    for name, size, data in (("a.safetensors", 10240, 100), ("b.safetensors", 7000, 50)):
+        (tmp_path / name).write_bytes(bytes(size))
+        spans.append(readers.Span(str(tmp_path / name), data, size))
+    reads: list[tuple[str, int, int]] = []
+    real = os.preadv
+
+    def preadv(fd, bufs, off, flags=0):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path not in {s.path for s in spans}:
+            return real(fd, bufs, off, flags)
+        if flags == os.RWF_NOWAIT:
+            if (path, off) in cached:
+                return 1
+            raise BlockingIOError
+        reads.append((path, off, len(bufs[0])))
+        if gate is not None:
+            gate.wait(10)
+        return len(bufs[0])
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(readers, "_PREFETCH_STEP", 4096)
+    monkeypatch.setattr(readers, "_prefetch_budget", lambda: budget)
+    stop = readers.prefetch(spans)
+    return stop, reads, spans
+
+
+def _prefetch_thread_ends() -> None:
+    for t in threading.enumerate():
+        if t.name == "nhcheck-prefetch":
+            t.join(10)
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 flags")
+def test_prefetch_reads_the_data_sections_in_order_within_its_budget_skipping_cached_steps(monkeypatch, tmp_path):
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    stop, reads, _ = _prefetched(monkeypatch, tmp_path, 12288, cached={(a, 4196 + 4095)})
+    _prefetch_thread_ends()
+    # a's data section in steps (the second's last byte is cached: skipped, still counted against the budget),
+    # then b's until the budget is spent (10,140 bytes of a, 2,148 of b)
+    assert reads == [(a, 100, 4096), (a, 8292, 1948), (b, 50, 2148)]
+    stop()  # after the end: nothing to stop
+    (tmp_path / "none").mkdir()
+    _, none, _ = _prefetched(monkeypatch, tmp_path / "none", None)
+    _prefetch_thread_ends()
+    assert none == []  # the kernel says nothing of its memory: nothing read
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 flags")
+def test_prefetch_stops_when_the_readers_take_over(monkeypatch, tmp_path):
+    gate = threading.Event()
+    stop, reads, (a, _) = _prefetched(monkeypatch, tmp_path, 1 << 30, gate=gate)
+    deadline = time.monotonic() + 10
+    while not reads and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stop()
+    gate.set()
+    _prefetch_thread_ends()
+    assert reads == [(a.path, 100, 4096)]
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 flags")
+def test_prefetch_knows_a_page_just_read_is_cached(tmp_path):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(bytes(range(256)) * 64)
+    with open(f, "rb", buffering=0) as fh:
+        assert fh.read() and readers._cached(fh.fileno(), 8191)
+    stop = readers.prefetch([readers.Span(str(f), 8, f.stat().st_size)])  # the real thing, to its end
+    _prefetch_thread_ends()
+    stop()
+
+
+def test_a_load_stops_its_prefetch_once_the_readers_start(monkeypatch):
+    seen = []
+    real = readers.Transfer.__init__
+
+    def prefetch(spans):
+        seen.append(("prefetch", len(spans)))
+        return lambda: seen.append(("stop",))
+
+    def init(self, *args):
+        seen.append(("readers",))
+        real(self, *args)
+
+    monkeypatch.setattr(readers, "prefetch", prefetch)
+    monkeypatch.setattr(readers.Transfer, "__init__", init)
+    assert load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report.verdict == "clean"
+    assert seen == [("prefetch", 4), ("readers",), ("stop",)]  # its 4 shards
+
+
 def test_reads_cover_every_data_section_in_pieces():
     shards = open_local(str(EXAMPLES / "nano3-bf16")).shards
     reads = readers.plan_reads(list(shards), 1000)

@@ -280,8 +280,13 @@ def load_path(
     t0 = time.perf_counter() if t0 is None else t0
     check_options(opts)
     spans = quick_spans(path) if opts.reader == "fast" else None
+    stop_prefetch = readers.prefetch(spans) if spans else None
     with _load_interpreter():
-        transfer = Transfer(spans, resolve_device(opts.device), opts, torch_module()) if spans else None
+        try:
+            transfer = Transfer(spans, resolve_device(opts.device), opts, torch_module()) if spans else None
+        finally:
+            if stop_prefetch is not None:
+                stop_prefetch()  # the readers read on from here
         try:
             ckpt = open_local(path, progress)
         except BaseException:
