@@ -32,8 +32,8 @@ import random
 import re
 import struct
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 __all__ = [
     "write_checkpoint",
@@ -251,7 +251,7 @@ def write_checkpoint(
     total = 0
     for k in range(shards):
         fname = shard_name(k, shards)
-        members = sorted((t for t, a in zip(tensors, assign) if a == k), key=lambda t: t[0])
+        members = sorted((t for t, a in zip(tensors, assign, strict=True) if a == k), key=lambda t: t[0])
         entries = []
         off = 0
         for name, dtype, shape in members:
@@ -269,7 +269,7 @@ def write_checkpoint(
                 for name, dtype, shape, _b, _e in entries:
                     f.write(tensor_bytes(name, dtype, shape, seed))
         total += off
-    for (name, _d, _s), a in zip(tensors, assign):
+    for (name, _d, _s), a in zip(tensors, assign, strict=True):
         weight_map[name] = shard_name(a, shards)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_text(os.path.join(out_dir, "model.safetensors.index.json"), json.dumps(index, indent=2))
