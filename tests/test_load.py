@@ -1403,7 +1403,8 @@ def test_audit_flags_the_rank_2_linear_scale_from_headers_alone(tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8_e4m3fn", "uint8"])
 def test_poison_scan_finds_one_element_left_anywhere(monkeypatch, dtype):
     """The first pass (any poison at all?) and the count agree on every slice boundary: one poisoned
-    element left in the first, a middle or the last slice is found and counted, none is not."""
+    element left in the first, a middle or the last slice is found and counted, none is not; the sliced first
+    pass too, which CUDA takes for every dtype (the CPU asks a float arena's max instead)."""
     from nhcheck.load import memory
 
     monkeypatch.setattr(memory, "_SCAN", 64)
@@ -1414,11 +1415,27 @@ def test_poison_scan_finds_one_element_left_anywhere(monkeypatch, dtype):
     flat = arenas.raw[dtype]
     width = 16 if dtype == "uint8" else flat.numel() // 1000
     flat.zero_()
-    assert arenas.poisoned() == {}
+    assert arenas.poisoned() == {} and not arenas._any_sliced(dtype, flat)
     for at in (0, 137, 999):
         flat.zero_()
         flat[at * width : (at + 1) * width] = 0xFF
         assert arenas.poisoned() == {"p": 16 if dtype == "uint8" else 1}  # integer storage: bytes of the run
+        assert arenas._any_sliced(dtype, flat)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_poison_scan_counts_no_other_nan_or_infinity(dtype):
+    """On the CPU the first pass asks a float arena's max, which any NaN makes NaN: a NaN that is not all-ones,
+    and infinities, leave the count at zero; one all-ones element beside them is still the one counted."""
+    param = Param("p", (1000,), dtype, None, "default", (), 0, (), True, False)
+    arenas = loading.Arenas((param,), torch.device("cpu"), torch)
+    typed = arenas.typed[dtype]
+    typed.zero_()
+    typed[3], typed[500], typed[998] = float("nan"), float("inf"), float("-inf")
+    assert typed.view(getattr(torch, f"int{typed.element_size() * 8}"))[3] != -1  # torch's NaN is not all-ones
+    assert arenas.poisoned() == {}
+    arenas.raw[dtype][7 * typed.element_size() : 8 * typed.element_size()] = 0xFF
+    assert arenas.poisoned() == {"p": 1}
 
 
 def test_overlap_is_an_end_past_the_next_start_in_the_arena():
