@@ -459,7 +459,7 @@ def _pre_plan(root: Path) -> float:
 
     t = time.perf_counter()
     ckpt = open_local(str(root))
-    audit = pipeline.audit(pipeline.prepare(ckpt, ENGINE), AuditOptions(compare_versions=False))
+    audit = pipeline.audit(pipeline.prepare(ckpt, ENGINE), AuditOptions(compare_versions=False, recipe=False))
     plan = plan_load(audit)
     Arenas(plan.params, torch.device("meta"), torch)
     spans = readers.spans_of(ckpt.shards)

@@ -296,6 +296,22 @@ def test_layer_beyond_the_model_is_an_orphan(tmp_path):
     assert r.verdict == "orphans"
 
 
+def test_without_the_recipe_check_only_its_findings_go(tmp_path):
+    """``AuditOptions(recipe=False)`` (what a load asks): no recipe finding, and every decision a load takes from
+    the audit (records, crash, parameters) and every other finding the same."""
+    ck = _copy(EX / "nano3-nvfp4", tmp_path)
+    q = json.loads((ck / "hf_quant_config.json").read_text())
+    q["quantization"]["exclude_modules"].remove("backbone.layers.4.mixer.in_proj")
+    (ck / "hf_quant_config.json").write_text(json.dumps(q))
+    inputs = prepare(open_local(str(ck)), "sglang@0.5.23")
+    full = audit(inputs, AuditOptions(compare_versions=False))
+    lean = audit(inputs, AuditOptions(compare_versions=False, recipe=False))
+    recipe = {"recipe-mismatch", "kv-scales-absent"}
+    assert recipe <= _codes(full) and not recipe & _codes(lean)
+    assert [f for f in full.findings if f.code not in recipe] == list(lean.findings)
+    assert (lean.records, lean.crash, lean.params) == (full.records, full.crash, full.params)
+
+
 def test_exclude_entry_naming_one_expert_index(tmp_path):
     # The recipe check answers expert modules once per name around the index, except where an exclude
     # entry names the index itself as a component: expert 5 of layer 1 and expert 7's down_proj everywhere.

@@ -309,6 +309,18 @@ def test_a_load_stops_its_prefetch_once_the_readers_start(monkeypatch):
     assert seen == [("prefetch", 4), ("readers",), ("stop",)]  # its 4 shards
 
 
+def test_a_load_audits_without_the_recipe_check(monkeypatch):
+    """The load reports what memory holds: the audit it decides by skips the recipe check (findings only)."""
+    from nhcheck import audit as audit_module
+
+    asked = []
+    monkeypatch.setattr(audit_module, "_recipe_findings", lambda *a: asked.append(a) or [])
+    assert load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report.verdict == "clean"
+    assert asked == []
+    audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
+    assert len(asked) == 1
+
+
 def test_reads_cover_every_data_section_in_pieces():
     shards = open_local(str(EXAMPLES / "nano3-bf16")).shards
     reads = readers.plan_reads(list(shards), 1000)

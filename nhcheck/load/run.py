@@ -137,7 +137,7 @@ def load_checkpoint(
 
     def decide() -> AuditReport:
         inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-        return pipeline.audit(inputs, AuditOptions(compare_versions=False))
+        return pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False))
 
     return _load(ckpt, decide, opts, t0, transfer)
 

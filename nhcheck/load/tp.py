@@ -380,7 +380,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
             mtp=job.mtp,
             pp=job.pp,
         )
-        audit = pipeline.audit(inputs, AuditOptions(compare_versions=False))
+        audit = pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False))
         plan = plan_load(audit, job.dtype)
         cut = tensor_parallel.plan(inputs.manifest, inputs.config, job.tp, inputs.engine.tp_rules(), job.ep)
         sharded = {s.param.name: s.sharding for s in cut}
