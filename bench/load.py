@@ -605,8 +605,8 @@ def fresh(args, files: list[Path], device: torch.device, trees: list[Tree]) -> d
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     forward = list(cmds.items())
     for rep in range(args.reps):
-        # every other round in reverse order: a fixed order favoured the tree run second by up to 1.2x on the
-        # 2-core dev VM (2026-12-06: the same two trees 0.80x in a fixed order, 1.04x alternated)
+        # every other round in reverse order: on the 2-core dev VM (2026-12-06) two trees read 0.80x in a fixed
+        # order, the one run second the faster, and 1.04x the other way when 4 pairs were alternated by hand
         for name, (cmd, root) in forward if rep % 2 == 0 else forward[::-1]:
             if name.endswith(COLD_SHARDS):
                 drop_shards(files)
