@@ -7,6 +7,7 @@ round-robin, several repetitions each (whole processes, wall time):
   baseline  a bare Python process that reads every shard header and json-parses it;
   json      `python -m nhcheck audit DIR --format json -o FILE -q`;
   table     `python -m nhcheck audit DIR -q` (stdout to a pipe: plain rows);
+  summary   the json command without `-q`, as a script runs it: its summary line on stderr (a pipe);
   floor     `python -c pass` and `python -m nhcheck --version` (interpreter, and imports), and the inputs
             floor: a process that imports what `audit` imports and decodes every file `audit` must read (each
             header into typed entries with msgspec, as nhcheck does, and the index, config.json and
@@ -226,6 +227,10 @@ def main() -> None:
                     env,
                 )
                 cmds["audit (table)" + label] = ([py, "-m", "nhcheck", "audit", d, "-q"], env)
+                cmds["audit --format json, summary line" + label] = (
+                    [py, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json],
+                    env,
+                )
             for cmd, env in cmds.values():
                 _run(cmd, env, work)  # warm the page cache and the bytecode caches
             wall: dict[str, list[float]] = {k: [] for k in cmds}
@@ -251,7 +256,7 @@ def main() -> None:
                 if stages.returncode:
                     raise SystemExit("--stages failed")
             if args.before:
-                for fmt in ("audit --format json", "audit (table)"):
+                for fmt in ("audit --format json", "audit (table)", "audit --format json, summary line"):
                     b = fmt + f" (before: {args.before})"
                     print(
                         f"{name}: {fmt}: after / before wall {min(wall[fmt]) / min(wall[b]):.2f} "

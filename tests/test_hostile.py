@@ -253,14 +253,50 @@ def test_plain_table_is_what_rich_writes_whatever_the_source_is_called(dirname, 
 
 
 def test_piped_table_does_not_import_rich(tmp_path):
-    """rich is a fifth of a small audit's time: a table written to a pipe or a file does without it."""
+    """rich is a fifth of a small audit's time: a table written to a pipe or a file, and the summary line on a
+    stderr that is no terminal, do without it."""
     code = (
         "import sys; from nhcheck.cli import cli\n"
         "try:\n    cli(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "assert 'rich' not in sys.modules, sorted(m for m in sys.modules if m.startswith('rich'))"
     )
     ex = str(ROOT / "examples" / "nano3-nvfp4")
-    for args in (["audit", ex, "-q"], ["audit", ex, "-q", "-o", str(tmp_path / "t.txt")]):
+    for args in (
+        ["audit", ex, "-q"],
+        ["audit", ex, "-q", "-o", str(tmp_path / "t.txt")],
+        ["audit", ex],  # the summary line on stderr too
+        ["audit", ex, "--format", "json"],
+    ):
         env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Scanned 24,147 tensors in 4 shards (0.19 s): verdict clean; 0 orphans, 0 raise, 0 params unfilled, 0 partial.",
+        "Wrote 3 shards to /tmp/a:fire:b (1.2 GB, 0.50 s).",
+        "Wrote to /tmp/[bold]x[/bold].",
+        "back\\slash",
+        "tab\there",
+        "bell\x07 and return\r",
+        "trailing ",
+        "é ü 中文 plain",
+        "",
+    ],
+)
+def test_summary_is_what_rich_writes(text, monkeypatch):
+    """The summary line on a stderr that is no terminal: written as it is where rich would print it so, through
+    rich otherwise; either way the bytes rich writes."""
+    from nhcheck.report import console
+
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(var, raising=False)
+    plain, rich = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    console.summary(text)
+    console.summary(text, quiet=True)
+    monkeypatch.setattr(sys, "stderr", rich)
+    console.stderr().print(text, highlight=False, markup=False, soft_wrap=True)
+    assert plain.getvalue() == rich.getvalue()

@@ -11,7 +11,6 @@ that ``report.format`` writes in the format asked for; ``report.console`` is the
 from __future__ import annotations
 
 import json
-import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import msgspec
 
 from nhcheck import __version__, collapse, engines
-from nhcheck.report.console import Plain
+from nhcheck.report.console import Plain, as_written, renders
 
 if TYPE_CHECKING:
     from nhcheck.audit import AuditReport, TensorRecords
@@ -50,9 +49,6 @@ def safe(text: object) -> str:
 #: strangers' files); rich gets it escaped (``markup``), a plain destination as it is where rich would print it so.
 Span = tuple[str, str]
 
-#: Text rich might not print as written: a markup tag or escape (``[``, ``\\``) or an emoji code (``:name:``).
-_NOT_AS_WRITTEN = re.compile(r"[\[\\]|:\S*?:")
-
 
 class Grid(NamedTuple):
     """A report table as data: rich draws it in a terminal; elsewhere ``print_table`` writes plain rows."""
@@ -73,7 +69,7 @@ def print_line(console, spans: list[Span]) -> None:
     """One report line: straight to a plain destination (``console.Plain``) when rich would print its text as it
     is (no markup, escape or emoji code to render, no trailing space to trim), through rich otherwise."""
     text = "".join(t for t, _ in spans)
-    if isinstance(console, Plain) and not _NOT_AS_WRITTEN.search(text) and not text.endswith(" "):
+    if isinstance(console, Plain) and as_written(text):
         console.line(text)
     else:
         console.print(markup(spans))
@@ -118,7 +114,7 @@ def print_table(console, table) -> None:
 def _plain_cell(cell: Span) -> str:
     """A cell's text as rich's plain rendering of its markup would read (only text with markup in it needs rich)."""
     text = cell[0]
-    if _NOT_AS_WRITTEN.search(text):
+    if renders(text):
         from rich.text import Text
 
         text = Text.from_markup(markup([cell]), emoji=False).plain
