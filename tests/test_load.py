@@ -216,9 +216,12 @@ def test_readers_agree_byte_for_byte(example, engine):
     assert fast.report.bytes_read <= sum(s.file_size - s.data_start for s in open_local(str(EXAMPLES / example)).shards)
 
 
-def _prefetched(monkeypatch, tmp_path, budget: int | None, cached=(), gate: threading.Event | None = None):
-    """``readers.prefetch`` over two files in 4 KB steps with ``budget``, the bytes at ``cached`` (path, offset)
-    in the page cache: its stop and its reads (path, offset, length), recorded when the thread has ended."""
+def _prefetched(
+    monkeypatch, tmp_path, budget: int | None, cached=(), gate: threading.Event | None = None, threads: int = 1
+):
+    """``readers.prefetch`` over two files in 4 KB steps with ``budget`` and ``threads``, the bytes at ``cached``
+    (path, offset) in the page cache: its stop and its reads (path, offset, length), recorded when the threads
+    have ended."""
     spans = []
     for name, size, data in (("a.safetensors", 10240, 100), ("b.safetensors", 7000, 50)):
         (tmp_path / name).write_bytes(bytes(size))
@@ -242,6 +245,7 @@ def _prefetched(monkeypatch, tmp_path, budget: int | None, cached=(), gate: thre
     monkeypatch.setattr(os, "preadv", preadv)
     monkeypatch.setattr(readers, "_PREFETCH_STEP", 4096)
     monkeypatch.setattr(readers, "_prefetch_budget", lambda: budget)
+    monkeypatch.setattr(readers, "_prefetch_threads", lambda: threads)
     stop = readers.prefetch(spans)
     return stop, reads, spans
 
@@ -265,6 +269,23 @@ def test_prefetch_reads_the_data_sections_in_order_within_its_budget_skipping_ca
     _, none, _ = _prefetched(monkeypatch, tmp_path / "none", None)
     _prefetch_thread_ends()
     assert none == []  # the kernel says nothing of its memory: nothing read
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 flags")
+def test_prefetch_threads_read_each_step_once_within_the_budget(monkeypatch, tmp_path):
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    _, reads, _ = _prefetched(monkeypatch, tmp_path, 12288, cached={(a, 4196 + 4095)}, threads=3)
+    _prefetch_thread_ends()
+    assert sorted(reads) == [(a, 100, 4096), (a, 8292, 1948), (b, 50, 2148)]
+    _, every, _ = _prefetched(monkeypatch, tmp_path, 1 << 30, threads=3)
+    _prefetch_thread_ends()
+    assert sorted(every) == [(a, 100, 4096), (a, 4196, 4096), (a, 8292, 1948), (b, 50, 4096), (b, 4146, 2854)]
+
+
+def test_prefetch_threads_scale_with_the_cores_the_process_may_use(monkeypatch):
+    for cores, threads in ((1, 1), (2, 1), (7, 1), (8, 2), (15, 3), (16, 4), (128, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert readers._prefetch_threads() == threads, cores
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 flags")
@@ -989,7 +1010,9 @@ def test_cli_starting_cuda_early_on_a_machine_without_it_changes_nothing():
     done = subprocess.run(
         [sys.executable, "-c", code, str(EXAMPLES / "h8b-dense")], capture_output=True, text=True, timeout=120, cwd=REPO
     )
-    assert done.returncode == 2 and done.stdout == "nhcheck-cuda-start nhcheck-prefetch\n"
+    started = done.stdout.split()
+    assert done.returncode == 2 and started[0] == "nhcheck-cuda-start", done.stdout
+    assert set(started[1:]) == {"nhcheck-prefetch"} and len(started) - 1 == readers._prefetch_threads()
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("nhcheck: error: --device cuda: CUDA is not available")
 
