@@ -604,16 +604,13 @@ def load(
 
     t0 = time.perf_counter()
     _ep_needs_tp(ep, tp_size is not None)
-    sizes = {"pinned_bytes": pinned_mb, "staging_bytes": staging_mb}  # unset: LoadOptions' defaults
-    opts = loading.LoadOptions(
-        device=device,
-        dtype=dtype,
-        reader=reader,
-        threads=threads,
-        **{k: mb << 20 for k, mb in sizes.items() if mb is not None},
-    )
     if tp_size is None:  # the ranks of --tp are processes of their own; the safetensors reader has no ring
-        loading.start_device(device, opts.pinned_bytes if reader == "fast" else 0)
+        ring = (
+            (pinned_mb << 20 if pinned_mb is not None else loading.LoadOptions().pinned_bytes)
+            if reader == "fast"
+            else 0
+        )
+        loading.start_device(device, ring)
     else:
         from nhcheck.load import tp as load_tp
         from nhcheck.sources import open_source
@@ -630,6 +627,14 @@ def load(
             output,
             quiet,
         )
+    sizes = {"pinned_bytes": pinned_mb, "staging_bytes": staging_mb}  # unset: LoadOptions' defaults
+    opts = loading.LoadOptions(
+        device=device,
+        dtype=dtype,
+        reader=reader,
+        threads=threads,
+        **{k: mb << 20 for k, mb in sizes.items() if mb is not None},
+    )
     rep = loading.load_source(
         source,
         revision,
