@@ -604,13 +604,8 @@ def load(
 
     t0 = time.perf_counter()
     _ep_needs_tp(ep, tp_size is not None)
-    if tp_size is None:  # the ranks of --tp are processes of their own; the safetensors reader has no ring
-        ring = (
-            (pinned_mb << 20 if pinned_mb is not None else loading.LoadOptions().pinned_bytes)
-            if reader == "fast"
-            else 0
-        )
-        loading.start_device(device, ring)
+    if tp_size is None:  # the ranks of --tp are processes of their own
+        loading.start_device(device)
     else:
         from nhcheck.load import tp as load_tp
         from nhcheck.sources import open_source

@@ -12,7 +12,6 @@ The placement is checked against an oracle written here from the checkpoint name
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import os
 import re
@@ -1021,7 +1020,6 @@ def test_cli_starting_cuda_early_on_a_machine_without_it_changes_nothing():
 def test_starting_cuda_early_is_only_for_a_cuda_device_before_torch(monkeypatch):
     started = []
     monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name))
-    monkeypatch.setattr(readers, "_EARLY", {})
     for spec in ("cpu", "tpu", "cuda:x", "cuda"):  # torch is imported in this process: CUDA is torch's to start
         loading.start_device(spec)
     monkeypatch.delitem(sys.modules, "torch")
@@ -1030,95 +1028,7 @@ def test_starting_cuda_early_is_only_for_a_cuda_device_before_torch(monkeypatch)
     assert started == []
     monkeypatch.setattr("atexit.register", lambda fn: None)
     loading.start_device(" cuda:1 ")
-    assert started == ["nhcheck-cuda-start"] and readers._EARLY == {}  # no ring asked: none awaited
-    loading.start_device("cuda", 1 << 30)
-    assert started == ["nhcheck-cuda-start"] * 2 and list(readers._EARLY) == ["wait"]
-
-
-def test_cli_pins_its_ring_early_only_for_the_fast_reader(monkeypatch):
-    asked = []
-    monkeypatch.setattr(loading, "start_device", lambda spec, ring=0: asked.append((spec, ring)))
-    for extra in ([], ["--pinned-mb", "256"], ["--reader", "safetensors"]):
-        assert invoke("load", EXAMPLES / "h8b-dense", "--device", "cpu", "-q", *extra).exit_code == 0
-    assert asked == [("cpu", LoadOptions().pinned_bytes), ("cpu", 256 << 20), ("cpu", 0)]
-
-
-class _FakeDriver:
-    """The driver calls ``readers.pin_early`` makes, recorded (absolute addresses); registering a part of ``refuse``
-    bytes fails."""
-
-    def __init__(self, refuse: int | None = None) -> None:
-        self.refuse, self.registered, self.unregistered, self.current = refuse, [], [], []
-
-    def cuCtxSetCurrent(self, context):
-        self.current.append(context)
-        return 0
-
-    def cuMemHostRegister_v2(self, ptr, size, flags):
-        if self.refuse is not None and size.value == self.refuse:
-            return 1  # CUDA_ERROR_INVALID_VALUE
-        self.registered.append((ptr.value, size.value, flags.value))
-        return 0
-
-    def cuMemHostUnregister(self, ptr):
-        self.unregistered.append(ptr.value)
-        return 0
-
-
-def test_pin_early_faults_and_registers_every_part_or_undoes_them(monkeypatch):
-    import mmap
-
-    made = []
-    real = mmap.mmap
-
-    def mapped(*args):
-        m = real(*args)
-        m.write(b"\xff" * len(m))  # a recycled page's old bytes: the pinning writes each part
-        made.append(m)
-        return m
-
-    monkeypatch.setattr(mmap, "mmap", mapped)
-    monkeypatch.setattr(readers, "_PIN_PART", 4096)
-    size = 3 * 4096 + 100
-    parts = [(0, 4096), (4096, 4096), (8192, 4096), (12288, 100)]
-    for refuse in (None, 100):  # the last part refused: the other three undone
-        monkeypatch.setattr(readers, "_EARLY", {})
-        cuda = _FakeDriver(refuse)
-        readers.pin_early(cuda, "ctx", size)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(made[-1]))
-        assert set(cuda.current) == {"ctx"} and bytes(made[-1]) == bytes(size)
-        if refuse is None:
-            assert sorted(cuda.registered) == [(base + o, n, 3) for o, n in parts] and cuda.unregistered == []
-            assert readers._EARLY["parts"] == parts and readers._EARLY["size"] == size
-        else:
-            assert sorted(cuda.unregistered) == [base, base + 4096, base + 8192] and "owner" not in readers._EARLY
-
-
-def test_the_early_ring_is_the_first_loads_where_it_fits(monkeypatch):
-    import mmap
-
-    unpinned = []
-    monkeypatch.setattr(readers, "_unpin", lambda torch, ring, parts: unpinned.append(parts))
-    monkeypatch.setattr(readers, "_EARLY", {})
-    monkeypatch.setattr(readers, "_CACHE", {})
-
-    def early(size: int) -> list[int]:
-        waited: list[int] = []
-        readers.expect_early_ring(lambda: waited.append(1))
-        readers._EARLY.update(owner=mmap.mmap(-1, size), parts=[(0, size)], size=size)
-        return waited
-
-    waited = early(1 << 20)
-    ring = readers._host_ring(torch, 4096, True, None, 64 << 10)  # 64 KB slots: registered in 64 MB parts
-    assert waited == [1] and ring.numel() == 1 << 20 and readers._CACHE["ring_parts"] == [(0, 1 << 20)]
-    assert readers._early_ring(torch, 4096, readers._PIN_PART) is None  # asked once
-    early(1 << 20)
-    assert readers._early_ring(torch, 2 << 20, readers._PIN_PART) is None  # too small: let go
-    early(1 << 20)
-    assert readers._early_ring(torch, 4096, 1 << 20) is None  # other parts: let go
-    assert unpinned == [[(0, 1 << 20)]] * 2
-    readers.expect_early_ring(lambda: None)  # the thread pinned nothing (no driver, a part refused)
-    assert readers._early_ring(torch, 4096, readers._PIN_PART) is None
+    assert started == ["nhcheck-cuda-start"]
 
 
 def test_cli_bad_device_is_exit_2():
@@ -1214,50 +1124,6 @@ def test_cuda_started_early_is_the_context_torch_then_uses():
     done = subprocess.run([sys.executable, "-c", _PRIMARY], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["499500", "True"]
-
-
-_EARLY_RING = """
-import sys
-from nhcheck.load import memory, readers
-memory.start_device("cuda", 1 << 30)
-assert "torch" not in sys.modules
-
-
-def refuse(*args, **kwargs):
-    raise AssertionError("the load pinned a ring of its own")
-
-
-readers._pin = refuse
-import torch
-from nhcheck.load import LoadOptions, load_path
-
-example, engine = sys.argv[1], "sglang@0.5.23"
-got = load_path(example, engine, LoadOptions(device="cuda", chunk_bytes=64 << 10))  # 64 KB slots
-ref = load_path(example, engine, LoadOptions(device="cpu", reader="safetensors"))
-ring = readers._CACHE["ring"]
-same = all(
-    got.tensors[n].cpu().reshape(-1).view(torch.uint8).equal(ref.tensors[n].reshape(-1).view(torch.uint8))
-    for n in ref.tensors
-)
-print(got.report.verdict, ref.report.verdict, ring.is_pinned(), ring.numel(), same, len(got.tensors))
-"""
-
-
-@pytest.mark.cuda
-@CUDA
-def test_the_ring_pinned_while_torch_is_imported_is_the_loads():
-    """``start_device`` with a ring pins it before torch is imported (``readers.pin_early``); the first load reads
-    through it (pinning no ring of its own) into what the CPU reference loads, byte for byte."""
-    done = subprocess.run(
-        [sys.executable, "-c", _EARLY_RING, str(EXAMPLES / "nano3-nvfp4")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    verdict, ref_verdict, pinned, size, same, n = done.stdout.split()
-    assert (verdict, ref_verdict, pinned, size, same) == ("clean", "clean", "True", str(1 << 30), "True") and int(n) > 0
 
 
 @pytest.mark.cuda

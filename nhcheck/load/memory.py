@@ -36,27 +36,22 @@ def torch_module():
     return torch
 
 
-def start_device(spec: str, ring_bytes: int = 0) -> None:
-    """Begin making ``spec``'s CUDA context now, in a thread, while the main thread imports torch; then pin
-    ``ring_bytes`` of host memory there for the first load's ring (``readers.pin_early``).
+def start_device(spec: str) -> None:
+    """Begin making ``spec``'s CUDA context now, in a thread, while the main thread imports torch.
 
-    A CLI load otherwise pays, one after the other, for Python importing torch, for the CUDA driver's start
-    and the device's primary context, and for pinning its ring. The driver's calls made through ctypes give the
-    interpreter away, so here they run beside the import; torch's runtime then takes that primary context as it
-    is (the runtime API works in each device's primary context) instead of making it. Nothing is started for
-    any other spec, where torch is already imported, or where the driver library is missing: torch then starts
-    CUDA as before, and ``resolve_device`` reports what is wrong. The interpreter's exit waits for the thread (a
+    A CLI load otherwise pays, one after the other, for Python importing torch and for the CUDA driver's start
+    and the device's primary context. The driver's calls made through ctypes give the interpreter away, so
+    here they run beside the import; torch's runtime then takes that primary context as it is (the runtime
+    API works in each device's primary context) instead of making it. Nothing is started for any other spec,
+    where torch is already imported, or where the driver library is missing: torch then starts CUDA as
+    before, and ``resolve_device`` reports what is wrong. The interpreter's exit waits for the thread (a
     driver call cut off by the process's teardown could crash it).
     """
     spec = spec.strip()
     if "torch" in sys.modules or not _is_cuda(spec):
         return
-    from nhcheck.load import readers
-
     index = int(spec[5:]) if ":" in spec else 0  # torch's current device in a fresh process
-    thread = threading.Thread(target=_primary_context, args=(index, ring_bytes), name="nhcheck-cuda-start", daemon=True)
-    if ring_bytes > 0:
-        readers.expect_early_ring(thread.join)
+    thread = threading.Thread(target=_primary_context, args=(index,), name="nhcheck-cuda-start", daemon=True)
     thread.start()
     atexit.register(thread.join)
 
@@ -66,21 +61,16 @@ def _is_cuda(spec: str) -> bool:
     return spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())
 
 
-def _primary_context(index: int, ring_bytes: int) -> None:
+def _primary_context(index: int) -> None:
     """The driver started and device ``index``'s primary context retained (kept for the process's life: the
-    runtime retains it too), then ``ring_bytes`` pinned in it; any failure leaves the start to torch (and the
-    ring to the load)."""
+    runtime retains it too); any failure leaves the start to torch."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return
     device, context = ctypes.c_int(), ctypes.c_void_p()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), index) != 0:
-        return
-    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) == 0 and ring_bytes > 0:
-        from nhcheck.load import readers
-
-        readers.pin_early(cuda, context, ring_bytes)
+    if cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), index) == 0:
+        cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
 
 
 def resolve_device(spec: str):

@@ -74,12 +74,6 @@ _PREFETCH_STEP = 32 << 20
 #: ``cudaHostRegisterDefault``, as torch's own registering host allocator passes: with unified addressing
 #: (every 64-bit CUDA platform) the memory is then mapped and portable, pinned for every context.
 _REGISTER_DEFAULT = 0
-#: What the runtime asks of the driver for ``_REGISTER_DEFAULT`` under unified addressing (``pin_early`` calls the
-#: driver itself): ``CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP``.
-_DRIVER_REGISTER = 0x01 | 0x02
-#: The ring ``pin_early`` pinned while torch was imported: ``wait`` (until its thread is done), then ``owner`` (the
-#: memory), ``parts`` (registered, as ``_pin`` gives them) and ``size``.
-_EARLY: dict[str, Any] = {}
 
 
 class Span(NamedTuple):
@@ -261,69 +255,9 @@ def _host_ring(torch, size: int, pinned: bool, device=None, slot: int = _PIN_PAR
         old = _CACHE.pop("ring", None)
         if old is not None:
             _unpin(torch, old, _CACHE.pop("ring_parts"))
-        ring, _CACHE["ring_parts"] = _early_ring(torch, size, part) or _pin(torch, size, device, part)
+        ring, _CACHE["ring_parts"] = _pin(torch, size, device, part)
         _CACHE["ring"], _CACHE["ring_part"] = ring, part
     return ring
-
-
-def expect_early_ring(wait) -> None:
-    """A ring is being pinned (``pin_early``) by the thread ``wait`` waits for: the first load asks it first."""
-    _EARLY.clear()
-    _EARLY["wait"] = wait
-
-
-def pin_early(cuda, context, size: int) -> None:
-    """Pin ``size`` bytes of host memory in ``context`` (the device's primary context, ``memory.start_device``'s
-    thread), before torch is imported: the first load's ring (``_early_ring``).
-
-    A one-shot CLI load pinned its ring after torch's import and CUDA's start, on its way to the first read:
-    0.19-0.36 s of the 3.3-3.7 s CLI on an H100 host (2026-12-06, ``bench/load.py --fresh``). Here the ring is
-    anonymous memory (``mmap``: page-aligned, no torch), each ``_PIN_PART`` of it faulted in and registered with the
-    driver (``cuMemHostRegister``, the flags the runtime passes) by a thread of its own, the interpreter given away
-    in every call, while the main thread imports torch. Any part that will not register undoes the rest: the load
-    then pins its own ring as before.
-    """
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
-
-    register = getattr(cuda, "cuMemHostRegister_v2", None) or cuda.cuMemHostRegister
-    owner = mmap.mmap(-1, size)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(owner))
-    parts = [(o, min(_PIN_PART, size - o)) for o in range(0, size, _PIN_PART)]
-
-    def pin(span: tuple[int, int]) -> bool:
-        o, n = span
-        if cuda.cuCtxSetCurrent(context) != 0:
-            return False
-        ctypes.memset(base + o, 0, n)
-        return register(ctypes.c_void_p(base + o), ctypes.c_size_t(n), ctypes.c_uint(_DRIVER_REGISTER)) == 0
-
-    with ThreadPoolExecutor(min(16, len(parts))) as pool:
-        ok = list(pool.map(pin, parts))
-    if all(ok):
-        _EARLY.update(owner=owner, parts=parts, size=size)
-        return
-    cuda.cuCtxSetCurrent(context)
-    for (o, _), good in zip(parts, ok, strict=True):
-        if good:
-            cuda.cuMemHostUnregister(ctypes.c_void_p(base + o))
-
-
-def _early_ring(torch, size: int, part: int) -> tuple[Any, list[tuple[int, int]]] | None:
-    """The ring ``pin_early`` pinned, as a tensor (which keeps its memory alive) with its registered parts, where it
-    fits a ring of ``size`` bytes in registered parts of ``part``; asked once (a ring that does not fit is let go)."""
-    wait = _EARLY.pop("wait", None)
-    if wait is None:
-        return None
-    wait()
-    owner, parts = _EARLY.pop("owner", None), _EARLY.pop("parts", [])
-    if owner is None:
-        return None
-    ring = torch.frombuffer(owner, dtype=torch.uint8)
-    if _EARLY.pop("size") < size or part != _PIN_PART:
-        _unpin(torch, ring, parts)
-        return None
-    return ring, parts
 
 
 def _pin(torch, size: int, device, part: int = _PIN_PART) -> tuple[Any, list[tuple[int, int]]]:
