@@ -282,10 +282,30 @@ def test_prefetch_threads_read_each_step_once_within_the_budget(monkeypatch, tmp
     assert sorted(every) == [(a, 100, 4096), (a, 4196, 4096), (a, 8292, 1948), (b, 50, 4096), (b, 4146, 2854)]
 
 
-def test_prefetch_threads_scale_with_the_cores_the_process_may_use(monkeypatch):
+def test_prefetch_threads_scale_with_the_cores_the_process_may_use(monkeypatch, tmp_path):
+    monkeypatch.setattr(readers, "_CGROUP_V2", str(tmp_path / "none"))
+    monkeypatch.setattr(readers, "_CGROUP_V1", (str(tmp_path / "none"), str(tmp_path / "none")))
     for cores, threads in ((1, 1), (2, 1), (7, 1), (8, 2), (15, 3), (16, 4), (128, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert readers._prefetch_threads() == threads, cores
+
+
+def test_usable_cores_are_the_affinity_within_the_cgroup_quota(monkeypatch, tmp_path):
+    """A container's CPU quota (cgroup v2 ``cpu.max``, else v1's quota and period) caps the affinity's count."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    v2, quota, period = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
+    monkeypatch.setattr(readers, "_CGROUP_V2", str(v2))
+    monkeypatch.setattr(readers, "_CGROUP_V1", (str(quota), str(period)))
+    assert readers._usable_cores() == 64  # no cgroup files: the affinity
+    for text, cores in (("800000 100000\n", 8), ("150000 100000\n", 2), ("max 100000\n", 64), ("9000000 100000", 64)):
+        v2.write_text(text)
+        assert readers._usable_cores() == cores, text
+    v2.unlink()
+    period.write_text("100000\n")
+    for text, cores in (("400000\n", 4), ("-1\n", 64), ("50000\n", 1)):
+        quota.write_text(text)
+        assert readers._usable_cores() == cores, text
+    assert readers._prefetch_threads() == 1  # half a CPU of quota on a 64-core host: one prefetch thread
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv2 flags")
