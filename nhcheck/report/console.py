@@ -100,11 +100,11 @@ def _stdout() -> Console:
     return console
 
 
-def stderr(quiet: bool = False) -> Console:
-    """Progress and the summary line (``quiet`` silences it)."""
+def stderr() -> Console:
+    """Progress, and the summary line where rich must render it (``summary``)."""
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, no_color=_no_color(), highlight=False)
+    return Console(stderr=True, no_color=_no_color(), highlight=False)
 
 
 def file(fh: IO[str]) -> Console | Plain:
