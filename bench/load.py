@@ -31,12 +31,12 @@ reading before the plan arrives (``_allearly``, ``EARLY_SHARE`` 1), or a quarter
 and the interpreter's switch interval at 1 ms instead of 0.2 ms (``_switch1ms``, ``SWITCH_INTERVAL``), or at 5 ms until
 the plan is handed over (``_switchlate``, ``EARLY_SWITCH_INTERVAL``).
 ``--also-lanes N`` adds nhcheck with N reader threads in pieces of the ring's size over N (``_lanesN``).
-``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``): how far the reads
-run ahead of the plan. ``--before REF`` imports git REF's ``nhcheck/`` (``git archive``; or REF is a
-directory holding an ``nhcheck`` package, for a machine without the history) beside this tree's,
-each with modules of its own, and times its load the same way (``nhcheck_before``,
-``nhcheck_before_decided``), so one run gives before/after on the same machine, page cache and
-GPU. ``--only`` keeps the named contenders (the ceiling always runs).
+``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``), ``--also-staging-mb MB``
+with that device staging area (``_stagingMB``): how far the reads run ahead of the plan. ``--before REF``
+imports git REF's ``nhcheck/`` (``git archive``; or REF is a directory holding an ``nhcheck`` package,
+for a machine without the history) beside this tree's, each with modules of its own, and times its load
+the same way (``nhcheck_before``, ``nhcheck_before_decided``), so one run gives before/after on the same
+machine, page cache and GPU. ``--only`` keeps the named contenders (the ceiling always runs).
 
 GB/s is the checkpoint's data bytes over the wall time, for all of them; every ratio is printed,
 and for every nhcheck contender its phases (medians): the report's ``timings``, the transfer's
@@ -387,6 +387,7 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             ["", "_decided", *VARIANTS]
             + [f"_pinned{mb}" for mb in args.also_pinned_mb]
             + [f"_lanes{n}" for n in args.also_lanes]
+            + [f"_staging{mb}" for mb in args.also_staging_mb]
         )
         if not any(keep(name + v) for v in variants):
             continue
@@ -409,6 +410,11 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
             if keep(f"{name}_pinned{mb}"):
                 run_nhcheck(tree, args.dir, more)
                 out[f"{name}_pinned{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
+        for mb in args.also_staging_mb:
+            more = tree.options(device=str(device), threads=args.threads, staging_bytes=mb << 20, **ring)
+            if keep(f"{name}_staging{mb}"):
+                run_nhcheck(tree, args.dir, more)
+                out[f"{name}_staging{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
         for n in args.also_lanes:  # n reader threads, pieces of the ring's size over n: a ring slot each
             more = tree.options(device=str(device), threads=n, chunk_bytes=opts.pinned_bytes // n)
             if keep(f"{name}_lanes{n}"):
@@ -668,6 +674,15 @@ def main() -> int:
         default=[],
         metavar="MB",
         help="also time each nhcheck tree with this pinned ring (contenders nhcheck_pinnedMB, nhcheck_before_pinnedMB)",
+    )
+    ap.add_argument(
+        "--also-staging-mb",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="MB",
+        help="also time each nhcheck tree with this device staging area (contenders nhcheck_stagingMB): how much "
+        "of the reads a larger one lets run ahead of the plan",
     )
     ap.add_argument(
         "--also-lanes",
