@@ -405,16 +405,14 @@ def contenders(args, files, device, trees: list[Tree], ceiling) -> dict:
                 out[name + suffix] = lambda tree=tree, opts=opts, sw=switch, v=value: run_variant(
                     tree, args.dir, opts, sw, v
                 )
-        for mb in args.also_pinned_mb:
-            more = tree.options(device=str(device), threads=args.threads, pinned_bytes=mb << 20)
-            if keep(f"{name}_pinned{mb}"):
+        sized = [(f"_pinned{mb}", {"pinned_bytes": mb << 20}) for mb in args.also_pinned_mb] + [
+            (f"_staging{mb}", {"staging_bytes": mb << 20, **ring}) for mb in args.also_staging_mb
+        ]
+        for suffix, size in sized:  # a larger (or smaller) host ring or device staging area
+            more = tree.options(device=str(device), threads=args.threads, **size)
+            if keep(name + suffix):
                 run_nhcheck(tree, args.dir, more)
-                out[f"{name}_pinned{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
-        for mb in args.also_staging_mb:
-            more = tree.options(device=str(device), threads=args.threads, staging_bytes=mb << 20, **ring)
-            if keep(f"{name}_staging{mb}"):
-                run_nhcheck(tree, args.dir, more)
-                out[f"{name}_staging{mb}"] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
+                out[name + suffix] = lambda tree=tree, more=more: run_nhcheck(tree, args.dir, more)
         for n in args.also_lanes:  # n reader threads, pieces of the ring's size over n: a ring slot each
             more = tree.options(device=str(device), threads=n, chunk_bytes=opts.pinned_bytes // n)
             if keep(f"{name}_lanes{n}"):
