@@ -486,7 +486,8 @@ def _driver_memcpy():
 
 
 class _Stager(NamedTuple):
-    """The CUDA driver calls a reader thread enqueues a staged piece with, bound through ``PyDLL``.
+    """The CUDA driver calls a reader thread enqueues a staged piece with, and the main thread a placement's
+    waits, row upload and slot release, bound through ``PyDLL``.
 
     A reader's torch calls for one piece (``copy_``, ``Stream.wait_event``) each give the interpreter away and
     take it back, and every taking back is a handover the main thread pays for while it places: beside 16
@@ -574,16 +575,18 @@ class Ranges:
     the same stream. No row is written twice in a load, so the host rows need no wait before reuse.
     """
 
-    def __init__(self, kernel, torch, capacity: int, device) -> None:
+    def __init__(self, kernel, torch, capacity: int, device, stager: _Stager | None) -> None:
         self.kernel = kernel
+        self.stager = stager
         self.host = torch.empty((max(1, capacity), 4), dtype=torch.int64, pin_memory=device.type == "cuda")
         self.rows = torch.empty((max(1, capacity), 4), dtype=torch.int64, device=device)
         self.table = host_view(self.host, 0, self.host.numel() * 8).cast("q")
         self.used = 0
 
     @staticmethod
-    def open(torch, capacity: int, device) -> Ranges | str:
-        """A table of ``capacity`` rows for a load to ``device``; or why the kernel cannot be had here."""
+    def open(torch, capacity: int, device, stager: _Stager | None = None) -> Ranges | str:
+        """A table of ``capacity`` rows for a load to ``device``, its rows uploaded through ``stager``'s driver
+        call where given (else torch's copy); or why the kernel cannot be had here."""
         from nhcheck.load import kernel
 
         key = ("kernel", str(device))
@@ -592,7 +595,7 @@ class Ranges:
         k = _CACHE[key]
         if isinstance(k, str):
             return k
-        return Ranges(k, torch, capacity, device)
+        return Ranges(k, torch, capacity, device, stager)
 
     def launcher(self, placement: Placement, arenas: Arenas, stream: int):
         """The one launch placing ``placement``'s byte ranges from its staged bytes, its rows uploaded on the
@@ -618,8 +621,13 @@ class Ranges:
             )
         self.table[4 * first : 4 * (first + rows)] = array.array("q", flat)
         self.used += rows
-        self.rows[first : first + rows].copy_(self.host[first : first + rows], non_blocking=True)
         ptr = self.rows.data_ptr() + 32 * first
+        if self.stager is not None:  # keeping the interpreter (``_Stager``): torch's copy would give it away
+            _driver_check(
+                self.stager.htod(ptr, self.host.data_ptr() + 32 * first, 32 * rows, stream), "cuMemcpyHtoDAsync"
+            )
+        else:
+            self.rows[first : first + rows].copy_(self.host[first : first + rows], non_blocking=True)
         return lambda src_ptr: self.kernel.place(ptr, rows, chunks, src_ptr, stream)
 
 
@@ -888,7 +896,7 @@ class Transfer:
             self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
             if DRIVER_COPIES and KERNEL:
                 with torch.cuda.device(self.device):  # the kernel is loaded into the current context: the device's
-                    got = Ranges.open(torch, sum(map(len, pieces.values())), self.device)
+                    got = Ranges.open(torch, sum(map(len, pieces.values())), self.device, self.stager)
                 self.ranges = got if isinstance(got, Ranges) else None
                 self.stats["kernel"] = float(self.ranges is not None)
         self.stats["cut"] = clock() - t
@@ -929,7 +937,7 @@ class Transfer:
                         )
                         compiling += clock() - t2
                         if self.cuda:
-                            self.place_stream.wait_event(self.landed_events[d])
+                            self._placing_after(d)
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
                         apply_placement(placement, src, self.arenas, self.place_stream if self.cuda else None, batch)
                         for pc in self.parts[j]:
@@ -937,8 +945,7 @@ class Transfer:
                                 src[pc.off : pc.off + pc.nbytes]
                             )
                     if self.cuda:
-                        self.freed_events[d].record(self.place_stream)
-                        self.freed_used[d] = True
+                        self._freed_after(d)
                     self.stage_free.put(d)
                 placing += clock() - t1
             for op in self.whole:
@@ -958,6 +965,27 @@ class Transfer:
         STATS.clear()
         STATS.update(self.stats)
         return self.bytes_read
+
+    def _placing_after(self, d: int) -> None:
+        """The placement stream waits for staging slot ``d``'s bytes to land."""
+        if self.stager is None:
+            self.place_stream.wait_event(self.landed_events[d])
+            return
+        _, landed, _ = self.handles
+        _driver_check(self.stager.wait(self.place_stream.cuda_stream, landed[d], 0), "cuStreamWaitEvent")
+
+    def _freed_after(self, d: int) -> None:
+        """Staging slot ``d`` is free for the next read once the placement stream has placed from it.
+
+        Through the driver where bound (``_Stager``): torch's event calls give the interpreter away, and taking it
+        back behind 16 reader threads is a wait per call, three a read on the main thread (620 reads at release
+        size)."""
+        if self.stager is None:
+            self.freed_events[d].record(self.place_stream)
+        else:
+            _, _, freed = self.handles
+            _driver_check(self.stager.record(freed[d], self.place_stream.cuda_stream), "cuEventRecord")
+        self.freed_used[d] = True
 
     def place(self, ops: tuple[Op, ...], arenas: Arenas) -> int:
         """``begin`` then ``finish``: the plan handed over and every op placed; returns the bytes read."""
