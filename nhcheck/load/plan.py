@@ -11,7 +11,7 @@ that loader writes and reports it. The plan ends at the tensor where the engine 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Literal, NamedTuple
@@ -19,10 +19,11 @@ from typing import Literal, NamedTuple
 from nhcheck import engines, slots
 from nhcheck.audit import AuditReport, TensorRecord
 from nhcheck.dtypes import FLOAT_PARAM, ITEMSIZE, TORCH_DTYPE, numel
-from nhcheck.engines.base import Crash, LoaderSemantics, Outcome
+from nhcheck.engines.base import Crash, Engine, LoaderSemantics, Outcome
 from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, grouped
-from nhcheck.manifest import Param
+from nhcheck.manifest import Manifest, Param
+from nhcheck.model import NemotronHConfig
 from nhcheck.safetensors_header import TensorInfo
 
 #: How an op's bytes enter the parameter (see ``Op``).
@@ -95,16 +96,18 @@ class Plan:
     unreachable: tuple[str, ...]
 
 
-def runtime_params(report: AuditReport, dtype: str = "auto") -> tuple[tuple[Param, ...], tuple[str, ...]]:
+def runtime_params(
+    manifest: Manifest, config: NemotronHConfig, dtype: str = "auto"
+) -> tuple[tuple[Param, ...], tuple[str, ...]]:
     """The parameters to allocate (reachable ones, in the runtime dtype) and the unreachable names.
 
     ``dtype`` overrides the model dtype as SGLang's ``--dtype`` does: parameters built in the
     config's dtype change, explicit float32 ones (scales, ``A``, router bias) and quantized
     storage do not.
     """
-    model = report.config.dtype if report.config.dtype in FLOAT_PARAM else "bfloat16"
+    model = config.dtype if config.dtype in FLOAT_PARAM else "bfloat16"
     out, unreachable = [], []
-    for p in report.manifest.params:
+    for p in manifest.params:
         if not p.reachable:
             unreachable.append(p.name)
             continue
@@ -258,67 +261,99 @@ def _stream(report: AuditReport, engine) -> Iterator[tuple[TensorInfo, Outcome, 
     return zip(recs.tensors, recs.outcomes, map(itemgetter(1), recs.outcomes), strict=True)  # o[1]: o.param
 
 
+class Planner:
+    """The plan, decided tensor by tensor in stream order: ``plan_load`` feeds it a whole audit's stream; a load
+    may feed it a shard at a time (``run``), the readers placing what it has decided while it decides the rest.
+
+    Stops at the tensor where the engine raises: nothing fed after that is planned.
+    """
+
+    def __init__(self, manifest: Manifest, config: NemotronHConfig, engine: Engine, shards, dtype: str = "auto"):
+        self.params, self.unreachable = runtime_params(manifest, config, dtype)
+        self.by_name = {p.name: p for p in self.params}
+        self.engine = engine
+        self.paths = {s.name: s.path for s in shards}
+        self.ops: list[Op] = []
+        self.refused: list[tuple[str, str, Finding]] = []  # and what the engine loads silently (slot-narrowed)
+        self.crash: Crash | None = None
+        self.fed = 0  # tensors fed so far: the next one's position in the stream
+        self.semantics: dict[str | None, LoaderSemantics] = {}  # per quant method: one engine call, not one per tensor
+        # Expert slots decided once per (parameter, dtype, shape): the expert id only moves the slot (Nano: 23k of
+        # 24k loads are experts, ~200 keys). Everything else, and any refusal, is decided per tensor.
+        self.experts: dict[tuple[str, str, tuple[int, ...]], tuple[OpKind, int]] = {}
+        self.labels: dict[int, str] = {}
+
+    def feed(self, stream: Iterable[tuple[TensorInfo, Outcome, str | None]]) -> list[Op]:
+        """Plan the next tensors of the stream, (tensor, outcome, runtime parameter) each; returns their ops."""
+        ops, refused, by_name, paths = self.ops, self.refused, self.by_name, self.paths
+        experts, labels, semantics, engine = self.experts, self.labels, self.semantics, self.engine
+        first = len(ops)
+        new = tuple.__new__  # an expert's Op given positionally: no generated __new__ call per tensor
+        i = self.fed - 1
+        for i, (t, o, param) in enumerate(stream if self.crash is None else (), self.fed):
+            if o.outcome == "raise":
+                self.crash = Crash(o.message or "", t.name, t.shard, index=i)
+                break
+            if o.outcome != "load":
+                continue
+            p = by_name.get(param or "")
+            if p is None:
+                continue  # an unreachable parameter: nothing the engine keeps
+            e = o.expert_id
+            if p.loader == "expert" and e is not None and 0 <= e < (p.shape[0] if p.shape else 0):
+                hit = experts.get((p.name, t.dtype, t.shape))
+                if hit is not None:
+                    kind, per = hit
+                    slot = labels.get(e) or labels.setdefault(e, f"expert {e}")
+                    ops.append(
+                        new(Op, (i, t, paths[t.shard], p.name, kind, TORCH_DTYPE[t.dtype], e * per, per, slot, ()))
+                    )
+                    continue
+            loader = semantics.get(p.quant_method)
+            if loader is None:
+                loader = semantics[p.quant_method] = engine.loader_semantics(p.quant_method)
+            narrowed = _narrowed(p, t.shape, loader)
+            try:
+                kind = _kind(p, t, narrowed)
+                start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id, loader)
+            except _Mismatch as exc:
+                refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
+                continue
+            if p.loader == "expert" and not narrowed and not bcast:
+                experts[(p.name, t.dtype, t.shape)] = (kind, count)
+            if narrowed:
+                note = (
+                    engine.slot_note(p, t.dtype, t.shape) or f"{t.dtype} {list(t.shape)} fills part of its {slot} slot"
+                )
+                refused.append(("slot-narrowed", t.name, Finding("error", "slot-narrowed", note, t.shard, t.name)))
+            ops.append(
+                Op(
+                    i,
+                    t,
+                    paths[t.shard],
+                    p.name,
+                    "broadcast" if bcast else kind,
+                    TORCH_DTYPE[t.dtype],
+                    start,
+                    count,
+                    slot,
+                    p.shape[1:] if narrowed else (),
+                )
+            )
+        self.fed = i + 1
+        return ops[first:]
+
+    def plan(self) -> Plan:
+        """What has been decided, as the plan."""
+        return Plan(tuple(self.ops), self.params, tuple(grouped(self.refused)), self.crash, tuple(self.unreachable))
+
+
 def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     """Every copy the load makes, in stream order, up to the tensor where the engine raises."""
-    params, unreachable = runtime_params(report, dtype)
-    by_name = {p.name: p for p in params}
     engine = engines.get(report.engine)
-    paths = {s.name: s.path for s in report.checkpoint.shards}
-    ops: list[Op] = []
-    refused: list[tuple[str, str, Finding]] = []  # and what the engine loads silently (slot-narrowed)
-    crash: Crash | None = None
-    semantics: dict[str | None, LoaderSemantics] = {}  # per quant method: one engine call, not one per tensor
-    # Expert slots decided once per (parameter, dtype, shape): the expert id only moves the slot (Nano: 23k of
-    # 24k loads are experts, ~200 keys). Everything else, and any refusal, is decided per tensor.
-    experts: dict[tuple[str, str, tuple[int, ...]], tuple[OpKind, int]] = {}
-    labels: dict[int, str] = {}
+    planner = Planner(report.manifest, report.config, engine, report.checkpoint.shards, dtype)
     if report.crash is not None and report.crash.tensor is None:
-        crash = report.crash
-    new = tuple.__new__  # an expert's Op given positionally: no generated __new__ call per tensor
-    for i, (t, o, param) in enumerate(_stream(report, engine) if crash is None else ()):
-        if o.outcome == "raise":
-            crash = Crash(o.message or "", t.name, t.shard, index=i)
-            break
-        if o.outcome != "load":
-            continue
-        p = by_name.get(param or "")
-        if p is None:
-            continue  # an unreachable parameter: nothing the engine keeps
-        e = o.expert_id
-        if p.loader == "expert" and e is not None and 0 <= e < (p.shape[0] if p.shape else 0):
-            hit = experts.get((p.name, t.dtype, t.shape))
-            if hit is not None:
-                kind, per = hit
-                slot = labels.get(e) or labels.setdefault(e, f"expert {e}")
-                ops.append(new(Op, (i, t, paths[t.shard], p.name, kind, TORCH_DTYPE[t.dtype], e * per, per, slot, ())))
-                continue
-        loader = semantics.get(p.quant_method)
-        if loader is None:
-            loader = semantics[p.quant_method] = engine.loader_semantics(p.quant_method)
-        narrowed = _narrowed(p, t.shape, loader)
-        try:
-            kind = _kind(p, t, narrowed)
-            start, count, slot, bcast = _place(p, t.shape, o.shard_id, o.expert_id, loader)
-        except _Mismatch as exc:
-            refused.append((exc.code, t.name, Finding("error", exc.code, str(exc), t.shard, t.name)))
-            continue
-        if p.loader == "expert" and not narrowed and not bcast:
-            experts[(p.name, t.dtype, t.shape)] = (kind, count)
-        if narrowed:
-            note = engine.slot_note(p, t.dtype, t.shape) or f"{t.dtype} {list(t.shape)} fills part of its {slot} slot"
-            refused.append(("slot-narrowed", t.name, Finding("error", "slot-narrowed", note, t.shard, t.name)))
-        ops.append(
-            Op(
-                i,
-                t,
-                paths[t.shard],
-                p.name,
-                "broadcast" if bcast else kind,
-                TORCH_DTYPE[t.dtype],
-                start,
-                count,
-                slot,
-                p.shape[1:] if narrowed else (),
-            )
-        )
-    return Plan(tuple(ops), params, tuple(grouped(refused)), crash, tuple(unreachable))
+        planner.crash = report.crash
+    else:
+        planner.feed(_stream(report, engine))
+    return planner.plan()
