@@ -557,7 +557,22 @@ class _LoadDecision(NamedTuple):
 _CLEAN = _LoadDecision(None, None, None, None, None)
 
 
-def _load_decider(manifest: Manifest, engine: Engine) -> Callable[[tuple], _LoadDecision]:
+def startup_refusal(manifest: Manifest) -> str | None:
+    """The quant-config problem the engine refuses at start-up, before the first tensor (``_REFUSALS``), if any."""
+    return next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
+
+
+def as_raised(o: Outcome, decision: _LoadDecision) -> Outcome | None:
+    """What a load becomes where the checks of its key say the engine raises on it (None: it loads): the size
+    assertion of ``default_weight_loader``, or the parameter's own weight loader."""
+    if decision.plain_error is not None:
+        return _new(Outcome, ("raise", None, None, None, None, decision.plain_error, "size-assert"))
+    if decision.load_error is not None:
+        return o._replace(outcome="raise", message=decision.load_error, reason="loader")
+    return None
+
+
+def load_decider(manifest: Manifest, engine: Engine) -> Callable[[tuple], _LoadDecision]:
     """``decide((param, shard_id, dtype, shape))``: the audit's checks of one kind of load, ``_CLEAN`` when none fires.
 
     A parameter the manifest lacks (a supplied manifest that names fewer) is not checked at all.
@@ -603,7 +618,7 @@ def run_audit(
     opts = opts or AuditOptions()
     if opts.mtp:
         check_mtp_draft(ckpt, cfg)
-    refusal = next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
+    refusal = startup_refusal(manifest)
     # A start-up refusal builds no model and loads nothing (the engine's goldens list no tensor outcomes):
     # replaying its tensors against no parameters would only invent outcomes beside the crash.
     built = not (refusal and not manifest.params)
@@ -634,7 +649,7 @@ def run_audit(
     raised = False  # whether any tensor raises (the crash point, below)
     # A load's checks depend only on its key (parameter, shard id, dtype, shape): decided once per key, and
     # only the tensors of a key with something to say (and those that do not load) are visited one by one.
-    decide = _load_decider(manifest, engine)
+    decide = load_decider(manifest, engine)
     special: dict[int, _LoadDecision | None] = dict.fromkeys(g.unloaded)
     for key, positions in g.keys.items():
         d = decide(key)
@@ -657,7 +672,7 @@ def run_audit(
             # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
             unloaded_params.add(param)
             assertion = decision.plain_error
-            o = _new(Outcome, ("raise", None, None, None, None, assertion, "size-assert"))
+            o = as_raised(o, decision) or o
             changed[i] = _new(TensorRecord, (t, o, False, None, ign))
             raised = True
             if not ign:
@@ -665,7 +680,7 @@ def run_audit(
                 slot_findings.append(("shape-mismatch", t[0], finding))
             continue
         if decision.load_error is not None:  # the parameter's weight loader itself raises on this tensor
-            o = o._replace(outcome="raise", message=decision.load_error, reason="loader")
+            o = as_raised(o, decision) or o
             changed[i] = _new(TensorRecord, (t, o, False, param, ign))
             raised = True
         elif decision.note is not None and not ign:

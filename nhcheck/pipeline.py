@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from nhcheck import collector, engines
-from nhcheck.audit import AuditOptions, AuditReport, run_audit
+from nhcheck.audit import AuditOptions, AuditReport, Gathered, run_audit
 from nhcheck.checkpoint import Checkpoint, open_local
 from nhcheck.engines.base import Engine, EngineId, PPWindow
 from nhcheck.errors import NhcheckError
@@ -61,8 +61,9 @@ def prepare(
     return Inputs(checkpoint, cfg, qc, impl, manifest, moe_backend, mtp, window)
 
 
-def audit(inputs: Inputs, opts: AuditOptions | None = None) -> AuditReport:
-    """Audit with the MTP mode and pipeline rank the inputs were prepared for."""
+def audit(inputs: Inputs, opts: AuditOptions | None = None, replayed: Gathered | None = None) -> AuditReport:
+    """Audit with the MTP mode and pipeline rank the inputs were prepared for (``replayed``: their replay, gathered,
+    where the caller has it already)."""
     opts = replace(opts or AuditOptions(), mtp=inputs.mtp, pp=inputs.pp)
     return run_audit(
         inputs.checkpoint,
@@ -72,6 +73,7 @@ def audit(inputs: Inputs, opts: AuditOptions | None = None) -> AuditReport:
         inputs.engine,
         opts,
         moe_backend=inputs.moe_backend,
+        replayed=replayed,
     )
 
 

@@ -11,13 +11,24 @@ that loader writes and reports it. The plan ends at the tensor where the engine 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from nhcheck import engines, slots
-from nhcheck.audit import AuditReport, TensorRecord
+from nhcheck.audit import (
+    AuditOptions,
+    AuditReport,
+    Replayed,
+    TensorRecord,
+    TensorRecords,
+    as_raised,
+    gather,
+    load_decider,
+    startup_refusal,
+)
 from nhcheck.dtypes import FLOAT_PARAM, ITEMSIZE, TORCH_DTYPE, numel
 from nhcheck.engines.base import Crash, Engine, LoaderSemantics, Outcome
 from nhcheck.errors import UsageError
@@ -25,6 +36,9 @@ from nhcheck.findings import Finding, grouped
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
 from nhcheck.safetensors_header import TensorInfo
+
+if TYPE_CHECKING:
+    from nhcheck.pipeline import Inputs
 
 #: How an op's bytes enter the parameter (see ``Op``).
 OpKind = Literal["copy", "cast", "broadcast", "mamba_A", "corner"]
@@ -357,3 +371,118 @@ def plan_load(report: AuditReport, dtype: str = "auto") -> Plan:
     else:
         planner.feed(_stream(report, engine))
     return planner.plan()
+
+
+class Decided:
+    """The plan of a whole audit, given or made on first use: one installment (``ByShard``'s counterpart)."""
+
+    def __init__(self, decide: Callable[[], AuditReport], dtype: str = "auto") -> None:
+        self.decide, self.dtype = decide, dtype
+        self.audited_at = 0.0  # when the audit was done (``perf_counter``), for the load's timings
+        self.bound = 0
+
+    def first(self) -> tuple[tuple[Param, ...], Sequence[Op], int | None]:
+        """The parameters, the ops, and the shards they decide where more installments follow (never: None)."""
+        self.audit = self.decide()
+        self.audited_at = time.perf_counter()
+        self.whole = plan_load(self.audit, self.dtype)
+        return self.whole.params, self.whole.ops, None
+
+    def next(self) -> tuple[Sequence[Op], int | None]:
+        raise AssertionError("a decided plan comes in one installment")
+
+    def plan(self) -> Plan:
+        return self.whole
+
+    def result(self) -> tuple[AuditReport, Plan]:
+        return self.audit, self.whole
+
+
+class ByShard:
+    """The plan a shard at a time, in checkpoint order: each shard's tensors replayed, their loads checked per key as
+    the audit checks them (``audit.load_decider``: where the engine raises instead), and planned (``Planner``), so the
+    readers place the first shard while the rest is decided; the audit of the whole replay at the end.
+
+    Exact, and checked: the ops handed over are those ``plan_load`` finds in that audit, or the load fails (an internal
+    error). Only where the engine can raise at no other point than a tensor (``eligible``).
+    """
+
+    def __init__(self, inputs: Inputs, dtype: str = "auto") -> None:
+        engine = inputs.engine
+        self.inputs, self.dtype = inputs, dtype
+        self.shards = inputs.checkpoint.shards
+        self.planner = Planner(inputs.manifest, inputs.config, engine, self.shards, dtype)
+        self.replay = engine.replayer(inputs.manifest, inputs.config, mtp=inputs.mtp, pp=inputs.pp)
+        self.decide = load_decider(inputs.manifest, engine)
+        self.raising: dict[tuple, Any] = {}  # load key → the decision where the engine raises on it, else None
+        self.outcomes: list[Outcome] = []
+        self.done = 0  # shards planned
+        self.bound = sum(len(s.tensors) for s in self.shards)  # at most one op a tensor
+        self.audited_at = 0.0
+
+    @staticmethod
+    def eligible(inputs: Inputs) -> bool:
+        """Whether the plan may come a shard at a time: a checkpoint without a wrapper (whose routing orders the
+        stream), no MTP draft, and an engine that refuses nothing before the first tensor and raises nothing after
+        the last (``startup_error`` from the names alone): its start-up can then end only at a tensor."""
+        m = inputs.manifest
+        names = (t.name for t in inputs.checkpoint.tensors())
+        return (
+            inputs.config.wrapper is None
+            and not inputs.mtp
+            and bool(m.params)
+            and startup_refusal(m) is None
+            and inputs.engine.startup_error(names, m, mtp=False) is None
+        )
+
+    def first(self) -> tuple[tuple[Param, ...], Sequence[Op], int | None]:
+        """The parameters (known before any tensor), the first shard's ops, and the shards decided so far where more
+        follow (None: none do)."""
+        self.audited_at = time.perf_counter()
+        ops, upto = self.next()
+        return self.planner.params, ops, upto
+
+    def next(self) -> tuple[Sequence[Op], int | None]:
+        """The next shard's ops, and the shards decided so far where more follow (None: none do)."""
+        shard = self.shards[self.done]
+        self.done += 1
+        tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
+        outcomes = [self.replay(t[0]) for t in tensors]  # as ``audit.replay_tensors``, a shard at a time
+        self.outcomes += outcomes
+        return self.planner.feed(self._decided(tensors, outcomes)), self.done if self.done < len(self.shards) else None
+
+    def _decided(self, tensors, outcomes) -> Iterator[tuple[TensorInfo, Outcome, str | None]]:
+        """(tensor, outcome, parameter) of each, a load the engine raises on as it raises (``audit.as_raised``)."""
+        raising, decide = self.raising, self.decide
+        for t, o in zip(tensors, outcomes, strict=True):
+            param = o[1]  # positional (Outcome: outcome, param, shard_id, ...; TensorInfo: name, dtype, shape, ...)
+            if o[0] == "load" and param is not None:
+                key = (param, o[2], t[1], t[2])
+                d = raising.get(key, raising)
+                if d is raising:
+                    d = decide(key)
+                    d = raising[key] = d if d.plain_error is not None or d.load_error is not None else None
+                if d is not None:
+                    o = as_raised(o, d) or o
+            yield t, o, param
+
+    def plan(self) -> Plan:
+        return self.planner.plan()
+
+    def result(self) -> tuple[AuditReport, Plan]:
+        """The audit of the whole replay, and its plan: the ops handed over, or an internal error."""
+        from nhcheck import pipeline
+
+        records = TensorRecords(list(self.inputs.checkpoint.tensors()), self.outcomes, {})
+        audit = pipeline.audit(
+            self.inputs, AuditOptions(compare_versions=False, recipe=False), gather(Replayed(records, None))
+        )
+        whole = plan_load(audit, self.dtype)
+        mine = self.planner.plan()
+        if whole.ops != mine.ops or whole.crash != mine.crash or whole.findings != mine.findings:
+            at = next(
+                (a.tensor.name for a, b in zip(whole.ops, mine.ops, strict=False) if a != b),
+                "its crash" if whole.crash != mine.crash else "its findings" if whole.ops == mine.ops else "its length",
+            )
+            raise RuntimeError(f"internal error: the plan decided a shard at a time differs from the audit's at {at}")
+        return audit, whole

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from itertools import accumulate, chain, repeat
 from operator import add, floordiv, gt
@@ -361,7 +362,7 @@ def _source_bytes(op: Op) -> int:
     return ITEMSIZE[op.src] * op.src_elements
 
 
-def cut_pieces(ops: tuple[Op, ...], spans: list[Span], reads: list[Read], of_shard: list[list[int]]):
+def cut_pieces(ops: Iterable[Op], spans: list[Span], reads: list[Read], of_shard: list[list[int]]):
     """Each read's pieces (by read index), and the non-copy ops no single read holds whole (whose pieces
     are parts to gather before the op is applied). One pass, no call per op but the ``Piece``."""
     index = {s.path: (s.data_start, of_shard[i][0]) for i, s in enumerate(spans) if of_shard[i]}
@@ -722,6 +723,7 @@ class Transfer:
         self.claimed = [False] * len(self.reads)
         self.landed: dict[int, int] = {}  # read → staging slot, not yet placed
         self.needed: list[bool] | None = None
+        self.planned = 0  # shards the plan's installments have decided, in order
         self.inflight = 0  # claimed, not yet landed
         self.stop = False
         self.error: BaseException | None = None
@@ -874,52 +876,81 @@ class Transfer:
 
     # -- the main thread
 
-    def begin(self, ops: tuple[Op, ...], arenas: Arenas) -> None:
-        """Hand over the plan: the ops are cut into every read's pieces, then the readers learn which reads any
-        op needs. The caller may work on (the checks' bookkeeping) before ``finish``."""
+    def begin(self, ops: Iterable[Op], arenas: Arenas, upto: int | None = None, bound: int = 0) -> None:
+        """Hand over the plan, or its next installment: the ops are cut into every read's pieces, then the readers
+        learn which reads any op needs. The caller may work on (the checks' bookkeeping) before ``finish``.
+
+        An installment decides the shards (in the transfer's order) from the last one's ``upto`` to its own (every
+        shard left where None); the first of several gives ``bound``, at most how many ops all of them hold (for
+        the kernel's table). Until its installment, every read of a shard is wanted.
+        """
         torch = self.torch
         clock = time.perf_counter
         t = clock()
         pieces, whole = cut_pieces(ops, self.spans, self.reads, self.of_shard)
-        self.gathered = {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
-        self.arenas = arenas
-        self.pieces = pieces
-        self.parts = {j: [pc for pc in mine if pc.op.idx in self.gathered] for j, mine in pieces.items()}
-        self.whole = whole
+        gathered = {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
+        first = self.needed is None
+        if first:
+            self.arenas = arenas
+            self.pieces, self.parts, self.gathered, self.whole = {}, {}, {}, []
+        self.gathered.update(gathered)
+        self.pieces.update(pieces)
+        self.parts.update({j: [pc for pc in mine if pc.op.idx in gathered] for j, mine in pieces.items()})
+        self.whole += whole
+        upto = len(self.spans) if upto is None else upto
         with self.lock:
-            self.needed = [j in pieces for j in range(len(self.reads))]
-            self.todo = {j for j in range(len(self.reads)) if self.needed[j] or self.claimed[j]}
+            if first:
+                self.needed, self.todo = [True] * len(self.reads), set()
+            needed = self.needed
+            assert needed is not None
+            for j in chain.from_iterable(self.of_shard[self.planned : upto]):
+                needed[j] = j in pieces
+                if needed[j] or self.claimed[j]:
+                    self.todo.add(j)
+            self.planned = upto
             self.lock.notify_all()
-        self.stats["plan_at"] = clock() - self.started
-        self.ranges: Ranges | None = None
-        if self.cuda:  # the poison fill (current stream) comes before any placement
-            self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
-            if DRIVER_COPIES and KERNEL:
-                with torch.cuda.device(self.device):  # the kernel is loaded into the current context: the device's
-                    got = Ranges.open(torch, sum(map(len, pieces.values())), self.device, self.stager)
-                self.ranges = got if isinstance(got, Ranges) else None
-                self.stats["kernel"] = float(self.ranges is not None)
-        self.stats["cut"] = clock() - t
+        if first:
+            self.stats["plan_at"] = clock() - self.started
+            self.stats["cut"] = 0.0
+            self.ranges: Ranges | None = None
+            if self.cuda:  # the poison fill (current stream) comes before any placement
+                self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
+                if DRIVER_COPIES and KERNEL:
+                    rows = sum(map(len, pieces.values())) if upto == len(self.spans) else bound + len(self.reads)
+                    with torch.cuda.device(self.device):  # the kernel is loaded into the current context: the device's
+                        got = Ranges.open(torch, rows, self.device, self.stager)
+                    self.ranges = got if isinstance(got, Ranges) else None
+                    self.stats["kernel"] = float(self.ranges is not None)
+        self.stats["cut"] += clock() - t
 
-    def finish(self) -> int:
+    def finish(self, more: Callable[[], bool] | None = None) -> int:
         """Place every staged read as it lands (``begin`` first); returns the bytes read once every op
-        is in place on the device."""
+        is in place on the device.
+
+        ``more``, where the plan comes in installments, hands over the next one (``begin``) and says whether any
+        is left: it is called whenever no landed read can be placed.
+        """
         torch = self.torch
         ctx = torch.cuda.stream(self.place_stream) if self.cuda else nullcontext()
         clock = time.perf_counter
         waited = placing = compiling = 0.0
         todo = self.todo
+        pending = more is not None
         with ctx:
-            while todo:
+            while todo or pending:
                 t = clock()
                 with self.lock:
-                    while self.error is None and not any(j in self.landed for j in todo):
+                    while self.error is None and not pending and not any(j in self.landed for j in todo):
                         self.lock.wait()
                     if self.error is not None:
                         raise self.error
                     ready = sorted((j, self.landed.pop(j)) for j in list(todo) if j in self.landed)
                 t1 = clock()
                 waited += t1 - t
+                if not ready:  # nothing to place yet: decide the next installment meanwhile
+                    assert more is not None
+                    pending = more()
+                    continue
                 for j, d in ready:
                     todo.discard(j)
                     if j in self.pieces:

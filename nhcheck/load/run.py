@@ -31,7 +31,7 @@ from nhcheck.load import readers
 from nhcheck.load.checks import Coverage, compare, coverage, expected_samples, file_samples
 from nhcheck.load.memory import Arenas, layout, resolve_device, torch_module
 from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
-from nhcheck.load.plan import Plan, plan_load
+from nhcheck.load.plan import ByShard, Decided, Plan
 from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_of
 from nhcheck.manifest import Param
 
@@ -135,19 +135,28 @@ def load_checkpoint(
     """
     from nhcheck import pipeline
 
-    def decide() -> AuditReport:
+    def planning(by_shard: bool) -> Decided | ByShard:
         inputs = pipeline.prepare(ckpt, engine, manifest_file=manifest_file, moe_backend=moe_backend, mtp=mtp, pp=pp)
-        return pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False))
+        if by_shard and ByShard.eligible(inputs):
+            return ByShard(inputs, opts.dtype)
+        return Decided(lambda: pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False)), opts.dtype)
 
-    return _load(ckpt, decide, opts, t0, transfer)
+    return _load(ckpt, planning, opts, t0, transfer)
 
 
 def load_audited(audit: AuditReport, opts: LoadOptions = DEFAULT_OPTIONS) -> LoadResult:
     """Load with decisions already made (an ``AuditReport`` of this process): the load proper, from the first byte."""
-    return _load(audit.checkpoint, lambda: audit, opts, None, None)
+    return _load(audit.checkpoint, lambda _: Decided(lambda: audit, opts.dtype), opts, None, None)
 
 
-def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfer: Transfer | None) -> LoadResult:
+def _load(
+    ckpt: Checkpoint,
+    planning: Callable[[bool], Decided | ByShard],
+    opts: LoadOptions,
+    t0: float | None,
+    transfer: Transfer | None,
+) -> LoadResult:
+    """``planning(by_shard)``: how the plan comes, a shard at a time where the readers take it so and it may."""
     t_start = time.perf_counter()
     t0 = t_start if t0 is None else t0
     with ExitStack() as stack:
@@ -161,21 +170,42 @@ def _load(ckpt: Checkpoint, decide, opts: LoadOptions, t0: float | None, transfe
         if transfer is None and opts.reader == "fast":
             transfer = stack.enter_context(Transfer(spans_of(ckpt.shards), device, opts, torch))
         baseline = transfer.baseline if transfer is not None else _baseline(torch, device)
-        audit = decide()
-        t_audit = time.perf_counter()
-        plan = plan_load(audit, opts.dtype)
+        plans = planning(transfer is not None)
+        runtime, ops, upto = plans.first()
+        t_audit = plans.audited_at
         t_plan = time.perf_counter()
-        arenas = Arenas(plan.params, device, torch)
+        arenas = Arenas(runtime, device, torch)
         t_alloc = time.perf_counter()
-        if transfer is not None:
-            transfer.begin(plan.ops, arenas)  # the readers learn the plan before any bookkeeping of the checks
-            sys.setswitchinterval(readers.SWITCH_INTERVAL)
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        # the checks' bookkeeping and the file side of the read-back need only the plan: done while the bytes move
-        books = side.submit(_one_core, _bookkeeping, plan, ckpt, max(1, opts.samples))
-        read = transfer.finish() if transfer is not None else run_safetensors(plan.ops, arenas, device)
+        samples = max(1, opts.samples)
+
+        def settle() -> tuple[tuple[AuditReport, Plan], tuple[dict[str, Coverage], list]]:
+            """The audit and its plan (checked against the installments), then the checks' bookkeeping: done on the
+            side thread while the bytes move, once the last installment is handed over."""
+            audit, plan = plans.result()
+            return (audit, plan), _one_core(_bookkeeping, plan, ckpt, samples)
+
+        if transfer is not None:
+            transfer.begin(ops, arenas, upto, plans.bound)
+            sys.setswitchinterval(readers.SWITCH_INTERVAL)
+        books = None if upto is not None else side.submit(settle)
+
+        def next_installment() -> bool:
+            nonlocal books
+            assert transfer is not None
+            ops, upto = plans.next()
+            transfer.begin(ops, arenas, upto)
+            if upto is None:
+                books = side.submit(settle)
+            return upto is not None
+
+        if transfer is not None:
+            read = transfer.finish(next_installment if upto is not None else None)
+        else:
+            read = run_safetensors(plans.plan().ops, arenas, device)
         t_data = time.perf_counter()
-        cov, expected = books.result()
+        assert books is not None
+        (audit, plan), (cov, expected) = books.result()
         t_books = time.perf_counter()
         checked, bad = compare(expected, arenas)
         t_compare = time.perf_counter()
