@@ -36,6 +36,7 @@ from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.errors import UsageError
 from nhcheck.load import LoadOptions, load_path, readers, run
+from nhcheck.load.plan import ByShard
 from nhcheck.manifest import Param
 from nhcheck.pipeline import audit_path
 from nhcheck.sources import open_source
@@ -386,26 +387,27 @@ def test_staging_area_is_bounded_whatever_the_shard_size(staging):
 
 @pytest.mark.parametrize("staging", [1, 1 << 30])
 def test_reads_land_while_the_plan_is_made_and_stay_in_the_staging_area(monkeypatch, staging):
-    """The plan is held back until a read has landed: the reads do not wait for it (they start from the
-    length prefixes), fill at most the staging area, and the load completes once the plan arrives."""
+    """The plan (its first installment: the first shard's ops) is held back until a read has landed: the reads do
+    not wait for it (they start from the length prefixes), fill at most the staging area, and the load completes
+    once the plan arrives."""
     seen = {}
-    real_transfer, real_plan = run.Transfer, run.plan_load
+    real_transfer, real_first = run.Transfer, ByShard.first
 
     def spy(*a):
         seen["transfer"] = real_transfer(*a)
         return seen["transfer"]
 
-    def late_plan(audit, dtype="auto"):
+    def late_plan(self):
         t = seen["transfer"]
         with t.lock:
             assert t.lock.wait_for(lambda: t.bytes_read > 0, timeout=30), "no read landed while the plan waited"
         time.sleep(0.2)  # time for the readers to run ahead as far as they may
         with t.lock:
             seen["before_plan"] = t.bytes_read
-        return real_plan(audit, dtype)
+        return real_first(self)
 
     monkeypatch.setattr(run, "Transfer", spy)
-    monkeypatch.setattr(run, "plan_load", late_plan)
+    monkeypatch.setattr(ByShard, "first", late_plan)
     opts = LoadOptions(device="cpu", chunk_bytes=1000, staging_bytes=staging, threads=3)
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
     t = seen["transfer"]
@@ -511,10 +513,10 @@ def test_the_cyclic_collector_is_paused_for_the_load_and_restored(monkeypatch, c
     import gc
 
     seen: list[bool] = []
-    plan = run.plan_load
-    monkeypatch.setattr(run, "plan_load", lambda *a, **k: seen.append(gc.isenabled()) or plan(*a, **k))
+    plan = ByShard.next
+    monkeypatch.setattr(ByShard, "next", lambda self: seen.append(gc.isenabled()) or plan(self))
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu"))
-    assert res.report.verdict == "clean" and seen == [False] and gc.isenabled() == collector_setting
+    assert res.report.verdict == "clean" and seen == [False] * 4 and gc.isenabled() == collector_setting
 
 
 @pytest.mark.parametrize("early", [None, 5e-3])
@@ -522,18 +524,18 @@ def test_the_switch_interval_is_the_loads_after_the_handover_and_the_callers_aft
     """Until the plan reaches the readers the interpreter switches at ``EARLY_SWITCH_INTERVAL`` where set (else at
     ``SWITCH_INTERVAL``), then at ``SWITCH_INTERVAL``; the caller's interval comes back after the load."""
     seen: dict[str, float] = {}
-    real_plan, real_finish = run.plan_load, readers.Transfer.finish
+    real_plan, real_finish = ByShard.first, readers.Transfer.finish
 
-    def planning(*a, **k):
+    def planning(self):
         seen["plan"] = sys.getswitchinterval()
-        return real_plan(*a, **k)
+        return real_plan(self)
 
-    def finishing(self):
+    def finishing(self, more=None):
         seen["finish"] = sys.getswitchinterval()
-        return real_finish(self)
+        return real_finish(self, more)
 
     monkeypatch.setattr(readers, "EARLY_SWITCH_INTERVAL", early)
-    monkeypatch.setattr(run, "plan_load", planning)
+    monkeypatch.setattr(ByShard, "first", planning)
     monkeypatch.setattr(readers.Transfer, "finish", finishing)
     caller = sys.getswitchinterval()
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu"))
@@ -546,7 +548,7 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
     """Before the plan at most ``early`` reads are in flight at once (the main thread keeps the interpreter);
     after it every reader thread reads, and the load is the same."""
     seen = {"now": 0, "before": 0, "after": 0}
-    real_transfer, real_plan, real_read = run.Transfer, run.plan_load, readers.read_into
+    real_transfer, real_plan, real_read = run.Transfer, ByShard.first, readers.read_into
     guard = threading.Lock()
 
     def spy(*a):
@@ -564,12 +566,12 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
         with guard:
             seen["now"] -= 1
 
-    def late_plan(audit, dtype="auto"):
+    def late_plan(self):
         time.sleep(0.2)  # time for every idle reader to try
-        return real_plan(audit, dtype)
+        return real_plan(self)
 
     monkeypatch.setattr(run, "Transfer", spy)
-    monkeypatch.setattr(run, "plan_load", late_plan)
+    monkeypatch.setattr(ByShard, "first", late_plan)
     monkeypatch.setattr(readers, "read_into", slow_read)
     opts = LoadOptions(device="cpu", chunk_bytes=1000, staging_bytes=1 << 30, threads=4)
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
@@ -580,9 +582,10 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
 
 
 def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_the_handover(monkeypatch):
-    """The plan is cut into the reads' pieces when it reaches the readers, before the checks' bookkeeping
-    (which runs beside the transfer); each staged read's byte ranges are computed once, just before that read
-    is placed; each placement holds its read's pieces in plan order, every op's source bytes exactly once."""
+    """The plan is cut into the reads' pieces as it reaches the readers, a shard at a time, all of it before the
+    checks' bookkeeping (which runs beside the transfer); each staged read's byte ranges are computed once, just
+    before that read is placed; each placement holds its read's pieces in plan order, every op's source bytes
+    exactly once."""
     events: list[str] = []
     placed: list = []
     cut, compile_, apply, cover = readers.cut_pieces, readers.compile_pieces, readers.apply_placement, run.coverage
@@ -614,7 +617,9 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
     opts = LoadOptions(device="cpu", chunk_bytes=4096, staging_bytes=3 * 4096, threads=2)
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
     assert res.report.verdict == "clean"
-    assert events.count("cut") == 1 and events.index("coverage") > events.index("cut")
+    shards = len(res.report.audit.checkpoint.shards)
+    last_cut = len(events) - 1 - events[::-1].index("cut")
+    assert shards > 1 and events.count("cut") == shards and events.index("coverage") > last_cut
     steps = [e for e in events if e in ("compile", "place")]
     assert len(placed) > 1 and steps == ["compile", "place"] * len(placed)
     got: dict[int, int] = {}

@@ -416,6 +416,7 @@ class ByShard:
         self.decide = load_decider(inputs.manifest, engine)
         self.raising: dict[tuple, Any] = {}  # load key → the decision where the engine raises on it, else None
         self.outcomes: list[Outcome] = []
+        self.handed: list[Op] = []  # the ops of every installment, as handed over
         self.done = 0  # shards planned
         self.bound = sum(len(s.tensors) for s in self.shards)  # at most one op a tensor
         self.audited_at = 0.0
@@ -449,7 +450,9 @@ class ByShard:
         tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
         outcomes = [self.replay(t[0]) for t in tensors]  # as ``audit.replay_tensors``, a shard at a time
         self.outcomes += outcomes
-        return self.planner.feed(self._decided(tensors, outcomes)), self.done if self.done < len(self.shards) else None
+        ops = self.planner.feed(self._decided(tensors, outcomes))
+        self.handed += ops
+        return ops, self.done if self.done < len(self.shards) else None
 
     def _decided(self, tensors, outcomes) -> Iterator[tuple[TensorInfo, Outcome, str | None]]:
         """(tensor, outcome, parameter) of each, a load the engine raises on as it raises (``audit.as_raised``)."""
@@ -479,10 +482,11 @@ class ByShard:
         )
         whole = plan_load(audit, self.dtype)
         mine = self.planner.plan()
-        if whole.ops != mine.ops or whole.crash != mine.crash or whole.findings != mine.findings:
+        handed = tuple(self.handed)
+        if whole.ops != handed or whole.crash != mine.crash or whole.findings != mine.findings:
             at = next(
-                (a.tensor.name for a, b in zip(whole.ops, mine.ops, strict=False) if a != b),
-                "its crash" if whole.crash != mine.crash else "its findings" if whole.ops == mine.ops else "its length",
+                (a.tensor.name for a, b in zip(whole.ops, handed, strict=False) if a != b),
+                "its crash" if whole.crash != mine.crash else "its findings" if whole.ops == handed else "its length",
             )
             raise RuntimeError(f"internal error: the plan decided a shard at a time differs from the audit's at {at}")
         return audit, whole
