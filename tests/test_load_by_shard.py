@@ -18,7 +18,12 @@ from nhcheck.load import LoadOptions, load_path
 from nhcheck.load.plan import ByShard, plan_load
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-CHECKPOINTS = sorted(p.name for p in EXAMPLES.iterdir() if (p / "config.json").exists())
+CONFORMANCE = Path(__file__).resolve().parent / "conformance"
+#: The examples, and every checkpoint the conformance goldens were made over (headers are all a plan reads).
+CHECKPOINTS = sorted(
+    [str(p.relative_to(EXAMPLES.parent)) for p in EXAMPLES.iterdir() if (p / "config.json").exists()]
+    + [str(p.parent.relative_to(EXAMPLES.parent)) for p in CONFORMANCE.glob("**/checkpoint/config.json")]
+)
 ENGINES = ("sglang@0.5.23", "sglang@0.5.11", "sglang@0.5.6", "vllm@0.34.0", "vllm@0.18.1")
 
 
@@ -34,12 +39,13 @@ def _by_shard(inputs) -> ByShard:
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_the_plan_by_shard_is_the_audits_plan(name, engine):
     try:
-        inputs = pipeline.prepare(open_local(str(EXAMPLES / name)), engine)
+        inputs = pipeline.prepare(open_local(str(EXAMPLES.parent / name)), engine)
     except UsageError:
         pytest.skip(f"{engine} does not take {name}")
     whole = plan_load(pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False)))
     if not ByShard.eligible(inputs):
-        assert inputs.config.wrapper is not None or whole.crash is not None and whole.crash.tensor is None
+        one = len(inputs.checkpoint.shards) == 1
+        assert one or inputs.config.wrapper is not None or whole.crash is not None and whole.crash.tensor is None
         return
     plans = _by_shard(inputs)
     mine = plans.planner.plan()

@@ -423,13 +423,15 @@ class ByShard:
 
     @staticmethod
     def eligible(inputs: Inputs) -> bool:
-        """Whether the plan may come a shard at a time: a checkpoint without a wrapper (whose routing orders the
-        stream), no MTP draft, and an engine that refuses nothing before the first tensor and raises nothing after
-        the last (``startup_error`` from the names alone): its start-up can then end only at a tensor."""
+        """Whether the plan may come a shard at a time: a checkpoint of several shards without a wrapper (whose
+        routing orders the stream), no MTP draft, and an engine that refuses nothing before the first tensor and
+        raises nothing after the last (``startup_error`` from the names alone): its start-up can then end only at a
+        tensor."""
         m = inputs.manifest
         names = (t.name for t in inputs.checkpoint.tensors())
         return (
-            inputs.config.wrapper is None
+            len(inputs.checkpoint.shards) > 1
+            and inputs.config.wrapper is None
             and not inputs.mtp
             and bool(m.params)
             and startup_refusal(m) is None
