@@ -76,15 +76,18 @@ def test_a_load_by_shard_that_raises_mid_stream_reports_what_the_whole_plan_does
 
 
 def test_a_plan_by_shard_that_differs_from_the_audits_fails_the_load(monkeypatch):
-    """The check at run time: an installment that plans one op other than the audit would is an internal error."""
-    real = ByShard.next
+    """The check at run time: an installment fed one tensor other than the audit's stream holds is an internal
+    error (here the last shard's first load planned into another parameter)."""
+    real = ByShard._decided
 
-    def wrong(self):
-        ops, upto = real(self)
-        if upto is None and ops:  # the last shard's first op moved by one element, as handed over
-            self.handed[-len(ops)] = ops[0] = ops[0]._replace(start=ops[0].start + 1)
-        return ops, upto
+    def wrong(self, tensors, outcomes):
+        out = list(real(self, tensors, outcomes))
+        if self.done == len(self.shards):
+            k = next(i for i, (_, o, _) in enumerate(out) if o.outcome == "load")
+            t, o, _ = out[k]
+            out[k] = (t, o, next(p.name for p in self.planner.params if p.name != o.param and p.shape == ()))
+        return iter(out)
 
-    monkeypatch.setattr(ByShard, "next", wrong)
+    monkeypatch.setattr(ByShard, "_decided", wrong)
     with pytest.raises(RuntimeError, match="internal error: the plan decided a shard at a time differs"):
         load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu"))

@@ -403,8 +403,9 @@ class ByShard:
     the audit checks them (``audit.load_decider``: where the engine raises instead), and planned (``Planner``), so the
     readers place the first shard while the rest is decided; the audit of the whole replay at the end.
 
-    Exact, and checked: the ops handed over are those ``plan_load`` finds in that audit, or the load fails (an internal
-    error). Only where the engine can raise at no other point than a tensor (``eligible``).
+    Exact, and checked: the planner (``plan_load``'s own) was fed the very stream ``plan_load`` feeds it from that
+    audit, tensor by tensor, or the load fails (an internal error); so the ops handed over are that audit's plan. Only
+    where the engine can raise at no other point than a tensor (``eligible``).
     """
 
     def __init__(self, inputs: Inputs, dtype: str = "auto") -> None:
@@ -416,7 +417,7 @@ class ByShard:
         self.decide = load_decider(inputs.manifest, engine)
         self.raising: dict[tuple, Any] = {}  # load key → the decision where the engine raises on it, else None
         self.outcomes: list[Outcome] = []
-        self.handed: list[Op] = []  # the ops of every installment, as handed over
+        self.fed: list[tuple[TensorInfo, Outcome, str | None]] = []  # what the planner was fed, in order
         self.done = 0  # shards planned
         self.bound = sum(len(s.tensors) for s in self.shards)  # at most one op a tensor
         self.audited_at = 0.0
@@ -452,9 +453,9 @@ class ByShard:
         tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
         outcomes = [self.replay(t[0]) for t in tensors]  # as ``audit.replay_tensors``, a shard at a time
         self.outcomes += outcomes
-        ops = self.planner.feed(self._decided(tensors, outcomes))
-        self.handed += ops
-        return ops, self.done if self.done < len(self.shards) else None
+        fed = list(self._decided(tensors, outcomes))
+        self.fed += fed
+        return self.planner.feed(fed), self.done if self.done < len(self.shards) else None
 
     def _decided(self, tensors, outcomes) -> Iterator[tuple[TensorInfo, Outcome, str | None]]:
         """(tensor, outcome, parameter) of each, a load the engine raises on as it raises (``audit.as_raised``)."""
@@ -467,28 +468,26 @@ class ByShard:
                 if d is raising:
                     d = decide(key)
                     d = raising[key] = d if d.plain_error is not None or d.load_error is not None else None
-                if d is not None:
+                if d is not None:  # as the audit records it: the size assertion leaves the tensor no parameter
                     o = as_raised(o, d) or o
+                    param = None if d.plain_error is not None else param
             yield t, o, param
 
     def plan(self) -> Plan:
         return self.planner.plan()
 
     def result(self) -> tuple[AuditReport, Plan]:
-        """The audit of the whole replay, and its plan: the ops handed over, or an internal error."""
+        """The audit of the whole replay, and the plan: the installments', if the audit's stream is what they were fed
+        (else an internal error)."""
         from nhcheck import pipeline
 
         records = TensorRecords(list(self.inputs.checkpoint.tensors()), self.outcomes, {})
-        audit = pipeline.audit(
-            self.inputs, AuditOptions(compare_versions=False, recipe=False), gather(Replayed(records, None))
-        )
-        whole = plan_load(audit, self.dtype)
-        mine = self.planner.plan()
-        handed = tuple(self.handed)
-        if whole.ops != handed or whole.crash != mine.crash or whole.findings != mine.findings:
-            at = next(
-                (a.tensor.name for a, b in zip(whole.ops, handed, strict=False) if a != b),
-                "its crash" if whole.crash != mine.crash else "its findings" if whole.ops == handed else "its length",
-            )
+        opts = AuditOptions(compare_versions=False, recipe=False)
+        audit = pipeline.audit(self.inputs, opts, gather(Replayed(records, None)))
+        if audit.crash is not None and audit.crash.tensor is None:
+            raise RuntimeError(f"internal error: the plan was decided a shard at a time, but {audit.crash.error}")
+        stream = list(_stream(audit, self.planner.engine))
+        if stream != self.fed:
+            at = next((a[0].name for a, b in zip(stream, self.fed, strict=False) if a != b), "its end")
             raise RuntimeError(f"internal error: the plan decided a shard at a time differs from the audit's at {at}")
-        return audit, whole
+        return audit, self.planner.plan()

@@ -28,7 +28,7 @@ from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash
 from nhcheck.findings import Finding, Verdict, verdict_of
 from nhcheck.load import readers
-from nhcheck.load.checks import Coverage, compare, coverage, expected_samples, file_samples
+from nhcheck.load.checks import Coverage, FileSamples, compare, coverage, expected_samples, file_samples
 from nhcheck.load.memory import Arenas, layout, resolve_device, torch_module
 from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
 from nhcheck.load.plan import ByShard, Decided, Plan
@@ -181,13 +181,15 @@ def _load(
 
         def settle() -> tuple[tuple[AuditReport, Plan], tuple[dict[str, Coverage], list]]:
             """The audit and its plan (checked against the installments), then the checks' bookkeeping: done on the
-            side thread while the bytes move, once the last installment is handed over."""
+            side thread while the bytes move, once the last installment is handed over (after the file samples)."""
             audit, plan = plans.result()
-            return (audit, plan), _one_core(_bookkeeping, plan, ckpt, samples)
+            return (audit, plan), _one_core(_bookkeeping, plan, files.result())
 
         if transfer is not None:
             transfer.begin(ops, arenas, upto, plans.bound)
             sys.setswitchinterval(readers.SWITCH_INTERVAL)
+        # what the files hold at the read-back's samples needs no plan: taken from the first handover on
+        files = side.submit(_one_core, file_samples, ckpt.shards, samples)
         books = None if upto is not None else side.submit(settle)
 
         def next_installment() -> bool:
@@ -276,15 +278,16 @@ def _one_core(fn: Callable[..., T], *args: Any) -> T:
         torch.set_num_threads(n)
 
 
-def _bookkeeping(plan: Plan, ckpt: Checkpoint, samples: int) -> tuple[dict[str, Coverage], list]:
-    """What the plan covers of every parameter, and the read-back samples the memory must match.
+def _bookkeeping(plan: Plan, files: FileSamples) -> tuple[dict[str, Coverage], list]:
+    """What the plan covers of every parameter, and the read-back samples the memory must match (``files``: what
+    the files hold at them, ``checks.file_samples``).
 
-    Not before the plan is handed over: beside the audit, the file samples' page faults and unmapping (the
-    process's memory map lock) slowed the main thread's work before the plan by 8-90 ms at release size
-    (H100 hosts, 2026-12-06), and that work decides when the staging area starts to drain.
+    The file samples are taken on the side thread from the (first) handover of the plan on, not before: beside the
+    audit, their page faults and unmapping (the process's memory map lock) slowed the main thread's work before the
+    plan by 8-90 ms at release size (H100 hosts, 2026-12-06), and that work decides when the staging area starts to
+    drain.
     """
     cov, overwritten = coverage(plan.params, plan.ops)
-    files = file_samples(ckpt.shards, samples)
     return cov, expected_samples(plan.ops, layout(plan.params)[0], files, overwritten)
 
 
