@@ -245,6 +245,8 @@ def _load(
         seconds=t_end - t0,
         timings={
             "headers": t_start - t0,
+            # a shard at a time: "audit" is the inputs only (the whole audit goes on beside the transfer) and "plan"
+            # the first shard's replay and plan
             "audit": t_audit - t_start,
             "plan": t_plan - t_audit,
             "allocate": t_alloc - t_plan,
