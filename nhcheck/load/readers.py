@@ -928,8 +928,7 @@ class Transfer:
         is in place on the device.
 
         ``more``, where the plan comes in installments, hands over the next one (``begin``) and says whether any
-        is left: it is called after each round of placements (every read landed by then), so the installments
-        alternate with the placements and the last is soon handed over (the whole audit waits for it).
+        is left: it is called whenever no landed read can be placed.
         """
         torch = self.torch
         ctx = torch.cuda.stream(self.place_stream) if self.cuda else nullcontext()
@@ -948,15 +947,20 @@ class Transfer:
                     ready = sorted((j, self.landed.pop(j)) for j in list(todo) if j in self.landed)
                 t1 = clock()
                 waited += t1 - t
+                if not ready:  # nothing to place yet: decide the next installment meanwhile
+                    assert more is not None
+                    pending = more()
+                    continue
                 for j, d in ready:
                     todo.discard(j)
                     if j in self.pieces:
                         r = self.reads[j]
                         t2 = clock()
-                        mine = self.pieces[j]
-                        if self.parts[j]:  # pieces of ops gathered across reads: placed once gathered, not here
-                            mine = [pc for pc in mine if pc.op.idx not in self.gathered]
-                        placement = compile_pieces(mine, self.arenas, r.end - r.start)
+                        placement = compile_pieces(
+                            [pc for pc in self.pieces[j] if pc.op.idx not in self.gathered],
+                            self.arenas,
+                            r.end - r.start,
+                        )
                         batch = (
                             self.ranges.launcher(placement, self.arenas, self.place_stream.cuda_stream)
                             if self.ranges
@@ -975,9 +979,6 @@ class Transfer:
                         self._freed_after(d)
                     self.stage_free.put(d)
                 placing += clock() - t1
-                if pending:  # the next installment, between two rounds of placements
-                    assert more is not None
-                    pending = more()
             for op in self.whole:
                 write_op(self.arenas, op, self.gathered[op.idx].view(getattr(torch, op.src)))
         for w in self.workers:
