@@ -391,9 +391,6 @@ class Decided:
     def next(self) -> tuple[Sequence[Op], int | None]:
         raise AssertionError("a decided plan comes in one installment")
 
-    def plan(self) -> Plan:
-        return self.whole
-
     def result(self) -> tuple[AuditReport, Plan]:
         return self.audit, self.whole
 
@@ -472,9 +469,6 @@ class ByShard:
                     o = as_raised(o, d) or o
                     param = None if d.plain_error is not None else param
             yield t, o, param
-
-    def plan(self) -> Plan:
-        return self.planner.plan()
 
     def result(self) -> tuple[AuditReport, Plan]:
         """The audit of the whole replay, and the plan: the installments', if the audit's stream is what they were fed

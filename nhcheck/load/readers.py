@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from itertools import accumulate, chain, repeat
 from operator import add, floordiv, gt
@@ -1042,7 +1042,7 @@ class Transfer:
         self.fds.clear()
 
 
-def run_safetensors(ops: tuple[Op, ...], arenas: Arenas, device) -> int:
+def run_safetensors(ops: Sequence[Op], arenas: Arenas, device) -> int:
     """The reference reader: ``safe_open`` one shard at a time, one tensor at a time, in stream order."""
     from safetensors import safe_open
 

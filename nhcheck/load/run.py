@@ -204,7 +204,7 @@ def _load(
         if transfer is not None:
             read = transfer.finish(next_installment if upto is not None else None)
         else:
-            read = run_safetensors(plans.plan().ops, arenas, device)
+            read = run_safetensors(ops, arenas, device)  # without the readers, the plan comes whole
         t_data = time.perf_counter()
         assert books is not None
         (audit, plan), (cov, expected) = books.result()
