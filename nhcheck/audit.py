@@ -562,14 +562,12 @@ def startup_refusal(manifest: Manifest) -> str | None:
     return next((p for p in manifest.problems if p.startswith(_REFUSALS)), None)
 
 
-def as_raised(o: Outcome, decision: _LoadDecision) -> Outcome | None:
-    """What a load becomes where the checks of its key say the engine raises on it (None: it loads): the size
-    assertion of ``default_weight_loader``, or the parameter's own weight loader."""
+def as_raised(o: Outcome, decision: _LoadDecision) -> Outcome:
+    """What a load becomes where the checks of its key say the engine raises on it (``plain_error`` or
+    ``load_error`` set): the size assertion of ``default_weight_loader``, else the parameter's own weight loader."""
     if decision.plain_error is not None:
         return _new(Outcome, ("raise", None, None, None, None, decision.plain_error, "size-assert"))
-    if decision.load_error is not None:
-        return o._replace(outcome="raise", message=decision.load_error, reason="loader")
-    return None
+    return o._replace(outcome="raise", message=decision.load_error, reason="loader")
 
 
 def load_decider(manifest: Manifest, engine: Engine) -> Callable[[tuple], _LoadDecision]:
@@ -672,7 +670,7 @@ def run_audit(
             # default_weight_loader asserts the sizes: the tensor has a home, and the start-up dies there.
             unloaded_params.add(param)
             assertion = decision.plain_error
-            o = as_raised(o, decision) or o
+            o = as_raised(o, decision)
             changed[i] = _new(TensorRecord, (t, o, False, None, ign))
             raised = True
             if not ign:
@@ -680,7 +678,7 @@ def run_audit(
                 slot_findings.append(("shape-mismatch", t[0], finding))
             continue
         if decision.load_error is not None:  # the parameter's weight loader itself raises on this tensor
-            o = as_raised(o, decision) or o
+            o = as_raised(o, decision)
             changed[i] = _new(TensorRecord, (t, o, False, param, ign))
             raised = True
         elif decision.note is not None and not ign:

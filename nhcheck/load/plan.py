@@ -388,9 +388,6 @@ class Decided:
         self.whole = plan_load(self.audit, self.dtype)
         return self.whole.params, self.whole.ops, None
 
-    def next(self) -> tuple[Sequence[Op], int | None]:
-        raise AssertionError("a decided plan comes in one installment")
-
     def result(self) -> tuple[AuditReport, Plan]:
         return self.audit, self.whole
 
@@ -407,14 +404,14 @@ class ByShard:
 
     def __init__(self, inputs: Inputs, dtype: str = "auto") -> None:
         engine = inputs.engine
-        self.inputs, self.dtype = inputs, dtype
+        self.inputs = inputs
         self.shards = inputs.checkpoint.shards
         self.planner = Planner(inputs.manifest, inputs.config, engine, self.shards, dtype)
         self.replay = engine.replayer(inputs.manifest, inputs.config, mtp=inputs.mtp, pp=inputs.pp)
         self.decide = load_decider(inputs.manifest, engine)
         self.raising: dict[tuple, Any] = {}  # load key → the decision where the engine raises on it, else None
         self.outcomes: list[Outcome] = []
-        self.fed: list[tuple[TensorInfo, Outcome, str | None]] = []  # what the planner was fed, in order
+        self.stream: list[tuple[TensorInfo, Outcome, str | None]] = []  # what the planner was fed, in order
         self.done = 0  # shards planned
         self.bound = sum(len(s.tensors) for s in self.shards)  # at most one op a tensor
         self.audited_at = 0.0
@@ -450,9 +447,9 @@ class ByShard:
         tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
         outcomes = [self.replay(t[0]) for t in tensors]  # as ``audit.replay_tensors``, a shard at a time
         self.outcomes += outcomes
-        fed = list(self._decided(tensors, outcomes))
-        self.fed += fed
-        return self.planner.feed(fed), self.done if self.done < len(self.shards) else None
+        stream = list(self._decided(tensors, outcomes))
+        self.stream += stream
+        return self.planner.feed(stream), self.done if self.done < len(self.shards) else None
 
     def _decided(self, tensors, outcomes) -> Iterator[tuple[TensorInfo, Outcome, str | None]]:
         """(tensor, outcome, parameter) of each, a load the engine raises on as it raises (``audit.as_raised``)."""
@@ -466,7 +463,7 @@ class ByShard:
                     d = decide(key)
                     d = raising[key] = d if d.plain_error is not None or d.load_error is not None else None
                 if d is not None:  # as the audit records it: the size assertion leaves the tensor no parameter
-                    o = as_raised(o, d) or o
+                    o = as_raised(o, d)
                     param = None if d.plain_error is not None else param
             yield t, o, param
 
@@ -481,7 +478,7 @@ class ByShard:
         if audit.crash is not None and audit.crash.tensor is None:
             raise RuntimeError(f"internal error: the plan was decided a shard at a time, but {audit.crash.error}")
         stream = list(_stream(audit, self.planner.engine))
-        if stream != self.fed:
-            at = next((a[0].name for a, b in zip(stream, self.fed, strict=False) if a != b), "its end")
+        if stream != self.stream:
+            at = next((a[0].name for a, b in zip(stream, self.stream, strict=False) if a != b), "its end")
             raise RuntimeError(f"internal error: the plan decided a shard at a time differs from the audit's at {at}")
         return audit, self.planner.plan()

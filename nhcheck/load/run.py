@@ -194,7 +194,7 @@ def _load(
 
         def next_installment() -> bool:
             nonlocal books
-            assert transfer is not None
+            assert transfer is not None and isinstance(plans, ByShard)  # a decided plan comes in one installment
             ops, upto = plans.next()
             transfer.begin(ops, arenas, upto)
             if upto is None:
