@@ -35,7 +35,7 @@ from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.errors import UsageError
-from nhcheck.load import LoadOptions, load_path, readers, run
+from nhcheck.load import LoadOptions, checks, load_path, readers, run
 from nhcheck.load.plan import ByShard
 from nhcheck.manifest import Param
 from nhcheck.pipeline import audit_path
@@ -582,13 +582,14 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
 
 
 def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_the_handover(monkeypatch):
-    """The plan is cut into the reads' pieces as it reaches the readers, a shard at a time, all of it before the
-    checks' bookkeeping (which runs beside the transfer); each staged read's byte ranges are computed once, just
-    before that read is placed; each placement holds its read's pieces in plan order, every op's source bytes
-    exactly once."""
+    """The plan is cut into the reads' pieces as it reaches the readers, a shard at a time, each installment before
+    the checks' bookkeeping notes it (which runs beside the transfer), the merge after the last; each staged read's
+    byte ranges are computed once, just before that read is placed; each placement holds its read's pieces in plan
+    order, every op's source bytes exactly once."""
     events: list[str] = []
     placed: list = []
-    cut, compile_, apply, cover = readers.cut_pieces, readers.compile_pieces, readers.apply_placement, run.coverage
+    cut, compile_, apply = readers.cut_pieces, readers.compile_pieces, readers.apply_placement
+    note, merge = checks.Bookkeeping.add, checks.Bookkeeping.result
 
     def cutting(*a, **k):
         events.append("cut")
@@ -603,9 +604,14 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
         placed.append(placement)
         apply(placement, src, arenas, stream, batch)
 
-    def covering(*a):
-        events.append("coverage")
-        return cover(*a)
+    def noting(books, ops):  # on the side thread
+        cuts = events.count("cut")
+        note(books, ops)
+        events.append(("noted", len(ops), cuts))
+
+    def merging(books):
+        events.append("merge")
+        return merge(books)
 
     transfers = []
     real_transfer = run.Transfer
@@ -613,13 +619,17 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
     monkeypatch.setattr(readers, "cut_pieces", cutting)
     monkeypatch.setattr(readers, "compile_pieces", compiling)
     monkeypatch.setattr(readers, "apply_placement", placing)
-    monkeypatch.setattr(run, "coverage", covering)
+    monkeypatch.setattr(checks.Bookkeeping, "add", noting)
+    monkeypatch.setattr(checks.Bookkeeping, "result", merging)
     opts = LoadOptions(device="cpu", chunk_bytes=4096, staging_bytes=3 * 4096, threads=2)
     res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
     assert res.report.verdict == "clean"
     shards = len(res.report.audit.checkpoint.shards)
     last_cut = len(events) - 1 - events[::-1].index("cut")
-    assert shards > 1 and events.count("cut") == shards and events.index("coverage") > last_cut
+    assert shards > 1 and events.count("cut") == shards and events.index("merge") > last_cut
+    noted = [e for e in events if isinstance(e, tuple)]
+    assert [cuts >= i + 1 for i, (_, _, cuts) in enumerate(noted)] == [True] * shards
+    assert events.index("merge") > events.index(noted[-1])
     steps = [e for e in events if e in ("compile", "place")]
     assert len(placed) > 1 and steps == ["compile", "place"] * len(placed)
     got: dict[int, int] = {}
@@ -632,6 +642,7 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
         got[pc.op.idx] = got.get(pc.op.idx, 0) + pc.nbytes
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
     ops = loading.plan_load(audit).ops
+    assert sum(n for _, n, _ in noted) == len(ops)
     assert got == {op.idx: readers.ITEMSIZE[op.src] * op.src_elements for op in ops}
     assert sum(len(c.src) for pl in placed for c in pl.copies) == sum(
         1 for pl in placed for pc in pl.pieces if pc.op.kind == "copy"
@@ -843,18 +854,23 @@ def test_the_checks_tensor_work_beside_the_readers_runs_on_one_core(monkeypatch)
     """The file samples and the bookkeeping run on the side thread with torch's intra-op threads at one (a
     parallel team would spin beside the reader threads); the caller's own count is left as it was."""
     seen: dict[str, int] = {}
-    real_files, real_books = run.file_samples, run._bookkeeping
+    real_files, real_note, real_merge = run.file_samples, checks.Bookkeeping.add, checks.Bookkeeping.result
 
     def files(*a):
         seen["files"] = torch.get_num_threads()
         return real_files(*a)
 
-    def books(*a):
-        seen["books"] = torch.get_num_threads()
-        return real_books(*a)
+    def note(*a):
+        seen["note"] = torch.get_num_threads()
+        return real_note(*a)
+
+    def merge(*a):
+        seen["merge"] = torch.get_num_threads()
+        return real_merge(*a)
 
     monkeypatch.setattr(run, "file_samples", files)
-    monkeypatch.setattr(run, "_bookkeeping", books)
+    monkeypatch.setattr(checks.Bookkeeping, "add", note)
+    monkeypatch.setattr(checks.Bookkeeping, "result", merge)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -862,7 +878,7 @@ def test_the_checks_tensor_work_beside_the_readers_runs_on_one_core(monkeypatch)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert res.report.verdict == "clean" and seen == {"files": 1, "books": 1}
+    assert res.report.verdict == "clean" and seen == {"files": 1, "note": 1, "merge": 1}
 
 
 def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):

@@ -13,8 +13,11 @@ import pytest
 from nhcheck import pipeline
 from nhcheck.audit import AuditOptions
 from nhcheck.checkpoint import open_local
+from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import UsageError
 from nhcheck.load import LoadOptions, load_path
+from nhcheck.load.checks import Bookkeeping, expected_samples, file_samples
+from nhcheck.load.memory import layout
 from nhcheck.load.plan import ByShard, plan_load
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -91,3 +94,45 @@ def test_a_plan_by_shard_that_differs_from_the_audits_fails_the_load(monkeypatch
     monkeypatch.setattr(ByShard, "_decided", wrong)
     with pytest.raises(RuntimeError, match="internal error: the plan decided a shard at a time differs"):
         load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu"))
+
+
+def _samples(expected) -> dict[str, list]:
+    """Every read-back sample, per arena dtype: (its bytes' positions, what must be there), in any grouping."""
+    out: dict[str, list] = {}
+    for e in expected:
+        n = e.want.numel() if e.approx else e.want.numel() // ITEMSIZE[e.dtype]
+        rows = zip(e.index.view(n, -1).tolist(), e.want.view(n, -1).tolist(), strict=True)
+        out.setdefault(e.dtype, []).extend((tuple(i), tuple(w)) for i, w in rows)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("engine", ("sglang@0.5.23", "vllm@0.34.0"))
+@pytest.mark.parametrize("name", [n for n in CHECKPOINTS if n.startswith("examples/")])
+def test_the_bookkeeping_an_installment_at_a_time_is_the_whole_plans(name, engine):
+    """Coverage and read-back samples noted an installment at a time (as the load notes them, beside the transfer)
+    are those of the whole plan at once; a write that a later installment overwrites drops its samples, as the
+    whole plan's bookkeeping drops them."""
+    try:
+        inputs = pipeline.prepare(open_local(str(EXAMPLES.parent / name)), engine)
+    except UsageError:
+        pytest.skip(f"{engine} does not take {name}")
+    if not ByShard.eligible(inputs):
+        pytest.skip("one installment")
+    plans = ByShard(inputs)
+    params, ops, upto = plans.first()
+    installments = [list(ops)]
+    while upto is not None:
+        ops, upto = plans.next()
+        installments.append(list(ops))
+    last = installments[-1][-1] if installments[-1] else installments[0][-1]
+    again = last._replace(idx=last.idx + 1_000_000)  # the last write once more, in an installment of its own
+    files = file_samples(inputs.checkpoint.shards, 2)
+    for feed, overwritten in ((installments, set()), (installments + [[again]], {last.idx})):
+        books, once = Bookkeeping(params, lambda: files), Bookkeeping(params, lambda: files)
+        for mine in feed:
+            books.add(mine)
+        once.add([op for mine in feed for op in mine])
+        (cov, expected), (cov_once, _) = books.result(), once.result()
+        whole = expected_samples([op for mine in feed for op in mine], layout(params)[0], files, overwritten)
+        assert cov == cov_once and _samples(expected) == _samples(whole)
+    assert cov[last.param].double_writes == 1

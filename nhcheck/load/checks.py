@@ -10,12 +10,13 @@ own, not the reader's buffers), so a misplaced slice shows up here. The poison s
 from __future__ import annotations
 
 import array
+from collections.abc import Callable, Sequence
 from operator import gt, itemgetter
 from typing import Any, NamedTuple
 
 from nhcheck import collapse
 from nhcheck.dtypes import ITEMSIZE, TORCH_DTYPE, numel
-from nhcheck.load.memory import Arenas, torch_module
+from nhcheck.load.memory import Arenas, layout, torch_module
 from nhcheck.load.plan import Op
 from nhcheck.manifest import Param
 from nhcheck.safetensors_header import ShardHeader
@@ -29,17 +30,50 @@ class Coverage(NamedTuple):
     double_writes: int
 
 
-def coverage(params: tuple[Param, ...], ops: tuple[Op, ...]) -> tuple[dict[str, Coverage], set[int]]:
+class Bookkeeping:
+    """The checks' bookkeeping of a plan handed over in installments: each one's writes noted and its read-back
+    samples picked as it comes (``add``, on the side thread while the bytes move), so that once the last byte has
+    landed only the merge per parameter is left (``result``).
+
+    ``files`` gives what the files hold at the samples (``file_samples``), waited for at the first installment.
+    """
+
+    def __init__(self, params: tuple[Param, ...], files: Callable[[], FileSamples]) -> None:
+        self.params = params
+        self.where = layout(params)[0]
+        self.files = files
+        self.spans: dict[str, list[tuple[int, int, int]]] = {}  # parameter → (start, end, op) of each write
+        self.ops: list[Op] = []
+        self.expected: list[Expected] = []
+
+    def add(self, ops: Sequence[Op]) -> None:
+        """Note an installment's writes and pick their samples."""
+        spans = self.spans
+        for op in ops:
+            mine = spans.get(op.param)
+            if mine is None:
+                mine = spans[op.param] = []
+            if op.kind == "corner":
+                mine.extend((a, b, op.idx) for a, b in op.spans())
+            else:  # one range, the slot (``Op.spans``), without the list
+                mine.append((op.start, op.start + op.n, op.idx))
+        self.ops += ops
+        # every write's samples; one a later write overwrote is dropped in ``result`` (rare: a double write)
+        self.expected += expected_samples(ops, self.where, self.files(), set())
+
+    def result(self) -> tuple[dict[str, Coverage], list[Expected]]:
+        """Per parameter (written elements, missing slots, double writes), and the read-back samples memory must
+        match: those of every write no later write overwrote."""
+        cov, overwritten = _covered(self.params, self.spans)
+        if not overwritten:
+            return cov, self.expected
+        return cov, expected_samples(self.ops, self.where, self.files(), overwritten)
+
+
+def _covered(
+    params: tuple[Param, ...], spans: dict[str, list[tuple[int, int, int]]]
+) -> tuple[dict[str, Coverage], set[int]]:
     """Per parameter: (written elements, missing slots, double writes); plus the ops a later op overwrote."""
-    spans: dict[str, list[tuple[int, int, int]]] = {}
-    for op in ops:
-        mine = spans.get(op.param)
-        if mine is None:
-            mine = spans[op.param] = []
-        if op.kind == "corner":
-            mine.extend((a, b, op.idx) for a, b in op.spans())
-        else:  # one range, the slot (``Op.spans``), without the list
-            mine.append((op.start, op.start + op.n, op.idx))
     out: dict[str, Coverage] = {}
     overwritten: set[int] = set()
     for p in params:
@@ -179,7 +213,7 @@ class Expected(NamedTuple):
 
 
 def expected_samples(
-    ops: tuple[Op, ...], where: dict[str, tuple[str, int]], files: FileSamples, skip: set[int]
+    ops: Sequence[Op], where: dict[str, tuple[str, int]], files: FileSamples, skip: set[int]
 ) -> list[Expected]:
     """The ``3 × k`` sample elements of every write (``files``: start, end, a seeded middle of its tensor) and
     what they must hold once placed: the file's bytes, converted as the op converts them.

@@ -13,8 +13,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -28,18 +28,19 @@ from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash
 from nhcheck.findings import Finding, Verdict, verdict_of
 from nhcheck.load import readers
-from nhcheck.load.checks import Coverage, FileSamples, compare, coverage, expected_samples, file_samples
-from nhcheck.load.memory import Arenas, layout, resolve_device, torch_module
+from nhcheck.load.checks import Bookkeeping, Coverage, compare, file_samples
+from nhcheck.load.memory import Arenas, resolve_device, torch_module
 from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
-from nhcheck.load.plan import ByShard, Decided, Plan
+from nhcheck.load.plan import ByShard, Decided, Op, Plan
 from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_of
 from nhcheck.manifest import Param
 
 T = TypeVar("T")
 
 #: The last load's check phase split, for ``bench/load.py``: ``books_wait`` for the side thread's
-#: coverage and read-back samples after the transfer, ``compare`` the read-back, ``close`` the readers
-#: and streams let go, ``poison`` the scan, ``report`` the findings.
+#: coverage and read-back samples after the transfer, ``compare`` the read-back, ``audit_wait`` for the
+#: side thread's whole audit after it, ``close`` the readers and streams let go, ``poison`` the scan,
+#: ``report`` the findings.
 PHASES: dict[str, float] = {}
 
 
@@ -178,27 +179,31 @@ def _load(
         t_alloc = time.perf_counter()
         side = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         samples = max(1, opts.samples)
-
-        def settle() -> tuple[tuple[AuditReport, Plan], tuple[dict[str, Coverage], list]]:
-            """The audit and its plan (checked against the installments), then the checks' bookkeeping: done on the
-            side thread while the bytes move, once the last installment is handed over (after the file samples)."""
-            audit, plan = plans.result()
-            return (audit, plan), _one_core(_bookkeeping, plan, files.result())
-
         if transfer is not None:
             transfer.begin(ops, arenas, upto, plans.bound)
             sys.setswitchinterval(readers.SWITCH_INTERVAL)
-        # what the files hold at the read-back's samples needs no plan: taken from the first handover on
+        # The checks' side thread, in order: what the files hold at the read-back's samples (no plan needed), the
+        # bookkeeping of each installment as it is handed over, after the last the merge, then the whole audit
+        # (with the plan's check against it), which the read-back does not wait for.
         files = side.submit(_one_core, file_samples, ckpt.shards, samples)
-        books = None if upto is not None else side.submit(settle)
+        books = Bookkeeping(runtime, files.result)
+        noted: list[Future[None]] = []
+        settled: tuple[Future[tuple[dict[str, Coverage], list]], Future[tuple[AuditReport, Plan]]] | None = None
+
+        def hand_over(ops: Sequence[Op], last: bool) -> None:
+            """The installment's bookkeeping on the side thread; after the last, the merge and the whole audit."""
+            nonlocal settled
+            noted.append(side.submit(_one_core, books.add, ops))
+            if last:
+                settled = side.submit(_one_core, _merged, books, noted), side.submit(plans.result)
+
+        hand_over(ops, upto is None)
 
         def next_installment() -> bool:
-            nonlocal books
             assert transfer is not None and isinstance(plans, ByShard)  # a decided plan comes in one installment
             ops, upto = plans.next()
             transfer.begin(ops, arenas, upto)
-            if upto is None:
-                books = side.submit(settle)
+            hand_over(ops, upto is None)
             return upto is not None
 
         if transfer is not None:
@@ -206,11 +211,13 @@ def _load(
         else:
             read = run_safetensors(ops, arenas, device)  # without the readers, the plan comes whole
         t_data = time.perf_counter()
-        assert books is not None
-        (audit, plan), (cov, expected) = books.result()
+        assert settled is not None
+        cov, expected = settled[0].result()
         t_books = time.perf_counter()
         checked, bad = compare(expected, arenas)
         t_compare = time.perf_counter()
+        audit, plan = settled[1].result()
+        t_audited = time.perf_counter()
     t_closed = time.perf_counter()
     poison = arenas.poisoned() if plan.crash is None else {}
     t_poison = time.perf_counter()
@@ -228,7 +235,8 @@ def _load(
     PHASES.update(
         books_wait=t_books - t_data,
         compare=t_compare - t_books,
-        close=t_closed - t_compare,
+        audit_wait=t_audited - t_compare,
+        close=t_closed - t_audited,
         poison=t_poison - t_closed,
         report=t_end - t_poison,
     )
@@ -280,17 +288,11 @@ def _one_core(fn: Callable[..., T], *args: Any) -> T:
         torch.set_num_threads(n)
 
 
-def _bookkeeping(plan: Plan, files: FileSamples) -> tuple[dict[str, Coverage], list]:
-    """What the plan covers of every parameter, and the read-back samples the memory must match (``files``: what
-    the files hold at them, ``checks.file_samples``).
-
-    The file samples are taken on the side thread from the (first) handover of the plan on, not before: beside the
-    audit, their page faults and unmapping (the process's memory map lock) slowed the main thread's work before the
-    plan by 8-90 ms at release size (H100 hosts, 2026-12-06), and that work decides when the staging area starts to
-    drain.
-    """
-    cov, overwritten = coverage(plan.params, plan.ops)
-    return cov, expected_samples(plan.ops, layout(plan.params)[0], files, overwritten)
+def _merged(books: Bookkeeping, noted: list[Future[None]]) -> tuple[dict[str, Coverage], list]:
+    """The bookkeeping's result, once every installment was noted (an installment's failure raised here)."""
+    for f in noted:
+        f.result()
+    return books.result()
 
 
 def _baseline(torch, device) -> int:
