@@ -16,7 +16,7 @@ from nhcheck.checkpoint import open_local
 from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import UsageError
 from nhcheck.load import LoadOptions, load_path
-from nhcheck.load.checks import Bookkeeping, expected_samples, file_samples
+from nhcheck.load.checks import Bookkeeping, expected_samples, file_samples, read_back
 from nhcheck.load.memory import layout
 from nhcheck.load.plan import ByShard, plan_load
 
@@ -96,10 +96,13 @@ def test_a_plan_by_shard_that_differs_from_the_audits_fails_the_load(monkeypatch
         load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu"))
 
 
-def _samples(expected) -> dict[str, list]:
+def _samples(reads) -> dict[str, list]:
     """Every read-back sample, per arena dtype: (its bytes' positions, what must be there), in any grouping."""
     out: dict[str, list] = {}
-    for e in expected:
+    for r in reads:
+        assert r.index.tolist() == [i for e in r.groups for i in e.index.tolist()]
+        assert {e.dtype for e in r.groups} == {r.dtype}
+    for e in (e for r in reads for e in r.groups):
         n = e.want.numel() if e.approx else e.want.numel() // ITEMSIZE[e.dtype]
         rows = zip(e.index.view(n, -1).tolist(), e.want.view(n, -1).tolist(), strict=True)
         out.setdefault(e.dtype, []).extend((tuple(i), tuple(w)) for i, w in rows)
@@ -134,5 +137,5 @@ def test_the_bookkeeping_an_installment_at_a_time_is_the_whole_plans(name, engin
         once.add([op for mine in feed for op in mine])
         (cov, expected), (cov_once, _) = books.result(), once.result()
         whole = expected_samples([op for mine in feed for op in mine], layout(params)[0], files, overwritten)
-        assert cov == cov_once and _samples(expected) == _samples(whole)
+        assert cov == cov_once and _samples(expected) == _samples(read_back(whole))
     assert cov[last.param].double_writes == 1

@@ -61,13 +61,13 @@ class Bookkeeping:
         # every write's samples; one a later write overwrote is dropped in ``result`` (rare: a double write)
         self.expected += expected_samples(ops, self.where, self.files(), set())
 
-    def result(self) -> tuple[dict[str, Coverage], list[Expected]]:
+    def result(self) -> tuple[dict[str, Coverage], list[ReadBack]]:
         """Per parameter (written elements, missing slots, double writes), and the read-back samples memory must
         match: those of every write no later write overwrote."""
         cov, overwritten = _covered(self.params, self.spans)
         if not overwritten:
-            return cov, self.expected
-        return cov, expected_samples(self.ops, self.where, self.files(), overwritten)
+            return cov, read_back(self.expected)
+        return cov, read_back(expected_samples(self.ops, self.where, self.files(), overwritten))
 
 
 def _covered(
@@ -278,7 +278,26 @@ def _in_corner(rel, op: Op):
     return out
 
 
-def compare(expected: list[Expected], arenas: Arenas) -> tuple[int, dict[str, int]]:
+class ReadBack(NamedTuple):
+    """The read-back of one arena dtype: every sample's byte positions at once, and the groups they belong to."""
+
+    dtype: str
+    index: Any  # the groups' ``Expected.index``, one after the other (int64, on the host)
+    groups: tuple[Expected, ...]
+
+
+def read_back(expected: list[Expected]) -> list[ReadBack]:
+    """``expected`` gathered by arena dtype, each dtype's positions in one tensor: the host work of ``compare``
+    that needs no device memory, done on the side thread before the last byte lands."""
+    torch = torch_module()
+    out = []
+    for dtype in dict.fromkeys(e.dtype for e in expected):
+        mine = tuple(e for e in expected if e.dtype == dtype)
+        out.append(ReadBack(dtype, torch.cat([e.index for e in mine]), mine))
+    return out
+
+
+def compare(reads: list[ReadBack], arenas: Arenas) -> tuple[int, dict[str, int]]:
     """Gather every sample from the device (one gather per dtype) and compare.
 
     Returns (elements checked, mismatches per parameter).
@@ -286,17 +305,18 @@ def compare(expected: list[Expected], arenas: Arenas) -> tuple[int, dict[str, in
     torch = arenas.torch
     checked = 0
     bad: dict[str, int] = {}
-    for dtype in {e.dtype for e in expected}:
-        mine = [e for e in expected if e.dtype == dtype]
-        raw = arenas.raw[dtype]
-        got = raw[torch.cat([e.index for e in mine]).to(raw.device)].cpu().split([e.index.numel() for e in mine])
-        de = ITEMSIZE[dtype]
-        for e, g in zip(mine, got, strict=True):
+    for r in reads:
+        raw = arenas.raw[r.dtype]
+        got = raw[r.index.to(raw.device)].cpu().split([e.index.numel() for e in r.groups])
+        de = ITEMSIZE[r.dtype]
+        for e, g in zip(r.groups, got, strict=True):
             if e.approx:
                 ok = torch.isclose(g.view(torch.float32), e.want, rtol=1e-5, atol=0.0)
             else:
                 ok = (g.view(-1, de) == e.want.view(-1, de)).all(dim=1)
             checked += ok.numel()
+            if bool(ok.all()):
+                continue
             for o, n in zip(e.ops, (~ok).view(len(e.ops), -1).sum(dim=1).tolist(), strict=True):
                 if n:
                     bad[o.param] = bad.get(o.param, 0) + n

@@ -28,7 +28,7 @@ from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash
 from nhcheck.findings import Finding, Verdict, verdict_of
 from nhcheck.load import readers
-from nhcheck.load.checks import Bookkeeping, Coverage, compare, file_samples
+from nhcheck.load.checks import Bookkeeping, Coverage, ReadBack, compare, file_samples
 from nhcheck.load.memory import Arenas, resolve_device, torch_module
 from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
 from nhcheck.load.plan import ByShard, Decided, Op, Plan
@@ -36,6 +36,8 @@ from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_o
 from nhcheck.manifest import Param
 
 T = TypeVar("T")
+#: The checks' bookkeeping once merged: every parameter's coverage, and the read-back per arena dtype.
+Books = tuple[dict[str, Coverage], list[ReadBack]]
 
 #: The last load's check phase split, for ``bench/load.py``: ``books_wait`` for the side thread's
 #: coverage and read-back samples after the transfer, ``compare`` the read-back, ``audit_wait`` for the
@@ -188,7 +190,9 @@ def _load(
         files = side.submit(_one_core, file_samples, ckpt.shards, samples)
         books = Bookkeeping(runtime, files.result)
         noted: list[Future[None]] = []
-        settled: tuple[Future[tuple[dict[str, Coverage], list]], Future[tuple[AuditReport, Plan]]] | None = None
+        settled: tuple[Future[tuple[dict[str, Coverage], list[ReadBack]]], Future[tuple[AuditReport, Plan]]] | None = (
+            None
+        )
 
         def hand_over(ops: Sequence[Op], last: bool) -> None:
             """The installment's bookkeeping on the side thread; after the last, the merge and the whole audit."""
@@ -212,9 +216,9 @@ def _load(
             read = run_safetensors(ops, arenas, device)  # without the readers, the plan comes whole
         t_data = time.perf_counter()
         assert settled is not None
-        cov, expected = settled[0].result()
+        cov, reads = settled[0].result()
         t_books = time.perf_counter()
-        checked, bad = compare(expected, arenas)
+        checked, bad = compare(reads, arenas)
         t_compare = time.perf_counter()
         audit, plan = settled[1].result()
         t_audited = time.perf_counter()
@@ -288,7 +292,7 @@ def _one_core(fn: Callable[..., T], *args: Any) -> T:
         torch.set_num_threads(n)
 
 
-def _merged(books: Bookkeeping, noted: list[Future[None]]) -> tuple[dict[str, Coverage], list]:
+def _merged(books: Bookkeeping, noted: list[Future[None]]) -> Books:
     """The bookkeeping's result, once every installment was noted (an installment's failure raised here)."""
     for f in noted:
         f.result()
