@@ -190,16 +190,14 @@ def _load(
         files = side.submit(_one_core, file_samples, ckpt.shards, samples)
         books = Bookkeeping(runtime, files.result)
         noted: list[Future[None]] = []
-        settled: tuple[Future[tuple[dict[str, Coverage], list[ReadBack]]], Future[tuple[AuditReport, Plan]]] | None = (
-            None
-        )
+        settled: tuple[Future[Books], Future[tuple[AuditReport, Plan, int]]] | None = None
 
         def hand_over(ops: Sequence[Op], last: bool) -> None:
             """The installment's bookkeeping on the side thread; after the last, the merge and the whole audit."""
             nonlocal settled
             noted.append(side.submit(_one_core, books.add, ops))
             if last:
-                settled = side.submit(_one_core, _merged, books, noted), side.submit(plans.result)
+                settled = side.submit(_one_core, _merged, books, noted), side.submit(_planned, plans)
 
         hand_over(ops, upto is None)
 
@@ -220,12 +218,11 @@ def _load(
         t_books = time.perf_counter()
         checked, bad = compare(reads, arenas)
         t_compare = time.perf_counter()
-        audit, plan = settled[1].result()
+        audit, plan, loaded = settled[1].result()
         t_audited = time.perf_counter()
     t_closed = time.perf_counter()
     poison = arenas.poisoned() if plan.crash is None else {}
     t_poison = time.perf_counter()
-    loaded = sum(op.tensor.nbytes for op in plan.ops)
     crash = None
     if plan.crash is not None:
         crash = replace(
@@ -290,6 +287,12 @@ def _one_core(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     finally:
         torch.set_num_threads(n)
+
+
+def _planned(plans: Decided | ByShard) -> tuple[AuditReport, Plan, int]:
+    """The whole audit and its plan (checked against the installments), and the bytes the plan loads."""
+    audit, plan = plans.result()
+    return audit, plan, sum(op.tensor.nbytes for op in plan.ops)
 
 
 def _merged(books: Bookkeeping, noted: list[Future[None]]) -> Books:
