@@ -584,8 +584,8 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
 def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_the_handover(monkeypatch):
     """The plan is cut into the reads' pieces as it reaches the readers, a shard at a time, each installment before
     the checks' bookkeeping notes it (which runs beside the transfer), the merge after the last; each staged read's
-    byte ranges are computed once, just before that read is placed; each placement holds its read's pieces in plan
-    order, every op's source bytes exactly once."""
+    byte ranges are computed once, before that read is placed (ahead of its landing where the main thread waits);
+    each placement holds its read's pieces in plan order, every op's source bytes exactly once."""
     events: list[str] = []
     placed: list = []
     cut, compile_, apply = readers.cut_pieces, readers.compile_pieces, readers.apply_placement
@@ -631,7 +631,8 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
     assert [cuts >= i + 1 for i, (_, _, cuts) in enumerate(noted)] == [True] * shards
     assert events.index("merge") > events.index(noted[-1])
     steps = [e for e in events if e in ("compile", "place")]
-    assert len(placed) > 1 and steps == ["compile", "place"] * len(placed)
+    assert len(placed) > 1 and steps.count("compile") == steps.count("place") == len(placed)
+    assert all(steps[: i + 1].count("compile") >= steps[: i + 1].count("place") for i in range(len(steps)))
     got: dict[int, int] = {}
     parts = [pc for mine in transfers[-1].parts.values() for pc in mine]  # non-copy ops gathered across reads
     assert parts and all(pc.op.kind != "copy" for pc in parts)

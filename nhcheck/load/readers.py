@@ -928,7 +928,9 @@ class Transfer:
         is in place on the device.
 
         ``more``, where the plan comes in installments, hands over the next one (``begin``) and says whether any
-        is left: it is called whenever no landed read can be placed.
+        is left: it is called whenever no landed read can be placed. With every installment handed over, a wait
+        for the next read to land compiles the next reads not landed yet (their byte ranges and kernel rows):
+        the main thread's Python then runs while it would wait, not while a landed read waits for it.
         """
         torch = self.torch
         ctx = torch.cuda.stream(self.place_stream) if self.cuda else nullcontext()
@@ -936,37 +938,50 @@ class Transfer:
         waited = placing = compiling = 0.0
         todo = self.todo
         pending = more is not None
+        ahead: dict[int, tuple[Placement, Any]] = {}  # reads compiled before they landed
+        nxt = 0  # the first read that may still be compiled ahead
+
+        def next_ahead() -> int | None:
+            nonlocal nxt
+            while nxt < len(self.reads) and not (nxt in todo and nxt in self.pieces and nxt not in self.landed):
+                nxt += 1
+            return nxt if nxt < len(self.reads) else None
+
         with ctx:
             while todo or pending:
                 t = clock()
                 with self.lock:
-                    while self.error is None and not pending and not any(j in self.landed for j in todo):
+                    while (
+                        self.error is None
+                        and not pending
+                        and not any(j in self.landed for j in todo)
+                        and next_ahead() is None
+                    ):
                         self.lock.wait()
                     if self.error is not None:
                         raise self.error
                     ready = sorted((j, self.landed.pop(j)) for j in list(todo) if j in self.landed)
                 t1 = clock()
                 waited += t1 - t
-                if not ready:  # nothing to place yet: decide the next installment meanwhile
-                    assert more is not None
-                    pending = more()
+                if not ready:  # nothing to place yet: decide the next installment, or compile a read ahead
+                    if pending:
+                        assert more is not None
+                        pending = more()
+                        nxt = 0
+                    else:
+                        j = next_ahead()
+                        assert j is not None
+                        ahead[j] = self._compiled(j)
+                        nxt = j + 1
+                        compiling += clock() - t1
                     continue
                 for j, d in ready:
                     todo.discard(j)
                     if j in self.pieces:
-                        r = self.reads[j]
                         t2 = clock()
-                        placement = compile_pieces(
-                            [pc for pc in self.pieces[j] if pc.op.idx not in self.gathered],
-                            self.arenas,
-                            r.end - r.start,
-                        )
-                        batch = (
-                            self.ranges.launcher(placement, self.arenas, self.place_stream.cuda_stream)
-                            if self.ranges
-                            else None
-                        )
+                        placement, batch = ahead.pop(j) if j in ahead else self._compiled(j)
                         compiling += clock() - t2
+                        r = self.reads[j]
                         if self.cuda:
                             self._placing_after(d)
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
@@ -996,6 +1011,15 @@ class Transfer:
         STATS.clear()
         STATS.update(self.stats)
         return self.bytes_read
+
+    def _compiled(self, j: int) -> tuple[Placement, Any]:
+        """Read ``j``'s placement, and its kernel launch where the kernel places it."""
+        r = self.reads[j]
+        placement = compile_pieces(
+            [pc for pc in self.pieces[j] if pc.op.idx not in self.gathered], self.arenas, r.end - r.start
+        )
+        batch = self.ranges.launcher(placement, self.arenas, self.place_stream.cuda_stream) if self.ranges else None
+        return placement, batch
 
     def _placing_after(self, d: int) -> None:
         """The placement stream waits for staging slot ``d``'s bytes to land."""
