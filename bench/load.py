@@ -42,7 +42,7 @@ GB/s is the checkpoint's data bytes over the wall time, for all of them; every r
 and for every nhcheck contender its phases (medians): the report's ``timings``, the transfer's
 split (``readers.STATS``: reader sums over threads; ``plan_at``, when the plan reached the
 readers; ``cut``, the ops cut into the reads' pieces at the handover; ``compile``, that plus deciding
-each read's byte ranges as it is placed; ``place``, the main thread's placement; ``place_wait``, its
+each read's byte ranges before it is placed (ahead of its landing where the main thread would wait); ``place``, the main thread's placement; ``place_wait``, its
 waits for reads) and the check phase's (``run.PHASES``, where the tree has it).
 ``--cold`` adds one run of each after dropping the page cache (``echo 3 > /proc/sys/vm/drop_caches``,
 root only). ``--cap`` loads once more in a process capped with
