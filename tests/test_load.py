@@ -581,6 +581,39 @@ def test_until_the_plan_arrives_only_the_early_share_of_readers_read(monkeypatch
     assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
 
 
+def test_reads_not_landed_are_compiled_while_the_main_thread_waits_and_placed_as_compiled(monkeypatch):
+    """With every installment handed over and the reads slow to land, the main thread compiles the next reads
+    ahead of their landing: each read compiled once, placed with that placement, and the load the reference
+    reader's."""
+    seen: dict[int, int] = {}  # read → compiles
+    steps: list[str] = []
+    real_read, real_compiled, real_apply = readers.read_into, readers.Transfer._compiled, readers.apply_placement
+
+    def slow_read(*a):
+        time.sleep(0.02)
+        real_read(*a)
+
+    def compiled(self, j):
+        seen[j] = seen.get(j, 0) + 1
+        steps.append("compile")
+        return real_compiled(self, j)
+
+    def placing(*a, **k):
+        steps.append("place")
+        return real_apply(*a, **k)
+
+    monkeypatch.setattr(readers, "apply_placement", placing)
+    monkeypatch.setattr(readers, "read_into", slow_read)
+    monkeypatch.setattr(readers.Transfer, "_compiled", compiled)
+    opts = LoadOptions(device="cpu", chunk_bytes=1 << 16, staging_bytes=1 << 20, threads=2)
+    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
+    assert res.report.verdict == "clean" and set(seen.values()) == {1} and len(seen) == steps.count("place")
+    lead = [steps[: i + 1].count("compile") - steps[: i + 1].count("place") for i in range(len(steps))]
+    assert min(lead) >= 0 and max(lead) > 1  # placed only once compiled, and some compiled before the last placed
+    ref = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cpu", reader="safetensors"))
+    assert all(same(ref.tensors[n], res.tensors[n]) for n in ref.tensors)
+
+
 def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_the_handover(monkeypatch):
     """The plan is cut into the reads' pieces as it reaches the readers, a shard at a time, each installment before
     the checks' bookkeeping notes it (which runs beside the transfer), the merge after the last; each staged read's

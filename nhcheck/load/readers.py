@@ -943,7 +943,9 @@ class Transfer:
 
         def next_ahead() -> int | None:
             nonlocal nxt
-            while nxt < len(self.reads) and not (nxt in todo and nxt in self.pieces and nxt not in self.landed):
+            while nxt < len(self.reads) and not (
+                nxt in todo and nxt in self.pieces and nxt not in self.landed and nxt not in ahead
+            ):
                 nxt += 1
             return nxt if nxt < len(self.reads) else None
 
@@ -961,6 +963,8 @@ class Transfer:
                     if self.error is not None:
                         raise self.error
                     ready = sorted((j, self.landed.pop(j)) for j in list(todo) if j in self.landed)
+                    # decided under the lock: a read that lands once it is released is compiled ahead all the same
+                    early = None if ready or pending else next_ahead()
                 t1 = clock()
                 waited += t1 - t
                 if not ready:  # nothing to place yet: decide the next installment, or compile a read ahead
@@ -969,10 +973,9 @@ class Transfer:
                         pending = more()
                         nxt = 0
                     else:
-                        j = next_ahead()
-                        assert j is not None
-                        ahead[j] = self._compiled(j)
-                        nxt = j + 1
+                        assert early is not None
+                        ahead[early] = self._compiled(early)
+                        nxt = early + 1
                         compiling += clock() - t1
                     continue
                 for j, d in ready:
