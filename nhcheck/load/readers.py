@@ -939,7 +939,7 @@ class Transfer:
         todo = self.todo
         pending = more is not None
         ahead: dict[int, tuple[Placement, Any]] = {}  # reads compiled before they landed
-        nxt = 0  # the first read that may still be compiled ahead
+        nxt = 0  # the first read that may still be compiled ahead (only once every installment is handed over)
 
         def next_ahead() -> int | None:
             nonlocal nxt
@@ -971,7 +971,6 @@ class Transfer:
                     if pending:
                         assert more is not None
                         pending = more()
-                        nxt = 0
                     else:
                         assert early is not None
                         ahead[early] = self._compiled(early)
