@@ -41,9 +41,10 @@ machine, page cache and GPU. ``--only`` keeps the named contenders (the ceiling 
 GB/s is the checkpoint's data bytes over the wall time, for all of them; every ratio is printed,
 and for every nhcheck contender its phases (medians): the report's ``timings``, the transfer's
 split (``readers.STATS``: reader sums over threads; ``plan_at``, when the plan reached the
-readers; ``cut``, the ops cut into the reads' pieces at the handover; ``compile``, that plus deciding
-each read's byte ranges before it is placed (ahead of its landing where the main thread would wait); ``place``, the main thread's placement; ``place_wait``, its
-waits for reads) and the check phase's (``run.PHASES``, where the tree has it).
+readers; ``cut``, the ops cut into the reads' rows at the handover; ``compile``, that plus deciding
+each read's byte ranges before it is placed (ahead of its landing where the main thread would wait);
+``place``, the main thread's placement; ``place_wait``, its waits for reads) and the check phase's
+(``run.PHASES``, where the tree has it).
 ``--cold`` adds one run of each after dropping the page cache (``echo 3 > /proc/sys/vm/drop_caches``,
 root only). ``--cap`` loads once more in a process capped with
 ``torch.cuda.set_per_process_memory_fraction`` to the parameters plus the staging area (plus a
@@ -453,7 +454,7 @@ sys.stdin.read()
 
 def _pre_plan(root: Path) -> float:
     """The main thread's work before the readers learn the plan, as ``load_path`` does it: headers, audit,
-    plan, the ops cut into the reads' pieces (arenas on the meta device: no allocation)."""
+    plan, the ops cut into the reads' rows (arenas on the meta device: no allocation)."""
     from nhcheck import pipeline
     from nhcheck.audit import AuditOptions
     from nhcheck.checkpoint import open_local
@@ -465,13 +466,13 @@ def _pre_plan(root: Path) -> float:
     ckpt = open_local(str(root))
     audit = pipeline.audit(pipeline.prepare(ckpt, ENGINE), AuditOptions(compare_versions=False, recipe=False))
     plan = plan_load(audit)
-    Arenas(plan.params, torch.device("meta"), torch)
+    arenas = Arenas(plan.params, torch.device("meta"), torch)
     spans = readers.spans_of(ckpt.shards)
     reads = readers.plan_reads(spans, 64 << 20)
     of_shard: list[list[int]] = [[] for _ in spans]
     for j, r in enumerate(reads):
         of_shard[r.shard].append(j)
-    readers.cut_pieces(plan.ops, spans, reads, of_shard)
+    readers.cut_plan(plan.ops, spans, reads, of_shard, arenas.where)
     return time.perf_counter() - t
 
 

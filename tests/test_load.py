@@ -615,13 +615,13 @@ def test_reads_not_landed_are_compiled_while_the_main_thread_waits_and_placed_as
 
 
 def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_the_handover(monkeypatch):
-    """The plan is cut into the reads' pieces as it reaches the readers, a shard at a time, each installment before
+    """The plan is cut into the reads' rows as it reaches the readers, a shard at a time, each installment before
     the checks' bookkeeping notes it (which runs beside the transfer), the merge after the last; each staged read's
     byte ranges are computed once, before that read is placed (ahead of its landing where the main thread waits);
-    each placement holds its read's pieces in plan order, every op's source bytes exactly once."""
+    each placement holds its read's byte ranges in source order, every op's source bytes exactly once."""
     events: list[str] = []
     placed: list = []
-    cut, compile_, apply = readers.cut_pieces, readers.compile_pieces, readers.apply_placement
+    cut, compile_, apply = readers.cut_plan, readers.compile_cut, readers.apply_placement
     note, merge = checks.Bookkeeping.add, checks.Bookkeeping.result
 
     def cutting(*a, **k):
@@ -649,8 +649,8 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
     transfers = []
     real_transfer = run.Transfer
     monkeypatch.setattr(run, "Transfer", lambda *a: transfers.append(real_transfer(*a)) or transfers[-1])
-    monkeypatch.setattr(readers, "cut_pieces", cutting)
-    monkeypatch.setattr(readers, "compile_pieces", compiling)
+    monkeypatch.setattr(readers, "cut_plan", cutting)
+    monkeypatch.setattr(readers, "compile_cut", compiling)
     monkeypatch.setattr(readers, "apply_placement", placing)
     monkeypatch.setattr(checks.Bookkeeping, "add", noting)
     monkeypatch.setattr(checks.Bookkeeping, "result", merging)
@@ -667,24 +667,25 @@ def test_placements_are_decided_read_by_read_and_the_checks_bookkeeping_follows_
     assert len(placed) > 1 and steps.count("compile") == steps.count("place") == len(placed)
     assert all(steps[: i + 1].count("compile") >= steps[: i + 1].count("place") for i in range(len(steps)))
     got: dict[int, int] = {}
-    parts = [pc for mine in transfers[-1].parts.values() for pc in mine]  # non-copy ops gathered across reads
+    parts = [pc for cut in transfers[-1].cuts.values() for pc in cut.parts]  # non-copy ops gathered across reads
     assert parts and all(pc.op.kind != "copy" for pc in parts)
-    for placement in placed:
-        idx = [pc.op.idx for pc in placement.pieces]
-        assert idx == sorted(idx)
-    for pc in [pc for pl in placed for pc in pl.pieces] + parts:
-        got[pc.op.idx] = got.get(pc.op.idx, 0) + pc.nbytes
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
-    ops = loading.plan_load(audit).ops
+    ops = {op.idx: op for op in loading.plan_load(audit).ops}
+    for placement in placed:
+        assert all(list(c.src) == sorted(c.src) for c in placement.copies)
+        idx = [pc.op.idx for pc in placement.others]
+        assert idx == sorted(idx) and all(ops[i].kind == "copy" for c in placement.copies for i in c.idx)
+        for c in placement.copies:
+            for i, n in zip(c.idx, c.size, strict=True):
+                got[i] = got.get(i, 0) + n
+    for pc in [pc for pl in placed for pc in pl.others] + parts:
+        got[pc.op.idx] = got.get(pc.op.idx, 0) + pc.nbytes
     assert sum(n for _, n, _ in noted) == len(ops)
-    assert got == {op.idx: readers.ITEMSIZE[op.src] * op.src_elements for op in ops}
-    assert sum(len(c.src) for pl in placed for c in pl.copies) == sum(
-        1 for pl in placed for pc in pl.pieces if pc.op.kind == "copy"
-    )
+    assert got == {op.idx: readers.ITEMSIZE[op.src] * op.src_elements for op in ops.values()}
 
 
-def _nano_pieces():
-    """The tiny Nano NVFP4 example's plan cut into staged reads of 4 KB: (plan, spans, reads, pieces, whole)."""
+def _nano_cuts():
+    """The tiny Nano NVFP4 example's plan cut into staged reads of 4 KB: (plan, spans, reads, cuts, whole)."""
     audit = audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")
     plan = loading.plan_load(audit)
     spans = readers.spans_of(audit.checkpoint.shards)
@@ -692,8 +693,28 @@ def _nano_pieces():
     of_shard: list[list[int]] = [[] for _ in spans]
     for j, r in enumerate(reads):
         of_shard[r.shard].append(j)
-    pieces, whole = readers.cut_pieces(plan.ops, spans, reads, of_shard)
-    return plan, spans, reads, pieces, whole
+    where = loading.Arenas(plan.params, torch.device("meta"), torch).where
+    cuts, whole = readers.cut_plan(plan.ops, spans, reads, of_shard, where)
+    return plan, spans, reads, cuts, whole
+
+
+def _edited(placement, ops: dict, arenas, edit):
+    """``placement`` with each op as ``edit`` makes it (None: dropped), compiled again: how a test plants a wrong
+    placement (``ops``: the plan's ops by ``idx``)."""
+    rows: dict[str, list] = {}
+    for c in placement.copies:
+        for so, do, n, i in zip(c.src, c.dst, c.size, c.idx, strict=True):
+            op = edit(ops[i])
+            if op is not None:
+                shift = (op.start - ops[i].start) * readers.ITEMSIZE[op.src]
+                rows.setdefault(c.dtype, []).append((so, do + shift, n, i))
+    others = [pc._replace(op=op) for pc in placement.others if (op := edit(pc.op)) is not None]
+    return readers.compile_cut(readers.Cut(rows, others, []), arenas)
+
+
+def _plan_ops() -> dict:
+    """The tiny Nano NVFP4 example's plan (SGLang 0.5.23), its ops by ``idx``."""
+    return {op.idx: op for op in loading.plan_load(audit_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23")).ops}
 
 
 def _staged(spans, r) -> torch.Tensor:
@@ -709,7 +730,7 @@ def test_driver_copy_path_places_what_the_views_place(monkeypatch):
     as the views path leaves them."""
     import ctypes
 
-    plan, spans, reads, pieces, whole = _nano_pieces()
+    plan, spans, reads, cuts, whole = _nano_cuts()
     calls = {"memcpy": 0}
 
     def memcpy(dst, src, n, handle):
@@ -727,10 +748,10 @@ def test_driver_copy_path_places_what_the_views_place(monkeypatch):
     def placed(stream) -> dict[str, torch.Tensor]:
         arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
         with_copies.clear()
-        for j, mine in sorted(pieces.items()):
+        for j, cut in sorted(cuts.items()):
             r = reads[j]
             src = _staged(spans, r)
-            placement = readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, r.end - r.start)
+            placement = readers.compile_cut(cut, arenas, r.end - r.start)
             readers.apply_placement(placement, src, arenas, stream)
             with_copies.append(sum(len(c.size) for c in placement.copies))
         return {d: t.clone() for d, t in arenas.raw.items()}
@@ -920,15 +941,15 @@ def test_misplaced_expert_slice_is_caught_by_read_back(monkeypatch):
     coverage and bookkeeping are complete, only the memory shows it."""
     apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w2_weight"
+    ops = _plan_ops()
+
+    def swapped(op):
+        if op.param == target and op.slot in ("expert 0", "expert 1"):
+            return op._replace(start=op.n if op.slot == "expert 0" else 0)
+        return op
 
     def misplace(placement, src, arenas, stream=None, batch=None):  # the read's kernel table not used
-        out = []
-        for pc in placement.pieces:
-            op = pc.op
-            if op.param == target and op.slot in ("expert 0", "expert 1"):
-                op = op._replace(start=op.n if op.slot == "expert 0" else 0)
-            out.append(pc._replace(op=op))
-        apply(readers.compile_pieces(out, arenas), src, arenas, stream)
+        apply(_edited(placement, ops, arenas, swapped), src, arenas, stream)
 
     monkeypatch.setattr(readers, "apply_placement", misplace)
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
@@ -958,14 +979,12 @@ def test_lost_write_leaves_poison_that_is_caught(monkeypatch):
     """The loader claims a write that never reached memory: coverage says filled, the memory says poison."""
     apply = readers.apply_placement
     target = "model.layers.0.mixer.in_proj.weight"
+    ops = _plan_ops()
     monkeypatch.setattr(
         readers,
         "apply_placement",
         lambda placement, src, arenas, stream=None, batch=None: apply(  # the read's kernel table not used
-            readers.compile_pieces([pc for pc in placement.pieces if pc.op.param != target], arenas),
-            src,
-            arenas,
-            stream,
+            _edited(placement, ops, arenas, lambda op: None if op.param == target else op), src, arenas, stream
         ),
     )
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", CPU).report
@@ -1313,16 +1332,16 @@ def test_cuda_ring_slots_never_straddle_two_registrations(monkeypatch, chunk):
 def test_cuda_lost_write_caught(monkeypatch):
     apply = readers.apply_placement
     target = "model.layers.1.mixer.experts.w13_weight"
+    ops = _plan_ops()
+
+    def lost(op):
+        return None if op.param == target and op.slot == "expert 4" else op
+
     monkeypatch.setattr(
         readers,
         "apply_placement",
         lambda placement, src, arenas, stream=None, batch=None: apply(  # the read's kernel table not used
-            readers.compile_pieces(
-                [pc for pc in placement.pieces if not (pc.op.param == target and pc.op.slot == "expert 4")], arenas
-            ),
-            src,
-            arenas,
-            stream,
+            _edited(placement, ops, arenas, lost), src, arenas, stream
         ),
     )
     r = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", LoadOptions(device="cuda")).report
@@ -1552,7 +1571,8 @@ def test_overlap_is_an_end_past_the_next_start_in_the_arena():
     """Ranges that touch do not overlap; one byte in common does, whatever order the ranges come in."""
 
     def c(*spans):
-        return readers.Copies("u8", tuple(range(len(spans))), tuple(d for d, _ in spans), tuple(n for _, n in spans))
+        at = tuple(range(len(spans)))
+        return readers.Copies("u8", at, tuple(d for d, _ in spans), tuple(n for _, n in spans), at)
 
     assert not readers._overlap(c()) and not readers._overlap(c((5, 10)))
     assert not readers._overlap(c((20, 5), (0, 10), (10, 10)))  # back to back, given out of order
@@ -1571,7 +1591,7 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     from nhcheck.load import kernel
 
     monkeypatch.setattr(kernel, "CHUNK", 256)
-    plan, spans, reads, pieces, whole = _nano_pieces()
+    plan, spans, reads, cuts, whole = _nano_cuts()
     rows_placed: list[int] = []
     nranges: list[int] = []
 
@@ -1594,14 +1614,15 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     def placed(use_kernel: bool, overlap: int | None = None):
         arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
         placements = {
-            j: readers.compile_pieces([pc for pc in mine if pc.op not in whole], arenas, reads[j].end - reads[j].start)
-            for j, mine in sorted(pieces.items())
+            j: readers.compile_cut(cut, arenas, reads[j].end - reads[j].start) for j, cut in sorted(cuts.items())
         }
         if overlap is not None:  # the read's first range written twice: a double write
             p = placements[overlap]
             c = p.copies[0]
-            dup = readers.Copies(c.dtype, (c.src[0], *c.src), (c.dst[0], *c.dst), (c.size[0], *c.size))
-            placements[overlap] = readers.Placement(p.pieces, (dup, *p.copies[1:]), p.others)
+            dup = readers.Copies(
+                c.dtype, (c.src[0], *c.src), (c.dst[0], *c.dst), (c.size[0], *c.size), (c.idx[0], *c.idx)
+            )
+            placements[overlap] = readers.Placement((dup, *p.copies[1:]), p.others)
         nranges.append(sum(len(c.size) for p in placements.values() for c in p.copies))
         ranges = readers.Ranges.open(torch, nranges[-1], torch.device("cpu")) if use_kernel else None
         for j, placement in placements.items():
@@ -1617,7 +1638,7 @@ def test_kernel_table_places_what_the_views_place(monkeypatch):
     assert views.keys() == by_kernel.keys() and all(torch.equal(views[d], by_kernel[d]) for d in views)
     assert sum(rows_placed) > nranges[-1] > len(plan.ops) // 2  # every range placed, some in several chunks
     rows_placed.clear()
-    overlap = next(j for j, mine in sorted(pieces.items()) if any(pc.op.kind == "copy" for pc in mine))
+    overlap = next(j for j, cut in sorted(cuts.items()) if cut.rows)
     again = placed(True, overlap)
     assert all(torch.equal(views[d], again[d]) for d in views)
 

@@ -343,13 +343,9 @@ def _segments(t, spans: list[tuple[int, int]]) -> list:
 
 
 class Piece(NamedTuple):
-    """Bytes [skip, skip + nbytes) of one op's source, at byte ``off`` of a staged read.
-
-    A read is a fixed piece of the file, so a tensor may start in one read and end in another: a
-    ``copy`` op is cut at the boundary (a byte range of the source maps to the same byte range of
-    its slot); any other kind is placed whole, from one read (``skip`` 0) or, when it straddles a
-    boundary, gathered from its reads first (``Transfer.finish``).
-    """
+    """Bytes [skip, skip + nbytes) of one op's source, at byte ``off`` of a staged read: an op other than a
+    ``copy``, placed whole from one read (``skip`` 0), or a part of one no single read holds, gathered from its
+    reads before it is applied (``Transfer.finish``)."""
 
     op: Op
     off: int
@@ -362,39 +358,74 @@ def _source_bytes(op: Op) -> int:
     return ITEMSIZE[op.src] * op.src_elements
 
 
-def cut_pieces(ops: Iterable[Op], spans: list[Span], reads: list[Read], of_shard: list[list[int]]):
-    """Each read's pieces (by read index), and the non-copy ops no single read holds whole (whose pieces
-    are parts to gather before the op is applied). One pass, no call per op but the ``Piece``."""
-    index = {s.path: (s.data_start, of_shard[i][0]) for i, s in enumerate(spans) if of_shard[i]}
-    sizes = {first: reads[first].end - reads[first].start for _, first in index.values()}
+#: One byte range a ``copy`` op places: (offset in the staged read, offset in the arena, bytes, the op's ``idx``).
+Row = tuple[int, int, int, int]
+
+
+class Cut(NamedTuple):
+    """What one read holds of the plan, decided when the plan (or its installment) is handed over.
+
+    ``rows``: per arena, the byte ranges of its ``copy`` ops (a copy that straddles a read's boundary is cut
+    there: a byte range of the source maps to the same byte range of its slot); ``others``: the other ops it holds
+    whole; ``parts``: its parts of the other ops no single read holds whole.
+    """
+
+    rows: dict[str, list[Row]]
+    others: list[Piece]
+    parts: list[Piece]
+
+
+def cut_plan(ops: Iterable[Op], spans: list[Span], reads: list[Read], of_shard: list[list[int]], where):
+    """Each read's ``Cut`` (by read index) and the non-copy ops no single read holds whole (``where``: each
+    parameter's arena and element offset, ``Arenas.where``). One pass, a row per copy op and no call per op."""
+    index = {
+        s.path: (s.data_start, of_shard[i][0], reads[of_shard[i][0]].end - reads[of_shard[i][0]].start)
+        for i, s in enumerate(spans)
+        if of_shard[i]
+    }  # every read of a shard but its last has its first read's size
     starts = [r.start for r in reads]
-    out: dict[int, list[Piece]] = {}
+    out: dict[int, Cut] = {}
     whole: list[Op] = []
     isz = ITEMSIZE
-    new = tuple.__new__  # Piece's fields given positionally: no generated __new__ call per op (24k on Nano)
     for op in ops:
-        kind = op.kind
-        n = isz[op.src] * (1 if kind == "broadcast" else op.n if kind != "corner" else op.src_elements)
+        idx, tensor, path, param, kind, src, start, n, _, _ = op  # at once: 24k ops at release size
+        n = isz[src] * (n if kind == "copy" else op.src_elements)
         if n <= 0:
             continue
-        data, first = index[op.path]
-        size = sizes[first]  # every read of a shard but its last has this size
-        a = op.tensor.start
+        data, first, size = index[path]
+        a = tensor[3]  # TensorInfo.start
         k0 = first + (a - data) // size
         k1 = first + (a + n - 1 - data) // size
-        if k0 == k1:  # the common case: one piece, the whole source
-            mine = out.get(k0)
-            if mine is None:
-                mine = out[k0] = []
-            mine.append(new(Piece, (op, a - starts[k0], 0, n)))
+        if kind == "copy":
+            dtype, base = where[param]
+            dst = (base + start) * isz[src]
+            if k0 == k1:  # the common case: one row, the whole source
+                cut = out.get(k0)
+                if cut is None:
+                    cut = out[k0] = Cut({}, [], [])
+                rows = cut.rows.get(dtype)
+                if rows is None:
+                    rows = cut.rows[dtype] = []
+                rows.append((a - starts[k0], dst, n, idx))
+                continue
+            for k in range(k0, k1 + 1):
+                cut = out.get(k)
+                if cut is None:
+                    cut = out[k] = Cut({}, [], [])
+                rows = cut.rows.get(dtype)
+                if rows is None:
+                    rows = cut.rows[dtype] = []
+                lo = max(a, starts[k])
+                hi = min(a + n, reads[k].end)
+                rows.append((lo - starts[k], dst + lo - a, hi - lo, idx))
             continue
-        if kind != "copy":
-            whole.append(op)  # its parts are gathered from the reads, then applied whole
-        b = a + n
+        if k0 == k1:
+            out.setdefault(k0, Cut({}, [], [])).others.append(Piece(op, a - starts[k0], 0, n))
+            continue
+        whole.append(op)  # its parts are gathered from the reads, then applied whole
         for k in range(k0, k1 + 1):
-            r = reads[k]
-            lo, hi = max(a, r.start), min(b, r.end)
-            out.setdefault(k, []).append(Piece(op, lo - r.start, lo - a, hi - lo))
+            lo, hi = max(a, starts[k]), min(a + n, reads[k].end)
+            out.setdefault(k, Cut({}, [], [])).parts.append(Piece(op, lo - starts[k], lo - a, hi - lo))
     return out, whole
 
 
@@ -405,58 +436,37 @@ class Copies(NamedTuple):
     src: tuple[int, ...]  # byte offsets in the staged read
     dst: tuple[int, ...]  # byte offsets in the arena
     size: tuple[int, ...]
+    idx: tuple[int, ...]  # the op of each range (``Op.idx``)
 
 
 class Placement(NamedTuple):
-    """What one staged read places, decided once, when the read has landed and is about to be placed.
+    """What one staged read places, decided once, before it is placed.
 
-    ``copies``: every ``copy`` piece as byte ranges per arena, offsets computed and bounds checked
-    here (the placement then issues them without per-tensor Python); ``others``: the pieces of
-    non-copy ops the read holds whole (``write_op``); ``pieces``: all of them, in plan order.
+    ``copies``: every ``copy`` op's byte ranges per arena, bounds checked here (the placement then issues them
+    without per-tensor Python); ``others``: the other ops the read holds whole (``write_op``).
     """
 
-    pieces: tuple[Piece, ...]
     copies: tuple[Copies, ...]
     others: tuple[Piece, ...]
 
 
-def compile_pieces(pieces, arenas: Arenas, read_bytes: int | None = None) -> Placement:
-    """The ``Placement`` of ``pieces`` (one staged read's): byte ranges per arena, checked against the
-    arena's and (given ``read_bytes``) the read's bounds, so a wrong offset fails here, not in memory."""
-    ranges: dict[str, list[tuple[int, int, int]]] = {}
-    others = []
-    where = arenas.where
-    isz = ITEMSIZE
-    for pc in pieces:
-        op, off, skip, n = pc  # unpacked at once: a read holds up to thousands of pieces
-        if op.kind != "copy":
-            others.append(pc)
-            continue
-        if n < 0:
-            n = _source_bytes(op)
-        if n:
-            dtype, base = where[op.param]
-            mine = ranges.get(dtype)
-            if mine is None:
-                mine = ranges[dtype] = []
-            mine.append((off, (base + op.start) * isz[op.src] + skip, n))
+def compile_cut(cut: Cut, arenas: Arenas, read_bytes: int | None = None) -> Placement:
+    """The ``Placement`` of one read's ``cut``: its rows per arena in source order, checked against the arena's
+    and (given ``read_bytes``) the read's bounds, so a wrong offset fails here, not in memory."""
     copies = []
-    for dtype, rs in ranges.items():
-        rs.sort()
-        src, dst, size = zip(*rs, strict=True)
+    top = read_bytes if read_bytes is not None else sys.maxsize
+    for dtype, rows in cut.rows.items():
+        rs = sorted(rows)
+        src, dst, size, idx = zip(*rs, strict=True)
         limit = arenas.raw[dtype].numel()
-        top = read_bytes if read_bytes is not None else sys.maxsize
-        bad = (
-            None
-            if min(min(src), min(dst)) >= 0 and max(map(add, dst, size)) <= limit and max(map(add, src, size)) <= top
-            else next(r for r in rs if min(r[0], r[1]) < 0 or r[1] + r[2] > limit or r[0] + r[2] > top)
-        )
-        if bad is not None:
+        if min(min(src), min(dst)) < 0 or max(map(add, dst, size)) > limit or max(map(add, src, size)) > top:
+            bad = next(r for r in rs if min(r[0], r[1]) < 0 or r[1] + r[2] > limit or r[0] + r[2] > top)
             raise RuntimeError(
                 f"internal error: placement out of bounds: {bad[2]} bytes at {bad[0]} -> {dtype} arena at {bad[1]}"
+                f" (op {bad[3]})"
             )
-        copies.append(Copies(dtype, src, dst, size))
-    return Placement(tuple(pieces), tuple(copies), tuple(others))
+        copies.append(Copies(dtype, src, dst, size, idx))
+    return Placement(tuple(copies), tuple(cut.others))
 
 
 def _driver_call(name: str, argtypes: list) -> Any:
@@ -523,12 +533,12 @@ def _driver_check(rc: int, call: str) -> None:
 
 
 def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, batch=None) -> None:
-    """Place what one staged read holds: the pieces other than byte ranges through ``write_op``, then
+    """Place what one staged read holds: the ops other than byte ranges through ``write_op``, then
     its byte ranges.
 
     On CUDA with ``stream`` (the placement stream, current while this runs) the byte ranges are one
     launch of ``batch`` (``Ranges.launcher``: the read's rows of the kernel's table) where there is one,
-    else enqueued on the driver one by one (bounds checked by ``compile_pieces``); otherwise they are
+    else enqueued on the driver one by one (bounds checked by ``compile_cut``); otherwise they are
     one batched ``torch._foreach_copy_`` over views.
     """
     torch = arenas.torch
@@ -648,10 +658,10 @@ class Transfer:
     of a ring of pinned host buffers, and copy it asynchronously into a free slot of a bounded
     staging area on the device (``staging_bytes``, whatever the shard sizes: device memory is the
     parameters plus this). The readers never see a tensor: no per-tensor Python runs on them.
-    ``begin`` takes the plan, cuts the ops into every read's pieces (``cut_pieces``) and tells the
+    ``begin`` takes the plan, cuts the ops into every read's rows and pieces (``cut_plan``) and tells the
     readers which reads any op needs; the caller may do other work (the checks' bookkeeping) before
     ``finish`` places each staged read as soon as it lands: its ``Placement`` decided then, once (byte
-    ranges per arena, offsets computed and bounds checked: ``compile_pieces``), and placed
+    ranges per arena in source order, bounds checked: ``compile_cut``), and placed
     (``apply_placement``: on CUDA one kernel launch over the read's rows of the ``Ranges`` table, written
     then; the ranges issued to the driver one by one where the kernel cannot be had), and its staging slot
     freed for the next read. Deciding read by read, not every read before the first is placed, frees the
@@ -877,7 +887,7 @@ class Transfer:
     # -- the main thread
 
     def begin(self, ops: Iterable[Op], arenas: Arenas, upto: int | None = None, bound: int = 0) -> None:
-        """Hand over the plan, or its next installment: the ops are cut into every read's pieces, then the readers
+        """Hand over the plan, or its next installment: the ops are cut into every read's rows, then the readers
         learn which reads any op needs. The caller may work on (the checks' bookkeeping) before ``finish``.
 
         An installment decides the shards (in the transfer's order) from the last one's ``upto`` to its own (every
@@ -887,15 +897,15 @@ class Transfer:
         torch = self.torch
         clock = time.perf_counter
         t = clock()
-        pieces, whole = cut_pieces(ops, self.spans, self.reads, self.of_shard)
-        gathered = {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
+        cuts, whole = cut_plan(ops, self.spans, self.reads, self.of_shard, arenas.where)
         first = self.needed is None
         if first:
             self.arenas = arenas
-            self.pieces, self.parts, self.gathered, self.whole = {}, {}, {}, []
-        self.gathered.update(gathered)
-        self.pieces.update(pieces)
-        self.parts.update({j: [pc for pc in mine if pc.op.idx in gathered] for j, mine in pieces.items()})
+            self.cuts, self.gathered, self.whole = {}, {}, []
+        self.gathered.update(
+            {op.idx: torch.empty(_source_bytes(op), dtype=torch.uint8, device=self.device) for op in whole}
+        )
+        self.cuts.update(cuts)
         self.whole += whole
         upto = len(self.spans) if upto is None else upto
         with self.lock:
@@ -904,7 +914,7 @@ class Transfer:
             needed = self.needed
             assert needed is not None
             for j in chain.from_iterable(self.of_shard[self.planned : upto]):
-                needed[j] = j in pieces
+                needed[j] = j in cuts
                 if needed[j] or self.claimed[j]:
                     self.todo.add(j)
             self.planned = upto
@@ -916,7 +926,11 @@ class Transfer:
             if self.cuda:  # the poison fill (current stream) comes before any placement
                 self.place_stream.wait_stream(torch.cuda.current_stream(self.device))
                 if DRIVER_COPIES and KERNEL:
-                    rows = sum(map(len, pieces.values())) if upto == len(self.spans) else bound + len(self.reads)
+                    rows = (
+                        sum(len(r) for c in cuts.values() for r in c.rows.values())
+                        if upto == len(self.spans)
+                        else bound + len(self.reads)
+                    )
                     with torch.cuda.device(self.device):  # the kernel is loaded into the current context: the device's
                         got = Ranges.open(torch, rows, self.device, self.stager)
                     self.ranges = got if isinstance(got, Ranges) else None
@@ -944,7 +958,7 @@ class Transfer:
         def next_ahead() -> int | None:
             nonlocal nxt
             while nxt < len(self.reads) and not (
-                nxt in todo and nxt in self.pieces and nxt not in self.landed and nxt not in ahead
+                nxt in todo and nxt in self.cuts and nxt not in self.landed and nxt not in ahead
             ):
                 nxt += 1
             return nxt if nxt < len(self.reads) else None
@@ -979,7 +993,7 @@ class Transfer:
                     continue
                 for j, d in ready:
                     todo.discard(j)
-                    if j in self.pieces:
+                    if j in self.cuts:
                         t2 = clock()
                         placement, batch = ahead.pop(j) if j in ahead else self._compiled(j)
                         compiling += clock() - t2
@@ -988,7 +1002,7 @@ class Transfer:
                             self._placing_after(d)
                         src = self.staging[d * self.slot : d * self.slot + r.end - r.start]
                         apply_placement(placement, src, self.arenas, self.place_stream if self.cuda else None, batch)
-                        for pc in self.parts[j]:
+                        for pc in self.cuts[j].parts:
                             self.gathered[pc.op.idx][pc.skip : pc.skip + pc.nbytes].copy_(
                                 src[pc.off : pc.off + pc.nbytes]
                             )
@@ -1017,9 +1031,7 @@ class Transfer:
     def _compiled(self, j: int) -> tuple[Placement, Any]:
         """Read ``j``'s placement, and its kernel launch where the kernel places it."""
         r = self.reads[j]
-        placement = compile_pieces(
-            [pc for pc in self.pieces[j] if pc.op.idx not in self.gathered], self.arenas, r.end - r.start
-        )
+        placement = compile_cut(self.cuts[j], self.arenas, r.end - r.start)
         batch = self.ranges.launcher(placement, self.arenas, self.place_stream.cuda_stream) if self.ranges else None
         return placement, batch
 
