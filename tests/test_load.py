@@ -1567,6 +1567,23 @@ def test_poison_scan_counts_no_other_nan_or_infinity(dtype):
     assert arenas.poisoned() == {"p": 1}
 
 
+def test_a_range_past_its_arena_or_its_read_fails_before_any_byte_is_placed():
+    """``compile_cut`` checks every row against its arena's and its read's bounds: a wrong offset is an internal
+    error naming the op, raised before the placement, never a write past an arena."""
+    plan, spans, reads, cuts, whole = _nano_cuts()
+    arenas = loading.Arenas(plan.params, torch.device("cpu"), torch)
+    j, cut = next((j, cut) for j, cut in sorted(cuts.items()) if cut.rows)
+    size = reads[j].end - reads[j].start
+    assert readers.compile_cut(cut, arenas, size).copies  # as planned: within bounds
+    dtype, rows = next(iter(cut.rows.items()))
+    so, do, n, idx = rows[-1]
+    limit = arenas.raw[dtype].numel()
+    for bad in ((so, limit - n + 1, n, idx), (size - n + 1, do, n, idx), (-1, do, n, idx), (so, -1, n, idx)):
+        planted = readers.Cut({**cut.rows, dtype: [*rows[:-1], bad]}, cut.others, cut.parts)
+        with pytest.raises(RuntimeError, match=rf"placement out of bounds: .* \(op {idx}\)"):
+            readers.compile_cut(planted, arenas, size)
+
+
 def test_overlap_is_an_end_past_the_next_start_in_the_arena():
     """Ranges that touch do not overlap; one byte in common does, whatever order the ranges come in."""
 
