@@ -282,26 +282,47 @@ class Gathered(NamedTuple):
     unloaded: list[int]
 
 
-def gather(replayed: Replayed) -> Gathered:
-    """Gather a replay by load key, in one pass (165k tensors on Super)."""
-    keys: dict[tuple, list[int]] = {}
-    loads: defaultdict[str, set] = defaultdict(set)
-    unloaded: list[int] = []
-    records = replayed.records
-    # Each tensor's parameter: its outcome's, but where a record says otherwise (a wrapper's prefix).
-    params = map(_RECORD_PARAM, records) if records.changed else map(_OUTCOME_PARAM, records.outcomes)
-    for i, t, o, param in zip(count(), records.tensors, records.outcomes, params, strict=False):  # positional
-        if param is not None and o[0] == "load":  # a load always names its parameter
-            key = (param, o[2], t[1], t[2])
-            at = keys.get(key)
-            if at is None:
-                keys[key] = [i]
+class Gatherer:
+    """A replay gathered by load key as it comes, a stretch of tensors at a time, in checkpoint order: a load's
+    plan a shard at a time gathers each shard beside the transfer, and only the audit is left after the last."""
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple, list[int]] = {}
+        self.loads: defaultdict[str, set] = defaultdict(set)
+        self.unloaded: list[int] = []
+        self.n = 0  # tensors gathered so far: the next one's position
+
+    def add(self, tensors: Sequence[TensorInfo], outcomes: Sequence[Outcome], params: Iterable[str | None]) -> None:
+        """The next tensors, their outcomes and each one's parameter (its outcome's, but where a record says
+        otherwise: a wrapper's prefix), in one pass (165k tensors on Super)."""
+        keys, loads, unloaded = self.keys, self.loads, self.unloaded
+        for i, t, o, param in zip(count(self.n), tensors, outcomes, params, strict=False):  # positional
+            if param is not None and o[0] == "load":  # a load always names its parameter
+                key = (param, o[2], t[1], t[2])
+                at = keys.get(key)
+                if at is None:
+                    keys[key] = [i]
+                else:
+                    at.append(i)
+                loads[param].add((o[2], o[3]))
             else:
-                at.append(i)
-            loads[param].add((o[2], o[3]))
-        else:
-            unloaded.append(i)
-    return Gathered(records, replayed.phases, keys, dict(loads), unloaded)
+                unloaded.append(i)
+        self.n += len(tensors)
+
+    def gathered(self, records: TensorRecords, phases: list[bool] | None) -> Gathered:
+        """What was gathered, as the ``Gathered`` of ``records`` (which must be the tensors added, in order)."""
+        if self.n != len(records):
+            raise RuntimeError(f"internal error: {self.n} tensors gathered for {len(records)} records")
+        return Gathered(records, phases, self.keys, dict(self.loads), self.unloaded)
+
+
+def gather(replayed: Replayed) -> Gathered:
+    """Gather a whole replay by load key, in one pass."""
+    records = replayed.records
+    params = map(_RECORD_PARAM, records) if records.changed else map(_OUTCOME_PARAM, records.outcomes)
+    g = Gatherer()
+    g.add(records.tensors, records.outcomes, params)
+    return g.gathered(records, replayed.phases)
 
 
 def _slot_shape(p: Param, shard_id: str | None) -> tuple[int, ...] | None:

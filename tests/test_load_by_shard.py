@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nhcheck import pipeline
-from nhcheck.audit import AuditOptions
+from nhcheck.audit import AuditOptions, gather, replay_tensors
 from nhcheck.checkpoint import open_local
 from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import UsageError
@@ -57,6 +57,36 @@ def test_the_plan_by_shard_is_the_audits_plan(name, engine):
     audit, checked = plans.result()  # the audit of the replay made a shard at a time, and its plan checked
     assert checked.ops == whole.ops
     assert audit.records == pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False)).records
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_the_replay_gathered_a_shard_at_a_time_is_the_whole_replays(name, engine):
+    """Gathered by load key a shard at a time (as a load gathers it, beside the transfer), the replay's keys (in
+    order), loads and tensors that do not load are those of the whole replay gathered at once; the audit is not
+    made before every shard is decided."""
+    try:
+        inputs = pipeline.prepare(open_local(str(EXAMPLES.parent / name)), engine)
+    except UsageError:
+        pytest.skip(f"{engine} does not take {name}")
+    if not ByShard.eligible(inputs):
+        pytest.skip("one installment")
+    plans = ByShard(inputs)
+    _, _, upto = plans.first()
+    plans.gather_pending()
+    with pytest.raises(RuntimeError, match="internal error: the audit asked for after 1 of"):
+        plans.result()
+    steps = [plans.gatherer.n]
+    while upto is not None:
+        _, upto = plans.next()
+        plans.gather_pending()
+        steps.append(plans.gatherer.n)
+    ckpt = inputs.checkpoint
+    assert steps == [sum(len(s.tensors) for s in ckpt.shards[: i + 1]) for i in range(len(ckpt.shards))]
+    whole = gather(replay_tensors(ckpt, inputs.config, inputs.manifest, inputs.engine, AuditOptions()))
+    got = plans.gatherer.gathered(whole.records, None)
+    assert list(got.keys.items()) == list(whole.keys.items()) and got.loads == whole.loads
+    assert got.unloaded == whole.unloaded
 
 
 def test_a_load_by_shard_that_raises_mid_stream_reports_what_the_whole_plan_does():

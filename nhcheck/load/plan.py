@@ -21,11 +21,10 @@ from nhcheck import engines, slots
 from nhcheck.audit import (
     AuditOptions,
     AuditReport,
-    Replayed,
+    Gatherer,
     TensorRecord,
     TensorRecords,
     as_raised,
-    gather,
     load_decider,
     startup_refusal,
 )
@@ -411,6 +410,8 @@ class ByShard:
         self.decide = load_decider(inputs.manifest, engine)
         self.raising: dict[tuple, Any] = {}  # load key → the decision where the engine raises on it, else None
         self.outcomes: list[Outcome] = []
+        self.tensors: list[TensorInfo] = []  # of the shards decided so far, in checkpoint order
+        self.gatherer = Gatherer()  # the outcomes gathered by load key so far (``gather_pending``)
         self.stream: list[tuple[TensorInfo, Outcome, str | None]] = []  # what the planner was fed, in order
         self.done = 0  # shards planned
         self.bound = sum(len(s.tensors) for s in self.shards)  # at most one op a tensor
@@ -447,6 +448,7 @@ class ByShard:
         tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
         outcomes = [self.replay(t[0]) for t in tensors]  # as ``audit.replay_tensors``, a shard at a time
         self.outcomes += outcomes
+        self.tensors += tensors
         stream = list(self._decided(tensors, outcomes))
         self.stream += stream
         return self.planner.feed(stream), self.done if self.done < len(self.shards) else None
@@ -467,14 +469,25 @@ class ByShard:
                     param = None if d.plain_error is not None else param
             yield t, o, param
 
+    def gather_pending(self) -> None:
+        """Gather by load key the outcomes of the shards decided since the last call (a load calls it on its side
+        thread after each installment, so that after the last only the audit itself is left)."""
+        g = self.gatherer
+        upto = len(self.outcomes)  # the shards decided by now (the main thread may add one meanwhile)
+        outcomes = self.outcomes[g.n : upto]
+        g.add(self.tensors[g.n : upto], outcomes, map(itemgetter(1), outcomes))  # o[1]: o.param
+
     def result(self) -> tuple[AuditReport, Plan]:
         """The audit of the whole replay, and the plan: the installments', if the audit's stream is what they were fed
         (else an internal error)."""
         from nhcheck import pipeline
 
-        records = TensorRecords(list(self.inputs.checkpoint.tensors()), self.outcomes, {})
+        if self.done != len(self.shards):
+            raise RuntimeError(f"internal error: the audit asked for after {self.done} of {len(self.shards)} shards")
+        self.gather_pending()
+        records = TensorRecords(self.tensors, self.outcomes, {})  # every shard's, in order: the checkpoint's tensors
         opts = AuditOptions(compare_versions=False, recipe=False)
-        audit = pipeline.audit(self.inputs, opts, gather(Replayed(records, None)))
+        audit = pipeline.audit(self.inputs, opts, self.gatherer.gathered(records, None))
         if audit.crash is not None and audit.crash.tensor is None:
             raise RuntimeError(f"internal error: the plan was decided a shard at a time, but {audit.crash.error}")
         stream = list(_stream(audit, self.planner.engine))

@@ -185,17 +185,20 @@ def _load(
             transfer.begin(ops, arenas, upto, plans.bound)
             sys.setswitchinterval(readers.SWITCH_INTERVAL)
         # The checks' side thread, in order: what the files hold at the read-back's samples (no plan needed), the
-        # bookkeeping of each installment as it is handed over, after the last the merge, then the whole audit
-        # (with the plan's check against it).
+        # bookkeeping of each installment as it is handed over (and its outcomes gathered for the audit), after the
+        # last the merge, then the whole audit (with the plan's check against it).
         files = side.submit(_one_core, file_samples, ckpt.shards, samples)
         books = Bookkeeping(runtime, files.result)
         noted: list[Future[None]] = []
         settled: tuple[Future[Books], Future[tuple[AuditReport, Plan, int]]] | None = None
 
         def hand_over(ops: Sequence[Op], last: bool) -> None:
-            """The installment's bookkeeping on the side thread; after the last, the merge and the whole audit."""
+            """The installment's bookkeeping on the side thread, and its shard's outcomes gathered by load key; after
+            the last, the merge and the whole audit."""
             nonlocal settled
             noted.append(side.submit(_one_core, books.add, ops))
+            if isinstance(plans, ByShard):
+                noted.append(side.submit(plans.gather_pending))
             if last:
                 settled = side.submit(_one_core, _merged, books, noted), side.submit(_planned, plans)
 
