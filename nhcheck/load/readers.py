@@ -349,8 +349,8 @@ class Piece(NamedTuple):
 
     op: Op
     off: int
-    skip: int = 0
-    nbytes: int = -1
+    skip: int
+    nbytes: int
 
 
 def _source_bytes(op: Op) -> int:
@@ -544,8 +544,7 @@ def apply_placement(placement: Placement, src, arenas: Arenas, stream=None, batc
     torch = arenas.torch
     for pc in placement.others:
         op = pc.op
-        n = _source_bytes(op) if pc.nbytes < 0 else pc.nbytes
-        x = src[pc.off : pc.off + n]
+        x = src[pc.off : pc.off + pc.nbytes]
         if pc.off % ITEMSIZE[op.src]:
             x = x.clone()  # a dtype view needs an aligned start
         write_op(arenas, op, x.view(getattr(torch, op.src)))
