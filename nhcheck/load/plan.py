@@ -394,7 +394,8 @@ class Decided:
 class ByShard:
     """The plan a shard at a time, in checkpoint order: each shard's tensors replayed, their loads checked per key as
     the audit checks them (``audit.load_decider``: where the engine raises instead), and planned (``Planner``), so the
-    readers place the first shard while the rest is decided; the audit of the whole replay at the end.
+    readers place the first shard while the rest is decided; the audit of the whole replay at the end (its outcomes
+    gathered by load key shard by shard before it: ``gather_pending``).
 
     Exact, and checked: the planner (``plan_load``'s own) was fed the very stream ``plan_load`` feeds it from that
     audit, tensor by tensor, or the load fails (an internal error); so the ops handed over are that audit's plan. Only
@@ -447,8 +448,8 @@ class ByShard:
         self.done += 1
         tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
         outcomes = [self.replay(t[0]) for t in tensors]  # as ``audit.replay_tensors``, a shard at a time
+        self.tensors += tensors  # before the outcomes: ``gather_pending`` (side thread) gathers up to the outcomes
         self.outcomes += outcomes
-        self.tensors += tensors
         stream = list(self._decided(tensors, outcomes))
         self.stream += stream
         return self.planner.feed(stream), self.done if self.done < len(self.shards) else None
