@@ -59,18 +59,24 @@ def test_the_plan_by_shard_is_the_audits_plan(name, engine):
     assert audit.records == pipeline.audit(inputs, AuditOptions(compare_versions=False, recipe=False)).records
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("name", CHECKPOINTS)
-def test_the_replay_gathered_a_shard_at_a_time_is_the_whole_replays(name, engine):
-    """Gathered by load key a shard at a time (as a load gathers it, beside the transfer), the replay's keys (in
-    order), loads and tensors that do not load are those of the whole replay gathered at once; the audit is not
-    made before every shard is decided."""
+def _installments(name: str, engine: str):
+    """The inputs of checkpoint ``name`` for ``engine``, where a load takes its plan in installments (else a skip)."""
     try:
         inputs = pipeline.prepare(open_local(str(EXAMPLES.parent / name)), engine)
     except UsageError:
         pytest.skip(f"{engine} does not take {name}")
     if not ByShard.eligible(inputs):
         pytest.skip("one installment")
+    return inputs
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_the_replay_gathered_a_shard_at_a_time_is_the_whole_replays(name, engine):
+    """Gathered by load key a shard at a time (as a load gathers it, beside the transfer), the replay's keys (in
+    order), loads and tensors that do not load are those of the whole replay gathered at once; the audit is not
+    made before every shard is decided."""
+    inputs = _installments(name, engine)
     plans = ByShard(inputs)
     _, _, upto = plans.first()
     plans.gather_pending()
@@ -145,12 +151,7 @@ def test_the_bookkeeping_an_installment_at_a_time_is_the_whole_plans(name, engin
     """Coverage and read-back samples noted an installment at a time (as the load notes them, beside the transfer)
     are those of the whole plan at once; a write that a later installment overwrites drops its samples, as the
     whole plan's bookkeeping drops them."""
-    try:
-        inputs = pipeline.prepare(open_local(str(EXAMPLES.parent / name)), engine)
-    except UsageError:
-        pytest.skip(f"{engine} does not take {name}")
-    if not ByShard.eligible(inputs):
-        pytest.skip("one installment")
+    inputs = _installments(name, engine)
     plans = ByShard(inputs)
     params, ops, upto = plans.first()
     installments = [list(ops)]

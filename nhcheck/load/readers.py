@@ -399,7 +399,7 @@ def cut_plan(ops: Iterable[Op], spans: list[Span], reads: list[Read], of_shard: 
         if kind == "copy":
             dtype, base = where[param]
             dst = (base + start) * isz[src]
-            if k0 == k1:  # the common case: one row, the whole source
+            if k0 == k1:  # the common case, one row: the loop below would make it too, at twice the cost (24k ops)
                 cut = out.get(k0)
                 if cut is None:
                     cut = out[k0] = Cut({}, [], [])
