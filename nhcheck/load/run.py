@@ -186,7 +186,10 @@ def _load(
             sys.setswitchinterval(readers.SWITCH_INTERVAL)
         # The checks' side thread, in order: what the files hold at the read-back's samples (no plan needed), the
         # bookkeeping of each installment as it is handed over (and its outcomes gathered for the audit), after the
-        # last the merge, then the whole audit (with the plan's check against it).
+        # last the merge, then the whole audit (with the plan's check against it). The file samples start only now,
+        # at the first handover: beside the work before the plan, their page faults and unmapping (the process's
+        # memory map lock) slowed it by 8-90 ms at release size (H100 hosts, 2026-12-06), and that work decides when
+        # the staging area starts to drain.
         files = side.submit(_one_core, file_samples, ckpt.shards, samples)
         books = Bookkeeping(runtime, files.result)
         noted: list[Future[None]] = []
