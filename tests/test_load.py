@@ -1567,6 +1567,43 @@ def test_poison_scan_counts_no_other_nan_or_infinity(dtype):
     assert arenas.poisoned() == {"p": 1}
 
 
+@pytest.mark.cuda
+@CUDA
+def test_cuda_poison_scan_by_kernel_answers_as_torchs_scan():
+    """``kernel.find_poison`` (one launch an arena, ``Arenas.poisoned(finder)``) finds what torch's scan finds, in
+    arenas of every kind side by side: one all-ones element at the start, in the middle and after the last whole
+    16 bytes (sizes that leave such a tail), a 16-byte run of 0xFF in integer storage; and not a NaN that is not
+    all-ones, a run of 15 bytes, or 16 bytes of 0xFF that straddle two runs."""
+    from nhcheck.load import kernel
+
+    device = torch.device("cuda")
+    kinds = {"bfloat16": (1001,), "float32": (1001,), "float16": (7,), "float8_e4m3fn": (1001,), "uint8": (63, 16)}
+    params = tuple(Param(d, shape, d, None, "default", (), 0, (), True, False) for d, shape in kinds.items())
+    arenas = loading.Arenas(params, device, torch)
+    with torch.cuda.device(device):
+        finder = kernel.Kernel.load()
+    assert isinstance(finder, kernel.Kernel), finder
+    for raw in arenas.raw.values():
+        raw.zero_()
+    assert arenas.poisoned(finder) == arenas.poisoned() == {}
+    for dtype, raw in arenas.raw.items():
+        width = 16 if dtype == "uint8" else readers.ITEMSIZE[dtype]
+        n = raw.numel() // width
+        for at in (0, n // 2, n - 1):
+            raw.zero_()
+            raw[at * width : (at + 1) * width] = 0xFF
+            want = {dtype: 16 if dtype == "uint8" else 1}
+            assert arenas.poisoned(finder) == arenas.poisoned() == want, (dtype, at)
+        raw.zero_()
+        if dtype == "uint8":
+            raw[16:31] = 0xFF  # 15 bytes
+            raw[40:56] = 0xFF  # 16 bytes across two runs
+        else:
+            arenas.typed[dtype][n // 3] = float("nan")  # torch's NaN: not all-ones
+        assert arenas.poisoned(finder) == arenas.poisoned() == {}, dtype
+        raw.zero_()
+
+
 def test_a_range_past_its_arena_or_its_read_fails_before_any_byte_is_placed():
     """``compile_cut`` checks every row against its arena's and its read's bounds: a wrong offset is an internal
     error naming the op, raised before the placement, never a write past an arena."""

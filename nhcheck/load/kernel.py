@@ -11,13 +11,16 @@ its source, destination and length allow. Writing a read's rows is one pass of P
 ranges (no tensor operations: their thread pools would fight the reader threads for the cores), and they
 travel to the device in one copy ahead of the launch (``readers.Ranges``).
 
-The kernel is ``SOURCE`` below, compiled to ``PTX`` by NVRTC 11.8 for ``compute_70`` (Volta and later; the
+The same module holds ``find_poison``: whether an arena still holds poison after the load, in one read of every
+byte (``memory.Arenas.poisoned``), where torch's comparisons write a mask and reduce it in many launches.
+
+The kernels are ``SOURCE`` below, compiled to ``PTX`` by NVRTC 11.8 for ``compute_70`` (Volta and later; the
 driver compiles PTX for the GPU it runs on and caches the result): ``python -m nhcheck.load.kernel
 LIBNVRTC`` prints it again, and ``tests/test_load.py`` checks the two agree where NVRTC is
 installed. Only the CUDA driver (``libcuda``, loaded in every CUDA process) is called: no compiler, no
-extension module at run time. Where the driver will not load it (an older driver, no ``libcuda``)
-``Kernel.load`` returns the reason instead of a kernel, and the load places range by range as before
-(``readers.apply_placement``; ``readers.STATS["kernel"]`` is 0 for that load).
+extension module at run time. Where the driver will not load them (an older driver, no ``libcuda``)
+``Kernel.load`` returns the reason instead, and the load places range by range as before
+(``readers.apply_placement``; ``readers.STATS["kernel"]`` is 0 for that load) and scans with torch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any, NamedTuple
 CHUNK = 64 << 10
 #: Threads per block (each copies 16 bytes a step where the row allows).
 THREADS = 256
+#: Thread blocks of a poison scan at most (each thread then strides over the arena 16 bytes at a time).
+SCAN_BLOCKS = 1024
 
 SOURCE = r"""// Table row r of a staged read: (source offset in the read, destination address, bytes, first chunk).
 // Thread block b copies chunk b - first of the row with the last first chunk <= b: at most `chunk` bytes,
@@ -65,6 +70,42 @@ extern "C" __global__ void place_ranges(
     else if ((a & 3) == 0) copy_as<unsigned int>(s, d, n);
     else if ((a & 1) == 0) copy_as<unsigned short>(s, d, n);
     else copy_as<unsigned char>(s, d, n);
+}
+
+// Whether a word holds a lane of `lane` bytes (1, 2, 4 or 8) whose bits are all set: a zero lane of its complement,
+// found by the zero-lane test (y - low) & ~y & high, exact for whether any lane is zero.
+__device__ __forceinline__ bool all_ones_lane(unsigned long long x, unsigned int lane)
+{
+    const unsigned long long y = ~x;
+    if (lane == 8) return y == 0;
+    const unsigned long long low = lane == 1 ? 0x0101010101010101ull : lane == 2 ? 0x0001000100010001ull
+                                                                                 : 0x0000000100000001ull;
+    return ((y - low) & ~y & (low << (8 * lane - 1))) != 0;
+}
+
+// Sets *hit when the `bytes` bytes at `p` (16-byte aligned) hold poison: an element of `lane` bytes (1, 2, 4, 8)
+// with every bit set, or where `lane` is 16, a 16-byte run (from `p`) of 0xFF. One read of every byte.
+extern "C" __global__ void find_poison(
+    const unsigned char* __restrict__ p, unsigned long long bytes, unsigned int lane, unsigned int* __restrict__ hit)
+{
+    const uint4* w = reinterpret_cast<const uint4*>(p);
+    const unsigned long long n = bytes / 16;
+    bool found = false;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const uint4 v = w[i];
+        const unsigned long long a = ((unsigned long long)v.y << 32) | v.x;
+        const unsigned long long b = ((unsigned long long)v.w << 32) | v.z;
+        found |= lane == 16 ? (a & b) == ~0ull : all_ones_lane(a, lane) || all_ones_lane(b, lane);
+    }
+    if (lane < 16 && blockIdx.x == 0 && threadIdx.x == 0) {  // the elements after the last whole 16 bytes
+        for (unsigned long long t = n * 16; t + lane <= bytes; t += lane) {
+            bool ones = true;
+            for (unsigned int k = 0; k < lane; ++k) ones &= p[t + k] == 0xFF;
+            found |= ones;
+        }
+    }
+    if (found) *hit = 1;
 }
 """
 
@@ -263,35 +304,310 @@ $L__BB0_23:
 	ret;
 
 }
+	// .globl	find_poison
+.visible .entry find_poison(
+	.param .u64 find_poison_param_0,
+	.param .u64 find_poison_param_1,
+	.param .u32 find_poison_param_2,
+	.param .u64 find_poison_param_3
+)
+{
+	.reg .pred 	%p<61>;
+	.reg .b16 	%rs<28>;
+	.reg .b32 	%r<76>;
+	.reg .b64 	%rd<79>;
+
+
+	ld.param.u64 	%rd27, [find_poison_param_0];
+	ld.param.u64 	%rd25, [find_poison_param_1];
+	ld.param.u32 	%r21, [find_poison_param_2];
+	ld.param.u64 	%rd26, [find_poison_param_3];
+	cvta.to.global.u64 	%rd1, %rd27;
+	mov.u32 	%r1, %ctaid.x;
+	mov.u32 	%r22, %ntid.x;
+	cvt.u64.u32 	%rd2, %r22;
+	mul.wide.u32 	%rd28, %r1, %r22;
+	mov.u32 	%r2, %tid.x;
+	cvt.u64.u32 	%rd29, %r2;
+	add.s64 	%rd73, %rd28, %rd29;
+	shr.u64 	%rd4, %rd25, 4;
+	setp.ge.u64 	%p17, %rd73, %rd4;
+	mov.u16 	%rs27, 0;
+	@%p17 bra 	$L__BB1_18;
+
+	setp.eq.s32 	%p18, %r21, 1;
+	setp.eq.s32 	%p19, %r21, 2;
+	selp.b64 	%rd30, 281479271743489, 4294967297, %p19;
+	selp.b64 	%rd5, 72340172838076673, %rd30, %p18;
+	shl.b32 	%r23, %r21, 3;
+	add.s32 	%r24, %r23, -1;
+	shl.b64 	%rd6, %rd5, %r24;
+	mov.u32 	%r25, %nctaid.x;
+	cvt.u64.u32 	%rd31, %r25;
+	mul.lo.s64 	%rd7, %rd31, %rd2;
+	setp.eq.s32 	%p20, %r21, 16;
+	@%p20 bra 	$L__BB1_9;
+
+	setp.ne.s32 	%p21, %r21, 8;
+	@%p21 bra 	$L__BB1_11;
+
+	mov.u32 	%r68, 0;
+
+$L__BB1_4:
+	shl.b64 	%rd32, %rd73, 4;
+	add.s64 	%rd33, %rd1, %rd32;
+	ld.global.nc.v4.u32 	{%r27, %r28, %r29, %r30}, [%rd33];
+	cvt.u64.u32 	%rd34, %r28;
+	cvt.u64.u32 	%rd35, %r27;
+	bfi.b64 	%rd36, %rd34, %rd35, 32, 32;
+	cvt.u64.u32 	%rd37, %r30;
+	cvt.u64.u32 	%rd38, %r29;
+	bfi.b64 	%rd9, %rd37, %rd38, 32, 32;
+	setp.eq.s64 	%p23, %rd36, -1;
+	mov.pred 	%p56, -1;
+	@%p23 bra 	$L__BB1_8;
+
+	setp.eq.s32 	%p24, %r21, 8;
+	@%p24 bra 	$L__BB1_7;
+	bra.uni 	$L__BB1_6;
+
+$L__BB1_7:
+	setp.eq.s64 	%p56, %rd9, -1;
+	bra.uni 	$L__BB1_8;
+
+$L__BB1_6:
+	not.b64 	%rd39, %rd9;
+	sub.s64 	%rd40, %rd39, %rd5;
+	and.b64  	%rd41, %rd9, %rd6;
+	and.b64  	%rd42, %rd41, %rd40;
+	setp.ne.s64 	%p56, %rd42, 0;
+
+$L__BB1_8:
+	selp.u32 	%r35, 1, 0, %p56;
+	or.b32  	%r36, %r68, %r35;
+	setp.ne.s32 	%p58, %r36, 0;
+	selp.u32 	%r68, 1, 0, %p58;
+	add.s64 	%rd73, %rd73, %rd7;
+	setp.lt.u64 	%p25, %rd73, %rd4;
+	@%p25 bra 	$L__BB1_4;
+	bra.uni 	$L__BB1_17;
+
+$L__BB1_9:
+	mov.u32 	%r69, 0;
+
+$L__BB1_10:
+	shl.b64 	%rd43, %rd73, 4;
+	add.s64 	%rd44, %rd1, %rd43;
+	ld.global.nc.v4.u32 	{%r38, %r39, %r40, %r41}, [%rd44];
+	cvt.u64.u32 	%rd45, %r39;
+	cvt.u64.u32 	%rd46, %r38;
+	bfi.b64 	%rd47, %rd45, %rd46, 32, 32;
+	cvt.u64.u32 	%rd48, %r41;
+	cvt.u64.u32 	%rd49, %r40;
+	bfi.b64 	%rd50, %rd48, %rd49, 32, 32;
+	and.b64  	%rd51, %rd47, %rd50;
+	setp.eq.s64 	%p26, %rd51, -1;
+	selp.u32 	%r46, 1, 0, %p26;
+	or.b32  	%r47, %r69, %r46;
+	setp.ne.s32 	%p58, %r47, 0;
+	selp.u32 	%r69, 1, 0, %p58;
+	add.s64 	%rd73, %rd73, %rd7;
+	setp.lt.u64 	%p27, %rd73, %rd4;
+	@%p27 bra 	$L__BB1_10;
+	bra.uni 	$L__BB1_17;
+
+$L__BB1_11:
+	mov.u32 	%r70, 0;
+
+$L__BB1_12:
+	shl.b64 	%rd52, %rd73, 4;
+	add.s64 	%rd53, %rd1, %rd52;
+	ld.global.nc.v4.u32 	{%r49, %r50, %r51, %r52}, [%rd53];
+	cvt.u64.u32 	%rd54, %r50;
+	cvt.u64.u32 	%rd55, %r49;
+	bfi.b64 	%rd56, %rd54, %rd55, 32, 32;
+	cvt.u64.u32 	%rd57, %r52;
+	cvt.u64.u32 	%rd58, %r51;
+	bfi.b64 	%rd14, %rd57, %rd58, 32, 32;
+	not.b64 	%rd59, %rd56;
+	sub.s64 	%rd60, %rd59, %rd5;
+	and.b64  	%rd61, %rd56, %rd6;
+	and.b64  	%rd62, %rd61, %rd60;
+	setp.ne.s64 	%p29, %rd62, 0;
+	mov.pred 	%p57, -1;
+	@%p29 bra 	$L__BB1_16;
+
+	setp.eq.s32 	%p30, %r21, 8;
+	@%p30 bra 	$L__BB1_15;
+	bra.uni 	$L__BB1_14;
+
+$L__BB1_15:
+	setp.eq.s64 	%p57, %rd14, -1;
+	bra.uni 	$L__BB1_16;
+
+$L__BB1_14:
+	not.b64 	%rd63, %rd14;
+	sub.s64 	%rd64, %rd63, %rd5;
+	and.b64  	%rd65, %rd14, %rd6;
+	and.b64  	%rd66, %rd65, %rd64;
+	setp.ne.s64 	%p57, %rd66, 0;
+
+$L__BB1_16:
+	selp.u32 	%r57, 1, 0, %p57;
+	or.b32  	%r58, %r70, %r57;
+	setp.ne.s32 	%p58, %r58, 0;
+	selp.u32 	%r70, 1, 0, %p58;
+	add.s64 	%rd73, %rd73, %rd7;
+	setp.lt.u64 	%p31, %rd73, %rd4;
+	@%p31 bra 	$L__BB1_12;
+
+$L__BB1_17:
+	selp.u16 	%rs27, 1, 0, %p58;
+
+$L__BB1_18:
+	or.b32  	%r59, %r1, %r2;
+	setp.ne.s32 	%p32, %r59, 0;
+	setp.gt.u32 	%p33, %r21, 15;
+	or.pred  	%p34, %p32, %p33;
+	@%p34 bra 	$L__BB1_32;
+
+	and.b64  	%rd77, %rd25, -16;
+	cvt.u64.u32 	%rd17, %r21;
+	add.s64 	%rd76, %rd77, %rd17;
+	setp.gt.u64 	%p35, %rd76, %rd25;
+	@%p35 bra 	$L__BB1_32;
+
+	setp.eq.s32 	%p36, %r21, 0;
+	@%p36 bra 	$L__BB1_31;
+
+	add.s32 	%r9, %r21, -1;
+	and.b32  	%r10, %r21, 3;
+	sub.s32 	%r11, %r21, %r10;
+
+$L__BB1_22:
+	mov.u64 	%rd20, %rd77;
+	mov.u64 	%rd77, %rd76;
+	setp.lt.u32 	%p38, %r9, 3;
+	mov.u32 	%r75, 1;
+	mov.u32 	%r74, 0;
+	@%p38 bra 	$L__BB1_25;
+
+	mov.u32 	%r73, %r11;
+
+$L__BB1_24:
+	cvt.u64.u32 	%rd67, %r74;
+	add.s64 	%rd68, %rd20, %rd67;
+	add.s64 	%rd69, %rd1, %rd68;
+	ld.global.nc.u8 	%rs7, [%rd69];
+	setp.eq.s16 	%p39, %rs7, 255;
+	selp.u32 	%r64, 1, 0, %p39;
+	and.b32  	%r65, %r75, %r64;
+	setp.ne.s32 	%p40, %r65, 0;
+	ld.global.nc.u8 	%rs9, [%rd69+2];
+	ld.global.nc.u8 	%rs10, [%rd69+1];
+	and.b16  	%rs11, %rs10, %rs9;
+	and.b16  	%rs12, %rs11, 255;
+	setp.eq.s16 	%p41, %rs12, 255;
+	and.pred  	%p42, %p41, %p40;
+	ld.global.nc.u8 	%rs13, [%rd69+3];
+	setp.eq.s16 	%p43, %rs13, 255;
+	and.pred  	%p60, %p42, %p43;
+	selp.u32 	%r75, 1, 0, %p60;
+	add.s32 	%r74, %r74, 4;
+	add.s32 	%r73, %r73, -4;
+	setp.ne.s32 	%p44, %r73, 0;
+	@%p44 bra 	$L__BB1_24;
+
+$L__BB1_25:
+	setp.eq.s32 	%p45, %r10, 0;
+	@%p45 bra 	$L__BB1_29;
+
+	setp.eq.s32 	%p46, %r10, 1;
+	cvt.u64.u32 	%rd70, %r74;
+	add.s64 	%rd71, %rd20, %rd70;
+	add.s64 	%rd21, %rd1, %rd71;
+	ld.global.nc.u8 	%rs15, [%rd21];
+	setp.eq.s16 	%p47, %rs15, 255;
+	selp.u32 	%r66, 1, 0, %p47;
+	and.b32  	%r20, %r75, %r66;
+	setp.ne.s32 	%p60, %r20, 0;
+	@%p46 bra 	$L__BB1_29;
+
+	setp.ne.s32 	%p48, %r20, 0;
+	ld.global.nc.u8 	%rs17, [%rd21+1];
+	setp.eq.s16 	%p49, %rs17, 255;
+	and.pred  	%p60, %p48, %p49;
+	setp.eq.s32 	%p50, %r10, 2;
+	@%p50 bra 	$L__BB1_29;
+
+	ld.global.nc.u8 	%rs19, [%rd21+2];
+	setp.eq.s16 	%p51, %rs19, 255;
+	and.pred  	%p60, %p60, %p51;
+
+$L__BB1_29:
+	selp.u16 	%rs21, 1, 0, %p60;
+	or.b16  	%rs22, %rs27, %rs21;
+	and.b16  	%rs23, %rs22, 255;
+	setp.ne.s16 	%p52, %rs23, 0;
+	selp.u16 	%rs27, 1, 0, %p52;
+	add.s64 	%rd76, %rd77, %rd17;
+	setp.gt.u64 	%p53, %rd76, %rd25;
+	@%p53 bra 	$L__BB1_32;
+	bra.uni 	$L__BB1_22;
+
+$L__BB1_31:
+	add.s64 	%rd76, %rd76, %rd17;
+	setp.le.u64 	%p54, %rd76, %rd25;
+	mov.u16 	%rs27, 1;
+	@%p54 bra 	$L__BB1_31;
+
+$L__BB1_32:
+	setp.eq.s16 	%p55, %rs27, 0;
+	@%p55 bra 	$L__BB1_34;
+
+	cvta.to.global.u64 	%rd72, %rd26;
+	mov.u32 	%r67, 1;
+	st.global.u32 	[%rd72], %r67;
+
+$L__BB1_34:
+	ret;
+
+}
 
 """
 
 
 class Kernel(NamedTuple):
-    """``place_ranges`` loaded into the current CUDA context, and the driver call that launches it."""
+    """``place_ranges`` and ``find_poison`` loaded into the current CUDA context, and the driver call that launches
+    them."""
 
-    function: ctypes.c_void_p
+    function: ctypes.c_void_p  # place_ranges
+    finder: ctypes.c_void_p  # find_poison
     launch: Any
 
     @staticmethod
     def load() -> Kernel | str:
-        """The kernel for the calling thread's current context, or why it cannot be had."""
+        """The kernels for the calling thread's current context, or why they cannot be had."""
         try:
             cuda = ctypes.PyDLL("libcuda.so.1")
         except OSError as exc:
             return f"libcuda: {exc}"
-        module, function = ctypes.c_void_p(), ctypes.c_void_p()
+        module = ctypes.c_void_p()
         rc = cuda.cuModuleLoadData(ctypes.byref(module), PTX.encode() + b"\0")
         if rc:
             return f"cuModuleLoadData: CUDA error {rc}"
-        rc = cuda.cuModuleGetFunction(ctypes.byref(function), module, b"place_ranges")
-        if rc:
-            return f"cuModuleGetFunction: CUDA error {rc}"
+        functions = []
+        for name in (b"place_ranges", b"find_poison"):
+            function = ctypes.c_void_p()
+            rc = cuda.cuModuleGetFunction(ctypes.byref(function), module, name)
+            if rc:
+                return f"cuModuleGetFunction({name.decode()}): CUDA error {rc}"
+            functions.append(function)
         launch = cuda.cuLaunchKernel
         u = ctypes.c_uint
         launch.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         launch.restype = ctypes.c_int
-        return Kernel(function, launch)
+        return Kernel(functions[0], functions[1], launch)
 
     def place(self, rows_ptr: int, rows: int, chunks: int, src_ptr: int, stream: int) -> None:
         """Enqueue the copies of ``rows`` table rows at ``rows_ptr`` (``chunks`` chunks in all) from the
@@ -301,6 +617,17 @@ class Kernel(NamedTuple):
         rc = self.launch(self.function, chunks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
         if rc:
             raise RuntimeError(f"cuLaunchKernel(place_ranges) failed with CUDA error {rc}")
+
+    def find_poison(self, ptr: int, nbytes: int, lane: int, hit_ptr: int, stream: int) -> None:
+        """Enqueue the scan of ``nbytes`` bytes at ``ptr`` (16-byte aligned) for poison: an element of ``lane`` bytes
+        with every bit set, or (``lane`` 16) a 16-byte run of 0xFF; the ``uint32`` at ``hit_ptr`` is set to 1 if
+        any is found, else left as it is. One read of every byte, at the memory's speed."""
+        args = (ctypes.c_uint64(ptr), ctypes.c_uint64(nbytes), ctypes.c_uint32(lane), ctypes.c_uint64(hit_ptr))
+        params = (ctypes.c_void_p * 4)(*(ctypes.addressof(x) for x in args))
+        blocks = max(1, min(SCAN_BLOCKS, -(-nbytes // (16 * THREADS))))
+        rc = self.launch(self.finder, blocks, 1, 1, THREADS, 1, 1, 0, stream, params, None)
+        if rc:
+            raise RuntimeError(f"cuLaunchKernel(find_poison) failed with CUDA error {rc}")
 
 
 def compile_ptx(libnvrtc: str, arch: str = "compute_70") -> str:

@@ -136,17 +136,30 @@ class Arenas:
     def tensors(self) -> dict[str, Any]:
         return {n: self.flat(n).view(p.shape) for n, p in self.params.items()}
 
-    def poisoned(self) -> dict[str, int]:
+    def poisoned(self, finder: Any = None) -> dict[str, int]:
         """Elements still holding the poison pattern, per parameter.
 
-        One pass per dtype first asks only whether any poison is left (a mask and its ``any``: a few
-        bytes of memory traffic per element, where a count also writes and reads an int64 per
-        element); the parameters of a dtype with poison are then counted one by one.
+        One pass per dtype first asks only whether any poison is left: on CUDA with ``finder`` (a loaded
+        ``kernel.Kernel``) one ``find_poison`` launch per arena, one read of every byte; else a mask and its
+        ``any`` (a few bytes of memory traffic per element, where a count also writes and reads an int64 per
+        element). The parameters of a dtype with poison are then counted one by one.
         """
         torch = self.torch
         out: dict[str, int] = {}
-        found = [self._any(dtype, raw) for dtype, raw in self.raw.items()]
-        for (dtype, _raw), hit in zip(self.raw.items(), torch.stack(found).tolist() if found else (), strict=True):
+        items = list(self.raw.items())
+        if finder is not None and items and all(r.is_cuda and r.data_ptr() % 16 == 0 for _, r in items):
+            device = items[0][1].device
+            with torch.cuda.device(device):
+                hits = torch.zeros(len(items), dtype=torch.int32, device=device)
+                stream = torch.cuda.current_stream(device).cuda_stream
+                for i, (dtype, raw) in enumerate(items):
+                    lane = ITEMSIZE[dtype] if dtype in FLOAT_PARAM or dtype.startswith("float8") else _POISON_RUN
+                    finder.find_poison(raw.data_ptr(), raw.numel(), lane, hits.data_ptr() + 4 * i, stream)
+                found = hits.tolist()
+        else:
+            any_left = [self._any(dtype, raw) for dtype, raw in items]
+            found = torch.stack(any_left).tolist() if any_left else []
+        for (dtype, _raw), hit in zip(items, found, strict=True):
             if not hit:
                 continue
             for name, (d, _) in self.where.items():

@@ -229,7 +229,9 @@ def _load(
         checked, bad = compare(reads, arenas)
         t_compare = time.perf_counter()
     t_closed = time.perf_counter()
-    poison = arenas.poisoned() if plan.crash is None else {}
+    # the scan in one kernel launch an arena where the transfer placed by kernel (its module is loaded then)
+    finder = transfer.ranges.kernel if transfer is not None and transfer.ranges is not None else None
+    poison = arenas.poisoned(finder) if plan.crash is None else {}
     t_poison = time.perf_counter()
     crash = None
     if plan.crash is not None:
