@@ -1570,7 +1570,7 @@ def test_poison_scan_counts_no_other_nan_or_infinity(dtype):
 @pytest.mark.cuda
 @CUDA
 def test_cuda_poison_scan_by_kernel_answers_as_torchs_scan():
-    """``kernel.find_poison`` (one launch an arena, ``Arenas.poisoned(finder)``) finds what torch's scan finds, in
+    """``kernel.find_poison`` (one launch an arena, ``Arenas.find_poison(finder)``) finds what torch's scan finds, in
     arenas of every kind side by side: one all-ones element at the start, in the middle and after the last whole
     16 bytes (sizes that leave such a tail), a 16-byte run of 0xFF in integer storage; and not a NaN that is not
     all-ones, a run of 15 bytes, or 16 bytes of 0xFF that straddle two runs."""
@@ -1583,9 +1583,13 @@ def test_cuda_poison_scan_by_kernel_answers_as_torchs_scan():
     with torch.cuda.device(device):
         finder = kernel.Kernel.load()
     assert isinstance(finder, kernel.Kernel), finder
+
+    def by_kernel() -> dict[str, int]:
+        return arenas.poisoned(arenas.find_poison(finder))
+
     for raw in arenas.raw.values():
         raw.zero_()
-    assert arenas.poisoned(finder) == arenas.poisoned() == {}
+    assert by_kernel() == arenas.poisoned() == {}
     for dtype, raw in arenas.raw.items():
         width = 16 if dtype == "uint8" else readers.ITEMSIZE[dtype]
         n = raw.numel() // width
@@ -1593,14 +1597,14 @@ def test_cuda_poison_scan_by_kernel_answers_as_torchs_scan():
             raw.zero_()
             raw[at * width : (at + 1) * width] = 0xFF
             want = {dtype: 16 if dtype == "uint8" else 1}
-            assert arenas.poisoned(finder) == arenas.poisoned() == want, (dtype, at)
+            assert by_kernel() == arenas.poisoned() == want, (dtype, at)
         raw.zero_()
         if dtype == "uint8":
             raw[16:31] = 0xFF  # 15 bytes
             raw[40:56] = 0xFF  # 16 bytes across two runs
         else:
             arenas.typed[dtype][n // 3] = float("nan")  # torch's NaN: not all-ones
-        assert arenas.poisoned(finder) == arenas.poisoned() == {}, dtype
+        assert by_kernel() == arenas.poisoned() == {}, dtype
         raw.zero_()
 
 

@@ -136,18 +136,19 @@ class Arenas:
     def tensors(self) -> dict[str, Any]:
         return {n: self.flat(n).view(p.shape) for n, p in self.params.items()}
 
-    def poisoned(self, finder: Any = None) -> dict[str, int]:
-        """Elements still holding the poison pattern, per parameter.
+    def find_poison(self, finder: Any = None):
+        """Start the scan that asks, per arena, only whether any poison is left: a device tensor of one flag an
+        arena, with no host sync, so the scan runs on the device while the host does other work.
 
-        One pass per dtype first asks only whether any poison is left: on CUDA with ``finder`` (a loaded
-        ``kernel.Kernel``) one ``find_poison`` launch per arena, one read of every byte; else a mask and its
-        ``any`` (a few bytes of memory traffic per element, where a count also writes and reads an int64 per
-        element). The parameters of a dtype with poison are then counted one by one.
+        On CUDA with ``finder`` (a loaded ``kernel.Kernel``) one ``find_poison`` launch per arena, one read of
+        every byte; else a mask and its ``any`` (a few bytes of memory traffic per element, where a count also
+        writes and reads an int64 per element). None where there is no arena.
         """
         torch = self.torch
-        out: dict[str, int] = {}
         items = list(self.raw.items())
-        if finder is not None and items and all(r.is_cuda and r.data_ptr() % 16 == 0 for _, r in items):
+        if not items:
+            return None
+        if finder is not None and all(r.is_cuda and r.data_ptr() % 16 == 0 for _, r in items):
             device = items[0][1].device
             with torch.cuda.device(device):
                 hits = torch.zeros(len(items), dtype=torch.int32, device=device)
@@ -155,10 +156,17 @@ class Arenas:
                 for i, (dtype, raw) in enumerate(items):
                     lane = ITEMSIZE[dtype] if dtype in FLOAT_PARAM or dtype.startswith("float8") else _POISON_RUN
                     finder.find_poison(raw.data_ptr(), raw.numel(), lane, hits.data_ptr() + 4 * i, stream)
-                found = hits.tolist()
-        else:
-            any_left = [self._any(dtype, raw) for dtype, raw in items]
-            found = torch.stack(any_left).tolist() if any_left else []
+            return hits
+        return torch.stack([self._any(dtype, raw) for dtype, raw in items])
+
+    def poisoned(self, found: Any = None) -> dict[str, int]:
+        """Elements still holding the poison pattern, per parameter: ``found`` (``find_poison``'s flags, started
+        earlier; else started now) says which arenas to count in, and their parameters are counted one by one."""
+        torch = self.torch
+        out: dict[str, int] = {}
+        items = list(self.raw.items())
+        flags = self.find_poison() if found is None else found
+        found = flags.tolist() if flags is not None else []
         for (dtype, _raw), hit in zip(items, found, strict=True):
             if not hit:
                 continue

@@ -219,6 +219,12 @@ def _load(
         else:
             read = run_safetensors(ops, arenas, device)  # without the readers, the plan comes whole
         t_data = time.perf_counter()
+        # Where the transfer placed by kernel (its module is loaded then), the poison scan in one kernel launch an
+        # arena starts now, on the device while the host waits for the side thread (a launch an arena, no host
+        # sync; beside the audit's Python, torch's scan would be a call a slice, each giving the interpreter away).
+        early = None
+        if transfer is not None and transfer.ranges is not None:
+            early = arenas.find_poison(transfer.ranges.kernel)
         assert settled is not None
         cov, reads = settled[0].result()
         t_books = time.perf_counter()
@@ -229,9 +235,7 @@ def _load(
         checked, bad = compare(reads, arenas)
         t_compare = time.perf_counter()
     t_closed = time.perf_counter()
-    # the scan in one kernel launch an arena where the transfer placed by kernel (its module is loaded then)
-    finder = transfer.ranges.kernel if transfer is not None and transfer.ranges is not None else None
-    poison = arenas.poisoned(finder) if plan.crash is None else {}
+    poison = arenas.poisoned(early) if plan.crash is None else {}
     t_poison = time.perf_counter()
     crash = None
     if plan.crash is not None:
