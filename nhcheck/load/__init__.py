@@ -16,7 +16,7 @@ The rooms, in pipeline order:
 - ``plan``: every copy, decided from the audit before any byte moves (no torch);
 - ``memory``: the poisoned parameter arenas on the device and ``apply``, the one write rule;
 - ``readers``: the shard bytes on their way (``fast`` and the ``safetensors`` reference);
-- ``kernel``: on CUDA, one kernel launch places every byte range of a staged read;
+- ``kernel``: on CUDA, one kernel launch places every byte range of a staged read (and one scans an arena for poison);
 - ``checks``: coverage, read-back against the files;
 - ``run``: the whole load in order, and its report;
 - ``tp``: the same load cut to tensor-parallel ranks (``load --tp N``), sharing all of the above.

@@ -12,7 +12,7 @@ ranges (no tensor operations: their thread pools would fight the reader threads 
 travel to the device in one copy ahead of the launch (``readers.Ranges``).
 
 The same module holds ``find_poison``: whether an arena still holds poison after the load, in one read of every
-byte (``memory.Arenas.poisoned``), where torch's comparisons write a mask and reduce it in many launches.
+byte (``memory.Arenas.find_poison``), where torch's comparisons write a mask and reduce it in many launches.
 
 The kernels are ``SOURCE`` below, compiled to ``PTX`` by NVRTC 11.8 for ``compute_70`` (Volta and later; the
 driver compiles PTX for the GPU it runs on and caches the result): ``python -m nhcheck.load.kernel
