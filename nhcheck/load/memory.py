@@ -164,10 +164,9 @@ class Arenas:
         earlier; else started now) says which arenas to count in, and their parameters are counted one by one."""
         torch = self.torch
         out: dict[str, int] = {}
-        items = list(self.raw.items())
         flags = self.find_poison() if found is None else found
-        found = flags.tolist() if flags is not None else []
-        for (dtype, _raw), hit in zip(items, found, strict=True):
+        hits = flags.tolist() if flags is not None else []
+        for dtype, hit in zip(self.raw, hits, strict=True):
             if not hit:
                 continue
             for name, (d, _) in self.where.items():
