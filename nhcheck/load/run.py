@@ -42,7 +42,9 @@ Books = tuple[dict[str, Coverage], list[ReadBack]]
 #: The last load's check phase split, for ``bench/load.py``: ``books_wait`` for the side thread's
 #: coverage and read-back samples after the transfer, ``audit_wait`` for its whole audit after them,
 #: ``compare`` the read-back, ``close`` the readers and streams let go, ``poison`` the scan, ``report``
-#: the findings.
+#: the findings; and the side thread's timeline against the last byte (``side_*``, seconds after it, negative
+#: before): its file samples done, the last installment handed over and its noting started and done, the merge
+#: and the audit done.
 PHASES: dict[str, float] = {}
 
 
@@ -190,7 +192,8 @@ def _load(
         # at the first handover: beside the work before the plan, their page faults and unmapping (the process's
         # memory map lock) slowed it by 8-90 ms at release size (H100 hosts, 2026-12-06), and that work decides when
         # the staging area starts to drain.
-        files = side.submit(_one_core, file_samples, ckpt.shards, samples)
+        side_at: dict[str, float] = {}  # when the side thread got to what (``PHASES``)
+        files = side.submit(_stamped, side_at, "files", _one_core, file_samples, ckpt.shards, samples)
         books = Bookkeeping(runtime, files.result)
         noted: list[Future[None]] = []
         settled: tuple[Future[Books], Future[tuple[AuditReport, Plan, int]]] | None = None
@@ -199,11 +202,15 @@ def _load(
             """The installment's bookkeeping on the side thread, and its shard's outcomes gathered by load key; after
             the last, the merge and the whole audit."""
             nonlocal settled
-            noted.append(side.submit(_one_core, books.add, ops))
+            side_at["handed"] = time.perf_counter()
+            noted.append(side.submit(_stamped, side_at, "noted", _one_core, books.add, ops))
             if isinstance(plans, ByShard):
                 noted.append(side.submit(plans.gather_pending))
             if last:
-                settled = side.submit(_one_core, _merged, books, noted), side.submit(_planned, plans)
+                settled = (
+                    side.submit(_stamped, side_at, "merged", _one_core, _merged, books, noted),
+                    side.submit(_stamped, side_at, "audited", _planned, plans),
+                )
 
         hand_over(ops, upto is None)
 
@@ -254,6 +261,7 @@ def _load(
         close=t_closed - t_compare,
         poison=t_poison - t_closed,
         report=t_end - t_poison,
+        **{f"side_{k}": t - t_data for k, t in side_at.items()},
     )
     report = LoadReport(
         audit=audit,
@@ -301,6 +309,15 @@ def _one_core(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     finally:
         torch.set_num_threads(n)
+
+
+def _stamped(at: dict[str, float], label: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, noting in ``at`` when it started (``label_start``) and ended (``label``)."""
+    at[label + "_start"] = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        at[label] = time.perf_counter()
 
 
 def _planned(plans: Decided | ByShard) -> tuple[AuditReport, Plan, int]:
