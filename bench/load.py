@@ -60,6 +60,12 @@ their warm-up), ``safetensors.torch.load_file`` of every shard, and each tree's 
 CLI: imports, CUDA start, the ring, the load and its checks, the report); with ``--cold`` also the last two
 from shards dropped from the page cache (``POSIX_FADV_DONTNEED``, the libraries left cached: a checkpoint
 the machine has not read lately).
+``--side`` times the checks' side-thread work of a load alone, for each tree (minima of ``--reps``; one torch
+thread and the cyclic GC off, as in a load): the read-back's file samples, the noting of every installment (its
+writes and read-back samples, ``checks.Bookkeeping.add``) and the gathering of its outcomes by load key
+(``ByShard.gather_pending``), then the merge and the audit; and what of it follows the last installment's handover.
+On a GPU host this work runs beside the transfer and shares its interpreter, so less of it is what a release-size
+load waits on after its last byte; it needs no GPU to measure (README).
 A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
 """
 
@@ -532,6 +538,69 @@ def contention(args, files: list[Path], reps: int = 15) -> dict[str, float]:
     return out
 
 
+def _side_once(tree: Tree, root: Path, samples: int) -> dict[str, float] | None:
+    """One load's side-thread work, alone (``--side``), in seconds per step; None where the tree has no such split
+    (a plan not handed over a shard at a time, or no ``checks.Bookkeeping``)."""
+    m = tree.mods
+    checks, plan = m["nhcheck.load.checks"], m["nhcheck.load.plan"]
+    if not hasattr(checks, "Bookkeeping") or not hasattr(plan, "ByShard"):
+        return None
+    with tree.active():
+        ckpt = m["nhcheck.checkpoint"].open_local(str(root))
+        inputs = tree.pipeline.prepare(ckpt, ENGINE)
+        if not plan.ByShard.eligible(inputs):
+            return None
+        plans = plan.ByShard(inputs)
+        params, ops, upto = plans.first()
+        installments = [ops]
+        while upto is not None:  # the main thread's work: not timed
+            ops, upto = plans.next()
+            installments.append(ops)
+        t = time.perf_counter()
+        files = checks.file_samples(ckpt.shards, samples)
+        out = {"files": time.perf_counter() - t, "note": 0.0, "gather": 0.0}
+        books = checks.Bookkeeping(params, lambda: files)
+        for ops in installments:
+            t = time.perf_counter()
+            books.add(ops)
+            t1 = time.perf_counter()
+            plans.gather_pending()
+            t2 = time.perf_counter()
+            out["note"] += t1 - t
+            out["gather"] += t2 - t1
+        out["last installment"] = t2 - t
+        t = time.perf_counter()
+        books.result()
+        t1 = time.perf_counter()
+        plans.result()
+        out["merge"], out["audit"] = t1 - t, time.perf_counter() - t1
+    out["after the last handover"] = out["last installment"] + out["merge"] + out["audit"]
+    return out
+
+
+def side(args, trees: list[Tree]) -> dict[str, dict[str, float]]:
+    """``--side``: per tree, the minimum over ``--reps`` of each step of ``_side_once``, the trees interleaved."""
+    samples = trees[0].load.LoadOptions().samples
+    best: dict[str, dict[str, float]] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(max(1, args.reps)):
+            for tree in trees:
+                got = _side_once(tree, args.dir, samples)
+                if got is None:
+                    continue
+                mine = best.setdefault(f"nhcheck{tree.label}", {})
+                for k, v in got.items():
+                    mine[k] = min(mine.get(k, v), v)
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
+    return best
+
+
 def capped(args, tree: Tree, device: torch.device, staging: int) -> dict:
     """Load in a process whose allocator may hold only the parameters + ``staging`` + 256 MB."""
     gc.collect()
@@ -718,6 +787,9 @@ def main() -> int:
         "--contention", action="store_true", help="Also time the pre-plan work alone and beside reader threads."
     )
     ap.add_argument(
+        "--side", action="store_true", help="Also time a load's side-thread work alone (no GPU needed), per tree."
+    )
+    ap.add_argument(
         "--fresh",
         action="store_true",
         help="Also time whole processes: CUDA's start (or torch's import), the ring, the CLI.",
@@ -806,6 +878,19 @@ def main() -> int:
         for k, v in contended.items():
             print(f"pre-plan work {k}: {v * 1e3:.1f} ms = {v / alone:.2f}x the fastest", flush=True)
 
+    sided = {}
+    if args.side:
+        sided = side(args, trees)
+        for name, steps in sided.items():
+            print(f"{name} side thread alone (min ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in steps.items()))
+        if len(sided) == 2 and "nhcheck_before" in sided:
+            a, b = sided["nhcheck"], sided["nhcheck_before"]
+            print(
+                "ratio side thread nhcheck/nhcheck_before: "
+                + ", ".join(f"{k} {a[k] / b[k]:.2f}x" for k in a if b.get(k)),
+                flush=True,
+            )
+
     fresh_runs: dict[str, list[float]] = {}
     if args.fresh:
         fresh_runs = fresh(args, files, device, trees)
@@ -893,6 +978,7 @@ def main() -> int:
                     "nhcheck": infos,
                     "cold_s": cold,
                     "contention_s": contended,
+                    "side_s": sided,
                     "fresh_s": fresh_runs,
                     "capped": caps,
                     "sweep": sweep,
