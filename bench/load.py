@@ -884,10 +884,10 @@ def main() -> int:
         for name, steps in sided.items():
             print(f"{name} side thread alone (min ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in steps.items()))
         if len(sided) == 2 and "nhcheck_before" in sided:
-            a, b = sided["nhcheck"], sided["nhcheck_before"]
+            side_ours, side_before = sided["nhcheck"], sided["nhcheck_before"]
             print(
                 "ratio side thread nhcheck/nhcheck_before: "
-                + ", ".join(f"{k} {a[k] / b[k]:.2f}x" for k in a if b.get(k)),
+                + ", ".join(f"{k} {side_ours[k] / side_before[k]:.2f}x" for k in side_ours if side_before.get(k)),
                 flush=True,
             )
 
