@@ -29,6 +29,12 @@ _SCAN = 1 << 23
 _SCAN_ANY = _SCAN * 8
 
 
+def _float_storage(dtype: str) -> bool:
+    """Whether poison in ``dtype``'s arena is one all-ones element (a float, float8 included: a NaN no value
+    loaded is), not a run of ``_POISON_RUN`` 0xFF bytes (integer storage, where any byte is a legitimate value)."""
+    return dtype in FLOAT_PARAM or dtype.startswith("float8")
+
+
 def torch_module():
     """torch, imported on first use (nothing ``audit`` imports may pay for it)."""
     import torch
@@ -154,7 +160,7 @@ class Arenas:
                 hits = torch.zeros(len(items), dtype=torch.int32, device=device)
                 stream = torch.cuda.current_stream(device).cuda_stream
                 for i, (dtype, raw) in enumerate(items):
-                    lane = ITEMSIZE[dtype] if dtype in FLOAT_PARAM or dtype.startswith("float8") else _POISON_RUN
+                    lane = ITEMSIZE[dtype] if _float_storage(dtype) else _POISON_RUN
                     finder.find_poison(raw.data_ptr(), raw.numel(), lane, hits.data_ptr() + 4 * i, stream)
             return hits
         return torch.stack([self._any(dtype, raw) for dtype, raw in items])
@@ -182,7 +188,7 @@ class Arenas:
         sync): exact by the rule of ``_count``, but for floats on the CPU, where it may also say so of other NaNs
         (``_count`` then counts exactly)."""
         torch = self.torch
-        if raw.device.type == "cpu" and raw.numel() and (dtype in FLOAT_PARAM or dtype.startswith("float8")):
+        if raw.device.type == "cpu" and raw.numel() and _float_storage(dtype):
             # torch's CPU comparisons make their bool masks at about 1 GB/s, its max reductions run at memory speed
             # (dev VM, torch 2.13.0+cpu, 1 GB: eq and any 0.65-1.1 s, amax 0.03-0.07 s). Poison is all-ones: a
             # NaN in every float format, which amax passes on; in a one-byte format, a byte of 255.
@@ -206,7 +212,7 @@ class Arenas:
         """``raw`` as the integer words the poison rule compares with -1, and how many form one element:
         (elements,) words of the float's size, or (runs, 2) int64 words for integer storage."""
         torch = self.torch
-        if dtype in FLOAT_PARAM or dtype.startswith("float8"):
+        if _float_storage(dtype):
             return raw.view(getattr(torch, INT_OF_SIZE[ITEMSIZE[dtype]])), 1
         head = -raw.data_ptr() % 8
         n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
