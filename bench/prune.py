@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         for r in paths:
             print(
-                f"{r['write path']:40} {r['median_s']:9.2f} {r['median_s'] / base:6.2f}  × O_DIRECT {r['ratio_vs_o_direct']:.2f}  "
-                + ", ".join(f"{t:.2f}" for t in r["runs_s"])
+                f"{r['write path']:40} {r['median_s']:9.2f} {r['median_s'] / base:6.2f}  "
+                f"× O_DIRECT {r['ratio_vs_o_direct']:.2f}  " + ", ".join(f"{t:.2f}" for t in r["runs_s"])
             )
         print(f"uptime before: {up_before}")
         print(f"uptime after:  {up_after}")
