@@ -857,10 +857,13 @@ def main() -> int:
 
     sweep = {}
     if args.sweep:
+        # Fewer readers than cores too: the main thread and the checks' side thread run beside them
         grid = [(t, c, 1024) for t in (8, args.threads) for c in (32, 64, 128)] + [
             (2 * args.threads, 32, 1024),
             (args.threads, 64, 512),
             (args.threads, 64, 2048),
+            *((t, 64, 1024) for t in (args.threads - 4, args.threads - 2) if t > 8),
+            (args.threads, 64, 1024),
         ]
         for threads, chunk_mb, pinned_mb in grid:
             o = ours.options(
