@@ -44,6 +44,7 @@ Targets: verified prune ≤ 1.25 × cp -r; peak RSS ≤ 100 MB at any shard size
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "examples")]  # this checkout's nhcheck and its example generator
@@ -173,30 +175,11 @@ HASH_FILES = (
 )
 
 
-def _copy_direct(src: str, dst: str) -> None:
-    """Prune's write path: 4 MiB page-aligned windows read into user space, written with O_DIRECT."""
-    import mmap
-
-    win = 4 << 20
-    buf = mmap.mmap(-1, win)
-    size = os.path.getsize(src)
-    s = os.open(src, os.O_RDONLY)
-    d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0), 0o644)
-    try:
-        for off in range(0, size, win):
-            n = os.preadv(s, [buf], off)
-            os.pwrite(d, memoryview(buf)[: -(-n // 4096) * 4096], off)
-        os.ftruncate(d, size)
-        os.fsync(d)
-    finally:
-        os.close(s)
-        os.close(d)
-
-
-def _copy_direct_proved(src: str, dst: str) -> None:
-    """Prune's write path with the read-back that makes a copy verified: each window written with O_DIRECT, then
-    read back from the file with O_DIRECT (from the device, not a cache) and compared. The least disk work a
-    verified copy does (every byte written, then read), with none of prune's other work: its floor here."""
+def _copy_direct(src: str, dst: str, read_back: bool = False) -> None:
+    """Prune's write path: 4 MiB page-aligned windows read into user space, written with O_DIRECT. With
+    ``read_back``, each window is then read back from the file with O_DIRECT (from the device, not a cache) and
+    compared: the least disk work a verified copy does (every byte written, then read), with none of prune's other
+    work, its floor here."""
     import mmap
 
     win = 4 << 20
@@ -204,21 +187,22 @@ def _copy_direct_proved(src: str, dst: str) -> None:
     size = os.path.getsize(src)
     s = os.open(src, os.O_RDONLY)
     d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0), 0o644)
-    r = os.open(dst, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    r = os.open(dst, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if read_back else -1
     try:
         for off in range(0, size, win):
             n = os.preadv(s, [buf], off)
             aligned = memoryview(buf)[: -(-n // 4096) * 4096]
             os.pwrite(d, aligned, off)
-            os.preadv(r, [memoryview(back)[: len(aligned)]], off)
-            if back[:n] != buf[:n]:
-                raise SystemExit(f"{dst}: read-back differs at {off}")
+            if read_back:
+                os.preadv(r, [memoryview(back)[: len(aligned)]], off)
+                if back[:n] != buf[:n]:
+                    raise SystemExit(f"{dst}: read-back differs at {off}")
         os.ftruncate(d, size)
         os.fsync(d)
     finally:
-        os.close(s)
-        os.close(d)
-        os.close(r)
+        for fd in (s, d, r):
+            if fd >= 0:
+                os.close(fd)
 
 
 def _copy_buffered(src: str, dst: str) -> None:
@@ -244,12 +228,17 @@ def _copy_kernel(src: str, dst: str) -> None:
         os.close(d)
 
 
-def write_paths(shards: list[str], work: Path, reps: int) -> list[dict]:
+def _into(cmd: list[str], *extra: str) -> Callable[[Path], list[str]]:
+    """``cmd`` with the output directory, then ``extra``, as a command of the rounds."""
+    return lambda out: [*cmd, str(out), *extra]
+
+
+def write_paths(shards: list[str], work: Path, reps: int) -> list[dict[str, Any]]:
     """Durable copies of the shards, one file after another, by each write path prune could take;
     rotated rounds, medians, ratio to O_DIRECT (what prune uses)."""
     paths: dict[str, Callable[[str, str], None]] = {
         "O_DIRECT writes + fsync": _copy_direct,
-        "O_DIRECT writes, read back + fsync": _copy_direct_proved,
+        "O_DIRECT writes, read back + fsync": functools.partial(_copy_direct, read_back=True),
         "buffered writes + fsync": _copy_buffered,
     }
     if hasattr(os, "copy_file_range"):
@@ -369,15 +358,15 @@ def main(argv: list[str] | None = None) -> int:
             others.append((args.before, archive(args.before, work / "before")))
         for label, other in others:
             theirs = nhcheck_in(other)
-            commands[f"{label}: prune"] = lambda out, t=theirs: t + [str(out)]
-            commands[f"{label}: prune --no-verify"] = lambda out, t=theirs: t + [str(out), "--no-verify"]
+            commands[f"{label}: prune"] = _into(theirs)
+            commands[f"{label}: prune --no-verify"] = _into(theirs, "--no-verify")
         if snap is not None:
             commands["hub cache: cp -rL"] = lambda out: ["cp", "-rL", str(snap), str(out)]
             ours = nhcheck_in(REPO, snap)
             commands["hub cache: nhcheck prune"] = lambda out: ours + [str(out)]
             for label, other in others:
                 theirs = nhcheck_in(other, snap)
-                commands[f"hub cache: {label}: prune"] = lambda out, t=theirs: t + [str(out)]
+                commands[f"hub cache: {label}: prune"] = _into(theirs)
         times: dict[str, list[float]] = {k: [] for k in commands}
         rss: dict[str, list[int]] = {k: [] for k in commands}
         cpu: dict[str, list[float]] = {k: [] for k in commands}
@@ -401,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         base_hub = statistics.median(times["hub cache: cp -rL"]) if snap is not None else base
         base_sha = statistics.median(times["cp -r + sha256sum"])
         base_cpu = statistics.median(cpu["cp -r"])
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name in commands:
             med = statistics.median(times[name])
             rows.append(
