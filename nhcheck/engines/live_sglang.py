@@ -52,6 +52,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from nhcheck.dtypes import TORCH_DTYPE
 from nhcheck.engines import live_sglang_host
 from nhcheck.engines.worker import is_setup_error, run_jobs
 
@@ -73,21 +74,6 @@ _SM100_PROBES = {
     "is_blackwell_supported": True,
     "is_sm120_supported": False,
     "is_sm90_supported": False,
-}
-_ST_DTYPES = {
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "U8": "uint8",
-    "I8": "int8",
-    "I16": "int16",
-    "I32": "int32",
-    "I64": "int64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
-    "BOOL": "bool",
 }
 #: How an error message names the checkpoint's own path (as the release table and the goldens do).
 CHECKPOINT = "<checkpoint>"
@@ -428,7 +414,7 @@ def replay(b: _Build, tensors: list[tuple[str, str, str, list[int]]]) -> dict:
     names = [t[0] for t in tensors]
     objs = []
     for _, _, dtype, shape in tensors:
-        dt = getattr(torch, _ST_DTYPES.get(dtype, "uint8"))
+        dt = getattr(torch, TORCH_DTYPE.get(dtype, "uint8"))  # F4/F6 have none: held as bytes
         n = 1
         for d in shape:
             n *= d
