@@ -851,6 +851,51 @@ def test_written_bytes_are_read_back_and_proven(tmp_path, monkeypatch, reference
         assert s[s["digest"]] == digest_of(s, (tmp_path / "out" / s["name"]).read_bytes())
 
 
+@pytest.mark.parametrize("cpus", [1, 2, 4, 64])
+def test_window_memory_is_bounded_whatever_the_core_count(tmp_path, monkeypatch, reference, cpus):
+    """Every window the streaming holds (each file's ring and read-back window, for as many files as it streams at
+    once) fits in ``BUFFER_BYTES`` on any core count, and the output is the same. Small windows and a budget of the
+    same twelve windows: four files of five windows each, as before the budget, would hold twenty."""
+    _, _, ref = reference
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(stream, "WINDOW", 64 << 10)
+    monkeypatch.setattr(stream, "BUFFER_BYTES", 12 * (64 << 10))
+    held: list[int] = []
+
+    class Counting:
+        """``mmap`` for ``stream``: every anonymous map it makes, counted."""
+
+        def __getattr__(self, name):
+            return getattr(mmap, name)
+
+        @staticmethod
+        def mmap(fileno, length, *args, **kwargs):
+            if fileno == -1:
+                held.append(length)
+            return mmap.mmap(fileno, length, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "mmap", Counting())
+    plan = prune.plan_prune(audit_path(str(EXAMPLES / CASE), "sglang@0.5.11"))
+    prune.execute(plan, str(tmp_path / "out"))
+    files = min(stream.MAX_FILES, cpus)
+    assert len(held) == files * (stream.ring_windows(files) + 1)
+    assert sum(held) <= stream.BUFFER_BYTES
+    got = tree(tmp_path / "out")
+    assert {k: v for k, v in got.items() if k != prune.RECEIPT_NAME} == {
+        k: v for k, v in ref.items() if k != prune.RECEIPT_NAME
+    }
+
+
+def test_ring_windows_keep_the_budget_at_the_default_sizes():
+    """At the shipped sizes: as many windows as ``RING`` where the budget allows, never fewer than two, and every
+    file count up to ``MAX_FILES`` within ``BUFFER_BYTES`` (each file's ring and its read-back window)."""
+    for files in range(1, stream.MAX_FILES + 1):
+        ring = stream.ring_windows(files)
+        assert 2 <= ring <= stream.RING
+        assert files * (ring + 1) * stream.WINDOW <= stream.BUFFER_BYTES
+    assert stream.ring_windows(1) == stream.RING
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
 def test_bytes_that_differ_on_disk_are_caught(tmp_path, monkeypatch, direct):
     """A write that lands different bytes than it was given (a faulty disk or driver) fails the read-back,

@@ -22,7 +22,8 @@ before it is read back.
 
 Several shards stream at once (one per core, at most ``MAX_FILES``): a file's sha256 is sequential,
 so parallel sha256 comes from parallel files; BLAKE3 also spreads each window of one file over the
-cores. Memory is ``RING + 1`` windows per file in flight, whatever the shard size.
+cores. Memory is at most ``BUFFER_BYTES`` of windows (each file's ring and its read-back window), whatever
+the shard size and the core count.
 
 What "verified" means, exactly: for every shard prune writes, every byte of the output file (new
 header and kept ranges) was compared, after its write returned, with the buffer the receipt's digest
@@ -62,12 +63,17 @@ from nhcheck.safetensors_header import ShardHeader, serialize_header
 
 #: Bytes per read / write / read-back step (a multiple of ``ALIGN``).
 WINDOW = 4 << 20
-#: Windows of one file in flight between the reader and the hash / write / prove stages.
+#: Windows of one file in flight between the reader and the hash / write / prove stages (``ring_windows``: fewer
+#: where several files stream at once).
 RING = 4
 #: O_DIRECT offset and length granularity (covers 512- and 4096-byte logical blocks).
 ALIGN = 4096
-#: Shards streamed at once (each holds ``RING + 1`` windows).
+#: Shards streamed at once.
 MAX_FILES = 4
+#: Bytes of windows the files streaming at once hold together, whatever the core count: four files of ``RING + 1``
+#: windows took a prune's peak RSS to 117.5 MB (four cores or more, 2026-12-07), over its 100 MB bound; two files
+#: of three windows each streamed as fast as of five on the dev VM.
+BUFFER_BYTES = 48 << 20
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 #: ``progress(phase, advance, total)``: phase is ``copy``, then ``verify`` (or ``hash`` without verification); bytes.
@@ -180,6 +186,12 @@ class _Item:
     refs: int
 
 
+def ring_windows(files: int) -> int:
+    """Windows each of ``files`` shards streaming at once fills ahead of its stages: ``RING``, fewer where they and
+    the files' read-back windows would pass ``BUFFER_BYTES``, and never under two (one filled while one is written)."""
+    return max(2, min(RING, BUFFER_BYTES // (files * WINDOW) - 1))
+
+
 class Streamer:
     """Streams shards to disk, several at once; ``submit`` queues one, ``wait`` joins them all."""
 
@@ -221,7 +233,7 @@ class Streamer:
                 self.progress(phase, n, self.total)
 
     def _drive(self) -> None:
-        bufs = [mmap.mmap(-1, WINDOW) for _ in range(RING)]
+        bufs = [mmap.mmap(-1, WINDOW) for _ in range(ring_windows(self.files))]
         back = mmap.mmap(-1, WINDOW)
         while (job := self.jobs.get()) is not None:
             if self.errors:
