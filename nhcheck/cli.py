@@ -533,7 +533,12 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, copy_anyway, no_ver
     show_default=True,
     help="fast: parallel byte-range reads into pinned buffers; safetensors: safe_open, tensor by tensor (reference).",
 )
-@click.option("--threads", type=click.IntRange(0, 256), default=0, help="Reader threads (0: min(16, CPU count)).")
+@click.option(
+    "--threads",
+    type=click.IntRange(0, 256),
+    default=0,
+    help="Reader threads (0: min(16, the cores this process may use)).",
+)
 @click.option(
     "--pinned-mb",
     type=click.IntRange(16, 65536),

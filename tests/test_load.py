@@ -30,8 +30,8 @@ from click.testing import CliRunner
 from goldens import read_golden
 from safetensors.torch import load_file
 
+from nhcheck import fileio, prune
 from nhcheck import load as loading
-from nhcheck import prune
 from nhcheck.checkpoint import open_local
 from nhcheck.cli import cli
 from nhcheck.errors import UsageError
@@ -284,28 +284,41 @@ def test_prefetch_threads_read_each_step_once_within_the_budget(monkeypatch, tmp
 
 
 def test_prefetch_threads_scale_with_the_cores_the_process_may_use(monkeypatch, tmp_path):
-    monkeypatch.setattr(readers, "_CGROUP_V2", str(tmp_path / "none"))
-    monkeypatch.setattr(readers, "_CGROUP_V1", (str(tmp_path / "none"), str(tmp_path / "none")))
+    monkeypatch.setattr(fileio, "_CGROUP_V2", str(tmp_path / "none"))
+    monkeypatch.setattr(fileio, "_CGROUP_V1", (str(tmp_path / "none"), str(tmp_path / "none")))
     for cores, threads in ((1, 1), (2, 1), (7, 1), (8, 2), (15, 3), (16, 4), (128, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert readers._prefetch_threads() == threads, cores
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (3, 3), (8, 8), (64, 16)])
+def test_reader_threads_default_to_the_cores_the_process_may_use(monkeypatch, cores, threads):
+    """``threads`` 0: as many readers as the process has usable cores, up to 16 (``os.cpu_count`` counts the host's:
+    16 readers on 8 usable cores read slower than 8, README)."""
+    monkeypatch.setattr(readers, "usable_cores", lambda: cores)
+    started: list[str] = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self.name), start(self))[1])
+    res = load_path(str(EXAMPLES / "h8b-dense"), "sglang@0.5.23", LoadOptions(device="cpu", chunk_bytes=4096))
+    assert res.report.verdict == "clean"
+    assert sum(name.startswith("nhcheck-load-") for name in started) == threads
 
 
 def test_usable_cores_are_the_affinity_within_the_cgroup_quota(monkeypatch, tmp_path):
     """A container's CPU quota (cgroup v2 ``cpu.max``, else v1's quota and period) caps the affinity's count."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
     v2, quota, period = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
-    monkeypatch.setattr(readers, "_CGROUP_V2", str(v2))
-    monkeypatch.setattr(readers, "_CGROUP_V1", (str(quota), str(period)))
-    assert readers._usable_cores() == 64  # no cgroup files: the affinity
+    monkeypatch.setattr(fileio, "_CGROUP_V2", str(v2))
+    monkeypatch.setattr(fileio, "_CGROUP_V1", (str(quota), str(period)))
+    assert fileio.usable_cores() == 64  # no cgroup files: the affinity
     for text, cores in (("800000 100000\n", 8), ("150000 100000\n", 2), ("max 100000\n", 64), ("9000000 100000", 64)):
         v2.write_text(text)
-        assert readers._usable_cores() == cores, text
+        assert fileio.usable_cores() == cores, text
     v2.unlink()
     period.write_text("100000\n")
     for text, cores in (("400000\n", 4), ("-1\n", 64), ("50000\n", 1)):
         quota.write_text(text)
-        assert readers._usable_cores() == cores, text
+        assert fileio.usable_cores() == cores, text
     assert readers._prefetch_threads() == 1  # half a CPU of quota on a 64-core host: one prefetch thread
 
 

@@ -857,7 +857,7 @@ def test_window_memory_is_bounded_whatever_the_core_count(tmp_path, monkeypatch,
     once) fits in ``BUFFER_BYTES`` on any core count, and the output is the same. Small windows and a budget of the
     same twelve windows: four files of five windows each, as before the budget, would hold twenty."""
     _, _, ref = reference
-    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(stream, "usable_cores", lambda: cpus)
     monkeypatch.setattr(stream, "WINDOW", 64 << 10)
     monkeypatch.setattr(stream, "BUFFER_BYTES", 12 * (64 << 10))
     held: list[int] = []

@@ -12,7 +12,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load. Sizes are bytes; ``threads`` 0 means min(16, CPU count).
+    """How to load. Sizes are bytes; ``threads`` 0 means min(16, the cores the process may use, ``usable_cores``).
 
     ``chunk_bytes``: one read; ``pinned_bytes``: the host ring those reads land in (by default a slot
     for each of 16 reader threads: a thread without one waits, ``readers.EARLY_SHARE`` says what it cost);

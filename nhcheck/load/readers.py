@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, NamedTuple
 
 from nhcheck.dtypes import ITEMSIZE
 from nhcheck.errors import CheckpointError
-from nhcheck.fileio import read_into
+from nhcheck.fileio import read_into, usable_cores
 from nhcheck.load.memory import Arenas, apply
 from nhcheck.load.options import LoadOptions
 from nhcheck.load.plan import Op
@@ -199,43 +198,11 @@ def prefetch(spans: list[Span]):
 
 
 def _prefetch_threads() -> int:
-    """Threads ``prefetch`` reads with: one per 4 cores the process may use (``_usable_cores``), up to 4 (a fast
+    """Threads ``prefetch`` reads with: one per 4 cores the process may use (``fileio.usable_cores``), up to 4 (a fast
     disk reads several steps at once); one on small machines, where each thread's copying slows the start-up it
     runs beside (2-core dev VM, 2026-12-06: four threads read 1.3-1.6 GB/s against one's 0.34-0.52, but a cold CLI
     load took 9.38 s against 7.99 s)."""
-    return max(1, min(4, _usable_cores() // 4))
-
-
-#: Where the kernel says how much CPU time the process's cgroup may take: v2's ``cpu.max`` ("QUOTA PERIOD" or
-#: "max PERIOD"), else v1's quota and period files (quota -1: no limit); microseconds.
-_CGROUP_V2 = "/sys/fs/cgroup/cpu.max"
-_CGROUP_V1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity), but no more than its cgroup's CPU quota buys: a container
-    limited to 8 CPUs on a 128-core host is an 8-core machine to its threads."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-
-    def text(path: str) -> str:
-        with open(path) as fh:
-            return fh.read()
-
-    try:
-        quota, period = text(_CGROUP_V2).split()[:2]
-    except (OSError, ValueError):
-        try:
-            quota, period = (text(path).strip() for path in _CGROUP_V1)
-        except (OSError, ValueError):
-            return cores
-    try:
-        limit = int(quota) / int(period)
-    except (ValueError, ZeroDivisionError):  # "max": no limit
-        return cores
-    return max(1, min(cores, math.ceil(limit))) if limit > 0 else cores
+    return max(1, min(4, usable_cores() // 4))
 
 
 def _cached(fd: int, offset: int) -> bool:
@@ -746,7 +713,7 @@ class Transfer:
             path = self.spans[len(self.fds)].path
             self.close()
             raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
-        threads = min(opts.threads or min(16, os.cpu_count() or 4), len(self.reads))
+        threads = min(opts.threads or min(16, usable_cores()), len(self.reads))
         self.early = max(1, round(threads * EARLY_SHARE))
         self.workers = [
             threading.Thread(target=self._work, name=f"nhcheck-load-{i}", daemon=True) for i in range(threads)

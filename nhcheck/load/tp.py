@@ -35,7 +35,7 @@ from nhcheck.coverage import ParamState
 from nhcheck.dtypes import ITEMSIZE, numel
 from nhcheck.engines.base import Crash, EngineId
 from nhcheck.errors import CheckpointError, UsageError
-from nhcheck.fileio import read_into
+from nhcheck.fileio import read_into, usable_cores
 from nhcheck.findings import Finding, Verdict, verdict_of
 from nhcheck.load.memory import Arenas, apply
 from nhcheck.load.plan import Plan, plan_load
@@ -664,7 +664,7 @@ class _Reader:
                     self.fds[c.path] = os.open(c.path, os.O_RDONLY)
                 except OSError as exc:
                     raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
-        workers = max(1, min(threads or min(8, os.cpu_count() or 4), len(batches)))
+        workers = max(1, min(threads or min(8, usable_cores()), len(batches)))
         self.lanes = []
         for k in range(workers):
             mine = batches[k::workers]

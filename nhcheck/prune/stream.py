@@ -20,7 +20,7 @@ system refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE mounts) the write
 window is written back with ``fdatasync`` and dropped from the page cache (``POSIX_FADV_DONTNEED``)
 before it is read back.
 
-Several shards stream at once (one per core, at most ``MAX_FILES``): a file's sha256 is sequential,
+Several shards stream at once (one per core the process may use, at most ``MAX_FILES``): a file's sha256 is sequential,
 so parallel sha256 comes from parallel files; BLAKE3 also spreads each window of one file over the
 cores. Memory is at most ``BUFFER_BYTES`` of windows (each file's ring and its read-back window), whatever
 the shard size and the core count.
@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from nhcheck.errors import CheckpointError
+from nhcheck.fileio import usable_cores
 from nhcheck.prune.digest import DigestPlan, new_hasher
 from nhcheck.prune.writer import Run, Shrunk, stat_key
 from nhcheck.safetensors_header import ShardHeader, serialize_header
@@ -197,7 +198,7 @@ class Streamer:
 
     def __init__(self, run: Run, verify: bool, progress: Progress | None, total: int) -> None:
         self.run, self.verify, self.progress, self.total = run, verify, progress, total
-        self.files = max(1, min(MAX_FILES, os.cpu_count() or 1))
+        self.files = max(1, min(MAX_FILES, usable_cores()))
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
