@@ -100,6 +100,7 @@ import generate  # noqa: E402
 
 import nhcheck  # noqa: E402
 from nhcheck.dtypes import ITEMSIZE  # noqa: E402
+from nhcheck.fileio import usable_cores  # noqa: E402
 
 ENGINE = "sglang@0.5.23"
 PIECE = 16 << 20
@@ -731,7 +732,7 @@ def main() -> int:
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
+    ap.add_argument("--threads", type=int, default=min(16, usable_cores()))  # as the load's default
     ap.add_argument(
         "--pinned-mb", type=int, default=None, help="nhcheck's pinned host ring (default: each tree's LoadOptions')"
     )
@@ -815,7 +816,7 @@ def main() -> int:
     if args.before:
         trees.append(Tree("_before", export_tree(args.before, work.name)))
     print(
-        f"device {device} ({card}); {os.cpu_count()} CPU cores; torch {torch.__version__}; "
+        f"device {device} ({card}); {os.cpu_count()} CPU cores ({usable_cores()} usable); torch {torch.__version__}; "
         f"{len(files)} shards, {data / 1e9:.2f} GB; nhcheck from {os.path.dirname(nhcheck.__file__ or '')}"
         + (f", nhcheck_before = {args.before} from {trees[1].mods['nhcheck'].__file__}" if args.before else ""),
         flush=True,
