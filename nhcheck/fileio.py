@@ -55,9 +55,9 @@ _CGROUP_V1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs
 def usable_cores() -> int:
     """The cores this process may run on (its affinity), but no more than its cgroup's CPU quota buys: a container
     limited to 8 CPUs on a 128-core host is an 8-core machine to its threads. What sizes every pool of threads that
-    read or write tensor bytes (the load's readers and prefetch, the TP load's lanes, prune's files at once):
-    ``os.cpu_count`` counts the host's cores, and more threads than usable cores slowed a load (H100 host held to 8
-    cores, 2026-12-07: 16 readers 18.2-23.0 GB/s against 8 readers' 21.6-25.0)."""
+    read or write tensor bytes (the load's readers, prefetch and ring pinning, the TP load's lanes, prune's files at
+    once): ``os.cpu_count`` counts the host's cores, and more threads than usable cores slowed a load (H100 host held
+    to 8 cores, 2026-12-07: 16 readers 18.2-23.0 GB/s against 8 readers' 21.6-25.0)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -284,7 +284,7 @@ def _pin(torch, size: int, device, part: int = _PIN_PART) -> tuple[Any, list[tup
 
     # a part that will not register leaves its error as that pool thread's last CUDA error, which ends with the
     # thread: torch's next call in this one does not raise it
-    with ThreadPoolExecutor(min(16, len(parts))) as pool:
+    with ThreadPoolExecutor(min(16, usable_cores(), len(parts))) as pool:
         ok = list(pool.map(pin, parts))
     if all(ok):
         return ring, parts
