@@ -20,10 +20,10 @@ system refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE mounts) the write
 window is written back with ``fdatasync`` and dropped from the page cache (``POSIX_FADV_DONTNEED``)
 before it is read back.
 
-Several shards stream at once (one per core the process may use, at most ``MAX_FILES``): a file's sha256 is sequential,
-so parallel sha256 comes from parallel files; BLAKE3 also spreads each window of one file over the
-cores. Memory is at most ``BUFFER_BYTES`` of windows (each file's ring and its read-back window), whatever
-the shard size and the core count.
+Several shards stream at once (one per core the process may use, at most ``MAX_FILES``): a file's
+sha256 is sequential, so parallel sha256 comes from parallel files; BLAKE3 also spreads each window of
+one file over the cores. Memory is at most ``BUFFER_BYTES`` of windows (each file's ring and its
+read-back window), whatever the shard size and the core count.
 
 What "verified" means, exactly: for every shard prune writes, every byte of the output file (new
 header and kept ranges) was compared, after its write returned, with the buffer the receipt's digest
@@ -72,8 +72,8 @@ ALIGN = 4096
 #: Shards streamed at once.
 MAX_FILES = 4
 #: Bytes of windows the files streaming at once hold together, whatever the core count: four files of ``RING + 1``
-#: windows took a prune's peak RSS to 117.5 MB (four cores or more, 2026-12-07), over its 100 MB bound; two files
-#: of three windows each streamed as fast as of five on the dev VM.
+#: windows took a prune's peak RSS to 117.5 MB (four cores or more, 2026-12-07), over its 100 MB bound; rings of two
+#: and three windows streamed as fast as of four (two files, dev VM).
 BUFFER_BYTES = 48 << 20
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
