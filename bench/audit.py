@@ -146,7 +146,8 @@ def _run(cmd: list[str], env: dict[str, str] | None, cwd: str) -> tuple[float, f
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 1):
+    # exit 1 is an audit with findings, and also Python's for an uncaught exception: a traceback is a failure
+    if proc.returncode not in (0, 1) or b"Traceback (most recent call last)" in err:
         raise SystemExit(f"{cmd} failed: {err.decode()[-500:]}")
     return dt, usage.ru_utime + usage.ru_stime
 
@@ -182,7 +183,8 @@ def _env(tree: str) -> dict[str, str]:
     """
     compileall.compile_dir(os.path.join(tree, "nhcheck"), quiet=1)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    return {**env, "PYTHONPATH": tree}
+    # the tree first, then what the caller's PYTHONPATH holds (where its msgspec may be, as on the GPU machine)
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, (tree, env.get("PYTHONPATH"))))}
 
 
 def main() -> None:
