@@ -37,7 +37,6 @@ Usage: python bench/audit.py [--reps 7] [--before REF] [--workdir DIR] [--keep] 
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shutil
 import statistics
@@ -49,6 +48,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, ROOT)
+
+from processes import timed, tree_env  # noqa: E402
 
 BARE = r"""
 import json, os, struct, sys
@@ -132,26 +133,6 @@ os._exit(0)
 """
 
 
-def _run(cmd: list[str], env: dict[str, str] | None, cwd: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds: user + system) of one whole process.
-
-    Run from ``cwd`` (outside any source tree: ``-m`` and ``-c`` put the working directory first on
-    ``sys.path``, which would shadow ``PYTHONPATH``). CPU time is what a shared machine disturbs least:
-    wall time also counts the moments another process held the core.
-    """
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    # exit 1 is an audit with findings, and also Python's for an uncaught exception: a traceback is a failure
-    if proc.returncode not in (0, 1) or b"Traceback (most recent call last)" in err:
-        raise SystemExit(f"{cmd} failed: {err.decode()[-500:]}")
-    return dt, usage.ru_utime + usage.ru_stime
-
-
 def _literal_expert_scan(names: list[str], num_experts: int) -> int:
     """SGLang's loop: for every name, every (e, shard) tuple until a substring hits."""
     tuples = [(f"experts.{e}.{w}.", e) for e in range(num_experts) for w in ("up_proj", "down_proj", "")]
@@ -175,18 +156,6 @@ def _export(ref: str, dest: str) -> str:
     return dest
 
 
-def _env(tree: str) -> dict[str, str]:
-    """Run ``-m nhcheck`` from ``tree``, whatever copy of nhcheck is installed, with its bytecode compiled.
-
-    An installed nhcheck has its ``.pyc`` files (pip compiles them); ``PYTHONDONTWRITEBYTECODE`` in the
-    caller's environment would make every timed run compile every module again, a cost no user pays.
-    """
-    compileall.compile_dir(os.path.join(tree, "nhcheck"), quiet=1)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    # the tree first, then what the caller's PYTHONPATH holds (where its msgspec may be, as on the GPU machine)
-    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, (tree, env.get("PYTHONPATH"))))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
@@ -206,9 +175,9 @@ def main() -> None:
         layouts = generate.full_layouts()
         load = os.getloadavg()
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f}")
-        trees = {"": _env(ROOT)}
+        trees = {"": tree_env(ROOT)}
         if args.before:
-            trees[f" (before: {args.before})"] = _env(_export(args.before, os.path.join(work, "before")))
+            trees[f" (before: {args.before})"] = tree_env(_export(args.before, os.path.join(work, "before")))
         for name in ("nano3-nvfp4", "super-nvfp4"):
             d = os.path.join(work, name)
             if not os.path.isdir(d):
@@ -233,13 +202,13 @@ def main() -> None:
                     [py, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json],
                     env,
                 )
-            for cmd, env in cmds.values():
-                _run(cmd, env, work)  # warm the page cache and the bytecode caches
+            for cmd, run_env in cmds.values():
+                timed(cmd, run_env, work)  # warm the page cache and the bytecode caches
             wall: dict[str, list[float]] = {k: [] for k in cmds}
             cpu: dict[str, list[float]] = {k: [] for k in cmds}
             for _ in range(args.reps):
-                for k, (cmd, env) in cmds.items():
-                    w, c = _run(cmd, env, work)
+                for k, (cmd, run_env) in cmds.items():
+                    w, c = timed(cmd, run_env, work)
                     wall[k].append(w)
                     cpu[k].append(c)
             base = "baseline (parse headers only)"

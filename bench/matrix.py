@@ -16,40 +16,17 @@ Usage: python bench/matrix.py [--reps 5] [--workdir DIR] [--keep]
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, ROOT)
 
-
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds: user + system) of one whole process; CPU time is what a shared machine
-    disturbs least."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) not in (0, 1):
-        raise SystemExit(f"{cmd} failed: {err.decode()[-500:]}")
-    return dt, usage.ru_utime + usage.ru_stime
-
-
-def _env() -> dict[str, str]:
-    """This tree's nhcheck with its bytecode compiled, as an installed one is (``PYTHONDONTWRITEBYTECODE``
-    in the caller's environment would recompile every module on every timed run)."""
-    compileall.compile_dir(os.path.join(ROOT, "nhcheck"), quiet=1)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    return {**env, "PYTHONPATH": ROOT}
+from processes import timed, tree_env  # noqa: E402
 
 
 def _audits_run(d: str) -> tuple[int, int]:
@@ -66,11 +43,11 @@ def _audits_run(d: str) -> tuple[int, int]:
         runs += 1
         return real(*args, **kwargs)
 
-    compat.run_audit = counting  # type: ignore[assignment]
+    compat.run_audit = counting
     try:
         compat.build(open_local(d))
     finally:
-        compat.run_audit = real  # type: ignore[assignment]
+        compat.run_audit = real
     return runs, len(engines.epochs())
 
 
@@ -93,16 +70,16 @@ def main() -> None:
             print(f"super-nvfp4: generated {totals['tensors']:,} tensors in {totals['shards']} shards (sparse)")
         audit_cmd = [sys.executable, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json, "-q"]
         matrix_cmd = [sys.executable, "-m", "nhcheck", "matrix", d, "--format", "json", "-o", out_json]
-        env = _env()
-        _run(audit_cmd, env), _run(matrix_cmd, env)  # warm the page cache
-        timed: dict[str, tuple[list[float], list[float]]] = {"audit": ([], []), "matrix": ([], [])}
+        env = tree_env(ROOT)
+        timed(audit_cmd, env), timed(matrix_cmd, env)  # warm the page cache
+        times: dict[str, tuple[list[float], list[float]]] = {"audit": ([], []), "matrix": ([], [])}
         for _ in range(args.reps):
             for k, cmd in (("audit", audit_cmd), ("matrix", matrix_cmd)):
-                w, c = _run(cmd, env)
-                timed[k][0].append(w)
-                timed[k][1].append(c)
+                w, c = timed(cmd, env)
+                times[k][0].append(w)
+                times[k][1].append(c)
         for i, what in enumerate(("wall", "cpu")):
-            a, m = timed["audit"][i], timed["matrix"][i]
+            a, m = times["audit"][i], times["matrix"][i]
             print(
                 f"super-nvfp4 {what}: audit median {statistics.median(a):.3f} s (min {min(a):.3f}) | matrix median "
                 f"{statistics.median(m):.3f} s (min {min(m):.3f}) | ratio of medians "

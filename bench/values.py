@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,14 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, ROOT)
 
-
-def _wall(cmd: list[str]) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    dt = time.perf_counter() - t
-    if r.returncode not in (0, 1):
-        raise SystemExit(f"{cmd} failed: {r.stderr.decode()[-500:]}")
-    return dt
+from processes import timed  # noqa: E402
 
 
 def _shards(d: str) -> list[str]:
@@ -80,7 +72,7 @@ def _compare(label: str, d: str, out: str, reps: int, cold: bool) -> tuple[float
         for args, times in ((base, plain), (base + ["--values"], values)):
             if cold:
                 _evict(d)
-            times.append(_wall(args))
+            times.append(timed(args)[0])
     p, v = statistics.median(plain), statistics.median(values)
     print(f"{label:10} audit {p:6.2f} s   audit --values {v:6.2f} s   ratio {v / p:5.2f}×   (+{v - p:.2f} s)")
     return p, v
