@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from nhcheck import collapse
 from nhcheck.dtypes import ITEMSIZE, TORCH_DTYPE, numel
-from nhcheck.load.memory import Arenas, layout, torch_module
+from nhcheck.load.memory import Arenas, layout, torch_module, word_dtype
 from nhcheck.load.plan import Op
 from nhcheck.manifest import Param
 from nhcheck.safetensors_header import ShardHeader
@@ -219,7 +219,7 @@ class Expected(NamedTuple):
     approx: bool  # mamba_A: exp may differ in the last bit between devices
     ops: tuple[Op, ...]
     index: Any  # element positions in the arena, int64, ``len(ops) × k``
-    want: Any  # the expected elements as integers of their width (``_bits``), or float32 values when ``approx``
+    want: Any  # the expected elements as integers of their width (``word_dtype``), or float32 values when ``approx``
 
 
 def expected_samples(
@@ -269,17 +269,12 @@ def expected_samples(
         else:
             rel = files.rel[b].index_select(0, at)
         # Compare bits, not values: indexing kernels do not cover every float8 dtype, and a NaN equals no NaN.
-        want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(_bits(torch, dst))
+        want = -torch.exp(x.float()) if kind == "mamba_A" else x.to(getattr(torch, dst)).view(word_dtype(torch, dst))
         dst_rel = torch.stack([_in_corner(r, o) for r, o in zip(rel, group, strict=True)]) if kind == "corner" else rel
         pos0 = torch.tensor(first, dtype=torch.int64)
         index = (pos0.unsqueeze(1) + dst_rel).reshape(-1)
         out.append(Expected(dst, kind == "mamba_A", tuple(group), index, want.reshape(-1)))
     return out
-
-
-def _bits(torch, dtype: str):
-    """The integer dtype of ``dtype``'s width: its elements' bits, which any indexing kernel gathers and compares."""
-    return (torch.uint8, torch.int16, torch.int32, torch.int64)[ITEMSIZE[dtype].bit_length() - 1]
 
 
 def _in_corner(rel, op: Op):
@@ -326,7 +321,8 @@ def compare(reads: list[ReadBack], arenas: Arenas) -> tuple[int, dict[str, int]]
     bad: dict[str, int] = {}
     for r in reads:
         raw = arenas.raw[r.dtype]
-        got = raw.view(_bits(torch, r.dtype))[r.index.to(raw.device)].cpu().split([e.index.numel() for e in r.groups])
+        words = raw.view(word_dtype(torch, r.dtype))
+        got = words[r.index.to(raw.device)].cpu().split([e.index.numel() for e in r.groups])
         for e, g in zip(r.groups, got, strict=True):
             if e.approx:
                 ok = torch.isclose(g.view(torch.float32), e.want, rtol=1e-5, atol=0.0)

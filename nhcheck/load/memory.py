@@ -35,6 +35,12 @@ def _float_storage(dtype: str) -> bool:
     return dtype in FLOAT_PARAM or dtype.startswith("float8")
 
 
+def word_dtype(torch, dtype: str):
+    """The integer torch dtype of ``dtype``'s width: its elements as bits, which any indexing kernel gathers and
+    compares (float8 included), and where a NaN equals itself."""
+    return getattr(torch, INT_OF_SIZE[ITEMSIZE[dtype]])
+
+
 def torch_module():
     """torch, imported on first use (nothing ``audit`` imports may pay for it)."""
     import torch
@@ -213,7 +219,7 @@ class Arenas:
         (elements,) words of the float's size, or (runs, 2) int64 words for integer storage."""
         torch = self.torch
         if _float_storage(dtype):
-            return raw.view(getattr(torch, INT_OF_SIZE[ITEMSIZE[dtype]])), 1
+            return raw.view(word_dtype(torch, dtype)), 1
         head = -raw.data_ptr() % 8
         n = max(0, (raw.numel() - head) // _POISON_RUN * _POISON_RUN)
         return raw[head : head + n].view(torch.int64).view(-1, _POISON_RUN // 8), _POISON_RUN // 8
