@@ -9,11 +9,13 @@ import fnmatch
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import compress, count
 from operator import eq, itemgetter
 from typing import NamedTuple, overload
+
+import msgspec
 
 from nhcheck import collapse, coverage, slots
 from nhcheck.checkpoint import Checkpoint
@@ -118,8 +120,7 @@ class TensorRecords(Sequence[TensorRecord]):
         return [self[i] for i in sorted(at)]
 
 
-@dataclass(frozen=True)
-class ParamStatus:
+class ParamStatus(msgspec.Struct, frozen=True):
     name: str
     param: Param
     status: ParamState
@@ -205,8 +206,7 @@ class AuditReport:
         return 1 if any(severity_rank(f.severity) >= gate for f in self.findings) else 0
 
 
-@dataclass(frozen=True)
-class AuditOptions:
+class AuditOptions(msgspec.Struct, frozen=True):
     mtp: bool = False
     pp: PPWindow | None = None
     ignore: tuple[str, ...] = ()
@@ -831,7 +831,12 @@ def run_audit(
         from nhcheck.matrix import shared_audits
 
         peers = shared_audits(
-            ckpt, cfg, qc, engine.others(mtp=opts.mtp), replace(opts, compare_versions=False), moe_backend=moe_backend
+            ckpt,
+            cfg,
+            qc,
+            engine.others(mtp=opts.mtp),
+            msgspec.structs.replace(opts, compare_versions=False),
+            moe_backend=moe_backend,
         )
         others = {other.id: r2.summary_line() for other, r2 in peers}
     return AuditReport(
@@ -866,7 +871,9 @@ def _environment_finding(
     (its row there, audited as this one; that row has no alternative of its own)."""
     other = alternative.engine
     manifest = other.build_manifest(cfg, qc, moe_backend=moe_backend, pp=opts.pp)
-    rep = run_audit(ckpt, cfg, qc, manifest, other, replace(opts, compare_versions=False), moe_backend=moe_backend)
+    rep = run_audit(
+        ckpt, cfg, qc, manifest, other, msgspec.structs.replace(opts, compare_versions=False), moe_backend=moe_backend
+    )
     gives = f"verdict {rep.verdict}" + (f", raises {rep.crash.error}{rep.crash.where}" if rep.crash else "")
     return Finding("info", "environment-assumed", f"{alternative.assumed}; {alternative.other}: {gives}")
 

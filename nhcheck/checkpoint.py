@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
 
@@ -26,8 +25,7 @@ CONFIG_NAME = "config.json"
 QUANT_NAME = "hf_quant_config.json"
 
 
-@dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(msgspec.Struct, frozen=True):
     """Everything nhcheck knows about one checkpoint, read from headers and small files only.
 
     ``shards`` are in loader order (index-listed files sorted by name); ``tensors()``
@@ -45,7 +43,7 @@ class Checkpoint:
     sidecars: tuple[str, ...] = ()
     revision: str | None = None
     bytes_transferred: int | None = None
-    missing_shards: tuple[str, ...] = field(default=())
+    missing_shards: tuple[str, ...] = ()
     #: Why ``missing_shards`` were not read (``given alone``, ``not in the local Hugging Face cache``):
     #: the report leads with it, since every parameter they fill shows as unfilled.
     missing_why: str = ""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
 from typing import Literal
+
+import msgspec
 
 from nhcheck import collapse
 
@@ -22,8 +23,7 @@ INCOMPLETE_CODES = frozenset({"param-unfilled", "param-partial", "scale-slot0-on
 _NOT_BROKEN = INCOMPLETE_CODES | {"orphan", "crash", "quant-config", "tp-indivisible", "bad-scale", "cross-check"}
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(msgspec.Struct, frozen=True):
     """One reportable problem (or note), tied to a shard and/or tensor where it has one.
 
     ``code`` is a stable machine key (``orphan``, ``crash``, ``quant-mismatch``, …) that
@@ -84,5 +84,9 @@ def grouped(found: Iterable[tuple[str, str | None, Finding]]) -> list[Finding]:
         (f.code + "|" + collapse.template(f.message)[0], n or f.message, f) for _, n, f in found
     ):
         f = fs[0]
-        out.append(f if count == 1 else replace(f, message=f"{name} ×{count}: {f.message}", count=count, family=name))
+        out.append(
+            f
+            if count == 1
+            else msgspec.structs.replace(f, message=f"{name} ×{count}: {f.message}", count=count, family=name)
+        )
     return out

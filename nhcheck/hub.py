@@ -25,8 +25,9 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import replace
 from urllib.parse import quote
+
+import msgspec
 
 from nhcheck.checkpoint import (
     CONFIG_NAME,
@@ -145,7 +146,7 @@ def open_cached(repo_id: str, revision: str | None, progress: Progress | None, r
         else f
         for f in ckpt.findings
     )
-    return replace(
+    return msgspec.structs.replace(
         ckpt,
         source=repo_id,
         revision=os.path.basename(root),

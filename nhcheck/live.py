@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import util as import_util
 
+import msgspec
+
 from nhcheck import collapse, engines
 from nhcheck.audit import AuditOptions, AuditReport, run_audit
 from nhcheck.checkpoint import Checkpoint
@@ -399,7 +401,7 @@ def logical_shapes(run: LiveRun, table: Manifest) -> Manifest:
             and len(t.shape) == len(p.shape)
             and all(a <= b for a, b in zip(t.shape, p.shape, strict=True))
         ):
-            p = replace(p, shape=t.shape)
+            p = msgspec.structs.replace(p, shape=t.shape)
         out.append(p)
     return replace(run.manifest, params=tuple(out), by_name={})
 

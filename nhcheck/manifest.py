@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
+import msgspec
+
 from nhcheck.engines.base import PPWindow
 from nhcheck.engines.sglang import SGLangProfile, default_moe_backend
 from nhcheck.errors import CheckpointError, UsageError
@@ -39,8 +41,7 @@ SCHEMA = "nhcheck.manifest/1"
 _DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-@dataclass(frozen=True)
-class Param:
+class Param(msgspec.Struct, frozen=True):
     """One runtime parameter.
 
     ``loader``: ``default`` (copy; a scalar checkpoint scale broadcasts into a per-partition

@@ -12,7 +12,8 @@ clean from 0.5.13".
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Iterator
-from dataclasses import dataclass, replace
+
+import msgspec
 
 from nhcheck import engines, slots
 from nhcheck.audit import AuditOptions, AuditReport, Gathered, Replayed, gather, param_view, replay_tensors, run_audit
@@ -26,8 +27,7 @@ from nhcheck.model import NemotronHConfig, parse_config
 from nhcheck.quant import QuantConfig, parse_quant
 
 
-@dataclass(frozen=True)
-class MatrixRow:
+class MatrixRow(msgspec.Struct, frozen=True):
     """A run of consecutive releases of one engine that treat the checkpoint alike."""
 
     engine: str
@@ -49,8 +49,7 @@ class MatrixRow:
         return (self.verdict, self.orphans, self.raises, self.unfilled, self.partial, self.crash)
 
 
-@dataclass(frozen=True)
-class Matrix:
+class Matrix(msgspec.Struct, frozen=True):
     source: str
     rows: tuple[MatrixRow, ...]
 
@@ -67,8 +66,7 @@ class Matrix:
         return 0 if all(by_engine.values()) else 1
 
 
-@dataclass(frozen=True)
-class _SharedReplay:
+class _SharedReplay(msgspec.Struct, frozen=True):
     """One gathered ``replay_tensors`` and what the behaviour key needs from it, shared by the epochs that replay
     alike."""
 
@@ -243,7 +241,7 @@ def build(ckpt: Checkpoint, *, moe_backend: str | None = None, mtp: bool = False
             and order[EngineId(name, releases[0])] == order[EngineId(name, last.releases[-1])] + 1
         )
         if last is not None and follows and last._answer() == row._answer():
-            rows[-1] = replace(last, releases=last.releases + releases)
+            rows[-1] = msgspec.structs.replace(last, releases=last.releases + releases)
         else:
             rows.append(row)
     return Matrix(ckpt.source, tuple(rows))

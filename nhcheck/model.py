@@ -7,7 +7,7 @@ never ``expand * hidden_size``; ``head_dim`` with SGLang's default of 128).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from nhcheck.errors import CheckpointError
 
@@ -20,8 +20,7 @@ MAX_LAYERS = 4096
 MAX_EXPERTS = 16384
 
 
-@dataclass(frozen=True)
-class NemotronHConfig:
+class NemotronHConfig(msgspec.Struct, frozen=True):
     """The language model's geometry plus the wrapper around it (if any)."""
 
     architecture: str

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import msgspec
 
 from nhcheck import collector, engines
 from nhcheck.audit import AuditOptions, AuditReport, Gathered, run_audit
@@ -14,8 +14,7 @@ from nhcheck.model import NemotronHConfig, parse_config
 from nhcheck.quant import QuantConfig, parse_quant
 
 
-@dataclass(frozen=True)
-class Inputs:
+class Inputs(msgspec.Struct, frozen=True):
     """Everything a verb needs, resolved once: the checkpoint, its configs, the engine and its manifest.
 
     ``mtp`` and ``pp`` live here and only here: the manifest was built for them, so the audit
@@ -64,7 +63,7 @@ def prepare(
 def audit(inputs: Inputs, opts: AuditOptions | None = None, replayed: Gathered | None = None) -> AuditReport:
     """Audit with the MTP mode and pipeline rank the inputs were prepared for (``replayed``: their replay, gathered,
     where the caller has it already)."""
-    opts = replace(opts or AuditOptions(), mtp=inputs.mtp, pp=inputs.pp)
+    opts = msgspec.structs.replace(opts or AuditOptions(), mtp=inputs.mtp, pp=inputs.pp)
     return run_audit(
         inputs.checkpoint,
         inputs.config,

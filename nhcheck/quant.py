@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import msgspec
+
 from nhcheck.engines.sglang import SGLangProfile
 from nhcheck.model import CAUSAL_LM
 
@@ -290,8 +292,7 @@ def first_under(layers: dict[str, str]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class QuantResolver:
+class QuantResolver(msgspec.Struct, frozen=True, dict=True):
     """The quant config after the engine's normalisation, answering per-module questions.
 
     ``kind`` is the config class SGLang instantiates: ``fp8``, ``fp4``, ``mixed`` or None
@@ -477,8 +478,7 @@ def _group_size_found(cfg: dict) -> bool:
     return any(type(v) is int for v in sizes)
 
 
-@dataclass(frozen=True)
-class _EngineView:
+class _EngineView(msgspec.Struct, frozen=True):
     """The quant recipe as one release's config classes read it: which file, exclude list, layer map, KV scales,
     or the ValueError with which it refuses the config."""
 

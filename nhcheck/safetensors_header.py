@@ -14,7 +14,6 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
 from operator import itemgetter
@@ -87,8 +86,7 @@ class TensorInfo(NamedTuple):
         return n
 
 
-@dataclass(frozen=True)
-class ShardHeader:
+class ShardHeader(msgspec.Struct, frozen=True, dict=True):
     """A validated shard header: where the data starts and every tensor in header order."""
 
     path: str

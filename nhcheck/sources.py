@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Literal
+
+import msgspec
 
 from nhcheck.checkpoint import Checkpoint, open_local
 from nhcheck.errors import CheckpointError
@@ -48,7 +49,7 @@ def open_source(
 
         return open_hub(source, revision, progress)
     ckpt = open_local(open_for_data(source, revision, progress is not None), progress)
-    return replace(ckpt, source=source, revision=revision)
+    return msgspec.structs.replace(ckpt, source=source, revision=revision)
 
 
 def open_for_data(source: str, revision: str | None = None, progress: bool = True) -> str:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from click.testing import CliRunner
@@ -146,7 +146,7 @@ def _partitions(
     out, owned = {}, {}
     for rank in range(2):
         copies = load_tp.rank_copies(plan, shards, rank)
-        local = tuple(replace(p, shape=shards[p.name].local_shape(p.shape, rank)) for p in plan.params)
+        local = tuple(msgspec.structs.replace(p, shape=shards[p.name].local_shape(p.shape, rank)) for p in plan.params)
         arenas = Arenas(local, torch.device("cpu"), torch)
         for p in plan.params:
             for box in load_tp._padding(p, shards[p.name], rank):

@@ -155,14 +155,14 @@ def test_replay_classes_group_names_as_the_replay_factors_them():
 
 def test_readme_shows_each_examples_matrix_as_the_tool_prints_it():
     """README's matrix block is ``nhcheck matrix examples/NAME --format markdown`` for every shipped example."""
-    from dataclasses import replace
+    import msgspec
 
     from nhcheck import report
 
     readme = (EX.parent / "README.md").read_text()
     block = readme.split("<!-- matrix:begin -->\n", 1)[1].split("<!-- matrix:end -->", 1)[0]
     want = "\n".join(
-        report.matrix_markdown(replace(build(open_local(str(ex))), source=f"examples/{ex.name}"))
+        report.matrix_markdown(msgspec.structs.replace(build(open_local(str(ex))), source=f"examples/{ex.name}"))
         for ex in sorted(EX.iterdir())
         if (ex / "config.json").is_file()
     )

@@ -17,6 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from click.testing import CliRunner
@@ -232,7 +233,7 @@ def _simulate(path: Path, tp: int, backend: str | None = "flashinfer_cutlass", e
     owned: dict[str, int] = {}
     for rank in range(tp):
         copies = load_tp.rank_copies(plan, shards, rank)
-        local = tuple(replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
+        local = tuple(msgspec.structs.replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
         arenas = Arenas(local, torch.device("cpu"), torch)
         for p in plan.params:
             for box in load_tp._padding(p, shards[p.name], rank):
@@ -330,7 +331,7 @@ def test_readback_catches_a_wrong_window(tmp_path, nano_cfg, generate):
     c = copies[k]
     n = c.src_box[0][1] - c.src_box[0][0]
     copies[k] = c._replace(src_box=((0, n),) + c.src_box[1:])
-    local = tuple(replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
+    local = tuple(msgspec.structs.replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
     arenas = Arenas(local, torch.device("cpu"), torch)
     _read(copies, arenas)
     copies[k] = c  # verify against where the bytes should have come from

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import make_corpus  # tests/corpus, on the path from conftest.py
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -235,8 +236,8 @@ def test_a_shard_changed_after_its_header_was_read_is_a_clean_error(ckpt):
 def test_hub_headers_without_local_shards_need_a_download(base):
     rep = audit_path(str(base))
     ckpt = rep.checkpoint
-    remote = tuple(dataclasses.replace(s, path=f"https://hub.example/{s.name}") for s in ckpt.shards)
-    rep = dataclasses.replace(rep, checkpoint=dataclasses.replace(ckpt, shards=remote, bytes_transferred=1234))
+    remote = tuple(msgspec.structs.replace(s, path=f"https://hub.example/{s.name}") for s in ckpt.shards)
+    rep = dataclasses.replace(rep, checkpoint=msgspec.structs.replace(ckpt, shards=remote, bytes_transferred=1234))
     with pytest.raises(UsageError, match="download"):
         values.scan(rep)
 
@@ -244,5 +245,5 @@ def test_hub_headers_without_local_shards_need_a_download(base):
 def test_a_cached_hub_snapshot_is_read_like_a_directory(base):
     """A repo id served from the local cache has real shard files (bytes_transferred 0)."""
     rep = audit_path(str(base))
-    rep = dataclasses.replace(rep, checkpoint=dataclasses.replace(rep.checkpoint, bytes_transferred=0))
+    rep = dataclasses.replace(rep, checkpoint=msgspec.structs.replace(rep.checkpoint, bytes_transferred=0))
     assert values.scan(rep).tensors_read > 0

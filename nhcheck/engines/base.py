@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
+import msgspec
+
 from nhcheck.dtypes import numel
 from nhcheck.errors import UsageError
 
@@ -95,8 +97,7 @@ class Route(NamedTuple):
     message: str | None = None
 
 
-@dataclass(frozen=True)
-class PPWindow:
+class PPWindow(msgspec.Struct, frozen=True):
     """Pipeline-parallel view of one rank: layers [start, end), and whether it holds embed / head.
 
     ``rank`` of ``size`` is the rank asked for (``--pp RANK/SIZE``); reports name it.
@@ -119,8 +120,7 @@ class PPWindow:
         return {"rank": self.rank, "size": self.size, "layers": [self.start, self.end]}
 
 
-@dataclass(frozen=True)
-class Crash:
+class Crash(msgspec.Struct, frozen=True):
     """The error that ends the engine's start-up: at a tensor, or while building the model (tensor None).
 
     ``index`` is the tensor's place in the engine's stream; a load adds how far it got before it.
@@ -149,8 +149,7 @@ class Crash:
         return out
 
 
-@dataclass(frozen=True)
-class LoaderSemantics:
+class LoaderSemantics(msgspec.Struct, frozen=True):
     """How the engine's weight loaders write a tensor into a parameter of one quant method: what ``load`` applies.
 
     The slot itself (a q/k/v row block, one expert, the whole parameter) comes from the audit's
@@ -436,8 +435,7 @@ class SharesReplay(Protocol):
     ) -> Hashable | None: ...
 
 
-@dataclass(frozen=True)
-class ReplayClasses:
+class ReplayClasses(msgspec.Struct, frozen=True):
     """A checkpoint's names as ``make_replayer`` factors them: those with exactly one ``experts.{e}.`` grouped by
     the name around it (each group: its expert ids ascending and the names in that order), every other
     name on its own."""

@@ -9,7 +9,8 @@ This module must not import torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+
+import msgspec
 
 from nhcheck.engines.base import (
     EXPERT_INDEX,
@@ -28,8 +29,7 @@ from nhcheck.errors import UsageError
 # Version table
 
 
-@dataclass(frozen=True, kw_only=True)
-class SGLangProfile:
+class SGLangProfile(msgspec.Struct, frozen=True, kw_only=True):
     """Behaviour flags of one SGLang behaviour epoch, built with keywords. Each flag cites one upstream change.
 
     A release table row: ``RELEASES`` maps every known release to its row. Nothing compares
@@ -191,12 +191,12 @@ _B1 = SGLangProfile(
 )
 #: B2: 0.5.4 – 0.5.5.post3 — ``modelopt`` in config.json accepted, quant prefixes ``model.layers.{i}.mixer.<m>``
 #: (NH:442, NH:160), ``replace_prefix`` first occurrence only (WU:141).
-_B2 = replace(
+_B2 = msgspec.structs.replace(
     _B1, version="0.5.5.post3", modelopt_in_config_json=True, legacy_quant_prefixes=False, prefix_remap_first_only=True
 )
 #: B3: 0.5.6 — MoE layers and the expert branch (NH:713, orphan → KeyError), ``layer_norm_epsilon`` (CFG),
 #: the VL wrapper ``NemotronH_Nano_VL_V2``, ``flashinfer_cutlass`` for ModelOpt MoEs on sm100.
-_B3 = replace(
+_B3 = msgspec.structs.replace(
     _B2,
     version="0.5.6",
     reads_layer_norm_epsilon=True,
@@ -205,15 +205,15 @@ _B3 = replace(
     modelopt_moe_backend="flashinfer_cutlass",
 )
 #: B4: 0.5.6.post1 – 0.5.7 — ``is_layer_skipped`` becomes a substring test (QU:80).
-_B4 = replace(_B3, version="0.5.7", skip_match="substring")
+_B4 = msgspec.structs.replace(_B3, version="0.5.7", skip_match="substring")
 #: B5: 0.5.8 – 0.5.8.post1 — MTP draft, MTP / PP filters, latent MoE (NH:775/788/194; quant prefix ``model``).
-_B5 = replace(_B4, version="0.5.8.post1", mtp_pp_filters=True)
+_B5 = msgspec.structs.replace(_B4, version="0.5.8.post1", mtp_pp_filters=True)
 #: B6: 0.5.9 — checkpoint KV scales load (NH:640/792, WU:1219), the quant-name mapper, unified
 #: ``is_layer_excluded`` with an excludable MoE (MQ:301/330).
-_B6 = replace(_B5, version="0.5.9", kv_remap_v2=True, quant_name_mapper=True, exclusion_v1=True)
+_B6 = msgspec.structs.replace(_B5, version="0.5.9", kv_remap_v2=True, quant_name_mapper=True, exclusion_v1=True)
 #: B7: 0.5.10rc0 – 0.5.10.post1 — MIXED_PRECISION → ``modelopt_mixed`` (MC:803) with {FP8, NVFP4}, the MTP
 #: quant prefix ``mtp`` (MTPF:300), ``layers_block_type`` (CFG:189), the experts skip rule or-ed (QU:89).
-_B7 = replace(
+_B7 = msgspec.structs.replace(
     _B6,
     version="0.5.10.post1",
     mixed_precision=True,
@@ -225,7 +225,7 @@ _B7 = replace(
 )
 #: B8: 0.5.11, the last release before PR #24434 (an orphan expert tensor raises KeyError): path matching
 #: of excludes (QU:46), the Nano-Omni class, ``flashinfer_trtllm`` for ModelOpt MoEs on sm100.
-_B8 = replace(
+_B8 = msgspec.structs.replace(
     _B7,
     version="0.5.11",
     skip_match="path",
@@ -233,11 +233,11 @@ _B8 = replace(
     modelopt_moe_backend="flashinfer_trtllm",
 )
 #: B9: 0.5.12 — PR #24434, ``if name_mapped not in params_dict: continue`` in the expert branch (NH:977).
-_B9 = replace(_B8, version="0.5.12", expert_missing_is_keyerror=False)
+_B9 = msgspec.structs.replace(_B8, version="0.5.12", expert_missing_is_keyerror=False)
 #: B10: 0.5.13 — experts sized by ``max_n_routed_experts`` (NH:910), router ``gate`` in the model dtype,
 #: the VL quant-name mapper (VL:56), trailing dots stripped from excludes (QU:53), no swizzled NVFP4 block
 #: scales under the trtllm backends (MQ:1811), and flashinfer_trtllm for unquantized MoEs too.
-_B10 = replace(
+_B10 = msgspec.structs.replace(
     _B9,
     version="0.5.13",
     expert_count_from_max=True,
@@ -249,7 +249,7 @@ _B10 = replace(
 )
 #: B11: 0.5.15 — ``lm_head`` quantisable (MQ:306), mixed W4A16_NVFP4 (MQ:815), the first candidate
 #: prefixes (MQ:780), the mixed hf_quant_config.json fallback and flat ``kv_cache_quant_algo``.
-_B11 = replace(
+_B11 = msgspec.structs.replace(
     _B10,
     version="0.5.15",
     lm_head_quantizable=True,
@@ -261,9 +261,9 @@ _B11 = replace(
 )
 #: B12: 0.5.16 — the MTP draft keeps ``embed_tokens``/``lm_head`` (NH:1136, #21138); a shard-less scalar
 #: scale fills every slot of a fused merged column (LIN:858).
-_B12 = replace(_B11, version="0.5.16", mtp_whitelist_embed_head=True, merged_scalar_every_slot=True)
+_B12 = msgspec.structs.replace(_B11, version="0.5.16", mtp_whitelist_embed_head=True, merged_scalar_every_slot=True)
 #: B13: 0.5.17 — non-mixed NVFP4_AWQ (MQ:1358), mixed MXFP8 (MQ:835/851), mixed flat ``exclude_modules``.
-_B13 = replace(
+_B13 = msgspec.structs.replace(
     _B12,
     version="0.5.17",
     modelopt_algos=_B12.modelopt_algos | {"NVFP4_AWQ"},
@@ -273,15 +273,15 @@ _B13 = replace(
 )
 #: B14: 0.5.18 — mixed FP8_PB_WO for linear layers only (MQ:949).
 #: (The start-up goldens show the override reading ``quantization_config`` from 0.5.18 on: 0.5.17 starts.)
-_B14 = replace(
+_B14 = msgspec.structs.replace(
     _B13, version="0.5.18", mixed_algos=_B13.mixed_algos | {"FP8_PB_WO"}, override_reads_quantization_config=True
 )
 #: B15: 0.5.19 — non-mixed W4A16_NVFP4 (MQ:1580).
-_B15 = replace(_B14, version="0.5.19", modelopt_algos=_B14.modelopt_algos | {"W4A16_NVFP4"})
+_B15 = msgspec.structs.replace(_B14, version="0.5.19", modelopt_algos=_B14.modelopt_algos | {"W4A16_NVFP4"})
 #: B16: 0.5.20 — the MTP wrapper strips ``language_model.`` and checks a standalone head (MTPF:397/426),
 #: the VL wrapper streams (VL:380), ``NemotronH_Omni_Reasoning_V3``, mixed FP8_BLOCK_SCALES for linear and
 #: MoE, the ``model.``↔``model.language_model.`` candidates (MQ:988), no swizzled scales under megamoe.
-_B16 = replace(
+_B16 = msgspec.structs.replace(
     _B15,
     version="0.5.20",
     mtp_strip_language_model=True,
@@ -295,9 +295,9 @@ _B16 = replace(
     swizzled_omitted_backends=_B15.swizzled_omitted_backends | {"flashinfer_megamoe"},
 )
 #: B17: 0.5.21 — mixed FP8_PB_WO for the MoE too (MQ:794).
-_B17 = replace(_B16, version="0.5.21", mixed_moe_algos=_B16.mixed_moe_algos | {"FP8_PB_WO"})
+_B17 = msgspec.structs.replace(_B16, version="0.5.21", mixed_moe_algos=_B16.mixed_moe_algos | {"FP8_PB_WO"})
 #: B18: 0.5.23 — the FP4 flat form's ``modules_to_not_convert`` / ``exclude_modules`` keys (MQ:1655).
-_B18 = replace(_B17, version="0.5.23", quant_fp4_exclude_keys=True, newest=True)
+_B18 = msgspec.structs.replace(_B17, version="0.5.23", quant_fp4_exclude_keys=True, newest=True)
 
 #: Every release on the package index that ships ``sglang/srt/models/nemotron_h.py`` (0.5.3.post1 – 0.5.23,
 #: 0.5.10rc0 included), oldest first → its behaviour row (``oracle/sglang/EPOCHS.md``: release → epoch).
@@ -694,8 +694,7 @@ def mtp_preprocess(name: str, profile: SGLangProfile) -> str:
 # The Engine interface for one SGLang release
 
 
-@dataclass(frozen=True)
-class SGLangEngine:
+class SGLangEngine(msgspec.Struct, frozen=True):
     """SGLang's answers for one release row (``nhcheck.engines.base.Engine``)."""
 
     id: EngineId

@@ -14,8 +14,9 @@ This module must not import torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
 from typing import Literal
+
+import msgspec
 
 from nhcheck.dtypes import numel
 from nhcheck.engines.base import (
@@ -41,8 +42,7 @@ from nhcheck.quant import NVFP4_LINEAR
 ExpertMissing = Literal["keyerror", "attr-object", "attr-layer"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class VLLMProfile:
+class VLLMProfile(msgspec.Struct, frozen=True, kw_only=True):
     """Behaviour flags of one vLLM behaviour epoch, built with keywords. Each flag cites one upstream change
     (``file:line`` of the release that introduced it, ``vllm/`` omitted; EPOCHS.md has the evidence).
 
@@ -288,7 +288,7 @@ _V5 = VLLMProfile(
 #: refused without ``VLLM_USE_FLASHINFER_MOE_FP4=1``, no MXFP8 in ``QUANT_ALGOS``, one NVFP4 scale per fused
 #: shard (``ModelOptNvFp4LinearMethod.create_weights``: ``len(output_partition_sizes)``, 0.13.0 – 0.15.1;
 #: goldens 0.13.0, 0.15.1).
-_V5a = replace(
+_V5a = msgspec.structs.replace(
     _V5,
     version="0.14.0",
     epoch="V5a",
@@ -303,7 +303,7 @@ _V5a = replace(
 #: V4: 0.13.0 — as 0.14.0 without the NemotronH k/v-scale pattern (``mixer.k_proj.k_scale`` is warned and
 #: dropped), without attention scale parameters, and NVFP4 experts build (the non-gated check came with 0.14.0);
 #: ``QUANT_ALGOS`` is ``['FP8', 'NVFP4']``.
-_V4 = replace(
+_V4 = msgspec.structs.replace(
     _V5a,
     version="0.13.0",
     epoch="V4",
@@ -315,17 +315,17 @@ _V4 = replace(
 #: V3: 0.12.0 — as 0.13.0 but ``AutoWeightsLoader(self)`` without ``skip_prefixes=["mtp"]`` (0.12.0
 #: ``models/nemotron_h.py:849``): a top-level ``mtp.*`` tensor raises ``ValueError`` (probe ``probe_nano3_bf16``);
 #: ``NemotronHMoE`` has no latent projections (``moe_latent_size`` is read from 0.13.0).
-_V3 = replace(_V4, version="0.12.0", epoch="V3", top_mtp_skipped=False, latent_moe=False)
+_V3 = msgspec.structs.replace(_V4, version="0.12.0", epoch="V3", top_mtp_skipped=False, latent_moe=False)
 #: V3a: 0.11.1, 0.11.2 — as 0.12.0, but ``FusedMoE`` refuses ModelOpt NVFP4 experts for the non-gated MoE at model
 #: build (``layers/fused_moe/layer.py:571``; 0.12.0 :608 adds ``ModelOptNvFp4FusedMoE``): every NVFP4-MoE checkpoint
 #: is refused at start-up (goldens 0.11.2). 0.11.1's loading path is 0.11.2's (``oracle/vllm/compare_code.py``:
 #: identical).
-_V3a = replace(_V3, version="0.11.2", epoch="V3a", nvfp4_moe_non_gated=False)
+_V3a = msgspec.structs.replace(_V3, version="0.11.2", epoch="V3a", nvfp4_moe_non_gated=False)
 #: V2: 0.10.2 — as 0.11.2 (same own loop without an expert mapping, ``WeightsMapper``), but the layers read
 #: ``rms_norm_eps`` and there are no ``E`` layers: every Nemotron 3 checkpoint is refused while the model is built
 #: (goldens 0.10.2); the VL wrapper registered is ``NemotronH_Nano_VL``, not ``…_V2``; the Mamba ``in_proj`` is one
 #: linear (one scale when quantized).
-_V2 = replace(
+_V2 = msgspec.structs.replace(
     _V3a,
     version="0.10.2",
     epoch="V2",
@@ -339,20 +339,20 @@ _V2 = replace(
 #: in a name (0.10.1.1 ``models/nemotron_h.py:629``) and the own loop neither remaps KV-cache scales nor skips a
 #: stacked ``.bias`` (:438 – :467); no NemotronH VL wrapper. Goldens 0.10.1.1; 0.10.1 is identical
 #: (``oracle/vllm/compare_code.py``).
-_V1 = replace(_V2, version="0.10.1.1", epoch="V1", weights_mapper=False)
+_V1 = msgspec.structs.replace(_V2, version="0.10.1.1", epoch="V1", weights_mapper=False)
 #: V1b: 0.10.0 — V1's loading loop, but the layers size themselves from ``hidden_size`` (``sizes_from_hidden``)
 #: and hf_quant_config.json is not read (``reads_hf_quant_config``). Goldens 0.10.0 (every case, probe, start-up
 #: variant and example, and the ``dense_probes`` that split it from V1).
-_V1b = replace(_V1, version="0.10.0", epoch="V1b", sizes_from_hidden=True, reads_hf_quant_config=False)
+_V1b = msgspec.structs.replace(_V1, version="0.10.0", epoch="V1b", sizes_from_hidden=True, reads_hf_quant_config=False)
 #: V1a: 0.9.1, 0.9.2 — as 0.10.0, but ModelOpt reads only the nested ``quantization`` section: config.json's flat
 #: ``quantization_config`` is refused at start-up (``modelopt_flat_form``). Goldens 0.9.2 and 0.9.1 (the same answers
 #: on every case, probe, start-up variant and example).
-_V1a = replace(_V1b, version="0.9.2", epoch="V1a", modelopt_flat_form=False)
+_V1a = msgspec.structs.replace(_V1b, version="0.9.2", epoch="V1a", modelopt_flat_form=False)
 #: V2b: 0.11.0 — as 0.10.2 on every golden case (Nemotron 3 refused for ``rms_norm_eps``; h8b_dense identical), with the
 #: VL V2 wrapper registered (``models/registry.py:235``) and the Mamba ``in_proj`` merged (``mamba_mixer2.py:302``);
 #: its unquantized linears take the v2 weight loaders (``layers/linear.py`` ``UnquantizedLinearMethod.create_weights``),
 #: which change no outcome on these checkpoints.
-_V2b = replace(
+_V2b = msgspec.structs.replace(
     _V2,
     version="0.11.0",
     epoch="V2b",
@@ -364,7 +364,7 @@ _V2b = replace(
 #: module's parameters; the NVFP4 MoE backend is chosen among every available one (``fused_moe/oracle/nvfp4.py``
 #: ``select_nvfp4_moe_backend``, FlashInfer's included without the variable): the model builds; one scale per fused
 #: shard as before (0.16.0 has one).
-_V5b = replace(
+_V5b = msgspec.structs.replace(
     _V5a,
     version="0.15.1",
     epoch="V5b",
@@ -374,7 +374,7 @@ _V5b = replace(
 )
 #: V6: 0.17.0 — own loop skips ``mtp.`` names (``models/nemotron_h.py:711``); router in the model dtype;
 #: one scale per fused shard.
-_V6 = replace(
+_V6 = msgspec.structs.replace(
     _V5,
     version="0.17.0",
     epoch="V6",
@@ -386,21 +386,25 @@ _V6 = replace(
 )
 #: V6b: 0.19.0 — expert slots narrowed to the incoming size (silent garbage for packed bytes in an
 #: unquantized expert).
-_V6b = replace(_V6, version="0.19.0", expert_slot_narrows=True)
+_V6b = msgspec.structs.replace(_V6, version="0.19.0", expert_slot_narrows=True)
 #: V6c: 0.19.1 — 0.19.0's loading code (``oracle/vllm/compare_code.py``: identical), but its requirement admits
 #: transformers 5, whose strict ``NemotronHConfig`` is the config (goldens 0.19.1: a list ``intermediate_size`` is
 #: refused at start-up, 0.19.0 takes it; every other case and probe as 0.19.0).
-_V6c = replace(_V6b, version="0.19.1", epoch="V6c", transformers_config=True, transformers4_allowed=True)
+_V6c = msgspec.structs.replace(
+    _V6b, version="0.19.1", epoch="V6c", transformers_config=True, transformers4_allowed=True
+)
 #: V7: 0.20.0 — Omni/VL V3 registered; the VL wrapper buffers the language model (``mlp1`` loads first).
-_V7 = replace(_V6c, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True)
+_V7 = msgspec.structs.replace(_V6c, version="0.20.0", epoch="V7", omni_registered=True, merged_scalar_every_slot=True)
 #: V7b: 0.21.0 — the strict check exempts post-processed modules' parameters; KV method renamed.
-_V7b = replace(_V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod")
+_V7b = msgspec.structs.replace(
+    _V7, version="0.21.0", strict_exempts_postprocess=True, kv_method_name="ModelOptKVCacheMethod"
+)
 #: V8: 0.22.0 — the VL wrapper streams the LM first (``nano_nemotron_vl.py:1531``).
-_V8 = replace(_V7b, version="0.22.0", epoch="V8", vl_lm_first=True)
+_V8 = msgspec.structs.replace(_V7b, version="0.22.0", epoch="V8", vl_lm_first=True)
 #: V8 (0.23.0): KV-cache scales get their own scalar-only loader (``ValueError`` where the size assertion was);
 #: an unexcluded-but-unquantized ``lm_head`` is reported with ``UnquantizedLinearMethod`` (wording); ModelOpt's configs
 #: quantize an ``lm_head`` they do not exclude (``modelopt_lm_head``).
-_V8b = replace(
+_V8b = msgspec.structs.replace(
     _V8,
     version="0.23.0",
     kv_scale_scalar_loader=True,
@@ -410,21 +414,21 @@ _V8b = replace(
 )
 #: V9: 0.24.0 — ``RoutedExperts`` (``experts.routed_experts.*``), which reshapes per-tensor expert scales; requires
 #: transformers >= 5.5.3 (no transformers 4.x beside it).
-_V9 = replace(
+_V9 = msgspec.structs.replace(
     _V8b, version="0.24.0", epoch="V9", routed_experts=True, expert_scale_reshapes=True, transformers4_allowed=False
 )
 #: V9b: 0.25.0 — base cache-scale mapper and ignored unexpected suffixes in ``AutoWeightsLoader``.
-_V9b = replace(_V9, version="0.25.1", epoch="V9b", cache_scale_mapper=True)
+_V9b = msgspec.structs.replace(_V9, version="0.25.1", epoch="V9b", cache_scale_mapper=True)
 #: V10 (V10a): 0.26.0 — own loop deleted: ``AutoWeightsLoader`` + ``RoutedExperts.load_weights``.
-_V10 = replace(_V9b, version="0.26.0", epoch="V10", own_loop=False, expert_missing="attr-object")
+_V10 = msgspec.structs.replace(_V9b, version="0.26.0", epoch="V10", own_loop=False, expert_missing="attr-object")
 #: V10b: 0.28.0 — the missing-expert-parameter ``AttributeError`` names the layer and the checkpoint weight.
-_V10b = replace(_V10, version="0.28.0", expert_missing="attr-layer")
+_V10b = msgspec.structs.replace(_V10, version="0.28.0", expert_missing="attr-layer")
 #: V10c: 0.30.0 — ModelOpt linear methods unified (``ModelOptLinearMethod``; manifest wording).
-_V10c = replace(_V10b, version="0.30.0", linear_method_name="ModelOptLinearMethod")
+_V10c = msgspec.structs.replace(_V10b, version="0.30.0", linear_method_name="ModelOptLinearMethod")
 #: V11: 0.33.0 — the normaliser accepts nested ModelOpt MIXED_PRECISION: Omni NVFP4 checkpoints start.
 #: V10d: 0.32.0 — the VL wrapper's ``vision_final_layernorm`` (MTP-trained checkpoints).
-_V10d = replace(_V10c, version="0.32.0", vision_final_norm=True)
-_V11 = replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True, newest=True)
+_V10d = msgspec.structs.replace(_V10c, version="0.32.0", vision_final_norm=True)
+_V11 = msgspec.structs.replace(_V10d, version="0.33.0", epoch="V11", nested_mixed_accepted=True, newest=True)
 
 #: Every release nhcheck answers for → its behaviour row; a row's ``version`` is the release its goldens
 #: were made with, the other releases of the row have the same loading code (EPOCHS.md: hashes of every
@@ -1094,8 +1098,7 @@ def refuse_moe_backend(release: str, moe_backend: str | None) -> None:
 # The Engine interface for one vLLM release
 
 
-@dataclass(frozen=True)
-class VLLMEngine:
+class VLLMEngine(msgspec.Struct, frozen=True):
     """vLLM's answers for one release row (``nhcheck.engines.base.Engine``)."""
 
     id: EngineId
@@ -1186,7 +1189,7 @@ class VLLMEngine:
             f"this config.json ({refusal.partition(':')[0]})",
             "with transformers 4.x (4.57.6, the newest it allows) and --trust-remote-code the checkpoint's own "
             "configuration code reads it",
-            VLLMEngine(self.id, replace(p, transformers_config=False)),
+            VLLMEngine(self.id, msgspec.structs.replace(p, transformers_config=False)),
         )
 
     def tp_unproven(self) -> str | None:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import replace
 from fnmatch import fnmatch
 
+import msgspec
+
 from nhcheck.engines.base import PPWindow
 from nhcheck.engines.vllm import VLLMProfile, map_name
 from nhcheck.engines.vllm_mtp import draft_quant_name, mtp_profile
@@ -65,7 +67,7 @@ class _Quant:
         key = ("vllm-quant", lm_prefix) if draft is None else ("vllm-quant-mtp", draft[0])
         cached = qc.derived.get(key)
         if cached is None:
-            mapper = replace(profile, own_loop=False)
+            mapper = msgspec.structs.replace(profile, own_loop=False)
             rename = draft[1] if draft is not None else (lambda n: self._map(n, mapper))
             rules: list[str] = []
             for e in qc.exclude:
@@ -646,6 +648,6 @@ def _mtp_manifest(cfg: NemotronHConfig, qc: QuantConfig | None, profile: VLLMPro
     # from 0.30.0 the head only when the draft met none or an equal one, and the checkpoint's is the target's):
     # what fills them before that is not what the draft runs with, so an unfilled one is informational.
     shared = ("model.embed_tokens.", "lm_head.")
-    params = tuple(replace(p, informational=True) if p.name.startswith(shared) else p for p in b.out)
+    params = tuple(msgspec.structs.replace(p, informational=True) if p.name.startswith(shared) else p for p in b.out)
     problems = tuple(qc.problems) if qc else ()
     return _manifest(params, engine, problems, kind=kind, mode="mtp")

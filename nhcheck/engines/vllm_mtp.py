@@ -19,8 +19,9 @@ This module must not import torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Literal
+
+import msgspec
 
 from nhcheck.engines.base import Outcome, Replayer, release_key
 from nhcheck.engines.vllm import EXPERT_RE, EXPERT_SHARD, VLLMProfile, kv_remap
@@ -29,8 +30,7 @@ from nhcheck.errors import UsageError
 LmHeadRule = Literal["substring", "prefix", "none"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class MTPProfile:
+class MTPProfile(msgspec.Struct, frozen=True, kw_only=True):
     """What ``models/nemotron_h_mtp.py`` of one release does (``file:line`` of the release that introduced it).
 
     ``version`` is the release whose MTP goldens prove the row.
@@ -75,11 +75,11 @@ _M1 = MTPProfile(
     quant_mapper="none",
 )
 #: M2: 0.26.0 – 0.28.0 — ``lm_head`` names no longer kept (the draft's head is left as built).
-_M2 = replace(_M1, version="0.26.0", lm_head="none")
+_M2 = msgspec.structs.replace(_M1, version="0.26.0", lm_head="none")
 #: M3: 0.29.0 — ``language_model.`` stripped; the draft's mapper rewrites the (shared) quant config.
-_M3 = replace(_M2, version="0.29.0", strips_language_model=True, quant_mapper="strip+embeddings")
+_M3 = msgspec.structs.replace(_M2, version="0.29.0", strips_language_model=True, quant_mapper="strip+embeddings")
 #: M4: 0.30.0 – 0.32.0 — own quant config, quantized head, ``lm_head.`` kept again, KV-scale remap.
-_M4 = replace(
+_M4 = msgspec.structs.replace(
     _M3,
     version="0.30.0",
     lm_head="prefix",
@@ -89,7 +89,7 @@ _M4 = replace(
     own_quant_config=True,
 )
 #: M5: 0.33.0 – 0.34.0 — no embedding or head of its own; only ``mtp.`` names kept.
-_M5 = replace(
+_M5 = msgspec.structs.replace(
     _M4,
     version="0.34.0",
     own_embed_head=False,

@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import msgspec
 
 from nhcheck import collector, slots
 from nhcheck import coverage as param_coverage
@@ -246,7 +248,7 @@ def _load(
     t_poison = time.perf_counter()
     crash = None
     if plan.crash is not None:
-        crash = replace(
+        crash = msgspec.structs.replace(
             plan.crash, index=None, tensors_loaded=len(plan.ops), bytes_loaded=loaded, seconds=round(t_data - t0, 6)
         )
     params = tuple(_param_load(p, cov[p.name], poison.get(p.name, 0), bad.get(p.name, 0)) for p in plan.params)

@@ -25,8 +25,10 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
+
+import msgspec
 
 from nhcheck import coverage as param_coverage
 from nhcheck import slots
@@ -391,7 +393,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
                 raise CheckpointError(job.source, f"{p.name}: the engine cannot shard this parameter at --tp {job.tp}")
             shards[p.name] = sh
         copies = rank_copies(plan, shards, rank)
-        local_params = tuple(replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
+        local_params = tuple(msgspec.structs.replace(p, shape=shards[p.name].local_shape(p.shape)) for p in plan.params)
         arenas = Arenas(local_params, device, torch)
         for p in plan.params:
             for box in _padding(p, shards[p.name], rank):
