@@ -347,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                 HASH_FILES,
             ],
             "sha256 of the shards (hashlib)": lambda out: [sys.executable, "-c", HASH_FILES, *shards],
-            "nhcheck prune --dry-run": lambda out: prune + [str(out), "--dry-run"],
-            "nhcheck prune": lambda out: prune + [str(out)],
-            "nhcheck prune --no-verify": lambda out: prune + [str(out), "--no-verify"],
+            "nhcheck prune --dry-run": _into(prune, "--dry-run"),
+            "nhcheck prune": _into(prune),
+            "nhcheck prune --no-verify": _into(prune, "--no-verify"),
         }
         others = []
         if args.compare:
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if snap is not None:
             commands["hub cache: cp -rL"] = lambda out: ["cp", "-rL", str(snap), str(out)]
             ours = nhcheck_in(REPO, snap)
-            commands["hub cache: nhcheck prune"] = lambda out: ours + [str(out)]
+            commands["hub cache: nhcheck prune"] = _into(ours)
             for label, other in others:
                 theirs = nhcheck_in(other, snap)
                 commands[f"hub cache: {label}: prune"] = _into(theirs)
