@@ -459,8 +459,9 @@ class ByShard:
         """What of ``eligible`` the configs alone decide: a checkpoint of several shards without a wrapper (whose
         routing orders the stream), no MTP draft, and an engine that refuses nothing before the first tensor."""
         m = inputs.manifest
-        several = shards > 1 and inputs.config.wrapper is None and not inputs.mtp
-        return several and bool(m.params) and startup_refusal(m) is None
+        return (shards > 1 and inputs.config.wrapper is None and not inputs.mtp and bool(m.params)) and startup_refusal(
+            m
+        ) is None
 
     def first(self) -> tuple[tuple[Param, ...], Sequence[Op], int | None]:
         """The parameters (known before any tensor), the first shard's ops, and the shards decided so far where more
