@@ -29,8 +29,7 @@ its staged byte ranges placed through tensor views (``_views``, ``DRIVER_COPIES`
 per range instead of one kernel launch per staged read (``_perrange``, ``KERNEL`` off); and every reader
 reading before the plan arrives (``_allearly``, ``EARLY_SHARE`` 1), or a quarter of them (``_quarterearly``);
 and the interpreter's switch interval at 1 ms instead of 0.2 ms (``_switch1ms``, ``SWITCH_INTERVAL``), or at 5 ms until
-the plan is handed over (``_switchlate``, ``EARLY_SWITCH_INTERVAL``); and the plan's next installment asked for only
-once no landed read can be placed (``_lazyinstallments``, ``EAGER_INSTALLMENTS`` off).
+the plan is handed over (``_switchlate``, ``EARLY_SWITCH_INTERVAL``).
 ``--also-lanes N`` adds nhcheck with N reader threads in pieces of the ring's size over N (``_lanesN``).
 ``--also-pinned-mb MB`` adds nhcheck with that pinned host ring (``_pinnedMB``), ``--also-staging-mb MB``
 with that device staging area (``_stagingMB``): how far the reads run ahead of the plan. ``--before REF``
@@ -363,8 +362,6 @@ VARIANTS = {
     # Python's 5 ms until the plan is handed over (the main thread's Python then pays for each forced handover),
     # the load's 0.2 ms after it
     "_switchlate": ("EARLY_SWITCH_INTERVAL", 5e-3, False),
-    # the next installment of the plan asked for only once no landed read can be placed
-    "_lazyinstallments": ("EAGER_INSTALLMENTS", False, False),
 }
 
 

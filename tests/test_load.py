@@ -1726,33 +1726,3 @@ def test_kernel_source_compiles_to_the_shipped_ptx():
     # in a child process: NVRTC leaves the process's locale codeset at ASCII
     out = subprocess.run([sys.executable, "-m", "nhcheck.load.kernel", found[0]], capture_output=True, check=True)
     assert out.stdout.decode() == kernel.PTX
-
-
-@pytest.mark.parametrize("eager", [True, False])
-def test_the_next_installment_is_asked_for_after_each_round_of_placement(monkeypatch, eager):
-    """``EAGER_INSTALLMENTS``: the second shard's plan is asked for after the first round of placement, while the
-    first shard's later reads are still to be placed; off, only once no landed read can be placed (the readers, faster
-    than the placement here, have then filled the staging area with reads of the shard not planned yet)."""
-    placed: list[int] = []
-    asked: list[int] = []  # reads placed when each installment after the first was asked for
-    real_place, real_next = readers.apply_placement, ByShard.next
-
-    def place(*a, **kw):
-        time.sleep(0.002)
-        placed.append(1)
-        return real_place(*a, **kw)
-
-    def next_installment(self):
-        if self.done:
-            asked.append(len(placed))
-        return real_next(self)
-
-    monkeypatch.setattr(readers, "EAGER_INSTALLMENTS", eager)
-    monkeypatch.setattr(readers, "apply_placement", place)
-    monkeypatch.setattr(ByShard, "next", next_installment)
-    opts = LoadOptions(device="cpu", chunk_bytes=4096, pinned_bytes=8 * 4096, threads=3, staging_bytes=8 * 4096)
-    res = load_path(str(EXAMPLES / "nano3-nvfp4"), "sglang@0.5.23", opts)
-    first = open_local(str(EXAMPLES / "nano3-nvfp4")).shards[0]
-    reads = -(-(first.file_size - first.data_start) // 4096)
-    assert res.report.verdict == "clean" and len(asked) == 3
-    assert (asked[0] <= 8) if eager else (asked[0] >= reads)

@@ -65,12 +65,6 @@ SWITCH_INTERVAL = 2e-4
 #: 0.69x/0.71x, 0.82x/0.87x; release size 0.59x/0.55x, 0.51x/0.51x, 0.54x/0.52x, 0.61x/0.67x (the middle two of each
 #: with the reads on glibc's AIO threads, since dropped: README): no gain that outlasts the hosts' spread.
 EARLY_SWITCH_INTERVAL: float | None = None
-#: Where the plan comes in installments, ask for the next after every round of placement, not only once no landed
-#: read can be placed. With each header read as its plan is asked for (``run._read_ahead``), the later shards' plans
-#: otherwise came just in time, and their file samples on the checks' side thread ran past the last byte (H100 host,
-#: 2026-12-07, release size: the checks after it 0.030 s against 0.010 s with the headers read first). ``bench/load.py``
-#: times it off beside it (``_lazyinstallments``).
-EAGER_INSTALLMENTS = True
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20
 #: Ring slots and registered parts start on a page of their own.
@@ -914,8 +908,7 @@ class Transfer:
         is in place on the device.
 
         ``more``, where the plan comes in installments, hands over the next one (``begin``) and says whether any
-        is left: it is called whenever no landed read can be placed, and after each round of placement
-        (``EAGER_INSTALLMENTS``). With every installment handed over, a wait
+        is left: it is called whenever no landed read can be placed. With every installment handed over, a wait
         for the next read to land compiles the next reads not landed yet (their byte ranges and kernel rows):
         the main thread's Python then runs while it would wait, not while a landed read waits for it.
         """
@@ -983,9 +976,6 @@ class Transfer:
                         self._freed_after(d)
                     self.stage_free.put(d)
                 placing += clock() - t1
-                if pending and EAGER_INSTALLMENTS:
-                    assert more is not None
-                    pending = more()
             for op in self.whole:
                 write_op(self.arenas, op, self.gathered[op.idx].view(getattr(torch, op.src)))
         for w in self.workers:
