@@ -49,8 +49,8 @@ each read's byte ranges before it is placed (ahead of its landing where the main
 root only). ``--cap`` loads once more in a process capped with
 ``torch.cuda.set_per_process_memory_fraction`` to the parameters plus the staging area (plus a
 fixed 256 MB for the checks' temporaries), with the default 1 GB staging and with 64 MB.
-``--contention`` times the main thread's work before the plan (index, configs, the first header, its plan, its ops
-cut into the reads' pieces) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
+``--contention`` times the main thread's work before the plan (headers, audit, plan, the ops cut into
+the reads' pieces) alone, beside N threads of this process looping on ``os.preadv`` of the shards, and beside
 N such threads in another process (N = half the threads, then all): what ``readers.EARLY_SHARE`` weighs; each at
 the switch interval a load sets (``readers.SWITCH_INTERVAL``) and at Python's default 5 ms.
 ``--fresh`` times whole processes, as a user starts them (round-robin, every other round reversed, wall time,
@@ -460,25 +460,26 @@ sys.stdin.read()
 
 
 def _pre_plan(root: Path) -> float:
-    """The main thread's work before the readers learn the plan, as ``load_path`` does it: the index and configs,
-    the first shard's header, its replay and plan, and its ops cut into the reads' rows (arenas on the meta device:
-    no allocation). The other headers are read as the readers need their plans (``run._read_ahead``)."""
-    from nhcheck.checkpoint import Opening
-    from nhcheck.load import readers, run
+    """The main thread's work before the readers learn the plan, as ``load_path`` does it: headers, audit,
+    plan, the ops cut into the reads' rows (arenas on the meta device: no allocation)."""
+    from nhcheck import pipeline
+    from nhcheck.audit import AuditOptions
+    from nhcheck.checkpoint import open_local
+    from nhcheck.load import readers
     from nhcheck.load.memory import Arenas
+    from nhcheck.load.plan import plan_load
 
     t = time.perf_counter()
-    spans = readers.quick_spans(str(root))
-    assert spans is not None
-    plans = run._read_ahead(Opening(str(root)), spans, ENGINE, run.DEFAULT_OPTIONS, {})
-    assert plans is not None, "a plan a shard at a time, read ahead"
-    params, ops, _ = plans.first()
-    arenas = Arenas(params, torch.device("meta"), torch)
+    ckpt = open_local(str(root))
+    audit = pipeline.audit(pipeline.prepare(ckpt, ENGINE), AuditOptions(compare_versions=False, recipe=False))
+    plan = plan_load(audit)
+    arenas = Arenas(plan.params, torch.device("meta"), torch)
+    spans = readers.spans_of(ckpt.shards)
     reads = readers.plan_reads(spans, 64 << 20)
     of_shard: list[list[int]] = [[] for _ in spans]
     for j, r in enumerate(reads):
         of_shard[r.shard].append(j)
-    readers.cut_plan(ops, spans, reads, of_shard, arenas.where)
+    readers.cut_plan(plan.ops, spans, reads, of_shard, arenas.where)
     return time.perf_counter() - t
 
 
