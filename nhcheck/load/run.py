@@ -286,8 +286,7 @@ def _load(
         timings={
             "headers": t_start - t0,
             # a shard at a time: "audit" is the inputs only (the whole audit goes on beside the transfer) and "plan"
-            # the first shard's replay and plan; with the headers read ahead (``_read_ahead``), "headers" is the index,
-            # the configs and the inputs, and "plan" the first shard's header too
+            # the first shard's replay and plan
             "audit": t_audit - t_start,
             "plan": t_plan - t_audit,
             "allocate": t_alloc - t_plan,
