@@ -35,8 +35,7 @@ class Bookkeeping:
     samples picked as it comes (``add``, on the side thread while the bytes move), so that once the last byte has
     landed only the merge per parameter is left (``result``).
 
-    ``files`` gives what the files hold at the samples (a ``Sampler``, which a load has take each installment's
-    shards before the installment is noted).
+    ``files`` gives what the files hold at the samples (``file_samples``), waited for at the first installment.
     """
 
     def __init__(self, params: tuple[Param, ...], files: Callable[[], FileSamples]) -> None:
@@ -141,7 +140,7 @@ class FileSamples(NamedTuple):
     """What the shard files hold at every tensor's sample elements (the first ``k``, the last ``k``, ``k`` from a
     seeded middle), read through a memory map of their own from the headers' offsets alone.
 
-    Taken per tensor from the headers (``Sampler``), a block a shard: every op reads a whole tensor (a
+    Taken per tensor from the headers (``file_samples``), a block a shard: every op reads a whole tensor (a
     broadcast its one element), so a tensor's samples serve whatever op the plan makes of it, picked by row
     (``expected_samples``) without a memory map per op group.
     """

@@ -1,8 +1,7 @@
 """The whole load, in order: read from the first moment, audit, plan, allocate and poison, place, check.
 
 ``load_path`` starts reading a local checkpoint's shards while their headers are parsed and the
-audit runs (``readers.Transfer``), each header read when the readers need its shard's plan where the plan may
-come a shard at a time (``_read_ahead``); ``load_checkpoint`` loads an opened checkpoint; ``load_audited``
+audit runs (``readers.Transfer``); ``load_checkpoint`` loads an opened checkpoint; ``load_audited``
 takes decisions already made. The report holds what memory says of every parameter and the
 findings built from it (``nhcheck.coverage``); rendering is ``nhcheck.report``'s. torch is
 imported inside functions only.
@@ -360,7 +359,7 @@ def load_path(
     t0: float | None = None,
     **kw: Any,
 ) -> LoadResult:
-    """Load a local checkpoint, the reads starting before its headers are parsed; the wall time counts both.
+    """Load a local checkpoint, the reads starting while its headers are parsed; the wall time counts both.
 
     Before that, while torch is imported and the device starts (seconds, in a fresh process), ``readers.prefetch``
     reads the shards into the page cache: from a cold cache the CLI then waits less on the disk (H100 host,
