@@ -327,115 +327,76 @@ def _names(names: tuple[str, ...] | list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
-class Opening:
-    """A local directory or single ``.safetensors`` file being opened, headers only: its index and configs first
-    (here), then each shard's header in loader order (``read``), then the cross-checks over all of them
-    (``checkpoint``). ``open_local`` reads every shard at once; a load plans the first shard while the readers
-    move its bytes, and reads the next header when the readers need its plan (``load.plan.ByShard``).
+def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> Checkpoint:
+    """Read a local directory or single ``.safetensors`` file, headers only.
 
     ``configs_only_ok``: a directory with ``config.json`` (and a quant config) but no shards and no
-    index opens as a checkpoint without tensors, for ``manifest``, which builds from the configs. ``progress`` is
-    told of each shard as its header is read.
+    index opens as a checkpoint without tensors, for ``manifest``, which builds from the configs.
     """
-
-    def __init__(self, source: str, progress=None, *, configs_only_ok: bool = False) -> None:
-        self.source = source
-        self.progress = progress
-        self.others: tuple[str, ...] = ()
-        self.index: dict | None = None
-        if os.path.isfile(source):
-            if not source.endswith(".safetensors"):
-                raise CheckpointError(source, "not a directory or a .safetensors file")
-            self.root = os.path.dirname(os.path.abspath(source))
-            self.names = [os.path.basename(source)]
-            self.others = _index_siblings(self.root, self.names[0])
-        elif os.path.isdir(source):
-            self.root = root = os.path.abspath(source)
-            index_path = os.path.join(root, INDEX_NAME)
-            if os.path.lexists(index_path):
-                self.index = parse_index(index_path, load_json(safe_member(root, INDEX_NAME, "index"), "index"))
-                self.names = sorted(set(self.index["weight_map"].values()))
-            else:
-                self.names = sorted(fn for fn in os.listdir(root) if fn.endswith(".safetensors"))
-                if not self.names and not (configs_only_ok and os.path.exists(os.path.join(root, CONFIG_NAME))):
-                    raise CheckpointError(root, "no model.safetensors.index.json and no *.safetensors files")
+    if os.path.isfile(source):
+        if not source.endswith(".safetensors"):
+            raise CheckpointError(source, "not a directory or a .safetensors file")
+        root = os.path.dirname(os.path.abspath(source))
+        shard_names = [os.path.basename(source)]
+        index = None
+        others = _index_siblings(root, shard_names[0])
+    elif os.path.isdir(source):
+        others = ()
+        root = os.path.abspath(source)
+        index_path = os.path.join(root, INDEX_NAME)
+        if os.path.lexists(index_path):
+            index = parse_index(index_path, load_json(safe_member(root, INDEX_NAME, "index"), "index"))
+            shard_names = sorted(set(index["weight_map"].values()))
         else:
-            raise CheckpointError(source, "no such file or directory")
-        self.config = read_config(self.root)
-        self.quant = read_quant_sidecar(self.root)
-        self.shards: list[ShardHeader] = []
-        self.missing: list[str] = []
-        self.read_upto = 0  # shard names read (or found missing) so far
+            index = None
+            shard_names = sorted(fn for fn in os.listdir(root) if fn.endswith(".safetensors"))
+            if not shard_names and not (configs_only_ok and os.path.exists(os.path.join(root, CONFIG_NAME))):
+                raise CheckpointError(root, "no model.safetensors.index.json and no *.safetensors files")
+    else:
+        raise CheckpointError(source, "no such file or directory")
 
-    def read(self) -> ShardHeader | None:
-        """The next shard's header, in loader order; None where the index lists a file that does not exist."""
-        i = self.read_upto
-        name = self.names[i]
-        self.read_upto += 1
-        path = safe_member(self.root, name, "shard")
+    config = read_config(root)
+    quant = read_quant_sidecar(root)
+    shards: list[ShardHeader] = []
+    missing: list[str] = []
+    for i, name in enumerate(shard_names):
+        path = safe_member(root, name, "shard")
         if display_name(name) != name:
             raise CheckpointError(display_name(path), "shard file name is not valid UTF-8; SGLang cannot open it")
-        if self.index is not None and not os.path.lexists(path):
-            self.missing.append(name)
-            return None
-        if self.progress is not None:
-            self.progress(i, len(self.names), name)
-        shard = read_shard(path, name)
-        self.shards.append(shard)
-        return shard
-
-    def partial(self) -> Checkpoint:
-        """The checkpoint as far as it is read: the configs and the shards so far, no cross-check (what a load's
-        ``pipeline.prepare`` needs before the other headers are read; the load replaces it by ``checkpoint``)."""
-        return Checkpoint(self.source, self.root, self.config, self.quant, tuple(self.shards), self.index)
-
-    def rest(self) -> Checkpoint:
-        """The whole checkpoint: every shard not read yet read, then the cross-checks (``checkpoint``)."""
-        while self.read_upto < len(self.names):
-            self.read()
-        return self.checkpoint()
-
-    def checkpoint(self) -> Checkpoint:
-        """The whole checkpoint, every shard read (``read``), its index and headers cross-checked."""
-        if self.read_upto != len(self.names):
-            raise RuntimeError(f"internal error: {self.read_upto} of {len(self.names)} shards read")
-        root, names, index = self.root, self.names, self.index
-        stray: list[str] = []
-        if index is not None:
-            listed = set(names)
-            stray = sorted(
-                display_name(fn) for fn in os.listdir(root) if fn.endswith(".safetensors") and fn not in listed
+        if index is not None and not os.path.lexists(path):
+            missing.append(name)
+            continue
+        if progress is not None:
+            progress(i, len(shard_names), name)
+        shards.append(read_shard(path, name))
+    stray: list[str] = []
+    if index is not None:
+        listed = set(shard_names)
+        stray = sorted(display_name(fn) for fn in os.listdir(root) if fn.endswith(".safetensors") and fn not in listed)
+    findings = cross_check(index, shards, missing, stray)
+    why = ""
+    if others:
+        missing = list(others)
+        why = f"not given (the index beside {shard_names[0]} lists {len(others) + 1})"
+        findings.append(
+            Finding(
+                "warning",
+                "shards-not-given",
+                f"{shard_names[0]} was given alone but {INDEX_NAME} beside it lists {len(others)} more shard(s) "
+                f"({_names(others)}): their tensors are not audited; audit the directory for the whole checkpoint",
+                shard=shard_names[0],
             )
-        findings = cross_check(index, self.shards, self.missing, stray)
-        missing, why = self.missing, ""
-        if self.others:
-            missing = list(self.others)
-            why = f"not given (the index beside {names[0]} lists {len(self.others) + 1})"
-            findings.append(
-                Finding(
-                    "warning",
-                    "shards-not-given",
-                    f"{names[0]} was given alone but {INDEX_NAME} beside it lists {len(self.others)} more shard(s) "
-                    f"({_names(self.others)}): their tensors are not audited; audit the directory for the whole "
-                    "checkpoint",
-                    shard=names[0],
-                )
-            )
-        skip = set(names) | {INDEX_NAME}
-        return Checkpoint(
-            source=self.source,
-            root=root,
-            config=self.config,
-            hf_quant_config=self.quant,
-            shards=tuple(self.shards),
-            index=index,
-            findings=tuple(findings),
-            sidecars=tuple(list_sidecars(root, skip)),
-            missing_shards=tuple(missing),
-            missing_why=why,
         )
-
-
-def open_local(source: str, progress=None, *, configs_only_ok: bool = False) -> Checkpoint:
-    """Read a local directory or single ``.safetensors`` file, headers only (``Opening``, every shard at once)."""
-    return Opening(source, progress, configs_only_ok=configs_only_ok).rest()
+    skip = set(shard_names) | {INDEX_NAME}
+    return Checkpoint(
+        source=source,
+        root=root,
+        config=config,
+        hf_quant_config=quant,
+        shards=tuple(shards),
+        index=index,
+        findings=tuple(findings),
+        sidecars=tuple(list_sidecars(root, skip)),
+        missing_shards=tuple(missing),
+        missing_why=why,
+    )

@@ -28,16 +28,6 @@ from nhcheck.errors import CheckpointError
 #: field of 2**63 from becoming an allocation.
 MAX_HEADER_BYTES = 100_000_000
 
-#: The fewest bytes a header entry takes: ``"":{"dtype":"F4","shape":[],"data_offsets":[0,0]}`` and its comma
-#: (every entry has a name and the three fields; whitespace and escapes only lengthen it).
-MIN_ENTRY_BYTES = 50
-
-
-def max_tensors(header_len: int) -> int:
-    """At most how many tensors a valid header of ``header_len`` bytes describes (before it is parsed)."""
-    return header_len // MIN_ENTRY_BYTES
-
-
 #: Element size in bits of every dtype the safetensors format defines.
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8,

@@ -922,7 +922,7 @@ def test_the_checks_tensor_work_beside_the_readers_runs_on_one_core(monkeypatch)
     """The file samples and the bookkeeping run on the side thread with torch's intra-op threads at one (a
     parallel team would spin beside the reader threads); the caller's own count is left as it was."""
     seen: dict[str, int] = {}
-    real_files, real_note, real_merge = checks.Sampler.add, checks.Bookkeeping.add, checks.Bookkeeping.result
+    real_files, real_note, real_merge = run.file_samples, checks.Bookkeeping.add, checks.Bookkeeping.result
 
     def files(*a):
         seen["files"] = torch.get_num_threads()
@@ -936,7 +936,7 @@ def test_the_checks_tensor_work_beside_the_readers_runs_on_one_core(monkeypatch)
         seen["merge"] = torch.get_num_threads()
         return real_merge(*a)
 
-    monkeypatch.setattr(checks.Sampler, "add", files)
+    monkeypatch.setattr(run, "file_samples", files)
     monkeypatch.setattr(checks.Bookkeeping, "add", note)
     monkeypatch.setattr(checks.Bookkeeping, "result", merge)
     before = torch.get_num_threads()

@@ -161,71 +161,55 @@ _ELEMENT = {dtype: ITEMSIZE[name] for dtype, name in TORCH_DTYPE.items()}
 _DTYPE, _START, _END = itemgetter(1), itemgetter(3), itemgetter(4)  # TensorInfo fields
 
 
-def file_samples(shards: Sequence[ShardHeader], samples: int) -> FileSamples:
-    """Every tensor's ``3 × samples`` sample elements as the files hold them (``Sampler``, every shard at once)."""
-    sampler = Sampler(samples)
-    sampler.add(shards)
-    return sampler()
-
-
-class Sampler:
-    """What the shard files hold at every tensor's sample elements, taken a shard at a time as a load hands each
-    shard's plan over (its headers may be read one by one: ``load.plan.ByShard``); called, all taken so far.
+def file_samples(shards: tuple[ShardHeader, ...], samples: int) -> FileSamples:
+    """Every tensor's ``3 × samples`` sample elements as the files hold them; a shard mapped at a time.
 
     It runs on a side thread while the bytes move, so what it does per tensor is done by C-level iterators and
     tensor operations (the page faults and the unmapping without the interpreter).
     """
+    import mmap
 
-    def __init__(self, samples: int) -> None:
-        self.k = samples
-        self.rows: dict[str, tuple[int, dict[int, int]]] = {}
-        self.widths: list[int] = []
-        self.rels: list[Any] = []
-        self.datas: list[Any] = []
-        self.seed0 = 0  # a tensor's seed: its position among the sampled tensors of the checkpoint
-
-    def __call__(self) -> FileSamples:
-        return FileSamples(self.k, self.rows, tuple(self.widths), tuple(self.rels), tuple(self.datas))
-
-    def add(self, shards: Sequence[ShardHeader]) -> None:
-        """Take the samples of the next shards, in checkpoint order; a shard mapped at a time."""
-        import mmap
-
-        torch = torch_module()
-        w = torch.arange(self.k, dtype=torch.int64)
-        for shard in shards:
-            ts = shard.tensors
-            if not set(map(_DTYPE, ts)) <= _ELEMENT.keys() or not all(map(gt, map(_END, ts), map(_START, ts))):
-                ts = tuple(t for t in ts if t.end > t.start and t.dtype in _ELEMENT)  # no data, or no torch dtype
-            if not ts:
-                continue
-            starts = array.array("q", map(_START, ts))
-            start = torch.frombuffer(starts, dtype=torch.int64)
-            es = torch.frombuffer(array.array("q", map(_ELEMENT.__getitem__, map(_DTYPE, ts))), dtype=torch.int64)
-            count = (torch.frombuffer(array.array("q", map(_END, ts)), dtype=torch.int64) - start) // es
-            seed = torch.arange(self.seed0, self.seed0 + len(ts), dtype=torch.int64)
-            self.seed0 += len(ts)
-            last = (count - 1).unsqueeze(1)
-            mid = (seed * 2654435761 % 4093 * count // 4093).unsqueeze(1)
-            rel = torch.cat(
-                [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
-            )
-            width = int(es.max())
-            idx = (start.unsqueeze(1) + rel * es.unsqueeze(1)).unsqueeze(2) + torch.arange(width, dtype=torch.int64)
-            idx.clamp_(max=shard.file_size - 1)  # a narrow last element's spare bytes stay in the file
-            with open(shard.path, "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            data = torch.frombuffer(mm, dtype=torch.uint8)
-            try:
-                # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
-                got = data.index_select(0, idx.reshape(-1)).view(len(ts), -1)
-            finally:
-                del data
-                mm.close()
-            self.rows[shard.name] = (len(self.widths), dict(zip(starts, range(len(ts)), strict=True)))
-            self.widths.append(width)
-            self.rels.append(rel)
-            self.datas.append(got)
+    torch = torch_module()
+    rows: dict[str, tuple[int, dict[int, int]]] = {}
+    widths: list[int] = []
+    rels: list[Any] = []
+    datas: list[Any] = []
+    w = torch.arange(samples, dtype=torch.int64)
+    seed0 = 0  # a tensor's seed: its position in the checkpoint
+    for shard in shards:
+        ts = shard.tensors
+        if not set(map(_DTYPE, ts)) <= _ELEMENT.keys() or not all(map(gt, map(_END, ts), map(_START, ts))):
+            ts = tuple(t for t in ts if t.end > t.start and t.dtype in _ELEMENT)  # no data, or no torch dtype
+        if not ts:
+            continue
+        starts = array.array("q", map(_START, ts))
+        start = torch.frombuffer(starts, dtype=torch.int64)
+        es = torch.frombuffer(array.array("q", map(_ELEMENT.__getitem__, map(_DTYPE, ts))), dtype=torch.int64)
+        count = (torch.frombuffer(array.array("q", map(_END, ts)), dtype=torch.int64) - start) // es
+        seed = torch.arange(seed0, seed0 + len(ts), dtype=torch.int64)
+        seed0 += len(ts)
+        last = (count - 1).unsqueeze(1)
+        mid = (seed * 2654435761 % 4093 * count // 4093).unsqueeze(1)
+        rel = torch.cat(
+            [torch.minimum(w.unsqueeze(0), last), (last - w).clamp(min=0), torch.minimum(mid + w, last)], dim=1
+        )
+        width = int(es.max())
+        idx = (start.unsqueeze(1) + rel * es.unsqueeze(1)).unsqueeze(2) + torch.arange(width, dtype=torch.int64)
+        idx.clamp_(max=shard.file_size - 1)  # a narrow last element's spare bytes stay in the file
+        with open(shard.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        data = torch.frombuffer(mm, dtype=torch.uint8)
+        try:
+            # index_select: advanced indexing of a tensor over a memory map is ~50x slower here (torch 2.x CPU)
+            got = data.index_select(0, idx.reshape(-1)).view(len(ts), -1)
+        finally:
+            del data
+            mm.close()
+        rows[shard.name] = (len(widths), dict(zip(starts, range(len(ts)), strict=True)))
+        widths.append(width)
+        rels.append(rel)
+        datas.append(got)
+    return FileSamples(samples, rows, tuple(widths), tuple(rels), tuple(datas))
 
 
 class Expected(NamedTuple):

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import msgspec
-
 from nhcheck import engines, slots
 from nhcheck.audit import (
     AuditOptions,
@@ -32,14 +30,13 @@ from nhcheck.audit import (
 )
 from nhcheck.dtypes import FLOAT_PARAM, ITEMSIZE, TORCH_DTYPE, numel
 from nhcheck.engines.base import Crash, Engine, LoaderSemantics, Outcome
-from nhcheck.errors import NhcheckError, UsageError
+from nhcheck.errors import UsageError
 from nhcheck.findings import Finding, grouped
 from nhcheck.manifest import Manifest, Param
 from nhcheck.model import NemotronHConfig
-from nhcheck.safetensors_header import ShardHeader, TensorInfo
+from nhcheck.safetensors_header import TensorInfo
 
 if TYPE_CHECKING:
-    from nhcheck.checkpoint import Opening
     from nhcheck.pipeline import Inputs
 
 #: How an op's bytes enter the parameter (see ``Op``).
@@ -394,43 +391,21 @@ class Decided:
         return self.audit, self.whole
 
 
-class Replan(Exception):  # noqa: N818 - a signal to start over, not an error
-    """A plan begun a shard at a time before every header was read may not come so after all (the engine refuses
-    the checkpoint at start-up, or a later header does not match the readers' guess, or does not parse): the load
-    starts over from the whole checkpoint, as it would have without reading ahead."""
-
-
 class ByShard:
     """The plan a shard at a time, in checkpoint order: each shard's tensors replayed, their loads checked per key as
     the audit checks them (``audit.load_decider``: where the engine raises instead), and planned (``Planner``), so the
     readers place the first shard while the rest is decided; the audit of the whole replay at the end (its outcomes
     gathered by load key shard by shard before it: ``gather_pending``).
 
-    Given ``opening`` (a checkpoint opened up to its first shard: ``checkpoint.Opening``), each next shard's header is
-    read when its plan is asked for, and once the last is read the whole checkpoint replaces the partial one; where it
-    then turns out not to be ``eligible``, ``Replan`` is raised. ``bound`` is then at most how many tensors the
-    headers can hold (``safetensors_header.max_tensors``; more raise ``Replan`` too), and ``guess`` the readers'
-    (path, data start, file size) of every shard, which each header read must confirm before it is planned.
-
     Exact, and checked: the planner (``plan_load``'s own) was fed the very stream ``plan_load`` feeds it from that
     audit, tensor by tensor, or the load fails (an internal error); so the ops handed over are that audit's plan. Only
     where the engine can raise at no other point than a tensor (``eligible``).
     """
 
-    def __init__(
-        self,
-        inputs: Inputs,
-        dtype: str = "auto",
-        opening: Opening | None = None,
-        bound: int | None = None,
-        guess: Sequence[tuple[str, int, int]] = (),
-    ) -> None:
+    def __init__(self, inputs: Inputs, dtype: str = "auto") -> None:
         engine = inputs.engine
         self.inputs = inputs
-        self.opening = opening
-        self.guess = guess
-        self.shards: list[ShardHeader] = list(inputs.checkpoint.shards)  # read so far (every one without ``opening``)
-        self.count = len(opening.names) if opening is not None else len(self.shards)
+        self.shards = inputs.checkpoint.shards
         self.planner = Planner(inputs.manifest, inputs.config, engine, self.shards, dtype)
         self.replay = engine.replayer(inputs.manifest, inputs.config, mtp=inputs.mtp, pp=inputs.pp)
         self.decide = load_decider(inputs.manifest, engine)
@@ -440,28 +415,25 @@ class ByShard:
         self.gatherer = Gatherer()  # the outcomes gathered by load key so far (``gather_pending``)
         self.stream: list[tuple[TensorInfo, Outcome, str | None]] = []  # what the planner was fed, in order
         self.done = 0  # shards planned
-        # at most one op a tensor
-        self.bound = bound if bound is not None else sum(len(s.tensors) for s in self.shards)
+        self.bound = sum(len(s.tensors) for s in self.shards)  # at most one op a tensor
         self.audited_at = 0.0
 
     @staticmethod
     def eligible(inputs: Inputs) -> bool:
-        """Whether the plan may come a shard at a time: ``eligible_before`` the names are known, and an engine that
-        raises nothing before the first tensor or after the last from the names (``startup_error``): its start-up
-        can then end only at a tensor."""
-        names = (t.name for t in inputs.checkpoint.tensors())
-        return ByShard.eligible_before(inputs, len(inputs.checkpoint.shards)) and (
-            inputs.engine.startup_error(names, inputs.manifest, mtp=False) is None
-        )
-
-    @staticmethod
-    def eligible_before(inputs: Inputs, shards: int) -> bool:
-        """What of ``eligible`` the configs alone decide: a checkpoint of several shards without a wrapper (whose
-        routing orders the stream), no MTP draft, and an engine that refuses nothing before the first tensor."""
+        """Whether the plan may come a shard at a time: a checkpoint of several shards without a wrapper (whose
+        routing orders the stream), no MTP draft, and an engine that refuses nothing before the first tensor and
+        raises nothing after the last (``startup_error`` from the names alone): its start-up can then end only at a
+        tensor."""
         m = inputs.manifest
-        return (shards > 1 and inputs.config.wrapper is None and not inputs.mtp and bool(m.params)) and startup_refusal(
-            m
-        ) is None
+        names = (t.name for t in inputs.checkpoint.tensors())
+        return (
+            len(inputs.checkpoint.shards) > 1
+            and inputs.config.wrapper is None
+            and not inputs.mtp
+            and bool(m.params)
+            and startup_refusal(m) is None
+            and inputs.engine.startup_error(names, m, mtp=False) is None
+        )
 
     def first(self) -> tuple[tuple[Param, ...], Sequence[Op], int | None]:
         """The parameters (known before any tensor), the first shard's ops, and the shards decided so far where more
@@ -472,8 +444,6 @@ class ByShard:
 
     def next(self) -> tuple[Sequence[Op], int | None]:
         """The next shard's ops, and the shards decided so far where more follow (None: none do)."""
-        if self.done == len(self.shards):
-            self._read()
         shard = self.shards[self.done]
         self.done += 1
         tensors = shard.by_name  # the checkpoint's order (``Checkpoint.tensors``)
@@ -482,34 +452,7 @@ class ByShard:
         self.outcomes += outcomes
         stream = list(self._decided(tensors, outcomes))
         self.stream += stream
-        if self.done == self.count and self.opening is not None:
-            self._opened()
-        return self.planner.feed(stream), self.done if self.done < self.count else None
-
-    def _read(self) -> None:
-        """The next shard's header (``opening``); one that cannot be read is read again when the load starts over."""
-        assert self.opening is not None
-        try:
-            shard = self.opening.read()
-        except NhcheckError:
-            raise Replan("a header did not parse") from None
-        if shard is None:
-            raise Replan("the index lists a shard that does not exist")
-        if (shard.path, shard.data_start, shard.file_size) != tuple(self.guess[len(self.shards)]):
-            raise Replan(f"{shard.path} is not where the readers guessed its data")
-        self.shards.append(shard)
-        self.planner.paths[shard.name] = shard.path
-
-    def _opened(self) -> None:
-        """Every header read: the whole checkpoint, cross-checked, replaces the partial one, if the plan may still
-        come a shard at a time."""
-        assert self.opening is not None
-        inputs = msgspec.structs.replace(self.inputs, checkpoint=self.opening.checkpoint())
-        if not self.eligible(inputs):
-            raise Replan("the engine refuses the checkpoint outside its tensors")
-        if sum(len(s.tensors) for s in self.shards) > self.bound:
-            raise Replan("the headers hold more tensors than their size allowed for")
-        self.inputs = inputs
+        return self.planner.feed(stream), self.done if self.done < len(self.shards) else None
 
     def _decided(self, tensors, outcomes) -> Iterator[tuple[TensorInfo, Outcome, str | None]]:
         """(tensor, outcome, parameter) of each, a load the engine raises on as it raises (``audit.as_raised``)."""
@@ -540,8 +483,8 @@ class ByShard:
         (else an internal error)."""
         from nhcheck import pipeline
 
-        if self.done != self.count:
-            raise RuntimeError(f"internal error: the audit asked for after {self.done} of {self.count} shards")
+        if self.done != len(self.shards):
+            raise RuntimeError(f"internal error: the audit asked for after {self.done} of {len(self.shards)} shards")
         self.gather_pending()
         records = TensorRecords(self.tensors, self.outcomes, {})  # every shard's, in order: the checkpoint's tensors
         opts = AuditOptions(compare_versions=False, recipe=False)

@@ -24,20 +24,18 @@ import msgspec
 from nhcheck import collector, slots
 from nhcheck import coverage as param_coverage
 from nhcheck.audit import AuditOptions, AuditReport
-from nhcheck.checkpoint import Checkpoint, Opening, open_local
+from nhcheck.checkpoint import Checkpoint, open_local
 from nhcheck.coverage import ParamState
 from nhcheck.dtypes import numel
 from nhcheck.engines.base import Crash
-from nhcheck.errors import NhcheckError
 from nhcheck.findings import Finding, Verdict, verdict_of
 from nhcheck.load import readers
-from nhcheck.load.checks import Bookkeeping, Coverage, ReadBack, Sampler, compare
+from nhcheck.load.checks import Bookkeeping, Coverage, ReadBack, compare, file_samples
 from nhcheck.load.memory import Arenas, resolve_device, torch_module
 from nhcheck.load.options import DEFAULT_OPTIONS, LoadOptions, check_options
-from nhcheck.load.plan import ByShard, Decided, Op, Plan, Replan
+from nhcheck.load.plan import ByShard, Decided, Op, Plan
 from nhcheck.load.readers import Transfer, quick_spans, run_safetensors, spans_of
 from nhcheck.manifest import Param
-from nhcheck.safetensors_header import max_tensors
 
 T = TypeVar("T")
 #: The checks' bookkeeping once merged: every parameter's coverage, and the read-back per arena dtype.
@@ -190,27 +188,23 @@ def _load(
         if transfer is not None:
             transfer.begin(ops, arenas, upto, plans.bound)
             sys.setswitchinterval(readers.SWITCH_INTERVAL)
-        # The checks' side thread, in order, for each installment as it is handed over: what its shards' files hold
-        # at the read-back's samples (no plan needed) and its bookkeeping (and its outcomes gathered for the audit);
-        # after the last the merge, then the whole audit (with the plan's check against it). The file samples start
-        # only now, at the first handover: beside the work before the plan, their page faults and unmapping (the
-        # process's memory map lock) slowed it by 8-90 ms at release size (H100 hosts, 2026-12-06), and that work
-        # decides when the staging area starts to drain.
+        # The checks' side thread, in order: what the files hold at the read-back's samples (no plan needed), the
+        # bookkeeping of each installment as it is handed over (and its outcomes gathered for the audit), after the
+        # last the merge, then the whole audit (with the plan's check against it). The file samples start only now,
+        # at the first handover: beside the work before the plan, their page faults and unmapping (the process's
+        # memory map lock) slowed it by 8-90 ms at release size (H100 hosts, 2026-12-06), and that work decides when
+        # the staging area starts to drain.
         side_at: dict[str, float] = {}  # when the side thread got to what (``PHASES``)
-        sampler = Sampler(samples)
-        books = Bookkeeping(runtime, sampler)
+        files = side.submit(_stamped, side_at, "files", _one_core, file_samples, ckpt.shards, samples)
+        books = Bookkeeping(runtime, files.result)
         noted: list[Future[None]] = []
         settled: tuple[Future[Books], Future[tuple[AuditReport, Plan, int]]] | None = None
-        sampled = 0  # shards whose file samples are asked for
 
         def hand_over(ops: Sequence[Op], last: bool) -> None:
-            """The installment's file samples and bookkeeping on the side thread, and its shard's outcomes gathered
-            by load key; after the last, the merge and the whole audit."""
-            nonlocal settled, sampled
+            """The installment's bookkeeping on the side thread, and its shard's outcomes gathered by load key; after
+            the last, the merge and the whole audit."""
+            nonlocal settled
             side_at["handed"] = time.perf_counter()
-            shards = plans.shards[sampled : plans.done] if isinstance(plans, ByShard) else ckpt.shards
-            sampled += len(shards)
-            noted.append(side.submit(_stamped, side_at, "files", _one_core, sampler.add, shards))
             noted.append(side.submit(_stamped, side_at, "noted", _one_core, books.add, ops))
             if isinstance(plans, ByShard):
                 noted.append(side.submit(plans.gather_pending))
@@ -376,47 +370,15 @@ def load_path(
             if stop_prefetch is not None:
                 stop_prefetch()  # the readers read on from here
         try:
-            opening = Opening(path, progress)
-            ahead = _read_ahead(opening, transfer.spans, engine, opts, kw) if transfer is not None else None
-            ckpt = opening.partial() if ahead is not None else opening.rest()
+            ckpt = open_local(path, progress)
         except BaseException:
             if transfer is not None:
                 transfer.close()
             raise
-        if ahead is not None:
-            assert transfer is not None
-            try:
-                return _load(ckpt, lambda _: ahead, opts, t0, transfer)
-            except Replan:  # closed by then: the load starts over, the headers read first
-                return load_checkpoint(open_local(path, progress), engine, opts, t0=t0, **kw)
         if transfer is not None and spans_of(ckpt.shards) != transfer.spans:
             transfer.close()  # the guess missed (an index that lists other files): start over from the headers
             transfer = None
         return load_checkpoint(ckpt, engine, opts, t0=t0, transfer=transfer, **kw)
-
-
-def _read_ahead(
-    opening: Opening, spans: list[readers.Span], engine: str | None, opts: LoadOptions, kw: dict[str, Any]
-) -> ByShard | None:
-    """The plan a shard at a time, each header read when the readers need its plan (``ByShard`` given ``opening``,
-    not a header read yet), where the configs allow a plan a shard at a time and the checkpoint's files are the ones
-    the readers guessed; else None (the headers are then read first).
-
-    On H100 hosts the headers took 0.06-0.09 s of a 0.4-0.5 s release-size load, all of it before the plan
-    reached the readers; now only the first shard's is (2026-12-07).
-    """
-    from nhcheck import pipeline
-
-    if opening.others or [os.path.join(opening.root, n) for n in opening.names] != [s.path for s in spans]:
-        return None
-    try:
-        inputs = pipeline.prepare(opening.partial(), engine, **kw)
-    except NhcheckError:
-        return None  # said again, in its own words, once the headers are read
-    if not ByShard.eligible_before(inputs, len(spans)):
-        return None
-    bound = sum(max_tensors(s.data_start - 8) for s in spans)
-    return ByShard(inputs, opts.dtype, opening, bound, spans)
 
 
 def load_source(
