@@ -65,8 +65,9 @@ thread and the cyclic GC off, as in a load): the read-back's file samples, the n
 writes and read-back samples, ``checks.Bookkeeping.add``) and the gathering of its outcomes by load key
 (``ByShard.gather_pending``), then the merge and the audit; and what of it follows the last installment's handover.
 On a GPU host this work runs beside the transfer and shares its interpreter, so less of it is what a release-size
-load waits on after its last byte; it needs no GPU to measure (README).
-A loader whose package is missing is reported as such, not timed. Figures: README's performance table.
+load waits on after its last byte; it needs no GPU to measure (docs/performance.md).
+A loader whose package is missing is reported as such, not timed. Figures: README's performance table (the latest),
+docs/performance.md (all).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ SWITCH_INTERVAL = 2e-4
 #: reads wait on the readers' turns. ``bench/load.py`` times 5 ms here beside the default (``_switchlate``). End to
 #: end on H100 hosts (2026-12-06, 5 ms against the default in the same runs): 3.12 GB 0.71x/0.68x, 0.74x/0.70x,
 #: 0.69x/0.71x, 0.82x/0.87x; release size 0.59x/0.55x, 0.51x/0.51x, 0.54x/0.52x, 0.61x/0.67x (the middle two of each
-#: with the reads on glibc's AIO threads, since dropped: README): no gain that outlasts the hosts' spread.
+#: with the reads on glibc's AIO threads, since dropped: docs/performance.md): no gain that outlasts the hosts' spread.
 EARLY_SWITCH_INTERVAL: float | None = None
 #: The pinned ring is registered in parts of about this size (whole slots), each by a thread of its own.
 _PIN_PART = 64 << 20

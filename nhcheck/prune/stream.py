@@ -39,7 +39,7 @@ Why not the kernel's ``copy_file_range`` for the kept ranges: the bytes then nev
 so hashing and proving them costs a second read of every byte on top of the copy, and the copy goes
 through the page cache and its writeback: ``bench/prune.py --write-paths`` measured a durable copy of
 the shards 1.5× slower by ``copy_file_range`` + fsync and 6.5× by buffered writes + fsync than by
-``O_DIRECT`` on the development VM (README). It stays the copier of the small files (``writer.Copier``).
+``O_DIRECT`` on the development VM (docs/performance.md). It stays the copier of the small files (``writer.Copier``).
 """
 
 from __future__ import annotations
