@@ -239,9 +239,6 @@ class LiveEngine:
     def replay_projector(self, name: str, manifest: Manifest) -> Outcome:
         return self._outcome(name)
 
-    def preprocess_mtp(self, name: str) -> str:
-        return name
-
     def routes_before_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
         return self.run.buffers
 

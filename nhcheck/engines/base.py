@@ -225,10 +225,6 @@ class Engine(Protocol):
         """A name the wrapper hands to its projector."""
         ...
 
-    def preprocess_mtp(self, name: str) -> str:
-        """The MTP draft's rewrite of a checkpoint name before its ``load_weights``."""
-        ...
-
     def routes_before_lm(self, cfg: NemotronHConfig, *, mtp: bool) -> bool:
         """Stream order: whether the wrapper routes every non-LM name before any LM tensor loads (buffering)."""
         ...

@@ -1144,9 +1144,6 @@ class VLLMEngine(msgspec.Struct, frozen=True):
     def replay_projector(self, name: str, manifest) -> Outcome:
         return replay_projector(name, manifest.projector_names)
 
-    def preprocess_mtp(self, name: str) -> str:
-        return name
-
     def routes_before_lm(self, cfg, *, mtp: bool) -> bool:
         """0.20.0 – 0.21.0: the VL wrapper buffers the language model's tensors, loads ``mlp1`` (and asserts on
         ``sound*`` without an encoder) as it iterates, and hands the buffer to the LM afterwards (0.20.0
