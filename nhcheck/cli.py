@@ -537,7 +537,8 @@ def prune(source, out_dir, engine, dry_run, overwrite, link, copy_anyway, no_ver
     "--threads",
     type=click.IntRange(0, 256),
     default=0,
-    help="Reader threads (0: min(16, the cores this process may use)).",
+    help="Reader threads (0: min(16, the cores this process may use); with --tp, each rank's: min(8, its share "
+    "of those cores among the host's ranks)).",
 )
 @click.option(
     "--pinned-mb",

@@ -534,3 +534,18 @@ def test_every_rule_is_documented_and_reported(h8b_cfg):
     m, cfg = _manifest(h8b_cfg(n_groups=1, mamba_n_groups=1, use_bias=True), None)
     found = [f for f in tensor_parallel.check(m, cfg, (2,)) if f.code == "tp-indivisible"]
     assert len(found) == 1 and "in_proj.bias" in found[0].message and "MambaMixer2.__init__" in found[0].message
+
+
+def test_default_lanes_share_the_hosts_cores_among_its_ranks(monkeypatch):
+    """Each rank's reader lanes: at most 8, and no more than its share of the usable cores among the host's ranks
+    (``LOCAL_WORLD_SIZE``): more threads than cores slowed the reads."""
+    monkeypatch.setattr(load_tp, "usable_cores", lambda: 16)
+    for ranks, lanes in ((None, 8), ("", 8), ("1", 8), ("2", 8), ("4", 4), ("8", 2), ("32", 1)):
+        if ranks is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert load_tp.default_lanes() == lanes, ranks
+    monkeypatch.setattr(load_tp, "usable_cores", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert load_tp.default_lanes() == 8

@@ -352,6 +352,19 @@ def _rank_entry(job: Job):
 # One rank
 
 
+def default_lanes() -> int:
+    """A rank's reader lanes when ``--threads`` is 0: at most 8, and no more than its share of the cores the process
+    may use among the ranks on this host (``LOCAL_WORLD_SIZE``, which the launcher sets).
+
+    The ranks of one host share its cores, and more reader threads than cores slowed the reads (``usable_cores``).
+    Measured on a 16-core H100 host with CPU ranks (``bench/load_tp.py --device cpu --threads``, 6.92 GB, 2026-12-07,
+    medians of 3): TP 4 19.4 GB/s aggregate with 4 lanes a rank against 16.1 and 18.2 GB/s with 8; TP 2 20.1 and
+    21.1 GB/s with 8 against 15.7 with 4; TP 1 17.2 GB/s with 8, 11.7 with 4.
+    """
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(8, usable_cores() // ranks))
+
+
 def _rank_main(job: Job) -> TPLoadReport | None:
     import torch
     import torch.distributed as dist
@@ -398,7 +411,7 @@ def _rank_main(job: Job) -> TPLoadReport | None:
         for p in plan.params:
             for box in _padding(p, shards[p.name], rank):
                 arenas.view(p.name, box).zero_()
-        reader = _Reader(copies, arenas, device, job.threads)
+        reader = _Reader(copies, arenas, device, job.threads or default_lanes())
         if cuda:
             torch.cuda.synchronize(device)
         dist.barrier()
@@ -666,7 +679,7 @@ class _Reader:
                     self.fds[c.path] = os.open(c.path, os.O_RDONLY)
                 except OSError as exc:
                     raise CheckpointError(c.path, f"cannot open: {exc.strerror or exc}") from None
-        workers = max(1, min(threads or min(8, usable_cores()), len(batches)))
+        workers = max(1, min(threads, len(batches)))
         self.lanes = []
         for k in range(workers):
             mine = batches[k::workers]
