@@ -26,7 +26,9 @@ off), 6.92 GB, 8 shards, 3 repetitions, medians, every run clean: TP 1 21.2 GB/s
 scaling with the GPU count. Since 2026-12-05 a column slice is gathered row window by row window
 from the memory-mapped shard, so each rank reads exactly the bytes it places (``bytes_read ==
 bytes_loaded``, checked on two gloo ranks by ``tests/test_tp.py``); the multi-GPU aggregate has
-not been measured since, as no machine with several GPUs was lent. Before slots carried several
+not been measured since, as no machine with several GPUs was lent. With CPU ranks (``--device cpu``) on a
+16-core H100 host, 2026-12-07: TP 1 14.5-17.2 GB/s, TP 2 20.1-21.1 GB/s, TP 4 19.4 GB/s with 4 lanes a rank
+(16.1-18.2 with 8, now no longer the default there: ``load.tp.default_lanes``). Before slots carried several
 reads (one read, copy and placement per window: ~3,500 Python steps per rank holding the GIL),
 TP 2 ran at 0.29x and TP 4 at 0.21x.
 """
@@ -111,7 +113,9 @@ def main() -> int:
     ap.add_argument("--tp", default="1,2")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--threads", type=int, default=0, help="Reader threads per rank (0: min(16, CPU count)).")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="Reader lanes per rank (0: the load's default, load.tp.default_lanes)."
+    )
     ap.add_argument(
         "--reference",
         action="store_true",
