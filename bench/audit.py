@@ -14,6 +14,10 @@ round-robin, several repetitions each (whole processes, wall time):
             hf_quant_config.json), then stops: no replay, no report. What no audit written this way can go
             below, whatever its pipeline after the decode.
 
+With ``--workers 4,16``, also the floor of a parallel design: worker processes that each own a run of shards from
+the header to the JSON rows and hand back no per-tensor record (``WORKERS``; a lower bound, checked to write the
+audit's very rows).
+
 With ``--before REF`` the same two audit commands also run from a copy of git REF's tree
 (``git archive``), so one run gives before/after figures for the same machine and load.
 
@@ -31,12 +35,13 @@ beside the bare parse's work (``json.loads`` of every header) in the same proces
 configs and their cross-checks), prepare (config, recipe, manifest), replay, gather, the rest of the audit
 (decisions, coverage, findings), and writing the JSON document and the table to a file.
 
-Usage: python bench/audit.py [--reps 7] [--before REF] [--workdir DIR] [--keep] [--stages]
+Usage: python bench/audit.py [--reps 7] [--before REF] [--workdir DIR] [--keep] [--stages] [--workers N,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -81,6 +86,81 @@ for fn in sorted(os.listdir(d)):
             headers(f.read(n))
         elif fn.endswith(".json"):
             msgspec.json.decode(f.read())
+os._exit(0)
+"""
+
+
+#: ``--workers``: the floor of an audit whose worker processes own their shards from the header to the JSON rows
+#: (argv: DIR OUT W), the one parallel design that hands back no per-tensor record. The parent imports what
+#: ``audit`` imports, reads the configs and the index and builds the manifest, then forks W workers over contiguous
+#: runs of shards; each parses its headers, replays every name, gathers by load key, decides each key and writes its
+#: rows to a file of its own, and hands back only its loads and the tensors that do not load. The parent merges
+#: the loads into coverage and copies the rows into the document in the kernel. It leaves out the document's head,
+#: the findings, the index cross-check and the recipe check: a lower bound of such a pipeline, not one.
+WORKERS = r"""
+import gc, json, os, pickle, sys
+gc.disable()
+import nhcheck.cli
+from nhcheck import engines
+from nhcheck.audit import Gatherer, TensorRecords, _coverage, load_decider
+from nhcheck.checkpoint import load_json, read_config, read_quant_sidecar
+from nhcheck.model import parse_config
+from nhcheck.quant import parse_quant
+from nhcheck.report import _json_pieces
+from nhcheck.safetensors_header import read_shard
+d, out, w = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = read_config(d)
+shards = sorted(set(load_json(os.path.join(d, "model.safetensors.index.json"), "index")["weight_map"].values()))
+engine = engines.get(None)
+cfg = parse_config(config, d)
+manifest = engine.build_manifest(cfg, parse_quant(config, read_quant_sidecar(d)), moe_backend=None, mtp=False, pp=None)
+decide = load_decider(manifest, engine)
+def work(mine, part):
+    replay = engine.replayer(manifest, cfg, mtp=False, pp=None)
+    tensors = [t for s in mine for t in read_shard(os.path.join(d, s), s).tensors]
+    outcomes = [replay(t[0]) for t in tensors]
+    g = Gatherer()
+    g.add(tensors, outcomes, [o[1] for o in outcomes])
+    odd = g.unloaded + [i for key, at in g.keys.items() if any(decide(key)) for i in at]
+    rows = b"".join(_json_pieces(b"", TensorRecords(tensors, outcomes, {}), b""))
+    with open(part, "wb") as f:
+        f.write(rows)
+    return pickle.dumps((len(rows), dict(g.loads), [(tensors[i], outcomes[i]) for i in odd]))
+pipes = []
+for k in range(w):
+    r, wr = os.pipe()
+    if os.fork() == 0:
+        os.close(r)
+        with os.fdopen(wr, "wb") as f:
+            f.write(work(shards[len(shards) * k // w : len(shards) * (k + 1) // w], f"{out}.{k}"))
+        os._exit(0)
+    os.close(wr)
+    pipes.append(r)
+results = []
+for r in pipes:
+    with os.fdopen(r, "rb") as f:
+        results.append(pickle.loads(f.read()))
+for _ in pipes:
+    os.wait()  # reaped, so that the workers' CPU time counts in this process's
+loads = {}
+for _, part, _ in results:
+    for param, where in part.items():
+        loads.setdefault(param, set()).update(where)
+params = json.dumps([s.name for s in _coverage(manifest, loads)])
+with open(out, "wb") as f:
+    f.write(b'{"tensors":[')
+    f.flush()
+    sep = b""
+    for k, (size, _, _) in enumerate(results):
+        if size:
+            f.write(sep)
+            f.flush()
+            sep = b","
+            with open(f"{out}.{k}", "rb") as part:
+                while size:
+                    size -= os.copy_file_range(part.fileno(), f.fileno(), size)
+        os.unlink(f"{out}.{k}")
+    f.write(b'],"params":' + params.encode() + b"}\n")
 os._exit(0)
 """
 
@@ -165,6 +245,12 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--stages", action="store_true", help="also the CPU time of each stage of an audit, in-process")
+    ap.add_argument(
+        "--workers",
+        default="",
+        metavar="N,...",
+        help="also time the shard-owning workers floor with N worker processes (each N of the list)",
+    )
     args = ap.parse_args()
     import generate  # examples/generate.py
 
@@ -192,6 +278,9 @@ def main() -> None:
                 "nhcheck --version": ([py, "-m", "nhcheck", "--version"], trees[""]),
                 "inputs floor (imports + decode every input)": ([py, "-c", INPUTS, d], trees[""]),
             }
+            out_workers = os.path.join(work, "workers.json")
+            for n in filter(None, args.workers.split(",")):
+                cmds[f"workers floor ({int(n)} workers)"] = ([py, "-c", WORKERS, d, out_workers, n], trees[""])
             for label, env in trees.items():
                 cmds["audit --format json" + label] = (
                     [py, "-m", "nhcheck", "audit", d, "--format", "json", "-o", out_json, "-q"],
@@ -222,6 +311,10 @@ def main() -> None:
                     f"{statistics.median(cpu[k]) / med_cpu:.2f}x)"
                     + ("  (target <= 1.5x)" if k.startswith("audit") else "")
                 )
+            if args.workers:  # the floor wrote every row the audit wrote, in the same order
+                with open(out_json, "rb") as a, open(out_workers, "rb") as b:
+                    if json.load(a)["tensors"] != json.load(b)["tensors"]:
+                        raise SystemExit("the workers floor's rows differ from the audit's")
             if args.stages:
                 stages = subprocess.run([py, "-c", STAGES, d, str(args.reps), work], env=trees[""], cwd=work)
                 if stages.returncode:
