@@ -28,7 +28,8 @@ from the memory-mapped shard, so each rank reads exactly the bytes it places (``
 bytes_loaded``, checked on two gloo ranks by ``tests/test_tp.py``); the multi-GPU aggregate has
 not been measured since, as no machine with several GPUs was lent. With CPU ranks (``--device cpu``) on a
 16-core H100 host, 2026-12-07: TP 1 14.5-17.2 GB/s, TP 2 20.1-21.1 GB/s, TP 4 19.4 GB/s with 4 lanes a rank
-(16.1-18.2 with 8, now no longer the default there: ``load.tp.default_lanes``). Before slots carried several
+(16.1-18.2 with 8, now no longer the default there: ``load.tp.default_lanes``); on another such host, TP 4 at
+that default 14.0-15.0 GB/s against 13.3-13.5 with 8 lanes a rank, in the same run. Before slots carried several
 reads (one read, copy and placement per window: ~3,500 Python steps per rank holding the GIL),
 TP 2 ran at 0.29x and TP 4 at 0.21x.
 """
